@@ -1,0 +1,259 @@
+"""Model configuration: one frozen dataclass for the GPT-2 and LLaMA families, and named presets.
+
+A `ModelConfig` is hashable, so it is passed to jitted functions as a static argument.
+Derived sizes (`num_kv_heads`, `head_dim` when not given) are filled in on construction,
+and every inconsistency is rejected there with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+Norm = Literal["layernorm", "rmsnorm"]
+Positions = Literal["learned", "rope"]
+Activation = Literal["gelu_tanh", "swiglu"]
+RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
+AttentionImpl = Literal["xla"]
+
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rope")
+ACTIVATIONS = ("gelu_tanh", "swiglu")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLS = ("xla",)
+ROPE_SCALINGS = ("linear", "llama3")
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: numerical references (needs jax x64)
+
+
+class ConfigError(ValueError):
+    """A configuration whose fields do not fit together."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Context extension for RoPE.
+
+    `linear`: positions divided by `factor` (position interpolation).
+    `llama3`: the frequency-dependent rescaling of Llama 3.1: long wavelengths divided by
+    `factor`, short ones kept, the band between interpolated smoothly.
+    """
+
+    kind: Literal["linear", "llama3"]
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192
+
+    def __post_init__(self):
+        if self.kind not in ROPE_SCALINGS:
+            raise ConfigError(f"RopeScaling.kind={self.kind!r}: expected one of {ROPE_SCALINGS}")
+        if not self.factor > 0:
+            raise ConfigError(f"RopeScaling.factor={self.factor}: must be > 0")
+        if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+            raise ConfigError(
+                f"RopeScaling.high_freq_factor={self.high_freq_factor} must be greater than "
+                f"low_freq_factor={self.low_freq_factor}"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Every size and switch of a decoder-only Transformer.
+
+    GPT-2 family: LayerNorm, learned positions, GELU-tanh MLP, biases, tied embeddings.
+    LLaMA family: RMSNorm, RoPE, SwiGLU MLP, no biases, grouped-query attention.
+    """
+
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    d_ff: int
+    num_kv_heads: int | None = None  # None: num_heads (MHA); 1: MQA; in between: GQA
+    head_dim: int | None = None  # None: d_model // num_heads
+    norm: Norm = "layernorm"
+    norm_eps: float = 1e-5
+    positions: Positions = "learned"
+    rope_theta: float = 10_000.0
+    rope_scaling: RopeScaling | None = None
+    activation: Activation = "gelu_tanh"
+    attention_bias: bool = True
+    mlp_bias: bool = True
+    tie_embeddings: bool = True
+    sliding_window: int | None = None  # a query sees at most this many keys, itself included
+    max_seq_len: int = 1024
+    vocab_multiple: int = 128  # the embedding is padded to a multiple of this for speed
+    param_dtype: str = "float32"
+    compute_dtype: str = "bfloat16"
+    init_std: float = 0.02
+    remat: RematPolicy = "none"
+    attention_impl: AttentionImpl = "xla"
+    name: str = "custom"
+
+    def __post_init__(self):
+        for field in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_seq_len", "vocab_multiple"):
+            value = getattr(self, field)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"ModelConfig.{field}={value!r}: must be a positive integer")
+        if self.num_kv_heads is None:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        if self.head_dim is None:
+            if self.d_model % self.num_heads:
+                raise ConfigError(
+                    f"ModelConfig.num_heads={self.num_heads} does not divide d_model={self.d_model}; "
+                    f"choose num_heads dividing d_model or set head_dim explicitly"
+                )
+            object.__setattr__(self, "head_dim", self.d_model // self.num_heads)
+        if self.num_kv_heads < 1 or self.head_dim < 1:
+            raise ConfigError(
+                f"ModelConfig.num_kv_heads={self.num_kv_heads} and head_dim={self.head_dim} must be positive"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"ModelConfig.num_kv_heads={self.num_kv_heads} does not divide num_heads={self.num_heads}; "
+                f"each key/value head must serve a whole group of query heads"
+            )
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("positions", self.positions, POSITIONS)
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("remat", self.remat, REMAT_POLICIES)
+        _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        _check_choice("param_dtype", self.param_dtype, FLOAT_DTYPES)
+        _check_choice("compute_dtype", self.compute_dtype, FLOAT_DTYPES)
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ConfigError(f"ModelConfig.head_dim={self.head_dim}: RoPE rotates pairs, so it must be even")
+        if self.rope_scaling is not None and self.positions != "rope":
+            raise ConfigError("ModelConfig.rope_scaling is set but positions is not 'rope'")
+        if not self.rope_theta > 0:
+            raise ConfigError(f"ModelConfig.rope_theta={self.rope_theta}: must be > 0")
+        if not self.norm_eps > 0:
+            raise ConfigError(f"ModelConfig.norm_eps={self.norm_eps}: must be > 0")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ConfigError(f"ModelConfig.sliding_window={self.sliding_window}: must be >= 1 or None")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding: vocab_size rounded up to vocab_multiple (extra logits are masked)."""
+        return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def replace(self, **changes) -> ModelConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _check_choice(field: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"ModelConfig.{field}={value!r}: expected one of {', '.join(map(repr, choices))}")
+
+
+def count_params(cfg: ModelConfig, *, padded_vocab: bool = False) -> int:
+    """Parameter count from the closed-form formula (the specs in llmjax.model must agree).
+
+    With padded_vocab=False the embedding counts vocab_size rows, as Hugging Face reports it.
+    """
+    d, f, layers = cfg.d_model, cfg.d_ff, cfg.num_layers
+    vocab = cfg.padded_vocab_size if padded_vocab else cfg.vocab_size
+    norm = d * (2 if cfg.norm == "layernorm" else 1)
+
+    attention = d * cfg.q_size + 2 * d * cfg.kv_size + cfg.q_size * d
+    if cfg.attention_bias:
+        attention += cfg.q_size + 2 * cfg.kv_size + d
+    mlp_matrices = 3 if cfg.activation == "swiglu" else 2
+    mlp = mlp_matrices * d * f
+    if cfg.mlp_bias:
+        mlp += (mlp_matrices - 1) * f + d
+    block = attention + mlp + 2 * norm
+
+    embeddings = vocab * d + (cfg.max_seq_len * d if cfg.positions == "learned" else 0)
+    lm_head = 0 if cfg.tie_embeddings else d * vocab
+    return embeddings + layers * block + norm + lm_head
+
+
+def _gpt2(name: str, d_model: int, num_layers: int, num_heads: int, **kw) -> ModelConfig:
+    return ModelConfig(
+        name=name,
+        vocab_size=50257,
+        d_model=d_model,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        d_ff=4 * d_model,
+        max_seq_len=1024,
+        **kw,
+    )
+
+
+def _llama(name: str, d_model: int, num_layers: int, num_heads: int, num_kv_heads: int, d_ff: int, **kw) -> ModelConfig:
+    defaults = dict(
+        vocab_size=32000,
+        norm="rmsnorm",
+        norm_eps=1e-5,
+        positions="rope",
+        activation="swiglu",
+        attention_bias=False,
+        mlp_bias=False,
+        tie_embeddings=False,
+        max_seq_len=2048,
+    )
+    defaults.update(kw)
+    return ModelConfig(
+        name=name,
+        d_model=d_model,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        d_ff=d_ff,
+        **defaults,
+    )
+
+
+_LLAMA3_ROPE = RopeScaling("llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=8192)
+
+PRESETS: dict[str, ModelConfig] = {
+    c.name: c
+    for c in [
+        # GPT-2 (Radford et al. 2019) sizes.
+        _gpt2("gpt2-124m", 768, 12, 12),
+        _gpt2("gpt2-355m", 1024, 24, 16),
+        _gpt2("gpt2-774m", 1280, 36, 20),
+        _gpt2("gpt2-1.5b", 1600, 48, 25),
+        # LLaMA-style, grouped-query attention throughout.
+        _llama("llama-125m", 768, 12, 12, 4, 2048),
+        _llama("llama-350m", 1024, 24, 16, 4, 2816),
+        # Llama 3.2 1B / 3B shapes (tied embeddings, 128k vocab, Llama 3.1 RoPE scaling).
+        _llama("llama-1b", 2048, 16, 32, 8, 8192, vocab_size=128256, tie_embeddings=True,
+               rope_theta=500_000.0, rope_scaling=_LLAMA3_ROPE, max_seq_len=8192),
+        _llama("llama-3b", 3072, 28, 24, 8, 8192, vocab_size=128256, tie_embeddings=True,
+               rope_theta=500_000.0, rope_scaling=_LLAMA3_ROPE, max_seq_len=8192),
+        # Mistral 7B shape (GQA with 8 kv heads, 32k vocab).
+        _llama("llama-7b", 4096, 32, 32, 8, 14336, max_seq_len=4096),
+        # Llama 3 8B shape.
+        _llama("llama-8b", 4096, 32, 32, 8, 14336, vocab_size=128256, rope_theta=500_000.0, max_seq_len=8192),
+        # A CPU-sized GPT-2 for quickstarts (about 3M parameters without the embedding).
+        ModelConfig(name="gpt2-mini", vocab_size=50257, d_model=256, num_layers=4, num_heads=4, d_ff=1024,
+                    max_seq_len=256, compute_dtype="float32"),
+        # Tiny models for tests: awkward sizes on purpose.
+        ModelConfig(name="gpt2-tiny", vocab_size=301, d_model=48, num_layers=2, num_heads=4, d_ff=144,
+                    max_seq_len=64, vocab_multiple=64, compute_dtype="float32"),
+        _llama("llama-tiny", 48, 2, 6, 2, 112, vocab_size=301, max_seq_len=64, vocab_multiple=64,
+               compute_dtype="float32"),
+    ]
+}
+
+
+def get_config(name: str, **overrides) -> ModelConfig:
+    """A named preset, optionally with some fields changed: get_config("gpt2-124m", max_seq_len=2048)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; available: {', '.join(PRESETS)}")
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]

@@ -1,0 +1,81 @@
+"""Normalization and feed-forward layers: spec + pure forward function side by side."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from llmjax.config import ModelConfig
+from llmjax.model.params import ParamSpec, normal, ones, zeros
+
+
+def residual_std(cfg: ModelConfig) -> float:
+    """GPT-2's scaled init for projections that write into the residual stream: keeps its
+    variance from growing with depth (two residual writes per block)."""
+    return cfg.init_std / (2 * cfg.num_layers) ** 0.5
+
+
+# --- normalization -----------------------------------------------------------------------
+
+def norm_spec(cfg: ModelConfig) -> dict:
+    spec = {"scale": ParamSpec((cfg.d_model,), ("embed",), ones, cfg.param_dtype)}
+    if cfg.norm == "layernorm":
+        spec["bias"] = ParamSpec((cfg.d_model,), ("embed",), zeros, cfg.param_dtype)
+    return spec
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """x [..., d] normalized to zero mean and unit variance over d (statistics in float32)."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """x [..., d] divided by its root mean square over d (statistics in float32)."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)
+    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def norm(params: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    if cfg.norm == "layernorm":
+        return layer_norm(x, params["scale"], params["bias"], cfg.norm_eps)
+    return rms_norm(x, params["scale"], cfg.norm_eps)
+
+
+# --- feed-forward ------------------------------------------------------------------------
+
+def _dense_spec(shape, axes, std, bias: bool, param_dtype: str) -> dict:
+    spec = {"kernel": ParamSpec(shape, axes, normal(std), param_dtype)}
+    if bias:
+        spec["bias"] = ParamSpec(shape[-1:], axes[-1:], zeros, param_dtype)
+    return spec
+
+
+def mlp_spec(cfg: ModelConfig) -> dict:
+    d, f, bias, dtype = cfg.d_model, cfg.d_ff, cfg.mlp_bias, cfg.param_dtype
+    spec = {
+        "up": _dense_spec((d, f), ("embed", "mlp"), cfg.init_std, bias, dtype),
+        "down": _dense_spec((f, d), ("mlp", "embed"), residual_std(cfg), bias, dtype),
+    }
+    if cfg.activation == "swiglu":
+        spec["gate"] = _dense_spec((d, f), ("embed", "mlp"), cfg.init_std, bias, dtype)
+    return spec
+
+
+def dense(params: dict, x: jax.Array) -> jax.Array:
+    """x [..., in] @ kernel [in, out] (+ bias)."""
+    y = x @ params["kernel"]
+    return y + params["bias"] if "bias" in params else y
+
+
+def mlp(params: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """[batch, seq, d_model] -> [batch, seq, d_model]: GELU-tanh MLP (GPT-2) or SwiGLU (LLaMA)."""
+    if cfg.activation == "swiglu":
+        hidden = jax.nn.silu(dense(params["gate"], x)) * dense(params["up"], x)
+    else:
+        hidden = jax.nn.gelu(dense(params["up"], x), approximate=True)
+    return dense(params["down"], hidden)  # [batch, seq, d_model]

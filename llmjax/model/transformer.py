@@ -1,0 +1,167 @@
+"""The decoder-only Transformer as pure functions: `init_params(cfg, key)` and `forward(params, tokens, cfg)`.
+
+Parameters (nested dict, f32 masters by default):
+    embed/token        [padded_vocab, d_model]
+    embed/position     [max_seq_len, d_model]             (learned positions only)
+    blocks/...         every block parameter stacked on a leading [num_layers] axis
+    final_norm/...
+    lm_head/kernel     [d_model, padded_vocab]             (untied embeddings only)
+
+Blocks are pre-norm (x + attn(norm(x)), x + mlp(norm(x))) and run under `jax.lax.scan`
+with the configured remat policy, so compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llmjax.config import ModelConfig
+from llmjax.model.attention import attention_layer, attention_mask, attention_spec
+from llmjax.model.layers import mlp, mlp_spec, norm, norm_spec
+from llmjax.model.params import ParamSpec, init_from_specs, normal, stack_layers
+
+
+def block_spec(cfg: ModelConfig) -> dict:
+    return {
+        "attn_norm": norm_spec(cfg),
+        "attn": attention_spec(cfg),
+        "mlp_norm": norm_spec(cfg),
+        "mlp": mlp_spec(cfg),
+    }
+
+
+def model_spec(cfg: ModelConfig) -> dict:
+    """The full parameter spec tree of a model."""
+    embed = {"token": ParamSpec((cfg.padded_vocab_size, cfg.d_model), ("vocab", "embed"), normal(cfg.init_std), cfg.param_dtype)}
+    if cfg.positions == "learned":
+        # GPT-2 initializes position embeddings with std 0.01.
+        embed["position"] = ParamSpec((cfg.max_seq_len, cfg.d_model), ("length", "embed"), normal(0.01), cfg.param_dtype)
+    spec = {
+        "embed": embed,
+        "blocks": stack_layers(block_spec(cfg), cfg.num_layers),
+        "final_norm": norm_spec(cfg),
+    }
+    if not cfg.tie_embeddings:
+        spec["lm_head"] = {
+            "kernel": ParamSpec((cfg.d_model, cfg.padded_vocab_size), ("embed", "vocab"), normal(cfg.init_std), cfg.param_dtype)
+        }
+    return spec
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
+    """Freshly initialized parameters (GPT-2 init: std 0.02, residual projections / sqrt(2 * layers))."""
+    return init_from_specs(model_spec(cfg), key)
+
+
+# --- input checks ------------------------------------------------------------------------
+
+def check_inputs(tokens, cfg: ModelConfig) -> None:
+    """Raise a clear error for a sequence longer than the model allows or a token outside the vocab.
+
+    The length is a shape and is always checked. Values are checked when `tokens` is concrete
+    (eager call, NumPy input); inside `jit` they are traced and cannot be inspected.
+    """
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, seq] integers, got shape {tuple(tokens.shape)}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise TypeError(f"tokens must be integers, got dtype {tokens.dtype}")
+    seq_len = tokens.shape[1]
+    if seq_len > cfg.max_seq_len:
+        raise ValueError(
+            f"sequence length {seq_len} exceeds the model's max_seq_len={cfg.max_seq_len}; "
+            f"truncate the input or use a config with a longer max_seq_len"
+        )
+    if isinstance(tokens, jax.core.Tracer) or tokens.size == 0:
+        return
+    values = np.asarray(tokens)
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high >= cfg.vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size}); "
+            f"the tokenizer and ModelConfig.vocab_size disagree"
+        )
+
+
+# --- forward -----------------------------------------------------------------------------
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def block(params: dict, x: jax.Array, positions: jax.Array, mask: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """One pre-norm Transformer block: [batch, seq, d_model] -> [batch, seq, d_model]."""
+    x = x + attention_layer(params["attn"], norm(params["attn_norm"], x, cfg), positions, mask, cfg)
+    return x + mlp(params["mlp"], norm(params["mlp_norm"], x, cfg), cfg)
+
+
+def hidden_states(
+    params: dict,
+    tokens: jax.Array,
+    cfg: ModelConfig,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+) -> jax.Array:
+    """tokens [batch, seq] -> final-normed hidden states [batch, seq, d_model] in the compute dtype."""
+    check_inputs(tokens, cfg)
+    batch, seq_len = tokens.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(seq_len), (batch, seq_len))
+    dtype = jnp.dtype(cfg.compute_dtype)
+    params = jax.tree.map(lambda p: p.astype(dtype), params)
+
+    x = jnp.take(params["embed"]["token"], tokens, axis=0)  # [batch, seq, d_model]
+    if cfg.positions == "learned":
+        x = x + jnp.take(params["embed"]["position"], positions, axis=0)
+    mask = attention_mask(
+        seq_len, seq_len, causal=True, sliding_window=cfg.sliding_window, q_segment_ids=segment_ids
+    )  # [batch or 1, seq, seq]
+
+    def scan_step(x, layer_params):
+        return block(layer_params, x, positions, mask, cfg), None
+
+    if cfg.remat != "none":
+        scan_step = jax.checkpoint(scan_step, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    x, _ = jax.lax.scan(scan_step, x, params["blocks"])
+    return norm(params["final_norm"], x, cfg)
+
+
+def output_embedding(params: dict, cfg: ModelConfig) -> jax.Array:
+    """The [d_model, padded_vocab] matrix that maps hidden states to logits."""
+    return params["embed"]["token"].T if cfg.tie_embeddings else params["lm_head"]["kernel"]
+
+
+def logits_from_hidden(params: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """[batch, seq, d_model] -> float32 logits [batch, seq, padded_vocab], padding columns at the
+    lowest float so they never win a softmax or a sample."""
+    w = output_embedding(params, cfg).astype(x.dtype)
+    logits = jnp.einsum("bsd,dv->bsv", x, w, preferred_element_type=jnp.float32)
+    in_vocab = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
+    return jnp.where(in_vocab, logits, jnp.finfo(jnp.float32).min)
+
+
+def forward(
+    params: dict,
+    tokens: jax.Array,
+    cfg: ModelConfig,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+) -> jax.Array:
+    """tokens [batch, seq] -> logits [batch, seq, padded_vocab] (float32).
+
+    positions: [batch, seq] position of each token (default 0..seq-1); restart them per document
+        when packing. segment_ids: [batch, seq] document id of each token; tokens attend only
+        within their own segment.
+    """
+    x = hidden_states(params, tokens, cfg, positions=positions, segment_ids=segment_ids)
+    return logits_from_hidden(params, x, cfg)

@@ -1,0 +1,33 @@
+"""The README says what the code does: its preset table and its test command are the real ones."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from experiments.presets import presets_markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def test_preset_table_is_generated_by_code():
+    table = re.search(r"<!-- presets:begin -->\n(.*?)\n<!-- presets:end -->", README, re.S).group(1)
+    assert table == presets_markdown(), "README preset table is stale: paste `python -m experiments presets`"
+
+
+def test_ci_runs_the_readme_test_command():
+    quickstart = re.search(r"## Quickstart.*?```bash\n(.*?)```", README, re.S).group(1).strip().splitlines()
+    assert len(quickstart) == 2, "the quickstart is exactly two commands"
+    assert quickstart[1] in (ROOT / ".ci/run").read_text()
+
+
+def test_experiments_help_lists_experiments():
+    out = subprocess.run([sys.executable, "-m", "experiments", "--help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "quickstart" in out and "presets" in out
+
+
+def test_unknown_experiment_is_one_clear_error():
+    result = subprocess.run([sys.executable, "-m", "experiments", "nope"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "python -m experiments: unknown experiment 'nope'; choose one of: presets, quickstart"
