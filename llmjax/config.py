@@ -92,7 +92,7 @@ class ModelConfig:
     init_std: float = 0.02
     remat: RematPolicy = "none"
     attention_impl: AttentionImpl = "xla"
-    name: str = "custom"
+    name: str = dataclasses.field(default="custom", compare=False)  # a label: not part of equality or the jit cache key
 
     def __post_init__(self):
         for field in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_seq_len", "vocab_multiple"):

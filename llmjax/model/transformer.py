@@ -60,10 +60,11 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
 
 # --- input checks ------------------------------------------------------------------------
 
-def check_inputs(tokens, cfg: ModelConfig) -> None:
-    """Raise a clear error for a sequence longer than the model allows or a token outside the vocab.
+def check_inputs(tokens, cfg: ModelConfig, positions=None) -> None:
+    """Raise a clear error for a sequence longer than the model allows, a token outside the vocab,
+    or a position outside the learned position table.
 
-    The length is a shape and is always checked. Values are checked when `tokens` is concrete
+    The length is a shape and is always checked. Values are checked when they are concrete
     (eager call, NumPy input); inside `jit` they are traced and cannot be inspected.
     """
     if tokens.ndim != 2:
@@ -76,16 +77,31 @@ def check_inputs(tokens, cfg: ModelConfig) -> None:
             f"sequence length {seq_len} exceeds the model's max_seq_len={cfg.max_seq_len}; "
             f"truncate the input or use a config with a longer max_seq_len"
         )
-    if isinstance(tokens, jax.core.Tracer) or tokens.size == 0:
-        return
-    values = np.asarray(tokens)
-    low, high = int(values.min()), int(values.max())
-    if low < 0 or high >= cfg.vocab_size:
-        bad = low if low < 0 else high
+    if positions is not None and tuple(positions.shape) != tuple(tokens.shape):
+        raise ValueError(f"positions have shape {tuple(positions.shape)}, expected the tokens' {tuple(tokens.shape)}")
+    bad = _outside(tokens, 0, cfg.vocab_size)
+    if bad is not None:
         raise ValueError(
             f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size}); "
             f"the tokenizer and ModelConfig.vocab_size disagree"
         )
+    if positions is not None and cfg.positions == "learned":
+        bad = _outside(positions, 0, cfg.max_seq_len)
+        if bad is not None:
+            raise ValueError(
+                f"position {bad} is outside the learned position table [0, {cfg.max_seq_len}) (max_seq_len)"
+            )
+
+
+def _outside(values, low: int, high: int) -> int | None:
+    """The first offending extreme of concrete `values` outside [low, high), else None (also for tracers)."""
+    if isinstance(values, jax.core.Tracer) or values.size == 0:
+        return None
+    values = np.asarray(values)
+    smallest, largest = int(values.min()), int(values.max())
+    if smallest < low:
+        return smallest
+    return largest if largest >= high else None
 
 
 # --- forward -----------------------------------------------------------------------------
@@ -112,7 +128,7 @@ def hidden_states(
     segment_ids: jax.Array | None = None,
 ) -> jax.Array:
     """tokens [batch, seq] -> final-normed hidden states [batch, seq, d_model] in the compute dtype."""
-    check_inputs(tokens, cfg)
+    check_inputs(tokens, cfg, positions)
     batch, seq_len = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(seq_len), (batch, seq_len))

@@ -206,3 +206,18 @@ def test_tokens_of_wrong_rank_or_dtype_are_rejected(model):
         forward(params, np.zeros(6, np.int32), cfg)
     with pytest.raises(TypeError, match="tokens must be integers, got dtype float32"):
         forward(params, np.zeros((1, 6), np.float32), cfg)
+
+
+def test_positions_outside_the_learned_table_are_rejected():
+    cfg = get_config("gpt2-tiny")
+    params = init_params(cfg, jax.random.key(0))
+    tokens = random_tokens(cfg, 1, 4)
+    with pytest.raises(ValueError, match=rf"position {cfg.max_seq_len} is outside the learned position table"):
+        forward(params, tokens, cfg, positions=np.array([[0, 1, 2, cfg.max_seq_len]]))
+    with pytest.raises(ValueError, match=r"positions have shape \(1, 3\), expected the tokens' \(1, 4\)"):
+        forward(params, tokens, cfg, positions=np.array([[0, 1, 2]]))
+
+
+def test_config_name_is_a_label_not_part_of_equality():
+    cfg = get_config("llama-tiny")
+    assert cfg.replace(name="other") == cfg and hash(cfg.replace(name="other")) == hash(cfg)
