@@ -112,6 +112,28 @@ def test_import_matches_transformers(name, tmp_path):
     assert_logits_match(hf_logits(model), params, cfg)
 
 
+@pytest.mark.parametrize("name", ["gpt2_tied", "gpt2_untied", "llama_gqa_untied", "llama3_rope", "mistral_sliding_window"])
+def test_gradients_match_torch_autograd(name, tmp_path):
+    """d(sum(logits * weights))/d(params) in JAX equals torch's; HF's gradients are brought into our
+    layout by saving them in place of the weights and loading them through the same tensor table."""
+    model = MODELS[name]()
+    model.save_pretrained(tmp_path / "weights")
+    weights = np.random.default_rng(1).standard_normal((*TOKENS.shape, VOCAB)).astype(np.float32)
+    (model(torch.from_numpy(TOKENS)).logits * torch.from_numpy(weights)).sum().backward()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(parameter.grad)
+    model.save_pretrained(tmp_path / "grads")
+    expected, _ = load_hf_checkpoint(tmp_path / "grads")
+
+    params, cfg = load_hf_checkpoint(tmp_path / "weights")
+    grads = jax.grad(lambda p: (forward(p, jnp.asarray(TOKENS), cfg)[..., :VOCAB] * weights).sum())(params)
+    largest = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(expected))
+    flat_expected = flatten_with_names(expected)
+    for path, grad in flatten_with_names(grads).items():
+        np.testing.assert_allclose(np.asarray(grad), np.asarray(flat_expected[path]), atol=1e-4 * largest, err_msg=path)
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_export_loads_in_transformers_and_round_trips(name, tmp_path):
     model = MODELS[name]()
