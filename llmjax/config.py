@@ -257,3 +257,59 @@ def get_config(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown model preset {name!r}; available: {', '.join(PRESETS)}")
     return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
+
+
+Schedule = Literal["cosine", "linear", "wsd", "constant"]
+SCHEDULES = ("cosine", "linear", "wsd", "constant")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimization settings (AdamW through optax) and the shape of a training step.
+
+    The learning rate warms up linearly from 0 over `warmup_steps`, then decays to
+    `lr * min_lr_ratio` at `total_steps`: cosine, linear, constant, or WSD (constant, then a
+    linear decay over the last `decay_fraction` of the steps).
+    """
+
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    total_steps: int = 1000
+    schedule: Schedule = "cosine"
+    decay_fraction: float = 0.2  # WSD only
+    weight_decay: float = 0.1  # decoupled; matrices only (no norms, biases or embeddings)
+    decay_embeddings: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0  # global-norm clipping; None disables
+    micro_batches: int = 1  # gradient accumulation: the batch is split into this many, scanned
+    z_loss: float = 0.0  # weight of log(Z)^2 on the logits (PaLM), 0 disables
+    loss_chunk_tokens: int = 8192  # cross-entropy over this many tokens at a time: no [tokens, vocab] float32 slab
+    skip_nonfinite: bool = False  # skip an update whose loss or gradients are not finite instead of stopping
+
+    def __post_init__(self):
+        for field in ("warmup_steps",):
+            if getattr(self, field) < 0:
+                raise ConfigError(f"TrainConfig.{field}={getattr(self, field)}: must be >= 0")
+        for field in ("total_steps", "micro_batches", "loss_chunk_tokens"):
+            if getattr(self, field) < 1:
+                raise ConfigError(f"TrainConfig.{field}={getattr(self, field)}: must be >= 1")
+        if self.warmup_steps > self.total_steps:
+            raise ConfigError(
+                f"TrainConfig.warmup_steps={self.warmup_steps} exceeds total_steps={self.total_steps}"
+            )
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"TrainConfig.schedule={self.schedule!r}: expected one of {', '.join(map(repr, SCHEDULES))}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"TrainConfig.min_lr_ratio={self.min_lr_ratio}: must be within [0, 1]")
+        if not 0 < self.decay_fraction <= 1:
+            raise ConfigError(f"TrainConfig.decay_fraction={self.decay_fraction}: must be within (0, 1]")
+        if not self.lr > 0:
+            raise ConfigError(f"TrainConfig.lr={self.lr}: must be > 0")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"TrainConfig.grad_clip={self.grad_clip}: must be > 0 or None")
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,156 @@
+"""The jitted training step: `train_step(state, batch) -> (state, metrics)`.
+
+Mixed precision: parameters and optimizer state stay float32; the model computes in
+cfg.compute_dtype. The loss is a token-weighted mean of cross-entropy computed over chunks of
+tokens, so the [tokens, vocab] float32 logits never exist at once. Gradient accumulation is a
+`lax.scan` over micro-batches of summed losses, equal to one step on the whole batch.
+
+A batch is a dict of [batch, seq] arrays: `inputs`, `targets`, and optionally `positions`,
+`segment_ids` and `loss_mask` (1 where the target counts).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from llmjax.config import ModelConfig, TrainConfig
+from llmjax.model.transformer import hidden_states, init_params, output_embedding
+from llmjax.train.optim import learning_rate_schedule, make_optimizer
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 scalar: updates applied so far
+    params: dict
+    opt_state: optax.OptState
+
+
+def init_train_state(model_cfg: ModelConfig, train_cfg: TrainConfig, key: jax.Array) -> TrainState:
+    params = init_params(model_cfg, key)
+    opt_state = make_optimizer(model_cfg, train_cfg).init(params)
+    return TrainState(jnp.zeros((), jnp.int32), params, opt_state)
+
+
+def windows_to_batch(windows: jax.Array) -> dict:
+    """[batch, seq + 1] token windows -> {"inputs", "targets"} shifted by one."""
+    return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
+
+
+def chunked_cross_entropy(
+    hidden: jax.Array, embedding: jax.Array, targets: jax.Array, vocab_size: int, chunk_tokens: int
+) -> tuple[jax.Array, jax.Array]:
+    """Per-token negative log-likelihood and log-partition, a chunk of tokens at a time.
+
+    hidden [tokens, d_model] (compute dtype); embedding [d_model, padded_vocab]; targets [tokens].
+    Each chunk's logits are float32 [chunk, padded_vocab], rematerialized in the backward pass
+    rather than stored. Returns (nll [tokens], log_z [tokens]), float32.
+    """
+    tokens = hidden.shape[0]
+    chunk = min(chunk_tokens, tokens)
+    padded = -(-tokens // chunk) * chunk
+    hidden = jnp.pad(hidden, ((0, padded - tokens), (0, 0))).reshape(padded // chunk, chunk, -1)
+    targets = jnp.pad(targets, (0, padded - tokens)).reshape(padded // chunk, chunk)
+    in_vocab = jnp.arange(embedding.shape[1]) < vocab_size
+
+    @jax.checkpoint
+    def one_chunk(_, chunk_inputs):
+        x, t = chunk_inputs  # [chunk, d_model], [chunk]
+        logits = jnp.dot(x, embedding, preferred_element_type=jnp.float32)  # [chunk, padded_vocab]
+        logits = jnp.where(in_vocab, logits, -jnp.inf)
+        log_z = jax.nn.logsumexp(logits, axis=-1)
+        target_logit = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+        return None, (log_z - target_logit, log_z)
+
+    _, (nll, log_z) = jax.lax.scan(one_chunk, None, (hidden, targets))
+    return nll.reshape(-1)[:tokens], log_z.reshape(-1)[:tokens]
+
+
+def loss_sums(params: dict, batch: dict, model_cfg: ModelConfig, train_cfg: TrainConfig) -> tuple[jax.Array, dict]:
+    """(objective summed over counted tokens, {"nll_sum", "z_sum", "tokens"}) for one (micro-)batch."""
+    x = hidden_states(
+        params, batch["inputs"], model_cfg, positions=batch.get("positions"), segment_ids=batch.get("segment_ids")
+    )  # [batch, seq, d_model]
+    embedding = output_embedding(params, model_cfg).astype(x.dtype)
+    nll, log_z = chunked_cross_entropy(
+        x.reshape(-1, x.shape[-1]), embedding, batch["targets"].reshape(-1), model_cfg.vocab_size, train_cfg.loss_chunk_tokens
+    )
+    mask = batch.get("loss_mask")
+    mask = jnp.ones_like(nll) if mask is None else mask.reshape(-1).astype(jnp.float32)
+    sums = {"nll_sum": (nll * mask).sum(), "z_sum": (jnp.square(log_z) * mask).sum(), "tokens": mask.sum()}
+    return sums["nll_sum"] + train_cfg.z_loss * sums["z_sum"], sums
+
+
+def split_micro_batches(batch: dict, micro_batches: int) -> dict:
+    """[batch, ...] leaves -> [micro_batches, batch / micro_batches, ...]."""
+
+    def split(x):
+        if x.shape[0] % micro_batches:
+            raise ValueError(
+                f"batch of {x.shape[0]} sequences does not split into micro_batches={micro_batches}; "
+                f"choose a batch size that is a multiple of it"
+            )
+        return x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:])
+
+    return jax.tree.map(split, batch)
+
+
+def accumulated_gradients(params: dict, batch: dict, model_cfg: ModelConfig, train_cfg: TrainConfig):
+    """(grads of the summed objective, summed metrics), scanning over micro-batches."""
+    grad_fn = jax.grad(functools.partial(loss_sums, model_cfg=model_cfg, train_cfg=train_cfg), has_aux=True)
+    if train_cfg.micro_batches == 1:
+        return grad_fn(params, batch)
+
+    def add_micro_batch(carry, micro_batch):
+        grads, sums = grad_fn(params, micro_batch)
+        return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params), {"nll_sum": 0.0, "z_sum": 0.0, "tokens": 0.0}
+    zeros = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), zeros)
+    (grads, sums), _ = jax.lax.scan(add_micro_batch, zeros, split_micro_batches(batch, train_cfg.micro_batches))
+    return grads, sums
+
+
+def train_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, train_cfg: TrainConfig) -> tuple[TrainState, dict]:
+    """One optimizer update on the batch: the token-weighted mean loss's gradients, clipped, AdamW."""
+    optimizer = make_optimizer(model_cfg, train_cfg)
+    grads, sums = accumulated_gradients(state.params, batch, model_cfg, train_cfg)
+    tokens = jnp.maximum(sums["tokens"], 1.0)
+    grads = jax.tree.map(lambda g: g / tokens, grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    loss = sums["nll_sum"] / tokens
+    grad_norm = optax.tree.norm(grads)
+    if train_cfg.skip_nonfinite:  # keep the old weights, but move on: the next step takes the next batch
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep_if_nonfinite = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        params = jax.tree.map(keep_if_nonfinite, params, state.params)
+        opt_state = jax.tree.map(keep_if_nonfinite, opt_state, state.opt_state)
+    new_state = TrainState(state.step + 1, params, opt_state)
+    metrics = {
+        "loss": loss,
+        "z_loss": sums["z_sum"] / tokens,
+        "grad_norm": grad_norm,
+        "learning_rate": learning_rate_schedule(train_cfg)(state.step),
+        "tokens": sums["tokens"],
+        "update_ratio": optax.tree.norm(updates) / optax.tree.norm(state.params),
+    }
+    return new_state, metrics
+
+
+def eval_step(params: dict, batch: dict, *, model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict:
+    """{"nll_sum", "tokens"} on a batch; validation loss = sum nll / sum tokens, perplexity = exp(loss)."""
+    _, sums = loss_sums(params, batch, model_cfg, train_cfg)
+    return {"nll_sum": sums["nll_sum"], "tokens": sums["tokens"]}
+
+
+def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig):
+    """train_step jitted once for these configs, with the state donated (updated in place)."""
+    return jax.jit(functools.partial(train_step, model_cfg=model_cfg, train_cfg=train_cfg), donate_argnums=0)
+
+
+def make_eval_step(model_cfg: ModelConfig, train_cfg: TrainConfig):
+    return jax.jit(functools.partial(eval_step, model_cfg=model_cfg, train_cfg=train_cfg))

@@ -1,0 +1,121 @@
+"""The train step: chunked cross-entropy, gradient accumulation, skipping non-finite updates."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from llmjax.config import TrainConfig, get_config
+from llmjax.model import forward
+from llmjax.model.params import flatten_with_names
+from llmjax.train.step import (
+    accumulated_gradients,
+    chunked_cross_entropy,
+    init_train_state,
+    loss_sums,
+    make_eval_step,
+    make_train_step,
+    train_step,
+    windows_to_batch,
+)
+
+
+def windows(cfg, batch, seq, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, seq + 1)))
+
+
+@pytest.mark.parametrize("tokens,chunk", [(37, 8), (37, 37), (37, 100), (64, 16)])
+def test_chunked_cross_entropy_matches_full_logits(tokens, chunk):
+    rng = np.random.default_rng(tokens + chunk)
+    vocab, padded = 91, 128
+    hidden = jnp.asarray(rng.standard_normal((tokens, 24)), jnp.float32)
+    embedding = jnp.asarray(rng.standard_normal((24, padded)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, vocab, tokens))
+
+    def full(hidden, embedding):
+        logits = (hidden @ embedding)[:, :vocab]
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        return nll, jax.nn.logsumexp(logits, axis=-1)
+
+    def chunked(hidden, embedding):
+        return chunked_cross_entropy(hidden, embedding, targets, vocab, chunk)
+
+    for got, want in zip(chunked(hidden, embedding), full(hidden, embedding)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    objective = lambda fn: lambda h, e: (fn(h, e)[0].sum() + 0.1 * (fn(h, e)[1] ** 2).sum())  # noqa: E731
+    got = jax.grad(objective(chunked), argnums=(0, 1))(hidden, embedding)
+    want = jax.grad(objective(full), argnums=(0, 1))(hidden, embedding)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_loss_equals_cross_entropy_of_forward_logits():
+    cfg, train_cfg = get_config("llama-tiny"), TrainConfig(loss_chunk_tokens=7)
+    state = init_train_state(cfg, train_cfg, jax.random.key(0))
+    batch = windows_to_batch(windows(cfg, 3, 20))
+    objective, sums = loss_sums(state.params, batch, cfg, train_cfg)
+    logits = forward(state.params, batch["inputs"], cfg)
+    want = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).sum()
+    assert float(sums["nll_sum"]) == pytest.approx(float(want), rel=1e-5)
+    assert float(sums["tokens"]) == 60 and float(objective) == pytest.approx(float(want), rel=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
+def test_accumulation_equals_one_large_batch(preset):
+    """Gradients and metrics of 4 scanned micro-batches equal those of the whole batch. (Compared as
+    gradients: Adam would magnify the rounding noise of gradients that are zero in exact arithmetic.)"""
+    cfg = get_config(preset)
+    train_cfg = TrainConfig(lr=1e-2, warmup_steps=0, total_steps=10, z_loss=1e-3)
+    state = init_train_state(cfg, train_cfg, jax.random.key(1))
+    batch = windows_to_batch(windows(cfg, 8, 12))
+    batch["loss_mask"] = jnp.asarray(np.random.default_rng(2).random((8, 12)) < 0.8)  # unequal token counts
+    grads_one, sums_one = accumulated_gradients(state.params, batch, cfg, train_cfg)
+    grads_four, sums_four = accumulated_gradients(state.params, batch, cfg, train_cfg.replace(micro_batches=4))
+    for key in sums_one:
+        assert float(sums_four[key]) == pytest.approx(float(sums_one[key]), rel=1e-5), key
+    largest = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads_one))
+    for (name, a), b in zip(flatten_with_names(grads_one).items(), jax.tree.leaves(grads_four)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6 * largest, err_msg=name)
+    _, metrics_one = train_step(state, batch, model_cfg=cfg, train_cfg=train_cfg)
+    _, metrics_four = train_step(state, batch, model_cfg=cfg, train_cfg=train_cfg.replace(micro_batches=4))
+    for key in ("loss", "z_loss", "grad_norm", "tokens", "learning_rate"):
+        assert float(metrics_four[key]) == pytest.approx(float(metrics_one[key]), rel=1e-5), key
+
+
+def test_batch_not_dividing_into_micro_batches_is_rejected():
+    cfg = get_config("gpt2-tiny")
+    train_cfg = TrainConfig(micro_batches=3)
+    state = init_train_state(cfg, train_cfg, jax.random.key(0))
+    with pytest.raises(ValueError, match="batch of 4 sequences does not split into micro_batches=3"):
+        train_step(state, windows_to_batch(windows(cfg, 4, 8)), model_cfg=cfg, train_cfg=train_cfg)
+
+
+def test_training_reduces_loss_and_reports_metrics():
+    cfg = get_config("gpt2-tiny")
+    train_cfg = TrainConfig(lr=3e-3, warmup_steps=2, total_steps=30)
+    step_fn = make_train_step(cfg, train_cfg)
+    state = init_train_state(cfg, train_cfg, jax.random.key(0))
+    batch = windows_to_batch(windows(cfg, 4, 16))  # one batch, memorized
+    losses = []
+    for _ in range(30):
+        state, metrics = step_fn(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.5 * losses[0]
+    assert int(state.step) == 30
+    assert float(metrics["tokens"]) == 64
+    assert 0 < float(metrics["update_ratio"]) < 1 and float(metrics["grad_norm"]) > 0
+    evaluated = make_eval_step(cfg, train_cfg)(state.params, batch)
+    assert float(evaluated["nll_sum"] / evaluated["tokens"]) == pytest.approx(losses[-1], rel=0.2)
+
+
+def test_nonfinite_update_is_skipped_when_configured():
+    cfg = get_config("gpt2-tiny")
+    train_cfg = TrainConfig(skip_nonfinite=True)
+    state = init_train_state(cfg, train_cfg, jax.random.key(0))
+    state = state._replace(params={**state.params, "final_norm": {**state.params["final_norm"], "scale": state.params["final_norm"]["scale"].at[0].set(jnp.nan)}})
+    new, metrics = train_step(state, windows_to_batch(windows(cfg, 2, 8)), model_cfg=cfg, train_cfg=train_cfg)
+    assert not np.isfinite(float(metrics["loss"]))
+    assert int(new.step) == 1  # moved on to the next batch
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(a, b)  # weights untouched (NaN stays NaN)
