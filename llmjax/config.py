@@ -313,3 +313,22 @@ class TrainConfig:
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+def config_to_dict(cfg: ModelConfig | TrainConfig) -> dict:
+    """A JSON-ready dict of a config (RoPE scaling nested)."""
+    return dataclasses.asdict(cfg)
+
+
+def model_config_from_dict(data: dict) -> ModelConfig:
+    data = dict(data)
+    if data.get("rope_scaling") is not None:
+        data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
+    return ModelConfig(**data)
+
+
+def config_differences(saved: dict, current: ModelConfig | TrainConfig) -> list[str]:
+    """['d_model: 768 in the checkpoint, 1024 now', ...] for fields that differ (name ignored)."""
+    now = config_to_dict(current)
+    fields = sorted((saved.keys() | now.keys()) - {"name"})
+    return [f"{f}: {saved.get(f)!r} in the checkpoint, {now.get(f)!r} now" for f in fields if saved.get(f) != now.get(f)]
