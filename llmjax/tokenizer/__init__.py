@@ -1,0 +1,62 @@
+"""Tokenizers behind one interface: our byte-level BPE, SentencePiece, and raw bytes.
+
+    tokenizer = load_tokenizer("runs/tokenizer/bpe-10000.json")   # ours, saved by Tokenizer.save
+    tokenizer = load_tokenizer("path/to/gpt2")                      # GPT-2 vocab.json + merges.txt
+    tokenizer = load_tokenizer("path/to/tokenizer.json")            # Hugging Face byte-level BPE
+    tokenizer = load_tokenizer("path/to/spm.model")                 # SentencePiece
+    tokenizer = load_tokenizer("bytes")                             # 256 byte ids + <|endoftext|>
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from llmjax.tokenizer.base import ENDOFTEXT, Tokenizer, TokenizerError
+
+__all__ = ["ENDOFTEXT", "Tokenizer", "TokenizerError", "load_tokenizer", "tokenizer_class"]
+
+
+def tokenizer_class(kind: str) -> type[Tokenizer]:
+    """The class that reads our saved JSON of a given "type"."""
+    if kind == "byte_bpe":
+        from llmjax.tokenizer.bpe import BPETokenizer
+
+        return BPETokenizer
+    if kind == "sentencepiece":
+        from llmjax.tokenizer.sentencepiece import SentencePieceTokenizer
+
+        return SentencePieceTokenizer
+    if kind == "bytes":
+        from llmjax.tokenizer.bytes import ByteTokenizer
+
+        return ByteTokenizer
+    raise TokenizerError(f"unknown tokenizer type {kind!r}; llmjax reads 'byte_bpe', 'sentencepiece' and 'bytes'")
+
+
+def load_tokenizer(spec: str | Path) -> Tokenizer:
+    """A tokenizer from "bytes", our JSON, a SentencePiece .model, GPT-2 files or a HF tokenizer.json."""
+    if str(spec) == "bytes":
+        return tokenizer_class("bytes")()
+    path = Path(spec)
+    if not path.exists():
+        raise TokenizerError(f"tokenizer {path} does not exist (give our .json, a .model, a GPT-2 folder, or 'bytes')")
+    from llmjax.tokenizer.bpe import BPETokenizer
+
+    if path.is_dir():
+        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+            return BPETokenizer.from_gpt2_files(path / "vocab.json", path / "merges.txt")
+        if (path / "tokenizer.json").is_file():
+            return BPETokenizer.from_hf_tokenizer_json(path / "tokenizer.json")
+        raise TokenizerError(f"{path} holds neither GPT-2's vocab.json + merges.txt nor a tokenizer.json")
+    if path.suffix == ".model":
+        return tokenizer_class("sentencepiece").load(path)
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise TokenizerError(f"{path} is not a tokenizer file: not valid JSON ({error})") from error
+    if isinstance(data, dict) and "type" in data:
+        return tokenizer_class(data["type"]).from_json(data)
+    if isinstance(data, dict) and "model" in data:  # Hugging Face tokenizer.json
+        return BPETokenizer.from_hf_tokenizer_json(path)
+    raise TokenizerError(f"{path} is JSON but neither an llmjax tokenizer (no 'type') nor a Hugging Face tokenizer.json")

@@ -1,0 +1,137 @@
+"""The one interface every tokenizer implements (our byte-level BPE, SentencePiece).
+
+Token ids are plain Python ints on the way in and out; the data pipeline turns them into
+uint16 / uint32 arrays. A tokenizer's `fingerprint()` names its exact vocabulary and rules, so
+token shards can refuse to be read with a different tokenizer than the one that wrote them.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+ENDOFTEXT = "<|endoftext|>"
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file, vocabulary or request that cannot be used."""
+
+
+class Tokenizer(abc.ABC):
+    """Text <-> token ids. Subclasses implement `encode_ordinary`, `decode_bytes`, the special
+    tokens, `to_json` and `from_json`; everything else is shared."""
+
+    kind: str  # the "type" field of the saved JSON
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """Number of ids, special tokens included (ids are 0 .. vocab_size - 1)."""
+
+    @property
+    @abc.abstractmethod
+    def special_tokens(self) -> dict[str, int]:
+        """{"<|endoftext|>": id, ...}; matched in text only when allowed (see `encode`)."""
+
+    @abc.abstractmethod
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Encode text with no special-token handling: "<|endoftext|>" is just characters."""
+
+    @abc.abstractmethod
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The raw bytes the ids stand for (may be invalid UTF-8 when cut mid-character)."""
+
+    @abc.abstractmethod
+    def to_json(self) -> dict:
+        """Everything needed to rebuild this tokenizer (saved by `save`, hashed by `fingerprint`)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_json(cls, data: dict) -> Tokenizer: ...
+
+    # --- shared behaviour -----------------------------------------------------------------
+
+    @property
+    def eot_id(self) -> int | None:
+        """Id of the end-of-text token that separates documents, if the vocabulary has one."""
+        return self.special_tokens.get(ENDOFTEXT)
+
+    def encode(self, text: str, *, allowed_special: str | set[str] = "all") -> list[int]:
+        """Encode text; special tokens in `allowed_special` ("all", "none" or a set of strings)
+        become their ids, longest match first where they overlap."""
+        allowed = self._allowed(allowed_special)
+        if not allowed:
+            return self.encode_ordinary(text)
+        ids: list[int] = []
+        for piece, is_special in split_on_special_tokens(text, allowed):
+            if is_special:
+                ids.append(self.special_tokens[piece])
+            else:
+                ids.extend(self.encode_ordinary(piece))
+        return ids
+
+    def encode_batch(self, texts: Iterable[str], *, allowed_special: str | set[str] = "all") -> list[list[int]]:
+        return [self.encode(text, allowed_special=allowed_special) for text in texts]
+
+    def encode_iterable(self, lines: Iterable[str], *, allowed_special: str | set[str] = "all") -> Iterator[int]:
+        """Ids for a stream of text chunks (e.g. a file's lines), holding one chunk at a time.
+
+        Chunks are encoded independently, so a pre-token never spans two chunks: split at line
+        ends (as file iteration does) to get the same ids as encoding the whole text.
+        """
+        for line in lines:
+            yield from self.encode(line, allowed_special=allowed_special)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text for the ids; bytes that are not valid UTF-8 become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def save(self, path: str | Path) -> None:
+        """Write the tokenizer as one JSON file (atomically: a temporary file renamed into place)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(json.dumps(self.to_json(), ensure_ascii=False))
+        temporary.replace(path)
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical JSON: equal fingerprints encode every text identically."""
+        canonical = json.dumps(self.to_json(), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def _allowed(self, allowed_special: str | set[str]) -> set[str]:
+        if allowed_special == "all":
+            return set(self.special_tokens)
+        if allowed_special == "none":
+            return set()
+        unknown = set(allowed_special) - set(self.special_tokens)
+        if unknown:
+            raise TokenizerError(f"allowed_special names tokens this tokenizer lacks: {sorted(unknown)}")
+        return set(allowed_special)
+
+
+def split_on_special_tokens(text: str, specials: Iterable[str]) -> Iterator[tuple[str, bool]]:
+    """Split text into (piece, is_special) runs; overlapping specials match longest first.
+
+    >>> list(split_on_special_tokens("a<|x|>b", ["<|x|>"]))
+    [('a', False), ('<|x|>', True), ('b', False)]
+    """
+    import regex
+
+    ordered = sorted(set(specials), key=len, reverse=True)
+    if not ordered:
+        if text:
+            yield text, False
+        return
+    pattern = regex.compile("|".join(regex.escape(s) for s in ordered))
+    position = 0
+    for match in pattern.finditer(text):
+        if match.start() > position:
+            yield text[position : match.start()], False
+        yield match.group(), True
+        position = match.end()
+    if position < len(text):
+        yield text[position:], False
