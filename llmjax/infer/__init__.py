@@ -1,0 +1,1 @@
+"""Inference: generation (and, later, KV caches, batching engines and the server)."""

@@ -1,0 +1,291 @@
+"""The training loop: data -> jitted step -> metrics, evaluation, samples and checkpoints.
+
+Everything about a run lives in its folder:
+    run/config.json        model, train and run settings
+    run/metrics.jsonl      one JSON line per logged step and per evaluation
+    run/tensorboard/       the same as TensorBoard event files
+    run/checkpoints/<step> orbax checkpoints (resume continues from the newest readable one)
+    run/loss.png           train and validation loss curves, drawn at the end
+
+The step is compiled once and its state donated. The host reads a step's metrics only at
+logging time, after the next step has been dispatched, so the device never waits for Python.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from llmjax.config import ModelConfig, TrainConfig, config_differences, config_to_dict
+from llmjax.data.loader import BatchIterator, batch_at
+from llmjax.train.checkpoint import Checkpointer, run_record
+from llmjax.train.metrics import flops_per_token
+from llmjax.train.step import init_train_state, make_eval_step, make_train_step, windows_to_batch
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (diverged loss, unusable data); the message says what to change."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where a run reads and writes, and how often it logs, evaluates and saves."""
+
+    run_dir: Path
+    batch_size: int = 16  # sequences per step, across all processes
+    seq_len: int = 256
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 8
+    save_every: int = 500
+    keep_last: int = 3
+    async_checkpoints: bool = True
+    sample_prompt: str = "def "
+    sample_tokens: int = 48
+    peak_flops: float | None = None  # for MFU; default: a table by device kind
+    progress: bool = True
+
+
+# bf16 dense peaks; CPUs get no MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5": 459e12}
+
+
+def device_peak_flops(device: jax.Device) -> float | None:
+    return next((flops for name, flops in PEAK_FLOPS.items() if name in device.device_kind), None)
+
+
+class MetricsLog:
+    """metrics.jsonl plus TensorBoard scalars."""
+
+    def __init__(self, run_dir: Path):
+        from tensorboardX import SummaryWriter
+
+        self.file = open(run_dir / "metrics.jsonl", "a")
+        self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, step: int, kind: str, values: dict) -> None:
+        self.file.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+        self.file.flush()
+        for key, value in values.items():
+            if isinstance(value, (int, float)):
+                self.tensorboard.add_scalar(f"{kind}/{key}", value, step)
+
+    def close(self) -> None:
+        self.file.close()
+        self.tensorboard.close()
+
+
+class StopRequest:
+    """Turns SIGTERM (preemption) into a flag the loop checks between steps: save, then exit."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run: RunConfig, train_data, validation_data=None, tokenizer=None) -> dict:
+    """Train until train_cfg.total_steps (resuming from run_dir's checkpoints); returns a summary.
+
+    train_data / validation_data: token sources (llmjax.data.shards.TokenShards or any object
+    with total_tokens, document_starts and tokens(start, stop)). tokenizer: for printed samples.
+    """
+    run_dir = Path(run.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_batch(run, train_data, validation_data)
+    (run_dir / "config.json").write_text(json.dumps(
+        {"model": config_to_dict(model_cfg), "train": config_to_dict(train_cfg),
+         "run": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(run).items()}}, indent=2))
+
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep_last=run.keep_last, async_save=run.async_checkpoints)
+    state, start_step = _initial_state(model_cfg, train_cfg, run, checkpointer)
+    train_step = make_train_step(model_cfg, train_cfg)
+    eval_step = make_eval_step(model_cfg, train_cfg)
+    metrics_log = MetricsLog(run_dir)
+    stop = StopRequest()
+    peak = run.peak_flops or device_peak_flops(jax.devices()[0])
+    flops = flops_per_token(model_cfg, run.seq_len)
+    batches = BatchIterator(train_data, batch_size=run.batch_size, seq_len=run.seq_len, seed=run.seed,
+                            start_step=start_step, prefetch=2)
+    progress = tqdm(total=train_cfg.total_steps, initial=start_step, desc="training", unit="step",
+                    disable=not run.progress, dynamic_ncols=True)
+    summary = {"start_step": start_step, "val_loss": None}
+    pending = None  # (step, metrics on device) of the step before the one just dispatched
+    clock = (time.perf_counter(), start_step)
+
+    def evaluate(step: int) -> float | None:
+        if validation_data is None:
+            return None
+        val_loss = _validation_loss(eval_step, state.params, validation_data, run)
+        values = {"loss": val_loss, "perplexity": math.exp(min(val_loss, 50))}
+        if tokenizer is not None and run.sample_tokens > 0:
+            values["sample"] = _sample(state.params, model_cfg, tokenizer, run)
+        metrics_log.write(step, "validation", values)
+        progress.write(f"step {step}: validation loss {val_loss:.4f}" + (f"\n{values['sample']}" if "sample" in values else ""))
+        return val_loss
+
+    def save(step: int, val_loss: float | None) -> None:
+        checkpointer.save(state, record=run_record(model_cfg, train_cfg, loader_state={"step": step, "seed": run.seed},
+                                                   seed=run.seed), val_loss=val_loss)
+
+    def report(step: int, metrics) -> None:
+        nonlocal clock
+        values = {key: float(value) for key, value in jax.device_get(metrics).items()}
+        if not math.isfinite(values["loss"]) and not train_cfg.skip_nonfinite:
+            raise TrainingError(
+                f"loss is {values['loss']} at step {step}: lower --lr, lengthen --warmup, keep --grad-clip on, "
+                f"or pass --skip-nonfinite to skip such updates"
+            )
+        now = time.perf_counter()
+        elapsed, steps = now - clock[0], step - clock[1]
+        clock = (now, step)
+        values["tokens_per_second"] = steps * run.batch_size * run.seq_len / elapsed if elapsed > 0 else 0.0
+        if peak:
+            values["mfu"] = values["tokens_per_second"] * flops / peak
+        metrics_log.write(step, "train", values)
+        progress.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_second']:,.0f}",
+                             **({"mfu": f"{values['mfu']:.1%}"} if peak else {}))
+        summary["train_loss"] = values["loss"]
+
+    try:
+        step = start_step
+        for step in range(start_step, train_cfg.total_steps):
+            batch = windows_to_batch(jax.device_put(next(batches)))
+            state, metrics = train_step(state, batch)
+            if pending is not None and (pending[0] % run.log_every == 0):
+                report(*pending)
+            pending = (step + 1, metrics)
+            progress.update(1)
+            done = step + 1
+            val_loss = evaluate(done) if done % run.eval_every == 0 else None
+            if val_loss is not None:
+                summary["val_loss"] = val_loss
+            if done % run.save_every == 0 or stop.requested:
+                save(done, val_loss)
+            if stop.requested:
+                report(*pending)
+                progress.write(f"SIGTERM: saved step {done} and stopped; run the same command to resume")
+                summary["stopped_at"] = done
+                return summary
+        if pending is not None:
+            report(*pending)
+        final_step = train_cfg.total_steps
+        if final_step > start_step:
+            if final_step % run.eval_every:
+                summary["val_loss"] = evaluate(final_step)
+            if final_step % run.save_every:
+                save(final_step, summary["val_loss"])
+        summary["end_step"] = final_step
+        return summary
+    finally:
+        stop.restore()
+        progress.close()
+        batches.close()
+        checkpointer.close()
+        metrics_log.close()
+        plot_losses(run_dir)
+
+
+def _check_batch(run: RunConfig, train_data, validation_data) -> None:
+    devices = jax.device_count()
+    if run.batch_size % jax.process_count():
+        raise TrainingError(f"--batch {run.batch_size} does not divide across {jax.process_count()} processes")
+    if run.batch_size % devices and devices > 1:
+        raise TrainingError(
+            f"--batch {run.batch_size} does not divide across {devices} devices; use a multiple of {devices}"
+        )
+    for name, data in (("training", train_data), ("validation", validation_data)):
+        if data is not None and data.total_tokens < run.seq_len + 1:
+            raise TrainingError(
+                f"the {name} data has {data.total_tokens} tokens, fewer than one window of --seq {run.seq_len} + 1"
+            )
+
+
+def _initial_state(model_cfg, train_cfg, run, checkpointer):
+    """(state, step): the newest readable checkpoint's, or a fresh initialization."""
+    abstract = jax.eval_shape(lambda: init_train_state(model_cfg, train_cfg, jax.random.key(run.seed)))
+    restored = checkpointer.restore_latest(abstract, model_cfg)
+    if restored is None:
+        return init_train_state(model_cfg, train_cfg, jax.random.key(run.seed)), 0
+    state, record = restored
+    changed = config_differences(record.get("train_config", {}), train_cfg)
+    if changed:
+        log.warning("resuming with different train settings (%s): the run will not match an uninterrupted one",
+                    "; ".join(changed))
+    if record["loader_state"]["seed"] != run.seed:
+        log.warning("resuming with --seed %d but the checkpoint was written with seed %d",
+                    run.seed, record["loader_state"]["seed"])
+    step = int(state.step)
+    log.info("resumed from step %d in %s", step, checkpointer.directory)
+    return state, step
+
+
+def _validation_loss(eval_step, params, validation_data, run: RunConfig) -> float:
+    """Mean loss over a fixed set of validation windows (the same ones at every evaluation)."""
+    nll, tokens = 0.0, 0.0
+    for index in range(run.eval_batches):
+        windows = batch_at(validation_data, index, batch_size=run.batch_size, seq_len=run.seq_len, seed=run.seed)
+        sums = eval_step(params, windows_to_batch(jax.device_put(windows)))
+        nll, tokens = nll + sums["nll_sum"], tokens + sums["tokens"]
+    return float(nll / tokens)
+
+
+def _sample(params, model_cfg, tokenizer, run: RunConfig) -> str:
+    from llmjax.infer.generate import greedy_continuation
+
+    prompt = tokenizer.encode(run.sample_prompt) or [tokenizer.eot_id or 0]
+    return run.sample_prompt + tokenizer.decode(greedy_continuation(params, model_cfg, prompt, run.sample_tokens))
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(run_dir: Path) -> Path | None:
+    """run/loss.png: train and validation loss against step (None when nothing was logged)."""
+    records = read_metrics(run_dir)
+    train_points = [(r["step"], r["loss"]) for r in records if r["kind"] == "train" and math.isfinite(r["loss"])]
+    val_points = [(r["step"], r["loss"]) for r in records if r["kind"] == "validation"]
+    if not train_points and not val_points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for points, label, style in ((train_points, "train", "-"), (val_points, "validation", "o-")):
+        if points:
+            steps, losses = np.array(points).T
+            axes.plot(steps, losses, style, label=label, markersize=3)
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss (nats / token)")
+    axes.set_title(Path(run_dir).name)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    path = Path(run_dir) / "loss.png"
+    figure.savefig(path)
+    plt.close(figure)
+    return path
