@@ -8,6 +8,7 @@ token shards can refuse to be read with a different tokenizer than the one that 
 from __future__ import annotations
 
 import abc
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
@@ -79,8 +80,9 @@ class Tokenizer(abc.ABC):
     def encode_iterable(self, lines: Iterable[str], *, allowed_special: str | set[str] = "all") -> Iterator[int]:
         """Ids for a stream of text chunks (e.g. a file's lines), holding one chunk at a time.
 
-        Chunks are encoded independently, so a pre-token never spans two chunks: split at line
-        ends (as file iteration does) to get the same ids as encoding the whole text.
+        Here chunks are encoded independently, which can differ from encoding their concatenation
+        where a pre-token spans a boundary ("\n" then indentation); BPETokenizer overrides this
+        to carry text over to the next chunk and give exactly the ids of the whole text.
         """
         for line in lines:
             yield from self.encode(line, allowed_special=allowed_special)
@@ -119,14 +121,11 @@ def split_on_special_tokens(text: str, specials: Iterable[str]) -> Iterator[tupl
     >>> list(split_on_special_tokens("a<|x|>b", ["<|x|>"]))
     [('a', False), ('<|x|>', True), ('b', False)]
     """
-    import regex
-
-    ordered = sorted(set(specials), key=len, reverse=True)
-    if not ordered:
+    pattern = _special_token_pattern(frozenset(specials))
+    if pattern is None:
         if text:
             yield text, False
         return
-    pattern = regex.compile("|".join(regex.escape(s) for s in ordered))
     position = 0
     for match in pattern.finditer(text):
         if match.start() > position:
@@ -135,3 +134,13 @@ def split_on_special_tokens(text: str, specials: Iterable[str]) -> Iterator[tupl
         position = match.end()
     if position < len(text):
         yield text[position:], False
+
+
+@functools.lru_cache(maxsize=64)
+def _special_token_pattern(specials: frozenset[str]):
+    """One alternation of the special tokens, longest first (so overlaps match the longest)."""
+    import regex
+
+    if not specials:
+        return None
+    return regex.compile("|".join(regex.escape(s) for s in sorted(specials, key=lambda s: (-len(s), s))))
