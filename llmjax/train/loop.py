@@ -24,6 +24,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from llmjax.config import ModelConfig, TrainConfig, config_differences, config_to_dict
@@ -116,15 +117,21 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run: RunConfig, train_
          "run": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(run).items()}}, indent=2))
 
     checkpointer = Checkpointer(run_dir / "checkpoints", keep_last=run.keep_last, async_save=run.async_checkpoints)
+    # Data parallelism over every device: the batch is split along its first axis, the state
+    # replicated; XLA inserts the gradient all-reduce. (Meshes with FSDP / tensor axes: llmjax.parallel.)
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
     state, start_step = _initial_state(model_cfg, train_cfg, run, checkpointer)
+    state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
     train_step = make_train_step(model_cfg, train_cfg)
     eval_step = make_eval_step(model_cfg, train_cfg)
     metrics_log = MetricsLog(run_dir)
     stop = StopRequest()
     peak = run.peak_flops or device_peak_flops(jax.devices()[0])
     flops = flops_per_token(model_cfg, run.seq_len)
-    batches = BatchIterator(train_data, batch_size=run.batch_size, seq_len=run.seq_len, seed=run.seed,
-                            start_step=start_step, prefetch=2)
+    batches = BatchIterator(train_data, batch_size=run.batch_size // jax.process_count(), seq_len=run.seq_len,
+                            seed=run.seed, start_step=start_step, process_index=jax.process_index(),
+                            process_count=jax.process_count(), prefetch=2)
     progress = tqdm(total=train_cfg.total_steps, initial=start_step, desc="training", unit="step",
                     disable=not run.progress, dynamic_ncols=True)
     summary = {"start_step": start_step, "val_loss": None}
@@ -134,7 +141,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run: RunConfig, train_
     def evaluate(step: int) -> float | None:
         if validation_data is None:
             return None
-        val_loss = _validation_loss(eval_step, state.params, validation_data, run)
+        val_loss = _validation_loss(eval_step, state.params, validation_data, run, batch_sharding)
         values = {"loss": val_loss, "perplexity": math.exp(min(val_loss, 50))}
         if tokenizer is not None and run.sample_tokens > 0:
             values["sample"] = _sample(state.params, model_cfg, tokenizer, run)
@@ -168,7 +175,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run: RunConfig, train_
     try:
         step = start_step
         for step in range(start_step, train_cfg.total_steps):
-            batch = windows_to_batch(jax.device_put(next(batches)))
+            windows = jax.make_array_from_process_local_data(batch_sharding, next(batches))  # [batch, seq + 1]
+            batch = windows_to_batch(windows)
             state, metrics = train_step(state, batch)
             if pending is not None and (pending[0] % run.log_every == 0):
                 report(*pending)
@@ -208,7 +216,7 @@ def _check_batch(run: RunConfig, train_data, validation_data) -> None:
     devices = jax.device_count()
     if run.batch_size % jax.process_count():
         raise TrainingError(f"--batch {run.batch_size} does not divide across {jax.process_count()} processes")
-    if run.batch_size % devices and devices > 1:
+    if run.batch_size % devices:
         raise TrainingError(
             f"--batch {run.batch_size} does not divide across {devices} devices; use a multiple of {devices}"
         )
@@ -238,12 +246,15 @@ def _initial_state(model_cfg, train_cfg, run, checkpointer):
     return state, step
 
 
-def _validation_loss(eval_step, params, validation_data, run: RunConfig) -> float:
+def _validation_loss(eval_step, params, validation_data, run: RunConfig, batch_sharding) -> float:
     """Mean loss over a fixed set of validation windows (the same ones at every evaluation)."""
     nll, tokens = 0.0, 0.0
     for index in range(run.eval_batches):
-        windows = batch_at(validation_data, index, batch_size=run.batch_size, seq_len=run.seq_len, seed=run.seed)
-        sums = eval_step(params, windows_to_batch(jax.device_put(windows)))
+        windows = batch_at(validation_data, index, batch_size=run.batch_size // jax.process_count(),
+                           seq_len=run.seq_len, seed=run.seed, process_index=jax.process_index(),
+                           process_count=jax.process_count())
+        windows = jax.make_array_from_process_local_data(batch_sharding, windows)
+        sums = eval_step(params, windows_to_batch(windows))
         nll, tokens = nll + sums["nll_sum"], tokens + sums["tokens"]
     return float(nll / tokens)
 
@@ -262,8 +273,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_losses(run_dir: Path) -> Path | None:
-    """run/loss.png: train and validation loss against step (None when nothing was logged)."""
+def plot_losses(run_dir: Path, baselines: dict[str, float] | None = None) -> Path | None:
+    """run/loss.png: train and validation loss against step, with optional horizontal reference
+    lines ({"unigram entropy": 6.4}); None when nothing was logged."""
     records = read_metrics(run_dir)
     train_points = [(r["step"], r["loss"]) for r in records if r["kind"] == "train" and math.isfinite(r["loss"])]
     val_points = [(r["step"], r["loss"]) for r in records if r["kind"] == "validation"]
@@ -279,6 +291,8 @@ def plot_losses(run_dir: Path) -> Path | None:
         if points:
             steps, losses = np.array(points).T
             axes.plot(steps, losses, style, label=label, markersize=3)
+    for label, value in (baselines or {}).items():
+        axes.axhline(value, color="gray", linestyle="--", linewidth=1, label=label)
     axes.set_xlabel("step")
     axes.set_ylabel("loss (nats / token)")
     axes.set_title(Path(run_dir).name)
