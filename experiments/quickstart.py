@@ -32,7 +32,7 @@ def parse_args(argv):
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--seed", type=int, default=0, help="seed for initialization, batches and the final sample")
-    p.add_argument("--prompt", default="    def ", help="prompt of the samples")
+    p.add_argument("--prompt", default="    def", help="prompt of the samples")
     p.add_argument("--temperature", type=float, default=0.8, help="temperature of the final sample (0: greedy)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
     return p.parse_args(argv)

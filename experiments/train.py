@@ -42,7 +42,7 @@ def parse_args(argv):
     p.add_argument("--eval-batches", type=int, default=8, help="validation batches per evaluation")
     p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (one is also written at the end)")
     p.add_argument("--keep-last", type=int, default=3, help="checkpoints kept besides the best by validation loss")
-    p.add_argument("--sample-prompt", default="def ", help="prompt for the greedy sample printed at each evaluation")
+    p.add_argument("--sample-prompt", default="def", help="prompt for the greedy sample printed at each evaluation")
     p.add_argument("--sample-tokens", type=int, default=48, help="tokens per sample; 0 disables samples")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     return p.parse_args(argv)

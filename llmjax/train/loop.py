@@ -54,7 +54,7 @@ class RunConfig:
     save_every: int = 500
     keep_last: int = 3
     async_checkpoints: bool = True
-    sample_prompt: str = "def "
+    sample_prompt: str = "def"
     sample_tokens: int = 48
     peak_flops: float | None = None  # for MFU; default: a table by device kind
     progress: bool = True
