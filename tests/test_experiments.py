@@ -27,8 +27,26 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert "unigram entropy of the validation split" in result.stdout and "sample (temperature 0.8" in result.stdout
     summary = json.loads((tmp_path / "quickstart.json").read_text())
     assert summary["steps"] == 12 and np.isfinite(summary["val_loss"])
-    for name in ("loss.png", "metrics.jsonl", "tokenizer.json", "tokens/train/index.json", "checkpoints/12"):
+    for name in ("loss.png", "metrics.jsonl", "tensorboard", "tokenizer.json", "tokens/train/index.json", "checkpoints/12"):
         assert (tmp_path / name).exists(), name
+
+
+def test_tokenize_then_train_from_the_command_line(tmp_path):
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    result = run_experiment("tokenize", "--tokenizer", "bytes", "--corpus", str(stdlib / "json"), str(stdlib / "email"),
+                            "--out", str(tmp_path / "tokens"), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    result = run_experiment("train", "--data", str(tmp_path / "tokens"), "--model", "gpt2-tiny", "--steps", "4",
+                            "--batch", "8", "--seq", "32", "--eval-every", "2", "--eval-batches", "1", "--log-every", "1",
+                            "--run-dir", str(tmp_path / "run"), "--no-progress", "--sample-tokens", "8")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-2])["end_step"] == 4
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if r["kind"] == "validation"] == [2, 4]
+    assert all("sample" in r for r in records if r["kind"] == "validation")
 
 
 def test_train_without_shards_is_one_clear_error(tmp_path):
