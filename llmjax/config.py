@@ -18,13 +18,13 @@ Norm = Literal["layernorm", "rmsnorm"]
 Positions = Literal["learned", "rope"]
 Activation = Literal["gelu_tanh", "swiglu"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
-AttentionImpl = Literal["xla"]
+AttentionImpl = Literal["auto", "xla", "cudnn", "pallas"]
 
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
 ACTIVATIONS = ("gelu_tanh", "swiglu")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLS = ("xla",)
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 ROPE_SCALINGS = ("linear", "llama3")
 FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: numerical references (needs jax x64)
 
@@ -91,7 +91,8 @@ class ModelConfig:
     compute_dtype: str = "bfloat16"
     init_std: float = 0.02
     remat: RematPolicy = "none"
-    attention_impl: AttentionImpl = "xla"
+    attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2); None disables
+    attention_impl: AttentionImpl = "auto"  # "auto": the fastest available here; see llmjax.model.attention
     name: str = dataclasses.field(default="custom", compare=False)  # a label: not part of equality or the jit cache key
 
     def __post_init__(self):
@@ -132,6 +133,8 @@ class ModelConfig:
             raise ConfigError(f"ModelConfig.rope_theta={self.rope_theta}: must be > 0")
         if not self.norm_eps > 0:
             raise ConfigError(f"ModelConfig.norm_eps={self.norm_eps}: must be > 0")
+        if self.attn_logit_softcap is not None and not self.attn_logit_softcap > 0:
+            raise ConfigError(f"ModelConfig.attn_logit_softcap={self.attn_logit_softcap}: must be > 0 or None")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ConfigError(f"ModelConfig.sliding_window={self.sliding_window}: must be >= 1 or None")
 

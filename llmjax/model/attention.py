@@ -1,15 +1,19 @@
 """Multi-head attention with grouped-query heads, causal / sliding-window / segment masking.
 
 `attention_layer` projects, rotates and mixes; `dot_product_attention` is the one entry point
-for the attention core, with the implementation chosen by name (`impl="xla"` here; the Pallas
-and cuDNN kernels plug in behind the same signature).
+for the attention core, with the implementation chosen by name: "xla" (the jnp reference),
+"cudnn" (jax.nn.dot_product_attention), "pallas" (our flash attention) or "auto".
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import jax
 import jax.numpy as jnp
 
+from kernels.flash_attention.reference import attention_mask, attention_reference
 from llmjax.config import ModelConfig
 from llmjax.model.layers import residual_std
 from llmjax.model.params import ParamSpec, normal, zeros
@@ -34,62 +38,77 @@ def attention_spec(cfg: ModelConfig) -> dict:
     }
 
 
-def attention_mask(
-    q_len: int,
-    kv_len: int,
+def _cudnn_attention(q, k, v, *, causal, sliding_window, q_segment_ids, kv_segment_ids, logit_softcap):
+    """jax.nn.dot_product_attention's cuDNN flash attention (segments become a boolean mask)."""
+    mask = None
+    if q_segment_ids is not None:
+        mask = attention_mask(q.shape[1], k.shape[1], causal=False, q_segment_ids=q_segment_ids,
+                              kv_segment_ids=kv_segment_ids)[:, None]  # [batch, 1, q_len, kv_len]
+    window = None if sliding_window is None else (sliding_window - 1, 0)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, local_window_size=window,
+                                        implementation="cudnn")
+
+
+def _pallas_attention(q, k, v, **masking):
+    from kernels.flash_attention import flash_attention
+
+    return flash_attention(q, k, v, **masking)
+
+
+ATTENTION_IMPLS = {"xla": attention_reference, "cudnn": _cudnn_attention, "pallas": _pallas_attention}
+
+
+def _unavailable_reason(impl: str, platform: str, logit_softcap) -> str | None:
+    """Why `impl` cannot run here (None when it can)."""
+    if impl in ("cudnn", "pallas") and platform != "gpu":
+        return f"{impl!r} attention needs a CUDA GPU, this is {platform!r}"
+    if impl == "cudnn" and logit_softcap is not None:
+        return "cuDNN attention has no logit soft-capping"
+    if impl == "pallas":
+        try:
+            from kernels.flash_attention import flash_attention  # noqa: F401
+        except ImportError:
+            return "the Pallas flash-attention kernel is not available in this build"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def resolve_attention_impl(impl: str, platform: str, logit_softcap: float | None = None) -> str:
+    """The implementation that runs: "auto" picks the fastest for the platform; one that cannot
+    run here falls back to "xla" with a warning (never silently)."""
+    if impl == "auto":
+        impl = "cudnn" if platform == "gpu" and logit_softcap is None else "xla"
+    reason = _unavailable_reason(impl, platform, logit_softcap)
+    if reason is not None:
+        warnings.warn(f"{reason}; using the 'xla' reference attention instead", stacklevel=3)
+        return "xla"
+    return impl
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
     *,
     causal: bool = True,
     sliding_window: int | None = None,
     q_segment_ids: jax.Array | None = None,
     kv_segment_ids: jax.Array | None = None,
+    logit_softcap: float | None = None,
+    impl: str = "xla",
 ) -> jax.Array:
-    """Boolean mask [batch or 1, q_len, kv_len]: True where query i may attend to key j.
-
-    Queries are aligned to the end of the keys (query i sits at key position i + kv_len - q_len),
-    which is plain self-attention when the lengths match and decoding when the keys are a cache.
-    """
-    q_index = jnp.arange(q_len)[:, None] + (kv_len - q_len)  # [q_len, 1]
-    kv_index = jnp.arange(kv_len)[None, :]  # [1, kv_len]
-    mask = jnp.ones((q_len, kv_len), jnp.bool_)
-    if causal:
-        mask &= kv_index <= q_index
-    if sliding_window is not None:
-        mask &= q_index - kv_index < sliding_window
-    mask = mask[None]
-    if q_segment_ids is not None:
-        kv_segment_ids = q_segment_ids if kv_segment_ids is None else kv_segment_ids
-        mask = mask & (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])
-    return mask
-
-
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Reference attention in plain jnp; K/V heads are shared by groups of query heads, never repeated.
-
-    q [batch, q_len, heads, head_dim]; k, v [batch, kv_len, kv_heads, head_dim];
-    mask [batch or 1, q_len, kv_len] -> [batch, q_len, heads, head_dim].
-    """
-    batch, q_len, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)  # [b, s, kv_heads, group, d]
-    scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
-    scores = scores * head_dim**-0.5  # [b, kv_heads, group, s, t] float32
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
-    return out.reshape(batch, q_len, heads, head_dim)
-
-
-ATTENTION_IMPLS = {"xla": xla_attention}
-
-
-def dot_product_attention(q, k, v, mask, *, impl: str = "xla") -> jax.Array:
-    return ATTENTION_IMPLS[impl](q, k, v, mask)
+    """Attention by the named implementation; q [batch, q_len, heads, head_dim], k, v
+    [batch, kv_len, kv_heads, head_dim] -> [batch, q_len, heads, head_dim]. See
+    kernels.flash_attention.reference for the masking arguments."""
+    impl = resolve_attention_impl(impl, jax.devices()[0].platform, logit_softcap)
+    return ATTENTION_IMPLS[impl](q, k, v, causal=causal, sliding_window=sliding_window, q_segment_ids=q_segment_ids,
+                                 kv_segment_ids=kv_segment_ids, logit_softcap=logit_softcap)
 
 
 def attention_layer(
-    params: dict, x: jax.Array, positions: jax.Array, mask: jax.Array, cfg: ModelConfig
+    params: dict, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, cfg: ModelConfig
 ) -> jax.Array:
-    """x [batch, seq, d_model] -> [batch, seq, d_model]."""
+    """Causal self-attention: x [batch, seq, d_model] -> [batch, seq, d_model]."""
 
     def project(p, x):
         y = jnp.einsum("bsd,dhk->bshk", x, p["kernel"])
@@ -100,6 +119,7 @@ def attention_layer(
     v = project(params["v"], x)
     if cfg.positions == "rope":
         q, k = apply_rope(q, positions, cfg), apply_rope(k, positions, cfg)
-    out = dot_product_attention(q, k, v, mask, impl=cfg.attention_impl)
+    out = dot_product_attention(q, k, v, causal=True, sliding_window=cfg.sliding_window, q_segment_ids=segment_ids,
+                                logit_softcap=cfg.attn_logit_softcap, impl=cfg.attention_impl)
     y = jnp.einsum("bshk,hkd->bsd", out, params["o"]["kernel"])
     return y + params["o"]["bias"] if "bias" in params["o"] else y

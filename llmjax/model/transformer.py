@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llmjax.config import ModelConfig
-from llmjax.model.attention import attention_layer, attention_mask, attention_spec
+from llmjax.model.attention import attention_layer, attention_spec
 from llmjax.model.layers import mlp, mlp_spec, norm, norm_spec
 from llmjax.model.params import ParamSpec, init_from_specs, normal, stack_layers
 
@@ -113,9 +113,9 @@ REMAT_POLICIES = {
 }
 
 
-def block(params: dict, x: jax.Array, positions: jax.Array, mask: jax.Array, cfg: ModelConfig) -> jax.Array:
+def block(params: dict, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, cfg: ModelConfig) -> jax.Array:
     """One pre-norm Transformer block: [batch, seq, d_model] -> [batch, seq, d_model]."""
-    x = x + attention_layer(params["attn"], norm(params["attn_norm"], x, cfg), positions, mask, cfg)
+    x = x + attention_layer(params["attn"], norm(params["attn_norm"], x, cfg), positions, segment_ids, cfg)
     return x + mlp(params["mlp"], norm(params["mlp_norm"], x, cfg), cfg)
 
 
@@ -138,12 +138,9 @@ def hidden_states(
     x = jnp.take(params["embed"]["token"], tokens, axis=0)  # [batch, seq, d_model]
     if cfg.positions == "learned":
         x = x + jnp.take(params["embed"]["position"], positions, axis=0)
-    mask = attention_mask(
-        seq_len, seq_len, causal=True, sliding_window=cfg.sliding_window, q_segment_ids=segment_ids
-    )  # [batch or 1, seq, seq]
 
     def scan_step(x, layer_params):
-        return block(layer_params, x, positions, mask, cfg), None
+        return block(layer_params, x, positions, segment_ids, cfg), None
 
     if cfg.remat != "none":
         scan_step = jax.checkpoint(scan_step, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)

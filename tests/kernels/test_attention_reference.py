@@ -1,10 +1,14 @@
-"""Attention core and masks against a float64 NumPy reference that repeats K/V heads explicitly."""
+"""The jnp attention reference and its masks against float64 NumPy loops that repeat K/V heads explicitly;
+and how the model picks an attention implementation."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llmjax.model.attention import attention_mask, xla_attention
+import warnings
+
+from kernels.flash_attention.reference import attention_mask, attention_reference
+from llmjax.model.attention import dot_product_attention, resolve_attention_impl
 
 
 def reference_mask(q_len, kv_len, causal, window, q_seg, kv_seg):
@@ -22,7 +26,7 @@ def reference_mask(q_len, kv_len, causal, window, q_seg, kv_seg):
     return mask
 
 
-def reference_attention(q, k, v, mask):
+def reference_attention(q, k, v, mask, softcap=None):
     """float64, loops over heads, K/V heads repeated to match the query heads."""
     b, s, h, d = q.shape
     group = h // k.shape[2]
@@ -30,6 +34,8 @@ def reference_attention(q, k, v, mask):
     for head in range(h):
         kh = head // group
         scores = np.einsum("bsd,btd->bst", q[:, :, head], k[:, :, kh]) / np.sqrt(d)
+        if softcap is not None:
+            scores = softcap * np.tanh(scores / softcap)
         scores = np.where(mask, scores, -np.inf)
         probs = np.exp(scores - scores.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
@@ -53,14 +59,40 @@ def test_mask_matches_loops(q_len, kv_len, causal, window, with_segments):
 
 @pytest.mark.parametrize("heads,kv_heads", [(6, 6), (6, 2), (6, 1)])  # MHA, GQA, MQA
 @pytest.mark.parametrize("head_dim", [8, 24])
-def test_xla_attention_matches_reference(heads, kv_heads, head_dim):
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_reference_attention_matches_loops(heads, kv_heads, head_dim, softcap):
     rng = np.random.default_rng(heads * 10 + kv_heads)
     b, s = 2, 11
     q = rng.standard_normal((b, s, heads, head_dim))
     k = rng.standard_normal((b, s, kv_heads, head_dim))
     v = rng.standard_normal((b, s, kv_heads, head_dim))
     seg = np.sort(rng.integers(0, 2, size=(b, s)), axis=1)
-    mask = attention_mask(s, s, causal=True, sliding_window=5, q_segment_ids=jnp.asarray(seg))
-    got = xla_attention(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)), mask)
-    want = reference_attention(q, k, v, np.asarray(mask))
+    got = attention_reference(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)), causal=True, sliding_window=5,
+                              q_segment_ids=jnp.asarray(seg), logit_softcap=softcap)
+    mask = reference_mask(s, s, True, 5, seg, seg)
+    want = reference_attention(q, k, v, mask, softcap)
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
+
+
+def test_auto_is_the_reference_on_cpu_without_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_attention_impl("auto", "cpu") == "xla"
+
+
+@pytest.mark.parametrize("impl", ["cudnn", "pallas"])
+def test_gpu_implementations_fall_back_on_cpu_with_a_warning(impl):
+    resolve_attention_impl.cache_clear()
+    with pytest.warns(UserWarning, match=f"'{impl}' attention needs a CUDA GPU, this is 'cpu'; using the 'xla'"):
+        assert resolve_attention_impl(impl, "cpu") == "xla"
+    q = jnp.ones((1, 4, 2, 8))
+    with pytest.warns(UserWarning):
+        resolve_attention_impl.cache_clear()
+        out = dot_product_attention(q, q, q, impl=impl)
+    np.testing.assert_allclose(out, attention_reference(q, q, q))
+
+
+def test_cudnn_without_softcap_support_falls_back():
+    resolve_attention_impl.cache_clear()
+    with pytest.warns(UserWarning, match="cuDNN attention has no logit soft-capping"):
+        assert resolve_attention_impl("cudnn", "gpu", 30.0) == "xla"
