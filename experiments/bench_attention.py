@@ -1,0 +1,269 @@
+"""Benchmark attention: our Pallas flash attention vs cuDNN, XLA, jax's bundled Pallas kernels and torch SDPA."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+# Score matrices larger than this (float32 bytes) are not materialized by the XLA reference.
+XLA_SCORE_BYTES_LIMIT = 24 * 2**30
+
+
+@dataclass(frozen=True)
+class Shape:
+    batch: int
+    seq: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    causal: bool
+
+    @property
+    def label(self) -> str:
+        gqa = f" kv{self.kv_heads}" if self.kv_heads != self.heads else ""
+        return f"b{self.batch} s{self.seq} h{self.heads}{gqa} d{self.head_dim} {'causal' if self.causal else 'full'}"
+
+    def forward_flops(self) -> float:
+        """4·b·h·s²·d (two matmuls of 2 FLOPs per multiply-add), halved when causal."""
+        flops = 4 * self.batch * self.heads * self.seq**2 * self.head_dim
+        return flops / 2 if self.causal else flops
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="python -m experiments bench_attention",
+        description="Time attention forward and forward+backward (TFLOP/s, median of --repeats after warm-up, "
+        "random bf16 inputs, layout [batch, seq, heads, head_dim]) for every implementation in the same run: "
+        "ours ('pallas'), cuDNN (jax.nn.dot_product_attention), XLA (the jnp reference), jax's bundled Pallas "
+        "kernels and torch SDPA when torch has CUDA. FLOPs: 4·b·h·s²·d forward (halved for causal), "
+        "3.5x that for forward+backward.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768],
+                   help="sequence lengths; batch is chosen to keep --tokens tokens per call")
+    p.add_argument("--tokens", type=int, default=16384, help="batch x seq per call for the sweep")
+    p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128], help="head dims (d_model 2048 split into heads)")
+    p.add_argument("--impls", nargs="+", default=["pallas", "cudnn", "xla", "bundled", "bundled_mgpu", "torch"],
+                   help="implementations to time")
+    p.add_argument("--no-backward", action="store_true", help="forward only")
+    p.add_argument("--repeats", type=int, default=20, help="timed repetitions per measurement")
+    p.add_argument("--quick", action="store_true", help="one small shape (for CPU smoke runs)")
+    p.add_argument("--out", type=Path, default=Path("runs/bench/attention.json"), help="JSON results; a PNG chart beside it")
+    return p.parse_args(argv)
+
+
+def shapes(args) -> list[Shape]:
+    """The headline shape of ../shared/GPU.md first, then the sweep (causal and full, MHA and GQA)."""
+    if args.quick:
+        return [Shape(1, 256, 4, 4, 64, True)]
+    out = [Shape(4, 4096, 16, 16, 128, True), Shape(4, 4096, 16, 4, 128, True)]
+    for head_dim in args.head_dims:
+        heads = 2048 // head_dim
+        for seq in args.seqs:
+            batch = max(1, args.tokens // seq)
+            for causal in (True, False):
+                shape = Shape(batch, seq, heads, heads, head_dim, causal)
+                if shape not in out:
+                    out.append(shape)
+    return out
+
+
+def median_seconds(fn, *args, repeats: int) -> float:
+    import jax
+
+    jax.block_until_ready(fn(*args))  # compile and warm up
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def jax_attention(impl: str, shape: Shape):
+    """attention(q, k, v) for a named JAX implementation, or a reason it cannot run this shape."""
+    import jax
+    import jax.numpy as jnp
+
+    from kernels.flash_attention.reference import attention_reference
+
+    scale = shape.head_dim**-0.5
+    if impl == "xla":
+        if 4 * shape.batch * shape.heads * shape.seq**2 > XLA_SCORE_BYTES_LIMIT:
+            return "score matrix too large to materialize"
+        return lambda q, k, v: attention_reference(q, k, v, causal=shape.causal)
+    if impl == "cudnn":
+        return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=shape.causal, implementation="cudnn")
+    if impl == "pallas":
+        from kernels.flash_attention import flash_attention
+
+        return lambda q, k, v: flash_attention(q, k, v, causal=shape.causal)
+    if shape.kv_heads != shape.heads:
+        return "no GQA"
+    if impl == "bundled":
+        from jax.experimental.pallas.ops.gpu import attention as bundled
+
+        return lambda q, k, v: bundled.mha(q, k, v, None, sm_scale=scale, causal=shape.causal)
+    if impl == "bundled_mgpu":
+        from jax.experimental.pallas.ops.gpu import attention_mgpu
+
+        config = attention_mgpu.TuningConfig(block_q=128, block_kv=128, max_concurrent_steps=2, causal=shape.causal)
+        return lambda q, k, v: attention_mgpu.attention(q, k, v, config)
+    raise ValueError(f"unknown implementation {impl!r}")
+
+
+def time_jax(impl: str, shape: Shape, args) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    try:
+        attention = jax_attention(impl, shape)
+    except ImportError as error:
+        return {"error": f"unavailable: {error}"}
+    if isinstance(attention, str):
+        return {"skipped": attention}
+    keys = jax.random.split(jax.random.key(shape.seq + shape.head_dim), 4)
+    q = jax.random.normal(keys[0], (shape.batch, shape.seq, shape.heads, shape.head_dim), jnp.bfloat16)
+    k, v = (jax.random.normal(key, (shape.batch, shape.seq, shape.kv_heads, shape.head_dim), jnp.bfloat16) for key in keys[1:3])
+    d_out = jax.random.normal(keys[3], q.shape, jnp.bfloat16)
+    result = {}
+    try:
+        forward = jax.jit(attention)
+        result["forward_ms"] = 1e3 * median_seconds(forward, q, k, v, repeats=args.repeats)
+        if not args.no_backward:
+            backward = jax.jit(lambda q, k, v, g: jax.vjp(attention, q, k, v)[1](g))
+            result["forward_backward_ms"] = 1e3 * median_seconds(backward, q, k, v, d_out, repeats=args.repeats)
+    except Exception as error:  # noqa: BLE001  (a peer that cannot run a shape is reported, not fatal)
+        result["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
+    return result
+
+
+def time_torch(shape: Shape, args) -> dict:
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return {"skipped": "torch not installed"}
+    if not torch.cuda.is_available():
+        return {"skipped": "torch without CUDA"}
+    generator = torch.Generator(device="cuda").manual_seed(0)
+
+    def tensor(heads):  # SDPA layout [batch, heads, seq, head_dim]
+        return torch.randn(shape.batch, heads, shape.seq, shape.head_dim, device="cuda", dtype=torch.bfloat16,
+                           generator=generator, requires_grad=True)
+
+    q, k, v = tensor(shape.heads), tensor(shape.kv_heads), tensor(shape.kv_heads)
+    d_out = torch.randn_like(q)
+    gqa = shape.kv_heads != shape.heads
+
+    def forward():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=shape.causal, enable_gqa=gqa)
+
+    def forward_backward():
+        torch.autograd.grad(forward(), (q, k, v), d_out)
+
+    def median_ms(fn):
+        fn(); fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(args.repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(); fn(); end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return float(np.median(times))
+
+    result = {}
+    try:
+        with torch.no_grad():
+            result["forward_ms"] = median_ms(forward)
+        if not args.no_backward:
+            result["forward_backward_ms"] = median_ms(forward_backward)
+    except Exception as error:  # noqa: BLE001
+        result["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+    return result
+
+
+def with_tflops(result: dict, shape: Shape) -> dict:
+    flops = shape.forward_flops()
+    if "forward_ms" in result:
+        result["forward_tflops"] = flops / (result["forward_ms"] * 1e-3) / 1e12
+    if "forward_backward_ms" in result:
+        result["forward_backward_tflops"] = 3.5 * flops / (result["forward_backward_ms"] * 1e-3) / 1e12
+    return result
+
+
+def table(rows: list[dict], impls: list[str], key: str) -> str:
+    header = f"| shape | {' | '.join(impls)} | pallas / cudnn |"
+    lines = [header, "|" + " --- |" * (len(impls) + 2)]
+    for row in rows:
+        cells = []
+        for impl in impls:
+            value = row["results"][impl].get(key)
+            cells.append(f"{value:.0f}" if value is not None else "-")
+        ours, cudnn = row["results"].get("pallas", {}).get(key), row["results"].get("cudnn", {}).get(key)
+        ratio = f"{ours / cudnn:.2f}x" if ours and cudnn else "-"
+        lines.append(f"| {row['shape']} | {' | '.join(cells)} | {ratio} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], impls: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = [r for r in rows if r["kind"] == "sweep" and r["head_dim"] == 128 and r["causal"]]
+    if not sweep:
+        return
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120, sharey=True)
+    for axis, key, title in ((axes[0], "forward_tflops", "forward"), (axes[1], "forward_backward_tflops", "forward + backward")):
+        for impl in impls:
+            points = [(r["seq"], r["results"][impl][key]) for r in sweep if r["results"][impl].get(key)]
+            if points:
+                seqs, values = zip(*points)
+                axis.plot(seqs, values, "o-", label=impl)
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("sequence length (batch x seq = 16k tokens)")
+        axis.set_title(f"causal, head dim 128, bf16: {title}")
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("TFLOP/s")
+    axes[1].legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import jax
+
+    device = jax.devices()[0]
+    impls = list(args.impls)
+    if device.platform != "gpu":
+        impls = ["xla"]
+        print(f"no GPU ({device.platform}): timing only the XLA reference; the kernels need a CUDA GPU")
+    rows = []
+    for index, shape in enumerate(shapes(args)):
+        results = {}
+        for impl in impls:
+            result = time_torch(shape, args) if impl == "torch" else time_jax(impl, shape, args)
+            results[impl] = with_tflops(result, shape)
+        rows.append({"shape": shape.label, "kind": "headline" if index < 2 and not args.quick else "sweep",
+                     **asdict(shape), "results": results})
+        print(shape.label, {impl: round(r.get("forward_tflops", math.nan), 1) for impl, r in results.items()}, flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"device": device.device_kind, "jax": jax.__version__, "rows": rows}, indent=2))
+    plot(rows, impls, args.out.with_suffix(".png"))
+    print(f"\n{device.device_kind}, bf16, TFLOP/s (forward)\n{table(rows, impls, 'forward_tflops')}")
+    if not args.no_backward:
+        print(f"\n{device.device_kind}, bf16, TFLOP/s (forward + backward)\n{table(rows, impls, 'forward_backward_tflops')}")
+    print(f"\nresults: {args.out} and {args.out.with_suffix('.png')}")
+    return 0
