@@ -1,0 +1,526 @@
+"""FlashAttention forward for Hopper (H100 / H200) in Pallas Mosaic GPU, FlashAttention-3 style.
+
+One CTA owns 2 * block_q query rows of one (batch, head) and runs three warpgroups:
+
+- a producer warpgroup (few registers) streams K/V blocks into a ring of `num_stages` shared-memory
+  slots with TMA, refilling a slot once both consumers have released it;
+- two consumer warpgroups, block_q rows each, compute S = Q K^T and O += P V with wgmma.
+  Their matrix work is interleaved ("ping-pong"): barriers order the two warpgroups so that one issues
+  its wgmmas while the other does its softmax on the CUDA cores. With `pipelined`, each consumer also
+  overlaps inside itself: S_j = Q K_j^T and O += P_{j-1} V_{j-1} are issued together and the softmax of
+  S_j runs while the P V product is still on the tensor cores (the FlashAttention-3 intra-warpgroup
+  pipeline), so the rescale of O by the new row maximum is the only thing left after it.
+
+Scores are kept in log2 units (the softmax scale and log2(e) fold into one multiply-add before exp2);
+the lse residual is converted back to the natural log. Causal and sliding-window masks cost nothing
+on fully visible blocks: each consumer splits its key range into masked edges and an unmasked middle,
+and skips blocks no query of its rows can see (the heaviest query tiles are launched first).
+
+Shapes: q [batch, q_len, heads, head_dim]; k, v [batch, kv_len, kv_heads, head_dim] (GQA: query head h
+reads kv head h // (heads // kv_heads)); out like q; lse [batch, heads, q_len] float32.
+The backward pass is the Triton kernel's (`flash_attention_backward_triton`), fed this forward's lse.
+
+Supported: bf16 / f16, head_dim 64 and 128, causal or not, GQA / MQA, sliding window, logit soft-capping,
+q_len <= kv_len (queries aligned to the end of the keys) or any lengths unmasked; q_len a multiple of 128
+and kv_len of the key block (128, or 256 for unmasked head_dim 64). Not supported (`supported` says why;
+the dispatcher then uses Triton): segment ids, other head dims, ragged tails, non-Hopper devices.
+
+Measured on an H200 (PYTHONPATH=. python3 experiments/_mosaic_check.py, bf16, b4 s4096 h16 d128, median of
+10-call batches, TFLOP/s = 4 b h s^2 d, halved when causal): causal 511-537 against cuDNN's 498-514 in the
+same runs (1.03-1.07x; with GQA h16/kv4 543 vs 487), unmasked 615 against 570-589 (1.05x); jax's bundled
+Mosaic GPU kernel 416 / 491. head_dim 64 (b8 h32): 376 / 436 against cuDNN's 391 / 428.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+HEAD_DIMS = (64, 128)
+DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+NUM_CONSUMERS = 2  # compute warpgroups per CTA; the producer is warpgroup NUM_CONSUMERS
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and schedule. block_q rows per consumer warpgroup (a CTA holds 2 * block_q)."""
+
+    block_q: int = 64
+    block_kv: int = 128
+    num_stages: int = 2
+    pipelined: bool = True  # FlashAttention-3 intra-warpgroup overlap of softmax and P V
+    # How the two consumers' wgmmas are ordered so one's softmax hides behind the other's matrix work:
+    # "turn" (a turn passes between them), "rendezvous" (both meet twice a block) or "off".
+    pingpong: str = "turn"
+    consumer_registers: int = 240
+    producer_registers: int = 24
+    # Launch order: "heads" fastest (CTAs of one query tile across heads run together) or "q_tiles"
+    # fastest (CTAs of one head together). Measured on an H200: "q_tiles" is 6-15% slower.
+    fastest_axis: str = "heads"
+
+    def __post_init__(self):
+        if self.block_q != 64:
+            raise ValueError(f"block_q must be 64 (one wgmma M tile per warpgroup), got {self.block_q}")
+        if self.block_kv % 64:
+            raise ValueError(f"block_kv must be a multiple of 64, got {self.block_kv}")
+        if self.fastest_axis not in ("heads", "q_tiles"):
+            raise ValueError(f"fastest_axis must be 'heads' or 'q_tiles', got {self.fastest_axis!r}")
+        if self.pingpong not in ("turn", "rendezvous", "off"):
+            raise ValueError(f"pingpong must be 'turn', 'rendezvous' or 'off', got {self.pingpong!r}")
+        if self.num_stages < 2:
+            raise ValueError(f"num_stages must be at least 2, got {self.num_stages}")
+
+    @property
+    def rows_per_cta(self) -> int:
+        return NUM_CONSUMERS * self.block_q
+
+
+def default_config(head_dim: int, *, causal: bool = True, sliding_window: int | None = None,
+                   kv_len: int | None = None) -> KernelConfig:
+    """The configuration measured fastest on an H200 (experiments/_mosaic_check.py; docs in the module).
+
+    Unmasked attention at head_dim 128 runs the pipelined schedule with turn ping-pong (615 TFLOP/s vs 579
+    non-pipelined at b4 s4096 h16). Masked attention runs the non-pipelined one with rendezvous ping-pong:
+    its tiles are shorter on average, and the pipelined schedule's unhidden first S and last P V per tile
+    cost more than its overlap wins (474 vs 511-537 TFLOP/s causal). head_dim 64 unmasked takes 256-key
+    blocks when kv_len allows (436 vs 412); masked, 128 (a 256-wide diagonal block wastes more).
+    """
+    masked = causal or sliding_window is not None
+    if head_dim == 64:
+        if not masked and (kv_len is None or kv_len % 256 == 0):
+            return KernelConfig(block_kv=256, num_stages=3, pipelined=False, pingpong="rendezvous")
+        return KernelConfig(block_kv=128, num_stages=4, pipelined=False, pingpong="rendezvous")
+    if masked:
+        return KernelConfig(block_kv=128, num_stages=2, pipelined=False, pingpong="rendezvous")
+    return KernelConfig(block_kv=128, num_stages=2, pipelined=True, pingpong="turn")
+
+
+def _on_hopper() -> bool:
+    try:
+        device = jax.devices()[0]
+    except RuntimeError:
+        return False
+    return device.platform == "gpu" and getattr(device, "compute_capability", None) == "9.0"
+
+
+def supported(q, k, v, *, causal=True, sliding_window=None, q_segment_ids=None, kv_segment_ids=None,
+              logit_softcap=None, config: KernelConfig | None = None, check_device: bool = True) -> str | None:
+    """None when this kernel handles these arguments (on this device), else a short reason."""
+    if check_device and not _on_hopper():
+        return "the Mosaic GPU kernel needs a Hopper GPU (compute capability 9.0)"
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        return "q, k, v must be [batch, seq, heads, head_dim]"
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    if k.shape != (batch, kv_len, kv_heads, head_dim) or v.shape != k.shape:
+        return f"k {k.shape} and v {v.shape} must both be [batch, kv_len, kv_heads, {head_dim}]"
+    if not (jnp.dtype(q.dtype) == jnp.dtype(k.dtype) == jnp.dtype(v.dtype)) or jnp.dtype(q.dtype) not in DTYPES:
+        return f"dtype {q.dtype}/{k.dtype}/{v.dtype} not supported (bfloat16 or float16, all the same)"
+    if head_dim not in HEAD_DIMS:
+        return f"head_dim {head_dim} not supported by the Hopper kernel (only {HEAD_DIMS})"
+    if heads % kv_heads:
+        return f"heads {heads} is not a multiple of kv_heads {kv_heads}"
+    if q_segment_ids is not None or kv_segment_ids is not None:
+        return "segment ids not supported by the Hopper kernel"
+    config = config or default_config(head_dim, causal=causal, sliding_window=sliding_window, kv_len=kv_len)
+    if q_len % config.rows_per_cta:
+        return f"q_len {q_len} is not a multiple of {config.rows_per_cta}"
+    if kv_len % config.block_kv:
+        return f"kv_len {kv_len} is not a multiple of {config.block_kv}"
+    if (causal or sliding_window is not None) and q_len > kv_len:
+        return f"q_len {q_len} > kv_len {kv_len} with a causal or sliding-window mask (queries with no key)"
+    if sliding_window is not None and sliding_window < 1:
+        return f"sliding_window must be at least 1, got {sliding_window}"
+    if logit_softcap is not None and not logit_softcap > 0:
+        return f"logit_softcap must be positive, got {logit_softcap}"
+    return None
+
+
+def _key_block_ranges(first_row, block_q, *, block_kv, num_kv_blocks, causal, sliding_window):
+    """Key blocks for query rows at key positions [first_row, first_row + block_q).
+
+    Returns (lo, unmasked_lo, unmasked_hi, hi): the rows see keys only in blocks [lo, hi); every row sees
+    every key of the blocks [unmasked_lo, unmasked_hi), which therefore need no mask.
+    """
+    last_row = first_row + block_q - 1
+    lo = jnp.int32(0)
+    unmasked_lo = jnp.int32(0)
+    hi = jnp.int32(num_kv_blocks)
+    unmasked_hi = jnp.int32(num_kv_blocks)
+    if causal:  # keys at or before the row
+        hi = jnp.minimum(hi, last_row // block_kv + 1)
+        unmasked_hi = jnp.minimum(unmasked_hi, (first_row + 1) // block_kv)
+    if sliding_window is not None:  # keys after row - window
+        lo = jnp.maximum(0, first_row - sliding_window + 1) // block_kv
+        unmasked_lo = pl.cdiv(jnp.maximum(0, last_row - sliding_window + 1), block_kv)
+    unmasked_lo = jnp.clip(unmasked_lo, lo, hi)
+    unmasked_hi = jnp.clip(unmasked_hi, unmasked_lo, hi)
+    return lo, unmasked_lo, unmasked_hi, hi
+
+
+def _forward(q, k, v, *, causal, sliding_window, logit_softcap, config: KernelConfig, interpret=False):
+    """(out, lse): out [batch, q_len, heads, head_dim], lse [batch, heads, q_len] float32 (natural log)."""
+    reason = supported(q, k, v, causal=causal, sliding_window=sliding_window, logit_softcap=logit_softcap,
+                       config=config, check_device=False)
+    if reason:
+        raise ValueError(f"flash_attention_mosaic: {reason}")
+    if interpret and config.pipelined:
+        raise ValueError("interpret mode runs only the non-pipelined schedule (it has no register-operand wgmma)")
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    dtype = q.dtype
+    block_q, block_kv, stages = config.block_q, config.block_kv, config.num_stages
+    num_q_tiles = q_len // config.rows_per_cta
+    num_kv_blocks = kv_len // block_kv
+    offset = kv_len - q_len  # query i sits at key position i + offset
+    masked_any = causal or sliding_window is not None
+    # Scores go to log2 units: raw * scale * log2(e), or softcap * tanh(raw * scale / softcap) * log2(e).
+    scale = head_dim**-0.5
+    score_factor = (logit_softcap if logit_softcap is not None else scale) * LOG2E
+    ranges = functools.partial(_key_block_ranges, block_q=block_q, block_kv=block_kv,
+                               num_kv_blocks=num_kv_blocks, causal=causal, sliding_window=sliding_window)
+
+    def kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, qo_smem, k_smem, v_smem, lse_smem, p_smem,
+               q_ready, k_ready, v_ready, k_consumed, v_consumed, schedule, turn):
+        head = lax.axis_index("heads")
+        batch_index = lax.axis_index("batch")
+        tile = lax.axis_index("q_tiles")
+        if causal:  # the heaviest tiles (most keys) first, so the tail of the launch is short ones
+            tile = num_q_tiles - 1 - tile
+        kv_head = lax.div(head, jnp.int32(group))
+        cta_row = tile * config.rows_per_cta  # first query row of this CTA
+        # The CTA streams the union of its consumers' key ranges: consumer 0 starts first, 1 ends last.
+        cta_lo = ranges(cta_row + offset)[0]
+        cta_hi = ranges(cta_row + block_q + offset)[3]
+        warpgroup = lax.axis_index("wg")
+
+        def slot_of(block):  # ring slot of a key block; the ring starts at cta_lo
+            return lax.rem(block - cta_lo, jnp.int32(stages))
+
+        # Ping-pong. "rendezvous": both consumers meet twice a block, offset by one meeting, so one's
+        # softmax runs while the other's wgmmas do (every block of the CTA's range is one beat for both).
+        # "turn" (FlashAttention-3's order): a consumer waits for its turn, issues its wgmmas of a block and
+        # hands the turn over; only the issue order is fixed, the softmaxes themselves may overlap.
+        def rendezvous():
+            if config.pingpong == "rendezvous":
+                plgpu.barrier_arrive(schedule)
+                plgpu.barrier_wait(schedule)
+
+        def wait_turn():
+            if config.pingpong == "turn":
+                plgpu.barrier_wait(turn.at[warpgroup])
+
+        def pass_turn():
+            if config.pingpong == "turn":
+                plgpu.barrier_arrive(turn.at[1 - warpgroup])
+
+        @pl.when(warpgroup == NUM_CONSUMERS)
+        def _producer():
+            plgpu.set_max_registers(config.producer_registers, action="decrease")
+
+            def fetch(block, slot):
+                rows = (batch_index, pl.ds(block * block_kv, block_kv), kv_head)
+                plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
+
+            for slot in range(stages):
+                @pl.when(cta_lo + slot < cta_hi)
+                def _():
+                    fetch(cta_lo + slot, slot)
+
+            @pl.loop(cta_lo + stages, cta_hi)
+            def _(block):
+                slot = slot_of(block)
+                plgpu.barrier_wait(k_consumed.at[slot])
+                rows = (batch_index, pl.ds(block * block_kv, block_kv), kv_head)
+                plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
+                plgpu.barrier_wait(v_consumed.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
+
+            # Observe the last releases too, so every barrier phase is waited for exactly once.
+            @pl.loop(jnp.maximum(cta_lo, cta_hi - stages), cta_hi)
+            def _(block):
+                plgpu.barrier_wait(k_consumed.at[slot_of(block)])
+                plgpu.barrier_wait(v_consumed.at[slot_of(block)])
+
+        @pl.when(warpgroup < NUM_CONSUMERS)
+        def _consumer():
+            plgpu.set_max_registers(config.consumer_registers, action="increase")
+            q_smem = qo_smem.at[warpgroup]
+            first_row = cta_row + warpgroup * block_q  # query index of this warpgroup's first row
+            lo, unmasked_lo, unmasked_hi, hi = ranges(first_row + offset)
+            plgpu.copy_gmem_to_smem(q_ref.at[batch_index, pl.ds(first_row, block_q), head], q_smem,
+                                    q_ready.at[warpgroup])
+            plgpu.barrier_wait(q_ready.at[warpgroup])
+
+            def scores_log2(s, block, masked):
+                """Raw Q K^T [block_q, block_kv] -> log2-unit scores (masked ones -inf)."""
+                if logit_softcap is not None:
+                    s = jnp.tanh(s * (scale / logit_softcap))
+                if masked:
+                    rows = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
+                    cols = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+                    # query position - key position
+                    distance = (rows - cols) + (first_row + offset - block * block_kv)
+                    visible = None
+                    if causal:
+                        visible = distance >= 0
+                    if sliding_window is not None:
+                        in_window = distance < sliding_window
+                        visible = in_window if visible is None else visible & in_window
+                    s = jnp.where(visible, s, -jnp.inf)
+                return s
+
+            def softmax_step(s, row_max, row_sum):
+                """Online softmax of one block: (p, new row max, new row sum, rescale of the old O)."""
+                new_max = jnp.maximum(row_max, s.max(axis=1) * score_factor)
+                if sliding_window is not None:  # a row may have seen no key yet: keep exp2 finite
+                    new_max_safe = jnp.where(new_max == -jnp.inf, 0.0, new_max)
+                else:
+                    new_max_safe = new_max
+                alpha = jnp.exp2(row_max - new_max_safe)
+                p = jnp.exp2(s * score_factor - lax.broadcast_in_dim(new_max_safe, s.shape, [0]))
+                row_sum = row_sum * alpha + p.sum(axis=1)
+                return p.astype(dtype), new_max, row_sum, alpha
+
+            def release_unused(block, _=None):
+                """A block of the CTA's range that this warpgroup does not need: wait, release, keep the beat."""
+                slot = slot_of(block)
+                plgpu.barrier_wait(k_ready.at[slot])
+                plgpu.barrier_wait(v_ready.at[slot])
+                plgpu.barrier_arrive(k_consumed.at[slot])
+                plgpu.barrier_arrive(v_consumed.at[slot])
+                rendezvous()
+                rendezvous()
+                wait_turn()
+                pass_turn()
+
+            pl.when(warpgroup == 1)(rendezvous)  # offset the consumers by half a step: ping-pong
+            pl.when(warpgroup == 1)(pass_turn)  # consumer 0 takes the first turn
+            lax.fori_loop(cta_lo, lo, release_unused, None)
+
+            row_max = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            row_sum = plgpu.layout_cast(jnp.full((block_q,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+
+            def loops(step, carry):
+                """Run `step` over [lo, hi): masked edges, unmasked middle."""
+                first = lo
+                if config.pipelined:
+                    first = lo + 1  # block lo is the prologue
+                a = jnp.maximum(unmasked_lo, first)
+                b = jnp.maximum(unmasked_hi, a)
+                if masked_any:
+                    carry = lax.fori_loop(first, a, functools.partial(step, masked=True), carry)
+                carry = lax.fori_loop(a, b, functools.partial(step, masked=False), carry)
+                if masked_any:
+                    carry = lax.fori_loop(b, hi, functools.partial(step, masked=True), carry)
+                return carry
+
+            if config.pipelined:
+                def body(o_acc):
+                    # Prologue: S_lo and its softmax; P_lo V_lo is issued by the first step (or the epilogue).
+                    slot = slot_of(lo)
+                    plgpu.barrier_wait(k_ready.at[slot])
+
+                    def first_scores(s_acc):
+                        rendezvous()
+                        wait_turn()
+                        plgpu.wgmma(s_acc, q_smem, k_smem.at[slot].transpose((1, 0)))
+                        pass_turn()
+                        rendezvous()
+                        return plgpu.wgmma_accumulator_load(s_acc, wait_n=0)
+
+                    s = pl.run_scoped(first_scores, plgpu.ACC((block_q, block_kv), jnp.float32))
+                    plgpu.barrier_arrive(k_consumed.at[slot])
+                    p, new_max, new_sum, _ = softmax_step(scores_log2(s, lo, masked_any), row_max, row_sum)
+
+                    def step(block, carry, masked):
+                        p_prev, row_max, row_sum = carry
+                        slot, prev_slot = slot_of(block), slot_of(block - 1)
+                        plgpu.barrier_wait(k_ready.at[slot])
+                        plgpu.barrier_wait(v_ready.at[prev_slot])
+
+                        def overlapped(s_acc):
+                            rendezvous()
+                            wait_turn()
+                            plgpu.wgmma(s_acc, q_smem, k_smem.at[slot].transpose((1, 0)))
+                            plgpu.wgmma(o_acc, p_prev, v_smem.at[prev_slot])
+                            pass_turn()
+                            rendezvous()
+                            s = plgpu.wgmma_accumulator_load(s_acc, wait_n=1)  # S_j done, P V may run on
+                            plgpu.barrier_arrive(k_consumed.at[slot])
+                            p, new_max, new_sum, alpha = softmax_step(scores_log2(s, block, masked), row_max, row_sum)
+                            o = plgpu.wgmma_accumulator_load(o_acc, wait_n=0)
+                            plgpu.barrier_arrive(v_consumed.at[prev_slot])
+                            o_acc[...] = o * lax.broadcast_in_dim(alpha, o.shape, [0])
+                            return p, new_max, new_sum
+
+                        return pl.run_scoped(overlapped, plgpu.ACC((block_q, block_kv), jnp.float32))
+
+                    p, new_max, new_sum = loops(step, (p, new_max, new_sum))
+                    # Epilogue: the last block's P V.
+                    slot = slot_of(hi - 1)
+                    plgpu.barrier_wait(v_ready.at[slot])
+                    plgpu.wgmma(o_acc, p, v_smem.at[slot])
+                    o = plgpu.wgmma_accumulator_load(o_acc, wait_n=0)
+                    plgpu.barrier_arrive(v_consumed.at[slot])
+                    return o, new_max, new_sum
+
+                o, row_max, row_sum = pl.run_scoped(body, plgpu.ACC((block_q, head_dim), jnp.float32))
+            else:
+                def step(block, carry, masked):
+                    o, row_max, row_sum = carry
+                    slot = slot_of(block)
+                    plgpu.barrier_wait(k_ready.at[slot])
+
+                    def scores(s_acc):
+                        wait_turn()
+                        plgpu.wgmma(s_acc, q_smem, k_smem.at[slot].transpose((1, 0)))
+                        pass_turn()
+                        rendezvous()
+                        return plgpu.wgmma_accumulator_load(s_acc, wait_n=0)
+
+                    s = pl.run_scoped(scores, plgpu.ACC((block_q, block_kv), jnp.float32))
+                    plgpu.barrier_arrive(k_consumed.at[slot])
+                    p, row_max, row_sum, alpha = softmax_step(scores_log2(s, block, masked), row_max, row_sum)
+                    o = o * lax.broadcast_in_dim(alpha, o.shape, [0])
+                    rendezvous()
+                    plgpu.barrier_wait(v_ready.at[slot])
+                    if interpret:  # the interpreter's wgmma takes A from shared memory only
+                        p_tile = p_smem.at[warpgroup]
+                        p_tile[...] = p
+                        plgpu.commit_smem()
+
+                        def pv(acc):
+                            plgpu.wgmma(acc, p_tile, v_smem.at[slot])
+                            return plgpu.wgmma_accumulator_load(acc, wait_n=0)
+
+                        o = o + pl.run_scoped(pv, plgpu.ACC((block_q, head_dim), jnp.float32))
+                    else:
+                        o = pl.run_state(lambda acc: plgpu.wgmma(acc, p, v_smem.at[slot]))(plgpu.ACC.init(o))
+                    plgpu.barrier_arrive(v_consumed.at[slot])
+                    return o, row_max, row_sum
+
+                o = plgpu.layout_cast(jnp.zeros((block_q, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+                o, row_max, row_sum = loops(step, (o, row_max, row_sum))
+
+            lax.fori_loop(hi, cta_hi, release_unused, None)
+            pl.when(warpgroup == 0)(rendezvous)  # match consumer 1's extra one
+            pl.when(warpgroup == 0)(wait_turn)  # take consumer 1's last hand-over
+
+            out = o * lax.broadcast_in_dim(1.0 / row_sum, o.shape, [0])
+            q_smem[...] = out.astype(dtype)  # Q is no longer read: its tile holds the output
+            lse_tile = lse_smem.at[warpgroup]
+            lse_tile[...] = row_max * LN2 + jnp.log(row_sum)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem, out_ref.at[batch_index, pl.ds(first_row, block_q), head])
+            plgpu.copy_smem_to_gmem(lse_tile, lse_ref.at[batch_index, head, pl.ds(first_row, block_q)])
+            plgpu.wait_smem_to_gmem(0)
+
+    swizzled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+    scratch = [
+        plgpu.SMEM((NUM_CONSUMERS, block_q, head_dim), dtype, **swizzled),  # Q, then O
+        plgpu.SMEM((stages, block_kv, head_dim), dtype, **swizzled),  # K ring
+        plgpu.SMEM((stages, block_kv, head_dim), dtype, **swizzled),  # V ring
+        plgpu.SMEM((NUM_CONSUMERS, block_q), jnp.float32),  # lse
+        # P staged through shared memory (interpret mode only; hardware keeps P in registers).
+        plgpu.SMEM((NUM_CONSUMERS, block_q, block_kv), dtype, **swizzled) if interpret else None,
+        plgpu.Barrier(num_barriers=NUM_CONSUMERS),  # Q landed
+        plgpu.Barrier(num_barriers=stages),  # K landed
+        plgpu.Barrier(num_barriers=stages),  # V landed
+        plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=stages),  # K released by both consumers
+        plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=stages),  # V released by both consumers
+        plgpu.Barrier(num_arrivals=NUM_CONSUMERS),  # ping-pong rendezvous
+        plgpu.Barrier(num_barriers=NUM_CONSUMERS),  # ping-pong turn of each consumer
+    ]
+    out, lse = plgpu.kernel(
+        kernel,
+        out_type=(jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)),
+        scratch_types=scratch,
+        grid=(heads, num_q_tiles, batch) if config.fastest_axis == "heads" else (num_q_tiles, heads, batch),
+        grid_names=("heads", "q_tiles", "batch") if config.fastest_axis == "heads" else ("q_tiles", "heads", "batch"),
+        num_threads=NUM_CONSUMERS + 1,
+        thread_name="wg",
+        # Row reductions stay inside a warp in the wgmma layout: no shared-memory scratch for them (this
+        # leaves room for a third K/V stage at head_dim 128).
+        compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        kernel_name=(f"flash_attention_fwd_d{head_dim}_kv{block_kv}_s{stages}"
+                     f"{'_pipelined' if config.pipelined else ''}_{config.pingpong}"
+                     f"_r{config.consumer_registers}_{'causal' if causal else 'full'}"),
+    )(q, k, v)
+    return out, lse
+
+
+def flash_attention_forward_mosaic(q, k, v, *, causal=True, sliding_window=None, logit_softcap=None,
+                                   config: KernelConfig | None = None, interpret: bool = False):
+    """The forward kernel alone: (out [batch, q_len, heads, head_dim], lse [batch, heads, q_len] float32)."""
+    config = config or default_config(q.shape[-1], causal=causal, sliding_window=sliding_window, kv_len=k.shape[1])
+    if interpret and config.pipelined:
+        config = dataclasses.replace(config, pipelined=False)
+    return _forward(q, k, v, causal=causal, sliding_window=sliding_window, logit_softcap=logit_softcap,
+                    config=config, interpret=interpret)
+
+
+def _reference_backward(q, k, v, out, lse, d_out, *, causal, sliding_window, logit_softcap, **_):
+    """Stand-in backward (jax.vjp of the jnp reference) for when the Triton backward is not importable."""
+    from kernels.flash_attention.reference import attention_reference
+
+    del out, lse
+    attention = functools.partial(attention_reference, causal=causal, sliding_window=sliding_window,
+                                  logit_softcap=logit_softcap)
+    return jax.vjp(attention, q, k, v)[1](d_out)
+
+
+def _backward_kernel():
+    try:
+        from kernels.flash_attention.triton import flash_attention_backward_triton
+    except ImportError:
+        return _reference_backward
+    return flash_attention_backward_triton
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _attention(q, k, v, causal, sliding_window, logit_softcap):
+    return flash_attention_forward_mosaic(q, k, v, causal=causal, sliding_window=sliding_window,
+                                          logit_softcap=logit_softcap)[0]
+
+
+def _attention_fwd(q, k, v, causal, sliding_window, logit_softcap):
+    out, lse = flash_attention_forward_mosaic(q, k, v, causal=causal, sliding_window=sliding_window,
+                                              logit_softcap=logit_softcap)
+    return out, (q, k, v, out, lse)
+
+
+def _attention_bwd(causal, sliding_window, logit_softcap, residuals, d_out):
+    q, k, v, out, lse = residuals
+    d_q, d_k, d_v = _backward_kernel()(q, k, v, out, lse, d_out, causal=causal, sliding_window=sliding_window,
+                                       q_segment_ids=None, kv_segment_ids=None, logit_softcap=logit_softcap)
+    return d_q, d_k, d_v
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def flash_attention_mosaic(q, k, v, *, causal=True, sliding_window=None, q_segment_ids=None, kv_segment_ids=None,
+                           logit_softcap=None):
+    """softmax(mask(q k^T / sqrt(head_dim))) v on Hopper -> [batch, q_len, heads, head_dim].
+
+    Forward: this module's Mosaic GPU kernel; backward: the Triton kernel, fed the forward's lse.
+    Raises ValueError for arguments `supported` rejects (the dispatcher routes those to Triton).
+    """
+    reason = supported(q, k, v, causal=causal, sliding_window=sliding_window, q_segment_ids=q_segment_ids,
+                       kv_segment_ids=kv_segment_ids, logit_softcap=logit_softcap)
+    if reason:
+        raise ValueError(f"flash_attention_mosaic: {reason}")
+    return _attention(q, k, v, causal, sliding_window, logit_softcap)

@@ -1,0 +1,159 @@
+"""The Hopper (Mosaic GPU) flash-attention forward against the jnp reference.
+
+On the CPU the kernel runs in Mosaic GPU's interpret mode (which simulates warpgroups, TMA, barriers and
+wgmma; it runs the non-pipelined schedule, whose P V product stages P through shared memory): values and
+lse on small awkward shapes, plus the `supported` logic. On a Hopper GPU (marked `gpu`): the real,
+pipelined kernel at real sizes, and gradients through the custom_vjp.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.flash_attention import mosaic_gpu
+from kernels.flash_attention.reference import attention_mask, attention_reference
+
+
+def random_qkv(key, batch, q_len, kv_len, heads, kv_heads, head_dim, dtype=jnp.bfloat16):
+    keys = jax.random.split(jax.random.key(key), 3)
+    q = jax.random.normal(keys[0], (batch, q_len, heads, head_dim), dtype)
+    k = jax.random.normal(keys[1], (batch, kv_len, kv_heads, head_dim), dtype)
+    v = jax.random.normal(keys[2], (batch, kv_len, kv_heads, head_dim), dtype)
+    return q, k, v
+
+
+def reference_out_lse(q, k, v, *, causal, sliding_window=None, logit_softcap=None):
+    """float32 out [batch, q_len, heads, head_dim] and natural-log lse [batch, heads, q_len]."""
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    out = attention_reference(q, k, v, causal=causal, sliding_window=sliding_window, logit_softcap=logit_softcap)
+    group = q.shape[2] // k.shape[2]
+    scores = jnp.einsum("bshd,bthd->bhst", q, jnp.repeat(k, group, axis=2)) * q.shape[-1] ** -0.5
+    if logit_softcap is not None:
+        scores = logit_softcap * jnp.tanh(scores / logit_softcap)
+    mask = attention_mask(q.shape[1], k.shape[1], causal=causal, sliding_window=sliding_window)
+    lse = jax.nn.logsumexp(jnp.where(mask[:, None], scores, -jnp.inf), axis=-1)
+    return out, lse
+
+
+def relative_error(x, y):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    return np.linalg.norm(x - y) / np.linalg.norm(y)
+
+
+# (causal, sliding_window, logit_softcap, q_len, kv_len, heads, kv_heads, head_dim, pingpong): GQA and MQA,
+# queries aligned to the end of longer keys, windows that leave whole blocks out (consumer 1 skips blocks
+# consumer 0 needs, and with causal 64-key blocks consumer 0 skips consumer 1's last), both head dims,
+# both ping-pong protocols (a miscounted barrier deadlocks or trips the interpreter's barrier checks).
+INTERPRET_CASES = [
+    (True, None, None, 128, 128, 2, 1, 64, "turn"),
+    (True, None, None, 128, 256, 2, 2, 128, "rendezvous"),
+    (False, None, None, 256, 192, 4, 2, 64, "turn"),
+    (True, 70, None, 256, 256, 2, 1, 64, "turn"),
+    (True, 70, None, 256, 256, 2, 1, 64, "rendezvous"),
+    (False, None, 5.0, 128, 128, 2, 1, 64, "off"),
+]
+
+
+@pytest.mark.parametrize("causal,window,softcap,q_len,kv_len,heads,kv_heads,head_dim,pingpong", INTERPRET_CASES)
+def test_interpret_matches_reference(causal, window, softcap, q_len, kv_len, heads, kv_heads, head_dim, pingpong):
+    q, k, v = random_qkv(q_len + kv_len + head_dim, 1, q_len, kv_len, heads, kv_heads, head_dim)
+    config = mosaic_gpu.KernelConfig(block_kv=64, num_stages=2, pipelined=False, pingpong=pingpong)
+    out, lse = mosaic_gpu.flash_attention_forward_mosaic(
+        q, k, v, causal=causal, sliding_window=window, logit_softcap=softcap, config=config, interpret=True)
+    ref_out, ref_lse = reference_out_lse(q, k, v, causal=causal, sliding_window=window, logit_softcap=softcap)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert lse.shape == (1, heads, q_len) and lse.dtype == jnp.float32
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+    assert relative_error(out, ref_out) < 1e-2  # bf16 output rounding is ~3e-3
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), atol=2e-3, rtol=0)
+
+
+def test_lse_feeds_the_triton_backward():
+    """The custom_vjp's contract: this forward's (out, lse) give the Triton backward the reference gradients."""
+    triton = pytest.importorskip("kernels.flash_attention.triton")
+    q, k, v = random_qkv(3, 1, 128, 128, 2, 1, 64)
+    d_out = jax.random.normal(jax.random.key(4), q.shape, q.dtype)
+    config = mosaic_gpu.KernelConfig(block_kv=64, pipelined=False)
+    out, lse = mosaic_gpu.flash_attention_forward_mosaic(q, k, v, causal=True, config=config, interpret=True)
+    grads = triton.flash_attention_backward_triton(q, k, v, out, lse, d_out, causal=True, interpret=True)
+    ref = jax.vjp(lambda q, k, v: attention_reference(q, k, v, causal=True),
+                  *(x.astype(jnp.float32) for x in (q, k, v)))[1](d_out.astype(jnp.float32))
+    for name, got, want in zip(("dq", "dk", "dv"), grads, ref):
+        assert relative_error(got, want) < 1e-2, name
+
+
+def test_supported_reasons():
+    q, k, v = random_qkv(0, 1, 256, 256, 4, 2, 128)
+
+    def reason(q=q, k=k, v=v, **kwargs):
+        return mosaic_gpu.supported(q, k, v, check_device=False, **{"causal": True, **kwargs})
+
+    assert reason() is None
+    assert reason(causal=False, sliding_window=64, logit_softcap=30.0) is None
+    assert "head_dim 256" in reason(*random_qkv(0, 1, 256, 256, 4, 2, 256))
+    assert "segment ids" in reason(q_segment_ids=jnp.zeros((1, 256), jnp.int32))
+    assert "dtype" in reason(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))
+    assert "q_len" in reason(q[:, :100])
+    assert "kv_len" in reason(k=k[:, :200], v=v[:, :200], causal=False)
+    assert "q_len 256 > kv_len 128" in reason(k=k[:, :128], v=v[:, :128])
+    assert reason(k=k[:, :128], v=v[:, :128], causal=False) is None  # more queries than keys: fine unmasked
+    assert "multiple of kv_heads" in reason(*random_qkv(0, 1, 256, 256, 4, 3, 128))
+
+
+def test_supported_needs_hopper_off_gpu():
+    if any(d.platform == "gpu" for d in jax.devices()):
+        pytest.skip("a GPU is present")
+    q, k, v = random_qkv(0, 1, 256, 256, 4, 4, 128)
+    assert "Hopper" in mosaic_gpu.supported(q, k, v, causal=True)
+    with pytest.raises(ValueError, match="Hopper"):
+        mosaic_gpu.flash_attention_mosaic(q, k, v)
+
+
+def on_hopper():
+    return mosaic_gpu._on_hopper()
+
+
+GPU_CASES = [
+    # (causal, sliding_window, logit_softcap, q_len, kv_len, heads, kv_heads, head_dim)
+    (True, None, None, 4096, 4096, 16, 16, 128),
+    (False, None, None, 4096, 4096, 16, 16, 128),
+    (True, None, None, 2048, 2048, 16, 4, 128),
+    (True, None, None, 2048, 2048, 8, 1, 64),
+    (False, None, None, 1024, 3072, 8, 8, 64),
+    (True, None, None, 512, 2048, 8, 2, 128),
+    (True, 1000, None, 2048, 2048, 8, 8, 128),
+    (False, None, 30.0, 1024, 1024, 8, 8, 128),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal,window,softcap,q_len,kv_len,heads,kv_heads,head_dim", GPU_CASES)
+def test_gpu_matches_reference(causal, window, softcap, q_len, kv_len, heads, kv_heads, head_dim):
+    if not on_hopper():
+        pytest.skip("needs a Hopper GPU")
+    q, k, v = random_qkv(q_len + 7 * head_dim, 2, q_len, kv_len, heads, kv_heads, head_dim)
+    out, lse = jax.jit(lambda q, k, v: mosaic_gpu.flash_attention_forward_mosaic(
+        q, k, v, causal=causal, sliding_window=window, logit_softcap=softcap))(q, k, v)
+    ref_out, ref_lse = reference_out_lse(q, k, v, causal=causal, sliding_window=window, logit_softcap=softcap)
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+    assert relative_error(out, ref_out) < 1e-2
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), atol=1e-2, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal,head_dim,kv_heads", [(True, 128, 2), (False, 64, 4)])
+def test_gpu_gradients_through_custom_vjp(causal, head_dim, kv_heads):
+    if not on_hopper():
+        pytest.skip("needs a Hopper GPU")
+    q, k, v = random_qkv(head_dim, 1, 512, 512, 4, kv_heads, head_dim)
+    d_out = jax.random.normal(jax.random.key(9), q.shape, q.dtype)
+
+    def grads(attention, *args):
+        return jax.vjp(lambda q, k, v: attention(q, k, v, causal=causal), *args)[1](d_out)
+
+    ours = jax.jit(lambda q, k, v: grads(mosaic_gpu.flash_attention_mosaic, q, k, v))(q, k, v)
+    ref = grads(attention_reference, *(x.astype(jnp.float32) for x in (q, k, v)))
+    for name, got, want in zip(("dq", "dk", "dv"), ours, ref):
+        assert got.shape == want.shape and got.dtype == q.dtype, name
+        assert relative_error(got, want) < 2e-2, name
