@@ -49,8 +49,10 @@ def parse_args(argv):
                    help="sequence lengths; batch is chosen to keep --tokens tokens per call")
     p.add_argument("--tokens", type=int, default=16384, help="batch x seq per call for the sweep")
     p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128], help="head dims (d_model 2048 split into heads)")
-    p.add_argument("--impls", nargs="+", default=["pallas", "cudnn", "xla", "bundled", "bundled_mgpu", "torch"],
-                   help="implementations to time")
+    p.add_argument("--impls", nargs="+", default=["pallas", "pallas_triton", "cudnn", "xla", "bundled", "torch"],
+                   help="implementations to time: pallas (ours, best lowering: Mosaic GPU on Hopper), pallas_triton "
+                   "(ours, Triton lowering), cudnn, xla, bundled (jax's Pallas mha), bundled_mgpu (jax's Mosaic GPU "
+                   "kernel; float16 tiles only), torch (SDPA)")
     p.add_argument("--no-backward", action="store_true", help="forward only")
     p.add_argument("--repeats", type=int, default=20, help="timed repetitions per measurement")
     p.add_argument("--quick", action="store_true", help="one small shape (for CPU smoke runs)")
@@ -101,10 +103,11 @@ def jax_attention(impl: str, shape: Shape):
         return lambda q, k, v: attention_reference(q, k, v, causal=shape.causal)
     if impl == "cudnn":
         return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=shape.causal, implementation="cudnn")
-    if impl == "pallas":
+    if impl in ("pallas", "pallas_triton"):  # ours: the best lowering for the device, or the Triton one
         from kernels.flash_attention import flash_attention
 
-        return lambda q, k, v: flash_attention(q, k, v, causal=shape.causal)
+        forced = "triton" if impl == "pallas_triton" else None
+        return lambda q, k, v: flash_attention(q, k, v, causal=shape.causal, implementation=forced)
     if shape.kv_heads != shape.heads:
         return "no GQA"
     if impl == "bundled":
