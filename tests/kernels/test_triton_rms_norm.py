@@ -11,8 +11,13 @@ from llmjax.model.layers import rms_norm
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape,dtype", [((4096, 4096), jnp.bfloat16), ((37, 1000), jnp.float32), ((2, 3, 768), jnp.float16)])
 def test_triton_call_rms_norm_matches_reference(shape, dtype):
-    pytest.importorskip("jax_triton")
-    from kernels.triton_rms_norm import rms_norm_triton
+    pytest.importorskip("triton")
+    from kernels.triton_rms_norm import import_jax_triton, rms_norm_triton
+
+    try:
+        import_jax_triton()  # with the triton-3.6 shim: a plain import first would lock in jax-triton's stubs
+    except ImportError:
+        pytest.skip("jax-triton is not installed (the gpu extra)")
 
     keys = jax.random.split(jax.random.key(0))
     x = jax.random.normal(keys[0], shape, dtype)
