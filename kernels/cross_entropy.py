@@ -31,6 +31,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels.tiles import combine_masks
+
 __all__ = ["linear_cross_entropy", "cross_entropy_reference"]
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -141,16 +143,6 @@ def _range_mask(first, size: int, limit: int, always_inside: bool) -> jax.Array 
     return None if always_inside else first + jnp.arange(size) < limit
 
 
-def _and(row_mask, col_mask) -> jax.Array | None:
-    if row_mask is None and col_mask is None:
-        return None
-    if row_mask is None:
-        return col_mask[None, :]
-    if col_mask is None:
-        return row_mask[:, None]
-    return row_mask[:, None] & col_mask[None, :]
-
-
 def _load(block, mask) -> jax.Array:
     return plgpu.load(block, mask=mask, other=None if mask is None else 0)
 
@@ -167,8 +159,8 @@ def _logits_tile(hidden_ref, embedding_ref, first_token, first_vocab, tokens: in
     def add_slice(k, acc):
         first_d = k * bd
         d_mask = _range_mask(first_d, bd, cfg.d, cfg.d % bd == 0)
-        x = _load(hidden_ref.at[pl.ds(first_token, bt), pl.ds(first_d, bd)], _and(token_mask, d_mask))  # [bt, bd]
-        w = _load(embedding_ref.at[pl.ds(first_d, bd), pl.ds(first_vocab, bv)], _and(d_mask, vocab_mask))  # [bd, bv]
+        x = _load(hidden_ref.at[pl.ds(first_token, bt), pl.ds(first_d, bd)], combine_masks(token_mask, d_mask))  # [bt, bd]
+        w = _load(embedding_ref.at[pl.ds(first_d, bd), pl.ds(first_vocab, bv)], combine_masks(d_mask, vocab_mask))  # [bd, bv]
         return acc + plgpu.dot(x, w)
 
     return lax.fori_loop(0, pl.cdiv(cfg.d, bd), add_slice, jnp.zeros((bt, bv), jnp.float32))
@@ -199,7 +191,7 @@ def _forward_kernel(hidden_ref, embedding_ref, targets_ref, max_ref, sum_exp_ref
     zeros = jnp.zeros((bt,), jnp.float32)
     carry = lax.fori_loop(first_block, last_block, add_vocab_block, (jnp.full((bt,), -jnp.inf), zeros, zeros))
     for ref, value in zip((max_ref, sum_exp_ref, target_logit_ref), carry):
-        plgpu.store(ref.at[pl.ds(split, 1), pl.ds(first_token, bt)], value[None, :], mask=_and(None, token_mask))
+        plgpu.store(ref.at[pl.ds(split, 1), pl.ds(first_token, bt)], value[None, :], mask=combine_masks(None, token_mask))
 
 
 def _grad_logits_kernel(hidden_ref, embedding_ref, targets_ref, log_z_ref, g_nll_ref, g_log_z_ref, d_logits_ref, *,
@@ -222,7 +214,7 @@ def _grad_logits_kernel(hidden_ref, embedding_ref, targets_ref, log_z_ref, g_nll
     d_logits = jnp.where(in_vocab, d_logits, 0.0)
     vocab_mask = _range_mask(first_vocab, bv, cfg.padded_vocab, cfg.padded_vocab % bv == 0)
     block = d_logits_ref.at[pl.ds(first_token, bt), pl.ds(first_vocab, bv)]
-    plgpu.store(block, d_logits.astype(d_logits_ref.dtype), mask=_and(None, vocab_mask))
+    plgpu.store(block, d_logits.astype(d_logits_ref.dtype), mask=combine_masks(None, vocab_mask))
 
 
 # --- launches ----------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels.tiles import combine_masks
 from llmjax.model.layers import layer_norm as layer_norm_reference
 from llmjax.model.layers import rms_norm as rms_norm_reference
 
@@ -133,27 +134,16 @@ def _col_mask(cfg: NormConfig, first_col) -> jax.Array | None:
     return first_col + jnp.arange(cfg.block_d) < cfg.d
 
 
-def _and(row_mask, col_mask) -> jax.Array | None:
-    """[block_rows, block_d] mask from optional row / column masks."""
-    if row_mask is None and col_mask is None:
-        return None
-    if row_mask is None:
-        return col_mask[None, :]
-    if col_mask is None:
-        return row_mask[:, None]
-    return row_mask[:, None] & col_mask[None, :]
-
-
 def _load_tile(ref, cfg, first_row, first_col, row_mask) -> jax.Array:
     """[block_rows, block_d] float32 tile of a [rows, d] ref, zeros outside it."""
-    mask = _and(row_mask, _col_mask(cfg, first_col))
+    mask = combine_masks(row_mask, _col_mask(cfg, first_col))
     block = ref.at[pl.ds(first_row, cfg.block_rows), pl.ds(first_col, cfg.block_d)]
     other = None if mask is None else 0.0
     return plgpu.load(block, mask=mask, other=other).astype(jnp.float32)
 
 
 def _store_tile(ref, value, cfg, first_row, first_col, row_mask) -> None:
-    mask = _and(row_mask, _col_mask(cfg, first_col))
+    mask = combine_masks(row_mask, _col_mask(cfg, first_col))
     block = ref.at[pl.ds(first_row, cfg.block_rows), pl.ds(first_col, cfg.block_d)]
     plgpu.store(block, value.astype(ref.dtype), mask=mask)
 
