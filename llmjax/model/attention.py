@@ -58,12 +58,14 @@ def _pallas_attention(q, k, v, **masking):
 ATTENTION_IMPLS = {"xla": attention_reference, "cudnn": _cudnn_attention, "pallas": _pallas_attention}
 
 
-def _unavailable_reason(impl: str, platform: str, logit_softcap) -> str | None:
+def _unavailable_reason(impl: str, platform: str, logit_softcap, head_dim: int | None) -> str | None:
     """Why `impl` cannot run here (None when it can)."""
     if impl in ("cudnn", "pallas") and platform != "gpu":
         return f"{impl!r} attention needs a CUDA GPU, this is {platform!r}"
     if impl == "cudnn" and logit_softcap is not None:
         return "cuDNN attention has no logit soft-capping"
+    if impl == "cudnn" and head_dim is not None and (head_dim % 8 or head_dim > 256):
+        return f"cuDNN attention needs head_dim a multiple of 8 up to 256, got {head_dim}"
     if impl == "pallas":
         try:
             from kernels.flash_attention import flash_attention  # noqa: F401
@@ -73,12 +75,13 @@ def _unavailable_reason(impl: str, platform: str, logit_softcap) -> str | None:
 
 
 @functools.lru_cache(maxsize=None)
-def resolve_attention_impl(impl: str, platform: str, logit_softcap: float | None = None) -> str:
+def resolve_attention_impl(impl: str, platform: str, logit_softcap: float | None = None,
+                           head_dim: int | None = None) -> str:
     """The implementation that runs: "auto" picks the fastest for the platform; one that cannot
     run here falls back to "xla" with a warning (never silently)."""
     if impl == "auto":
         impl = "cudnn" if platform == "gpu" and logit_softcap is None else "xla"
-    reason = _unavailable_reason(impl, platform, logit_softcap)
+    reason = _unavailable_reason(impl, platform, logit_softcap, head_dim)
     if reason is not None:
         warnings.warn(f"{reason}; using the 'xla' reference attention instead", stacklevel=3)
         return "xla"
@@ -100,7 +103,7 @@ def dot_product_attention(
     """Attention by the named implementation; q [batch, q_len, heads, head_dim], k, v
     [batch, kv_len, kv_heads, head_dim] -> [batch, q_len, heads, head_dim]. See
     kernels.flash_attention.reference for the masking arguments."""
-    impl = resolve_attention_impl(impl, jax.devices()[0].platform, logit_softcap)
+    impl = resolve_attention_impl(impl, jax.devices()[0].platform, logit_softcap, q.shape[-1])
     return ATTENTION_IMPLS[impl](q, k, v, causal=causal, sliding_window=sliding_window, q_segment_ids=q_segment_ids,
                                  kv_segment_ids=kv_segment_ids, logit_softcap=logit_softcap)
 

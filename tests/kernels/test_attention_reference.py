@@ -96,3 +96,10 @@ def test_cudnn_without_softcap_support_falls_back():
     resolve_attention_impl.cache_clear()
     with pytest.warns(UserWarning, match="cuDNN attention has no logit soft-capping"):
         assert resolve_attention_impl("cudnn", "gpu", 30.0) == "xla"
+
+
+def test_cudnn_with_an_unsupported_head_dim_falls_back():
+    resolve_attention_impl.cache_clear()
+    with pytest.warns(UserWarning, match="cuDNN attention needs head_dim a multiple of 8 up to 256, got 12"):
+        assert resolve_attention_impl("auto", "gpu", None, 12) == "xla"
+    assert resolve_attention_impl("auto", "gpu", None, 128) == "cudnn"
