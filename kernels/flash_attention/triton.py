@@ -136,8 +136,11 @@ def q_block_range(k_start, block_q: int, block_k: int, num_q_blocks: int, maskin
         window = masking.sliding_window
         hi = jnp.minimum(hi, _cdiv(k_last + window - masking.offset, block_q))
         mid_hi = _div(k_start + window - masking.offset, block_q)
-    if masking.kv_len % block_k:
-        mid_hi = jnp.where(k_start + block_k <= masking.kv_len, mid_hi, 0)  # padded keys: mask every block
+    if masking.kv_len % block_k:  # a block holding padded keys masks every query block: no unmasked range
+        # Integer arithmetic rather than jnp.where: on the GPU, Pallas' Triton lowering of that select fed an
+        # i1 into the clamp's arith.maxsi and the backward failed to compile for ragged lengths.
+        holds_padding = jnp.asarray(k_start + block_k > masking.kv_len, jnp.int32)
+        mid_hi = mid_hi * (1 - holds_padding)
     return _ordered(lo, mid_lo, mid_hi, hi)
 
 
