@@ -1,0 +1,1 @@
+"""Parallelism on jax.sharding meshes: mesh construction and the logical-axis rules table."""
