@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
-import sysconfig
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -16,28 +14,10 @@ SPECIAL_TOKENS = ("<|endoftext|>",)
 
 
 def default_corpus_split(validation_fraction: float = 0.01) -> tuple[list[Path], list[Path]]:
-    """(train, validation) files of the default corpus, split by a hash of each file's path
-    relative to the stdlib folder: the same files on every machine with the same Python.
+    """(train, validation) files of the default corpus (llmjax.data.corpus's deterministic split)."""
+    from llmjax.data.corpus import default_corpus_split as split
 
-    The rule of `llmjax.data.corpus.default_corpus_split` (used when that exists): a file is
-    validation when the first 8 bytes of sha256(relative path), as a fraction of 2**64, fall
-    below `validation_fraction`.
-    """
-    try:
-        from llmjax.data.corpus import default_corpus_split as library_split
-    except ImportError:
-        library_split = None
-    if library_split is not None:
-        return library_split("train", validation_fraction), library_split("validation", validation_fraction)
-    from llmjax.data.corpus import default_corpus_files
-
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    train, validation = [], []
-    for path in default_corpus_files():
-        relative = path.relative_to(stdlib).as_posix()
-        bucket = int.from_bytes(hashlib.sha256(relative.encode()).digest()[:8], "big") / 2**64  # uniform in [0, 1)
-        (validation if bucket < validation_fraction else train).append(path)
-    return train, validation
+    return split("train", validation_fraction), split("validation", validation_fraction)
 
 
 def take_up_to(files: list[Path], max_bytes: int | None) -> list[Path]:

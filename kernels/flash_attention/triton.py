@@ -344,12 +344,14 @@ def _segment_specs(q_seg, q_block_spec, kv_seg, kv_block_spec):
     return (None if q_seg is None else q_block_spec), (None if kv_seg is None else kv_block_spec)
 
 
-def _forward_call(q, k, v, q_seg, kv_seg, masking: Masking, config: KernelConfig, interpret: bool):
-    """-> out [batch, q_len_p, heads, head_dim], lse [batch, heads, q_len_p] float32."""
-    batch, q_len_p, heads, head_dim = q.shape
-    kv_len_p, kv_heads = k.shape[1], k.shape[2]
-    group = heads // kv_heads
-    block_q, block_k = config.block_q, config.block_k
+def _query_major_specs(q, k, q_seg, kv_seg, config: KernelConfig):
+    """Specs of a grid (query block, batch, head) whose programs read one query block and every key:
+    heaviest query blocks first (under a causal mask the last blocks see the most keys).
+    -> (num_q_blocks, q_block index map, q_spec, kv_spec, q_seg_spec, kv_seg_spec)."""
+    q_len_p, head_dim = q.shape[1], q.shape[3]
+    kv_len_p = k.shape[1]
+    group = q.shape[2] // k.shape[2]
+    block_q = config.block_q
     num_q_blocks = q_len_p // block_q
 
     def q_block(i):
@@ -360,6 +362,14 @@ def _forward_call(q, k, v, q_seg, kv_seg, masking: Masking, config: KernelConfig
     q_seg_spec, kv_seg_spec = _segment_specs(
         q_seg, pl.BlockSpec((None, block_q), lambda i, b, h: (b, q_block(i))),
         kv_seg, pl.BlockSpec((None, kv_len_p), lambda i, b, h: (b, 0)))
+    return num_q_blocks, q_block, q_spec, kv_spec, q_seg_spec, kv_seg_spec
+
+
+def _forward_call(q, k, v, q_seg, kv_seg, masking: Masking, config: KernelConfig, interpret: bool):
+    """-> out [batch, q_len_p, heads, head_dim], lse [batch, heads, q_len_p] float32."""
+    batch, q_len_p, heads, head_dim = q.shape
+    block_q, block_k = config.block_q, config.block_k
+    num_q_blocks, q_block, q_spec, kv_spec, q_seg_spec, kv_seg_spec = _query_major_specs(q, k, q_seg, kv_seg, config)
     kernel = functools.partial(_forward_kernel, masking=masking, block_q=block_q, block_k=block_k,
                                num_q_blocks=num_q_blocks)
     return pl.pallas_call(
@@ -432,20 +442,9 @@ def _dq_call(q, k, v, d_out, lse, delta, q_seg, kv_seg, masking: Masking, config
              interpret: bool):
     """-> dq [batch, q_len_p, heads, head_dim] (q.dtype)."""
     batch, q_len_p, heads, head_dim = q.shape
-    kv_len_p, kv_heads = k.shape[1], k.shape[2]
-    group = heads // kv_heads
     block_q, block_k = config.block_q, config.block_k
-    num_q_blocks = q_len_p // block_q
-
-    def q_block(i):
-        return num_q_blocks - 1 - i
-
-    q_spec = pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, h: (b, q_block(i), h, 0))
-    kv_spec = pl.BlockSpec((None, kv_len_p, None, head_dim), lambda i, b, h: (b, 0, h // group, 0))
+    num_q_blocks, q_block, q_spec, kv_spec, q_seg_spec, kv_seg_spec = _query_major_specs(q, k, q_seg, kv_seg, config)
     row_spec = pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, q_block(i)))
-    q_seg_spec, kv_seg_spec = _segment_specs(
-        q_seg, pl.BlockSpec((None, block_q), lambda i, b, h: (b, q_block(i))),
-        kv_seg, pl.BlockSpec((None, kv_len_p), lambda i, b, h: (b, 0)))
     kernel = functools.partial(_dq_kernel, masking=masking, block_q=block_q, block_k=block_k,
                                num_q_blocks=num_q_blocks)
     return pl.pallas_call(

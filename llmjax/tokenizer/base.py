@@ -8,7 +8,6 @@ token shards can refuse to be read with a different tokenizer than the one that 
 from __future__ import annotations
 
 import abc
-import functools
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
@@ -121,7 +120,9 @@ def split_on_special_tokens(text: str, specials: Iterable[str]) -> Iterator[tupl
     >>> list(split_on_special_tokens("a<|x|>b", ["<|x|>"]))
     [('a', False), ('<|x|>', True), ('b', False)]
     """
-    pattern = _special_token_pattern(frozenset(specials))
+    from llmjax.tokenizer.pretokenize import special_token_splitter  # (pretokenize imports this module)
+
+    pattern = special_token_splitter(tuple(sorted(set(specials))))
     if pattern is None:
         if text:
             yield text, False
@@ -135,12 +136,3 @@ def split_on_special_tokens(text: str, specials: Iterable[str]) -> Iterator[tupl
     if position < len(text):
         yield text[position:], False
 
-
-@functools.lru_cache(maxsize=64)
-def _special_token_pattern(specials: frozenset[str]):
-    """One alternation of the special tokens, longest first (so overlaps match the longest)."""
-    import regex
-
-    if not specials:
-        return None
-    return regex.compile("|".join(regex.escape(s) for s in sorted(specials, key=lambda s: (-len(s), s))))
