@@ -64,22 +64,20 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 def open_data(data_dir: Path):
     """(train shards, validation shards or None, tokenizer or None) from a tokenize output folder."""
-    from llmjax.data.shards import TokenShards
+    from llmjax.data.shards import TokenShards, read_index
     from llmjax.tokenizer import TokenizerError, load_tokenizer
 
     train_dir = data_dir / "train"
     if not (train_dir / "index.json").is_file():
         raise SystemExit(f"no shards in {train_dir}: run `python -m experiments tokenize --out {data_dir}` first")
-    train_data = TokenShards(train_dir)
-    source = train_data.index.get("tokenizer", {}).get("source")
+    source = read_index(train_dir).get("tokenizer", {}).get("source")
     tokenizer = None
     if source:
         try:
             tokenizer = load_tokenizer(source)
         except TokenizerError as error:
             logging.warning("cannot load the shards' tokenizer %s for samples: %s", source, error)
-    if tokenizer is not None:
-        train_data = TokenShards(train_dir, tokenizer)  # checks it is the tokenizer that made the shards
+    train_data = TokenShards(train_dir, tokenizer)  # with a tokenizer: checks it is the one that made the shards
     validation_dir = data_dir / "validation"
     validation_data = TokenShards(validation_dir, tokenizer) if (validation_dir / "index.json").is_file() else None
     return train_data, validation_data, tokenizer
