@@ -1,0 +1,191 @@
+"""Decode attention over a KV cache: one new query per row against every cached key.
+
+Shapes: q [batch, heads, head_dim]; k, v [batch, capacity, kv_heads, head_dim] (bf16 / f32, or int8
+with k_scale, v_scale [batch, capacity, kv_heads]); kv_positions [batch, capacity] (the position each
+slot holds, -1 for none); q_positions [batch]. A slot is visible iff 0 <= its position <= the query's
+and, with a sliding window w, query - position < w. Query head h reads kv head h // (heads // kv_heads).
+
+`decode_attention_reference` is plain jax.numpy. `decode_attention` is a split-K ("flash decoding")
+Pallas kernel: the grid is (batch, kv_heads, splits); each program walks its share of the cache in
+blocks with an online softmax for the whole group of query heads that share the kv head (so K/V are
+read once per group, GQA never repeats them), dequantizes int8 blocks in registers, and skips the
+blocks past the row's last used slot (`kv_lengths`). A small jnp epilogue merges the splits by their
+log-sum-exp. At batch 1 a decode step has only kv_heads programs without the split; splitting the
+cache over ~2 waves of SMs is what makes a memory-bound step use the whole GPU's bandwidth.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+NEG_INF = -1e30  # finite: a fully masked block must not produce NaNs in the online softmax
+
+
+def _visible(kv_positions, q_positions, sliding_window):
+    q = q_positions[:, None]
+    mask = (kv_positions >= 0) & (kv_positions <= q)
+    if sliding_window is not None:
+        mask &= q - kv_positions < sliding_window
+    return mask
+
+
+def _dequantized(x, scale, dtype):
+    if scale is None:
+        return x.astype(dtype)
+    return (x.astype(jnp.float32) * scale[..., None]).astype(dtype)
+
+
+def decode_attention_reference(q, k, v, kv_positions, q_positions, *, sliding_window=None, k_scale=None,
+                               v_scale=None, logit_softcap=None):
+    """softmax(q k^T / sqrt(d)) v over the visible slots -> [batch, heads, head_dim] (scores in float32).
+    A row with no visible slot gets zeros."""
+    batch, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    k = _dequantized(k, k_scale, q.dtype)
+    v = _dequantized(v, v_scale, q.dtype)
+    qg = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)
+    scores = jnp.einsum("bkgd,btkd->bkgt", qg, k, preferred_element_type=jnp.float32) * head_dim**-0.5
+    if logit_softcap is not None:
+        scores = logit_softcap * jnp.tanh(scores / logit_softcap)
+    mask = _visible(kv_positions, q_positions, sliding_window)[:, None, None, :]  # [batch, 1, 1, capacity]
+    scores = jnp.where(mask, scores, NEG_INF)
+    probs = jnp.exp(scores - scores.max(-1, keepdims=True)) * mask
+    probs = probs / jnp.maximum(probs.sum(-1, keepdims=True), 1e-30)
+    out = jnp.einsum("bkgt,btkd->bkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(batch, heads, head_dim).astype(q.dtype)
+
+
+# --- the Pallas kernel -------------------------------------------------------------------------
+
+def _kernel(q_ref, k_ref, v_ref, pos_ref, qpos_ref, len_ref, *rest, block_k: int, split_len: int,
+            sliding_window, logit_softcap, quantized: bool, scale: float):
+    if quantized:
+        ks_ref, vs_ref, o_ref, m_ref, l_ref = rest
+    else:
+        o_ref, m_ref, l_ref = rest
+    split = pl.program_id(2)
+    q = q_ref[...].astype(jnp.float32)  # [group_p, head_dim]
+    q_pos = qpos_ref[...]
+    start = split * split_len
+    used = jnp.clip(len_ref[...] - start, 0, split_len)  # slots of this split that hold anything
+    num_blocks = (used + block_k - 1) // block_k
+
+    def body(index, carry):
+        out, row_max, row_sum = carry
+        window = pl.ds(index * block_k, block_k)
+        k = k_ref[window, :].astype(jnp.float32)  # [block_k, head_dim]
+        v = v_ref[window, :].astype(jnp.float32)
+        if quantized:
+            k = k * ks_ref[window][:, None]
+            v = v * vs_ref[window][:, None]
+        positions = pos_ref[window]  # [block_k]
+        visible = (positions >= 0) & (positions <= q_pos)
+        if sliding_window is not None:
+            visible &= q_pos - positions < sliding_window
+        scores = pl.dot(q, k, trans_b=True) * scale  # [group_p, block_k]
+        if logit_softcap is not None:
+            scores = logit_softcap * jnp.tanh(scores / logit_softcap)
+        scores = jnp.where(visible[None, :], scores, NEG_INF)
+        new_max = jnp.maximum(row_max, scores.max(axis=-1))
+        correction = jnp.exp(row_max - new_max)
+        probs = jnp.where(visible[None, :], jnp.exp(scores - new_max[:, None]), 0.0)
+        out = out * correction[:, None] + pl.dot(probs, v)
+        return out, new_max, row_sum * correction + probs.sum(axis=-1)
+
+    group_p, head_dim = q.shape
+    init = (jnp.zeros((group_p, head_dim), jnp.float32), jnp.full((group_p,), NEG_INF, jnp.float32),
+            jnp.zeros((group_p,), jnp.float32))
+    out, row_max, row_sum = jax.lax.fori_loop(0, num_blocks, body, init)
+    o_ref[...] = out
+    m_ref[...] = row_max
+    l_ref[...] = row_sum
+
+
+def _pow2_at_least(n: int, floor: int) -> int:
+    return max(floor, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+def choose_splits(batch: int, kv_heads: int, capacity: int, block_k: int, target_programs: int = 264) -> int:
+    """Splits of the cache so that batch * kv_heads * splits fills about two waves of SMs."""
+    blocks = max(1, capacity // block_k)
+    splits = max(1, target_programs // max(1, batch * kv_heads))
+    return int(min(splits, blocks))
+
+
+@functools.partial(jax.jit, static_argnames=("sliding_window", "logit_softcap", "block_k", "splits", "interpret"))
+def decode_attention(q, k, v, kv_positions, q_positions, kv_lengths=None, *, sliding_window=None, k_scale=None,
+                     v_scale=None, logit_softcap=None, block_k: int = 64, splits: int | None = None,
+                     interpret: bool = False):
+    """The split-K Pallas kernel; same contract as `decode_attention_reference`.
+
+    kv_lengths [batch]: slots past this are never read (default: the whole capacity)."""
+    batch, heads, head_dim = q.shape
+    capacity, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    group_p = _pow2_at_least(group, 16)  # tl.dot wants >= 16 rows: pad the group with zero queries
+    head_dim_p = _pow2_at_least(head_dim, 16)
+    block_k = min(block_k, _pow2_at_least(capacity, 16))
+    if splits is None:
+        splits = choose_splits(batch, kv_heads, capacity, block_k)
+    split_len = pl.cdiv(pl.cdiv(capacity, splits), block_k) * block_k
+    capacity_p = split_len * splits
+    quantized = k_scale is not None
+    if kv_lengths is None:
+        kv_lengths = jnp.full((batch,), capacity, jnp.int32)
+    kv_lengths = jnp.minimum(kv_lengths.astype(jnp.int32), capacity)
+
+    qg = q.reshape(batch, kv_heads, group, head_dim)
+    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, group_p - group), (0, head_dim_p - head_dim)))
+    pad_t = capacity_p - capacity
+    if pad_t or head_dim_p != head_dim:
+        k = jnp.pad(k, ((0, 0), (0, pad_t), (0, 0), (0, head_dim_p - head_dim)))
+        v = jnp.pad(v, ((0, 0), (0, pad_t), (0, 0), (0, head_dim_p - head_dim)))
+    if pad_t:
+        kv_positions = jnp.pad(kv_positions, ((0, 0), (0, pad_t)), constant_values=-1)
+        if quantized:
+            k_scale = jnp.pad(k_scale, ((0, 0), (0, pad_t), (0, 0)))
+            v_scale = jnp.pad(v_scale, ((0, 0), (0, pad_t), (0, 0)))
+
+    kernel = functools.partial(_kernel, block_k=block_k, split_len=split_len, sliding_window=sliding_window,
+                               logit_softcap=logit_softcap, quantized=quantized, scale=head_dim**-0.5)
+    q_spec = pl.BlockSpec((None, None, group_p, head_dim_p), lambda b, h, s: (b, h, 0, 0))
+    kv_spec = pl.BlockSpec((None, split_len, None, head_dim_p), lambda b, h, s: (b, s, h, 0))
+    pos_spec = pl.BlockSpec((None, split_len), lambda b, h, s: (b, s))
+    row_spec = pl.BlockSpec((None,), lambda b, h, s: (b,))
+    in_specs = [q_spec, kv_spec, kv_spec, pos_spec, row_spec, row_spec]
+    inputs = [qg, k, v, kv_positions.astype(jnp.int32), q_positions.astype(jnp.int32), kv_lengths]
+    if quantized:
+        scale_spec = pl.BlockSpec((None, split_len, None), lambda b, h, s: (b, s, h))
+        in_specs += [scale_spec, scale_spec]
+        inputs += [k_scale.astype(jnp.float32), v_scale.astype(jnp.float32)]
+    out_shape = [
+        jax.ShapeDtypeStruct((batch, kv_heads, splits, group_p, head_dim_p), jnp.float32),
+        jax.ShapeDtypeStruct((batch, kv_heads, splits, group_p), jnp.float32),
+        jax.ShapeDtypeStruct((batch, kv_heads, splits, group_p), jnp.float32),
+    ]
+    out_specs = [
+        pl.BlockSpec((None, None, None, group_p, head_dim_p), lambda b, h, s: (b, h, s, 0, 0)),
+        pl.BlockSpec((None, None, None, group_p), lambda b, h, s: (b, h, s, 0)),
+        pl.BlockSpec((None, None, None, group_p), lambda b, h, s: (b, h, s, 0)),
+    ]
+    compiler_params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as plgpu
+
+        compiler_params = plgpu.CompilerParams(num_warps=4, num_stages=2)
+    out, row_max, row_sum = pl.pallas_call(
+        kernel, grid=(batch, kv_heads, splits), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        compiler_params=compiler_params, interpret=interpret, name="decode_attention",
+    )(*inputs)
+    # Merge the splits: out = sum_s exp(m_s - m) o_s / sum_s exp(m_s - m) l_s.
+    overall = row_max.max(axis=2, keepdims=True)
+    weight = jnp.exp(row_max - overall)  # [batch, kv_heads, splits, group_p]
+    total = (row_sum * weight).sum(axis=2)
+    merged = (out * weight[..., None]).sum(axis=2) / jnp.maximum(total, 1e-30)[..., None]
+    merged = merged[:, :, :group, :head_dim].reshape(batch, heads, head_dim)
+    return merged.astype(q.dtype)

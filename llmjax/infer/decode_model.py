@@ -1,0 +1,173 @@
+"""The Transformer's cache-aware path: `prefill` a prompt into a KV cache, then `decode_step` one token.
+
+Same layers as llmjax.model.transformer (norm, mlp, rope, attention core), arranged for decoding:
+
+- `prepare_params` casts the weights to the compute dtype once (the training forward casts its f32
+  masters inside every call, which a decode step cannot afford: it would re-read them in f32), splits the
+  stacked blocks into a per-layer list (each layer's cache is its own buffer, updated in place), and
+  fuses q/k/v into one [d_model, (heads + 2 kv_heads) * head_dim] matrix and SwiGLU's gate/up into one,
+  so a step launches fewer, larger matmuls.
+- `prefill(dparams, tokens, valid, cache, cfg)`: tokens [batch, seq] with padding on either side
+  (valid [batch, seq] marks the prompt tokens); positions restart at 0 at each row's first prompt token;
+  attention is the model's own `dot_product_attention` with the padding as a segment. Returns the
+  logits of each row's last prompt token [batch, padded_vocab] (float32) and the filled cache.
+- `decode_step(dparams, tokens, cache, cfg)`: tokens [batch] -> (logits [batch, padded_vocab], cache).
+  The attention core is `kernels.decode_attention` (Pallas split-K) on GPU, the jnp reference elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from kernels.decode_attention import decode_attention, decode_attention_reference
+from llmjax.config import ModelConfig
+from llmjax.infer import kv_cache
+from llmjax.model.attention import dot_product_attention
+from llmjax.model.layers import norm
+from llmjax.model.rope import apply_rope
+from llmjax.model.transformer import logits_from_hidden
+
+DECODE_ATTENTION_IMPLS = ("auto", "xla", "pallas")
+
+
+def prepare_params(params: dict, cfg: ModelConfig) -> dict:
+    """Decode-ready weights: compute dtype, one dict per layer, fused q/k/v and gate/up projections."""
+    dtype = jnp.dtype(cfg.compute_dtype)
+    cast = lambda x: jnp.asarray(x, dtype)  # noqa: E731
+    blocks = params["blocks"]
+    layers = []
+    for i in range(cfg.num_layers):
+        layer = jax.tree.map(lambda x: x[i], blocks)
+        attn, mlp_params = layer["attn"], layer["mlp"]
+        d = cfg.d_model
+        qkv = jnp.concatenate([cast(attn[n]["kernel"]).reshape(d, -1) for n in ("q", "k", "v")], axis=1)
+        entry = {
+            "attn_norm": jax.tree.map(cast, layer["attn_norm"]),
+            "mlp_norm": jax.tree.map(cast, layer["mlp_norm"]),
+            "qkv": {"kernel": qkv},
+            "o": {"kernel": cast(attn["o"]["kernel"]).reshape(cfg.q_size, d)},
+        }
+        if "bias" in attn["q"]:
+            entry["qkv"]["bias"] = jnp.concatenate([cast(attn[n]["bias"]).reshape(-1) for n in ("q", "k", "v")])
+        if "bias" in attn["o"]:
+            entry["o"]["bias"] = cast(attn["o"]["bias"])
+        if cfg.activation == "swiglu":
+            entry["gate_up"] = {"kernel": jnp.concatenate([cast(mlp_params["gate"]["kernel"]),
+                                                            cast(mlp_params["up"]["kernel"])], axis=1)}
+            if "bias" in mlp_params["up"]:
+                entry["gate_up"]["bias"] = jnp.concatenate([cast(mlp_params["gate"]["bias"]),
+                                                            cast(mlp_params["up"]["bias"])])
+        else:
+            entry["up"] = jax.tree.map(cast, mlp_params["up"])
+        entry["down"] = jax.tree.map(cast, mlp_params["down"])
+        layers.append(entry)
+    prepared = {"embed": jax.tree.map(cast, params["embed"]), "layers": layers,
+                "final_norm": jax.tree.map(cast, params["final_norm"])}
+    if "lm_head" in params:
+        prepared["lm_head"] = jax.tree.map(cast, params["lm_head"])
+    return prepared
+
+
+def _dense(p: dict, x: jax.Array) -> jax.Array:
+    y = x @ p["kernel"]
+    return y + p["bias"] if "bias" in p else y
+
+
+def _mlp(layer: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    if cfg.activation == "swiglu":
+        gate, up = jnp.split(_dense(layer["gate_up"], x), 2, axis=-1)
+        hidden = jax.nn.silu(gate) * up
+    else:
+        hidden = jax.nn.gelu(_dense(layer["up"], x), approximate=True)
+    return _dense(layer["down"], hidden)
+
+
+def _qkv(layer: dict, x: jax.Array, positions: jax.Array, cfg: ModelConfig):
+    """x [batch, seq, d_model] -> q [batch, seq, heads, head_dim], k, v [batch, seq, kv_heads, head_dim]."""
+    batch, seq = x.shape[:2]
+    qkv = _dense(layer["qkv"], x)
+    q, k, v = jnp.split(qkv, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
+    q = q.reshape(batch, seq, cfg.num_heads, cfg.head_dim)
+    k = k.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
+    v = v.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.positions == "rope":
+        q, k = apply_rope(q, positions, cfg), apply_rope(k, positions, cfg)
+    return q, k, v
+
+
+def _embed(dparams: dict, tokens: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
+    x = jnp.take(dparams["embed"]["token"], tokens, axis=0)
+    if cfg.positions == "learned":
+        x = x + jnp.take(dparams["embed"]["position"], jnp.clip(positions, 0, cfg.max_seq_len - 1), axis=0)
+    return x
+
+
+def resolve_decode_impl(impl: str, cfg: ModelConfig) -> str:
+    """"auto": the Pallas kernel on GPUs (head_dim >= 16), the jnp reference elsewhere."""
+    if impl not in DECODE_ATTENTION_IMPLS:
+        raise ValueError(f"decode attention {impl!r}: expected one of {', '.join(DECODE_ATTENTION_IMPLS)}")
+    if impl == "auto":
+        on_gpu = jax.devices()[0].platform == "gpu"
+        return "pallas" if on_gpu and cfg.head_dim >= 16 else "xla"
+    return impl
+
+
+def prefill(dparams: dict, tokens: jax.Array, valid: jax.Array, cache: dict, cfg: ModelConfig):
+    """Run the prompt tokens [batch, seq] (valid [batch, seq]) through the model into an empty cache.
+
+    Returns (logits of each row's last prompt token [batch, padded_vocab] float32, cache)."""
+    cache = kv_cache.set_prefill_layout(cache, valid)
+    positions, _, _ = kv_cache.prompt_layout(valid)
+    segment = valid.astype(jnp.int32)  # padding attends only to padding, prompt only to prompt
+    x = _embed(dparams, tokens, positions, cfg)
+    rope_positions = jnp.maximum(positions, 0)
+    for i, layer in enumerate(dparams["layers"]):
+        h = norm(layer["attn_norm"], x, cfg)
+        q, k, v = _qkv(layer, h, rope_positions, cfg)
+        cache = kv_cache.write_prefill(cache, i, k, v)
+        # Within a row, index differences equal position differences (padding sits at one end only),
+        # so the model's causal + window masks by index are exact.
+        out = dot_product_attention(q, k, v, causal=True, sliding_window=cfg.sliding_window, q_segment_ids=segment,
+                                    logit_softcap=cfg.attn_logit_softcap, impl=cfg.attention_impl)
+        x = x + _dense(layer["o"], out.reshape(*out.shape[:2], cfg.q_size))
+        x = x + _mlp(layer, norm(layer["mlp_norm"], x, cfg), cfg)
+    last = cache["next_slot"] - 1  # index of each row's last prompt token
+    x = jnp.take_along_axis(x, last[:, None, None], axis=1)  # [batch, 1, d_model]
+    x = norm(dparams["final_norm"], x, cfg)
+    return logits_from_hidden(dparams, x, cfg)[:, 0], cache
+
+
+def decode_step(dparams: dict, tokens: jax.Array, cache: dict, cfg: ModelConfig, impl: str = "auto"):
+    """One token per row, tokens [batch] -> (logits [batch, padded_vocab] float32, cache)."""
+    impl = resolve_decode_impl(impl, cfg)
+    positions = cache["next_position"]  # [batch]
+    x = _embed(dparams, tokens[:, None], positions[:, None], cfg)  # [batch, 1, d_model]
+    capacity = cache["positions"].shape[1]
+    slot = cache["next_slot"] % capacity
+    kv_positions = cache["positions"].at[jnp.arange(tokens.shape[0]), slot].set(positions)
+    kv_lengths = jnp.minimum(cache["next_slot"] + 1, capacity)
+    for i, layer in enumerate(dparams["layers"]):
+        h = norm(layer["attn_norm"], x, cfg)
+        q, k, v = _qkv(layer, h, positions[:, None], cfg)
+        cache = kv_cache.write_token(cache, i, k[:, 0], v[:, 0])
+        entry = cache["layers"][i]
+        scales = dict(k_scale=entry.get("k_scale"), v_scale=entry.get("v_scale"))
+        if impl == "pallas":
+            out = decode_attention(q[:, 0], entry["k"], entry["v"], kv_positions, positions, kv_lengths,
+                                   sliding_window=cfg.sliding_window, logit_softcap=cfg.attn_logit_softcap, **scales)
+        else:
+            out = decode_attention_reference(q[:, 0], entry["k"], entry["v"], kv_positions, positions,
+                                             sliding_window=cfg.sliding_window,
+                                             logit_softcap=cfg.attn_logit_softcap, **scales)
+        x = x + _dense(layer["o"], out.reshape(out.shape[0], 1, cfg.q_size))
+        x = x + _mlp(layer, norm(layer["mlp_norm"], x, cfg), cfg)
+    cache = kv_cache.advance(cache)
+    x = norm(dparams["final_norm"], x, cfg)
+    return logits_from_hidden(dparams, x, cfg)[:, 0], cache
+
+
+prefill_jit = jax.jit(prefill, static_argnames=("cfg",), donate_argnames=("cache",))
+decode_step_jit = jax.jit(decode_step, static_argnames=("cfg", "impl"), donate_argnames=("cache",))
