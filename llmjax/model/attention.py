@@ -18,6 +18,7 @@ from llmjax.config import ModelConfig
 from llmjax.model.layers import residual_std
 from llmjax.model.params import ParamSpec, normal, zeros
 from llmjax.model.rope import apply_rope
+from llmjax.parallel.logical import active_rules, mesh_axis_for
 
 
 def attention_spec(cfg: ModelConfig) -> dict:
@@ -102,7 +103,18 @@ def dot_product_attention(
 ) -> jax.Array:
     """Attention by the named implementation; q [batch, q_len, heads, head_dim], k, v
     [batch, kv_len, kv_heads, head_dim] -> [batch, q_len, heads, head_dim]. See
-    kernels.flash_attention.reference for the masking arguments."""
+    kernels.flash_attention.reference for the masking arguments.
+
+    When the active sharding rules cut the sequence over a mesh axis (llmjax.parallel, strategy
+    "sp"), this is ring attention over that axis whatever `impl` says.
+    """
+    if mesh_axis_for("length") is not None:
+        from llmjax.parallel.ring_attention import sharded_ring_attention
+
+        mesh, rules = active_rules()
+        return sharded_ring_attention(q, k, v, mesh=mesh, rules=rules, causal=causal, sliding_window=sliding_window,
+                                      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                                      logit_softcap=logit_softcap)
     impl = resolve_attention_impl(impl, jax.devices()[0].platform, logit_softcap, q.shape[-1])
     return ATTENTION_IMPLS[impl](q, k, v, causal=causal, sliding_window=sliding_window, q_segment_ids=q_segment_ids,
                                  kv_segment_ids=kv_segment_ids, logit_softcap=logit_softcap)

@@ -22,7 +22,9 @@ import numpy as np
 from llmjax.config import ModelConfig
 from llmjax.model.attention import attention_layer, attention_spec
 from llmjax.model.layers import mlp, mlp_spec, norm, norm_spec
+from llmjax.model.moe import moe_layer, moe_spec
 from llmjax.model.params import ParamSpec, init_from_specs, normal, stack_layers
+from llmjax.parallel.logical import constrain
 
 
 def block_spec(cfg: ModelConfig) -> dict:
@@ -34,17 +36,33 @@ def block_spec(cfg: ModelConfig) -> dict:
     }
 
 
+def moe_block_spec(cfg: ModelConfig) -> dict:
+    """A block whose MLP is a Mixture-of-Experts (llmjax.model.moe)."""
+    return {
+        "attn_norm": norm_spec(cfg),
+        "attn": attention_spec(cfg),
+        "mlp_norm": norm_spec(cfg),
+        "moe": moe_spec(cfg),
+    }
+
+
 def model_spec(cfg: ModelConfig) -> dict:
     """The full parameter spec tree of a model."""
     embed = {"token": ParamSpec((cfg.padded_vocab_size, cfg.d_model), ("vocab", "embed"), normal(cfg.init_std), cfg.param_dtype)}
     if cfg.positions == "learned":
         # GPT-2 initializes position embeddings with std 0.01.
         embed["position"] = ParamSpec((cfg.max_seq_len, cfg.d_model), ("length", "embed"), normal(0.01), cfg.param_dtype)
-    spec = {
-        "embed": embed,
-        "blocks": stack_layers(block_spec(cfg), cfg.num_layers),
-        "final_norm": norm_spec(cfg),
-    }
+    spec = {"embed": embed}
+    if not cfg.is_moe:
+        spec["blocks"] = stack_layers(block_spec(cfg), cfg.num_layers)
+    else:
+        # Scanned in num_layers / moe_every groups: moe_every - 1 dense blocks, then one MoE block.
+        # Layer i is MoE when (i + 1) % moe_every == 0: dense block j of group g is layer g * moe_every + j.
+        groups = cfg.num_layers // cfg.moe_every
+        if cfg.moe_every > 1:
+            spec["blocks"] = stack_layers(stack_layers(block_spec(cfg), cfg.moe_every - 1), groups)
+        spec["moe_blocks"] = stack_layers(moe_block_spec(cfg), groups)
+    spec["final_norm"] = norm_spec(cfg)
     if not cfg.tie_embeddings:
         spec["lm_head"] = {
             "kernel": ParamSpec((cfg.d_model, cfg.padded_vocab_size), ("embed", "vocab"), normal(cfg.init_std), cfg.param_dtype)
@@ -106,6 +124,8 @@ def _outside(values, low: int, high: int) -> int | None:
 
 # --- forward -----------------------------------------------------------------------------
 
+ACTIVATION_AXES = ("batch", "length", "embed")  # block inputs and outputs, laid out by the active sharding rules
+
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
@@ -119,6 +139,15 @@ def block(params: dict, x: jax.Array, positions: jax.Array, segment_ids: jax.Arr
     return x + mlp(params["mlp"], norm(params["mlp_norm"], x, cfg), cfg)
 
 
+def moe_block(
+    params: dict, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, cfg: ModelConfig, rng=None
+) -> tuple[jax.Array, dict]:
+    """A pre-norm block with a Mixture-of-Experts MLP: (x [batch, seq, d_model], this layer's MoE metrics)."""
+    x = x + attention_layer(params["attn"], norm(params["attn_norm"], x, cfg), positions, segment_ids, cfg)
+    y, metrics = moe_layer(params["moe"], norm(params["mlp_norm"], x, cfg), cfg, rng)
+    return x + y, metrics
+
+
 def hidden_states(
     params: dict,
     tokens: jax.Array,
@@ -128,24 +157,79 @@ def hidden_states(
     segment_ids: jax.Array | None = None,
 ) -> jax.Array:
     """tokens [batch, seq] -> final-normed hidden states [batch, seq, d_model] in the compute dtype."""
+    return hidden_states_and_moe_metrics(params, tokens, cfg, positions=positions, segment_ids=segment_ids)[0]
+
+
+def _cast_for_compute(params: dict, cfg: ModelConfig) -> dict:
+    """Every parameter in the compute dtype, except MoE routers, which stay in cfg.router_dtype."""
+    dtype, router_dtype = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.router_dtype)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: p.astype(router_dtype if any(getattr(k, "key", None) == "router" for k in path) else dtype),
+        params,
+    )
+
+
+def hidden_states_and_moe_metrics(
+    params: dict,
+    tokens: jax.Array,
+    cfg: ModelConfig,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    rng: jax.Array | None = None,
+) -> tuple[jax.Array, dict]:
+    """(final-normed hidden states [batch, seq, d_model], MoE metrics).
+
+    MoE metrics (empty for dense models): llmjax.model.moe's per-layer metrics, each stacked on a
+    leading [num_moe_layers] axis. rng: for router jitter / noise while training (None: none).
+    """
     check_inputs(tokens, cfg, positions)
     batch, seq_len = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(seq_len), (batch, seq_len))
-    dtype = jnp.dtype(cfg.compute_dtype)
-    params = jax.tree.map(lambda p: p.astype(dtype), params)
+    params = _cast_for_compute(params, cfg) if cfg.is_moe else jax.tree.map(lambda p: p.astype(cfg.compute_dtype), params)
 
     x = jnp.take(params["embed"]["token"], tokens, axis=0)  # [batch, seq, d_model]
     if cfg.positions == "learned":
         x = x + jnp.take(params["embed"]["position"], positions, axis=0)
 
-    def scan_step(x, layer_params):
-        return block(layer_params, x, positions, segment_ids, cfg), None
+    x = constrain(x, ACTIVATION_AXES)
 
+    def scan_step(x, layer_params):
+        return constrain(block(layer_params, x, positions, segment_ids, cfg), ACTIVATION_AXES), None
+
+    if cfg.is_moe:
+        x, moe_metrics = _moe_stack(params, x, positions, segment_ids, cfg, rng)
+        return norm(params["final_norm"], x, cfg), moe_metrics
     if cfg.remat != "none":
         scan_step = jax.checkpoint(scan_step, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
     x, _ = jax.lax.scan(scan_step, x, params["blocks"])
-    return norm(params["final_norm"], x, cfg)
+    return norm(params["final_norm"], x, cfg), {}
+
+
+def _moe_stack(params, x, positions, segment_ids, cfg: ModelConfig, rng):
+    """The blocks of an MoE model: a scan over groups of moe_every blocks (an inner scan over the
+    group's dense blocks, then its MoE block), so compile time stays flat in depth; remat per block."""
+
+    def dense_step(x, layer_params):
+        return constrain(block(layer_params, x, positions, segment_ids, cfg), ACTIVATION_AXES), None
+
+    def moe_step(x, layer_params, layer_rng):
+        x, metrics = moe_block(layer_params, x, positions, segment_ids, cfg, layer_rng)
+        return constrain(x, ACTIVATION_AXES), metrics
+
+    if cfg.remat != "none":
+        dense_step = jax.checkpoint(dense_step, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        moe_step = jax.checkpoint(moe_step, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+
+    def group_step(x, group):
+        dense_params, moe_params, index = group
+        if dense_params is not None:
+            x, _ = jax.lax.scan(dense_step, x, dense_params)
+        return moe_step(x, moe_params, None if rng is None else jax.random.fold_in(rng, index))
+
+    groups = cfg.num_layers // cfg.moe_every
+    return jax.lax.scan(group_step, x, (params.get("blocks"), params["moe_blocks"], jnp.arange(groups)))
 
 
 def output_embedding(params: dict, cfg: ModelConfig) -> jax.Array:

@@ -11,16 +11,21 @@ A batch is a dict of [batch, seq] arrays: `inputs`, `targets`, and optionally `p
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from llmjax.config import ModelConfig, TrainConfig
-from llmjax.model.transformer import hidden_states, init_params, output_embedding
+from llmjax.model.moe import moe_loss_sums, moe_metrics_from_sums
+from llmjax.model.transformer import hidden_states_and_moe_metrics, init_params, output_embedding
 from llmjax.train.optim import learning_rate_schedule, make_optimizer
+
+if TYPE_CHECKING:
+    from llmjax.parallel.plan import Plan
 
 
 class TrainState(NamedTuple):
@@ -69,10 +74,16 @@ def chunked_cross_entropy(
     return nll.reshape(-1)[:tokens], log_z.reshape(-1)[:tokens]
 
 
-def loss_sums(params: dict, batch: dict, model_cfg: ModelConfig, train_cfg: TrainConfig) -> tuple[jax.Array, dict]:
-    """(objective summed over counted tokens, {"nll_sum", "z_sum", "tokens"}) for one (micro-)batch."""
-    x = hidden_states(
-        params, batch["inputs"], model_cfg, positions=batch.get("positions"), segment_ids=batch.get("segment_ids")
+def loss_sums(params: dict, batch: dict, model_cfg: ModelConfig, train_cfg: TrainConfig, rng: jax.Array | None = None
+              ) -> tuple[jax.Array, dict]:
+    """(objective summed over counted tokens, {"nll_sum", "z_sum", "tokens"}) for one (micro-)batch.
+
+    MoE models add their weighted auxiliary losses (times the tokens) to the objective and
+    token-weighted "moe_*_sum" entries to the sums (llmjax.model.moe.moe_loss_sums); rng: router noise.
+    """
+    x, moe_metrics = hidden_states_and_moe_metrics(
+        params, batch["inputs"], model_cfg, positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
+        rng=rng,
     )  # [batch, seq, d_model]
     embedding = output_embedding(params, model_cfg).astype(x.dtype)
     nll, log_z = chunked_cross_entropy(
@@ -81,7 +92,11 @@ def loss_sums(params: dict, batch: dict, model_cfg: ModelConfig, train_cfg: Trai
     mask = batch.get("loss_mask")
     mask = jnp.ones_like(nll) if mask is None else mask.reshape(-1).astype(jnp.float32)
     sums = {"nll_sum": (nll * mask).sum(), "z_sum": (jnp.square(log_z) * mask).sum(), "tokens": mask.sum()}
-    return sums["nll_sum"] + train_cfg.z_loss * sums["z_sum"], sums
+    objective = sums["nll_sum"] + train_cfg.z_loss * sums["z_sum"]
+    if moe_metrics:
+        moe_objective, moe_sums = moe_loss_sums(moe_metrics, sums["tokens"], model_cfg)
+        objective, sums = objective + moe_objective, {**sums, **moe_sums}
+    return objective, sums
 
 
 def split_micro_batches(batch: dict, micro_batches: int) -> dict:
@@ -98,26 +113,36 @@ def split_micro_batches(batch: dict, micro_batches: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def accumulated_gradients(params: dict, batch: dict, model_cfg: ModelConfig, train_cfg: TrainConfig):
+def accumulated_gradients(params: dict, batch: dict, model_cfg: ModelConfig, train_cfg: TrainConfig,
+                          rng: jax.Array | None = None):
     """(grads of the summed objective, summed metrics), scanning over micro-batches."""
     grad_fn = jax.grad(functools.partial(loss_sums, model_cfg=model_cfg, train_cfg=train_cfg), has_aux=True)
     if train_cfg.micro_batches == 1:
-        return grad_fn(params, batch)
+        return grad_fn(params, batch, rng=rng)
 
-    def add_micro_batch(carry, micro_batch):
-        grads, sums = grad_fn(params, micro_batch)
+    def add_micro_batch(carry, micro):
+        micro_batch, index = micro
+        grads, sums = grad_fn(params, micro_batch, rng=None if rng is None else jax.random.fold_in(rng, index))
         return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, params), {"nll_sum": 0.0, "z_sum": 0.0, "tokens": 0.0}
-    zeros = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), zeros)
-    (grads, sums), _ = jax.lax.scan(add_micro_batch, zeros, split_micro_batches(batch, train_cfg.micro_batches))
+    micro_batches = split_micro_batches(batch, train_cfg.micro_batches)
+    sums_shape = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro_batches), rng=rng)[1]
+    zeros = jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), sums_shape)
+    (grads, sums), _ = jax.lax.scan(add_micro_batch, zeros, (micro_batches, jnp.arange(train_cfg.micro_batches)))
     return grads, sums
 
 
-def train_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, train_cfg: TrainConfig) -> tuple[TrainState, dict]:
-    """One optimizer update on the batch: the token-weighted mean loss's gradients, clipped, AdamW."""
+def train_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, train_cfg: TrainConfig,
+               plan: Plan | None = None) -> tuple[TrainState, dict]:
+    """One optimizer update on the batch: the token-weighted mean loss's gradients, clipped, AdamW.
+
+    plan: the mesh layout (llmjax.parallel.plan); activations and gradients are constrained by it.
+    """
     optimizer = make_optimizer(model_cfg, train_cfg)
-    grads, sums = accumulated_gradients(state.params, batch, model_cfg, train_cfg)
+    with plan.activations() if plan else contextlib.nullcontext():
+        grads, sums = accumulated_gradients(state.params, batch, model_cfg, train_cfg, rng=_router_rng(state, model_cfg))
+    if plan is not None:  # ZeRO-2 / FSDP: gradients land cut (a reduce-scatter instead of an all-reduce)
+        grads = jax.lax.with_sharding_constraint(grads, plan.gradient_shardings(model_cfg))
     tokens = jnp.maximum(sums["tokens"], 1.0)
     grads = jax.tree.map(lambda g: g / tokens, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -137,20 +162,35 @@ def train_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, train_
         "learning_rate": learning_rate_schedule(train_cfg)(state.step),
         "tokens": sums["tokens"],
         "update_ratio": optax.tree.norm(updates) / optax.tree.norm(state.params),
+        **moe_metrics_from_sums(sums, tokens),  # MoE models: aux losses, dropped tokens, expert load per layer
     }
     return new_state, metrics
 
 
-def eval_step(params: dict, batch: dict, *, model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict:
+def _router_rng(state: TrainState, model_cfg: ModelConfig) -> jax.Array | None:
+    """A key per step for MoE router jitter / noise (None when the model uses neither)."""
+    if not (model_cfg.is_moe and (model_cfg.router_jitter > 0 or model_cfg.router_noise > 0)):
+        return None
+    return jax.random.fold_in(jax.random.key(0), state.step)
+
+
+def eval_step(params: dict, batch: dict, *, model_cfg: ModelConfig, train_cfg: TrainConfig,
+              plan: Plan | None = None) -> dict:
     """{"nll_sum", "tokens"} on a batch; validation loss = sum nll / sum tokens, perplexity = exp(loss)."""
-    _, sums = loss_sums(params, batch, model_cfg, train_cfg)
+    with plan.activations() if plan else contextlib.nullcontext():
+        _, sums = loss_sums(params, batch, model_cfg, train_cfg)
     return {"nll_sum": sums["nll_sum"], "tokens": sums["tokens"]}
 
 
-def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig):
-    """train_step jitted once for these configs, with the state donated (updated in place)."""
-    return jax.jit(functools.partial(train_step, model_cfg=model_cfg, train_cfg=train_cfg), donate_argnums=0)
+def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, plan: Plan | None = None):
+    """train_step jitted once for these configs, with the state donated (updated in place); with a plan,
+    the new state keeps the plan's layout."""
+    step = functools.partial(train_step, model_cfg=model_cfg, train_cfg=train_cfg, plan=plan)
+    if plan is None:
+        return jax.jit(step, donate_argnums=0)
+    return jax.jit(step, donate_argnums=0, out_shardings=(plan.state_shardings(model_cfg, train_cfg), plan.replicated()))
 
 
-def make_eval_step(model_cfg: ModelConfig, train_cfg: TrainConfig):
-    return jax.jit(functools.partial(eval_step, model_cfg=model_cfg, train_cfg=train_cfg))
+def make_eval_step(model_cfg: ModelConfig, train_cfg: TrainConfig, plan: Plan | None = None):
+    step = functools.partial(eval_step, model_cfg=model_cfg, train_cfg=train_cfg, plan=plan)
+    return jax.jit(step) if plan is None else jax.jit(step, out_shardings=plan.replicated())
