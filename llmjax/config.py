@@ -19,6 +19,7 @@ Positions = Literal["learned", "rope"]
 Activation = Literal["gelu_tanh", "swiglu"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
 AttentionImpl = Literal["auto", "xla", "cudnn", "pallas"]
+MoeImpl = Literal["capacity", "ragged_dot", "pallas"]
 
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
@@ -26,6 +27,7 @@ ACTIVATIONS = ("gelu_tanh", "swiglu")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 ROPE_SCALINGS = ("linear", "llama3")
+MOE_IMPLS = ("capacity", "ragged_dot", "pallas")
 FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: numerical references (needs jax x64)
 
 
@@ -93,6 +95,19 @@ class ModelConfig:
     remat: RematPolicy = "none"
     attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2); None disables
     attention_impl: AttentionImpl = "auto"  # "auto": the fastest available here; see llmjax.model.attention
+    # Mixture-of-Experts (llmjax.model.moe); num_experts=0 keeps the dense MLP in every block.
+    num_experts: int = 0
+    experts_per_token: int = 2  # top-k: 1 is Switch, 2 is GShard / Mixtral
+    num_shared_experts: int = 0  # experts every token goes through besides its top-k (one MLP of this many widths)
+    moe_every: int = 1  # every moe_every-th block (the last of each group of moe_every) is MoE
+    expert_d_ff: int | None = None  # hidden width of one expert; None: d_ff
+    moe_impl: MoeImpl = "ragged_dot"  # "capacity": GShard dispatch einsum, drops over capacity; else dropless
+    capacity_factor: float = 1.25  # capacity = ceil(capacity_factor * top-k * tokens / experts) per sequence
+    router_jitter: float = 0.0  # training only: router input times uniform(1 - jitter, 1 + jitter) (Switch)
+    router_noise: float = 0.0  # training only: std of Gaussian noise added to the router logits (noisy top-k)
+    router_dtype: str = "float32"  # router logits and softmax in this dtype whatever the compute dtype
+    moe_aux_loss_weight: float = 0.01  # Switch / GShard load-balancing loss (1.0 when perfectly balanced)
+    moe_router_z_loss_weight: float = 0.001  # ST-MoE router z-loss: mean logsumexp(router logits)^2
     name: str = dataclasses.field(default="custom", compare=False)  # a label: not part of equality or the jit cache key
 
     def __post_init__(self):
@@ -137,6 +152,41 @@ class ModelConfig:
             raise ConfigError(f"ModelConfig.attn_logit_softcap={self.attn_logit_softcap}: must be > 0 or None")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ConfigError(f"ModelConfig.sliding_window={self.sliding_window}: must be >= 1 or None")
+        self._check_moe()
+
+    def _check_moe(self) -> None:
+        for field in ("num_experts", "num_shared_experts"):
+            value = getattr(self, field)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"ModelConfig.{field}={value!r}: must be an integer >= 0")
+        if self.num_experts == 0:
+            return
+        if self.experts_per_token < 1 or self.experts_per_token > self.num_experts:
+            raise ConfigError(
+                f"ModelConfig.experts_per_token={self.experts_per_token}: top-k must be between 1 and "
+                f"num_experts={self.num_experts}"
+            )
+        if self.moe_every < 1 or self.num_layers % self.moe_every:
+            raise ConfigError(
+                f"ModelConfig.moe_every={self.moe_every} must be >= 1 and divide num_layers={self.num_layers} "
+                f"(the blocks are scanned in groups of moe_every whose last block is MoE)"
+            )
+        if self.expert_d_ff is not None and self.expert_d_ff < 1:
+            raise ConfigError(f"ModelConfig.expert_d_ff={self.expert_d_ff}: must be a positive integer or None")
+        _check_choice("moe_impl", self.moe_impl, MOE_IMPLS)
+        _check_choice("router_dtype", self.router_dtype, FLOAT_DTYPES)
+        if not self.capacity_factor > 0:
+            raise ConfigError(
+                f"ModelConfig.capacity_factor={self.capacity_factor}: must be > 0 (1.0 gives each expert its "
+                f"even share of tokens; for no drops at all use moe_impl='ragged_dot' or 'pallas')"
+            )
+        if not 0 <= self.router_jitter < 1:
+            raise ConfigError(f"ModelConfig.router_jitter={self.router_jitter}: must be within [0, 1)")
+        if not self.router_noise >= 0:
+            raise ConfigError(f"ModelConfig.router_noise={self.router_noise}: must be >= 0")
+        for field in ("moe_aux_loss_weight", "moe_router_z_loss_weight"):
+            if not getattr(self, field) >= 0:
+                raise ConfigError(f"ModelConfig.{field}={getattr(self, field)}: must be >= 0")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -151,6 +201,19 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def expert_width(self) -> int:
+        """Hidden width of one expert (expert_d_ff, else d_ff)."""
+        return self.expert_d_ff or self.d_ff
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers // self.moe_every if self.is_moe else 0
+
     def replace(self, **changes) -> ModelConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
@@ -161,10 +224,22 @@ def _check_choice(field: str, value, choices) -> None:
         raise ConfigError(f"ModelConfig.{field}={value!r}: expected one of {', '.join(map(repr, choices))}")
 
 
-def count_params(cfg: ModelConfig, *, padded_vocab: bool = False) -> int:
+def check_expert_parallel(cfg: ModelConfig, expert_parallel: int) -> None:
+    """Raise a ConfigError unless the experts split evenly over `expert_parallel` devices."""
+    if cfg.is_moe and cfg.num_experts % expert_parallel:
+        raise ConfigError(
+            f"ModelConfig.num_experts={cfg.num_experts} does not divide over an expert-parallel size of "
+            f"{expert_parallel} (the mesh's 'expert' axis); choose a multiple of {expert_parallel} experts "
+            f"or an 'expert' axis size that divides {cfg.num_experts}"
+        )
+
+
+def count_params(cfg: ModelConfig, *, padded_vocab: bool = False, active: bool = False) -> int:
     """Parameter count from the closed-form formula (the specs in llmjax.model must agree).
 
     With padded_vocab=False the embedding counts vocab_size rows, as Hugging Face reports it.
+    active=True: the parameters one token goes through (an MoE block counts its router, shared
+    experts and top-k of its experts), the basis of its FLOPs.
     """
     d, f, layers = cfg.d_model, cfg.d_ff, cfg.num_layers
     vocab = cfg.padded_vocab_size if padded_vocab else cfg.vocab_size
@@ -178,10 +253,20 @@ def count_params(cfg: ModelConfig, *, padded_vocab: bool = False) -> int:
     if cfg.mlp_bias:
         mlp += (mlp_matrices - 1) * f + d
     block = attention + mlp + 2 * norm
+    blocks = layers * block
+    if cfg.is_moe:
+        def mlp_of_width(width: int) -> int:
+            return mlp_matrices * d * width + ((mlp_matrices - 1) * width + d if cfg.mlp_bias else 0)
+
+        experts = cfg.experts_per_token if active else cfg.num_experts
+        moe_mlp = d * cfg.num_experts + experts * mlp_of_width(cfg.expert_width)  # router + experts
+        if cfg.num_shared_experts:
+            moe_mlp += mlp_of_width(cfg.num_shared_experts * cfg.expert_width)
+        blocks += cfg.num_moe_layers * (moe_mlp - mlp)
 
     embeddings = vocab * d + (cfg.max_seq_len * d if cfg.positions == "learned" else 0)
     lm_head = 0 if cfg.tie_embeddings else d * vocab
-    return embeddings + layers * block + norm + lm_head
+    return embeddings + blocks + norm + lm_head
 
 
 def _gpt2(name: str, d_model: int, num_layers: int, num_heads: int, **kw) -> ModelConfig:
@@ -251,6 +336,17 @@ PRESETS: dict[str, ModelConfig] = {
                     max_seq_len=64, vocab_multiple=64, compute_dtype="float32"),
         _llama("llama-tiny", 48, 2, 6, 2, 112, vocab_size=301, max_seq_len=64, vocab_multiple=64,
                compute_dtype="float32"),
+        # Mixture-of-Experts (LLaMA blocks, Mixtral-style experts). llama-moe-125m: 8 experts top-2 of
+        # half llama-125m's width each, so its active parameters and FLOPs per token equal llama-125m's.
+        _llama("llama-moe-125m", 768, 12, 12, 4, 2048, num_experts=8, experts_per_token=2, expert_d_ff=1024),
+        # Switch-style: one expert per token, MoE in every other block, capacity-based dispatch.
+        _llama("switch-moe-125m", 768, 12, 12, 4, 2048, num_experts=8, experts_per_token=1, moe_every=2,
+               moe_impl="capacity", capacity_factor=1.25),
+        # A CPU / quick-GPU sized MoE for experiments (about 4M parameters without the embedding).
+        _llama("llama-moe-mini", 256, 4, 4, 4, 1024, num_experts=8, experts_per_token=2, expert_d_ff=512,
+               max_seq_len=256, compute_dtype="float32"),
+        _llama("llama-moe-tiny", 48, 2, 6, 2, 112, vocab_size=301, max_seq_len=64, vocab_multiple=64,
+               compute_dtype="float32", num_experts=4, experts_per_token=2, expert_d_ff=40),
     ]
 }
 
@@ -333,5 +429,8 @@ def model_config_from_dict(data: dict) -> ModelConfig:
 def config_differences(saved: dict, current: ModelConfig | TrainConfig) -> list[str]:
     """['d_model: 768 in the checkpoint, 1024 now', ...] for fields that differ (name ignored)."""
     now = config_to_dict(current)
+    # A field the checkpoint predates (e.g. the MoE fields) counts as its default.
+    defaults = {f.name: f.default for f in dataclasses.fields(current) if f.default is not dataclasses.MISSING}
+    saved = {**{f: defaults[f] for f in defaults.keys() - saved.keys()}, **saved}
     fields = sorted((saved.keys() | now.keys()) - {"name"})
     return [f"{f}: {saved.get(f)!r} in the checkpoint, {now.get(f)!r} now" for f in fields if saved.get(f) != now.get(f)]

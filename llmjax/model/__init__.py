@@ -1,5 +1,12 @@
 """Pure-function Transformer: parameter specs, init and forward."""
 
-from llmjax.model.transformer import forward, hidden_states, init_params, logits_from_hidden, model_spec
+from llmjax.model.transformer import (
+    forward,
+    hidden_states,
+    hidden_states_and_moe_metrics,
+    init_params,
+    logits_from_hidden,
+    model_spec,
+)
 
-__all__ = ["forward", "hidden_states", "init_params", "logits_from_hidden", "model_spec"]
+__all__ = ["forward", "hidden_states", "hidden_states_and_moe_metrics", "init_params", "logits_from_hidden", "model_spec"]
