@@ -8,7 +8,25 @@ from llmjax.config import PRESETS, ModelConfig, count_params
 
 
 def family(cfg: ModelConfig) -> str:
-    return "GPT-2" if cfg.positions == "learned" else "LLaMA"
+    name = "GPT-2" if cfg.positions == "learned" else "LLaMA"
+    return f"{name} MoE" if cfg.is_moe else name
+
+
+def feed_forward(cfg: ModelConfig) -> str:
+    """d_ff, or for MoE models: experts x width, top-k, and how often (dense blocks keep d_ff)."""
+    if not cfg.is_moe:
+        return str(cfg.d_ff)
+    experts = f"{cfg.num_experts}x{cfg.expert_width} top-{cfg.experts_per_token}"
+    if cfg.num_shared_experts:
+        experts += f" +{cfg.num_shared_experts} shared"
+    return experts if cfg.moe_every == 1 else f"{cfg.d_ff}; {experts} every {cfg.moe_every}"
+
+
+def parameters(cfg: ModelConfig) -> str:
+    total = count_params(cfg)
+    if not cfg.is_moe:
+        return f"{total:,} ({human(total)})"
+    return f"{total:,} ({human(total)}; {human(count_params(cfg, active=True))} active)"
 
 
 def human(count: int) -> str:
@@ -22,10 +40,9 @@ def presets_markdown() -> str:
         "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for name, cfg in PRESETS.items():
-        params = count_params(cfg)
         rows.append(
             f"| `{name}` | {family(cfg)} | {cfg.num_layers} | {cfg.d_model} | {cfg.num_heads} ({cfg.num_kv_heads}) "
-            f"| {cfg.d_ff} | {cfg.vocab_size} | {cfg.max_seq_len} | {params:,} ({human(params)}) |"
+            f"| {feed_forward(cfg)} | {cfg.vocab_size} | {cfg.max_seq_len} | {parameters(cfg)} |"
         )
     return "\n".join(rows)
 
