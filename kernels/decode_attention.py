@@ -62,6 +62,10 @@ def decode_attention_reference(q, k, v, kv_positions, q_positions, *, sliding_wi
 
 # --- the Pallas kernel -------------------------------------------------------------------------
 
+def _dot(a, b, contract):
+    return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32)
+
+
 def _kernel(q_ref, k_ref, v_ref, pos_ref, qpos_ref, len_ref, *rest, block_k: int, split_len: int,
             sliding_window, logit_softcap, quantized: bool, scale: float):
     if quantized:
@@ -69,7 +73,7 @@ def _kernel(q_ref, k_ref, v_ref, pos_ref, qpos_ref, len_ref, *rest, block_k: int
     else:
         o_ref, m_ref, l_ref = rest
     split = pl.program_id(2)
-    q = q_ref[...].astype(jnp.float32)  # [group_p, head_dim]
+    q = q_ref[...]  # [group_p, head_dim] in the compute dtype
     q_pos = qpos_ref[...]
     start = split * split_len
     used = jnp.clip(len_ref[...] - start, 0, split_len)  # slots of this split that hold anything
@@ -78,26 +82,26 @@ def _kernel(q_ref, k_ref, v_ref, pos_ref, qpos_ref, len_ref, *rest, block_k: int
     def body(index, carry):
         out, row_max, row_sum = carry
         window = pl.ds(index * block_k, block_k)
-        k = k_ref[window, :].astype(jnp.float32)  # [block_k, head_dim]
-        v = v_ref[window, :].astype(jnp.float32)
-        if quantized:
-            k = k * ks_ref[window][:, None]
-            v = v * vs_ref[window][:, None]
+        k = k_ref[window, :]  # [block_k, head_dim]
+        v = v_ref[window, :]
+        if quantized:  # dequantize in registers: the int8 block is what crossed the memory bus
+            k = (k.astype(jnp.float32) * ks_ref[window][:, None]).astype(q.dtype)
+            v = (v.astype(jnp.float32) * vs_ref[window][:, None]).astype(q.dtype)
         positions = pos_ref[window]  # [block_k]
         visible = (positions >= 0) & (positions <= q_pos)
         if sliding_window is not None:
             visible &= q_pos - positions < sliding_window
-        scores = pl.dot(q, k, trans_b=True) * scale  # [group_p, block_k]
+        scores = _dot(q, k, ((1,), (1,))) * scale  # [group_p, block_k] float32
         if logit_softcap is not None:
             scores = logit_softcap * jnp.tanh(scores / logit_softcap)
         scores = jnp.where(visible[None, :], scores, NEG_INF)
         new_max = jnp.maximum(row_max, scores.max(axis=-1))
         correction = jnp.exp(row_max - new_max)
         probs = jnp.where(visible[None, :], jnp.exp(scores - new_max[:, None]), 0.0)
-        out = out * correction[:, None] + pl.dot(probs, v)
+        out = out * correction[:, None] + _dot(probs.astype(v.dtype), v, ((1,), (0,)))
         return out, new_max, row_sum * correction + probs.sum(axis=-1)
 
-    group_p, head_dim = q.shape
+    group_p, head_dim = q_ref.shape
     init = (jnp.zeros((group_p, head_dim), jnp.float32), jnp.full((group_p,), NEG_INF, jnp.float32),
             jnp.zeros((group_p,), jnp.float32))
     out, row_max, row_sum = jax.lax.fori_loop(0, num_blocks, body, init)
