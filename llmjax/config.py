@@ -98,6 +98,7 @@ class ModelConfig:
     # Mixture-of-Experts (llmjax.model.moe); num_experts=0 keeps the dense MLP in every block.
     num_experts: int = 0
     experts_per_token: int = 2  # top-k: 1 is Switch, 2 is GShard / Mixtral
+    renormalize_top_k: bool | None = None  # top-k weights divided by their sum; None: when top-k > 1 (Switch keeps p)
     num_shared_experts: int = 0  # experts every token goes through besides its top-k (one MLP of this many widths)
     moe_every: int = 1  # every moe_every-th block (the last of each group of moe_every) is MoE
     expert_d_ff: int | None = None  # hidden width of one expert; None: d_ff
@@ -209,6 +210,11 @@ class ModelConfig:
     def expert_width(self) -> int:
         """Hidden width of one expert (expert_d_ff, else d_ff)."""
         return self.expert_d_ff or self.d_ff
+
+    @property
+    def top_k_renormalized(self) -> bool:
+        """Whether the router's top-k weights are divided by their sum (renormalize_top_k, default k > 1)."""
+        return self.experts_per_token > 1 if self.renormalize_top_k is None else self.renormalize_top_k
 
     @property
     def num_moe_layers(self) -> int:

@@ -1,4 +1,4 @@
-"""Hugging Face interop: configs and safetensors checkpoints of GPT-2, LLaMA and Mistral models.
+"""Hugging Face interop: configs and safetensors checkpoints of GPT-2, LLaMA, Mistral and Mixtral models.
 
     params, cfg = load_hf_checkpoint("path/to/Llama-3.2-1B")     # folder with config.json + safetensors
     save_hf_checkpoint(params, cfg, "out/my-model")               # loads in transformers' from_pretrained
@@ -13,6 +13,7 @@ tensor. Padded vocabulary rows are zero on import and sliced off on export.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 import shutil
@@ -39,14 +40,16 @@ SHARD_FILE = "model-{index:05d}-of-{count:05d}.safetensors"
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}  # safetensors dtype names we can import
 
 # Where each family's blocks live; hub files of base models (and the original GPT-2) omit it.
-_BASE_PREFIX = {"gpt2": "transformer.", "llama": "model.", "mistral": "model."}
+_BASE_PREFIX = {"gpt2": "transformer.", "llama": "model.", "mistral": "model.", "mixtral": "model."}
 # Buffers that old checkpoints saved alongside the weights: not parameters, skipped on import.
 _IGNORED_TENSORS = {
     "gpt2": re.compile(r"\.attn\.(masked_)?bias$"),  # the causal-mask buffer, not c_attn.bias
     "llama": re.compile(r"\.rotary_emb\.inv_freq$"),
     "mistral": re.compile(r"\.rotary_emb\.inv_freq$"),
+    "mixtral": re.compile(r"\.rotary_emb\.inv_freq$"),
 }
-_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                  "mixtral": "MixtralForCausalLM"}
 
 
 class CheckpointMismatchError(ValueError):
@@ -56,12 +59,13 @@ class CheckpointMismatchError(ValueError):
 # --- configs -----------------------------------------------------------------------------
 
 def config_from_hf(hf_config: dict, **overrides) -> ModelConfig:
-    """A ModelConfig from a Hugging Face config.json dict (model_type gpt2, llama or mistral).
+    """A ModelConfig from a Hugging Face config.json dict (model_type gpt2, llama, mistral or mixtral).
 
     Parameters and compute are float32 unless overridden: config_from_hf(d, compute_dtype="bfloat16").
     """
     model_type = hf_config.get("model_type")
-    readers = {"gpt2": _gpt2_config_fields, "llama": _llama_config_fields, "mistral": _llama_config_fields}
+    readers = {"gpt2": _gpt2_config_fields, "llama": _llama_config_fields, "mistral": _llama_config_fields,
+               "mixtral": _mixtral_config_fields}
     if model_type not in readers:
         raise CheckpointMismatchError(
             f"config.json has model_type={model_type!r}; llmjax imports {', '.join(map(repr, readers))}"
@@ -143,6 +147,25 @@ def _llama_config_fields(hf: dict) -> dict:
     )
 
 
+def _mixtral_config_fields(hf: dict) -> dict:
+    """Mixtral: Mistral attention, every block's MLP a Mixture-of-Experts (softmax top-k, renormalized).
+
+    Hugging Face's load-balancing loss is experts_per_token times ours (it counts each choice), so
+    router_aux_loss_coef maps to moe_aux_loss_weight = coef * experts_per_token.
+    """
+    fields = _llama_config_fields(hf)
+    experts_per_token = _required(hf, "num_experts_per_tok")
+    return fields | dict(
+        sliding_window=hf.get("sliding_window"),
+        num_experts=_required(hf, "num_local_experts"),
+        experts_per_token=experts_per_token,
+        renormalize_top_k=True,  # also for top-1: Mixtral's weight is then 1
+        expert_d_ff=fields["d_ff"],
+        moe_aux_loss_weight=hf.get("router_aux_loss_coef", 0.001) * experts_per_token,
+        moe_router_z_loss_weight=0.0,
+    )
+
+
 def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
     """(rope_theta, scaling) from `rope_parameters` (transformers >= 5) or the older top-level
     `rope_theta` + `rope_scaling`; like transformers, a non-null `rope_scaling` wins."""
@@ -173,7 +196,23 @@ def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
 
 
 def hf_family(cfg: ModelConfig) -> str:
-    """'gpt2', 'llama' or 'mistral': the Hugging Face layout that holds this config exactly."""
+    """'gpt2', 'llama', 'mistral' or 'mixtral': the Hugging Face layout that holds this config exactly."""
+    if cfg.is_moe:
+        problems = []
+        if (cfg.norm, cfg.positions, cfg.activation) != ("rmsnorm", "rope", "swiglu"):
+            problems.append("norm='rmsnorm', positions='rope' and activation='swiglu'")
+        if cfg.attention_bias or cfg.mlp_bias:
+            problems.append("no biases")
+        if cfg.moe_every != 1 or cfg.num_shared_experts:
+            problems.append("moe_every=1 and no shared experts")
+        if not cfg.top_k_renormalized:
+            problems.append("renormalize_top_k=True for top-1 routing (Mixtral renormalizes the top-k weights)")
+        if cfg.expert_width != cfg.d_ff:
+            problems.append("expert_d_ff equal to d_ff (Mixtral's intermediate_size is both)")
+        if not problems:
+            return "mixtral"
+        raise ValueError(f"no Hugging Face layout matches this MoE ModelConfig: the Mixtral layout needs "
+                         f"{' and '.join(problems)}")
     if (cfg.norm, cfg.positions, cfg.activation) == ("layernorm", "learned", "gelu_tanh"):
         problems = []
         if not (cfg.attention_bias and cfg.mlp_bias):
@@ -232,6 +271,15 @@ def hf_config_from(cfg: ModelConfig) -> dict:
         max_position_embeddings=cfg.max_seq_len,
         **_rope_to_hf(cfg),
     )
+    if family == "mixtral":
+        return hf | dict(
+            sliding_window=cfg.sliding_window,
+            num_local_experts=cfg.num_experts,
+            num_experts_per_tok=cfg.experts_per_token,
+            router_aux_loss_coef=cfg.moe_aux_loss_weight / cfg.experts_per_token,
+            router_jitter_noise=0.0,
+            output_router_logits=False,
+        )
     if family == "mistral":
         return hf | dict(sliding_window=cfg.sliding_window)
     return hf | dict(attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias)
@@ -275,6 +323,10 @@ class TensorMapping:
     ours: tuple[str, ...]  # parameter paths, "blocks/attn/q/kernel"
     to_ours: Callable[[np.ndarray], tuple[np.ndarray, ...]]  # Hugging Face array -> one per `ours`
     to_hf: Callable[..., np.ndarray]  # one array per `ours` -> Hugging Face array
+    expert: int | None = None  # per-expert tensors (Mixtral): the slice [layer, expert] of our stacked parameter
+
+    def ours_slice(self, layer: int) -> tuple:
+        return (layer,) if self.expert is None else (layer, self.expert)
 
     @property
     def per_layer(self) -> bool:
@@ -396,9 +448,32 @@ def _llama_tensors(cfg: ModelConfig) -> list[TensorMapping]:
     return tensors if cfg.tie_embeddings else [*tensors, _lm_head(cfg)]
 
 
+def _mixtral_tensors(cfg: ModelConfig) -> list[TensorMapping]:
+    """Mixtral: LLaMA attention and norms in our `moe_blocks`; per block a router (`gate`) and, per
+    expert, w1 (gate), w3 (up), w2 (down), torch Linear [out, in]: one row of the table per expert,
+    each holding the slice [layer, expert] of our stacked expert kernels."""
+    d, f = cfg.d_model, cfg.expert_width
+    tensors = []
+    for mapping in _llama_tensors(cfg):
+        if ".mlp." in mapping.hf_name:
+            continue
+        ours = tuple(name.replace("blocks/", "moe_blocks/", 1) if name.startswith("blocks/") else name
+                     for name in mapping.ours)
+        tensors.append(dataclasses.replace(mapping, ours=ours))
+    moe = "model.layers.{layer}.block_sparse_moe"
+    tensors.append(_linear(f"{moe}.gate.weight", (cfg.num_experts, d), "moe_blocks/moe/router/kernel"))
+    for expert in range(cfg.num_experts):
+        for hf_weight, ours, shape in (("w1", "gate", (f, d)), ("w3", "up", (f, d)), ("w2", "down", (d, f))):
+            mapping = _linear(f"{moe}.experts.{expert}.{hf_weight}.weight", shape, f"moe_blocks/moe/experts/{ours}/kernel")
+            tensors.append(dataclasses.replace(mapping, expert=expert))
+    return tensors
+
+
 def tensor_mappings(cfg: ModelConfig, family: str | None = None) -> list[TensorMapping]:
     """The table of Hugging Face tensors for a config (family: from config.json, else from cfg)."""
     family = family or hf_family(cfg)
+    if family == "mixtral":
+        return _mixtral_tensors(cfg)
     return _gpt2_tensors(cfg) if family == "gpt2" else _llama_tensors(cfg)
 
 
@@ -464,6 +539,7 @@ _CHECKED_FIELDS = (
     "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff",
     "norm", "norm_eps", "positions", "rope_theta", "rope_scaling", "activation",
     "attention_bias", "mlp_bias", "tie_embeddings", "sliding_window",
+    "num_experts", "experts_per_token", "expert_width", "moe_every", "num_shared_experts", "top_k_renormalized",
 )
 
 
@@ -581,11 +657,12 @@ def _convert_to_ours(mappings: list[TensorMapping], read: Callable[[str], np.nda
             flat.update({name: value.astype(dtype) for name, value in zip(mapping.ours, values)})
             continue
         for name in mapping.ours:
-            flat[name] = np.empty(spec_shapes[name], dtype)  # [num_layers, ...]
+            if name not in flat:  # per-expert mappings share one stacked parameter
+                flat[name] = np.empty(spec_shapes[name], dtype)  # [num_layers, ...]
         for layer in range(cfg.num_layers):
             values = mapping.to_ours(read(mapping.hf_name.format(layer=layer)))
             for name, value in zip(mapping.ours, values):
-                flat[name][layer] = value
+                flat[name][mapping.ours_slice(layer)] = value
     assert {name: v.shape for name, v in flat.items()} == spec_shapes, "tensor table and model_spec disagree"
     return flat
 
@@ -664,7 +741,7 @@ def _write_weights(flat: dict, cfg: ModelConfig, folder: Path, max_shard_bytes: 
     for file_name, shard in zip(file_names, shards):
         tensors = {}
         for name, layer, mapping in (entries[i] for i in shard):
-            ours = [np.asarray(flat[p] if layer is None else flat[p][layer]) for p in mapping.ours]
+            ours = [np.asarray(flat[p] if layer is None else flat[p][mapping.ours_slice(layer)]) for p in mapping.ours]
             tensors[name] = np.ascontiguousarray(mapping.to_hf(*ours), dtype=dtype)
             weight_map[name] = file_name
         safetensors.numpy.save_file(tensors, folder / file_name, metadata={"format": "pt"})

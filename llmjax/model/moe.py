@@ -81,7 +81,8 @@ def route(router: dict, x: jax.Array, cfg: ModelConfig, rng: jax.Array | None = 
 
     Logits and softmax in cfg.router_dtype (float32). With k > 1 the top-k probabilities are
     renormalized to sum to one (GShard / Mixtral); with k = 1 the weight is the raw probability
-    (Switch), so the router still gets a gradient. Jitter and noise apply only when `rng` is given.
+    (Switch), so the router still gets a gradient (cfg.renormalize_top_k overrides either way).
+    Jitter and noise apply only when `rng` is given.
     """
     dtype = jnp.dtype(cfg.router_dtype)
     h = x.astype(dtype)
@@ -92,7 +93,7 @@ def route(router: dict, x: jax.Array, cfg: ModelConfig, rng: jax.Array | None = 
         logits = logits + cfg.router_noise * jax.random.normal(jax.random.fold_in(rng, 1), logits.shape, dtype)
     probs = jax.nn.softmax(logits, axis=-1)
     top_probs, experts = jax.lax.top_k(probs, cfg.experts_per_token)
-    weights = top_probs / top_probs.sum(-1, keepdims=True) if cfg.experts_per_token > 1 else top_probs
+    weights = top_probs / top_probs.sum(-1, keepdims=True) if cfg.top_k_renormalized else top_probs
     return weights, experts.astype(jnp.int32), logits, probs
 
 
