@@ -45,6 +45,20 @@ def parse_args(argv):
     p.add_argument("--sample-prompt", default="def", help="prompt for the greedy sample printed at each evaluation")
     p.add_argument("--sample-tokens", type=int, default=48, help="tokens per sample; 0 disables samples")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    parallel = p.add_argument_group("parallelism (see llmjax/parallel)")
+    parallel.add_argument("--mesh", default=None, metavar="AXIS=SIZE,...",
+                          help="device mesh, e.g. data=2,fsdp=2,tensor=2 (axes data, fsdp, sequence, expert, tensor; "
+                               "one may be -1 for the rest); default: data over all devices")
+    parallel.add_argument("--sharding", default="auto", choices=("auto", "dp", "zero1", "zero2", "fsdp", "tp", "fsdp+tp", "sp"),
+                          help="what the mesh axes cut: auto uses every axis (FSDP over fsdp, Megatron over tensor, ring "
+                               "attention over sequence); zero1/zero2 cut optimizer state (and gradients) over data")
+    parallel.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                          help="multi-process runs: address of process 0 (give with --num-processes and --process-id; "
+                               "under SLURM / Open MPI leave all three out)")
+    parallel.add_argument("--num-processes", type=int, default=None, help="multi-process runs: how many processes")
+    parallel.add_argument("--process-id", type=int, default=None, help="multi-process runs: this process's index, from 0")
+    parallel.add_argument("--init-timeout", type=float, default=300.0,
+                          help="seconds to wait for the coordinator before giving up")
     return p.parse_args(argv)
 
 
@@ -87,6 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("llmjax").setLevel(logging.INFO)
+    from llmjax.parallel.distributed import DistributedError, initialize
+
+    try:  # before anything touches the devices
+        initialize(args.coordinator, args.num_processes, args.process_id, timeout_s=args.init_timeout)
+    except DistributedError as error:
+        print(f"python -m experiments train: {error}", file=sys.stderr)
+        return 2
+    import jax
     from llmjax.config import ConfigError, TrainConfig, get_config
     from llmjax.data.shards import TokenShardsError
     from llmjax.train.checkpoint import CheckpointError
@@ -109,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             run_dir=args.run_dir or Path("runs") / f"train-{args.model}", batch_size=args.batch, seq_len=args.seq,
             seed=args.seed, log_every=args.log_every, eval_every=args.eval_every, eval_batches=args.eval_batches,
             save_every=args.save_every, keep_last=args.keep_last, sample_prompt=args.sample_prompt,
-            sample_tokens=args.sample_tokens, progress=not args.no_progress,
+            sample_tokens=args.sample_tokens, progress=not args.no_progress and jax.process_index() == 0,
+            mesh=args.mesh, sharding=args.sharding,
         )
         summary = train(model_cfg, train_cfg, run, train_data, validation_data, tokenizer)
     except (ConfigError, TokenShardsError, CheckpointError, TrainingError) as error:

@@ -74,7 +74,8 @@ def test_data_parallel_training_on_eight_devices(tmp_path):
 
 def test_batch_that_does_not_divide_across_devices_is_refused(tmp_path):
     run = RunConfig(tmp_path, batch_size=6, seq_len=16, progress=False)
-    with pytest.raises(TrainingError, match="--batch 6 does not divide across 8 devices; use a multiple of 8"):
+    with pytest.raises(TrainingError, match="--batch 6 does not divide over the 8 data-parallel devices of mesh data=8, "
+                                            "sharding auto; use a multiple of 8"):
         train(get_config("gpt2-tiny"), TrainConfig(total_steps=2, warmup_steps=0), run, tokens())
 
 

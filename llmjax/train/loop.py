@@ -24,11 +24,13 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from llmjax.config import ModelConfig, TrainConfig, config_differences, config_to_dict
 from llmjax.data.loader import BatchIterator, batch_at
+from llmjax.parallel.mesh import MeshError
+from llmjax.parallel.plan import BatchError, Plan
+from llmjax.parallel.rules import ShardingError
 from llmjax.train.checkpoint import Checkpointer, run_record
 from llmjax.train.metrics import flops_per_token
 from llmjax.train.step import init_train_state, make_eval_step, make_train_step, windows_to_batch
@@ -58,6 +60,8 @@ class RunConfig:
     sample_tokens: int = 48
     peak_flops: float | None = None  # for MFU; default: a table by device kind
     progress: bool = True
+    mesh: str | None = None  # '--mesh data=2,fsdp=2,tensor=2' (llmjax.parallel.mesh); None: data over all devices
+    sharding: str = "auto"  # strategy (llmjax.parallel.rules): auto, dp, zero1, zero2, fsdp, tp, fsdp+tp, sp
 
 
 # bf16 dense peaks; CPUs get no MFU.
@@ -69,15 +73,18 @@ def device_peak_flops(device: jax.Device) -> float | None:
 
 
 class MetricsLog:
-    """metrics.jsonl plus TensorBoard scalars."""
+    """metrics.jsonl plus TensorBoard scalars, written by process 0 only (the values are global)."""
 
     def __init__(self, run_dir: Path):
         from tensorboardX import SummaryWriter
 
-        self.file = open(run_dir / "metrics.jsonl", "a")
-        self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+        self.enabled = jax.process_index() == 0
+        self.file = open(run_dir / "metrics.jsonl", "a") if self.enabled else None
+        self.tensorboard = SummaryWriter(str(run_dir / "tensorboard")) if self.enabled else None
 
     def write(self, step: int, kind: str, values: dict) -> None:
+        if not self.enabled:
+            return
         self.file.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
         self.file.flush()
         for key, value in values.items():
@@ -85,8 +92,9 @@ class MetricsLog:
                 self.tensorboard.add_scalar(f"{kind}/{key}", value, step)
 
     def close(self) -> None:
-        self.file.close()
-        self.tensorboard.close()
+        if self.enabled:
+            self.file.close()
+            self.tensorboard.close()
 
 
 class StopRequest:
@@ -111,20 +119,22 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run: RunConfig, train_
     """
     run_dir = Path(run.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _check_batch(run, train_data, validation_data)
-    (run_dir / "config.json").write_text(json.dumps(
+    plan = _plan(run, model_cfg, train_cfg)
+    _check_batch(run, plan, train_data, validation_data)
+    if jax.process_index() == 0:
+        (run_dir / "config.json").write_text(json.dumps(
         {"model": config_to_dict(model_cfg), "train": config_to_dict(train_cfg),
-         "run": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(run).items()}}, indent=2))
+             "run": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(run).items()}},
+            indent=2))
 
     checkpointer = Checkpointer(run_dir / "checkpoints", keep_last=run.keep_last, async_save=run.async_checkpoints)
-    # Data parallelism over every device: the batch is split along its first axis, the state
-    # replicated; XLA inserts the gradient all-reduce. (Meshes with FSDP / tensor axes: llmjax.parallel.)
-    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
-    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-    state, start_step = _initial_state(model_cfg, train_cfg, run, checkpointer)
-    state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
-    train_step = make_train_step(model_cfg, train_cfg)
-    eval_step = make_eval_step(model_cfg, train_cfg)
+    # The plan lays the batch over the data-parallel axes and the state over the rest (FSDP, tensor,
+    # ZeRO); XLA inserts the collectives. The state is created (or restored) directly in its shards.
+    batch_sharding = plan.batch_sharding()
+    state, start_step = _initial_state(model_cfg, train_cfg, run, checkpointer, plan)
+    train_step = make_train_step(model_cfg, train_cfg, plan)
+    eval_step = make_eval_step(model_cfg, train_cfg, plan)
+    log.info("training on %d devices (%d processes): %s", jax.device_count(), jax.process_count(), plan.describe())
     metrics_log = MetricsLog(run_dir)
     stop = StopRequest()
     peak = run.peak_flops or device_peak_flops(jax.devices()[0])
@@ -155,7 +165,10 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run: RunConfig, train_
 
     def report(step: int, metrics) -> None:
         nonlocal clock
-        values = {key: float(value) for key, value in jax.device_get(metrics).items()}
+        values = {key: float(value) if np.ndim(value) == 0 else np.asarray(value).tolist()  # MoE per-layer arrays
+                  for key, value in jax.device_get(metrics).items()}
+        if model_cfg.is_moe:
+            _warn_router_collapse(values, model_cfg, step)
         if not math.isfinite(values["loss"]) and not train_cfg.skip_nonfinite:
             raise TrainingError(
                 f"loss is {values['loss']} at step {step}: lower --lr, lengthen --warmup, keep --grad-clip on, "
@@ -209,17 +222,43 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run: RunConfig, train_
         batches.close()
         checkpointer.close()
         metrics_log.close()
-        plot_losses(run_dir)
+        if jax.process_index() == 0:
+            plot_losses(run_dir)
 
 
-def _check_batch(run: RunConfig, train_data, validation_data) -> None:
-    devices = jax.device_count()
+_collapse_warned: set[tuple[int, int]] = set()
+
+
+def _warn_router_collapse(values: dict, model_cfg: ModelConfig, step: int) -> None:
+    """Log a warning (once per MoE layer and expert) when one expert takes most of a layer's tokens."""
+    from llmjax.model.moe import router_collapse
+
+    collapse = router_collapse(values["moe/expert_load"], model_cfg)
+    if collapse is not None and collapse[:2] not in _collapse_warned:
+        _collapse_warned.add(collapse[:2])
+        log.warning("step %d: %s", step, collapse[2])
+
+
+def _plan(run: RunConfig, model_cfg: ModelConfig, train_cfg: TrainConfig) -> Plan:
+    """The run's mesh and strategy, checked against the model's shapes before anything is allocated."""
+    try:
+        plan = Plan.create(run.mesh, run.sharding)
+        plan.state_shardings(model_cfg, train_cfg)  # every sharded dimension must divide
+    except (MeshError, ShardingError, ValueError) as error:
+        raise TrainingError(str(error)) from None
+    if run.seq_len % plan.sequence_ways():
+        raise TrainingError(f"--seq {run.seq_len} does not divide over the {plan.sequence_ways()}-way sequence axis "
+                            f"of {plan.describe()}")
+    return plan
+
+
+def _check_batch(run: RunConfig, plan: Plan, train_data, validation_data) -> None:
     if run.batch_size % jax.process_count():
         raise TrainingError(f"--batch {run.batch_size} does not divide across {jax.process_count()} processes")
-    if run.batch_size % devices:
-        raise TrainingError(
-            f"--batch {run.batch_size} does not divide across {devices} devices; use a multiple of {devices}"
-        )
+    try:
+        plan.check_batch(run.batch_size)
+    except BatchError as error:
+        raise TrainingError(str(error)) from None
     for name, data in (("training", train_data), ("validation", validation_data)):
         if data is not None and data.total_tokens < run.seq_len + 1:
             raise TrainingError(
@@ -227,12 +266,15 @@ def _check_batch(run: RunConfig, train_data, validation_data) -> None:
             )
 
 
-def _initial_state(model_cfg, train_cfg, run, checkpointer):
-    """(state, step): the newest readable checkpoint's, or a fresh initialization."""
+def _initial_state(model_cfg, train_cfg, run, checkpointer, plan: Plan):
+    """(state, step): the newest readable checkpoint's (read straight into this plan's shards, whatever
+    mesh wrote it), or a fresh initialization."""
     abstract = jax.eval_shape(lambda: init_train_state(model_cfg, train_cfg, jax.random.key(run.seed)))
+    abstract = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                            abstract, plan.state_shardings(model_cfg, train_cfg))
     restored = checkpointer.restore_latest(abstract, model_cfg)
     if restored is None:
-        return init_train_state(model_cfg, train_cfg, jax.random.key(run.seed)), 0
+        return plan.init_state(model_cfg, train_cfg, jax.random.key(run.seed)), 0
     state, record = restored
     changed = config_differences(record.get("train_config", {}), train_cfg)
     if changed:
