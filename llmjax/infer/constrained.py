@@ -13,7 +13,7 @@ an accepting state, by breadth-first search): so a row always ends accepted, eve
 tokens. EOS is allowed exactly in accepting states. A pattern that no string (or no string of at most
 max_new_tokens tokens) satisfies is an error before anything is generated.
 
-Regex syntax: literals, `.`, classes `[a-z\\d]` / `[^...]`, escapes `\\d \\w \\s \\D \\W \\S \\n \\t ...`,
+Regex syntax: literals, `.`, classes `[a-z\\d]` / `[^...]`, escapes `\\d \\w \\s \\D \\W \\S` (ASCII, as with re.ASCII), `\\n \\t ...`,
 groups `( )` / `(?: )`, `|`, quantifiers `* + ? {m} {m,} {m,n}` (lazy forms accepted, same language);
 the whole output must match (anchors `^ $` at the ends are accepted and ignored).
 JSON schema: type string / integer / number / boolean / null / array / object, enum, const, anyOf /
@@ -193,8 +193,9 @@ class _Parser:
             elif self.peek() == "?":
                 raise self.error("lookarounds and group flags are not supported")
             node = self.alternation()
-            if self.take() != ")":
+            if self.peek() != ")":
                 raise self.error("missing )")
+            self.i += 1
             return node
         if char == "[":
             return _codepoint_node(self.char_class())
