@@ -1,0 +1,173 @@
+"""Generate text from a trained run (or a Hugging Face folder): greedy, sampling, beam, regex / JSON-schema constrained, streamed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="python -m experiments generate",
+        description="Generate continuations of --prompt with a KV cache, on the device. The model comes from a run "
+        "folder (--ckpt: its newest checkpoint and tokenizer.json), a Hugging Face folder (--hf) or a random preset "
+        "(--model, for trying things out). Tokens stream to the terminal as they are produced (one prompt, not beam).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", type=Path, help="a run folder written by `experiments train` / `quickstart`")
+    source.add_argument("--hf", type=Path, help="a Hugging Face model folder (config.json + safetensors)")
+    source.add_argument("--model", help="a model preset with random weights (its vocab is the tokenizer's)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the run's tokenizer.json / the HF folder's)")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--strategy", choices=["greedy", "sample", "beam"], default="sample")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the first prompt (the next get seed + 1, ...)")
+    p.add_argument("--beams", type=int, default=4, help="beam search: beams")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam search: score = logprob / length ** this")
+    p.add_argument("--groups", type=int, default=1, help="diverse beam search: beam groups")
+    p.add_argument("--diversity-penalty", type=float, default=0.0, help="diverse beam search: penalty")
+    p.add_argument("--regex", help="the output must match this regular expression")
+    p.add_argument("--json-schema", help="the output must be JSON valid against this schema (JSON text or @file)")
+    p.add_argument("--stop", action="append", default=[], help="stop when the output contains this string")
+    p.add_argument("--no-eos", action="store_true", help="do not stop at the end-of-text token")
+    p.add_argument("--cache-dtype", default=None, help="KV cache dtype: bfloat16, float32 or int8")
+    p.add_argument("--truncate", action="store_true", help="cut prompts that do not fit the context from the left")
+    p.add_argument("--no-stream", action="store_true", help="print the outputs at the end only")
+    return p.parse_args(argv)
+
+
+def load_model(args):
+    """(params, cfg, tokenizer) from --ckpt, --hf or --model."""
+    import jax
+
+    from llmjax.tokenizer import load_tokenizer
+
+    if args.ckpt is not None:
+        run = args.ckpt
+        tokenizer = load_tokenizer(args.tokenizer or run / "tokenizer.json")
+        params, cfg = restore_params(run)
+        return params, cfg, tokenizer
+    if args.hf is not None:
+        from llmjax.io import load_hf_checkpoint
+
+        params, cfg = load_hf_checkpoint(args.hf)
+        tokenizer = load_tokenizer(args.tokenizer or args.hf)
+        return params, cfg, tokenizer
+    from llmjax.config import get_config
+    from llmjax.model import init_params
+
+    tokenizer = load_tokenizer(args.tokenizer or "bytes")
+    cfg = get_config(args.model, vocab_size=tokenizer.vocab_size)
+    return init_params(cfg, jax.random.key(args.seed)), cfg, tokenizer
+
+
+def restore_params(run: Path):
+    """The newest checkpoint's params and model config from a run folder."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from llmjax.config import TrainConfig, model_config_from_dict
+    from llmjax.train.checkpoint import Checkpointer
+    from llmjax.train.step import init_train_state
+
+    directory = run / "checkpoints"
+    if not directory.is_dir():
+        raise SystemExit(f"no checkpoints in {directory}: give a run folder written by `python -m experiments train`")
+    checkpointer = Checkpointer(directory, async_save=False)
+    steps = checkpointer.steps()
+    if not steps:
+        raise SystemExit(f"no complete checkpoint in {directory}")
+    record = checkpointer.manager.restore(steps[-1], args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
+    cfg = model_config_from_dict(record["model_config"])
+    train_cfg = TrainConfig(**record["train_config"])
+    abstract = jax.eval_shape(lambda: init_train_state(cfg, train_cfg, jax.random.key(0)))
+    state, _ = checkpointer.restore_latest(abstract, cfg)
+    checkpointer.close()
+    return state.params, cfg
+
+
+class Streamer:
+    """Prints row 0's tokens as they arrive, holding back bytes of a character cut between tokens."""
+
+    def __init__(self, tokenizer, eos_id):
+        self.tokenizer, self.eos_id, self.pending = tokenizer, eos_id, b""
+
+    def __call__(self, step, tokens):
+        token = int(tokens[0])
+        if token < 0 or token == self.eos_id:
+            return
+        self.pending += self.tokenizer.decode_bytes([token])
+        try:
+            text, self.pending = self.pending.decode("utf-8"), b""
+        except UnicodeDecodeError as error:
+            cut = error.start if error.reason == "unexpected end of data" else len(self.pending)
+            text, self.pending = self.pending[:cut].decode("utf-8", errors="replace"), self.pending[cut:]
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from llmjax.infer import constrained
+    from llmjax.infer.beam import beam_search
+    from llmjax.infer.generate import GenerationError, generate
+    from llmjax.infer.sampling import SamplingConfig, SamplingError
+
+    params, cfg, tokenizer = load_model(args)
+    eos_id = None if args.no_eos else tokenizer.eot_id
+    prompts = [tokenizer.encode(text) for text in args.prompt]
+    try:
+        if args.strategy == "beam":
+            if args.regex or args.json_schema:
+                raise GenerationError("--regex / --json-schema work with --strategy greedy or sample, not beam")
+            out = beam_search(params, cfg, prompts, num_beams=args.beams, max_new_tokens=args.max_new_tokens,
+                              eos_id=eos_id, length_penalty=args.length_penalty, num_groups=args.groups,
+                              diversity_penalty=args.diversity_penalty, truncate=args.truncate,
+                              cache_dtype=args.cache_dtype)
+            for text, hypotheses, scores in zip(args.prompt, out.sequences, out.scores):
+                print(f"prompt: {text!r}")
+                for rank, (tokens, score) in enumerate(zip(hypotheses, scores)):
+                    body = tokenizer.decode([t for t in tokens if t != eos_id])
+                    print(f"  beam {rank} (score {score:.3f}): {text + body!r}")
+            return 0
+        constraint = None
+        if args.regex:
+            constraint = constrained.regex_automaton(args.regex, tokenizer, cfg.padded_vocab_size)
+        elif args.json_schema:
+            schema = args.json_schema
+            if schema.startswith("@"):
+                schema = Path(schema[1:]).read_text()
+            constraint = constrained.json_schema_automaton(schema, tokenizer, cfg.padded_vocab_size)
+        temperature = 0.0 if args.strategy == "greedy" else args.temperature
+        sampling = [SamplingConfig(temperature=temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                                   repetition_penalty=args.repetition_penalty,
+                                   presence_penalty=args.presence_penalty,
+                                   frequency_penalty=args.frequency_penalty, seed=args.seed + i)
+                    for i in range(len(prompts))]
+        stream = None
+        if not args.no_stream and len(prompts) == 1:
+            print(args.prompt[0], end="", flush=True)
+            stream = Streamer(tokenizer, eos_id)
+        out = generate(params, cfg, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, eos_id=eos_id,
+                       stop_strings=args.stop or None, tokenizer=tokenizer, constraint=constraint,
+                       truncate=args.truncate, cache_dtype=args.cache_dtype, stream=stream)
+    except (GenerationError, SamplingError, constrained.ConstraintError) as error:
+        print(f"python -m experiments generate: {error}", file=sys.stderr)
+        return 2
+    if stream is not None:
+        print(f"\n[{out.finish_reasons[0]}, {len(out.tokens[0])} tokens]")
+        return 0
+    for text, tokens, reason in zip(args.prompt, out.tokens, out.finish_reasons):
+        body = tokenizer.decode([t for t in tokens if t != eos_id])
+        print(json.dumps({"prompt": text, "output": body, "finish_reason": reason, "tokens": len(tokens)}))
+    return 0
