@@ -18,7 +18,8 @@ and skips blocks no query of its rows can see (the heaviest query tiles are laun
 
 Shapes: q [batch, q_len, heads, head_dim]; k, v [batch, kv_len, kv_heads, head_dim] (GQA: query head h
 reads kv head h // (heads // kv_heads)); out like q; lse [batch, heads, q_len] float32.
-The backward pass is the Triton kernel's (`flash_attention_backward_triton`), fed this forward's lse.
+The backward pass is mosaic_gpu_backward.py's Hopper kernel where it supports the call, else the Triton
+kernel's (`flash_attention_backward_triton`), both fed this forward's lse.
 
 Supported: bf16 / f16, head_dim 64 and 128, causal or not, GQA / MQA, sliding window, logit soft-capping,
 q_len <= kv_len (queries aligned to the end of the keys) or any lengths unmasked; q_len a multiple of 128
@@ -482,7 +483,7 @@ def _reference_backward(q, k, v, out, lse, d_out, *, causal, sliding_window, log
     return jax.vjp(attention, q, k, v)[1](d_out)
 
 
-def _backward_kernel():
+def _triton_backward():
     try:
         from kernels.flash_attention.triton import flash_attention_backward_triton
     except ImportError:
@@ -490,37 +491,62 @@ def _backward_kernel():
     return flash_attention_backward_triton
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _attention(q, k, v, causal, sliding_window, logit_softcap):
+BACKWARDS = ("auto", "mosaic", "triton")
+
+
+def backward_for(q, k, v, *, causal, sliding_window, logit_softcap, backward: str = "auto") -> str:
+    """Which backward runs after this forward: "mosaic" (mosaic_gpu_backward.py) where it supports the call
+    and `backward` allows it, else "triton"."""
+    if backward not in BACKWARDS:
+        raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+    if backward == "triton":
+        return "triton"
+    from kernels.flash_attention.mosaic_gpu_backward import backward_supported
+
+    reason = backward_supported(q, k, v, causal=causal, sliding_window=sliding_window, logit_softcap=logit_softcap)
+    if reason and backward == "mosaic":
+        raise ValueError(f"flash_attention_mosaic: backward='mosaic' cannot run this call: {reason}")
+    return "triton" if reason else "mosaic"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _attention(q, k, v, causal, sliding_window, logit_softcap, backward):
     return flash_attention_forward_mosaic(q, k, v, causal=causal, sliding_window=sliding_window,
                                           logit_softcap=logit_softcap)[0]
 
 
-def _attention_fwd(q, k, v, causal, sliding_window, logit_softcap):
+def _attention_fwd(q, k, v, causal, sliding_window, logit_softcap, backward):
     out, lse = flash_attention_forward_mosaic(q, k, v, causal=causal, sliding_window=sliding_window,
                                               logit_softcap=logit_softcap)
     return out, (q, k, v, out, lse)
 
 
-def _attention_bwd(causal, sliding_window, logit_softcap, residuals, d_out):
+def _attention_bwd(causal, sliding_window, logit_softcap, backward, residuals, d_out):
     q, k, v, out, lse = residuals
-    d_q, d_k, d_v = _backward_kernel()(q, k, v, out, lse, d_out, causal=causal, sliding_window=sliding_window,
-                                       q_segment_ids=None, kv_segment_ids=None, logit_softcap=logit_softcap)
-    return d_q, d_k, d_v
+    masking = dict(causal=causal, sliding_window=sliding_window, logit_softcap=logit_softcap)
+    if backward_for(q, k, v, backward=backward, **masking) == "mosaic":
+        from kernels.flash_attention.mosaic_gpu_backward import flash_attention_backward_mosaic
+
+        return flash_attention_backward_mosaic(q, k, v, out, lse, d_out, **masking)
+    return _triton_backward()(q, k, v, out, lse, d_out, q_segment_ids=None, kv_segment_ids=None, **masking)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def flash_attention_mosaic(q, k, v, *, causal=True, sliding_window=None, q_segment_ids=None, kv_segment_ids=None,
-                           logit_softcap=None):
+                           logit_softcap=None, backward: str = "auto"):
     """softmax(mask(q k^T / sqrt(head_dim))) v on Hopper -> [batch, q_len, heads, head_dim].
 
-    Forward: this module's Mosaic GPU kernel; backward: the Triton kernel, fed the forward's lse.
-    Raises ValueError for arguments `supported` rejects (the dispatcher routes those to Triton).
+    Forward: this module's Mosaic GPU kernel. Backward (`backward`): "auto" runs the Mosaic GPU backward of
+    mosaic_gpu_backward.py where it supports the call, else the Triton kernel fed the forward's lse;
+    "mosaic" / "triton" force one. Raises ValueError for arguments `supported` rejects (the dispatcher routes
+    those to Triton).
     """
     reason = supported(q, k, v, causal=causal, sliding_window=sliding_window, q_segment_ids=q_segment_ids,
                        kv_segment_ids=kv_segment_ids, logit_softcap=logit_softcap)
     if reason:
         raise ValueError(f"flash_attention_mosaic: {reason}")
-    return _attention(q, k, v, causal, sliding_window, logit_softcap)
+    backward_for(q, k, v, causal=causal, sliding_window=sliding_window, logit_softcap=logit_softcap,
+                 backward=backward)  # a forced backward that cannot run fails here, not inside the vjp
+    return _attention(q, k, v, causal, sliding_window, logit_softcap, backward)
