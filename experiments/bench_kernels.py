@@ -33,9 +33,9 @@ DEFAULT_NORM_SIZES = "16384x768,16384x4096,8192x8192"
 DEFAULT_CE_SIZES = "16384x768x50304:50257,16384x2048x128256:128256"
 CPU_NORM_SIZES = "256x768"
 CPU_CE_SIZES = "256x64x512:500"
-NORM_SWEEP_SIZE = (8192, 8192)
 NORM_SWEEP = [  # tuning of kernels.norms (for both passes); programs counted per multiprocessor
-    {}, {"num_warps": 8}, {"num_warps": 16}, {"programs": 1}, {"programs": 4}, {"num_stages": 3},
+    {}, {"one_pass": False}, {"num_warps": 8}, {"num_warps": 16}, {"programs": 1}, {"programs": 4},
+    {"num_stages": 3},
 ]
 SWEEP = [  # (block_tokens, block_vocab, block_d, num_warps, num_stages)
     (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (128, 256, 32, 8, 4), (128, 128, 64, 8, 3),
@@ -205,19 +205,21 @@ def bench_norms(args, on_gpu: bool, copy_gbps: float) -> list[dict]:
 
 
 def sweep_norms(args, copy_gbps: float) -> list[dict]:
-    """LayerNorm at several tile / grid configurations, on NORM_SWEEP_SIZE."""
+    """LayerNorm at several tile / grid configurations (NORM_SWEEP), on every norm size."""
     import jax
     import jax.numpy as jnp
 
     cores = getattr(jax.devices()[0], "core_count", None) or 132
-    sets = norm_inputs(*NORM_SWEEP_SIZE, jnp.dtype(args.dtype), args.input_sets)
     results = []
-    for tuning in NORM_SWEEP:
-        tuning = {k: (v * cores if k == "programs" else v) for k, v in tuning.items()}  # programs: per multiprocessor
-        try:
-            results += time_norm("layer", "pallas", sets, args, copy_gbps, **tuning)
-        except Exception as error:  # noqa: BLE001 - a configuration Triton cannot compile
-            results.append({"tuning": tuning, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"})
+    for size in (args.norm_sizes or DEFAULT_NORM_SIZES).split(","):
+        sets = norm_inputs(*(int(n) for n in size.split("x")), jnp.dtype(args.dtype), args.input_sets)
+        for tuning in NORM_SWEEP:
+            tuning = {k: (v * cores if k == "programs" else v) for k, v in tuning.items()}  # programs: per SM
+            try:
+                results += time_norm("layer", "pallas", sets, args, copy_gbps, **tuning)
+            except Exception as error:  # noqa: BLE001 - a configuration Triton cannot compile
+                results.append({"tuning": tuning, "size": size,
+                                "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"})
     return results
 
 
@@ -352,13 +354,15 @@ def print_tables(report: dict) -> None:
             print(f"| {r['impl']} | {size} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {r['fwd_bwd_tflops']:.0f} | "
                   f"{_gib(r['fwd_temp_bytes'])} | {_gib(r['fwd_bwd_temp_bytes'])} | {r['max_abs_nll_difference_to_first']:.1e} |")
     if report.get("norm_sweep"):
-        print(f"\n| norm sweep (layer, {NORM_SWEEP_SIZE[0]}x{NORM_SWEEP_SIZE[1]}) | pass | ms | GB/s | of copy |\n| --- | --- | --- | --- | --- |")
+        print("\n| norm sweep (layer) | rows x d | pass | ms | GB/s | of copy |\n| --- | --- | --- | --- | --- | --- |")
         for r in report["norm_sweep"]:
             if "error" in r:
-                print(f"| {r['tuning']} | {r['error'][:60]} | | | |")
+                print(f"| {r['tuning']} | {r['size']} | {r['error'][:60]} | | | |")
                 continue
-            tuning = {k: r[k] for k in ("block_rows", "programs", "num_warps", "num_stages") if k in r} or "default"
-            print(f"| {tuning} | {r['pass']} | {r['ms']:.3f} | {r['gbps']:.0f} | {r['fraction_of_copy']:.0%} |")
+            keys = ("block_rows", "programs", "num_warps", "num_stages", "one_pass")
+            tuning = {k: r[k] for k in keys if k in r} or "default"
+            print(f"| {tuning} | {r['rows']}x{r['d']} | {r['pass']} | {r['ms']:.3f} | {r['gbps']:.0f} | "
+                  f"{r['fraction_of_copy']:.0%} |")
     if report.get("sweep"):
         print("\n| bt | bv | bd | warps | stages | fwd ms | fwd+bwd ms |\n| --- | --- | --- | --- | --- | --- | --- |")
         for r in report["sweep"]:

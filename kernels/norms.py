@@ -35,7 +35,7 @@ SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 MAX_ROW_ELEMENTS = 16384  # widest row (padded to a power of two) held whole in registers
 # Per-pass defaults, from a sweep on an H200 (python -m experiments bench_kernels --sweep): a tile of
 # about this many elements, warps capped so, Triton pipelining stages, backward programs per multiprocessor.
-FORWARD_DEFAULTS = {"tile_elements": 8192, "max_warps": 8, "num_stages": 1}
+FORWARD_DEFAULTS = {"tile_elements": 8192, "max_warps": 8, "num_stages": 1, "one_pass": True}
 BACKWARD_DEFAULTS = {"tile_elements": 4096, "max_warps": 16, "num_stages": 2, "programs_per_multiprocessor": 2}
 
 
@@ -53,6 +53,10 @@ class NormConfig:
     num_stages: int
     programs: int  # backward's persistent grid
     interpret: bool
+    # LayerNorm forward: mean and variance from one sweep of sums (var = E[x^2] - mean^2, two independent row
+    # reductions) instead of the mean first and then the centred squares (two dependent ones; one more pass
+    # over x when rows are chunked).
+    one_pass: bool = False
 
     @property
     def num_chunks(self) -> int:
@@ -98,7 +102,7 @@ def _default_programs(per_multiprocessor: int) -> int:
 
 
 def _make_config(x, eps, subtract_mean, interpret, defaults: dict, block_rows=None, block_d=None, programs=None,
-                 num_warps=None, num_stages=None) -> NormConfig:
+                 num_warps=None, num_stages=None, one_pass=None) -> NormConfig:
     """One pass's launch shape: the tuning given, the rest from `defaults` (FORWARD_ / BACKWARD_DEFAULTS)."""
     d = x.shape[-1]
     rows = x.size // d
@@ -114,8 +118,10 @@ def _make_config(x, eps, subtract_mean, interpret, defaults: dict, block_rows=No
     num_warps = num_warps or max(1, min(defaults["max_warps"], tile // 512))
     num_tiles = pl.cdiv(rows, block_rows)
     programs = programs or _default_programs(defaults.get("programs_per_multiprocessor", 1))
+    one_pass = defaults.get("one_pass", False) if one_pass is None else bool(one_pass)
     return NormConfig(float(eps), subtract_mean, rows, d, block_rows, block_d, num_warps,
-                      num_stages or defaults["num_stages"], max(1, min(programs, num_tiles)), interpret)
+                      num_stages or defaults["num_stages"], max(1, min(programs, num_tiles)), interpret,
+                      one_pass and subtract_mean)
 
 
 # --- kernels -----------------------------------------------------------------------------
@@ -189,12 +195,37 @@ def _forward_kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref, *, cf
         y = x * rstd[:, None] * _load_vector(scale_ref, cfg, first_col) + _load_vector(bias_ref, cfg, first_col)
         _store_tile(y_ref, y, cfg, first_row, first_col, row_mask)
 
+    # One-pass statistics on shifted data: with k = the row's first element, mean = k + E[x - k] and
+    # var = E[(x - k)^2] - E[x - k]^2, which stays accurate when |mean| >> std (k is a sample of the row).
+    shift = (plgpu.load(x_ref.at[pl.ds(first_row, cfg.block_rows), pl.ds(0, 1)], mask=None if row_mask is None
+                        else row_mask[:, None], other=None if row_mask is None else 0.0).astype(jnp.float32)
+             if cfg.one_pass else None)  # [block_rows, 1]
+
+    def shifted_sums(x, first_col):  # (sum (x - k), sum (x - k)^2) over the columns that exist
+        x = centered(x, first_col, shift[:, 0])
+        return x.sum(1), (x * x).sum(1)
+
+    def one_pass_statistics(sums, squares):
+        shifted_mean = sums / cfg.d
+        variance = jnp.maximum(squares / cfg.d - shifted_mean * shifted_mean, 0.0)
+        return shift[:, 0] + shifted_mean, lax.rsqrt(variance + cfg.eps)
+
     if cfg.num_chunks == 1:  # the whole row stays in registers
         x = load_x(0)
-        mean = x.sum(1) / cfg.d if cfg.subtract_mean else zeros
-        x = centered(x, 0, mean)
-        rstd = lax.rsqrt((x * x).sum(1) / cfg.d + cfg.eps)
+        if cfg.one_pass:
+            mean, rstd = one_pass_statistics(*shifted_sums(x, 0))
+            x = centered(x, 0, mean)
+        else:
+            mean = x.sum(1) / cfg.d if cfg.subtract_mean else zeros
+            x = centered(x, 0, mean)
+            rstd = lax.rsqrt((x * x).sum(1) / cfg.d + cfg.eps)
         write(x, 0, mean, rstd)
+    elif cfg.one_pass:
+        mean, rstd = one_pass_statistics(*_chunk_sum(cfg, lambda col: shifted_sums(load_x(col), col), (zeros, zeros)))
+
+        @pl.loop(0, cfg.num_chunks)
+        def _(c):
+            write(centered(load_x(c * cfg.block_d), c * cfg.block_d, mean), c * cfg.block_d, mean, rstd)
     else:
         mean = _chunk_sum(cfg, lambda col: load_x(col).sum(1), zeros) / cfg.d if cfg.subtract_mean else zeros
         squares = _chunk_sum(cfg, lambda col: jnp.square(centered(load_x(col), col, mean)).sum(1), zeros)
@@ -370,7 +401,8 @@ def rms_norm(
 
     interpret: run the Pallas kernels on the CPU (tests). tuning, for both passes (the defaults,
     per pass, suit rows of any width): block_rows, block_d (powers of two: rows per tile, columns
-    per chunk), programs (the backward's grid), num_warps, num_stages (Triton's).
+    per chunk), programs (the backward's grid), num_warps, num_stages (Triton's), one_pass (LayerNorm
+    forward: mean and variance from one sweep of sums; the default).
     """
     return _apply(x, scale, None, eps, False, interpret, tuning)
 

@@ -119,3 +119,16 @@ def test_gpu_matches_reference(kind, shape):
 @pytest.mark.parametrize("kind", ["rms", "layer"])
 def test_gpu_float32(kind):
     check_against_reference(kind, (4096, 1000), jnp.float32, seed=4, tolerance=1e-4)
+
+
+@pytest.mark.parametrize("one_pass", [True, False])
+@pytest.mark.parametrize("shape,options", [((37, 48), {}), ((21, 200), {"block_d": 64, "block_rows": 8})])
+def test_layer_norm_one_and_two_pass_statistics(one_pass, shape, options):
+    """Both LayerNorm forward statistics (one sweep of shifted sums, or mean then centred squares), whole rows
+    and chunked, on rows whose mean is 300x their spread (where unshifted E[x^2] - mean^2 loses float32 digits)."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=shape) * 0.1 + rng.uniform(-30, 30, size=shape[:-1] + (1,))
+    x, scale, bias = jnp.asarray(x, jnp.float32), jnp.asarray(rng.normal(1, 0.5, shape[-1]), jnp.float32), \
+        jnp.asarray(rng.normal(size=shape[-1]), jnp.float32)
+    got = layer_norm(x, scale, bias, EPS, interpret=True, one_pass=one_pass, **options)
+    assert relative_error(got, layer_norm_reference(x, scale, bias, EPS)) < 1e-4
