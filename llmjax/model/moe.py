@@ -335,8 +335,10 @@ def moe_metrics_from_sums(sums: dict, tokens: jax.Array) -> dict:
 
 
 def collapse_threshold(cfg: ModelConfig) -> float:
-    """An expert taking more than this fraction of the tokens (halfway from balanced, k / E, to all) has collapsed the router."""
-    return (1 + cfg.experts_per_token / cfg.num_experts) / 2
+    """An expert taking more than this fraction of the tokens (three quarters of the way from balanced,
+    k / E, to all of them) means the router has collapsed onto it."""
+    balanced = cfg.experts_per_token / cfg.num_experts
+    return balanced + 0.75 * (1 - balanced)
 
 
 def router_collapse(expert_load, cfg: ModelConfig) -> tuple[int, int, str] | None:

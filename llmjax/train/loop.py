@@ -163,12 +163,14 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run: RunConfig, train_
         checkpointer.save(state, record=run_record(model_cfg, train_cfg, loader_state={"step": step, "seed": run.seed},
                                                    seed=run.seed), val_loss=val_loss)
 
+    collapsed_layers: set[int] = set()  # MoE layers whose router collapse was already warned about
+
     def report(step: int, metrics) -> None:
         nonlocal clock
         values = {key: float(value) if np.ndim(value) == 0 else np.asarray(value).tolist()  # MoE per-layer arrays
                   for key, value in jax.device_get(metrics).items()}
         if model_cfg.is_moe:
-            _warn_router_collapse(values, model_cfg, step)
+            _warn_router_collapse(values, model_cfg, step, collapsed_layers)
         if not math.isfinite(values["loss"]) and not train_cfg.skip_nonfinite:
             raise TrainingError(
                 f"loss is {values['loss']} at step {step}: lower --lr, lengthen --warmup, keep --grad-clip on, "
@@ -226,16 +228,13 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run: RunConfig, train_
             plot_losses(run_dir)
 
 
-_collapse_warned: set[tuple[int, int]] = set()
-
-
-def _warn_router_collapse(values: dict, model_cfg: ModelConfig, step: int) -> None:
-    """Log a warning (once per MoE layer and expert) when one expert takes most of a layer's tokens."""
+def _warn_router_collapse(values: dict, model_cfg: ModelConfig, step: int, warned_layers: set[int]) -> None:
+    """Log a warning (once per MoE layer and run) when one expert takes most of a layer's tokens."""
     from llmjax.model.moe import router_collapse
 
     collapse = router_collapse(values["moe/expert_load"], model_cfg)
-    if collapse is not None and collapse[:2] not in _collapse_warned:
-        _collapse_warned.add(collapse[:2])
+    if collapse is not None and collapse[0] not in warned_layers:
+        warned_layers.add(collapse[0])
         log.warning("step %d: %s", step, collapse[2])
 
 
