@@ -78,3 +78,40 @@ def test_experts_not_dividing_the_expert_axis_is_one_clear_error():
     with jax.set_mesh(make_mesh("data=2,expert=4")):
         with pytest.raises(ConfigError, match=r"num_experts=6 does not divide over an expert-parallel size of 4"):
             moe_layer(params, x, cfg)
+
+
+def test_training_steps_with_expert_parallel_plan_equal_one_device():
+    """Whole train steps through the training Plan (llmjax.parallel.plan) with experts sharded over
+    `expert` and the batch over `data` and `expert`: losses, MoE metrics and updated parameters equal
+    one device's."""
+    from llmjax.config import TrainConfig
+    from llmjax.parallel.plan import Plan
+    from llmjax.train.step import init_train_state, make_train_step, windows_to_batch
+
+    model = get_config("llama-moe-tiny").replace(num_experts=4, moe_impl="capacity", capacity_factor=1.0)
+    train_cfg = TrainConfig(lr=3e-3, warmup_steps=0, total_steps=2)
+    rng = np.random.default_rng(0)
+    batches = [windows_to_batch(jnp.asarray(rng.integers(0, model.vocab_size, (8, 17)))) for _ in range(2)]
+
+    def run(plan):
+        state = (plan.init_state(model, train_cfg, jax.random.key(0)) if plan
+                 else init_train_state(model, train_cfg, jax.random.key(0)))
+        step = make_train_step(model, train_cfg, plan=plan)
+        history = []
+        for batch in batches:
+            if plan:
+                batch = jax.device_put(batch, plan.batch_sharding())
+            state, metrics = step(state, batch)
+            history.append({k: np.asarray(v) for k, v in metrics.items() if k in (
+                "loss", "grad_norm", "moe/load_balance_loss", "moe/dropped_fraction", "moe/expert_load")})
+        return history, jax.device_get(state.params)
+
+    plan = Plan.create("data=2,expert=4", "dp")
+    expert_kernel = plan.param_shardings(model)["moe_blocks"]["moe"]["experts"]["up"]["kernel"]
+    assert "expert" in str(expert_kernel.spec)
+    (want, want_params), (got, got_params) = run(None), run(plan)
+    assert float(want[0]["moe/dropped_fraction"]) > 0
+    for w, g in zip(want, got):
+        for key in w:
+            np.testing.assert_allclose(g[key], w[key], rtol=2e-4, atol=2e-5, err_msg=key)
+    assert_same(got_params, want_params)
