@@ -74,9 +74,9 @@ def _kernel(q_ref, k_ref, v_ref, pos_ref, qpos_ref, len_ref, *rest, block_k: int
         o_ref, m_ref, l_ref = rest
     split = pl.program_id(2)
     q = q_ref[...]  # [group_p, head_dim] in the compute dtype
-    q_pos = qpos_ref[...]
+    q_pos = qpos_ref[()]
     start = split * split_len
-    used = jnp.clip(len_ref[...] - start, 0, split_len)  # slots of this split that hold anything
+    used = jnp.clip(len_ref[()] - start, 0, split_len)  # slots of this split that hold anything
     num_blocks = (used + block_k - 1) // block_k
 
     def body(index, carry):
@@ -115,10 +115,12 @@ def _pow2_at_least(n: int, floor: int) -> int:
 
 
 def choose_splits(batch: int, kv_heads: int, capacity: int, block_k: int, target_programs: int = 264) -> int:
-    """Splits of the cache so that batch * kv_heads * splits fills about two waves of SMs."""
-    blocks = max(1, capacity // block_k)
-    splits = max(1, target_programs // max(1, batch * kv_heads))
-    return int(min(splits, blocks))
+    """Splits of the cache so that batch * kv_heads * splits fills about two waves of SMs; a divisor of
+    the number of blocks when one is near, so that the cache needs no padding (a copy)."""
+    blocks = max(1, -(-capacity // block_k))
+    target = max(1, min(blocks, target_programs // max(1, batch * kv_heads)))
+    divisors = [d for d in range(1, target + 1) if blocks % d == 0]
+    return divisors[-1] if divisors[-1] * 2 > target else target
 
 
 @functools.partial(jax.jit, static_argnames=("sliding_window", "logit_softcap", "block_k", "splits", "interpret"))

@@ -207,7 +207,7 @@ def beam_search(
         raise GenerationError(f"eos_id={eos_id} is outside the vocabulary [0, {cfg.vocab_size})")
     prompts = check_prompts(prompts, cfg, max_new_tokens, truncate=truncate)
     tokens, valid = pad_prompts(prompts, padding)
-    capacity = kv_cache.cache_capacity(cfg, tokens.shape[1] + max_new_tokens)
+    capacity = kv_cache.cache_capacity(cfg, tokens.shape[1] + max_new_tokens, multiple=64)
     cache = kv_cache.init_cache(cfg, len(prompts), capacity, cache_dtype)
     dparams = prepared if prepared is not None else _prepare_jit(params, cfg)
     options = BeamOptions(num_beams, num_groups, max_new_tokens, eos_id, float(length_penalty), early_stopping,

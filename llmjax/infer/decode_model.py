@@ -28,7 +28,6 @@ from llmjax.infer import kv_cache
 from llmjax.model.attention import dot_product_attention
 from llmjax.model.layers import norm
 from llmjax.model.rope import apply_rope
-from llmjax.model.transformer import logits_from_hidden
 
 DECODE_ATTENTION_IMPLS = ("auto", "xla", "pallas")
 
@@ -105,6 +104,17 @@ def _embed(dparams: dict, tokens: jax.Array, positions: jax.Array, cfg: ModelCon
     return x
 
 
+def _logits(dparams: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """[batch, seq, d_model] -> float32 logits [batch, seq, padded_vocab], padding ids at the lowest float.
+    Tied embeddings are contracted as stored ([vocab, d_model]): no transposed copy per step."""
+    if cfg.tie_embeddings:
+        logits = jnp.einsum("bsd,vd->bsv", x, dparams["embed"]["token"], preferred_element_type=jnp.float32)
+    else:
+        logits = jnp.einsum("bsd,dv->bsv", x, dparams["lm_head"]["kernel"], preferred_element_type=jnp.float32)
+    in_vocab = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
+    return jnp.where(in_vocab, logits, jnp.finfo(jnp.float32).min)
+
+
 def resolve_decode_impl(impl: str, cfg: ModelConfig) -> str:
     """"auto": the Pallas kernel on GPUs (head_dim >= 16), the jnp reference elsewhere."""
     if impl not in DECODE_ATTENTION_IMPLS:
@@ -137,7 +147,7 @@ def prefill(dparams: dict, tokens: jax.Array, valid: jax.Array, cache: dict, cfg
     last = cache["next_slot"] - 1  # index of each row's last prompt token
     x = jnp.take_along_axis(x, last[:, None, None], axis=1)  # [batch, 1, d_model]
     x = norm(dparams["final_norm"], x, cfg)
-    return logits_from_hidden(dparams, x, cfg)[:, 0], cache
+    return _logits(dparams, x, cfg)[:, 0], cache
 
 
 def decode_step(dparams: dict, tokens: jax.Array, cache: dict, cfg: ModelConfig, impl: str = "auto"):
@@ -166,7 +176,7 @@ def decode_step(dparams: dict, tokens: jax.Array, cache: dict, cfg: ModelConfig,
         x = x + _mlp(layer, norm(layer["mlp_norm"], x, cfg), cfg)
     cache = kv_cache.advance(cache)
     x = norm(dparams["final_norm"], x, cfg)
-    return logits_from_hidden(dparams, x, cfg)[:, 0], cache
+    return _logits(dparams, x, cfg)[:, 0], cache
 
 
 prefill_jit = jax.jit(prefill, static_argnames=("cfg",), donate_argnames=("cache",))

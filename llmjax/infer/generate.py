@@ -250,7 +250,7 @@ def generate(
         tables = batch_automata(automata, cfg.padded_vocab_size, max_new_tokens, eos_id)
 
     tokens, valid = pad_prompts(prompts, padding)
-    capacity = kv_cache.cache_capacity(cfg, tokens.shape[1] + max_new_tokens)
+    capacity = kv_cache.cache_capacity(cfg, tokens.shape[1] + max_new_tokens, multiple=64)
     cache = kv_cache.init_cache(cfg, batch, capacity, cache_dtype)
     dparams = prepared if prepared is not None else _prepare_jit(params, cfg)
     options = LoopOptions(max_new_tokens=max_new_tokens, features=features, eos_id=eos_id,

@@ -32,11 +32,11 @@ class CacheError(ValueError):
     """A cache that cannot hold the requested generation."""
 
 
-def cache_capacity(cfg: ModelConfig, total_length: int) -> int:
-    """Slots needed for `total_length` tokens (prompt + generated): all of them, or only the window."""
-    if cfg.sliding_window is not None:
-        return min(total_length, cfg.sliding_window)
-    return total_length
+def cache_capacity(cfg: ModelConfig, total_length: int, multiple: int = 1) -> int:
+    """Slots for `total_length` tokens (prompt + generated): all of them, or only the window, rounded up
+    to `multiple` (the decode kernel reads whole blocks; a ring larger than the window is still exact)."""
+    needed = total_length if cfg.sliding_window is None else min(total_length, cfg.sliding_window)
+    return -(-needed // multiple) * multiple
 
 
 def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype: str | None = None) -> dict:

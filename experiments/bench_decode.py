@@ -1,0 +1,285 @@
+"""Decode speed: latency per token and tokens/s over batch x context, against the bandwidth roofline and HF transformers generate (GPU)."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="python -m experiments bench_decode",
+        description="Time our decode loop (lax loop of decode_step + greedy choice over a KV cache filled to each "
+        "context length, Pallas split-K decode attention) on a random-init LLaMA-style model at every batch x "
+        "context, and compare with the memory-bandwidth roofline (bytes of weights + KV read per step / measured "
+        "copy bandwidth) and with Hugging Face transformers generate on the same model and GPU (torch, bf16, SDPA, "
+        "run first in the same process). Writes a table, JSON and PNG.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default="llama-1b", help="model preset (random init, bf16)")
+    p.add_argument("--batches", default="1,8,32,64,128,256")
+    p.add_argument("--contexts", default="128,1024,2048,8192")
+    p.add_argument("--steps", type=int, default=32, help="decode steps per timed call")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per point (median)")
+    p.add_argument("--hf-points", default="1x128,1x2048,32x128,32x2048", help="batch x context points for HF generate")
+    p.add_argument("--int8-points", default="64x2048", help="batch x context points also timed with an int8 cache")
+    p.add_argument("--decode-impl", default="auto", choices=["auto", "xla", "pallas"])
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "runs/bench")) / "bench_decode.json")
+    return p.parse_args(argv)
+
+
+def _points(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(v) for v in item.split("x")) for item in text.split(",") if item]
+
+
+# --- Hugging Face peer ----------------------------------------------------------------------------
+
+def hf_peer(cfg, points, steps: int) -> dict:
+    """ms per decode step of transformers' generate (greedy, default dynamic cache, SDPA, bf16)."""
+    try:
+        import torch
+        import transformers
+    except ImportError as error:
+        print(f"HF peer skipped: {error}")
+        return {"skipped": str(error)}
+    from llmjax.io.hf import hf_config_from
+
+    hf_config = transformers.LlamaConfig(**{k: v for k, v in hf_config_from(cfg).items()
+                                            if k not in ("architectures", "model_type", "torch_dtype", "dtype")})
+    hf_config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(hf_config).to(torch.bfloat16).eval()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    results = {"transformers": transformers.__version__, "torch": torch.__version__, "points": {}}
+
+    def timed(batch, context, new_tokens):
+        ids = torch.randint(0, cfg.vocab_size, (batch, context), device=device)
+        mask = torch.ones_like(ids)
+        sync()
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                           do_sample=False, pad_token_id=0, eos_token_id=None)
+        sync()
+        return time.perf_counter() - start
+
+    for batch, context in points:
+        try:
+            timed(batch, context, 2)  # warm-up
+            prefill = min(timed(batch, context, 1) for _ in range(2))
+            total = min(timed(batch, context, steps + 1) for _ in range(2))
+            ms = (total - prefill) / steps * 1e3
+            results["points"][f"{batch}x{context}"] = {"ms_per_step": ms, "tokens_per_s": batch / ms * 1e3}
+            print(f"HF generate batch {batch:>3} context {context:>5}: {ms:7.2f} ms/step, {batch / ms * 1e3:9.0f} tok/s",
+                  flush=True)
+        except torch.cuda.OutOfMemoryError as error:
+            results["points"][f"{batch}x{context}"] = {"error": str(error).splitlines()[0]}
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return results
+
+
+# --- ours -----------------------------------------------------------------------------------------
+
+def copy_bandwidth(jax, jnp) -> float:
+    """Bytes per second of a device copy (read + write) of 2 GiB, median of 10."""
+    x = jax.random.normal(jax.random.key(0), (1024, 1024 * 1024), jnp.bfloat16)
+    f = jax.jit(lambda x: x + 1)
+    jax.block_until_ready(f(x))
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        jax.block_until_ready(f(x))
+        times.append(time.perf_counter() - start)
+    del x
+    return 2 * 2 * 1024 * 1024 * 1024 / statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch runs in this process too
+    from llmjax.config import count_params, get_config
+
+    cfg = get_config(args.model, param_dtype="bfloat16", compute_dtype="bfloat16")
+    batches = [int(b) for b in args.batches.split(",")]
+    contexts = [int(c) for c in args.contexts.split(",")]
+    results = {"model": args.model, "params": count_params(cfg, padded_vocab=True), "steps": args.steps}
+    results["hf"] = hf_peer(cfg, _points(args.hf_points), args.steps)  # first: before JAX holds memory
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from llmjax.infer import kv_cache
+    from llmjax.infer.decode_model import decode_step, prepare_params, resolve_decode_impl
+    from llmjax.model import init_params
+
+    device = jax.devices()[0]
+    results["device"] = device.device_kind
+    bandwidth = copy_bandwidth(jax, jnp)
+    results["copy_bandwidth_GBps"] = bandwidth / 1e9
+    print(f"device: {device.device_kind}; copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
+    dparams = jax.jit(prepare_params, static_argnames="cfg")(init_params(cfg, jax.random.key(0)), cfg)
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(dparams))
+    if cfg.positions == "learned":
+        weight_bytes -= dparams["embed"]["position"].nbytes
+    if not cfg.tie_embeddings:
+        weight_bytes -= dparams["embed"]["token"].nbytes  # only `batch` rows of the input embedding are read
+    results["weight_bytes"] = weight_bytes
+    capacity = max(contexts) + args.steps * (args.repeats + 2) + 64
+    capacity = -(-capacity // 512) * 512
+
+    def loop(dparams, cache, tokens, impl):
+        def body(_, carry):
+            cache, tokens = carry
+            logits, cache = decode_step(dparams, tokens, cache, cfg, impl)
+            return cache, jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+        return jax.lax.fori_loop(0, args.steps, body, (cache, tokens))
+
+    impl = results["decode_impl"] = resolve_decode_impl(args.decode_impl, cfg)
+    run = jax.jit(functools.partial(loop, impl=impl), donate_argnums=(1,))
+
+    def fill(cache, key):
+        """Random keys / values in every slot (one random row broadcast: the values do not change the timing)."""
+        def layer(entry, key):
+            out = {}
+            for i, name in enumerate(("k", "v")):
+                row = jax.random.normal(jax.random.fold_in(key, i), entry[name].shape[1:], jnp.bfloat16)
+                x = jnp.broadcast_to(row, entry[name].shape)
+                if "k_scale" in entry:
+                    out[name], out[f"{name}_scale"] = kv_cache.quantize(x)
+                else:
+                    out[name] = x.astype(entry[name].dtype)
+            return out
+
+        keys = jax.random.split(key, len(cache["layers"]))
+        return {**cache, "layers": tuple(layer(e, k) for e, k in zip(cache["layers"], keys))}
+
+    fill = jax.jit(fill, donate_argnums=0)
+
+    @jax.jit
+    def at_context(positions, context):
+        """Slots 0..context-1 hold positions 0..context-1; the next token goes to slot `context`."""
+        batch, cap = positions.shape
+        slots = jnp.arange(cap)[None, :]
+        full = jnp.full((batch,), context, jnp.int32)
+        return jnp.broadcast_to(jnp.where(slots < context, slots, -1), (batch, cap)).astype(jnp.int32), full, full
+
+    kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
+    rows = []
+    int8_points = set(_points(args.int8_points))
+    for batch in batches:
+        for cache_dtype in ("bfloat16", "int8"):
+            wanted = [c for c in contexts if cache_dtype == "bfloat16" or (batch, c) in int8_points]
+            if not wanted:
+                continue
+            cache = fill(kv_cache.init_cache(cfg, batch, capacity, cache_dtype), jax.random.key(batch))
+            tokens = jnp.zeros((batch,), jnp.int32)
+            compiled_at = time.perf_counter()
+            for context in wanted:
+                positions, next_slot, next_position = at_context(cache["positions"], context)
+                cache = {**cache, "positions": positions, "next_slot": next_slot, "next_position": next_position}
+                try:
+                    cache, tokens = run(dparams, cache, tokens)  # warm-up (compiles once per batch and dtype)
+                    jax.block_until_ready(tokens)
+                except Exception as error:  # noqa: BLE001  (a kernel that does not lower here: say so, use XLA)
+                    if impl == "xla":
+                        raise
+                    print(f"decode attention {impl!r} failed ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0][:300]}); timing the XLA reference instead", flush=True)
+                    impl = results["decode_impl"] = "xla"
+                    run = jax.jit(functools.partial(loop, impl=impl), donate_argnums=(1,))
+                    cache = fill(kv_cache.init_cache(cfg, batch, capacity, cache_dtype), jax.random.key(batch))
+                    positions, next_slot, next_position = at_context(cache["positions"], context)
+                    cache = {**cache, "positions": positions, "next_slot": next_slot, "next_position": next_position}
+                    cache, tokens = run(dparams, cache, tokens)
+                    jax.block_until_ready(tokens)
+                if context == wanted[0]:
+                    print(f"  (batch {batch} {cache_dtype}: compiled + warm-up {time.perf_counter() - compiled_at:.1f}s)",
+                          flush=True)
+                times = []
+                for _ in range(args.repeats):
+                    start = time.perf_counter()
+                    cache, tokens = run(dparams, cache, tokens)
+                    jax.block_until_ready(tokens)
+                    times.append(time.perf_counter() - start)
+                ms = statistics.median(times) / args.steps * 1e3
+                mid_context = context + args.steps * (args.repeats + 1)  # average cache length over the timed steps
+                per_slot = kv_bytes_per_token * (1 if cache_dtype == "int8" else 2)
+                if cache_dtype == "int8":
+                    per_slot += 2 * cfg.num_layers * cfg.num_kv_heads * 4  # the float32 scales
+                step_bytes = weight_bytes + batch * mid_context * per_slot
+                roofline_ms = step_bytes / bandwidth * 1e3
+                row = {"batch": batch, "context": context, "cache": cache_dtype, "ms_per_step": ms,
+                       "tokens_per_s": batch / ms * 1e3, "roofline_ms": roofline_ms,
+                       "fraction_of_roofline": roofline_ms / ms, "bytes_per_step": step_bytes}
+                hf = results["hf"].get("points", {}).get(f"{batch}x{context}", {}) if cache_dtype == "bfloat16" else {}
+                if "ms_per_step" in hf:
+                    row["hf_ms_per_step"] = hf["ms_per_step"]
+                    row["speedup_vs_hf"] = hf["ms_per_step"] / ms
+                rows.append(row)
+                print(f"batch {batch:>3} context {context:>5} {cache_dtype:>8}: {ms:7.3f} ms/step  "
+                      f"{row['tokens_per_s']:9.0f} tok/s  {100 * row['fraction_of_roofline']:5.1f}% of roofline"
+                      + (f"  {row['speedup_vs_hf']:.1f}x HF" if "speedup_vs_hf" in row else ""), flush=True)
+            del cache
+    results["rows"] = rows
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    print_table(results)
+    png = plot(results, args.out.with_suffix(".png"))
+    print(f"wrote {args.out}" + (f" and {png}" if png else ""))
+    return 0
+
+
+def print_table(results: dict) -> None:
+    print(f"\n{results['model']} ({results['params'] / 1e9:.2f}B params, bf16), {results['device']}, "
+          f"decode attention {results.get('decode_impl')}, "
+          f"copy bandwidth {results['copy_bandwidth_GBps']:.0f} GB/s, {results['steps']} steps per timed call")
+    print("| batch | context | cache | ms / token | tokens/s | roofline ms | % of roofline | HF ms / token | vs HF |")
+    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in results["rows"]:
+        hf = f"{r['hf_ms_per_step']:.2f} | {r['speedup_vs_hf']:.1f}x" if "hf_ms_per_step" in r else "- | -"
+        print(f"| {r['batch']} | {r['context']} | {r['cache']} | {r['ms_per_step']:.3f} | {r['tokens_per_s']:,.0f} | "
+              f"{r['roofline_ms']:.3f} | {100 * r['fraction_of_roofline']:.0f}% | {hf} |")
+
+
+def plot(results: dict, path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    rows = [r for r in results["rows"] if r["cache"] == "bfloat16"]
+    for context in sorted({r["context"] for r in rows}):
+        points = sorted((r["batch"], r["tokens_per_s"], r["batch"] / r["roofline_ms"] * 1e3) for r in rows
+                        if r["context"] == context)
+        line, = ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=f"ours, context {context}")
+        ax.plot([p[0] for p in points], [p[2] for p in points], ":", color=line.get_color())
+    hf = results.get("hf", {}).get("points", {})
+    for key, value in hf.items():
+        if "tokens_per_s" in value:
+            batch, context = map(int, key.split("x"))
+            ax.plot(batch, value["tokens_per_s"], "kx")
+            ax.annotate(f"HF {context}", (batch, value["tokens_per_s"]), fontsize=7)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch")
+    ax.set_ylabel("tokens / s")
+    ax.set_title(f"{results['model']} decode on {results['device']} (dotted: bandwidth roofline)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
