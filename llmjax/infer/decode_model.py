@@ -27,6 +27,7 @@ from llmjax.config import ModelConfig
 from llmjax.infer import kv_cache
 from llmjax.model.attention import dot_product_attention
 from llmjax.model.layers import norm
+from llmjax.model.moe import moe_layer
 from llmjax.model.rope import apply_rope
 
 DECODE_ATTENTION_IMPLS = ("auto", "xla", "pallas")
@@ -36,11 +37,12 @@ def prepare_params(params: dict, cfg: ModelConfig) -> dict:
     """Decode-ready weights: compute dtype, one dict per layer, fused q/k/v and gate/up projections."""
     dtype = jnp.dtype(cfg.compute_dtype)
     cast = lambda x: jnp.asarray(x, dtype)  # noqa: E731
-    blocks = params["blocks"]
+    from llmjax.model.transformer import layer_block_params
+
     layers = []
     for i in range(cfg.num_layers):
-        layer = jax.tree.map(lambda x: x[i], blocks)
-        attn, mlp_params = layer["attn"], layer["mlp"]
+        layer = layer_block_params(params, cfg, i)
+        attn, mlp_params = layer["attn"], layer.get("mlp")
         d = cfg.d_model
         qkv = jnp.concatenate([cast(attn[n]["kernel"]).reshape(d, -1) for n in ("q", "k", "v")], axis=1)
         entry = {
@@ -53,6 +55,11 @@ def prepare_params(params: dict, cfg: ModelConfig) -> dict:
             entry["qkv"]["bias"] = jnp.concatenate([cast(attn[n]["bias"]).reshape(-1) for n in ("q", "k", "v")])
         if "bias" in attn["o"]:
             entry["o"]["bias"] = cast(attn["o"]["bias"])
+        if mlp_params is None:  # an MoE block (llmjax.model.moe): experts in the compute dtype, router as is
+            entry["moe"] = {name: value if name == "router" else jax.tree.map(cast, value)
+                            for name, value in layer["moe"].items()}
+            layers.append(entry)
+            continue
         if cfg.activation == "swiglu":
             entry["gate_up"] = {"kernel": jnp.concatenate([cast(mlp_params["gate"]["kernel"]),
                                                             cast(mlp_params["up"]["kernel"])], axis=1)}
@@ -76,6 +83,8 @@ def _dense(p: dict, x: jax.Array) -> jax.Array:
 
 
 def _mlp(layer: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    if "moe" in layer:
+        return moe_layer(layer["moe"], x, cfg)[0]
     if cfg.activation == "swiglu":
         gate, up = jnp.split(_dense(layer["gate_up"], x), 2, axis=-1)
         hidden = jax.nn.silu(gate) * up

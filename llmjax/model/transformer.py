@@ -70,6 +70,17 @@ def model_spec(cfg: ModelConfig) -> dict:
     return spec
 
 
+def layer_block_params(params: dict, cfg: ModelConfig, layer: int) -> dict:
+    """Block `layer`'s parameters taken out of the stacks: a dense block's, or an MoE block's (with
+    "moe" where a dense block has "mlp"). For code that walks the layers one by one (decoding)."""
+    if not cfg.is_moe:
+        return jax.tree.map(lambda x: x[layer], params["blocks"])
+    group, index = divmod(layer, cfg.moe_every)
+    if index == cfg.moe_every - 1:
+        return jax.tree.map(lambda x: x[group], params["moe_blocks"])
+    return jax.tree.map(lambda x: x[group, index], params["blocks"])
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
     """Freshly initialized parameters (GPT-2 init: std 0.02, residual projections / sqrt(2 * layers))."""

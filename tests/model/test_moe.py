@@ -308,3 +308,16 @@ def test_collapse_is_warned_in_the_training_log(caplog):
         _warn_router_collapse(values, BASE, 40, warned)
         _warn_router_collapse({"moe/expert_load": [[0.25, 0.95, 0.55, 0.25], [0.5] * 4]}, BASE, 50, warned)  # once per layer
     assert len([r for r in caplog.records if "router collapse" in r.message]) == 1
+
+
+def test_kv_cache_decoding_of_an_moe_model_equals_the_full_forward():
+    """MoE blocks in the decode path (llmjax.infer.decode_model), every 2nd block, dropless routing."""
+    from tests.infer.test_kv_cache import full_forward, run_cache
+
+    cfg = BASE.replace(num_layers=4, moe_every=2)
+    params = init_params(cfg, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    sequences = [rng.integers(0, cfg.vocab_size, n + 5).tolist() for n in (7, 3, 9)]
+    got, _ = run_cache(cfg, params, sequences, "left", None)
+    want = full_forward(cfg, params, sequences)
+    np.testing.assert_allclose(got[..., : cfg.vocab_size], want[..., : cfg.vocab_size], atol=2e-5, rtol=1e-4)
