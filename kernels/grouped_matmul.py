@@ -8,8 +8,8 @@ next group_sizes[1] by rhs[1], and so on (rows past sum(group_sizes) give zeros)
 
 How: each group's rows are laid out padded to a multiple of `block_m` (the "aligned" layout of
 vLLM's fused MoE), so every row tile belongs to one group and the kernel is a plain tiled matmul
-whose right-hand tile comes from that tile's group: grid (row tiles, column tiles), K walked in
-`block_k` steps with a float32 accumulator. The layout costs at most G - 1 partial tiles.
+whose right-hand tile comes from that tile's group: one program per output tile (in bands of
+`group_m` row tiles, for L2 reuse), K walked in `block_k` steps with a float32 accumulator. The layout costs at most G - 1 partial tiles.
 MoE code that builds the padded layout itself (llmjax.model.moe) calls `grouped_matmul_padded`
 and skips the copies in and out of it.
 
@@ -52,6 +52,7 @@ class TileConfig:
     num_warps: int = 8
     num_stages: int = 3
     interpret: bool = False
+    group_m: int = 8  # row tiles per band: programs walk a band's column tiles together (L2 reuse of lhs)
 
 
 def default_tiles(k: int, n: int, block_m: int | None = None, interpret: bool | None = None) -> TileConfig:
@@ -123,10 +124,22 @@ def from_padded(x: jax.Array, layout: GroupLayout) -> jax.Array:
 
 # --- kernels -----------------------------------------------------------------------------
 
-def _matmul_kernel(tile_group_ref, lhs_ref, rhs_ref, out_ref, *, tiles: TileConfig, k: int, n: int, transpose_rhs: bool):
+def _swizzled_tile(program, row_tiles: int, column_tiles: int, group_m: int):
+    """(row tile, column tile) of a 1-D program id, in bands of group_m row tiles: consecutive programs
+    share lhs rows and rhs columns, so both stay in L2 (Triton's grouped ordering)."""
+    per_band = group_m * column_tiles
+    band = program // per_band
+    first = band * group_m
+    band_rows = jnp.minimum(row_tiles - first, group_m)
+    within = program % per_band
+    return first + within % band_rows, within // band_rows
+
+
+def _matmul_kernel(tile_group_ref, lhs_ref, rhs_ref, out_ref, *, tiles: TileConfig, k: int, n: int, transpose_rhs: bool,
+                   row_tiles: int):
     """One [block_m, block_n] output tile: lhs rows of one group times that group's rhs (or rhs^T)."""
     bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
-    tile, column_tile = pl.program_id(0), pl.program_id(1)
+    tile, column_tile = _swizzled_tile(pl.program_id(0), row_tiles, pl.cdiv(n, bn), tiles.group_m)
     group = tile_group_ref[tile]
     first_row, first_col = tile * bm, column_tile * bn
     col_mask = None if n % bn == 0 else first_col + jnp.arange(bn) < n
@@ -164,11 +177,12 @@ def _padded_matmul(lhs, rhs, tile_group, tiles: TileConfig, transpose_rhs: bool)
     """lhs [padded rows, k] x per-tile rhs -> [padded rows, n]."""
     padded_rows, k = lhs.shape
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    kernel = functools.partial(_matmul_kernel, tiles=tiles, k=k, n=n, transpose_rhs=transpose_rhs)
+    row_tiles = padded_rows // tiles.block_m
+    kernel = functools.partial(_matmul_kernel, tiles=tiles, k=k, n=n, transpose_rhs=transpose_rhs, row_tiles=row_tiles)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((padded_rows, n), lhs.dtype),
-        grid=(padded_rows // tiles.block_m, pl.cdiv(n, tiles.block_n)),
+        grid=(row_tiles * pl.cdiv(n, tiles.block_n),),
         compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
         interpret=tiles.interpret,
         name="grouped_matmul_transposed" if transpose_rhs else "grouped_matmul",
@@ -203,7 +217,7 @@ def _rhs_gradient_kernel(first_tile_ref, group_tiles_ref, lhs_ref, d_out_ref, d_
 def _rhs_gradient(lhs, d_out, layout: GroupLayout, groups: int, tiles: TileConfig, rhs_dtype):
     """[G, k, n]: every group's lhs^T @ d_out over its padded rows."""
     k, n = lhs.shape[1], d_out.shape[1]
-    k_block = max(16, min(64, pl.next_power_of_2(k)))
+    k_block = max(16, min(128, pl.next_power_of_2(k)))
     kernel = functools.partial(_rhs_gradient_kernel, tiles=tiles, k=k, n=n, k_block=k_block)
     return pl.pallas_call(
         kernel,
