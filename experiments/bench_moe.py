@@ -67,6 +67,8 @@ def parse_args(argv):
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--runs-dir", type=Path, default=Path("runs/bench/moe_quality"),
+                   help="part 3's run folders (checkpoints, metrics), one per model; replaced on each run")
     p.add_argument("--no-plot", action="store_true")
     return p.parse_args(argv)
 
@@ -244,7 +246,7 @@ def bench_quality(args, on_gpu: bool, report: dict) -> None:
     runs = report.setdefault("quality", {"data": str(args.data), "steps": args.steps, "batch": args.batch,
                                          "seq": args.seq, "lr": args.lr, "models": {}})
     for label, cfg in (("MoE", moe), ("dense", dense)):
-        run_dir = args.out.parent / "moe_quality" / label
+        run_dir = args.runs_dir / label
         shutil.rmtree(run_dir, ignore_errors=True)
         run = RunConfig(run_dir=run_dir, batch_size=args.batch, seq_len=args.seq, eval_every=args.eval_every,
                         eval_batches=8, save_every=10**9, keep_last=1, sample_tokens=0, progress=False,
