@@ -50,9 +50,8 @@ class BeamOptions:
     num_groups: int
     max_new_tokens: int
     eos_id: int | None
-    length_penalty: float
     early_stopping: bool | str
-    diversity_penalty: float
+    diverse: bool  # diversity_penalty > 0 (its value is an argument: no recompiling per setting)
     decode_impl: str = "auto"
 
 
@@ -61,7 +60,7 @@ def _gather(x, index):
     return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def _group_step(group: dict, log_probs, t, options: BeamOptions):
+def _group_step(group: dict, log_probs, t, length_penalty, options: BeamOptions):
     """One step of one group. log_probs [batch, beams_per_group, vocab]; t tokens generated so far.
 
     Returns (group state, parent beam [batch, beams_per_group], next token [batch, beams_per_group])."""
@@ -87,7 +86,7 @@ def _group_step(group: dict, log_probs, t, options: BeamOptions):
     # Finished pool: merge the newly finished among the top `beams` continuations, keep the best.
     in_top = jnp.arange(keep) < beams
     just_finished = hits & in_top[None, :]
-    finished_scores = topk_scores / ((t + 1) ** options.length_penalty)
+    finished_scores = topk_scores / ((t + 1.0) ** length_penalty)
     full = jnp.all(group["finished"], axis=-1, keepdims=True) & (options.early_stopping is True)
     finished_scores += full * LARGE_NEGATIVE
     finished_scores += ~group["improvable"] * LARGE_NEGATIVE
@@ -101,10 +100,10 @@ def _group_step(group: dict, log_probs, t, options: BeamOptions):
     new["finished"] = _gather(merged_finished, best)
 
     # Can a running beam still beat the worst finished one?
-    length = t + 1
-    if options.early_stopping == "never" and options.length_penalty > 0:
-        length = max_new
-    best_possible = new["running_scores"][:, :1] / (length ** options.length_penalty)
+    length = t + 1.0
+    if options.early_stopping == "never":
+        length = jnp.where(length_penalty > 0, float(max_new), length)
+    best_possible = new["running_scores"][:, :1] / (length ** length_penalty)
     worst_finished = jnp.where(new["finished"], jnp.min(new["scores"], axis=1, keepdims=True), LARGE_NEGATIVE)
     new["improvable"] = group["improvable"] & jnp.any(best_possible > worst_finished, axis=-1, keepdims=True)
     new["go_on"] = (jnp.any(new["improvable"]) & ~(jnp.all(new["finished"]) & (options.early_stopping is True))
@@ -112,7 +111,8 @@ def _group_step(group: dict, log_probs, t, options: BeamOptions):
     return new, parent, new["running"][:, :, t]
 
 
-def _beam_loop(dparams, tokens, valid, cache, cfg: ModelConfig, options: BeamOptions):
+def _beam_loop(dparams, tokens, valid, cache, length_penalty, diversity_penalty, cfg: ModelConfig,
+               options: BeamOptions):
     batch = tokens.shape[0]
     groups, beams = options.num_groups, options.num_beams // options.num_groups
     total = options.num_beams
@@ -145,9 +145,9 @@ def _beam_loop(dparams, tokens, valid, cache, cfg: ModelConfig, options: BeamOpt
         new_groups, parents, next_tokens = [], [], []
         for g, group in enumerate(state["groups"]):
             lp = log_probs[:, g]
-            if options.diversity_penalty:
-                lp = lp - options.diversity_penalty * chosen[:, None, :]
-            new, parent, token = _group_step(group, lp, t, options)
+            if options.diverse:
+                lp = lp - diversity_penalty * chosen[:, None, :]
+            new, parent, token = _group_step(group, lp, t, length_penalty, options)
             new = jax.tree.map(lambda a, b: jnp.where(group["go_on"], a, b), new, group)  # a stopped group stays
             new_groups.append(new)
             parents.append(parent + g * beams)
@@ -210,9 +210,10 @@ def beam_search(
     capacity = kv_cache.cache_capacity(cfg, tokens.shape[1] + max_new_tokens, multiple=64)
     cache = kv_cache.init_cache(cfg, len(prompts), capacity, cache_dtype)
     dparams = prepared if prepared is not None else _prepare_jit(params, cfg)
-    options = BeamOptions(num_beams, num_groups, max_new_tokens, eos_id, float(length_penalty), early_stopping,
-                          float(diversity_penalty), decode_impl)
-    sequences, scores = _compiled(cfg, options)(dparams, jnp.asarray(tokens), jnp.asarray(valid), cache)
+    options = BeamOptions(num_beams, num_groups, max_new_tokens, eos_id, early_stopping, diversity_penalty > 0,
+                          decode_impl)
+    sequences, scores = _compiled(cfg, options)(dparams, jnp.asarray(tokens), jnp.asarray(valid), cache,
+                                                jnp.float32(length_penalty), jnp.float32(diversity_penalty))
     sequences, scores = np.asarray(sequences), np.asarray(scores)
     return BeamOutput(
         sequences=[[[int(t) for t in hyp if t >= 0] for hyp in row] for row in sequences],

@@ -2,23 +2,27 @@
 
 import re
 
-import numpy as np
 import pytest
 
 from experiments import generate as experiment
 
 
 def test_from_a_run_folder_streams_tokens(tmp_path, capsys):
+    """A run folder as the trainer leaves it: tokenizer.json and an orbax checkpoint with its record."""
+    import jax
+
     from llmjax.config import TrainConfig, get_config
-    from llmjax.data.loader import ArrayTokens
     from llmjax.tokenizer import load_tokenizer
-    from llmjax.train.loop import RunConfig, train
+    from llmjax.train.checkpoint import Checkpointer, run_record
+    from llmjax.train.step import init_train_state
 
     tokenizer = load_tokenizer("bytes")
     tokenizer.save(tmp_path / "tokenizer.json")
-    data = ArrayTokens(np.frombuffer(b"def f(x):\n    return x\n" * 40, np.uint8).astype(np.uint16))
-    run = RunConfig(tmp_path, batch_size=8, seq_len=16, save_every=2, eval_every=100, sample_tokens=0, progress=False)
-    train(get_config("gpt2-tiny", vocab_size=tokenizer.vocab_size), TrainConfig(total_steps=2, warmup_steps=0), run, data)
+    model_cfg, train_cfg = get_config("gpt2-tiny", vocab_size=tokenizer.vocab_size), TrainConfig()
+    checkpointer = Checkpointer(tmp_path / "checkpoints", async_save=False)
+    checkpointer.save(init_train_state(model_cfg, train_cfg, jax.random.key(0)),
+                      record=run_record(model_cfg, train_cfg, loader_state={"seed": 0}, seed=0))
+    checkpointer.close()
     assert experiment.main(["--ckpt", str(tmp_path), "--prompt", "def", "--max-new-tokens", "6", "--strategy", "greedy"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("def") and re.search(r"\[(length|eos), \d+ tokens\]", out)

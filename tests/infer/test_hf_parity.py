@@ -56,24 +56,23 @@ def strip(row, length):
     return [int(t) for t in row[:length]]
 
 
-@pytest.mark.parametrize("use_eos", [False, True])
-def test_greedy_equals_hf_generate(models, use_eos):
+def test_greedy_equals_hf_generate(models):
     model, params, cfg = models
-    eos = None
-    if use_eos:  # an id the greedy continuation of prompt 0 produces at its 4th step: the row must stop there
-        eos = int(hf_generate(model, PROMPTS[0], None, max_new_tokens=6, do_sample=False)[0, 3])
+    # EOS: an id the greedy continuation of prompt 0 produces at its 4th step: that row must stop there.
+    eos = int(hf_generate(model, PROMPTS[0], None, max_new_tokens=6, do_sample=False)[0, 3])
     ours = generate(params, cfg, PROMPTS, max_new_tokens=12, eos_id=eos)
     for prompt, tokens in zip(PROMPTS, ours.tokens):
         want = hf_generate(model, prompt, eos, max_new_tokens=12, do_sample=False)[0]
         assert tokens == strip(want, len(tokens))
         assert len(tokens) == 12 or tokens[-1] == eos
-    if use_eos:
-        assert len(ours.tokens[0]) == 4 and ours.finish_reasons[0] == "eos"
+    assert len(ours.tokens[0]) == 4 and ours.finish_reasons[0] == "eos"
 
 
 @pytest.mark.parametrize("length_penalty,early_stopping", [(1.0, False), (0.5, True), (2.0, "never")])
 def test_beam_search_equals_hf_generate(models, length_penalty, early_stopping):
     model, params, cfg = models
+    if cfg.positions == "learned" and early_stopping is not False:
+        pytest.skip("each early-stopping rule is checked on LLaMA; GPT-2 checks the default (CI time)")
     eos = int(hf_generate(model, PROMPTS[1], None, max_new_tokens=3, do_sample=False)[0, 2])  # finishes some beams
     ours = beam_search(params, cfg, PROMPTS, num_beams=4, max_new_tokens=10, eos_id=eos,
                        length_penalty=length_penalty, early_stopping=early_stopping)
