@@ -83,7 +83,7 @@ def run_gradients():
             row = dict(name=name, split=split, batch=batch, q_len=q_len, kv_len=kv_len, heads=heads,
                        kv_heads=kv_heads, head_dim=head_dim, **masking)
             try:
-                config = backward_module.BackwardConfig(dq_split=split)
+                config = backward_module.BackwardConfig(dq_split=split, num_stages=3 if split == "columns" else 2)
 
                 def ours(q, k, v, d_out):
                     out, lse = mosaic_gpu.flash_attention_forward_mosaic(q, k, v, **masking)
@@ -167,25 +167,34 @@ def ours_with(config=None, backward="mosaic", forward_config=None):
     return attention
 
 
-TIME_SHAPES = [  # (batch, seq, heads, kv_heads, head_dim, causal)
+TIME_SHAPES = [  # (batch, seq, heads, kv_heads, head_dim, causal); every variant on the first, the default after
     (4, 4096, 16, 16, 128, True),
     (4, 4096, 16, 16, 128, False),
     (4, 4096, 16, 4, 128, True),
     (16, 1024, 16, 16, 128, True),
+    (16, 1024, 16, 16, 128, False),
     (1, 16384, 16, 16, 128, True),
+    (1, 16384, 16, 16, 128, False),
+    (8, 4096, 32, 32, 64, True),
 ]
 
 
 def backward_variants(head_dim):
-    variants = {"bwd_rows_s2": backward_module.BackwardConfig(dq_split="rows", num_stages=2)}
-    if head_dim == 128:
-        variants["bwd_columns_s2"] = backward_module.BackwardConfig(dq_split="columns", num_stages=2)
-        variants["bwd_columns_s3"] = backward_module.BackwardConfig(dq_split="columns", num_stages=3)
-    return variants
+    config = backward_module.BackwardConfig
+    if head_dim == 64:
+        return {"bwd_rows_s3": config(dq_split="rows", num_stages=3),
+                "bwd_rows_s3_eager": config(dq_split="rows", num_stages=3, deferred=False)}
+    return {
+        "bwd_columns_s3": config(dq_split="columns", num_stages=3),  # the default
+        "bwd_columns_s2": config(dq_split="columns", num_stages=2),
+        "bwd_columns_s3_eager": config(dq_split="columns", num_stages=3, deferred=False),
+        "bwd_columns_s3_r232": config(dq_split="columns", num_stages=3, consumer_registers=232),
+        "bwd_rows_s2": config(dq_split="rows", num_stages=2),
+    }
 
 
 def run_timing(shapes=TIME_SHAPES):
-    for batch, seq, heads, kv_heads, head_dim, causal in shapes:
+    for index, (batch, seq, heads, kv_heads, head_dim, causal) in enumerate(shapes):
         flops = 4 * batch * heads * seq * seq * head_dim / (2 if causal else 1)
         q, k, v, d_out = random_inputs(seq + heads, batch, seq, seq, heads, kv_heads, head_dim)
         shape = [batch, seq, heads, kv_heads, head_dim]
@@ -194,7 +203,8 @@ def run_timing(shapes=TIME_SHAPES):
                                                                             implementation="cudnn"),
             "ours_triton_bwd": lambda q, k, v, c=causal: ours_with(backward="triton")(q, k, v, c),
         }
-        for name, config in backward_variants(head_dim).items():
+        variants = backward_variants(head_dim)
+        for name, config in list(variants.items())[:None if index == 0 or head_dim == 64 else 1]:
             rows["ours_" + name] = lambda q, k, v, c=causal, cfg=config: ours_with(cfg)(q, k, v, c)
         for label, attention in rows.items():
             row = dict(label=label, shape=shape, causal=causal)
@@ -231,7 +241,7 @@ def run_forward():
                 try:
                     fn = jax.jit(lambda q, k, v, c=causal, cfg=config: mosaic_gpu.flash_attention_forward_mosaic(
                         q, k, v, causal=c, config=cfg)[0])
-                    med, lo, hi = median_ms(fn, q, k, v, repeats=15, inner=10)
+                    med, lo, hi = median_ms(fn, q, k, v, repeats=10, inner=10)
                     row.update(ms=med, tflops=flops / med / 1e9)
                 except Exception as error:  # noqa: BLE001
                     row["error"] = f"{type(error).__name__}: {str(error)[:300]}"

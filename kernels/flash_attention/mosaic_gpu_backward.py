@@ -54,8 +54,11 @@ ROWS_PER_CTA = NUM_CONSUMERS * BLOCK_KV
 class BackwardConfig:
     """Schedule of the backward kernel (the tile sizes are fixed by the wgmma shapes above)."""
 
-    num_stages: int = 2  # Q / dO ring depth
+    num_stages: int = 3  # Q / dO ring depth
     dq_split: str = "columns"  # "columns" (head_dim 128 only) or "rows": see the module docstring
+    # dK / dV products of a block left running while the next block's S^T and dP^T are issued (accumulators
+    # stay in wgmma registers; the Q / dO slot is released one block later), else waited for at once.
+    deferred: bool = True
     consumer_registers: int = 240
     producer_registers: int = 24
 
@@ -68,6 +71,19 @@ class BackwardConfig:
 
 def default_backward_config(head_dim: int) -> BackwardConfig:
     return BackwardConfig(dq_split="columns" if head_dim == 128 else "rows")
+
+
+SHARED_MEMORY_BYTES = 227 * 1024  # per CTA on Hopper
+
+
+def shared_memory_bytes(head_dim: int, itemsize: int, config: BackwardConfig) -> int:
+    """The kernel's shared-memory scratch (barriers aside)."""
+    columns = config.dq_split == "columns"
+    dq_cols = head_dim // NUM_CONSUMERS if columns else head_dim
+    return (2 * ROWS_PER_CTA * head_dim * itemsize  # K, V
+            + config.num_stages * (2 * BLOCK_Q * head_dim * itemsize + 2 * BLOCK_Q * 4)  # Q, dO, statistics
+            + (2 if columns else 1) * ROWS_PER_CTA * BLOCK_Q * itemsize  # dS^T
+            + NUM_CONSUMERS * BLOCK_Q * dq_cols * 4)  # dQ partials
 
 
 def backward_supported(q, k, v, *, causal=True, sliding_window=None, q_segment_ids=None, kv_segment_ids=None,
@@ -90,6 +106,9 @@ def backward_supported(q, k, v, *, causal=True, sliding_window=None, q_segment_i
     config = config or default_backward_config(head_dim)
     if config.dq_split == "columns" and head_dim != 128:
         return f"dq_split='columns' needs head_dim 128, got {head_dim}"
+    if shared_memory_bytes(head_dim, jnp.dtype(q.dtype).itemsize, config) > SHARED_MEMORY_BYTES:
+        return (f"{config} needs {shared_memory_bytes(head_dim, jnp.dtype(q.dtype).itemsize, config)} bytes of "
+                f"shared memory at head_dim {head_dim}, more than {SHARED_MEMORY_BYTES}")
     if q_len % BLOCK_Q:
         return f"q_len {q_len} is not a multiple of {BLOCK_Q}"
     if kv_len % ROWS_PER_CTA:
@@ -228,8 +247,14 @@ def _backward(q, k, v, out, lse, d_out, *, causal, sliding_window, logit_softcap
                         visible = in_window if visible is None else visible & in_window
                 return s_t, tanh, visible
 
-            def step(q_block, carry, *, head, step_base, masked):
-                dk, dv = carry
+            def release(slot):
+                @pl.when(slot >= 0)
+                def _():
+                    plgpu.barrier_arrive(consumed.at[slot])  # Q, dO and the statistics of this slot are read
+
+            def step(q_block, carry, *, head, step_base, masked, dk_acc=None, dv_acc=None):
+                """One query block. carry: (dk, dv) in registers, or (deferred) the slot still read by the
+                previous block's dK / dV products, which run on while this block's S^T and dP^T are issued."""
                 step_index = step_base + q_block
                 slot = lax.rem(step_index, jnp.int32(stages))
                 first_q = q_block * BLOCK_Q
@@ -243,6 +268,8 @@ def _backward(q, k, v, out, lse, d_out, *, causal, sliding_window, logit_softcap
                     plgpu.barrier_wait(do_ready.at[slot])
                     plgpu.wgmma(dp_acc, v_mine, do_tile.transpose((1, 0)))
                     s_t = plgpu.wgmma_accumulator_load(s_acc, wait_n=1)
+                    if config.deferred:  # every product issued before S^T is done: the previous slot is free
+                        release(carry)
                     lse = plgpu.load(stats_smem.at[slot, 0], layout=plgpu.Layout.WGMMA.reduce(0))
                     s_t, tanh, visible = transform(s_t, first_q, masked)
                     p_t = jnp.exp2(s_t - lax.broadcast_in_dim(lse, s_t.shape, [1]))
@@ -259,9 +286,11 @@ def _backward(q, k, v, out, lse, d_out, *, causal, sliding_window, logit_softcap
                 p_t, ds_t = pl.run_scoped(probabilities, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
                 my_ds = ds_buffer.at[my_rows]
                 my_ds[...] = ds_t
-                if interpret:
+                p_operand, ds_rows_operand = p_t, ds_t  # A operands of dV, dK: registers on the GPU
+                if interpret:  # the interpreter's wgmma takes A from shared memory only
                     p_tile = p_smem.at[warpgroup]
                     p_tile[...] = p_t
+                    p_operand, ds_rows_operand = p_tile, my_ds
                 plgpu.commit_smem()
                 meeting()  # columns: both halves of dS^T are in shared memory
                 if columns:
@@ -270,28 +299,29 @@ def _backward(q, k, v, out, lse, d_out, *, causal, sliding_window, logit_softcap
                 else:
                     ds_operand = my_ds.transpose((1, 0))  # [queries, my keys]
                     k_operand = k_mine
-                if interpret:
+                if config.deferred:
+                    def products(dq_acc):
+                        plgpu.wgmma(dq_acc, ds_operand, k_operand)
+                        plgpu.wgmma(dv_acc, p_operand, do_tile)
+                        plgpu.wgmma(dk_acc, ds_rows_operand, q_tile)
+                        return plgpu.wgmma_accumulator_load(dq_acc, wait_n=2)  # dV, dK run on
+
+                    dq = pl.run_scoped(products, plgpu.ACC((BLOCK_Q, dq_cols), jnp.float32))
+                    new_carry = slot
+                else:
+                    dk, dv = carry
+
                     def products(dv_acc, dk_acc, dq_acc):
-                        plgpu.wgmma(dv_acc, p_tile, do_tile)
-                        plgpu.wgmma(dk_acc, my_ds, q_tile)
+                        plgpu.wgmma(dv_acc, p_operand, do_tile)
+                        plgpu.wgmma(dk_acc, ds_rows_operand, q_tile)
                         plgpu.wgmma(dq_acc, ds_operand, k_operand)
                         return tuple(plgpu.wgmma_accumulator_load(a, wait_n=0) for a in (dv_acc, dk_acc, dq_acc))
 
                     d_v, d_k, dq = pl.run_scoped(products, plgpu.ACC((BLOCK_KV, head_dim), jnp.float32),
                                                  plgpu.ACC((BLOCK_KV, head_dim), jnp.float32),
                                                  plgpu.ACC((BLOCK_Q, dq_cols), jnp.float32))
-                    dv, dk = dv + d_v, dk + d_k
-                else:
-                    def products(accs):
-                        dv_acc, dk_acc, dq_acc = accs
-                        plgpu.wgmma(dv_acc, p_t, do_tile)
-                        plgpu.wgmma(dk_acc, ds_t, q_tile)
-                        plgpu.wgmma(dq_acc, ds_operand, k_operand)
-
-                    dq_zero = plgpu.layout_cast(jnp.zeros((BLOCK_Q, dq_cols), jnp.float32), plgpu.Layout.WGMMA)
-                    dv, dk, dq = pl.run_state(products)(
-                        (plgpu.ACC.init(dv), plgpu.ACC.init(dk), plgpu.ACC.init(dq_zero)))
-                plgpu.barrier_arrive(consumed.at[slot])  # Q, dO and the statistics of this slot are read
+                    new_carry = (dk + d_k, dv + d_v)
+                    release(slot)
 
                 # The dQ partial: wait until the previous one has left shared memory, then reduce-add it.
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -305,20 +335,34 @@ def _backward(q, k, v, out, lse, d_out, *, causal, sliding_window, logit_softcap
                 else:
                     plgpu.copy_smem_to_gmem(dq_tile, dq_acc_ref.at[batch_index, pl.ds(first_q, BLOCK_Q), head,
                                                                    head_cols], reduction_op="add")
-                return dk, dv
+                return new_carry
 
-            def one_head(g, carry):
-                head = kv_head * group + g
-                run = functools.partial(step, head=head, step_base=g * blocks - lo)
-                if masked_any:
-                    carry = lax.fori_loop(lo, unmasked_lo, functools.partial(run, masked=True), carry)
-                carry = lax.fori_loop(unmasked_lo, unmasked_hi, functools.partial(run, masked=False), carry)
-                if masked_any:
-                    carry = lax.fori_loop(unmasked_hi, hi, functools.partial(run, masked=True), carry)
-                return carry
+            def walk(carry, **accs):
+                """Every query block of every query head of the group, masked edges apart."""
+                def one_head(g, carry):
+                    run = functools.partial(step, head=kv_head * group + g, step_base=g * blocks - lo, **accs)
+                    if masked_any:
+                        carry = lax.fori_loop(lo, unmasked_lo, functools.partial(run, masked=True), carry)
+                    carry = lax.fori_loop(unmasked_lo, unmasked_hi, functools.partial(run, masked=False), carry)
+                    if masked_any:
+                        carry = lax.fori_loop(unmasked_hi, hi, functools.partial(run, masked=True), carry)
+                    return carry
 
-            zeros = plgpu.layout_cast(jnp.zeros((BLOCK_KV, head_dim), jnp.float32), plgpu.Layout.WGMMA)
-            dk, dv = lax.fori_loop(0, group, one_head, (zeros, zeros))
+                return lax.fori_loop(0, group, one_head, carry)
+
+            if config.deferred:
+                def accumulate(dk_acc, dv_acc):
+                    last_slot = walk(jnp.int32(-1), dk_acc=dk_acc, dv_acc=dv_acc)
+                    dk = plgpu.wgmma_accumulator_load(dk_acc, wait_n=0)
+                    dv = plgpu.wgmma_accumulator_load(dv_acc, wait_n=0)
+                    release(last_slot)
+                    return dk, dv
+
+                accumulator = plgpu.ACC((BLOCK_KV, head_dim), jnp.float32)
+                dk, dv = pl.run_scoped(accumulate, accumulator, accumulator)
+            else:
+                zeros = plgpu.layout_cast(jnp.zeros((BLOCK_KV, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+                dk, dv = walk((zeros, zeros))
             plgpu.wait_smem_to_gmem(0)
             meeting()  # columns: the other consumer's last dQ product has read K
             k_mine[...] = (dk * scale).astype(dtype)
@@ -365,7 +409,8 @@ def _backward(q, k, v, out, lse, d_out, *, causal, sliding_window, logit_softcap
         mesh=mesh,
         compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
         interpret=_interpret_params() if interpret else False,
-        name=(f"flash_attention_bwd_d{head_dim}_s{stages}_{config.dq_split}_r{config.consumer_registers}"
+        name=(f"flash_attention_bwd_d{head_dim}_s{stages}_{config.dq_split}{'_deferred' if config.deferred else ''}"
+              f"_r{config.consumer_registers}"
               f"_{'causal' if causal else 'full'}"),
     )(q, k, v, d_out, stats, dq_acc)
     dq = jax.freeze(dq_acc)
