@@ -261,9 +261,12 @@ def main(argv: list[str] | None = None) -> int:
             results[impl] = with_tflops(result, shape)
         rows.append({"shape": shape.label, "kind": "headline" if index < 2 and not args.quick else "sweep",
                      **asdict(shape), "results": results})
-        print(shape.label, {impl: round(r.get("forward_tflops", math.nan), 1) for impl, r in results.items()}, flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"device": device.device_kind, "jax": jax.__version__, "rows": rows}, indent=2))
+        print(shape.label, {impl: (round(r.get("forward_tflops", math.nan), 1),
+                                   round(r.get("forward_backward_tflops", math.nan), 1))
+                            for impl, r in results.items()}, flush=True)
+        # Saved after every shape: a run cut short by its time limit keeps what it measured.
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"device": device.device_kind, "jax": jax.__version__, "rows": rows}, indent=2))
     plot(rows, impls, args.out.with_suffix(".png"))
     print(f"\n{device.device_kind}, bf16, TFLOP/s (forward)\n{table(rows, impls, 'forward_tflops')}")
     if not args.no_backward:
