@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from typing import TYPE_CHECKING, NamedTuple
 
 import jax
@@ -48,30 +49,39 @@ def windows_to_batch(windows: jax.Array) -> dict:
 def chunked_cross_entropy(
     hidden: jax.Array, embedding: jax.Array, targets: jax.Array, vocab_size: int, chunk_tokens: int
 ) -> tuple[jax.Array, jax.Array]:
-    """Per-token negative log-likelihood and log-partition, a chunk of tokens at a time.
+    """Per-token negative log-likelihood and log-partition, a chunk of positions at a time.
 
-    hidden [tokens, d_model] (compute dtype); embedding [d_model, padded_vocab]; targets [tokens].
-    Each chunk's logits are float32 [chunk, padded_vocab], rematerialized in the backward pass
-    rather than stored. Returns (nll [tokens], log_z [tokens]), float32.
+    hidden [..., tokens, d_model] (compute dtype); embedding [d_model, padded_vocab]; targets
+    [..., tokens]. Chunks cut the `tokens` axis only, so leading (batch) axes stay whole in every
+    chunk: a batch sharded over devices stays sharded and each device works on its own rows.
+    Each chunk's logits are float32 [..., chunk, padded_vocab] with about chunk_tokens rows in all,
+    rematerialized in the backward pass rather than stored. Returns (nll, log_z) like targets, float32.
     """
-    tokens = hidden.shape[0]
-    chunk = min(chunk_tokens, tokens)
-    padded = -(-tokens // chunk) * chunk
-    hidden = jnp.pad(hidden, ((0, padded - tokens), (0, 0))).reshape(padded // chunk, chunk, -1)
-    targets = jnp.pad(targets, (0, padded - tokens)).reshape(padded // chunk, chunk)
+    *lead, tokens, d_model = hidden.shape
+    rows = math.prod(lead)
+    chunk = max(1, min(chunk_tokens // rows, tokens))
+    count = -(-tokens // chunk)
+    pad = [(0, 0)] * len(lead) + [(0, count * chunk - tokens)]
+    hidden = jnp.pad(hidden, pad + [(0, 0)]).reshape(*lead, count, chunk, d_model)
+    targets = jnp.pad(targets, pad).reshape(*lead, count, chunk)
+    hidden, targets = jnp.moveaxis(hidden, -3, 0), jnp.moveaxis(targets, -2, 0)  # [count, ..., chunk, (d_model)]
     in_vocab = jnp.arange(embedding.shape[1]) < vocab_size
 
     @jax.checkpoint
     def one_chunk(_, chunk_inputs):
-        x, t = chunk_inputs  # [chunk, d_model], [chunk]
-        logits = jnp.dot(x, embedding, preferred_element_type=jnp.float32)  # [chunk, padded_vocab]
+        x, t = chunk_inputs  # [..., chunk, d_model], [..., chunk]
+        logits = jnp.dot(x, embedding, preferred_element_type=jnp.float32)  # [..., chunk, padded_vocab]
         logits = jnp.where(in_vocab, logits, -jnp.inf)
         log_z = jax.nn.logsumexp(logits, axis=-1)
-        target_logit = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+        target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
         return None, (log_z - target_logit, log_z)
 
-    _, (nll, log_z) = jax.lax.scan(one_chunk, None, (hidden, targets))
-    return nll.reshape(-1)[:tokens], log_z.reshape(-1)[:tokens]
+    _, (nll, log_z) = jax.lax.scan(one_chunk, None, (hidden, targets))  # [count, ..., chunk]
+
+    def unchunk(x):
+        return jnp.moveaxis(x, 0, -2).reshape(*lead, count * chunk)[..., :tokens]
+
+    return unchunk(nll), unchunk(log_z)
 
 
 def loss_sums(params: dict, batch: dict, model_cfg: ModelConfig, train_cfg: TrainConfig, rng: jax.Array | None = None
@@ -86,11 +96,10 @@ def loss_sums(params: dict, batch: dict, model_cfg: ModelConfig, train_cfg: Trai
         rng=rng,
     )  # [batch, seq, d_model]
     embedding = output_embedding(params, model_cfg).astype(x.dtype)
-    nll, log_z = chunked_cross_entropy(
-        x.reshape(-1, x.shape[-1]), embedding, batch["targets"].reshape(-1), model_cfg.vocab_size, train_cfg.loss_chunk_tokens
-    )
+    nll, log_z = chunked_cross_entropy(x, embedding, batch["targets"], model_cfg.vocab_size,
+                                       train_cfg.loss_chunk_tokens)  # [batch, seq] each
     mask = batch.get("loss_mask")
-    mask = jnp.ones_like(nll) if mask is None else mask.reshape(-1).astype(jnp.float32)
+    mask = jnp.ones_like(nll) if mask is None else mask.astype(jnp.float32)
     sums = {"nll_sum": (nll * mask).sum(), "z_sum": (jnp.square(log_z) * mask).sum(), "tokens": mask.sum()}
     objective = sums["nll_sum"] + train_cfg.z_loss * sums["z_sum"]
     if moe_metrics:

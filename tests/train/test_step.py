@@ -50,6 +50,19 @@ def test_chunked_cross_entropy_matches_full_logits(tokens, chunk):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("batch,seq,chunk", [(3, 13, 8), (4, 16, 64), (2, 7, 1)])
+def test_chunks_cut_positions_and_keep_the_batch_axis(batch, seq, chunk):
+    rng = np.random.default_rng(batch * seq)
+    hidden = jnp.asarray(rng.standard_normal((batch, seq, 24)), jnp.float32)
+    embedding = jnp.asarray(rng.standard_normal((24, 128)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 91, (batch, seq)))
+    got = chunked_cross_entropy(hidden, embedding, targets, 91, chunk)
+    want = chunked_cross_entropy(hidden.reshape(-1, 24), embedding, targets.reshape(-1), 91, chunk)
+    for g, w in zip(got, want):
+        assert g.shape == (batch, seq)
+        np.testing.assert_allclose(g.reshape(-1), w, rtol=1e-5, atol=1e-5)
+
+
 def test_loss_equals_cross_entropy_of_forward_logits():
     cfg, train_cfg = get_config("llama-tiny"), TrainConfig(loss_chunk_tokens=7)
     state = init_train_state(cfg, train_cfg, jax.random.key(0))
