@@ -90,7 +90,7 @@ def hf_peer(cfg, points, steps: int) -> dict:
 # --- ours -----------------------------------------------------------------------------------------
 
 def copy_bandwidth(jax, jnp) -> float:
-    """Bytes per second of a device copy (read + write) of 2 GiB, median of 10."""
+    """(copy, read) bytes per second: x + 1 over 2 GiB (read + write), and a sum over it (read only)."""
     x = jax.random.normal(jax.random.key(0), (1024, 1024 * 1024), jnp.bfloat16)
     f = jax.jit(lambda x: x + 1)
     jax.block_until_ready(f(x))
@@ -99,8 +99,17 @@ def copy_bandwidth(jax, jnp) -> float:
         start = time.perf_counter()
         jax.block_until_ready(f(x))
         times.append(time.perf_counter() - start)
+    copy = 2 * x.nbytes / statistics.median(times)
+    total = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
+    jax.block_until_ready(total(x))
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        jax.block_until_ready(total(x))
+        times.append(time.perf_counter() - start)
+    read = x.nbytes / statistics.median(times)
     del x
-    return 2 * 2 * 1024 * 1024 * 1024 / statistics.median(times)
+    return copy, read
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,9 +133,11 @@ def main(argv: list[str] | None = None) -> int:
 
     device = jax.devices()[0]
     results["device"] = device.device_kind
-    bandwidth = copy_bandwidth(jax, jnp)
-    results["copy_bandwidth_GBps"] = bandwidth / 1e9
-    print(f"device: {device.device_kind}; copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
+    bandwidth, read_bandwidth = copy_bandwidth(jax, jnp)
+    results["copy_bandwidth_GBps"], results["read_bandwidth_GBps"] = bandwidth / 1e9, read_bandwidth / 1e9
+    print(f"device: {device.device_kind}; copy bandwidth {bandwidth / 1e9:.0f} GB/s, read {read_bandwidth / 1e9:.0f} GB/s",
+          flush=True)
+    memory = device.memory_stats().get("bytes_limit", 0) if device.memory_stats() else 0
     dparams = jax.jit(prepare_params, static_argnames="cfg")(init_params(cfg, jax.random.key(0)), cfg)
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(dparams))
     if cfg.positions == "learned":
@@ -134,19 +145,16 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.tie_embeddings:
         weight_bytes -= dparams["embed"]["token"].nbytes  # only `batch` rows of the input embedding are read
     results["weight_bytes"] = weight_bytes
-    capacity = max(contexts) + args.steps * (args.repeats + 2) + 64
-    capacity = -(-capacity // 512) * 512
 
-    def loop(dparams, cache, tokens, impl):
+    def loop(dparams, cache, tokens, impl, min_rows):
         def body(_, carry):
             cache, tokens = carry
-            logits, cache = decode_step(dparams, tokens, cache, cfg, impl)
+            logits, cache = decode_step(dparams, tokens, cache, cfg, impl, min_rows)
             return cache, jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
         return jax.lax.fori_loop(0, args.steps, body, (cache, tokens))
 
     impl = results["decode_impl"] = resolve_decode_impl(args.decode_impl, cfg)
-    run = jax.jit(functools.partial(loop, impl=impl), donate_argnums=(1,))
 
     def fill(cache, key):
         """Random keys / values in every slot (one random row broadcast: the values do not change the timing)."""
@@ -175,13 +183,38 @@ def main(argv: list[str] | None = None) -> int:
         return jnp.broadcast_to(jnp.where(slots < context, slots, -1), (batch, cap)).astype(jnp.int32), full, full
 
     kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
+    margin = args.steps * (args.repeats + 2) + 64
+
+    def slot_bytes(cache_dtype):
+        if cache_dtype == "int8":
+            return kv_bytes_per_token + 2 * cfg.num_layers * cfg.num_kv_heads * 4  # values + float32 scales
+        return 2 * kv_bytes_per_token
+
+    def fits(batch, context, cache_dtype):
+        """Room for the cache twice over (XLA may hold a second copy while the loop runs) and the weights."""
+        need = 2 * batch * (context + margin) * slot_bytes(cache_dtype) + 3 * weight_bytes
+        return not memory or need < 0.92 * memory
+
     rows = []
     int8_points = set(_points(args.int8_points))
+    variants = [("bfloat16", None)] + [("int8", None)] + ([("bfloat16", 1)] if 1 in batches else [])
     for batch in batches:
-        for cache_dtype in ("bfloat16", "int8"):
-            wanted = [c for c in contexts if cache_dtype == "bfloat16" or (batch, c) in int8_points]
+        for cache_dtype, min_rows in variants:
+            if min_rows is not None and batch != 1:
+                continue
+            wanted = [c for c in contexts if (cache_dtype == "bfloat16" and min_rows is None)
+                      or (cache_dtype == "int8" and (batch, c) in int8_points)
+                      or (min_rows is not None and c == contexts[0])]
+            skipped = [c for c in wanted if not fits(batch, c, cache_dtype)]
+            for context in skipped:
+                print(f"batch {batch:>3} context {context:>5} {cache_dtype:>8}: skipped (the cache would not fit twice "
+                      f"in {memory / 2**30:.0f} GiB)", flush=True)
+            wanted = [c for c in wanted if c not in skipped]
             if not wanted:
                 continue
+            capacity = -(-(max(wanted) + margin) // 512) * 512
+            label = cache_dtype if min_rows is None else f"{cache_dtype}, 1-row matmuls"
+            run = jax.jit(functools.partial(loop, impl=impl, min_rows=min_rows), donate_argnums=(1,))
             cache = fill(kv_cache.init_cache(cfg, batch, capacity, cache_dtype), jax.random.key(batch))
             tokens = jnp.zeros((batch,), jnp.int32)
             compiled_at = time.perf_counter()
@@ -189,22 +222,15 @@ def main(argv: list[str] | None = None) -> int:
                 positions, next_slot, next_position = at_context(cache["positions"], context)
                 cache = {**cache, "positions": positions, "next_slot": next_slot, "next_position": next_position}
                 try:
-                    cache, tokens = run(dparams, cache, tokens)  # warm-up (compiles once per batch and dtype)
+                    cache, tokens = run(dparams, cache, tokens)  # warm-up (compiles once per batch and variant)
                     jax.block_until_ready(tokens)
-                except Exception as error:  # noqa: BLE001  (a kernel that does not lower here: say so, use XLA)
-                    if impl == "xla":
-                        raise
-                    print(f"decode attention {impl!r} failed ({type(error).__name__}: "
-                          f"{str(error).splitlines()[0][:300]}); timing the XLA reference instead", flush=True)
-                    impl = results["decode_impl"] = "xla"
-                    run = jax.jit(functools.partial(loop, impl=impl), donate_argnums=(1,))
-                    cache = fill(kv_cache.init_cache(cfg, batch, capacity, cache_dtype), jax.random.key(batch))
-                    positions, next_slot, next_position = at_context(cache["positions"], context)
-                    cache = {**cache, "positions": positions, "next_slot": next_slot, "next_position": next_position}
-                    cache, tokens = run(dparams, cache, tokens)
-                    jax.block_until_ready(tokens)
+                except Exception as error:  # noqa: BLE001  (say what failed, record the row as failed, go on)
+                    message = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                    print(f"batch {batch:>3} context {context:>5} {label}: failed ({message})", flush=True)
+                    rows.append({"batch": batch, "context": context, "cache": label, "error": message})
+                    break
                 if context == wanted[0]:
-                    print(f"  (batch {batch} {cache_dtype}: compiled + warm-up {time.perf_counter() - compiled_at:.1f}s)",
+                    print(f"  (batch {batch} {label}: compiled + warm-up {time.perf_counter() - compiled_at:.1f}s)",
                           flush=True)
                 times = []
                 for _ in range(args.repeats):
@@ -214,21 +240,20 @@ def main(argv: list[str] | None = None) -> int:
                     times.append(time.perf_counter() - start)
                 ms = statistics.median(times) / args.steps * 1e3
                 mid_context = context + args.steps * (args.repeats + 1)  # average cache length over the timed steps
-                per_slot = kv_bytes_per_token * (1 if cache_dtype == "int8" else 2)
-                if cache_dtype == "int8":
-                    per_slot += 2 * cfg.num_layers * cfg.num_kv_heads * 4  # the float32 scales
-                step_bytes = weight_bytes + batch * mid_context * per_slot
+                step_bytes = weight_bytes + batch * mid_context * slot_bytes(cache_dtype)
                 roofline_ms = step_bytes / bandwidth * 1e3
-                row = {"batch": batch, "context": context, "cache": cache_dtype, "ms_per_step": ms,
+                row = {"batch": batch, "context": context, "cache": label, "ms_per_step": ms,
                        "tokens_per_s": batch / ms * 1e3, "roofline_ms": roofline_ms,
-                       "fraction_of_roofline": roofline_ms / ms, "bytes_per_step": step_bytes}
-                hf = results["hf"].get("points", {}).get(f"{batch}x{context}", {}) if cache_dtype == "bfloat16" else {}
+                       "fraction_of_roofline": roofline_ms / ms, "read_roofline_ms": step_bytes / read_bandwidth * 1e3,
+                       "fraction_of_read_roofline": step_bytes / read_bandwidth * 1e3 / ms, "bytes_per_step": step_bytes}
+                hf = results["hf"].get("points", {}).get(f"{batch}x{context}", {}) if label == "bfloat16" else {}
                 if "ms_per_step" in hf:
                     row["hf_ms_per_step"] = hf["ms_per_step"]
                     row["speedup_vs_hf"] = hf["ms_per_step"] / ms
                 rows.append(row)
-                print(f"batch {batch:>3} context {context:>5} {cache_dtype:>8}: {ms:7.3f} ms/step  "
-                      f"{row['tokens_per_s']:9.0f} tok/s  {100 * row['fraction_of_roofline']:5.1f}% of roofline"
+                print(f"batch {batch:>3} context {context:>5} {label:>8}: {ms:7.3f} ms/step  "
+                      f"{row['tokens_per_s']:9.0f} tok/s  {100 * row['fraction_of_roofline']:5.1f}% of copy roofline  "
+                      f"{100 * row['fraction_of_read_roofline']:5.1f}% of read roofline"
                       + (f"  {row['speedup_vs_hf']:.1f}x HF" if "speedup_vs_hf" in row else ""), flush=True)
             del cache
     results["rows"] = rows
@@ -243,13 +268,19 @@ def main(argv: list[str] | None = None) -> int:
 def print_table(results: dict) -> None:
     print(f"\n{results['model']} ({results['params'] / 1e9:.2f}B params, bf16), {results['device']}, "
           f"decode attention {results.get('decode_impl')}, "
-          f"copy bandwidth {results['copy_bandwidth_GBps']:.0f} GB/s, {results['steps']} steps per timed call")
-    print("| batch | context | cache | ms / token | tokens/s | roofline ms | % of roofline | HF ms / token | vs HF |")
+          f"copy bandwidth {results['copy_bandwidth_GBps']:.0f} GB/s, read {results['read_bandwidth_GBps']:.0f} GB/s, "
+          f"{results['steps']} steps per timed call")
+    print("| batch | context | cache | ms / token | tokens/s | roofline ms (copy) | % of roofline (copy / read) "
+          "| HF ms / token | vs HF |")
     print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results["rows"]:
+        if "error" in r:
+            print(f"| {r['batch']} | {r['context']} | {r['cache']} | failed: {r['error']} | | | | | |")
+            continue
         hf = f"{r['hf_ms_per_step']:.2f} | {r['speedup_vs_hf']:.1f}x" if "hf_ms_per_step" in r else "- | -"
         print(f"| {r['batch']} | {r['context']} | {r['cache']} | {r['ms_per_step']:.3f} | {r['tokens_per_s']:,.0f} | "
-              f"{r['roofline_ms']:.3f} | {100 * r['fraction_of_roofline']:.0f}% | {hf} |")
+              f"{r['roofline_ms']:.3f} | {100 * r['fraction_of_roofline']:.0f}% / "
+              f"{100 * r['fraction_of_read_roofline']:.0f}% | {hf} |")
 
 
 def plot(results: dict, path: Path) -> Path | None:
@@ -261,7 +292,7 @@ def plot(results: dict, path: Path) -> Path | None:
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    rows = [r for r in results["rows"] if r["cache"] == "bfloat16"]
+    rows = [r for r in results["rows"] if r["cache"] == "bfloat16" and "error" not in r]
     for context in sorted({r["context"] for r in rows}):
         points = sorted((r["batch"], r["tokens_per_s"], r["batch"] / r["roofline_ms"] * 1e3) for r in rows
                         if r["context"] == context)
