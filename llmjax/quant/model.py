@@ -1,0 +1,204 @@
+"""A model whose linear weights are quantized, and a forward that dequantizes them one block at a time.
+
+`quantize_params(params, cfg, "int4", group_size=128)` replaces every block kernel (attention
+q / k / v / o and the MLP's up / gate / down, chosen by the parameter specs) with a
+`QuantizedMatrix`; embeddings, norms and biases stay as they are. `quantized_forward` runs the
+same pure layer functions as `llmjax.model.transformer` (`block`, `norm`, `logits_from_hidden`)
+inside the same `lax.scan` over stacked blocks: each step dequantizes its own layer's weights only
+(the XLA reference of a dequantize-on-the-fly matmul), so at most one layer is ever in float.
+
+`layerwise_hidden_states` is the shared skeleton: it also carries LoRA adapters (llmjax.peft.lora),
+whose merged per-layer weights are built the same way inside the scan, and takes the remat policy
+per call, including offload to host memory (`REMAT_POLICIES`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from llmjax.config import ModelConfig
+from llmjax.model.params import flatten_with_names, is_spec
+from llmjax.model.transformer import (
+    ACTIVATION_AXES,
+    block,
+    check_inputs,
+    logits_from_hidden,
+    model_spec,
+    norm,
+)
+from llmjax.parallel.logical import constrain
+from llmjax.quant.formats import QuantizationError, QuantizedMatrix, dequantize, quantize
+
+DEFAULT_TARGETS = (r"attn/(q|k|v|o)/kernel$", r"mlp/(up|gate|down)/kernel$")
+
+
+def _offload_policy():
+    """Matmul outputs without batch dimensions saved to pinned host memory instead of recomputed."""
+    return jax.checkpoint_policies.offload_dot_with_no_batch_dims(offload_src="device", offload_dst="pinned_host")
+
+
+# remat name -> jax.checkpoint policy (None: no remat). "offload": dots saved like dots_no_batch, but
+# in host memory, so the device keeps only the block inputs.
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,
+    "full": lambda: jax.checkpoint_policies.nothing_saveable,
+    "dots": lambda: jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "offload": _offload_policy,
+}
+
+
+def linear_weights(cfg: ModelConfig) -> dict[str, int]:
+    """{'blocks/attn/q/kernel': in_dims, ...}: the block kernels (stacked on a leading layers axis) and
+    how many of their per-layer axes are contracted with the input, read from the specs' logical axes
+    (q / k / v / up / gate take 'embed' first: one; o [heads, head_dim, embed] and down: all but the last)."""
+    if cfg.is_moe:
+        raise QuantizationError("quantized / LoRA forwards support dense models; this config has experts")
+    found = {}
+    for name, spec in flatten_with_names(model_spec(cfg)).items():
+        if not (name.startswith("blocks/") and name.endswith("/kernel")):
+            continue
+        axes = spec.axes[1:]  # drop "layers"
+        found[name] = 1 if axes[0] == "embed" else len(axes) - 1
+    return found
+
+
+def match_targets(cfg: ModelConfig, patterns) -> dict[str, int]:
+    """The linear weights whose names match any of the regular expressions (re.search); a pattern that
+    matches none is an error listing the names there are."""
+    available = linear_weights(cfg)
+    chosen = {}
+    for pattern in patterns:
+        hits = [name for name in available if re.search(pattern, name)]
+        if not hits:
+            raise ValueError(
+                f"pattern {pattern!r} matches no linear weight of this model; available: {', '.join(available)}"
+            )
+        chosen.update({name: available[name] for name in hits})
+    return {name: chosen[name] for name in available if name in chosen}  # model order
+
+
+def _get(tree: dict, name: str):
+    for key in name.split("/"):
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, name: str, value) -> dict:
+    """A copy of the nested dict with the leaf at `name` replaced (shared subtrees otherwise)."""
+    head, _, rest = name.partition("/")
+    return {**tree, head: _set(tree[head], rest, value) if rest else value}
+
+
+def quantize_params(params: dict, cfg: ModelConfig, fmt: str, group_size: int | None = None, *,
+                    targets=DEFAULT_TARGETS, symmetric: bool | None = None) -> dict:
+    """Params with the targeted block kernels replaced by QuantizedMatrix (round to nearest)."""
+    for name, in_dims in match_targets(cfg, targets).items():
+        params = _set(params, name, quantize(_get(params, name), fmt, group_size, in_dims=in_dims, lead_dims=1,
+                                             symmetric=symmetric))
+    return params
+
+
+def is_quantized(x) -> bool:
+    return isinstance(x, QuantizedMatrix)
+
+
+def materialize(tree, dtype):
+    """Every quantized leaf dequantized and every float leaf cast to `dtype`."""
+    return jax.tree.map(lambda x: dequantize(x, dtype) if is_quantized(x) else x.astype(dtype), tree,
+                        is_leaf=is_quantized)
+
+
+def param_bytes(tree) -> int:
+    """Bytes the parameters occupy as stored (quantized codes and scales included)."""
+    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def layerwise_hidden_states(params: dict, tokens: jax.Array, cfg: ModelConfig, *, prepare_layer=None,
+                            layer_extras=None, remat: str | None = None, positions=None, segment_ids=None
+                            ) -> jax.Array:
+    """tokens [batch, seq] -> final-normed hidden states [batch, seq, d_model] in the compute dtype.
+
+    Inside the scan over blocks, `prepare_layer(layer_params, layer_extra, dtype)` turns one layer's
+    stored parameters (quantized or float) plus its slice of `layer_extras` (adapters, dropout keys;
+    leading [num_layers] axis) into the float parameters `block` takes. Default: `materialize`.
+    remat: a REMAT_POLICIES name (default cfg.remat).
+    """
+    check_inputs(tokens, cfg, positions)
+    dtype = jnp.dtype(cfg.compute_dtype)
+    prepare_layer = prepare_layer or (lambda layer, extra, dtype: materialize(layer, dtype))
+    batch, seq_len = tokens.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(seq_len), (batch, seq_len))
+    top = materialize({k: v for k, v in params.items() if k != "blocks"}, dtype)
+    x = jnp.take(top["embed"]["token"], tokens, axis=0)  # [batch, seq, d_model]
+    if cfg.positions == "learned":
+        x = x + jnp.take(top["embed"]["position"], positions, axis=0)
+    x = constrain(x, ACTIVATION_AXES)
+
+    def scan_step(x, layer):
+        layer_params, extra = layer
+        weights = prepare_layer(layer_params, extra, dtype)
+        return constrain(block(weights, x, positions, segment_ids, cfg), ACTIVATION_AXES), None
+
+    remat = cfg.remat if remat is None else remat
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat {remat!r}: expected one of {', '.join(REMAT_POLICIES)}")
+    if REMAT_POLICIES[remat] is not None:
+        scan_step = jax.checkpoint(scan_step, policy=REMAT_POLICIES[remat](), prevent_cse=False)
+    x, _ = jax.lax.scan(scan_step, x, (params["blocks"], layer_extras))
+    return norm(top["final_norm"], x, cfg)
+
+
+def top_level_params(params: dict, cfg: ModelConfig) -> dict:
+    """The non-block parameters in the compute dtype (for logits_from_hidden / output_embedding)."""
+    return materialize({k: v for k, v in params.items() if k != "blocks"}, jnp.dtype(cfg.compute_dtype))
+
+
+def quantized_forward(qparams: dict, tokens: jax.Array, cfg: ModelConfig, *, positions=None, segment_ids=None
+                      ) -> jax.Array:
+    """tokens [batch, seq] -> logits [batch, seq, padded_vocab] (float32) of a quantized model."""
+    x = layerwise_hidden_states(qparams, tokens, cfg, positions=positions, segment_ids=segment_ids)
+    return logits_from_hidden(top_level_params(qparams, cfg), x, cfg)
+
+
+def quantized_decode_params(qparams: dict, cfg: ModelConfig) -> dict:
+    """`llmjax.infer.decode_model.prepare_params`'s layout with quantized matrices in place of the
+    fused qkv / gate_up / o / down kernels: `x @ kernel` in the decode path dequantizes on the fly
+    (QuantizedMatrix.__rmatmul__), so `llmjax.infer.generate(..., prepared=...)` decodes from it."""
+    from llmjax.infer.decode_model import prepare_params
+    from llmjax.quant.formats import concatenate_outputs
+
+    def layer_matrix(name: str, layer: int, in_dims: int):
+        w = _get(qparams, name)
+        if is_quantized(w):
+            return jax.tree.map(lambda a: a[layer], w)  # one layer's QuantizedMatrix, flattened [in, out]
+        return None
+
+    def flat(qm: QuantizedMatrix) -> QuantizedMatrix:
+        return QuantizedMatrix(qm.codes, qm.scales, qm.zeros, qm.scale_codes, qm.scale_blocks, qm.scale_mean,
+                               format=qm.format, group_size=qm.group_size, shape=(qm.in_features, qm.out_features))
+
+    float_params = materialize(qparams, jnp.float32)
+    prepared = prepare_params(float_params, cfg)
+    linear = linear_weights(cfg)
+    for i, entry in enumerate(prepared["layers"]):
+        get = lambda part: layer_matrix(f"blocks/{part}/kernel", i, linear[f"blocks/{part}/kernel"])  # noqa: E731
+        qkv = [get(f"attn/{n}") for n in "qkv"]
+        if all(m is not None for m in qkv):
+            entry["qkv"]["kernel"] = concatenate_outputs([flat(m) for m in qkv])
+        if (o := get("attn/o")) is not None:
+            entry["o"]["kernel"] = flat(o)
+        if (down := get("mlp/down")) is not None:
+            entry["down"]["kernel"] = flat(down)
+        if cfg.activation == "swiglu":
+            gate, up = get("mlp/gate"), get("mlp/up")
+            if gate is not None and up is not None:
+                entry["gate_up"]["kernel"] = concatenate_outputs([flat(gate), flat(up)])
+        elif (up := get("mlp/up")) is not None:
+            entry["up"]["kernel"] = flat(up)
+    return prepared
