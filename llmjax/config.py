@@ -93,6 +93,7 @@ class ModelConfig:
     compute_dtype: str = "bfloat16"
     init_std: float = 0.02
     remat: RematPolicy = "none"
+    scan_unroll: int = 1  # blocks per scan iteration; num_layers unrolls the stack (faster steps, longer compile)
     attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2); None disables
     attention_impl: AttentionImpl = "auto"  # "auto": the fastest available here; see llmjax.model.attention
     # Mixture-of-Experts (llmjax.model.moe); num_experts=0 keeps the dense MLP in every block.
@@ -138,6 +139,8 @@ class ModelConfig:
         _check_choice("positions", self.positions, POSITIONS)
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("remat", self.remat, REMAT_POLICIES)
+        if not isinstance(self.scan_unroll, int) or self.scan_unroll < 1:
+            raise ConfigError(f"scan_unroll must be a positive integer, got {self.scan_unroll!r}")
         _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
         _check_choice("param_dtype", self.param_dtype, FLOAT_DTYPES)
         _check_choice("compute_dtype", self.compute_dtype, FLOAT_DTYPES)

@@ -214,7 +214,7 @@ def hidden_states_and_moe_metrics(
         return norm(params["final_norm"], x, cfg), moe_metrics
     if cfg.remat != "none":
         scan_step = jax.checkpoint(scan_step, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-    x, _ = jax.lax.scan(scan_step, x, params["blocks"])
+    x, _ = jax.lax.scan(scan_step, x, params["blocks"], unroll=min(cfg.scan_unroll, cfg.num_layers))
     return norm(params["final_norm"], x, cfg), {}
 
 

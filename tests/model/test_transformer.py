@@ -107,12 +107,13 @@ def loss_fn(params, tokens, cfg):
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
 
-@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
-def test_remat_policies_keep_values_and_gradients(model, remat):
+@pytest.mark.parametrize("change", [{"remat": "full"}, {"remat": "dots"}, {"remat": "dots_no_batch"},
+                                    {"scan_unroll": 2}, {"scan_unroll": 5, "remat": "dots"}])
+def test_remat_policies_and_unrolling_keep_values_and_gradients(model, change):
     cfg, params = model
     tokens = random_tokens(cfg, 2, 12)
     loss, grads = jax.value_and_grad(loss_fn)(params, tokens, cfg)
-    loss_r, grads_r = jax.value_and_grad(loss_fn)(params, tokens, cfg.replace(remat=remat))
+    loss_r, grads_r = jax.value_and_grad(loss_fn)(params, tokens, cfg.replace(**change))
     assert float(loss_r) == pytest.approx(float(loss), rel=1e-6)
     for (name, g), g_r in zip(flatten_with_names(grads).items(), jax.tree.leaves(grads_r)):
         np.testing.assert_allclose(g_r, g, atol=1e-6, err_msg=name)
