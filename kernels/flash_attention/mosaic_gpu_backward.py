@@ -54,11 +54,12 @@ ROWS_PER_CTA = NUM_CONSUMERS * BLOCK_KV
 class BackwardConfig:
     """Schedule of the backward kernel (the tile sizes are fixed by the wgmma shapes above)."""
 
-    num_stages: int = 3  # Q / dO ring depth
+    num_stages: int = 2  # Q / dO ring depth
     dq_split: str = "columns"  # "columns" (head_dim 128 only) or "rows": see the module docstring
-    # dK / dV products of a block left running while the next block's S^T and dP^T are issued (accumulators
-    # stay in wgmma registers; the Q / dO slot is released one block later), else waited for at once.
-    deferred: bool = True
+    # Experimental, checked in interpret mode only (not yet compiled or timed on a GPU): the dK / dV products
+    # of a block left running while the next block's S^T and dP^T are issued (accumulators stay in wgmma
+    # registers; the Q / dO slot is released one block later). Default: waited for at once.
+    deferred: bool = False
     consumer_registers: int = 240
     producer_registers: int = 24
 
@@ -247,10 +248,15 @@ def _backward(q, k, v, out, lse, d_out, *, causal, sliding_window, logit_softcap
                         visible = in_window if visible is None else visible & in_window
                 return s_t, tanh, visible
 
-            def release(slot):
+            def release(slot, *, maybe_none=False):
+                """Q, dO and the statistics of `slot` are read (a slot of -1, deferred's start, is none)."""
+                if not maybe_none:
+                    plgpu.barrier_arrive(consumed.at[slot])
+                    return
+
                 @pl.when(slot >= 0)
                 def _():
-                    plgpu.barrier_arrive(consumed.at[slot])  # Q, dO and the statistics of this slot are read
+                    plgpu.barrier_arrive(consumed.at[slot])
 
             def step(q_block, carry, *, head, step_base, masked, dk_acc=None, dv_acc=None):
                 """One query block. carry: (dk, dv) in registers, or (deferred) the slot still read by the
@@ -269,7 +275,7 @@ def _backward(q, k, v, out, lse, d_out, *, causal, sliding_window, logit_softcap
                     plgpu.wgmma(dp_acc, v_mine, do_tile.transpose((1, 0)))
                     s_t = plgpu.wgmma_accumulator_load(s_acc, wait_n=1)
                     if config.deferred:  # every product issued before S^T is done: the previous slot is free
-                        release(carry)
+                        release(carry, maybe_none=True)
                     lse = plgpu.load(stats_smem.at[slot, 0], layout=plgpu.Layout.WGMMA.reduce(0))
                     s_t, tanh, visible = transform(s_t, first_q, masked)
                     p_t = jnp.exp2(s_t - lax.broadcast_in_dim(lse, s_t.shape, [1]))
@@ -308,7 +314,7 @@ def _backward(q, k, v, out, lse, d_out, *, causal, sliding_window, logit_softcap
 
                     dq = pl.run_scoped(products, plgpu.ACC((BLOCK_Q, dq_cols), jnp.float32))
                     new_carry = slot
-                else:
+                elif interpret:  # the interpreter runs no wgmma on an accumulator initialised from registers
                     dk, dv = carry
 
                     def products(dv_acc, dk_acc, dq_acc):
@@ -321,6 +327,19 @@ def _backward(q, k, v, out, lse, d_out, *, causal, sliding_window, logit_softcap
                                                  plgpu.ACC((BLOCK_KV, head_dim), jnp.float32),
                                                  plgpu.ACC((BLOCK_Q, dq_cols), jnp.float32))
                     new_carry = (dk + d_k, dv + d_v)
+                    release(slot)
+                else:  # dK, dV accumulate in place (the accumulators start from the carried registers)
+                    def products(accs):
+                        dv_acc, dk_acc, dq_acc = accs
+                        plgpu.wgmma(dv_acc, p_operand, do_tile)
+                        plgpu.wgmma(dk_acc, ds_rows_operand, q_tile)
+                        plgpu.wgmma(dq_acc, ds_operand, k_operand)
+
+                    dk, dv = carry
+                    dq_zero = plgpu.layout_cast(jnp.zeros((BLOCK_Q, dq_cols), jnp.float32), plgpu.Layout.WGMMA)
+                    dv, dk, dq = pl.run_state(products)(
+                        (plgpu.ACC.init(dv), plgpu.ACC.init(dk), plgpu.ACC.init(dq_zero)))
+                    new_carry = (dk, dv)
                     release(slot)
 
                 # The dQ partial: wait until the previous one has left shared memory, then reduce-add it.
@@ -355,7 +374,7 @@ def _backward(q, k, v, out, lse, d_out, *, causal, sliding_window, logit_softcap
                     last_slot = walk(jnp.int32(-1), dk_acc=dk_acc, dv_acc=dv_acc)
                     dk = plgpu.wgmma_accumulator_load(dk_acc, wait_n=0)
                     dv = plgpu.wgmma_accumulator_load(dv_acc, wait_n=0)
-                    release(last_slot)
+                    release(last_slot, maybe_none=True)
                     return dk, dv
 
                 accumulator = plgpu.ACC((BLOCK_KV, head_dim), jnp.float32)

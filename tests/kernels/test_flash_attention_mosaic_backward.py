@@ -45,10 +45,10 @@ def relative_error(x, y):
     return np.linalg.norm(x - y) / np.linalg.norm(y)
 
 
-def config_for(split, deferred=True):
-    """The split's config; "rows" at head_dim 128 fits shared memory with two stages only."""
-    return backward_module.BackwardConfig(dq_split=split, num_stages=3 if split == "columns" else 2,
-                                          deferred=deferred)
+def config_for(split, deferred=False, num_stages=None):
+    """The split's config ("rows" at head_dim 128 fits shared memory with two stages only)."""
+    num_stages = num_stages or (3 if split == "columns" else 2)
+    return backward_module.BackwardConfig(dq_split=split, num_stages=num_stages, deferred=deferred)
 
 
 # (causal, sliding_window, logit_softcap, q_len, kv_len, heads, kv_heads, head_dim, dq_split, deferred): both
@@ -141,7 +141,7 @@ def test_gpu_matches_reference_gradients(causal, window, softcap, batch, q_len, 
     _, _, want = reference(q, k, v, d_out, **masking)
     splits = ("columns", "rows") if head_dim == 128 else ("rows",)
     for split in splits:
-        config = config_for(split)
+        config = config_for(split, num_stages=2)  # as measured on the H200 (the default's depth)
 
         def ours(q, k, v, d_out):
             out, lse = mosaic_gpu.flash_attention_forward_mosaic(q, k, v, **masking)

@@ -132,3 +132,10 @@ def test_layer_norm_one_and_two_pass_statistics(one_pass, shape, options):
         jnp.asarray(rng.normal(size=shape[-1]), jnp.float32)
     got = layer_norm(x, scale, bias, EPS, interpret=True, one_pass=one_pass, **options)
     assert relative_error(got, layer_norm_reference(x, scale, bias, EPS)) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(16384, 4096), (256, 32768)])
+def test_gpu_layer_norm_one_pass(shape):
+    """The one-pass LayerNorm forward at real sizes, whole rows and chunked (gradients as the two-pass one)."""
+    check_against_reference("layer", shape, jnp.bfloat16, param_dtype=jnp.float32, seed=5, one_pass=True)
