@@ -34,7 +34,7 @@ DEFAULT_CE_SIZES = "16384x768x50304:50257,16384x2048x128256:128256"
 CPU_NORM_SIZES = "256x768"
 CPU_CE_SIZES = "256x64x512:500"
 NORM_SWEEP = [  # tuning of kernels.norms (for both passes); programs counted per multiprocessor
-    {}, {"one_pass": False}, {"num_warps": 8}, {"num_warps": 16}, {"programs": 1}, {"programs": 4},
+    {}, {"one_pass": True}, {"num_warps": 8}, {"num_warps": 16}, {"programs": 1}, {"programs": 4},
     {"num_stages": 3},
 ]
 SWEEP = [  # (block_tokens, block_vocab, block_d, num_warps, num_stages)

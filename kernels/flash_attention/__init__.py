@@ -2,7 +2,8 @@
 
 `flash_attention` checks its inputs (validate.py), then runs the Hopper (Mosaic GPU) kernel where that
 module exists, the device is compute capability 9.x and the kernel supports the call; otherwise the Triton
-kernel (triton.py), whose tiles the autotuner (autotune.py) picks. Both compute what
+kernel (triton.py), whose tiles the autotuner (autotune.py) picks. After the Hopper forward, the gradient is
+the Hopper backward (mosaic_gpu_backward.py) where it supports the call, else the Triton backward. Both compute what
 `attention_reference` computes, except on query rows with no visible key (possible only with segment ids,
 or with q_len > kv_len and causal): the kernels return zeros there, the reference a uniform average.
 """

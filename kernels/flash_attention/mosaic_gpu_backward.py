@@ -27,6 +27,12 @@ kv_len of 128, causal or not, GQA / MQA, sliding window, logit soft-capping, q_l
 Interpret mode (CPUs) stages P^T and dS^T through shared memory (the interpreter's wgmma takes A from shared
 memory only) and writes each CTA's dQ partials to their own slice of a buffer summed afterwards (it has no
 TMA reduction): the rest of the kernel, barriers included, is the one the GPU runs.
+
+Measured on an H200 (PYTHONPATH=. python3 experiments/_mosaic_bwd_check.py grad headline report; b4 s4096 h16
+d128 causal bf16, loops of 5 calls): forward+backward 390 TFLOP/s with this backward against cuDNN's 446 in
+the same run (0.87x) and 353 with the Triton backward; the backward alone 1.92 ms (358 TFLOP/s on 2.5x the
+forward's FLOPs) against cuDNN's 1.61 ms. Gradients within 2.6e-3 of the float32 reference on every case of
+the script (masks, GQA / MQA, head_dim 64, q_len < kv_len, soft-cap).
 """
 
 from __future__ import annotations
