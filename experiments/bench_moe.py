@@ -54,6 +54,8 @@ def parse_args(argv):
                    help="MoE layer problem BATCHxSEQxD_MODELxEXPERT_WIDTH (on CPUs: 2x16x32x48)")
     p.add_argument("--repeats", type=int, default=10, help="timed runs per measurement; the median is reported")
     p.add_argument("--inner", type=int, default=5, help="back-to-back calls per timed run")
+    p.add_argument("--kernel-impls", default="ours (padded),ours,ragged_dot,dense matmul",
+                   help="which grouped-matmul rows to time (results replace those rows in an existing --out JSON)")
     p.add_argument("--sweep", action="store_true", help="also time the forward kernel at several tile configurations")
     p.add_argument("--skip-kernel", action="store_true")
     p.add_argument("--skip-layer", action="store_true")
@@ -61,6 +63,8 @@ def parse_args(argv):
     p.add_argument("--data", type=Path, default=Path("runs/quickstart/tokens"),
                    help="token shards for part 3 (the quickstart's: the Python standard library)")
     p.add_argument("--model", default="llama-moe-mini", help="MoE preset for part 3; the dense twin is derived from it")
+    p.add_argument("--models", default="MoE,dense", help="which of part 3's two models to train (results merge "
+                   "into an existing --out JSON, so the two may run separately)")
     p.add_argument("--moe-impl", default=None, help="dispatch for part 3 (default: pallas on a GPU, ragged_dot elsewhere)")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=32)
@@ -112,7 +116,7 @@ def bench_kernel(args, on_gpu: bool, report: dict) -> None:
         rng = np.random.default_rng(0)
         lhs = jnp.asarray(rng.standard_normal((m, k)), dtype)
         rhs = jnp.asarray(rng.standard_normal((args.experts, k, n)) / np.sqrt(k), dtype)
-        dense_rhs = rhs[0]
+        dense_rhs = rhs[0]  # [K, N]: one matmul of the same FLOPs
         cotangent = jnp.asarray(rng.standard_normal((m, n)), dtype)
         flops = 2 * m * k * n
         for skewed in (False, True):
@@ -121,28 +125,31 @@ def bench_kernel(args, on_gpu: bool, report: dict) -> None:
             layout = group_layout(sizes, m, tiles.block_m)
             lhs_padded = to_padded(lhs, layout)
             cotangent_padded = to_padded(cotangent, layout)
-            candidates = {
-                "ours (padded)": (lambda a, b: grouped_matmul_padded(a, b, layout, tiles), lhs_padded, cotangent_padded),
-                "ours": (lambda a, b: grouped_matmul(a, b, sizes, tiles=tiles), lhs, cotangent),
-                "ragged_dot": (lambda a, b: grouped_matmul_reference(a, b, sizes), lhs, cotangent),
-                "dense matmul": (lambda a, b: jnp.dot(a, b[0], preferred_element_type=jnp.float32).astype(a.dtype),
-                                 lhs, cotangent),
+            candidates = {  # (function, lhs, rhs, cotangent)
+                "ours (padded)": (lambda a, b: grouped_matmul_padded(a, b, layout, tiles), lhs_padded, rhs,
+                                  cotangent_padded),
+                "ours": (lambda a, b: grouped_matmul(a, b, sizes, tiles=tiles), lhs, rhs, cotangent),
+                "ragged_dot": (lambda a, b: grouped_matmul_reference(a, b, sizes), lhs, rhs, cotangent),
+                "dense matmul": (lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype),
+                                 lhs, dense_rhs, cotangent),
             }
-            for name, (fn, a, ct) in candidates.items():
+            for name, (fn, a, b, ct) in candidates.items():
+                if name not in args.kernel_impls.split(","):
+                    continue
                 row = {"impl": name, "m": m, "k": k, "n": n, "experts": args.experts, "skewed": skewed,
                        "dtype": jnp.dtype(dtype).name}
                 try:
                     forward = jax.jit(fn)
                     backward = jax.jit(jax.grad(lambda a, b: jnp.sum((fn(a, b) * ct).astype(jnp.float32)), argnums=(0, 1)))
-                    row["fwd_ms"] = 1e3 * median_seconds(forward, [(a, rhs)], args.repeats, args.inner)
-                    row["fwd_bwd_ms"] = row["fwd_ms"] + 1e3 * median_seconds(backward, [(a, rhs)], args.repeats, args.inner)
+                    row["fwd_ms"] = 1e3 * median_seconds(forward, [(a, b)], args.repeats, args.inner)
+                    row["fwd_bwd_ms"] = row["fwd_ms"] + 1e3 * median_seconds(backward, [(a, b)], args.repeats, args.inner)
                     row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
                     row["fwd_bwd_tflops"] = 3 * flops / row["fwd_bwd_ms"] / 1e9
                 except Exception as error:  # noqa: BLE001 - one failing implementation must not end the benchmark
                     row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
-                rows_out.append(row)
+                key = lambda r: (r["impl"], r["m"], r["k"], r["n"], r["skewed"])  # noqa: E731
+                rows_out[:] = [r for r in rows_out if key(r) != key(row)] + [row]
                 print(_kernel_line(row), flush=True)
-        del dense_rhs
     if args.sweep:
         m, k, n = (int(v) for v in sizes_text.split(",")[0].split("x"))
         rng = np.random.default_rng(0)
@@ -246,6 +253,8 @@ def bench_quality(args, on_gpu: bool, report: dict) -> None:
     runs = report.setdefault("quality", {"data": str(args.data), "steps": args.steps, "batch": args.batch,
                                          "seq": args.seq, "lr": args.lr, "models": {}})
     for label, cfg in (("MoE", moe), ("dense", dense)):
+        if label not in args.models.split(","):
+            continue
         run_dir = args.runs_dir / label
         shutil.rmtree(run_dir, ignore_errors=True)
         run = RunConfig(run_dir=run_dir, batch_size=args.batch, seq_len=args.seq, eval_every=args.eval_every,
@@ -341,8 +350,10 @@ def main(argv: list[str] | None = None) -> int:
 
     device = jax.devices()[0]
     on_gpu = device.platform == "gpu"
-    report = {"device": device.device_kind, "platform": device.platform, "jax": jax.__version__,
-              "python": platform.python_version(), "command": "python -m experiments bench_moe " + " ".join(argv or sys.argv[2:])}
+    previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    report = {**previous, "device": device.device_kind, "platform": device.platform, "jax": jax.__version__,
+              "python": platform.python_version()}
+    report.setdefault("commands", []).append("python -m experiments bench_moe " + " ".join(argv or sys.argv[2:]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save = lambda: args.out.write_text(json.dumps(report, indent=1))  # noqa: E731 - after each part
     print(f"device: {device.device_kind}")
@@ -353,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_layer(args, on_gpu, report)
         save()
     if args.quality:
+        if "quality" in report and report["quality"].get("steps") != args.steps:
+            del report["quality"]  # another step count: not comparable
         bench_quality(args, on_gpu, report)
         save()
     written = [] if args.no_plot else plot(report, args.out.with_suffix(".png"))
