@@ -37,7 +37,7 @@ import numpy as np
 from llmjax.config import ModelConfig
 from llmjax.model.params import flatten_with_names
 from llmjax.model.transformer import logits_from_hidden
-from llmjax.quant.formats import QuantizedMatrix, as_matrix
+from llmjax.quant.formats import QuantizedMatrix
 from llmjax.quant.model import (
     DEFAULT_TARGETS,
     _get,
@@ -256,7 +256,6 @@ def save_adapters(directory: str | Path, adapters: dict, cfg: ModelConfig, lora_
         "r": lora_cfg.rank, "lora_alpha": lora_cfg.alpha, "lora_dropout": lora_cfg.dropout, "bias": "none",
         "target_modules": sorted(modules), "fan_in_fan_out": family == "gpt2", "inference_mode": True,
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "init_lora_weights": True,
-        "llmjax": {"targets": list(lora_cfg.targets), "adapted": names},
     }
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
     return directory
@@ -319,14 +318,5 @@ def load_adapters(directory: str | Path, params: dict, cfg: ModelConfig) -> tupl
             raise AdapterMismatchError(f"adapter {part}: layers of different shapes ({error})") from None
         adapters = _nested_set(adapters, f"blocks/{part}/kernel", stacked)
     check_adapters(params, adapters, cfg)
-    targets = tuple(config.get("llmjax", {}).get("targets") or
-                    [f"^{name}$" for name in adapter_names(adapters)])
+    targets = tuple(f"^{name}$" for name in adapter_names(adapters))
     return adapters, LoraConfig(rank=rank, alpha=alpha, dropout=float(config.get("lora_dropout", 0.0)), targets=targets)
-
-
-def base_matrix(params: dict, name: str, in_dims: int) -> jax.Array:
-    """A base kernel as [layers, in, out] float32 (dequantized if quantized)."""
-    w = _get(params, name)
-    if is_quantized(w):
-        return w.dequantize(jnp.float32).reshape(w.lead_shape[0], w.in_features, w.out_features)
-    return as_matrix(w.astype(jnp.float32), in_dims, lead_dims=1)

@@ -66,7 +66,7 @@ def lora_train_step(state: LoraState, params: dict, batch: dict, rng: jax.Array,
     grads = jax.tree.map(lambda g: g / tokens, grads)
     updates, opt_state = make_lora_optimizer(train_cfg).update(grads, state.opt_state, state.adapters)
     adapters = optax.apply_updates(state.adapters, updates)
-    metrics = {"loss": sums["nll_sum"] / tokens, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": sums["nll_sum"] / tokens, "grad_norm": optax.tree.norm(grads),
                "lr": learning_rate_schedule(train_cfg)(state.step)}
     return LoraState(state.step + 1, adapters, opt_state), metrics
 
