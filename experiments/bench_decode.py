@@ -28,6 +28,7 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=3, help="timed calls per point (median)")
     p.add_argument("--hf-points", default="1x128,1x2048,32x128,32x2048", help="batch x context points for HF generate")
     p.add_argument("--int8-points", default="64x2048", help="batch x context points also timed with an int8 cache")
+    p.add_argument("--bandwidth-mib", type=int, default=2048, help="size of the array the bandwidths are measured on")
     p.add_argument("--decode-impl", default="auto", choices=["auto", "xla", "pallas"])
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "runs/bench")) / "bench_decode.json")
     return p.parse_args(argv)
@@ -41,6 +42,8 @@ def _points(text: str) -> list[tuple[int, int]]:
 
 def hf_peer(cfg, points, steps: int) -> dict:
     """ms per decode step of transformers' generate (greedy, default dynamic cache, SDPA, bf16)."""
+    if not points:
+        return {"skipped": "no points asked for"}
     try:
         import torch
         import transformers
@@ -89,9 +92,9 @@ def hf_peer(cfg, points, steps: int) -> dict:
 
 # --- ours -----------------------------------------------------------------------------------------
 
-def copy_bandwidth(jax, jnp) -> float:
-    """(copy, read) bytes per second: x + 1 over 2 GiB (read + write), and a sum over it (read only)."""
-    x = jax.random.normal(jax.random.key(0), (1024, 1024 * 1024), jnp.bfloat16)
+def copy_bandwidth(jax, jnp, mib: int = 2048) -> tuple[float, float]:
+    """(copy, read) bytes per second: x + 1 over `mib` MiB (read + write), and a sum over it (read only)."""
+    x = jax.random.normal(jax.random.key(0), (mib, 512 * 1024), jnp.bfloat16)
     f = jax.jit(lambda x: x + 1)
     jax.block_until_ready(f(x))
     times = []
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = jax.devices()[0]
     results["device"] = device.device_kind
-    bandwidth, read_bandwidth = copy_bandwidth(jax, jnp)
+    bandwidth, read_bandwidth = copy_bandwidth(jax, jnp, args.bandwidth_mib)
     results["copy_bandwidth_GBps"], results["read_bandwidth_GBps"] = bandwidth / 1e9, read_bandwidth / 1e9
     print(f"device: {device.device_kind}; copy bandwidth {bandwidth / 1e9:.0f} GB/s, read {read_bandwidth / 1e9:.0f} GB/s",
           flush=True)

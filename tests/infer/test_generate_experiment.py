@@ -47,3 +47,19 @@ def test_bad_input_is_one_line(flags, message, capsys):
     assert experiment.main(["--model", "llama-tiny", "--prompt", "x", "--max-new-tokens", "4", *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and err.count("\n") == 0
+
+
+def test_bench_decode_runs_at_toy_size(tmp_path, capsys):
+    """The GPU benchmark's code path on the CPU (no HF peer), so it does not rot between device runs."""
+    import json
+
+    from experiments import bench_decode
+
+    out = tmp_path / "bench.json"
+    assert bench_decode.main(["--model", "llama-tiny", "--batches", "1", "--contexts", "8", "--steps", "2",
+                              "--repeats", "1", "--hf-points", "", "--int8-points", "1x8", "--bandwidth-mib", "8",
+                              "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["cache"] for r in rows} == {"bfloat16", "bfloat16, 1-row matmuls", "int8"}
+    assert all(r["ms_per_step"] > 0 and r["roofline_ms"] > 0 for r in rows)
+    assert "| batch | context |" in capsys.readouterr().out
