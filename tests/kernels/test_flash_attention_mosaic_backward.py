@@ -59,7 +59,7 @@ def config_for(split, deferred=False, num_stages=None):
 INTERPRET_CASES = [
     (True, None, None, 128, 128, 2, 1, 128, "columns", True),
     (True, None, None, 64, 256, 4, 2, 128, "columns", False),
-    (False, None, None, 192, 256, 2, 2, 128, "rows", True),
+    (False, None, None, 128, 256, 1, 1, 128, "rows", True),
     (True, None, None, 128, 128, 2, 2, 64, "rows", False),
     (True, 70, 5.0, 256, 256, 2, 1, 64, "rows", True),
     (False, 100, None, 128, 384, 1, 1, 128, "columns", True),
