@@ -128,7 +128,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from llmjax.infer import kv_cache
     from llmjax.infer.decode_model import decode_step, prepare_params, resolve_decode_impl

@@ -17,7 +17,6 @@ Same layers as llmjax.model.transformer (norm, mlp, rope, attention core), arran
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp

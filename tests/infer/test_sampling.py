@@ -1,6 +1,5 @@
 """Sampling processors against NumPy references, composed per row; seeds; bad settings."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
