@@ -90,6 +90,18 @@ class MetricsLog:
         for key, value in values.items():
             if isinstance(value, (int, float)):
                 self.tensorboard.add_scalar(f"{kind}/{key}", value, step)
+            elif key == "moe/expert_load":  # [moe_layers, E]: one expert-utilization histogram per MoE layer
+                for layer, load in enumerate(value):
+                    self._expert_histogram(f"{kind}/moe/expert_load/layer_{layer}", load, step)
+
+    def _expert_histogram(self, tag: str, load: list[float], step: int) -> None:
+        """Bucket e holds the fraction of tokens routed to expert e (bucket edges 1, 2, ..., E)."""
+        experts = np.arange(len(load), dtype=np.float64)
+        weights = np.asarray(load, np.float64)
+        self.tensorboard.add_histogram_raw(
+            tag, min=0.0, max=float(len(load) - 1), num=float(weights.sum()), sum=float((experts * weights).sum()),
+            sum_squares=float((experts**2 * weights).sum()), bucket_limits=(experts + 1).tolist(),
+            bucket_counts=weights.tolist(), global_step=step)
 
     def close(self) -> None:
         if self.enabled:

@@ -321,3 +321,14 @@ def test_kv_cache_decoding_of_an_moe_model_equals_the_full_forward():
     got, _ = run_cache(cfg, params, sequences, "left", None)
     want = full_forward(cfg, params, sequences)
     np.testing.assert_allclose(got[..., : cfg.vocab_size], want[..., : cfg.vocab_size], atol=2e-5, rtol=1e-4)
+
+
+def test_expert_load_goes_to_metrics_and_tensorboard_histograms(tmp_path):
+    from llmjax.train.loop import MetricsLog, read_metrics
+
+    log = MetricsLog(tmp_path)
+    log.write(10, "train", {"loss": 3.0, "moe/expert_load": [[0.5, 0.25, 0.75, 0.5], [1.0, 0.5, 0.25, 0.25]]})
+    log.close()
+    assert read_metrics(tmp_path)[0]["moe/expert_load"][1] == [1.0, 0.5, 0.25, 0.25]
+    events = b"".join(e.read_bytes() for e in (tmp_path / "tensorboard").iterdir())
+    assert b"train/moe/expert_load/layer_0" in events and b"train/moe/expert_load/layer_1" in events
