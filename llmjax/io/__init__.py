@@ -1,4 +1,4 @@
-"""Checkpoint interop: Hugging Face safetensors import / export (GPT-2, LLaMA, Mistral)."""
+"""Checkpoint interop: Hugging Face safetensors import / export (GPT-2, LLaMA, Mistral, Mixtral)."""
 
 from llmjax.io.hf import (
     CheckpointMismatchError,
