@@ -1,0 +1,160 @@
+"""Quantize a trained checkpoint (int8, int4 RTN / GPTQ, NF4, ...): validation perplexity, bytes and decode tokens/s."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="python -m experiments quantize",
+        description="Weight-only quantization of a run's newest checkpoint. One table on the same checkpoint: "
+        "float, int8 (per-channel), int4 round-to-nearest, int4 GPTQ, NF4 (QLoRA's format, double-quantized "
+        "scales), plus the --method / --bits asked for when it is none of those. Columns: validation "
+        "perplexity, bytes of the weights as stored, and greedy decode tokens/s at batch 1 on this machine.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--ckpt", type=Path, required=True, help="a run folder written by `python -m experiments train`")
+    p.add_argument("--data", type=Path, default=None,
+                   help="token shards folder with train/ and validation/ (default: RUN/tokens, else the run's --data)")
+    p.add_argument("--method", choices=("rtn", "gptq"), default="gptq", help="method of the extra row")
+    p.add_argument("--bits", type=int, choices=(8, 4, 3), default=4, help="bits of the extra row")
+    p.add_argument("--group", type=int, default=128, help="input rows per scale for int4 / int3 (-1: per-channel)")
+    p.add_argument("--nf4-group", type=int, default=64, help="NF4 block size (QLoRA uses 64)")
+    p.add_argument("--calibration", type=int, default=64, help="GPTQ calibration sequences from the training shards")
+    p.add_argument("--no-act-order", action="store_true", help="GPTQ in column order instead of act-order")
+    p.add_argument("--eval-batches", type=int, default=8, help="validation batches for the perplexity")
+    p.add_argument("--batch", type=int, default=8, help="sequences per validation batch")
+    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: the run's, at most max_seq_len)")
+    p.add_argument("--decode-tokens", type=int, default=64, help="tokens generated for the decode timing (0: skip)")
+    p.add_argument("--out", type=Path, default=None, help="JSON of the table (default: RUN/quantize.json)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation / calibration windows")
+    return p.parse_args(argv)
+
+
+def data_folder(args, run_config: dict) -> Path:
+    if args.data is not None:
+        return args.data
+    for candidate in (args.ckpt / "tokens", Path(str(run_config.get("data", {}) or ""))):
+        if candidate and (candidate / "validation" / "index.json").is_file():
+            return candidate
+    raise SystemExit(f"no token shards found for {args.ckpt}: give --data FOLDER (with train/ and validation/ "
+                     f"shards, the --out of `python -m experiments tokenize`)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from experiments.generate import restore_params
+    from llmjax.data.loader import batch_at
+    from llmjax.data.shards import TokenShards
+    from llmjax.infer.generate import generate
+    from llmjax.quant.formats import QuantizationError
+    from llmjax.quant.gptq import gptq_quantize_params
+    from llmjax.quant.model import param_bytes, quantize_params, quantized_decode_params, quantized_forward
+
+    if not (args.ckpt / "config.json").is_file() and not (args.ckpt / "checkpoints").is_dir():
+        raise SystemExit(f"{args.ckpt} is not a run folder (no config.json / checkpoints/)")
+    run_config = json.loads((args.ckpt / "config.json").read_text()) if (args.ckpt / "config.json").is_file() else {}
+    params, cfg = restore_params(args.ckpt)
+    folder = data_folder(args, run_config)
+    validation, train = TokenShards(folder / "validation"), TokenShards(folder / "train")
+    seq = min(args.seq or run_config.get("run", {}).get("seq_len", cfg.max_seq_len), cfg.max_seq_len)
+    device = jax.devices()[0]
+    print(f"{args.ckpt}: {cfg.name} ({cfg.num_layers} layers, d_model {cfg.d_model}), data {folder}, "
+          f"sequences of {seq} tokens, on {device.platform} ({device.device_kind})", flush=True)
+
+    val_batches = [batch_at(validation, step, batch_size=args.batch, seq_len=seq, seed=args.seed + 1)
+                   for step in range(args.eval_batches)]
+    forward = jax.jit(quantized_forward, static_argnums=2)
+
+    def perplexity(qparams) -> float:
+        total, count = 0.0, 0
+        for windows in val_batches:
+            logits = forward(qparams, jnp.asarray(windows[:, :-1]), cfg)
+            logp = jax.nn.log_softmax(logits[..., : cfg.vocab_size], axis=-1)
+            nll = -jnp.take_along_axis(logp, jnp.asarray(windows[:, 1:])[..., None], axis=-1)
+            total, count = total + float(nll.sum()), count + nll.size
+        return float(np.exp(total / count))
+
+    prompt = [int(t) for t in val_batches[0][0, :8]]
+
+    def decode_rate(qparams) -> float | None:
+        tokens = min(args.decode_tokens, cfg.max_seq_len - len(prompt))
+        if tokens <= 0:
+            return None
+        prepared = quantized_decode_params(qparams, cfg)
+        generate(None, cfg, [prompt], max_new_tokens=tokens, prepared=prepared)  # compile
+        start = time.perf_counter()
+        runs = 3
+        for _ in range(runs):
+            generate(None, cfg, [prompt], max_new_tokens=tokens, prepared=prepared)
+        return runs * tokens / (time.perf_counter() - start)
+
+    def calibration_tokens():
+        rows = [batch_at(train, step, batch_size=min(args.calibration, 16), seq_len=seq, seed=args.seed)[:, :-1]
+                for step in range(-(-args.calibration // 16))]
+        return jnp.asarray(np.concatenate(rows)[: args.calibration])
+
+    act_order = not args.no_act_order
+    fmt_of = {8: "int8", 4: "int4", 3: "int3"}
+    rows = [("float", None, None), ("int8", "rtn", 8), ("int4-RTN", "rtn", 4), ("int4-GPTQ", "gptq", 4), ("nf4", "nf4", 4)]
+    extra = (f"int{args.bits}-{args.method.upper()}" if args.bits != 8 else f"int8-{args.method.upper()}",
+             args.method, args.bits)
+    if (args.method, args.bits) not in {(m, b) for _, m, b in rows}:
+        rows.append(extra)
+
+    def build(method, bits):
+        group = None if bits == 8 else args.group
+        if method is None:
+            return params
+        if method == "nf4":
+            return quantize_params(params, cfg, "nf4", args.nf4_group)
+        if method == "rtn":
+            return quantize_params(params, cfg, fmt_of[bits], group)
+        started = time.perf_counter()
+        quantized = gptq_quantize_params(params, cfg, calibration_tokens(), fmt_of[bits], group, act_order=act_order)
+        print(f"  GPTQ int{bits}: {time.perf_counter() - started:.1f} s for {cfg.num_layers} layers", flush=True)
+        return quantized
+
+    results = []
+    for label, method, bits in rows:
+        try:
+            qparams = build(method, bits)
+        except QuantizationError as error:
+            raise SystemExit(f"cannot quantize {label}: {error}") from None
+        row = {"format": label, "perplexity": perplexity(qparams), "bytes": param_bytes(qparams),
+               "linear_bytes": param_bytes(qparams["blocks"]),
+               "decode_tokens_per_s": decode_rate(qparams) if args.decode_tokens else None}
+        results.append(row)
+        print(f"  {label:>10}: perplexity {row['perplexity']:.3f}, {row['bytes'] / 2**20:.2f} MiB", flush=True)
+
+    float_ppl = results[0]["perplexity"]
+    lines = [f"| format | val perplexity | vs float | weights (all) | block linears | decode tok/s ({device.platform}, batch 1) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        rate = f"{r['decode_tokens_per_s']:.0f}" if r["decode_tokens_per_s"] else "-"
+        lines.append(f"| {r['format']} | {r['perplexity']:.3f} | {100 * (r['perplexity'] / float_ppl - 1):+.2f}% | "
+                     f"{r['bytes'] / 2**20:.2f} MiB | {r['linear_bytes'] / 2**20:.2f} MiB | {rate} |")
+    table = "\n".join(lines)
+    print(table)
+    out = args.out or args.ckpt / "quantize.json"
+    record = {"checkpoint": str(args.ckpt), "model": cfg.name, "device": f"{device.platform} ({device.device_kind})",
+              "group": args.group, "nf4_group": args.nf4_group, "act_order": act_order, "seq_len": seq,
+              "eval_tokens": args.eval_batches * args.batch * seq, "calibration_sequences": args.calibration,
+              "command": "python -m experiments quantize " + " ".join(argv if argv is not None else sys.argv[2:]),
+              "rows": results, "table": table}
+    out.write_text(json.dumps(record, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
