@@ -56,6 +56,8 @@ def test_cache_decoding_equals_full_forward(name, overrides):
         assert cache["layers"][0]["k"].shape[2:] == (cfg.num_kv_heads, cfg.head_dim)
         if cfg.sliding_window:
             assert cache["layers"][0]["k"].shape[1] == cfg.sliding_window
+    if overrides or name != "llama-tiny":
+        return  # the int8 cache is checked once (CI time)
     got, cache = run_cache(cfg, params, sequences, "left", "int8")
     assert cache["layers"][0]["k"].dtype == jnp.int8 and cache["layers"][0]["k_scale"].shape[-1] == cfg.num_kv_heads
     scale = np.abs(want).max()
