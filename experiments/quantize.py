@@ -20,7 +20,8 @@ def parse_args(argv):
     )
     p.add_argument("--ckpt", type=Path, required=True, help="a run folder written by `python -m experiments train`")
     p.add_argument("--data", type=Path, default=None,
-                   help="token shards folder with train/ and validation/ (default: RUN/tokens, else the run's --data)")
+                   help="token shards folder with train/ and validation/, or a text file (tokenized with RUN/tokenizer.json, "
+                        "its last 10%% for validation); default: RUN/tokens")
     p.add_argument("--method", choices=("rtn", "gptq"), default="gptq", help="method of the extra row")
     p.add_argument("--bits", type=int, choices=(8, 4, 3), default=4, help="bits of the extra row")
     p.add_argument("--group", type=int, default=128, help="input rows per scale for int4 / int3 (-1: per-channel)")
@@ -52,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
     import numpy as np
 
+    from experiments.finetune_lora import open_data
     from experiments.generate import restore_params
     from llmjax.data.loader import batch_at
-    from llmjax.data.shards import TokenShards
     from llmjax.infer.generate import generate
     from llmjax.quant.formats import QuantizationError
     from llmjax.quant.gptq import gptq_quantize_params
@@ -64,8 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{args.ckpt} is not a run folder (no config.json / checkpoints/)")
     run_config = json.loads((args.ckpt / "config.json").read_text()) if (args.ckpt / "config.json").is_file() else {}
     params, cfg = restore_params(args.ckpt)
+    params = jax.device_put(params, jax.devices()[0])  # one device (the restore may lay it out over several)
     folder = data_folder(args, run_config)
-    validation, train = TokenShards(folder / "validation"), TokenShards(folder / "train")
+    train, validation, _ = open_data(folder, args.ckpt)
+    if validation is None:
+        raise SystemExit(f"{folder} has no validation/ shards to measure perplexity on")
     seq = min(args.seq or run_config.get("run", {}).get("seq_len", cfg.max_seq_len), cfg.max_seq_len)
     device = jax.devices()[0]
     print(f"{args.ckpt}: {cfg.name} ({cfg.num_layers} layers, d_model {cfg.d_model}), data {folder}, "
