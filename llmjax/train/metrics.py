@@ -9,8 +9,14 @@ def matmul_params(cfg: ModelConfig) -> int:
     """Weights that take part in a matmul per token: every projection and the output layer
     (embedding lookups and norms are not matmuls). The output layer counts the real vocabulary."""
     attention = 2 * cfg.d_model * cfg.q_size + 2 * cfg.d_model * cfg.kv_size  # q, o and k, v
-    mlp = (3 if cfg.activation == "swiglu" else 2) * cfg.d_model * cfg.d_ff
-    return cfg.num_layers * (attention + mlp) + cfg.d_model * cfg.vocab_size
+    matrices = 3 if cfg.activation == "swiglu" else 2
+    mlp = matrices * cfg.d_model * cfg.d_ff
+    total = cfg.num_layers * (attention + mlp) + cfg.d_model * cfg.vocab_size
+    if cfg.is_moe:  # an MoE block: the router, the top-k experts a token goes through, the shared experts
+        experts = cfg.experts_per_token + cfg.num_shared_experts
+        moe_mlp = cfg.d_model * cfg.num_experts + experts * matrices * cfg.d_model * cfg.expert_width
+        total += cfg.num_moe_layers * (moe_mlp - mlp)
+    return total
 
 
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int, *, causal: bool = True) -> float:

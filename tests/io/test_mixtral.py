@@ -88,3 +88,12 @@ def test_moe_configs_without_a_mixtral_layout_are_refused(fields, message):
     cfg = get_config("llama-moe-tiny", expert_d_ff=None, d_ff=40).replace(**fields)
     with pytest.raises(ValueError, match=message):
         hf_config_from(cfg)
+
+
+def test_parameter_count_agrees_with_transformers():
+    from llmjax.config import count_params
+
+    cfg = get_config("llama-moe-125m", expert_d_ff=None, d_ff=1024)
+    with torch.device("meta"):
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**hf_config_from(cfg)))
+    assert model.num_parameters() == count_params(cfg)

@@ -337,3 +337,13 @@ def test_expert_load_goes_to_metrics_and_tensorboard_histograms(tmp_path):
     assert read_metrics(tmp_path)[0]["moe/expert_load"][1] == [1.0, 0.5, 0.25, 0.25]
     events = b"".join(e.read_bytes() for e in (tmp_path / "tensorboard").iterdir())
     assert b"train/moe/expert_load/layer_0" in events and b"train/moe/expert_load/layer_1" in events
+
+
+def test_flops_count_the_active_experts():
+    from llmjax.train.metrics import matmul_params
+
+    moe, dense = get_config("llama-moe-125m"), get_config("llama-125m")
+    router = moe.num_moe_layers * moe.d_model * moe.num_experts
+    assert matmul_params(moe) == matmul_params(dense) + router  # top-2 of width 1024 = one MLP of width 2048
+    switch = get_config("switch-moe-125m")
+    assert matmul_params(switch) == matmul_params(dense) + switch.num_moe_layers * switch.d_model * switch.num_experts
