@@ -23,9 +23,12 @@ Losses and metrics, per MoE layer (stacked on a leading [moe_layers] axis by the
     expert_load         [E] fraction of tokens routed to each expert (sums to k; balanced: k / E).
     dropped_fraction    assignments dropped for capacity (0 on the dropless paths).
 
-Expert parallelism: when the ambient mesh (`jax.set_mesh`) has an `expert` axis larger than one,
-experts are sharded over it and the dispatched tokens travel to their experts' devices and back
-with two all-to-alls inside `shard_map`; the result equals the single-device one.
+Expert parallelism: when the mesh (the training plan's activation rules, else `jax.set_mesh`) has
+an `expert` axis larger than one, experts are sharded over it and the dispatched tokens travel to
+their experts' devices and back with two all-to-alls inside `shard_map`; the result equals the
+single-device one. The exchange uses the capacity buffers (fixed shapes); dropless configs get one
+slot per token (capacity = seq), exact but E / k times the expert FLOPs of the dropless paths: a
+ragged all-to-all (`jax.lax.ragged_all_to_all`, which XLA:CPU cannot run) is the way to fix that.
 """
 
 from __future__ import annotations
