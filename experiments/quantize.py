@@ -32,6 +32,8 @@ def parse_args(argv):
     p.add_argument("--batch", type=int, default=8, help="sequences per validation batch")
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: the run's, at most max_seq_len)")
     p.add_argument("--decode-tokens", type=int, default=64, help="tokens generated for the decode timing (0: skip)")
+    p.add_argument("--decode-formats", default="all",
+                   help="comma-separated rows to time decoding for (e.g. float,int4-RTN), or all")
     p.add_argument("--out", type=Path, default=None, help="JSON of the table (default: RUN/quantize.json)")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation / calibration windows")
     return p.parse_args(argv)
@@ -128,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  GPTQ int{bits}: {time.perf_counter() - started:.1f} s for {cfg.num_layers} layers", flush=True)
         return quantized
 
+    def timed(label: str) -> bool:
+        return bool(args.decode_tokens) and (args.decode_formats == "all" or label in args.decode_formats.split(","))
+
     results = []
     for label, method, bits in rows:
         try:
@@ -136,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"cannot quantize {label}: {error}") from None
         row = {"format": label, "perplexity": perplexity(qparams), "bytes": param_bytes(qparams),
                "linear_bytes": param_bytes(qparams["blocks"]),
-               "decode_tokens_per_s": decode_rate(qparams) if args.decode_tokens else None}
+               "decode_tokens_per_s": decode_rate(qparams) if timed(label) else None}
         results.append(row)
         print(f"  {label:>10}: perplexity {row['perplexity']:.3f}, {row['bytes'] / 2**20:.2f} MiB", flush=True)
 

@@ -8,23 +8,25 @@ import numpy as np
 import pytest
 
 from llmjax.config import TrainConfig, get_config
-from llmjax.data.loader import ArrayTokens
-from llmjax.train.loop import RunConfig, train
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A gpt2-tiny trained for a few steps on bytes, with tokenizer.json, and a text file to fine-tune on."""
+    """A run folder as `experiments train` leaves it (a gpt2-tiny checkpoint, tokenizer.json over bytes) and a
+    text file to fine-tune on. The weights are freshly initialized: these tests check the plumbing."""
+    import jax
+
     from llmjax.tokenizer import load_tokenizer
+    from llmjax.train.checkpoint import Checkpointer, run_record
+    from llmjax.train.step import init_train_state
 
     folder = tmp_path_factory.mktemp("run")
-    text = Path(sysconfig.get_paths()["stdlib"], "json", "decoder.py").read_text()
-    tokenizer = load_tokenizer("bytes")
-    tokenizer.save(folder / "tokenizer.json")
-    tokens = ArrayTokens(np.asarray(tokenizer.encode(text), np.uint16))
-    run_cfg = RunConfig(run_dir=folder, batch_size=8, seq_len=32, eval_every=100, save_every=3, progress=False,
-                        sample_tokens=0, async_checkpoints=False)
-    train(get_config("gpt2-tiny"), TrainConfig(lr=3e-3, warmup_steps=1, total_steps=3), run_cfg, tokens)
+    load_tokenizer("bytes").save(folder / "tokenizer.json")
+    cfg, train_cfg = get_config("gpt2-tiny"), TrainConfig(warmup_steps=1, total_steps=3)
+    checkpointer = Checkpointer(folder / "checkpoints", async_save=False)
+    checkpointer.save(init_train_state(cfg, train_cfg, jax.random.key(0)),
+                      record=run_record(cfg, train_cfg, loader_state={}, seed=0))
+    checkpointer.close()
     data = folder / "finetune.txt"
     data.write_text(Path(sysconfig.get_paths()["stdlib"], "json", "encoder.py").read_text())
     return folder, data
@@ -58,12 +60,13 @@ def test_quantize_table(run, tmp_path):
     out = tmp_path / "q.json"
     assert main(["--ckpt", str(folder), "--data", str(data), "--group", "16", "--nf4-group", "16", "--bits", "3",
                  "--calibration", "8", "--seq", "32", "--eval-batches", "1", "--batch", "2", "--decode-tokens", "4",
+                 "--decode-formats", "float,int4-RTN",
                  "--out", str(out)]) == 0
     rows = {r["format"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["float"]["decode_tokens_per_s"] > 0 and rows["int4-RTN"]["decode_tokens_per_s"] > 0
     assert list(rows) == ["float", "int8", "int4-RTN", "int4-GPTQ", "nf4", "int3-GPTQ"]
     assert rows["int4-RTN"]["linear_bytes"] < rows["int8"]["linear_bytes"] < rows["float"]["linear_bytes"]
     assert abs(rows["int8"]["perplexity"] / rows["float"]["perplexity"] - 1) < 0.01
-    assert all(r["decode_tokens_per_s"] > 0 for r in rows.values())
     with pytest.raises(SystemExit, match="does not divide the input dimension 48"):
         main(["--ckpt", str(folder), "--data", str(data), "--group", "32", "--seq", "32", "--decode-tokens", "0",
               "--out", str(out)])
