@@ -43,6 +43,9 @@ def parse_args(argv):
     p.add_argument("--cache-dtype", default=None, help="KV cache dtype: bfloat16, float32 or int8")
     p.add_argument("--truncate", action="store_true", help="cut prompts that do not fit the context from the left")
     p.add_argument("--no-stream", action="store_true", help="print the outputs at the end only")
+    p.add_argument("--mesh", default=None, metavar="AXIS=SIZE,...",
+                   help="spread the weights over devices, e.g. tensor=2 (Megatron) or fsdp=-1; default: one device")
+    p.add_argument("--sharding", default="auto", help="sharding strategy for --mesh (see `experiments train --help`)")
     return p.parse_args(argv)
 
 
@@ -124,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     from llmjax.infer.sampling import SamplingConfig, SamplingError
 
     params, cfg, tokenizer = load_model(args)
+    if args.mesh is not None:
+        from llmjax.parallel.plan import Plan
+
+        params = Plan.create(args.mesh, args.sharding).place_params(params, cfg)
     eos_id = None if args.no_eos else tokenizer.eot_id
     prompts = [tokenizer.encode(text) for text in args.prompt]
     try:

@@ -77,6 +77,10 @@ class Plan:
         shardings = self.state_shardings(model_cfg, train_cfg)
         return jax.jit(init_train_state, static_argnums=(0, 1), out_shardings=shardings)(model_cfg, train_cfg, key)
 
+    def place_params(self, params: dict, model_cfg: ModelConfig) -> dict:
+        """Parameters (e.g. loaded for inference) moved into this plan's shards."""
+        return jax.device_put(params, self.param_shardings(model_cfg))
+
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, PartitionSpec())
 
