@@ -17,14 +17,14 @@ import numpy as np
 Norm = Literal["layernorm", "rmsnorm"]
 Positions = Literal["learned", "rope"]
 Activation = Literal["gelu_tanh", "swiglu"]
-RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
+RematPolicy = Literal["none", "full", "dots", "dots_no_batch", "offload"]
 AttentionImpl = Literal["auto", "xla", "cudnn", "pallas"]
 MoeImpl = Literal["capacity", "ragged_dot", "pallas"]
 
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
 ACTIVATIONS = ("gelu_tanh", "swiglu")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload")  # offload: dots_no_batch saved to host memory
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 ROPE_SCALINGS = ("linear", "llama3")
 MOE_IMPLS = ("capacity", "ragged_dot", "pallas")

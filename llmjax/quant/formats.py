@@ -260,7 +260,8 @@ def quantized_matmul(x: jax.Array, qm: QuantizedMatrix) -> jax.Array:
 
 def concatenate_outputs(matrices: list[QuantizedMatrix]) -> QuantizedMatrix:
     """Matrices sharing input, format and group size, side by side along the output axis (e.g. q|k|v
-    fused for decoding). Exact: every output column is quantized on its own. The result is 2-D."""
+    fused for decoding). Exact for int formats (every output column is quantized on its own); nf4's int8
+    scale constants are re-blocked, which moves a scale by well under 1% (far below NF4's own error). 2-D result."""
     first = matrices[0]
     if any(m.format != first.format or m.group_size != first.group_size or m.in_features != first.in_features
            or m.lead_shape != first.lead_shape for m in matrices):

@@ -15,13 +15,12 @@ per call, including offload to host memory (`REMAT_POLICIES`).
 from __future__ import annotations
 
 import re
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 
 from llmjax.config import ModelConfig
 from llmjax.model.params import flatten_with_names, is_spec
+from llmjax.model.transformer import REMAT_POLICIES as TRANSFORMER_REMAT_POLICIES
 from llmjax.model.transformer import (
     ACTIVATION_AXES,
     block,
@@ -36,20 +35,9 @@ from llmjax.quant.formats import QuantizationError, QuantizedMatrix, dequantize,
 DEFAULT_TARGETS = (r"attn/(q|k|v|o)/kernel$", r"mlp/(up|gate|down)/kernel$")
 
 
-def _offload_policy():
-    """Matmul outputs without batch dimensions saved to pinned host memory instead of recomputed."""
-    return jax.checkpoint_policies.offload_dot_with_no_batch_dims(offload_src="device", offload_dst="pinned_host")
-
-
-# remat name -> jax.checkpoint policy (None: no remat). "offload": dots saved like dots_no_batch, but
-# in host memory, so the device keeps only the block inputs.
-REMAT_POLICIES: dict[str, Callable | None] = {
-    "none": None,
-    "full": lambda: jax.checkpoint_policies.nothing_saveable,
-    "dots": lambda: jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "offload": _offload_policy,
-}
+# remat name -> jax.checkpoint policy (None: no remat): the training path's table (llmjax.model.transformer),
+# "offload" included: the matmul outputs dots_no_batch would keep, saved to pinned host memory instead.
+REMAT_POLICIES = {"none": None, **TRANSFORMER_REMAT_POLICIES}
 
 
 def linear_weights(cfg: ModelConfig) -> dict[str, int]:
@@ -149,7 +137,7 @@ def layerwise_hidden_states(params: dict, tokens: jax.Array, cfg: ModelConfig, *
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat {remat!r}: expected one of {', '.join(REMAT_POLICIES)}")
     if REMAT_POLICIES[remat] is not None:
-        scan_step = jax.checkpoint(scan_step, policy=REMAT_POLICIES[remat](), prevent_cse=False)
+        scan_step = jax.checkpoint(scan_step, policy=REMAT_POLICIES[remat], prevent_cse=False)
     x, _ = jax.lax.scan(scan_step, x, (params["blocks"], layer_extras))
     return norm(top["final_norm"], x, cfg)
 
