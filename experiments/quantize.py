@@ -32,6 +32,9 @@ def parse_args(argv):
     p.add_argument("--batch", type=int, default=8, help="sequences per validation batch")
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: the run's, at most max_seq_len)")
     p.add_argument("--decode-tokens", type=int, default=64, help="tokens generated for the decode timing (0: skip)")
+    p.add_argument("--matmul", choices=("auto", "xla", "pallas"), default="auto",
+                   help="quantized matmul while decoding: XLA's dequantize-then-dot, or the fused Pallas kernel "
+                        "(kernels/matmul_quant.py; auto: pallas on GPUs)")
     p.add_argument("--decode-formats", default="all",
                    help="comma-separated rows to time decoding for (e.g. float,int4-RTN), or all")
     p.add_argument("--out", type=Path, default=None, help="JSON of the table (default: RUN/quantize.json)")
@@ -90,13 +93,14 @@ def main(argv: list[str] | None = None) -> int:
             total, count = total + float(nll.sum()), count + nll.size
         return float(np.exp(total / count))
 
+    matmul = args.matmul if args.matmul != "auto" else ("pallas" if device.platform == "gpu" else "xla")
     prompt = [int(t) for t in val_batches[0][0, :8]]
 
     def decode_rate(qparams) -> float | None:
         tokens = min(args.decode_tokens, cfg.max_seq_len - len(prompt))
         if tokens <= 0:
             return None
-        prepared = quantized_decode_params(qparams, cfg)
+        prepared = quantized_decode_params(qparams, cfg, matmul)
         generate(None, cfg, [prompt], max_new_tokens=tokens, prepared=prepared)  # compile
         start = time.perf_counter()
         runs = 3
@@ -146,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {label:>10}: perplexity {row['perplexity']:.3f}, {row['bytes'] / 2**20:.2f} MiB", flush=True)
 
     float_ppl = results[0]["perplexity"]
-    lines = [f"| format | val perplexity | vs float | weights (all) | block linears | decode tok/s ({device.platform}, batch 1) |",
+    lines = [f"| format | val perplexity | vs float | weights (all) | block linears | decode tok/s "
+             f"({device.platform}, batch 1, {matmul} matmul) |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
         rate = f"{r['decode_tokens_per_s']:.0f}" if r["decode_tokens_per_s"] else "-"
@@ -156,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     out = args.out or args.ckpt / "quantize.json"
     record = {"checkpoint": str(args.ckpt), "model": cfg.name, "device": f"{device.platform} ({device.device_kind})",
-              "group": args.group, "nf4_group": args.nf4_group, "act_order": act_order, "seq_len": seq,
+              "matmul": matmul, "group": args.group, "nf4_group": args.nf4_group, "act_order": act_order, "seq_len": seq,
               "eval_tokens": args.eval_batches * args.batch * seq, "calibration_sequences": args.calibration,
               "command": "python -m experiments quantize " + " ".join(argv if argv is not None else sys.argv[2:]),
               "rows": results, "table": table}

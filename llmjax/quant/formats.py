@@ -68,6 +68,7 @@ class QuantizedMatrix:
     group_size: int = dataclasses.field(default=0, metadata=dict(static=True))
     shape: tuple = dataclasses.field(default=(), metadata=dict(static=True))  # one matrix's original weight shape
     in_dims: int = dataclasses.field(default=1, metadata=dict(static=True))  # leading axes of `shape` contracted
+    matmul: str = dataclasses.field(default="xla", metadata=dict(static=True))  # `x @ self`: "xla" or "pallas"
 
     @property
     def bits(self) -> int:
@@ -94,8 +95,18 @@ class QuantizedMatrix:
         return dequantize(self, dtype)
 
     def __rmatmul__(self, x: jax.Array) -> jax.Array:
-        """x [..., in] @ self: the XLA reference (dequantize, then one matmul)."""
+        """x [..., in] @ self: the XLA reference (dequantize, then one matmul), or with matmul="pallas" the
+        fused kernel (kernels.matmul_quant)."""
+        if self.matmul == "pallas":
+            from kernels.matmul_quant import quantized_matmul_pallas
+
+            return quantized_matmul_pallas(x, self)
         return quantized_matmul(x, self)
+
+    def with_matmul(self, matmul: str) -> QuantizedMatrix:
+        if matmul not in ("xla", "pallas"):
+            raise QuantizationError(f"matmul={matmul!r}: expected 'xla' or 'pallas'")
+        return dataclasses.replace(self, matmul=matmul)
 
 
 def _check_format(fmt: str) -> None:

@@ -154,10 +154,11 @@ def quantized_forward(qparams: dict, tokens: jax.Array, cfg: ModelConfig, *, pos
     return logits_from_hidden(top_level_params(qparams, cfg), x, cfg)
 
 
-def quantized_decode_params(qparams: dict, cfg: ModelConfig) -> dict:
+def quantized_decode_params(qparams: dict, cfg: ModelConfig, matmul: str = "xla") -> dict:
     """`llmjax.infer.decode_model.prepare_params`'s layout with quantized matrices in place of the
     fused qkv / gate_up / o / down kernels: `x @ kernel` in the decode path dequantizes on the fly
-    (QuantizedMatrix.__rmatmul__), so `llmjax.infer.generate(..., prepared=...)` decodes from it."""
+    (QuantizedMatrix.__rmatmul__), so `llmjax.infer.generate(..., prepared=...)` decodes from it.
+    matmul: "xla" (dequantize, then dot) or "pallas" (the fused kernel, kernels.matmul_quant)."""
     from llmjax.infer.decode_model import prepare_params
     from llmjax.quant.formats import concatenate_outputs
 
@@ -169,7 +170,8 @@ def quantized_decode_params(qparams: dict, cfg: ModelConfig) -> dict:
 
     def flat(qm: QuantizedMatrix) -> QuantizedMatrix:
         return QuantizedMatrix(qm.codes, qm.scales, qm.zeros, qm.scale_codes, qm.scale_blocks, qm.scale_mean,
-                               format=qm.format, group_size=qm.group_size, shape=(qm.in_features, qm.out_features))
+                               format=qm.format, group_size=qm.group_size, shape=(qm.in_features, qm.out_features),
+                               matmul=matmul)
 
     float_params = materialize(qparams, jnp.float32)
     prepared = prepare_params(float_params, cfg)
@@ -178,7 +180,7 @@ def quantized_decode_params(qparams: dict, cfg: ModelConfig) -> dict:
         get = lambda part: layer_matrix(f"blocks/{part}/kernel", i, linear[f"blocks/{part}/kernel"])  # noqa: E731
         qkv = [get(f"attn/{n}") for n in "qkv"]
         if all(m is not None for m in qkv):
-            entry["qkv"]["kernel"] = concatenate_outputs([flat(m) for m in qkv])
+            entry["qkv"]["kernel"] = concatenate_outputs([flat(m) for m in qkv]).with_matmul(matmul)
         if (o := get("attn/o")) is not None:
             entry["o"]["kernel"] = flat(o)
         if (down := get("mlp/down")) is not None:
@@ -186,7 +188,7 @@ def quantized_decode_params(qparams: dict, cfg: ModelConfig) -> dict:
         if cfg.activation == "swiglu":
             gate, up = get("mlp/gate"), get("mlp/up")
             if gate is not None and up is not None:
-                entry["gate_up"]["kernel"] = concatenate_outputs([flat(gate), flat(up)])
+                entry["gate_up"]["kernel"] = concatenate_outputs([flat(gate), flat(up)]).with_matmul(matmul)
         elif (up := get("mlp/up")) is not None:
             entry["up"]["kernel"] = flat(up)
     return prepared

@@ -1,0 +1,125 @@
+"""Activation memory of each gradient-checkpointing policy, for full fine-tuning, LoRA and QLoRA (compiled, nothing run)."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+POLICIES = ("none", "full", "dots", "dots_no_batch", "offload")
+MODES = ("full", "lora", "qlora")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="python -m experiments remat_memory",
+        description="Compile one training step per (mode, remat policy) from abstract shapes (no weights are "
+        "allocated, so a 1B model fits on a laptop) and report XLA's memory_analysis(): arguments (weights, "
+        "optimizer state, batch), temporaries (the saved activations and workspace), host temporaries (offload). "
+        "Modes: full fine-tuning (float32 master weights + AdamW), LoRA (frozen base in the compute dtype), "
+        "QLoRA (frozen NF4 base).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default="gpt2-mini", help="model preset (llama-1b for the QLoRA-vs-full comparison)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a ModelConfig field")
+    p.add_argument("--batch", type=int, default=8, help="sequences per step")
+    p.add_argument("--seq", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--policies", default=",".join(POLICIES), help="remat policies, comma-separated")
+    p.add_argument("--modes", default=",".join(MODES), help="full, lora, qlora, comma-separated")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    p.add_argument("--out", type=Path, default=None, help="JSON of the table (default: runs/remat_memory/MODEL.json)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import jax
+    import jax.numpy as jnp
+
+    from experiments.train import parse_overrides
+    from llmjax.config import ConfigError, TrainConfig, get_config
+    from llmjax.model import init_params
+    from llmjax.peft.lora import LoraConfig
+    from llmjax.peft.train import init_lora_state, lora_train_step
+    from llmjax.quant.model import quantize_params
+    from llmjax.train.step import init_train_state, train_step
+
+    try:
+        cfg = get_config(args.model, **parse_overrides(args.set))
+    except ConfigError as error:
+        raise SystemExit(str(error)) from None
+    policies, modes = args.policies.split(","), args.modes.split(",")
+    for name, chosen, allowed in (("policy", policies, POLICIES), ("mode", modes, MODES)):
+        unknown = [c for c in chosen if c not in allowed]
+        if unknown:
+            raise SystemExit(f"unknown {name} {', '.join(unknown)}; choose from {', '.join(allowed)}")
+    train_cfg, lora_cfg = TrainConfig(), LoraConfig(rank=args.rank, alpha=2.0 * args.rank)
+    batch = {k: jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32) for k in ("inputs", "targets")}
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+    float_params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    bases = {
+        "lora": jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(cfg.compute_dtype)), float_params),
+        "qlora": jax.eval_shape(lambda p: quantize_params(p, cfg, "nf4", 64), float_params),
+    }
+    device = jax.devices()[0]
+    print(f"{cfg.name}: batch {args.batch} x {args.seq} tokens, compiled for {device.platform} ({device.device_kind})",
+          flush=True)
+
+    def compiled(mode: str, policy: str):
+        model_cfg = cfg.replace(remat=policy)
+        if mode == "full":
+            state = jax.eval_shape(lambda: init_train_state(model_cfg, train_cfg, jax.random.key(0)))
+            step = functools.partial(train_step, model_cfg=model_cfg, train_cfg=train_cfg)
+            return jax.jit(step, donate_argnums=0).lower(state, batch).compile()
+        base = bases[mode]
+        state = jax.eval_shape(lambda p: init_lora_state(p, cfg, lora_cfg, train_cfg, jax.random.key(0)), base)
+        step = functools.partial(lora_train_step, cfg=model_cfg, lora_cfg=lora_cfg, train_cfg=train_cfg, remat=policy)
+        return jax.jit(step, donate_argnums=0).lower(state, base, batch, rng).compile()
+
+    rows = []
+    for mode in modes:
+        for policy in policies:
+            started = time.perf_counter()
+            try:
+                memory = compiled(mode, policy).memory_analysis()
+            except Exception as error:  # noqa: BLE001  (a policy this backend cannot compile is reported, not fatal)
+                rows.append({"mode": mode, "remat": policy, "error": f"{type(error).__name__}: {str(error)[:200]}"})
+                print(f"  {mode:>5} {policy:>13}: cannot compile here ({rows[-1]['error']})", flush=True)
+                continue
+            row = {"mode": mode, "remat": policy, "arguments": memory.argument_size_in_bytes,
+                   "temporaries": memory.temp_size_in_bytes, "outputs": memory.output_size_in_bytes,
+                   "aliased": memory.alias_size_in_bytes,
+                   "host_temporaries": getattr(memory, "host_temp_size_in_bytes", 0),
+                   "compile_s": time.perf_counter() - started}
+            row["peak_estimate"] = row["arguments"] + row["temporaries"] + row["outputs"] - row["aliased"]
+            rows.append(row)
+            print(f"  {mode:>5} {policy:>13}: arguments {row['arguments'] / 2**20:9.1f} MiB, temporaries "
+                  f"{row['temporaries'] / 2**20:9.1f} MiB, host {row['host_temporaries'] / 2**20:.1f} MiB "
+                  f"({row['compile_s']:.0f} s to compile)", flush=True)
+
+    mib = lambda b: f"{b / 2**20:,.1f}"  # noqa: E731
+    lines = ["| mode | remat | weights + optimizer + batch (MiB) | activations + workspace (MiB) | host (MiB) | "
+             "arguments + temporaries + outputs - donated (MiB) |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['mode']} | {r['remat']} | - | - | - | cannot compile here |")
+        else:
+            lines.append(f"| {r['mode']} | {r['remat']} | {mib(r['arguments'])} | {mib(r['temporaries'])} | "
+                         f"{mib(r['host_temporaries'])} | {mib(r['peak_estimate'])} |")
+    table = "\n".join(lines)
+    print(table)
+    out = args.out or Path("runs/remat_memory") / f"{cfg.name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": cfg.name, "batch": args.batch, "seq": args.seq, "lora_rank": args.rank,
+                               "device": f"{device.platform} ({device.device_kind})", "rows": rows, "table": table,
+                               "command": "python -m experiments remat_memory " + " ".join(
+                                   argv if argv is not None else sys.argv[2:])}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
