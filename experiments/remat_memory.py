@@ -20,7 +20,8 @@ def parse_args(argv):
         "allocated, so a 1B model fits on a laptop) and report XLA's memory_analysis(): arguments (weights, "
         "optimizer state, batch), temporaries (the saved activations and workspace), host temporaries (offload). "
         "Modes: full fine-tuning (float32 master weights + AdamW), LoRA (frozen base in the compute dtype), "
-        "QLoRA (frozen NF4 base).",
+        "QLoRA (frozen NF4 block kernels, the rest in the compute dtype). CPU compiles ignore host offload "
+        "(offload reads like dots_no_batch there); run it on a GPU for the offload column.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default="gpt2-mini", help="model preset (llama-1b for the QLoRA-vs-full comparison)")
@@ -62,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     float_params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
     bases = {
         "lora": jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(cfg.compute_dtype)), float_params),
-        "qlora": jax.eval_shape(lambda p: quantize_params(p, cfg, "nf4", 64), float_params),
+        # NF4 block kernels; embeddings, norms and biases in the compute dtype, as for LoRA
+        "qlora": jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(cfg.compute_dtype))
+                              if jnp.issubdtype(s.dtype, jnp.floating) and s.dtype.itemsize > 2 else s,
+                              jax.eval_shape(lambda p: quantize_params(p, cfg, "nf4", 64), float_params)),
     }
     device = jax.devices()[0]
     print(f"{cfg.name}: batch {args.batch} x {args.seq} tokens, compiled for {device.platform} ({device.device_kind})",
