@@ -16,6 +16,7 @@ from llmjax.train.step import (
     loss_sums,
     make_eval_step,
     make_train_step,
+    output_logits,
     train_step,
     windows_to_batch,
 )
@@ -61,6 +62,36 @@ def test_chunks_cut_positions_and_keep_the_batch_axis(batch, seq, chunk):
     for g, w in zip(got, want):
         assert g.shape == (batch, seq)
         np.testing.assert_allclose(g.reshape(-1), w, rtol=1e-5, atol=1e-5)
+
+
+def dot_operand_dtypes(jaxpr) -> set:
+    """dtypes of every dot_general operand in a jaxpr, sub-jaxprs included."""
+    found = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.update(str(v.aval.dtype) for v in eqn.invars)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else [value]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found |= dot_operand_dtypes(inner)
+    return found
+
+
+def test_output_logits_backward_multiplies_in_the_compute_dtype():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 5, 16)), jnp.bfloat16)
+    embedding = jnp.asarray(rng.standard_normal((16, 40)) * 0.1, jnp.float32)
+    weights = jnp.asarray(rng.standard_normal((2, 5, 40)), jnp.float32)
+    loss = lambda x, e: jnp.sum(jnp.tanh(output_logits(x, e)) * weights)  # noqa: E731
+    grads = jax.grad(loss, argnums=(0, 1))
+    assert dot_operand_dtypes(jax.make_jaxpr(grads)(x, embedding).jaxpr) == {"bfloat16"}  # no float32 GEMM
+    got_x, got_e = grads(x, embedding)
+    assert got_x.dtype == jnp.bfloat16 and got_e.dtype == jnp.float32  # the master weight's gradient stays f32
+    reference = lambda x, e: jnp.sum(jnp.tanh(x.astype(jnp.float32) @ e) * weights)  # noqa: E731
+    want_x, want_e = jax.grad(reference, argnums=(0, 1))(x, embedding)
+    np.testing.assert_allclose(got_x.astype(jnp.float32), want_x, rtol=0.03, atol=0.03)
+    np.testing.assert_allclose(got_e, want_e, rtol=0.03, atol=0.03)
 
 
 def test_loss_equals_cross_entropy_of_forward_logits():
