@@ -395,6 +395,7 @@ class TrainConfig:
     micro_batches: int = 1  # gradient accumulation: the batch is split into this many, scanned
     z_loss: float = 0.0  # weight of log(Z)^2 on the logits (PaLM), 0 disables
     loss_chunk_tokens: int = 8192  # cross-entropy over this many tokens at a time: no [tokens, vocab] float32 slab
+    loss_impl: str = "auto"  # "pallas" (fused kernel), "xla" (chunks) or "auto": the kernel on one GPU, else XLA
     skip_nonfinite: bool = False  # skip an update whose loss or gradients are not finite instead of stopping
 
     def __post_init__(self):
@@ -408,6 +409,8 @@ class TrainConfig:
             raise ConfigError(
                 f"TrainConfig.warmup_steps={self.warmup_steps} exceeds total_steps={self.total_steps}"
             )
+        if self.loss_impl not in ("auto", "pallas", "xla"):
+            raise ConfigError(f"TrainConfig.loss_impl={self.loss_impl!r}: expected 'auto', 'pallas' or 'xla'")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"TrainConfig.schedule={self.schedule!r}: expected one of {', '.join(map(repr, SCHEDULES))}")
         if not 0 <= self.min_lr_ratio <= 1:

@@ -23,6 +23,7 @@ import optax
 from llmjax.config import ModelConfig, TrainConfig
 from llmjax.model.moe import moe_loss_sums, moe_metrics_from_sums
 from llmjax.model.transformer import hidden_states_and_moe_metrics, init_params, output_embedding
+from llmjax.parallel.logical import active_rules
 from llmjax.train.optim import learning_rate_schedule, make_optimizer
 
 if TYPE_CHECKING:
@@ -99,7 +100,8 @@ def chunked_cross_entropy(
     def one_chunk(_, chunk_inputs):
         x, t = chunk_inputs  # [..., chunk, d_model], [..., chunk]
         logits = output_logits(x, embedding)  # [..., chunk, padded_vocab] float32
-        logits = jnp.where(in_vocab, logits, -jnp.inf)
+        if vocab_size < embedding.shape[1]:  # padding columns get no probability
+            logits = jnp.where(in_vocab, logits, -jnp.inf)
         log_z = jax.nn.logsumexp(logits, axis=-1)
         target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
         return None, (log_z - target_logit, log_z)
@@ -110,6 +112,29 @@ def chunked_cross_entropy(
         return jnp.moveaxis(x, 0, -2).reshape(*lead, count * chunk)[..., :tokens]
 
     return unchunk(nll), unchunk(log_z)
+
+
+def resolve_loss_impl(impl: str) -> str:
+    """'auto' -> the fused Pallas kernel on a single GPU; XLA's chunks on CPUs and whenever the step is
+    sharded over several devices (XLA cannot partition a Pallas call, it would gather the batch)."""
+    if impl != "auto":
+        return impl
+    active = active_rules()
+    sharded = active is not None and active[0].size > 1
+    return "pallas" if jax.devices()[0].platform == "gpu" and not sharded else "xla"
+
+
+def token_losses(x: jax.Array, embedding: jax.Array, targets: jax.Array, model_cfg: ModelConfig,
+                 train_cfg: TrainConfig) -> tuple[jax.Array, jax.Array]:
+    """(nll, log_z) float32 [batch, seq] of the output layer on hidden states x [batch, seq, d_model]."""
+    if resolve_loss_impl(train_cfg.loss_impl) == "pallas":
+        from kernels.cross_entropy import linear_cross_entropy
+
+        batch, seq, d_model = x.shape
+        nll, log_z = linear_cross_entropy(x.reshape(-1, d_model), embedding.astype(x.dtype), targets.reshape(-1),
+                                          model_cfg.vocab_size, interpret=jax.devices()[0].platform == "cpu")
+        return nll.reshape(batch, seq), log_z.reshape(batch, seq)
+    return chunked_cross_entropy(x, embedding, targets, model_cfg.vocab_size, train_cfg.loss_chunk_tokens)
 
 
 def loss_sums(params: dict, batch: dict, model_cfg: ModelConfig, train_cfg: TrainConfig, rng: jax.Array | None = None
@@ -124,8 +149,7 @@ def loss_sums(params: dict, batch: dict, model_cfg: ModelConfig, train_cfg: Trai
         rng=rng,
     )  # [batch, seq, d_model]
     embedding = output_embedding(params, model_cfg)  # [d_model, padded_vocab], master dtype
-    nll, log_z = chunked_cross_entropy(x, embedding, batch["targets"], model_cfg.vocab_size,
-                                       train_cfg.loss_chunk_tokens)  # [batch, seq] each
+    nll, log_z = token_losses(x, embedding, batch["targets"], model_cfg, train_cfg)  # [batch, seq] each
     mask = batch.get("loss_mask")
     mask = jnp.ones_like(nll) if mask is None else mask.astype(jnp.float32)
     sums = {"nll_sum": (nll * mask).sum(), "z_sum": (jnp.square(log_z) * mask).sum(), "tokens": mask.sum()}

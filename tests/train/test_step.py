@@ -94,6 +94,20 @@ def test_output_logits_backward_multiplies_in_the_compute_dtype():
     np.testing.assert_allclose(got_e, want_e, rtol=0.03, atol=0.03)
 
 
+def test_fused_pallas_loss_trains_like_the_xla_loss():
+    """loss_impl="pallas" (the fused kernel, interpret mode on CPU) gives the XLA loss's values and gradients."""
+    cfg = get_config("gpt2-tiny")  # vocab 301 padded to 320: the kernel must ignore the padding
+    batch = windows_to_batch(windows(cfg, 2, 24))
+    results = {}
+    for impl in ("xla", "pallas"):
+        train_cfg = TrainConfig(loss_impl=impl)
+        state = init_train_state(cfg, train_cfg, jax.random.key(0))
+        results[impl] = jax.value_and_grad(lambda p: loss_sums(p, batch, cfg, train_cfg)[0])(state.params)
+    assert float(results["pallas"][0]) == pytest.approx(float(results["xla"][0]), rel=1e-5)
+    for got, want in zip(jax.tree.leaves(results["pallas"][1]), jax.tree.leaves(results["xla"][1])):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
 def test_loss_equals_cross_entropy_of_forward_logits():
     cfg, train_cfg = get_config("llama-tiny"), TrainConfig(loss_chunk_tokens=7)
     state = init_train_state(cfg, train_cfg, jax.random.key(0))
