@@ -1,0 +1,182 @@
+"""Decode attention over a paged KV cache: one new query per sequence against the blocks of its block table.
+
+Shapes: q [batch, heads, head_dim]; k_pool, v_pool [num_blocks, block_size, kv_heads, head_dim] (one layer's
+pool, shared by every sequence); block_tables [batch, max_blocks] int32 (row b's i-th block holds its tokens
+i * block_size ... (i + 1) * block_size - 1; entries past the row's last block are ignored, any value);
+lengths [batch] int32: tokens in the row's cache, the new one included. The query sits at position
+lengths - 1 and sees the tokens at positions 0 .. lengths - 1 (with a sliding window w: the last w of
+them). A row of length 0 (an empty batch slot) gets zeros. Query head h reads kv head h // (heads // kv_heads).
+
+`paged_attention_reference` gathers each row's blocks into a contiguous [batch, max_blocks * block_size]
+cache and runs the contiguous reference (kernels.decode_attention). `paged_attention` is a Pallas kernel:
+the grid is (batch, kv_heads, splits); each program walks its share of the row's block table, loads one
+block of K/V at a time straight from the pool (no gathered copy), and keeps an online softmax for the whole
+group of query heads that share the kv head (GQA reads K/V once per group, never repeats them). Blocks
+past the row's length (ragged lengths) and before its sliding window are never read. A small jnp epilogue
+merges the splits by their log-sum-exp, as in the contiguous split-K kernel.
+
+`chunk_attention_reference` is the multi-query form (a prefill chunk of queries against a gathered paged
+cache), used by the paged prefill in llmjax.infer.paged.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from kernels.decode_attention import NEG_INF, _pow2_at_least, choose_splits, decode_attention_reference
+
+
+def gather_blocks(pool: jax.Array, block_tables: jax.Array) -> jax.Array:
+    """pool [num_blocks, block_size, kv_heads, head_dim], block_tables [batch, max_blocks] ->
+    each row's cache laid out contiguously [batch, max_blocks * block_size, kv_heads, head_dim]."""
+    batch, max_blocks = block_tables.shape
+    gathered = jnp.take(pool, block_tables, axis=0, mode="clip")  # [batch, max_blocks, block_size, kv, hd]
+    return gathered.reshape(batch, max_blocks * pool.shape[1], *pool.shape[2:])
+
+
+def paged_attention_reference(q, k_pool, v_pool, block_tables, lengths, *, sliding_window=None,
+                              logit_softcap=None):
+    """Gather the blocks, then plain softmax attention over the row's first `lengths` tokens (float32 scores)."""
+    k = gather_blocks(k_pool, block_tables)
+    v = gather_blocks(v_pool, block_tables)
+    index = jnp.arange(k.shape[1], dtype=jnp.int32)[None, :]
+    kv_positions = jnp.where(index < lengths[:, None], index, -1)  # a paged row holds position p at slot p
+    return decode_attention_reference(q, k, v, kv_positions, lengths - 1, sliding_window=sliding_window,
+                                      logit_softcap=logit_softcap)
+
+
+def chunk_attention_reference(q, k, v, q_positions, kv_lengths, *, sliding_window=None, logit_softcap=None):
+    """Causal attention of a chunk of queries over a gathered paged cache.
+
+    q [batch, chunk, heads, head_dim] at positions q_positions [batch, chunk]; k, v [batch, capacity,
+    kv_heads, head_dim] hold position p at slot p, the first kv_lengths [batch] of them written.
+    Returns [batch, chunk, heads, head_dim]; a query that sees nothing gets zeros."""
+    batch, chunk, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    qg = q.reshape(batch, chunk, kv_heads, heads // kv_heads, head_dim)
+    scores = jnp.einsum("bckgd,btkd->bkgct", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = scores * head_dim**-0.5
+    if logit_softcap is not None:
+        scores = logit_softcap * jnp.tanh(scores / logit_softcap)
+    slot = jnp.arange(k.shape[1], dtype=jnp.int32)[None, None, :]  # [1, 1, capacity]
+    qp = q_positions[:, :, None]  # [batch, chunk, 1]
+    mask = (slot < kv_lengths[:, None, None]) & (slot <= qp)
+    if sliding_window is not None:
+        mask &= qp - slot < sliding_window
+    mask = mask[:, None, None]  # [batch, 1, 1, chunk, capacity]
+    scores = jnp.where(mask, scores, NEG_INF)
+    probs = jnp.exp(scores - scores.max(-1, keepdims=True)) * mask
+    probs = probs / jnp.maximum(probs.sum(-1, keepdims=True), 1e-30)
+    out = jnp.einsum("bkgct,btkd->bckgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(batch, chunk, heads, head_dim).astype(q.dtype)
+
+
+# --- the Pallas kernel -------------------------------------------------------------------------
+
+def _dot(a, b, contract):
+    return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32)
+
+
+def _kernel(table_ref, len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block_size: int,
+            blocks_per_split: int, sliding_window, logit_softcap, scale: float):
+    split = pl.program_id(2)
+    q = q_ref[...]  # [group_p, head_dim] in the compute dtype
+    length = len_ref[()]
+    q_pos = length - 1
+    first = split * blocks_per_split  # this split's first entry of the row's block table
+    end = jnp.minimum(first + blocks_per_split, (length + block_size - 1) // block_size)
+    start = first
+    if sliding_window is not None:  # blocks wholly before the window are never read
+        start = jnp.maximum(first, jnp.maximum(q_pos - sliding_window + 1, 0) // block_size)
+
+    def body(index, carry):
+        out, row_max, row_sum = carry
+        block = table_ref[index - first]  # the pool block holding tokens index * block_size ...
+        k = k_ref[block]  # [block_size, head_dim]
+        v = v_ref[block]
+        token = index * block_size + jax.lax.broadcasted_iota(jnp.int32, (block_size,), 0)
+        visible = token < length
+        if sliding_window is not None:
+            visible &= q_pos - token < sliding_window
+        scores = _dot(q, k, ((1,), (1,))) * scale  # [group_p, block_size] float32
+        if logit_softcap is not None:
+            scores = logit_softcap * jnp.tanh(scores / logit_softcap)
+        scores = jnp.where(visible[None, :], scores, NEG_INF)
+        new_max = jnp.maximum(row_max, scores.max(axis=-1))
+        correction = jnp.exp(row_max - new_max)
+        probs = jnp.where(visible[None, :], jnp.exp(scores - new_max[:, None]), 0.0)
+        out = out * correction[:, None] + _dot(probs.astype(v.dtype), v, ((1,), (0,)))
+        return out, new_max, row_sum * correction + probs.sum(axis=-1)
+
+    group_p, head_dim = q_ref.shape
+    init = (jnp.zeros((group_p, head_dim), jnp.float32), jnp.full((group_p,), NEG_INF, jnp.float32),
+            jnp.zeros((group_p,), jnp.float32))
+    out, row_max, row_sum = jax.lax.fori_loop(start, jnp.maximum(start, end), body, init)
+    o_ref[...] = out
+    m_ref[...] = row_max
+    l_ref[...] = row_sum
+
+
+@functools.partial(jax.jit, static_argnames=("sliding_window", "logit_softcap", "splits", "interpret"))
+def paged_attention(q, k_pool, v_pool, block_tables, lengths, *, sliding_window=None, logit_softcap=None,
+                    splits: int | None = None, interpret: bool = False):
+    """The Pallas paged-attention decode kernel; same contract as `paged_attention_reference`.
+
+    On a GPU (interpret=False) the block size and head_dim must be powers of two >= 16 (the tile shapes
+    of the block matmuls): the pool is read in place, never padded."""
+    batch, heads, head_dim = q.shape
+    num_blocks, block_size, kv_heads = k_pool.shape[:3]
+    max_blocks = block_tables.shape[1]
+    group = heads // kv_heads
+    if not interpret:
+        for name, size in (("block_size", block_size), ("head_dim", head_dim)):
+            if size < 16 or size & (size - 1):
+                raise ValueError(f"paged_attention on a GPU needs {name} a power of two >= 16, got {size}; "
+                                 f"choose another block size, or use paged_attention_reference")
+    group_p = _pow2_at_least(group, 16)  # tl.dot wants >= 16 rows: pad the group with zero queries
+    if splits is None:
+        splits = choose_splits(batch, kv_heads, max_blocks * block_size, block_size)
+    splits = max(1, min(splits, max_blocks))
+    blocks_per_split = -(-max_blocks // splits)
+    table = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, splits * blocks_per_split - max_blocks)))
+    lengths = jnp.clip(lengths.astype(jnp.int32), 0, max_blocks * block_size)
+
+    qg = q.reshape(batch, kv_heads, group, head_dim)
+    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, group_p - group), (0, 0)))
+    kernel = functools.partial(_kernel, block_size=block_size, blocks_per_split=blocks_per_split,
+                               sliding_window=sliding_window, logit_softcap=logit_softcap, scale=head_dim**-0.5)
+    table_spec = pl.BlockSpec((None, blocks_per_split), lambda b, h, s: (b, s))
+    row_spec = pl.BlockSpec((None,), lambda b, h, s: (b,))
+    q_spec = pl.BlockSpec((None, None, group_p, head_dim), lambda b, h, s: (b, h, 0, 0))
+    pool_spec = pl.BlockSpec((num_blocks, block_size, None, head_dim), lambda b, h, s: (0, 0, h, 0))
+    out_shape = [
+        jax.ShapeDtypeStruct((batch, kv_heads, splits, group_p, head_dim), jnp.float32),
+        jax.ShapeDtypeStruct((batch, kv_heads, splits, group_p), jnp.float32),
+        jax.ShapeDtypeStruct((batch, kv_heads, splits, group_p), jnp.float32),
+    ]
+    out_specs = [
+        pl.BlockSpec((None, None, None, group_p, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
+        pl.BlockSpec((None, None, None, group_p), lambda b, h, s: (b, h, s, 0)),
+        pl.BlockSpec((None, None, None, group_p), lambda b, h, s: (b, h, s, 0)),
+    ]
+    compiler_params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as plgpu
+
+        compiler_params = plgpu.CompilerParams(num_warps=4, num_stages=2)
+    out, row_max, row_sum = pl.pallas_call(
+        kernel, grid=(batch, kv_heads, splits),
+        in_specs=[table_spec, row_spec, q_spec, pool_spec, pool_spec], out_specs=out_specs, out_shape=out_shape,
+        compiler_params=compiler_params, interpret=interpret, name="paged_attention",
+    )(table, lengths, qg, k_pool, v_pool)
+    # Merge the splits: out = sum_s exp(m_s - m) o_s / sum_s exp(m_s - m) l_s (empty splits weigh nothing).
+    overall = row_max.max(axis=2, keepdims=True)
+    weight = jnp.exp(row_max - overall)  # [batch, kv_heads, splits, group_p]
+    total = (row_sum * weight).sum(axis=2)
+    merged = (out * weight[..., None]).sum(axis=2) / jnp.maximum(total, 1e-30)[..., None]
+    merged = merged[:, :, :group, :].reshape(batch, heads, head_dim)
+    return merged.astype(q.dtype)

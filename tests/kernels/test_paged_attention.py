@@ -1,0 +1,81 @@
+"""The paged-attention decode kernel (interpret mode) against the gathering jnp reference: awkward sizes,
+GQA / MQA / MHA, ragged lengths (an empty row, one token, a full table), shuffled block tables, a sliding
+window, soft-capping; and the reference against dense attention over each row's tokens."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.paged_attention import chunk_attention_reference, gather_blocks, paged_attention, \
+    paged_attention_reference
+
+
+def case(batch, heads, kv_heads, head_dim, block_size, max_blocks, *, seed=0, dtype=jnp.float32, lengths=None):
+    """Random q and pools; each row owns distinct random blocks of a pool larger than needed."""
+    rng = np.random.default_rng(seed)
+    num_blocks = batch * max_blocks + 3
+    q = jnp.asarray(rng.standard_normal((batch, heads, head_dim)), dtype)
+    k_pool = jnp.asarray(rng.standard_normal((num_blocks, block_size, kv_heads, head_dim)), dtype)
+    v_pool = jnp.asarray(rng.standard_normal((num_blocks, block_size, kv_heads, head_dim)), dtype)
+    tables = rng.permutation(num_blocks)[: batch * max_blocks].reshape(batch, max_blocks)
+    if lengths is None:
+        lengths = rng.integers(1, max_blocks * block_size + 1, batch)
+    lengths = np.asarray(lengths)
+    for row, n in enumerate(lengths):  # entries past the row's blocks are junk the kernel must not read
+        tables[row, -(-n // block_size):] = rng.integers(0, num_blocks)
+    return q, k_pool, v_pool, jnp.asarray(tables, jnp.int32), jnp.asarray(lengths, jnp.int32)
+
+
+@pytest.mark.parametrize("batch,heads,kv_heads,head_dim,block_size,max_blocks,options", [
+    (3, 6, 2, 8, 5, 7, {}),                                    # GQA, awkward sizes
+    (4, 4, 4, 16, 4, 6, {"lengths": [0, 1, 24, 13]}),          # MHA, an empty row, one token, a full table
+    (2, 8, 1, 12, 3, 9, {"sliding_window": 7}),                # MQA, window
+    (2, 6, 3, 16, 8, 5, {"logit_softcap": 5.0, "splits": 1}),  # one split
+])
+def test_kernel_matches_reference(batch, heads, kv_heads, head_dim, block_size, max_blocks, options):
+    options = dict(options)
+    lengths = options.pop("lengths", None)
+    splits = options.pop("splits", 3)
+    q, k_pool, v_pool, tables, lengths = case(batch, heads, kv_heads, head_dim, block_size, max_blocks,
+                                              lengths=lengths)
+    want = paged_attention_reference(q, k_pool, v_pool, tables, lengths, **options)
+    got = paged_attention(q, k_pool, v_pool, tables, lengths, splits=splits, interpret=True, **options)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+
+
+def test_reference_equals_dense_attention_of_each_rows_tokens():
+    q, k_pool, v_pool, tables, lengths = case(3, 4, 2, 8, 4, 5, seed=2, lengths=[1, 9, 20])
+    out = np.asarray(paged_attention_reference(q, k_pool, v_pool, tables, lengths, sliding_window=6))
+    for b, n in enumerate(np.asarray(lengths)):
+        keys = np.concatenate([np.asarray(k_pool[blk]) for blk in np.asarray(tables[b])])[:n]
+        values = np.concatenate([np.asarray(v_pool[blk]) for blk in np.asarray(tables[b])])[:n]
+        keys, values = keys[max(0, n - 6):], values[max(0, n - 6):]
+        for h in range(4):
+            s = keys[:, h // 2] @ np.asarray(q[b, h]) / np.sqrt(8)
+            p = np.exp(s - s.max())
+            np.testing.assert_allclose(out[b, h], (p / p.sum()) @ values[:, h // 2], atol=1e-5)
+
+
+def test_chunk_reference_rows_equal_the_decode_reference():
+    """Each query of a chunk sees what a decode step at its position sees."""
+    q, k_pool, v_pool, tables, _ = case(2, 6, 2, 8, 4, 6, seed=4)
+    rng = np.random.default_rng(4)
+    chunk = 5
+    qc = jnp.asarray(rng.standard_normal((2, chunk, 6, 8)), jnp.float32)
+    start = np.array([3, 11])
+    q_positions = jnp.asarray(start[:, None] + np.arange(chunk), jnp.int32)
+    kv_lengths = jnp.asarray(start + chunk, jnp.int32)
+    k, v = gather_blocks(k_pool, tables), gather_blocks(v_pool, tables)
+    got = chunk_attention_reference(qc, k, v, q_positions, kv_lengths, sliding_window=6)
+    for c in range(chunk):
+        want = paged_attention_reference(qc[:, c], k_pool, v_pool, tables, q_positions[:, c] + 1, sliding_window=6)
+        np.testing.assert_allclose(np.asarray(got[:, c]), np.asarray(want), atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_kernel_on_gpu_at_real_size():
+    q, k_pool, v_pool, tables, lengths = case(8, 32, 8, 128, 16, 128, seed=7, dtype=jnp.bfloat16)
+    want = paged_attention_reference(q, k_pool, v_pool, tables, lengths).astype(jnp.float32)
+    got = jax.jit(paged_attention)(q, k_pool, v_pool, tables, lengths)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), atol=2e-2, rtol=2e-2)
