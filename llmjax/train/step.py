@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec
 
 from llmjax.config import ModelConfig, TrainConfig
 from llmjax.model.moe import moe_loss_sums, moe_metrics_from_sums
 from llmjax.model.transformer import hidden_states_and_moe_metrics, init_params, output_embedding
-from llmjax.parallel.logical import active_rules
+from llmjax.parallel.logical import active_rules, partition_spec
 from llmjax.train.optim import learning_rate_schedule, make_optimizer
 
 if TYPE_CHECKING:
@@ -115,26 +116,52 @@ def chunked_cross_entropy(
 
 
 def resolve_loss_impl(impl: str) -> str:
-    """'auto' -> the fused Pallas kernel on a single GPU; XLA's chunks on CPUs and whenever the step is
-    sharded over several devices (XLA cannot partition a Pallas call, it would gather the batch)."""
+    """'auto' -> the fused Pallas kernel on GPUs when the step's layout allows it (one device, or a batch cut
+    over devices with whole vocabulary and sequence: each device runs the kernel on its rows), else XLA's
+    chunks (CPUs; vocabulary- or sequence-parallel layouts, which the kernel does not split)."""
     if impl != "auto":
         return impl
+    return "pallas" if jax.devices()[0].platform == "gpu" and _loss_batch_axes() is not None else "xla"
+
+
+def _loss_batch_axes():
+    """The mesh axes cutting the batch when only the batch is cut (() on one device); None otherwise."""
     active = active_rules()
-    sharded = active is not None and active[0].size > 1
-    return "pallas" if jax.devices()[0].platform == "gpu" and not sharded else "xla"
+    if active is None:
+        return ()
+    mesh, rules = active
+    batch, vocab, length = partition_spec(("batch", "vocab", "length"), rules, mesh)
+    if vocab is not None or length is not None:
+        return None
+    return () if batch is None else batch
+
+
+def _fused_token_losses(x, embedding, targets, vocab_size: int):
+    """linear_cross_entropy on [batch, seq] arrays (the kernel takes flat tokens)."""
+    from kernels.cross_entropy import linear_cross_entropy
+
+    batch, seq, d_model = x.shape
+    nll, log_z = linear_cross_entropy(x.reshape(-1, d_model), embedding.astype(x.dtype), targets.reshape(-1),
+                                      vocab_size, interpret=jax.devices()[0].platform == "cpu")
+    return nll.reshape(batch, seq), log_z.reshape(batch, seq)
 
 
 def token_losses(x: jax.Array, embedding: jax.Array, targets: jax.Array, model_cfg: ModelConfig,
                  train_cfg: TrainConfig) -> tuple[jax.Array, jax.Array]:
     """(nll, log_z) float32 [batch, seq] of the output layer on hidden states x [batch, seq, d_model]."""
-    if resolve_loss_impl(train_cfg.loss_impl) == "pallas":
-        from kernels.cross_entropy import linear_cross_entropy
-
-        batch, seq, d_model = x.shape
-        nll, log_z = linear_cross_entropy(x.reshape(-1, d_model), embedding.astype(x.dtype), targets.reshape(-1),
-                                          model_cfg.vocab_size, interpret=jax.devices()[0].platform == "cpu")
-        return nll.reshape(batch, seq), log_z.reshape(batch, seq)
-    return chunked_cross_entropy(x, embedding, targets, model_cfg.vocab_size, train_cfg.loss_chunk_tokens)
+    if resolve_loss_impl(train_cfg.loss_impl) == "xla":
+        return chunked_cross_entropy(x, embedding, targets, model_cfg.vocab_size, train_cfg.loss_chunk_tokens)
+    batch_axes = _loss_batch_axes()
+    if batch_axes is None:
+        raise ValueError("loss_impl='pallas' needs the vocabulary and the sequence whole on each device; "
+                         "use loss_impl='auto' or 'xla' with tensor or sequence parallelism")
+    fused = functools.partial(_fused_token_losses, vocab_size=model_cfg.vocab_size)
+    if not batch_axes:
+        return fused(x, embedding, targets)
+    mesh, _ = active_rules()  # each device: its rows against the whole embedding (gathered; gradient summed)
+    rows = PartitionSpec(batch_axes)
+    return jax.shard_map(fused, mesh=mesh, in_specs=(rows, PartitionSpec(), rows), out_specs=(rows, rows),
+                         check_vma=False)(x, embedding, targets)
 
 
 def loss_sums(params: dict, batch: dict, model_cfg: ModelConfig, train_cfg: TrainConfig, rng: jax.Array | None = None

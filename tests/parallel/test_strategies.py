@@ -1,6 +1,7 @@
 """Every sharding strategy trains exactly like one device, with each array where the rules say
 (8 simulated CPU devices)."""
 
+import dataclasses
 import functools
 
 import jax
@@ -17,7 +18,7 @@ from llmjax.parallel.ring_attention import sharded_ring_attention
 from llmjax.train.step import init_train_state, make_train_step, windows_to_batch
 
 MODEL = get_config("llama-tiny", max_seq_len=32)  # d_model 48, 6 heads / 2 kv heads, d_ff 112, vocab 301 -> 320
-TRAIN = TrainConfig(lr=3e-3, warmup_steps=0, total_steps=3, loss_chunk_tokens=40)
+TRAIN = TrainConfig(lr=3e-3, warmup_steps=0, total_steps=3, loss_chunk_tokens=40, loss_impl="xla")
 STEPS, BATCH, SEQ = 3, 8, 32
 
 
@@ -49,11 +50,16 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("strategy,mesh", CASES)
-def test_strategy_trains_like_one_device(strategy, mesh):
+FUSED_LOSS_CASES = [("dp", "data=8"), ("fsdp", "data=2,fsdp=4")]  # the Pallas loss per batch shard (interpret)
+
+
+@pytest.mark.parametrize("strategy,mesh,loss_impl", [(*case, "xla") for case in CASES]
+                         + [(*case, "pallas") for case in FUSED_LOSS_CASES])
+def test_strategy_trains_like_one_device(strategy, mesh, loss_impl):
     plan = Plan.create(mesh, strategy)
-    state = plan.init_state(MODEL, TRAIN, jax.random.key(0))
-    step = make_train_step(MODEL, TRAIN, plan)
+    train_cfg = dataclasses.replace(TRAIN, loss_impl=loss_impl)
+    state = plan.init_state(MODEL, train_cfg, jax.random.key(0))
+    step = make_train_step(MODEL, train_cfg, plan)
     history = []
     for batch in batches():
         state, metrics = step(state, jax.device_put(batch, plan.batch_sharding()))
