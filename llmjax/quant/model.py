@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from llmjax.config import ModelConfig
-from llmjax.model.params import flatten_with_names, is_spec
+from llmjax.model.params import flatten_with_names
 from llmjax.model.transformer import REMAT_POLICIES as TRANSFORMER_REMAT_POLICIES
 from llmjax.model.transformer import (
     ACTIVATION_AXES,
