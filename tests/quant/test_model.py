@@ -68,3 +68,14 @@ def test_targets_that_match_nothing(model):
     cfg, params = model
     with pytest.raises(ValueError, match=r"pattern 'attn/wq' matches no linear weight of this model; available: .*blocks/mlp/down"):
         quantize_params(params, cfg, "int8", targets=("attn/wq",))
+
+
+@pytest.mark.gpu
+def test_decoding_through_the_fused_kernel_on_gpu():
+    cfg = get_config("llama-125m", num_layers=2, compute_dtype="bfloat16")
+    params = init_params(cfg, jax.random.key(0))
+    qparams = quantize_params(params, cfg, "int4", 128)
+    prompts = [[5, 9, 2, 44, 17, 3, 8, 11]]
+    fused = generate(None, cfg, prompts, max_new_tokens=8, prepared=quantized_decode_params(qparams, cfg, "pallas"))
+    xla = generate(None, cfg, prompts, max_new_tokens=8, prepared=quantized_decode_params(qparams, cfg, "xla"))
+    assert fused.tokens == xla.tokens
