@@ -223,6 +223,8 @@ class BlockManager:
         to apply on the device (`copy_blocks`) before writing: a block shared with another sequence is
         copied to a fresh one first. All or nothing: PoolExhausted leaves everything as it was."""
         seq = self._get(seq_id)
+        if num_tokens <= 0:
+            return []
         start, stop = len(seq.tokens), len(seq.tokens) + num_tokens
         touched = range(start // self.block_size, self.blocks_needed(stop))  # block indices written to
         shared = [i for i in touched if i < len(seq.block_table) and self.allocator.refcounts[seq.block_table[i]] > 1]

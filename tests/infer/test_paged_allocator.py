@@ -41,6 +41,7 @@ def test_copy_on_write_copies_the_shared_partial_block_once():
     started(manager, "a", list(range(6)))  # blocks [x, y], y holds 2 tokens
     manager.fork("a", "b")
     shared = manager.block_table("a")
+    assert manager.reserve("b", 0) == []  # nothing written, nothing copied
     copies = manager.reserve("b", 1)  # b writes position 6, inside the shared block y
     assert len(copies) == 1 and copies[0][0] == shared[1]
     assert manager.block_table("b") == [shared[0], copies[0][1]]

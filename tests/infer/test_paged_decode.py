@@ -105,9 +105,12 @@ class PagedRunner:
         self.rows[self.rows.index(seq_id)] = None
 
 
-@pytest.mark.parametrize("impl", ["pallas"])
-def test_paged_greedy_equals_contiguous(tiny, impl):
+@pytest.mark.parametrize("impl,sliding_window", [("pallas", None), ("xla", 5)])
+def test_paged_greedy_equals_contiguous(tiny, impl, sliding_window):
+    """impl "pallas": the paged kernel (interpret mode); "xla" with a window of 5: the gathering reference
+    and a sliding-window model (the contiguous path keeps a 5-slot ring, the paged one masks)."""
     params, cfg = tiny
+    cfg = cfg.replace(sliding_window=sliding_window)
     a = [5, 17, 3, 9, 100, 7, 8]          # 7 tokens: its last block is partly full when forked
     b = [1]                               # one token
     c = [200, 4, 4, 6, 2, 11, 12, 13]     # exactly two blocks
