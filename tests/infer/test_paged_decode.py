@@ -144,3 +144,23 @@ def test_paged_greedy_equals_contiguous(tiny, impl, sliding_window):
         runner.free(seq_id)
     runner.manager.check()
     assert runner.manager.allocator.num_free == NUM_BLOCKS
+
+
+def test_chunked_prefill_equals_one_pass(tiny):
+    """A prompt prefilled in pieces (each after the stored ones, next to a row that has nothing to do)
+    gives the full forward's logits: the paged prefill is a chunked prefill."""
+    params, cfg = tiny
+    dparams = prepare_params(params, cfg)
+    manager = BlockManager(NUM_BLOCKS, BLOCK_SIZE)
+    cache = init_paged_cache(cfg, NUM_BLOCKS, BLOCK_SIZE)
+    prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43]
+    assert manager.add_sequence("x", prompt) == 0
+    tables = manager.block_tables(["x", None], MAX_BLOCKS)
+    for start, stop in ((0, 5), (5, 6), (6, 13)):
+        tokens = np.zeros((2, CHUNK), np.int32)
+        tokens[0, : stop - start] = prompt[start:stop]
+        logits, cache = prefill_paged_jit(dparams, tokens, cache, tables, np.array([start, 0], np.int32),
+                                          np.array([stop - start, 0], np.int32), cfg)
+        manager.commit("x", prompt[start:stop])
+        want = np.asarray(forward(params, np.array([prompt[:stop]]), cfg))[0, -1, : cfg.vocab_size]
+        np.testing.assert_allclose(np.asarray(logits)[0, : cfg.vocab_size], want, atol=2e-4, rtol=2e-4)
