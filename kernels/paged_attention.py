@@ -142,7 +142,8 @@ def paged_attention(q, k_pool, v_pool, block_tables, lengths, *, sliding_window=
         splits = choose_splits(batch, kv_heads, max_blocks * block_size, block_size)
     splits = max(1, min(splits, max_blocks))
     blocks_per_split = -(-max_blocks // splits)
-    table = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, splits * blocks_per_split - max_blocks)))
+    table = jnp.maximum(block_tables.astype(jnp.int32), 0)  # a stray negative entry must not read out of bounds
+    table = jnp.pad(table, ((0, 0), (0, splits * blocks_per_split - max_blocks)))
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, max_blocks * block_size)
 
     qg = q.reshape(batch, kv_heads, group, head_dim)

@@ -170,9 +170,10 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def block_tables(self, seq_ids: Sequence, max_blocks: int, pad: int = 0) -> np.ndarray:
-        """[len(seq_ids), max_blocks] int32, unused entries `pad` (never read: the lengths mask them);
-        a seq_id of None is an empty row."""
+    def block_tables(self, seq_ids: Sequence, max_blocks: int, pad: int = -1) -> np.ndarray:
+        """[len(seq_ids), max_blocks] int32; a seq_id of None is an empty row. Unused entries are `pad`:
+        never read (the lengths mask them), and a write that lands on a -1 entry (a slot nobody reserved)
+        is dropped instead of landing in another sequence's block."""
         table = np.full((len(seq_ids), max_blocks), pad, np.int32)
         for row, seq_id in enumerate(seq_ids):
             if seq_id is None:
@@ -332,9 +333,11 @@ def paged_cache_bytes(cache: dict) -> int:
 
 
 def token_slots(block_tables: jax.Array, positions: jax.Array, valid: jax.Array, block_size: int) -> jax.Array:
-    """Flat pool slots (block * block_size + offset) of tokens at positions [batch, n]; -1 where not valid."""
-    block_index = jnp.clip(positions // block_size, 0, block_tables.shape[1] - 1)
-    block = jnp.take_along_axis(block_tables, block_index, axis=1)
+    """Flat pool slots (block * block_size + offset) of tokens at positions [batch, n]; -1 where not valid
+    or where the block table has no block for the position (past its end, or a negative entry)."""
+    block_index = positions // block_size
+    block = jnp.take_along_axis(block_tables, jnp.clip(block_index, 0, block_tables.shape[1] - 1), axis=1)
+    valid = valid & (block_index < block_tables.shape[1]) & (block >= 0)
     return jnp.where(valid, block * block_size + positions % block_size, -1)
 
 

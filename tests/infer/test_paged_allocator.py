@@ -204,11 +204,14 @@ def test_device_functions_write_copy_and_gather():
     cfg = get_config("llama-tiny")
     cache = init_paged_cache(cfg, num_blocks=5, block_size=3, dtype="float32")
     assert cache["layers"][0]["k"].shape == (5, 3, cfg.num_kv_heads, cfg.head_dim)
-    tables = jnp.array([[4, 1, 0], [2, 0, 0]], jnp.int32)
+    tables = jnp.array([[4, 1, -1], [2, -1, -1]], jnp.int32)
     positions = jnp.array([[0, 1, 2, 3], [0, 1, 2, 3]], jnp.int32)
     valid = jnp.array([[True, True, True, True], [True, True, False, False]])
     slots = token_slots(tables, positions, valid, 3)
     assert slots.tolist() == [[12, 13, 14, 3], [6, 7, -1, -1]]
+    # No block for the position (a -1 entry, or past the table): the write is dropped, not misplaced.
+    assert token_slots(tables, jnp.array([[3, 9]]), jnp.array([[True, True]]), 3)[:1].tolist() == [[3, -1]]
+    assert token_slots(tables[1:], jnp.array([[3]]), jnp.array([[True]]), 3).tolist() == [[-1]]
     kv_shape = (8, cfg.num_kv_heads, cfg.head_dim)
     k = jnp.arange(np.prod(kv_shape), dtype=jnp.float32).reshape(kv_shape) + 1
     cache = write_kv(cache, 1, k, -k, slots.reshape(-1))

@@ -23,7 +23,7 @@ def case(batch, heads, kv_heads, head_dim, block_size, max_blocks, *, seed=0, dt
         lengths = rng.integers(1, max_blocks * block_size + 1, batch)
     lengths = np.asarray(lengths)
     for row, n in enumerate(lengths):  # entries past the row's blocks are junk the kernel must not read
-        tables[row, -(-n // block_size):] = rng.integers(0, num_blocks)
+        tables[row, -(-n // block_size):] = rng.integers(0, num_blocks) if row % 2 else -1
     return q, k_pool, v_pool, jnp.asarray(tables, jnp.int32), jnp.asarray(lengths, jnp.int32)
 
 
