@@ -10,7 +10,9 @@ bf16 weight bytes, which is the whole cost of a batch-1 matmul.
 4-bit codes hold input rows 2i (low nibble) and 2i+1 (high nibble) in one byte. Rather than interleaving
 the two nibble planes back into a [block_k, block_n] tile, the input is split into its even and odd
 columns once (outside, [M, K / 2] each, cheap for decode and prefill shapes alike), and a step adds
-x_even @ low + x_odd @ high: two dots, no shuffles.
+x_even @ low + x_odd @ high: two dots, no shuffles. int3 the same way with eight planes: eight codes
+live in a 24-bit word spread over three byte planes (llmjax.quant.formats.pack_3bit); the input is split
+by column mod 8 ([8, M, K / 8]) and a step adds eight dots (block_k / 8 rows each).
 
 Shapes: one program per [block_m, block_n] output tile; M is padded to block_m (16 for decode-shaped
 inputs: Triton's smallest dot), N is masked, K is walked in steps of block_k inside one scale group
@@ -72,6 +74,8 @@ def _dequantize_tile(codes, scale, zero, fmt: str, dtype):
 
 
 def _kernel(*refs, fmt: str, packed: bool, n: int, k: int, group_size: int, tiles: MatmulTiles):
+    if fmt == "int3":
+        return _kernel_3bit(*refs, n=n, k=k, group_size=group_size, tiles=tiles)
     if packed:
         x_even_ref, x_odd_ref, codes_ref, scale_ref, zero_ref, out_ref = refs
     else:
@@ -103,6 +107,35 @@ def _kernel(*refs, fmt: str, packed: bool, n: int, k: int, group_size: int, tile
     plgpu.store(out_ref.at[pl.ds(first_row, bm), pl.ds(first_col, bn)], acc.astype(out_ref.dtype), mask=tile_mask)
 
 
+def _kernel_3bit(x8_ref, codes_ref, scale_ref, zero_ref, out_ref, *, n: int, k: int, group_size: int,
+                 tiles: MatmulTiles):
+    """int3: codes_ref holds three byte planes of k / 8 rows each; x8_ref [8, rows, k / 8] (column mod 8)."""
+    bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
+    first_row, first_col = pl.program_id(0) * bm, pl.program_id(1) * bn
+    col_mask = None if n % bn == 0 else first_col + jnp.arange(bn) < n
+    tile_mask = combine_masks(None, col_mask)
+    fill = None if col_mask is None else 0
+    words, plane_rows = bk // 8, k // 8
+
+    def step(index, acc):
+        group = (index * bk) // group_size
+        scale = plgpu.load(scale_ref.at[group, pl.ds(first_col, bn)], mask=col_mask, other=fill)
+        zero = plgpu.load(zero_ref.at[group, pl.ds(first_col, bn)], mask=col_mask, other=fill)
+        word = jnp.zeros((words, bn), jnp.uint32)
+        for plane in range(3):
+            byte = plgpu.load(codes_ref.at[pl.ds(plane * plane_rows + index * words, words), pl.ds(first_col, bn)],
+                              mask=tile_mask, other=fill)
+            word = word | (byte.astype(jnp.uint32) << (8 * plane))
+        for i in range(8):
+            x = x8_ref[i, pl.ds(first_row, bm), pl.ds(index * words, words)]
+            w = _dequantize_tile((word >> (3 * i)) & 7, scale, zero, "int3", x.dtype)
+            acc = acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
+        return acc
+
+    acc = lax.fori_loop(0, k // bk, step, jnp.zeros((bm, bn), jnp.float32))
+    plgpu.store(out_ref.at[pl.ds(first_row, bm), pl.ds(first_col, bn)], acc.astype(out_ref.dtype), mask=tile_mask)
+
+
 @functools.partial(jax.jit, static_argnames=("tiles",))
 def _call(x2d, qm: QuantizedMatrix, tiles: MatmulTiles):
     m, k = x2d.shape
@@ -112,7 +145,10 @@ def _call(x2d, qm: QuantizedMatrix, tiles: MatmulTiles):
     scale, zero = group_scales_and_zeros(qm)  # [groups, n] float32 (nf4: decoded absmax, no zero point)
     zero = jnp.zeros_like(scale) if zero is None else zero
     packed = qm.bits == 4
-    inputs = (x2d[:, 0::2], x2d[:, 1::2]) if packed else (x2d,)
+    if qm.bits == 3:
+        inputs = (x2d.reshape(rows, k // 8, 8).transpose(2, 0, 1),)  # [8, rows, k / 8]: column mod 8
+    else:
+        inputs = (x2d[:, 0::2], x2d[:, 1::2]) if packed else (x2d,)
     kernel = functools.partial(_kernel, fmt=qm.format, packed=packed, n=n, k=k, group_size=qm.group_size, tiles=tiles)
     out = pl.pallas_call(
         kernel,
@@ -136,6 +172,7 @@ def quantized_matmul_pallas(x: jax.Array, qm: QuantizedMatrix, *, tiles: MatmulT
         raise ValueError(f"x has {x.shape[-1]} features, the quantized matrix expects {k}")
     x2d = x.reshape(-1, k)
     tiles = tiles or default_tiles(x2d.shape[0], k, qm.out_features, qm.group_size, interpret)
-    if qm.group_size % tiles.block_k or (qm.bits == 4 and tiles.block_k % 2):
-        raise ValueError(f"block_k={tiles.block_k} must divide the group size {qm.group_size} (and be even for 4-bit)")
+    if qm.group_size % tiles.block_k or tiles.block_k % {4: 2, 3: 8}.get(qm.bits, 1):
+        raise ValueError(f"block_k={tiles.block_k} must divide the group size {qm.group_size} (and be even for 4-bit, "
+                         f"a multiple of 8 for int3)")
     return _call(x2d, qm, tiles).reshape(*x.shape[:-1], qm.out_features)

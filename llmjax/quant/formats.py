@@ -7,13 +7,15 @@ rows (group_size=None: one group spanning the whole input, i.e. per-channel):
 
     int8   symmetric:  w ~ (code - 128) * scale          scale = absmax / 127, codes uint8
     int4   asymmetric: w ~ (code - zero) * scale         scale = (max - min) / 15, zero a uint8 per group
-    int3   asymmetric, like int4 with 8 levels (stored one code per byte: 3-bit packing is not done)
+    int3   asymmetric, like int4 with 8 levels, eight codes packed into three bytes
     nf4    QLoRA's NormalFloat4: w ~ NF4[code] * absmax, codes packed two per byte; the absmax
            scales themselves quantized to int8 in blocks of up to 256 after subtracting their mean
            ("double quantization": 8 + 32 / 256 bits per group instead of 32)
 
 4-bit codes are packed along the input axis: byte [i, j] holds row 2i in its low nibble and row 2i+1
-in its high nibble. `QuantizedMatrix` is a pytree (arrays are children, the format is static), so it
+in its high nibble. 3-bit codes: rows 8r .. 8r+7 of a column form a 24-bit word (row 8r + i in bits
+3i .. 3i+2) stored as three byte planes, codes [3 * in / 8, out]: plane p (rows p * in / 8 + r) holds
+byte p of word r. `QuantizedMatrix` is a pytree (arrays are children, the format is static), so it
 passes through jit / scan / orbax like any parameter, and `x @ qm` dequantizes on the fly.
 """
 
@@ -50,7 +52,7 @@ class QuantizationError(ValueError):
 class QuantizedMatrix:
     """A quantized weight: codes and scales as arrays, the format as static metadata.
 
-    codes   uint8 [*lead, in, out], or [*lead, in / 2, out] for 4-bit formats (packed)
+    codes   uint8 [*lead, in, out]; packed [*lead, in / 2, out] for 4-bit formats, [*lead, 3 * in / 8, out] for int3
     scales  float16 [*lead, groups, out] (int formats; None for nf4, whose scales are double-quantized)
     zeros   uint8 [*lead, groups, out] zero points (asymmetric int formats), else None
     scale_codes / scale_blocks / scale_mean: nf4's double-quantized absmax scales:
@@ -131,6 +133,9 @@ def resolve_group_size(fmt: str, in_features: int, group_size: int | None) -> in
         )
     if BITS[fmt] == 4 and group_size % 2:
         raise QuantizationError(f"{fmt} packs two input rows per byte: group size {group_size} must be even")
+    if BITS[fmt] == 3 and group_size % 8:
+        raise QuantizationError(f"int3 packs eight input rows into three bytes: group size {group_size} must be a "
+                                f"multiple of 8")
     return int(group_size)
 
 
@@ -150,6 +155,29 @@ def unpack_4bit(packed: jax.Array) -> jax.Array:
     """Inverse of pack_4bit: [..., in / 2, out] -> uint8 [..., in, out]."""
     low, high = packed & 0xF, packed >> 4
     return jnp.stack([low, high], axis=-2).reshape(*packed.shape[:-2], packed.shape[-2] * 2, packed.shape[-1])
+
+
+def pack_3bit(codes: jax.Array) -> jax.Array:
+    """uint8 codes < 8 [..., in, out] (in a multiple of 8) -> three byte planes [..., 3 * in / 8, out]."""
+    rows = codes.shape[-2]
+    eight = codes.astype(jnp.uint32).reshape(*codes.shape[:-2], rows // 8, 8, codes.shape[-1])
+    word = sum(eight[..., i, :] << (3 * i) for i in range(8))  # [..., in / 8, out] 24-bit words
+    planes = [((word >> (8 * p)) & 0xFF).astype(jnp.uint8) for p in range(3)]
+    return jnp.concatenate(planes, axis=-2)
+
+
+def unpack_3bit(packed: jax.Array) -> jax.Array:
+    """Inverse of pack_3bit: [..., 3 * in / 8, out] -> uint8 [..., in, out]."""
+    words_per_plane = packed.shape[-2] // 3
+    planes = [packed[..., p * words_per_plane:(p + 1) * words_per_plane, :].astype(jnp.uint32) for p in range(3)]
+    word = planes[0] | (planes[1] << 8) | (planes[2] << 16)
+    codes = jnp.stack([(word >> (3 * i)) & 7 for i in range(8)], axis=-2)  # [..., in / 8, 8, out]
+    return codes.reshape(*packed.shape[:-2], words_per_plane * 8, packed.shape[-1]).astype(jnp.uint8)
+
+
+def pack_codes(codes: jax.Array, bits: int) -> jax.Array:
+    """Codes one per input row -> the stored layout of `bits`-bit codes."""
+    return pack_4bit(codes) if bits == 4 else pack_3bit(codes) if bits == 3 else codes.astype(jnp.uint8)
 
 
 def _grouped(w: jax.Array, group_size: int) -> jax.Array:
@@ -200,9 +228,7 @@ def quantize(w: jax.Array, fmt: str, group_size: int | None = None, *, in_dims: 
     symmetric = (bits == 8) if symmetric is None else symmetric
     scale, zero = int_quant_params(grouped, bits, symmetric)
     scale = scale.astype(jnp.float16).astype(jnp.float32)  # quantize against the scale that is stored
-    codes = quantize_with(grouped, scale, zero, bits).astype(jnp.uint8).reshape(matrix.shape)
-    if bits == 4:
-        codes = pack_4bit(codes)
+    codes = pack_codes(quantize_with(grouped, scale, zero, bits).astype(jnp.uint8).reshape(matrix.shape), bits)
     return QuantizedMatrix(codes, scales=scale[..., 0, :].astype(jnp.float16),
                            zeros=None if symmetric else zero[..., 0, :].astype(jnp.uint8), **meta)
 
@@ -232,7 +258,7 @@ def nf4_absmax(qm: QuantizedMatrix) -> jax.Array:
 
 def unpacked_codes(qm: QuantizedMatrix) -> jax.Array:
     """Codes one per input row: uint8 [*lead, in, out]."""
-    return unpack_4bit(qm.codes) if qm.bits == 4 else qm.codes
+    return unpack_4bit(qm.codes) if qm.bits == 4 else unpack_3bit(qm.codes) if qm.bits == 3 else qm.codes
 
 
 def group_scales_and_zeros(qm: QuantizedMatrix) -> tuple[jax.Array, jax.Array | None]:

@@ -25,7 +25,7 @@ import numpy as np
 from llmjax.config import ModelConfig
 from llmjax.model.attention import attention_layer
 from llmjax.model.layers import mlp, norm
-from llmjax.quant.formats import BITS, QuantizationError, QuantizedMatrix, pack_4bit, resolve_group_size
+from llmjax.quant.formats import BITS, QuantizationError, QuantizedMatrix, pack_codes, resolve_group_size
 from llmjax.quant.model import DEFAULT_TARGETS, _get, _set, match_targets
 
 GPTQ_FORMATS = ("int8", "int4", "int3")
@@ -104,7 +104,7 @@ def gptq_matrix(weight: np.ndarray, h: np.ndarray, fmt: str = "int4", group_size
             errors[:, i] = error
         w[:, stop:] -= errors @ hinv[start:stop, stop:]
     codes = codes[:, np.argsort(perm)].T.astype(np.uint8)  # [in, out] in the original order
-    codes = pack_4bit(jnp.asarray(codes)) if bits == 4 else jnp.asarray(codes)
+    codes = pack_codes(jnp.asarray(codes), bits)
     return QuantizedMatrix(jnp.asarray(codes), scales=jnp.asarray(scales, jnp.float16),
                            zeros=None if symmetric else jnp.asarray(zeros, jnp.uint8), format=fmt,
                            group_size=group, shape=shape or tuple(weight.shape), in_dims=in_dims)

@@ -10,9 +10,11 @@ from llmjax.quant.formats import (
     QuantizationError,
     concatenate_outputs,
     dequantize,
+    pack_3bit,
     pack_4bit,
     quantize,
     quantized_matmul,
+    unpack_3bit,
     unpack_4bit,
 )
 
@@ -27,6 +29,15 @@ def test_pack_unpack_round_trip():
     assert packed.shape == (3, 5, 7) and packed.dtype == jnp.uint8
     np.testing.assert_array_equal(unpack_4bit(packed), codes)
     assert int(packed[0, 0, 0]) == int(codes[0, 0, 0]) | (int(codes[0, 1, 0]) << 4)  # low nibble first
+
+
+def test_pack_unpack_3bit_round_trip():
+    codes = jax.random.randint(jax.random.key(0), (2, 24, 5), 0, 8).astype(jnp.uint8)
+    packed = pack_3bit(codes)
+    assert packed.shape == (2, 9, 5)  # eight 3-bit codes in three bytes
+    np.testing.assert_array_equal(unpack_3bit(packed), codes)
+    word = int(packed[0, 0, 0]) | int(packed[0, 3, 0]) << 8 | int(packed[0, 6, 0]) << 16  # byte planes of word 0
+    assert [(word >> (3 * i)) & 7 for i in range(8)] == [int(c) for c in codes[0, :8, 0]]
 
 
 def test_nf4_codebook_is_normal_quantiles():
@@ -67,6 +78,8 @@ def test_sizes_and_packing():
     nf4 = quantize(w, "nf4")  # group 64, scales double-quantized to int8
     assert nf4.scales is None and nf4.scale_codes.dtype == jnp.int8
     assert nf4.nbytes < 256 * 64 // 2 + 4 * 64 * 1 + 4 * 64  # below 4 + 8 / 64 + 32 / 64 bits per weight
+    q3 = quantize(w, "int3", 128)
+    assert q3.codes.shape == (96, 64) and q3.nbytes == 256 * 64 * 3 // 8 + 2 * 64 * (2 + 1)
 
 
 def test_double_quantization_is_accurate():
@@ -103,5 +116,7 @@ def test_bad_group_size_and_format():
         quantize(weights((96, 8)), "int4", 128)
     with pytest.raises(QuantizationError, match="unknown quantization format"):
         quantize(weights((96, 8)), "int5")
+    with pytest.raises(QuantizationError, match="multiple of 8"):
+        quantize(weights((96, 8)), "int3", 12)
     with pytest.raises(QuantizationError, match="must be even"):
         quantize(weights((93, 8)), "int4", 31)
