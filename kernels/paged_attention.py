@@ -9,8 +9,8 @@ them). A row of length 0 (an empty batch slot) gets zeros. Query head h reads kv
 
 `paged_attention_reference` gathers each row's blocks into a contiguous [batch, max_blocks * block_size]
 cache and runs the contiguous reference (kernels.decode_attention). `paged_attention` is a Pallas kernel:
-the grid is (batch, kv_heads, splits); each program walks its share of the row's block table, loads one
-block of K/V at a time straight from the pool (no gathered copy), and keeps an online softmax for the whole
+the grid is (batch, kv_heads, splits); each program walks its share of the row's block table, gathers a
+few blocks of K/V per step straight from the pool (no gathered copy in memory), and keeps an online softmax for the whole
 group of query heads that share the kv head (GQA reads K/V once per group, never repeats them). Blocks
 past the row's length (ragged lengths) and before its sliding window are never read. A small jnp epilogue
 merges the splits by their log-sum-exp, as in the contiguous split-K kernel.
@@ -82,27 +82,30 @@ def _dot(a, b, contract):
 
 
 def _kernel(table_ref, len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block_size: int,
-            blocks_per_split: int, sliding_window, logit_softcap, scale: float):
+            blocks_per_split: int, blocks_per_step: int, sliding_window, logit_softcap, scale: float):
     split = pl.program_id(2)
     q = q_ref[...]  # [group_p, head_dim] in the compute dtype
     length = len_ref[()]
     q_pos = length - 1
     first = split * blocks_per_split  # this split's first entry of the row's block table
-    end = jnp.minimum(first + blocks_per_split, (length + block_size - 1) // block_size)
-    start = first
-    if sliding_window is not None:  # blocks wholly before the window are never read
-        start = jnp.maximum(first, jnp.maximum(q_pos - sliding_window + 1, 0) // block_size)
+    used = jnp.clip((length + block_size - 1) // block_size - first, 0, blocks_per_split)  # its blocks in use
+    start = 0
+    if sliding_window is not None:  # steps wholly before the window are never read
+        window_block = jnp.maximum(q_pos - sliding_window + 1, 0) // block_size
+        start = jnp.clip(window_block - first, 0, blocks_per_split) // blocks_per_step
+    stop = (used + blocks_per_step - 1) // blocks_per_step
+    step_tokens = blocks_per_step * block_size
 
-    def body(index, carry):
+    def body(step, carry):
         out, row_max, row_sum = carry
-        block = table_ref[index - first]  # the pool block holding tokens index * block_size ...
-        k = k_ref[block]  # [block_size, head_dim]
-        v = v_ref[block]
-        token = index * block_size + jax.lax.broadcasted_iota(jnp.int32, (block_size,), 0)
+        blocks = table_ref[pl.ds(step * blocks_per_step, blocks_per_step)]  # pool blocks of this step
+        k = k_ref[blocks].reshape(step_tokens, -1)  # [blocks_per_step * block_size, head_dim]
+        v = v_ref[blocks].reshape(step_tokens, -1)
+        token = (first + step * blocks_per_step) * block_size + jax.lax.broadcasted_iota(jnp.int32, (step_tokens,), 0)
         visible = token < length
         if sliding_window is not None:
             visible &= q_pos - token < sliding_window
-        scores = _dot(q, k, ((1,), (1,))) * scale  # [group_p, block_size] float32
+        scores = _dot(q, k, ((1,), (1,))) * scale  # [group_p, step_tokens] float32
         if logit_softcap is not None:
             scores = logit_softcap * jnp.tanh(scores / logit_softcap)
         scores = jnp.where(visible[None, :], scores, NEG_INF)
@@ -115,41 +118,48 @@ def _kernel(table_ref, len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, blo
     group_p, head_dim = q_ref.shape
     init = (jnp.zeros((group_p, head_dim), jnp.float32), jnp.full((group_p,), NEG_INF, jnp.float32),
             jnp.zeros((group_p,), jnp.float32))
-    out, row_max, row_sum = jax.lax.fori_loop(start, jnp.maximum(start, end), body, init)
+    out, row_max, row_sum = jax.lax.fori_loop(start, jnp.maximum(start, stop), body, init)
     o_ref[...] = out
     m_ref[...] = row_max
     l_ref[...] = row_sum
 
 
-@functools.partial(jax.jit, static_argnames=("sliding_window", "logit_softcap", "splits", "interpret"))
+@functools.partial(jax.jit, static_argnames=("sliding_window", "logit_softcap", "splits", "blocks_per_step",
+                                             "interpret"))
 def paged_attention(q, k_pool, v_pool, block_tables, lengths, *, sliding_window=None, logit_softcap=None,
-                    splits: int | None = None, interpret: bool = False):
+                    splits: int | None = None, blocks_per_step: int | None = None, interpret: bool = False):
     """The Pallas paged-attention decode kernel; same contract as `paged_attention_reference`.
 
-    On a GPU (interpret=False) the block size and head_dim must be powers of two >= 16 (the tile shapes
-    of the block matmuls): the pool is read in place, never padded."""
+    blocks_per_step: blocks gathered per loop iteration (default: 64 tokens' worth), so that small blocks
+    still make matmuls of a useful size. On a GPU (interpret=False) head_dim and blocks_per_step *
+    block_size must be powers of two >= 16 (the tile shapes of the matmuls): the pool is read in place,
+    never padded."""
     batch, heads, head_dim = q.shape
     num_blocks, block_size, kv_heads = k_pool.shape[:3]
     max_blocks = block_tables.shape[1]
     group = heads // kv_heads
+    if blocks_per_step is None:
+        blocks_per_step = max(1, 64 // block_size)
+    if splits is None:
+        splits = choose_splits(batch, kv_heads, max_blocks * block_size, blocks_per_step * block_size)
+    splits = max(1, min(splits, max_blocks))
+    blocks_per_step = max(1, min(blocks_per_step, -(-max_blocks // splits)))
+    blocks_per_split = -(-max_blocks // (splits * blocks_per_step)) * blocks_per_step  # whole steps
     if not interpret:
-        for name, size in (("block_size", block_size), ("head_dim", head_dim)):
+        for name, size in (("blocks_per_step * block_size", blocks_per_step * block_size), ("head_dim", head_dim)):
             if size < 16 or size & (size - 1):
                 raise ValueError(f"paged_attention on a GPU needs {name} a power of two >= 16, got {size}; "
                                  f"choose another block size, or use paged_attention_reference")
     group_p = _pow2_at_least(group, 16)  # tl.dot wants >= 16 rows: pad the group with zero queries
-    if splits is None:
-        splits = choose_splits(batch, kv_heads, max_blocks * block_size, block_size)
-    splits = max(1, min(splits, max_blocks))
-    blocks_per_split = -(-max_blocks // splits)
-    table = jnp.maximum(block_tables.astype(jnp.int32), 0)  # a stray negative entry must not read out of bounds
+    # Entries past a row's blocks are junk: clamped into the pool, read only under a mask (or never).
+    table = jnp.clip(block_tables.astype(jnp.int32), 0, num_blocks - 1)
     table = jnp.pad(table, ((0, 0), (0, splits * blocks_per_split - max_blocks)))
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, max_blocks * block_size)
 
     qg = q.reshape(batch, kv_heads, group, head_dim)
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, group_p - group), (0, 0)))
     kernel = functools.partial(_kernel, block_size=block_size, blocks_per_split=blocks_per_split,
-                               sliding_window=sliding_window, logit_softcap=logit_softcap, scale=head_dim**-0.5)
+                               blocks_per_step=blocks_per_step, sliding_window=sliding_window, logit_softcap=logit_softcap, scale=head_dim**-0.5)
     table_spec = pl.BlockSpec((None, blocks_per_split), lambda b, h, s: (b, s))
     row_spec = pl.BlockSpec((None,), lambda b, h, s: (b,))
     q_spec = pl.BlockSpec((None, None, group_p, head_dim), lambda b, h, s: (b, h, 0, 0))

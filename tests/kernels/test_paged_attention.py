@@ -29,18 +29,23 @@ def case(batch, heads, kv_heads, head_dim, block_size, max_blocks, *, seed=0, dt
 
 @pytest.mark.parametrize("batch,heads,kv_heads,head_dim,block_size,max_blocks,options", [
     (3, 6, 2, 8, 5, 7, {}),                                    # GQA, awkward sizes
+    (3, 6, 2, 8, 5, 7, {"blocks_per_step": 1}),                # one block per step
     (4, 4, 4, 16, 4, 6, {"lengths": [0, 1, 24, 13]}),          # MHA, an empty row, one token, a full table
     (2, 8, 1, 12, 3, 9, {"sliding_window": 7}),                # MQA, window
+    (2, 8, 1, 12, 3, 11, {"sliding_window": 4, "blocks_per_step": 3}),  # steps of 3 blocks straddle splits' ends
     (2, 6, 3, 16, 8, 5, {"logit_softcap": 5.0, "splits": 1}),  # one split
 ])
 def test_kernel_matches_reference(batch, heads, kv_heads, head_dim, block_size, max_blocks, options):
     options = dict(options)
     lengths = options.pop("lengths", None)
     splits = options.pop("splits", 3)
+    kernel_options = {"blocks_per_step": options.pop("blocks_per_step")} if "blocks_per_step" in options else {}
     q, k_pool, v_pool, tables, lengths = case(batch, heads, kv_heads, head_dim, block_size, max_blocks,
                                               lengths=lengths)
     want = paged_attention_reference(q, k_pool, v_pool, tables, lengths, **options)
-    got = paged_attention(q, k_pool, v_pool, tables, lengths, splits=splits, interpret=True, **options)
+    got = paged_attention(q, k_pool, v_pool, tables, lengths, splits=splits, interpret=True, **options,
+                          **kernel_options)
+    assert not np.isnan(np.asarray(got)).any()
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
 
 
@@ -74,8 +79,11 @@ def test_chunk_reference_rows_equal_the_decode_reference():
 
 
 @pytest.mark.gpu
-def test_kernel_on_gpu_at_real_size():
-    q, k_pool, v_pool, tables, lengths = case(8, 32, 8, 128, 16, 128, seed=7, dtype=jnp.bfloat16)
-    want = paged_attention_reference(q, k_pool, v_pool, tables, lengths).astype(jnp.float32)
-    got = jax.jit(paged_attention)(q, k_pool, v_pool, tables, lengths)
+@pytest.mark.parametrize("block_size,options", [(16, {}), (16, {"blocks_per_step": 1}), (32, {"sliding_window": 300})])
+def test_kernel_on_gpu_at_real_size(block_size, options):
+    q, k_pool, v_pool, tables, lengths = case(8, 32, 8, 128, block_size, 2048 // block_size, seed=7,
+                                              dtype=jnp.bfloat16)
+    window = {"sliding_window": options["sliding_window"]} if "sliding_window" in options else {}
+    want = paged_attention_reference(q, k_pool, v_pool, tables, lengths, **window).astype(jnp.float32)
+    got = paged_attention(q, k_pool, v_pool, tables, lengths, **options)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), atol=2e-2, rtol=2e-2)
