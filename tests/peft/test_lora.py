@@ -51,8 +51,10 @@ def test_identity_at_init_and_merge(model):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_only_adapters_get_gradients_and_optimizer_state(model):
-    cfg, params, tokens = model
+def test_only_adapters_get_gradients_and_optimizer_state():
+    cfg = get_config("llama-tiny")
+    params = init_params(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
     lora_cfg, train_cfg = LoraConfig(rank=2, targets=(r"attn/(q|v)/kernel$",)), TrainConfig(warmup_steps=0)
     adapters = trained_like(init_adapters(params, cfg, lora_cfg, jax.random.key(2)))
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}

@@ -57,7 +57,7 @@ def test_remat_policies_give_the_same_gradients(model):
         return jnp.square(layerwise_hidden_states(p, tokens, cfg, remat=remat)).mean()
 
     reference = jax.grad(loss)(params, "none")
-    for remat in ("full", "offload"):
+    for remat in ("offload",):  # the policy this issue adds; the others are checked in tests/model
         grads = jax.jit(jax.grad(loss), static_argnums=1)(params, remat)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, reference)
     with pytest.raises(ValueError, match="remat 'sometimes'"):
