@@ -162,10 +162,10 @@ def quantized_decode_params(qparams: dict, cfg: ModelConfig, matmul: str = "xla"
     from llmjax.infer.decode_model import prepare_params
     from llmjax.quant.formats import concatenate_outputs
 
-    def layer_matrix(name: str, layer: int, in_dims: int):
+    def layer_matrix(name: str, layer: int):
         w = _get(qparams, name)
         if is_quantized(w):
-            return jax.tree.map(lambda a: a[layer], w)  # one layer's QuantizedMatrix, flattened [in, out]
+            return jax.tree.map(lambda a: a[layer], w)  # one layer's QuantizedMatrix
         return None
 
     def flat(qm: QuantizedMatrix) -> QuantizedMatrix:
@@ -173,11 +173,9 @@ def quantized_decode_params(qparams: dict, cfg: ModelConfig, matmul: str = "xla"
                                format=qm.format, group_size=qm.group_size, shape=(qm.in_features, qm.out_features),
                                matmul=matmul)
 
-    float_params = materialize(qparams, jnp.float32)
-    prepared = prepare_params(float_params, cfg)
-    linear = linear_weights(cfg)
-    for i, entry in enumerate(prepared["layers"]):
-        get = lambda part: layer_matrix(f"blocks/{part}/kernel", i, linear[f"blocks/{part}/kernel"])  # noqa: E731
+    def swap(entry: dict, i: int) -> None:
+        """Entry of layer i with its float kernels replaced by the quantized matrices."""
+        get = lambda part: layer_matrix(f"blocks/{part}/kernel", i)  # noqa: E731
         qkv = [get(f"attn/{n}") for n in "qkv"]
         if all(m is not None for m in qkv):
             entry["qkv"]["kernel"] = concatenate_outputs([flat(m) for m in qkv]).with_matmul(matmul)
@@ -191,4 +189,19 @@ def quantized_decode_params(qparams: dict, cfg: ModelConfig, matmul: str = "xla"
                 entry["gate_up"]["kernel"] = concatenate_outputs([flat(gate), flat(up)]).with_matmul(matmul)
         elif (up := get("mlp/up")) is not None:
             entry["up"]["kernel"] = flat(up)
+
+    # prepare_params one layer at a time (a one-layer config) and swap in the quantized matrices at once, so
+    # at most one layer's weights exist in float here (not the whole model).
+    one_layer = cfg.replace(num_layers=1)
+    top = {k: v for k, v in qparams.items() if k != "blocks"}
+    dummy_embed = {"token": jnp.zeros((1, cfg.d_model), jnp.float32)}  # the real embedding is prepared once
+    prepared = None
+    for i in range(cfg.num_layers):
+        layer = materialize(jax.tree.map(lambda a: a[i:i + 1], qparams["blocks"]), jnp.float32)  # [1, ...] leaves
+        if prepared is None:
+            prepared = prepare_params({**top, "blocks": layer}, one_layer)
+        else:
+            prepared["layers"].append(prepare_params({**top, "embed": dummy_embed, "blocks": layer},
+                                                     one_layer)["layers"][0])
+        swap(prepared["layers"][i], i)
     return prepared
