@@ -39,8 +39,9 @@ def parse_args(argv):
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=10, help="linear warmup steps")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on the adapters")
-    p.add_argument("--remat", choices=REMAT_CHOICES, default=None,
-                   help="gradient checkpointing policy of the blocks (default: the base config's)")
+    p.add_argument("--remat", choices=REMAT_CHOICES, default="full",
+                   help="gradient checkpointing policy of the blocks; without it every layer's merged (dequantized) "
+                        "weights are kept for the backward pass (see `python -m experiments remat_memory`)")
     p.add_argument("--log-every", type=int, default=10, help="steps between logged metrics")
     p.add_argument("--eval-every", type=int, default=50, help="steps between validation losses")
     p.add_argument("--eval-batches", type=int, default=4, help="validation batches per evaluation")
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {"base": str(args.ckpt), "data": str(args.data), "quant": args.quant, "group": args.group,
               "lora": {**config_to_dict(lora_cfg), "targets": list(lora_cfg.targets)},
               "model_config": config_to_dict(cfg), "train_config": config_to_dict(train_cfg), "seq_len": seq,
-              "batch_size": args.batch, "seed": args.seed, "remat": args.remat or cfg.remat}
+              "batch_size": args.batch, "seed": args.seed, "remat": args.remat}
     (run_dir / "config.json").write_text(json.dumps(record, indent=2))
 
     key = jax.random.key(args.seed)
