@@ -169,29 +169,43 @@ def decode_attention(q, k, v, kv_positions, q_positions, kv_lengths=None, *, sli
         scale_spec = pl.BlockSpec((None, split_len, None), lambda b, h, s: (b, s, h))
         in_specs += [scale_spec, scale_spec]
         inputs += [k_scale.astype(jnp.float32), v_scale.astype(jnp.float32)]
+    out_shape, out_specs = split_outputs(batch, kv_heads, splits, group_p, head_dim_p)
+    out, row_max, row_sum = pl.pallas_call(
+        kernel, grid=(batch, kv_heads, splits), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        compiler_params=split_compiler_params(interpret), interpret=interpret, name="decode_attention",
+    )(*inputs)
+    merged = merge_splits(out, row_max, row_sum)[:, :, :group, :head_dim]
+    return merged.reshape(batch, heads, head_dim).astype(q.dtype)
+
+
+def split_outputs(batch: int, kv_heads: int, splits: int, group_p: int, head_dim: int):
+    """(out_shape, out_specs) of a split-K decode kernel on a (batch, kv_heads, splits) grid: each program's
+    unnormalized output [group_p, head_dim] and its rows' running max and sum [group_p], float32."""
     out_shape = [
-        jax.ShapeDtypeStruct((batch, kv_heads, splits, group_p, head_dim_p), jnp.float32),
+        jax.ShapeDtypeStruct((batch, kv_heads, splits, group_p, head_dim), jnp.float32),
         jax.ShapeDtypeStruct((batch, kv_heads, splits, group_p), jnp.float32),
         jax.ShapeDtypeStruct((batch, kv_heads, splits, group_p), jnp.float32),
     ]
     out_specs = [
-        pl.BlockSpec((None, None, None, group_p, head_dim_p), lambda b, h, s: (b, h, s, 0, 0)),
+        pl.BlockSpec((None, None, None, group_p, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
         pl.BlockSpec((None, None, None, group_p), lambda b, h, s: (b, h, s, 0)),
         pl.BlockSpec((None, None, None, group_p), lambda b, h, s: (b, h, s, 0)),
     ]
-    compiler_params = None
-    if not interpret:
-        from jax.experimental.pallas import triton as plgpu
+    return out_shape, out_specs
 
-        compiler_params = plgpu.CompilerParams(num_warps=4, num_stages=2)
-    out, row_max, row_sum = pl.pallas_call(
-        kernel, grid=(batch, kv_heads, splits), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        compiler_params=compiler_params, interpret=interpret, name="decode_attention",
-    )(*inputs)
-    # Merge the splits: out = sum_s exp(m_s - m) o_s / sum_s exp(m_s - m) l_s.
+
+def split_compiler_params(interpret: bool):
+    if interpret:
+        return None
+    from jax.experimental.pallas import triton as plgpu
+
+    return plgpu.CompilerParams(num_warps=4, num_stages=2)
+
+
+def merge_splits(out, row_max, row_sum):
+    """[batch, kv_heads, group_p, head_dim]: out = sum_s exp(m_s - m) o_s / sum_s exp(m_s - m) l_s
+    (empty splits weigh nothing)."""
     overall = row_max.max(axis=2, keepdims=True)
     weight = jnp.exp(row_max - overall)  # [batch, kv_heads, splits, group_p]
     total = (row_sum * weight).sum(axis=2)
-    merged = (out * weight[..., None]).sum(axis=2) / jnp.maximum(total, 1e-30)[..., None]
-    merged = merged[:, :, :group, :head_dim].reshape(batch, heads, head_dim)
-    return merged.astype(q.dtype)
+    return (out * weight[..., None]).sum(axis=2) / jnp.maximum(total, 1e-30)[..., None]

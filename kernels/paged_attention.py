@@ -27,7 +27,15 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels.decode_attention import NEG_INF, _pow2_at_least, choose_splits, decode_attention_reference
+from kernels.decode_attention import (
+    NEG_INF,
+    _pow2_at_least,
+    choose_splits,
+    decode_attention_reference,
+    merge_splits,
+    split_compiler_params,
+    split_outputs,
+)
 
 
 def gather_blocks(pool: jax.Array, block_tables: jax.Array) -> jax.Array:
@@ -164,30 +172,11 @@ def paged_attention(q, k_pool, v_pool, block_tables, lengths, *, sliding_window=
     row_spec = pl.BlockSpec((None,), lambda b, h, s: (b,))
     q_spec = pl.BlockSpec((None, None, group_p, head_dim), lambda b, h, s: (b, h, 0, 0))
     pool_spec = pl.BlockSpec((num_blocks, block_size, None, head_dim), lambda b, h, s: (0, 0, h, 0))
-    out_shape = [
-        jax.ShapeDtypeStruct((batch, kv_heads, splits, group_p, head_dim), jnp.float32),
-        jax.ShapeDtypeStruct((batch, kv_heads, splits, group_p), jnp.float32),
-        jax.ShapeDtypeStruct((batch, kv_heads, splits, group_p), jnp.float32),
-    ]
-    out_specs = [
-        pl.BlockSpec((None, None, None, group_p, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
-        pl.BlockSpec((None, None, None, group_p), lambda b, h, s: (b, h, s, 0)),
-        pl.BlockSpec((None, None, None, group_p), lambda b, h, s: (b, h, s, 0)),
-    ]
-    compiler_params = None
-    if not interpret:
-        from jax.experimental.pallas import triton as plgpu
-
-        compiler_params = plgpu.CompilerParams(num_warps=4, num_stages=2)
+    out_shape, out_specs = split_outputs(batch, kv_heads, splits, group_p, head_dim)
     out, row_max, row_sum = pl.pallas_call(
         kernel, grid=(batch, kv_heads, splits),
         in_specs=[table_spec, row_spec, q_spec, pool_spec, pool_spec], out_specs=out_specs, out_shape=out_shape,
-        compiler_params=compiler_params, interpret=interpret, name="paged_attention",
+        compiler_params=split_compiler_params(interpret), interpret=interpret, name="paged_attention",
     )(table, lengths, qg, k_pool, v_pool)
-    # Merge the splits: out = sum_s exp(m_s - m) o_s / sum_s exp(m_s - m) l_s (empty splits weigh nothing).
-    overall = row_max.max(axis=2, keepdims=True)
-    weight = jnp.exp(row_max - overall)  # [batch, kv_heads, splits, group_p]
-    total = (row_sum * weight).sum(axis=2)
-    merged = (out * weight[..., None]).sum(axis=2) / jnp.maximum(total, 1e-30)[..., None]
-    merged = merged[:, :, :group, :].reshape(batch, heads, head_dim)
-    return merged.astype(q.dtype)
+    merged = merge_splits(out, row_max, row_sum)[:, :, :group, :]
+    return merged.reshape(batch, heads, head_dim).astype(q.dtype)
