@@ -48,6 +48,25 @@ LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 HEAD_DIMS = (64, 128)
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def unsupported_operands(q, k, v, q_segment_ids, kv_segment_ids, what: str) -> str | None:
+    """The checks the Hopper forward and backward share: layouts, dtypes, head dims, GQA, no segment ids."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        return "q, k, v must be [batch, seq, heads, head_dim]"
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    if k.shape != (batch, kv_len, kv_heads, head_dim) or v.shape != k.shape:
+        return f"k {k.shape} and v {v.shape} must both be [batch, kv_len, kv_heads, {head_dim}]"
+    if not (jnp.dtype(q.dtype) == jnp.dtype(k.dtype) == jnp.dtype(v.dtype)) or jnp.dtype(q.dtype) not in DTYPES:
+        return f"dtype {q.dtype}/{k.dtype}/{v.dtype} not supported (bfloat16 or float16, all the same)"
+    if head_dim not in HEAD_DIMS:
+        return f"head_dim {head_dim} not supported by the Hopper {what} (only {HEAD_DIMS})"
+    if heads % kv_heads:
+        return f"heads {heads} is not a multiple of kv_heads {kv_heads}"
+    if q_segment_ids is not None or kv_segment_ids is not None:
+        return f"segment ids not supported by the Hopper {what}"
+    return None
 NUM_CONSUMERS = 2  # compute warpgroups per CTA; the producer is warpgroup NUM_CONSUMERS
 
 
@@ -118,20 +137,10 @@ def supported(q, k, v, *, causal=True, sliding_window=None, q_segment_ids=None, 
     """None when this kernel handles these arguments (on this device), else a short reason."""
     if check_device and not _on_hopper():
         return "the Mosaic GPU kernel needs a Hopper GPU (compute capability 9.0)"
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        return "q, k, v must be [batch, seq, heads, head_dim]"
-    batch, q_len, heads, head_dim = q.shape
-    kv_len, kv_heads = k.shape[1], k.shape[2]
-    if k.shape != (batch, kv_len, kv_heads, head_dim) or v.shape != k.shape:
-        return f"k {k.shape} and v {v.shape} must both be [batch, kv_len, kv_heads, {head_dim}]"
-    if not (jnp.dtype(q.dtype) == jnp.dtype(k.dtype) == jnp.dtype(v.dtype)) or jnp.dtype(q.dtype) not in DTYPES:
-        return f"dtype {q.dtype}/{k.dtype}/{v.dtype} not supported (bfloat16 or float16, all the same)"
-    if head_dim not in HEAD_DIMS:
-        return f"head_dim {head_dim} not supported by the Hopper kernel (only {HEAD_DIMS})"
-    if heads % kv_heads:
-        return f"heads {heads} is not a multiple of kv_heads {kv_heads}"
-    if q_segment_ids is not None or kv_segment_ids is not None:
-        return "segment ids not supported by the Hopper kernel"
+    reason = unsupported_operands(q, k, v, q_segment_ids, kv_segment_ids, "kernel")
+    if reason is not None:
+        return reason
+    q_len, head_dim, kv_len = q.shape[1], q.shape[3], k.shape[1]
     config = config or default_config(head_dim, causal=causal, sliding_window=sliding_window, kv_len=kv_len)
     if q_len % config.rows_per_cta:
         return f"q_len {q_len} is not a multiple of {config.rows_per_cta}"

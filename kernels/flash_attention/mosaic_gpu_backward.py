@@ -47,9 +47,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels.flash_attention.mosaic_gpu import unsupported_operands
+
 LOG2E = math.log2(math.e)
-HEAD_DIMS = (64, 128)
-DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 NUM_CONSUMERS = 2  # compute warpgroups per CTA; the producer is warpgroup NUM_CONSUMERS
 BLOCK_Q = 64  # query rows per step: the N of S^T = K Q^T and the K of dV = P^T dO
 BLOCK_KV = 64  # key rows per consumer (one wgmma M tile); a CTA owns NUM_CONSUMERS * BLOCK_KV keys
@@ -96,20 +96,10 @@ def shared_memory_bytes(head_dim: int, itemsize: int, config: BackwardConfig) ->
 def backward_supported(q, k, v, *, causal=True, sliding_window=None, q_segment_ids=None, kv_segment_ids=None,
                        logit_softcap=None, config: BackwardConfig | None = None) -> str | None:
     """None when the backward kernel handles these arguments (the device is not checked), else a reason."""
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        return "q, k, v must be [batch, seq, heads, head_dim]"
-    batch, q_len, heads, head_dim = q.shape
-    kv_len, kv_heads = k.shape[1], k.shape[2]
-    if k.shape != (batch, kv_len, kv_heads, head_dim) or v.shape != k.shape:
-        return f"k {k.shape} and v {v.shape} must both be [batch, kv_len, kv_heads, {head_dim}]"
-    if not (jnp.dtype(q.dtype) == jnp.dtype(k.dtype) == jnp.dtype(v.dtype)) or jnp.dtype(q.dtype) not in DTYPES:
-        return f"dtype {q.dtype}/{k.dtype}/{v.dtype} not supported (bfloat16 or float16, all the same)"
-    if head_dim not in HEAD_DIMS:
-        return f"head_dim {head_dim} not supported by the Hopper backward (only {HEAD_DIMS})"
-    if heads % kv_heads:
-        return f"heads {heads} is not a multiple of kv_heads {kv_heads}"
-    if q_segment_ids is not None or kv_segment_ids is not None:
-        return "segment ids not supported by the Hopper backward"
+    reason = unsupported_operands(q, k, v, q_segment_ids, kv_segment_ids, "backward")
+    if reason is not None:
+        return reason
+    q_len, head_dim, kv_len = q.shape[1], q.shape[3], k.shape[1]
     config = config or default_backward_config(head_dim)
     if config.dq_split == "columns" and head_dim != 128:
         return f"dq_split='columns' needs head_dim 128, got {head_dim}"
