@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # (device diagnostic) Training-step variants side by side, one process each, results under $OUT.
 #   bash experiments/_speed_sweep.sh NAME "XLA_FLAGS" bench_train-args... ; repeat per variant
-# Each variant writes $OUT/NAME.log and $OUT/NAME.json; a variant with --profile gets a kernel breakdown.
+# Everything goes to $OUT/sweep.log (the device returns 8 files at most); --profile adds a kernel breakdown.
 set -u
 name=$1; flags=$2; shift 2
-XLA_FLAGS="$flags" timeout 300 python3 -m experiments bench_train --out /tmp/bench_$name "$@" >"$OUT/$name.log" 2>&1
-echo "== $name (rc $?) XLA_FLAGS='$flags' $*"; grep -E "llmjax|peer|ours /|loss of|Error|error" "$OUT/$name.log" | head -8
-cp /tmp/bench_$name/results.json "$OUT/$name.json" 2>/dev/null
+XLA_FLAGS="$flags" timeout 300 python3 -m experiments bench_train --out /tmp/bench_$name "$@" >/tmp/$name.log 2>&1
+rc=$?
+{ echo "== $name (rc $rc) XLA_FLAGS='$flags' $*"; grep -E "llmjax|peer|ours /|loss of|Error|error" /tmp/$name.log | head -8
+  [ $rc = 0 ] || tail -20 /tmp/$name.log; } | tee -a "$OUT/sweep.log"
 for arg in "$@"; do
-  if [ "${prev:-}" = "--profile" ]; then python3 experiments/_trace_top.py "$arg" 3 30 | tee "$OUT/$name.top"; fi
+  if [ "${prev:-}" = "--profile" ]; then python3 experiments/_trace_top.py "$arg" 3 30 | tee -a "$OUT/sweep.log"; fi
   prev=$arg
 done
