@@ -1,0 +1,633 @@
+"""A serving engine: iteration-level scheduling (Orca) with continuous batching over the paged KV cache (vLLM).
+
+    engine = Engine(params, cfg, EngineConfig(num_blocks=1024, max_running=32), eos_token_id=0)
+    engine.warmup()                                    # compile every bucket now, never while serving
+    engine.add_request("r1", prompt_ids, SamplingParams(max_tokens=64, temperature=0.8, seed=1))
+    while engine.has_unfinished():
+        for out in engine.step():                      # one model iteration
+            print(out.request_id, out.new_token_ids, out.finish_reason)
+
+Every `step()` is one iteration of the whole batch: the scheduler picks, in first-come-first-served order,
+
+1. one token for every running request that is decoding (its slot reserved in its block table; when the pool
+   has no block left, the newest running request is preempted: its blocks freed and its tokens recomputed
+   later (`preemption="recompute"`) or its blocks copied to host memory and back (`preemption="swap"`));
+2. a chunk of the prompt of every request still prefilling (chunked prefill), within the step's token
+   budget (`max_tokens_per_step`, decode tokens counted first);
+3. requests that join now: swapped-out ones first, then waiting ones, while the batch, the token budget and
+   the pool (a watermark of free blocks kept for decoding) have room. A prompt that starts with blocks
+   already in the pool (prefix caching, `BlockManager`) only computes the rest.
+
+Then the device runs at most three programs: copy-on-write block copies, the prefill chunks (one
+[rows, chunk] batch, gathering attention) and the decode tokens (one [batch] step, the Pallas paged-attention
+kernel on GPUs); each samples its rows' next tokens on the device (per-request temperature / top-k / top-p and
+seed, as llmjax.infer.sampling: the same seed gives the same text as `generate`). Shapes come from small
+bucket sets (`batch_buckets`, `prefill_row_buckets`, `chunk_buckets`, `table_width_buckets`), all compiled by
+`warmup()`, so nothing compiles while serving (`TRACES` counts traces per program, for tests).
+
+`scheduling="static"` is the non-continuous baseline: a new batch is admitted only when the previous one has
+finished entirely (benchmarks compare the two on the same programs).
+
+The public interface (shared with llmjax.infer.server):
+
+- `EngineError` (bad request: empty prompt, token id outside the vocabulary, prompt + max_tokens above the
+  context, duplicate request id, bad sampling values), `QueueFull` (`max_queue` requests already waiting).
+- `SamplingParams`, `RequestOutput`, `EngineConfig`, `EngineStats`.
+- `Engine(params, cfg, config, eos_token_id)`: `add_request`, `abort` (frees the blocks now; the next `step()`
+  reports the request once with finish_reason "abort"), `step`, `has_unfinished`, `stats`, `warmup`.
+  The token that ends a request with finish_reason "stop" (EOS or a stop id) is its last new token, as in
+  `generate`. Not thread-safe: drive it from one thread.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import functools
+import itertools
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llmjax.config import ModelConfig
+from llmjax.infer.decode_model import prepare_params, resolve_decode_impl
+from llmjax.infer.paged import BlockManager, PoolExhausted, copy_blocks, decode_step_paged, init_paged_cache, \
+    pad_copies, prefill_paged
+from llmjax.infer.sampling import SamplingArrays, SamplingFeatures, filter_logits
+
+FINISH_REASONS = ("stop", "length", "abort")
+SCHEDULINGS = ("continuous", "static")
+PREEMPTIONS = ("recompute", "swap")
+
+
+class EngineError(ValueError):
+    """A request (or engine setting) that cannot be served as asked."""
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at EngineConfig.max_queue; retry later."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One request's generation settings. temperature 0 is greedy; top_k 0 and top_p 1 are off.
+    seed None: a fresh random seed. stop_token_ids end the request besides the EOS id (unless ignore_eos)."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]  # tokens produced for this request by this step() call
+    finished: bool
+    finish_reason: str | None  # "stop" (eos / stop id), "length" (max_tokens or context), "abort"
+    num_prompt_tokens: int
+    num_generated: int  # total so far
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Pool, batch and scheduling limits. Empty bucket tuples get defaults from the limits:
+    batch_buckets powers of two up to max_running; prefill_row_buckets powers of two up to max_prefill_rows;
+    chunk_buckets (max_tokens_per_step // 4, max_tokens_per_step); table_width_buckets one width, a whole
+    context (max_model_len / block_size blocks)."""
+
+    num_blocks: int = 1024
+    block_size: int = 16
+    max_running: int = 32  # sequences decoded together
+    max_tokens_per_step: int = 512  # token budget per step (decode tokens + prefill chunks)
+    max_queue: int = 256  # waiting requests before QueueFull
+    prefix_caching: bool = True
+    preemption: str = "recompute"  # or "swap" (to host memory)
+    scheduling: str = "continuous"  # or "static": admit a new batch only when the last one has finished
+    max_model_len: int | None = None  # context limit per request (default: the model's max_seq_len)
+    max_prefill_rows: int = 4  # prompts prefilled in one step
+    watermark_blocks: int | None = None  # free blocks kept back when admitting (default: 1% of the pool)
+    batch_buckets: tuple[int, ...] = ()
+    prefill_row_buckets: tuple[int, ...] = ()
+    chunk_buckets: tuple[int, ...] = ()
+    table_width_buckets: tuple[int, ...] = ()
+    decode_impl: str = "auto"  # paged decode attention: "auto" | "pallas" | "xla"
+    cache_dtype: str | None = None  # default: the model's compute dtype
+
+
+@dataclass
+class EngineStats:
+    num_waiting: int
+    num_running: int
+    num_preempted: int  # preempted and not running again yet (swapped out, or waiting to recompute)
+    blocks_used: int
+    blocks_total: int
+    prompt_tokens_total: int
+    generated_tokens_total: int
+    preemptions_total: int
+
+
+# --- buckets ---------------------------------------------------------------------------------------
+
+def _powers_of_two_up_to(limit: int) -> tuple[int, ...]:
+    sizes = [1 << i for i in range(limit.bit_length()) if 1 << i < limit]
+    return tuple(sizes + [limit])
+
+
+def _bucket(buckets: tuple[int, ...], size: int) -> int:
+    """The smallest bucket >= size (buckets sorted ascending)."""
+    index = bisect.bisect_left(buckets, size)
+    if index == len(buckets):
+        raise EngineError(f"size {size} is above the largest bucket {buckets[-1]}")
+    return buckets[index]
+
+
+@dataclass(frozen=True)
+class Buckets:
+    batch: tuple[int, ...]
+    prefill_rows: tuple[int, ...]
+    chunk: tuple[int, ...]
+    table_width: tuple[int, ...]
+
+
+def resolve_config(config: EngineConfig, cfg: ModelConfig) -> tuple[int, Buckets]:
+    """Check the settings; (max_model_len, the bucket sets with defaults filled in)."""
+    max_model_len = config.max_model_len or cfg.max_seq_len
+    checks = [
+        (config.num_blocks >= 1, f"num_blocks={config.num_blocks}: must be >= 1"),
+        (config.block_size >= 1, f"block_size={config.block_size}: must be >= 1"),
+        (config.max_running >= 1, f"max_running={config.max_running}: must be >= 1"),
+        (config.max_tokens_per_step >= config.max_running,
+         f"max_tokens_per_step={config.max_tokens_per_step} is below max_running={config.max_running}: every "
+         f"running request needs one token of the budget per step"),
+        (config.max_queue >= 1, f"max_queue={config.max_queue}: must be >= 1"),
+        (config.max_prefill_rows >= 1, f"max_prefill_rows={config.max_prefill_rows}: must be >= 1"),
+        (config.preemption in PREEMPTIONS, f"preemption={config.preemption!r}: expected one of {PREEMPTIONS}"),
+        (config.scheduling in SCHEDULINGS, f"scheduling={config.scheduling!r}: expected one of {SCHEDULINGS}"),
+        (2 <= max_model_len <= cfg.max_seq_len,
+         f"max_model_len={max_model_len}: must be in [2, the model's max_seq_len {cfg.max_seq_len}]"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise EngineError(message)
+    resolve_decode_impl(config.decode_impl, cfg)
+    max_blocks = -(-max_model_len // config.block_size)
+    step = config.max_tokens_per_step
+    buckets = Buckets(
+        batch=tuple(sorted(set(config.batch_buckets))) or _powers_of_two_up_to(config.max_running),
+        prefill_rows=tuple(sorted(set(config.prefill_row_buckets))) or _powers_of_two_up_to(config.max_prefill_rows),
+        chunk=tuple(sorted(set(config.chunk_buckets))) or tuple(sorted({max(1, step // 4), step})),
+        table_width=tuple(sorted(set(config.table_width_buckets))) or (max_blocks,),
+    )
+    for name, sizes, need in (("batch_buckets", buckets.batch, config.max_running),
+                              ("prefill_row_buckets", buckets.prefill_rows, config.max_prefill_rows),
+                              ("table_width_buckets", buckets.table_width, max_blocks)):
+        if sizes[0] < 1 or sizes[-1] < need:
+            raise EngineError(f"{name}={sizes}: sizes must be >= 1 and the largest >= {need}")
+    if buckets.chunk[0] < 1 or buckets.chunk[-1] > step:
+        raise EngineError(f"chunk_buckets={buckets.chunk}: sizes must be in [1, max_tokens_per_step={step}]")
+    return max_model_len, buckets
+
+
+# --- device programs -------------------------------------------------------------------------------
+
+TRACES: collections.Counter = collections.Counter()  # program name -> times traced (= compiled)
+
+
+def sample_rows(logits: jax.Array, sampling: dict, steps: jax.Array) -> jax.Array:
+    """The next token per row [batch] int32 from float32 logits [batch, vocab]: greedy rows (temperature 0) the
+    argmax, others temperature / top-k / top-p then the Gumbel-max draw keyed by (seed, steps[row]) as
+    `sampling.choose` (which keys a batch by one step). The sort and the draw run only when a row needs them."""
+    arrays = SamplingArrays(temperature=sampling["temperature"], top_k=sampling["top_k"], top_p=sampling["top_p"],
+                            min_p=None, repetition_penalty=None, presence_penalty=None, frequency_penalty=None,
+                            seed=sampling["seed"], logit_bias=None)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    sampled_rows = sampling["temperature"] > 0
+
+    def draw(logits):
+        needs_sort = jnp.any(sampled_rows & ((arrays.top_k > 0) | (arrays.top_p < 1)))
+        filtered = jax.lax.cond(needs_sort, lambda x: filter_logits(x, arrays, SamplingFeatures(sort=True)),
+                                lambda x: filter_logits(x, arrays, SamplingFeatures()), logits)
+        keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(arrays.seed, steps)
+        gumbel = jax.vmap(lambda key: jax.random.gumbel(key, (logits.shape[-1],), jnp.float32))(keys)
+        return jnp.argmax(filtered + gumbel, axis=-1).astype(jnp.int32)
+
+    sampled = jax.lax.cond(jnp.any(sampled_rows), draw, lambda x: greedy, logits)
+    return jnp.where(sampled_rows, sampled, greedy)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache",))
+def decode_program(dparams, cache, last_tokens, block_tables, lengths, sampling, steps, *, cfg, impl):
+    """One token per row (length -1: an empty row) and its successor sampled: (tokens [batch], cache)."""
+    TRACES["decode"] += 1
+    logits, cache = decode_step_paged(dparams, last_tokens, cache, block_tables, lengths, cfg, impl)
+    return sample_rows(logits, sampling, steps), cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def prefill_program(dparams, cache, tokens, block_tables, context_lengths, chunk_lengths, sampling, steps, *, cfg):
+    """A chunk per row [rows, chunk] after its stored tokens, and the token after each row's last chunk token."""
+    TRACES["prefill"] += 1
+    logits, cache = prefill_paged(dparams, tokens, cache, block_tables, context_lengths, chunk_lengths, cfg)
+    return sample_rows(logits, sampling, steps), cache
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def copy_program(cache, copies):
+    TRACES["copy"] += 1
+    return copy_blocks(cache, copies)
+
+
+@jax.jit
+def read_blocks(cache, blocks):
+    """Blocks [n] (-1: padding, read as block 0) of every layer's pool: [layers, 2, n, block_size, kv_heads, hd]."""
+    TRACES["swap_out"] += 1
+    index = jnp.maximum(blocks, 0)
+    return jnp.stack([jnp.stack([layer["k"][index], layer["v"][index]]) for layer in cache["layers"]])
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def write_blocks(cache, blocks, data):
+    """The inverse of read_blocks: data [layers, 2, n, ...] into blocks [n] (-1: skipped)."""
+    TRACES["swap_in"] += 1
+
+    def put(pool, new):
+        target = jnp.where(blocks >= 0, blocks, pool.shape[0])
+        return pool.at[target].set(new.astype(pool.dtype), mode="drop")
+
+    return {"layers": tuple({"k": put(layer["k"], data[i, 0]), "v": put(layer["v"], data[i, 1])}
+                            for i, layer in enumerate(cache["layers"]))}
+
+
+_prepare_jit = jax.jit(prepare_params, static_argnames=("cfg",))
+
+
+# --- requests ----------------------------------------------------------------------------------------
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    seed: int
+    arrival: int  # FCFS order
+    output: list[int] = field(default_factory=list)
+    computed: int = 0  # tokens of prompt + output whose K/V are in the pool (valid while in the manager)
+    swapped: np.ndarray | None = None  # host copy of its blocks while swapped out
+    preempted: bool = False
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def pending(self) -> int:
+        """Tokens to run through the model before the next token can be sampled (1 when decoding)."""
+        return len(self.prompt) + len(self.output) - self.computed
+
+
+@dataclass
+class _Work:
+    """A step's plan: rows of the decode and prefill programs, and block copies to apply first."""
+
+    decode: list[_Request] = field(default_factory=list)
+    prefill: list[tuple[_Request, int]] = field(default_factory=list)  # (request, chunk length)
+    copies: list[tuple[int, int]] = field(default_factory=list)
+
+
+class Engine:
+    """Continuous batching over a paged KV cache; see the module docstring. Not thread-safe."""
+
+    def __init__(self, params, cfg: ModelConfig, config: EngineConfig = EngineConfig(),
+                 eos_token_id: int | None = None):
+        self.max_model_len, self.buckets = resolve_config(config, cfg)
+        if eos_token_id is not None and not 0 <= eos_token_id < cfg.vocab_size:
+            raise EngineError(f"eos_token_id={eos_token_id} is outside the vocabulary [0, {cfg.vocab_size})")
+        self.cfg, self.config, self.eos_token_id = cfg, config, eos_token_id
+        self.impl = resolve_decode_impl(config.decode_impl, cfg)
+        self.dparams = _prepare_jit(params, cfg)
+        self.cache = init_paged_cache(cfg, config.num_blocks, config.block_size, config.cache_dtype)
+        self.manager = BlockManager(config.num_blocks, config.block_size, config.prefix_caching)
+        self.watermark = (max(1, config.num_blocks // 100) if config.watermark_blocks is None
+                          else config.watermark_blocks)
+        self.requests: dict[str, _Request] = {}
+        self.waiting: list[_Request] = []  # sorted by arrival (preempted ones go back to their place)
+        self.running: list[_Request] = []  # sorted by arrival
+        self.swapped: list[_Request] = []  # sorted by arrival
+        self.aborted: list[_Request] = []  # to report once
+        self._arrivals = itertools.count()
+        self._seeds = np.random.default_rng()
+        self.prompt_tokens_total = self.generated_tokens_total = self.preemptions_total = 0
+        self.steps_total = 0
+
+    # --- requests in and out ------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams = SamplingParams()) -> None:
+        """Queue a request (FCFS). Raises EngineError for a bad request, QueueFull when the queue is full."""
+        if request_id in self.requests:
+            raise EngineError(f"request id {request_id!r} is already in use; give each request its own id")
+        prompt = self._check_prompt(prompt_ids)
+        self._check_params(params, len(prompt))
+        if len(self.waiting) >= self.config.max_queue:
+            raise QueueFull(f"{len(self.waiting)} requests are already waiting (max_queue={self.config.max_queue}); "
+                            f"retry later")
+        seed = params.seed if params.seed is not None else int(self._seeds.integers(2**32))
+        request = _Request(request_id, prompt, params, seed, next(self._arrivals))
+        self.requests[request_id] = request
+        self.waiting.append(request)
+        self.prompt_tokens_total += len(prompt)
+
+    def _check_prompt(self, prompt_ids) -> list[int]:
+        try:
+            prompt = [int(t) for t in prompt_ids]
+        except (TypeError, ValueError):
+            raise EngineError("prompt_ids must be a list of integer token ids") from None
+        if not prompt:
+            raise EngineError("empty prompt: give at least one token (e.g. the BOS / end-of-text id)")
+        bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise EngineError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        return prompt
+
+    def _check_params(self, params: SamplingParams, prompt_len: int) -> None:
+        if not isinstance(params, SamplingParams):
+            raise EngineError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if not (isinstance(params.max_tokens, (int, np.integer)) and params.max_tokens >= 1):
+            raise EngineError(f"max_tokens={params.max_tokens}: must be an integer >= 1")
+        if prompt_len + params.max_tokens > self.max_model_len:
+            raise EngineError(f"prompt of {prompt_len} tokens + max_tokens={params.max_tokens} is above the context "
+                              f"of {self.max_model_len} tokens; shorten the prompt or ask for fewer tokens")
+        blocks = self.manager.blocks_needed(prompt_len + params.max_tokens)
+        if blocks > self.config.num_blocks:
+            raise EngineError(f"prompt + max_tokens need {blocks} KV cache blocks, the pool has "
+                              f"{self.config.num_blocks}; ask for fewer tokens (or start with more num_blocks)")
+        if not (np.isfinite(params.temperature) and params.temperature >= 0):
+            raise EngineError(f"temperature={params.temperature}: must be >= 0 (0 is greedy)")
+        if not (isinstance(params.top_k, (int, np.integer)) and params.top_k >= 0):
+            raise EngineError(f"top_k={params.top_k}: must be an integer >= 0 (0 disables it)")
+        if not 0 < params.top_p <= 1:
+            raise EngineError(f"top_p={params.top_p}: must be in (0, 1] (1 disables it)")
+        if params.seed is not None and not (isinstance(params.seed, (int, np.integer)) and 0 <= params.seed < 2**32):
+            raise EngineError(f"seed={params.seed}: must be an integer in [0, 2**32) or None")
+        bad = [t for t in params.stop_token_ids if not 0 <= int(t) < self.cfg.vocab_size]
+        if bad:
+            raise EngineError(f"stop token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request now (its blocks freed); the next step() reports it once. Unknown / finished: no-op."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for queue in (self.waiting, self.running, self.swapped):
+            if request in queue:
+                queue.remove(request)
+        if request_id in self.manager:
+            self.manager.free(request_id)
+        request.swapped = None
+        self.aborted.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests or self.aborted)
+
+    def stats(self) -> EngineStats:
+        preempted = sum(r.preempted for r in self.waiting) + len(self.swapped)
+        return EngineStats(num_waiting=len(self.waiting) + len(self.swapped), num_running=len(self.running),
+                           num_preempted=preempted, blocks_used=self.manager.allocator.num_used,
+                           blocks_total=self.config.num_blocks, prompt_tokens_total=self.prompt_tokens_total,
+                           generated_tokens_total=self.generated_tokens_total,
+                           preemptions_total=self.preemptions_total)
+
+    def kv_utilization(self) -> dict:
+        """KV memory use now: the paged pool's (tokens stored / slots of blocks in use) against a contiguous
+        cache holding the same running requests, one row of max_model_len slots each ("contiguous") or of
+        prompt + max_tokens slots each ("contiguous_reserved")."""
+        lengths = [self.manager.length(r.request_id) for r in self.running]
+        reserved = sum(len(r.prompt) + r.params.max_tokens for r in self.running)
+        return {"paged": self.manager.utilization(),
+                "contiguous": float(sum(lengths)) / (len(lengths) * self.max_model_len) if lengths else 1.0,
+                "contiguous_reserved": float(sum(lengths)) / reserved if reserved else 1.0,
+                "tokens_stored": self.manager.tokens_stored(), "running": len(lengths)}
+
+    # --- scheduling -------------------------------------------------------------------------------
+
+    def _preempt(self, request: _Request) -> None:
+        """Take a running request off the batch to free its blocks (recompute later, or swap to host)."""
+        self.running.remove(request)
+        self.preemptions_total += 1
+        request.preempted = True
+        if self.config.preemption == "swap" and request.computed > 0:
+            blocks = self.manager.block_table(request.request_id)[: self.manager.blocks_needed(request.computed)]
+            width = _bucket(self.buckets.table_width, len(blocks))
+            ids = np.full(width, -1, np.int32)
+            ids[: len(blocks)] = blocks
+            request.swapped = np.asarray(read_blocks(self.cache, ids))[:, :, : len(blocks)]
+            self.manager.free(request.request_id)
+            bisect.insort(self.swapped, request, key=lambda r: r.arrival)
+        else:
+            self.manager.free(request.request_id)
+            request.computed = 0
+            bisect.insort(self.waiting, request, key=lambda r: r.arrival)
+
+    def _reserve_or_preempt(self, request: _Request, scheduled: set, work: _Work) -> bool:
+        """Reserve the decode slot of a running request, preempting the newest unscheduled running requests
+        while the pool is short. False when the request itself had to go."""
+        while True:
+            try:
+                work.copies += self.manager.reserve(request.request_id, request.pending)
+                return True
+            except PoolExhausted:
+                victims = [r for r in self.running if r.request_id not in scheduled]
+                victim = victims[-1]  # the newest (request itself is among them)
+                self._preempt(victim)
+                if victim is request:
+                    return False
+
+    def _admit(self, request: _Request) -> bool:
+        """Give a waiting or swapped-out request blocks for all its tokens (prefix-cache hits reused, a swapped
+        one's blocks copied back from host memory); False when the pool is short (beyond the watermark)."""
+        tokens = request.tokens
+        if self.running and self.manager.blocks_needed(len(tokens)) > self.manager.allocator.num_free - self.watermark:
+            return False
+        try:
+            hit = self.manager.add_sequence(request.request_id, tokens)
+        except PoolExhausted:
+            return False
+        if request.swapped is not None:
+            first, count = hit // self.config.block_size, request.swapped.shape[2]
+            if first < count:  # restore the blocks the prefix cache did not give back
+                blocks = self.manager.block_table(request.request_id)[first:count]
+                width = _bucket(self.buckets.table_width, len(blocks))
+                ids = np.full(width, -1, np.int32)
+                ids[: len(blocks)] = blocks
+                data = np.zeros((*request.swapped.shape[:2], width, *request.swapped.shape[3:]),
+                                request.swapped.dtype)
+                data[:, :, : len(blocks)] = request.swapped[:, :, first:]
+                self.cache = write_blocks(self.cache, ids, data)
+                self.manager.commit(request.request_id, tokens[hit: request.computed])
+            request.computed = max(hit, request.computed)
+            request.swapped = None
+        else:
+            request.computed = hit
+        request.preempted = False
+        return True
+
+    def _schedule(self) -> _Work:
+        work = _Work()
+        budget = self.config.max_tokens_per_step
+        max_chunk = self.buckets.chunk[-1]
+        max_rows = self.buckets.prefill_rows[-1]
+        scheduled: set[str] = set()
+        # 1. decode tokens of running requests, oldest first; preempt the newest when the pool is short
+        for request in list(self.running):
+            if request.pending == 1 and request in self.running:
+                if self._reserve_or_preempt(request, scheduled, work):
+                    work.decode.append(request)
+                    scheduled.add(request.request_id)
+                    budget -= 1
+        # 2. the next prompt chunk of running requests still prefilling
+        for request in list(self.running):
+            if request.pending > 1 and request in self.running and budget > 0 and len(work.prefill) < max_rows:
+                chunk = min(request.pending, budget, max_chunk)
+                if self._reserve_or_preempt(request, scheduled, work):
+                    work.prefill.append((request, chunk))
+                    scheduled.add(request.request_id)
+                    budget -= chunk
+        # 3. requests joining now: swapped-out first, then waiting (FCFS: none overtakes an older one)
+        if self.config.scheduling == "static" and (self.running or self.swapped):
+            return work
+        for queue in (self.swapped, self.waiting):
+            while (queue and len(self.running) < self.config.max_running and budget > 0
+                   and len(work.prefill) < max_rows):
+                request = queue[0]
+                if not self._admit(request):
+                    return work
+                queue.pop(0)
+                bisect.insort(self.running, request, key=lambda r: r.arrival)
+                scheduled.add(request.request_id)
+                if request.pending == 1:
+                    work.decode.append(request)
+                    budget -= 1
+                else:
+                    chunk = min(request.pending, budget, max_chunk)
+                    work.prefill.append((request, chunk))
+                    budget -= chunk
+            if queue:  # an older request could not join: no younger one may overtake it
+                return work
+        return work
+
+    # --- one iteration ----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, and return one output per request that got tokens or finished."""
+        outputs = [RequestOutput(r.request_id, [], True, "abort", len(r.prompt), len(r.output)) for r in self.aborted]
+        self.aborted = []
+        work = self._schedule()
+        self.steps_total += 1
+        if work.copies:
+            self.cache = copy_program(self.cache, pad_copies(work.copies, self.buckets.batch[-1]))
+        new_tokens: dict[str, int] = {}
+        if work.prefill:
+            new_tokens.update(self._run_prefill(work.prefill))
+        if work.decode:
+            new_tokens.update(self._run_decode(work.decode))
+        for request, chunk in work.prefill:
+            start = request.computed
+            self.manager.commit(request.request_id, request.tokens[start: start + chunk])
+            request.computed += chunk
+        for request in work.decode:
+            self.manager.commit(request.request_id, request.tokens[-1:])
+            request.computed += 1
+        for request_id, token in new_tokens.items():
+            outputs.append(self._append(self.requests[request_id], token))
+        return outputs
+
+    def _append(self, request: _Request, token: int) -> RequestOutput:
+        request.output.append(token)
+        self.generated_tokens_total += 1
+        params = request.params
+        reason = None
+        if (token == self.eos_token_id and not params.ignore_eos) or token in params.stop_token_ids:
+            reason = "stop"
+        elif len(request.output) >= params.max_tokens or len(request.tokens) >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            self.running.remove(request)
+            self.manager.free(request.request_id)
+            del self.requests[request.request_id]
+        return RequestOutput(request.request_id, [token], reason is not None, reason, len(request.prompt),
+                             len(request.output))
+
+    def _sampling_rows(self, requests: list[_Request], rows: int) -> tuple[dict, np.ndarray]:
+        temperature, top_k = np.zeros(rows, np.float32), np.zeros(rows, np.int32)
+        top_p, seed, steps = np.ones(rows, np.float32), np.zeros(rows, np.uint32), np.zeros(rows, np.int32)
+        for row, request in enumerate(requests):
+            p = request.params
+            temperature[row], top_k[row], top_p[row] = p.temperature, p.top_k, p.top_p
+            seed[row], steps[row] = request.seed, len(request.output)
+        return {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}, steps
+
+    def _tables(self, ids: list, rows: int) -> np.ndarray:
+        widest = max((len(self.manager.sequences[i].block_table) for i in ids if i is not None), default=1)
+        width = _bucket(self.buckets.table_width, widest)
+        return self.manager.block_tables(ids + [None] * (rows - len(ids)), width)
+
+    def _run_decode(self, requests: list[_Request]) -> dict[str, int]:
+        rows = _bucket(self.buckets.batch, len(requests))
+        last = np.zeros(rows, np.int32)
+        lengths = np.full(rows, -1, np.int32)
+        for row, request in enumerate(requests):
+            last[row], lengths[row] = request.tokens[-1], request.computed
+        sampling, steps = self._sampling_rows(requests, rows)
+        tables = self._tables([r.request_id for r in requests], rows)
+        tokens, self.cache = decode_program(self.dparams, self.cache, last, tables, lengths, sampling, steps,
+                                            cfg=self.cfg, impl=self.impl)
+        tokens = np.asarray(tokens)
+        return {r.request_id: int(tokens[row]) for row, r in enumerate(requests)}
+
+    def _run_prefill(self, chunks: list[tuple[_Request, int]]) -> dict[str, int]:
+        rows = _bucket(self.buckets.prefill_rows, len(chunks))
+        width = _bucket(self.buckets.chunk, max(n for _, n in chunks))
+        tokens = np.zeros((rows, width), np.int32)
+        context, lengths = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
+        for row, (request, n) in enumerate(chunks):
+            tokens[row, :n] = request.tokens[request.computed: request.computed + n]
+            context[row], lengths[row] = request.computed, n
+        sampling, steps = self._sampling_rows([r for r, _ in chunks], rows)
+        tables = self._tables([r.request_id for r, _ in chunks], rows)
+        sampled, self.cache = prefill_program(self.dparams, self.cache, tokens, tables, context, lengths, sampling,
+                                              steps, cfg=self.cfg)
+        sampled = np.asarray(sampled)
+        return {r.request_id: int(sampled[row]) for row, (r, n) in enumerate(chunks) if n == r.pending}
+
+    # --- warm-up ----------------------------------------------------------------------------------
+
+    def warmup(self) -> None:
+        """Compile every program at every bucket shape (empty rows: nothing is written), so none compiles
+        while serving."""
+        b = self.buckets
+        for rows in b.batch:
+            sampling, steps = self._sampling_rows([], rows)
+            for width in b.table_width:
+                tables = np.full((rows, width), -1, np.int32)
+                tokens, self.cache = decode_program(self.dparams, self.cache, np.zeros(rows, np.int32), tables,
+                                                    np.full(rows, -1, np.int32), sampling, steps, cfg=self.cfg,
+                                                    impl=self.impl)
+        for rows in b.prefill_rows:
+            sampling, steps = self._sampling_rows([], rows)
+            zeros = np.zeros(rows, np.int32)
+            for chunk in b.chunk:
+                for width in b.table_width:
+                    tables = np.full((rows, width), -1, np.int32)
+                    tokens, self.cache = prefill_program(self.dparams, self.cache, np.zeros((rows, chunk), np.int32),
+                                                         tables, zeros, zeros, sampling, steps, cfg=self.cfg)
+        self.cache = copy_program(self.cache, pad_copies([], b.batch[-1]))
+        if self.config.preemption == "swap":
+            for width in b.table_width:
+                ids = np.full(width, -1, np.int32)
+                self.cache = write_blocks(self.cache, ids, np.asarray(read_blocks(self.cache, ids)))
+        jax.block_until_ready(self.cache)
