@@ -26,7 +26,7 @@ def parse_args(argv):
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a ModelConfig field of our side, e.g. --set remat=dots --set attention_impl=pallas")
     p.add_argument("--vocab", type=int, default=50304, help="vocabulary size for both sides (nanoGPT's padded 50304)")
-    p.add_argument("--loss-impl", choices=("auto", "pallas", "xla"), default="auto",
+    p.add_argument("--loss-impl", choices=("auto", "forward_grad", "pallas", "xla"), default="auto",
                    help="training loss: our fused Pallas linear + cross-entropy, XLA chunks, or auto (Pallas on one GPU)")
     p.add_argument("--batch", type=int, default=16, help="sequences per step")
     p.add_argument("--seq", type=int, default=1024, help="tokens per sequence")

@@ -369,6 +369,7 @@ def get_config(name: str, **overrides) -> ModelConfig:
 
 Schedule = Literal["cosine", "linear", "wsd", "constant"]
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
+LOSS_IMPLS = ("auto", "forward_grad", "pallas", "xla")
 
 
 @dataclass(frozen=True)
@@ -395,7 +396,10 @@ class TrainConfig:
     micro_batches: int = 1  # gradient accumulation: the batch is split into this many, scanned
     z_loss: float = 0.0  # weight of log(Z)^2 on the logits (PaLM), 0 disables
     loss_chunk_tokens: int = 8192  # cross-entropy over this many tokens at a time: no [tokens, vocab] float32 slab
-    loss_impl: str = "auto"  # "pallas" (fused kernel), "xla" (chunks) or "auto": the kernel on one GPU, else XLA
+    # "forward_grad" (chunks whose gradient is computed in the forward pass: three matmuls, bf16 logits),
+    # "pallas" (the fused Pallas kernel: least memory), "xla" (float32 chunks recomputed in the backward pass;
+    # any sharding) or "auto": forward_grad on GPUs where the layout allows, else xla
+    loss_impl: str = "auto"
     skip_nonfinite: bool = False  # skip an update whose loss or gradients are not finite instead of stopping
 
     def __post_init__(self):
@@ -409,8 +413,8 @@ class TrainConfig:
             raise ConfigError(
                 f"TrainConfig.warmup_steps={self.warmup_steps} exceeds total_steps={self.total_steps}"
             )
-        if self.loss_impl not in ("auto", "pallas", "xla"):
-            raise ConfigError(f"TrainConfig.loss_impl={self.loss_impl!r}: expected 'auto', 'pallas' or 'xla'")
+        if self.loss_impl not in LOSS_IMPLS:
+            raise ConfigError(f"TrainConfig.loss_impl={self.loss_impl!r}: expected one of {', '.join(LOSS_IMPLS)}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"TrainConfig.schedule={self.schedule!r}: expected one of {', '.join(map(repr, SCHEDULES))}")
         if not 0 <= self.min_lr_ratio <= 1:

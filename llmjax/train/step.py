@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import PartitionSpec
 
@@ -87,14 +88,7 @@ def chunked_cross_entropy(
     Each chunk's logits are float32 [..., chunk, padded_vocab] with about chunk_tokens rows in all,
     rematerialized in the backward pass rather than stored. Returns (nll, log_z) like targets, float32.
     """
-    *lead, tokens, d_model = hidden.shape
-    rows = math.prod(lead)
-    chunk = max(1, min(chunk_tokens // rows, tokens))
-    count = -(-tokens // chunk)
-    pad = [(0, 0)] * len(lead) + [(0, count * chunk - tokens)]
-    hidden = jnp.pad(hidden, pad + [(0, 0)]).reshape(*lead, count, chunk, d_model)
-    targets = jnp.pad(targets, pad).reshape(*lead, count, chunk)
-    hidden, targets = jnp.moveaxis(hidden, -3, 0), jnp.moveaxis(targets, -2, 0)  # [count, ..., chunk, (d_model)]
+    (hidden, targets), unchunk = _chunks(chunk_tokens, hidden, targets)
     in_vocab = jnp.arange(embedding.shape[1]) < vocab_size
 
     @jax.checkpoint
@@ -108,20 +102,104 @@ def chunked_cross_entropy(
         return None, (log_z - target_logit, log_z)
 
     _, (nll, log_z) = jax.lax.scan(one_chunk, None, (hidden, targets))  # [count, ..., chunk]
-
-    def unchunk(x):
-        return jnp.moveaxis(x, 0, -2).reshape(*lead, count * chunk)[..., :tokens]
-
     return unchunk(nll), unchunk(log_z)
 
 
+def _chunks(chunk_tokens: int, hidden: jax.Array, *per_token: jax.Array):
+    """hidden [..., tokens, d_model] and per-token arrays [..., tokens] cut into chunks of positions,
+    [count, ..., chunk, (d_model)] (zero-padded), with about chunk_tokens tokens per chunk in all; and
+    the `unchunk` that puts [count, ..., chunk, (d_model)] results back as [..., tokens, (d_model)].
+    Leading (batch) axes stay whole in every chunk: a batch sharded over devices stays sharded."""
+    *lead, tokens, _ = hidden.shape
+    chunk = max(1, min(chunk_tokens // math.prod(lead), tokens))
+    count = -(-tokens // chunk)
+    axis = len(lead)  # the tokens axis
+
+    def cut(x):
+        x = jnp.pad(x, [(0, 0)] * axis + [(0, count * chunk - tokens)] + [(0, 0)] * (x.ndim - axis - 1))
+        return jnp.moveaxis(x.reshape(*lead, count, chunk, *x.shape[axis + 1:]), axis, 0)
+
+    def unchunk(x):
+        x = jnp.moveaxis(x, 0, axis)
+        x = x.reshape(*lead, count * chunk, *x.shape[axis + 2:])
+        return jax.lax.slice_in_dim(x, 0, tokens, axis=axis)
+
+    return tuple(cut(x) for x in (hidden, *per_token)), unchunk
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def forward_grad_cross_entropy(x, embedding, targets, weights, vocab_size: int, chunk_tokens: int, z_loss: float):
+    """(objective, nll, log_z) of the output layer, its gradient computed during the forward pass.
+
+    x [..., tokens, d_model] (compute dtype), embedding [d_model, padded_vocab], targets [..., tokens]
+    int, weights [..., tokens] float (0 where a token does not count). objective = sum of
+    weights * (nll + z_loss * log_z^2), a float32 scalar; nll, log_z [..., tokens] float32 are for
+    metrics only (no gradient flows back through them). Chunk by chunk of tokens: logits in x's dtype
+    straight from the matmul (the tensor cores' float32 accumulation rounded once, like torch autocast),
+    softmax statistics in float32, then the logits' gradient and its two matmuls right away, so the
+    backward pass only scales the stored dx and d_embedding by the objective's cotangent: three
+    matmuls in all instead of four, and one chunk of logits alive at a time.
+    """
+    weights = weights.astype(jnp.float32)
+    (xs, ts), unchunk = _chunks(chunk_tokens, x, targets)
+    w = embedding.astype(x.dtype)
+
+    def one_chunk(_, inputs):
+        return None, _chunk_statistics(*inputs, w, vocab_size)[1:]
+
+    _, (nll, log_z) = jax.lax.scan(one_chunk, None, (xs, ts))
+    nll, log_z = unchunk(nll), unchunk(log_z)
+    return (weights * (nll + z_loss * jnp.square(log_z))).sum(), nll, log_z
+
+
+def _chunk_statistics(xc, tc, w, vocab_size: int):
+    """float32 (logits [..., chunk, vocab], nll [..., chunk], log_z [..., chunk]) of one chunk; the
+    matmul's output in xc's dtype; padding columns at -inf."""
+    logits = jnp.dot(xc, w, preferred_element_type=xc.dtype).astype(jnp.float32)
+    logits = jnp.where(jnp.arange(w.shape[1]) < vocab_size, logits, -jnp.inf)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    return logits, log_z - jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0], log_z
+
+
+def _forward_grad_cross_entropy_fwd(x, embedding, targets, weights, vocab_size, chunk_tokens, z_loss):
+    weights = jax.lax.stop_gradient(weights.astype(jnp.float32))
+    (xs, ts, ws), unchunk = _chunks(chunk_tokens, x, targets, weights)
+    w = embedding.astype(x.dtype)  # [d_model, padded_vocab]
+
+    def one_chunk(d_w, inputs):
+        xc, tc, wc = inputs  # [..., chunk, d_model], [..., chunk], [..., chunk]
+        logits, nll, log_z = _chunk_statistics(xc, tc, w, vocab_size)
+        probs = jnp.exp(logits - log_z[..., None])
+        target = jnp.arange(w.shape[1]) == tc[..., None]
+        g = (wc * (1 + 2 * z_loss * log_z))[..., None] * probs - jnp.where(target, wc[..., None], 0)
+        g = g.astype(x.dtype)  # d objective / d logits
+        dx = jnp.dot(g, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
+        d_w = d_w + jnp.einsum("...cd,...cv->dv", xc, g, preferred_element_type=jnp.float32)
+        return d_w, (nll, log_z, dx)
+
+    d_w, (nll, log_z, dx) = jax.lax.scan(one_chunk, jnp.zeros(w.shape, jnp.float32), (xs, ts, ws))
+    nll, log_z, dx = unchunk(nll), unchunk(log_z), unchunk(dx)
+    objective = (weights * (nll + z_loss * jnp.square(log_z))).sum()
+    return (objective, nll, log_z), (dx, d_w.astype(embedding.dtype), targets, weights)
+
+
+def _forward_grad_cross_entropy_bwd(vocab_size, chunk_tokens, z_loss, residuals, cotangents):
+    dx, d_w, targets, weights = residuals
+    scale = cotangents[0]  # the objective's; nll / log_z are metrics (their cotangents are ignored)
+    d_targets = np.zeros(targets.shape, jax.dtypes.float0)
+    return (dx * scale.astype(dx.dtype)), d_w * scale.astype(d_w.dtype), d_targets, jnp.zeros_like(weights)
+
+
+forward_grad_cross_entropy.defvjp(_forward_grad_cross_entropy_fwd, _forward_grad_cross_entropy_bwd)
+
+
 def resolve_loss_impl(impl: str) -> str:
-    """'auto' -> the fused Pallas kernel on GPUs when the step's layout allows it (one device, or a batch cut
-    over devices with whole vocabulary and sequence: each device runs the kernel on its rows), else XLA's
-    chunks (CPUs; vocabulary- or sequence-parallel layouts, which the kernel does not split)."""
+    """'auto' -> on GPUs, when the step's layout allows it (one device, or a batch cut over devices with whole
+    vocabulary and sequence: each device works on its rows), 'forward_grad' (the fastest there); else
+    XLA's chunks (CPUs; vocabulary- or sequence-parallel layouts)."""
     if impl != "auto":
         return impl
-    return "pallas" if jax.devices()[0].platform == "gpu" and _loss_batch_axes() is not None else "xla"
+    return "forward_grad" if jax.devices()[0].platform == "gpu" and _loss_batch_axes() is not None else "xla"
 
 
 def _loss_batch_axes():
@@ -146,22 +224,46 @@ def _fused_token_losses(x, embedding, targets, vocab_size: int):
     return nll.reshape(batch, seq), log_z.reshape(batch, seq)
 
 
-def token_losses(x: jax.Array, embedding: jax.Array, targets: jax.Array, model_cfg: ModelConfig,
-                 train_cfg: TrainConfig) -> tuple[jax.Array, jax.Array]:
-    """(nll, log_z) float32 [batch, seq] of the output layer on hidden states x [batch, seq, d_model]."""
-    if resolve_loss_impl(train_cfg.loss_impl) == "xla":
-        return chunked_cross_entropy(x, embedding, targets, model_cfg.vocab_size, train_cfg.loss_chunk_tokens)
+def _per_token_objective(token_losses_fn):
+    """A (x, embedding, targets, weights) -> (objective, nll, log_z) from a per-token (nll, log_z) function."""
+    def objective_fn(x, embedding, targets, weights, *, z_loss):
+        nll, log_z = token_losses_fn(x, embedding, targets)
+        return (weights * (nll + z_loss * jnp.square(log_z))).sum(), nll, log_z
+    return objective_fn
+
+
+def output_loss(x: jax.Array, embedding: jax.Array, targets: jax.Array, weights: jax.Array, model_cfg: ModelConfig,
+                train_cfg: TrainConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(objective, nll, log_z) of the output layer on hidden states x [batch, seq, d_model]: objective = the
+    weighted sum of nll + z_loss * log_z^2 (float32 scalar), nll and log_z float32 [batch, seq]."""
+    impl = resolve_loss_impl(train_cfg.loss_impl)
+    vocab, chunk = model_cfg.vocab_size, train_cfg.loss_chunk_tokens
+    if impl == "xla":
+        fn = _per_token_objective(functools.partial(chunked_cross_entropy, vocab_size=vocab, chunk_tokens=chunk))
+        return fn(x, embedding, targets, weights, z_loss=train_cfg.z_loss)
+    if impl == "pallas":
+        fn = _per_token_objective(functools.partial(_fused_token_losses, vocab_size=vocab))
+    else:
+        def fn(x, embedding, targets, weights, *, z_loss):
+            objective, nll, log_z = forward_grad_cross_entropy(x, embedding, targets, weights, vocab, chunk, z_loss)
+            return objective, jax.lax.stop_gradient(nll), jax.lax.stop_gradient(log_z)
+    fn = functools.partial(fn, z_loss=train_cfg.z_loss)
     batch_axes = _loss_batch_axes()
     if batch_axes is None:
-        raise ValueError("loss_impl='pallas' needs the vocabulary and the sequence whole on each device; "
+        raise ValueError(f"loss_impl={impl!r} needs the vocabulary and the sequence whole on each device; "
                          "use loss_impl='auto' or 'xla' with tensor or sequence parallelism")
-    fused = functools.partial(_fused_token_losses, vocab_size=model_cfg.vocab_size)
     if not batch_axes:
-        return fused(x, embedding, targets)
+        return fn(x, embedding, targets, weights)
     mesh, _ = active_rules()  # each device: its rows against the whole embedding (gathered; gradient summed)
     rows = PartitionSpec(batch_axes)
-    return jax.shard_map(fused, mesh=mesh, in_specs=(rows, PartitionSpec(), rows), out_specs=(rows, rows),
-                         check_vma=False)(x, embedding, targets)
+
+    def per_device(x, embedding, targets, weights):
+        objective, nll, log_z = fn(x, embedding, targets, weights)
+        return objective[None], nll, log_z  # one partial objective per device, summed outside
+
+    objectives, nll, log_z = jax.shard_map(per_device, mesh=mesh, in_specs=(rows, PartitionSpec(), rows, rows),
+                                           out_specs=(rows, rows, rows), check_vma=False)(x, embedding, targets, weights)
+    return objectives.sum(), nll, log_z
 
 
 def loss_sums(params: dict, batch: dict, model_cfg: ModelConfig, train_cfg: TrainConfig, rng: jax.Array | None = None
@@ -176,11 +278,10 @@ def loss_sums(params: dict, batch: dict, model_cfg: ModelConfig, train_cfg: Trai
         rng=rng,
     )  # [batch, seq, d_model]
     embedding = output_embedding(params, model_cfg)  # [d_model, padded_vocab], master dtype
-    nll, log_z = token_losses(x, embedding, batch["targets"], model_cfg, train_cfg)  # [batch, seq] each
     mask = batch.get("loss_mask")
-    mask = jnp.ones_like(nll) if mask is None else mask.astype(jnp.float32)
+    mask = jnp.ones(batch["targets"].shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+    objective, nll, log_z = output_loss(x, embedding, batch["targets"], mask, model_cfg, train_cfg)
     sums = {"nll_sum": (nll * mask).sum(), "z_sum": (jnp.square(log_z) * mask).sum(), "tokens": mask.sum()}
-    objective = sums["nll_sum"] + train_cfg.z_loss * sums["z_sum"]
     if moe_metrics:
         moe_objective, moe_sums = moe_loss_sums(moe_metrics, sums["tokens"], model_cfg)
         objective, sums = objective + moe_objective, {**sums, **moe_sums}

@@ -50,11 +50,12 @@ CASES = [
 ]
 
 
-FUSED_LOSS_CASES = [("dp", "data=8"), ("fsdp", "data=2,fsdp=4")]  # the Pallas loss per batch shard (interpret)
+# the losses that run per batch shard: the Pallas kernel (interpret mode), the forward-gradient chunks
+FUSED_LOSS_CASES = [("dp", "data=8"), ("fsdp", "data=2,fsdp=4")]
 
 
 @pytest.mark.parametrize("strategy,mesh,loss_impl", [(*case, "xla") for case in CASES]
-                         + [(*case, "pallas") for case in FUSED_LOSS_CASES])
+                         + [(*case, impl) for case in FUSED_LOSS_CASES for impl in ("pallas", "forward_grad")])
 def test_strategy_trains_like_one_device(strategy, mesh, loss_impl):
     plan = Plan.create(mesh, strategy)
     train_cfg = dataclasses.replace(TRAIN, loss_impl=loss_impl)

@@ -12,6 +12,7 @@ from llmjax.model.params import flatten_with_names
 from llmjax.train.step import (
     accumulated_gradients,
     chunked_cross_entropy,
+    forward_grad_cross_entropy,
     init_train_state,
     loss_sums,
     make_eval_step,
@@ -106,6 +107,49 @@ def test_fused_pallas_loss_trains_like_the_xla_loss():
     assert float(results["pallas"][0]) == pytest.approx(float(results["xla"][0]), rel=1e-5)
     for got, want in zip(jax.tree.leaves(results["pallas"][1]), jax.tree.leaves(results["xla"][1])):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
+def test_forward_grad_loss_equals_the_xla_loss(preset):
+    """loss_impl="forward_grad" (gradient computed in the forward pass) gives the XLA loss's objective,
+    metrics and gradients, with z-loss, a loss mask, padding columns (vocab 301 -> 320) and a last chunk
+    that is mostly padding (chunks of 7 x 3 tokens over 3 x 23)."""
+    cfg = get_config(preset)
+    batch = windows_to_batch(windows(cfg, 3, 23))
+    batch["loss_mask"] = jnp.asarray(np.random.default_rng(3).random((3, 23)) < 0.7)
+    results = {}
+    for impl in ("xla", "forward_grad"):
+        train_cfg = TrainConfig(loss_impl=impl, z_loss=1e-2, loss_chunk_tokens=21)
+        state = init_train_state(cfg, train_cfg, jax.random.key(0))
+        loss = lambda p: loss_sums(p, batch, cfg, train_cfg)  # noqa: E731
+        results[impl] = jax.value_and_grad(loss, has_aux=True)(state.params)
+    (got, got_sums), got_grads = results["forward_grad"]
+    (want, want_sums), want_grads = results["xla"]
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    for key in ("nll_sum", "z_sum", "tokens"):
+        assert float(got_sums[key]) == pytest.approx(float(want_sums[key]), rel=1e-5)
+    for name, want_leaf in flatten_with_names(want_grads).items():
+        np.testing.assert_allclose(flatten_with_names(got_grads)[name], want_leaf, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_forward_grad_loss_in_bfloat16_is_close_to_float32():
+    """In bf16 the logits are rounded once after the matmul (as under torch autocast): the objective and the
+    gradients stay within bf16 tolerance of a float32 computation of the same function."""
+    keys = jax.random.split(jax.random.key(4), 3)
+    x = jax.random.normal(keys[0], (2, 37, 64))  # [batch, tokens, d_model]
+    embedding = jax.random.normal(keys[1], (64, 112)) * 0.2  # [d_model, padded vocab]
+    targets = jax.random.randint(keys[2], (2, 37), 0, 100)
+    weights = jnp.ones((2, 37))
+
+    def objective(x, embedding, chunk):
+        return forward_grad_cross_entropy(x, embedding, targets, weights, 100, chunk, 1e-3)[0]
+
+    want, want_grads = jax.value_and_grad(objective, argnums=(0, 1))(x, embedding, 1000)
+    got, got_grads = jax.value_and_grad(objective, argnums=(0, 1))(x.astype(jnp.bfloat16), embedding, 16)
+    assert got_grads[0].dtype == jnp.bfloat16 and got_grads[1].dtype == jnp.float32
+    assert float(got) == pytest.approx(float(want), rel=5e-3)
+    for g, w in zip(got_grads, want_grads):
+        assert float(jnp.linalg.norm(g.astype(jnp.float32) - w) / jnp.linalg.norm(w)) < 2e-2
 
 
 def test_loss_equals_cross_entropy_of_forward_logits():
