@@ -1,0 +1,106 @@
+"""Serve a model over HTTP with the OpenAI API (completions, chat, streaming) on the continuous-batching engine."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+PROG = "python -m experiments serve"
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="An OpenAI-compatible HTTP server (POST /v1/completions, POST /v1/chat/completions, streamed by "
+        "server-sent events; GET /v1/models, /health, /metrics) over llmjax's continuous-batching engine with a "
+        "paged KV cache. The model comes from a run folder (--ckpt), a Hugging Face folder (--hf) or a random "
+        "preset (--model, for trying things out). Needs the serve extra: ./install.sh serve.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", type=Path, help="a run folder written by `experiments train` / `quickstart`")
+    source.add_argument("--hf", type=Path, help="a Hugging Face model folder (config.json + safetensors + tokenizer)")
+    source.add_argument("--model", help="a model preset with random weights (its vocabulary is the tokenizer's)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer (default: the run's tokenizer.json / the HF folder's; 'bytes' for --model)")
+    p.add_argument("--chat-template", type=Path, default=None,
+                   help="a Jinja chat template file (default: the tokenizer config's chat_template, else the plain "
+                   "'Role: content' template described in llmjax/infer/server.py)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name clients send and /v1/models lists (default: the folder's or preset's name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--api-key", default=None,
+                   help="if set, every /v1 request must send 'Authorization: Bearer KEY' (401 otherwise)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests allowed to wait for a slot in the engine; more get HTTP 429")
+    p.add_argument("--num-blocks", type=int, default=1024, help="KV-cache blocks in the pool")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    p.add_argument("--max-running", type=int, default=32, help="sequences decoded together")
+    p.add_argument("--max-tokens-per-step", type=int, default=512,
+                   help="token budget of one engine step (decode tokens + prefill chunks)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prompt prefixes")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="skip compiling every shape bucket before serving (the first requests then compile)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --model's random weights")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (info logs every request)")
+    return p.parse_args(argv)
+
+
+def default_model_name(args) -> str:
+    if args.model is not None:
+        return args.model
+    return (args.ckpt or args.hf).resolve().name
+
+
+def chat_format_for(args):
+    """The chat template: --chat-template, else the tokenizer config next to the tokenizer / model, else the default."""
+    from llmjax.infer.server import ChatFormat
+
+    folder = args.hf or args.ckpt
+    if args.tokenizer is not None and args.tokenizer != "bytes":
+        folder = Path(args.tokenizer) if Path(args.tokenizer).is_dir() else Path(args.tokenizer).parent
+    found = ChatFormat.from_folder(folder)
+    if args.chat_template is not None:
+        return ChatFormat.create(args.chat_template.read_text(), found.bos_token, found.eos_token)
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from llmjax.infer.server import create_app, require_serve_extra, serve
+
+    try:
+        require_serve_extra()
+    except ImportError as error:
+        print(f"{PROG}: {error}", file=sys.stderr)
+        return 2
+    from experiments.generate import load_model
+    from llmjax.infer.engine import Engine, EngineConfig
+
+    for flag in ("max_queue", "num_blocks", "block_size", "max_running", "max_tokens_per_step"):
+        if getattr(args, flag) < 1:
+            print(f"{PROG}: --{flag.replace('_', '-')}={getattr(args, flag)}: must be >= 1", file=sys.stderr)
+            return 2
+    try:
+        chat_format = chat_format_for(args)
+    except (ValueError, ImportError, OSError) as error:
+        print(f"{PROG}: {error}", file=sys.stderr)
+        return 2
+    params, cfg, tokenizer = load_model(args)
+    config = EngineConfig(num_blocks=args.num_blocks, block_size=args.block_size, max_running=args.max_running,
+                          max_tokens_per_step=args.max_tokens_per_step, max_queue=args.max_queue,
+                          prefix_caching=not args.no_prefix_caching)
+    engine = Engine(params, cfg, config, eos_token_id=tokenizer.eot_id)
+    if not args.no_warmup:
+        print(f"{PROG}: compiling the engine's shape buckets ...", file=sys.stderr, flush=True)
+        engine.warmup()
+    name = args.served_model_name or default_model_name(args)
+    app = create_app(engine, tokenizer, model_name=name, max_model_len=cfg.max_seq_len, chat_format=chat_format,
+                     api_key=args.api_key)
+    print(f"{PROG}: serving {name!r} (context {cfg.max_seq_len} tokens) on http://{args.host}:{args.port}/v1",
+          file=sys.stderr, flush=True)
+    serve(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

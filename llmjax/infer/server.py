@@ -1,0 +1,1018 @@
+"""The OpenAI-compatible HTTP server over the continuous-batching engine (FastAPI + uvicorn, the `serve` extra).
+
+    engine = Engine(params, cfg, EngineConfig(max_queue=64), eos_token_id=tokenizer.eot_id)
+    app = create_app(engine, tokenizer, model_name="my-model", max_model_len=cfg.max_seq_len)
+    uvicorn.run(app, host="127.0.0.1", port=8000)      # or: python -m experiments serve --ckpt RUN
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions (both streamed by server-sent events with
+"stream": true, ending with `data: [DONE]`), GET /v1/models, GET /health, GET /metrics (Prometheus text).
+With an API key, every /v1 endpoint wants `Authorization: Bearer KEY`.
+
+Two threads. The engine is not thread-safe, so one background thread (`AsyncEngine`) owns it: it takes
+requests and aborts from a thread-safe queue, loops `engine.step()` while anything is unfinished (sleeps
+on the queue otherwise), and hands each request's outputs to its asyncio consumer with
+`loop.call_soon_threadsafe`. The asyncio side (uvicorn's event loop) parses and checks requests, turns
+token ids into text (`TextStream`: whole UTF-8 characters only, stop strings cut off) and writes
+responses. A request whose client goes away, or whose stop string appears, is aborted in the engine,
+which frees its KV blocks at once.
+
+Every error is OpenAI's JSON body `{"error": {"message", "type", "param", "code"}}`: 400 for malformed
+JSON, unknown fields, wrong types or values, prompts that do not fit the context; 401 for a missing or
+wrong API key; 404 for an unknown model; 429 when the engine's waiting queue is full.
+
+Chat prompts come from the tokenizer config's Jinja chat template (`ChatFormat.from_folder`: a Hugging
+Face folder's `chat_template.jinja` or `tokenizer_config.json` "chat_template"). A model without one
+uses `DEFAULT_CHAT_TEMPLATE`, plain text for base models:
+
+    System: {system message}\n\nUser: {user message}\n\nAssistant: {reply}\n\n ... Assistant:
+
+FastAPI and uvicorn are imported only by `create_app` / `serve`, so `llmjax.infer` works without them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import collections
+import contextlib
+import hmac
+import json
+import logging
+import math
+import queue
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmjax.infer.engine import EngineError, EngineStats, QueueFull, RequestOutput, SamplingParams
+from llmjax.tokenizer import TokenizerError
+
+logger = logging.getLogger("llmjax.server")
+
+SERVE_EXTRA_HINT = "pip install 'llmjax[serve]' (or ./install.sh serve)"
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions (chat: the rest of the context)
+MAX_STOP_STRINGS = 4  # as OpenAI
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+RATE_WINDOW_S = 10.0  # generated tokens/s is averaged over this many seconds
+DISCONNECT_POLL_S = 0.25  # a non-streamed request checks this often whether its client is still there
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def require_serve_extra() -> None:
+    """One clear error when FastAPI / uvicorn are missing."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as error:
+        raise ImportError(f"the HTTP server needs FastAPI and uvicorn ({error.name} is missing): {SERVE_EXTRA_HINT}") from None
+
+
+# --- errors -----------------------------------------------------------------------------------------
+
+class APIError(Exception):
+    """An error answered as OpenAI's JSON error body with an HTTP status."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def invalid(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def parse_json_body(raw: bytes) -> dict:
+    """The request body as a JSON object (NaN / Infinity are not JSON and are refused)."""
+
+    def refuse_constant(name):
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        data = json.loads(raw, parse_constant=refuse_constant)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise invalid(f"the request body is not valid JSON: {error}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise invalid(f"the request body must be a JSON object, not {_json_type(data)}", code="invalid_json")
+    return data
+
+
+def _json_type(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+# --- reading a request body -------------------------------------------------------------------------
+
+class Fields:
+    """A request's JSON object read field by field: unknown fields are refused, and each wrong type or value
+    is one 400 naming the field. null counts as absent (OpenAI's clients send it for unset options)."""
+
+    def __init__(self, data: dict, known: Sequence[str]):
+        unknown = [name for name in data if name not in known]
+        if unknown:
+            raise invalid(f"unrecognized request argument {unknown[0]!r}; this endpoint takes: {', '.join(sorted(known))}",
+                          param=unknown[0], code="unknown_field")
+        self.data = data
+
+    def get(self, name: str):
+        return self.data.get(name)
+
+    def present(self, name: str) -> bool:
+        return self.data.get(name) is not None
+
+    def integer(self, name: str, default: int | None, minimum: int | None = None) -> int | None:
+        value = self.data.get(name)
+        if value is None:
+            return default
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise invalid(f"{name} must be an integer, not {_json_type(value)}", name, "invalid_type")
+        if minimum is not None and value < minimum:
+            raise invalid(f"{name}={value}: must be >= {minimum}", name)
+        return value
+
+    def number(self, name: str, default: float, low: float, high: float, *, low_open: bool = False) -> float:
+        value = self.data.get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise invalid(f"{name} must be a number, not {_json_type(value)}", name, "invalid_type")
+        inside = (low < value if low_open else low <= value) and value <= high
+        if not inside:
+            raise invalid(f"{name}={value}: must be in {'(' if low_open else '['}{low}, {high}]", name)
+        return float(value)
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.data.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise invalid(f"{name} must be true or false, not {_json_type(value)}", name, "invalid_type")
+        return value
+
+    def string(self, name: str, *, required: bool = False) -> str | None:
+        value = self.data.get(name)
+        if value is None:
+            if required:
+                raise invalid(f"{name} is required", name, "missing_field")
+            return None
+        if not isinstance(value, str):
+            raise invalid(f"{name} must be a string, not {_json_type(value)}", name, "invalid_type")
+        return value
+
+    def unsupported(self, name: str, neutral: tuple, what: str) -> None:
+        """A known OpenAI option this server does not implement: only its neutral values are accepted."""
+        value = self.data.get(name)
+        if value is not None and value not in neutral:
+            raise invalid(f"{name}={json.dumps(value)}: {what} is not supported by this server", name, "unsupported")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What a completions or chat request asks the engine for, checked."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    stop: tuple[str, ...] = ()
+    stream: bool = False
+    include_usage: bool = False
+
+
+SAMPLING_FIELDS = ("model", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "stream",
+                   "stream_options", "ignore_eos", "user", "presence_penalty", "frequency_penalty", "logit_bias",
+                   "logprobs")
+COMPLETION_FIELDS = SAMPLING_FIELDS + ("prompt", "echo", "best_of", "suffix")
+CHAT_FIELDS = SAMPLING_FIELDS + ("messages", "max_completion_tokens", "top_logprobs")
+
+
+def check_model(fields: Fields, model_name: str) -> None:
+    name = fields.string("model", required=True)
+    if name != model_name:
+        raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r} (see /v1/models)",
+                       param="model", code="model_not_found")
+
+
+def read_prompt(fields: Fields, tokenizer) -> list[int]:
+    """/v1/completions' prompt: one string, or one list of token ids."""
+    prompt = fields.get("prompt")
+    if prompt is None:
+        raise invalid("prompt is required", "prompt", "missing_field")
+    if isinstance(prompt, str):
+        try:
+            ids = tokenizer.encode(prompt)
+        except TokenizerError as error:
+            raise invalid(f"prompt cannot be tokenized: {error}", "prompt") from None
+    elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        ids = list(prompt)
+    elif isinstance(prompt, list) and all(isinstance(p, (str, list)) for p in prompt):
+        raise invalid("prompt holds several prompts; this server takes one prompt per request (a string or a list "
+                      "of token ids)", "prompt", "unsupported")
+    else:
+        raise invalid(f"prompt must be a string or a list of token ids, not {_json_type(prompt)}", "prompt",
+                      "invalid_type")
+    if not ids:
+        raise invalid("prompt is empty; give at least one token", "prompt")
+    return ids
+
+
+def read_generation(fields: Fields, prompt_ids: list[int], *, max_model_len: int, default_max_tokens: int | None,
+                    max_tokens_field: str = "max_tokens") -> GenerationRequest:
+    """The sampling options shared by both endpoints, checked against the context window."""
+    if fields.integer("n", 1) != 1:
+        raise invalid(f"n={fields.get('n')}: this server returns one choice per request (n=1)", "n", "unsupported")
+    fields.unsupported("presence_penalty", (0,), "a presence penalty")
+    fields.unsupported("frequency_penalty", (0,), "a frequency penalty")
+    fields.unsupported("logit_bias", ({},), "logit_bias")
+    fields.unsupported("logprobs", (False, 0), "logprobs")
+    fields.string("user")  # accepted, unused
+    prompt_tokens = len(prompt_ids)
+    prompt_param = "messages" if max_tokens_field == "max_completion_tokens" else "prompt"
+    if prompt_tokens >= max_model_len:
+        raise invalid(f"the prompt has {prompt_tokens} tokens, which leaves no room to generate in the context "
+                      f"window of {max_model_len} tokens; shorten it", prompt_param, "context_length_exceeded")
+    room = max_model_len - prompt_tokens
+    if max_tokens_field != "max_tokens" and fields.present("max_tokens") and fields.present(max_tokens_field):
+        raise invalid(f"give max_tokens or {max_tokens_field}, not both", max_tokens_field)
+    name = max_tokens_field if fields.present(max_tokens_field) else "max_tokens"
+    max_tokens = fields.integer(name, default_max_tokens, minimum=1)
+    if max_tokens is None:
+        max_tokens = room
+    if max_tokens > room:
+        raise invalid(f"{name}={max_tokens} is too many: the prompt has {prompt_tokens} tokens and the context window "
+                      f"is {max_model_len}, which leaves room for {room}", name, "context_length_exceeded")
+    stop = fields.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise invalid("stop must be a string or a list of strings", "stop", "invalid_type")
+    if len(stop) > MAX_STOP_STRINGS or any(s == "" for s in stop):
+        raise invalid(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings", "stop")
+    stream = fields.boolean("stream", False)
+    include_usage = False
+    options = fields.get("stream_options")
+    if options is not None:
+        if not stream:
+            raise invalid("stream_options is only allowed with stream: true", "stream_options")
+        if not (isinstance(options, dict) and set(options) <= {"include_usage"}):
+            raise invalid('stream_options must be an object like {"include_usage": true}', "stream_options",
+                          "invalid_type")
+        include_usage = Fields(options, ("include_usage",)).boolean("include_usage", False)
+    params = SamplingParams(max_tokens=max_tokens, temperature=fields.number("temperature", 1.0, 0.0, 2.0),
+                            top_p=fields.number("top_p", 1.0, 0.0, 1.0, low_open=True),
+                            top_k=fields.integer("top_k", 0, minimum=0), seed=fields.integer("seed", None),
+                            ignore_eos=fields.boolean("ignore_eos", False))
+    return GenerationRequest(prompt_ids, params, tuple(stop), stream, include_usage)
+
+
+def parse_completion_request(data: dict, tokenizer, *, model_name: str, max_model_len: int) -> GenerationRequest:
+    """A checked /v1/completions request (raises APIError)."""
+    fields = Fields(data, COMPLETION_FIELDS)
+    check_model(fields, model_name)
+    fields.unsupported("echo", (False,), "echo")
+    fields.unsupported("best_of", (1,), "best_of other than 1")
+    fields.unsupported("suffix", ("",), "suffix")
+    prompt_ids = read_prompt(fields, tokenizer)
+    return read_generation(fields, prompt_ids, max_model_len=max_model_len,
+                           default_max_tokens=DEFAULT_COMPLETION_TOKENS)
+
+
+def parse_chat_request(data: dict, tokenizer, chat_format: ChatFormat, *, model_name: str,
+                       max_model_len: int) -> GenerationRequest:
+    """A checked /v1/chat/completions request: its messages rendered by the chat template and tokenized."""
+    fields = Fields(data, CHAT_FIELDS)
+    check_model(fields, model_name)
+    fields.unsupported("top_logprobs", (0,), "top_logprobs")
+    messages = read_messages(fields.get("messages"))
+    try:
+        prompt_ids = tokenizer.encode(chat_format.render(messages))
+    except TokenizerError as error:
+        raise invalid(f"messages cannot be tokenized: {error}", "messages") from None
+    return read_generation(fields, prompt_ids, max_model_len=max_model_len, default_max_tokens=None,
+                           max_tokens_field="max_completion_tokens")
+
+
+def read_messages(messages) -> list[dict]:
+    """Chat messages as [{"role", "content": str}] (content given as text parts is joined)."""
+    if messages is None:
+        raise invalid("messages is required", "messages", "missing_field")
+    if not isinstance(messages, list) or not messages:
+        raise invalid("messages must be a non-empty array of {role, content} objects", "messages", "invalid_type")
+    checked = []
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise invalid(f"{where} must be an object with role and content", where, "invalid_type")
+        unknown = set(message) - {"role", "content", "name"}
+        if unknown:
+            raise invalid(f"{where} has unrecognized field {sorted(unknown)[0]!r} (takes role, content, name)", where,
+                          "unknown_field")
+        role, content = message.get("role"), message.get("content")
+        if role not in CHAT_ROLES:
+            raise invalid(f"{where}.role={json.dumps(role)}: must be one of {', '.join(CHAT_ROLES)}", f"{where}.role")
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise invalid(f"{where}.content parts must be {{\"type\": \"text\", \"text\": ...}} (text only)",
+                              f"{where}.content", "unsupported")
+            content = "".join(part["text"] for part in content)
+        if not isinstance(content, str):
+            raise invalid(f"{where}.content must be a string or a list of text parts, not {_json_type(content)}",
+                          f"{where}.content", "invalid_type")
+        name = message.get("name")
+        if name is not None and not isinstance(name, str):
+            raise invalid(f"{where}.name must be a string", f"{where}.name", "invalid_type")
+        checked.append({"role": role, "content": content} | ({"name": name} if name is not None else {}))
+    return checked
+
+
+# --- chat template ----------------------------------------------------------------------------------
+
+DEFAULT_CHAT_TEMPLATE = None  # marker: ChatFormat renders the plain-text default without Jinja
+
+
+def default_chat_prompt(messages: list[dict]) -> str:
+    """The default template: "Role: content" paragraphs, then "Assistant:" for the model to continue."""
+    turns = [f"{message['role'].capitalize()}: {message['content']}\n\n" for message in messages]
+    return "".join(turns) + "Assistant:"
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """A chat template (Jinja source, as Hugging Face stores it) with the special tokens it refers to."""
+
+    template: str | None = DEFAULT_CHAT_TEMPLATE
+    bos_token: str = ""
+    eos_token: str = ""
+    _compiled: object = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path | None) -> ChatFormat:
+        """The template of a Hugging Face (or run) folder: chat_template.jinja, else tokenizer_config.json's
+        "chat_template" (one string, or a list of named ones: "default" is taken); none: the default."""
+        if folder is None:
+            return cls()
+        folder = Path(folder)
+        config = {}
+        if (folder / "tokenizer_config.json").is_file():
+            config = json.loads((folder / "tokenizer_config.json").read_text())
+        template = config.get("chat_template")
+        if isinstance(template, list):
+            named = {entry.get("name"): entry.get("template") for entry in template}
+            template = named.get("default", next(iter(named.values()), None))
+        if (folder / "chat_template.jinja").is_file():
+            template = (folder / "chat_template.jinja").read_text()
+        return cls.create(template, _token_text(config.get("bos_token")), _token_text(config.get("eos_token")))
+
+    @classmethod
+    def create(cls, template: str | None, bos_token: str = "", eos_token: str = "") -> ChatFormat:
+        """Compile the template now, so a broken one fails at start-up, not on the first request."""
+        if template is None:
+            return cls(None, bos_token, eos_token)
+        try:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError:
+            raise ImportError("this model's chat template is Jinja: pip install jinja2") from None
+        import jinja2
+
+        def raise_exception(message):
+            raise jinja2.TemplateError(message)
+
+        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        environment.globals["raise_exception"] = raise_exception
+        try:
+            compiled = environment.from_string(template)
+        except jinja2.TemplateError as error:
+            raise ValueError(f"the chat template does not compile: {error}") from None
+        return cls(template, bos_token, eos_token, compiled)
+
+    def render(self, messages: list[dict]) -> str:
+        if self._compiled is None:
+            return default_chat_prompt(messages)
+        import jinja2
+
+        try:
+            return self._compiled.render(messages=messages, add_generation_prompt=True, bos_token=self.bos_token,
+                                         eos_token=self.eos_token)
+        except jinja2.TemplateError as error:
+            raise invalid(f"the chat template refused these messages: {error}", "messages") from None
+
+
+def _token_text(token) -> str:
+    """tokenizer_config.json writes special tokens as "<s>" or {"content": "<s>", ...}."""
+    if isinstance(token, dict):
+        return token.get("content", "")
+    return token or ""
+
+
+# --- token ids -> text ------------------------------------------------------------------------------
+
+class TextStream:
+    """One request's generated ids -> text deltas: whole UTF-8 characters only, stop strings cut off.
+
+    Each token is decoded after the token before it (the prompt's last token for the first) so that
+    tokenizers whose pieces depend on what precedes them (SentencePiece's leading space) decode as in
+    the whole text. Text that might be the start of a stop string is held back until it is not.
+    """
+
+    def __init__(self, tokenizer, previous_id: int | None, stop: Sequence[str] = ()):
+        self.tokenizer, self.previous_id, self.stop = tokenizer, previous_id, tuple(stop)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""      # everything decoded so far (cut at the stop string once one appears)
+        self.sent = 0       # characters of text already handed out
+        self.stopped = False
+
+    def push(self, token_ids: Sequence[int]) -> str:
+        """Text that can be released after these tokens."""
+        for token_id in token_ids:
+            if self.stopped:
+                break
+            self._append(self.decoder.decode(self._token_bytes(token_id)))
+        return self._release(final=self.stopped)
+
+    def finish(self) -> str:
+        """The rest of the text (a character cut short at the end becomes U+FFFD)."""
+        if not self.stopped:
+            self._append(self.decoder.decode(b"", final=True))
+        return self._release(final=True)
+
+    def _token_bytes(self, token_id: int) -> bytes:
+        decode = self.tokenizer.decode_bytes
+        try:
+            if self.previous_id is None:
+                piece = decode([token_id])
+            else:
+                piece = decode([self.previous_id, token_id])[len(decode([self.previous_id])):]
+        except TokenizerError:  # an id of the model's padded vocabulary that the tokenizer lacks
+            piece = b""
+        self.previous_id = token_id
+        return piece
+
+    def _append(self, text: str) -> None:
+        if not text:
+            return
+        start = max(0, len(self.text) - max(map(len, self.stop), default=0))
+        self.text += text
+        hits = [index for stop in self.stop if (index := self.text.find(stop, start)) >= 0]
+        if hits:
+            self.text, self.stopped = self.text[: min(hits)], True
+
+    def _release(self, final: bool) -> str:
+        end = len(self.text) if final else len(self.text) - self._held_back()
+        delta = self.text[self.sent:end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return delta
+
+    def _held_back(self) -> int:
+        """Length of the longest end of the text that begins some stop string."""
+        longest = 0
+        for stop in self.stop:
+            for size in range(min(len(stop) - 1, len(self.text)), longest, -1):
+                if self.text.endswith(stop[:size]):
+                    longest = size
+                    break
+        return longest
+
+
+# --- metrics ----------------------------------------------------------------------------------------
+
+class Histogram:
+    """A Prometheus histogram (cumulative buckets, sum, count)."""
+
+    def __init__(self, buckets: Sequence[float]):
+        self.buckets = tuple(buckets)
+        self.counts = [0] * (len(self.buckets) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        index = next((i for i, bound in enumerate(self.buckets) if value <= bound), len(self.buckets))
+        self.counts[index] += 1
+        self.sum += value
+
+    def lines(self, name: str) -> list[str]:
+        out, cumulative = [], 0
+        for bound, count in zip([*map(_number, self.buckets), "+Inf"], self.counts):
+            cumulative += count
+            out.append(f'{name}_bucket{{le="{bound}"}} {cumulative}')
+        return out + [f"{name}_sum {_number(self.sum)}", f"{name}_count {cumulative}"]
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+@dataclass
+class ServerMetrics:
+    """Counters kept on the asyncio side (one thread: no lock needed)."""
+
+    time_to_first_token: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
+    finished: collections.Counter = field(default_factory=collections.Counter)   # finish reason -> requests
+    rejected: collections.Counter = field(default_factory=collections.Counter)   # HTTP status -> requests
+    in_flight: int = 0
+
+
+def prometheus_text(stats: EngineStats, metrics: ServerMetrics, tokens_per_second: float) -> str:
+    """The /metrics page: Prometheus text exposition format 0.0.4."""
+    lines = []
+
+    def metric(name: str, kind: str, help_text: str, samples: list[str]):
+        lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples])
+
+    def gauge(name, help_text, value):
+        metric(name, "gauge", help_text, [f"{name} {_number(value)}"])
+
+    def counter(name, help_text, value):
+        metric(name, "counter", help_text, [f"{name} {_number(value)}"])
+
+    gauge("llmjax_requests_waiting", "Requests waiting in the engine's queue.", stats.num_waiting)
+    gauge("llmjax_requests_running", "Requests being decoded.", stats.num_running)
+    gauge("llmjax_requests_preempted", "Requests preempted (swapped out or to be recomputed).", stats.num_preempted)
+    gauge("llmjax_requests_in_flight", "HTTP generation requests being answered.", metrics.in_flight)
+    gauge("llmjax_kv_blocks_used", "KV-cache blocks in use.", stats.blocks_used)
+    gauge("llmjax_kv_blocks_total", "KV-cache blocks in the pool.", stats.blocks_total)
+    gauge("llmjax_kv_cache_usage_ratio", "Fraction of the KV-cache pool in use.",
+          stats.blocks_used / max(stats.blocks_total, 1))
+    gauge("llmjax_generation_tokens_per_second", f"Generated tokens per second over the last {RATE_WINDOW_S:g} s.",
+          tokens_per_second)
+    counter("llmjax_prompt_tokens_total", "Prompt tokens admitted by the engine.", stats.prompt_tokens_total)
+    counter("llmjax_generation_tokens_total", "Tokens generated by the engine.", stats.generated_tokens_total)
+    counter("llmjax_preemptions_total", "Preemptions since start.", stats.preemptions_total)
+    metric("llmjax_time_to_first_token_seconds", "histogram", "Seconds from a request's arrival to its first token.",
+           metrics.time_to_first_token.lines("llmjax_time_to_first_token_seconds"))
+    metric("llmjax_requests_finished_total", "counter", "Generation requests answered, by finish reason.",
+           [f'llmjax_requests_finished_total{{finish_reason="{reason}"}} {count}'
+            for reason, count in sorted(metrics.finished.items())])
+    metric("llmjax_requests_rejected_total", "counter", "Requests answered with an error, by HTTP status.",
+           [f'llmjax_requests_rejected_total{{status="{status}"}} {count}'
+            for status, count in sorted(metrics.rejected.items())])
+    return "\n".join(lines) + "\n"
+
+
+# --- the engine thread ------------------------------------------------------------------------------
+
+@dataclass
+class _Route:
+    """Where a request's outputs go: an asyncio queue on the server's event loop."""
+
+    loop: asyncio.AbstractEventLoop
+    outputs: asyncio.Queue
+
+    def deliver(self, item) -> bool:
+        return self.call(self.outputs.put_nowait, item)
+
+    def call(self, function, *args) -> bool:
+        """Run function(*args) on the event loop; False when the loop is closed (nobody is listening)."""
+        try:
+            self.loop.call_soon_threadsafe(function, *args)
+            return True
+        except RuntimeError:
+            return False
+
+
+class EngineFailure(RuntimeError):
+    """engine.step() raised: the requests it was serving are ended with a 500."""
+
+
+class AsyncEngine:
+    """Drives a (not thread-safe) engine from one background thread; requests come and go through queues.
+
+    add() / abort() are called on the event loop; the thread owns the engine and the routing table.
+    """
+
+    def __init__(self, engine, idle_poll_s: float = 0.1):
+        self.engine = engine
+        self.idle_poll_s = idle_poll_s
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._routes: dict[str, _Route] = {}              # engine thread only
+        self._stats = engine.stats()                      # a snapshot, replaced by the engine thread
+        self._recent_tokens: collections.deque = collections.deque()  # (time, tokens generated by a step)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.steps_failed = 0
+
+    # event-loop side ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="llmjax-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self._thread is not None:
+            self._commands.put(("stop",))
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    async def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> asyncio.Queue:
+        """Submit a request; returns the queue its RequestOutputs (or an EngineFailure) arrive on.
+        Raises EngineError (bad request) or QueueFull from engine.add_request."""
+        loop = asyncio.get_running_loop()
+        route, accepted = _Route(loop, asyncio.Queue()), loop.create_future()
+        self._commands.put(("add", request_id, prompt_ids, params, route, accepted))
+        await accepted
+        return route.outputs
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def tokens_per_second(self, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            recent = sum(tokens for at, tokens in self._recent_tokens if at >= now - RATE_WINDOW_S)
+        return recent / RATE_WINDOW_S
+
+    # engine-thread side ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        running = True
+        while running:
+            running = self._take_commands(wait=not self.engine.has_unfinished())
+            if running and self.engine.has_unfinished():
+                self._step()
+            self._stats = self.engine.stats()
+        shutting_down = EngineFailure("the server is shutting down")
+        self._end_all(shutting_down)
+        while True:  # requests submitted after the stop: refused
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if command[0] == "add":
+                command[4].call(_settle, command[5], shutting_down)
+        self._stats = self.engine.stats()
+
+    def _take_commands(self, wait: bool) -> bool:
+        """Apply queued commands (waiting for one when idle); False once asked to stop."""
+        try:
+            command = self._commands.get(timeout=self.idle_poll_s) if wait else self._commands.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            if command[0] == "stop":
+                return False
+            if command[0] == "add":
+                self._add(*command[1:])
+            else:
+                self._routes.pop(command[1], None)
+                self.engine.abort(command[1])
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _add(self, request_id, prompt_ids, params, route: _Route, accepted: asyncio.Future) -> None:
+        try:
+            self.engine.add_request(request_id, prompt_ids, params)
+        except Exception as error:  # EngineError, QueueFull (or a bug: answered with a 500)
+            route.call(_settle, accepted, error)
+            return
+        self._routes[request_id] = route
+        route.call(_settle, accepted, None)
+
+    def _step(self) -> None:
+        try:
+            outputs: list[RequestOutput] = self.engine.step()
+        except Exception as error:  # a bug in the engine: end what it was serving, keep the server up
+            self.steps_failed += 1
+            logger.error("engine.step() failed:\n%s", traceback.format_exc())
+            self._end_all(EngineFailure(f"the engine failed: {type(error).__name__}: {error}"))
+            return
+        generated = 0
+        for output in outputs:
+            generated += len(output.new_token_ids)
+            route = self._routes.get(output.request_id)
+            if route is None:
+                continue  # aborted by its consumer
+            if output.finished:
+                del self._routes[output.request_id]
+            if not route.deliver(output):
+                self._routes.pop(output.request_id, None)
+                self.engine.abort(output.request_id)
+        now = time.monotonic()
+        with self._lock:
+            self._recent_tokens.append((now, generated))
+            while self._recent_tokens and self._recent_tokens[0][0] < now - RATE_WINDOW_S:
+                self._recent_tokens.popleft()
+
+    def _end_all(self, failure: EngineFailure) -> None:
+        for request_id, route in list(self._routes.items()):
+            route.deliver(failure)
+            with contextlib.suppress(Exception):
+                self.engine.abort(request_id)
+        self._routes.clear()
+        with contextlib.suppress(Exception):
+            while self.engine.has_unfinished():  # report the aborts, so the engine is empty
+                self.engine.step()
+
+
+def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+    if not future.done():
+        future.set_result(None) if error is None else future.set_exception(error)
+
+
+# --- one request on the asyncio side ----------------------------------------------------------------
+
+class ClientDisconnected(Exception):
+    """The client of a non-streamed request went away while it was being generated."""
+
+FINISH_REASONS = {"stop": "stop", "length": "length"}
+
+
+class Generation:
+    """One request's life on the event loop: submitted, its outputs turned into text, aborted if abandoned."""
+
+    def __init__(self, driver: AsyncEngine, tokenizer, request: GenerationRequest, metrics: ServerMetrics,
+                 arrival: float, prefix: str):
+        self.driver, self.request, self.metrics, self.arrival = driver, request, metrics, arrival
+        self.request_id = f"{prefix}-{uuid.uuid4().hex}"
+        self.text = TextStream(tokenizer, request.prompt_ids[-1], request.stop)
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self.outputs: asyncio.Queue | None = None
+        self.first_token_seen = False
+        self.next_disconnect_check = 0.0
+
+    @property
+    def usage(self) -> dict:
+        prompt = len(self.request.prompt_ids)
+        return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens,
+                "total_tokens": prompt + self.completion_tokens}
+
+    async def start(self) -> None:
+        try:
+            self.outputs = await self.driver.add(self.request_id, self.request.prompt_ids, self.request.params)
+        except QueueFull as error:
+            raise APIError(429, f"the server is busy ({error}); retry later", type="rate_limit_error",
+                           code="queue_full") from None
+        except EngineError as error:
+            raise invalid(str(error)) from None
+        except EngineFailure as error:
+            raise APIError(503, str(error), type="server_error", code="engine_not_running") from None
+        except Exception as error:
+            raise APIError(500, f"the engine refused the request: {type(error).__name__}: {error}",
+                           type="server_error") from None
+        self.metrics.in_flight += 1
+
+    async def deltas(self, disconnected: Callable | None = None) -> AsyncIterator[str]:
+        """Text deltas until the request finishes (self.finish_reason is then set). `disconnected`: an async
+        predicate polled while waiting, to abort when the client has gone (non-streamed requests)."""
+        try:
+            while self.finish_reason is None:
+                output = await self._next_output(disconnected)
+                if isinstance(output, EngineFailure):
+                    raise APIError(500, str(output), type="server_error", code="engine_failure")
+                if output.new_token_ids and not self.first_token_seen:
+                    self.first_token_seen = True
+                    self.metrics.time_to_first_token.observe(time.monotonic() - self.arrival)
+                self.completion_tokens = output.num_generated
+                ids = output.new_token_ids
+                if output.finished and output.finish_reason == "stop" and ids:
+                    ids = ids[:-1]  # the end-of-text / stop token is not part of the text
+                delta = self.text.push(ids)
+                if self.text.stopped:
+                    self._finish("stop")
+                elif output.finished:
+                    if output.finish_reason not in FINISH_REASONS:
+                        raise APIError(500, f"the engine ended the request ({output.finish_reason})",
+                                       type="server_error", code="aborted")
+                    delta += self.text.finish()
+                    self._finish(FINISH_REASONS[output.finish_reason])
+                if delta:
+                    yield delta
+        finally:
+            self.close()
+
+    async def _next_output(self, disconnected: Callable | None):
+        if disconnected is None:
+            return await self.outputs.get()
+        while True:
+            if time.monotonic() >= self.next_disconnect_check:
+                self.next_disconnect_check = time.monotonic() + DISCONNECT_POLL_S
+                if await disconnected():
+                    raise ClientDisconnected
+            try:
+                return await asyncio.wait_for(self.outputs.get(), timeout=DISCONNECT_POLL_S)
+            except TimeoutError:
+                pass
+
+    def _finish(self, reason: str) -> None:
+        self.finish_reason = reason
+        self.metrics.finished[reason] += 1
+
+    def close(self) -> None:
+        """Abort in the engine if still running (a stop string, a client gone, an error); idempotent."""
+        if self.outputs is None:
+            return
+        if self.finish_reason is None or self.text.stopped:
+            self.driver.abort(self.request_id)
+        if self.finish_reason is None:
+            self.metrics.finished["abort"] += 1
+        self.outputs = None
+        self.metrics.in_flight -= 1
+
+
+# --- response bodies --------------------------------------------------------------------------------
+
+def completion_body(generation: Generation, text: str, model: str, created: int) -> dict:
+    return {"id": generation.request_id, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": generation.finish_reason}],
+            "usage": generation.usage}
+
+
+def chat_body(generation: Generation, text: str, model: str, created: int) -> dict:
+    return {"id": generation.request_id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                         "finish_reason": generation.finish_reason}],
+            "usage": generation.usage}
+
+
+def sse(data) -> str:
+    """One server-sent event."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+async def completion_events(generation: Generation, model: str, created: int, chat: bool) -> AsyncIterator[str]:
+    """The streamed response: OpenAI's chunks, an optional usage chunk, then [DONE]."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(piece: dict, finish_reason=None) -> dict:
+        choice = {"index": 0, **piece, "logprobs": None, "finish_reason": finish_reason}
+        return {"id": generation.request_id, "object": kind, "created": created, "model": model, "choices": [choice]}
+
+    def content(text: str) -> dict:
+        return {"delta": {"content": text}} if chat else {"text": text}
+
+    try:
+        if chat:
+            yield sse(chunk({"delta": {"role": "assistant", "content": ""}}))
+        async for text in generation.deltas():
+            yield sse(chunk(content(text)))
+        yield sse(chunk({"delta": {}} if chat else {"text": ""}, generation.finish_reason))
+        if generation.request.include_usage:
+            yield sse({"id": generation.request_id, "object": kind, "created": created, "model": model, "choices": [],
+                       "usage": generation.usage})
+    except APIError as error:
+        generation.metrics.rejected[error.status] += 1
+        yield sse(error.body())
+    yield sse("[DONE]")
+
+
+# --- the app ----------------------------------------------------------------------------------------
+
+def create_app(engine, tokenizer, *, model_name: str, max_model_len: int, chat_format: ChatFormat | None = None,
+               api_key: str | None = None):
+    """The FastAPI app serving `engine` (an llmjax.infer.engine.Engine; the app's lifespan starts and stops
+    the thread that drives it). max_model_len: the model's context window (cfg.max_seq_len)."""
+    require_serve_extra()
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    chat_format = chat_format or ChatFormat()
+    driver = AsyncEngine(engine)
+    metrics = ServerMetrics()
+    started = int(time.time())
+
+    class EventStream(StreamingResponse):
+        """Server-sent events that always end their request: the generator is closed and the engine request
+        aborted however the response ends (finished, client gone mid-stream, or before the first event)."""
+
+        def __init__(self, events, generation: Generation):
+            super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            self.generation = generation
+
+        async def __call__(self, scope, receive, send):
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                await self.body_iterator.aclose()
+                self.generation.close()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        driver.start()
+        try:
+            yield
+        finally:
+            driver.stop()
+
+    app = FastAPI(title="llmjax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.driver, app.state.metrics = driver, metrics
+
+    def error_response(error: APIError):
+        metrics.rejected[error.status] += 1
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(APIError)
+    async def on_api_error(request, error: APIError):
+        return error_response(error)
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request, error: HTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
+        message = f"{request.method} {request.url.path}: {error.detail}"
+        return error_response(APIError(error.status_code, message, code=code))
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request, error: Exception):
+        logger.error("unexpected error on %s:\n%s", request.url.path, traceback.format_exc())
+        return error_response(APIError(500, f"internal error: {type(error).__name__}: {error}", type="server_error"))
+
+    def check_api_key(request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "missing or incorrect API key: send the header 'Authorization: Bearer KEY'",
+                           code="invalid_api_key")
+
+    async def read_body(request) -> dict:
+        check_api_key(request)
+        if not driver.alive:
+            raise APIError(503, "the engine is not running", type="server_error", code="engine_not_running")
+        return parse_json_body(await request.body())
+
+    async def answer(request, parsed: GenerationRequest, arrival: float, chat: bool):
+        generation = Generation(driver, tokenizer, parsed, metrics, arrival, "chatcmpl" if chat else "cmpl")
+        await generation.start()
+        created = int(time.time())
+        if parsed.stream:
+            return EventStream(completion_events(generation, model_name, created, chat), generation)
+        try:
+            text = "".join([delta async for delta in generation.deltas(request.is_disconnected)])
+        except ClientDisconnected:
+            return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
+        body = chat_body if chat else completion_body
+        return JSONResponse(body(generation, text, model_name, created))
+
+    # Plain routes (the endpoint gets the request, returns a response): the body is read and checked here,
+    # so that every bad input gets OpenAI's error body rather than FastAPI's validation format.
+    async def completions(request):
+        arrival = time.monotonic()
+        data = await read_body(request)
+        parsed = parse_completion_request(data, tokenizer, model_name=model_name, max_model_len=max_model_len)
+        return await answer(request, parsed, arrival, chat=False)
+
+    async def chat_completions(request):
+        arrival = time.monotonic()
+        data = await read_body(request)
+        parsed = parse_chat_request(data, tokenizer, chat_format, model_name=model_name, max_model_len=max_model_len)
+        return await answer(request, parsed, arrival, chat=True)
+
+    async def models(request):
+        check_api_key(request)
+        return JSONResponse({"object": "list", "data": [{"id": model_name, "object": "model", "created": started,
+                                                         "owned_by": "llmjax", "max_model_len": max_model_len}]})
+
+    async def health(request):
+        if not driver.alive:
+            return error_response(APIError(503, "the engine thread is not running", type="server_error",
+                                           code="engine_not_running"))
+        return JSONResponse({"status": "ok"})
+
+    async def prometheus(request):
+        text = prometheus_text(driver.stats(), metrics, driver.tokens_per_second())
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    for path, endpoint, method in (("/v1/completions", completions, "POST"),
+                                   ("/v1/chat/completions", chat_completions, "POST"), ("/v1/models", models, "GET"),
+                                   ("/health", health, "GET"), ("/metrics", prometheus, "GET")):
+        app.add_route(path, endpoint, methods=[method])
+    return app
+
+
+def serve(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Run the app with uvicorn until interrupted."""
+    require_serve_extra()
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

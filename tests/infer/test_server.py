@@ -1,0 +1,443 @@
+"""The OpenAI-compatible server: a real uvicorn server on a free localhost port over the real engine (a random
+llama-tiny), driven by the real `openai` client (httpx for raw bodies): output equal to plain `generate`,
+streaming, chat, metrics, every bad input's status and error body, 429, disconnects, and a load test."""
+
+import asyncio
+import contextlib
+import json
+import re
+import threading
+import time
+
+import httpx
+import jax
+import openai
+import pytest
+import uvicorn
+
+from llmjax.config import get_config
+from llmjax.infer.engine import Engine, EngineConfig
+from llmjax.infer.generate import generate
+from llmjax.infer.sampling import SamplingConfig
+from llmjax.infer.server import ChatFormat, TextStream, create_app, default_chat_prompt
+from llmjax.model import init_params
+from llmjax.tokenizer import load_tokenizer
+
+MODEL = "tiny-test"
+API_KEY = "sk-test"
+# Small, fixed buckets: three programs to compile, shared by every engine below (they are module-level jits).
+ENGINE = dict(num_blocks=96, block_size=4, max_running=8, max_tokens_per_step=64, batch_buckets=(8,),
+              prefill_row_buckets=(4,), chunk_buckets=(32,))
+
+
+class ControlledEngine(Engine):
+    """The real engine with two knobs for tests: `paused` (step() does nothing, so requests stay queued) and
+    `step_delay` (seconds slept per step, so a stream is still running when its client leaves)."""
+
+    paused = False
+    step_delay = 0.0
+
+    def step(self):
+        if self.paused:
+            time.sleep(0.001)
+            return []
+        time.sleep(self.step_delay)
+        return super().step()
+
+
+@contextlib.contextmanager
+def running_server(app):
+    """uvicorn in a background thread on a free port; yields the base URL, shuts down cleanly."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        assert not thread.is_alive(), "the server did not shut down"
+
+
+@pytest.fixture(scope="module")
+def model(bpe):
+    cfg = get_config("llama-tiny", vocab_size=bpe.vocab_size)
+    return init_params(cfg, jax.random.key(3)), cfg, bpe
+
+
+@pytest.fixture(scope="module")
+def served(model):
+    """(base URL, engine) of a server with an API key."""
+    params, cfg, tokenizer = model
+    engine = ControlledEngine(params, cfg, EngineConfig(**ENGINE, max_queue=64), eos_token_id=tokenizer.eot_id)
+    app = create_app(engine, tokenizer, model_name=MODEL, max_model_len=cfg.max_seq_len, api_key=API_KEY)
+    with running_server(app) as url:
+        yield url, engine
+
+
+@pytest.fixture
+def client(served):
+    with openai.OpenAI(base_url=served[0] + "/v1", api_key=API_KEY, max_retries=0, timeout=60) as client:
+        yield client
+
+
+def post(url, path, body=None, *, raw=None, key=API_KEY, timeout=60):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if raw is not None:
+        return httpx.post(url + path, content=raw, headers=headers | {"Content-Type": "application/json"},
+                          timeout=timeout)
+    return httpx.post(url + path, json=body, headers=headers, timeout=timeout)
+
+
+def wait_until_idle(engine, timeout=10.0):
+    """The engine thread has applied every abort: nothing waiting or running, no block in use."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = engine.stats()
+        if stats.num_waiting == stats.num_running == stats.blocks_used == 0:
+            return stats
+        time.sleep(0.02)
+    raise AssertionError(f"the engine did not drain: {engine.stats()}")
+
+
+REFERENCE_TOKENS = 24  # every reference is one generate program (greedy output's first k tokens are its k-token output)
+
+
+def reference_text(model, prompt_ids, max_tokens, sampling=None):
+    """What plain `generate` produces in max_tokens (the end-of-text id is not text), its token count and finish
+    reason."""
+    params, cfg, tokenizer = model
+    out = generate(params, cfg, [prompt_ids], max_new_tokens=REFERENCE_TOKENS, eos_id=tokenizer.eot_id,
+                   sampling=sampling)
+    tokens = out.tokens[0][:max_tokens]
+    ended = tokens[-1] == tokenizer.eot_id
+    return tokenizer.decode(tokens[:-1] if ended else tokens), len(tokens), "stop" if ended else "length"
+
+
+# --- completions and chat ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prompt,max_tokens", [("def f(x):\n    return", 13), ("é€ unicode 😀", 24), ("a", 1)])
+def test_greedy_completion_equals_generate_streamed_or_not(model, client, prompt, max_tokens):
+    tokenizer = model[2]
+    text, count, reason = reference_text(model, tokenizer.encode(prompt), max_tokens)
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0)
+    choice = out.choices[0]
+    assert (choice.text, choice.finish_reason) == (text, reason)
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(tokenizer.encode(prompt)), count)
+    assert out.model == MODEL and out.object == "text_completion"
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert streamed == text  # no character broken between chunks (each half would be U+FFFD)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reason
+    assert chunks[-1].usage.completion_tokens == count and not chunks[-1].choices
+
+
+def test_prompt_as_token_ids_and_seeded_sampling(model, client):
+    ids = model[2].encode("for i in range(")
+    sampling = SamplingConfig(temperature=0.9, top_k=20, seed=11)
+    text, _, _ = reference_text(model, ids, 12, sampling)
+    outs = [client.completions.create(model=MODEL, prompt=ids, max_tokens=12, temperature=0.9, seed=11,
+                                      extra_body={"top_k": 20}).choices[0].text for _ in range(2)]
+    assert outs == [text, text]  # the same seed gives generate's text, whatever else is in the batch
+
+
+def test_chat_renders_the_template_then_completes(model, client):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    prompt_ids = model[2].encode(default_chat_prompt(messages))
+    text, count, reason = reference_text(model, prompt_ids, 9)
+    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=9, temperature=0)
+    assert out.choices[0].message.content == text and out.choices[0].message.role == "assistant"
+    assert out.choices[0].finish_reason == reason and out.usage.prompt_tokens == len(prompt_ids)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=9,
+                                                 temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason == reason
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+
+
+def test_chat_without_max_tokens_fills_the_context(model, client):
+    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], temperature=0,
+                                         extra_body={"ignore_eos": True})
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage.total_tokens == model[1].max_seq_len
+
+
+def test_stop_string_cuts_the_text(model, client):
+    full, _, _ = reference_text(model, model[2].encode("x = "), 24)
+    stop = full[7:10]
+    assert len(full) > 12 and stop
+    for stream in (False, True):
+        kwargs = dict(model=MODEL, prompt="x = ", max_tokens=24, temperature=0, stop=[stop, "\x00never"])
+        if stream:
+            chunks = list(client.completions.create(**kwargs, stream=True))
+            text, reason = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+        else:
+            choice = client.completions.create(**kwargs).choices[0]
+            text, reason = choice.text, choice.finish_reason
+        assert (text, reason) == (full[: full.index(stop)], "stop")
+
+
+def test_models_health_and_metrics(served, client):
+    url, engine = served
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(url + "/health").json() == {"status": "ok"}
+    client.completions.create(model=MODEL, prompt="abc", max_tokens=3, temperature=0)
+    metrics = parse_prometheus(httpx.get(url + "/metrics").text)
+    stats = engine.stats()
+    assert metrics["llmjax_kv_blocks_total"] == ENGINE["num_blocks"]
+    assert metrics["llmjax_generation_tokens_total"] == stats.generated_tokens_total >= 3
+    assert metrics["llmjax_requests_waiting"] == 0 and metrics["llmjax_requests_running"] == 0
+    assert metrics["llmjax_kv_blocks_used"] == 0 and metrics["llmjax_generation_tokens_per_second"] > 0
+    count = metrics["llmjax_time_to_first_token_seconds_count"]
+    assert count >= 1 and metrics['llmjax_time_to_first_token_seconds_bucket{le="+Inf"}'] == count
+    assert metrics['llmjax_requests_finished_total{finish_reason="length"}'] >= 1
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    """{sample name with labels: value}; every line must be a comment or a well-formed sample, every metric
+    announced by HELP and TYPE."""
+    samples, typed = {}, set()
+    for line in text.strip().splitlines():
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            typed.add(line.split()[2])
+            continue
+        match = re.fullmatch(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[a-z_]+="[^"]*"\})? (-?[0-9.e+-]+|\+Inf|NaN)', line)
+        assert match, f"not a Prometheus sample: {line!r}"
+        assert re.sub(r"_(bucket|sum|count)$", "", match.group(1)) in typed, line
+        samples[match.group(1) + (match.group(2) or "")] = float(match.group(3))
+    return samples
+
+
+# --- bad input --------------------------------------------------------------------------------------
+
+def completion(**fields):
+    return {"model": MODEL, "prompt": "hello", "max_tokens": 4} | fields
+
+
+BAD_REQUESTS = [
+    # (path, body or raw bytes, status, code, param)
+    ("/v1/completions", b'{"model": "tiny-test", "prompt": "x",', 400, "invalid_json", None),
+    ("/v1/completions", b"[1, 2]", 400, "invalid_json", None),
+    ("/v1/completions", b'{"model": "tiny-test", "prompt": "x", "temperature": NaN}', 400, "invalid_json", None),
+    ("/v1/completions", b"\xff\xfe", 400, "invalid_json", None),
+    ("/v1/completions", completion(colour="blue"), 400, "unknown_field", "colour"),
+    ("/v1/completions", completion(max_tokens="4"), 400, "invalid_type", "max_tokens"),
+    ("/v1/completions", completion(max_tokens=2.5), 400, "invalid_type", "max_tokens"),
+    ("/v1/completions", completion(temperature="hot"), 400, "invalid_type", "temperature"),
+    ("/v1/completions", completion(stream="yes"), 400, "invalid_type", "stream"),
+    ("/v1/completions", completion(prompt=5), 400, "invalid_type", "prompt"),
+    ("/v1/completions", completion(prompt=[1, "a"]), 400, "invalid_type", "prompt"),
+    ("/v1/completions", completion(prompt=["a", "b"]), 400, "unsupported", "prompt"),
+    ("/v1/completions", completion(prompt=""), 400, "invalid_value", "prompt"),
+    ("/v1/completions", completion(max_tokens=0), 400, "invalid_value", "max_tokens"),
+    ("/v1/completions", completion(max_tokens=64), 400, "context_length_exceeded", "max_tokens"),
+    ("/v1/completions", completion(prompt="z" * 200), 400, "context_length_exceeded", "prompt"),
+    ("/v1/completions", completion(prompt=[10**6]), 400, "invalid_value", None),
+    ("/v1/completions", completion(temperature=2.5), 400, "invalid_value", "temperature"),
+    ("/v1/completions", completion(top_p=0), 400, "invalid_value", "top_p"),
+    ("/v1/completions", completion(top_k=-1), 400, "invalid_value", "top_k"),
+    ("/v1/completions", completion(seed=-1), 400, "invalid_value", None),
+    ("/v1/completions", completion(n=2), 400, "unsupported", "n"),
+    ("/v1/completions", completion(echo=True), 400, "unsupported", "echo"),
+    ("/v1/completions", completion(logprobs=3), 400, "unsupported", "logprobs"),
+    ("/v1/completions", completion(presence_penalty=0.5), 400, "unsupported", "presence_penalty"),
+    ("/v1/completions", completion(stop=["a", ""]), 400, "invalid_value", "stop"),
+    ("/v1/completions", completion(stop=3), 400, "invalid_type", "stop"),
+    ("/v1/completions", completion(stream_options={"include_usage": True}), 400, "invalid_value", "stream_options"),
+    ("/v1/completions", completion(model="gpt-4"), 404, "model_not_found", "model"),
+    ("/v1/completions", {"prompt": "x"}, 400, "missing_field", "model"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "invalid_type", "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400,
+     "invalid_value", "messages[0].role"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": 1}]}, 400, "invalid_type",
+     "messages[0].content"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x", "mood": 1}]}, 400,
+     "unknown_field", "messages[0]"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
+                              "max_completion_tokens": 2}, 400, "invalid_value", "max_completion_tokens"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "prompt": "x"}, 400,
+     "unknown_field", "prompt"),
+    ("/v1/nothing", completion(), 404, "not_found", None),
+]
+
+
+@pytest.mark.parametrize("path,body,status,code,param", BAD_REQUESTS)
+def test_bad_input_gets_its_status_and_an_openai_error_body(served, path, body, status, code, param):
+    url, engine = served
+    response = post(url, path, raw=body) if isinstance(body, bytes) else post(url, path, body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert (error["code"], error["param"], error["type"]) == (code, param, "invalid_request_error")
+    assert engine.stats().num_waiting == 0
+
+
+@pytest.mark.parametrize("key", [None, "sk-wrong"])
+def test_api_key_is_required(served, key):
+    response = post(served[0], "/v1/completions", completion(), key=key)
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(served[0] + "/v1/models").status_code == 401
+    with openai.OpenAI(base_url=served[0] + "/v1", api_key=key or "-", max_retries=0) as client:
+        with pytest.raises(openai.AuthenticationError):
+            client.models.list()
+
+
+def test_openai_client_raises_the_matching_errors(client):
+    with pytest.raises(openai.BadRequestError, match="n=3"):
+        client.completions.create(model=MODEL, prompt="x", n=3)
+    with pytest.raises(openai.BadRequestError, match="context window"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=500)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="other", prompt="x")
+
+
+# --- queue bound, disconnects, cancellations --------------------------------------------------------
+
+def test_full_queue_gives_429_then_requests_proceed(model):
+    params, cfg, tokenizer = model
+    engine = ControlledEngine(params, cfg, EngineConfig(**ENGINE, max_queue=2), eos_token_id=tokenizer.eot_id)
+    app = create_app(engine, tokenizer, model_name=MODEL, max_model_len=cfg.max_seq_len)
+    with running_server(app) as url:
+        engine.paused = True  # nothing is scheduled: requests stay in the waiting queue
+        body = {"model": MODEL, "prompt": "abc", "max_tokens": 3, "temperature": 0}
+        with httpx.Client(base_url=url, timeout=30) as http:
+            pending = [threading.Thread(target=lambda: results.append(http.post("/v1/completions", json=body)))
+                       for _ in range(2)]
+            results = []
+            for thread in pending:
+                thread.start()
+            deadline = time.monotonic() + 10
+            while engine.stats().num_waiting < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            refused = http.post("/v1/completions", json=body)
+            assert refused.status_code == 429
+            assert refused.json()["error"]["type"] == "rate_limit_error" and refused.json()["error"]["code"] == "queue_full"
+            with openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0) as client:
+                with pytest.raises(openai.RateLimitError):
+                    client.completions.create(**body)
+            engine.paused = False
+            for thread in pending:
+                thread.join(30)
+            assert [r.status_code for r in results] == [200, 200]
+            assert http.post("/v1/completions", json=body).status_code == 200
+            metrics = parse_prometheus(http.get("/metrics").text)
+            assert metrics['llmjax_requests_rejected_total{status="429"}'] == 2
+        wait_until_idle(engine)
+
+
+def test_client_that_disconnects_mid_stream_frees_its_blocks(served):
+    url, engine = served
+    before = engine.stats().generated_tokens_total
+    engine.step_delay = 0.02  # 50 tokens would take a second
+    try:
+        body = {"model": MODEL, "prompt": "stream me", "max_tokens": 50, "ignore_eos": True, "stream": True}
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+            with http.stream("POST", "/v1/completions", json=body) as response:
+                lines = response.iter_lines()
+                assert next(line for line in lines if line.startswith("data: "))  # streaming has begun
+                assert engine.stats().num_running == 1 and engine.stats().blocks_used > 0
+            # leaving the block closes the connection mid-stream
+        stats = wait_until_idle(engine)
+    finally:
+        engine.step_delay = 0.0
+    assert stats.generated_tokens_total - before < 50  # aborted, not run to the end
+    metrics = parse_prometheus(httpx.get(url + "/metrics").text)
+    assert metrics['llmjax_requests_finished_total{finish_reason="abort"}'] >= 1
+
+
+def test_cancelled_non_streamed_request_frees_its_blocks(served):
+    url, engine = served
+    before = engine.stats().generated_tokens_total
+    engine.step_delay = 0.02
+    try:
+        body = {"model": MODEL, "prompt": "wait for me", "max_tokens": 50, "ignore_eos": True}
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up: its connection closes
+            post(url, "/v1/completions", body, timeout=0.3)
+        stats = wait_until_idle(engine)
+    finally:
+        engine.step_delay = 0.0
+    assert stats.generated_tokens_total - before < 50
+
+
+# --- load ----------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_load_of_many_concurrent_requests_leaks_no_block(served, client):
+    url, engine = served
+    total, concurrency = 2000, 24
+
+    async def one(http, index, gate):
+        body = {"model": MODEL, "prompt": f"request {index}: " + "ab" * (index % 7), "max_tokens": 1 + index % 6,
+                "temperature": (index % 3) * 0.5, "seed": index}
+        if index % 5 == 0:
+            body["stop"] = ["a"]
+        async with gate:
+            if index % 2:
+                response = await http.post("/v1/completions", json=body)
+                assert response.status_code == 200, response.text
+                return response.json()["choices"][0]["finish_reason"]
+            async with http.stream("POST", "/v1/completions", json=body | {"stream": True}) as response:
+                assert response.status_code == 200
+                events = [line async for line in response.aiter_lines() if line.startswith("data: ")]
+            assert events[-1] == "data: [DONE]"
+            return json.loads(events[-2][6:])["choices"][0]["finish_reason"]
+
+    async def run():
+        gate = asyncio.Semaphore(concurrency)
+        limits = httpx.Limits(max_connections=concurrency)
+        async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120,
+                                     limits=limits) as http:
+            return await asyncio.gather(*(one(http, i, gate) for i in range(total)))
+
+    reasons = asyncio.run(run())
+    assert len(reasons) == total and set(reasons) <= {"stop", "length"}
+    wait_until_idle(engine)
+    assert client.completions.create(model=MODEL, prompt="still here?", max_tokens=2).choices[0].finish_reason
+    assert httpx.get(url + "/health").status_code == 200
+
+
+# --- pieces -------------------------------------------------------------------------------------------
+
+def test_text_stream_never_breaks_a_character_and_cuts_stop_strings():
+    tokenizer = load_tokenizer("bytes")
+    text = "naïve € 😀 end"
+    stream = TextStream(tokenizer, None)
+    deltas = [stream.push([byte]) for byte in text.encode()] + [stream.finish()]
+    assert "".join(deltas) == text and "\ufffd" not in "".join(deltas)
+    assert deltas[text.encode().index("😀".encode()) + 3] == "😀"  # released whole, with its last byte
+
+    stream = TextStream(tokenizer, None, stop=["€ 😀", "zzz"])
+    deltas = [stream.push([byte]) for byte in text.encode()]
+    assert "".join(deltas) == "naïve " and stream.stopped and stream.finish() == ""
+
+    stream = TextStream(tokenizer, None, stop=["e\u20ac"])  # "e€" never appears: held-back "e" comes out at the end
+    assert stream.push(list(b"one")) == "on" and stream.finish() == "e"
+
+
+def test_text_stream_decodes_each_token_after_the_one_before(model):
+    """Byte-level BPE tokens concatenate; the prompt's last token is the context of the first."""
+    tokenizer = model[2]
+    ids = tokenizer.encode("def main():\n    return 'ünïcode'")
+    stream = TextStream(tokenizer, ids[0])
+    assert "".join(stream.push([t]) for t in ids[1:]) + stream.finish() == tokenizer.decode(ids[1:])
+
+
+def test_chat_template_from_a_tokenizer_config(tmp_path):
+    template = ("{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": template, "bos_token": {"content": "<s>"}, "eos_token": "</s>"}))
+    chat = ChatFormat.from_folder(tmp_path)
+    messages = [{"role": "user", "content": "hi"}]
+    assert chat.render(messages) == "<s><|user|>hi</s><|assistant|>"
+    assert ChatFormat.from_folder(tmp_path / "absent").render(messages) == "User: hi\n\nAssistant:"
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}[{{ m.content }}]{% endfor %}")
+    assert ChatFormat.from_folder(tmp_path).render(messages) == "[hi]"
+    with pytest.raises(ValueError, match="does not compile"):
+        ChatFormat.create("{% for %}")
