@@ -323,7 +323,7 @@ class Engine:
         self._arrivals = itertools.count()
         self._seeds = np.random.default_rng()
         self.prompt_tokens_total = self.generated_tokens_total = self.preemptions_total = 0
-        self.steps_total = 0
+        self.steps_total = self.swap_outs_total = 0
 
     # --- requests in and out ------------------------------------------------------------------
 
@@ -426,6 +426,7 @@ class Engine:
             ids = np.full(width, -1, np.int32)
             ids[: len(blocks)] = blocks
             request.swapped = np.asarray(read_blocks(self.cache, ids))[:, :, : len(blocks)]
+            self.swap_outs_total += 1
             self.manager.free(request.request_id)
             bisect.insort(self.swapped, request, key=lambda r: r.arrival)
         else:
