@@ -9,6 +9,10 @@ rc=$?
 { echo "== $name (rc $rc) XLA_FLAGS='$flags' $*"; grep -E "llmjax|peer|ours /|loss of|Error|error" /tmp/$name.log | head -8
   [ $rc = 0 ] || tail -20 /tmp/$name.log; } | tee -a "$OUT/sweep.log"
 for arg in "$@"; do
-  if [ "${prev:-}" = "--profile" ]; then python3 experiments/_trace_top.py "$arg" 3 30 | tee -a "$OUT/sweep.log"; fi
+  if [ "${prev:-}" = "--profile" ]; then
+    # with XLA_FLAGS=--xla_dump_to=/tmp/dump_NAME --xla_dump_hlo_as_text, name each fusion's source line
+    hlo=$(ls -S /tmp/dump_$name/*train_step*after_optimizations.txt 2>/dev/null | head -1)
+    python3 experiments/_trace_top.py "$arg" 3 40 $hlo | tee -a "$OUT/sweep.log"
+  fi
   prev=$arg
 done

@@ -1,14 +1,17 @@
 """(device diagnostic) The GPU kernels that take the most time in a jax.profiler trace folder.
 
-    PYTHONPATH=. python3 experiments/_trace_top.py TRACE_DIR [STEPS] [TOP]
+    PYTHONPATH=. python3 experiments/_trace_top.py TRACE_DIR [STEPS] [TOP] [HLO_AFTER_OPTIMIZATIONS.txt]
 
 Prints the busy time per step, a breakdown by kind of kernel (matrix products, attention, the fused
-loss, XLA's elementwise / reduction fusions, copies) and the top kernels by name.
+loss, XLA's elementwise / reduction fusions, copies) and the top kernels by name; given the step's
+optimized HLO (XLA_FLAGS=--xla_dump_to=DIR --xla_dump_hlo_as_text), each XLA fusion also gets the
+JAX operation it came from and its output shapes.
 """
 import collections
 import glob
 import gzip
 import json
+import re
 import sys
 
 # (kind, substrings of the kernel name), first match wins; names are lowered first.
@@ -31,7 +34,55 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def main(folder: str, steps: int = 3, top: int = 25) -> None:
+def _frames(lines: list[str]) -> dict:
+    """{stack_frame_id: "file:line function"} of the innermost llmjax / kernels frame, from the dump's tables."""
+    tables, section = {}, None
+    for line in lines:
+        if line.strip() in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            section = tables.setdefault(line.strip(), {})
+        elif section is not None and re.match(r"^\d+ ", line):
+            key, value = line.split(" ", 1)
+            section[int(key)] = value.strip()
+        elif line.startswith(("HloModule", "ENTRY", "%")) and tables:
+            break
+
+    def field(text, name):
+        return int(re.search(name + r"=(\d+)", text).group(1))
+
+    def describe(frame_id, depth=0):
+        frame = tables["StackFrames"][frame_id]
+        location = tables["FileLocations"][field(frame, "file_location_id")]
+        file = tables["FileNames"][field(location, "file_name_id")].strip('"')
+        where = f"{file.split('/')[-1]}:{field(location, 'line')} {tables['FunctionNames'][field(location, 'function_name_id')].strip(chr(34))}"
+        parent = field(frame, "parent_frame_id")
+        if ("/llmjax/" in file or "/kernels/" in file) or parent == frame_id or depth > 50:
+            return where
+        return describe(parent, depth + 1)
+
+    try:
+        return {frame_id: describe(frame_id) for frame_id in tables.get("StackFrames", {})}
+    except (KeyError, AttributeError):
+        return {}
+
+
+def fusion_sources(hlo_path: str) -> dict:
+    """{kernel name as profiled: "source line, op -> output shape"} for the instructions of an optimized HLO dump."""
+    lines = open(hlo_path).read().splitlines()
+    frames = _frames(lines)
+    pattern = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.+?) (?:fusion|custom-call|copy|transpose)\(.*?op_name=\"([^\"]+)\"")
+    sources = {}
+    for line in lines:
+        match = pattern.match(line)
+        if match:
+            name, shape, op = match.groups()
+            frame = re.search(r"stack_frame_id=(\d+)", line)
+            where = frames.get(int(frame.group(1)), "") if frame else ""
+            sources[name.replace(".", "_")] = f"{where}  {op.split('/')[-1]} -> {shape[:70]}"
+    return sources
+
+
+def main(folder: str, steps: int = 3, top: int = 25, hlo: str | None = None) -> None:
+    sources = fusion_sources(hlo) if hlo else {}
     path = sorted(glob.glob(f"{folder}/plugins/profile/*/*.trace.json.gz"))[-1]
     events = json.load(gzip.open(path))["traceEvents"]
     processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
@@ -48,7 +99,9 @@ def main(folder: str, steps: int = 3, top: int = 25) -> None:
     print("top kernels (ms per step, share, calls per step):")
     for name, micros in totals.most_common(top):
         print(f"{micros / 1e3 / steps:8.2f} {micros / whole:6.1%} x{counts[name] // steps:<4} {name}")
+        if name in sources:
+            print(f"{'':24}{sources[name][:160]}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], *(int(a) for a in sys.argv[2:]))
+    main(sys.argv[1], *(int(a) for a in sys.argv[2:4]), *sys.argv[4:5])
