@@ -9,7 +9,7 @@ from pathlib import Path
 PROG = "python -m experiments serve"
 
 
-def parse_args(argv):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description="An OpenAI-compatible HTTP server (POST /v1/completions, POST /v1/chat/completions, streamed by "
@@ -46,7 +46,11 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0, help="seed of --model's random weights")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (info logs every request)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
 
 
 def default_model_name(args) -> str:

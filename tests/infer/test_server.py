@@ -5,9 +5,15 @@ streaming, chat, metrics, every bad input's status and error body, 429, disconne
 import asyncio
 import contextlib
 import json
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import jax
@@ -441,3 +447,68 @@ def test_chat_template_from_a_tokenizer_config(tmp_path):
     assert ChatFormat.from_folder(tmp_path).render(messages) == "[hi]"
     with pytest.raises(ValueError, match="does not compile"):
         ChatFormat.create("{% for %}")
+
+
+# --- python -m experiments serve ------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_python(code_or_args, tmp_path, *, block_fastapi=False, **kwargs):
+    """A fresh interpreter at the repository root; block_fastapi: as if the serve extra were not installed."""
+    path = [str(ROOT)]
+    if block_fastapi:
+        (tmp_path / "fastapi.py").write_text("raise ImportError(\"No module named 'fastapi'\", name='fastapi')\n")
+        path.insert(0, str(tmp_path))
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(path), "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, *code_or_args], cwd=ROOT, env=env, capture_output=True, text=True, **kwargs)
+
+
+def test_serve_help_explains_every_flag():
+    from experiments.serve import build_parser
+
+    parser = build_parser()
+    flags = {option for action in parser._actions for option in action.option_strings}
+    assert {"--ckpt", "--hf", "--model", "--host", "--port", "--api-key", "--max-queue", "--num-blocks",
+            "--block-size", "--max-running", "--max-tokens-per-step", "--served-model-name"} <= flags
+    assert all(action.help for action in parser._actions)
+    assert parser.parse_args(["--model", "llama-tiny"]).host == "127.0.0.1"
+
+
+def test_without_the_serve_extra_serving_is_one_clear_error(tmp_path):
+    result = run_python(["-c", "import llmjax.infer, llmjax.infer.server"], tmp_path, block_fastapi=True)
+    assert result.returncode == 0, result.stderr  # the package imports without FastAPI
+    result = run_python(["-m", "experiments", "serve", "--model", "llama-tiny"], tmp_path, block_fastapi=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("python -m experiments serve: the HTTP server needs FastAPI and uvicorn (fastapi "
+                                     "is missing): pip install 'llmjax[serve]' (or ./install.sh serve)")
+
+
+@pytest.mark.slow
+def test_serve_from_the_command_line(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "experiments", "serve", "--model", "llama-tiny", "--port", str(port), "--api-key", "k",
+         "--served-model-name", "m", "--num-blocks", "64", "--max-running", "4", "--max-tokens-per-step", "32",
+         "--no-warmup", "--log-level", "warning"],
+        cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.communicate()[1]
+            assert time.monotonic() < deadline, "the server did not come up"
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            time.sleep(0.2)
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0) as client:
+            out = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        assert out.usage.completion_tokens <= 3 and out.choices[0].finish_reason in ("stop", "length")
+    finally:
+        process.send_signal(signal.SIGINT)  # uvicorn shuts down gracefully
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr
+    assert f"serving 'm' (context 64 tokens) on http://127.0.0.1:{port}/v1" in stderr
