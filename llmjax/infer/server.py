@@ -38,7 +38,6 @@ import contextlib
 import hmac
 import json
 import logging
-import math
 import queue
 import threading
 import time
@@ -68,7 +67,8 @@ def require_serve_extra() -> None:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as error:
-        raise ImportError(f"the HTTP server needs FastAPI and uvicorn ({error.name} is missing): {SERVE_EXTRA_HINT}") from None
+        raise ImportError(f"the HTTP server needs FastAPI and uvicorn ({error.name} is missing): "
+                          f"{SERVE_EXTRA_HINT}") from None
 
 
 # --- errors -----------------------------------------------------------------------------------------
@@ -129,8 +129,8 @@ class Fields:
     def __init__(self, data: dict, known: Sequence[str]):
         unknown = [name for name in data if name not in known]
         if unknown:
-            raise invalid(f"unrecognized request argument {unknown[0]!r}; this endpoint takes: {', '.join(sorted(known))}",
-                          param=unknown[0], code="unknown_field")
+            raise invalid(f"unrecognized request argument {unknown[0]!r}; this endpoint takes: "
+                          f"{', '.join(sorted(known))}", param=unknown[0], code="unknown_field")
         self.data = data
 
     def get(self, name: str):
@@ -235,9 +235,10 @@ def read_prompt(fields: Fields, tokenizer) -> list[int]:
     return ids
 
 
-def read_generation(fields: Fields, prompt_ids: list[int], *, max_model_len: int, default_max_tokens: int | None,
-                    max_tokens_field: str = "max_tokens") -> GenerationRequest:
-    """The sampling options shared by both endpoints, checked against the context window."""
+def read_generation(fields: Fields, prompt_ids: list[int], *, max_model_len: int, prompt_param: str,
+                    max_tokens_field: str, default_max_tokens: int | None) -> GenerationRequest:
+    """The sampling options shared by both endpoints, checked against the context window. prompt_param names the
+    field the prompt came from; max_tokens_field the endpoint's own name for max_tokens (which is accepted too)."""
     if fields.integer("n", 1) != 1:
         raise invalid(f"n={fields.get('n')}: this server returns one choice per request (n=1)", "n", "unsupported")
     fields.unsupported("presence_penalty", (0,), "a presence penalty")
@@ -246,7 +247,6 @@ def read_generation(fields: Fields, prompt_ids: list[int], *, max_model_len: int
     fields.unsupported("logprobs", (False, 0), "logprobs")
     fields.string("user")  # accepted, unused
     prompt_tokens = len(prompt_ids)
-    prompt_param = "messages" if max_tokens_field == "max_completion_tokens" else "prompt"
     if prompt_tokens >= max_model_len:
         raise invalid(f"the prompt has {prompt_tokens} tokens, which leaves no room to generate in the context "
                       f"window of {max_model_len} tokens; shorten it", prompt_param, "context_length_exceeded")
@@ -294,8 +294,8 @@ def parse_completion_request(data: dict, tokenizer, *, model_name: str, max_mode
     fields.unsupported("best_of", (1,), "best_of other than 1")
     fields.unsupported("suffix", ("",), "suffix")
     prompt_ids = read_prompt(fields, tokenizer)
-    return read_generation(fields, prompt_ids, max_model_len=max_model_len,
-                           default_max_tokens=DEFAULT_COMPLETION_TOKENS)
+    return read_generation(fields, prompt_ids, max_model_len=max_model_len, prompt_param="prompt",
+                           max_tokens_field="max_tokens", default_max_tokens=DEFAULT_COMPLETION_TOKENS)
 
 
 def parse_chat_request(data: dict, tokenizer, chat_format: ChatFormat, *, model_name: str,
@@ -309,16 +309,19 @@ def parse_chat_request(data: dict, tokenizer, chat_format: ChatFormat, *, model_
         prompt_ids = tokenizer.encode(chat_format.render(messages))
     except TokenizerError as error:
         raise invalid(f"messages cannot be tokenized: {error}", "messages") from None
-    return read_generation(fields, prompt_ids, max_model_len=max_model_len, default_max_tokens=None,
-                           max_tokens_field="max_completion_tokens")
+    return read_generation(fields, prompt_ids, max_model_len=max_model_len, prompt_param="messages",
+                           max_tokens_field="max_completion_tokens", default_max_tokens=None)
 
 
 def read_messages(messages) -> list[dict]:
     """Chat messages as [{"role", "content": str}] (content given as text parts is joined)."""
     if messages is None:
         raise invalid("messages is required", "messages", "missing_field")
-    if not isinstance(messages, list) or not messages:
-        raise invalid("messages must be a non-empty array of {role, content} objects", "messages", "invalid_type")
+    if not isinstance(messages, list):
+        raise invalid(f"messages must be an array of {{role, content}} objects, not {_json_type(messages)}", "messages",
+                      "invalid_type")
+    if not messages:
+        raise invalid("messages is empty; give at least one message", "messages")
     checked = []
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
@@ -532,7 +535,7 @@ class ServerMetrics:
     in_flight: int = 0
 
 
-def prometheus_text(stats: EngineStats, metrics: ServerMetrics, tokens_per_second: float) -> str:
+def prometheus_text(stats: EngineStats, metrics: ServerMetrics, tokens_per_second: float, step_failures: int) -> str:
     """The /metrics page: Prometheus text exposition format 0.0.4."""
     lines = []
 
@@ -558,6 +561,8 @@ def prometheus_text(stats: EngineStats, metrics: ServerMetrics, tokens_per_secon
     counter("llmjax_prompt_tokens_total", "Prompt tokens admitted by the engine.", stats.prompt_tokens_total)
     counter("llmjax_generation_tokens_total", "Tokens generated by the engine.", stats.generated_tokens_total)
     counter("llmjax_preemptions_total", "Preemptions since start.", stats.preemptions_total)
+    counter("llmjax_engine_step_failures_total", "engine.step() calls that raised (their requests got a 500).",
+            step_failures)
     metric("llmjax_time_to_first_token_seconds", "histogram", "Seconds from a request's arrival to its first token.",
            metrics.time_to_first_token.lines("llmjax_time_to_first_token_seconds"))
     metric("llmjax_requests_finished_total", "counter", "Generation requests answered, by finish reason.",
@@ -600,9 +605,8 @@ class AsyncEngine:
     add() / abort() are called on the event loop; the thread owns the engine and the routing table.
     """
 
-    def __init__(self, engine, idle_poll_s: float = 0.1):
+    def __init__(self, engine):
         self.engine = engine
-        self.idle_poll_s = idle_poll_s
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._routes: dict[str, _Route] = {}              # engine thread only
         self._stats = engine.stats()                      # a snapshot, replaced by the engine thread
@@ -634,7 +638,11 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         route, accepted = _Route(loop, asyncio.Queue()), loop.create_future()
         self._commands.put(("add", request_id, prompt_ids, params, route, accepted))
-        await accepted
+        try:
+            await accepted
+        except asyncio.CancelledError:  # nobody will read its outputs
+            self.abort(request_id)
+            raise
         return route.outputs
 
     def abort(self, request_id: str) -> None:
@@ -672,7 +680,7 @@ class AsyncEngine:
     def _take_commands(self, wait: bool) -> bool:
         """Apply queued commands (waiting for one when idle); False once asked to stop."""
         try:
-            command = self._commands.get(timeout=self.idle_poll_s) if wait else self._commands.get_nowait()
+            command = self._commands.get() if wait else self._commands.get_nowait()
         except queue.Empty:
             return True
         while True:
@@ -743,8 +751,6 @@ def _settle(future: asyncio.Future, error: BaseException | None) -> None:
 class ClientDisconnected(Exception):
     """The client of a non-streamed request went away while it was being generated."""
 
-FINISH_REASONS = {"stop": "stop", "length": "length"}
-
 
 class Generation:
     """One request's life on the event loop: submitted, its outputs turned into text, aborted if abandoned."""
@@ -800,11 +806,11 @@ class Generation:
                 if self.text.stopped:
                     self._finish("stop")
                 elif output.finished:
-                    if output.finish_reason not in FINISH_REASONS:
+                    if output.finish_reason not in ("stop", "length"):
                         raise APIError(500, f"the engine ended the request ({output.finish_reason})",
                                        type="server_error", code="aborted")
                     delta += self.text.finish()
-                    self._finish(FINISH_REASONS[output.finish_reason])
+                    self._finish(output.finish_reason)
                 if delta:
                     yield delta
         finally:
@@ -1000,7 +1006,7 @@ def create_app(engine, tokenizer, *, model_name: str, max_model_len: int, chat_f
         return JSONResponse({"status": "ok"})
 
     async def prometheus(request):
-        text = prometheus_text(driver.stats(), metrics, driver.tokens_per_second())
+        text = prometheus_text(driver.stats(), metrics, driver.tokens_per_second(), driver.steps_failed)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     for path, endpoint, method in (("/v1/completions", completions, "POST"),

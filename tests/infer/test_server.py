@@ -37,16 +37,21 @@ ENGINE = dict(num_blocks=96, block_size=4, max_running=8, max_tokens_per_step=64
 
 
 class ControlledEngine(Engine):
-    """The real engine with two knobs for tests: `paused` (step() does nothing, so requests stay queued) and
-    `step_delay` (seconds slept per step, so a stream is still running when its client leaves)."""
+    """The real engine with knobs for tests: `paused` (step() does nothing, so requests stay queued),
+    `step_delay` (seconds slept per step, so a stream is still running when its client leaves) and
+    `failures` (the next steps raise, as a bug in the engine would)."""
 
     paused = False
     step_delay = 0.0
+    failures = 0
 
     def step(self):
         if self.paused:
             time.sleep(0.001)
             return []
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("injected failure")
         time.sleep(self.step_delay)
         return super().step()
 
@@ -257,7 +262,8 @@ BAD_REQUESTS = [
     ("/v1/completions", completion(stream_options={"include_usage": True}), 400, "invalid_value", "stream_options"),
     ("/v1/completions", completion(model="gpt-4"), 404, "model_not_found", "model"),
     ("/v1/completions", {"prompt": "x"}, 400, "missing_field", "model"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "invalid_type", "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "invalid_value", "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": "hi"}, 400, "invalid_type", "messages"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400,
      "invalid_value", "messages[0].role"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": 1}]}, 400, "invalid_type",
@@ -323,7 +329,8 @@ def test_full_queue_gives_429_then_requests_proceed(model):
                 time.sleep(0.01)
             refused = http.post("/v1/completions", json=body)
             assert refused.status_code == 429
-            assert refused.json()["error"]["type"] == "rate_limit_error" and refused.json()["error"]["code"] == "queue_full"
+            error = refused.json()["error"]
+            assert (error["type"], error["code"]) == ("rate_limit_error", "queue_full")
             with openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0) as client:
                 with pytest.raises(openai.RateLimitError):
                     client.completions.create(**body)
@@ -369,6 +376,21 @@ def test_cancelled_non_streamed_request_frees_its_blocks(served):
     finally:
         engine.step_delay = 0.0
     assert stats.generated_tokens_total - before < 50
+
+
+def test_engine_failure_ends_its_requests_with_500_and_the_server_goes_on(served, client):
+    url, engine = served
+    engine.failures = 1
+    response = post(url, "/v1/completions", {"model": MODEL, "prompt": "boom", "max_tokens": 4})
+    assert response.status_code == 500 and response.json()["error"]["type"] == "server_error"
+    assert "injected failure" in response.json()["error"]["message"]
+    engine.failures = 1
+    with pytest.raises(openai.APIError, match="injected failure"):  # mid-stream: an error event, then [DONE]
+        list(client.completions.create(model=MODEL, prompt="boom", max_tokens=4, stream=True))
+    wait_until_idle(engine)
+    assert client.completions.create(model=MODEL, prompt="fine", max_tokens=2,
+                                    extra_body={"ignore_eos": True}).usage.completion_tokens == 2
+    assert parse_prometheus(httpx.get(url + "/metrics").text)["llmjax_engine_step_failures_total"] == 2
 
 
 # --- load ----------------------------------------------------------------------------------------------
@@ -454,14 +476,11 @@ def test_chat_template_from_a_tokenizer_config(tmp_path):
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_python(code_or_args, tmp_path, *, block_fastapi=False, **kwargs):
-    """A fresh interpreter at the repository root; block_fastapi: as if the serve extra were not installed."""
-    path = [str(ROOT)]
-    if block_fastapi:
-        (tmp_path / "fastapi.py").write_text("raise ImportError(\"No module named 'fastapi'\", name='fastapi')\n")
-        path.insert(0, str(tmp_path))
-    env = os.environ | {"PYTHONPATH": os.pathsep.join(path), "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, *code_or_args], cwd=ROOT, env=env, capture_output=True, text=True, **kwargs)
+def run_without_fastapi(args, tmp_path):
+    """python ARGS at the repository root, as if the serve extra were not installed."""
+    (tmp_path / "fastapi.py").write_text("raise ImportError(\"No module named 'fastapi'\", name='fastapi')\n")
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]), "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True)
 
 
 def test_serve_help_explains_every_flag():
@@ -476,9 +495,9 @@ def test_serve_help_explains_every_flag():
 
 
 def test_without_the_serve_extra_serving_is_one_clear_error(tmp_path):
-    result = run_python(["-c", "import llmjax.infer, llmjax.infer.server"], tmp_path, block_fastapi=True)
+    result = run_without_fastapi(["-c", "import llmjax.infer, llmjax.infer.server"], tmp_path)
     assert result.returncode == 0, result.stderr  # the package imports without FastAPI
-    result = run_python(["-m", "experiments", "serve", "--model", "llama-tiny"], tmp_path, block_fastapi=True)
+    result = run_without_fastapi(["-m", "experiments", "serve", "--model", "llama-tiny"], tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == ("python -m experiments serve: the HTTP server needs FastAPI and uvicorn (fastapi "
                                      "is missing): pip install 'llmjax[serve]' (or ./install.sh serve)")
