@@ -33,7 +33,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from kernels.tiles import combine_masks
 
-__all__ = ["linear_cross_entropy", "cross_entropy_reference"]
+__all__ = ["linear_cross_entropy", "cross_entropy_reference", "cross_entropy_with_grad"]
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 BACKWARD_CHUNK_BYTES = 512 * 2**20  # default budget for one chunk's d_logits
@@ -336,3 +336,89 @@ def linear_cross_entropy(
     cfg = _make_config(hidden, embedding, vocab_size, block_tokens, block_vocab, block_d, vocab_splits,
                        chunk_tokens, num_warps, num_stages, interpret)
     return _fused_cross_entropy(hidden, embedding, targets, cfg)
+
+
+# --- cross-entropy and its logits gradient from stored logits ----------------------------
+
+def _with_grad_kernel(logits_ref, targets_ref, weights_ref, d_logits_ref, nll_ref, log_z_ref, *, rows: int,
+                      padded_vocab: int, vocab_size: int, block_rows: int, block_vocab: int, z_loss: float):
+    """A block of rows: pass 1 reads the logits for the log-partition (online max / sum of exponentials)
+    and the target logit, pass 2 reads them again (mostly from L2) and writes d_logits."""
+    br, bv = block_rows, block_vocab
+    first_row = pl.program_id(0) * br
+    row_mask = _range_mask(first_row, br, rows, rows % br == 0)
+    targets = plgpu.load(targets_ref.at[pl.ds(first_row, br)], mask=row_mask, other=None if row_mask is None else -1)
+    weights = plgpu.load(weights_ref.at[pl.ds(first_row, br)], mask=row_mask, other=None if row_mask is None else 0)
+
+    def tile(j):  # ([br, bv] float32 logits, -inf past vocab_size; [bv] columns; store mask)
+        columns = j * bv + jnp.arange(bv)
+        mask = combine_masks(row_mask, _range_mask(j * bv, bv, padded_vocab, padded_vocab % bv == 0))
+        logits = _load(logits_ref.at[pl.ds(first_row, br), pl.ds(j * bv, bv)], mask).astype(jnp.float32)
+        return jnp.where(columns[None, :] < vocab_size, logits, -jnp.inf), columns, mask
+
+    def statistics(j, carry):
+        running_max, sum_exp, target_logit = carry  # [br] each
+        logits, columns, _ = tile(j)
+        new_max = jnp.maximum(running_max, logits.max(1))
+        sum_exp = sum_exp * jnp.exp(running_max - new_max) + jnp.exp(logits - new_max[:, None]).sum(1)
+        target_logit += jnp.where(columns[None, :] == targets[:, None], logits, 0.0).sum(1)
+        return new_max, sum_exp, target_logit
+
+    zeros = jnp.zeros((br,), jnp.float32)
+    running_max, sum_exp, target_logit = lax.fori_loop(0, pl.cdiv(vocab_size, bv), statistics,
+                                                       (jnp.full((br,), -jnp.inf), zeros, zeros))
+    log_z = running_max + jnp.log(sum_exp)
+    probs_scale = weights * (1 + 2 * z_loss * log_z)  # d objective / d logits = probs_scale * p - weight * onehot
+
+    def write(j, _):
+        logits, columns, mask = tile(j)
+        d_logits = (probs_scale[:, None] * jnp.exp(logits - log_z[:, None])
+                    - jnp.where(columns[None, :] == targets[:, None], weights[:, None], 0.0))
+        plgpu.store(d_logits_ref.at[pl.ds(first_row, br), pl.ds(j * bv, bv)], d_logits.astype(d_logits_ref.dtype),
+                    mask=mask)
+        return None
+
+    lax.fori_loop(0, pl.cdiv(padded_vocab, bv), write, None)
+    plgpu.store(nll_ref.at[pl.ds(first_row, br)], log_z - target_logit, mask=row_mask)
+    plgpu.store(log_z_ref.at[pl.ds(first_row, br)], log_z, mask=row_mask)
+
+
+def cross_entropy_with_grad(
+    logits: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    vocab_size: int,
+    z_loss: float = 0.0,
+    *,
+    block_rows: int = 1,
+    block_vocab: int = 2048,
+    num_warps: int = 4,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(d_logits [rows, padded_vocab] logits.dtype, nll [rows] f32, log_z [rows] f32) of stored logits.
+
+    logits [rows, padded_vocab] (columns >= vocab_size are padding), targets [rows] in [0, vocab_size),
+    weights [rows]: d_logits is the gradient of sum(weights * (nll + z_loss * log_z^2)), zero in the
+    padding columns. One kernel reads each row twice (the second time mostly from L2) and writes
+    d_logits once, where XLA's reductions and elementwise pass read it three times. Not differentiable:
+    it is the gradient. block_rows / block_vocab: powers of two; num_warps: Triton's; interpret: CPU.
+    """
+    rows, padded_vocab = logits.shape
+    if targets.shape != (rows,) or weights.shape != (rows,):
+        raise ValueError(f"targets {targets.shape} and weights {weights.shape} must be [rows]=({rows},)")
+    if not (isinstance(vocab_size, int) and 1 <= vocab_size <= padded_vocab):
+        raise ValueError(f"vocab_size must be an int in [1, padded_vocab={padded_vocab}], got {vocab_size!r}")
+    for name, value in (("block_rows", block_rows), ("block_vocab", block_vocab)):
+        if not _is_power_of_two(value):
+            raise ValueError(f"{name} must be a power of two, got {value!r}")
+    kernel = functools.partial(_with_grad_kernel, rows=rows, padded_vocab=padded_vocab, vocab_size=vocab_size,
+                               block_rows=block_rows, block_vocab=block_vocab, z_loss=float(z_loss))
+    per_row = jax.ShapeDtypeStruct((rows,), jnp.float32)
+    return pl.pallas_call(
+        kernel,
+        out_shape=[jax.ShapeDtypeStruct(logits.shape, logits.dtype), per_row, per_row],
+        grid=(pl.cdiv(rows, block_rows),),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name="cross_entropy_with_grad",
+    )(logits, targets.astype(jnp.int32), weights.astype(jnp.float32))

@@ -26,6 +26,7 @@ POSITIONS = ("learned", "rope")
 ACTIVATIONS = ("gelu_tanh", "swiglu")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload")  # offload: dots_no_batch saved to host memory
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
+NORM_IMPLS = ("auto", "xla", "pallas")
 ROPE_SCALINGS = ("linear", "llama3")
 MOE_IMPLS = ("capacity", "ragged_dot", "pallas")
 FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: numerical references (needs jax x64)
@@ -96,6 +97,7 @@ class ModelConfig:
     scan_unroll: int = 1  # blocks per scan iteration; num_layers unrolls the stack (faster steps, longer compile)
     attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2); None disables
     attention_impl: AttentionImpl = "auto"  # "auto": the fastest available here; see llmjax.model.attention
+    norm_impl: str = "auto"  # "xla", "pallas" (kernels/norms.py) or "auto": the fastest here; see llmjax.model.layers
     # Mixture-of-Experts (llmjax.model.moe); num_experts=0 keeps the dense MLP in every block.
     num_experts: int = 0
     experts_per_token: int = 2  # top-k: 1 is Switch, 2 is GShard / Mixtral
@@ -142,6 +144,7 @@ class ModelConfig:
         if not isinstance(self.scan_unroll, int) or self.scan_unroll < 1:
             raise ConfigError(f"scan_unroll must be a positive integer, got {self.scan_unroll!r}")
         _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        _check_choice("norm_impl", self.norm_impl, NORM_IMPLS)
         _check_choice("param_dtype", self.param_dtype, FLOAT_DTYPES)
         _check_choice("compute_dtype", self.compute_dtype, FLOAT_DTYPES)
         if self.positions == "rope" and self.head_dim % 2:

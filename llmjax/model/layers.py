@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
 
 from llmjax.config import ModelConfig
 from llmjax.model.params import ParamSpec, normal, ones, zeros
+from llmjax.parallel.logical import active_rules, partition_spec
 
 
 def residual_std(cfg: ModelConfig) -> float:
@@ -40,7 +45,48 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return (y * scale.astype(jnp.float32)).astype(x.dtype)
 
 
+def resolve_norm_impl(impl: str, platform: str) -> str:
+    """"auto" -> the fused Pallas kernels on GPUs (XLA_NORM_ON_GPU says otherwise), XLA elsewhere."""
+    if impl == "auto":
+        return "xla" if platform != "gpu" or XLA_NORM_ON_GPU else "pallas"
+    if impl == "pallas" and platform != "gpu":
+        warnings.warn(f"norm_impl='pallas' needs a CUDA GPU, this is {platform!r}: using XLA's norm", stacklevel=3)
+        return "xla"
+    return impl
+
+
+XLA_NORM_ON_GPU = True  # until the fused kernels win inside the model's step (docs/perf.md)
+
+
+def _pallas_norm(x: jax.Array, params: dict, cfg: ModelConfig) -> jax.Array | None:
+    """kernels/norms.py on x [batch, seq, d_model], run per device on its rows when the activations are
+    sharded over batch / length; None when d_model is sharded (each row must be whole on one device)."""
+    from kernels import norms
+
+    interpret = jax.devices()[0].platform != "gpu"  # tests run the kernels on the CPU
+
+    def apply(x, scale, bias):
+        if cfg.norm == "layernorm":
+            return norms.layer_norm(x, scale, bias, cfg.norm_eps, interpret=interpret)
+        return norms.rms_norm(x, scale, cfg.norm_eps, interpret=interpret)
+
+    bias = params.get("bias")
+    active = active_rules()
+    if active is None:
+        return apply(x, params["scale"], bias)
+    mesh, rules = active
+    rows = partition_spec(("batch", "length", "embed"), rules, mesh)
+    if rows[2] is not None:
+        return None
+    return jax.shard_map(apply, mesh=mesh, in_specs=(rows, PartitionSpec(), PartitionSpec()), out_specs=rows,
+                         check_vma=False)(x, params["scale"], bias)
+
+
 def norm(params: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    if resolve_norm_impl(cfg.norm_impl, jax.devices()[0].platform) == "pallas":
+        y = _pallas_norm(x, params, cfg)
+        if y is not None:
+            return y
     if cfg.norm == "layernorm":
         return layer_norm(x, params["scale"], params["bias"], cfg.norm_eps)
     return rms_norm(x, params["scale"], cfg.norm_eps)
@@ -72,10 +118,36 @@ def dense(params: dict, x: jax.Array) -> jax.Array:
     return y + params["bias"] if "bias" in params else y
 
 
+@jax.custom_vjp
+def bias_gelu(h: jax.Array, bias: jax.Array) -> jax.Array:
+    """gelu_tanh(h + bias), h [..., f] the matmul's output, bias [f]; the backward pass recomputes from h
+    (the forward writes only its output, not h + bias beside it)."""
+    return jax.nn.gelu(h + bias, approximate=True)
+
+
+def _bias_gelu_forward(h, bias):
+    return bias_gelu(h, bias), (h, bias)
+
+
+def _bias_gelu_backward(residuals, grad):
+    h, bias = residuals
+    x = h.astype(jnp.float32) + bias.astype(jnp.float32)
+    c = (2 / np.pi) ** 0.5
+    t = jnp.tanh(c * (x + 0.044715 * x**3))
+    slope = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)  # d gelu_tanh / dx
+    d_x = grad.astype(jnp.float32) * slope
+    return d_x.astype(h.dtype), d_x.reshape(-1, d_x.shape[-1]).sum(0).astype(bias.dtype)
+
+
+bias_gelu.defvjp(_bias_gelu_forward, _bias_gelu_backward)
+
+
 def mlp(params: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     """[batch, seq, d_model] -> [batch, seq, d_model]: GELU-tanh MLP (GPT-2) or SwiGLU (LLaMA)."""
     if cfg.activation == "swiglu":
         hidden = jax.nn.silu(dense(params["gate"], x)) * dense(params["up"], x)
     else:
-        hidden = jax.nn.gelu(dense(params["up"], x), approximate=True)
+        up = params["up"]
+        h = x @ up["kernel"]  # [batch, seq, d_ff]
+        hidden = bias_gelu(h, up["bias"]) if "bias" in up else jax.nn.gelu(h, approximate=True)
     return dense(params["down"], hidden)  # [batch, seq, d_model]

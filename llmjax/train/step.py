@@ -161,6 +161,25 @@ def _chunk_statistics(xc, tc, w, vocab_size: int):
     return logits, log_z - jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0], log_z
 
 
+def _chunk_logits_grad(xc, tc, wc, w, vocab_size: int, z_loss: float):
+    """(d objective / d logits [..., chunk, vocab] in xc's dtype, nll, log_z [..., chunk] float32) of one chunk.
+    On GPUs one Pallas kernel (kernels/cross_entropy.cross_entropy_with_grad) reads the logits twice and
+    writes their gradient once; XLA's reductions and elementwise pass read them three times."""
+    if jax.devices()[0].platform == "gpu":
+        from kernels.cross_entropy import cross_entropy_with_grad
+
+        logits = jnp.dot(xc, w, preferred_element_type=xc.dtype)
+        lead = logits.shape[:-1]
+        g, nll, log_z = cross_entropy_with_grad(logits.reshape(-1, w.shape[1]), tc.reshape(-1), wc.reshape(-1),
+                                                vocab_size, z_loss)
+        return g.reshape(logits.shape), nll.reshape(lead), log_z.reshape(lead)
+    logits, nll, log_z = _chunk_statistics(xc, tc, w, vocab_size)
+    probs = jnp.exp(logits - log_z[..., None])
+    target = jnp.arange(w.shape[1]) == tc[..., None]
+    g = (wc * (1 + 2 * z_loss * log_z))[..., None] * probs - jnp.where(target, wc[..., None], 0)
+    return g.astype(xc.dtype), nll, log_z
+
+
 def _forward_grad_cross_entropy_fwd(x, embedding, targets, weights, vocab_size, chunk_tokens, z_loss):
     weights = jax.lax.stop_gradient(weights.astype(jnp.float32))
     (xs, ts, ws), unchunk = _chunks(chunk_tokens, x, targets, weights)
@@ -168,11 +187,7 @@ def _forward_grad_cross_entropy_fwd(x, embedding, targets, weights, vocab_size, 
 
     def one_chunk(d_w, inputs):
         xc, tc, wc = inputs  # [..., chunk, d_model], [..., chunk], [..., chunk]
-        logits, nll, log_z = _chunk_statistics(xc, tc, w, vocab_size)
-        probs = jnp.exp(logits - log_z[..., None])
-        target = jnp.arange(w.shape[1]) == tc[..., None]
-        g = (wc * (1 + 2 * z_loss * log_z))[..., None] * probs - jnp.where(target, wc[..., None], 0)
-        g = g.astype(x.dtype)  # d objective / d logits
+        g, nll, log_z = _chunk_logits_grad(xc, tc, wc, w, vocab_size, z_loss)  # g: d objective / d logits
         dx = jnp.dot(g, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
         d_w = d_w + jnp.einsum("...cd,...cv->dv", xc, g, preferred_element_type=jnp.float32)
         return d_w, (nll, log_z, dx)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.cross_entropy import cross_entropy_reference, linear_cross_entropy
+from kernels.cross_entropy import cross_entropy_reference, cross_entropy_with_grad, linear_cross_entropy
 from llmjax.train.step import chunked_cross_entropy
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
@@ -118,6 +118,53 @@ def test_bad_input_is_one_clear_error(call, message):
         call()
 
 
+def with_grad_reference(logits, targets, weights, vocab_size, z_loss):
+    """(d objective / d logits, nll, log_z) by autodiff of the float32 objective."""
+    def objective(logits):
+        logits = jnp.where(jnp.arange(logits.shape[1]) < vocab_size, logits, -jnp.inf)
+        log_z = jax.nn.logsumexp(logits, axis=-1)
+        nll = log_z - jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+        return (weights * (nll + z_loss * jnp.square(log_z))).sum(), (nll, log_z)
+
+    (_, (nll, log_z)), grad = jax.value_and_grad(objective, has_aux=True)(logits.astype(jnp.float32))
+    return grad, nll, log_z
+
+
+def check_with_grad(rows, padded_vocab, vocab_size, dtype, z_loss, seed, **options):
+    rng = np.random.default_rng(seed)
+    logits = jnp.asarray(rng.normal(size=(rows, padded_vocab)) * 4, dtype)
+    targets = rng.integers(0, vocab_size, rows)
+    targets[:2] = 0, vocab_size - 1
+    weights = jnp.asarray((rng.random(rows) < 0.8) * rng.random(rows), jnp.float32)  # some rows do not count
+    got = cross_entropy_with_grad(logits, jnp.asarray(targets), weights, vocab_size, z_loss, **options)
+    want = with_grad_reference(logits, jnp.asarray(targets), weights, vocab_size, z_loss)
+    assert got[0].dtype == dtype and got[0].shape == logits.shape
+    assert relative_error(got[0], want[0]) < TOLERANCE[dtype]
+    for got_values, want_values in zip(got[1:], want[1:]):
+        assert relative_error(got_values, want_values) < 1e-6
+    assert not np.any(np.asarray(got[0][:, vocab_size:], np.float32)), "padding columns get no gradient"
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("rows,padded_vocab,vocab_size,options", [
+    (13, 300, 290, {"block_rows": 4, "block_vocab": 64}),  # rows and columns past the last whole block
+    (8, 256, 256, {"block_rows": 2, "block_vocab": 128}),  # everything whole, no padding columns
+    (5, 200, 37, {"block_rows": 1, "block_vocab": 32}),  # most columns are padding
+])
+def test_cross_entropy_with_grad_matches_autodiff(dtype, rows, padded_vocab, vocab_size, options):
+    check_with_grad(rows, padded_vocab, vocab_size, dtype, 1e-2, seed=rows, interpret=True, **options)
+
+
+def test_cross_entropy_with_grad_bad_input():
+    logits = jnp.ones((4, 32))
+    with pytest.raises(ValueError, match=r"targets \(3,\) and weights \(4,\) must be \[rows\]"):
+        cross_entropy_with_grad(logits, jnp.zeros(3, jnp.int32), jnp.ones(4), 32, interpret=True)
+    with pytest.raises(ValueError, match="vocab_size must be an int"):
+        cross_entropy_with_grad(logits, jnp.zeros(4, jnp.int32), jnp.ones(4), 40, interpret=True)
+    with pytest.raises(ValueError, match="block_vocab must be a power of two"):
+        cross_entropy_with_grad(logits, jnp.zeros(4, jnp.int32), jnp.ones(4), 32, block_vocab=48, interpret=True)
+
+
 # --- on a GPU, at real sizes --------------------------------------------------------------
 
 @pytest.mark.gpu
@@ -131,3 +178,10 @@ def test_gpu_float32_awkward_sizes():
     """float32 (the kernels' dots run in tf32, as XLA's do by default): uneven tokens, d, vocab."""
     check_against_reference(3001, 200, 5000, 4999, jnp.float32, seed=12, tolerance=1e-2, value_tolerance=1e-3,
                             chunk_tokens=1024)
+
+
+@pytest.mark.gpu
+def test_gpu_cross_entropy_with_grad_gpt2_chunk():
+    """One 8192-token chunk of GPT-2's bf16 logits (the forward_grad training loss's shape)."""
+    check_with_grad(8192, 50304, 50257, jnp.bfloat16, 0.0, seed=13)
+    check_with_grad(1000, 128256, 128256, jnp.bfloat16, 1e-4, seed=14)

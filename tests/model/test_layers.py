@@ -1,0 +1,60 @@
+"""The layers' fast paths against plain JAX: the bias + GELU custom VJP and the Pallas norms inside the model."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llmjax.config import get_config
+from llmjax.model.layers import _pallas_norm, bias_gelu, norm, resolve_norm_impl
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_bias_gelu_matches_autodiff(dtype, tol):
+    keys = jax.random.split(jax.random.key(0), 3)
+    h = (jax.random.normal(keys[0], (3, 5, 37)) * 3).astype(dtype)  # [batch, seq, d_ff], wide range of slopes
+    bias = jax.random.normal(keys[1], (37,)).astype(dtype)
+    weights = jax.random.normal(keys[2], (3, 5, 37))
+
+    def objective(fn):
+        return lambda h, b: jnp.sum(fn(h, b).astype(jnp.float32) * weights)
+
+    plain = objective(lambda h, b: jax.nn.gelu(h + b, approximate=True))
+    want_value, want_grads = jax.value_and_grad(plain, argnums=(0, 1))(h.astype(jnp.float32), bias.astype(jnp.float32))
+    got_value, got_grads = jax.value_and_grad(objective(bias_gelu), argnums=(0, 1))(h, bias)
+    assert got_grads[0].dtype == dtype and got_grads[1].dtype == dtype
+    assert float(got_value) == pytest.approx(float(want_value), rel=tol)
+    for got, want in zip(got_grads, want_grads):
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=tol, atol=tol * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])  # LayerNorm and RMSNorm
+def test_pallas_norm_in_the_model_matches_xla(preset):
+    """The model's norm through kernels/norms.py (interpret mode here) equals XLA's, values and gradients."""
+    cfg = get_config(preset)
+    keys = jax.random.split(jax.random.key(1), 4)
+    x = jax.random.normal(keys[0], (2, 11, cfg.d_model))
+    params = {"scale": 1 + 0.1 * jax.random.normal(keys[1], (cfg.d_model,))}
+    if cfg.norm == "layernorm":
+        params["bias"] = 0.1 * jax.random.normal(keys[2], (cfg.d_model,))
+    weights = jax.random.normal(keys[3], x.shape)
+    xla = lambda x, p: jnp.sum(norm(p, x, cfg.replace(norm_impl="xla")) * weights)  # noqa: E731
+    pallas = lambda x, p: jnp.sum(_pallas_norm(x, p, cfg) * weights)  # noqa: E731
+    want, want_grads = jax.value_and_grad(xla, argnums=(0, 1))(x, params)
+    got, got_grads = jax.value_and_grad(pallas, argnums=(0, 1))(x, params)
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_norm_impl_selection():
+    assert resolve_norm_impl("xla", "gpu") == "xla"
+    assert resolve_norm_impl("auto", "cpu") == "xla"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert resolve_norm_impl("pallas", "cpu") == "xla"
+    assert "needs a CUDA GPU" in str(caught[0].message)
+    with pytest.raises(Exception, match="norm_impl"):
+        get_config("gpt2-tiny", norm_impl="triton")
