@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -59,6 +60,18 @@ def default_model_name(args) -> str:
     return (args.ckpt or args.hf).resolve().name
 
 
+def end_of_text_ids(folder: Path | None, tokenizer, chat_format) -> list[int]:
+    """The ids that end a reply: generation_config.json's eos_token_id (one id or a list, as Llama 3 has), else
+    the tokenizer config's eos_token, else the tokenizer's <|endoftext|>."""
+    if folder is not None and (folder / "generation_config.json").is_file():
+        ids = json.loads((folder / "generation_config.json").read_text()).get("eos_token_id")
+        if ids is not None:
+            return [int(i) for i in (ids if isinstance(ids, list) else [ids])]
+    if chat_format.eos_token in tokenizer.special_tokens:
+        return [tokenizer.special_tokens[chat_format.eos_token]]
+    return [] if tokenizer.eot_id is None else [tokenizer.eot_id]
+
+
 def chat_format_for(args):
     """The chat template: --chat-template, else the tokenizer config next to the tokenizer / model, else the default."""
     from llmjax.infer.server import ChatFormat
@@ -97,13 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     config = EngineConfig(num_blocks=args.num_blocks, block_size=args.block_size, max_running=args.max_running,
                           max_tokens_per_step=args.max_tokens_per_step, max_queue=args.max_queue,
                           prefix_caching=not args.no_prefix_caching)
-    engine = Engine(params, cfg, config, eos_token_id=tokenizer.eot_id)
+    end_ids = [i for i in end_of_text_ids(args.hf or args.ckpt, tokenizer, chat_format) if 0 <= i < cfg.vocab_size]
+    engine = Engine(params, cfg, config, eos_token_id=end_ids[0] if end_ids else None)
     if not args.no_warmup:
         print(f"{PROG}: compiling the engine's shape buckets ...", file=sys.stderr, flush=True)
         engine.warmup()
     name = args.served_model_name or default_model_name(args)
     app = create_app(engine, tokenizer, model_name=name, max_model_len=cfg.max_seq_len, chat_format=chat_format,
-                     api_key=args.api_key)
+                     api_key=args.api_key, stop_token_ids=end_ids[1:])
     print(f"{PROG}: serving {name!r} (context {cfg.max_seq_len} tokens) on http://{args.host}:{args.port}/v1",
           file=sys.stderr, flush=True)
     serve(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -35,6 +35,7 @@ import asyncio
 import codecs
 import collections
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -894,9 +895,11 @@ async def completion_events(generation: Generation, model: str, created: int, ch
 # --- the app ----------------------------------------------------------------------------------------
 
 def create_app(engine, tokenizer, *, model_name: str, max_model_len: int, chat_format: ChatFormat | None = None,
-               api_key: str | None = None):
+               api_key: str | None = None, stop_token_ids: Sequence[int] = ()):
     """The FastAPI app serving `engine` (an llmjax.infer.engine.Engine; the app's lifespan starts and stops
-    the thread that drives it). max_model_len: the model's context window (cfg.max_seq_len)."""
+    the thread that drives it). max_model_len: the model's context window (cfg.max_seq_len). stop_token_ids:
+    the model's end-of-text ids besides the engine's EOS id (Llama 3's <|eot_id|>); they end every request
+    that does not ask for ignore_eos."""
     require_serve_extra()
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -968,6 +971,9 @@ def create_app(engine, tokenizer, *, model_name: str, max_model_len: int, chat_f
         return parse_json_body(await request.body())
 
     async def answer(request, parsed: GenerationRequest, arrival: float, chat: bool):
+        if stop_token_ids and not parsed.params.ignore_eos:
+            params = dataclasses.replace(parsed.params, stop_token_ids=tuple(stop_token_ids))
+            parsed = dataclasses.replace(parsed, params=params)
         generation = Generation(driver, tokenizer, parsed, metrics, arrival, "chatcmpl" if chat else "cmpl")
         await generation.start()
         created = int(time.time())

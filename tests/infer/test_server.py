@@ -531,3 +531,33 @@ def test_serve_from_the_command_line(tmp_path):
         _, stderr = process.communicate(timeout=30)
     assert process.returncode == 0, stderr
     assert f"serving 'm' (context 64 tokens) on http://127.0.0.1:{port}/v1" in stderr
+
+
+def test_end_of_text_ids_come_from_the_model_folder(tmp_path):
+    from experiments.serve import end_of_text_ids
+
+    tokenizer = load_tokenizer("bytes")
+    assert end_of_text_ids(None, tokenizer, ChatFormat()) == [256]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
+    assert end_of_text_ids(tmp_path, tokenizer, ChatFormat()) == [7, 9]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 5}))
+    assert end_of_text_ids(tmp_path, tokenizer, ChatFormat()) == [5]
+    (tmp_path / "generation_config.json").unlink()
+    assert end_of_text_ids(tmp_path, tokenizer, ChatFormat(eos_token="<|endoftext|>")) == [256]
+
+
+def test_extra_stop_token_ids_end_every_request_but_ignore_eos(model):
+    """The model's second end-of-text id (Llama 3's <|eot_id|>) stops a reply and is not part of its text."""
+    params, cfg, tokenizer = model
+    prompt = tokenizer.encode("x = ")
+    free = generate(params, cfg, [prompt], max_new_tokens=8).tokens[0]  # no EOS: 8 tokens
+    engine = Engine(params, cfg, EngineConfig(**ENGINE), eos_token_id=tokenizer.eot_id)
+    app = create_app(engine, tokenizer, model_name=MODEL, max_model_len=cfg.max_seq_len, stop_token_ids=[free[3]])
+    with running_server(app) as url, openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0) as client:
+        out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
+        cut = free.index(free[3])
+        assert (out.choices[0].text, out.choices[0].finish_reason) == (tokenizer.decode(free[:cut]), "stop")
+        assert out.usage.completion_tokens == cut + 1
+        out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert (out.choices[0].text, out.usage.completion_tokens) == (tokenizer.decode(free), 8)
