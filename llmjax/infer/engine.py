@@ -310,6 +310,8 @@ class Engine:
             raise EngineError(f"eos_token_id={eos_token_id} is outside the vocabulary [0, {cfg.vocab_size})")
         self.cfg, self.config, self.eos_token_id = cfg, config, eos_token_id
         self.impl = resolve_decode_impl(config.decode_impl, cfg)
+        # The Pallas kernel reads each row only up to its length: one table width serves every decode batch.
+        self.decode_widths = self.buckets.table_width[-1:] if self.impl == "pallas" else self.buckets.table_width
         self.dparams = _prepare_jit(params, cfg)
         self.cache = init_paged_cache(cfg, config.num_blocks, config.block_size, config.cache_dtype)
         self.manager = BlockManager(config.num_blocks, config.block_size, config.prefix_caching)
@@ -498,22 +500,25 @@ class Engine:
                     work.prefill.append((request, chunk))
                     scheduled.add(request.request_id)
                     budget -= chunk
-        # 3. requests joining now: swapped-out first, then waiting (FCFS: none overtakes an older one)
-        if self.config.scheduling == "static" and (self.running or self.swapped):
+        # 3. requests joining now: swapped-out first, then waiting (FCFS: none overtakes an older one).
+        # Static batching admits a whole batch at once, and only when the previous one has left.
+        static = self.config.scheduling == "static"
+        if static and (self.running or self.swapped):
             return work
         for queue in (self.swapped, self.waiting):
-            while (queue and len(self.running) < self.config.max_running and budget > 0
-                   and len(work.prefill) < max_rows):
+            while queue and len(self.running) < self.config.max_running:
+                if not static and (budget <= 0 or len(work.prefill) >= max_rows):
+                    return work
                 request = queue[0]
                 if not self._admit(request):
                     return work
                 queue.pop(0)
                 bisect.insort(self.running, request, key=lambda r: r.arrival)
                 scheduled.add(request.request_id)
-                if request.pending == 1:
+                if request.pending == 1 and budget > 0:
                     work.decode.append(request)
                     budget -= 1
-                else:
+                elif request.pending > 1 and budget > 0 and len(work.prefill) < max_rows:
                     chunk = min(request.pending, budget, max_chunk)
                     work.prefill.append((request, chunk))
                     budget -= chunk
@@ -572,9 +577,9 @@ class Engine:
             seed[row], steps[row] = request.seed, len(request.output)
         return {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}, steps
 
-    def _tables(self, ids: list, rows: int) -> np.ndarray:
+    def _tables(self, ids: list, rows: int, widths: tuple[int, ...]) -> np.ndarray:
         widest = max((len(self.manager.sequences[i].block_table) for i in ids if i is not None), default=1)
-        width = _bucket(self.buckets.table_width, widest)
+        width = _bucket(widths, widest)
         return self.manager.block_tables(ids + [None] * (rows - len(ids)), width)
 
     def _run_decode(self, requests: list[_Request]) -> dict[str, int]:
@@ -584,7 +589,7 @@ class Engine:
         for row, request in enumerate(requests):
             last[row], lengths[row] = request.tokens[-1], request.computed
         sampling, steps = self._sampling_rows(requests, rows)
-        tables = self._tables([r.request_id for r in requests], rows)
+        tables = self._tables([r.request_id for r in requests], rows, self.decode_widths)
         tokens, self.cache = decode_program(self.dparams, self.cache, last, tables, lengths, sampling, steps,
                                             cfg=self.cfg, impl=self.impl)
         tokens = np.asarray(tokens)
@@ -599,7 +604,7 @@ class Engine:
             tokens[row, :n] = request.tokens[request.computed: request.computed + n]
             context[row], lengths[row] = request.computed, n
         sampling, steps = self._sampling_rows([r for r, _ in chunks], rows)
-        tables = self._tables([r.request_id for r, _ in chunks], rows)
+        tables = self._tables([r.request_id for r, _ in chunks], rows, self.buckets.table_width)
         sampled, self.cache = prefill_program(self.dparams, self.cache, tokens, tables, context, lengths, sampling,
                                               steps, cfg=self.cfg)
         sampled = np.asarray(sampled)
@@ -613,7 +618,7 @@ class Engine:
         b = self.buckets
         for rows in b.batch:
             sampling, steps = self._sampling_rows([], rows)
-            for width in b.table_width:
+            for width in self.decode_widths:
                 tables = np.full((rows, width), -1, np.int32)
                 tokens, self.cache = decode_program(self.dparams, self.cache, np.zeros(rows, np.int32), tables,
                                                     np.full(rows, -1, np.int32), sampling, steps, cfg=self.cfg,

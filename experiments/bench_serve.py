@@ -1,0 +1,413 @@
+"""Serving load test: static vs continuous batching vs continuous + prefix caching under Poisson arrivals (throughput, TTFT / ITL percentiles, KV utilization), in process or over HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+MODES = ("static", "continuous", "prefix")
+MODE_TITLES = {"static": "static batching", "continuous": "continuous batching",
+               "prefix": "continuous + prefix caching", "http": "HTTP server"}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="python -m experiments bench_serve",
+        description="A seeded load generator: requests arrive as a Poisson process at each --rates value (inf: all at "
+        "once, the offline case), with prompt and output lengths drawn from clipped log-normal distributions (a "
+        "ShareGPT-like long tail) and prompts that start with one of --system-prompts shared system prompts. Every "
+        "rate is run in process against llmjax.infer.engine in each --modes: 'static' (a batch of up to "
+        "--max-running requests is admitted only when the previous batch has wholly finished, as a server "
+        "without iteration-level scheduling does; prefix caching off), 'continuous' (requests join and leave the "
+        "batch between steps; prefix caching off) and 'prefix' (continuous, prefix caching on). With --http URL "
+        "the same load goes to an OpenAI-compatible server's streamed /v1/completions instead, timed on the "
+        "client. Reports output tokens/s, requests/s, time to first token (TTFT), inter-token latency (ITL), "
+        "end-to-end and per-token latency percentiles, KV pool utilization against a contiguous cache's for the "
+        "same requests, and preemptions. Prints a table, writes JSON and PNG charts.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--model", default="llama-1b", help="model preset with random weights (compute dtype of the preset)")
+    source.add_argument("--ckpt", type=Path, default=None, help="a run folder written by `experiments train` (its newest checkpoint)")
+    p.add_argument("--http", default=None, metavar="URL",
+                   help="benchmark a running OpenAI-compatible server at URL (e.g. http://127.0.0.1:8000) instead of "
+                   "the engine in process; --modes, the engine flags and the model flags are then ignored, the server "
+                   "must accept token-id prompts, and --vocab-size / --max-model-len must fit its model")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
+    p.add_argument("--rates", default="inf,24,12", help="request rates (requests/s, Poisson), 'inf' = all at t=0")
+    p.add_argument("--num-requests", type=int, default=256, help="requests per (mode, rate) run")
+    p.add_argument("--prompt-median", type=float, default=96, help="median of the prompt length after the system prompt (tokens)")
+    p.add_argument("--prompt-sigma", type=float, default=0.8, help="log-normal sigma of that length")
+    p.add_argument("--output-median", type=float, default=128, help="median output length (tokens, EOS ignored)")
+    p.add_argument("--output-sigma", type=float, default=0.9, help="log-normal sigma of the output length")
+    p.add_argument("--max-prompt", type=int, default=1024, help="prompts are clipped to this many tokens")
+    p.add_argument("--max-output", type=int, default=1024, help="outputs are clipped to this many tokens")
+    p.add_argument("--system-prompts", type=int, default=4, help="distinct shared system prompts (0: none)")
+    p.add_argument("--system-len", type=int, default=192, help="tokens of each system prompt")
+    p.add_argument("--max-model-len", type=int, default=2048, help="context per request (<= the model's)")
+    p.add_argument("--num-blocks", type=int, default=8192, help="KV pool blocks")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per block")
+    p.add_argument("--max-running", type=int, default=64, help="rows decoded together (and static batch size)")
+    p.add_argument("--max-tokens-per-step", type=int, default=512, help="engine token budget per step")
+    p.add_argument("--max-prefill-rows", type=int, default=4, help="prompts prefilled in one step")
+    p.add_argument("--batch-buckets", default="16,64", help="decode batch sizes compiled (largest >= --max-running)")
+    p.add_argument("--prefill-row-buckets", default="1,4", help="prefill row counts compiled")
+    p.add_argument("--chunk-buckets", default="128,512", help="prefill chunk lengths compiled (<= the token budget)")
+    p.add_argument("--table-width-buckets", default="32,128",
+                   help="block-table widths compiled, in blocks (largest >= max-model-len / block-size; the Pallas "
+                   "decode kernel uses the largest only)")
+    p.add_argument("--preemption", default="recompute", choices=["recompute", "swap"])
+    p.add_argument("--seed", type=int, default=0, help="seed of the workload (and of --model's weights)")
+    p.add_argument("--time-budget", type=float, default=float("inf"),
+                   help="seconds; runs that would start after this much time since the start are skipped")
+    p.add_argument("--vocab-size", type=int, default=None, help="--http: the server model's vocabulary (token ids drawn below it)")
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "runs/bench")) / "bench_serve.json")
+    return p.parse_args(argv)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v)
+
+
+def _rates(text: str) -> list[float]:
+    return [float("inf") if v.strip() == "inf" else float(v) for v in text.split(",") if v.strip()]
+
+
+# --- the workload ---------------------------------------------------------------------------------------
+
+@dataclass
+class Request:
+    request_id: str
+    arrival_unit: float  # arrival time at rate 1 (scaled by 1 / rate)
+    prompt: list[int]
+    max_tokens: int
+
+
+def make_workload(args, vocab_size: int, max_model_len: int) -> list[Request]:
+    """Seeded requests: Poisson arrival gaps (rate 1), log-normal prompt / output lengths clipped to the
+    context, prompts = one of the shared system prompts + a random user part."""
+    import numpy as np
+
+    rng = np.random.default_rng(args.seed)
+    systems = [rng.integers(0, vocab_size, args.system_len).tolist() for _ in range(args.system_prompts)]
+    arrivals = np.cumsum(rng.exponential(1.0, args.num_requests))
+    arrivals -= arrivals[0]
+    requests = []
+    for i in range(args.num_requests):
+        system = systems[rng.integers(len(systems))] if systems else []
+        user = int(np.clip(round(rng.lognormal(math.log(args.prompt_median), args.prompt_sigma)), 1, args.max_prompt))
+        prompt = (system + rng.integers(0, vocab_size, user).tolist())[: min(args.max_prompt, max_model_len - 1)]
+        room = max_model_len - len(prompt)
+        output = int(np.clip(round(rng.lognormal(math.log(args.output_median), args.output_sigma)), 1,
+                             min(args.max_output, room)))
+        requests.append(Request(f"r{i}", float(arrivals[i]), prompt, output))
+    return requests
+
+
+# --- figures -----------------------------------------------------------------------------------------
+
+def percentiles(values) -> dict:
+    import numpy as np
+
+    if len(values) == 0:
+        return {"p50": None, "p90": None, "p99": None, "mean": None}
+    values = np.asarray(values, float)
+    return {"p50": float(np.percentile(values, 50)), "p90": float(np.percentile(values, 90)),
+            "p99": float(np.percentile(values, 99)), "mean": float(values.mean())}
+
+
+def summarize(requests: list[Request], arrivals: dict, token_times: dict, counts: dict) -> dict:
+    """Throughput and latency figures from each request's arrival and token times (seconds from the start)."""
+    done = [r for r in requests if token_times.get(r.request_id)]
+    end = max(token_times[r.request_id][-1] for r in done) if done else 0.0
+    duration = end - min(arrivals.values()) if done else float("nan")
+    ttft, itl, e2e, per_token = [], [], [], []
+    for r in done:
+        times, arrival = token_times[r.request_id], arrivals[r.request_id]
+        ttft.append(times[0] - arrival)
+        itl.extend(b - a for a, b in zip(times, times[1:]))
+        e2e.append(times[-1] - arrival)
+        per_token.append((times[-1] - arrival) / max(1, counts[r.request_id]))
+    tokens = sum(counts.get(r.request_id, 0) for r in requests)
+    return {"requests": len(requests), "completed": len(done), "output_tokens": tokens,
+            "prompt_tokens": sum(len(r.prompt) for r in requests), "duration_s": duration,
+            "output_tokens_per_s": tokens / duration if done else 0.0,
+            "requests_per_s": len(done) / duration if done else 0.0,
+            "ttft_s": percentiles(ttft), "itl_s": percentiles(itl), "latency_s": percentiles(e2e),
+            "latency_per_token_s": percentiles(per_token)}
+
+
+# --- in process -------------------------------------------------------------------------------------
+
+def engine_config(args, mode: str):
+    from llmjax.infer.engine import EngineConfig
+
+    return EngineConfig(num_blocks=args.num_blocks, block_size=args.block_size, max_running=args.max_running,
+                        max_tokens_per_step=args.max_tokens_per_step, max_queue=max(args.num_requests, 1),
+                        prefix_caching=mode == "prefix", preemption=args.preemption,
+                        scheduling="static" if mode == "static" else "continuous", max_model_len=args.max_model_len,
+                        max_prefill_rows=args.max_prefill_rows, batch_buckets=_ints(args.batch_buckets),
+                        prefill_row_buckets=_ints(args.prefill_row_buckets), chunk_buckets=_ints(args.chunk_buckets),
+                        table_width_buckets=_ints(args.table_width_buckets))
+
+
+def run_engine(engine, requests: list[Request], rate: float) -> dict:
+    """Feed requests at their arrival times (wall clock), step the engine until all finish."""
+    from llmjax.infer.engine import SamplingParams
+
+    arrival = {r.request_id: (0.0 if math.isinf(rate) else r.arrival_unit / rate) for r in requests}
+    order = sorted(requests, key=lambda r: arrival[r.request_id])
+    token_times = {r.request_id: [] for r in requests}
+    counts = {r.request_id: 0 for r in requests}
+    util = {"paged": 0.0, "contiguous": 0.0, "contiguous_reserved": 0.0, "steps": 0}
+    peak_blocks, steps, busy = 0, 0, 0.0
+    preemptions_before = engine.stats().preemptions_total
+    start, next_index = time.perf_counter(), 0
+    while next_index < len(order) or engine.has_unfinished():
+        now = time.perf_counter() - start
+        while next_index < len(order) and arrival[order[next_index].request_id] <= now:
+            r = order[next_index]
+            engine.add_request(r.request_id, r.prompt, SamplingParams(max_tokens=r.max_tokens, ignore_eos=True))
+            next_index += 1
+        if not engine.has_unfinished():
+            time.sleep(max(0.0, arrival[order[next_index].request_id] - now))
+            continue
+        step_start = time.perf_counter()
+        outputs = engine.step()
+        stamp = time.perf_counter() - start
+        busy += time.perf_counter() - step_start
+        steps += 1
+        for out in outputs:
+            token_times[out.request_id].extend([stamp] * len(out.new_token_ids))
+            counts[out.request_id] += len(out.new_token_ids)
+        if engine.running:
+            figures = engine.kv_utilization()
+            for key in ("paged", "contiguous", "contiguous_reserved"):
+                util[key] += figures[key]
+            util["steps"] += 1
+            peak_blocks = max(peak_blocks, engine.manager.allocator.num_used)
+    result = summarize(requests, arrival, token_times, counts)
+    measured = max(1, util.pop("steps"))
+    result.update(kv_utilization={key: value / measured for key, value in util.items()},
+                  peak_blocks_used=peak_blocks, blocks_total=engine.config.num_blocks,
+                  preemptions=engine.stats().preemptions_total - preemptions_before, steps=steps,
+                  step_ms=1e3 * busy / max(1, steps),
+                  prefix_hit_rate=engine.manager.prefix_hits / max(1, engine.manager.prefix_queries))
+    return result
+
+
+def load_params(args):
+    import jax
+
+    from llmjax.config import get_config
+    from llmjax.model import init_params
+
+    if args.ckpt is not None:
+        from experiments.generate import restore_params
+
+        return restore_params(args.ckpt)
+    cfg = get_config(args.model)
+    return init_params(cfg, jax.random.key(args.seed)), cfg
+
+
+# --- over HTTP -----------------------------------------------------------------------------------------
+
+async def _http_request(client, url: str, model: str, r: Request, delay: float, start: float, record: dict):
+    import asyncio
+
+    await asyncio.sleep(max(0.0, delay - (time.perf_counter() - start)))
+    record["arrival"] = time.perf_counter() - start
+    body = {"model": model, "prompt": r.prompt, "max_tokens": r.max_tokens, "temperature": 0.0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    times, usage = [], None
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            record["error"] = f"HTTP {response.status_code}: {(await response.aread()).decode()[:200]}"
+            return
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: "):])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                times.append(time.perf_counter() - start)
+    record["times"] = times
+    record["tokens"] = usage["completion_tokens"] if usage else len(times)
+
+
+def run_http(url: str, requests: list[Request], rate: float) -> dict:
+    """The same load against an OpenAI-compatible server: streamed completions of token-id prompts; a token
+    time is a streamed chunk's arrival (a chunk may hold several tokens: whole UTF-8 characters)."""
+    import asyncio
+
+    import httpx
+
+    url = url.rstrip("/")
+
+    async def main():
+        async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=None)) as client:
+            models = (await client.get(f"{url}/v1/models")).json()["data"]
+            model = models[0]["id"]
+            records = {r.request_id: {} for r in requests}
+            start = time.perf_counter()
+            delays = {r.request_id: 0.0 if math.isinf(rate) else r.arrival_unit / rate for r in requests}
+            await asyncio.gather(*(_http_request(client, url, model, r, delays[r.request_id], start,
+                                                 records[r.request_id]) for r in requests))
+            return records
+
+    records = asyncio.run(main())
+    errors = [rec["error"] for rec in records.values() if "error" in rec]
+    arrivals = {rid: rec.get("arrival", 0.0) for rid, rec in records.items()}
+    token_times = {rid: rec.get("times", []) for rid, rec in records.items()}
+    counts = {rid: rec.get("tokens", 0) for rid, rec in records.items()}
+    result = summarize(requests, arrivals, token_times, counts)
+    result.update(errors=len(errors), first_error=errors[0] if errors else None)
+    return result
+
+
+# --- report ------------------------------------------------------------------------------------------
+
+def _ms(value) -> str:
+    return "-" if value is None else f"{1e3 * value:,.1f}"
+
+
+def print_table(rows: list[dict]) -> None:
+    head = ("mode", "rate", "tok/s", "req/s", "TTFT p50/p90/p99 ms", "ITL p50/p90/p99 ms", "latency p50 s",
+            "KV paged", "KV contig", "preempt")
+    lines = [head]
+    for row in rows:
+        r = row["result"]
+        kv = r.get("kv_utilization", {})
+        lines.append((row["mode"], "inf" if math.isinf(row["rate"]) else f"{row['rate']:g}",
+                      f"{r['output_tokens_per_s']:,.0f}", f"{r['requests_per_s']:.2f}",
+                      "/".join(_ms(r["ttft_s"][q]) for q in ("p50", "p90", "p99")),
+                      "/".join(_ms(r["itl_s"][q]) for q in ("p50", "p90", "p99")),
+                      "-" if r["latency_s"]["p50"] is None else f"{r['latency_s']['p50']:.2f}",
+                      f"{kv['paged']:.1%}" if kv else "-", f"{kv['contiguous']:.1%}" if kv else "-",
+                      str(r.get("preemptions", "-"))))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    for index, line in enumerate(lines):
+        print("  ".join(cell.rjust(w) for cell, w in zip(line, widths)))
+        if index == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def headline(rows: list[dict]) -> dict:
+    """Continuous / static throughput at each rate both ran, with both p50 latencies (equal or lower is the
+    claim), and the best continuous throughput whose p50 latency is within the static run's."""
+    by = {(row["mode"], row["rate"]): row["result"] for row in rows}
+    out = {}
+    for (mode, rate), static in by.items():
+        if mode != "static":
+            continue
+        for other in ("continuous", "prefix"):
+            if (other, rate) in by:
+                r = by[(other, rate)]
+                out[f"{other}_vs_static_at_rate_{rate:g}"] = {
+                    "throughput_ratio": r["output_tokens_per_s"] / max(static["output_tokens_per_s"], 1e-9),
+                    "latency_p50_s": r["latency_s"]["p50"], "static_latency_p50_s": static["latency_s"]["p50"]}
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finite = sorted({row["rate"] for row in rows if not math.isinf(row["rate"])})
+    top = (max(finite) * 1.5) if finite else 1.0
+    x_of = lambda rate: top if math.isinf(rate) else rate  # noqa: E731
+    panels = (("output tokens/s", lambda r: r["output_tokens_per_s"]),
+              ("p50 latency per output token (ms)", lambda r: 1e3 * (r["latency_per_token_s"]["p50"] or 0)),
+              ("p50 TTFT (ms)", lambda r: 1e3 * (r["ttft_s"]["p50"] or 0)),
+              ("p50 ITL (ms)", lambda r: 1e3 * (r["itl_s"]["p50"] or 0)))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (title, value) in zip(axes, panels):
+        for mode in dict.fromkeys(row["mode"] for row in rows):
+            points = sorted((x_of(row["rate"]), value(row["result"])) for row in rows if row["mode"] == mode)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=MODE_TITLES.get(mode, mode))
+        ax.set_title(title)
+        ax.set_xlabel("request rate (req/s; rightmost: all at once)")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    rates = _rates(args.rates)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": []}
+    if args.http:
+        if args.vocab_size is None:
+            raise SystemExit("--http needs --vocab-size (token ids of the prompts are drawn below it)")
+        requests = make_workload(args, args.vocab_size, args.max_model_len)
+        jobs = [("http", rate) for rate in rates]
+    else:
+        import jax
+
+        modes = [m for m in args.modes.split(",") if m]
+        unknown = set(modes) - set(MODES)
+        if unknown:
+            raise SystemExit(f"--modes: unknown {', '.join(sorted(unknown))}; choose from {', '.join(MODES)}")
+        params, cfg = load_params(args)
+        report.update(model=cfg.name, device=str(jax.devices()[0].device_kind), dtype=cfg.compute_dtype,
+                      parameters=int(sum(x.size for x in jax.tree.leaves(params))))
+        requests = make_workload(args, cfg.vocab_size, args.max_model_len)
+        jobs = [(mode, rate) for rate in rates for mode in modes]
+    report["workload"] = {"prompt_tokens": percentiles([len(r.prompt) for r in requests]),
+                          "output_tokens": percentiles([r.max_tokens for r in requests])}
+    print(f"{len(requests)} requests per run; prompt tokens p50 {report['workload']['prompt_tokens']['p50']:.0f}, "
+          f"output tokens p50 {report['workload']['output_tokens']['p50']:.0f} / mean "
+          f"{report['workload']['output_tokens']['mean']:.0f} / max {max(r.max_tokens for r in requests)}")
+    warm = False
+    for mode, rate in jobs:
+        if time.perf_counter() - started > args.time_budget:
+            print(f"skipped {mode} at rate {rate}: past --time-budget {args.time_budget:.0f}s")
+            report["runs"].append({"mode": mode, "rate": rate, "skipped": "time budget"})
+            continue
+        if mode == "http":
+            result = run_http(args.http, requests, rate)
+        else:
+            from llmjax.infer.engine import Engine
+
+            engine = Engine(params, cfg, engine_config(args, mode))
+            if not warm:
+                tick = time.perf_counter()
+                engine.warmup()
+                report["warmup_s"] = time.perf_counter() - tick
+                print(f"warm-up (every bucket compiled): {report['warmup_s']:.1f}s")
+                warm = True
+            result = run_engine(engine, requests, rate)
+            del engine
+        report["runs"].append({"mode": mode, "rate": rate, "result": result})
+        print(f"{mode:>10} rate {rate:g}: {result['output_tokens_per_s']:,.0f} tok/s, p50 latency "
+              f"{result['latency_s']['p50']:.2f}s, {result['duration_s']:.1f}s run")
+        args.out.write_text(json.dumps(report, indent=1))
+    rows = [run for run in report["runs"] if "result" in run]
+    report["headline"] = headline(rows)
+    report["elapsed_s"] = time.perf_counter() - started
+    args.out.write_text(json.dumps(report, indent=1))
+    print()
+    print_table(rows)
+    for name, figures in report["headline"].items():
+        print(f"{name}: {figures['throughput_ratio']:.2f}x throughput, p50 latency {figures['latency_p50_s']:.2f}s "
+              f"vs static {figures['static_latency_p50_s']:.2f}s")
+    if rows:
+        plot(rows, args.out.with_suffix(".png"))
+        print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
