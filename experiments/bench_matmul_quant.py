@@ -3,30 +3,60 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
+import statistics
 import sys
 import time
 from pathlib import Path
 
-SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # Llama-3-8B's q/o, gate/up, down
+# K x N of the linears of llama-1b (q / o 2048x2048, gate / up 2048x8192, down 8192x2048) and of a 7B LLaMA
+# (4096x4096, gate / up 4096x11008, down 11008x4096)
+SHAPES = ("2048x2048", "2048x8192", "8192x2048", "4096x4096", "4096x11008", "11008x4096")
+# int4 tile variants tried with --sweep: (block_m, block_n, block_k, programs per SM (sets splits; 0: no split),
+# warps, stages). The GEMV ones (block_m 1) at batch 1, the tensor-core ones at batch 1 and 8 (plus the default GEMV).
+SWEEP_GEMV = ((1, 128, 64, 4, 2, 1), (1, 128, 128, 4, 4, 1), (1, 256, 64, 4, 4, 1), (1, 64, 64, 8, 1, 1),
+              (1, 128, 64, 8, 2, 1), (1, 128, 64, 4, 2, 2), (1, 128, 32, 8, 1, 1), (1, 32, 64, 0, 1, 1))
+SWEEP_DOT = ((16, 128, 128, 4, 4, 3), (16, 64, 128, 4, 2, 3), (16, 128, 64, 4, 4, 2), (16, 256, 128, 4, 8, 3))
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="python -m experiments bench_matmul_quant",
-        description="Time x [rows, K] @ W [K, N] for W in bf16, and quantized to int8 / int4 / nf4 through XLA "
-        "(dequantize, then dot) and through the fused Pallas kernel (kernels/matmul_quant.py). Batch-1 decode is "
-        "bound by the bytes of W, which int4 cuts to a quarter. On CPUs only the XLA paths run (the kernel would "
-        "run in the Pallas interpreter).",
+        description="Time x [rows, K] @ W [K, N] for W in bf16 (XLA's dot: cuBLAS), and quantized to int8 / int4 / "
+        "nf4 through the fused Pallas kernel (kernels/matmul_quant.py) and, at batch 1, through XLA (dequantize, "
+        "then dot). Batch-1 decode is bound by the bytes of W, which int4 cuts to about a quarter. Each timed call "
+        "runs the product over enough distinct weight copies (--cold-mib) that they do not fit in L2, as in a "
+        "model's decode step; the figure is per product. The device copy bandwidth (x + 1 over 2 GiB) is measured "
+        "in the same run. On CPUs only the XLA paths run (the kernel would run in the Pallas interpreter).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--rows", default="1,8,512", help="rows of x (1 / 8: decode; 512: prefill), comma-separated")
     p.add_argument("--formats", default="int8,int4,nf4", help="quantization formats, comma-separated")
-    p.add_argument("--group", type=int, default=128, help="group size (nf4 uses 64)")
-    p.add_argument("--iters", type=int, default=50, help="timed calls per measurement")
-    p.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="KxN weight shapes")
+    p.add_argument("--group", type=int, default=128, help="group size of int4 (int8 is per-channel, nf4 uses 64)")
+    p.add_argument("--shapes", default=",".join(SHAPES), help="KxN weight shapes, comma-separated")
+    p.add_argument("--reps", type=int, default=10, help="timed calls per measurement (median)")
+    p.add_argument("--cold-mib", type=float, default=160.0,
+                   help="distinct quantized weight copies per timed call, at least this many MiB of them (2..64)")
+    p.add_argument("--sweep", action="store_true",
+                   help="also try int4 tile variants (SWEEP_GEMV, SWEEP_DOT) at batch 1 and 8, and nf4's select chain")
+    p.add_argument("--no-xla", action="store_true", help="skip XLA's dequantize-then-dot rows")
     p.add_argument("--out", type=Path, default=Path("runs/bench/matmul_quant.json"), help="JSON of the results")
     return p.parse_args(argv)
+
+
+def copy_bandwidth(jax, jnp, gib: float = 2.0, reps: int = 10) -> float:
+    """GB/s of x + 1 over `gib` GiB of bf16 (read + write)."""
+    x = jnp.ones((int(gib * 2**30) // 2,), jnp.bfloat16)
+    add = jax.jit(lambda x: x + 1)
+    jax.block_until_ready(add(x))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(add(x))
+        times.append(time.perf_counter() - start)
+    return 2 * x.nbytes / statistics.median(times) / 1e9
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,47 +64,109 @@ def main(argv: list[str] | None = None) -> int:
     import jax
     import jax.numpy as jnp
 
-    from kernels.matmul_quant import quantized_matmul_pallas
+    from kernels.matmul_quant import MatmulTiles, choose_splits, default_tiles, quantized_matmul_pallas
     from llmjax.quant.formats import quantize, quantized_matmul
 
     device = jax.devices()[0]
     on_gpu = device.platform == "gpu"
+    multiprocessors = int(getattr(device, "core_count", 0) or 132)
 
-    def timed(fn, *inputs) -> float:
-        jax.block_until_ready(fn(*inputs))
-        start = time.perf_counter()
-        for _ in range(args.iters):
-            out = fn(*inputs)
-        jax.block_until_ready(out)
-        return (time.perf_counter() - start) / args.iters * 1e6  # microseconds
+    def timed(product, x, weights) -> float:
+        """Microseconds per product: one jitted call runs it over every weight copy."""
+        run = jax.jit(lambda x, weights: [product(x, w) for w in weights])
+        jax.block_until_ready(run(x, weights))
+        times = []
+        for _ in range(args.reps):
+            start = time.perf_counter()
+            jax.block_until_ready(run(x, weights))
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) / len(weights) * 1e6
 
-    dense = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype))
-    xla = jax.jit(quantized_matmul)
-    fused = jax.jit(quantized_matmul_pallas)
+    def dense(x, w):
+        return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+    def fused(tiles):
+        return lambda x, q: quantized_matmul_pallas(x, q, tiles=tiles)
+
+    def sweep_tiles(rows, k, n, group):
+        variants = SWEEP_GEMV + SWEEP_DOT if rows == 1 else SWEEP_DOT + SWEEP_GEMV[:1]
+        for block_m, block_n, block_k, per_sm, warps, stages in variants:
+            if group % block_k:
+                continue
+            programs = (rows if block_m == 1 else -(-rows // block_m)) * -(-n // block_n)
+            splits = choose_splits(k // block_k, programs, per_sm * multiprocessors) if per_sm else 1
+            yield MatmulTiles(block_m, block_n, block_k, splits, warps, stages)
+
+    bandwidth = copy_bandwidth(jax, jnp) if on_gpu else None
+
+    def write(results, table):  # after every shape, so a run cut short still leaves its figures
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"device": f"{device.platform} ({device.device_kind})", "copy_gbs": bandwidth,
+                                        "multiprocessors": multiprocessors, "results": results, "table": table,
+                                        "command": "python -m experiments bench_matmul_quant " + " ".join(
+                                            argv if argv is not None else sys.argv[2:])}, indent=2))
+    print(f"on {device.platform} ({device.device_kind}" + (f", {multiprocessors} multiprocessors)" if on_gpu else ")")
+          + (f"; copy bandwidth (x + 1, 2 GiB bf16) {bandwidth:.0f} GB/s" if bandwidth else ""), flush=True)
+    formats = args.formats.split(",")
+    group_of = {"int8": None, "int4": args.group, "nf4": 64}
     results = []
-    print(f"on {device.platform} ({device.device_kind})", flush=True)
     for shape in args.shapes.split(","):
         k, n = map(int, shape.split("x"))
-        w = (jax.random.normal(jax.random.key(0), (k, n)) * 0.02).astype(jnp.bfloat16)
+        quantizers = {fmt: jax.jit(lambda w, fmt=fmt: quantize(w, fmt, group_of[fmt])) for fmt in formats}
+        first = quantizers["int4" if "int4" in formats else formats[0]](jnp.zeros((k, n), jnp.float32))
+        copies = int(min(64, max(2, math.ceil(args.cold_mib * 2**20 / first.nbytes))))
+        floats = [(jax.random.normal(jax.random.key(i), (k, n)) * 0.02).astype(jnp.bfloat16) for i in range(copies)]
+        quantized = {fmt: [quantize_one(w.astype(jnp.float32)) for w in floats] for fmt, quantize_one in quantizers.items()}
         for rows in map(int, args.rows.split(",")):
-            x = jax.random.normal(jax.random.key(1), (rows, k)).astype(jnp.bfloat16)
-            base = timed(dense, x, w)
-            row = {"k": k, "n": n, "rows": rows, "bf16_us": base, "bf16_bytes": w.size * 2}
-            line = f"{k}x{n} rows {rows:4d}: bf16 {base:8.1f} us"
-            for fmt in args.formats.split(","):
-                q = quantize(w.astype(jnp.float32), fmt, 64 if fmt == "nf4" else args.group)
-                row[f"{fmt}_bytes"] = q.nbytes
-                row[f"{fmt}_xla_us"] = timed(xla, x, q)
-                line += f" | {fmt} xla {row[f'{fmt}_xla_us']:8.1f}"
+            x = jax.random.normal(jax.random.key(10_000), (rows, k)).astype(jnp.bfloat16)
+            base = timed(dense, x, floats)
+            row = {"k": k, "n": n, "rows": rows, "copies": copies, "bf16_us": base, "bf16_bytes": k * n * 2,
+                   "bf16_gbs": k * n * 2 / base / 1e3}
+            line = f"{k:>5}x{n:<5} rows {rows:3d}: bf16 {base:7.1f} us ({row['bf16_gbs']:4.0f} GB/s)"
+            for fmt in formats:
+                q = quantized[fmt]
+                row[f"{fmt}_bytes"] = q[0].nbytes
+                if rows == 1 and not args.no_xla:
+                    row[f"{fmt}_xla_us"] = timed(quantized_matmul, x, q)
+                if f"{fmt}_xla_us" in row:
+                    line += f" | {fmt} xla {row[f'{fmt}_xla_us']:6.1f}"
                 if on_gpu:
-                    row[f"{fmt}_pallas_us"] = timed(fused, x, q)
-                    line += f" pallas {row[f'{fmt}_pallas_us']:8.1f} ({base / row[f'{fmt}_pallas_us']:.2f}x bf16)"
+                    tiles = default_tiles(rows, k, n, q[0].group_size, fmt=fmt)
+                    us = timed(fused(tiles), x, q)
+                    row[f"{fmt}_pallas_us"], row[f"{fmt}_pallas_tiles"] = us, str(tiles)
+                    row[f"{fmt}_pallas_gbs"] = q[0].nbytes / us / 1e3
+                    line += f" | {fmt} {us:6.1f} us {base / us:4.2f}x ({row[f'{fmt}_pallas_gbs']:4.0f} GB/s)"
+                    if fmt == "nf4" and args.sweep and rows == 1:
+                        row["nf4_select_us"] = timed(fused(dataclasses.replace(tiles, nf4_lookup="select")), x, q)
+                        line += f" select {row['nf4_select_us']:6.1f}"
+            if on_gpu and args.sweep and "int4" in formats and rows <= 8:
+                variants = []
+                for tiles in sweep_tiles(rows, k, n, args.group):
+                    try:
+                        us = timed(fused(tiles), x, quantized["int4"])
+                    except Exception as error:  # noqa: BLE001  (a variant this GPU cannot compile is reported)
+                        variants.append({"tiles": str(tiles), "error": f"{type(error).__name__}: {str(error)[:300]}"})
+                        continue
+                    variants.append({"tiles": str(tiles), "us": us, "speedup": base / us})
+                row["int4_sweep"] = variants
+                best = min((v for v in variants if "us" in v), key=lambda v: v["us"], default=None)
+                if best:
+                    line += f" | best int4 {best['us']:6.1f} us {best['speedup']:4.2f}x"
             results.append(row)
             print(line, flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"device": f"{device.platform} ({device.device_kind})", "results": results,
-                                    "command": "python -m experiments bench_matmul_quant " + " ".join(
-                                        argv if argv is not None else sys.argv[2:])}, indent=2))
+            write(results, None)
+        del floats, quantized
+    lines = ["| K x N | rows | bf16 us | bf16 GB/s | " + " | ".join(f"{f} us | {f} vs bf16 | {f} GB/s" for f in formats)
+             + " |", "| --- | ---: | ---: | ---: | " + " | ".join("---: | ---: | ---:" for _ in formats) + " |"]
+    for r in results:
+        cells = [f"{r['k']} x {r['n']}", str(r["rows"]), f"{r['bf16_us']:.1f}", f"{r['bf16_gbs']:.0f}"]
+        for f in formats:
+            us = r.get(f"{f}_pallas_us")
+            cells += [f"{us:.1f}", f"{r['bf16_us'] / us:.2f}x", f"{r[f'{f}_pallas_gbs']:.0f}"] if us else ["-"] * 3
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print(table)
+    write(results, table)
     print(f"wrote {args.out}")
     return 0
 

@@ -2,25 +2,31 @@
 
     y = quantized_matmul_pallas(x, qm)     # qm: llmjax.quant.formats.QuantizedMatrix (int8, int4, int3, nf4)
 
-The weights stay quantized in memory: each program loads a [block_k, block_n] tile of codes (for 4-bit
-formats a [block_k / 2, block_n] tile of bytes), its group's scales (and zero points), dequantizes in
-registers and accumulates x_tile @ w_tile in float32. Decode moves a quarter (int4) or half (int8) of the
-bf16 weight bytes, which is the whole cost of a batch-1 matmul.
+The weights stay quantized in memory: a program loads a tile of codes (for 4-bit formats a [block_k / 2,
+block_n] tile of bytes), its group's scales and zero points as stored (float16 / uint8; NF4's double-quantized
+int8 scale codes, their per-block float32 scales and the mean), dequantizes in registers and accumulates in
+float32. Nothing is prepared outside the kernel, so one call is one kernel (plus the split-K sum below).
 
-4-bit codes hold input rows 2i (low nibble) and 2i+1 (high nibble) in one byte. Rather than interleaving
-the two nibble planes back into a [block_k, block_n] tile, the input is split into its even and odd
-columns once (outside, [M, K / 2] each, cheap for decode and prefill shapes alike), and a step adds
-x_even @ low + x_odd @ high: two dots, no shuffles. int3 the same way with eight planes: eight codes
-live in a 24-bit word spread over three byte planes (llmjax.quant.formats.pack_3bit); the input is split
-by column mod 8 ([8, M, K / 8]) and a step adds eight dots (block_k / 8 rows each).
+Two kernels, picked by `MatmulTiles.block_m`:
 
-Shapes: one program per [block_m, block_n] output tile; M is padded to block_m (16 for decode-shaped
-inputs: Triton's smallest dot), N is masked, K is walked in steps of block_k inside one scale group
-(block_k divides the group size). NF4 scales are decoded from their double quantization outside
-(groups x N values, small) and the 16-level codebook is a select chain in registers.
+- block_m == 1, the GEMV for decode: one program per (input row, block_n columns, K split), no tensor cores.
+  A step multiplies a [block_k] slice of x into a [block_k, block_n] dequantized tile elementwise and adds it
+  to a 2-D float32 accumulator, summed over its rows once at the end. 4-bit codes hold input rows 2i (low
+  nibble) and 2i+1 (high nibble) in one byte, so the step reads x's even and odd columns with stride-2 loads
+  and adds x_even * low + x_odd * high: no shuffles.
+- block_m >= 16, tensor-core tiles for batched decode and prefill: one program per ([block_m, block_n] output
+  tile, K split), x_even @ low + x_odd @ high per step (two dots); int3 the same with eight planes (eight codes
+  in a 24-bit word over three byte planes, llmjax.quant.formats.pack_3bit; x read by column mod 8).
+
+Split-K: a batch-1 matmul has only N / block_n column tiles (32 for N = 4096 and 128-column tiles), far
+fewer than a GPU's streaming multiprocessors, and each must stream K / 2 rows of bytes. `splits` cuts K
+into that many ranges, each its own program writing float32 partial sums [splits, M, N]; one small XLA sum
+adds them (and fuses into whatever consumes the product). `default_tiles` picks splits to give about four
+programs per multiprocessor. NF4's 16 levels are read from a 16-entry table in global memory (an L1-resident
+gather), or with `nf4_lookup="select"` a chain of selects.
 
 The reference is `llmjax.quant.formats.quantized_matmul` (XLA: dequantize, then one dot). Interpret-mode
-tests run the kernel on CPUs; `tests/kernels/test_matmul_quant.py` also has a GPU test.
+tests run both kernels on CPUs; `tests/kernels/test_matmul_quant.py` also has GPU tests at real sizes.
 """
 
 from __future__ import annotations
@@ -35,130 +41,244 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels.tiles import combine_masks
-from llmjax.quant.formats import NF4_CODEBOOK, QuantizedMatrix, group_scales_and_zeros, quantized_matmul
+from llmjax.quant.formats import NF4_CODEBOOK, QuantizedMatrix, quantized_matmul
 
 __all__ = ["MatmulTiles", "default_tiles", "quantized_matmul_pallas", "quantized_matmul_reference"]
 
 quantized_matmul_reference = quantized_matmul
 
+PROGRAMS_PER_SM = 4  # split-K target: about this many programs per streaming multiprocessor
+
 
 @dataclasses.dataclass(frozen=True)
 class MatmulTiles:
-    block_m: int = 16
+    block_m: int = 16  # 1: the GEMV kernel (one input row per program); else tensor-core tiles (>= 16)
     block_n: int = 128
-    block_k: int = 128
+    block_k: int = 128  # input rows per step; divides the group size
+    splits: int = 1  # programs along K (partial sums added outside); divides K / block_k
     num_warps: int = 4
     num_stages: int = 3
+    nf4_lookup: str = "gather"  # "gather" (16-entry table in memory) or "select" (a select chain)
     interpret: bool = False
 
 
-def default_tiles(m: int, k: int, n: int, group_size: int, interpret: bool | None = None) -> MatmulTiles:
-    """Decode shapes (M <= 16): 16 x 128 tiles, split-free; prefill shapes: 64 x 128. block_k is the largest
-    of 128 / 64 / 32 that divides the group size (else the group size itself)."""
+def _multiprocessors() -> int:
+    return int(getattr(jax.devices()[0], "core_count", 0) or 132)
+
+
+def choose_splits(k_steps: int, programs: int, target: int) -> int:
+    """The largest divisor of k_steps that keeps programs * splits <= target (at least 1)."""
+    return max(d for d in range(1, k_steps + 1) if k_steps % d == 0 and (d == 1 or programs * d <= target))
+
+
+def default_tiles(m: int, k: int, n: int, group_size: int, interpret: bool | None = None, fmt: str = "int4",
+                  ) -> MatmulTiles:
+    """Batch-1 decode (M == 1, not int3): the GEMV, 128 columns x 64 input rows a step, 2 warps. Else tensor-core
+    tiles: 16 x 128 for M <= 16, 64 x 128 above. K is split to give about PROGRAMS_PER_SM programs per
+    multiprocessor (tensor-core grids only when they have fewer programs than multiprocessors). block_k is the
+    largest of 128 / 64 / 32 (64 / 32 for the GEMV) that divides the group size."""
     interpret = jax.devices()[0].platform != "gpu" if interpret is None else interpret
-    block_m = 16 if m <= 16 else 64
-    block_k = next((b for b in (128, 64, 32) if group_size % b == 0), group_size)
+    gemv = m == 1 and fmt != "int3"
+    block_m = 1 if gemv else 16 if m <= 16 else 64
+    block_k = next((b for b in ((64, 32) if gemv else (128, 64, 32)) if group_size % b == 0), group_size)
     block_n = 128 if n >= 128 else max(16, pl.next_power_of_2(n))
-    warps = 4 if block_m == 16 else 8
-    return MatmulTiles(block_m, block_n, block_k, warps, 3 if block_m == 16 else 2, interpret)
+    programs, multiprocessors = (m if gemv else pl.cdiv(m, block_m)) * pl.cdiv(n, block_n), _multiprocessors()
+    # prefill-sized grids fill the GPU already: split only when there are fewer programs than multiprocessors
+    splits = choose_splits(k // block_k, programs, PROGRAMS_PER_SM * multiprocessors) if gemv or programs < \
+        multiprocessors else 1
+    warps = 2 if gemv else 4 if block_m == 16 else 8
+    stages = 1 if gemv else 3 if block_m == 16 else 2
+    return MatmulTiles(block_m, block_n, block_k, splits, warps, stages, "gather", interpret)
 
 
-def _dequantize_tile(codes, scale, zero, fmt: str, dtype):
-    """uint8 codes [rows, block_n] -> weights [rows, block_n] in dtype."""
-    if fmt == "nf4":
-        values = jnp.zeros(codes.shape, jnp.float32)
-        for index, level in enumerate(NF4_CODEBOOK.tolist()):
-            values = jnp.where(codes == index, level, values)
-        return (values * scale[None, :]).astype(dtype)
-    return ((codes.astype(jnp.float32) - zero[None, :]) * scale[None, :]).astype(dtype)
+def _nf4_levels(codes, codebook_ref, lookup: str):
+    """uint8 codes < 16 -> float32 NF4 levels (a gather from the table, or a select chain)."""
+    if lookup == "gather":
+        return plgpu.load(codebook_ref.at[codes.astype(jnp.int32)])
+    values = jnp.zeros(codes.shape, jnp.float32)
+    for index, level in enumerate(NF4_CODEBOOK.tolist()):
+        values = jnp.where(codes == index, level, values)
+    return values
 
 
-def _kernel(*refs, fmt: str, packed: bool, n: int, k: int, group_size: int, tiles: MatmulTiles):
-    if fmt == "int3":
-        return _kernel_3bit(*refs, n=n, k=k, group_size=group_size, tiles=tiles)
-    if packed:
-        x_even_ref, x_odd_ref, codes_ref, scale_ref, zero_ref, out_ref = refs
-    else:
-        x_ref, codes_ref, scale_ref, zero_ref, out_ref = refs
-    bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
-    first_row, first_col = pl.program_id(0) * bm, pl.program_id(1) * bn
+@dataclasses.dataclass(frozen=True)
+class _Format:
+    fmt: str
+    bits: int
+    lookup: str  # NF4: "gather" or "select"
+
+
+class _Group:
+    """Loads one scale group's per-column parameters as stored and dequantizes code tiles with them."""
+
+    def __init__(self, spec: _Format, refs: dict, n: int):
+        self.fmt, self.bits, self.lookup, self.refs, self.n = spec.fmt, spec.bits, spec.lookup, refs, n
+
+    def load(self, group, first_col, block_n, col_mask):
+        """(scale, zero) [block_n] float32 for this group's columns (zero None for nf4)."""
+        cols = pl.ds(first_col, block_n)
+        fill = None if col_mask is None else 0
+        if self.fmt == "nf4":
+            refs = self.refs
+            block = self.n // refs["scale_blocks"].shape[-1]
+            col_index = (first_col + jnp.arange(block_n)) // block
+            if col_mask is not None:
+                col_index = jnp.where(col_mask, col_index, 0)
+            scale_code = plgpu.load(refs["scale_codes"].at[group, cols], mask=col_mask, other=fill)
+            group_index = jnp.full((block_n,), group, jnp.int32)
+            block_scale = plgpu.load(refs["scale_blocks"].at[group_index, col_index])  # a gather: blocks straddle tiles
+            mean = refs["scale_mean"][...]  # [1]
+            return scale_code.astype(jnp.float32) * block_scale + mean, None
+        scale = plgpu.load(self.refs["scales"].at[group, cols], mask=col_mask, other=fill).astype(jnp.float32)
+        if "zeros" in self.refs:
+            zero = plgpu.load(self.refs["zeros"].at[group, cols], mask=col_mask, other=fill).astype(jnp.float32)
+        else:  # symmetric: the zero point is the middle code
+            zero = jnp.full((block_n,), 2 ** (self.bits - 1), jnp.float32)
+        return scale, zero
+
+    def dequantize(self, codes, scale, zero):
+        """uint8 codes [rows, block_n] -> float32 weights [rows, block_n]."""
+        if self.fmt == "nf4":
+            return _nf4_levels(codes, self.refs.get("codebook"), self.lookup) * scale[None, :]
+        return codes.astype(jnp.float32) * scale[None, :] - (zero * scale)[None, :]
+
+
+def deinterleave(x, parts: int) -> list:
+    """x [..., n * parts] -> parts arrays [..., n], array i holding columns i, i + parts, i + 2 * parts, ...
+    (parts a power of two; halving by even / odd pairs, which Triton lowers to register splits)."""
+    if parts == 1:
+        return [x]
+    even, odd = lax.unstack(x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2), axis=x.ndim)
+    evens, odds = deinterleave(even, parts // 2), deinterleave(odd, parts // 2)
+    return [part for pair in zip(evens, odds) for part in pair]
+
+
+def _gemv_kernel(*refs, spec: _Format, names: tuple, n: int, group_size: int, tiles: MatmulTiles, steps: int):
+    """One program: input row r, columns [c * bn, (c + 1) * bn), K steps [s * steps, (s + 1) * steps)."""
+    x_ref, codes_ref, *param_refs, out_ref = refs
+    group = _Group(spec, dict(zip(names, param_refs)), n)
+    bn, bk = tiles.block_n, tiles.block_k
+    row, first_col, split = pl.program_id(0), pl.program_id(1) * bn, pl.program_id(2)
     col_mask = None if n % bn == 0 else first_col + jnp.arange(bn) < n
     tile_mask = combine_masks(None, col_mask)
-    fill = None if col_mask is None else 0
-    code_rows = bk // 2 if packed else bk  # code rows per step
+    packed = group.bits == 4
+    code_rows = bk // 2 if packed else bk
 
-    def step(index, acc):
-        group = (index * bk) // group_size
-        scale = plgpu.load(scale_ref.at[group, pl.ds(first_col, bn)], mask=col_mask, other=fill)  # [bn]
-        zero = plgpu.load(zero_ref.at[group, pl.ds(first_col, bn)], mask=col_mask, other=fill)
-        codes = plgpu.load(codes_ref.at[pl.ds(index * code_rows, code_rows), pl.ds(first_col, bn)], mask=tile_mask,
-                           other=fill)
-        if packed:
-            x_even = x_even_ref[pl.ds(first_row, bm), pl.ds(index * code_rows, code_rows)]
-            x_odd = x_odd_ref[pl.ds(first_row, bm), pl.ds(index * code_rows, code_rows)]
-            low = _dequantize_tile(codes & 0xF, scale, zero, fmt, x_even.dtype)
-            high = _dequantize_tile(codes >> 4, scale, zero, fmt, x_even.dtype)
-            acc = acc + jnp.dot(x_even, low, preferred_element_type=jnp.float32)
-            return acc + jnp.dot(x_odd, high, preferred_element_type=jnp.float32)
-        x = x_ref[pl.ds(first_row, bm), pl.ds(index * bk, bk)]
-        return acc + jnp.dot(x, _dequantize_tile(codes, scale, zero, fmt, x.dtype), preferred_element_type=jnp.float32)
+    def step(index, acc):  # acc [code_rows, bn] float32
+        k_step = split * steps + index
+        scale, zero = group.load((k_step * bk) // group_size, first_col, bn, col_mask)
+        codes = plgpu.load(codes_ref.at[pl.ds(k_step * code_rows, code_rows), pl.ds(first_col, bn)], mask=tile_mask,
+                           other=None if tile_mask is None else 0, eviction_policy="evict_first")
+        x = plgpu.load(x_ref.at[row, pl.ds(k_step * bk, bk)]).astype(jnp.float32)  # [bk]
+        if packed:  # rows 2i / 2i + 1 of the step: x's even / odd columns
+            x_even, x_odd = deinterleave(x, 2)
+            acc = acc + x_even[:, None] * group.dequantize(codes & 0xF, scale, zero)
+            return acc + x_odd[:, None] * group.dequantize(codes >> 4, scale, zero)
+        return acc + x[:, None] * group.dequantize(codes, scale, zero)
 
-    acc = lax.fori_loop(0, k // bk, step, jnp.zeros((bm, bn), jnp.float32))
-    plgpu.store(out_ref.at[pl.ds(first_row, bm), pl.ds(first_col, bn)], acc.astype(out_ref.dtype), mask=tile_mask)
+    acc = lax.fori_loop(0, steps, step, jnp.zeros((code_rows, bn), jnp.float32))
+    index = (split, row, pl.ds(first_col, bn)) if tiles.splits > 1 else (row, pl.ds(first_col, bn))
+    plgpu.store(out_ref.at[index], acc.sum(axis=0).astype(out_ref.dtype), mask=col_mask)
 
 
-def _kernel_3bit(x8_ref, codes_ref, scale_ref, zero_ref, out_ref, *, n: int, k: int, group_size: int,
-                 tiles: MatmulTiles):
-    """int3: codes_ref holds three byte planes of k / 8 rows each; x8_ref [8, rows, k / 8] (column mod 8)."""
+def _dot_kernel(*refs, spec: _Format, names: tuple, m: int, n: int, k: int, group_size: int, tiles: MatmulTiles,
+                steps: int):
+    """One program: the [bm, bn] output tile (r, c), K steps [s * steps, (s + 1) * steps)."""
+    x_ref, codes_ref, *param_refs, out_ref = refs
+    group = _Group(spec, dict(zip(names, param_refs)), n)
     bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
-    first_row, first_col = pl.program_id(0) * bm, pl.program_id(1) * bn
+    first_row, first_col, split = pl.program_id(0) * bm, pl.program_id(1) * bn, pl.program_id(2)
+    row_mask = None if m % bm == 0 else first_row + jnp.arange(bm) < m
     col_mask = None if n % bn == 0 else first_col + jnp.arange(bn) < n
-    tile_mask = combine_masks(None, col_mask)
-    fill = None if col_mask is None else 0
-    words, plane_rows = bk // 8, k // 8
+    code_mask, out_mask = combine_masks(None, col_mask), combine_masks(row_mask, col_mask)
+    x_mask = combine_masks(row_mask, None)
+    rows = pl.ds(first_row, bm)
+
+    def load_codes(start, count):
+        return plgpu.load(codes_ref.at[pl.ds(start, count), pl.ds(first_col, bn)], mask=code_mask,
+                          other=None if code_mask is None else 0)
+
+    def load_x(k_step):  # [bm, bk]
+        return plgpu.load(x_ref.at[rows, pl.ds(k_step * bk, bk)], mask=x_mask, other=None if x_mask is None else 0)
+
+    def dot(x, codes, scale, zero):
+        w = group.dequantize(codes, scale, zero).astype(x.dtype)
+        return jnp.dot(x, w, preferred_element_type=jnp.float32)
 
     def step(index, acc):
-        group = (index * bk) // group_size
-        scale = plgpu.load(scale_ref.at[group, pl.ds(first_col, bn)], mask=col_mask, other=fill)
-        zero = plgpu.load(zero_ref.at[group, pl.ds(first_col, bn)], mask=col_mask, other=fill)
-        word = jnp.zeros((words, bn), jnp.uint32)
-        for plane in range(3):
-            byte = plgpu.load(codes_ref.at[pl.ds(plane * plane_rows + index * words, words), pl.ds(first_col, bn)],
-                              mask=tile_mask, other=fill)
-            word = word | (byte.astype(jnp.uint32) << (8 * plane))
-        for i in range(8):
-            x = x8_ref[i, pl.ds(first_row, bm), pl.ds(index * words, words)]
-            w = _dequantize_tile((word >> (3 * i)) & 7, scale, zero, "int3", x.dtype)
-            acc = acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
-        return acc
+        k_step = split * steps + index
+        scale, zero = group.load((k_step * bk) // group_size, first_col, bn, col_mask)
+        if group.bits == 3:  # three byte planes of k / 8 rows; word r of the step holds input rows 8r .. 8r + 7
+            words, plane_rows = bk // 8, k // 8
+            word = jnp.zeros((words, bn), jnp.uint32)
+            for plane in range(3):
+                word = word | (load_codes(plane * plane_rows + k_step * words, words).astype(jnp.uint32) << (8 * plane))
+            for i, x in enumerate(deinterleave(load_x(k_step), 8)):  # x[:, r] is input row 8r + i
+                acc = acc + dot(x, ((word >> (3 * i)) & 7).astype(jnp.uint8), scale, zero)
+            return acc
+        if group.bits == 4:
+            codes = load_codes(k_step * (bk // 2), bk // 2)
+            x_even, x_odd = deinterleave(load_x(k_step), 2)
+            acc = acc + dot(x_even, codes & 0xF, scale, zero)
+            return acc + dot(x_odd, codes >> 4, scale, zero)
+        return acc + dot(load_x(k_step), load_codes(k_step * bk, bk), scale, zero)
 
-    acc = lax.fori_loop(0, k // bk, step, jnp.zeros((bm, bn), jnp.float32))
-    plgpu.store(out_ref.at[pl.ds(first_row, bm), pl.ds(first_col, bn)], acc.astype(out_ref.dtype), mask=tile_mask)
+    acc = lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.float32))
+    index = (split, rows, pl.ds(first_col, bn)) if tiles.splits > 1 else (rows, pl.ds(first_col, bn))
+    plgpu.store(out_ref.at[index], acc.astype(out_ref.dtype), mask=out_mask)
+
+
+def _group_inputs(qm: QuantizedMatrix, lookup: str) -> dict:
+    """The per-group arrays as stored, by name (the kernel reads and converts them itself)."""
+    if qm.format == "nf4":
+        inputs = {"scale_codes": qm.scale_codes, "scale_blocks": qm.scale_blocks,
+                  "scale_mean": qm.scale_mean.reshape(1).astype(jnp.float32)}
+        if lookup == "gather":
+            inputs["codebook"] = jnp.asarray(NF4_CODEBOOK)
+        return inputs
+    return {"scales": qm.scales, **({} if qm.zeros is None else {"zeros": qm.zeros})}
 
 
 @functools.partial(jax.jit, static_argnames=("tiles",))
 def _call(x2d, qm: QuantizedMatrix, tiles: MatmulTiles):
     m, k = x2d.shape
     n = qm.out_features
-    rows = pl.cdiv(m, tiles.block_m) * tiles.block_m
-    x2d = jnp.pad(x2d, ((0, rows - m), (0, 0)))
-    scale, zero = group_scales_and_zeros(qm)  # [groups, n] float32 (nf4: decoded absmax, no zero point)
-    zero = jnp.zeros_like(scale) if zero is None else zero
-    packed = qm.bits == 4
-    if qm.bits == 3:
-        inputs = (x2d.reshape(rows, k // 8, 8).transpose(2, 0, 1),)  # [8, rows, k / 8]: column mod 8
+    params = _group_inputs(qm, tiles.nf4_lookup)
+    spec = _Format(qm.format, qm.bits, tiles.nf4_lookup)
+    steps = k // tiles.block_k // tiles.splits
+    common = dict(spec=spec, names=tuple(params), n=n, group_size=qm.group_size, tiles=tiles, steps=steps)
+    if tiles.block_m == 1:
+        kernel, row_programs = functools.partial(_gemv_kernel, **common), m
     else:
-        inputs = (x2d[:, 0::2], x2d[:, 1::2]) if packed else (x2d,)
-    kernel = functools.partial(_kernel, fmt=qm.format, packed=packed, n=n, k=k, group_size=qm.group_size, tiles=tiles)
+        kernel, row_programs = functools.partial(_dot_kernel, m=m, k=k, **common), pl.cdiv(m, tiles.block_m)
+    split = tiles.splits > 1
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((rows, n), x2d.dtype),
-        grid=(rows // tiles.block_m, pl.cdiv(n, tiles.block_n)),
+        out_shape=jax.ShapeDtypeStruct((tiles.splits, m, n) if split else (m, n), jnp.float32 if split else x2d.dtype),
+        grid=(row_programs, pl.cdiv(n, tiles.block_n), tiles.splits),
         compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
         interpret=tiles.interpret,
-        name=f"matmul_{qm.format}",
-    )(*inputs, qm.codes, scale, zero)
-    return out[:m]
+        name=f"matmul_{qm.format}_{'gemv' if tiles.block_m == 1 else 'dot'}",
+    )(x2d, qm.codes, *params.values())
+    return out.sum(axis=0).astype(x2d.dtype) if split else out
+
+
+def check_tiles(tiles: MatmulTiles, qm: QuantizedMatrix) -> None:
+    """A clear error for tiles this matrix cannot run with."""
+    k = qm.in_features
+    unit = {4: 2, 3: 8}.get(qm.bits, 1)
+    if qm.group_size % tiles.block_k or tiles.block_k % unit:
+        raise ValueError(f"block_k={tiles.block_k} must divide the group size {qm.group_size} (and be even for 4-bit, "
+                         f"a multiple of 8 for int3)")
+    if tiles.splits < 1 or (k // tiles.block_k) % tiles.splits:
+        raise ValueError(f"splits={tiles.splits} must divide the {k // tiles.block_k} steps of block_k={tiles.block_k} "
+                         f"over K={k}")
+    if tiles.block_m == 1 and qm.bits == 3:
+        raise ValueError("the GEMV kernel (block_m=1) reads int8 / int4 / nf4; int3 takes block_m >= 16")
+    if 1 < tiles.block_m < 16 and not tiles.interpret:
+        raise ValueError(f"block_m={tiles.block_m}: tensor-core tiles need at least 16 rows (or 1 for the GEMV)")
+    if tiles.nf4_lookup not in ("gather", "select"):
+        raise ValueError(f"nf4_lookup={tiles.nf4_lookup!r}: expected 'gather' or 'select'")
 
 
 def quantized_matmul_pallas(x: jax.Array, qm: QuantizedMatrix, *, tiles: MatmulTiles | None = None,
@@ -171,8 +291,6 @@ def quantized_matmul_pallas(x: jax.Array, qm: QuantizedMatrix, *, tiles: MatmulT
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features, the quantized matrix expects {k}")
     x2d = x.reshape(-1, k)
-    tiles = tiles or default_tiles(x2d.shape[0], k, qm.out_features, qm.group_size, interpret)
-    if qm.group_size % tiles.block_k or tiles.block_k % {4: 2, 3: 8}.get(qm.bits, 1):
-        raise ValueError(f"block_k={tiles.block_k} must divide the group size {qm.group_size} (and be even for 4-bit, "
-                         f"a multiple of 8 for int3)")
+    tiles = tiles or default_tiles(x2d.shape[0], k, qm.out_features, qm.group_size, interpret, qm.format)
+    check_tiles(tiles, qm)
     return _call(x2d, qm, tiles).reshape(*x.shape[:-1], qm.out_features)

@@ -1,23 +1,35 @@
-"""The fused dequantize-matmul kernel against the XLA reference: interpret mode on CPUs, real sizes on a GPU."""
+"""The fused dequantize-matmul kernels against the XLA reference: interpret mode on CPUs, real sizes on a GPU."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.matmul_quant import MatmulTiles, quantized_matmul_pallas, quantized_matmul_reference
+from kernels.matmul_quant import (
+    MatmulTiles,
+    choose_splits,
+    deinterleave,
+    default_tiles,
+    quantized_matmul_pallas,
+    quantized_matmul_reference,
+)
 from llmjax.quant.formats import quantize
 
+# (format, group, block_m, splits, nf4 lookup): the GEMV (block_m 1) and tensor-core tiles, with and without split-K
+CASES = [("int8", None, 1, 2, "gather"), ("int8", None, 16, 1, "gather"), ("int4", 32, 1, 1, "gather"),
+         ("int4", 32, 1, 4, "gather"), ("int4", None, 16, 2, "gather"), ("int3", 64, 16, 2, "gather"),
+         ("nf4", 32, 1, 2, "gather"), ("nf4", 32, 1, 1, "select"), ("nf4", 32, 16, 2, "select")]
 
-@pytest.mark.parametrize("fmt, group", [("int8", None), ("int4", 32), ("int4", None), ("int3", 64), ("nf4", 32)])
-@pytest.mark.parametrize("rows", [1, 37])  # decode-shaped (padded to one 16-row tile) and prefill-shaped (3 tiles)
-def test_interpret_matches_reference(fmt, group, rows):
+
+@pytest.mark.parametrize("fmt, group, block_m, splits, lookup", CASES)
+def test_interpret_matches_reference(fmt, group, block_m, splits, lookup):
     w = jax.random.normal(jax.random.key(0), (128, 72)) * 0.02  # N = 72: a partial column tile
-    x = jax.random.normal(jax.random.key(1), (rows, 128))
     q = quantize(w, fmt, group)
-    tiles = MatmulTiles(block_m=16, block_n=32, block_k=32, interpret=True)
-    np.testing.assert_allclose(quantized_matmul_pallas(x, q, tiles=tiles), quantized_matmul_reference(x, q),
-                               rtol=1e-5, atol=1e-6)
+    tiles = MatmulTiles(block_m=block_m, block_n=32, block_k=32, splits=splits, nf4_lookup=lookup, interpret=True)
+    for rows in (1, 37) if block_m == 16 else (3,):  # one 16-row tile (masked) and three; the GEMV: a row each
+        x = jax.random.normal(jax.random.key(rows), (rows, 128))
+        np.testing.assert_allclose(quantized_matmul_pallas(x, q, tiles=tiles), quantized_matmul_reference(x, q),
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_bfloat16_inputs_and_batch_axes():
@@ -30,6 +42,23 @@ def test_bfloat16_inputs_and_batch_axes():
                                rtol=2e-2, atol=2e-3)
 
 
+def test_deinterleave_takes_every_parts_th_column():
+    x = jnp.arange(3 * 40).reshape(3, 40)
+    for parts in (1, 2, 8):
+        for i, part in enumerate(deinterleave(x, parts)):
+            np.testing.assert_array_equal(part, x[:, i::parts])
+
+
+def test_default_tiles_split_k_to_fill_the_gpu():
+    assert choose_splits(64, 32, 528) == 16  # 32 column tiles x 16 splits = 512 programs
+    assert choose_splits(6, 100, 528) == 3  # the largest divisor of 6 steps that fits
+    assert choose_splits(7, 600, 528) == 1
+    decode = default_tiles(1, 4096, 4096, 128, interpret=True, fmt="int4")
+    assert decode.block_m == 1 and 64 % decode.block_k == 0 and decode.splits > 1
+    assert default_tiles(1, 4096, 4096, 64, interpret=True, fmt="int3").block_m == 16  # no int3 GEMV
+    assert default_tiles(512, 4096, 4096, 128, interpret=True).splits == 1  # prefill fills the GPU without splits
+
+
 def test_bad_shapes():
     q = quantize(jnp.ones((64, 16)), "int8")
     with pytest.raises(ValueError, match="expects 64"):
@@ -37,16 +66,39 @@ def test_bad_shapes():
     with pytest.raises(ValueError, match="must divide the group size"):
         quantized_matmul_pallas(jnp.ones((1, 64)), quantize(jnp.ones((64, 16)), "int4", 32),
                                 tiles=MatmulTiles(block_k=64, interpret=True))
+    with pytest.raises(ValueError, match="splits=3 must divide the 2 steps"):
+        quantized_matmul_pallas(jnp.ones((1, 64)), q, tiles=MatmulTiles(block_k=32, splits=3, interpret=True))
+    with pytest.raises(ValueError, match="int3 takes block_m >= 16"):
+        quantized_matmul_pallas(jnp.ones((1, 64)), quantize(jnp.ones((64, 16)), "int3", 32),
+                                tiles=MatmulTiles(block_m=1, block_k=32, interpret=True))
+    with pytest.raises(ValueError, match="nf4_lookup='table'"):
+        quantized_matmul_pallas(jnp.ones((1, 64)), q, tiles=MatmulTiles(block_k=32, nf4_lookup="table", interpret=True))
+
+
+def _check_on_gpu(k, n, rows, fmt, group, tiles=None):
+    w = jax.random.normal(jax.random.key(0), (k, n)) * 0.02
+    x = jax.random.normal(jax.random.key(1), (rows, k)).astype(jnp.bfloat16)
+    q = quantize(w, fmt, group)
+    out = quantized_matmul_pallas(x, q, tiles=tiles).astype(jnp.float32)
+    reference = quantized_matmul_reference(x.astype(jnp.float32), q)  # float32 throughout
+    scale = float(jnp.abs(reference).max())
+    np.testing.assert_allclose(out, reference, rtol=2e-2, atol=1e-2 * scale)  # bf16 weights / output rounding
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["int8", "int4", "nf4"])
 @pytest.mark.parametrize("rows", [1, 8, 512])
 def test_gpu_matches_reference(fmt, rows):
-    k, n = 4096, 4096
-    w = jax.random.normal(jax.random.key(0), (k, n)) * 0.02
-    x = jax.random.normal(jax.random.key(1), (rows, k)).astype(jnp.bfloat16)
-    q = quantize(w, fmt, 128 if fmt != "nf4" else 64)
-    out = quantized_matmul_pallas(x, q).astype(jnp.float32)
-    reference = quantized_matmul_reference(x.astype(jnp.float32), q)
-    np.testing.assert_allclose(out, reference, rtol=3e-2, atol=3e-2)
+    _check_on_gpu(4096, 4096, rows, fmt, {"int8": None, "int4": 128, "nf4": 64}[fmt])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k, n, rows, fmt, group, tiles", [
+    (11008, 4096, 1, "int4", 128, None),  # llama-7b down: K split into 43 x 2 steps
+    (2048, 1000, 1, "int4", 64, None),  # N not a multiple of the column tile
+    (768, 2304, 3, "nf4", 64, MatmulTiles(1, 128, 64, 4, 2, 1, "select")),  # gpt2 qkv, the select chain, 3 rows
+    (4096, 4096, 1, "int4", 128, MatmulTiles(16, 128, 128, 8, 4, 3)),  # tensor-core tiles at batch 1, split-K
+    (4096, 1536, 40, "int3", 64, None),  # int3 (tensor cores only), a partial row tile
+])
+def test_gpu_shapes_and_tiles(k, n, rows, fmt, group, tiles):
+    _check_on_gpu(k, n, rows, fmt, group, tiles)

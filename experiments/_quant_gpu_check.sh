@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Issue 10's GPU checks and figures in one device call; logs and JSON under $OUT.
+#   STEPS="bench tests remat train quantize" OUT=/tmp/q bash experiments/_quant_gpu_check.sh
+# bench:    fused int8 / int4 / nf4 matmul vs bf16 at decode and prefill shapes (+ batch-1 tile sweep), alone on the GPU
+# tests:    pytest -m gpu over the kernel, quant and peft tests        } run side by side (no timings taken there;
+# remat:    llama-1b memory per mode x remat policy, 3 real steps each } GPU preallocation off)
+# train:    gpt2-124m for a few hundred steps on the stdlib (32768-id BPE, carried as runs/tokenizer/bpe-32768.json)
+# quantize: float / int8 / int4-RTN / int4-GPTQ / NF4 on that checkpoint, decode through the fused kernel, alone
+set -u
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/quant_gpu}
+PY=${PY:-python3}
+STEPS=${STEPS:-"bench tests remat train quantize"}
+TRAIN_STEPS=${TRAIN_STEPS:-400}
+mkdir -p "$OUT"
+start=$(date +%s)
+note() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$OUT/steps.log"; }
+wanted() { [[ " $STEPS " == *" $1 "* ]]; }
+run() {  # run NAME SECONDS COMMAND...: log to $OUT/NAME.log, print its tail
+  local name=$1 limit=$2; shift 2
+  note "start $name"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  note "end $name (exit $?)"
+  grep -v "Warning\|warn(" "$OUT/$name.log" | tail -n "${TAIL:-25}"
+}
+
+note "$(nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null)"
+if wanted bench; then
+  run bench 200 $PY -m experiments bench_matmul_quant --sweep --out "$OUT/bench_matmul_quant.json"
+fi
+
+background=""
+if wanted remat; then
+  note "start remat (background)"
+  ( XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 240 $PY -m experiments remat_memory --model llama-1b --batch 4 --seq 1024 --policies none,full,offload \
+      --modes full,lora,qlora --measure-steps 3 --jobs 3 --out "$OUT/remat_memory_llama-1b.json" \
+      > "$OUT/remat.log" 2>&1; note "end remat (exit $?)" ) &
+  background=$!
+fi
+if wanted tests; then
+  XLA_PYTHON_CLIENT_PREALLOCATE=false run tests 200 $PY -m pytest -q -m gpu -p no:cacheprovider \
+    tests/kernels/test_matmul_quant.py tests/quant tests/peft
+fi
+if wanted train; then
+  run tokenize 60 $PY -m experiments tokenize --tokenizer runs/tokenizer/bpe-32768.json --out /tmp/tok --no-progress
+  XLA_PYTHON_CLIENT_PREALLOCATE=false run train 200 $PY -m experiments train --model gpt2-124m --data /tmp/tok \
+    --run-dir /tmp/run-gpt2-124m --batch 16 --seq 1024 --steps "$TRAIN_STEPS" --warmup 40 --lr 1e-3 \
+    --eval-every "$TRAIN_STEPS" --save-every "$TRAIN_STEPS" --log-every 50 --eval-batches 4 --no-progress
+  cp /tmp/run-gpt2-124m/metrics.jsonl "$OUT/train_metrics.jsonl" 2>/dev/null
+fi
+if [ -n "$background" ]; then
+  wait "$background"
+  grep -v "Warning\|warn(" "$OUT/remat.log" | tail -n 16
+fi
+if wanted quantize; then
+  run quantize 200 $PY -m experiments quantize --ckpt /tmp/run-gpt2-124m --data /tmp/tok --matmul pallas \
+    --out "$OUT/quantize_gpt2-124m_pallas.json"
+fi
+if wanted quantize_xla; then
+  run quantize_xla 150 $PY -m experiments quantize --ckpt /tmp/run-gpt2-124m --data /tmp/tok --matmul xla \
+    --decode-formats float,int4-RTN,nf4 --out "$OUT/quantize_gpt2-124m_xla.json"
+fi
+note "done"
