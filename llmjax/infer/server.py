@@ -22,7 +22,7 @@ wrong API key; 404 for an unknown model; 429 when the engine's waiting queue is 
 
 Chat prompts come from the tokenizer config's Jinja chat template (`ChatFormat.from_folder`: a Hugging
 Face folder's `chat_template.jinja` or `tokenizer_config.json` "chat_template"). A model without one
-uses `DEFAULT_CHAT_TEMPLATE`, plain text for base models:
+uses `default_chat_prompt`, plain text for base models:
 
     System: {system message}\n\nUser: {user message}\n\nAssistant: {reply}\n\n ... Assistant:
 
@@ -353,9 +353,6 @@ def read_messages(messages) -> list[dict]:
 
 # --- chat template ----------------------------------------------------------------------------------
 
-DEFAULT_CHAT_TEMPLATE = None  # marker: ChatFormat renders the plain-text default without Jinja
-
-
 def default_chat_prompt(messages: list[dict]) -> str:
     """The default template: "Role: content" paragraphs, then "Assistant:" for the model to continue."""
     turns = [f"{message['role'].capitalize()}: {message['content']}\n\n" for message in messages]
@@ -364,9 +361,10 @@ def default_chat_prompt(messages: list[dict]) -> str:
 
 @dataclass(frozen=True)
 class ChatFormat:
-    """A chat template (Jinja source, as Hugging Face stores it) with the special tokens it refers to."""
+    """A chat template (Jinja source, as Hugging Face stores it) with the special tokens it refers to;
+    template None: `default_chat_prompt` (no Jinja needed)."""
 
-    template: str | None = DEFAULT_CHAT_TEMPLATE
+    template: str | None = None
     bos_token: str = ""
     eos_token: str = ""
     _compiled: object = field(default=None, repr=False, compare=False)
@@ -437,14 +435,14 @@ class TextStream:
 
     Each token is decoded after the token before it (the prompt's last token for the first) so that
     tokenizers whose pieces depend on what precedes them (SentencePiece's leading space) decode as in
-    the whole text. Text that might be the start of a stop string is held back until it is not.
+    the whole text. Text that might be the start of a stop string is held back until it is not, so a stop
+    string can only begin in the text not yet handed out: that is all this keeps.
     """
 
     def __init__(self, tokenizer, previous_id: int | None, stop: Sequence[str] = ()):
         self.tokenizer, self.previous_id, self.stop = tokenizer, previous_id, tuple(stop)
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.text = ""      # everything decoded so far (cut at the stop string once one appears)
-        self.sent = 0       # characters of text already handed out
+        self.unsent = ""    # decoded, not handed out yet (cut at the stop string once one appears)
         self.stopped = False
 
     def push(self, token_ids: Sequence[int]) -> str:
@@ -476,24 +474,22 @@ class TextStream:
     def _append(self, text: str) -> None:
         if not text:
             return
-        start = max(0, len(self.text) - max(map(len, self.stop), default=0))
-        self.text += text
-        hits = [index for stop in self.stop if (index := self.text.find(stop, start)) >= 0]
+        self.unsent += text
+        hits = [index for stop in self.stop if (index := self.unsent.find(stop)) >= 0]
         if hits:
-            self.text, self.stopped = self.text[: min(hits)], True
+            self.unsent, self.stopped = self.unsent[: min(hits)], True
 
     def _release(self, final: bool) -> str:
-        end = len(self.text) if final else len(self.text) - self._held_back()
-        delta = self.text[self.sent:end] if end > self.sent else ""
-        self.sent = max(self.sent, end)
+        end = len(self.unsent) if final else len(self.unsent) - self._held_back()
+        delta, self.unsent = self.unsent[:end], self.unsent[end:]
         return delta
 
     def _held_back(self) -> int:
-        """Length of the longest end of the text that begins some stop string."""
+        """Length of the longest end of the unsent text that begins some stop string."""
         longest = 0
         for stop in self.stop:
-            for size in range(min(len(stop) - 1, len(self.text)), longest, -1):
-                if self.text.endswith(stop[:size]):
+            for size in range(min(len(stop) - 1, len(self.unsent)), longest, -1):
+                if self.unsent.endswith(stop[:size]):
                     longest = size
                     break
         return longest

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -446,6 +447,31 @@ def test_text_stream_never_breaks_a_character_and_cuts_stop_strings():
 
     stream = TextStream(tokenizer, None, stop=["e\u20ac"])  # "e€" never appears: held-back "e" comes out at the end
     assert stream.push(list(b"one")) == "on" and stream.finish() == "e"
+
+
+def test_text_stream_on_random_bytes_and_stop_strings():
+    """Whatever the bytes (broken UTF-8 included) and however they are grouped into steps, the deltas add up to
+    the one-shot decoding, cut just before the first stop string in it."""
+    tokenizer = load_tokenizer("bytes")
+    rng = random.Random(0)
+    alphabet = "ab€é😀".encode() + b"\xff\x80"
+    for _ in range(300):
+        data = bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        full = data.decode("utf-8", errors="replace")
+        stops = [full[i: i + rng.randint(1, 3)] for i in sorted(rng.sample(range(40), 2)) if i < len(full)]
+        stream = TextStream(tokenizer, None, stops)
+        deltas, position = [], 0
+        while position < len(data):
+            step = rng.randint(1, 4)
+            deltas.append(stream.push(list(data[position: position + step])))
+            position += step
+        out = "".join(deltas) + stream.finish()
+        assert full.startswith(out)
+        if stops:  # they are pieces of the text: the stream stops at the first one it sees whole
+            assert stream.stopped and any(full.startswith(stop, len(out)) for stop in stops)
+            assert not any(stop in out for stop in stops)
+        else:
+            assert out == full
 
 
 def test_text_stream_decodes_each_token_after_the_one_before(model):
