@@ -95,12 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 2
     from experiments.generate import load_model
-    from llmjax.infer.engine import Engine, EngineConfig
+    from llmjax.infer.engine import Engine, EngineConfig, EngineError
 
-    for flag in ("max_queue", "num_blocks", "block_size", "max_running", "max_tokens_per_step"):
-        if getattr(args, flag) < 1:
-            print(f"{PROG}: --{flag.replace('_', '-')}={getattr(args, flag)}: must be >= 1", file=sys.stderr)
-            return 2
     try:
         chat_format = chat_format_for(args)
     except (ValueError, ImportError, OSError) as error:
@@ -111,7 +107,11 @@ def main(argv: list[str] | None = None) -> int:
                           max_tokens_per_step=args.max_tokens_per_step, max_queue=args.max_queue,
                           prefix_caching=not args.no_prefix_caching)
     end_ids = [i for i in end_of_text_ids(args.hf or args.ckpt, tokenizer, chat_format) if 0 <= i < cfg.vocab_size]
-    engine = Engine(params, cfg, config, eos_token_id=end_ids[0] if end_ids else None)
+    try:
+        engine = Engine(params, cfg, config, eos_token_id=end_ids[0] if end_ids else None)
+    except EngineError as error:  # engine sizes that do not fit together
+        print(f"{PROG}: {error}", file=sys.stderr)
+        return 2
     if not args.no_warmup:
         print(f"{PROG}: compiling the engine's shape buckets ...", file=sys.stderr, flush=True)
         engine.warmup()

@@ -529,6 +529,19 @@ def test_without_the_serve_extra_serving_is_one_clear_error(tmp_path):
                                      "is missing): pip install 'llmjax[serve]' (or ./install.sh serve)")
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--max-running", "64", "--max-tokens-per-step", "32"], "max_tokens_per_step=32 is below max_running=64"),
+    (["--num-blocks", "0"], "num_blocks=0: must be >= 1"),
+    (["--chat-template", "/nonexistent.jinja"], "/nonexistent.jinja"),
+])
+def test_serve_bad_flags_are_one_line(flags, message, capsys):
+    from experiments import serve
+
+    assert serve.main(["--model", "llama-tiny", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.count("\n") == 0
+
+
 @pytest.mark.slow
 def test_serve_from_the_command_line(tmp_path):
     with socket.socket() as probe:
