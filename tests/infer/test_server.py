@@ -328,6 +328,8 @@ def test_full_queue_gives_429_then_requests_proceed(model):
             while engine.stats().num_waiting < 2:
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
+            metrics = parse_prometheus(http.get("/metrics").text)
+            assert (metrics["llmjax_requests_waiting"], metrics["llmjax_requests_in_flight"]) == (2, 2)
             refused = http.post("/v1/completions", json=body)
             assert refused.status_code == 429
             error = refused.json()["error"]
