@@ -164,13 +164,39 @@ def write_token(cache: dict, layer_index: int, k: jax.Array, v: jax.Array) -> di
     return _replace_layer(cache, layer_index, {**layer, **updated})
 
 
-def advance(cache: dict) -> dict:
-    """After every layer wrote the new token: record its position and move to the next slot."""
+def write_tokens(cache: dict, layer_index: int, k: jax.Array, v: jax.Array) -> dict:
+    """Store n new tokens' k, v [batch, n, kv_heads, head_dim] at each row's next n slots (mod capacity)."""
+    layer = cache["layers"][layer_index]
+    batch, capacity = layer["k"].shape[:2]
+    slots = (cache["next_slot"][:, None] + jnp.arange(k.shape[1])) % capacity  # [batch, n]
+    rows = jnp.arange(batch)[:, None]
+    new = {**_encode(layer, "k", k), **_encode(layer, "v", v)}
+    updated = {name: layer[name].at[rows, slots].set(value, mode="promise_in_bounds") for name, value in new.items()}
+    return _replace_layer(cache, layer_index, {**layer, **updated})
+
+
+def advance(cache: dict, count: int = 1) -> dict:
+    """After every layer wrote the `count` new tokens: record their positions and move past their slots."""
     batch, capacity = cache["positions"].shape
-    slot = cache["next_slot"] % capacity
-    positions = cache["positions"].at[jnp.arange(batch), slot].set(cache["next_position"], mode="promise_in_bounds")
-    return {**cache, "positions": positions, "next_slot": cache["next_slot"] + 1,
-            "next_position": cache["next_position"] + 1}
+    offsets = jnp.arange(count, dtype=jnp.int32)
+    slots = (cache["next_slot"][:, None] + offsets) % capacity  # [batch, count]
+    positions = cache["positions"].at[jnp.arange(batch)[:, None], slots].set(
+        cache["next_position"][:, None] + offsets, mode="promise_in_bounds")
+    return {**cache, "positions": positions, "next_slot": cache["next_slot"] + count,
+            "next_position": cache["next_position"] + count}
+
+
+def rewind(cache: dict, count: jax.Array) -> dict:
+    """Forget each row's last count [batch] tokens (speculative decoding drops rejected drafts): only the
+    bookkeeping moves back and their slots' positions are cleared; their K/V stay, invisible, until overwritten.
+
+    A ring (sliding-window cache) loses the keys the forgotten tokens overwrote: give it window + count slots."""
+    capacity = cache["positions"].shape[1]
+    count = jnp.asarray(count, jnp.int32)
+    back = (cache["next_slot"][:, None] - 1 - jnp.arange(capacity)) % capacity  # [batch, capacity]: slots back from the last
+    positions = jnp.where(back < count[:, None], -1, cache["positions"])
+    return {**cache, "positions": positions, "next_slot": cache["next_slot"] - count,
+            "next_position": cache["next_position"] - count}
 
 
 def visible(kv_positions: jax.Array, q_positions: jax.Array, sliding_window: int | None) -> jax.Array:

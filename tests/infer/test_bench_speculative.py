@@ -1,0 +1,34 @@
+"""bench_speculative's whole path (train both models, time target alone / speculative / draft alone, check
+greedy outputs, table, JSON, PNG) on the CPU at toy size, so the GPU benchmark does not rot between runs."""
+
+import json
+
+import pytest
+
+from experiments import bench_speculative
+
+
+@pytest.mark.slow
+def test_bench_speculative_runs_at_toy_size(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench_speculative.main([
+        "--model", "llama-tiny", "--draft", "llama-tiny", "--draft-set", "num_layers=1", "--draft-set", "d_model=24",
+        "--train-steps", "2", "--train-batch", "2", "--train-seq", "16", "--corpus-mb", "0.1", "--ks", "2",
+        "--prompts", "2", "--prompt-len", "8", "--max-new-tokens", "8", "--repeats", "1", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    rows = {row["config"]: row for row in results["rows"]}
+    assert set(rows) == {"target alone", "target + draft", "draft alone"}
+    speculative = rows["target + draft"]
+    assert speculative["k"] == 2 and speculative["identical"] is True  # greedy: the target's own tokens
+    assert 0 <= speculative["acceptance_rate"] <= 1 and 1 <= speculative["tokens_per_target_call"] <= 3
+    assert all(row["tokens_per_s"] > 0 for row in rows.values())
+    assert results["draft_params"] < results["target_params"] and results["target_training"]["steps"] == 2
+    assert out.with_suffix(".png").is_file()
+    assert "| target + draft | 2 |" in capsys.readouterr().out
+
+
+def test_bench_speculative_bad_flags_are_one_line():
+    with pytest.raises(SystemExit, match="--ks '0,2': give draft lengths >= 1"):
+        bench_speculative.main(["--model", "llama-tiny", "--draft", "llama-tiny", "--ks", "0,2"])
+    with pytest.raises(SystemExit, match="unknown model preset 'llama-nope'"):
+        bench_speculative.main(["--model", "llama-nope"])
