@@ -278,7 +278,7 @@ def plot(results: dict, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = [r for r in results["rows"] if r["k"] > 0]
+    rows = sorted((r for r in results["rows"] if r["k"] > 0), key=lambda r: r["k"])
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
