@@ -581,15 +581,16 @@ class _Route:
     outputs: asyncio.Queue
 
     def deliver(self, item) -> bool:
-        return self.call(self.outputs.put_nowait, item)
+        return _call_on(self.loop, self.outputs.put_nowait, item)
 
-    def call(self, function, *args) -> bool:
-        """Run function(*args) on the event loop; False when the loop is closed (nobody is listening)."""
-        try:
-            self.loop.call_soon_threadsafe(function, *args)
-            return True
-        except RuntimeError:
-            return False
+
+def _call_on(loop: asyncio.AbstractEventLoop, function, *args) -> bool:
+    """Run function(*args) on an event loop from another thread; False when the loop is closed (nobody listens)."""
+    try:
+        loop.call_soon_threadsafe(function, *args)
+        return True
+    except RuntimeError:
+        return False
 
 
 class EngineFailure(RuntimeError):
@@ -671,7 +672,7 @@ class AsyncEngine:
             except queue.Empty:
                 break
             if command[0] == "add":
-                command[4].call(_settle, command[5], shutting_down)
+                _call_on(command[4].loop, _settle, command[5], shutting_down)
         self._stats = self.engine.stats()
 
     def _take_commands(self, wait: bool) -> bool:
@@ -697,10 +698,10 @@ class AsyncEngine:
         try:
             self.engine.add_request(request_id, prompt_ids, params)
         except Exception as error:  # EngineError, QueueFull (or a bug: answered with a 500)
-            route.call(_settle, accepted, error)
+            _call_on(route.loop, _settle, accepted, error)
             return
         self._routes[request_id] = route
-        route.call(_settle, accepted, None)
+        _call_on(route.loop, _settle, accepted, None)
 
     def _step(self) -> None:
         try:
@@ -711,6 +712,7 @@ class AsyncEngine:
             self._end_all(EngineFailure(f"the engine failed: {type(error).__name__}: {error}"))
             return
         generated = 0
+        batches: dict[asyncio.AbstractEventLoop, list] = {}  # one wake-up of each event loop per step
         for output in outputs:
             generated += len(output.new_token_ids)
             route = self._routes.get(output.request_id)
@@ -718,9 +720,12 @@ class AsyncEngine:
                 continue  # aborted by its consumer
             if output.finished:
                 del self._routes[output.request_id]
-            if not route.deliver(output):
-                self._routes.pop(output.request_id, None)
-                self.engine.abort(output.request_id)
+            batches.setdefault(route.loop, []).append((route.outputs, output))
+        for loop, items in batches.items():
+            if not _call_on(loop, _put_all, items):
+                for _, output in items:
+                    self._routes.pop(output.request_id, None)
+                    self.engine.abort(output.request_id)
         now = time.monotonic()
         with self._lock:
             self._recent_tokens.append((now, generated))
@@ -736,6 +741,11 @@ class AsyncEngine:
         with contextlib.suppress(Exception):
             while self.engine.has_unfinished():  # report the aborts, so the engine is empty
                 self.engine.step()
+
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for outputs, item in items:
+        outputs.put_nowait(item)
 
 
 def _settle(future: asyncio.Future, error: BaseException | None) -> None:
