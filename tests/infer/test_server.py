@@ -484,6 +484,29 @@ def test_text_stream_decodes_each_token_after_the_one_before(model):
     assert "".join(stream.push([t]) for t in ids[1:]) + stream.finish() == tokenizer.decode(ids[1:])
 
 
+def test_text_stream_keeps_sentencepiece_spaces_after_the_prompt():
+    """SentencePiece drops the leading space of a text's first word ("▁world" alone is "world"); a reply
+    continues its prompt, so its first word keeps the space."""
+    import io
+    import sysconfig
+
+    import sentencepiece
+
+    from llmjax.tokenizer.sentencepiece import SentencePieceTokenizer
+
+    model = io.BytesIO()
+    lines = [line for name in ("textwrap.py", "string.py", "shlex.py")
+             for line in Path(sysconfig.get_paths()["stdlib"], name).read_text().splitlines()]
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(line for line in lines if line.strip()),
+                                             model_writer=model, vocab_size=400, byte_fallback=True, minloglevel=2)
+    tokenizer = SentencePieceTokenizer(model.getvalue())
+    ids = tokenizer.encode("the text wraps é lines")
+    cut = next(k for k in range(len(ids)) if tokenizer.decode(ids[:k]) == "the text")  # the prompt
+    assert tokenizer.decode(ids[cut:]) == "wraps é lines"  # decoded alone: no leading space
+    stream = TextStream(tokenizer, ids[cut - 1])
+    assert "".join(stream.push([t]) for t in ids[cut:]) + stream.finish() == " wraps é lines"
+
+
 def test_chat_template_from_a_tokenizer_config(tmp_path):
     template = ("{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}{% endfor %}"
                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
