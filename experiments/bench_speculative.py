@@ -41,8 +41,12 @@ def parse_args(argv):
     p.add_argument("--prompts", type=int, default=4, help="held-out prompts (one per validation file), decoded one by one")
     p.add_argument("--prompt-len", type=int, default=128, help="bytes per prompt")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens generated per prompt (no EOS stop)")
-    p.add_argument("--temperature", type=float, default=0.0,
-                   help="0: greedy (outputs must be identical); > 0: sampled, same seed for both (acceptance only)")
+    p.add_argument("--sampled-temperature", type=float, default=0.0,
+                   help="> 0: after the greedy sweep, also time the target alone and the best k at this temperature "
+                        "(plain sampling; outputs differ from the target's by design, the distribution does not)")
+    p.add_argument("--deadline-s", type=float, default=0.0,
+                   help="skip the remaining stages (further k, draft alone, sampled) once this many seconds have "
+                        "passed since the models were trained (0: no limit)")
     p.add_argument("--repeats", type=int, default=2, help="timed passes over the prompts (the median is reported)")
     p.add_argument("--decode-impl", default="auto", choices=["auto", "xla", "pallas"], help="decode attention core")
     p.add_argument("--seed", type=int, default=0, help="seed of the initializations and the batch order")
@@ -70,21 +74,18 @@ def corpus_tokens(split: str, max_bytes: int, separator: int):
     return np.concatenate(pieces), spans
 
 
-def held_out_prompts(count: int, length: int, separator: int) -> list[list[int]]:
-    """One prompt per validation file long enough: `length` bytes from a line start a third of the way in."""
-    tokens, spans = corpus_tokens("validation", 1 << 62, separator)
-    prompts = []
-    for start, stop in spans:
-        if stop - start < 3 * length:
-            continue
-        begin = start + (stop - start) // 3
-        while tokens[begin - 1] != ord("\n") and begin < stop - length:
+def spread_prompts(stream, count: int, length: int) -> list[list[int]] | None:
+    """`count` prompts of `length` ids spread evenly over a token stream, each from a line start (None when the
+    stream is too short for them)."""
+    if len(stream) < 4 * count * length:
+        return None
+    prompts, stride = [], len(stream) // count
+    for index in range(count):
+        begin = index * stride + stride // 3
+        while begin < (index + 1) * stride - 2 * length and stream[begin - 1] != ord("\n"):
             begin += 1
-        prompts.append(tokens[begin: begin + length].tolist())
-        if len(prompts) == count:
-            return prompts
-    raise SystemExit(f"bench_speculative: only {len(prompts)} validation files hold {3 * length} bytes; "
-                     f"ask for fewer --prompts or a shorter --prompt-len")
+        prompts.append(stream[begin: begin + length].tolist())
+    return prompts
 
 
 # --- training -----------------------------------------------------------------------------------
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     from experiments.train import parse_overrides
     from llmjax.config import ConfigError, count_params, get_config
     from llmjax.data.loader import ArrayTokens
-    from llmjax.infer.generate import GenerationError, generate
+    from llmjax.infer.generate import generate
     from llmjax.infer.sampling import SamplingConfig
     from llmjax.infer.speculative import _prepare_jit, speculative_generate
     from llmjax.tokenizer.bytes import BYTE_VOCAB
@@ -169,17 +170,29 @@ def main(argv: list[str] | None = None) -> int:
         "target_params": count_params(target_cfg), "draft_params": count_params(draft_cfg),
         "draft_overrides": args.draft_set or DEFAULT_DRAFT_SET, "target_overrides": args.set,
         "vocab": vocab, "prompts": args.prompts, "prompt_len": args.prompt_len, "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature, "repeats": args.repeats, "rows": [],
+        "repeats": args.repeats, "rows": [],
     }
     print(f"device {device.device_kind}; target {target_cfg.name} {results['target_params'] / 1e6:.0f}M params, draft "
           f"{draft_cfg.name} ({' '.join(results['draft_overrides'])}) {results['draft_params'] / 1e6:.0f}M params "
           f"({results['target_params'] / results['draft_params']:.1f}x smaller), byte vocabulary", flush=True)
 
-    tokens, _ = corpus_tokens("train", int(args.corpus_mb * 2**20), separator)
+    # Prompts: the validation split's files (never trained on); when the machine's standard library has too few,
+    # the tail of the training files read, which the training windows never reach.
+    reserve = 4 * args.prompts * args.prompt_len
+    tokens, spans = corpus_tokens("train", int(args.corpus_mb * 2**20) + reserve, separator)
+    prompts = spread_prompts(corpus_tokens("validation", 1 << 62, separator)[0], args.prompts, args.prompt_len)
+    results["prompt_source"] = "validation split"
+    if prompts is None:
+        prompts = spread_prompts(tokens[-reserve:], args.prompts, args.prompt_len)
+        tokens, results["prompt_source"] = tokens[:-reserve], "held-out tail of the training files"
+    if prompts is None or len(tokens) < 2 * args.train_seq:
+        raise SystemExit(f"bench_speculative: the standard library here has only {len(tokens):,} bytes of .py files; "
+                         f"ask for fewer --prompts, a shorter --prompt-len or --train-seq")
     source = ArrayTokens(tokens)
-    prompts = held_out_prompts(args.prompts, args.prompt_len, separator)
-    print(f"training on {len(tokens) / 2**20:.1f}M bytes of the standard library, {args.train_steps} steps of "
-          f"{args.train_batch} x {args.train_seq}", flush=True)
+    results["corpus_bytes"], results["corpus_files"] = len(tokens), len(spans)
+    print(f"training on {len(tokens) / 2**20:.1f}M bytes ({len(spans)} files) of the standard library, "
+          f"{args.train_steps} steps of {args.train_batch} x {args.train_seq}; prompts from the "
+          f"{results['prompt_source']}", flush=True)
     target_params, results["target_training"] = train_model(
         target_cfg, source, args.train_steps, args.train_batch, args.train_seq, args.lr, args.warmup, args.seed, "target")
     draft_params, results["draft_training"] = train_model(
@@ -188,11 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     target_prepared, draft_prepared = _prepare_jit(target_params, target_cfg), _prepare_jit(draft_params, draft_cfg)
     del target_params, draft_params
 
-    greedy = args.temperature == 0
-    sampling = SamplingConfig.greedy() if greedy else SamplingConfig(temperature=args.temperature, seed=args.seed)
     new = args.max_new_tokens
+    started = time.perf_counter()
 
-    def plain(cfg, prepared):
+    def in_time(stage: str) -> bool:
+        if args.deadline_s and time.perf_counter() - started > args.deadline_s:
+            print(f"skipped {stage}: past --deadline-s {args.deadline_s:.0f}", flush=True)
+            results.setdefault("skipped", []).append(stage)
+            return False
+        return True
+
+    def plain(cfg, prepared, sampling):
         return lambda prompt: generate(None, cfg, [prompt], max_new_tokens=new, sampling=sampling,
                                        decode_impl=args.decode_impl, prepared=prepared).tokens[0]
 
@@ -200,18 +219,21 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))
 
-    reference, target_s, warm_up = timed_passes(plain(target_cfg, target_prepared), prompts, args.repeats)
-    generated = sum(map(len, reference))
-    baseline = generated / target_s
-    results["rows"].append({"config": "target alone", "k": 0, "tokens_per_s": baseline, "speedup": 1.0,
-                            "seconds": target_s, "warm_up_s": warm_up})
-    print(f"target alone: {baseline:8.1f} tokens/s ({1e3 * target_s / generated:.3f} ms/token)", flush=True)
-    write()
+    def alone(label, cfg, prepared, sampling, baseline_s=None):
+        outputs, seconds, warm_up = timed_passes(plain(cfg, prepared, sampling), prompts, args.repeats)
+        tokens_per_s = sum(map(len, outputs)) / seconds
+        row = {"config": label, "k": 0, "temperature": sampling.temperature, "tokens_per_s": tokens_per_s,
+               "speedup": 1.0 if baseline_s is None else baseline_s / seconds, "seconds": seconds, "warm_up_s": warm_up}
+        results["rows"].append(row)
+        print(f"{label} (temperature {sampling.temperature}): {tokens_per_s:8.1f} tokens/s "
+              f"({1e3 / tokens_per_s:.3f} ms/token)", flush=True)
+        write()
+        return outputs, row
 
-    for k in ks:
+    def speculative(k, sampling, reference, baseline):
         stats = []
 
-        def speculative(prompt, k=k):
+        def run(prompt):
             out = speculative_generate(None, target_cfg, None, draft_cfg, [prompt], k=k, max_new_tokens=new,
                                        sampling=sampling, decode_impl=args.decode_impl,
                                        target_prepared=target_prepared, draft_prepared=draft_prepared)
@@ -219,31 +241,46 @@ def main(argv: list[str] | None = None) -> int:
             return out.tokens[0]
 
         try:
-            outputs, seconds, warm_up = timed_passes(speculative, prompts, args.repeats)
-        except GenerationError as error:
-            raise SystemExit(f"bench_speculative: {error}") from None
+            outputs, seconds, warm_up = timed_passes(run, prompts, args.repeats)
+        except Exception as error:  # noqa: BLE001  (record the failure, go on with the other points)
+            message = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            print(f"k={k}: failed ({message})", flush=True)
+            results["rows"].append({"config": "target + draft", "k": k, "temperature": sampling.temperature,
+                                    "error": message})
+            write()
+            return None
         last = stats[-len(prompts):]
-        drafted, accepted = sum(s.drafted for s in last), sum(s.accepted for s in last)
         tokens_per_s = sum(map(len, outputs)) / seconds
-        row = {"config": "target + draft", "k": k, "tokens_per_s": tokens_per_s, "speedup": tokens_per_s / baseline,
-               "seconds": seconds,
-               "warm_up_s": warm_up, "acceptance_rate": accepted / drafted,
+        greedy = sampling.temperature == 0
+        row = {"config": "target + draft", "k": k, "temperature": sampling.temperature, "tokens_per_s": tokens_per_s,
+               "speedup": tokens_per_s / baseline["tokens_per_s"], "seconds": seconds, "warm_up_s": warm_up,
+               "acceptance_rate": sum(s.accepted for s in last) / sum(s.drafted for s in last),
                "tokens_per_target_call": sum(s.generated for s in last) / sum(s.target_calls for s in last),
                "identical": outputs == reference if greedy else None,
-               "identical_prompts": sum(a == b for a, b in zip(outputs, reference)),
+               "identical_prompts": sum(a == b for a, b in zip(outputs, reference)) if greedy else None,
                "first_difference": [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-                                    for a, b in zip(outputs, reference)]}
+                                    for a, b in zip(outputs, reference)] if greedy else None}
         results["rows"].append(row)
-        print(f"k={k}: {row['tokens_per_s']:8.1f} tokens/s, {row['speedup']:.2f}x, acceptance "
-              f"{row['acceptance_rate']:.3f}, {row['tokens_per_target_call']:.2f} tokens per target pass"
+        print(f"k={k} (temperature {sampling.temperature}): {tokens_per_s:8.1f} tokens/s, {row['speedup']:.2f}x, "
+              f"acceptance {row['acceptance_rate']:.3f}, {row['tokens_per_target_call']:.2f} tokens per target pass"
               + (f", identical outputs: {row['identical_prompts']}/{len(prompts)}" if greedy else ""), flush=True)
         write()
-    # Last: the draft's own speed (how much a draft pass costs against a target pass).
-    _, draft_s, warm_up = timed_passes(plain(draft_cfg, draft_prepared), prompts, args.repeats)
-    results["rows"].append({"config": "draft alone", "k": 0, "tokens_per_s": generated / draft_s,
-                            "speedup": target_s / draft_s, "seconds": draft_s, "warm_up_s": warm_up})
-    print(f"draft alone:  {generated / draft_s:8.1f} tokens/s ({1e3 * draft_s / generated:.3f} ms/token)", flush=True)
-    write()
+        return row
+
+    greedy = SamplingConfig.greedy()
+    reference, baseline = alone("target alone", target_cfg, target_prepared, greedy)
+    swept = []
+    for index, k in enumerate(ks):
+        if index == 0 or in_time(f"k={k}"):
+            swept.append(speculative(k, greedy, reference, baseline))
+    if in_time("draft alone"):  # what a draft pass costs against a target pass
+        alone("draft alone", draft_cfg, draft_prepared, greedy, baseline["seconds"])
+    measured = [row for row in swept if row is not None]
+    if args.sampled_temperature > 0 and measured and in_time("sampled"):
+        best = max(measured, key=lambda row: row["speedup"])["k"]
+        sampled = SamplingConfig(temperature=args.sampled_temperature, seed=args.seed)
+        reference, baseline = alone("target alone", target_cfg, target_prepared, sampled)
+        speculative(best, sampled, reference, baseline)
     print_table(results)
     png = plot(results, args.out.with_suffix(".png"))
     print(f"wrote {args.out}" + (f" and {png}" if png else ""))
@@ -251,23 +288,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(results: dict) -> None:
-    mode = "greedy" if results["temperature"] == 0 else f"temperature {results['temperature']}"
     print(f"\n{results['target']} ({results['target_params'] / 1e6:.0f}M) + draft {results['draft']} "
-          f"({results['draft_params'] / 1e6:.0f}M) on {results['device']}, {mode}, batch 1, {results['prompts']} "
-          f"prompts x {results['max_new_tokens']} new tokens")
+          f"({results['draft_params'] / 1e6:.0f}M) on {results['device']}, batch 1, {results['prompts']} prompts x "
+          f"{results['max_new_tokens']} new tokens")
     for role in ("target", "draft"):
         t = results.get(f"{role}_training", {})
         if t.get("steps"):
             print(f"{role}: {t['steps']} training steps, loss {t['first_loss']:.3f} -> {t['final_loss']:.3f} nats/byte")
-    print("| decoding | k | tokens/s | speed-up | acceptance | tokens / target pass | identical outputs |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| decoding | temperature | k | tokens/s | speed-up | acceptance | tokens / target pass | identical outputs |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in results["rows"]:
-        if r["k"] == 0:
-            print(f"| {r['config']} | - | {r['tokens_per_s']:,.1f} | {r['speedup']:.2f}x | - | - | - |")
-            continue
-        same = "-" if r["identical"] is None else f"{r['identical_prompts']}/{results['prompts']}"
-        print(f"| {r['config']} | {r['k']} | {r['tokens_per_s']:,.1f} | {r['speedup']:.2f}x | {r['acceptance_rate']:.3f} "
-              f"| {r['tokens_per_target_call']:.2f} | {same} |")
+        head = f"| {r['config']} | {r['temperature']:g} | {r['k'] or '-'} |"
+        if "error" in r:
+            print(f"{head} failed: {r['error']} | | | | |")
+        elif r["k"] == 0:
+            print(f"{head} {r['tokens_per_s']:,.1f} | {r['speedup']:.2f}x | - | - | - |")
+        else:
+            same = "-" if r["identical"] is None else f"{r['identical_prompts']}/{results['prompts']}"
+            print(f"{head} {r['tokens_per_s']:,.1f} | {r['speedup']:.2f}x | {r['acceptance_rate']:.3f} "
+                  f"| {r['tokens_per_target_call']:.2f} | {same} |")
 
 
 def plot(results: dict, path: Path) -> Path | None:
@@ -278,7 +317,8 @@ def plot(results: dict, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = sorted((r for r in results["rows"] if r["k"] > 0), key=lambda r: r["k"])
+    rows = sorted((r for r in results["rows"] if r["k"] > 0 and r["temperature"] == 0 and "error" not in r),
+                  key=lambda r: r["k"])
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -14,17 +14,20 @@ def test_bench_speculative_runs_at_toy_size(tmp_path, capsys):
     assert bench_speculative.main([
         "--model", "llama-tiny", "--draft", "llama-tiny", "--draft-set", "num_layers=1", "--draft-set", "d_model=24",
         "--train-steps", "2", "--train-batch", "2", "--train-seq", "16", "--corpus-mb", "0.1", "--ks", "2",
-        "--prompts", "2", "--prompt-len", "8", "--max-new-tokens", "8", "--repeats", "1", "--out", str(out)]) == 0
+        "--prompts", "2", "--prompt-len", "8", "--max-new-tokens", "8", "--repeats", "1", "--sampled-temperature", "0.8",
+        "--out", str(out)]) == 0
     results = json.loads(out.read_text())
-    rows = {row["config"]: row for row in results["rows"]}
-    assert set(rows) == {"target alone", "target + draft", "draft alone"}
-    speculative = rows["target + draft"]
+    rows = {(row["config"], row["temperature"]): row for row in results["rows"]}
+    assert set(rows) == {("target alone", 0), ("target + draft", 0), ("draft alone", 0), ("target alone", 0.8),
+                         ("target + draft", 0.8)}
+    assert rows[("target + draft", 0.8)]["identical"] is None and rows[("target + draft", 0.8)]["k"] == 2
+    speculative = rows[("target + draft", 0)]
     assert speculative["k"] == 2 and speculative["identical"] is True  # greedy: the target's own tokens
     assert 0 <= speculative["acceptance_rate"] <= 1 and 1 <= speculative["tokens_per_target_call"] <= 3
     assert all(row["tokens_per_s"] > 0 for row in rows.values())
     assert results["draft_params"] < results["target_params"] and results["target_training"]["steps"] == 2
     assert out.with_suffix(".png").is_file()
-    assert "| target + draft | 2 |" in capsys.readouterr().out
+    assert "| target + draft | 0 | 2 |" in capsys.readouterr().out
 
 
 def test_bench_speculative_bad_flags_are_one_line():
