@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import statistics
@@ -14,19 +13,19 @@ from pathlib import Path
 # K x N of the linears of llama-1b (q / o 2048x2048, gate / up 2048x8192, down 8192x2048) and of a 7B LLaMA
 # (4096x4096, gate / up 4096x11008, down 11008x4096)
 SHAPES = ("2048x2048", "2048x8192", "8192x2048", "4096x4096", "4096x11008", "11008x4096")
-# int4 tile variants tried with --sweep: (block_m, block_n, block_k, programs per SM (sets splits; 0: no split),
-# warps, stages). The GEMV ones (block_m 1) at batch 1, the tensor-core ones at batch 1 and 8 (plus the default GEMV).
-SWEEP_GEMV = ((1, 128, 64, 4, 2, 1), (1, 128, 128, 4, 4, 1), (1, 256, 64, 4, 4, 1), (1, 64, 64, 8, 1, 1),
-              (1, 128, 64, 8, 2, 1), (1, 128, 64, 4, 2, 2), (1, 128, 32, 8, 1, 1), (1, 32, 64, 0, 1, 1))
-SWEEP_DOT = ((16, 128, 128, 4, 4, 3), (16, 64, 128, 4, 2, 3), (16, 128, 64, 4, 4, 2), (16, 256, 128, 4, 8, 3))
+# int4 tile variants tried with --sweep: (block_m, block_n, block_k, programs per SM (sets splits), warps, stages).
+# The GEMV ones (block_m 1) at batch 1, the tensor-core ones at batch 1 and 8.
+SWEEP_GEMV = ((1, 128, 128, 4, 4, 1), (1, 256, 64, 4, 4, 1), (1, 128, 64, 8, 2, 1), (1, 128, 64, 4, 2, 2),
+              (1, 64, 128, 8, 2, 1))
+SWEEP_DOT = ((16, 64, 128, 4, 2, 3), (16, 128, 64, 4, 4, 2))  # and the defaults, timed anyway
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="python -m experiments bench_matmul_quant",
         description="Time x [rows, K] @ W [K, N] for W in bf16 (XLA's dot: cuBLAS), and quantized to int8 / int4 / "
-        "nf4 through the fused Pallas kernel (kernels/matmul_quant.py) and, at batch 1, through XLA (dequantize, "
-        "then dot). Batch-1 decode is bound by the bytes of W, which int4 cuts to about a quarter. Each timed call "
+        "nf4 through the fused Pallas kernel (kernels/matmul_quant.py), and int4 through XLA (dequantize, then "
+        "dot). Batch-1 decode is bound by the bytes of W, which int4 cuts to about a quarter. Each timed call "
         "runs the product over enough distinct weight copies (--cold-mib) that they do not fit in L2, as in a "
         "model's decode step; the figure is per product. The device copy bandwidth (x + 1 over 2 GiB) is measured "
         "in the same run. On CPUs only the XLA paths run (the kernel would run in the Pallas interpreter).",
@@ -36,11 +35,14 @@ def parse_args(argv):
     p.add_argument("--formats", default="int8,int4,nf4", help="quantization formats, comma-separated")
     p.add_argument("--group", type=int, default=128, help="group size of int4 (int8 is per-channel, nf4 uses 64)")
     p.add_argument("--shapes", default=",".join(SHAPES), help="KxN weight shapes, comma-separated")
-    p.add_argument("--reps", type=int, default=10, help="timed calls per measurement (median)")
+    p.add_argument("--reps", type=int, default=7, help="timed calls per measurement (median)")
+    p.add_argument("--min-products", type=int, default=256,
+                   help="products per timed call at decode shapes (passes over the weight copies), so that the GPU "
+                        "work outweighs the host's dispatch of a call with many arguments")
     p.add_argument("--cold-mib", type=float, default=160.0,
                    help="distinct quantized weight copies per timed call, at least this many MiB of them (2..64)")
     p.add_argument("--sweep", action="store_true",
-                   help="also try int4 tile variants (SWEEP_GEMV, SWEEP_DOT) at batch 1 and 8, and nf4's select chain")
+                   help="also try int4 tile variants (SWEEP_GEMV, SWEEP_DOT) at batch 1 and 8")
     p.add_argument("--no-xla", action="store_true", help="skip XLA's dequantize-then-dot rows")
     p.add_argument("--out", type=Path, default=Path("runs/bench/matmul_quant.json"), help="JSON of the results")
     return p.parse_args(argv)
@@ -63,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import jax
     import jax.numpy as jnp
+    from jax import lax
 
     from kernels.matmul_quant import MatmulTiles, choose_splits, default_tiles, quantized_matmul_pallas
     from llmjax.quant.formats import quantize, quantized_matmul
@@ -72,15 +75,26 @@ def main(argv: list[str] | None = None) -> int:
     multiprocessors = int(getattr(device, "core_count", 0) or 132)
 
     def timed(product, x, weights) -> float:
-        """Microseconds per product: one jitted call runs it over every weight copy."""
-        run = jax.jit(lambda x, weights: [product(x, w) for w in weights])
+        """Microseconds per product: one jitted call loops `passes` times over every weight copy, so the GPU work
+        of a call (>= --min-products products) outweighs dispatching it."""
+        passes = max(1, -(-args.min_products // len(weights))) if x.shape[0] <= 16 else 1  # prefill: long enough
+        shapes = jax.eval_shape(lambda x, weights: [product(x, w) for w in weights], x, weights)
+
+        def run(x, weights):
+            def one_pass(i, outs):
+                x_i = x + (i * 1e-3).astype(x.dtype)  # a new input each pass: nothing is hoisted out of the loop
+                return [product(x_i, w) for w in weights]
+
+            return lax.fori_loop(0, passes, one_pass, [jnp.zeros(o.shape, o.dtype) for o in shapes])
+
+        run = jax.jit(run)
         jax.block_until_ready(run(x, weights))
         times = []
         for _ in range(args.reps):
             start = time.perf_counter()
             jax.block_until_ready(run(x, weights))
             times.append(time.perf_counter() - start)
-        return statistics.median(times) / len(weights) * 1e6
+        return statistics.median(times) / (len(weights) * passes) * 1e6
 
     def dense(x, w):
         return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
@@ -89,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         return lambda x, q: quantized_matmul_pallas(x, q, tiles=tiles)
 
     def sweep_tiles(rows, k, n, group):
-        variants = SWEEP_GEMV + SWEEP_DOT if rows == 1 else SWEEP_DOT + SWEEP_GEMV[:1]
+        variants = SWEEP_GEMV + SWEEP_DOT if rows == 1 else SWEEP_DOT
         for block_m, block_n, block_k, per_sm, warps, stages in variants:
             if group % block_k:
                 continue
@@ -126,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             for fmt in formats:
                 q = quantized[fmt]
                 row[f"{fmt}_bytes"] = q[0].nbytes
-                if rows == 1 and not args.no_xla:
+                if not args.no_xla and fmt == "int4":
                     row[f"{fmt}_xla_us"] = timed(quantized_matmul, x, q)
                 if f"{fmt}_xla_us" in row:
                     line += f" | {fmt} xla {row[f'{fmt}_xla_us']:6.1f}"
@@ -136,9 +150,6 @@ def main(argv: list[str] | None = None) -> int:
                     row[f"{fmt}_pallas_us"], row[f"{fmt}_pallas_tiles"] = us, str(tiles)
                     row[f"{fmt}_pallas_gbs"] = q[0].nbytes / us / 1e3
                     line += f" | {fmt} {us:6.1f} us {base / us:4.2f}x ({row[f'{fmt}_pallas_gbs']:4.0f} GB/s)"
-                    if fmt == "nf4" and args.sweep and rows == 1:
-                        row["nf4_select_us"] = timed(fused(dataclasses.replace(tiles, nf4_lookup="select")), x, q)
-                        line += f" select {row['nf4_select_us']:6.1f}"
             if on_gpu and args.sweep and "int4" in formats and rows <= 8:
                 variants = []
                 for tiles in sweep_tiles(rows, k, n, args.group):
@@ -156,10 +167,13 @@ def main(argv: list[str] | None = None) -> int:
             print(line, flush=True)
             write(results, None)
         del floats, quantized
-    lines = ["| K x N | rows | bf16 us | bf16 GB/s | " + " | ".join(f"{f} us | {f} vs bf16 | {f} GB/s" for f in formats)
-             + " |", "| --- | ---: | ---: | ---: | " + " | ".join("---: | ---: | ---:" for _ in formats) + " |"]
+    lines = ["| K x N | rows | bf16 us | bf16 GB/s | int4 XLA us | " + " | ".join(
+        f"{f} us | {f} vs bf16 | {f} GB/s" for f in formats) + " |",
+        "| --- | ---: | ---: | ---: | ---: | " + " | ".join("---: | ---: | ---:" for _ in formats) + " |"]
     for r in results:
-        cells = [f"{r['k']} x {r['n']}", str(r["rows"]), f"{r['bf16_us']:.1f}", f"{r['bf16_gbs']:.0f}"]
+        xla = r.get("int4_xla_us")
+        cells = [f"{r['k']} x {r['n']}", str(r["rows"]), f"{r['bf16_us']:.1f}", f"{r['bf16_gbs']:.0f}",
+                 f"{xla:.1f}" if xla else "-"]
         for f in formats:
             us = r.get(f"{f}_pallas_us")
             cells += [f"{us:.1f}", f"{r['bf16_us'] / us:.2f}x", f"{r[f'{f}_pallas_gbs']:.0f}"] if us else ["-"] * 3

@@ -67,8 +67,15 @@ def _multiprocessors() -> int:
 
 
 def choose_splits(k_steps: int, programs: int, target: int) -> int:
-    """The largest divisor of k_steps that keeps programs * splits <= target (at least 1)."""
-    return max(d for d in range(1, k_steps + 1) if k_steps % d == 0 and (d == 1 or programs * d <= target))
+    """About target / programs splits of the k_steps steps (1 .. k_steps), each split with at least one step;
+    the last split may have fewer steps than the others."""
+    splits = min(k_steps, max(1, target // max(programs, 1)))
+    return pl.cdiv(k_steps, pl.cdiv(k_steps, splits))
+
+
+def split_steps(k_steps: int, splits: int) -> int:
+    """Steps per split (the last one takes what is left)."""
+    return pl.cdiv(k_steps, splits)
 
 
 def default_tiles(m: int, k: int, n: int, group_size: int, interpret: bool | None = None, fmt: str = "int4",
@@ -153,7 +160,13 @@ def deinterleave(x, parts: int) -> list:
     return [part for pair in zip(evens, odds) for part in pair]
 
 
-def _gemv_kernel(*refs, spec: _Format, names: tuple, n: int, group_size: int, tiles: MatmulTiles, steps: int):
+def _split_length(split, steps: int, k_steps: int):
+    """Steps of this split: `steps`, a static count when the splits divide K evenly, else the last one's rest."""
+    return steps if k_steps % steps == 0 else jnp.minimum(steps, k_steps - split * steps)
+
+
+def _gemv_kernel(*refs, spec: _Format, names: tuple, n: int, group_size: int, tiles: MatmulTiles, steps: int,
+                 k_steps: int):
     """One program: input row r, columns [c * bn, (c + 1) * bn), K steps [s * steps, (s + 1) * steps)."""
     x_ref, codes_ref, *param_refs, out_ref = refs
     group = _Group(spec, dict(zip(names, param_refs)), n)
@@ -176,13 +189,13 @@ def _gemv_kernel(*refs, spec: _Format, names: tuple, n: int, group_size: int, ti
             return acc + x_odd[:, None] * group.dequantize(codes >> 4, scale, zero)
         return acc + x[:, None] * group.dequantize(codes, scale, zero)
 
-    acc = lax.fori_loop(0, steps, step, jnp.zeros((code_rows, bn), jnp.float32))
+    acc = lax.fori_loop(0, _split_length(split, steps, k_steps), step, jnp.zeros((code_rows, bn), jnp.float32))
     index = (split, row, pl.ds(first_col, bn)) if tiles.splits > 1 else (row, pl.ds(first_col, bn))
     plgpu.store(out_ref.at[index], acc.sum(axis=0).astype(out_ref.dtype), mask=col_mask)
 
 
 def _dot_kernel(*refs, spec: _Format, names: tuple, m: int, n: int, k: int, group_size: int, tiles: MatmulTiles,
-                steps: int):
+                steps: int, k_steps: int):
     """One program: the [bm, bn] output tile (r, c), K steps [s * steps, (s + 1) * steps)."""
     x_ref, codes_ref, *param_refs, out_ref = refs
     group = _Group(spec, dict(zip(names, param_refs)), n)
@@ -223,7 +236,7 @@ def _dot_kernel(*refs, spec: _Format, names: tuple, m: int, n: int, k: int, grou
             return acc + dot(x_odd, codes >> 4, scale, zero)
         return acc + dot(load_x(k_step), load_codes(k_step * bk, bk), scale, zero)
 
-    acc = lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.float32))
+    acc = lax.fori_loop(0, _split_length(split, steps, k_steps), step, jnp.zeros((bm, bn), jnp.float32))
     index = (split, rows, pl.ds(first_col, bn)) if tiles.splits > 1 else (rows, pl.ds(first_col, bn))
     plgpu.store(out_ref.at[index], acc.astype(out_ref.dtype), mask=out_mask)
 
@@ -245,8 +258,9 @@ def _call(x2d, qm: QuantizedMatrix, tiles: MatmulTiles):
     n = qm.out_features
     params = _group_inputs(qm, tiles.nf4_lookup)
     spec = _Format(qm.format, qm.bits, tiles.nf4_lookup)
-    steps = k // tiles.block_k // tiles.splits
-    common = dict(spec=spec, names=tuple(params), n=n, group_size=qm.group_size, tiles=tiles, steps=steps)
+    k_steps = k // tiles.block_k
+    common = dict(spec=spec, names=tuple(params), n=n, group_size=qm.group_size, tiles=tiles,
+                  steps=split_steps(k_steps, tiles.splits), k_steps=k_steps)
     if tiles.block_m == 1:
         kernel, row_programs = functools.partial(_gemv_kernel, **common), m
     else:
@@ -270,9 +284,14 @@ def check_tiles(tiles: MatmulTiles, qm: QuantizedMatrix) -> None:
     if qm.group_size % tiles.block_k or tiles.block_k % unit:
         raise ValueError(f"block_k={tiles.block_k} must divide the group size {qm.group_size} (and be even for 4-bit, "
                          f"a multiple of 8 for int3)")
-    if tiles.splits < 1 or (k // tiles.block_k) % tiles.splits:
-        raise ValueError(f"splits={tiles.splits} must divide the {k // tiles.block_k} steps of block_k={tiles.block_k} "
-                         f"over K={k}")
+    k_steps = k // tiles.block_k
+    if not 1 <= tiles.splits <= k_steps or pl.cdiv(k_steps, split_steps(k_steps, tiles.splits)) != tiles.splits:
+        raise ValueError(f"splits={tiles.splits}: K={k} has {k_steps} steps of block_k={tiles.block_k}; give 1 .. "
+                         f"{k_steps} splits with at least one step each (choose_splits picks one)")
+    dot_depth = tiles.block_k // unit  # the contraction length of each tensor-core dot
+    if tiles.block_m > 1 and dot_depth < 16 and not tiles.interpret:
+        raise ValueError(f"block_k={tiles.block_k} gives {qm.format} dots of depth {dot_depth}; tensor cores need 16 "
+                         f"(block_k >= {16 * unit}, so a group size that is a multiple of it)")
     if tiles.block_m == 1 and qm.bits == 3:
         raise ValueError("the GEMV kernel (block_m=1) reads int8 / int4 / nf4; int3 takes block_m >= 16")
     if 1 < tiles.block_m < 16 and not tiles.interpret:

@@ -15,19 +15,21 @@ from kernels.matmul_quant import (
 )
 from llmjax.quant.formats import quantize
 
-# (format, group, block_m, splits, nf4 lookup): the GEMV (block_m 1) and tensor-core tiles, with and without split-K
-CASES = [("int8", None, 1, 2, "gather"), ("int8", None, 16, 1, "gather"), ("int4", 32, 1, 1, "gather"),
-         ("int4", 32, 1, 4, "gather"), ("int4", None, 16, 2, "gather"), ("int3", 64, 16, 2, "gather"),
-         ("nf4", 32, 1, 2, "gather"), ("nf4", 32, 1, 1, "select"), ("nf4", 32, 16, 2, "select")]
+# (K, format, group, block_m, splits, nf4 lookup): the GEMV (block_m 1) and tensor-core tiles, without and with
+# split-K (K = 160: five steps of 32 in three splits of 2, 2 and 1 steps)
+CASES = [(128, "int8", None, 1, 2, "gather"), (128, "int8", None, 16, 1, "gather"), (128, "int4", 32, 1, 1, "gather"),
+         (128, "int4", 32, 1, 4, "gather"), (160, "int4", 32, 1, 3, "gather"), (128, "int4", None, 16, 2, "gather"),
+         (160, "int8", 32, 16, 3, "gather"), (128, "int3", 64, 16, 2, "gather"), (128, "nf4", 32, 1, 2, "gather"),
+         (128, "nf4", 32, 1, 1, "select"), (128, "nf4", 32, 16, 2, "select")]
 
 
-@pytest.mark.parametrize("fmt, group, block_m, splits, lookup", CASES)
-def test_interpret_matches_reference(fmt, group, block_m, splits, lookup):
-    w = jax.random.normal(jax.random.key(0), (128, 72)) * 0.02  # N = 72: a partial column tile
+@pytest.mark.parametrize("k, fmt, group, block_m, splits, lookup", CASES)
+def test_interpret_matches_reference(k, fmt, group, block_m, splits, lookup):
+    w = jax.random.normal(jax.random.key(0), (k, 72)) * 0.02  # N = 72: a partial column tile
     q = quantize(w, fmt, group)
     tiles = MatmulTiles(block_m=block_m, block_n=32, block_k=32, splits=splits, nf4_lookup=lookup, interpret=True)
     for rows in (1, 37) if block_m == 16 else (3,):  # one 16-row tile (masked) and three; the GEMV: a row each
-        x = jax.random.normal(jax.random.key(rows), (rows, 128))
+        x = jax.random.normal(jax.random.key(rows), (rows, k))
         np.testing.assert_allclose(quantized_matmul_pallas(x, q, tiles=tiles), quantized_matmul_reference(x, q),
                                    rtol=1e-5, atol=1e-6)
 
@@ -51,7 +53,8 @@ def test_deinterleave_takes_every_parts_th_column():
 
 def test_default_tiles_split_k_to_fill_the_gpu():
     assert choose_splits(64, 32, 528) == 16  # 32 column tiles x 16 splits = 512 programs
-    assert choose_splits(6, 100, 528) == 3  # the largest divisor of 6 steps that fits
+    assert choose_splits(6, 100, 528) == 3  # 5 asked, but 6 steps in splits of 2 make 3
+    assert choose_splits(172, 32, 528) == 16  # 11 steps each, the last 7 (K = 11008 in steps of 64)
     assert choose_splits(7, 600, 528) == 1
     decode = default_tiles(1, 4096, 4096, 128, interpret=True, fmt="int4")
     assert decode.block_m == 1 and 64 % decode.block_k == 0 and decode.splits > 1
@@ -66,8 +69,14 @@ def test_bad_shapes():
     with pytest.raises(ValueError, match="must divide the group size"):
         quantized_matmul_pallas(jnp.ones((1, 64)), quantize(jnp.ones((64, 16)), "int4", 32),
                                 tiles=MatmulTiles(block_k=64, interpret=True))
-    with pytest.raises(ValueError, match="splits=3 must divide the 2 steps"):
+    with pytest.raises(ValueError, match="splits=3: K=64 has 2 steps"):
         quantized_matmul_pallas(jnp.ones((1, 64)), q, tiles=MatmulTiles(block_k=32, splits=3, interpret=True))
+    with pytest.raises(ValueError, match="splits=4: K=160 has 5 steps"):  # 5 steps in splits of 2 make 3, not 4
+        quantized_matmul_pallas(jnp.ones((1, 160)), quantize(jnp.ones((160, 16)), "int8"),
+                                tiles=MatmulTiles(block_k=32, splits=4, interpret=True))
+    with pytest.raises(ValueError, match="int3 dots of depth 8; tensor cores need 16"):
+        quantized_matmul_pallas(jnp.ones((1, 64)), quantize(jnp.ones((64, 16)), "int3", 64),
+                                tiles=MatmulTiles(block_k=64))
     with pytest.raises(ValueError, match="int3 takes block_m >= 16"):
         quantized_matmul_pallas(jnp.ones((1, 64)), quantize(jnp.ones((64, 16)), "int3", 32),
                                 tiles=MatmulTiles(block_m=1, block_k=32, interpret=True))
@@ -98,7 +107,8 @@ def test_gpu_matches_reference(fmt, rows):
     (2048, 1000, 1, "int4", 64, None),  # N not a multiple of the column tile
     (768, 2304, 3, "nf4", 64, MatmulTiles(1, 128, 64, 4, 2, 1, "select")),  # gpt2 qkv, the select chain, 3 rows
     (4096, 4096, 1, "int4", 128, MatmulTiles(16, 128, 128, 8, 4, 3)),  # tensor-core tiles at batch 1, split-K
-    (4096, 1536, 40, "int3", 64, None),  # int3 (tensor cores only), a partial row tile
+    (4096, 1536, 40, "int3", 128, None),  # int3 (tensor cores only, groups of 128 or more), a partial row tile
+    (11008, 4096, 8, "nf4", 64, None),  # batch-8 decode: tensor-core tiles, uneven split-K
 ])
 def test_gpu_shapes_and_tiles(k, n, rows, fmt, group, tiles):
     _check_on_gpu(k, n, rows, fmt, group, tiles)
