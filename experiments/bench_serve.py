@@ -40,7 +40,10 @@ def parse_args(argv):
                    "must accept token-id prompts, and --vocab-size / --max-model-len must fit its model")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
     p.add_argument("--rates", default="inf,24,12", help="request rates (requests/s, Poisson), 'inf' = all at t=0")
-    p.add_argument("--num-requests", type=int, default=256, help="requests per (mode, rate) run")
+    p.add_argument("--num-requests", type=int, default=768, help="requests of the offline (rate inf) runs")
+    p.add_argument("--arrival-window", type=float, default=8.0,
+                   help="seconds of arrivals at a finite rate: its runs take the first rate x window requests "
+                   "(at most --num-requests)")
     p.add_argument("--prompt-median", type=float, default=96, help="median of the prompt length after the system prompt (tokens)")
     p.add_argument("--prompt-sigma", type=float, default=0.8, help="log-normal sigma of that length")
     p.add_argument("--output-median", type=float, default=128, help="median output length (tokens, EOS ignored)")
@@ -56,8 +59,10 @@ def parse_args(argv):
     p.add_argument("--max-tokens-per-step", type=int, default=512, help="engine token budget per step")
     p.add_argument("--max-prefill-rows", type=int, default=4, help="prompts prefilled in one step")
     p.add_argument("--batch-buckets", default="16,64", help="decode batch sizes compiled (largest >= --max-running)")
-    p.add_argument("--prefill-row-buckets", default="1,4", help="prefill row counts compiled")
-    p.add_argument("--chunk-buckets", default="128,512", help="prefill chunk lengths compiled (<= the token budget)")
+    p.add_argument("--prefill-row-buckets", default="",
+                   help="prefill row counts compiled (with --chunk-buckets: every pair); default: shapes (r, token "
+                   "budget / r) for r = 1, 2, 4 .. --max-prefill-rows")
+    p.add_argument("--chunk-buckets", default="", help="prefill chunk lengths compiled (<= the token budget)")
     p.add_argument("--table-width-buckets", default="32,128",
                    help="block-table widths compiled, in blocks (largest >= max-model-len / block-size; the Pallas "
                    "decode kernel uses the largest only)")
@@ -66,6 +71,10 @@ def parse_args(argv):
     p.add_argument("--time-budget", type=float, default=float("inf"),
                    help="seconds; runs that would start after this much time since the start are skipped")
     p.add_argument("--vocab-size", type=int, default=None, help="--http: the server model's vocabulary (token ids drawn below it)")
+    p.add_argument("--kv-every", type=int, default=16, help="steps between samples of the KV utilization")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG (draw it later with --replot)")
+    p.add_argument("--replot", type=Path, default=None, metavar="JSON",
+                   help="only print the table of an earlier run's JSON and draw its PNG next to it")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "runs/bench")) / "bench_serve.json")
     return p.parse_args(argv)
 
@@ -107,6 +116,13 @@ def make_workload(args, vocab_size: int, max_model_len: int) -> list[Request]:
                              min(args.max_output, room)))
         requests.append(Request(f"r{i}", float(arrivals[i]), prompt, output))
     return requests
+
+
+def requests_at(requests: list[Request], rate: float, args) -> list[Request]:
+    """All requests offline (rate inf); at a finite rate, those arriving within --arrival-window seconds."""
+    if math.isinf(rate):
+        return requests
+    return requests[: max(1, min(len(requests), round(rate * args.arrival_window)))]
 
 
 # --- figures -----------------------------------------------------------------------------------------
@@ -156,8 +172,9 @@ def engine_config(args, mode: str):
                         table_width_buckets=_ints(args.table_width_buckets))
 
 
-def run_engine(engine, requests: list[Request], rate: float) -> dict:
-    """Feed requests at their arrival times (wall clock), step the engine until all finish."""
+def run_engine(engine, requests: list[Request], rate: float, kv_every: int = 16) -> dict:
+    """Feed requests at their arrival times (wall clock), step the engine until all finish (the KV utilization
+    sampled every kv_every steps: it walks every block table)."""
     from llmjax.infer.engine import SamplingParams
 
     arrival = {r.request_id: (0.0 if math.isinf(rate) else r.arrival_unit / rate) for r in requests}
@@ -185,7 +202,7 @@ def run_engine(engine, requests: list[Request], rate: float) -> dict:
         for out in outputs:
             token_times[out.request_id].extend([stamp] * len(out.new_token_ids))
             counts[out.request_id] += len(out.new_token_ids)
-        if engine.running:
+        if engine.running and steps % kv_every == 0:
             figures = engine.kv_utilization()
             for key in ("paged", "contiguous", "contiguous_reserved"):
                 util[key] += figures[key]
@@ -342,8 +359,26 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def report_and_plot(report: dict, out: Path, draw: bool = True) -> None:
+    rows = [run for run in report["runs"] if "result" in run]
+    print()
+    print_table(rows)
+    for name, figures in report.get("headline", {}).items():
+        print(f"{name}: {figures['throughput_ratio']:.2f}x throughput, p50 latency {figures['latency_p50_s']:.2f}s "
+              f"vs static {figures['static_latency_p50_s']:.2f}s")
+    if rows and draw:
+        plot(rows, out.with_suffix(".png"))
+        print(f"wrote {out.with_suffix('.png')}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replot is not None:
+        report = json.loads(args.replot.read_text())
+        for run in report["runs"]:
+            run["rate"] = float(run["rate"])
+        report_and_plot(report, args.replot)
+        return 0
     started = time.perf_counter()
     rates = _rates(args.rates)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -377,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
             report["runs"].append({"mode": mode, "rate": rate, "skipped": "time budget"})
             continue
         if mode == "http":
-            result = run_http(args.http, requests, rate)
+            result = run_http(args.http, requests_at(requests, rate, args), rate)
         else:
             from llmjax.infer.engine import Engine
 
@@ -388,24 +423,17 @@ def main(argv: list[str] | None = None) -> int:
                 report["warmup_s"] = time.perf_counter() - tick
                 print(f"warm-up (every bucket compiled): {report['warmup_s']:.1f}s")
                 warm = True
-            result = run_engine(engine, requests, rate)
+            result = run_engine(engine, requests_at(requests, rate, args), rate, args.kv_every)
             del engine
         report["runs"].append({"mode": mode, "rate": rate, "result": result})
         print(f"{mode:>10} rate {rate:g}: {result['output_tokens_per_s']:,.0f} tok/s, p50 latency "
               f"{result['latency_s']['p50']:.2f}s, {result['duration_s']:.1f}s run")
         args.out.write_text(json.dumps(report, indent=1))
-    rows = [run for run in report["runs"] if "result" in run]
-    report["headline"] = headline(rows)
+    report["headline"] = headline([run for run in report["runs"] if "result" in run])
     report["elapsed_s"] = time.perf_counter() - started
     args.out.write_text(json.dumps(report, indent=1))
-    print()
-    print_table(rows)
-    for name, figures in report["headline"].items():
-        print(f"{name}: {figures['throughput_ratio']:.2f}x throughput, p50 latency {figures['latency_p50_s']:.2f}s "
-              f"vs static {figures['static_latency_p50_s']:.2f}s")
-    if rows:
-        plot(rows, args.out.with_suffix(".png"))
-        print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    print(f"wrote {args.out}")
+    report_and_plot(report, args.out, draw=not args.no_plot)
     return 0
 
 

@@ -22,8 +22,8 @@ Then the device runs at most three programs: copy-on-write block copies, the pre
 [rows, chunk] batch, gathering attention) and the decode tokens (one [batch] step, the Pallas paged-attention
 kernel on GPUs); each samples its rows' next tokens on the device (per-request temperature / top-k / top-p and
 seed, as llmjax.infer.sampling: the same seed gives the same text as `generate`). Shapes come from small
-bucket sets (`batch_buckets`, `prefill_row_buckets`, `chunk_buckets`, `table_width_buckets`), all compiled by
-`warmup()`, so nothing compiles while serving (`TRACES` counts traces per program, for tests).
+bucket sets (decode batch sizes, prefill [rows, chunk] shapes, block-table widths; see `EngineConfig`), all
+compiled by `warmup()`, so nothing compiles while serving (`TRACES` counts traces per program, for tests).
 
 `scheduling="static"` is the non-continuous baseline: a new batch is admitted only when the previous one has
 finished entirely (benchmarks compare the two on the same programs).
@@ -97,9 +97,11 @@ class RequestOutput:
 @dataclass(frozen=True)
 class EngineConfig:
     """Pool, batch and scheduling limits. Empty bucket tuples get defaults from the limits:
-    batch_buckets powers of two up to max_running; prefill_row_buckets powers of two up to max_prefill_rows;
-    chunk_buckets (max_tokens_per_step // 4, max_tokens_per_step); table_width_buckets one width, a whole
-    context (max_model_len / block_size blocks)."""
+    batch_buckets powers of two up to max_running; table_width_buckets one width, a whole context
+    (max_model_len / block_size blocks). Prefill programs have shapes [rows, chunk]: the pairs
+    prefill_row_buckets x chunk_buckets when either is given, else (r, max_tokens_per_step // r) for r in powers
+    of two up to max_prefill_rows (every shape the size of the token budget: one long prompt, or several
+    shorter chunks, without padding the batch to the longest chunk)."""
 
     num_blocks: int = 1024
     block_size: int = 16
@@ -150,9 +152,16 @@ def _bucket(buckets: tuple[int, ...], size: int) -> int:
 @dataclass(frozen=True)
 class Buckets:
     batch: tuple[int, ...]
-    prefill_rows: tuple[int, ...]
-    chunk: tuple[int, ...]
+    prefill_shapes: tuple[tuple[int, int], ...]  # (rows, chunk)
     table_width: tuple[int, ...]
+
+    @property
+    def max_prefill_rows(self) -> int:
+        return max(rows for rows, _ in self.prefill_shapes)
+
+    @property
+    def max_chunk(self) -> int:
+        return max(chunk for _, chunk in self.prefill_shapes)
 
 
 def resolve_config(config: EngineConfig, cfg: ModelConfig) -> tuple[int, Buckets]:
@@ -178,19 +187,26 @@ def resolve_config(config: EngineConfig, cfg: ModelConfig) -> tuple[int, Buckets
     resolve_decode_impl(config.decode_impl, cfg)
     max_blocks = -(-max_model_len // config.block_size)
     step = config.max_tokens_per_step
+    rows = tuple(sorted(set(config.prefill_row_buckets)))
+    chunks = tuple(sorted(set(config.chunk_buckets)))
+    if rows or chunks:
+        rows = rows or _powers_of_two_up_to(config.max_prefill_rows)
+        chunks = chunks or tuple(sorted({max(1, step // 4), step}))
+        shapes = tuple((r, c) for r in rows for c in chunks)
+    else:
+        shapes = tuple((r, max(1, step // r)) for r in _powers_of_two_up_to(config.max_prefill_rows))
     buckets = Buckets(
         batch=tuple(sorted(set(config.batch_buckets))) or _powers_of_two_up_to(config.max_running),
-        prefill_rows=tuple(sorted(set(config.prefill_row_buckets))) or _powers_of_two_up_to(config.max_prefill_rows),
-        chunk=tuple(sorted(set(config.chunk_buckets))) or tuple(sorted({max(1, step // 4), step})),
+        prefill_shapes=shapes,
         table_width=tuple(sorted(set(config.table_width_buckets))) or (max_blocks,),
     )
     for name, sizes, need in (("batch_buckets", buckets.batch, config.max_running),
-                              ("prefill_row_buckets", buckets.prefill_rows, config.max_prefill_rows),
                               ("table_width_buckets", buckets.table_width, max_blocks)):
         if sizes[0] < 1 or sizes[-1] < need:
             raise EngineError(f"{name}={sizes}: sizes must be >= 1 and the largest >= {need}")
-    if buckets.chunk[0] < 1 or buckets.chunk[-1] > step:
-        raise EngineError(f"chunk_buckets={buckets.chunk}: sizes must be in [1, max_tokens_per_step={step}]")
+    if min(min(shape) for shape in shapes) < 1 or max(c for _, c in shapes) > step:
+        raise EngineError(f"prefill shapes {shapes} (prefill_row_buckets x chunk_buckets): sizes must be >= 1, chunks "
+                          f"<= max_tokens_per_step={step}")
     return max_model_len, buckets
 
 
@@ -269,26 +285,30 @@ _prepare_jit = jax.jit(prepare_params, static_argnames=("cfg",))
 
 # --- requests ----------------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: queues test membership often
 class _Request:
     request_id: str
     prompt: list[int]
     params: SamplingParams
     seed: int
     arrival: int  # FCFS order
-    output: list[int] = field(default_factory=list)
-    computed: int = 0  # tokens of prompt + output whose K/V are in the pool (valid while in the manager)
+    tokens: list[int] = field(default_factory=list)  # prompt + generated so far
+    computed: int = 0  # tokens whose K/V are in the pool (valid while in the manager)
+    state: str = "waiting"  # "waiting" | "running" | "swapped" | "done"
     swapped: np.ndarray | None = None  # host copy of its blocks while swapped out
     preempted: bool = False
 
+    def __post_init__(self):
+        self.tokens = list(self.prompt)
+
     @property
-    def tokens(self) -> list[int]:
-        return self.prompt + self.output
+    def num_generated(self) -> int:
+        return len(self.tokens) - len(self.prompt)
 
     @property
     def pending(self) -> int:
         """Tokens to run through the model before the next token can be sampled (1 when decoding)."""
-        return len(self.prompt) + len(self.output) - self.computed
+        return len(self.tokens) - self.computed
 
 
 @dataclass
@@ -297,7 +317,20 @@ class _Work:
 
     decode: list[_Request] = field(default_factory=list)
     prefill: list[tuple[_Request, int]] = field(default_factory=list)  # (request, chunk length)
+    prefill_shape: tuple[int, int] = (0, 0)  # (rows, chunk) of the prefill program
     copies: list[tuple[int, int]] = field(default_factory=list)
+
+
+def fit_prefill(chunks: list, shapes: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], list]:
+    """The prefill program shape (rows, chunk) that runs the most of the wanted chunks [(request, length)] (the
+    first rows, in order, each cut to the shape's chunk), fewest slots on a tie; and the chunks it runs."""
+    def tokens(shape):
+        rows, chunk = shape
+        return sum(min(n, chunk) for _, n in chunks[:rows])
+
+    shape = max(shapes, key=lambda shape: (tokens(shape), -shape[0] * shape[1], -shape[0]))
+    rows, chunk = shape
+    return shape, [(request, min(n, chunk)) for request, n in chunks[:rows]]
 
 
 class Engine:
@@ -326,6 +359,7 @@ class Engine:
         self._seeds = np.random.default_rng()
         self.prompt_tokens_total = self.generated_tokens_total = self.preemptions_total = 0
         self.steps_total = self.swap_outs_total = 0
+        self._static_rows = 0  # static batching: rows of the batch running now
 
     # --- requests in and out ------------------------------------------------------------------
 
@@ -385,9 +419,9 @@ class Engine:
         request = self.requests.pop(request_id, None)
         if request is None:
             return
-        for queue in (self.waiting, self.running, self.swapped):
-            if request in queue:
-                queue.remove(request)
+        queue = {"waiting": self.waiting, "running": self.running, "swapped": self.swapped}[request.state]
+        queue.remove(request)
+        request.state = "done"
         if request_id in self.manager:
             self.manager.free(request_id)
         request.swapped = None
@@ -430,10 +464,12 @@ class Engine:
             request.swapped = np.asarray(read_blocks(self.cache, ids))[:, :, : len(blocks)]
             self.swap_outs_total += 1
             self.manager.free(request.request_id)
+            request.state = "swapped"
             bisect.insort(self.swapped, request, key=lambda r: r.arrival)
         else:
             self.manager.free(request.request_id)
             request.computed = 0
+            request.state = "waiting"
             bisect.insort(self.waiting, request, key=lambda r: r.arrival)
 
     def _reserve_or_preempt(self, request: _Request, scheduled: set, work: _Work) -> bool:
@@ -480,21 +516,27 @@ class Engine:
         return True
 
     def _schedule(self) -> _Work:
+        work = self._pick()
+        if work.prefill:
+            work.prefill_shape, work.prefill = fit_prefill(work.prefill, self.buckets.prefill_shapes)
+        return work
+
+    def _pick(self) -> _Work:
         work = _Work()
         budget = self.config.max_tokens_per_step
-        max_chunk = self.buckets.chunk[-1]
-        max_rows = self.buckets.prefill_rows[-1]
+        max_chunk = self.buckets.max_chunk
+        max_rows = self.buckets.max_prefill_rows
         scheduled: set[str] = set()
         # 1. decode tokens of running requests, oldest first; preempt the newest when the pool is short
         for request in list(self.running):
-            if request.pending == 1 and request in self.running:
+            if request.pending == 1 and request.state == "running":
                 if self._reserve_or_preempt(request, scheduled, work):
                     work.decode.append(request)
                     scheduled.add(request.request_id)
                     budget -= 1
         # 2. the next prompt chunk of running requests still prefilling
         for request in list(self.running):
-            if request.pending > 1 and request in self.running and budget > 0 and len(work.prefill) < max_rows:
+            if request.pending > 1 and request.state == "running" and budget > 0 and len(work.prefill) < max_rows:
                 chunk = min(request.pending, budget, max_chunk)
                 if self._reserve_or_preempt(request, scheduled, work):
                     work.prefill.append((request, chunk))
@@ -513,6 +555,7 @@ class Engine:
                 if not self._admit(request):
                     return work
                 queue.pop(0)
+                request.state = "running"
                 bisect.insort(self.running, request, key=lambda r: r.arrival)
                 scheduled.add(request.request_id)
                 if request.pending == 1 and budget > 0:
@@ -523,14 +566,16 @@ class Engine:
                     work.prefill.append((request, chunk))
                     budget -= chunk
             if queue:  # an older request could not join: no younger one may overtake it
-                return work
+                break
+        if static and self.running:
+            self._static_rows = len(self.running)
         return work
 
     # --- one iteration ----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, and return one output per request that got tokens or finished."""
-        outputs = [RequestOutput(r.request_id, [], True, "abort", len(r.prompt), len(r.output)) for r in self.aborted]
+        outputs = [RequestOutput(r.request_id, [], True, "abort", len(r.prompt), r.num_generated) for r in self.aborted]
         self.aborted = []
         work = self._schedule()
         self.steps_total += 1
@@ -538,7 +583,7 @@ class Engine:
             self.cache = copy_program(self.cache, pad_copies(work.copies, self.buckets.batch[-1]))
         new_tokens: dict[str, int] = {}
         if work.prefill:
-            new_tokens.update(self._run_prefill(work.prefill))
+            new_tokens.update(self._run_prefill(work.prefill, work.prefill_shape))
         if work.decode:
             new_tokens.update(self._run_decode(work.decode))
         for request, chunk in work.prefill:
@@ -553,20 +598,21 @@ class Engine:
         return outputs
 
     def _append(self, request: _Request, token: int) -> RequestOutput:
-        request.output.append(token)
+        request.tokens.append(token)
         self.generated_tokens_total += 1
         params = request.params
         reason = None
         if (token == self.eos_token_id and not params.ignore_eos) or token in params.stop_token_ids:
             reason = "stop"
-        elif len(request.output) >= params.max_tokens or len(request.tokens) >= self.max_model_len:
+        elif request.num_generated >= params.max_tokens or len(request.tokens) >= self.max_model_len:
             reason = "length"
         if reason is not None:
             self.running.remove(request)
+            request.state = "done"
             self.manager.free(request.request_id)
             del self.requests[request.request_id]
         return RequestOutput(request.request_id, [token], reason is not None, reason, len(request.prompt),
-                             len(request.output))
+                             request.num_generated)
 
     def _sampling_rows(self, requests: list[_Request], rows: int) -> tuple[dict, np.ndarray]:
         temperature, top_k = np.zeros(rows, np.float32), np.zeros(rows, np.int32)
@@ -574,7 +620,7 @@ class Engine:
         for row, request in enumerate(requests):
             p = request.params
             temperature[row], top_k[row], top_p[row] = p.temperature, p.top_k, p.top_p
-            seed[row], steps[row] = request.seed, len(request.output)
+            seed[row], steps[row] = request.seed, request.num_generated
         return {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}, steps
 
     def _tables(self, ids: list, rows: int, widths: tuple[int, ...]) -> np.ndarray:
@@ -583,7 +629,8 @@ class Engine:
         return self.manager.block_tables(ids + [None] * (rows - len(ids)), width)
 
     def _run_decode(self, requests: list[_Request]) -> dict[str, int]:
-        rows = _bucket(self.buckets.batch, len(requests))
+        # static batching runs its batch padded to the size it started with, as a non-continuous server does
+        rows = _bucket(self.buckets.batch, max(len(requests), self._static_rows))
         last = np.zeros(rows, np.int32)
         lengths = np.full(rows, -1, np.int32)
         for row, request in enumerate(requests):
@@ -595,9 +642,8 @@ class Engine:
         tokens = np.asarray(tokens)
         return {r.request_id: int(tokens[row]) for row, r in enumerate(requests)}
 
-    def _run_prefill(self, chunks: list[tuple[_Request, int]]) -> dict[str, int]:
-        rows = _bucket(self.buckets.prefill_rows, len(chunks))
-        width = _bucket(self.buckets.chunk, max(n for _, n in chunks))
+    def _run_prefill(self, chunks: list[tuple[_Request, int]], shape: tuple[int, int]) -> dict[str, int]:
+        rows, width = shape
         tokens = np.zeros((rows, width), np.int32)
         context, lengths = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
         for row, (request, n) in enumerate(chunks):
@@ -623,14 +669,13 @@ class Engine:
                 tokens, self.cache = decode_program(self.dparams, self.cache, np.zeros(rows, np.int32), tables,
                                                     np.full(rows, -1, np.int32), sampling, steps, cfg=self.cfg,
                                                     impl=self.impl)
-        for rows in b.prefill_rows:
+        for rows, chunk in b.prefill_shapes:
             sampling, steps = self._sampling_rows([], rows)
             zeros = np.zeros(rows, np.int32)
-            for chunk in b.chunk:
-                for width in b.table_width:
-                    tables = np.full((rows, width), -1, np.int32)
-                    tokens, self.cache = prefill_program(self.dparams, self.cache, np.zeros((rows, chunk), np.int32),
-                                                         tables, zeros, zeros, sampling, steps, cfg=self.cfg)
+            for width in b.table_width:
+                tables = np.full((rows, width), -1, np.int32)
+                tokens, self.cache = prefill_program(self.dparams, self.cache, np.zeros((rows, chunk), np.int32),
+                                                     tables, zeros, zeros, sampling, steps, cfg=self.cfg)
         self.cache = copy_program(self.cache, pad_copies([], b.batch[-1]))
         if self.config.preemption == "swap":
             for width in b.table_width:

@@ -8,7 +8,7 @@ from experiments import bench_serve
 
 TINY = ("--model llama-tiny --max-model-len 64 --system-prompts 2 --system-len 16 --prompt-median 8 --output-median 8 "
         "--max-prompt 40 --max-output 20 --num-blocks 64 --block-size 4 --max-running 8 --batch-buckets 2,8 "
-        "--prefill-row-buckets 1,4 --chunk-buckets 32 --table-width-buckets 16 --max-tokens-per-step 32 "
+        "--max-prefill-rows 4 --table-width-buckets 16 --max-tokens-per-step 32 "
         "--num-requests 24").split()
 
 
@@ -27,6 +27,9 @@ def test_bench_serve_smoke(tmp_path, capsys):
     assert "continuous_vs_static_at_rate_inf" in report["headline"]
     assert out.with_suffix(".png").stat().st_size > 0
     assert "TTFT p50/p90/p99 ms" in capsys.readouterr().out
+    out.with_suffix(".png").unlink()
+    assert bench_serve.main(["--replot", str(out)]) == 0  # the table and the PNG again from the JSON
+    assert out.with_suffix(".png").stat().st_size > 0 and "continuous_vs_static" in capsys.readouterr().out
 
 
 def test_workload_is_seeded_and_fits_the_context():
