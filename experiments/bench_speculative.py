@@ -331,8 +331,11 @@ def plot(results: dict, path: Path) -> Path | None:
     twin.plot(ks, [r["acceptance_rate"] for r in rows], "s--", color="tab:orange", label="acceptance rate")
     twin.set_ylabel("acceptance rate")
     twin.set_ylim(0, 1)
-    ax.set_title(f"{results['target']} + {results['draft']} draft, {results['device']}")
-    fig.legend(loc="lower right", fontsize=8)
+    ax.set_xticks(ks)
+    draft = f"{results['draft']} ({' '.join(results['draft_overrides'])})" if results["draft_overrides"] else results["draft"]
+    ax.set_title(f"{results['target']} + draft {draft}, {results['device']}", fontsize=10)
+    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], loc="lower center", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
