@@ -41,7 +41,7 @@ from llmjax.infer import kv_cache
 from llmjax.infer.decode_model import decode_step, extend_step, prefill, prepare_params
 from llmjax.infer.generate import FINISH_REASONS, GenerationError, check_prompts, pad_prompts
 from llmjax.infer.sampling import SamplingArrays, SamplingConfig, SamplingFeatures, batch_sampling, choose, \
-    row_keys, token_distribution
+    token_distribution
 
 EOS, LENGTH = FINISH_REASONS.index("eos"), FINISH_REASONS.index("length")
 
@@ -167,7 +167,7 @@ def _speculative_loop(target_params, draft_params, tokens, valid, target_cache, 
     logits, target_cache = prefill(target_params, tokens, valid, target_cache, target_cfg)
     _, draft_cache = prefill(draft_params, tokens, valid, draft_cache, draft_cfg)
     draft_cache = kv_cache.rewind(draft_cache, jnp.ones((batch,), jnp.int32))  # the draft re-reads the prompt's last
-    first = choose(logits[:, :vocab], arrays, options.features, 0)  # as `generate`'s first step
+    first = choose(logits[:, :vocab], arrays, options.features, 0)  # `generate`'s first step (greedy: the same token)
     reason = jnp.where(first == eos_id, EOS, LENGTH if max_new <= 1 else 0).astype(jnp.int32)
     rows = jnp.arange(batch)
     state = {

@@ -258,7 +258,7 @@ def test_speculative_loop_samples_the_target_distribution():
     target = exact_joint(params, cfg, prompt, config, length)
     draft = exact_joint(draft_params, cfg, prompt, config, length)
     assert abs(target.sum() - 1) < 1e-5
-    tolerance = 0.06  # expected total variation of 20k samples over these ~500 cells is about 0.04
+    tolerance = 0.06  # sampling noise alone: total variation about 0.026 for 20k draws from the exact joint
     assert 0.5 * np.abs(observed - target).sum() < tolerance
     assert 0.5 * np.abs(draft - target).sum() > 3 * tolerance  # a loop emitting the draft's tokens would fail
 
