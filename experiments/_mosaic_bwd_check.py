@@ -2,7 +2,10 @@
 reference, then forward+backward TFLOP/s of backward variants beside cuDNN and our Triton backward, then a sweep
 of the Mosaic forward's schedules per bench shape (for its per-shape defaults). A short table last.
 
-    PYTHONPATH=. python3 experiments/_mosaic_bwd_check.py [grad] [time] [forward] [report]
+    PYTHONPATH=. python3 experiments/_mosaic_bwd_check.py [grad] [time] [headline] [variants] [d64] [forward] [report]
+
+`variants` checks and times every head_dim-128 backward schedule (backward_variants) at four shapes
+(`variants=NAME,NAME` some of them); `d64` times the head_dim-64 ones. CHECK_SECONDS (environment) stops starting new rows after that many seconds.
 
 Every row is appended to $OUT/mosaic_bwd_check.json (else /tmp) as soon as it is measured.
 """
@@ -180,18 +183,100 @@ TIME_SHAPES = [  # (batch, seq, heads, kv_heads, head_dim, causal); every varian
 
 
 def backward_variants(head_dim):
-    """name -> BackwardConfig; the default first (the only one timed on the non-headline shapes)."""
+    """name -> BackwardConfig; the default first (the only one timed on the non-headline shapes by `time`)."""
     config = backward_module.BackwardConfig
     if head_dim == 64:
         return {"bwd_rows_s2": config(dq_split="rows"), "bwd_rows_s3": config(dq_split="rows", num_stages=3),
-                "bwd_rows_s3_deferred": config(dq_split="rows", num_stages=3, deferred=True)}
+                "bwd_rows_s2_deferred": config(dq_split="rows", deferred=True)}
     return {
         "bwd_columns_s2": config(dq_split="columns"),  # the default
         "bwd_columns_s3": config(dq_split="columns", num_stages=3),
+        "bwd_columns_s2_deferred": config(dq_split="columns", deferred=True),
         "bwd_columns_s3_deferred": config(dq_split="columns", num_stages=3, deferred=True),
-        "bwd_columns_s3_r232": config(dq_split="columns", num_stages=3, consumer_registers=232),
-        "bwd_rows_s2": config(dq_split="rows"),
+        "bwd_decoupled_stagger": config(dq_split="columns", decoupled=True),
+        "bwd_decoupled": config(dq_split="columns", decoupled=True, stagger=False),
     }
+
+
+DEADLINE = time.perf_counter() + float(os.environ.get("CHECK_SECONDS", "1e9"))
+
+
+def out_of_time(section, row):
+    """Past CHECK_SECONDS: record the row as skipped (so one section cannot eat the next one's time)."""
+    if time.perf_counter() < DEADLINE:
+        return False
+    record(section, {**row, "error": "skipped: CHECK_SECONDS"})
+    return True
+
+
+VARIANT_GRAD_CASES = [  # (name, causal, window, softcap, batch, q_len, kv_len, heads, kv_heads, head_dim)
+    ("gqa", True, None, None, 2, 2048, 2048, 16, 4, 128),
+    ("q<kv_window", True, 1000, None, 1, 1024, 2048, 8, 2, 128),
+    ("full_softcap", False, None, 30.0, 2, 1024, 1024, 8, 8, 128),
+]
+VARIANT_TIME_SHAPES = [(4, 4096, 16, 16, 128, True), (4, 4096, 16, 4, 128, True), (4, 4096, 16, 16, 128, False),
+                       (16, 1024, 16, 16, 128, True)]
+
+
+def run_variants(names=None):
+    """Every head_dim-128 backward variant: gradients on VARIANT_GRAD_CASES (correctness first), then
+    forward+backward time on VARIANT_TIME_SHAPES next to cuDNN's, a variant at a time."""
+    variants = {n: c for n, c in backward_variants(128).items() if names is None or n in names}
+    references = {}
+    for case in VARIANT_GRAD_CASES:
+        name, causal, window, softcap, batch, q_len, kv_len, heads, kv_heads, head_dim = case
+        inputs = random_inputs(q_len + 3 * heads, batch, q_len, kv_len, heads, kv_heads, head_dim)
+        masking = dict(causal=causal, sliding_window=window, logit_softcap=softcap)
+        with jax.default_matmul_precision("highest"):
+            ref = jax.jit(lambda q, k, v, d, m=masking: grads_of(lambda q, k, v: attention_reference(q, k, v, **m),
+                                                                 q, k, v, d))(*(x.astype(jnp.float32) for x in inputs))
+        references[name] = (inputs, masking, ref)
+    for label, config in variants.items():
+        for name, (inputs, masking, ref) in references.items():
+            row = dict(name=name, split=label, **masking)
+            if out_of_time("gradients", row):
+                continue
+            try:
+                fn = jax.jit(lambda q, k, v, d, m=masking, c=config: backward_module.flash_attention_backward_mosaic(
+                    q, k, v, *mosaic_gpu.flash_attention_forward_mosaic(q, k, v, **m), d, config=c, **m))
+                got = jax.block_until_ready(fn(*inputs))
+                got2 = jax.block_until_ready(fn(*inputs))
+                for n, g, r in zip(("dq", "dk", "dv"), got, ref):
+                    row[n] = relative_error(g, r)
+                    row[n + "_finite"] = bool(np.isfinite(np.asarray(g, np.float32)).all())
+                row["dkv_repeat_identical"] = all(bool((np.asarray(a, np.float32) == np.asarray(b, np.float32)).all())
+                                                  for a, b in zip(got[1:], got2[1:]))
+                row["dq_repeat_err"] = relative_error(got2[0], got[0])
+                row["ok"] = (all(row[n] < 2e-2 and row[n + "_finite"] for n in ("dq", "dk", "dv"))
+                             and row["dkv_repeat_identical"] and row["dq_repeat_err"] < 1e-2)
+            except Exception as error:  # noqa: BLE001
+                row["ok"] = False
+                row["error"] = f"{type(error).__name__}: {str(error)[:1500]}"
+                traceback.print_exc(limit=3)
+            record("gradients", row)
+            print("GRAD", row, flush=True)
+    for batch, seq, heads, kv_heads, head_dim, causal in VARIANT_TIME_SHAPES:
+        flops = 4 * batch * heads * seq * seq * head_dim / (2 if causal else 1)
+        q, k, v, d_out = random_inputs(seq + heads, batch, seq, seq, heads, kv_heads, head_dim)
+        rows = {"cudnn": lambda q, k, v, c=causal: jax.nn.dot_product_attention(q, k, v, is_causal=c,
+                                                                                implementation="cudnn")}
+        for label, config in variants.items():
+            rows["ours_" + label] = lambda q, k, v, c=causal, cfg=config: ours_with(cfg)(q, k, v, c)
+        for label, attention in rows.items():
+            row = dict(label=label, shape=[batch, seq, heads, kv_heads, head_dim], causal=causal)
+            if out_of_time("timing", row):
+                continue
+            try:
+                fwd_ms = median_ms(jax.jit(attention), q, k, v)[0]
+                med, lo, hi = median_ms(forward_backward(attention), q, k, v, d_out)
+                row.update(fwd_ms=fwd_ms, ms=med, ms_min=lo, ms_max=hi, bwd_ms=med - fwd_ms,
+                           fwd_tflops=flops / fwd_ms / 1e9, tflops=3.5 * flops / med / 1e9,
+                           bwd_tflops=2.5 * flops / (med - fwd_ms) / 1e9)
+            except Exception as error:  # noqa: BLE001
+                row["error"] = f"{type(error).__name__}: {str(error)[:600]}"
+                traceback.print_exc(limit=3)
+            record("timing", row)
+            print("TIME", row, flush=True)
 
 
 def run_timing(shapes=TIME_SHAPES):
@@ -228,7 +313,7 @@ FORWARD_SCHEDULES = {
     "kv128_s2_simple_rdv": mosaic_gpu.KernelConfig(block_kv=128, num_stages=2, pipelined=False, pingpong="rendezvous"),
     "kv128_s3_simple_rdv": mosaic_gpu.KernelConfig(block_kv=128, num_stages=3, pipelined=False, pingpong="rendezvous"),
 }
-FORWARD_SHAPES = [(4, 4096, 16, 16, 128), (16, 1024, 16, 16, 128), (1, 16384, 16, 16, 128), (4, 4096, 16, 4, 128)]
+FORWARD_SHAPES = [(4, 4096, 16, 16, 128), (16, 1024, 16, 16, 128), (1, 16384, 16, 16, 128)]
 
 
 def run_forward():
@@ -238,6 +323,8 @@ def run_forward():
             flops = 4 * batch * heads * seq * seq * head_dim / (2 if causal else 1)
             for name, config in FORWARD_SCHEDULES.items():  # the defaults are among them
                 row = dict(label=name, shape=[batch, seq, heads, kv_heads, head_dim], causal=causal)
+                if out_of_time("forward", row):
+                    continue
                 try:
                     fn = jax.jit(lambda q, k, v, c=causal, cfg=config: mosaic_gpu.flash_attention_forward_mosaic(
                         q, k, v, causal=c, config=cfg)[0])
@@ -255,7 +342,7 @@ def report():
     print(f"\n== gradients vs float32 reference (||g - ref|| / ||ref||), {jax.devices()[0].device_kind} ==")
     for row in results["gradients"]:
         errors = " ".join(f"{n} {row[n]:.1e}" for n in ("dq", "dk", "dv") if n in row)
-        print(f"{'ok' if row['ok'] else 'FAIL':4} {row['name']:22} {row['split']:7} {errors} "
+        print(f"{'ok' if row.get('ok') else 'FAIL':4} {row['name']:22} {row['split']:24} {errors} "
               f"{row.get('dq_repeat_err', '')} {row.get('error', '')[:300]}")
     print("\n== forward+backward TFLOP/s (3.5 x forward FLOPs; bwd = fwd+bwd - fwd, 2.5 x) ==")
     for row in results["timing"]:
@@ -282,6 +369,12 @@ def main():
         run_timing()
     if "headline" in sections:
         run_timing(TIME_SHAPES[:1])
+    for section in sections:  # "variants" (all) or "variants=NAME,NAME"
+        if section.split("=")[0] == "variants":
+            run_variants(section.split("=")[1].split(",") if "=" in section else None)
+    if "d64" in sections:
+        run_timing([shape for shape in TIME_SHAPES if shape[4] == 64]
+                   + [(8, 4096, 32, 32, 64, False), (16, 1024, 32, 32, 64, True)])
     if "forward" in sections:
         run_forward()
     if "report" in sections:

@@ -33,10 +33,14 @@ DEFAULT_NORM_SIZES = "16384x768,16384x4096,8192x8192"
 DEFAULT_CE_SIZES = "16384x768x50304:50257,16384x2048x128256:128256"
 CPU_NORM_SIZES = "256x768"
 CPU_CE_SIZES = "256x64x512:500"
-NORM_SWEEP = [  # tuning of kernels.norms (for both passes); programs counted per multiprocessor
-    {}, {"one_pass": True}, {"num_warps": 8}, {"num_warps": 16}, {"programs": 1}, {"programs": 4},
-    {"num_stages": 3},
-]
+# Norm sweep (kernels.norms tuning per pass): tiles of these many elements (whole rows: block_rows = tile / the
+# padded width, at least one row) with every warp count that gives each thread this many elements.
+NORM_SWEEP_TILES = {"forward": (4096, 8192, 16384, 32768), "backward": (2048, 4096, 8192, 16384)}
+NORM_SWEEP_WARPS = (4, 8, 16)
+NORM_SWEEP_ELEMENTS_PER_THREAD = {"forward": (8, 64), "backward": (8, 32)}
+# The backward's defaults also with other grids (programs per multiprocessor; the default is 2) and stages.
+NORM_SWEEP_BACKWARD_EXTRA = ({"programs_per_multiprocessor": 1}, {"programs_per_multiprocessor": 4},
+                             {"num_stages": 1}, {"num_stages": 3})
 SWEEP = [  # (block_tokens, block_vocab, block_d, num_warps, num_stages)
     (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (128, 256, 32, 8, 4), (128, 128, 64, 8, 3),
 ]
@@ -66,8 +70,10 @@ def parse_args(argv):
                    help="norms: random input sets, each normalized once per timed program (the cross-entropy "
                    "rotates between two)")
     p.add_argument("--sweep", action="store_true",
-                   help="also time LayerNorm (8192x8192) and the fused cross-entropy (first CE size) at several "
-                   "tile / grid configurations")
+                   help="also time both norms at several tile / warp / grid configurations per pass (every norm "
+                   "size) and the fused cross-entropy (first CE size) at several tile configurations")
+    p.add_argument("--sweep-seconds", type=float, default=0,
+                   help="norm sweep: start no new configuration after this many seconds (0: no limit)")
     p.add_argument("--skip-norms", action="store_true", help="do not benchmark the norms")
     p.add_argument("--skip-ce", action="store_true", help="do not benchmark the cross-entropy")
     p.add_argument("--no-plot", action="store_true", help="write no PNG chart")
@@ -129,13 +135,15 @@ def copy_bandwidth(args) -> float:
 
 # --- norms -------------------------------------------------------------------------------
 
-def norm_functions(kind: str, use_kernel: bool, **tuning):
-    """(forward(x, scale, bias), forward_backward(x, scale, bias, dy)), not jitted."""
+def norm_functions(kind: str, use_kernel: bool, tuning: dict | None = None):
+    """(forward(x, scale, bias), forward_backward(x, scale, bias, dy)), not jitted. tuning: kernels.norms'
+    per-pass tuning, {"forward": {...}, "backward": {...}}."""
     import jax
 
     from kernels import norms
 
     eps = 1e-5
+    tuning = tuning or {}
     if kind == "rms":
         f = (lambda x, s, b: norms.rms_norm(x, s, eps, **tuning)) if use_kernel else (
             lambda x, s, b: norms.rms_norm_reference(x, s, eps))
@@ -172,21 +180,24 @@ def norm_inputs(rows: int, d: int, dtype, count: int) -> list[tuple]:
     return sets
 
 
-def time_norm(kind, impl, sets, args, copy_gbps, **tuning) -> list[dict]:
-    """Forward and forward + backward rows for one norm implementation on one size."""
+def time_norm(kind, impl, sets, args, copy_gbps, tuning: dict | None = None,
+              passes=("fwd", "fwd+bwd")) -> list[dict]:
+    """Forward and / or forward + backward rows for one norm implementation on one size."""
     rows, d = sets[0][0].shape
     dtype = sets[0][0].dtype
-    forward, forward_backward = norm_functions(kind, impl == "pallas", **tuning)
+    forward, forward_backward = norm_functions(kind, impl == "pallas", tuning)
     results = []
-    for passes, fn, inputs in (("fwd", forward, [s[:3] for s in sets]), ("fwd+bwd", forward_backward, sets)):
+    for name, fn, inputs in (("fwd", forward, [s[:3] for s in sets]), ("fwd+bwd", forward_backward, sets)):
+        if name not in passes:
+            continue
         seconds = median_seconds_batched(fn, inputs, args.repeats, args.inner)
-        moved = norm_bytes(rows, d, dtype.itemsize, kind, passes == "fwd+bwd")
+        moved = norm_bytes(rows, d, dtype.itemsize, kind, name == "fwd+bwd")
         results.append({
-            "norm": kind, "impl": impl, "pass": passes, "rows": rows, "d": d, "dtype": dtype.name, **tuning,
-            "ms": seconds * 1e3, "bytes": moved, "gbps": moved / seconds / 1e9,
+            "norm": kind, "impl": impl, "pass": name, "rows": rows, "d": d, "dtype": dtype.name,
+            "tuning": tuning or {}, "ms": seconds * 1e3, "bytes": moved, "gbps": moved / seconds / 1e9,
             "fraction_of_copy": moved / seconds / 1e9 / copy_gbps,
         })
-        print(f"  norm {kind:5} {impl:6} {passes:7} {rows}x{d} {tuning or ''}: {seconds * 1e3:.3f} ms, "
+        print(f"  norm {kind:5} {impl:6} {name:7} {rows}x{d} {tuning or ''}: {seconds * 1e3:.3f} ms, "
               f"{results[-1]['gbps']:.0f} GB/s", flush=True)
     return results
 
@@ -204,23 +215,69 @@ def bench_norms(args, on_gpu: bool, copy_gbps: float) -> list[dict]:
     return results
 
 
+def norm_sweep_tunings(which: str, d: int, multiprocessors: int) -> list[dict]:
+    """One pass's tunings for rows of width d: every (block_rows, num_warps) of NORM_SWEEP_TILES x NORM_SWEEP_WARPS
+    within NORM_SWEEP_ELEMENTS_PER_THREAD (whole rows only); the backward's also NORM_SWEEP_BACKWARD_EXTRA."""
+    padded = 1 << (d - 1).bit_length()
+    low, high = NORM_SWEEP_ELEMENTS_PER_THREAD[which]
+    shapes = []
+    for tile in NORM_SWEEP_TILES[which]:
+        block_rows = max(1, tile // padded)
+        for warps in NORM_SWEEP_WARPS:
+            per_thread = block_rows * padded // (32 * warps)
+            if low <= per_thread <= high and (block_rows, warps) not in shapes:
+                shapes.append((block_rows, warps))
+    tunings = [{"block_rows": r, "num_warps": w} for r, w in shapes]
+    if which == "backward":
+        for extra in NORM_SWEEP_BACKWARD_EXTRA:
+            per_multiprocessor = extra.get("programs_per_multiprocessor")
+            tunings.append({"programs": per_multiprocessor * multiprocessors} if per_multiprocessor else extra)
+    return tunings
+
+
 def sweep_norms(args, copy_gbps: float) -> list[dict]:
-    """LayerNorm at several tile / grid configurations (NORM_SWEEP), on every norm size."""
+    """Both norms at every sweep tuning (norm_sweep_tunings), one pass at a time: forward tunings timed on the
+    forward alone (LayerNorm with and without one_pass), backward tunings on forward + backward with the
+    default forward. Stops starting new rows after --sweep-seconds."""
     import jax
     import jax.numpy as jnp
 
     cores = getattr(jax.devices()[0], "core_count", None) or 132
+    started = time.perf_counter()
     results = []
     for size in (args.norm_sizes or DEFAULT_NORM_SIZES).split(","):
-        sets = norm_inputs(*(int(n) for n in size.split("x")), jnp.dtype(args.dtype), args.input_sets)
-        for tuning in NORM_SWEEP:
-            tuning = {k: (v * cores if k == "programs" else v) for k, v in tuning.items()}  # programs: per SM
+        rows, d = (int(n) for n in size.split("x"))
+        sets = norm_inputs(rows, d, jnp.dtype(args.dtype), args.input_sets)
+        plan = []
+        for kind in ("rms", "layer"):
+            for tuning in norm_sweep_tunings("forward", d, cores):
+                plan.append((kind, {"forward": tuning}, ("fwd",)))
+                if kind == "layer":
+                    plan.append((kind, {"forward": {**tuning, "one_pass": True}}, ("fwd",)))
+            for tuning in norm_sweep_tunings("backward", d, cores):
+                plan.append((kind, {"backward": tuning}, ("fwd+bwd",)))
+        for kind, tuning, passes in plan:
+            if args.sweep_seconds and time.perf_counter() - started > args.sweep_seconds:
+                results.append({"norm": kind, "size": size, "tuning": tuning, "error": "skipped: --sweep-seconds"})
+                continue
             try:
-                results += time_norm("layer", "pallas", sets, args, copy_gbps, **tuning)
+                results += time_norm(kind, "pallas", sets, args, copy_gbps, tuning, passes)
             except Exception as error:  # noqa: BLE001 - a configuration Triton cannot compile
-                results.append({"tuning": tuning, "size": size,
+                results.append({"norm": kind, "size": size, "tuning": tuning,
                                 "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"})
     return results
+
+
+def best_norm_tunings(sweep: list[dict]) -> list[dict]:
+    """The fastest tuning of each (norm, pass, size) in a sweep."""
+    best = {}
+    for row in sweep:
+        if "error" in row:
+            continue
+        key = (row["norm"], row["pass"], row["rows"], row["d"])
+        if key not in best or row["ms"] < best[key]["ms"]:
+            best[key] = row
+    return list(best.values())
 
 
 # --- cross-entropy -----------------------------------------------------------------------
@@ -354,15 +411,15 @@ def print_tables(report: dict) -> None:
             print(f"| {r['impl']} | {size} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {r['fwd_bwd_tflops']:.0f} | "
                   f"{_gib(r['fwd_temp_bytes'])} | {_gib(r['fwd_bwd_temp_bytes'])} | {r['max_abs_nll_difference_to_first']:.1e} |")
     if report.get("norm_sweep"):
-        print("\n| norm sweep (layer) | rows x d | pass | ms | GB/s | of copy |\n| --- | --- | --- | --- | --- | --- |")
-        for r in report["norm_sweep"]:
-            if "error" in r:
-                print(f"| {r['tuning']} | {r['size']} | {r['error'][:60]} | | | |")
-                continue
-            keys = ("block_rows", "programs", "num_warps", "num_stages", "one_pass")
-            tuning = {k: r[k] for k in keys if k in r} or "default"
-            print(f"| {tuning} | {r['rows']}x{r['d']} | {r['pass']} | {r['ms']:.3f} | {r['gbps']:.0f} | "
-                  f"{r['fraction_of_copy']:.0%} |")
+        errors = [r for r in report["norm_sweep"] if "error" in r]
+        print(f"\nnorm sweep: {len(report['norm_sweep']) - len(errors)} rows, {len(errors)} failed or skipped")
+        for r in errors[:10]:
+            print(f"  {r['norm']} {r['size']} {r['tuning']}: {r['error'][:100]}")
+        print("\n| best of sweep: norm | pass | rows x d | tuning | ms | GB/s | of copy |\n"
+              "| --- | --- | --- | --- | --- | --- | --- |")
+        for r in best_norm_tunings(report["norm_sweep"]):
+            print(f"| {r['norm']} | {r['pass']} | {r['rows']}x{r['d']} | {r['tuning']} | {r['ms']:.3f} | "
+                  f"{r['gbps']:.0f} | {r['fraction_of_copy']:.0%} |")
     if report.get("sweep"):
         print("\n| bt | bv | bd | warps | stages | fwd ms | fwd+bwd ms |\n| --- | --- | --- | --- | --- | --- | --- |")
         for r in report["sweep"]:

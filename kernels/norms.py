@@ -33,10 +33,22 @@ __all__ = ["layer_norm", "rms_norm", "layer_norm_reference", "rms_norm_reference
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 MAX_ROW_ELEMENTS = 16384  # widest row (padded to a power of two) held whole in registers
-# Per-pass defaults, from a sweep on an H200 (python -m experiments bench_kernels --sweep): a tile of
-# about this many elements, warps capped so, Triton pipelining stages, backward programs per multiprocessor.
+# Per-pass defaults: a tile of about this many elements, warps capped so, Triton pipelining stages, backward
+# programs per multiprocessor; WIDTH_DEFAULTS overrides them per padded row width (from a sweep on an H200:
+# python -m experiments bench_kernels --sweep).
 FORWARD_DEFAULTS = {"tile_elements": 8192, "max_warps": 8, "num_stages": 1, "one_pass": False}
 BACKWARD_DEFAULTS = {"tile_elements": 4096, "max_warps": 16, "num_stages": 2, "programs_per_multiprocessor": 2}
+# ("forward" | "backward", padded width) -> overrides, the best (or within noise of it) for both norms in the
+# sweep recorded in docs/perf.md: short rows take more rows per tile; LayerNorm's one-pass statistics pay at
+# 4096-8192 (two-pass 71% -> 80% of copy at 16384 x 4096), not at 768.
+WIDTH_DEFAULTS: dict[tuple[str, int], dict] = {
+    ("forward", 1024): {"tile_elements": 16384, "num_warps": 16},
+    ("backward", 1024): {"tile_elements": 4096, "num_warps": 4},
+    ("forward", 4096): {"tile_elements": 8192, "num_warps": 8, "one_pass": True},
+    ("forward", 8192): {"tile_elements": 8192, "num_warps": 8, "one_pass": True},
+}
+FORWARD_TUNING = ("block_rows", "block_d", "num_warps", "num_stages", "one_pass")
+BACKWARD_TUNING = ("block_rows", "block_d", "num_warps", "num_stages", "programs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,9 +113,23 @@ def _default_programs(per_multiprocessor: int) -> int:
     return per_multiprocessor * (getattr(device, "core_count", None) or 132)
 
 
+def _check_tuning(name: str, tuning: dict | None, allowed: tuple[str, ...]) -> dict:
+    tuning = dict(tuning or {})
+    unknown = sorted(set(tuning) - set(allowed))
+    if unknown:
+        raise ValueError(f"{name} tuning takes {', '.join(allowed)}; got {', '.join(unknown)}")
+    return tuning
+
+
+def pass_defaults(which: str, d: int) -> dict:
+    """The defaults of one pass ("forward" / "backward") for rows of width d."""
+    base = FORWARD_DEFAULTS if which == "forward" else BACKWARD_DEFAULTS
+    return {**base, **WIDTH_DEFAULTS.get((which, pl.next_power_of_2(d)), {})}
+
+
 def _make_config(x, eps, subtract_mean, interpret, defaults: dict, block_rows=None, block_d=None, programs=None,
                  num_warps=None, num_stages=None, one_pass=None) -> NormConfig:
-    """One pass's launch shape: the tuning given, the rest from `defaults` (FORWARD_ / BACKWARD_DEFAULTS)."""
+    """One pass's launch shape: the tuning given, the rest from `defaults` (`pass_defaults`)."""
     d = x.shape[-1]
     rows = x.size // d
     padded_d = pl.next_power_of_2(d)
@@ -115,7 +141,7 @@ def _make_config(x, eps, subtract_mean, interpret, defaults: dict, block_rows=No
         if value < 1 or value & (value - 1):
             raise ValueError(f"{name} must be a power of two, got {value}")
     tile = block_rows * min(block_d, padded_d)
-    num_warps = num_warps or max(1, min(defaults["max_warps"], tile // 512))
+    num_warps = num_warps or defaults.get("num_warps") or max(1, min(defaults["max_warps"], tile // 512))
     num_tiles = pl.cdiv(rows, block_rows)
     programs = programs or _default_programs(defaults.get("programs_per_multiprocessor", 1))
     one_pass = defaults.get("one_pass", False) if one_pass is None else bool(one_pass)
@@ -378,13 +404,16 @@ def _normalize_backward(configs, residuals, dy):
 _normalize.defvjp(_normalize_forward, _normalize_backward)
 
 
-def _apply(x, scale, bias, eps, subtract_mean, interpret, tuning: dict):
+def _apply(x, scale, bias, eps, subtract_mean, interpret, forward: dict | None, backward: dict | None):
     _check_inputs(x, scale, bias, eps)
+    forward = _check_tuning("forward", forward, FORWARD_TUNING)
+    backward = _check_tuning("backward", backward, BACKWARD_TUNING)
     if x.size == 0:
         return x
-    configs = tuple(_make_config(x, eps, subtract_mean, interpret, defaults, **tuning)
-                    for defaults in (FORWARD_DEFAULTS, BACKWARD_DEFAULTS))
-    return _normalize(x.reshape(-1, x.shape[-1]), scale, bias, configs).reshape(x.shape)
+    d = x.shape[-1]
+    configs = (_make_config(x, eps, subtract_mean, interpret, pass_defaults("forward", d), **forward),
+               _make_config(x, eps, subtract_mean, interpret, pass_defaults("backward", d), **backward))
+    return _normalize(x.reshape(-1, d), scale, bias, configs).reshape(x.shape)
 
 
 # --- public API --------------------------------------------------------------------------
@@ -395,16 +424,17 @@ def rms_norm(
     eps: float,
     *,
     interpret: bool = False,
-    **tuning,
+    forward: dict | None = None,
+    backward: dict | None = None,
 ) -> jax.Array:
     """x [..., d] / rms(x) * scale, statistics in float32, output in x.dtype; as `rms_norm_reference`.
 
-    interpret: run the Pallas kernels on the CPU (tests). tuning, for both passes (the defaults,
-    per pass, suit rows of any width): block_rows, block_d (powers of two: rows per tile, columns
-    per chunk), programs (the backward's grid), num_warps, num_stages (Triton's), one_pass (LayerNorm
-    forward: mean and variance from one sweep of shifted sums; off by default until timed on a GPU).
+    interpret: run the Pallas kernels on the CPU (tests). forward / backward: tuning of each pass, overriding
+    the per-width defaults (`pass_defaults`): block_rows, block_d (powers of two: rows per tile, columns per
+    chunk), num_warps, num_stages (Triton's); the forward's one_pass (LayerNorm: mean and variance from one
+    sweep of shifted sums), the backward's programs (its persistent grid).
     """
-    return _apply(x, scale, None, eps, False, interpret, tuning)
+    return _apply(x, scale, None, eps, False, interpret, forward, backward)
 
 
 def layer_norm(
@@ -414,8 +444,9 @@ def layer_norm(
     eps: float,
     *,
     interpret: bool = False,
-    **tuning,
+    forward: dict | None = None,
+    backward: dict | None = None,
 ) -> jax.Array:
     """(x [..., d] - mean) / std * scale + bias, statistics in float32, output in x.dtype; as
-    `layer_norm_reference`. interpret and tuning as in `rms_norm`."""
-    return _apply(x, scale, bias, eps, True, interpret, tuning)
+    `layer_norm_reference`. interpret, forward and backward as in `rms_norm`."""
+    return _apply(x, scale, bias, eps, True, interpret, forward, backward)

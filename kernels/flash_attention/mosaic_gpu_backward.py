@@ -54,6 +54,10 @@ NUM_CONSUMERS = 2  # compute warpgroups per CTA; the producer is warpgroup NUM_C
 BLOCK_Q = 64  # query rows per step: the N of S^T = K Q^T and the K of dV = P^T dO
 BLOCK_KV = 64  # key rows per consumer (one wgmma M tile); a CTA owns NUM_CONSUMERS * BLOCK_KV keys
 ROWS_PER_CTA = NUM_CONSUMERS * BLOCK_KV
+# dS^T ring of the decoupled schedule. A consumer at most one step ahead writes step i's dS^T where step i - 4's
+# was; the other consumer's dQ read of that one finished before its arrival on step i - 2's dS^T, which the
+# writer waited for at step i - 1. (Three would let the write race the other's dQ read of step i - 3.)
+DS_RING = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +70,12 @@ class BackwardConfig:
     # of a block left running while the next block's S^T and dP^T are issued (accumulators stay in wgmma
     # registers; the Q / dO slot is released one block later). Default: waited for at once.
     deferred: bool = False
+    # dq_split="columns" only: dQ of a block is multiplied one step later, from a ring of DS_RING dS^T buffers,
+    # so the two consumers never meet inside the loop (they only wait for the other's dS^T of the step before,
+    # which is usually long written) and one's elementwise work can run under the other's products.
+    decoupled: bool = False
+    # With `decoupled`: consumer 1 starts once consumer 0 has its first dS^T (half a step behind: ping-pong).
+    stagger: bool = True
     consumer_registers: int = 240
     producer_registers: int = 24
 
@@ -74,6 +84,16 @@ class BackwardConfig:
             raise ValueError(f"dq_split must be 'columns' or 'rows', got {self.dq_split!r}")
         if self.num_stages < 2:
             raise ValueError(f"num_stages must be at least 2, got {self.num_stages}")
+        if self.decoupled and (self.dq_split != "columns" or self.deferred):
+            raise ValueError("decoupled needs dq_split='columns' and deferred=False")
+
+    @property
+    def ds_buffers(self) -> int:
+        """dS^T buffers: decoupled, a ring (a buffer is rewritten only after both consumers' dQ read it);
+        columns, two (the other consumer may still read the last one); rows, one."""
+        if self.decoupled:
+            return DS_RING
+        return 2 if self.dq_split == "columns" else 1
 
 
 def default_backward_config(head_dim: int) -> BackwardConfig:
@@ -89,7 +109,7 @@ def shared_memory_bytes(head_dim: int, itemsize: int, config: BackwardConfig) ->
     dq_cols = head_dim // NUM_CONSUMERS if columns else head_dim
     return (2 * ROWS_PER_CTA * head_dim * itemsize  # K, V
             + config.num_stages * (2 * BLOCK_Q * head_dim * itemsize + 2 * BLOCK_Q * 4)  # Q, dO, statistics
-            + (2 if columns else 1) * ROWS_PER_CTA * BLOCK_Q * itemsize  # dS^T
+            + config.ds_buffers * ROWS_PER_CTA * BLOCK_Q * itemsize  # dS^T
             + NUM_CONSUMERS * BLOCK_Q * dq_cols * 4)  # dQ partials
 
 
@@ -150,7 +170,8 @@ def _backward(q, k, v, out, lse, d_out, *, causal, sliding_window, logit_softcap
     dtype = q.dtype
     stages = config.num_stages
     columns = config.dq_split == "columns"
-    ds_buffers = 2 if columns else 1  # dS^T buffers: the other consumer may still read the last one
+    ds_buffers = config.ds_buffers
+    decoupled = config.decoupled
     dq_cols = head_dim // NUM_CONSUMERS if columns else head_dim  # dQ columns of one consumer's partial
     num_kv_tiles = kv_len // ROWS_PER_CTA
     num_q_blocks = q_len // BLOCK_Q
@@ -168,7 +189,7 @@ def _backward(q, k, v, out, lse, d_out, *, causal, sliding_window, logit_softcap
 
     def kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, dq_acc_ref, dk_ref, dv_ref,
                k_smem, v_smem, q_smem, do_smem, stats_smem, ds_smem, dq_smem, p_smem,
-               kv_ready, q_ready, do_ready, stats_ready, consumed, meet):
+               kv_ready, q_ready, do_ready, stats_ready, consumed, meet, ds_ready, start):
         kv_head = lax.axis_index("heads")
         kv_tile = lax.axis_index("kv_tiles")
         batch_index = lax.axis_index("batch")
@@ -254,14 +275,64 @@ def _backward(q, k, v, out, lse, d_out, *, causal, sliding_window, logit_softcap
                 def _():
                     plgpu.barrier_arrive(consumed.at[slot])
 
+            def store_dq(dq, first_q, head):
+                """The dQ partial of a query block: wait until the previous one has left shared memory, then
+                reduce-add it into the float32 accumulator."""
+                first_q = pl.multiple_of(first_q, BLOCK_Q)  # carried across steps (decoupled): not provable
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                dq_tile[...] = dq
+                plgpu.commit_smem()
+                head_cols = pl.ds(warpgroup * dq_cols, dq_cols) if columns else pl.ds(0, head_dim)
+                if interpret:  # no TMA reduction in the interpreter: one slice of partials per consumer and CTA
+                    part = kv_tile * NUM_CONSUMERS + warpgroup
+                    plgpu.copy_smem_to_gmem(dq_tile, dq_acc_ref.at[part, batch_index, pl.ds(first_q, BLOCK_Q),
+                                                                   head, head_cols])
+                else:
+                    plgpu.copy_smem_to_gmem(dq_tile, dq_acc_ref.at[batch_index, pl.ds(first_q, BLOCK_Q), head,
+                                                                   head_cols], reduction_op="add")
+
+            def dq_operands(buffer):
+                """(A, B) of dQ = dS K for the dS^T in `buffer`: columns, the whole 128-key dS by this consumer's
+                columns of K; rows, this consumer's keys of dS by all of its K."""
+                if columns:
+                    return buffer.transpose((1, 0)), k_smem.at[:, pl.ds(warpgroup * dq_cols, dq_cols)]
+                return buffer.at[my_rows].transpose((1, 0)), k_mine
+
+            def accumulate_products(carry, p_operand, ds_rows_operand, q_tile, do_tile, dq_a, dq_b):
+                """dV += P^T dO, dK += dS^T Q and a dQ partial dq_a dq_b, all waited for -> (dk, dv), dq."""
+                dk, dv = carry
+                if interpret:  # the interpreter runs no wgmma on an accumulator initialised from registers
+                    def products(dv_acc, dk_acc, dq_acc):
+                        plgpu.wgmma(dv_acc, p_operand, do_tile)
+                        plgpu.wgmma(dk_acc, ds_rows_operand, q_tile)
+                        plgpu.wgmma(dq_acc, dq_a, dq_b)
+                        return tuple(plgpu.wgmma_accumulator_load(a, wait_n=0) for a in (dv_acc, dk_acc, dq_acc))
+
+                    d_v, d_k, dq = pl.run_scoped(products, plgpu.ACC((BLOCK_KV, head_dim), jnp.float32),
+                                                 plgpu.ACC((BLOCK_KV, head_dim), jnp.float32),
+                                                 plgpu.ACC((BLOCK_Q, dq_cols), jnp.float32))
+                    return (dk + d_k, dv + d_v), dq
+
+                def products(accs):  # dK, dV accumulate in place (the accumulators start from the registers)
+                    dv_acc, dk_acc, dq_acc = accs
+                    plgpu.wgmma(dv_acc, p_operand, do_tile)
+                    plgpu.wgmma(dk_acc, ds_rows_operand, q_tile)
+                    plgpu.wgmma(dq_acc, dq_a, dq_b)
+
+                dq_zero = plgpu.layout_cast(jnp.zeros((BLOCK_Q, dq_cols), jnp.float32), plgpu.Layout.WGMMA)
+                dv, dk, dq = pl.run_state(products)((plgpu.ACC.init(dv), plgpu.ACC.init(dk), plgpu.ACC.init(dq_zero)))
+                return (dk, dv), dq
+
             def step(q_block, carry, *, head, step_base, masked, dk_acc=None, dv_acc=None):
                 """One query block. carry: (dk, dv) in registers, or (deferred) the slot still read by the
-                previous block's dK / dV products, which run on while this block's S^T and dP^T are issued."""
+                previous block's dK / dV products, which run on while this block's S^T and dP^T are issued, or
+                (decoupled) ((dk, dv), the previous step's (index, first query, head), index -1 for none)."""
                 step_index = step_base + q_block
                 slot = lax.rem(step_index, jnp.int32(stages))
                 first_q = q_block * BLOCK_Q
                 q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]
-                ds_buffer = ds_smem.at[lax.rem(step_index, jnp.int32(ds_buffers))]
+                ds_index = lax.rem(step_index, jnp.int32(ds_buffers))
+                ds_buffer = ds_smem.at[ds_index]
                 plgpu.barrier_wait(q_ready.at[slot])
                 plgpu.barrier_wait(stats_ready.at[slot])
 
@@ -294,62 +365,42 @@ def _backward(q, k, v, out, lse, d_out, *, causal, sliding_window, logit_softcap
                     p_tile[...] = p_t
                     p_operand, ds_rows_operand = p_tile, my_ds
                 plgpu.commit_smem()
+
+                if decoupled:
+                    accumulators, (prev_index, prev_first_q, prev_head) = carry
+                    plgpu.barrier_arrive(ds_ready.at[ds_index])
+                    if config.stagger:  # consumer 1 waits for this before its first step
+                        pl.when((warpgroup == 0) & (step_index == 0))(lambda: plgpu.barrier_arrive(start))
+                    has_prev = prev_index >= 0
+                    prev_buffer = lax.rem(step_index + ds_buffers - 1, jnp.int32(ds_buffers))
+
+                    @pl.when(has_prev)
+                    def _():
+                        plgpu.barrier_wait(ds_ready.at[prev_buffer])
+
+                    # At the first step there is no previous dS^T: the product reads a buffer nothing writes
+                    # yet (the other consumer is at most one step ahead) and its result is dropped.
+                    accumulators, dq = accumulate_products(accumulators, p_operand, ds_rows_operand, q_tile, do_tile,
+                                                           *dq_operands(ds_smem.at[prev_buffer]))
+                    release(slot)
+                    pl.when(has_prev)(lambda: store_dq(dq, prev_first_q, prev_head))
+                    return accumulators, (step_index, first_q, head)
+
                 meeting()  # columns: both halves of dS^T are in shared memory
-                if columns:
-                    ds_operand = ds_buffer.transpose((1, 0))  # [queries, all keys]
-                    k_operand = k_smem.at[:, pl.ds(warpgroup * dq_cols, dq_cols)]
-                else:
-                    ds_operand = my_ds.transpose((1, 0))  # [queries, my keys]
-                    k_operand = k_mine
+                dq_a, dq_b = dq_operands(ds_buffer)
                 if config.deferred:
                     def products(dq_acc):
-                        plgpu.wgmma(dq_acc, ds_operand, k_operand)
+                        plgpu.wgmma(dq_acc, dq_a, dq_b)
                         plgpu.wgmma(dv_acc, p_operand, do_tile)
                         plgpu.wgmma(dk_acc, ds_rows_operand, q_tile)
                         return plgpu.wgmma_accumulator_load(dq_acc, wait_n=2)  # dV, dK run on
 
                     dq = pl.run_scoped(products, plgpu.ACC((BLOCK_Q, dq_cols), jnp.float32))
                     new_carry = slot
-                elif interpret:  # the interpreter runs no wgmma on an accumulator initialised from registers
-                    dk, dv = carry
-
-                    def products(dv_acc, dk_acc, dq_acc):
-                        plgpu.wgmma(dv_acc, p_operand, do_tile)
-                        plgpu.wgmma(dk_acc, ds_rows_operand, q_tile)
-                        plgpu.wgmma(dq_acc, ds_operand, k_operand)
-                        return tuple(plgpu.wgmma_accumulator_load(a, wait_n=0) for a in (dv_acc, dk_acc, dq_acc))
-
-                    d_v, d_k, dq = pl.run_scoped(products, plgpu.ACC((BLOCK_KV, head_dim), jnp.float32),
-                                                 plgpu.ACC((BLOCK_KV, head_dim), jnp.float32),
-                                                 plgpu.ACC((BLOCK_Q, dq_cols), jnp.float32))
-                    new_carry = (dk + d_k, dv + d_v)
-                    release(slot)
-                else:  # dK, dV accumulate in place (the accumulators start from the carried registers)
-                    def products(accs):
-                        dv_acc, dk_acc, dq_acc = accs
-                        plgpu.wgmma(dv_acc, p_operand, do_tile)
-                        plgpu.wgmma(dk_acc, ds_rows_operand, q_tile)
-                        plgpu.wgmma(dq_acc, ds_operand, k_operand)
-
-                    dk, dv = carry
-                    dq_zero = plgpu.layout_cast(jnp.zeros((BLOCK_Q, dq_cols), jnp.float32), plgpu.Layout.WGMMA)
-                    dv, dk, dq = pl.run_state(products)(
-                        (plgpu.ACC.init(dv), plgpu.ACC.init(dk), plgpu.ACC.init(dq_zero)))
-                    new_carry = (dk, dv)
-                    release(slot)
-
-                # The dQ partial: wait until the previous one has left shared memory, then reduce-add it.
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                dq_tile[...] = dq
-                plgpu.commit_smem()
-                head_cols = pl.ds(warpgroup * dq_cols, dq_cols) if columns else pl.ds(0, head_dim)
-                if interpret:  # no TMA reduction in the interpreter: one slice of partials per consumer and CTA
-                    part = kv_tile * NUM_CONSUMERS + warpgroup
-                    plgpu.copy_smem_to_gmem(dq_tile, dq_acc_ref.at[part, batch_index, pl.ds(first_q, BLOCK_Q),
-                                                                   head, head_cols])
                 else:
-                    plgpu.copy_smem_to_gmem(dq_tile, dq_acc_ref.at[batch_index, pl.ds(first_q, BLOCK_Q), head,
-                                                                   head_cols], reduction_op="add")
+                    new_carry, dq = accumulate_products(carry, p_operand, ds_rows_operand, q_tile, do_tile, dq_a, dq_b)
+                    release(slot)
+                store_dq(dq, first_q, head)
                 return new_carry
 
             def walk(carry, **accs):
@@ -365,6 +416,7 @@ def _backward(q, k, v, out, lse, d_out, *, causal, sliding_window, logit_softcap
 
                 return lax.fori_loop(0, group, one_head, carry)
 
+            zeros = plgpu.layout_cast(jnp.zeros((BLOCK_KV, head_dim), jnp.float32), plgpu.Layout.WGMMA)
             if config.deferred:
                 def accumulate(dk_acc, dv_acc):
                     last_slot = walk(jnp.int32(-1), dk_acc=dk_acc, dv_acc=dv_acc)
@@ -375,8 +427,25 @@ def _backward(q, k, v, out, lse, d_out, *, causal, sliding_window, logit_softcap
 
                 accumulator = plgpu.ACC((BLOCK_KV, head_dim), jnp.float32)
                 dk, dv = pl.run_scoped(accumulate, accumulator, accumulator)
+            elif decoupled:
+                if config.stagger:
+                    pl.when((warpgroup == 1) & (total > 0))(lambda: plgpu.barrier_wait(start))
+                none = jnp.int32(-1)
+                (dk, dv), (last_index, last_first_q, last_head) = walk(((zeros, zeros), (none, none, none)))
+
+                @pl.when(last_index >= 0)
+                def _():  # the last step's dQ
+                    buffer = lax.rem(last_index, jnp.int32(ds_buffers))
+                    plgpu.barrier_wait(ds_ready.at[buffer])
+                    dq_a, dq_b = dq_operands(ds_smem.at[buffer])
+
+                    def last_product(dq_acc):
+                        plgpu.wgmma(dq_acc, dq_a, dq_b)
+                        return plgpu.wgmma_accumulator_load(dq_acc, wait_n=0)
+
+                    store_dq(pl.run_scoped(last_product, plgpu.ACC((BLOCK_Q, dq_cols), jnp.float32)),
+                             last_first_q, last_head)
             else:
-                zeros = plgpu.layout_cast(jnp.zeros((BLOCK_KV, head_dim), jnp.float32), plgpu.Layout.WGMMA)
                 dk, dv = walk((zeros, zeros))
             plgpu.wait_smem_to_gmem(0)
             meeting()  # columns: the other consumer's last dQ product has read K
@@ -407,6 +476,9 @@ def _backward(q, k, v, out, lse, d_out, *, causal, sliding_window, logit_softcap
         plgpu.Barrier(num_barriers=stages),  # statistics landed
         plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=stages),  # slot released by both consumers
         plgpu.Barrier(num_arrivals=NUM_CONSUMERS),  # the consumers' meeting (dq_split="columns")
+        # decoupled: dS^T of a ring buffer written by both consumers; consumer 0's first dS^T (stagger)
+        plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=ds_buffers) if decoupled else None,
+        plgpu.Barrier() if decoupled and config.stagger else None,
     ]
     mesh = plgpu.Mesh(grid=(kv_heads, num_kv_tiles, batch), grid_names=("heads", "kv_tiles", "batch"),
                       num_threads=NUM_CONSUMERS + 1, thread_name="wg")
@@ -425,6 +497,7 @@ def _backward(q, k, v, out, lse, d_out, *, causal, sliding_window, logit_softcap
         compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
         interpret=_interpret_params() if interpret else False,
         name=(f"flash_attention_bwd_d{head_dim}_s{stages}_{config.dq_split}{'_deferred' if config.deferred else ''}"
+              f"{('_decoupled' + ('_stagger' if config.stagger else '')) if decoupled else ''}"
               f"_r{config.consumer_registers}"
               f"_{'causal' if causal else 'full'}"),
     )(q, k, v, d_out, stats, dq_acc)

@@ -65,8 +65,10 @@ def check_against_reference(kind, shape, dtype, param_dtype=None, seed=0, tolera
     "shape,options",
     [
         ((37, 48), {}),  # whole rows, padded 48 -> 64 columns, a partial last tile
-        ((3, 5, 200), {"block_rows": 4, "programs": 3}),  # leading axes; several tiles per backward program
-        ((37, 200), {"block_d": 64, "block_rows": 8}),  # the chunked path for wide rows: 4 chunks, the last partial
+        # leading axes; several tiles per backward program
+        ((3, 5, 200), {"forward": {"block_rows": 4}, "backward": {"block_rows": 4, "programs": 3}}),
+        # the chunked path for wide rows: 4 chunks, the last partial
+        ((37, 200), {"forward": {"block_d": 64, "block_rows": 8}, "backward": {"block_d": 64, "block_rows": 2}}),
     ],
 )
 def test_matches_reference_values_and_gradients(kind, dtype, shape, options):
@@ -97,7 +99,10 @@ def test_inside_jit_and_grad():
         (lambda: rms_norm(jnp.ones((4, 8)), jnp.ones(8, jnp.int8), EPS), "scale is int8"),
         (lambda: rms_norm(jnp.ones((4, 0)), jnp.ones(0), EPS), "non-empty last axis"),
         (lambda: rms_norm(jnp.ones((4, 8)), jnp.ones(8), -1.0), "eps must be a non-negative"),
-        (lambda: rms_norm(jnp.ones((4, 8)), jnp.ones(8), EPS, block_rows=3), "block_rows must be a power of two"),
+        (lambda: rms_norm(jnp.ones((4, 8)), jnp.ones(8), EPS, forward={"block_rows": 3}),
+         "block_rows must be a power of two"),
+        (lambda: rms_norm(jnp.ones((4, 8)), jnp.ones(8), EPS, backward={"one_pass": True}),
+         "backward tuning takes .*; got one_pass"),
     ],
 )
 def test_bad_input_is_one_clear_error(call, message):
@@ -130,7 +135,7 @@ def test_layer_norm_one_and_two_pass_statistics(one_pass, shape, options):
     x = rng.normal(size=shape) * 0.1 + rng.uniform(-30, 30, size=shape[:-1] + (1,))
     x, scale, bias = jnp.asarray(x, jnp.float32), jnp.asarray(rng.normal(1, 0.5, shape[-1]), jnp.float32), \
         jnp.asarray(rng.normal(size=shape[-1]), jnp.float32)
-    got = layer_norm(x, scale, bias, EPS, interpret=True, one_pass=one_pass, **options)
+    got = layer_norm(x, scale, bias, EPS, interpret=True, forward={"one_pass": one_pass, **options})
     assert relative_error(got, layer_norm_reference(x, scale, bias, EPS)) < 1e-4
 
 
@@ -138,4 +143,4 @@ def test_layer_norm_one_and_two_pass_statistics(one_pass, shape, options):
 @pytest.mark.parametrize("shape", [(16384, 4096), (256, 32768)])
 def test_gpu_layer_norm_one_pass(shape):
     """The one-pass LayerNorm forward at real sizes, whole rows and chunked (gradients as the two-pass one)."""
-    check_against_reference("layer", shape, jnp.bfloat16, param_dtype=jnp.float32, seed=5, one_pass=True)
+    check_against_reference("layer", shape, jnp.bfloat16, param_dtype=jnp.float32, seed=5, forward={"one_pass": True})
