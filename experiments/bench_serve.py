@@ -1,4 +1,4 @@
-"""Serving load test: static vs continuous batching vs continuous + prefix caching under Poisson arrivals (throughput, TTFT / ITL percentiles, KV utilization), in process or over HTTP."""
+"""Serving under Poisson load: static vs continuous batching (+ prefix caching); throughput, TTFT / ITL, KV use; in process or over HTTP."""
 
 from __future__ import annotations
 
@@ -32,8 +32,10 @@ def parse_args(argv):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--model", default="llama-1b", help="model preset with random weights (compute dtype of the preset)")
-    source.add_argument("--ckpt", type=Path, default=None, help="a run folder written by `experiments train` (its newest checkpoint)")
+    source.add_argument("--model", default="llama-1b",
+                        help="model preset with random weights (compute dtype of the preset)")
+    source.add_argument("--ckpt", type=Path, default=None,
+                        help="a run folder written by `experiments train` (its newest checkpoint)")
     p.add_argument("--http", default=None, metavar="URL",
                    help="benchmark a running OpenAI-compatible server at URL (e.g. http://127.0.0.1:8000) instead of "
                    "the engine in process; --modes, the engine flags and the model flags are then ignored, the server "
@@ -44,7 +46,8 @@ def parse_args(argv):
     p.add_argument("--arrival-window", type=float, default=8.0,
                    help="seconds of arrivals at a finite rate: its runs take the first rate x window requests "
                    "(at most --num-requests)")
-    p.add_argument("--prompt-median", type=float, default=96, help="median of the prompt length after the system prompt (tokens)")
+    p.add_argument("--prompt-median", type=float, default=96,
+                   help="median of the prompt length after the system prompt (tokens)")
     p.add_argument("--prompt-sigma", type=float, default=0.8, help="log-normal sigma of that length")
     p.add_argument("--output-median", type=float, default=128, help="median output length (tokens, EOS ignored)")
     p.add_argument("--output-sigma", type=float, default=0.9, help="log-normal sigma of the output length")
@@ -70,7 +73,8 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0, help="seed of the workload (and of --model's weights)")
     p.add_argument("--time-budget", type=float, default=float("inf"),
                    help="seconds; runs that would start after this much time since the start are skipped")
-    p.add_argument("--vocab-size", type=int, default=None, help="--http: the server model's vocabulary (token ids drawn below it)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="--http: the server model's vocabulary (token ids drawn below it)")
     p.add_argument("--kv-every", type=int, default=16, help="steps between samples of the KV utilization")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG (draw it later with --replot)")
     p.add_argument("--replot", type=Path, default=None, metavar="JSON",

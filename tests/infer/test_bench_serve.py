@@ -35,7 +35,8 @@ def test_bench_serve_smoke(tmp_path, capsys):
 def test_workload_is_seeded_and_fits_the_context():
     args = bench_serve.parse_args([*TINY, "--num-requests", "200"])
     a, b = bench_serve.make_workload(args, 301, 64), bench_serve.make_workload(args, 301, 64)
-    assert [(r.prompt, r.max_tokens, r.arrival_unit) for r in a] == [(r.prompt, r.max_tokens, r.arrival_unit) for r in b]
+    fields = lambda requests: [(r.prompt, r.max_tokens, r.arrival_unit) for r in requests]  # noqa: E731
+    assert fields(a) == fields(b)
     assert all(len(r.prompt) + r.max_tokens <= 64 and r.max_tokens >= 1 for r in a)
     gaps = [y.arrival_unit - x.arrival_unit for x, y in zip(a, a[1:])]
     assert min(gaps) >= 0 and 0.7 < sum(gaps) / len(gaps) < 1.3  # Poisson at rate 1

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from llmjax.config import get_config
-from llmjax.infer.engine import TRACES, Engine, EngineConfig, EngineError, QueueFull, SamplingParams
+from llmjax.infer.engine import TRACES, Engine, EngineConfig, EngineError, QueueFull, SamplingParams, fit_prefill, \
+    resolve_config
 from llmjax.infer.generate import generate
 from llmjax.infer.sampling import SamplingConfig
 from llmjax.model import init_params
@@ -96,7 +97,7 @@ def test_eos_and_stop_ids_end_requests_like_generate(tiny, prompts):
     got, reasons = serve(engine, requests)
     for i in range(len(prompts)):
         assert got[str(i)] == want[i]
-        assert reasons[str(i)] == ("stop" if want[i][-1] == eos and len(want[i]) <= new and eos in want[i] else "length")
+        assert reasons[str(i)] == ("stop" if want[i][-1] == eos else "length")
     assert got["ignore"] == plain[3] and reasons["ignore"] == "length"
     assert got["stop"] == plain[1][: plain[1].index(stop) + 1] and reasons["stop"] == "stop"
     assert got["short"] == want[2][:2] and reasons["short"] == "length"
@@ -212,8 +213,8 @@ def test_fcfs_admission_and_static_batching(tiny, prompts):
             engine.add_request(str(i), p, SamplingParams(max_tokens=lengths[i]))
         step, got, started, done_at = 0, {}, {}, {}
         while engine.has_unfinished():
-            if step == 1:  # a static batch is admitted whole (4 rows), later prompt chunks wait their turn
-                assert len(engine.running) == 4 or scheduling == "continuous"
+            if step == 1 and scheduling == "static":  # a batch is admitted whole (4 rows) and decoded padded to 4
+                assert len(engine.running) == 4 and engine._static_rows == 4
             step += 1
             for out in engine.step():
                 got.setdefault(out.request_id, []).extend(out.new_token_ids)
@@ -329,6 +330,22 @@ def test_bad_requests_raise_engine_error(tiny):
     small = Engine(params, cfg, EngineConfig(**dict(ROOMY, num_blocks=3)))
     with pytest.raises(EngineError, match="KV cache blocks"):
         small.add_request("x", [1] * 10, SamplingParams(max_tokens=5))
+
+
+def test_prefill_shape_runs_the_most_chunk_tokens(tiny):
+    """Default prefill shapes are the token budget's size; the scheduler's chunks go into the shape that runs
+    most of them (first rows first, cut to its chunk), so a second prompt never pads the batch to the first's
+    length."""
+    _, cfg = tiny
+    _, buckets = resolve_config(EngineConfig(max_tokens_per_step=512, max_prefill_rows=4), cfg.replace(max_seq_len=2048))
+    shapes = buckets.prefill_shapes
+    assert shapes == ((1, 512), (2, 256), (4, 128))
+    a, b, c = "a", "b", "c"
+    assert fit_prefill([(a, 284), (b, 164)], shapes) == ((2, 256), [(a, 256), (b, 164)])
+    assert fit_prefill([(a, 500)], shapes) == ((1, 512), [(a, 500)])
+    assert fit_prefill([(a, 400), (b, 20)], shapes) == ((1, 512), [(a, 400)])  # b waits for the next step
+    assert fit_prefill([(a, 100), (b, 90), (c, 30)], shapes) == ((4, 128), [(a, 100), (b, 90), (c, 30)])
+    assert fit_prefill([(a, 3)], ((1, 8), (1, 32), (4, 8), (4, 32))) == ((1, 8), [(a, 3)])  # fewest slots on a tie
 
 
 @pytest.mark.parametrize("change,message", [
