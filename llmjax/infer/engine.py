@@ -527,6 +527,7 @@ class Engine:
         max_chunk = self.buckets.max_chunk
         max_rows = self.buckets.max_prefill_rows
         scheduled: set[str] = set()
+        preemptions_before = self.preemptions_total
         # 1. decode tokens of running requests, oldest first; preempt the newest when the pool is short
         for request in list(self.running):
             if request.pending == 1 and request.state == "running":
@@ -545,8 +546,8 @@ class Engine:
         # 3. requests joining now: swapped-out first, then waiting (FCFS: none overtakes an older one).
         # Static batching admits a whole batch at once, and only when the previous one has left.
         static = self.config.scheduling == "static"
-        if static and (self.running or self.swapped):
-            return work
+        if (static and (self.running or self.swapped)) or self.preemptions_total > preemptions_before:
+            return work  # (nobody joins in a step that had to preempt: the pool is short)
         for queue in (self.swapped, self.waiting):
             while queue and len(self.running) < self.config.max_running:
                 if not static and (budget <= 0 or len(work.prefill) >= max_rows):
