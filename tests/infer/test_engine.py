@@ -81,6 +81,34 @@ def test_greedy_equals_generate(tiny, prompts, pool, preemption):
         assert (engine.swap_outs_total > 0) == (preemption == "swap")
 
 
+@pytest.mark.parametrize("preemption", ["recompute", "swap"])
+def test_preempted_in_the_middle_of_a_chunked_prefill(tiny, preemption):
+    """A newer request still prefilling (one token a step) is preempted when the older one's next block is
+    missing; it resumes (its computed blocks copied back, or recomputed) and both equal generate."""
+    params, cfg = tiny
+    rng = np.random.default_rng(4)
+    old, new = rng.integers(0, cfg.vocab_size, 4).tolist(), rng.integers(0, cfg.vocab_size, 24).tolist()
+    want = reference(params, cfg, [old, new], 30)
+    engine = Engine(params, cfg, EngineConfig(num_blocks=12, block_size=BLOCK_SIZE, max_running=2,
+                                              max_tokens_per_step=2, max_prefill_rows=1, preemption=preemption))
+    engine.add_request("old", old, SamplingParams(max_tokens=30))
+    engine.add_request("new", new, SamplingParams(max_tokens=5))
+    got, caught = {}, None
+    while engine.has_unfinished():
+        for out in engine.step():
+            got.setdefault(out.request_id, []).extend(out.new_token_ids)
+        request = engine.requests.get("new")
+        if request is not None and request.preempted and caught is None:
+            caught = (request.state, request.computed)
+        engine.manager.check()
+    assert got == {"old": want[0], "new": want[1][:5]}
+    if preemption == "swap":
+        assert caught[0] == "swapped" and 0 < caught[1] < len(new)  # swapped out part-way through its prompt
+    else:
+        assert caught == ("waiting", 0)
+    assert engine.manager.allocator.num_used == 0
+
+
 def test_eos_and_stop_ids_end_requests_like_generate(tiny, prompts):
     params, cfg = tiny
     new = 10
