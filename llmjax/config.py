@@ -94,7 +94,9 @@ class ModelConfig:
     compute_dtype: str = "bfloat16"
     init_std: float = 0.02
     remat: RematPolicy = "none"
-    scan_unroll: int = 1  # blocks per scan iteration; num_layers unrolls the stack (faster steps, longer compile)
+    # blocks per scan iteration: num_layers unrolls the stack (faster steps: no per-layer copies into stacked
+    # residuals; compile time grows with depth); 0 = auto: every block on GPUs, one at a time elsewhere
+    scan_unroll: int = 0
     attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2); None disables
     attention_impl: AttentionImpl = "auto"  # "auto": the fastest available here; see llmjax.model.attention
     norm_impl: str = "auto"  # "xla", "pallas" (kernels/norms.py) or "auto": the fastest here; see llmjax.model.layers
@@ -141,8 +143,8 @@ class ModelConfig:
         _check_choice("positions", self.positions, POSITIONS)
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("remat", self.remat, REMAT_POLICIES)
-        if not isinstance(self.scan_unroll, int) or self.scan_unroll < 1:
-            raise ConfigError(f"scan_unroll must be a positive integer, got {self.scan_unroll!r}")
+        if not isinstance(self.scan_unroll, int) or isinstance(self.scan_unroll, bool) or self.scan_unroll < 0:
+            raise ConfigError(f"scan_unroll must be a non-negative integer (0: auto), got {self.scan_unroll!r}")
         _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
         _check_choice("norm_impl", self.norm_impl, NORM_IMPLS)
         _check_choice("param_dtype", self.param_dtype, FLOAT_DTYPES)

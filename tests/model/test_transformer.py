@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from llmjax.config import count_params, get_config
+from llmjax.config import ConfigError, count_params, get_config
 from llmjax.model import forward, init_params, model_spec
 from llmjax.model.params import count_from_specs, flatten_with_names
 
@@ -222,3 +222,13 @@ def test_positions_outside_the_learned_table_are_rejected():
 def test_config_name_is_a_label_not_part_of_equality():
     cfg = get_config("llama-tiny")
     assert cfg.replace(name="other") == cfg and hash(cfg.replace(name="other")) == hash(cfg)
+
+
+def test_scan_unroll_auto_unrolls_every_block_on_gpus_only():
+    from llmjax.model.transformer import scan_unroll
+
+    cfg = get_config("llama-tiny")
+    assert scan_unroll(cfg, "gpu") == cfg.num_layers and scan_unroll(cfg, "cpu") == 1
+    assert scan_unroll(cfg.replace(scan_unroll=3), "gpu") == min(3, cfg.num_layers)
+    with pytest.raises(ConfigError, match="scan_unroll must be a non-negative integer"):
+        cfg.replace(scan_unroll=-1)
