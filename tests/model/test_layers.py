@@ -39,3 +39,26 @@ def test_norm_impl_selection():
     assert "needs a CUDA GPU" in str(caught[0].message)
     with pytest.raises(Exception, match="norm_impl"):
         get_config("gpt2-tiny", norm_impl="triton")
+
+
+@pytest.mark.parametrize("mesh,strategy", [("data=2,fsdp=4", "fsdp"), ("data=4,tensor=2", "tp")])
+def test_pallas_norm_under_a_mesh(mesh, strategy):
+    """Rows cut over devices (FSDP): the kernel runs per device on its rows; d_model cut (tensor parallel
+    activations that shard embed would need a cross-device reduction): XLA's norm instead. Same values."""
+    from llmjax.parallel.plan import Plan
+
+    cfg = get_config("gpt2-tiny")
+    plan = Plan.create(mesh, strategy)
+    keys = jax.random.split(jax.random.key(2), 3)
+    x = jax.random.normal(keys[0], (8, 6, cfg.d_model))
+    params = {"scale": 1 + 0.1 * jax.random.normal(keys[1], (cfg.d_model,)),
+              "bias": 0.1 * jax.random.normal(keys[2], (cfg.d_model,))}
+    want = norm(params, x, cfg.replace(norm_impl="xla"))
+
+    @jax.jit
+    def sharded(x, params):
+        with plan.activations():
+            y = _pallas_norm(x, params, cfg)
+            return norm(params, x, cfg.replace(norm_impl="xla")) if y is None else y
+
+    np.testing.assert_allclose(sharded(x, params), want, rtol=1e-5, atol=1e-5)
