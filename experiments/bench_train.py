@@ -116,7 +116,7 @@ def loss_agreement(cfg, args) -> dict:
     from llmjax.train.step import init_train_state, make_train_step, windows_to_batch
 
     train_cfg = TrainConfig(warmup_steps=0, total_steps=1000, loss_impl=args.loss_impl)
-    plain = cfg.replace(attention_impl="xla", remat="none")
+    plain = cfg.replace(attention_impl="xla", norm_impl="xla", remat="none")
     curves = {}
     plain_train_cfg = dataclasses.replace(train_cfg, loss_impl="xla")
     for name, model_cfg, step_cfg in (("ours", cfg, train_cfg), ("plain", plain, plain_train_cfg)):
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ours / peer: {result['speedup']:.2f}x tokens/s")
     if args.check_steps:
         result["loss_check"] = loss_agreement(cfg, args)
-        print(f"loss of this configuration vs plain (XLA attention and loss, no remat) over {args.check_steps} steps: "
+        print(f"loss of this configuration vs plain (XLA attention, norms and loss, no remat) over {args.check_steps} steps: "
               f"max |difference| {result['loss_check']['max_abs_difference']:.4f}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=2))
