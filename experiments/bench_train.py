@@ -1,8 +1,8 @@
 """Training-step speed: our jitted step against a torch.compile nanoGPT-style peer, same shapes, one process.
 
 Prints tokens/s, ms/step, MFU and peak memory for both and the ratio, and checks that our fast
-configuration's loss follows the plain one (XLA attention, no remat) over the first steps. The torch
-peer (experiments/_torch_gpt.py: bf16 autocast, torch.compile, fused AdamW, SDPA) exists for GPT-2
+configuration's loss follows the plain one (XLA attention, norms and loss, no remat) over the first
+steps. The torch peer (experiments/_torch_gpt.py: bf16 autocast, torch.compile, fused AdamW, SDPA) exists for GPT-2
 presets; it runs first, frees its memory, then JAX starts.
 
     python -m experiments bench_train --model gpt2-124m --batch 16 --seq 1024
@@ -27,7 +27,8 @@ def parse_args(argv):
                    help="override a ModelConfig field of our side, e.g. --set remat=dots --set attention_impl=pallas")
     p.add_argument("--vocab", type=int, default=50304, help="vocabulary size for both sides (nanoGPT's padded 50304)")
     p.add_argument("--loss-impl", choices=("auto", "forward_grad", "pallas", "xla"), default="auto",
-                   help="training loss: our fused Pallas linear + cross-entropy, XLA chunks, or auto (Pallas on one GPU)")
+                   help="training loss (TrainConfig.loss_impl): forward_grad (gradient computed with the loss, "
+                        "bf16 logits), pallas (fused linear + cross-entropy), xla (float32 chunks), or auto")
     p.add_argument("--batch", type=int, default=16, help="sequences per step")
     p.add_argument("--seq", type=int, default=1024, help="tokens per sequence")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
@@ -108,7 +109,7 @@ def run_ours(cfg, args):
 
 
 def loss_agreement(cfg, args) -> dict:
-    """Max |loss difference| between our configuration and the plain one (XLA attention and loss, no
+    """Max |loss difference| between our configuration and the plain one (XLA attention, norms and loss, no
     remat) over the first steps."""
     import jax
 
@@ -166,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ours / peer: {result['speedup']:.2f}x tokens/s")
     if args.check_steps:
         result["loss_check"] = loss_agreement(cfg, args)
-        print(f"loss of this configuration vs plain (XLA attention, norms and loss, no remat) over {args.check_steps} steps: "
+        print(f"loss of this configuration vs plain (XLA attention, norms and loss, no remat) over "
+              f"{args.check_steps} steps: "
               f"max |difference| {result['loss_check']['max_abs_difference']:.4f}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=2))
