@@ -26,7 +26,7 @@ run() {  # run NAME SECONDS COMMAND...: log to $OUT/NAME.log, print its tail
 
 note "$(nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null)"
 if wanted bench; then
-  run bench 200 $PY -m experiments bench_matmul_quant --sweep --out "$OUT/bench_matmul_quant.json"
+  run bench 200 $PY -m experiments bench_matmul_quant ${BENCH_ARGS:---sweep} --out "$OUT/bench_matmul_quant.json"
 fi
 
 background=""
@@ -51,7 +51,8 @@ if wanted train; then
     printf 'class SummaryWriter:\n    def __init__(self, *a, **k): pass\n    def __getattr__(self, name): return lambda *a, **k: None\n' \
       > /tmp/shim/tensorboardX/__init__.py
   fi
-  run tokenize 60 $PY -m experiments tokenize --tokenizer runs/tokenizer/bpe-32768.json --out /tmp/tok --no-progress
+  run tokenize 60 $PY -m experiments tokenize --tokenizer runs/tokenizer/bpe-32768.json --out /tmp/tok --no-progress \
+    --validation-fraction 0.05
   PYTHONPATH=.:/tmp/shim XLA_PYTHON_CLIENT_PREALLOCATE=false run train 200 $PY -m experiments train --model gpt2-124m \
     --data /tmp/tok --run-dir /tmp/run-gpt2-124m --batch 16 --seq 1024 --steps "$TRAIN_STEPS" --warmup 40 --lr 1e-3 \
     --eval-every "$TRAIN_STEPS" --save-every "$TRAIN_STEPS" --log-every 50 --eval-batches 4 --no-progress
@@ -62,7 +63,9 @@ for job in $background $tests_job; do wait "$job"; done
 [ -n "$tests_job" ] && grep -v "Warning\|warn(" "$OUT/tests.log" | grep -v "^  \|^$" | tail -n 25
 if wanted quantize; then
   run quantize 200 $PY -m experiments quantize --ckpt /tmp/run-gpt2-124m --data /tmp/tok --matmul pallas \
-    --out "$OUT/quantize_gpt2-124m_pallas.json"
+    ${QUANTIZE_ARGS:-} --out "$OUT/quantize_gpt2-124m_pallas.json"
+  grep -q "^wrote" "$OUT/quantize.log" || run quantize_xla_fallback 150 $PY -m experiments quantize \
+    --ckpt /tmp/run-gpt2-124m --data /tmp/tok --matmul xla ${QUANTIZE_ARGS:-} --out "$OUT/quantize_gpt2-124m_xla.json"
 fi
 if wanted quantize_xla; then
   run quantize_xla 150 $PY -m experiments quantize --ckpt /tmp/run-gpt2-124m --data /tmp/tok --matmul xla \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -44,6 +45,9 @@ def parse_args(argv):
     p.add_argument("--sweep", action="store_true",
                    help="also try int4 tile variants (SWEEP_GEMV, SWEEP_DOT) at batch 1 and 8")
     p.add_argument("--no-xla", action="store_true", help="skip XLA's dequantize-then-dot rows")
+    p.add_argument("--convert-too", action="store_true",
+                   help="also time int8 / int4 at batch 1 with int_decode='convert' (int -> float conversions instead "
+                        "of the exponent-bits decode)")
     p.add_argument("--out", type=Path, default=Path("runs/bench/matmul_quant.json"), help="JSON of the results")
     return p.parse_args(argv)
 
@@ -95,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
             jax.block_until_ready(run(x, weights))
             times.append(time.perf_counter() - start)
         return statistics.median(times) / (len(weights) * passes) * 1e6
+
+    def relative_error(product, x, q) -> float:
+        """max |fused - reference| / max |reference|, the reference in float32 (XLA: dequantize, then dot)."""
+        reference = quantized_matmul(x.astype(jnp.float32), q)
+        error = jnp.abs(jax.jit(product)(x, q).astype(jnp.float32) - reference).max()
+        return float(error / jnp.abs(reference).max())
 
     def dense(x, w):
         return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
@@ -149,7 +159,12 @@ def main(argv: list[str] | None = None) -> int:
                     us = timed(fused(tiles), x, q)
                     row[f"{fmt}_pallas_us"], row[f"{fmt}_pallas_tiles"] = us, str(tiles)
                     row[f"{fmt}_pallas_gbs"] = q[0].nbytes / us / 1e3
+                    row[f"{fmt}_max_rel_error"] = relative_error(fused(tiles), x, q[0])
                     line += f" | {fmt} {us:6.1f} us {base / us:4.2f}x ({row[f'{fmt}_pallas_gbs']:4.0f} GB/s)"
+                    if args.convert_too and fmt != "nf4" and rows == 1:
+                        converting = dataclasses.replace(tiles, int_decode="convert")
+                        row[f"{fmt}_convert_us"] = timed(fused(converting), x, q)
+                        line += f" convert {row[f'{fmt}_convert_us']:6.1f}"
             if on_gpu and args.sweep and "int4" in formats and rows <= 8:
                 variants = []
                 for tiles in sweep_tiles(rows, k, n, args.group):

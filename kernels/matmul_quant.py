@@ -23,7 +23,10 @@ fewer than a GPU's streaming multiprocessors, and each must stream K / 2 rows of
 into that many ranges, each its own program writing float32 partial sums [splits, M, N]; one small XLA sum
 adds them (and fuses into whatever consumes the product). `default_tiles` picks splits to give about four
 programs per multiprocessor. NF4's 16 levels are read from a 16-entry table in global memory (an L1-resident
-gather), or with `nf4_lookup="select"` a chain of selects.
+gather), or with `nf4_lookup="select"` a chain of selects. Integer codes become floats without an int -> float
+conversion (those run at an eighth of the float rate on GPUs and bounded the first GEMV at ~2.2 T weights/s):
+OR-ed into the mantissa of 2^23, a code c reads as the float 2^23 + c exactly, and 2^23 + zero point is
+subtracted (`int_decode="convert"` keeps the conversion, for comparison).
 
 The reference is `llmjax.quant.formats.quantized_matmul` (XLA: dequantize, then one dot). Interpret-mode
 tests run both kernels on CPUs; `tests/kernels/test_matmul_quant.py` also has GPU tests at real sizes.
@@ -59,6 +62,7 @@ class MatmulTiles:
     num_warps: int = 4
     num_stages: int = 3
     nf4_lookup: str = "gather"  # "gather" (16-entry table in memory) or "select" (a select chain)
+    int_decode: str = "magic"  # int codes to float: "magic" (exponent bits, no conversion) or "convert"
     interpret: bool = False
 
 
@@ -95,11 +99,24 @@ def default_tiles(m: int, k: int, n: int, group_size: int, interpret: bool | Non
         multiprocessors else 1
     warps = 2 if gemv else 4 if block_m == 16 else 8
     stages = 1 if gemv else 3 if block_m == 16 else 2
-    return MatmulTiles(block_m, block_n, block_k, splits, warps, stages, "gather", interpret)
+    return MatmulTiles(block_m, block_n, block_k, splits, warps, stages, interpret=interpret)
+
+
+MAGIC_BITS = 0x4B000000  # float32 2^23: OR-ing a code c < 2^23 into its mantissa gives exactly 2^23 + c
+MAGIC = float(2**23)
+
+
+def _codes_to_float(codes, int_decode: str):
+    """uint32 codes -> float32 codes. "magic" puts the code in the mantissa of 2^23 and subtracts 2^23 later
+    (integer ops only: GPU int -> float conversions run at an eighth of the float rate and bound the GEMV);
+    "convert" converts (and the caller's offset leaves out 2^23)."""
+    if int_decode == "magic":
+        return lax.bitcast_convert_type(codes | MAGIC_BITS, jnp.float32)
+    return codes.astype(jnp.float32)
 
 
 def _nf4_levels(codes, codebook_ref, lookup: str):
-    """uint8 codes < 16 -> float32 NF4 levels (a gather from the table, or a select chain)."""
+    """uint32 codes < 16 -> float32 NF4 levels (a gather from the table, or a select chain)."""
     if lookup == "gather":
         return plgpu.load(codebook_ref.at[codes.astype(jnp.int32)])
     values = jnp.zeros(codes.shape, jnp.float32)
@@ -113,6 +130,7 @@ class _Format:
     fmt: str
     bits: int
     lookup: str  # NF4: "gather" or "select"
+    int_decode: str  # int formats: "magic" or "convert"
 
 
 class _Group:
@@ -120,9 +138,11 @@ class _Group:
 
     def __init__(self, spec: _Format, refs: dict, n: int):
         self.fmt, self.bits, self.lookup, self.refs, self.n = spec.fmt, spec.bits, spec.lookup, refs, n
+        self.int_decode = spec.int_decode
 
     def load(self, group, first_col, block_n, col_mask):
-        """(scale, zero) [block_n] float32 for this group's columns (zero None for nf4)."""
+        """(scale, offset) [block_n] float32 for this group's columns: the weight is (float code - offset) * scale,
+        offset the zero point (plus 2^23 for the "magic" decode); offset None for nf4."""
         cols = pl.ds(first_col, block_n)
         fill = None if col_mask is None else 0
         if self.fmt == "nf4":
@@ -141,13 +161,13 @@ class _Group:
             zero = plgpu.load(self.refs["zeros"].at[group, cols], mask=col_mask, other=fill).astype(jnp.float32)
         else:  # symmetric: the zero point is the middle code
             zero = jnp.full((block_n,), 2 ** (self.bits - 1), jnp.float32)
-        return scale, zero
+        return scale, zero + MAGIC if self.int_decode == "magic" else zero
 
-    def dequantize(self, codes, scale, zero):
-        """uint8 codes [rows, block_n] -> float32 weights [rows, block_n]."""
+    def dequantize(self, codes, scale, offset):
+        """uint32 codes [rows, block_n] -> float32 weights [rows, block_n]: (code - zero) exactly, then * scale."""
         if self.fmt == "nf4":
             return _nf4_levels(codes, self.refs.get("codebook"), self.lookup) * scale[None, :]
-        return codes.astype(jnp.float32) * scale[None, :] - (zero * scale)[None, :]
+        return (_codes_to_float(codes, self.int_decode) - offset[None, :]) * scale[None, :]
 
 
 def deinterleave(x, parts: int) -> list:
@@ -181,7 +201,7 @@ def _gemv_kernel(*refs, spec: _Format, names: tuple, n: int, group_size: int, ti
         k_step = split * steps + index
         scale, zero = group.load((k_step * bk) // group_size, first_col, bn, col_mask)
         codes = plgpu.load(codes_ref.at[pl.ds(k_step * code_rows, code_rows), pl.ds(first_col, bn)], mask=tile_mask,
-                           other=None if tile_mask is None else 0, eviction_policy="evict_first")
+                           other=None if tile_mask is None else 0, eviction_policy="evict_first").astype(jnp.uint32)
         x = plgpu.load(x_ref.at[row, pl.ds(k_step * bk, bk)]).astype(jnp.float32)  # [bk]
         if packed:  # rows 2i / 2i + 1 of the step: x's even / odd columns
             x_even, x_odd = deinterleave(x, 2)
@@ -207,9 +227,9 @@ def _dot_kernel(*refs, spec: _Format, names: tuple, m: int, n: int, k: int, grou
     x_mask = combine_masks(row_mask, None)
     rows = pl.ds(first_row, bm)
 
-    def load_codes(start, count):
+    def load_codes(start, count):  # uint32 [count, bn]
         return plgpu.load(codes_ref.at[pl.ds(start, count), pl.ds(first_col, bn)], mask=code_mask,
-                          other=None if code_mask is None else 0)
+                          other=None if code_mask is None else 0).astype(jnp.uint32)
 
     def load_x(k_step):  # [bm, bk]
         return plgpu.load(x_ref.at[rows, pl.ds(k_step * bk, bk)], mask=x_mask, other=None if x_mask is None else 0)
@@ -225,9 +245,9 @@ def _dot_kernel(*refs, spec: _Format, names: tuple, m: int, n: int, k: int, grou
             words, plane_rows = bk // 8, k // 8
             word = jnp.zeros((words, bn), jnp.uint32)
             for plane in range(3):
-                word = word | (load_codes(plane * plane_rows + k_step * words, words).astype(jnp.uint32) << (8 * plane))
+                word = word | (load_codes(plane * plane_rows + k_step * words, words) << (8 * plane))
             for i, x in enumerate(deinterleave(load_x(k_step), 8)):  # x[:, r] is input row 8r + i
-                acc = acc + dot(x, ((word >> (3 * i)) & 7).astype(jnp.uint8), scale, zero)
+                acc = acc + dot(x, (word >> (3 * i)) & 7, scale, zero)
             return acc
         if group.bits == 4:
             codes = load_codes(k_step * (bk // 2), bk // 2)
@@ -257,7 +277,7 @@ def _call(x2d, qm: QuantizedMatrix, tiles: MatmulTiles):
     m, k = x2d.shape
     n = qm.out_features
     params = _group_inputs(qm, tiles.nf4_lookup)
-    spec = _Format(qm.format, qm.bits, tiles.nf4_lookup)
+    spec = _Format(qm.format, qm.bits, tiles.nf4_lookup, tiles.int_decode)
     k_steps = k // tiles.block_k
     common = dict(spec=spec, names=tuple(params), n=n, group_size=qm.group_size, tiles=tiles,
                   steps=split_steps(k_steps, tiles.splits), k_steps=k_steps)
@@ -298,6 +318,8 @@ def check_tiles(tiles: MatmulTiles, qm: QuantizedMatrix) -> None:
         raise ValueError(f"block_m={tiles.block_m}: tensor-core tiles need at least 16 rows (or 1 for the GEMV)")
     if tiles.nf4_lookup not in ("gather", "select"):
         raise ValueError(f"nf4_lookup={tiles.nf4_lookup!r}: expected 'gather' or 'select'")
+    if tiles.int_decode not in ("magic", "convert"):
+        raise ValueError(f"int_decode={tiles.int_decode!r}: expected 'magic' or 'convert'")
 
 
 def quantized_matmul_pallas(x: jax.Array, qm: QuantizedMatrix, *, tiles: MatmulTiles | None = None,

@@ -137,7 +137,7 @@ def gptq_quantize_params(params: dict, cfg: ModelConfig, calibration_tokens, fmt
     x = jnp.take(top["embed"]["token"], tokens, axis=0)
     if cfg.positions == "learned":
         x = x + jnp.take(top["embed"]["position"], positions, axis=0)
-    run_cfg = cfg.replace(compute_dtype="float32")
+    run_cfg = cfg.replace(compute_dtype="float32", attention_impl="xla")  # cuDNN's fused attention takes no float32
     attention = jax.jit(lambda p, h: attention_layer(p, h, positions, None, run_cfg))
     mlp_fn = jax.jit(lambda p, h: mlp(p, h, run_cfg))
     quantized_layers = []

@@ -17,17 +17,20 @@ from llmjax.quant.formats import quantize
 
 # (K, format, group, block_m, splits, nf4 lookup): the GEMV (block_m 1) and tensor-core tiles, without and with
 # split-K (K = 160: five steps of 32 in three splits of 2, 2 and 1 steps)
-CASES = [(128, "int8", None, 1, 2, "gather"), (128, "int8", None, 16, 1, "gather"), (128, "int4", 32, 1, 1, "gather"),
-         (128, "int4", 32, 1, 4, "gather"), (160, "int4", 32, 1, 3, "gather"), (128, "int4", None, 16, 2, "gather"),
-         (160, "int8", 32, 16, 3, "gather"), (128, "int3", 64, 16, 2, "gather"), (128, "nf4", 32, 1, 2, "gather"),
-         (128, "nf4", 32, 1, 1, "select"), (128, "nf4", 32, 16, 2, "select")]
+CASES = [(128, "int8", None, 1, 2, "magic"), (128, "int8", None, 16, 1, "convert"), (128, "int4", 32, 1, 1, "magic"),
+         (128, "int4", 32, 1, 4, "convert"), (160, "int4", 32, 1, 3, "magic"), (128, "int4", None, 16, 2, "magic"),
+         (160, "int8", 32, 16, 3, "magic"), (128, "int3", 64, 16, 2, "magic"), (128, "int3", 64, 16, 1, "convert"),
+         (128, "nf4", 32, 1, 2, "gather"), (128, "nf4", 32, 1, 1, "select"), (128, "nf4", 32, 16, 2, "select")]
 
 
-@pytest.mark.parametrize("k, fmt, group, block_m, splits, lookup", CASES)
-def test_interpret_matches_reference(k, fmt, group, block_m, splits, lookup):
+@pytest.mark.parametrize("k, fmt, group, block_m, splits, decode", CASES)
+def test_interpret_matches_reference(k, fmt, group, block_m, splits, decode):
+    """decode: the int formats' code -> float path, or for nf4 the table lookup."""
+    lookup, int_decode = (decode, "magic") if fmt == "nf4" else ("gather", decode)
     w = jax.random.normal(jax.random.key(0), (k, 72)) * 0.02  # N = 72: a partial column tile
     q = quantize(w, fmt, group)
-    tiles = MatmulTiles(block_m=block_m, block_n=32, block_k=32, splits=splits, nf4_lookup=lookup, interpret=True)
+    tiles = MatmulTiles(block_m=block_m, block_n=32, block_k=32, splits=splits, nf4_lookup=lookup,
+                        int_decode=int_decode, interpret=True)
     for rows in (1, 37) if block_m == 16 else (3,):  # one 16-row tile (masked) and three; the GEMV: a row each
         x = jax.random.normal(jax.random.key(rows), (rows, k))
         np.testing.assert_allclose(quantized_matmul_pallas(x, q, tiles=tiles), quantized_matmul_reference(x, q),
@@ -80,6 +83,8 @@ def test_bad_shapes():
     with pytest.raises(ValueError, match="int3 takes block_m >= 16"):
         quantized_matmul_pallas(jnp.ones((1, 64)), quantize(jnp.ones((64, 16)), "int3", 32),
                                 tiles=MatmulTiles(block_m=1, block_k=32, interpret=True))
+    with pytest.raises(ValueError, match="int_decode='cast'"):
+        quantized_matmul_pallas(jnp.ones((1, 64)), q, tiles=MatmulTiles(block_k=32, int_decode="cast", interpret=True))
     with pytest.raises(ValueError, match="nf4_lookup='table'"):
         quantized_matmul_pallas(jnp.ones((1, 64)), q, tiles=MatmulTiles(block_k=32, nf4_lookup="table", interpret=True))
 
@@ -106,6 +111,7 @@ def test_gpu_matches_reference(fmt, rows):
     (11008, 4096, 1, "int4", 128, None),  # llama-7b down: K split into 43 x 2 steps
     (2048, 1000, 1, "int4", 64, None),  # N not a multiple of the column tile
     (768, 2304, 3, "nf4", 64, MatmulTiles(1, 128, 64, 4, 2, 1, "select")),  # gpt2 qkv, the select chain, 3 rows
+    (4096, 4096, 1, "int4", 128, MatmulTiles(1, 128, 64, 16, 2, 1, int_decode="convert")),  # int -> float converts
     (4096, 4096, 1, "int4", 128, MatmulTiles(16, 128, 128, 8, 4, 3)),  # tensor-core tiles at batch 1, split-K
     (4096, 1536, 40, "int3", 128, None),  # int3 (tensor cores only, groups of 128 or more), a partial row tile
     (11008, 4096, 8, "nf4", 64, None),  # batch-8 decode: tensor-core tiles, uneven split-K
