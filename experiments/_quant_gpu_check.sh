@@ -41,7 +41,8 @@ tests_job=""
 if wanted tests; then  # side by side with training: no timings are taken in either
   note "start tests (background)"
   ( XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 200 $PY -m pytest -q -m gpu -p no:cacheprovider \
-      tests/kernels/test_matmul_quant.py tests/quant tests/peft > "$OUT/tests.log" 2>&1; note "end tests (exit $?)" ) &
+      ${TEST_PATHS:-tests/kernels/test_matmul_quant.py tests/quant tests/peft} > "$OUT/tests.log" 2>&1
+    note "end tests (exit $?)" ) &
   tests_job=$!
 fi
 if wanted train; then
