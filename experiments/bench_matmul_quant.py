@@ -45,6 +45,9 @@ def parse_args(argv):
     p.add_argument("--sweep", action="store_true",
                    help="also try int4 tile variants (SWEEP_GEMV, SWEEP_DOT) at batch 1 and 8")
     p.add_argument("--no-xla", action="store_true", help="skip XLA's dequantize-then-dot rows")
+    p.add_argument("--profile", action="store_true",
+                   help="at batch 1, also run each product once under jax.profiler and report the GPU's busy time per "
+                        "product (the sum of its kernels' durations, without the launch gaps between kernels)")
     p.add_argument("--convert-too", action="store_true",
                    help="also time int8 / int4 at batch 1 with int_decode='convert' (int -> float conversions instead "
                         "of the exponent-bits decode)")
@@ -65,6 +68,35 @@ def copy_bandwidth(jax, jnp, gib: float = 2.0, reps: int = 10) -> float:
     return 2 * x.nbytes / statistics.median(times) / 1e9
 
 
+def device_busy_us(jax, runs: dict, pause_s: float = 0.05) -> dict:
+    """{label: GPU busy microseconds per product} for runs {label: (compiled call, args, products per call)}: one
+    profiled call each, `pause_s` apart; the GPU's kernels, split into bursts at gaps longer than half the pause,
+    are the calls in order, and each burst's kernel durations are summed."""
+    import glob
+    import gzip
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder):
+            for run, inputs, _ in runs.values():
+                time.sleep(pause_s)
+                jax.block_until_ready(run(*inputs))
+        path = sorted(glob.glob(f"{folder}/plugins/profile/*/*.trace.json.gz"))[-1]
+        events = json.load(gzip.open(path))["traceEvents"]
+    processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    kernels = sorted((e for e in events if e.get("ph") == "X" and processes.get(e["pid"], "").startswith("/device:GPU")),
+                     key=lambda e: e["ts"])
+    bursts, last_end = [], None
+    for e in kernels:
+        if last_end is None or e["ts"] - last_end > pause_s * 1e6 / 2:
+            bursts.append(0.0)
+        bursts[-1] += e["dur"]
+        last_end = max(last_end or 0.0, e["ts"] + e["dur"])
+    if len(bursts) != len(runs):
+        raise RuntimeError(f"{len(bursts)} bursts of GPU kernels in the profile for {len(runs)} calls")
+    return {label: busy / products for (label, (_, _, products)), busy in zip(runs.items(), bursts)}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import jax
@@ -78,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     on_gpu = device.platform == "gpu"
     multiprocessors = int(getattr(device, "core_count", 0) or 132)
 
-    def timed(product, x, weights) -> float:
+    runs = {}  # label -> (compiled call, args, products per call), for --profile
+
+    def timed(product, x, weights, label=None) -> float:
         """Microseconds per product: one jitted call loops `passes` times over every weight copy, so the GPU work
         of a call (>= --min-products products) outweighs dispatching it."""
         passes = max(1, -(-args.min_products // len(weights))) if x.shape[0] <= 16 else 1  # prefill: long enough
@@ -93,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
 
         run = jax.jit(run)
         jax.block_until_ready(run(x, weights))
+        if label is not None:
+            runs[label] = (run, (x, weights), passes * len(weights))
         times = []
         for _ in range(args.reps):
             start = time.perf_counter()
@@ -143,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         quantized = {fmt: [quantize_one(w.astype(jnp.float32)) for w in floats] for fmt, quantize_one in quantizers.items()}
         for rows in map(int, args.rows.split(",")):
             x = jax.random.normal(jax.random.key(10_000), (rows, k)).astype(jnp.bfloat16)
-            base = timed(dense, x, floats)
+            runs.clear()
+            base = timed(dense, x, floats, "bf16")
             row = {"k": k, "n": n, "rows": rows, "copies": copies, "bf16_us": base, "bf16_bytes": k * n * 2,
                    "bf16_gbs": k * n * 2 / base / 1e3}
             line = f"{k:>5}x{n:<5} rows {rows:3d}: bf16 {base:7.1f} us ({row['bf16_gbs']:4.0f} GB/s)"
@@ -156,14 +193,14 @@ def main(argv: list[str] | None = None) -> int:
                     line += f" | {fmt} xla {row[f'{fmt}_xla_us']:6.1f}"
                 if on_gpu:
                     tiles = default_tiles(rows, k, n, q[0].group_size, fmt=fmt)
-                    us = timed(fused(tiles), x, q)
+                    us = timed(fused(tiles), x, q, fmt)
                     row[f"{fmt}_pallas_us"], row[f"{fmt}_pallas_tiles"] = us, str(tiles)
                     row[f"{fmt}_pallas_gbs"] = q[0].nbytes / us / 1e3
                     row[f"{fmt}_max_rel_error"] = relative_error(fused(tiles), x, q[0])
                     line += f" | {fmt} {us:6.1f} us {base / us:4.2f}x ({row[f'{fmt}_pallas_gbs']:4.0f} GB/s)"
                     if args.convert_too and fmt != "nf4" and rows == 1:
                         converting = dataclasses.replace(tiles, int_decode="convert")
-                        row[f"{fmt}_convert_us"] = timed(fused(converting), x, q)
+                        row[f"{fmt}_convert_us"] = timed(fused(converting), x, q, f"{fmt}_convert")
                         line += f" convert {row[f'{fmt}_convert_us']:6.1f}"
             if on_gpu and args.sweep and "int4" in formats and rows <= 8:
                 variants = []
@@ -178,6 +215,15 @@ def main(argv: list[str] | None = None) -> int:
                 best = min((v for v in variants if "us" in v), key=lambda v: v["us"], default=None)
                 if best:
                     line += f" | best int4 {best['us']:6.1f} us {best['speedup']:4.2f}x"
+            if args.profile and on_gpu and rows == 1:
+                try:
+                    busy = device_busy_us(jax, runs)
+                except Exception as error:  # noqa: BLE001  (a profiler missing here costs the column, not the run)
+                    busy = {}
+                    print(f"  (no profile: {type(error).__name__}: {str(error)[:200]})")
+                row["gpu_busy_us"] = busy
+                line += "\n      GPU busy per product: " + ", ".join(f"{k} {v:.1f} us" for k, v in busy.items())
+            runs.clear()
             results.append(row)
             print(line, flush=True)
             write(results, None)
