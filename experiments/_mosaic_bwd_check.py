@@ -183,18 +183,17 @@ TIME_SHAPES = [  # (batch, seq, heads, kv_heads, head_dim, causal); every varian
 
 
 def backward_variants(head_dim):
-    """name -> BackwardConfig; the default first (the only one timed on the non-headline shapes by `time`)."""
+    """name -> BackwardConfig; the default first (the only one timed on the non-headline shapes by `time`).
+    Two more schedules were measured on an H200 and removed, slower or no faster everywhere (docs/perf.md;
+    commit faccb9f has both): dK / dV products left running across the next block's issue ("deferred"), and
+    dQ one step late from a ring of dS^T buffers so the consumers never meet ("decoupled")."""
     config = backward_module.BackwardConfig
     if head_dim == 64:
-        return {"bwd_rows_s2": config(dq_split="rows"), "bwd_rows_s3": config(dq_split="rows", num_stages=3),
-                "bwd_rows_s2_deferred": config(dq_split="rows", deferred=True)}
+        return {"bwd_rows_s2": config(dq_split="rows"), "bwd_rows_s3": config(dq_split="rows", num_stages=3)}
     return {
         "bwd_columns_s2": config(dq_split="columns"),  # the default
         "bwd_columns_s3": config(dq_split="columns", num_stages=3),
-        "bwd_columns_s2_deferred": config(dq_split="columns", deferred=True),
-        "bwd_columns_s3_deferred": config(dq_split="columns", num_stages=3, deferred=True),
-        "bwd_decoupled_stagger": config(dq_split="columns", decoupled=True),
-        "bwd_decoupled": config(dq_split="columns", decoupled=True, stagger=False),
+        "bwd_rows_s2": config(dq_split="rows"),
     }
 
 

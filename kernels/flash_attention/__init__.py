@@ -1,7 +1,8 @@
 """Attention kernels: the jnp reference and `flash_attention`, our Pallas FlashAttention-2.
 
 `flash_attention` checks its inputs (validate.py), then runs the Hopper (Mosaic GPU) kernel where that
-module exists, the device is compute capability 9.x and the kernel supports the call; otherwise the Triton
+module exists, the device is compute capability 9.x, the kernel supports the call and it measured faster
+(`triton_is_faster`: not at head_dim 64 over short keys); otherwise the Triton
 kernel (triton.py), whose tiles the autotuner (autotune.py) picks. After the Hopper forward, the gradient is
 the Hopper backward (mosaic_gpu_backward.py) where it supports the call, else the Triton backward. Both compute what
 `attention_reference` computes, except on query rows with no visible key (possible only with segment ids,
@@ -53,6 +54,16 @@ def mosaic_unavailable_reason(q, k, v, **masking) -> str | None:
     return module.supported(q, k, v, **masking)
 
 
+# On an H200 (docs/perf.md, bench_attention) the Triton kernels beat the Hopper ones at head_dim 64 over at most
+# this many keys (b16 s1024 h32 causal: forward 244 against 215 TFLOP/s, forward+backward 235 against 220).
+TRITON_FASTER_MAX_KV_LEN_D64 = 1024
+
+
+def triton_is_faster(q, k) -> bool:
+    """Whether "auto" (implementation=None) takes the Triton kernels although the Hopper ones could run."""
+    return q.shape[-1] == 64 and k.shape[1] <= TRITON_FASTER_MAX_KV_LEN_D64
+
+
 def flash_attention(q, k, v, *, causal: bool = True, sliding_window: int | None = None,
                     q_segment_ids: jax.Array | None = None, kv_segment_ids: jax.Array | None = None,
                     logit_softcap: float | None = None, block_sizes: BlockSizes | None = None,
@@ -73,7 +84,8 @@ def flash_attention(q, k, v, *, causal: bool = True, sliding_window: int | None 
                          "pass interpret=True to run them in Pallas interpret mode (slow), or use attention_reference")
     masking = dict(causal=causal, sliding_window=sliding_window, q_segment_ids=q_segment_ids,
                    kv_segment_ids=kv_segment_ids, logit_softcap=logit_softcap)
-    want_mosaic = implementation == "mosaic" or (implementation is None and block_sizes is None and not interpret)
+    want_mosaic = implementation == "mosaic" or (implementation is None and block_sizes is None and not interpret
+                                                 and not triton_is_faster(q, k))
     if want_mosaic:
         reason = mosaic_unavailable_reason(q, k, v, **masking)
         if reason is None:

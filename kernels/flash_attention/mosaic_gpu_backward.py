@@ -54,10 +54,6 @@ NUM_CONSUMERS = 2  # compute warpgroups per CTA; the producer is warpgroup NUM_C
 BLOCK_Q = 64  # query rows per step: the N of S^T = K Q^T and the K of dV = P^T dO
 BLOCK_KV = 64  # key rows per consumer (one wgmma M tile); a CTA owns NUM_CONSUMERS * BLOCK_KV keys
 ROWS_PER_CTA = NUM_CONSUMERS * BLOCK_KV
-# dS^T ring of the decoupled schedule. A consumer at most one step ahead writes step i's dS^T where step i - 4's
-# was; the other consumer's dQ read of that one finished before its arrival on step i - 2's dS^T, which the
-# writer waited for at step i - 1. (Three would let the write race the other's dQ read of step i - 3.)
-DS_RING = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,16 +62,6 @@ class BackwardConfig:
 
     num_stages: int = 2  # Q / dO ring depth
     dq_split: str = "columns"  # "columns" (head_dim 128 only) or "rows": see the module docstring
-    # Experimental, checked in interpret mode only (not yet compiled or timed on a GPU): the dK / dV products
-    # of a block left running while the next block's S^T and dP^T are issued (accumulators stay in wgmma
-    # registers; the Q / dO slot is released one block later). Default: waited for at once.
-    deferred: bool = False
-    # dq_split="columns" only: dQ of a block is multiplied one step later, from a ring of DS_RING dS^T buffers,
-    # so the two consumers never meet inside the loop (they only wait for the other's dS^T of the step before,
-    # which is usually long written) and one's elementwise work can run under the other's products.
-    decoupled: bool = False
-    # With `decoupled`: consumer 1 starts once consumer 0 has its first dS^T (half a step behind: ping-pong).
-    stagger: bool = True
     consumer_registers: int = 240
     producer_registers: int = 24
 
@@ -84,15 +70,10 @@ class BackwardConfig:
             raise ValueError(f"dq_split must be 'columns' or 'rows', got {self.dq_split!r}")
         if self.num_stages < 2:
             raise ValueError(f"num_stages must be at least 2, got {self.num_stages}")
-        if self.decoupled and (self.dq_split != "columns" or self.deferred):
-            raise ValueError("decoupled needs dq_split='columns' and deferred=False")
 
     @property
     def ds_buffers(self) -> int:
-        """dS^T buffers: decoupled, a ring (a buffer is rewritten only after both consumers' dQ read it);
-        columns, two (the other consumer may still read the last one); rows, one."""
-        if self.decoupled:
-            return DS_RING
+        """dS^T buffers: columns, two (the other consumer may still read the last one); rows, one."""
         return 2 if self.dq_split == "columns" else 1
 
 
@@ -171,7 +152,6 @@ def _backward(q, k, v, out, lse, d_out, *, causal, sliding_window, logit_softcap
     stages = config.num_stages
     columns = config.dq_split == "columns"
     ds_buffers = config.ds_buffers
-    decoupled = config.decoupled
     dq_cols = head_dim // NUM_CONSUMERS if columns else head_dim  # dQ columns of one consumer's partial
     num_kv_tiles = kv_len // ROWS_PER_CTA
     num_q_blocks = q_len // BLOCK_Q
@@ -189,7 +169,7 @@ def _backward(q, k, v, out, lse, d_out, *, causal, sliding_window, logit_softcap
 
     def kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, dq_acc_ref, dk_ref, dv_ref,
                k_smem, v_smem, q_smem, do_smem, stats_smem, ds_smem, dq_smem, p_smem,
-               kv_ready, q_ready, do_ready, stats_ready, consumed, meet, ds_ready, start):
+               kv_ready, q_ready, do_ready, stats_ready, consumed, meet):
         kv_head = lax.axis_index("heads")
         kv_tile = lax.axis_index("kv_tiles")
         batch_index = lax.axis_index("batch")
@@ -265,20 +245,13 @@ def _backward(q, k, v, out, lse, d_out, *, causal, sliding_window, logit_softcap
                         visible = in_window if visible is None else visible & in_window
                 return s_t, tanh, visible
 
-            def release(slot, *, maybe_none=False):
-                """Q, dO and the statistics of `slot` are read (a slot of -1, deferred's start, is none)."""
-                if not maybe_none:
-                    plgpu.barrier_arrive(consumed.at[slot])
-                    return
-
-                @pl.when(slot >= 0)
-                def _():
-                    plgpu.barrier_arrive(consumed.at[slot])
+            def release(slot):
+                """Q, dO and the statistics of `slot` are read."""
+                plgpu.barrier_arrive(consumed.at[slot])
 
             def store_dq(dq, first_q, head):
                 """The dQ partial of a query block: wait until the previous one has left shared memory, then
                 reduce-add it into the float32 accumulator."""
-                first_q = pl.multiple_of(first_q, BLOCK_Q)  # carried across steps (decoupled): not provable
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 dq_tile[...] = dq
                 plgpu.commit_smem()
@@ -323,10 +296,8 @@ def _backward(q, k, v, out, lse, d_out, *, causal, sliding_window, logit_softcap
                 dv, dk, dq = pl.run_state(products)((plgpu.ACC.init(dv), plgpu.ACC.init(dk), plgpu.ACC.init(dq_zero)))
                 return (dk, dv), dq
 
-            def step(q_block, carry, *, head, step_base, masked, dk_acc=None, dv_acc=None):
-                """One query block. carry: (dk, dv) in registers, or (deferred) the slot still read by the
-                previous block's dK / dV products, which run on while this block's S^T and dP^T are issued, or
-                (decoupled) ((dk, dv), the previous step's (index, first query, head), index -1 for none)."""
+            def step(q_block, carry, *, head, step_base, masked):
+                """One query block. carry: (dk, dv) [BLOCK_KV, head_dim] float32, in registers."""
                 step_index = step_base + q_block
                 slot = lax.rem(step_index, jnp.int32(stages))
                 first_q = q_block * BLOCK_Q
@@ -341,8 +312,6 @@ def _backward(q, k, v, out, lse, d_out, *, causal, sliding_window, logit_softcap
                     plgpu.barrier_wait(do_ready.at[slot])
                     plgpu.wgmma(dp_acc, v_mine, do_tile.transpose((1, 0)))
                     s_t = plgpu.wgmma_accumulator_load(s_acc, wait_n=1)
-                    if config.deferred:  # every product issued before S^T is done: the previous slot is free
-                        release(carry, maybe_none=True)
                     lse = plgpu.load(stats_smem.at[slot, 0], layout=plgpu.Layout.WGMMA.reduce(0))
                     s_t, tanh, visible = transform(s_t, first_q, masked)
                     p_t = jnp.exp2(s_t - lax.broadcast_in_dim(lse, s_t.shape, [1]))
@@ -366,47 +335,17 @@ def _backward(q, k, v, out, lse, d_out, *, causal, sliding_window, logit_softcap
                     p_operand, ds_rows_operand = p_tile, my_ds
                 plgpu.commit_smem()
 
-                if decoupled:
-                    accumulators, (prev_index, prev_first_q, prev_head) = carry
-                    plgpu.barrier_arrive(ds_ready.at[ds_index])
-                    if config.stagger:  # consumer 1 waits for this before its first step
-                        pl.when((warpgroup == 0) & (step_index == 0))(lambda: plgpu.barrier_arrive(start))
-                    has_prev = prev_index >= 0
-                    prev_buffer = lax.rem(step_index + ds_buffers - 1, jnp.int32(ds_buffers))
-
-                    @pl.when(has_prev)
-                    def _():
-                        plgpu.barrier_wait(ds_ready.at[prev_buffer])
-
-                    # At the first step there is no previous dS^T: the product reads a buffer nothing writes
-                    # yet (the other consumer is at most one step ahead) and its result is dropped.
-                    accumulators, dq = accumulate_products(accumulators, p_operand, ds_rows_operand, q_tile, do_tile,
-                                                           *dq_operands(ds_smem.at[prev_buffer]))
-                    release(slot)
-                    pl.when(has_prev)(lambda: store_dq(dq, prev_first_q, prev_head))
-                    return accumulators, (step_index, first_q, head)
-
                 meeting()  # columns: both halves of dS^T are in shared memory
-                dq_a, dq_b = dq_operands(ds_buffer)
-                if config.deferred:
-                    def products(dq_acc):
-                        plgpu.wgmma(dq_acc, dq_a, dq_b)
-                        plgpu.wgmma(dv_acc, p_operand, do_tile)
-                        plgpu.wgmma(dk_acc, ds_rows_operand, q_tile)
-                        return plgpu.wgmma_accumulator_load(dq_acc, wait_n=2)  # dV, dK run on
-
-                    dq = pl.run_scoped(products, plgpu.ACC((BLOCK_Q, dq_cols), jnp.float32))
-                    new_carry = slot
-                else:
-                    new_carry, dq = accumulate_products(carry, p_operand, ds_rows_operand, q_tile, do_tile, dq_a, dq_b)
-                    release(slot)
+                carry, dq = accumulate_products(carry, p_operand, ds_rows_operand, q_tile, do_tile,
+                                                *dq_operands(ds_buffer))
+                release(slot)
                 store_dq(dq, first_q, head)
-                return new_carry
+                return carry
 
-            def walk(carry, **accs):
+            def walk(carry):
                 """Every query block of every query head of the group, masked edges apart."""
                 def one_head(g, carry):
-                    run = functools.partial(step, head=kv_head * group + g, step_base=g * blocks - lo, **accs)
+                    run = functools.partial(step, head=kv_head * group + g, step_base=g * blocks - lo)
                     if masked_any:
                         carry = lax.fori_loop(lo, unmasked_lo, functools.partial(run, masked=True), carry)
                     carry = lax.fori_loop(unmasked_lo, unmasked_hi, functools.partial(run, masked=False), carry)
@@ -417,36 +356,7 @@ def _backward(q, k, v, out, lse, d_out, *, causal, sliding_window, logit_softcap
                 return lax.fori_loop(0, group, one_head, carry)
 
             zeros = plgpu.layout_cast(jnp.zeros((BLOCK_KV, head_dim), jnp.float32), plgpu.Layout.WGMMA)
-            if config.deferred:
-                def accumulate(dk_acc, dv_acc):
-                    last_slot = walk(jnp.int32(-1), dk_acc=dk_acc, dv_acc=dv_acc)
-                    dk = plgpu.wgmma_accumulator_load(dk_acc, wait_n=0)
-                    dv = plgpu.wgmma_accumulator_load(dv_acc, wait_n=0)
-                    release(last_slot, maybe_none=True)
-                    return dk, dv
-
-                accumulator = plgpu.ACC((BLOCK_KV, head_dim), jnp.float32)
-                dk, dv = pl.run_scoped(accumulate, accumulator, accumulator)
-            elif decoupled:
-                if config.stagger:
-                    pl.when((warpgroup == 1) & (total > 0))(lambda: plgpu.barrier_wait(start))
-                none = jnp.int32(-1)
-                (dk, dv), (last_index, last_first_q, last_head) = walk(((zeros, zeros), (none, none, none)))
-
-                @pl.when(last_index >= 0)
-                def _():  # the last step's dQ
-                    buffer = lax.rem(last_index, jnp.int32(ds_buffers))
-                    plgpu.barrier_wait(ds_ready.at[buffer])
-                    dq_a, dq_b = dq_operands(ds_smem.at[buffer])
-
-                    def last_product(dq_acc):
-                        plgpu.wgmma(dq_acc, dq_a, dq_b)
-                        return plgpu.wgmma_accumulator_load(dq_acc, wait_n=0)
-
-                    store_dq(pl.run_scoped(last_product, plgpu.ACC((BLOCK_Q, dq_cols), jnp.float32)),
-                             last_first_q, last_head)
-            else:
-                dk, dv = walk((zeros, zeros))
+            dk, dv = walk((zeros, zeros))
             plgpu.wait_smem_to_gmem(0)
             meeting()  # columns: the other consumer's last dQ product has read K
             k_mine[...] = (dk * scale).astype(dtype)
@@ -476,9 +386,6 @@ def _backward(q, k, v, out, lse, d_out, *, causal, sliding_window, logit_softcap
         plgpu.Barrier(num_barriers=stages),  # statistics landed
         plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=stages),  # slot released by both consumers
         plgpu.Barrier(num_arrivals=NUM_CONSUMERS),  # the consumers' meeting (dq_split="columns")
-        # decoupled: dS^T of a ring buffer written by both consumers; consumer 0's first dS^T (stagger)
-        plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=ds_buffers) if decoupled else None,
-        plgpu.Barrier() if decoupled and config.stagger else None,
     ]
     mesh = plgpu.Mesh(grid=(kv_heads, num_kv_tiles, batch), grid_names=("heads", "kv_tiles", "batch"),
                       num_threads=NUM_CONSUMERS + 1, thread_name="wg")
@@ -496,8 +403,7 @@ def _backward(q, k, v, out, lse, d_out, *, causal, sliding_window, logit_softcap
         mesh=mesh,
         compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
         interpret=_interpret_params() if interpret else False,
-        name=(f"flash_attention_bwd_d{head_dim}_s{stages}_{config.dq_split}{'_deferred' if config.deferred else ''}"
-              f"{('_decoupled' + ('_stagger' if config.stagger else '')) if decoupled else ''}"
+        name=(f"flash_attention_bwd_d{head_dim}_s{stages}_{config.dq_split}"
               f"_r{config.consumer_registers}"
               f"_{'causal' if causal else 'full'}"),
     )(q, k, v, d_out, stats, dq_acc)

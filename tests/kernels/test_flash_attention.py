@@ -284,7 +284,7 @@ class FakeMosaic:
 def test_mosaic_dispatch(monkeypatch):
     import kernels.flash_attention as fa
 
-    q, k, v = _arrays(q_shape=(1, 8, 2, 64))
+    q, k, v = _arrays(q_shape=(1, 8, 2, 128), kv_shape=(1, 8, 2, 128))
     monkeypatch.setattr(fa, "_mosaic_module", lambda: None)
     assert "not available" in fa.mosaic_unavailable_reason(q, k, v)
     fake = FakeMosaic()
@@ -301,6 +301,12 @@ def test_mosaic_dispatch(monkeypatch):
     # interpret / block sizes choose the Triton kernel without asking Mosaic
     out = fa.flash_attention(q, k, v, interpret=True, block_sizes=BlockSizes.fixed(16, 16))
     assert out.shape == q.shape and fake.calls == 1
+    # head_dim 64 over at most 1024 keys: the Triton kernels (measured faster), unless Mosaic is forced
+    fake.reason = None
+    q64, k64, v64 = _arrays(q_shape=(1, 8, 2, 64))
+    monkeypatch.setattr(fa, "flash_attention_triton", lambda q, *args, **kwargs: "triton")
+    assert fa.flash_attention(q64, k64, v64) == "triton" and fake.calls == 1
+    assert fa.flash_attention(q64, k64, v64, implementation="mosaic") is q64 and fake.calls == 2
 
 
 def test_autotune_candidates_and_interpret_config():
