@@ -28,11 +28,12 @@ Interpret mode (CPUs) stages P^T and dS^T through shared memory (the interpreter
 memory only) and writes each CTA's dQ partials to their own slice of a buffer summed afterwards (it has no
 TMA reduction): the rest of the kernel, barriers included, is the one the GPU runs.
 
-Measured on an H200 (PYTHONPATH=. python3 experiments/_mosaic_bwd_check.py grad headline report; b4 s4096 h16
-d128 causal bf16, loops of 5 calls): forward+backward 390 TFLOP/s with this backward against cuDNN's 446 in
-the same run (0.87x) and 353 with the Triton backward; the backward alone 1.92 ms (358 TFLOP/s on 2.5x the
-forward's FLOPs) against cuDNN's 1.61 ms. Gradients within 2.6e-3 of the float32 reference on every case of
-the script (masks, GQA / MQA, head_dim 64, q_len < kv_len, soft-cap).
+Measured on an H200 (docs/perf.md, "Hopper backward"; b4 s4096 h16 d128 causal bf16, loops of 5 calls): the
+backward alone 1.89-1.97 ms (about 360 TFLOP/s on 2.5x the forward's FLOPs) against cuDNN's 1.56-1.60, so
+forward+backward 0.87-0.89x cuDNN; the Triton backward 2.2 ms. Two other schedules were measured and dropped
+(commit faccb9f): dK / dV products left running across the next block ("deferred", 4-12% slower) and dQ one
+step late so the consumers never meet ("decoupled", within noise; 12% slower with GQA). Gradients within 2.6e-3
+of the float32 reference on every checked case (masks, GQA / MQA, head_dim 64, q_len < kv_len, soft-cap).
 """
 
 from __future__ import annotations
