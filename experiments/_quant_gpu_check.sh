@@ -52,6 +52,9 @@ if wanted train; then
     printf 'class SummaryWriter:\n    def __init__(self, *a, **k): pass\n    def __getattr__(self, name): return lambda *a, **k: None\n' \
       > /tmp/shim/tensorboardX/__init__.py
   fi
+  # fresh folders: a machine kept warm between calls still has the last call's shards and run (and resuming a run
+  # whose config has changed since is refused)
+  rm -rf /tmp/tok /tmp/run-gpt2-124m
   run tokenize 60 $PY -m experiments tokenize --tokenizer runs/tokenizer/bpe-32768.json --out /tmp/tok --no-progress \
     --validation-fraction 0.05
   PYTHONPATH=.:/tmp/shim XLA_PYTHON_CLIENT_PREALLOCATE=false run train 200 $PY -m experiments train --model gpt2-124m \

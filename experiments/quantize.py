@@ -137,6 +137,28 @@ def main(argv: list[str] | None = None) -> int:
     def timed(label: str) -> bool:
         return bool(args.decode_tokens) and (args.decode_formats == "all" or label in args.decode_formats.split(","))
 
+    def table_of(results) -> str:
+        float_ppl = results[0]["perplexity"]
+        lines = [f"| format | val perplexity | vs float | weights (all) | block linears | decode tok/s "
+                 f"({device.platform}, batch 1, {matmul} matmul) |",
+                 "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for r in results:
+            rate = f"{r['decode_tokens_per_s']:.0f}" if r["decode_tokens_per_s"] else "-"
+            lines.append(f"| {r['format']} | {r['perplexity']:.3f} | {100 * (r['perplexity'] / float_ppl - 1):+.2f}% | "
+                         f"{r['bytes'] / 2**20:.2f} MiB | {r['linear_bytes'] / 2**20:.2f} MiB | {rate} |")
+        return "\n".join(lines)
+
+    def write(results, table) -> Path:
+        out = args.out or args.ckpt / "quantize.json"
+        record = {"checkpoint": str(args.ckpt), "model": cfg.name, "device": f"{device.platform} ({device.device_kind})",
+                  "matmul": matmul, "group": args.group, "nf4_group": args.nf4_group, "act_order": act_order,
+                  "seq_len": seq, "eval_tokens": args.eval_batches * args.batch * seq,
+                  "calibration_sequences": args.calibration,
+                  "command": "python -m experiments quantize " + " ".join(argv if argv is not None else sys.argv[2:]),
+                  "rows": results, "table": table}
+        out.write_text(json.dumps(record, indent=2))
+        return out
+
     results = []
     for label, method, bits in rows:
         try:
@@ -147,25 +169,14 @@ def main(argv: list[str] | None = None) -> int:
                "linear_bytes": param_bytes(qparams["blocks"]),
                "decode_tokens_per_s": decode_rate(qparams) if timed(label) else None}
         results.append(row)
-        print(f"  {label:>10}: perplexity {row['perplexity']:.3f}, {row['bytes'] / 2**20:.2f} MiB", flush=True)
+        rate = row["decode_tokens_per_s"]
+        print(f"  {label:>10}: perplexity {row['perplexity']:.3f}, {row['bytes'] / 2**20:.2f} MiB"
+              + (f", decode {rate:.0f} tokens/s" if rate else ""), flush=True)
+        write(results, None)  # after every row: a run cut short keeps what it measured
 
-    float_ppl = results[0]["perplexity"]
-    lines = [f"| format | val perplexity | vs float | weights (all) | block linears | decode tok/s "
-             f"({device.platform}, batch 1, {matmul} matmul) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for r in results:
-        rate = f"{r['decode_tokens_per_s']:.0f}" if r["decode_tokens_per_s"] else "-"
-        lines.append(f"| {r['format']} | {r['perplexity']:.3f} | {100 * (r['perplexity'] / float_ppl - 1):+.2f}% | "
-                     f"{r['bytes'] / 2**20:.2f} MiB | {r['linear_bytes'] / 2**20:.2f} MiB | {rate} |")
-    table = "\n".join(lines)
+    table = table_of(results)
     print(table)
-    out = args.out or args.ckpt / "quantize.json"
-    record = {"checkpoint": str(args.ckpt), "model": cfg.name, "device": f"{device.platform} ({device.device_kind})",
-              "matmul": matmul, "group": args.group, "nf4_group": args.nf4_group, "act_order": act_order, "seq_len": seq,
-              "eval_tokens": args.eval_batches * args.batch * seq, "calibration_sequences": args.calibration,
-              "command": "python -m experiments quantize " + " ".join(argv if argv is not None else sys.argv[2:]),
-              "rows": results, "table": table}
-    out.write_text(json.dumps(record, indent=2))
+    out = write(results, table)
     print(f"wrote {out}")
     return 0
 
