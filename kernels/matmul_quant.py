@@ -24,9 +24,9 @@ into that many ranges, each its own program writing float32 partial sums [splits
 adds them (and fuses into whatever consumes the product). `default_tiles` picks splits to give about four
 programs per multiprocessor. NF4's 16 levels are read from a 16-entry table in global memory (an L1-resident
 gather), or with `nf4_lookup="select"` a chain of selects. Integer codes become floats without an int -> float
-conversion (those run at an eighth of the float rate on GPUs and bounded the first GEMV at ~2.2 T weights/s):
-OR-ed into the mantissa of 2^23, a code c reads as the float 2^23 + c exactly, and 2^23 + zero point is
-subtracted (`int_decode="convert"` keeps the conversion, for comparison).
+conversion: OR-ed into the mantissa of 2^23, a code c reads as the float 2^23 + c exactly, and 2^23 + zero
+point is subtracted. On the H200 this measured the same as converting (`int_decode="convert"`, kept for the
+comparison): the batch-1 GEMV is bound by its per-weight float work, not by the conversions (docs/perf.md).
 
 The reference is `llmjax.quant.formats.quantized_matmul` (XLA: dequantize, then one dot). Interpret-mode
 tests run both kernels on CPUs; `tests/kernels/test_matmul_quant.py` also has GPU tests at real sizes.
@@ -107,9 +107,8 @@ MAGIC = float(2**23)
 
 
 def _codes_to_float(codes, int_decode: str):
-    """uint32 codes -> float32 codes. "magic" puts the code in the mantissa of 2^23 and subtracts 2^23 later
-    (integer ops only: GPU int -> float conversions run at an eighth of the float rate and bound the GEMV);
-    "convert" converts (and the caller's offset leaves out 2^23)."""
+    """uint32 codes -> float32 codes. "magic" puts the code in the mantissa of 2^23 (the caller's offset subtracts
+    2^23: integer ops only, no int -> float conversion); "convert" converts (and the offset leaves out 2^23)."""
     if int_decode == "magic":
         return lax.bitcast_convert_type(codes | MAGIC_BITS, jnp.float32)
     return codes.astype(jnp.float32)
