@@ -118,3 +118,17 @@ def test_gpu_matches_reference(fmt, rows):
 ])
 def test_gpu_shapes_and_tiles(k, n, rows, fmt, group, tiles):
     _check_on_gpu(k, n, rows, fmt, group, tiles)
+
+
+def test_bench_runs_on_cpu(tmp_path):
+    """The benchmark's CPU path (bf16 and XLA rows; the fused kernel only runs on GPUs) writes its JSON."""
+    import json
+
+    from experiments.bench_matmul_quant import main
+
+    out = tmp_path / "bench.json"
+    assert main(["--shapes", "128x96", "--rows", "1,3", "--reps", "1", "--cold-mib", "0.01", "--min-products", "3",
+                 "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert [(r["k"], r["n"], r["rows"]) for r in record["results"]] == [(128, 96, 1), (128, 96, 3)]
+    assert all(r["bf16_us"] > 0 and r["int4_xla_us"] > 0 and r["copies"] >= 2 for r in record["results"])

@@ -70,3 +70,18 @@ def test_quantize_table(run, tmp_path):
     with pytest.raises(SystemExit, match="does not divide the input dimension 48"):
         main(["--ckpt", str(folder), "--data", str(data), "--group", "32", "--seq", "32", "--decode-tokens", "0",
               "--out", str(out)])
+
+
+@pytest.mark.slow
+def test_remat_memory_measures_in_its_own_process(tmp_path):
+    """--measure-steps runs each (mode, policy) in a child process; the compiled figures come back in the table
+    (the device peak only where the backend reports memory stats: GPUs, not CPUs)."""
+    from experiments.remat_memory import main
+
+    out = tmp_path / "remat.json"
+    assert main(["--model", "gpt2-mini", "--set", "num_layers=1", "--batch", "2", "--seq", "16", "--modes", "qlora",
+                 "--policies", "full", "--measure-steps", "1", "--out", str(out)]) == 0
+    [row] = json.loads(out.read_text())["rows"]
+    assert row["mode"] == "qlora" and row["remat"] == "full" and row["arguments"] > 0 and row["temporaries"] > 0
+    assert row["peak_estimate"] == row["arguments"] + row["temporaries"] + row["outputs"] - row["aliased"]
+    assert "measured_peak" in row and row["step_ms"] > 0
