@@ -6,6 +6,8 @@ lse on small awkward shapes, plus the `supported` logic. On a Hopper GPU (marked
 pipelined kernel at real sizes, and gradients through the custom_vjp.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +25,7 @@ def random_qkv(key, batch, q_len, kv_len, heads, kv_heads, head_dim, dtype=jnp.b
     return q, k, v
 
 
+@functools.partial(jax.jit, static_argnames=("causal", "sliding_window", "logit_softcap"))
 def reference_out_lse(q, k, v, *, causal, sliding_window=None, logit_softcap=None):
     """float32 out [batch, q_len, heads, head_dim] and natural-log lse [batch, heads, q_len]."""
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))

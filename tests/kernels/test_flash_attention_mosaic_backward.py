@@ -6,6 +6,8 @@ dv on small awkward shapes for both dQ splits, GQA / MQA, masks, soft-capping, p
 On a Hopper GPU (marked `gpu`): the real kernel at real sizes, alone and through the custom_vjp.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,8 +27,10 @@ def random_inputs(seed, batch, q_len, kv_len, heads, kv_heads, head_dim, dtype=j
     return q, k, v, d_out
 
 
+@functools.partial(jax.jit, static_argnames=("causal", "sliding_window", "logit_softcap"))
 def reference(q, k, v, d_out, **masking):
-    """float32 (out, lse [batch, heads, q_len] natural log, (dq, dk, dv)) of the jnp reference."""
+    """float32 (out, lse [batch, heads, q_len] natural log, (dq, dk, dv)) of the jnp reference (jitted: one compile
+    per shape instead of an op-by-op run, which took most of a GPU test's time at real sizes)."""
     q, k, v, d_out = (x.astype(jnp.float32) for x in (q, k, v, d_out))
     with jax.default_matmul_precision("highest"):
         out, vjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, **masking), q, k, v)
