@@ -447,11 +447,16 @@ def model_config_from_dict(data: dict) -> ModelConfig:
     return ModelConfig(**data)
 
 
+# How a step computes, not what: a run may resume with other choices (the same parameters and optimizer state).
+EXECUTION_FIELDS = {"remat", "scan_unroll", "attention_impl", "norm_impl", "loss_impl", "loss_chunk_tokens"}
+
+
 def config_differences(saved: dict, current: ModelConfig | TrainConfig) -> list[str]:
-    """['d_model: 768 in the checkpoint, 1024 now', ...] for fields that differ (name ignored)."""
+    """['d_model: 768 in the checkpoint, 1024 now', ...] for fields that differ (the name and the
+    EXECUTION_FIELDS ignored)."""
     now = config_to_dict(current)
     # A field the checkpoint predates (e.g. the MoE fields) counts as its default.
     defaults = {f.name: f.default for f in dataclasses.fields(current) if f.default is not dataclasses.MISSING}
     saved = {**{f: defaults[f] for f in defaults.keys() - saved.keys()}, **saved}
-    fields = sorted((saved.keys() | now.keys()) - {"name"})
+    fields = sorted((saved.keys() | now.keys()) - {"name"} - EXECUTION_FIELDS)
     return [f"{f}: {saved.get(f)!r} in the checkpoint, {now.get(f)!r} now" for f in fields if saved.get(f) != now.get(f)]

@@ -81,6 +81,15 @@ def test_interrupted_save_leaves_previous_usable(tmp_path):
     assert int(restored.step) == 1
 
 
+def test_resume_with_other_execution_settings(tmp_path):
+    """remat, unrolling and kernel choices change how a step computes, not the state: resuming is allowed."""
+    checkpointer = Checkpointer(tmp_path)
+    save_steps(checkpointer, {1: None})
+    other = CFG.replace(remat="full", scan_unroll=2, attention_impl="xla", norm_impl="xla")
+    restored, _ = Checkpointer(tmp_path).restore_latest(abstract_train_state(trained_state(0)), other)
+    assert int(restored.step) == 1
+
+
 def test_different_model_config_is_refused_with_the_fields(tmp_path):
     checkpointer = Checkpointer(tmp_path)
     save_steps(checkpointer, {1: None})
