@@ -1,3 +1,4 @@
+import gc
 import os
 
 # Sharding tests run on 8 simulated CPU devices; set before JAX initializes its backend.
@@ -15,3 +16,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs():
+    """Drop each test module's compiled programs after it: thousands of XLA CPU executables alive in one
+    process exhaust the kernel's limit on memory mappings (vm.max_map_count, 65530 by default), and the
+    next compilation aborts the whole run."""
+    yield
+    jax.clear_caches()
+    gc.collect()
