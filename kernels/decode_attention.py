@@ -80,7 +80,6 @@ def _kernel(q_ref, k_ref, v_ref, pos_ref, qpos_ref, len_ref, *rest, block_k: int
     num_blocks = (used + block_k - 1) // block_k
 
     def body(index, carry):
-        out, row_max, row_sum = carry
         window = pl.ds(index * block_k, block_k)
         k = k_ref[window, :]  # [block_k, head_dim]
         v = v_ref[window, :]
@@ -91,20 +90,33 @@ def _kernel(q_ref, k_ref, v_ref, pos_ref, qpos_ref, len_ref, *rest, block_k: int
         visible = (positions >= 0) & (positions <= q_pos)
         if sliding_window is not None:
             visible &= q_pos - positions < sliding_window
-        scores = _dot(q, k, ((1,), (1,))) * scale  # [group_p, block_k] float32
-        if logit_softcap is not None:
-            scores = logit_softcap * jnp.tanh(scores / logit_softcap)
-        scores = jnp.where(visible[None, :], scores, NEG_INF)
-        new_max = jnp.maximum(row_max, scores.max(axis=-1))
-        correction = jnp.exp(row_max - new_max)
-        probs = jnp.where(visible[None, :], jnp.exp(scores - new_max[:, None]), 0.0)
-        out = out * correction[:, None] + _dot(probs.astype(v.dtype), v, ((1,), (0,)))
-        return out, new_max, row_sum * correction + probs.sum(axis=-1)
+        return attend_block(q, k, v, visible, carry, scale, logit_softcap)
 
+    run_split(0, num_blocks, body, q_ref, o_ref, m_ref, l_ref)
+
+
+def attend_block(q, k, v, visible, carry, scale: float, logit_softcap):
+    """One online-softmax step of a split: q [group_p, head_dim] against k, v [n, head_dim] where visible [n];
+    carry (out [group_p, head_dim], row_max [group_p], row_sum [group_p]) float32."""
+    out, row_max, row_sum = carry
+    scores = _dot(q, k, ((1,), (1,))) * scale  # [group_p, n] float32
+    if logit_softcap is not None:
+        scores = logit_softcap * jnp.tanh(scores / logit_softcap)
+    scores = jnp.where(visible[None, :], scores, NEG_INF)
+    new_max = jnp.maximum(row_max, scores.max(axis=-1))
+    correction = jnp.exp(row_max - new_max)
+    probs = jnp.where(visible[None, :], jnp.exp(scores - new_max[:, None]), 0.0)
+    out = out * correction[:, None] + _dot(probs.astype(v.dtype), v, ((1,), (0,)))
+    return out, new_max, row_sum * correction + probs.sum(axis=-1)
+
+
+def run_split(start, stop, body, q_ref, o_ref, m_ref, l_ref) -> None:
+    """fori_loop(start, stop, body) from an empty online softmax; writes the split's unnormalized output and
+    its row max / sum (merge_splits combines the splits)."""
     group_p, head_dim = q_ref.shape
     init = (jnp.zeros((group_p, head_dim), jnp.float32), jnp.full((group_p,), NEG_INF, jnp.float32),
             jnp.zeros((group_p,), jnp.float32))
-    out, row_max, row_sum = jax.lax.fori_loop(0, num_blocks, body, init)
+    out, row_max, row_sum = jax.lax.fori_loop(start, stop, body, init)
     o_ref[...] = out
     m_ref[...] = row_max
     l_ref[...] = row_sum

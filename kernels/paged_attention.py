@@ -30,9 +30,11 @@ from jax.experimental import pallas as pl
 from kernels.decode_attention import (
     NEG_INF,
     _pow2_at_least,
+    attend_block,
     choose_splits,
     decode_attention_reference,
     merge_splits,
+    run_split,
     split_compiler_params,
     split_outputs,
 )
@@ -85,10 +87,6 @@ def chunk_attention_reference(q, k, v, q_positions, kv_lengths, *, sliding_windo
 
 # --- the Pallas kernel -------------------------------------------------------------------------
 
-def _dot(a, b, contract):
-    return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32)
-
-
 def _kernel(table_ref, len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block_size: int,
             blocks_per_split: int, blocks_per_step: int, sliding_window, logit_softcap, scale: float):
     split = pl.program_id(2)
@@ -105,7 +103,6 @@ def _kernel(table_ref, len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, blo
     step_tokens = blocks_per_step * block_size
 
     def body(step, carry):
-        out, row_max, row_sum = carry
         blocks = table_ref[pl.ds(step * blocks_per_step, blocks_per_step)]  # pool blocks of this step
         k = k_ref[blocks].reshape(step_tokens, -1)  # [blocks_per_step * block_size, head_dim]
         v = v_ref[blocks].reshape(step_tokens, -1)
@@ -113,23 +110,9 @@ def _kernel(table_ref, len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, blo
         visible = token < length
         if sliding_window is not None:
             visible &= q_pos - token < sliding_window
-        scores = _dot(q, k, ((1,), (1,))) * scale  # [group_p, step_tokens] float32
-        if logit_softcap is not None:
-            scores = logit_softcap * jnp.tanh(scores / logit_softcap)
-        scores = jnp.where(visible[None, :], scores, NEG_INF)
-        new_max = jnp.maximum(row_max, scores.max(axis=-1))
-        correction = jnp.exp(row_max - new_max)
-        probs = jnp.where(visible[None, :], jnp.exp(scores - new_max[:, None]), 0.0)
-        out = out * correction[:, None] + _dot(probs.astype(v.dtype), v, ((1,), (0,)))
-        return out, new_max, row_sum * correction + probs.sum(axis=-1)
+        return attend_block(q, k, v, visible, carry, scale, logit_softcap)
 
-    group_p, head_dim = q_ref.shape
-    init = (jnp.zeros((group_p, head_dim), jnp.float32), jnp.full((group_p,), NEG_INF, jnp.float32),
-            jnp.zeros((group_p,), jnp.float32))
-    out, row_max, row_sum = jax.lax.fori_loop(start, jnp.maximum(start, stop), body, init)
-    o_ref[...] = out
-    m_ref[...] = row_max
-    l_ref[...] = row_sum
+    run_split(start, jnp.maximum(start, stop), body, q_ref, o_ref, m_ref, l_ref)
 
 
 @functools.partial(jax.jit, static_argnames=("sliding_window", "logit_softcap", "splits", "blocks_per_step",
