@@ -25,6 +25,17 @@ seed, as llmjax.infer.sampling: the same seed gives the same text as `generate`)
 bucket sets (decode batch sizes, prefill [rows, chunk] shapes, block-table widths; see `EngineConfig`), all
 compiled by `warmup()`, so nothing compiles while serving (`TRACES` counts traces per program, for tests).
 
+Asynchronous scheduling (`async_scheduling=True`, the default; vLLM's async scheduling): `step()` schedules and
+dispatches step n + 1 before it reads step n's sampled tokens back, so the device runs one step while the host
+waits for, appends and commits the previous one's tokens and schedules the next. A decoding row's input token
+is then still on the device: each program also stores its sampled tokens at the request's slot of a small
+device array (`keep_sampled`), where the next program reads them. Each step() returns the previous step's
+tokens; a request that stops on EOS or a stop id is seen one step late (the token it was scheduled for then
+is dropped; its K/V slot is written into its own, never hashed, block), while max_tokens and the context limit
+are known ahead, so no step is wasted on them. Outputs equal the synchronous engine's, token for token. The
+host keeps per-slot arrays (block tables, sampling settings) updated as requests join and grow, so a step
+gathers its rows with one index instead of rebuilding them; `host_seconds` adds up step()'s time by phase.
+
 `scheduling="static"` is the non-continuous baseline: a new batch is admitted only when the previous one has
 finished entirely (benchmarks compare the two on the same programs).
 
@@ -45,6 +56,7 @@ import bisect
 import collections
 import functools
 import itertools
+import time
 from dataclasses import dataclass, field
 
 import jax
@@ -120,6 +132,7 @@ class EngineConfig:
     table_width_buckets: tuple[int, ...] = ()
     decode_impl: str = "auto"  # paged decode attention: "auto" | "pallas" | "xla"
     cache_dtype: str | None = None  # default: the model's compute dtype
+    async_scheduling: bool = True  # schedule and dispatch step n + 1 before reading step n's tokens back
 
 
 @dataclass
@@ -237,20 +250,34 @@ def sample_rows(logits: jax.Array, sampling: dict, steps: jax.Array) -> jax.Arra
     return jnp.where(sampled_rows, sampled, greedy)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache",))
-def decode_program(dparams, cache, last_tokens, block_tables, lengths, sampling, steps, *, cfg, impl):
-    """One token per row (length -1: an empty row) and its successor sampled: (tokens [batch], cache)."""
+def keep_sampled(slot_tokens: jax.Array, slots: jax.Array, tokens: jax.Array) -> jax.Array:
+    """slot_tokens [num_slots] with each row's sampled token [rows] stored at its request's slot [rows] (-1: an
+    empty row, dropped): where the next step's program reads it without a round trip through the host."""
+    return slot_tokens.at[jnp.where(slots >= 0, slots, slot_tokens.shape[0])].set(tokens, mode="drop")
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache", "slot_tokens"))
+def decode_program(dparams, cache, slot_tokens, last_tokens, from_slot, slots, block_tables, lengths, sampling, steps,
+                   *, cfg, impl):
+    """One token per row (length -1: an empty row) and its successor sampled: (tokens [batch], cache, slot_tokens).
+    A row's input token is last_tokens[row], or, where from_slot[row], the token the previous step sampled for it
+    (slot_tokens[slots[row]], still on the device: asynchronous scheduling)."""
     TRACES["decode"] += 1
-    logits, cache = decode_step_paged(dparams, last_tokens, cache, block_tables, lengths, cfg, impl)
-    return sample_rows(logits, sampling, steps), cache
+    last = jnp.where(from_slot, slot_tokens[jnp.maximum(slots, 0)], last_tokens)
+    logits, cache = decode_step_paged(dparams, last, cache, block_tables, lengths, cfg, impl)
+    tokens = sample_rows(logits, sampling, steps)
+    return tokens, cache, keep_sampled(slot_tokens, slots, tokens)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def prefill_program(dparams, cache, tokens, block_tables, context_lengths, chunk_lengths, sampling, steps, *, cfg):
-    """A chunk per row [rows, chunk] after its stored tokens, and the token after each row's last chunk token."""
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache", "slot_tokens"))
+def prefill_program(dparams, cache, slot_tokens, tokens, slots, block_tables, context_lengths, chunk_lengths, sampling,
+                    steps, *, cfg):
+    """A chunk per row [rows, chunk] after its stored tokens, and the token after each row's last chunk token:
+    (tokens [rows], cache, slot_tokens)."""
     TRACES["prefill"] += 1
     logits, cache = prefill_paged(dparams, tokens, cache, block_tables, context_lengths, chunk_lengths, cfg)
-    return sample_rows(logits, sampling, steps), cache
+    sampled = sample_rows(logits, sampling, steps)
+    return sampled, cache, keep_sampled(slot_tokens, slots, sampled)
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
@@ -297,6 +324,9 @@ class _Request:
     state: str = "waiting"  # "waiting" | "running" | "swapped" | "done"
     swapped: np.ndarray | None = None  # host copy of its blocks while swapped out
     preempted: bool = False
+    inflight: int = 0  # tokens sampled by a dispatched step, not read back yet (0 or 1 while scheduling)
+    slot: int = -1  # its row of the engine's per-slot arrays while running
+    table_len: int = 0  # blocks of its table copied into the engine's block-table array
 
     def __post_init__(self):
         self.tokens = list(self.prompt)
@@ -307,8 +337,9 @@ class _Request:
 
     @property
     def pending(self) -> int:
-        """Tokens to run through the model before the next token can be sampled (1 when decoding)."""
-        return len(self.tokens) - self.computed
+        """Tokens to run through the model before the next token can be sampled (1 when decoding): computed
+        counts the tokens whose K/V a dispatched step writes, tokens + inflight those sampled."""
+        return len(self.tokens) + self.inflight - self.computed
 
 
 @dataclass
@@ -319,6 +350,15 @@ class _Work:
     prefill: list[tuple[_Request, int]] = field(default_factory=list)  # (request, chunk length)
     prefill_shape: tuple[int, int] = (0, 0)  # (rows, chunk) of the prefill program
     copies: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass
+class _Launch:
+    """A dispatched step: each program's sampled tokens (on the device) with the request of each row (None: a
+    row whose token is not kept), and every request it ran (their K/V to commit once the tokens are known)."""
+
+    ran: list[_Request]
+    rows: list[tuple[jax.Array, list[_Request | None]]] = field(default_factory=list)
 
 
 def fit_prefill(chunks: list, shapes: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], list]:
@@ -360,6 +400,16 @@ class Engine:
         self.prompt_tokens_total = self.generated_tokens_total = self.preemptions_total = 0
         self.steps_total = self.swap_outs_total = 0
         self._static_rows = 0  # static batching: rows of the batch running now
+        # Per-slot host arrays, kept up to date as requests join, grow and leave (a step gathers its rows from
+        # them); row max_running is the empty row that pads a batch.
+        slots, width = config.max_running, self.buckets.table_width[-1]
+        self._free_slots = list(range(slots))
+        self._tables = np.full((slots + 1, width), -1, np.int32)
+        self._sampling = {"temperature": np.zeros(slots + 1, np.float32), "top_k": np.zeros(slots + 1, np.int32),
+                          "top_p": np.ones(slots + 1, np.float32), "seed": np.zeros(slots + 1, np.uint32)}
+        self._slot_tokens = jnp.zeros(slots, jnp.int32)  # each slot's last sampled token, on the device
+        self._inflight: _Launch | None = None  # the dispatched step whose tokens are not read back yet
+        self.host_seconds = collections.Counter()  # step() time by phase: schedule, dispatch, wait, collect
 
     # --- requests in and out ------------------------------------------------------------------
 
@@ -416,19 +466,14 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         """Drop a request now (its blocks freed); the next step() reports it once. Unknown / finished: no-op."""
-        request = self.requests.pop(request_id, None)
+        request = self.requests.get(request_id)
         if request is None:
             return
-        queue = {"waiting": self.waiting, "running": self.running, "swapped": self.swapped}[request.state]
-        queue.remove(request)
-        request.state = "done"
-        if request_id in self.manager:
-            self.manager.free(request_id)
-        request.swapped = None
+        self._finish(request)
         self.aborted.append(request)
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests or self.aborted)
+        return bool(self.requests or self.aborted or self._inflight)
 
     def stats(self) -> EngineStats:
         preempted = sum(r.preempted for r in self.waiting) + len(self.swapped)
@@ -454,6 +499,7 @@ class Engine:
     def _preempt(self, request: _Request) -> None:
         """Take a running request off the batch to free its blocks (recompute later, or swap to host)."""
         self.running.remove(request)
+        self._release_slot(request)
         self.preemptions_total += 1
         request.preempted = True
         if self.config.preemption == "swap" and request.computed > 0:
@@ -475,9 +521,14 @@ class Engine:
     def _reserve_or_preempt(self, request: _Request, scheduled: set, work: _Work) -> bool:
         """Reserve the decode slot of a running request, preempting the newest unscheduled running requests
         while the pool is short. False when the request itself had to go."""
+        # slots up to the chunk's end, counted from the tokens the manager holds (fewer than `computed` while
+        # the values of tokens in flight are unknown: they are committed when read back)
+        needed = request.computed + request.pending - self.manager.length(request.request_id)
         while True:
             try:
-                work.copies += self.manager.reserve(request.request_id, request.pending)
+                copies = self.manager.reserve(request.request_id, needed)
+                work.copies += copies
+                self._sync_table(request, copies)
                 return True
             except PoolExhausted:
                 victims = [r for r in self.running if r.request_id not in scheduled]
@@ -488,8 +539,11 @@ class Engine:
 
     def _admit(self, request: _Request) -> bool:
         """Give a waiting or swapped-out request blocks for all its tokens (prefix-cache hits reused, a swapped
-        one's blocks copied back from host memory); False when the pool is short (beyond the watermark)."""
+        one's blocks copied back from host memory); False when the pool is short (beyond the watermark) or the
+        request's last token is still in flight (it was preempted this step)."""
         tokens = request.tokens
+        if request.inflight:
+            return False
         if self.running and self.manager.blocks_needed(len(tokens)) > self.manager.allocator.num_free - self.watermark:
             return False
         try:
@@ -513,7 +567,13 @@ class Engine:
         else:
             request.computed = hit
         request.preempted = False
+        self._take_slot(request)
         return True
+
+    def _at_limit(self, request: _Request) -> bool:
+        """Its token in flight is its last by length (max_tokens or the context): nothing more to schedule."""
+        generated = request.num_generated + request.inflight
+        return generated >= request.params.max_tokens or len(request.tokens) + request.inflight >= self.max_model_len
 
     def _schedule(self) -> _Work:
         work = self._pick()
@@ -530,7 +590,7 @@ class Engine:
         preemptions_before = self.preemptions_total
         # 1. decode tokens of running requests, oldest first; preempt the newest when the pool is short
         for request in list(self.running):
-            if request.pending == 1 and request.state == "running":
+            if request.pending == 1 and request.state == "running" and not self._at_limit(request):
                 if self._reserve_or_preempt(request, scheduled, work):
                     work.decode.append(request)
                     scheduled.add(request.request_id)
@@ -575,27 +635,65 @@ class Engine:
     # --- one iteration ----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once, and return one output per request that got tokens or finished."""
+        """Schedule, run the model once, and return one output per request that got tokens or finished.
+
+        With async_scheduling the tokens returned are the previous step's: this step is dispatched first, so
+        the device runs it while the host reads those tokens back and does the bookkeeping (a request that
+        stopped on EOS or a stop id was scheduled once more: that extra token is dropped)."""
         outputs = [RequestOutput(r.request_id, [], True, "abort", len(r.prompt), r.num_generated) for r in self.aborted]
         self.aborted = []
+        tick = time.perf_counter()
         work = self._schedule()
+        tock = time.perf_counter()
+        launch = self._launch(work) if work.prefill or work.decode else None
+        self.host_seconds["schedule"] += tock - tick
+        self.host_seconds["dispatch"] += time.perf_counter() - tock
+        if self.config.async_scheduling:
+            launch, self._inflight = self._inflight, launch
+        if launch is not None:
+            outputs += self._collect(launch)
+        return outputs
+
+    def _launch(self, work: _Work) -> _Launch:
+        """Dispatch the step's programs (copy-on-write copies, prefill chunks, decode tokens) without waiting."""
         self.steps_total += 1
         if work.copies:
             self.cache = copy_program(self.cache, pad_copies(work.copies, self.buckets.batch[-1]))
-        new_tokens: dict[str, int] = {}
+        launch = _Launch(ran=[r for r, _ in work.prefill] + work.decode)
         if work.prefill:
-            new_tokens.update(self._run_prefill(work.prefill, work.prefill_shape))
+            tokens = self._run_prefill(work.prefill, work.prefill_shape)
+            launch.rows.append((tokens, [r if n == r.pending else None for r, n in work.prefill]))
         if work.decode:
-            new_tokens.update(self._run_decode(work.decode))
+            launch.rows.append((self._run_decode(work.decode), list(work.decode)))
         for request, chunk in work.prefill:
-            start = request.computed
-            self.manager.commit(request.request_id, request.tokens[start: start + chunk])
             request.computed += chunk
         for request in work.decode:
-            self.manager.commit(request.request_id, request.tokens[-1:])
             request.computed += 1
-        for request_id, token in new_tokens.items():
-            outputs.append(self._append(self.requests[request_id], token))
+        for _, requests in launch.rows:
+            for request in requests:
+                if request is not None:
+                    request.inflight += 1
+        return launch
+
+    def _collect(self, launch: _Launch) -> list[RequestOutput]:
+        """Read a dispatched step's tokens back (waiting for the device), append them, commit the K/V written."""
+        tick = time.perf_counter()
+        values = [np.asarray(tokens) for tokens, _ in launch.rows]
+        tock = time.perf_counter()
+        outputs = []
+        for (_, requests), tokens in zip(launch.rows, values):
+            for row, request in enumerate(requests):
+                if request is not None and request.state != "done":  # done: aborted, or stopped a step earlier
+                    request.inflight -= 1
+                    outputs.append(self._append(request, int(tokens[row])))
+        for request in launch.ran:
+            if request.state != "done" and request.request_id in self.manager:
+                committed = self.manager.length(request.request_id)
+                known = min(request.computed, len(request.tokens))  # K/V written and token value known
+                if known > committed:
+                    self.manager.commit(request.request_id, request.tokens[committed:known])
+        self.host_seconds["wait"] += tock - tick
+        self.host_seconds["collect"] += time.perf_counter() - tock
         return outputs
 
     def _append(self, request: _Request, token: int) -> RequestOutput:
@@ -608,54 +706,83 @@ class Engine:
         elif request.num_generated >= params.max_tokens or len(request.tokens) >= self.max_model_len:
             reason = "length"
         if reason is not None:
-            self.running.remove(request)
-            request.state = "done"
-            self.manager.free(request.request_id)
-            del self.requests[request.request_id]
+            self._finish(request)
         return RequestOutput(request.request_id, [token], reason is not None, reason, len(request.prompt),
                              request.num_generated)
 
-    def _sampling_rows(self, requests: list[_Request], rows: int) -> tuple[dict, np.ndarray]:
-        temperature, top_k = np.zeros(rows, np.float32), np.zeros(rows, np.int32)
-        top_p, seed, steps = np.ones(rows, np.float32), np.zeros(rows, np.uint32), np.zeros(rows, np.int32)
-        for row, request in enumerate(requests):
-            p = request.params
-            temperature[row], top_k[row], top_p[row] = p.temperature, p.top_k, p.top_p
-            seed[row], steps[row] = request.seed, request.num_generated
-        return {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}, steps
+    def _finish(self, request: _Request) -> None:
+        """Take a request out of the engine (finished or aborted): its queue, blocks and slot."""
+        queue = {"waiting": self.waiting, "running": self.running, "swapped": self.swapped}[request.state]
+        queue.remove(request)
+        request.state = "done"
+        if request.request_id in self.manager:
+            self.manager.free(request.request_id)
+        request.swapped = None
+        self._release_slot(request)
+        del self.requests[request.request_id]
 
-    def _tables(self, ids: list, rows: int, widths: tuple[int, ...]) -> np.ndarray:
-        widest = max((len(self.manager.sequences[i].block_table) for i in ids if i is not None), default=1)
-        width = _bucket(widths, widest)
-        return self.manager.block_tables(ids + [None] * (rows - len(ids)), width)
+    # --- per-slot arrays --------------------------------------------------------------------------
 
-    def _run_decode(self, requests: list[_Request]) -> dict[str, int]:
+    def _take_slot(self, request: _Request) -> None:
+        slot = request.slot = self._free_slots.pop()
+        p = request.params
+        for name, value in (("temperature", p.temperature), ("top_k", p.top_k), ("top_p", p.top_p),
+                            ("seed", request.seed)):
+            self._sampling[name][slot] = value
+        request.table_len = 0
+        self._sync_table(request)
+
+    def _release_slot(self, request: _Request) -> None:
+        if request.slot >= 0:
+            self._tables[request.slot] = -1
+            self._free_slots.append(request.slot)
+            request.slot = -1
+
+    def _sync_table(self, request: _Request, copies: list | None = None) -> None:
+        """Copy the request's block table into its slot's row when it grew (or copy-on-write changed it)."""
+        table = self.manager.sequences[request.request_id].block_table
+        if copies or len(table) != request.table_len:
+            self._tables[request.slot, : len(table)] = table
+            request.table_len = len(table)
+
+    def _rows(self, requests: list[_Request], rows: int, widths: tuple[int, ...]) -> tuple[np.ndarray, dict, np.ndarray]:
+        """Slots [rows] (-1: padding), sampling arrays and block tables [rows, width bucket] of a program's rows."""
+        slots = np.full(rows, -1, np.int32)
+        slots[: len(requests)] = [r.slot for r in requests]
+        index = np.where(slots >= 0, slots, self.config.max_running)
+        width = _bucket(widths, max((r.table_len for r in requests), default=1))
+        return slots, {name: values[index] for name, values in self._sampling.items()}, self._tables[index, :width]
+
+    def _run_decode(self, requests: list[_Request]) -> jax.Array:
         # static batching runs its batch padded to the size it started with, as a non-continuous server does
         rows = _bucket(self.buckets.batch, max(len(requests), self._static_rows))
         last = np.zeros(rows, np.int32)
+        from_slot = np.zeros(rows, bool)
         lengths = np.full(rows, -1, np.int32)
+        steps = np.zeros(rows, np.int32)
         for row, request in enumerate(requests):
-            last[row], lengths[row] = request.tokens[-1], request.computed
-        sampling, steps = self._sampling_rows(requests, rows)
-        tables = self._tables([r.request_id for r in requests], rows, self.decode_widths)
-        tokens, self.cache = decode_program(self.dparams, self.cache, last, tables, lengths, sampling, steps,
-                                            cfg=self.cfg, impl=self.impl)
-        tokens = np.asarray(tokens)
-        return {r.request_id: int(tokens[row]) for row, r in enumerate(requests)}
+            from_slot[row] = request.inflight > 0  # its input token is the one the step in flight samples
+            last[row] = 0 if request.inflight else request.tokens[-1]
+            lengths[row], steps[row] = request.computed, request.num_generated + request.inflight
+        slots, sampling, tables = self._rows(requests, rows, self.decode_widths)
+        tokens, self.cache, self._slot_tokens = decode_program(
+            self.dparams, self.cache, self._slot_tokens, last, from_slot, slots, tables, lengths, sampling, steps,
+            cfg=self.cfg, impl=self.impl)
+        return tokens
 
-    def _run_prefill(self, chunks: list[tuple[_Request, int]], shape: tuple[int, int]) -> dict[str, int]:
+    def _run_prefill(self, chunks: list[tuple[_Request, int]], shape: tuple[int, int]) -> jax.Array:
         rows, width = shape
         tokens = np.zeros((rows, width), np.int32)
-        context, lengths = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
+        context, lengths, steps = np.zeros(rows, np.int32), np.zeros(rows, np.int32), np.zeros(rows, np.int32)
         for row, (request, n) in enumerate(chunks):
+            assert request.inflight == 0, "a prefill chunk's tokens are all known"
             tokens[row, :n] = request.tokens[request.computed: request.computed + n]
-            context[row], lengths[row] = request.computed, n
-        sampling, steps = self._sampling_rows([r for r, _ in chunks], rows)
-        tables = self._tables([r.request_id for r, _ in chunks], rows, self.buckets.table_width)
-        sampled, self.cache = prefill_program(self.dparams, self.cache, tokens, tables, context, lengths, sampling,
-                                              steps, cfg=self.cfg)
-        sampled = np.asarray(sampled)
-        return {r.request_id: int(sampled[row]) for row, (r, n) in enumerate(chunks) if n == r.pending}
+            context[row], lengths[row], steps[row] = request.computed, n, request.num_generated
+        slots, sampling, tables = self._rows([r for r, _ in chunks], rows, self.buckets.table_width)
+        sampled, self.cache, self._slot_tokens = prefill_program(
+            self.dparams, self.cache, self._slot_tokens, tokens, slots, tables, context, lengths, sampling, steps,
+            cfg=self.cfg)
+        return sampled
 
     # --- warm-up ----------------------------------------------------------------------------------
 
@@ -664,19 +791,21 @@ class Engine:
         while serving."""
         b = self.buckets
         for rows in b.batch:
-            sampling, steps = self._sampling_rows([], rows)
+            slots, sampling, _ = self._rows([], rows, b.table_width)
+            zeros = np.zeros(rows, np.int32)
             for width in self.decode_widths:
                 tables = np.full((rows, width), -1, np.int32)
-                tokens, self.cache = decode_program(self.dparams, self.cache, np.zeros(rows, np.int32), tables,
-                                                    np.full(rows, -1, np.int32), sampling, steps, cfg=self.cfg,
-                                                    impl=self.impl)
+                _, self.cache, self._slot_tokens = decode_program(
+                    self.dparams, self.cache, self._slot_tokens, zeros, np.zeros(rows, bool), slots, tables,
+                    np.full(rows, -1, np.int32), sampling, zeros, cfg=self.cfg, impl=self.impl)
         for rows, chunk in b.prefill_shapes:
-            sampling, steps = self._sampling_rows([], rows)
+            slots, sampling, _ = self._rows([], rows, b.table_width)
             zeros = np.zeros(rows, np.int32)
             for width in b.table_width:
                 tables = np.full((rows, width), -1, np.int32)
-                tokens, self.cache = prefill_program(self.dparams, self.cache, np.zeros((rows, chunk), np.int32),
-                                                     tables, zeros, zeros, sampling, steps, cfg=self.cfg)
+                _, self.cache, self._slot_tokens = prefill_program(
+                    self.dparams, self.cache, self._slot_tokens, np.zeros((rows, chunk), np.int32), slots, tables,
+                    zeros, zeros, sampling, zeros, cfg=self.cfg)
         self.cache = copy_program(self.cache, pad_copies([], b.batch[-1]))
         if self.config.preemption == "swap":
             for width in b.table_width:

@@ -148,6 +148,35 @@ def test_seeded_sampling_equals_generate(tiny, prompts):
     assert engine.stats().preemptions_total > 0  # the recomputed rows kept their seeds' streams
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_sync_and_async_scheduling_equal_generate(tiny, prompts, async_scheduling):
+    """async_scheduling (the default) dispatches step n + 1 before reading step n's tokens back, feeding each
+    row's input token on the device; off, every step() waits for its own tokens. Both give generate's tokens
+    and finish reasons with EOS, sampled rows and preemption by swapping (async schedules a request that
+    stopped on EOS once more and drops that token); async's first step returns no token."""
+    params, cfg = tiny
+    new = 10
+    eos = reference(params, cfg, prompts, new)[3][4]
+    settings = [dict(temperature=0.0), dict(temperature=1.0, seed=3), dict(temperature=0.7, top_k=20, seed=11),
+                dict(temperature=0.0), dict(temperature=0.9, top_k=50, top_p=0.9, seed=7), dict(temperature=0.0),
+                dict(temperature=1.3, top_p=0.8, seed=5)]
+    want = reference(params, cfg, prompts, new, sampling=[SamplingConfig(**{"seed": 0, **s}) for s in settings],
+                     eos_id=eos)
+    assert len(want[3]) == 5
+    engine = Engine(params, cfg, EngineConfig(**TINY, preemption="swap", async_scheduling=async_scheduling),
+                    eos_token_id=eos)
+    engine.add_request("first", prompts[0], SamplingParams(max_tokens=2))
+    first = [token for out in engine.step() for token in out.new_token_ids]
+    assert (first == []) == async_scheduling
+    while engine.has_unfinished():
+        engine.step()
+    got, reasons = serve(engine, {str(i): (p, SamplingParams(max_tokens=new, **s))
+                                  for i, (p, s) in enumerate(zip(prompts, settings))})
+    assert [got[str(i)] for i in range(len(prompts))] == want
+    assert [reasons[str(i)] for i in range(len(prompts))] == ["stop" if w[-1] == eos else "length" for w in want]
+    assert engine.swap_outs_total > 0 and engine.stats().generated_tokens_total >= sum(map(len, want))
+
+
 def test_prefix_caching_reuses_blocks_and_keeps_outputs(tiny):
     params, cfg = tiny
     rng = np.random.default_rng(1)
