@@ -12,7 +12,8 @@ from pathlib import Path
 
 MODES = ("static", "continuous", "prefix")
 MODE_TITLES = {"static": "static batching", "continuous": "continuous batching",
-               "prefix": "continuous + prefix caching", "http": "HTTP server"}
+               "prefix": "continuous + prefix caching", "http": "HTTP server", "static-sync": "static, sync scheduling",
+               "continuous-sync": "continuous, sync scheduling", "prefix-sync": "prefix caching, sync scheduling"}
 
 
 def parse_args(argv):
@@ -76,6 +77,17 @@ def parse_args(argv):
     p.add_argument("--vocab-size", type=int, default=None,
                    help="--http: the server model's vocabulary (token ids drawn below it)")
     p.add_argument("--kv-every", type=int, default=16, help="steps between samples of the KV utilization")
+    p.add_argument("--compare-sync", default="",
+                   help="comma-separated modes also run with the engine's async scheduling off (each step waits for "
+                   "its own tokens), at the first rate only, after the other runs: the overlap's before / after")
+    p.add_argument("--check-outputs", type=int, default=0, metavar="N",
+                   help="first check that the engine's greedy tokens (async and sync scheduling) equal `generate`'s "
+                   "for the first N prompts of the workload (--check-tokens each), and report where they differ "
+                   "with the logit gap there (bf16 near-ties)")
+    p.add_argument("--check-tokens", type=int, default=48, help="tokens generated per prompt by --check-outputs")
+    p.add_argument("--program-times", type=int, default=0, metavar="REPEATS",
+                   help="first time each compiled program alone (median of REPEATS calls): decode at every batch "
+                   "bucket, prefill at every shape and table width, and prefill with attention left out (its share)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG (draw it later with --replot)")
     p.add_argument("--replot", type=Path, default=None, metavar="JSON",
                    help="only print the table of an earlier run's JSON and draw its PNG next to it")
@@ -164,10 +176,10 @@ def summarize(requests: list[Request], arrivals: dict, token_times: dict, counts
 
 # --- in process -------------------------------------------------------------------------------------
 
-def engine_config(args, mode: str):
+def engine_config(args, mode: str, async_scheduling: bool = True):
     from llmjax.infer.engine import EngineConfig
 
-    return EngineConfig(num_blocks=args.num_blocks, block_size=args.block_size, max_running=args.max_running,
+    return EngineConfig(async_scheduling=async_scheduling, num_blocks=args.num_blocks, block_size=args.block_size, max_running=args.max_running,
                         max_tokens_per_step=args.max_tokens_per_step, max_queue=max(args.num_requests, 1),
                         prefix_caching=mode == "prefix", preemption=args.preemption,
                         scheduling="static" if mode == "static" else "continuous", max_model_len=args.max_model_len,
@@ -188,6 +200,7 @@ def run_engine(engine, requests: list[Request], rate: float, kv_every: int = 16)
     util = {"paged": 0.0, "contiguous": 0.0, "contiguous_reserved": 0.0, "steps": 0}
     peak_blocks, steps, busy = 0, 0, 0.0
     preemptions_before = engine.stats().preemptions_total
+    host_before = dict(engine.host_seconds)
     start, next_index = time.perf_counter(), 0
     while next_index < len(order) or engine.has_unfinished():
         now = time.perf_counter() - start
@@ -218,7 +231,118 @@ def run_engine(engine, requests: list[Request], rate: float, kv_every: int = 16)
                   peak_blocks_used=peak_blocks, blocks_total=engine.config.num_blocks,
                   preemptions=engine.stats().preemptions_total - preemptions_before, steps=steps,
                   step_ms=1e3 * busy / max(1, steps),
+                  step_phase_ms={phase: 1e3 * (seconds - host_before.get(phase, 0.0)) / max(1, steps)
+                                 for phase, seconds in engine.host_seconds.items()},
                   prefix_hit_rate=engine.manager.prefix_hits / max(1, engine.manager.prefix_queries))
+    return result
+
+
+def check_outputs(params, cfg, args, requests: list[Request]) -> dict:
+    """The engine's greedy tokens (async and sync scheduling, continuous) against `generate`'s (one left-padded
+    batch) for the first --check-outputs prompts; at each first difference, the two tokens' logits by the
+    model's own forward pass on the common prefix (a near-tie in the compute dtype, or a bug)."""
+    import jax
+    import numpy as np
+
+    from llmjax.infer.engine import Engine, SamplingParams
+    from llmjax.infer.generate import generate
+    from llmjax.model.transformer import forward
+
+    prompts = [r.prompt for r in requests[: args.check_outputs]]
+    count = args.check_tokens
+    want = generate(params, cfg, prompts, max_new_tokens=count).tokens
+    report = {"prompts": len(prompts), "tokens_each": count}
+    longest = max(map(len, prompts)) + count
+    logits_at = jax.jit(lambda params, tokens, index: forward(params, tokens, cfg)[0, index])
+    for label, overlap in (("async", True), ("sync", False)):
+        engine = Engine(params, cfg, engine_config(args, "continuous", async_scheduling=overlap))
+        for i, prompt in enumerate(prompts):
+            engine.add_request(str(i), prompt, SamplingParams(max_tokens=count, ignore_eos=True))
+        got: dict[str, list[int]] = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                got.setdefault(out.request_id, []).extend(out.new_token_ids)
+        del engine
+        differ = []
+        for i, prompt in enumerate(prompts):
+            mine, theirs = got[str(i)], want[i]
+            if mine == theirs:
+                continue
+            at = next(k for k in range(count) if mine[k] != theirs[k])
+            prefix = prompt + theirs[:at]
+            tokens = np.zeros((1, longest), np.int32)
+            tokens[0, : len(prefix)] = prefix
+            logits = np.asarray(logits_at(params, tokens, len(prefix) - 1), np.float32)[: cfg.vocab_size]
+            order = np.argsort(-logits)
+            differ.append({"prompt": i, "position": at, "engine_token": mine[at], "generate_token": theirs[at],
+                           "logit_gap": float(abs(logits[mine[at]] - logits[theirs[at]])),
+                           "ranks": [int(np.flatnonzero(order == t)[0]) for t in (mine[at], theirs[at])],
+                           "top2_gap": float(logits[order[0]] - logits[order[1]])})
+        report[label] = {"equal": len(prompts) - len(differ), "differ": differ}
+        print(f"check ({label} scheduling): {len(prompts) - len(differ)} of {len(prompts)} prompts equal generate "
+              f"for {count} tokens; differences: {differ}")
+    return report
+
+
+def program_times(params, cfg, args, repeats: int) -> dict:
+    """Each compiled program alone on synthetic rows (median ms over repeats, after one untimed call): decode at
+    every batch bucket (rows of ~400 cached tokens), prefill at every shape and table width (chunks after 192
+    stored tokens where the width allows), and prefill with attention left out (the identity): its share."""
+    import jax
+    import numpy as np
+
+    from llmjax.infer.engine import Engine, decode_program, prefill_program
+    from llmjax.infer.paged import _paged_forward
+
+    engine = Engine(params, cfg, engine_config(args, "continuous"))
+    block_size, buckets = engine.config.block_size, engine.buckets
+    rng = np.random.default_rng(0)
+    blocks = lambda rows, width: rng.integers(0, engine.config.num_blocks, (rows, width), dtype=np.int32)  # noqa: E731
+    no_attention = jax.jit(
+        lambda dparams, cache, tokens, tables, context, lengths: _paged_forward(
+            dparams, tokens, cache, tables, context, lengths, cfg, lambda q, layer, positions, kv_lengths: q),
+        donate_argnums=1)
+
+    def timed(run) -> float:
+        times = []
+        for i in range(repeats + 1):
+            tick = time.perf_counter()
+            out = run()
+            engine.cache = out[1]
+            if len(out) > 2:
+                engine._slot_tokens = out[2]
+            jax.block_until_ready(engine.cache)
+            times.append(time.perf_counter() - tick)
+        return 1e3 * float(np.median(times[1:]))
+
+    result = {}
+    width = buckets.table_width[-1]
+    for rows in buckets.batch:
+        slots, sampling, _ = engine._rows([], rows, buckets.table_width)
+        tables = blocks(rows, width)
+        lengths = np.full(rows, min(400, width * block_size - 1), np.int32)
+        zeros = np.zeros(rows, np.int32)
+        result[f"decode [{rows}] x {lengths[0]} tokens"] = timed(lambda: decode_program(
+            engine.dparams, engine.cache, engine._slot_tokens, zeros, np.zeros(rows, bool), slots, tables, lengths,
+            sampling, zeros, cfg=cfg, impl=engine.impl))
+    for rows, chunk in buckets.prefill_shapes:
+        slots, sampling, _ = engine._rows([], rows, buckets.table_width)
+        tokens = rng.integers(0, cfg.vocab_size, (rows, chunk)).astype(np.int32)
+        lengths = np.full(rows, chunk, np.int32)
+        zeros = np.zeros(rows, np.int32)
+        for width in buckets.table_width:
+            context = np.full(rows, max(0, min(192, width * block_size - chunk)), np.int32)
+            tables = blocks(rows, width)
+            name = f"prefill [{rows}, {chunk}] after {context[0]}, table {width}"
+            result[name] = timed(lambda: prefill_program(
+                engine.dparams, engine.cache, engine._slot_tokens, tokens, slots, tables, context, lengths, sampling,
+                zeros, cfg=cfg))
+            if width == buckets.table_width[-1]:
+                result[name + ", no attention"] = timed(lambda: no_attention(
+                    engine.dparams, engine.cache, tokens, tables, context, lengths))
+    for name, ms in result.items():
+        print(f"  {name}: {ms:.2f} ms")
+    del engine
     return result
 
 
@@ -325,12 +449,13 @@ def headline(rows: list[dict]) -> dict:
     by = {(row["mode"], row["rate"]): row["result"] for row in rows}
     out = {}
     for (mode, rate), static in by.items():
-        if mode != "static":
+        if mode not in ("static", "static-sync"):
             continue
-        for other in ("continuous", "prefix"):
+        suffix = mode.removeprefix("static")
+        for other in ("continuous" + suffix, "prefix" + suffix):
             if (other, rate) in by:
                 r = by[(other, rate)]
-                out[f"{other}_vs_static_at_rate_{rate:g}"] = {
+                out[f"{other}_vs_{mode}_at_rate_{rate:g}"] = {
                     "throughput_ratio": r["output_tokens_per_s"] / max(static["output_tokens_per_s"], 1e-9),
                     "latency_p50_s": r["latency_s"]["p50"], "static_latency_p50_s": static["latency_s"]["p50"]}
     return out
@@ -398,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         import jax
 
         modes = [m for m in args.modes.split(",") if m]
-        unknown = set(modes) - set(MODES)
+        unknown = (set(modes) | set(m for m in args.compare_sync.split(",") if m)) - set(MODES)
         if unknown:
             raise SystemExit(f"--modes: unknown {', '.join(sorted(unknown))}; choose from {', '.join(MODES)}")
         params, cfg = load_params(args)
@@ -406,6 +531,13 @@ def main(argv: list[str] | None = None) -> int:
                       parameters=int(sum(x.size for x in jax.tree.leaves(params))))
         requests = make_workload(args, cfg.vocab_size, args.max_model_len)
         jobs = [(mode, rate) for rate in rates for mode in modes]
+        jobs += [(f"{mode}-sync", rates[0]) for mode in args.compare_sync.split(",") if mode]
+        if args.check_outputs:
+            report["check_outputs"] = check_outputs(params, cfg, args, requests)
+            args.out.write_text(json.dumps(report, indent=1))
+        if args.program_times:
+            report["program_ms"] = program_times(params, cfg, args, args.program_times)
+            args.out.write_text(json.dumps(report, indent=1))
     report["workload"] = {"prompt_tokens": percentiles([len(r.prompt) for r in requests]),
                           "output_tokens": percentiles([r.max_tokens for r in requests])}
     print(f"{len(requests)} requests per run; prompt tokens p50 {report['workload']['prompt_tokens']['p50']:.0f}, "
@@ -422,7 +554,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from llmjax.infer.engine import Engine
 
-            engine = Engine(params, cfg, engine_config(args, mode))
+            base = mode.removesuffix("-sync")
+            engine = Engine(params, cfg, engine_config(args, base, async_scheduling=base == mode))
             if not warm:
                 tick = time.perf_counter()
                 engine.warmup()

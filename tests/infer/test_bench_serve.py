@@ -32,6 +32,25 @@ def test_bench_serve_smoke(tmp_path, capsys):
     assert out.with_suffix(".png").stat().st_size > 0 and "continuous_vs_static" in capsys.readouterr().out
 
 
+def test_bench_serve_checks_and_sync_comparison(tmp_path):
+    """--check-outputs (engine vs generate, float32: all equal), --program-times and --compare-sync (the same
+    modes with async scheduling off, at the first rate, compared with each other in the headline)."""
+    out = tmp_path / "serve.json"
+    assert bench_serve.main([*TINY, "--rates", "inf", "--modes", "static,continuous", "--compare-sync",
+                             "static,continuous", "--check-outputs", "3", "--check-tokens", "6", "--program-times", "2",
+                             "--no-plot", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [run["mode"] for run in report["runs"]] == ["static", "continuous", "static-sync", "continuous-sync"]
+    assert {"continuous_vs_static_at_rate_inf", "continuous-sync_vs_static-sync_at_rate_inf"} <= set(report["headline"])
+    check = report["check_outputs"]
+    assert check["async"] == check["sync"] == {"equal": 3, "differ": []}
+    assert any(name.startswith("decode [8]") for name in report["program_ms"])
+    assert any(name.endswith("no attention") for name in report["program_ms"])
+    for run in report["runs"]:
+        phases = run["result"]["step_phase_ms"]
+        assert set(phases) == {"schedule", "dispatch", "wait", "collect"} and min(phases.values()) >= 0
+
+
 def test_workload_is_seeded_and_fits_the_context():
     args = bench_serve.parse_args([*TINY, "--num-requests", "200"])
     a, b = bench_serve.make_workload(args, 301, 64), bench_serve.make_workload(args, 301, 64)
