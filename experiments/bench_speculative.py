@@ -9,7 +9,9 @@ import statistics
 import time
 from pathlib import Path
 
-DEFAULT_DRAFT_SET = ["num_layers=8"]  # llama-350m cut to 8 layers: 91M parameters, 1/10.7 of llama-1b (byte vocab)
+# llama-1b's width cut to 2 layers with a narrower MLP: 91M parameters, 1/10.7 of llama-1b (byte vocabulary). At batch 1
+# a draft step costs about a fixed time per layer (launches, small kernels), so few wide layers beat many narrow ones.
+DEFAULT_DRAFT, DEFAULT_DRAFT_SET = "llama-1b", ["num_layers=2", "d_ff=5632"]
 
 
 def parse_args(argv):
@@ -25,10 +27,13 @@ def parse_args(argv):
     p.add_argument("--model", default="llama-1b", help="target model preset")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a target ModelConfig field (repeatable)")
-    p.add_argument("--draft", default="llama-350m", help="draft model preset")
+    p.add_argument("--draft", default=DEFAULT_DRAFT, help="draft model preset")
     p.add_argument("--draft-set", action="append", default=None, metavar="FIELD=VALUE",
                    help=f"override a draft ModelConfig field (repeatable; default {' '.join(DEFAULT_DRAFT_SET)}, "
-                        "which makes llama-350m a tenth of llama-1b)")
+                        "which makes llama-1b's width 2 layers deep, a tenth of llama-1b)")
+    p.add_argument("--compare-draft", action="append", default=[], metavar="PRESET[:FIELD=VALUE,...]",
+                   help="another draft, trained the same way and measured at the first k (and alone) in the same run, "
+                        "e.g. llama-350m:num_layers=8 (repeatable)")
     p.add_argument("--train-steps", type=int, default=300,
                    help="optimizer steps for each model before measuring (0: random weights, low acceptance)")
     p.add_argument("--train-batch", type=int, default=16, help="sequences per training step")
@@ -52,6 +57,17 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0, help="seed of the initializations and the batch order")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "runs/bench")) / "bench_speculative.json")
     return p.parse_args(argv)
+
+
+def parse_draft(spec: str, vocab: int):
+    """"PRESET[:FIELD=VALUE,...]" -> (label, overrides, ModelConfig at the byte vocabulary)."""
+    from experiments.train import parse_overrides
+    from llmjax.config import get_config
+
+    preset, _, fields = spec.partition(":")
+    overrides = [field for field in fields.split(",") if field]
+    label = f"{preset} ({' '.join(overrides)})" if overrides else preset
+    return label, overrides, get_config(preset, **{"vocab_size": vocab, **parse_overrides(overrides)})
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -160,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         target_cfg = get_config(args.model, **{"vocab_size": vocab, **parse_overrides(args.set)})
         draft_cfg = get_config(args.draft, **{"vocab_size": vocab,
                                               **parse_overrides(args.draft_set or DEFAULT_DRAFT_SET)})
+        compared = [parse_draft(spec, vocab) for spec in args.compare_draft]  # [(label, overrides, cfg)]
     except (ConfigError, ValueError) as error:
         raise SystemExit(f"bench_speculative: {error}") from None
     if not ks or min(ks) < 1:
@@ -200,6 +217,15 @@ def main(argv: list[str] | None = None) -> int:
         "draft")
     target_prepared, draft_prepared = _prepare_jit(target_params, target_cfg), _prepare_jit(draft_params, draft_cfg)
     del target_params, draft_params
+    others = []  # (label, cfg, prepared) of the compared drafts
+    results["compared_drafts"] = []
+    for label, overrides, cfg in compared:
+        params, training = train_model(cfg, source, args.train_steps, args.train_batch, args.train_seq, args.draft_lr,
+                                       args.warmup, args.seed, label)
+        others.append((label, cfg, _prepare_jit(params, cfg)))
+        results["compared_drafts"].append({"label": label, "draft": cfg.name, "draft_overrides": overrides,
+                                           "draft_params": count_params(cfg), "draft_training": training})
+        del params
 
     new = args.max_new_tokens
     started = time.perf_counter()
@@ -230,13 +256,15 @@ def main(argv: list[str] | None = None) -> int:
         write()
         return outputs, row
 
-    def speculative(k, sampling, reference, baseline):
+    def speculative(k, sampling, reference, baseline, draft=("draft", draft_cfg, draft_prepared)):
         stats = []
+        label, cfg, prepared = draft
+        config = "target + draft" if label == "draft" else f"target + {label}"
 
         def run(prompt):
-            out = speculative_generate(None, target_cfg, None, draft_cfg, [prompt], k=k, max_new_tokens=new,
+            out = speculative_generate(None, target_cfg, None, cfg, [prompt], k=k, max_new_tokens=new,
                                        sampling=sampling, decode_impl=args.decode_impl,
-                                       target_prepared=target_prepared, draft_prepared=draft_prepared)
+                                       target_prepared=target_prepared, draft_prepared=prepared)
             stats.append(out.stats)
             return out.tokens[0]
 
@@ -245,14 +273,13 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:  # noqa: BLE001  (record the failure, go on with the other points)
             message = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
             print(f"k={k}: failed ({message})", flush=True)
-            results["rows"].append({"config": "target + draft", "k": k, "temperature": sampling.temperature,
-                                    "error": message})
+            results["rows"].append({"config": config, "k": k, "temperature": sampling.temperature, "error": message})
             write()
             return None
         last = stats[-len(prompts):]
         tokens_per_s = sum(map(len, outputs)) / seconds
         greedy = sampling.temperature == 0
-        row = {"config": "target + draft", "k": k, "temperature": sampling.temperature, "tokens_per_s": tokens_per_s,
+        row = {"config": config, "k": k, "temperature": sampling.temperature, "tokens_per_s": tokens_per_s,
                "speedup": tokens_per_s / baseline["tokens_per_s"], "seconds": seconds, "warm_up_s": warm_up,
                "acceptance_rate": sum(s.accepted for s in last) / sum(s.drafted for s in last),
                "tokens_per_target_call": sum(s.generated for s in last) / sum(s.target_calls for s in last),
@@ -261,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
                "first_difference": [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
                                     for a, b in zip(outputs, reference)] if greedy else None}
         results["rows"].append(row)
-        print(f"k={k} (temperature {sampling.temperature}): {tokens_per_s:8.1f} tokens/s, {row['speedup']:.2f}x, "
+        print(f"{config} k={k} (temperature {sampling.temperature}): {tokens_per_s:8.1f} tokens/s, "
+              f"{row['speedup']:.2f}x, "
               f"acceptance {row['acceptance_rate']:.3f}, {row['tokens_per_target_call']:.2f} tokens per target pass"
               + (f", identical outputs: {row['identical_prompts']}/{len(prompts)}" if greedy else ""), flush=True)
         write()
@@ -275,7 +303,12 @@ def main(argv: list[str] | None = None) -> int:
             swept.append(speculative(k, greedy, reference, baseline))
     if in_time("draft alone"):  # what a draft pass costs against a target pass
         alone("draft alone", draft_cfg, draft_prepared, greedy, baseline["seconds"])
-    measured = [row for row in swept if row is not None]
+    for other in others:  # the compared drafts at the first k, then alone
+        if in_time(f"{other[0]} k={ks[0]}"):
+            speculative(ks[0], greedy, reference, baseline, draft=other)
+        if in_time(f"{other[0]} alone"):
+            alone(f"{other[0]} alone", other[1], other[2], greedy, baseline["seconds"])
+    measured = [row for row in swept if row is not None]  # the main draft's points
     if args.sampled_temperature > 0 and measured and in_time("sampled"):
         best = max(measured, key=lambda row: row["speedup"])["k"]
         sampled = SamplingConfig(temperature=args.sampled_temperature, seed=args.seed)
@@ -291,8 +324,10 @@ def print_table(results: dict) -> None:
     print(f"\n{results['target']} ({results['target_params'] / 1e6:.0f}M) + draft {results['draft']} "
           f"({results['draft_params'] / 1e6:.0f}M) on {results['device']}, batch 1, {results['prompts']} prompts x "
           f"{results['max_new_tokens']} new tokens")
-    for role in ("target", "draft"):
-        t = results.get(f"{role}_training", {})
+    trainings = [("target", results.get("target_training", {})), ("draft", results.get("draft_training", {}))]
+    for other in results.get("compared_drafts", []):
+        trainings.append((f"{other['label']} ({other['draft_params'] / 1e6:.0f}M)", other["draft_training"]))
+    for role, t in trainings:
         if t.get("steps"):
             print(f"{role}: {t['steps']} training steps, loss {t['first_loss']:.3f} -> {t['final_loss']:.3f} nats/byte")
     print("| decoding | temperature | k | tokens/s | speed-up | acceptance | tokens / target pass | identical outputs |")
@@ -317,7 +352,8 @@ def plot(results: dict, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = sorted((r for r in results["rows"] if r["k"] > 0 and r["temperature"] == 0 and "error" not in r),
+    rows = sorted((r for r in results["rows"]
+                   if r["config"] == "target + draft" and r["temperature"] == 0 and "error" not in r),
                   key=lambda r: r["k"])
     if not rows:
         return None

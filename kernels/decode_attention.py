@@ -12,6 +12,13 @@ read once per group, GQA never repeats them), dequantizes int8 blocks in registe
 blocks past the row's last used slot (`kv_lengths`). A small jnp epilogue merges the splits by their
 log-sum-exp. At batch 1 a decode step has only kv_heads programs without the split; splitting the
 cache over ~2 waves of SMs is what makes a memory-bound step use the whole GPU's bandwidth.
+
+Several queries per cache row (`queries_per_row` n: speculative decoding's verification scores n positions
+at once): q [batch * n, heads, head_dim], q_positions and kv_lengths [batch * n], query r reads cache row
+r // n. Each query is computed exactly as a one-query call at its own position and length would compute it
+(same programs, same split layout: the splits follow the cache's rows, not the queries), and the merge adds
+the splits in a fixed order, one after the other (trailing empty splits add exact zeros): a query's output
+is the same bits whatever else shares the call, and whether the cache has more (unused) splits.
 """
 
 from __future__ import annotations
@@ -26,14 +33,6 @@ from jax.experimental import pallas as pl
 NEG_INF = -1e30  # finite: a fully masked block must not produce NaNs in the online softmax
 
 
-def _visible(kv_positions, q_positions, sliding_window):
-    q = q_positions[:, None]
-    mask = (kv_positions >= 0) & (kv_positions <= q)
-    if sliding_window is not None:
-        mask &= q - kv_positions < sliding_window
-    return mask
-
-
 def _dequantized(x, scale, dtype):
     if scale is None:
         return x.astype(dtype)
@@ -41,23 +40,36 @@ def _dequantized(x, scale, dtype):
 
 
 def decode_attention_reference(q, k, v, kv_positions, q_positions, *, sliding_window=None, k_scale=None,
-                               v_scale=None, logit_softcap=None):
-    """softmax(q k^T / sqrt(d)) v over the visible slots -> [batch, heads, head_dim] (scores in float32).
-    A row with no visible slot gets zeros."""
-    batch, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
+                               v_scale=None, logit_softcap=None, queries_per_row: int = 1):
+    """softmax(q k^T / sqrt(d)) v over the visible slots -> [batch * n, heads, head_dim] (scores in float32),
+    n = queries_per_row (q, q_positions: [batch * n, ...], query r against cache row r // n).
+    A query with no visible slot gets zeros."""
+    rows, heads, head_dim = q.shape
+    batch, kv_heads = k.shape[0], k.shape[2]
+    check_queries(rows, batch, queries_per_row)
+    n = queries_per_row
     k = _dequantized(k, k_scale, q.dtype)
     v = _dequantized(v, v_scale, q.dtype)
-    qg = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum("bkgd,btkd->bkgt", qg, k, preferred_element_type=jnp.float32) * head_dim**-0.5
+    qg = q.reshape(batch, n, kv_heads, heads // kv_heads, head_dim)
+    scores = jnp.einsum("bnkgd,btkd->bnkgt", qg, k, preferred_element_type=jnp.float32) * head_dim**-0.5
     if logit_softcap is not None:
         scores = logit_softcap * jnp.tanh(scores / logit_softcap)
-    mask = _visible(kv_positions, q_positions, sliding_window)[:, None, None, :]  # [batch, 1, 1, capacity]
+    q_at = q_positions.reshape(batch, n, 1)
+    mask = (kv_positions[:, None, :] >= 0) & (kv_positions[:, None, :] <= q_at)  # [batch, n, capacity]
+    if sliding_window is not None:
+        mask &= q_at - kv_positions[:, None, :] < sliding_window
+    mask = mask[:, :, None, None, :]  # [batch, n, 1, 1, capacity]
     scores = jnp.where(mask, scores, NEG_INF)
     probs = jnp.exp(scores - scores.max(-1, keepdims=True)) * mask
     probs = probs / jnp.maximum(probs.sum(-1, keepdims=True), 1e-30)
-    out = jnp.einsum("bkgt,btkd->bkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(batch, heads, head_dim).astype(q.dtype)
+    out = jnp.einsum("bnkgt,btkd->bnkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(rows, heads, head_dim).astype(q.dtype)
+
+
+def check_queries(rows: int, batch: int, queries_per_row: int) -> None:
+    if queries_per_row < 1 or rows != batch * queries_per_row:
+        raise ValueError(f"decode attention: {rows} queries for {batch} cache rows with queries_per_row="
+                         f"{queries_per_row}; q needs cache rows x queries_per_row rows (queries_per_row >= 1)")
 
 
 # --- the Pallas kernel -------------------------------------------------------------------------
@@ -135,15 +147,18 @@ def choose_splits(batch: int, kv_heads: int, capacity: int, block_k: int, target
     return divisors[-1] if divisors[-1] * 2 > target else target
 
 
-@functools.partial(jax.jit, static_argnames=("sliding_window", "logit_softcap", "block_k", "splits", "interpret"))
+@functools.partial(jax.jit, static_argnames=("sliding_window", "logit_softcap", "block_k", "splits", "interpret",
+                                             "queries_per_row"))
 def decode_attention(q, k, v, kv_positions, q_positions, kv_lengths=None, *, sliding_window=None, k_scale=None,
                      v_scale=None, logit_softcap=None, block_k: int = 64, splits: int | None = None,
-                     interpret: bool = False):
+                     interpret: bool = False, queries_per_row: int = 1):
     """The split-K Pallas kernel; same contract as `decode_attention_reference`.
 
-    kv_lengths [batch]: slots past this are never read (default: the whole capacity)."""
-    batch, heads, head_dim = q.shape
-    capacity, kv_heads = k.shape[1], k.shape[2]
+    kv_lengths [batch * queries_per_row]: slots past this are never read by that query (default: the whole
+    capacity). splits: default `choose_splits` for the cache's rows (k.shape[0]), whatever queries_per_row."""
+    rows, heads, head_dim = q.shape
+    batch, capacity, kv_heads = k.shape[:3]
+    check_queries(rows, batch, queries_per_row)
     group = heads // kv_heads
     group_p = _pow2_at_least(group, 16)  # tl.dot wants >= 16 rows: pad the group with zero queries
     head_dim_p = _pow2_at_least(head_dim, 16)
@@ -154,10 +169,10 @@ def decode_attention(q, k, v, kv_positions, q_positions, kv_lengths=None, *, sli
     capacity_p = split_len * splits
     quantized = k_scale is not None
     if kv_lengths is None:
-        kv_lengths = jnp.full((batch,), capacity, jnp.int32)
+        kv_lengths = jnp.full((rows,), capacity, jnp.int32)
     kv_lengths = jnp.minimum(kv_lengths.astype(jnp.int32), capacity)
 
-    qg = q.reshape(batch, kv_heads, group, head_dim)
+    qg = q.reshape(rows, kv_heads, group, head_dim)
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, group_p - group), (0, head_dim_p - head_dim)))
     pad_t = capacity_p - capacity
     if pad_t or head_dim_p != head_dim:
@@ -171,23 +186,24 @@ def decode_attention(q, k, v, kv_positions, q_positions, kv_lengths=None, *, sli
 
     kernel = functools.partial(_kernel, block_k=block_k, split_len=split_len, sliding_window=sliding_window,
                                logit_softcap=logit_softcap, quantized=quantized, scale=head_dim**-0.5)
-    q_spec = pl.BlockSpec((None, None, group_p, head_dim_p), lambda b, h, s: (b, h, 0, 0))
-    kv_spec = pl.BlockSpec((None, split_len, None, head_dim_p), lambda b, h, s: (b, s, h, 0))
-    pos_spec = pl.BlockSpec((None, split_len), lambda b, h, s: (b, s))
-    row_spec = pl.BlockSpec((None,), lambda b, h, s: (b,))
+    cache_row = lambda r: jax.lax.div(r, queries_per_row)  # noqa: E731  (query r reads cache row r // n)
+    q_spec = pl.BlockSpec((None, None, group_p, head_dim_p), lambda r, h, s: (r, h, 0, 0))
+    kv_spec = pl.BlockSpec((None, split_len, None, head_dim_p), lambda r, h, s: (cache_row(r), s, h, 0))
+    pos_spec = pl.BlockSpec((None, split_len), lambda r, h, s: (cache_row(r), s))
+    row_spec = pl.BlockSpec((None,), lambda r, h, s: (r,))
     in_specs = [q_spec, kv_spec, kv_spec, pos_spec, row_spec, row_spec]
     inputs = [qg, k, v, kv_positions.astype(jnp.int32), q_positions.astype(jnp.int32), kv_lengths]
     if quantized:
-        scale_spec = pl.BlockSpec((None, split_len, None), lambda b, h, s: (b, s, h))
+        scale_spec = pl.BlockSpec((None, split_len, None), lambda r, h, s: (cache_row(r), s, h))
         in_specs += [scale_spec, scale_spec]
         inputs += [k_scale.astype(jnp.float32), v_scale.astype(jnp.float32)]
-    out_shape, out_specs = split_outputs(batch, kv_heads, splits, group_p, head_dim_p)
+    out_shape, out_specs = split_outputs(rows, kv_heads, splits, group_p, head_dim_p)
     out, row_max, row_sum = pl.pallas_call(
-        kernel, grid=(batch, kv_heads, splits), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        kernel, grid=(rows, kv_heads, splits), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         compiler_params=split_compiler_params(interpret), interpret=interpret, name="decode_attention",
     )(*inputs)
     merged = merge_splits(out, row_max, row_sum)[:, :, :group, :head_dim]
-    return merged.reshape(batch, heads, head_dim).astype(q.dtype)
+    return merged.reshape(rows, heads, head_dim).astype(q.dtype)
 
 
 def split_outputs(batch: int, kv_heads: int, splits: int, group_p: int, head_dim: int):
@@ -214,10 +230,24 @@ def split_compiler_params(interpret: bool):
     return plgpu.CompilerParams(num_warps=4, num_stages=2)
 
 
+ORDERED_MERGE_MAX_SPLITS = 64  # up to this many splits the merge adds them one by one (an unrolled chain)
+
+
 def merge_splits(out, row_max, row_sum):
     """[batch, kv_heads, group_p, head_dim]: out = sum_s exp(m_s - m) o_s / sum_s exp(m_s - m) l_s
-    (empty splits weigh nothing)."""
+    (empty splits weigh nothing).
+
+    The sums run over s = 0, 1, 2, ... in that order (elementwise adds, for up to ORDERED_MERGE_MAX_SPLITS
+    splits): a row's result does not depend on the batch size, unlike a reduction whose order the compiler
+    picks per shape, and trailing empty splits add exact zeros. The max is exact in any order."""
     overall = row_max.max(axis=2, keepdims=True)
     weight = jnp.exp(row_max - overall)  # [batch, kv_heads, splits, group_p]
-    total = (row_sum * weight).sum(axis=2)
-    return (out * weight[..., None]).sum(axis=2) / jnp.maximum(total, 1e-30)[..., None]
+    splits = out.shape[2]
+    if splits > ORDERED_MERGE_MAX_SPLITS:
+        total, weighted = (row_sum * weight).sum(axis=2), (out * weight[..., None]).sum(axis=2)
+    else:
+        total, weighted = row_sum[:, :, 0] * weight[:, :, 0], out[:, :, 0] * weight[:, :, 0, :, None]
+        for s in range(1, splits):
+            total = total + row_sum[:, :, s] * weight[:, :, s]
+            weighted = weighted + out[:, :, s] * weight[:, :, s, :, None]
+    return weighted / jnp.maximum(total, 1e-30)[..., None]

@@ -14,7 +14,7 @@ Same layers as llmjax.model.transformer (norm, mlp, rope, attention core), arran
 - `decode_step(dparams, tokens, cache, cfg)`: tokens [batch] -> (logits [batch, padded_vocab], cache).
   The attention core is `kernels.decode_attention` (Pallas split-K) on GPU, the jnp reference elsewhere.
 - `extend_step(dparams, tokens, cache, cfg)`: tokens [batch, n] -> (logits [batch, n, padded_vocab], cache),
-  n positions in one pass (speculative decoding's verification).
+  n positions in one pass (speculative decoding's verification), each computed as decode_step would.
 """
 
 from __future__ import annotations
@@ -199,38 +199,50 @@ def decode_step(dparams: dict, tokens: jax.Array, cache: dict, cfg: ModelConfig,
     return _logits(dparams, x, cfg)[:batch, 0], cache
 
 
-def extend_step(dparams: dict, tokens: jax.Array, cache: dict, cfg: ModelConfig, min_rows: int | None = None):
+def extend_step(dparams: dict, tokens: jax.Array, cache: dict, cfg: ModelConfig, impl: str = "auto",
+                min_rows: int | None = None):
     """n tokens per row at its next n positions, tokens [batch, n] -> (logits [batch, n, padded_vocab] float32,
     cache): token i attends to the cache and to tokens 0..i, so one pass scores n positions (speculative
-    decoding verifies k drafts with it). The attention core is the jnp reference (n queries per row);
-    min_rows as in decode_step (counting batch * n rows)."""
+    decoding verifies k drafts with it).
+
+    Every position is computed as `decode_step` computes it, op for op: the batch * n tokens are the rows of
+    decode's matrices (zero rows up to min_rows, as in decode_step: at batch * n <= 8 on a GPU the projections
+    run on decode's own 8-row shapes), and the attention core is the same kernel with the same split layout
+    (`decode_attention` with queries_per_row=n: each query at its own position and cache length). So on one
+    device the logits equal n successive decode_steps' bit for bit wherever the GEMMs see the same shapes."""
+    impl = resolve_decode_impl(impl, cfg)
     if min_rows is None:
         min_rows = 8 if jax.devices()[0].platform == "gpu" else 1
     batch, count = tokens.shape
-    extra = max(0, -(-min_rows // count) - batch)
+    rows = batch * count
+    extra = max(0, min_rows - rows)
     pad = (lambda a: jnp.pad(a, [(0, extra)] + [(0, 0)] * (a.ndim - 1))) if extra else (lambda a: a)  # noqa: E731
     positions = cache["next_position"][:, None] + jnp.arange(count, dtype=jnp.int32)  # [batch, n]
-    x = pad(_embed(dparams, tokens, positions, cfg))  # [rows, n, d_model]
+    flat_positions = positions.reshape(rows)  # row r = batch r // n, token r % n
+    x = pad(_embed(dparams, tokens.reshape(rows, 1), flat_positions[:, None], cfg))  # [rows, 1, d_model]
     capacity = cache["positions"].shape[1]
-    slots = (cache["next_slot"][:, None] + jnp.arange(count)) % capacity
+    offsets = jnp.arange(count, dtype=jnp.int32)
+    slots = (cache["next_slot"][:, None] + offsets) % capacity
     kv_positions = cache["positions"].at[jnp.arange(batch)[:, None], slots].set(positions)
-
-    def one_query(q, entry, q_positions):  # q [batch, heads, head_dim] at q_positions [batch]
-        return decode_attention_reference(q, entry["k"], entry["v"], kv_positions, q_positions,
-                                          sliding_window=cfg.sliding_window, k_scale=entry.get("k_scale"),
-                                          v_scale=entry.get("v_scale"), logit_softcap=cfg.attn_logit_softcap)
-
-    attend = jax.vmap(one_query, in_axes=(1, None, 1), out_axes=1)  # over the n queries
+    kv_lengths = jnp.minimum(cache["next_slot"][:, None] + offsets + 1, capacity).reshape(rows)  # decode's, per token
     for i, layer in enumerate(dparams["layers"]):
         h = norm(layer["attn_norm"], x, cfg)
-        q, k, v = _qkv(layer, h, pad(positions), cfg)
-        cache = kv_cache.write_tokens(cache, i, k[:batch], v[:batch])
-        out = attend(q[:batch], cache["layers"][i], positions)  # [batch, n, heads, head_dim]
-        x = x + _dense(layer["o"], pad(out.reshape(batch, count, cfg.q_size)))
+        q, k, v = _qkv(layer, h, pad(flat_positions)[:, None], cfg)
+        q, k, v = q[:rows, 0], k[:rows, 0], v[:rows, 0]
+        unflat = lambda a: a.reshape(batch, count, *a.shape[1:])  # noqa: E731
+        cache = kv_cache.write_tokens(cache, i, unflat(k), unflat(v))
+        entry = cache["layers"][i]
+        options = dict(sliding_window=cfg.sliding_window, logit_softcap=cfg.attn_logit_softcap,
+                       k_scale=entry.get("k_scale"), v_scale=entry.get("v_scale"), queries_per_row=count)
+        if impl == "pallas":
+            out = decode_attention(q, entry["k"], entry["v"], kv_positions, flat_positions, kv_lengths, **options)
+        else:
+            out = decode_attention_reference(q, entry["k"], entry["v"], kv_positions, flat_positions, **options)
+        x = x + _dense(layer["o"], pad(out.reshape(rows, 1, cfg.q_size)))
         x = x + _mlp(layer, norm(layer["mlp_norm"], x, cfg), cfg)
     cache = kv_cache.advance(cache, count)
     x = norm(dparams["final_norm"], x, cfg)
-    return _logits(dparams, x, cfg)[:batch], cache
+    return _logits(dparams, x, cfg)[:rows, 0].reshape(batch, count, -1), cache
 
 
 prefill_jit = jax.jit(prefill, static_argnames=("cfg",), donate_argnames=("cache",))

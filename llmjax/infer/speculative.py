@@ -18,7 +18,10 @@ p and q are the distributions `generate` samples from (llmjax.infer.sampling: lo
 top-k, top-p, min-p, processed alike for both models), so the text follows `generate`'s distribution.
 Greedy rows (temperature 0) use one-hot distributions at the argmax, which turns the same rule into
 greedy verification: a draft is kept while it equals the target's argmax, then the target's argmax
-follows, so the output is plain greedy `generate`'s token for token.
+follows, so the output is plain greedy `generate`'s token for token (a batch of greedy rows only takes
+that shortcut directly: `greedy_verify`, no distributions, no random keys). `extend_step` computes each
+verified position as `decode_step` would, bit for bit on one device (same GEMM shapes up to 8 tokens, same
+attention kernel and split layout), so in bf16 too the target's argmaxes are `generate`'s.
 
 Cache invariant between rounds: the target's cache holds every token but the last one emitted; the
 draft's holds all but the last two (it re-reads [previous, last] in a 2-token extend, so a round whose
@@ -89,6 +92,22 @@ def probabilities(logits: jax.Array, arrays: SamplingArrays, features: SamplingF
     return jnp.where(arrays.temperature[:, None, None] > 0, processed, greedy)
 
 
+def greedy_tokens(logits: jax.Array, arrays: SamplingArrays, features: SamplingFeatures) -> jax.Array:
+    """logits [batch, n, vocab] -> [batch, n] int32: where `probabilities` puts its one-hot for greedy rows."""
+    biased = logits + arrays.logit_bias[:, None] if features.logit_bias else logits
+    return jnp.argmax(biased, axis=-1).astype(jnp.int32)
+
+
+def greedy_verify(target_tokens: jax.Array, draft_tokens: jax.Array):
+    """`verify` for one-hot distributions, without them: target_tokens [batch, k + 1] (the target's argmaxes),
+    draft_tokens [batch, k] -> (accepted [batch]: the leading drafts equal to the target's token,
+    next_token [batch]: the target's token after them)."""
+    k = draft_tokens.shape[1]
+    kept = draft_tokens == target_tokens[:, :k]
+    accepted = jnp.sum(jnp.cumprod(kept, axis=1), axis=1).astype(jnp.int32)
+    return accepted, jnp.take_along_axis(target_tokens, accepted[:, None], axis=1)[:, 0]
+
+
 def sample(probs: jax.Array, keys: jax.Array) -> jax.Array:
     """One token per row from probs [batch, vocab] with keys [batch] -> [batch] int32."""
     draw = jax.vmap(lambda key, p: jax.random.categorical(key, jnp.log(p)))
@@ -128,6 +147,7 @@ class SpeculativeOptions:
     max_new_tokens: int
     features: SamplingFeatures
     decode_impl: str = "auto"
+    greedy: bool = False  # every row at temperature 0: argmaxes and `greedy_verify`, no distributions or keys
 
 
 def _round_keys(seeds: jax.Array, generated: jax.Array, k: int) -> jax.Array:
@@ -138,24 +158,26 @@ def _round_keys(seeds: jax.Array, generated: jax.Array, k: int) -> jax.Array:
 
 
 def _draft(dparams, cache, previous, last, keys, arrays, cfg: ModelConfig, options: SpeculativeOptions):
-    """k draft tokens [batch, k] and their distributions [batch, k, vocab]; the cache gains k + 1 entries
-    ([previous, last, d_1..d_{k-1}])."""
+    """k draft tokens [batch, k] and their distributions [batch, k, vocab] (None when options.greedy); the
+    cache gains k + 1 entries ([previous, last, d_1..d_{k-1}]). The k - 1 decode steps are unrolled: k is
+    small, and a device loop would add a loop's bookkeeping to every draft step."""
     vocab = cfg.vocab_size
-    logits, cache = extend_step(dparams, jnp.stack([previous, last], axis=1), cache, cfg)
-    probs = probabilities(logits[:, 1:, :vocab], arrays, options.features)[:, 0]  # [batch, vocab]
-    token = sample(probs, keys[0])
 
-    def step(carry, key):
-        cache, token = carry
+    def pick(logits, key):  # logits [batch, 1, vocab] -> (token [batch], its distribution [batch, vocab] or None)
+        if options.greedy:
+            return greedy_tokens(logits, arrays, options.features)[:, 0], None
+        probs = probabilities(logits, arrays, options.features)[:, 0]
+        return sample(probs, key), probs
+
+    logits, cache = extend_step(dparams, jnp.stack([previous, last], axis=1), cache, cfg, options.decode_impl)
+    token, probs = pick(logits[:, 1:, :vocab], keys[0])
+    tokens, all_probs = [token], [probs]
+    for index in range(1, options.k):
         logits, cache = decode_step(dparams, token, cache, cfg, options.decode_impl)
-        probs = probabilities(logits[:, None, :vocab], arrays, options.features)[:, 0]
-        new = sample(probs, key)
-        return (cache, new), (new, probs)
-
-    (cache, _), (tokens, all_probs) = jax.lax.scan(step, (cache, token), keys[1:options.k])
-    tokens = jnp.concatenate([token[None], tokens], axis=0)  # [k, batch]
-    all_probs = jnp.concatenate([probs[None], all_probs], axis=0)  # [k, batch, vocab]
-    return jnp.moveaxis(tokens, 0, 1), jnp.moveaxis(all_probs, 0, 1), cache
+        token, probs = pick(logits[:, None, :vocab], keys[index])
+        tokens.append(token)
+        all_probs.append(probs)
+    return jnp.stack(tokens, axis=1), None if options.greedy else jnp.stack(all_probs, axis=1), cache
 
 
 def _speculative_loop(target_params, draft_params, tokens, valid, target_cache, draft_cache, arrays, eos_id,
@@ -184,9 +206,13 @@ def _speculative_loop(target_params, draft_params, tokens, valid, target_cache, 
         drafts, draft_probs, draft_cache = _draft(draft_params, state["draft_cache"], state["previous"],
                                                   state["last"], keys, arrays, draft_cfg, options)
         candidates = jnp.concatenate([state["last"][:, None], drafts], axis=1)  # [batch, k + 1]
-        logits, target_cache = extend_step(target_params, candidates, state["target_cache"], target_cfg)
-        target_probs = probabilities(logits[..., :vocab], arrays, options.features)
-        accepted, next_token = verify(target_probs, draft_probs, drafts, keys[k])
+        logits, target_cache = extend_step(target_params, candidates, state["target_cache"], target_cfg,
+                                           options.decode_impl)
+        if options.greedy:
+            accepted, next_token = greedy_verify(greedy_tokens(logits[..., :vocab], arrays, options.features), drafts)
+        else:
+            target_probs = probabilities(logits[..., :vocab], arrays, options.features)
+            accepted, next_token = verify(target_probs, draft_probs, drafts, keys[k])
         # Emitted this round: d_1..d_a, then next_token; cut after an EOS and at max_new_tokens.
         index = jnp.arange(k + 1)[None, :]
         emitted = jnp.where(index == accepted[:, None], next_token[:, None], jnp.pad(drafts, ((0, 0), (0, 1))))
@@ -294,7 +320,8 @@ def speculative_generate(
     draft_cache = kv_cache.init_cache(draft_cfg, batch, speculative_capacity(draft_cfg, total, k), cache_dtype)
     target_prepared = target_prepared if target_prepared is not None else _prepare_jit(target_params, target_cfg)
     draft_prepared = draft_prepared if draft_prepared is not None else _prepare_jit(draft_params, draft_cfg)
-    options = SpeculativeOptions(k=int(k), max_new_tokens=max_new_tokens, features=features, decode_impl=decode_impl)
+    options = SpeculativeOptions(k=int(k), max_new_tokens=max_new_tokens, features=features, decode_impl=decode_impl,
+                                 greedy=all(config.temperature == 0 for config in configs))
     out, lengths, reasons, counts = _compiled_loop(target_cfg, draft_cfg, options)(
         target_prepared, draft_prepared, jnp.asarray(tokens), jnp.asarray(valid), target_cache, draft_cache, arrays,
         jnp.int32(-1 if eos_id is None else eos_id))

@@ -15,7 +15,7 @@ from llmjax.infer import kv_cache
 from llmjax.infer import decode_model
 from llmjax.infer.generate import GenerationError, generate
 from llmjax.infer.sampling import SamplingConfig, batch_sampling
-from llmjax.infer.speculative import probabilities, sample, speculative_generate, verify
+from llmjax.infer.speculative import greedy_tokens, greedy_verify, probabilities, sample, speculative_generate, verify
 from llmjax.model import forward, init_params
 
 prefill = jax.jit(decode_model.prefill, static_argnames="cfg")
@@ -137,6 +137,48 @@ def test_greedy_with_a_sliding_window_ring_that_wraps():
     assert out.tokens == expected and 0.2 < out.stats.acceptance_rate < 1.0
 
 
+# --- bf16 on the GPU: the verify pass is decode, bit for bit ---------------------------------------------
+
+def gpu_model(num_layers: int):
+    """llama-1b's width and heads (bf16, byte vocabulary) cut to a few layers, random weights."""
+    cfg = get_config("llama-1b", vocab_size=257, num_layers=num_layers)
+    return decode_model.prepare_params(init_params(cfg, jax.random.key(7)), cfg), cfg
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch, count, cache_dtype", [(1, 5, None), (1, 2, None), (2, 3, None), (1, 7, "int8")])
+def test_extend_step_is_decode_steps_bit_for_bit_on_gpu(batch, count, cache_dtype):
+    """bf16, the Pallas kernel, batch * n <= 8 (decode's 8-row GEMMs): the logits of extend_step equal those of n
+    successive decode_steps exactly, and so does the cache they leave."""
+    dparams, cfg = gpu_model(2)
+    rng = np.random.default_rng(batch * 10 + count)
+    prompt = jnp.asarray(rng.integers(0, 256, (batch, 128)), jnp.int32)
+    _, cache = prefill(dparams, prompt, jnp.ones(prompt.shape, bool), kv_cache.init_cache(cfg, batch, 448, cache_dtype),
+                       cfg)
+    new = jnp.asarray(rng.integers(0, 256, (batch, count)), jnp.int32)
+    stepped, logits = cache, []
+    for j in range(count):
+        step_logits, stepped = decode_step(dparams, new[:, j], stepped, cfg)
+        logits.append(step_logits)
+    extended_logits, extended = extend_step(dparams, new, cache, cfg)
+    np.testing.assert_array_equal(np.asarray(extended_logits), np.asarray(jnp.stack(logits, axis=1)))
+    for a, b in zip(jax.tree.leaves(extended), jax.tree.leaves(stepped)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.gpu
+def test_target_as_its_own_draft_accepts_everything_and_equals_generate_on_gpu():
+    """bf16 on the GPU: with the target as its own draft every draft is accepted (the draft's decode steps and
+    the verify pass agree bit for bit, near-ties included), and the text is greedy `generate`'s."""
+    dparams, cfg = gpu_model(2)
+    prompts = [list(np.random.default_rng(row).integers(0, 256, 100)) for row in range(2)]
+    for prompt in prompts:
+        expected = generate(None, cfg, [prompt], max_new_tokens=96, prepared=dparams).tokens
+        out = speculative_generate(None, cfg, None, cfg, [prompt], k=4, max_new_tokens=96, target_prepared=dparams,
+                                   draft_prepared=dparams)
+        assert out.tokens == expected and out.stats.acceptance_rate == 1.0
+
+
 # --- sampling: the rejection sampler keeps p -----------------------------------------------------------
 
 VOCAB, SAMPLES = 6, 20_000
@@ -223,6 +265,18 @@ def test_greedy_verification_keeps_the_drafts_equal_to_the_target_argmax():
     q = jax.nn.one_hot(drafts, VOCAB)
     accepted, next_token = verify(p, q, jnp.asarray(drafts), jax.random.split(jax.random.key(0), 2))
     assert accepted.tolist() == [3, 1] and next_token.tolist() == [argmax[0, 3], argmax[1, 1]]
+    shortcut = greedy_verify(greedy_tokens(logits, arrays, features), jnp.asarray(drafts))  # greedy batches' path
+    assert [x.tolist() for x in shortcut] == [[3, 1], [argmax[0, 3], argmax[1, 1]]]
+
+
+def test_a_greedy_row_in_a_sampled_batch_is_plain_greedy(models):
+    """Mixed batches take the distributions path (one-hot rows through `verify`): the greedy row still equals
+    greedy `generate`."""
+    params, cfg = models["target"]
+    expected = generate(params, cfg, PROMPTS[:1], max_new_tokens=24).tokens[0]
+    sampling = [SamplingConfig.greedy(), SamplingConfig(temperature=0.8, seed=3)]
+    out = speculative_generate(params, cfg, *models["noisy"], PROMPTS[:2], k=3, max_new_tokens=24, sampling=sampling)
+    assert out.tokens[0] == expected
 
 
 # --- the full loop's distribution ----------------------------------------------------------------------
