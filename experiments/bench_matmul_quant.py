@@ -14,11 +14,16 @@ from pathlib import Path
 # K x N of the linears of llama-1b (q / o 2048x2048, gate / up 2048x8192, down 8192x2048) and of a 7B LLaMA
 # (4096x4096, gate / up 4096x11008, down 11008x4096)
 SHAPES = ("2048x2048", "2048x8192", "8192x2048", "4096x4096", "4096x11008", "11008x4096")
-# int4 tile variants tried with --sweep: (block_m, block_n, block_k, programs per SM (sets splits), warps, stages).
-# The GEMV ones (block_m 1) at batch 1, the tensor-core ones at batch 1 and 8.
-SWEEP_GEMV = ((1, 128, 128, 4, 4, 1), (1, 256, 64, 4, 4, 1), (1, 128, 64, 8, 2, 1), (1, 128, 64, 4, 2, 2),
-              (1, 64, 128, 8, 2, 1))
-SWEEP_DOT = ((16, 64, 128, 4, 2, 3), (16, 128, 64, 4, 4, 2))  # and the defaults, timed anyway
+# tile variants tried with --sweep at decode shapes, per format: (block_m, block_n, block_k, programs per SM (sets
+# splits), warps, stages, swap_ab); block_m 1 is the GEMV (batch 1 only). The defaults (default_tiles) are timed anyway.
+SWEEP = {
+    "int4": ((16, 128, 64, 4, 4, 1, True), (16, 256, 128, 4, 8, 1, True), (16, 64, 128, 4, 4, 1, True),
+             (16, 128, 128, 2, 4, 1, True), (16, 128, 128, 8, 4, 1, True), (16, 128, 128, 4, 4, 2, True),
+             (1, 128, 64, 4, 2, 1, False), (16, 128, 128, 4, 4, 3, False)),
+    "int8": ((16, 128, 128, 4, 4, 1, True), (16, 128, 64, 2, 4, 1, True), (16, 128, 64, 8, 4, 1, True),
+             (1, 128, 64, 4, 2, 1, False)),
+    "nf4": ((16, 128, 64, 2, 4, 1, True), (16, 128, 64, 8, 4, 1, True), (1, 128, 64, 4, 2, 1, False)),
+}
 
 
 def parse_args(argv):
@@ -43,7 +48,7 @@ def parse_args(argv):
     p.add_argument("--cold-mib", type=float, default=160.0,
                    help="distinct quantized weight copies per timed call, at least this many MiB of them (2..64)")
     p.add_argument("--sweep", action="store_true",
-                   help="also try int4 tile variants (SWEEP_GEMV, SWEEP_DOT) at batch 1 and 8")
+                   help="also try the tile variants of SWEEP at decode shapes (rows <= 16), each format")
     p.add_argument("--no-xla", action="store_true", help="skip XLA's dequantize-then-dot rows")
     p.add_argument("--profile", action="store_true",
                    help="at batch 1, also run each product once under jax.profiler and report the GPU's busy time per "
@@ -148,14 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     def fused(tiles):
         return lambda x, q: quantized_matmul_pallas(x, q, tiles=tiles)
 
-    def sweep_tiles(rows, k, n, group):
-        variants = SWEEP_GEMV + SWEEP_DOT if rows == 1 else SWEEP_DOT
-        for block_m, block_n, block_k, per_sm, warps, stages in variants:
-            if group % block_k:
+    def sweep_tiles(fmt, rows, k, n, group):
+        for block_m, block_n, block_k, per_sm, warps, stages, swap_ab in SWEEP.get(fmt, ()):
+            if group % block_k or (block_m == 1 and rows > 1):
                 continue
             programs = (rows if block_m == 1 else -(-rows // block_m)) * -(-n // block_n)
             splits = choose_splits(k // block_k, programs, per_sm * multiprocessors) if per_sm else 1
-            yield MatmulTiles(block_m, block_n, block_k, splits, warps, stages)
+            lookup = "permute" if swap_ab else "gather"
+            yield MatmulTiles(block_m, block_n, block_k, splits, warps, stages, lookup, swap_ab=swap_ab)
 
     bandwidth = copy_bandwidth(jax, jnp) if on_gpu else None
 
@@ -202,19 +207,20 @@ def main(argv: list[str] | None = None) -> int:
                         converting = dataclasses.replace(tiles, int_decode="convert")
                         row[f"{fmt}_convert_us"] = timed(fused(converting), x, q, f"{fmt}_convert")
                         line += f" convert {row[f'{fmt}_convert_us']:6.1f}"
-            if on_gpu and args.sweep and "int4" in formats and rows <= 8:
+            for fmt in formats if on_gpu and args.sweep and rows <= 16 else ():
                 variants = []
-                for tiles in sweep_tiles(rows, k, n, args.group):
+                for tiles in sweep_tiles(fmt, rows, k, n, quantized[fmt][0].group_size):
                     try:
-                        us = timed(fused(tiles), x, quantized["int4"])
+                        us = timed(fused(tiles), x, quantized[fmt])
+                        error = relative_error(fused(tiles), x, quantized[fmt][0])
                     except Exception as error:  # noqa: BLE001  (a variant this GPU cannot compile is reported)
                         variants.append({"tiles": str(tiles), "error": f"{type(error).__name__}: {str(error)[:300]}"})
                         continue
-                    variants.append({"tiles": str(tiles), "us": us, "speedup": base / us})
-                row["int4_sweep"] = variants
+                    variants.append({"tiles": str(tiles), "us": us, "speedup": base / us, "max_rel_error": error})
+                row[f"{fmt}_sweep"] = variants
                 best = min((v for v in variants if "us" in v), key=lambda v: v["us"], default=None)
-                if best:
-                    line += f" | best int4 {best['us']:6.1f} us {best['speedup']:4.2f}x"
+                if best and best["us"] < row[f"{fmt}_pallas_us"]:
+                    line += f"\n      best {fmt} variant {best['us']:6.1f} us {best['speedup']:4.2f}x: {best['tiles']}"
             if args.profile and on_gpu and rows == 1:
                 try:
                     busy = device_busy_us(jax, runs)

@@ -26,6 +26,9 @@ def parse_args(argv):
     p.add_argument("--bits", type=int, choices=(8, 4, 3), default=4, help="bits of the extra row")
     p.add_argument("--group", type=int, default=128, help="input rows per scale for int4 / int3 (-1: per-channel)")
     p.add_argument("--nf4-group", type=int, default=64, help="NF4 block size (QLoRA uses 64)")
+    p.add_argument("--per-channel-too", action="store_true",
+                   help="also int4 RTN and GPTQ rows with one scale per output channel (--group -1), where GPTQ's "
+                        "error compensation matters most")
     p.add_argument("--calibration", type=int, default=64, help="GPTQ calibration sequences from the training shards")
     p.add_argument("--no-act-order", action="store_true", help="GPTQ in column order instead of act-order")
     p.add_argument("--eval-batches", type=int, default=8, help="validation batches for the perplexity")
@@ -115,14 +118,18 @@ def main(argv: list[str] | None = None) -> int:
 
     act_order = not args.no_act_order
     fmt_of = {8: "int8", 4: "int4", 3: "int3"}
-    rows = [("float", None, None), ("int8", "rtn", 8), ("int4-RTN", "rtn", 4), ("int4-GPTQ", "gptq", 4), ("nf4", "nf4", 4)]
+    # (label, method, bits, group of int4 / int3: None for --group)
+    rows = [("float", None, None, None), ("int8", "rtn", 8, None), ("int4-RTN", "rtn", 4, None),
+            ("int4-GPTQ", "gptq", 4, None), ("nf4", "nf4", 4, None)]
+    if args.per_channel_too:
+        rows += [("int4-RTN per-channel", "rtn", 4, -1), ("int4-GPTQ per-channel", "gptq", 4, -1)]
     extra = (f"int{args.bits}-{args.method.upper()}" if args.bits != 8 else f"int8-{args.method.upper()}",
-             args.method, args.bits)
-    if (args.method, args.bits) not in {(m, b) for _, m, b in rows}:
+             args.method, args.bits, None)
+    if (args.method, args.bits) not in {(m, b) for _, m, b, _ in rows}:
         rows.append(extra)
 
-    def build(method, bits):
-        group = None if bits == 8 else args.group
+    def build(method, bits, group):
+        group = None if bits == 8 else args.group if group is None else group
         if method is None:
             return params
         if method == "nf4":
@@ -160,9 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         return out
 
     results = []
-    for label, method, bits in rows:
+    for label, method, bits, group in rows:
         try:
-            qparams = build(method, bits)
+            qparams = build(method, bits, group)
         except QuantizationError as error:
             raise SystemExit(f"cannot quantize {label}: {error}") from None
         row = {"format": label, "perplexity": perplexity(qparams), "bytes": param_bytes(qparams),

@@ -39,6 +39,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
@@ -61,9 +62,11 @@ class MatmulTiles:
     splits: int = 1  # programs along K (partial sums added outside); divides K / block_k
     num_warps: int = 4
     num_stages: int = 3
-    nf4_lookup: str = "gather"  # "gather" (16-entry table in memory) or "select" (a select chain)
+    nf4_lookup: str = "gather"  # "gather" (16-entry table in memory), "select" (a select chain) or "permute" (swap_ab:
+    # byte permutes of a table in registers, `nibble_asm`)
     int_decode: str = "magic"  # int codes to float: "magic" (exponent bits, no conversion) or "convert"
     interpret: bool = False
+    swap_ab: bool = False  # tensor cores with the weights as the first operand: out^T [bn, bm] = W^T [bn, bk] @ x^T
 
 
 def _multiprocessors() -> int:
@@ -84,26 +87,73 @@ def split_steps(k_steps: int, splits: int) -> int:
 
 def default_tiles(m: int, k: int, n: int, group_size: int, interpret: bool | None = None, fmt: str = "int4",
                   ) -> MatmulTiles:
-    """Batch-1 decode (M == 1, not int3): the GEMV, 128 columns x 64 input rows a step, 2 warps. Else tensor-core
-    tiles: 16 x 128 for M <= 16, 64 x 128 above. K is split to give about PROGRAMS_PER_SM programs per
-    multiprocessor (tensor-core grids only when they have fewer programs than multiprocessors). block_k is the
-    largest of 128 / 64 / 32 (64 / 32 for the GEMV) that divides the group size."""
+    """Decode (M <= 16, not int3): the swap_ab kernel, 128 weight columns x 128 input rows a step (64 for int8 and
+    NF4), x's rows padded to 16, 4 warps, no software pipelining (the loads feed the decode in registers), NF4 by
+    byte permutes. Else tensor-core tiles of 64 x 128. K is split to give about PROGRAMS_PER_SM programs per
+    multiprocessor (prefill grids only when they have fewer programs than multiprocessors). block_k is the largest
+    allowed size that divides the group size."""
     interpret = jax.devices()[0].platform != "gpu" if interpret is None else interpret
-    gemv = m == 1 and fmt != "int3"
-    block_m = 1 if gemv else 16 if m <= 16 else 64
-    block_k = next((b for b in ((64, 32) if gemv else (128, 64, 32)) if group_size % b == 0), group_size)
+    swap_ab = m <= 16 and fmt != "int3"
+    block_m = 16 if m <= 16 else 64
+    sizes = (128, 64, 32) if not swap_ab or fmt == "int4" else (64, 32)
+    block_k = next((b for b in sizes if group_size % b == 0), group_size)
     block_n = 128 if n >= 128 else max(16, pl.next_power_of_2(n))
-    programs, multiprocessors = (m if gemv else pl.cdiv(m, block_m)) * pl.cdiv(n, block_n), _multiprocessors()
+    programs, multiprocessors = pl.cdiv(m, block_m) * pl.cdiv(n, block_n), _multiprocessors()
     # prefill-sized grids fill the GPU already: split only when there are fewer programs than multiprocessors
-    splits = choose_splits(k // block_k, programs, PROGRAMS_PER_SM * multiprocessors) if gemv or programs < \
+    splits = choose_splits(k // block_k, programs, PROGRAMS_PER_SM * multiprocessors) if swap_ab or programs < \
         multiprocessors else 1
-    warps = 2 if gemv else 4 if block_m == 16 else 8
-    stages = 1 if gemv else 3 if block_m == 16 else 2
-    return MatmulTiles(block_m, block_n, block_k, splits, warps, stages, interpret=interpret)
+    warps = 4 if block_m == 16 else 8
+    stages = 1 if swap_ab else 3 if block_m == 16 else 2
+    return MatmulTiles(block_m, block_n, block_k, splits, warps, stages, "permute" if swap_ab else "gather",
+                       interpret=interpret, swap_ab=swap_ab)
 
 
 MAGIC_BITS = 0x4B000000  # float32 2^23: OR-ing a code c < 2^23 into its mantissa gives exactly 2^23 + c
 MAGIC = float(2**23)
+BF16_MAGIC_BITS = 0x4300  # bfloat16 128.0: OR-ing a code c < 128 into its 7 mantissa bits gives exactly 128 + c
+BF16_MAGIC = 128.0
+
+
+def _bf16_bits(values) -> list[int]:
+    """float values -> their bfloat16 bit patterns (round to nearest even, as .astype(bfloat16)); numpy only, so
+    it runs inside a kernel's trace."""
+    return [int(v) for v in np.asarray(values, np.float32).astype(jnp.bfloat16).view(np.uint16)]
+
+
+def nibble_asm(nibble: str, levels: list[int] | None = None) -> str:
+    """PTX for Triton's elementwise inline assembly with pack=4: four uint8 codes (one register, $2) -> four bf16 made
+    from one nibble of each code (nibble "low" or "high"), two to a register ($0: codes 0, 1; $1: codes 2, 3).
+    levels None: 128 + nibble (OR-ed into the mantissa of bf16 128.0): two byte permutes put codes i and i + 1 in the
+    16-bit halves of a register, one LOP3 masks and ORs both (the high nibbles shifted down first), an instruction per
+    weight where Triton's own code extracts, converts and repacks each element. levels: 16 bf16 bit patterns,
+    levels[nibble] looked up by byte permutes (PRMT picks bytes 0-7 of a register pair by 3-bit index: the low and
+    the high bytes of entries 0-7 and 8-15, then bit 3 of each code selects between them)."""
+    if nibble not in ("low", "high"):
+        raise ValueError(f"nibble={nibble!r}: expected 'low' or 'high'")
+    if levels is None:
+        shift = "" if nibble == "low" else "shr.u32 pair01, pair01, 4;\nshr.u32 pair23, pair23, 4;\n"
+        return ("{\n.reg .b32 pair01, pair23;\nprmt.b32 pair01, $2, 0, 0x4140;\nprmt.b32 pair23, $2, 0, 0x4342;\n"
+                + shift + "lop3.b32 $0, pair01, 0x000F000F, 0x43004300, 0xEA;\n"
+                "lop3.b32 $1, pair23, 0x000F000F, 0x43004300, 0xEA;\n}")
+
+    def table(part: int) -> list[str]:  # the low (0) or high (1) bytes of the 16 entries, four to a word
+        data = [(level >> (8 * part)) & 0xFF for level in levels]
+        return [hex(sum(data[4 * w + i] << (8 * i) for i in range(4))) for w in range(4)]
+
+    low_bytes, high_bytes = table(0), table(1)
+    nibbles = "and.b32 c, $2, 0x0F0F0F0F;" if nibble == "low" else "shr.u32 c, $2, 4;\nand.b32 c, c, 0x0F0F0F0F;"
+    return "\n".join([
+        "{", ".reg .b32 c, s, t, u, sel, v, m, a, lo, hi;", nibbles,
+        # sel: the codes' low 3 bits as four selector nibbles: code i's byte index into an 8-byte table half
+        "shr.u32 s, c, 4;", "and.b32 t, c, 0x00070007;", "lop3.b32 t, s, 0x00700070, t, 0xEA;", "shr.u32 u, t, 8;",
+        "or.b32 sel, t, u;",
+        # m: 0xFF in the bytes of codes >= 8 (PRMT's sign-replicate mode on bit 3 shifted into each byte's top bit)
+        "shl.b32 v, c, 4;", "prmt.b32 m, v, 0, 0xBA98;",
+        f"prmt.b32 lo, {low_bytes[0]}, {low_bytes[1]}, sel;", f"prmt.b32 a, {low_bytes[2]}, {low_bytes[3]}, sel;",
+        "lop3.b32 lo, a, m, lo, 0xE2;",
+        f"prmt.b32 hi, {high_bytes[0]}, {high_bytes[1]}, sel;", f"prmt.b32 a, {high_bytes[2]}, {high_bytes[3]}, sel;",
+        "lop3.b32 hi, a, m, hi, 0xE2;",
+        "prmt.b32 $0, lo, hi, 0x5140;", "prmt.b32 $1, lo, hi, 0x7362;", "}"])
 
 
 def _codes_to_float(codes, int_decode: str):
@@ -115,13 +165,25 @@ def _codes_to_float(codes, int_decode: str):
 
 
 def _nf4_levels(codes, codebook_ref, lookup: str):
-    """uint32 codes < 16 -> float32 NF4 levels (a gather from the table, or a select chain)."""
+    """uint32 codes < 16 -> float32 NF4 levels (a gather from the table, or a select chain: "select", and "permute"
+    where the PTX table lookup cannot run)."""
     if lookup == "gather":
         return plgpu.load(codebook_ref.at[codes.astype(jnp.int32)])
     values = jnp.zeros(codes.shape, jnp.float32)
     for index, level in enumerate(NF4_CODEBOOK.tolist()):
         values = jnp.where(codes == index, level, values)
     return values
+
+
+def _nibble_values(codes, nibble: str, dtype, inline_asm: bool, levels=None, codebook_ref=None, lookup="gather"):
+    """uint8 codes -> one nibble of each as bf16: 128 + nibble, or with levels / an NF4 lookup the level."""
+    if inline_asm:
+        return plgpu.elementwise_inline_asm(nibble_asm(nibble, levels), args=[codes], constraints="=r,=r,r", pack=4,
+                                            result_shape_dtypes=[jax.ShapeDtypeStruct(codes.shape, dtype)])[0]
+    values = codes & 0xF if nibble == "low" else codes >> 4
+    if codebook_ref is not None or lookup in ("select", "permute"):
+        return _nf4_levels(values.astype(jnp.uint32), codebook_ref, lookup).astype(dtype)
+    return lax.bitcast_convert_type(values.astype(jnp.uint16) | BF16_MAGIC_BITS, jnp.bfloat16).astype(dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +223,28 @@ class _Group:
         else:  # symmetric: the zero point is the middle code
             zero = jnp.full((block_n,), 2 ** (self.bits - 1), jnp.float32)
         return scale, zero + MAGIC if self.int_decode == "magic" else zero
+
+    def planes(self, codes, dtype, inline_asm: bool):
+        """uint8 codes [block_n, rows] (a transposed tile) -> ([(values [block_n, rows] in dtype, factor)], bias).
+
+        The step's product is sum_p factor_p * (values_p @ x_p), x_p x's even / odd columns for the two nibble planes of
+        4-bit codes, x itself for int8's planes: with each value the code + bias (bias exact; int8 in two nibble
+        planes, code = low + 16 high, bias 128 * 17), the zero point and the scale are applied to the step's product:
+        sum_k (c_k - z) x_k = (sum_k (c_k + bias) x_k) - (z + bias) sum_k x_k. NF4: the levels, bias None.
+        inline_asm: decode four codes per instruction group (`nibble_asm`), else the same values through jax.numpy
+        (the interpreter's path, and int_decode="convert")."""
+        if self.fmt == "nf4":  # "permute": the PTX table lookup (bf16 only), in the interpreter a select chain
+            permute = self.lookup == "permute" and dtype == jnp.bfloat16 and inline_asm
+            levels = _bf16_bits(NF4_CODEBOOK) if permute else None
+            return [(_nibble_values(codes, nibble, dtype, permute, levels, self.refs.get("codebook"), self.lookup), 1)
+                    for nibble in ("low", "high")], None
+        if self.int_decode == "convert" or dtype != jnp.bfloat16:
+            if self.bits == 4:
+                return [((codes & 0xF).astype(dtype), 1), ((codes >> 4).astype(dtype), 1)], 0.0
+            return [(codes.astype(dtype), 1)], 0.0
+        planes = [(_nibble_values(codes, nibble, dtype, inline_asm), 1 if nibble == "low" or self.bits == 4 else 16)
+                  for nibble in ("low", "high")]
+        return planes, BF16_MAGIC if self.bits == 4 else BF16_MAGIC * 17
 
     def dequantize(self, codes, scale, offset):
         """uint32 codes [rows, block_n] -> float32 weights [rows, block_n]: (code - zero) exactly, then * scale."""
@@ -260,6 +344,47 @@ def _dot_kernel(*refs, spec: _Format, names: tuple, m: int, n: int, k: int, grou
     plgpu.store(out_ref.at[index], acc.astype(out_ref.dtype), mask=out_mask)
 
 
+def _swap_ab_kernel(*refs, spec: _Format, names: tuple, m: int, n: int, k: int, group_size: int, tiles: MatmulTiles,
+                    steps: int, k_steps: int):
+    """One program: the output tile rows [r * bm, (r + 1) * bm) x columns [c * bn, (c + 1) * bn), K steps
+    [s * steps, (s + 1) * steps), computed transposed: acc [bn, bm] += scale * (W^T - zero) [bn, bk] @ x^T [bk, bm].
+    The weights are the tensor cores' first operand, so bn (64 / 128) fills the 64-row MMA and x's few rows pad to
+    bm = 16; the per-column scale multiplies the step's [bn, bm] partial product instead of every weight."""
+    x_ref, codes_ref, *param_refs, out_ref = refs
+    group = _Group(spec, dict(zip(names, param_refs)), n)
+    bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
+    first_row, first_col, split = pl.program_id(0) * bm, pl.program_id(1) * bn, pl.program_id(2)
+    row_mask = None if m % bm == 0 else first_row + jnp.arange(bm) < m
+    col_mask = None if n % bn == 0 else first_col + jnp.arange(bn) < n
+    code_mask, x_mask = combine_masks(None, col_mask), combine_masks(row_mask, None)
+    rows = pl.ds(first_row, bm)
+
+    def step(index, acc):  # acc [bn, bm] float32
+        k_step = split * steps + index
+        scale, offset = group.load((k_step * bk) // group_size, first_col, bn, col_mask)
+        x = plgpu.load(x_ref.at[rows, pl.ds(k_step * bk, bk)], mask=x_mask, other=None if x_mask is None else 0)
+        code_rows = bk // 2 if group.bits == 4 else bk
+        codes = plgpu.load(codes_ref.at[pl.ds(k_step * code_rows, code_rows), pl.ds(first_col, bn)], mask=code_mask,
+                           other=None if code_mask is None else 0).T  # uint8 [bn, code_rows]
+        planes, bias = group.planes(codes, x.dtype, inline_asm=not tiles.interpret)
+        x_parts = deinterleave(x, 2) if group.bits == 4 else [x] * len(planes)  # 4-bit: rows 2i / 2i + 1
+        part = None
+        for (values, factor), x_part in zip(planes, x_parts):
+            if tiles.interpret:  # XLA:CPU lacks some bf16 x bf16 -> f32 dots; f32 is exact for these operands
+                values, x_part = values.astype(jnp.float32), x_part.astype(jnp.float32)
+            dot = lax.dot_general(values, x_part, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            dot = dot if factor == 1 else dot * factor
+            part = dot if part is None else part + dot
+        if bias is not None:  # subtract (zero + bias) * sum_k x_k; offset = zero (+ 2^23 for the "magic" decode)
+            zero = offset - MAGIC if group.int_decode == "magic" else offset
+            part = part - (zero + bias)[:, None] * jnp.sum(x.astype(jnp.float32), axis=1)[None, :]
+        return acc + scale[:, None] * part
+
+    acc = lax.fori_loop(0, _split_length(split, steps, k_steps), step, jnp.zeros((bn, bm), jnp.float32))
+    index = (split, rows, pl.ds(first_col, bn)) if tiles.splits > 1 else (rows, pl.ds(first_col, bn))
+    plgpu.store(out_ref.at[index], acc.T.astype(out_ref.dtype), mask=combine_masks(row_mask, col_mask))
+
+
 def _group_inputs(qm: QuantizedMatrix, lookup: str) -> dict:
     """The per-group arrays as stored, by name (the kernel reads and converts them itself)."""
     if qm.format == "nf4":
@@ -282,6 +407,8 @@ def _call(x2d, qm: QuantizedMatrix, tiles: MatmulTiles):
                   steps=split_steps(k_steps, tiles.splits), k_steps=k_steps)
     if tiles.block_m == 1:
         kernel, row_programs = functools.partial(_gemv_kernel, **common), m
+    elif tiles.swap_ab:
+        kernel, row_programs = functools.partial(_swap_ab_kernel, m=m, k=k, **common), pl.cdiv(m, tiles.block_m)
     else:
         kernel, row_programs = functools.partial(_dot_kernel, m=m, k=k, **common), pl.cdiv(m, tiles.block_m)
     split = tiles.splits > 1
@@ -291,7 +418,7 @@ def _call(x2d, qm: QuantizedMatrix, tiles: MatmulTiles):
         grid=(row_programs, pl.cdiv(n, tiles.block_n), tiles.splits),
         compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
         interpret=tiles.interpret,
-        name=f"matmul_{qm.format}_{'gemv' if tiles.block_m == 1 else 'dot'}",
+        name=f"matmul_{qm.format}_{'gemv' if tiles.block_m == 1 else 'swap_ab' if tiles.swap_ab else 'dot'}",
     )(x2d, qm.codes, *params.values())
     return out.sum(axis=0).astype(x2d.dtype) if split else out
 
@@ -315,8 +442,12 @@ def check_tiles(tiles: MatmulTiles, qm: QuantizedMatrix) -> None:
         raise ValueError("the GEMV kernel (block_m=1) reads int8 / int4 / nf4; int3 takes block_m >= 16")
     if 1 < tiles.block_m < 16 and not tiles.interpret:
         raise ValueError(f"block_m={tiles.block_m}: tensor-core tiles need at least 16 rows (or 1 for the GEMV)")
-    if tiles.nf4_lookup not in ("gather", "select"):
-        raise ValueError(f"nf4_lookup={tiles.nf4_lookup!r}: expected 'gather' or 'select'")
+    if tiles.nf4_lookup not in ("gather", "select", "permute"):
+        raise ValueError(f"nf4_lookup={tiles.nf4_lookup!r}: expected 'gather', 'select' or 'permute'")
+    if tiles.nf4_lookup == "permute" and not tiles.swap_ab:
+        raise ValueError("nf4_lookup='permute' runs in the swap_ab kernel only (MatmulTiles(swap_ab=True))")
+    if tiles.swap_ab and (qm.bits == 3 or tiles.block_m == 1):
+        raise ValueError("swap_ab reads int8 / int4 / nf4 with block_m >= 16 (x's rows padded to the MMA's 16 columns)")
     if tiles.int_decode not in ("magic", "convert"):
         raise ValueError(f"int_decode={tiles.int_decode!r}: expected 'magic' or 'convert'")
 

@@ -10,10 +10,11 @@ from kernels.matmul_quant import (
     choose_splits,
     deinterleave,
     default_tiles,
+    nibble_asm,
     quantized_matmul_pallas,
     quantized_matmul_reference,
 )
-from llmjax.quant.formats import quantize
+from llmjax.quant.formats import NF4_CODEBOOK, quantize
 
 # (K, format, group, block_m, splits, nf4 lookup): the GEMV (block_m 1) and tensor-core tiles, without and with
 # split-K (K = 160: five steps of 32 in three splits of 2, 2 and 1 steps)
@@ -21,6 +22,11 @@ CASES = [(128, "int8", None, 1, 2, "magic"), (128, "int8", None, 16, 1, "convert
          (128, "int4", 32, 1, 4, "convert"), (160, "int4", 32, 1, 3, "magic"), (128, "int4", None, 16, 2, "magic"),
          (160, "int8", 32, 16, 3, "magic"), (128, "int3", 64, 16, 2, "magic"), (128, "int3", 64, 16, 1, "convert"),
          (128, "nf4", 32, 1, 2, "gather"), (128, "nf4", 32, 1, 1, "select"), (128, "nf4", 32, 16, 2, "select")]
+
+
+# the swap_ab kernel (weights as the MMA's first operand): (K, format, group, splits, decode)
+SWAP_CASES = [(128, "int4", 32, 2, "magic"), (160, "int4", 32, 3, "convert"), (160, "int8", None, 3, "magic"),
+              (128, "int8", 32, 1, "convert"), (128, "nf4", 32, 2, "permute"), (128, "nf4", 32, 1, "gather")]
 
 
 @pytest.mark.parametrize("k, fmt, group, block_m, splits, decode", CASES)
@@ -35,6 +41,64 @@ def test_interpret_matches_reference(k, fmt, group, block_m, splits, decode):
         x = jax.random.normal(jax.random.key(rows), (rows, k))
         np.testing.assert_allclose(quantized_matmul_pallas(x, q, tiles=tiles), quantized_matmul_reference(x, q),
                                    rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("k, fmt, group, splits, decode", SWAP_CASES)
+def test_swap_ab_interpret_matches_reference(k, fmt, group, splits, decode):
+    """The transposed tensor-core kernel: zero points and scales applied to each step's product, in float32 and
+    in bf16 (the GPU's operands: exact codes, NF4 levels rounded to bf16)."""
+    lookup, int_decode = (decode, "magic") if fmt == "nf4" else ("permute", decode)
+    w = jax.random.normal(jax.random.key(0), (k, 72)) * 0.02
+    q = quantize(w, fmt, group)
+    tiles = MatmulTiles(block_m=16, block_n=32, block_k=32, splits=splits, nf4_lookup=lookup, int_decode=int_decode,
+                        interpret=True, swap_ab=True)
+    for rows, dtype, tolerance in ((1, jnp.float32, 1e-5), (19, jnp.float32, 1e-5), (3, jnp.bfloat16, 1e-2)):
+        x = jax.random.normal(jax.random.key(rows), (rows, k)).astype(dtype)
+        out = quantized_matmul_pallas(x, q, tiles=tiles).astype(jnp.float32)
+        reference = quantized_matmul_reference(x.astype(jnp.float32), q)
+        np.testing.assert_allclose(out, reference, rtol=tolerance, atol=tolerance * float(jnp.abs(reference).max()))
+
+
+def _run_ptx(asm: str, word: int) -> list[int]:
+    """Interprets the straight-line b32 PTX of `nibble_asm` (prmt in its default mode, lop3, and, or, shifts) on one
+    input register $2; returns the bf16 bit patterns of its two output registers, element order."""
+    def prmt(a, b, selector):
+        data, out = (b << 32) | a, 0
+        for i in range(4):
+            nibble = (selector >> (4 * i)) & 0xF
+            byte = (data >> (8 * (nibble & 7))) & 0xFF
+            out |= ((0xFF if byte & 0x80 else 0) if nibble & 8 else byte) << (8 * i)  # bit 3: replicate the sign
+        return out
+
+    def lop3(a, b, c, table):
+        return sum(((table >> ((((a >> i) & 1) << 2) | (((b >> i) & 1) << 1) | ((c >> i) & 1))) & 1) << i
+                   for i in range(32))
+
+    ops = {"prmt": prmt, "lop3": lop3, "and": lambda a, b: a & b, "or": lambda a, b: a | b,
+           "shr": lambda a, b: a >> b, "shl": lambda a, b: a << b}
+    registers = {"$2": word}
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        opcode, operands = line.split(None, 1)
+        target, *sources = [o.strip() for o in operands.split(",")]
+        values = [registers[o] if o in registers else int(o, 0) for o in sources]
+        registers[target] = ops[opcode.split(".")[0]](*values) & 0xFFFFFFFF
+    return [registers["$0"] & 0xFFFF, registers["$0"] >> 16, registers["$1"] & 0xFFFF, registers["$1"] >> 16]
+
+
+def test_nibble_asm_decodes_codes():
+    """The GPU's inline PTX, interpreted: 128 + nibble (int4 / int8 planes) and NF4's bf16 levels of each nibble."""
+    levels = [int(v) for v in np.asarray(NF4_CODEBOOK).astype(jnp.bfloat16).view(np.uint16)]
+    codes = np.random.default_rng(0).integers(0, 256, (300, 4))
+    for nibble in ("low", "high"):
+        for table in (None, levels):
+            asm = nibble_asm(nibble, table)
+            for four in codes:
+                values = [c & 0xF if nibble == "low" else c >> 4 for c in four]
+                expected = [0x4300 | v for v in values] if table is None else [table[v] for v in values]
+                assert _run_ptx(asm, int(sum(int(c) << (8 * i) for i, c in enumerate(four)))) == expected
 
 
 def test_bfloat16_inputs_and_batch_axes():
@@ -60,7 +124,8 @@ def test_default_tiles_split_k_to_fill_the_gpu():
     assert choose_splits(172, 32, 528) == 16  # 11 steps each, the last 7 (K = 11008 in steps of 64)
     assert choose_splits(7, 600, 528) == 1
     decode = default_tiles(1, 4096, 4096, 128, interpret=True, fmt="int4")
-    assert decode.block_m == 1 and 64 % decode.block_k == 0 and decode.splits > 1
+    assert decode.swap_ab and decode.block_m == 16 and 128 % decode.block_k == 0 and decode.splits > 1
+    assert default_tiles(8, 4096, 4096, 64, interpret=True, fmt="nf4").nf4_lookup == "permute"
     assert default_tiles(1, 4096, 4096, 64, interpret=True, fmt="int3").block_m == 16  # no int3 GEMV
     assert default_tiles(512, 4096, 4096, 128, interpret=True).splits == 1  # prefill fills the GPU without splits
 
@@ -114,7 +179,12 @@ def test_gpu_matches_reference(fmt, rows):
     (4096, 4096, 1, "int4", 128, MatmulTiles(1, 128, 64, 16, 2, 1, int_decode="convert")),  # int -> float converts
     (4096, 4096, 1, "int4", 128, MatmulTiles(16, 128, 128, 8, 4, 3)),  # tensor-core tiles at batch 1, split-K
     (4096, 1536, 40, "int3", 128, None),  # int3 (tensor cores only, groups of 128 or more), a partial row tile
-    (11008, 4096, 8, "nf4", 64, None),  # batch-8 decode: tensor-core tiles, uneven split-K
+    (11008, 4096, 8, "nf4", 64, None),  # batch-8 decode: swap_ab, uneven split-K
+    (2048, 1000, 13, "int8", None, None),  # swap_ab: int8 in two nibble planes, a partial column tile, 13 rows
+    (4096, 4096, 1, "int4", 128, MatmulTiles(16, 128, 128, 16, 4, 1, int_decode="convert", swap_ab=True)),
+    (4096, 2048, 1, "nf4", 64, MatmulTiles(16, 128, 64, 16, 4, 1, "gather", swap_ab=True)),
+    (4096, 4096, 1, "int4", 128, MatmulTiles(16, 128, 128, 16, 4, 3, swap_ab=True)),  # pipelined
+    (4096, 4096, 8, "int4", 128, MatmulTiles(16, 128, 128, 8, 4, 3)),  # the weights as the second operand
 ])
 def test_gpu_shapes_and_tiles(k, n, rows, fmt, group, tiles):
     _check_on_gpu(k, n, rows, fmt, group, tiles)

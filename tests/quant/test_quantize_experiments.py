@@ -60,11 +60,13 @@ def test_quantize_table(run, tmp_path):
     out = tmp_path / "q.json"
     assert main(["--ckpt", str(folder), "--data", str(data), "--group", "16", "--nf4-group", "16", "--bits", "3",
                  "--calibration", "8", "--seq", "32", "--eval-batches", "1", "--batch", "2", "--decode-tokens", "4",
-                 "--decode-formats", "float,int4-RTN",
+                 "--decode-formats", "float,int4-RTN", "--per-channel-too",
                  "--out", str(out)]) == 0
     rows = {r["format"]: r for r in json.loads(out.read_text())["rows"]}
     assert rows["float"]["decode_tokens_per_s"] > 0 and rows["int4-RTN"]["decode_tokens_per_s"] > 0
-    assert list(rows) == ["float", "int8", "int4-RTN", "int4-GPTQ", "nf4", "int3-GPTQ"]
+    assert list(rows) == ["float", "int8", "int4-RTN", "int4-GPTQ", "nf4", "int4-RTN per-channel",
+                          "int4-GPTQ per-channel", "int3-GPTQ"]
+    assert rows["int4-RTN per-channel"]["linear_bytes"] < rows["int4-RTN"]["linear_bytes"]  # fewer scales
     assert rows["int4-RTN"]["linear_bytes"] < rows["int8"]["linear_bytes"] < rows["float"]["linear_bytes"]
     assert abs(rows["int8"]["perplexity"] / rows["float"]["perplexity"] - 1) < 0.01
     with pytest.raises(SystemExit, match="does not divide the input dimension 48"):
