@@ -71,6 +71,8 @@ def parse_args(argv):
                    help="block-table widths compiled, in blocks (largest >= max-model-len / block-size; the Pallas "
                    "decode kernel uses the largest only)")
     p.add_argument("--preemption", default="recompute", choices=["recompute", "swap"])
+    p.add_argument("--prefill-impl", default="auto", choices=["auto", "flash", "xla"],
+                   help="paged prefill attention: the flash kernel, or the gathering reference (auto: flash on GPUs)")
     p.add_argument("--seed", type=int, default=0, help="seed of the workload (and of --model's weights)")
     p.add_argument("--time-budget", type=float, default=float("inf"),
                    help="seconds; runs that would start after this much time since the start are skipped")
@@ -185,7 +187,7 @@ def engine_config(args, mode: str, async_scheduling: bool = True):
                         scheduling="static" if mode == "static" else "continuous", max_model_len=args.max_model_len,
                         max_prefill_rows=args.max_prefill_rows, batch_buckets=_ints(args.batch_buckets),
                         prefill_row_buckets=_ints(args.prefill_row_buckets), chunk_buckets=_ints(args.chunk_buckets),
-                        table_width_buckets=_ints(args.table_width_buckets))
+                        table_width_buckets=_ints(args.table_width_buckets), prefill_impl=args.prefill_impl)
 
 
 def run_engine(engine, requests: list[Request], rate: float, kv_every: int = 16) -> dict:
@@ -287,12 +289,13 @@ def check_outputs(params, cfg, args, requests: list[Request]) -> dict:
 def program_times(params, cfg, args, repeats: int) -> dict:
     """Each compiled program alone on synthetic rows (median ms over repeats, after one untimed call): decode at
     every batch bucket (rows of ~400 cached tokens), prefill at every shape and table width (chunks after 192
-    stored tokens where the width allows), and prefill with attention left out (the identity): its share."""
+    stored tokens where the width allows) with each attention impl that runs here, and prefill with attention
+    left out (the identity): its share. An impl that fails is reported, not raised."""
     import jax
     import numpy as np
 
     from llmjax.infer.engine import Engine, decode_program, prefill_program
-    from llmjax.infer.paged import _paged_forward
+    from llmjax.infer.paged import _paged_forward, resolve_prefill_impl
 
     engine = Engine(params, cfg, engine_config(args, "continuous"))
     block_size, buckets = engine.config.block_size, engine.buckets
@@ -334,14 +337,18 @@ def program_times(params, cfg, args, repeats: int) -> dict:
             context = np.full(rows, max(0, min(192, width * block_size - chunk)), np.int32)
             tables = blocks(rows, width)
             name = f"prefill [{rows}, {chunk}] after {context[0]}, table {width}"
-            result[name] = timed(lambda: prefill_program(
-                engine.dparams, engine.cache, engine._slot_tokens, tokens, slots, tables, context, lengths, sampling,
-                zeros, cfg=cfg))
+            for impl in dict.fromkeys(("xla", resolve_prefill_impl("auto", cfg))):
+                try:
+                    result[f"{name}, {impl}"] = timed(lambda: prefill_program(
+                        engine.dparams, engine.cache, engine._slot_tokens, tokens, slots, tables, context, lengths,
+                        sampling, zeros, cfg=cfg, impl=impl))
+                except Exception as error:  # noqa: BLE001 (a kernel that does not build here: say so, go on)
+                    result[f"{name}, {impl}"] = f"failed: {type(error).__name__}: {str(error)[:300]}"
             if width == buckets.table_width[-1]:
                 result[name + ", no attention"] = timed(lambda: no_attention(
                     engine.dparams, engine.cache, tokens, tables, context, lengths))
     for name, ms in result.items():
-        print(f"  {name}: {ms:.2f} ms")
+        print(f"  {name}: {ms:.2f} ms" if isinstance(ms, float) else f"  {name}: {ms}")
     del engine
     return result
 

@@ -16,7 +16,12 @@ past the row's length (ragged lengths) and before its sliding window are never r
 merges the splits by their log-sum-exp, as in the contiguous split-K kernel.
 
 `chunk_attention_reference` is the multi-query form (a prefill chunk of queries against a gathered paged
-cache), used by the paged prefill in llmjax.infer.paged.
+cache), used by the paged prefill in llmjax.infer.paged. It materializes every score ([batch, heads, chunk,
+capacity] float32: 128 MB a layer for a 512-token chunk over a 2048-token table). `chunk_attention_flash`
+is the same function through the flash-attention kernel (kernels.flash_attention, online softmax: no score
+in memory): each row's K/V are gathered token by token into a buffer laid out so that its chunk's queries sit
+at the buffer's end, as the kernel's causal mask assumes, with the slots before the row's first token and
+after its last masked by segment ids.
 """
 
 from __future__ import annotations
@@ -83,6 +88,45 @@ def chunk_attention_reference(q, k, v, q_positions, kv_lengths, *, sliding_windo
     probs = probs / jnp.maximum(probs.sum(-1, keepdims=True), 1e-30)
     out = jnp.einsum("bkgct,btkd->bckgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(batch, chunk, heads, head_dim).astype(q.dtype)
+
+
+def end_aligned_slots(block_tables, context_lengths, chunk_lengths, chunk: int, block_size: int):
+    """Where each row's K/V go for end-aligned chunk attention: flat pool slots [batch, capacity + chunk]
+    (capacity = max_blocks * block_size) such that buffer index j holds position j - (capacity -
+    context_lengths[b]), so the chunk's query i (position context + i) sits at index capacity + i, i.e. end-
+    aligned; and valid [batch, capacity + chunk]: the position is one of the row's tokens (0 <= p < context +
+    chunk_length). Invalid slots point at slot 0 (read, then masked)."""
+    batch, max_blocks = block_tables.shape
+    capacity = max_blocks * block_size
+    index = jnp.arange(capacity + chunk, dtype=jnp.int32)[None, :]
+    positions = index - (capacity - context_lengths[:, None])  # [batch, capacity + chunk]
+    valid = (positions >= 0) & (positions < (context_lengths + chunk_lengths)[:, None])
+    block = jnp.take_along_axis(block_tables, jnp.clip(positions // block_size, 0, max_blocks - 1), axis=1)
+    valid &= block >= 0
+    return jnp.where(valid, block * block_size + positions % block_size, 0), valid
+
+
+def chunk_attention_flash(q, k_pool, v_pool, block_tables, context_lengths, chunk_lengths, *, sliding_window=None,
+                          logit_softcap=None, interpret: bool = False, block_sizes=None):
+    """Causal attention of each row's prefill chunk over its paged cache, through the flash kernel.
+
+    q [batch, chunk, heads, head_dim]: row b's queries at positions context_lengths[b] + i (i < chunk_lengths[b];
+    the rest padding, their outputs unspecified but finite); k_pool, v_pool [num_blocks, block_size, kv_heads,
+    head_dim] with the chunk's own K/V already written; block_tables [batch, max_blocks]. Equals
+    `chunk_attention_reference` on the gathered blocks for every real query. Returns [batch, chunk, heads,
+    head_dim]."""
+    from kernels.flash_attention import flash_attention
+
+    batch, chunk = q.shape[:2]
+    num_blocks, block_size = k_pool.shape[:2]
+    slots, valid = end_aligned_slots(block_tables, context_lengths, chunk_lengths, chunk, block_size)
+    flat = lambda pool: pool.reshape(num_blocks * block_size, *pool.shape[2:])  # noqa: E731
+    k = jnp.take(flat(k_pool), slots, axis=0).astype(q.dtype)  # [batch, capacity + chunk, kv_heads, head_dim]
+    v = jnp.take(flat(v_pool), slots, axis=0).astype(q.dtype)
+    return flash_attention(q, k, v, causal=True, sliding_window=sliding_window,
+                           q_segment_ids=jnp.ones((batch, chunk), jnp.int32), kv_segment_ids=valid.astype(jnp.int32),
+                           logit_softcap=logit_softcap, interpret=interpret, block_sizes=block_sizes,
+                           implementation="triton")
 
 
 # --- the Pallas kernel -------------------------------------------------------------------------

@@ -65,8 +65,8 @@ import numpy as np
 
 from llmjax.config import ModelConfig
 from llmjax.infer.decode_model import prepare_params, resolve_decode_impl
-from llmjax.infer.paged import BlockManager, PoolExhausted, copy_blocks, decode_step_paged, init_paged_cache, \
-    pad_copies, prefill_paged
+from llmjax.infer.paged import BlockManager, PagedCacheError, PoolExhausted, copy_blocks, decode_step_paged, \
+    init_paged_cache, pad_copies, prefill_paged, resolve_prefill_impl
 from llmjax.infer.sampling import SamplingArrays, SamplingFeatures, filter_logits
 
 FINISH_REASONS = ("stop", "length", "abort")
@@ -131,6 +131,7 @@ class EngineConfig:
     chunk_buckets: tuple[int, ...] = ()
     table_width_buckets: tuple[int, ...] = ()
     decode_impl: str = "auto"  # paged decode attention: "auto" | "pallas" | "xla"
+    prefill_impl: str = "auto"  # paged prefill attention: "auto" | "flash" | "xla" (see paged.resolve_prefill_impl)
     cache_dtype: str | None = None  # default: the model's compute dtype
     async_scheduling: bool = True  # schedule and dispatch step n + 1 before reading step n's tokens back
 
@@ -198,6 +199,10 @@ def resolve_config(config: EngineConfig, cfg: ModelConfig) -> tuple[int, Buckets
         if not ok:
             raise EngineError(message)
     resolve_decode_impl(config.decode_impl, cfg)
+    try:
+        resolve_prefill_impl(config.prefill_impl, cfg)
+    except PagedCacheError as error:
+        raise EngineError(str(error)) from None
     max_blocks = -(-max_model_len // config.block_size)
     step = config.max_tokens_per_step
     rows = tuple(sorted(set(config.prefill_row_buckets)))
@@ -269,13 +274,13 @@ def decode_program(dparams, cache, slot_tokens, last_tokens, from_slot, slots, b
     return tokens, cache, keep_sampled(slot_tokens, slots, tokens)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache", "slot_tokens"))
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache", "slot_tokens"))
 def prefill_program(dparams, cache, slot_tokens, tokens, slots, block_tables, context_lengths, chunk_lengths, sampling,
-                    steps, *, cfg):
+                    steps, *, cfg, impl):
     """A chunk per row [rows, chunk] after its stored tokens, and the token after each row's last chunk token:
     (tokens [rows], cache, slot_tokens)."""
     TRACES["prefill"] += 1
-    logits, cache = prefill_paged(dparams, tokens, cache, block_tables, context_lengths, chunk_lengths, cfg)
+    logits, cache = prefill_paged(dparams, tokens, cache, block_tables, context_lengths, chunk_lengths, cfg, impl)
     sampled = sample_rows(logits, sampling, steps)
     return sampled, cache, keep_sampled(slot_tokens, slots, sampled)
 
@@ -383,6 +388,7 @@ class Engine:
             raise EngineError(f"eos_token_id={eos_token_id} is outside the vocabulary [0, {cfg.vocab_size})")
         self.cfg, self.config, self.eos_token_id = cfg, config, eos_token_id
         self.impl = resolve_decode_impl(config.decode_impl, cfg)
+        self.prefill_impl = resolve_prefill_impl(config.prefill_impl, cfg)
         # The Pallas kernel reads each row only up to its length: one table width serves every decode batch.
         self.decode_widths = self.buckets.table_width[-1:] if self.impl == "pallas" else self.buckets.table_width
         self.dparams = _prepare_jit(params, cfg)
@@ -521,6 +527,8 @@ class Engine:
     def _reserve_or_preempt(self, request: _Request, scheduled: set, work: _Work) -> bool:
         """Reserve the decode slot of a running request, preempting the newest unscheduled running requests
         while the pool is short. False when the request itself had to go."""
+        if request.pending == 1 and self._slot_ready(request):
+            return True
         # slots up to the chunk's end, counted from the tokens the manager holds (fewer than `computed` while
         # the values of tokens in flight are unknown: they are committed when read back)
         needed = request.computed + request.pending - self.manager.length(request.request_id)
@@ -536,6 +544,12 @@ class Engine:
                 self._preempt(victim)
                 if victim is request:
                     return False
+
+    def _slot_ready(self, request: _Request) -> bool:
+        """The decode token's slot is already in the request's own block (a block of its table, not shared):
+        `reserve` would change nothing (most decode steps)."""
+        index = request.computed // self.config.block_size
+        return index < request.table_len and self.manager.allocator.refcounts[self._tables[request.slot, index]] == 1
 
     def _admit(self, request: _Request) -> bool:
         """Give a waiting or swapped-out request blocks for all its tokens (prefix-cache hits reused, a swapped
@@ -781,7 +795,7 @@ class Engine:
         slots, sampling, tables = self._rows([r for r, _ in chunks], rows, self.buckets.table_width)
         sampled, self.cache, self._slot_tokens = prefill_program(
             self.dparams, self.cache, self._slot_tokens, tokens, slots, tables, context, lengths, sampling, steps,
-            cfg=self.cfg)
+            cfg=self.cfg, impl=self.prefill_impl)
         return sampled
 
     # --- warm-up ----------------------------------------------------------------------------------
@@ -805,7 +819,7 @@ class Engine:
                 tables = np.full((rows, width), -1, np.int32)
                 _, self.cache, self._slot_tokens = prefill_program(
                     self.dparams, self.cache, self._slot_tokens, np.zeros((rows, chunk), np.int32), slots, tables,
-                    zeros, zeros, sampling, zeros, cfg=self.cfg)
+                    zeros, zeros, sampling, zeros, cfg=self.cfg, impl=self.prefill_impl)
         self.cache = copy_program(self.cache, pad_copies([], b.batch[-1]))
         if self.config.preemption == "swap":
             for width in b.table_width:

@@ -45,13 +45,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.paged_attention import chunk_attention_reference, gather_blocks, paged_attention, \
+from kernels.paged_attention import chunk_attention_flash, chunk_attention_reference, gather_blocks, paged_attention, \
     paged_attention_reference
 from llmjax.config import ModelConfig
 from llmjax.infer.decode_model import _dense, _embed, _logits, _mlp, _qkv, resolve_decode_impl
 from llmjax.model.layers import norm
 
 PAGED_DTYPES = ("bfloat16", "float32", "float16")
+PREFILL_IMPLS = ("auto", "xla", "flash")
 
 
 class PoolExhausted(RuntimeError):
@@ -413,18 +414,38 @@ def _paged_forward(dparams, tokens, cache, block_tables, context_lengths, chunk_
     return _logits(dparams, x, cfg)[:, 0], cache
 
 
+def resolve_prefill_impl(impl: str, cfg: ModelConfig) -> str:
+    """"xla" (the gathering reference) or "flash" (kernels.paged_attention.chunk_attention_flash; "auto": flash
+    on GPUs where the kernel takes the head size)."""
+    if impl not in PREFILL_IMPLS:
+        raise PagedCacheError(f"prefill attention impl {impl!r}: expected one of {', '.join(PREFILL_IMPLS)}")
+    fits = cfg.head_dim % 16 == 0 and cfg.head_dim <= 256
+    if impl == "flash" and not fits:
+        raise PagedCacheError(f"prefill_impl='flash' needs head_dim a multiple of 16 up to 256, got {cfg.head_dim}; "
+                              f"use 'xla'")
+    if impl == "auto":
+        return "flash" if fits and jax.default_backend() == "gpu" else "xla"
+    return impl
+
+
 def prefill_paged(dparams: dict, tokens: jax.Array, paged_cache: dict, block_tables: jax.Array,
-                  context_lengths: jax.Array, chunk_lengths: jax.Array, cfg: ModelConfig):
+                  context_lengths: jax.Array, chunk_lengths: jax.Array, cfg: ModelConfig, impl: str = "xla"):
     """A chunk of each row's prompt through the model into the paged cache.
 
     tokens [batch, chunk] right-padded; row b's tokens take positions context_lengths[b] .. + chunk_lengths[b]
     (context_lengths: tokens already stored, e.g. a prefix-cache hit or earlier chunks; a row with
-    chunk_length 0 writes nothing). Attention: every chunk query against the row's gathered blocks.
+    chunk_length 0 writes nothing). Attention: every chunk query against the row's blocks, gathered ("xla")
+    or through the flash kernel ("flash", interpret mode off a GPU; see `resolve_prefill_impl`).
     Returns (logits of each row's last chunk token [batch, padded_vocab] float32, cache)."""
     context_lengths = jnp.asarray(context_lengths, jnp.int32)
     chunk_lengths = jnp.asarray(chunk_lengths, jnp.int32)
+    impl = resolve_prefill_impl(impl, cfg)
 
     def attend(q, layer, positions, kv_lengths):
+        if impl == "flash":
+            return chunk_attention_flash(q, layer["k"], layer["v"], block_tables, context_lengths, chunk_lengths,
+                                         sliding_window=cfg.sliding_window, logit_softcap=cfg.attn_logit_softcap,
+                                         interpret=jax.default_backend() != "gpu")
         k, v = gather_blocks(layer["k"], block_tables), gather_blocks(layer["v"], block_tables)
         return chunk_attention_reference(q, k, v, positions, kv_lengths, sliding_window=cfg.sliding_window,
                                          logit_softcap=cfg.attn_logit_softcap)
@@ -459,6 +480,6 @@ def decode_step_paged(dparams: dict, last_tokens: jax.Array, paged_cache: dict, 
                           active.astype(jnp.int32), cfg, attend)
 
 
-prefill_paged_jit = jax.jit(prefill_paged, static_argnames=("cfg",), donate_argnames=("paged_cache",))
+prefill_paged_jit = jax.jit(prefill_paged, static_argnames=("cfg", "impl"), donate_argnames=("paged_cache",))
 decode_step_paged_jit = jax.jit(decode_step_paged, static_argnames=("cfg", "impl"), donate_argnames=("paged_cache",))
 copy_blocks_jit = jax.jit(copy_blocks, donate_argnames=("cache",))

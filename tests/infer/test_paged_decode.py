@@ -146,6 +146,31 @@ def test_paged_greedy_equals_contiguous(tiny, impl, sliding_window):
     assert runner.manager.allocator.num_free == NUM_BLOCKS
 
 
+def test_flash_prefill_equals_the_gathering_prefill():
+    """prefill_impl "flash" (the flash kernel over end-aligned gathered K/V, interpret mode here) gives the
+    gathering prefill's logits and cache, chunk after chunk, next to an empty row."""
+    cfg = get_config("llama-tiny").replace(d_model=64, num_heads=4, num_kv_heads=2, head_dim=16)
+    params = init_params(cfg, jax.random.key(1))
+    dparams = prepare_params(params, cfg)
+    manager = BlockManager(NUM_BLOCKS, BLOCK_SIZE)
+    caches = {impl: init_paged_cache(cfg, NUM_BLOCKS, BLOCK_SIZE) for impl in ("xla", "flash")}
+    prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43]
+    manager.add_sequence("x", prompt)
+    tables = manager.block_tables(["x", None], MAX_BLOCKS)
+    for start, stop in ((0, 5), (5, 13)):
+        tokens = np.zeros((2, CHUNK), np.int32)
+        tokens[0, : stop - start] = prompt[start:stop]
+        logits = {}
+        for impl in caches:
+            logits[impl], caches[impl] = prefill_paged_jit(dparams, tokens, caches[impl], tables,
+                                                           np.array([start, 0], np.int32),
+                                                           np.array([stop - start, 0], np.int32), cfg, impl)
+        np.testing.assert_allclose(np.asarray(logits["flash"])[0], np.asarray(logits["xla"])[0], atol=1e-4, rtol=1e-4)
+        manager.commit("x", prompt[start:stop])
+    for a, b in zip(jax.tree.leaves(caches["flash"]), jax.tree.leaves(caches["xla"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
+
+
 def test_chunked_prefill_equals_one_pass(tiny):
     """A prompt prefilled in pieces (each after the stored ones, next to a row that has nothing to do)
     gives the full forward's logits: the paged prefill is a chunked prefill."""

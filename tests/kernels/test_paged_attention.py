@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.paged_attention import chunk_attention_reference, gather_blocks, paged_attention, \
+from kernels.paged_attention import chunk_attention_flash, chunk_attention_reference, gather_blocks, paged_attention, \
     paged_attention_reference
 
 
@@ -76,6 +76,50 @@ def test_chunk_reference_rows_equal_the_decode_reference():
     for c in range(chunk):
         want = paged_attention_reference(qc[:, c], k_pool, v_pool, tables, q_positions[:, c] + 1, sliding_window=6)
         np.testing.assert_allclose(np.asarray(got[:, c]), np.asarray(want), atol=1e-5)
+
+
+def chunk_case(context, chunk_lengths, chunk, heads=4, kv_heads=2, head_dim=16, block_size=4, max_blocks=6, seed=5,
+               dtype=jnp.float32):
+    """Random chunk queries at positions context + i and pools holding each row's context + chunk tokens."""
+    batch = len(context)
+    q_pool = case(batch, heads, kv_heads, head_dim, block_size, max_blocks, seed=seed, dtype=dtype,
+                  lengths=np.asarray(context) + np.asarray(chunk_lengths))
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((batch, chunk, heads, head_dim)), dtype)
+    return (q, *q_pool[1:4], jnp.asarray(context, jnp.int32), jnp.asarray(chunk_lengths, jnp.int32))
+
+
+def chunk_reference(q, k_pool, v_pool, tables, context, lengths, **options):
+    positions = context[:, None] + jnp.arange(q.shape[1], dtype=jnp.int32)[None]
+    k, v = gather_blocks(k_pool, tables), gather_blocks(v_pool, tables)
+    return chunk_attention_reference(q, k, v, positions, context + lengths, **options)
+
+
+@pytest.mark.parametrize("context,lengths,chunk,options", [
+    ([0, 7, 16], [8, 3, 8], 8, {}),                        # a first chunk, a short one, a table filled up
+    ([5, 0], [6, 0], 8, {"sliding_window": 5}),           # an empty row (no visible key: finite, unused)
+    ([2, 11], [4, 9], 12, {"logit_softcap": 3.0}),        # the chunk longer than the stored context
+])
+def test_chunk_flash_matches_reference(context, lengths, chunk, options):
+    """Flash chunk attention over the end-aligned gathered cache (interpret mode) equals the gathering
+    reference for every real query; padded queries are finite."""
+    q, k_pool, v_pool, tables, context, lengths = chunk_case(context, lengths, chunk)
+    want = np.asarray(chunk_reference(q, k_pool, v_pool, tables, context, lengths, **options))
+    got = np.asarray(chunk_attention_flash(q, k_pool, v_pool, tables, context, lengths, interpret=True, **options))
+    assert np.isfinite(got).all()
+    for b, n in enumerate(np.asarray(lengths)):
+        np.testing.assert_allclose(got[b, :n], want[b, :n], atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.gpu
+def test_chunk_flash_on_gpu_at_real_size():
+    q, k_pool, v_pool, tables, context, lengths = chunk_case([0, 192, 1500, 40], [512, 300, 512, 1], 512, heads=32,
+                                                              kv_heads=8, head_dim=64, block_size=16, max_blocks=128,
+                                                              seed=8, dtype=jnp.bfloat16)
+    want = np.asarray(chunk_reference(q, k_pool, v_pool, tables, context, lengths), np.float32)
+    got = np.asarray(chunk_attention_flash(q, k_pool, v_pool, tables, context, lengths), np.float32)
+    for b, n in enumerate(np.asarray(lengths)):
+        np.testing.assert_allclose(got[b, :n], want[b, :n], atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.gpu
