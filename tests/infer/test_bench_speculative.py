@@ -15,11 +15,14 @@ def test_bench_speculative_runs_at_toy_size(tmp_path, capsys):
         "--model", "llama-tiny", "--draft", "llama-tiny", "--draft-set", "num_layers=1", "--draft-set", "d_model=24",
         "--train-steps", "2", "--train-batch", "2", "--train-seq", "16", "--corpus-mb", "0.1", "--ks", "2",
         "--prompts", "2", "--prompt-len", "8", "--max-new-tokens", "8", "--repeats", "1", "--sampled-temperature", "0.8",
-        "--out", str(out)]) == 0
+        "--compare-draft", "llama-tiny:num_layers=2,d_model=16", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     rows = {(row["config"], row["temperature"]): row for row in results["rows"]}
+    other = "llama-tiny (num_layers=2 d_model=16)"  # the compared draft: at the first k, then alone
     assert set(rows) == {("target alone", 0), ("target + draft", 0), ("draft alone", 0), ("target alone", 0.8),
-                         ("target + draft", 0.8)}
+                         ("target + draft", 0.8), (f"target + {other}", 0), (f"{other} alone", 0)}
+    assert rows[(f"target + {other}", 0)]["identical"] is True and rows[(f"target + {other}", 0)]["k"] == 2
+    assert [d["draft_overrides"] for d in results["compared_drafts"]] == [["num_layers=2", "d_model=16"]]
     assert rows[("target + draft", 0.8)]["identical"] is None and rows[("target + draft", 0.8)]["k"] == 2
     speculative = rows[("target + draft", 0)]
     assert speculative["k"] == 2 and speculative["identical"] is True  # greedy: the target's own tokens
