@@ -14,15 +14,18 @@ from pathlib import Path
 # K x N of the linears of llama-1b (q / o 2048x2048, gate / up 2048x8192, down 8192x2048) and of a 7B LLaMA
 # (4096x4096, gate / up 4096x11008, down 11008x4096)
 SHAPES = ("2048x2048", "2048x8192", "8192x2048", "4096x4096", "4096x11008", "11008x4096")
-# tile variants tried with --sweep at decode shapes, per format: (block_m, block_n, block_k, programs per SM (sets
-# splits), warps, stages, swap_ab); block_m 1 is the GEMV (batch 1 only). The defaults (default_tiles) are timed anyway.
+# tile variants tried with --sweep at decode shapes, per format: MatmulTiles fields over SWEEP_BASE, and per_sm, the
+# programs per multiprocessor that set the splits (0: no split). The GEMV (block_m 1) runs at batch 1 only. The
+# defaults (default_tiles) are timed anyway.
+SWEEP_BASE = dict(block_m=16, block_n=128, block_k=128, per_sm=4, num_warps=4, num_stages=1, swap_ab=True)
+GEMV = dict(block_m=1, block_k=64, num_warps=2, swap_ab=False)
 SWEEP = {
-    "int4": ((16, 128, 64, 4, 4, 1, True), (16, 256, 128, 4, 8, 1, True), (16, 64, 128, 4, 4, 1, True),
-             (16, 128, 128, 2, 4, 1, True), (16, 128, 128, 8, 4, 1, True), (16, 128, 128, 4, 4, 2, True),
-             (1, 128, 64, 4, 2, 1, False), (16, 128, 128, 4, 4, 3, False)),
-    "int8": ((16, 128, 128, 4, 4, 1, True), (16, 128, 64, 2, 4, 1, True), (16, 128, 64, 8, 4, 1, True),
-             (1, 128, 64, 4, 2, 1, False)),
-    "nf4": ((16, 128, 64, 2, 4, 1, True), (16, 128, 64, 8, 4, 1, True), (1, 128, 64, 4, 2, 1, False)),
+    "int4": (dict(split_sum="kernel"), dict(unroll=2), dict(unroll=2, split_sum="kernel"),
+             dict(per_sm=2, split_sum="kernel"), dict(per_sm=2, unroll=2, split_sum="kernel"), dict(block_k=64), GEMV),
+    "int8": (dict(block_k=64, split_sum="kernel"), dict(block_k=64, unroll=2, split_sum="kernel"),
+             dict(split_sum="kernel"), GEMV),
+    "nf4": (dict(block_k=64, split_sum="kernel"), dict(block_k=64, unroll=2, split_sum="kernel"),
+            dict(block_k=64, per_sm=8), GEMV),
 }
 
 
@@ -73,10 +76,11 @@ def copy_bandwidth(jax, jnp, gib: float = 2.0, reps: int = 10) -> float:
     return 2 * x.nbytes / statistics.median(times) / 1e9
 
 
-def device_busy_us(jax, runs: dict, pause_s: float = 0.05) -> dict:
-    """{label: GPU busy microseconds per product} for runs {label: (compiled call, args, products per call)}: one
-    profiled call each, `pause_s` apart; the GPU's kernels, split into bursts at gaps longer than half the pause,
-    are the calls in order, and each burst's kernel durations are summed."""
+def device_busy_us(jax, runs: dict, pause_s: float = 0.05) -> tuple[dict, dict]:
+    """({label: GPU busy microseconds per product}, {label: {kernel name: microseconds per product}}) for runs
+    {label: (compiled call, args, products per call)}: one profiled call each, `pause_s` apart; the GPU's kernels,
+    split into bursts at gaps longer than half the pause, are the calls in order, and each burst's kernel durations
+    are summed."""
     import glob
     import gzip
     import tempfile
@@ -91,15 +95,18 @@ def device_busy_us(jax, runs: dict, pause_s: float = 0.05) -> dict:
     processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     kernels = sorted((e for e in events if e.get("ph") == "X" and processes.get(e["pid"], "").startswith("/device:GPU")),
                      key=lambda e: e["ts"])
-    bursts, last_end = [], None
+    bursts, last_end = [], None  # per burst {kernel name: summed duration}
     for e in kernels:
         if last_end is None or e["ts"] - last_end > pause_s * 1e6 / 2:
-            bursts.append(0.0)
-        bursts[-1] += e["dur"]
+            bursts.append({})
+        bursts[-1][e["name"]] = bursts[-1].get(e["name"], 0.0) + e["dur"]
         last_end = max(last_end or 0.0, e["ts"] + e["dur"])
     if len(bursts) != len(runs):
         raise RuntimeError(f"{len(bursts)} bursts of GPU kernels in the profile for {len(runs)} calls")
-    return {label: busy / products for (label, (_, _, products)), busy in zip(runs.items(), bursts)}
+    per_product = [(label, products, burst) for (label, (_, _, products)), burst in zip(runs.items(), bursts)]
+    return ({label: sum(burst.values()) / products for label, products, burst in per_product},
+            {label: {name: us / products for name, us in burst.items() if us / products >= 0.05}
+             for label, products, burst in per_product})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,13 +161,16 @@ def main(argv: list[str] | None = None) -> int:
         return lambda x, q: quantized_matmul_pallas(x, q, tiles=tiles)
 
     def sweep_tiles(fmt, rows, k, n, group):
-        for block_m, block_n, block_k, per_sm, warps, stages, swap_ab in SWEEP.get(fmt, ()):
-            if group % block_k or (block_m == 1 and rows > 1):
+        for variant in SWEEP.get(fmt, ()):
+            fields = {**SWEEP_BASE, **variant}
+            per_sm = fields.pop("per_sm")
+            block_m, block_k, unroll = fields["block_m"], fields["block_k"], fields.get("unroll", 1)
+            if group % block_k or k % (block_k * unroll) or (block_m == 1 and rows > 1):
                 continue
-            programs = (rows if block_m == 1 else -(-rows // block_m)) * -(-n // block_n)
-            splits = choose_splits(k // block_k, programs, per_sm * multiprocessors) if per_sm else 1
-            lookup = "permute" if swap_ab else "gather"
-            yield MatmulTiles(block_m, block_n, block_k, splits, warps, stages, lookup, swap_ab=swap_ab)
+            programs = (rows if block_m == 1 else -(-rows // block_m)) * -(-n // fields["block_n"])
+            splits = choose_splits(k // (block_k * unroll), programs, per_sm * multiprocessors) if per_sm else 1
+            lookup = "permute" if fields["swap_ab"] else "gather"
+            yield MatmulTiles(**fields, splits=splits, nf4_lookup=lookup)
 
     bandwidth = copy_bandwidth(jax, jnp) if on_gpu else None
 
@@ -209,9 +219,9 @@ def main(argv: list[str] | None = None) -> int:
                         line += f" convert {row[f'{fmt}_convert_us']:6.1f}"
             for fmt in formats if on_gpu and args.sweep and rows <= 16 else ():
                 variants = []
-                for tiles in sweep_tiles(fmt, rows, k, n, quantized[fmt][0].group_size):
+                for i, tiles in enumerate(sweep_tiles(fmt, rows, k, n, quantized[fmt][0].group_size)):
                     try:
-                        us = timed(fused(tiles), x, quantized[fmt])
+                        us = timed(fused(tiles), x, quantized[fmt], f"{fmt}#{i}")
                         error = relative_error(fused(tiles), x, quantized[fmt][0])
                     except Exception as error:  # noqa: BLE001  (a variant this GPU cannot compile is reported)
                         variants.append({"tiles": str(tiles), "error": f"{type(error).__name__}: {str(error)[:300]}"})
@@ -223,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                     line += f"\n      best {fmt} variant {best['us']:6.1f} us {best['speedup']:4.2f}x: {best['tiles']}"
             if args.profile and on_gpu and rows == 1:
                 try:
-                    busy = device_busy_us(jax, runs)
+                    busy, row["gpu_kernels_us"] = device_busy_us(jax, runs)
                 except Exception as error:  # noqa: BLE001  (a profiler missing here costs the column, not the run)
                     busy = {}
                     print(f"  (no profile: {type(error).__name__}: {str(error)[:200]})")

@@ -67,6 +67,9 @@ class MatmulTiles:
     int_decode: str = "magic"  # int codes to float: "magic" (exponent bits, no conversion) or "convert"
     interpret: bool = False
     swap_ab: bool = False  # tensor cores with the weights as the first operand: out^T [bn, bm] = W^T [bn, bk] @ x^T
+    unroll: int = 1  # swap_ab: block_k steps per loop iteration, all of their loads issued before the first dot
+    split_sum: str = "xla"  # split-K partial sums added by "xla" (a second kernel) or "kernel" (the last split's
+    # program of each tile adds them, counted by an atomic: one kernel, plus a memset of the counters)
 
 
 def _multiprocessors() -> int:
@@ -350,22 +353,29 @@ def _swap_ab_kernel(*refs, spec: _Format, names: tuple, m: int, n: int, k: int, 
     [s * steps, (s + 1) * steps), computed transposed: acc [bn, bm] += scale * (W^T - zero) [bn, bk] @ x^T [bk, bm].
     The weights are the tensor cores' first operand, so bn (64 / 128) fills the 64-row MMA and x's few rows pad to
     bm = 16; the per-column scale multiplies the step's [bn, bm] partial product instead of every weight."""
-    x_ref, codes_ref, *param_refs, out_ref = refs
+    in_kernel_sum = tiles.splits > 1 and tiles.split_sum == "kernel"
+    if in_kernel_sum:
+        x_ref, codes_ref, *param_refs, _, out_ref, partial_ref, counter_ref = refs
+    else:
+        x_ref, codes_ref, *param_refs, out_ref = refs
     group = _Group(spec, dict(zip(names, param_refs)), n)
     bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
     first_row, first_col, split = pl.program_id(0) * bm, pl.program_id(1) * bn, pl.program_id(2)
     row_mask = None if m % bm == 0 else first_row + jnp.arange(bm) < m
     col_mask = None if n % bn == 0 else first_col + jnp.arange(bn) < n
-    code_mask, x_mask = combine_masks(None, col_mask), combine_masks(row_mask, None)
-    rows = pl.ds(first_row, bm)
+    code_mask, x_mask, out_mask = combine_masks(None, col_mask), combine_masks(row_mask, None), \
+        combine_masks(row_mask, col_mask)
+    rows, cols = pl.ds(first_row, bm), pl.ds(first_col, bn)
+    code_rows = bk // 2 if group.bits == 4 else bk
 
-    def step(index, acc):  # acc [bn, bm] float32
-        k_step = split * steps + index
+    def load(k_step):  # block_k step k_step's scale / offset [bn], x [bm, bk] and uint8 codes [bn, code_rows]
         scale, offset = group.load((k_step * bk) // group_size, first_col, bn, col_mask)
         x = plgpu.load(x_ref.at[rows, pl.ds(k_step * bk, bk)], mask=x_mask, other=None if x_mask is None else 0)
-        code_rows = bk // 2 if group.bits == 4 else bk
-        codes = plgpu.load(codes_ref.at[pl.ds(k_step * code_rows, code_rows), pl.ds(first_col, bn)], mask=code_mask,
-                           other=None if code_mask is None else 0).T  # uint8 [bn, code_rows]
+        codes = plgpu.load(codes_ref.at[pl.ds(k_step * code_rows, code_rows), cols], mask=code_mask,
+                           other=None if code_mask is None else 0).T
+        return scale, offset, x, codes
+
+    def product(scale, offset, x, codes):  # [bn, bm] float32: scale * ((W^T - zero) @ x^T) of one block_k step
         planes, bias = group.planes(codes, x.dtype, inline_asm=not tiles.interpret)
         x_parts = deinterleave(x, 2) if group.bits == 4 else [x] * len(planes)  # 4-bit: rows 2i / 2i + 1
         part = None
@@ -378,11 +388,35 @@ def _swap_ab_kernel(*refs, spec: _Format, names: tuple, m: int, n: int, k: int, 
         if bias is not None:  # subtract (zero + bias) * sum_k x_k; offset = zero (+ 2^23 for the "magic" decode)
             zero = offset - MAGIC if group.int_decode == "magic" else offset
             part = part - (zero + bias)[:, None] * jnp.sum(x.astype(jnp.float32), axis=1)[None, :]
-        return acc + scale[:, None] * part
+        return scale[:, None] * part
+
+    def step(index, acc):  # acc [bn, bm] float32; `unroll` block_k steps, every load issued before the first dot
+        first = (split * steps + index) * tiles.unroll
+        for loaded in [load(first + i) for i in range(tiles.unroll)]:
+            acc = acc + product(*loaded)
+        return acc
 
     acc = lax.fori_loop(0, _split_length(split, steps, k_steps), step, jnp.zeros((bn, bm), jnp.float32))
-    index = (split, rows, pl.ds(first_col, bn)) if tiles.splits > 1 else (rows, pl.ds(first_col, bn))
-    plgpu.store(out_ref.at[index], acc.T.astype(out_ref.dtype), mask=combine_masks(row_mask, col_mask))
+    if tiles.splits == 1:
+        plgpu.store(out_ref.at[rows, cols], acc.T.astype(out_ref.dtype), mask=out_mask)
+    elif not in_kernel_sum:
+        plgpu.store(out_ref.at[split, rows, cols], acc.T, mask=out_mask)
+    else:  # the tile's last program to arrive adds the partial sums (the barrier orders this program's stores
+        # before its release; the counter's acquire orders the other programs' stores before the reads)
+        plgpu.store(partial_ref.at[split, rows, cols], acc.T, mask=out_mask)
+        if not tiles.interpret:  # (the interpreter runs programs one after another)
+            plgpu.debug_barrier()
+        arrived = plgpu.atomic_add(counter_ref, pl.program_id(0) * pl.num_programs(1) + pl.program_id(1),
+                                   jnp.ones((), jnp.int32))
+
+        @pl.when(arrived == tiles.splits - 1)
+        def _():
+            def add(s, total):
+                return total + plgpu.load(partial_ref.at[s, rows, cols], mask=out_mask,
+                                          other=None if out_mask is None else 0, volatile=True)
+
+            total = lax.fori_loop(0, tiles.splits, add, jnp.zeros((bm, bn), jnp.float32))
+            plgpu.store(out_ref.at[rows, cols], total.astype(out_ref.dtype), mask=out_mask)
 
 
 def _group_inputs(qm: QuantizedMatrix, lookup: str) -> dict:
@@ -402,7 +436,7 @@ def _call(x2d, qm: QuantizedMatrix, tiles: MatmulTiles):
     n = qm.out_features
     params = _group_inputs(qm, tiles.nf4_lookup)
     spec = _Format(qm.format, qm.bits, tiles.nf4_lookup, tiles.int_decode)
-    k_steps = k // tiles.block_k
+    k_steps = k // (tiles.block_k * tiles.unroll)
     common = dict(spec=spec, names=tuple(params), n=n, group_size=qm.group_size, tiles=tiles,
                   steps=split_steps(k_steps, tiles.splits), k_steps=k_steps)
     if tiles.block_m == 1:
@@ -411,15 +445,29 @@ def _call(x2d, qm: QuantizedMatrix, tiles: MatmulTiles):
         kernel, row_programs = functools.partial(_swap_ab_kernel, m=m, k=k, **common), pl.cdiv(m, tiles.block_m)
     else:
         kernel, row_programs = functools.partial(_dot_kernel, m=m, k=k, **common), pl.cdiv(m, tiles.block_m)
+    grid = (row_programs, pl.cdiv(n, tiles.block_n), tiles.splits)
     split = tiles.splits > 1
+    inputs = [x2d, qm.codes, *params.values()]
+    if split and tiles.split_sum == "kernel":  # outputs: the product, the partial sums, the arrival counters
+        out_shape = [jax.ShapeDtypeStruct((m, n), x2d.dtype), jax.ShapeDtypeStruct((tiles.splits, m, n), jnp.float32),
+                     jax.ShapeDtypeStruct((grid[0] * grid[1],), jnp.int32)]
+        inputs.append(jnp.zeros((grid[0] * grid[1],), jnp.int32))
+        aliases = {len(inputs) - 1: 2}
+    else:
+        out_shape = jax.ShapeDtypeStruct((tiles.splits, m, n) if split else (m, n),
+                                         jnp.float32 if split else x2d.dtype)
+        aliases = {}
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((tiles.splits, m, n) if split else (m, n), jnp.float32 if split else x2d.dtype),
-        grid=(row_programs, pl.cdiv(n, tiles.block_n), tiles.splits),
+        out_shape=out_shape,
+        grid=grid,
+        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
         interpret=tiles.interpret,
         name=f"matmul_{qm.format}_{'gemv' if tiles.block_m == 1 else 'swap_ab' if tiles.swap_ab else 'dot'}",
-    )(x2d, qm.codes, *params.values())
+    )(*inputs)
+    if aliases:
+        return out[0]
     return out.sum(axis=0).astype(x2d.dtype) if split else out
 
 
@@ -430,10 +478,17 @@ def check_tiles(tiles: MatmulTiles, qm: QuantizedMatrix) -> None:
     if qm.group_size % tiles.block_k or tiles.block_k % unit:
         raise ValueError(f"block_k={tiles.block_k} must divide the group size {qm.group_size} (and be even for 4-bit, "
                          f"a multiple of 8 for int3)")
-    k_steps = k // tiles.block_k
+    if tiles.unroll < 1 or (tiles.unroll > 1 or tiles.split_sum != "xla") and not tiles.swap_ab:
+        raise ValueError(f"unroll={tiles.unroll}, split_sum={tiles.split_sum!r}: unroll >= 1; unroll > 1 and "
+                         f"split_sum='kernel' are swap_ab options")
+    if tiles.split_sum not in ("xla", "kernel"):
+        raise ValueError(f"split_sum={tiles.split_sum!r}: expected 'xla' or 'kernel'")
+    if k % (tiles.block_k * tiles.unroll):
+        raise ValueError(f"K={k} is not a multiple of block_k={tiles.block_k} x unroll={tiles.unroll}")
+    k_steps = k // (tiles.block_k * tiles.unroll)
     if not 1 <= tiles.splits <= k_steps or pl.cdiv(k_steps, split_steps(k_steps, tiles.splits)) != tiles.splits:
-        raise ValueError(f"splits={tiles.splits}: K={k} has {k_steps} steps of block_k={tiles.block_k}; give 1 .. "
-                         f"{k_steps} splits with at least one step each (choose_splits picks one)")
+        raise ValueError(f"splits={tiles.splits}: K={k} has {k_steps} steps of block_k={tiles.block_k} x unroll "
+                         f"{tiles.unroll}; give 1 .. {k_steps} splits with at least one step each (choose_splits picks one)")
     dot_depth = tiles.block_k // unit  # the contraction length of each tensor-core dot
     if tiles.block_m > 1 and dot_depth < 16 and not tiles.interpret:
         raise ValueError(f"block_k={tiles.block_k} gives {qm.format} dots of depth {dot_depth}; tensor cores need 16 "
