@@ -81,12 +81,14 @@ def parse_args(argv):
     p.add_argument("--kv-every", type=int, default=16, help="steps between samples of the KV utilization")
     p.add_argument("--compare-sync", default="",
                    help="comma-separated modes also run with the engine's async scheduling off (each step waits for "
-                   "its own tokens), at the first rate only, after the other runs: the overlap's before / after")
+                   "its own tokens), at the first rate only, right after that rate's runs: the overlap's before / after")
     p.add_argument("--check-outputs", type=int, default=0, metavar="N",
                    help="first check that the engine's greedy tokens (async and sync scheduling) equal `generate`'s "
                    "for the first N prompts of the workload (--check-tokens each), and report where they differ "
                    "with the logit gap there (bf16 near-ties)")
     p.add_argument("--check-tokens", type=int, default=48, help="tokens generated per prompt by --check-outputs")
+    p.add_argument("--check-dtypes", default="", help="comma-separated compute dtypes --check-outputs runs in "
+                   "(default: the model's)")
     p.add_argument("--program-times", type=int, default=0, metavar="REPEATS",
                    help="first time each compiled program alone (median of REPEATS calls): decode at every batch "
                    "bucket, prefill at every shape and table width, and prefill with attention left out (its share)")
@@ -241,8 +243,14 @@ def run_engine(engine, requests: list[Request], rate: float, kv_every: int = 16)
 
 def check_outputs(params, cfg, args, requests: list[Request]) -> dict:
     """The engine's greedy tokens (async and sync scheduling, continuous) against `generate`'s (one left-padded
-    batch) for the first --check-outputs prompts; at each first difference, the two tokens' logits by the
-    model's own forward pass on the common prefix (a near-tie in the compute dtype, or a bug)."""
+    batch) for the first --check-outputs prompts, in each of --check-dtypes; at each first difference, the two
+    tokens' logits by the model's own forward pass on the common prefix (a near-tie in the compute dtype, or a
+    bug)."""
+    return {dtype: check_outputs_in(params, cfg.replace(compute_dtype=dtype), args, requests)
+            for dtype in (args.check_dtypes.split(",") if args.check_dtypes else [cfg.compute_dtype])}
+
+
+def check_outputs_in(params, cfg, args, requests: list[Request]) -> dict:
     import jax
     import numpy as np
 
@@ -279,22 +287,26 @@ def check_outputs(params, cfg, args, requests: list[Request]) -> dict:
             differ.append({"prompt": i, "position": at, "engine_token": mine[at], "generate_token": theirs[at],
                            "logit_gap": float(abs(logits[mine[at]] - logits[theirs[at]])),
                            "ranks": [int(np.flatnonzero(order == t)[0]) for t in (mine[at], theirs[at])],
+                           "top_logit": float(logits[order[0]]),
                            "top2_gap": float(logits[order[0]] - logits[order[1]])})
         report[label] = {"equal": len(prompts) - len(differ), "differ": differ}
-        print(f"check ({label} scheduling): {len(prompts) - len(differ)} of {len(prompts)} prompts equal generate "
+        print(f"check ({cfg.compute_dtype}, {label} scheduling): {len(prompts) - len(differ)} of {len(prompts)} prompts equal generate "
               f"for {count} tokens; differences: {differ}")
     return report
 
 
 def program_times(params, cfg, args, repeats: int) -> dict:
-    """Each compiled program alone on synthetic rows (median ms over repeats, after one untimed call): decode at
-    every batch bucket (rows of ~400 cached tokens), prefill at every shape and table width (chunks after 192
-    stored tokens where the width allows) with each attention impl that runs here, and prefill with attention
-    left out (the identity): its share. An impl that fails is reported, not raised."""
+    """Each compiled program alone on synthetic rows: decode at every batch bucket (rows of ~400 cached tokens),
+    prefill at every shape and table width (chunks after 192 stored tokens where the width allows) with each
+    attention impl that runs here, prefill with attention left out (the identity: its share), and the sampling
+    program. Per program, in ms: "call" (the median time until the call returns: the host's dispatch, if the
+    call does not wait for the device), "alone" (median of calls each waited for) and "pipelined" (repeats
+    calls back to back, then one wait, per call: the device's time when dispatch overlaps it). An impl that
+    fails is reported, not raised."""
     import jax
     import numpy as np
 
-    from llmjax.infer.engine import Engine, decode_program, prefill_program
+    from llmjax.infer.engine import Engine, decode_program, prefill_program, sample_program
     from llmjax.infer.paged import _paged_forward, resolve_prefill_impl
 
     engine = Engine(params, cfg, engine_config(args, "continuous"))
@@ -303,52 +315,78 @@ def program_times(params, cfg, args, repeats: int) -> dict:
     blocks = lambda rows, width: rng.integers(0, engine.config.num_blocks, (rows, width), dtype=np.int32)  # noqa: E731
     no_attention = jax.jit(
         lambda dparams, cache, tokens, tables, context, lengths: _paged_forward(
-            dparams, tokens, cache, tables, context, lengths, cfg, lambda q, layer, positions, kv_lengths: q),
+            dparams, tokens, cache, tables, context, lengths, cfg, lambda q, layer, positions, kv_lengths: q)[1],
         donate_argnums=1)
 
-    def timed(run) -> float:
-        times = []
-        for i in range(repeats + 1):
+    def timed(run) -> dict:
+        """run() dispatches once and stores what it must (the donated cache) on the engine; returns an array."""
+        jax.block_until_ready(run())
+        calls, alone = [], []
+        for _ in range(repeats):
             tick = time.perf_counter()
             out = run()
-            engine.cache = out[1]
-            if len(out) > 2:
-                engine._slot_tokens = out[2]
-            jax.block_until_ready(engine.cache)
-            times.append(time.perf_counter() - tick)
-        return 1e3 * float(np.median(times[1:]))
+            calls.append(time.perf_counter() - tick)
+            jax.block_until_ready(out)
+            alone.append(time.perf_counter() - tick)
+        tick = time.perf_counter()
+        for _ in range(repeats):
+            out = run()
+        jax.block_until_ready(out)
+        pipelined = (time.perf_counter() - tick) / repeats
+        return {"call": 1e3 * float(np.median(calls)), "alone": 1e3 * float(np.median(alone)),
+                "pipelined": 1e3 * pipelined}
+
+    def program(fn, *args, **kwargs):
+        def run():
+            *out, engine.cache, engine._slot_tokens = fn(engine.dparams, engine.cache, engine._slot_tokens, *args,
+                                                         **kwargs)
+            return engine._slot_tokens
+        return run
+
+    def without_attention(*args):
+        def run():
+            engine.cache = no_attention(engine.dparams, engine.cache, *args)
+            return engine.cache
+        return run
 
     result = {}
     width = buckets.table_width[-1]
     for rows in buckets.batch:
-        slots, sampling, _ = engine._rows([], rows, buckets.table_width)
         tables = blocks(rows, width)
         lengths = np.full(rows, min(400, width * block_size - 1), np.int32)
-        zeros = np.zeros(rows, np.int32)
-        result[f"decode [{rows}] x {lengths[0]} tokens"] = timed(lambda: decode_program(
-            engine.dparams, engine.cache, engine._slot_tokens, zeros, np.zeros(rows, bool), slots, tables, lengths,
-            sampling, zeros, cfg=cfg, impl=engine.impl))
+        zeros, slots = np.zeros(rows, np.int32), np.arange(rows, dtype=np.int32) % engine.config.max_running
+        result[f"decode [{rows}] x {lengths[0]} tokens"] = timed(program(
+            decode_program, zeros, np.ones(rows, bool), slots, tables, lengths, cfg=cfg, impl=engine.impl))
+    logits = jax.numpy.asarray(rng.standard_normal((rows, cfg.padded_vocab_size)), jax.numpy.float32)
+    _, sampling, _ = engine._rows([], rows, buckets.table_width)
+    sampling = {**sampling, "temperature": np.full(rows, 0.8, np.float32), "top_p": np.full(rows, 0.9, np.float32)}
+
+    def sample(sort):
+        def run():
+            tokens, engine._slot_tokens = sample_program(logits, zeros, sampling, zeros, engine._slot_tokens, slots,
+                                                         sort=sort)
+            return tokens
+        return run
+
+    for sort in (False, True):
+        result[f"sample [{rows}]{', sort (top-k / top-p)' if sort else ''}"] = timed(sample(sort))
     for rows, chunk in buckets.prefill_shapes:
-        slots, sampling, _ = engine._rows([], rows, buckets.table_width)
         tokens = rng.integers(0, cfg.vocab_size, (rows, chunk)).astype(np.int32)
-        lengths = np.full(rows, chunk, np.int32)
-        zeros = np.zeros(rows, np.int32)
+        lengths, slots = np.full(rows, chunk, np.int32), np.arange(rows, dtype=np.int32)
         for width in buckets.table_width:
             context = np.full(rows, max(0, min(192, width * block_size - chunk)), np.int32)
             tables = blocks(rows, width)
             name = f"prefill [{rows}, {chunk}] after {context[0]}, table {width}"
             for impl in dict.fromkeys(("xla", resolve_prefill_impl("auto", cfg))):
                 try:
-                    result[f"{name}, {impl}"] = timed(lambda: prefill_program(
-                        engine.dparams, engine.cache, engine._slot_tokens, tokens, slots, tables, context, lengths,
-                        sampling, zeros, cfg=cfg, impl=impl))
+                    result[f"{name}, {impl}"] = timed(program(prefill_program, tokens, slots, tables, context, lengths,
+                                                              cfg=cfg, impl=impl))
                 except Exception as error:  # noqa: BLE001 (a kernel that does not build here: say so, go on)
                     result[f"{name}, {impl}"] = f"failed: {type(error).__name__}: {str(error)[:300]}"
             if width == buckets.table_width[-1]:
-                result[name + ", no attention"] = timed(lambda: no_attention(
-                    engine.dparams, engine.cache, tokens, tables, context, lengths))
+                result[name + ", no attention"] = timed(without_attention(tokens, tables, context, lengths))
     for name, ms in result.items():
-        print(f"  {name}: {ms:.2f} ms" if isinstance(ms, float) else f"  {name}: {ms}")
+        print(f"  {name}: " + (", ".join(f"{k} {v:.2f}" for k, v in ms.items()) + " ms" if isinstance(ms, dict) else ms))
     del engine
     return result
 
@@ -538,7 +576,8 @@ def main(argv: list[str] | None = None) -> int:
                       parameters=int(sum(x.size for x in jax.tree.leaves(params))))
         requests = make_workload(args, cfg.vocab_size, args.max_model_len)
         jobs = [(mode, rate) for rate in rates for mode in modes]
-        jobs += [(f"{mode}-sync", rates[0]) for mode in args.compare_sync.split(",") if mode]
+        syncs = [(f"{mode}-sync", rates[0]) for mode in args.compare_sync.split(",") if mode]
+        jobs[len(modes): len(modes)] = syncs  # right after the first rate's runs (before --time-budget cuts)
         if args.check_outputs:
             report["check_outputs"] = check_outputs(params, cfg, args, requests)
             args.out.write_text(json.dumps(report, indent=1))

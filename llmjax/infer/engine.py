@@ -233,26 +233,20 @@ def resolve_config(config: EngineConfig, cfg: ModelConfig) -> tuple[int, Buckets
 TRACES: collections.Counter = collections.Counter()  # program name -> times traced (= compiled)
 
 
-def sample_rows(logits: jax.Array, sampling: dict, steps: jax.Array) -> jax.Array:
-    """The next token per row [batch] int32 from float32 logits [batch, vocab]: greedy rows (temperature 0) the
-    argmax, others temperature / top-k / top-p then the Gumbel-max draw keyed by (seed, steps[row]) as
-    `sampling.choose` (which keys a batch by one step). The sort and the draw run only when a row needs them."""
+def sample_rows(logits: jax.Array, greedy: jax.Array, sampling: dict, steps: jax.Array, sort: bool) -> jax.Array:
+    """The next token per row [batch] int32 from float32 logits [batch, vocab]: greedy rows (temperature 0) keep
+    their argmax `greedy`, others temperature / top-k / top-p (the sort only when `sort`: some row has top-k or
+    top-p) then the Gumbel-max draw keyed by (seed, steps[row]) as `sampling.choose` (which keys a batch by one
+    step). No lax.cond: an XLA conditional on a GPU reads its predicate back to the host, which would make
+    every dispatch wait for the device (the host decides instead, by which program it runs)."""
     arrays = SamplingArrays(temperature=sampling["temperature"], top_k=sampling["top_k"], top_p=sampling["top_p"],
                             min_p=None, repetition_penalty=None, presence_penalty=None, frequency_penalty=None,
                             seed=sampling["seed"], logit_bias=None)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    sampled_rows = sampling["temperature"] > 0
-
-    def draw(logits):
-        needs_sort = jnp.any(sampled_rows & ((arrays.top_k > 0) | (arrays.top_p < 1)))
-        filtered = jax.lax.cond(needs_sort, lambda x: filter_logits(x, arrays, SamplingFeatures(sort=True)),
-                                lambda x: filter_logits(x, arrays, SamplingFeatures()), logits)
-        keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(arrays.seed, steps)
-        gumbel = jax.vmap(lambda key: jax.random.gumbel(key, (logits.shape[-1],), jnp.float32))(keys)
-        return jnp.argmax(filtered + gumbel, axis=-1).astype(jnp.int32)
-
-    sampled = jax.lax.cond(jnp.any(sampled_rows), draw, lambda x: greedy, logits)
-    return jnp.where(sampled_rows, sampled, greedy)
+    filtered = filter_logits(logits, arrays, SamplingFeatures(sort=sort))
+    keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(arrays.seed, steps)
+    gumbel = jax.vmap(lambda key: jax.random.gumbel(key, (logits.shape[-1],), jnp.float32))(keys)
+    sampled = jnp.argmax(filtered + gumbel, axis=-1).astype(jnp.int32)
+    return jnp.where(sampling["temperature"] > 0, sampled, greedy)
 
 
 def keep_sampled(slot_tokens: jax.Array, slots: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -262,27 +256,36 @@ def keep_sampled(slot_tokens: jax.Array, slots: jax.Array, tokens: jax.Array) ->
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache", "slot_tokens"))
-def decode_program(dparams, cache, slot_tokens, last_tokens, from_slot, slots, block_tables, lengths, sampling, steps,
-                   *, cfg, impl):
-    """One token per row (length -1: an empty row) and its successor sampled: (tokens [batch], cache, slot_tokens).
-    A row's input token is last_tokens[row], or, where from_slot[row], the token the previous step sampled for it
-    (slot_tokens[slots[row]], still on the device: asynchronous scheduling)."""
+def decode_program(dparams, cache, slot_tokens, last_tokens, from_slot, slots, block_tables, lengths, *, cfg, impl):
+    """One token per row (length -1: an empty row) and its greedy successor: (tokens [batch], float32 logits
+    [batch, padded_vocab] for `sample_program`, cache, slot_tokens). A row's input token is last_tokens[row],
+    or, where from_slot[row], the token the previous step chose for it (slot_tokens[slots[row]], still on the
+    device: asynchronous scheduling)."""
     TRACES["decode"] += 1
     last = jnp.where(from_slot, slot_tokens[jnp.maximum(slots, 0)], last_tokens)
     logits, cache = decode_step_paged(dparams, last, cache, block_tables, lengths, cfg, impl)
-    tokens = sample_rows(logits, sampling, steps)
-    return tokens, cache, keep_sampled(slot_tokens, slots, tokens)
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return tokens, logits, cache, keep_sampled(slot_tokens, slots, tokens)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache", "slot_tokens"))
-def prefill_program(dparams, cache, slot_tokens, tokens, slots, block_tables, context_lengths, chunk_lengths, sampling,
-                    steps, *, cfg, impl):
-    """A chunk per row [rows, chunk] after its stored tokens, and the token after each row's last chunk token:
-    (tokens [rows], cache, slot_tokens)."""
+def prefill_program(dparams, cache, slot_tokens, tokens, slots, block_tables, context_lengths, chunk_lengths, *, cfg,
+                    impl):
+    """A chunk per row [rows, chunk] after its stored tokens, and the greedy token after each row's last chunk
+    token: (tokens [rows], float32 logits [rows, padded_vocab], cache, slot_tokens)."""
     TRACES["prefill"] += 1
     logits, cache = prefill_paged(dparams, tokens, cache, block_tables, context_lengths, chunk_lengths, cfg, impl)
-    sampled = sample_rows(logits, sampling, steps)
-    return sampled, cache, keep_sampled(slot_tokens, slots, sampled)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return greedy, logits, cache, keep_sampled(slot_tokens, slots, greedy)
+
+
+@functools.partial(jax.jit, static_argnames=("sort",), donate_argnames=("slot_tokens",))
+def sample_program(logits, greedy, sampling, steps, slot_tokens, slots, *, sort):
+    """Rows with temperature > 0 drawn from their logits (`sample_rows`), run after a program only when its batch
+    has such rows: (tokens [rows], slot_tokens)."""
+    TRACES["sample"] += 1
+    tokens = sample_rows(logits, greedy, sampling, steps, sort)
+    return tokens, keep_sampled(slot_tokens, slots, tokens)
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
@@ -775,14 +778,14 @@ class Engine:
         lengths = np.full(rows, -1, np.int32)
         steps = np.zeros(rows, np.int32)
         for row, request in enumerate(requests):
-            from_slot[row] = request.inflight > 0  # its input token is the one the step in flight samples
+            from_slot[row] = request.inflight > 0  # its input token is the one the step in flight chooses
             last[row] = 0 if request.inflight else request.tokens[-1]
             lengths[row], steps[row] = request.computed, request.num_generated + request.inflight
         slots, sampling, tables = self._rows(requests, rows, self.decode_widths)
-        tokens, self.cache, self._slot_tokens = decode_program(
-            self.dparams, self.cache, self._slot_tokens, last, from_slot, slots, tables, lengths, sampling, steps,
-            cfg=self.cfg, impl=self.impl)
-        return tokens
+        tokens, logits, self.cache, self._slot_tokens = decode_program(
+            self.dparams, self.cache, self._slot_tokens, last, from_slot, slots, tables, lengths, cfg=self.cfg,
+            impl=self.impl)
+        return self._sample(tokens, logits, sampling, steps, slots)
 
     def _run_prefill(self, chunks: list[tuple[_Request, int]], shape: tuple[int, int]) -> jax.Array:
         rows, width = shape
@@ -793,10 +796,22 @@ class Engine:
             tokens[row, :n] = request.tokens[request.computed: request.computed + n]
             context[row], lengths[row], steps[row] = request.computed, n, request.num_generated
         slots, sampling, tables = self._rows([r for r, _ in chunks], rows, self.buckets.table_width)
-        sampled, self.cache, self._slot_tokens = prefill_program(
-            self.dparams, self.cache, self._slot_tokens, tokens, slots, tables, context, lengths, sampling, steps,
-            cfg=self.cfg, impl=self.prefill_impl)
-        return sampled
+        greedy, logits, self.cache, self._slot_tokens = prefill_program(
+            self.dparams, self.cache, self._slot_tokens, tokens, slots, tables, context, lengths, cfg=self.cfg,
+            impl=self.prefill_impl)
+        return self._sample(greedy, logits, sampling, steps, slots)
+
+    def _sample(self, greedy: jax.Array, logits: jax.Array, sampling: dict, steps: np.ndarray,
+                slots: np.ndarray) -> jax.Array:
+        """The rows' tokens: the program's greedy ones, or, when some row has temperature > 0, sample_program's
+        (with the sort when one of those rows has top-k or top-p)."""
+        sampled = sampling["temperature"] > 0
+        if not sampled.any():
+            return greedy
+        sort = bool((sampled & ((sampling["top_k"] > 0) | (sampling["top_p"] < 1))).any())
+        tokens, self._slot_tokens = sample_program(logits, greedy, sampling, steps, self._slot_tokens, slots,
+                                                   sort=sort)
+        return tokens
 
     # --- warm-up ----------------------------------------------------------------------------------
 
@@ -804,22 +819,30 @@ class Engine:
         """Compile every program at every bucket shape (empty rows: nothing is written), so none compiles
         while serving."""
         b = self.buckets
+        outputs = {}  # row count -> (greedy, logits), to compile sample_program on
         for rows in b.batch:
-            slots, sampling, _ = self._rows([], rows, b.table_width)
+            slots = np.full(rows, -1, np.int32)
             zeros = np.zeros(rows, np.int32)
             for width in self.decode_widths:
                 tables = np.full((rows, width), -1, np.int32)
-                _, self.cache, self._slot_tokens = decode_program(
+                *out, self.cache, self._slot_tokens = decode_program(
                     self.dparams, self.cache, self._slot_tokens, zeros, np.zeros(rows, bool), slots, tables,
-                    np.full(rows, -1, np.int32), sampling, zeros, cfg=self.cfg, impl=self.impl)
+                    np.full(rows, -1, np.int32), cfg=self.cfg, impl=self.impl)
+            outputs[rows] = out
         for rows, chunk in b.prefill_shapes:
-            slots, sampling, _ = self._rows([], rows, b.table_width)
+            slots = np.full(rows, -1, np.int32)
             zeros = np.zeros(rows, np.int32)
             for width in b.table_width:
                 tables = np.full((rows, width), -1, np.int32)
-                _, self.cache, self._slot_tokens = prefill_program(
+                *out, self.cache, self._slot_tokens = prefill_program(
                     self.dparams, self.cache, self._slot_tokens, np.zeros((rows, chunk), np.int32), slots, tables,
-                    zeros, zeros, sampling, zeros, cfg=self.cfg, impl=self.prefill_impl)
+                    zeros, zeros, cfg=self.cfg, impl=self.prefill_impl)
+            outputs[rows] = out
+        for rows, (greedy, logits) in outputs.items():
+            slots, sampling, _ = self._rows([], rows, b.table_width)
+            for sort in (False, True):
+                _, self._slot_tokens = sample_program(logits, greedy, sampling, np.zeros(rows, np.int32),
+                                                      self._slot_tokens, slots, sort=sort)
         self.cache = copy_program(self.cache, pad_copies([], b.batch[-1]))
         if self.config.preemption == "swap":
             for width in b.table_width:

@@ -42,7 +42,7 @@ def test_bench_serve_checks_and_sync_comparison(tmp_path):
     report = json.loads(out.read_text())
     assert [run["mode"] for run in report["runs"]] == ["static", "continuous", "static-sync", "continuous-sync"]
     assert {"continuous_vs_static_at_rate_inf", "continuous-sync_vs_static-sync_at_rate_inf"} <= set(report["headline"])
-    check = report["check_outputs"]
+    check = report["check_outputs"]["float32"]
     assert check["async"] == check["sync"] == {"equal": 3, "differ": []}
     assert any(name.startswith("decode [8]") for name in report["program_ms"])
     assert any(name.endswith("no attention") for name in report["program_ms"])
