@@ -20,12 +20,9 @@ SHAPES = ("2048x2048", "2048x8192", "8192x2048", "4096x4096", "4096x11008", "110
 SWEEP_BASE = dict(block_m=16, block_n=128, block_k=128, per_sm=4, num_warps=4, num_stages=1, swap_ab=True)
 GEMV = dict(block_m=1, block_k=64, num_warps=2, swap_ab=False)
 SWEEP = {
-    "int4": (dict(split_sum="kernel"), dict(unroll=2), dict(unroll=2, split_sum="kernel"),
-             dict(per_sm=2, split_sum="kernel"), dict(per_sm=2, unroll=2, split_sum="kernel"), dict(block_k=64), GEMV),
-    "int8": (dict(block_k=64, split_sum="kernel"), dict(block_k=64, unroll=2, split_sum="kernel"),
-             dict(split_sum="kernel"), GEMV),
-    "nf4": (dict(block_k=64, split_sum="kernel"), dict(block_k=64, unroll=2, split_sum="kernel"),
-            dict(block_k=64, per_sm=8), GEMV),
+    "int4": (dict(block_k=64), dict(per_sm=2), dict(per_sm=8), dict(block_n=256, num_warps=8), GEMV),
+    "int8": (dict(block_k=64), dict(block_k=128)),
+    "nf4": (dict(block_k=64, nf4_lookup="permute"), dict(block_k=64, nf4_lookup="gather")),
 }
 
 
@@ -164,13 +161,13 @@ def main(argv: list[str] | None = None) -> int:
         for variant in SWEEP.get(fmt, ()):
             fields = {**SWEEP_BASE, **variant}
             per_sm = fields.pop("per_sm")
-            block_m, block_k, unroll = fields["block_m"], fields["block_k"], fields.get("unroll", 1)
-            if group % block_k or k % (block_k * unroll) or (block_m == 1 and rows > 1):
+            block_m, block_k = fields["block_m"], fields["block_k"]
+            if group % block_k or (block_m == 1 and rows > 1):
                 continue
             programs = (rows if block_m == 1 else -(-rows // block_m)) * -(-n // fields["block_n"])
-            splits = choose_splits(k // (block_k * unroll), programs, per_sm * multiprocessors) if per_sm else 1
-            lookup = "permute" if fields["swap_ab"] else "gather"
-            yield MatmulTiles(**fields, splits=splits, nf4_lookup=lookup)
+            splits = choose_splits(k // block_k, programs, per_sm * multiprocessors) if per_sm else 1
+            fields.setdefault("nf4_lookup", "permute" if fields["swap_ab"] else "gather")
+            yield MatmulTiles(**fields, splits=splits)
 
     bandwidth = copy_bandwidth(jax, jnp) if on_gpu else None
 

@@ -7,29 +7,39 @@ block_n] tile of bytes), its group's scales and zero points as stored (float16 /
 int8 scale codes, their per-block float32 scales and the mean), dequantizes in registers and accumulates in
 float32. Nothing is prepared outside the kernel, so one call is one kernel (plus the split-K sum below).
 
-Two kernels, picked by `MatmulTiles.block_m`:
+Three kernels, picked by `MatmulTiles` (`default_tiles` chooses):
 
-- block_m == 1, the GEMV for decode: one program per (input row, block_n columns, K split), no tensor cores.
-  A step multiplies a [block_k] slice of x into a [block_k, block_n] dequantized tile elementwise and adds it
-  to a 2-D float32 accumulator, summed over its rows once at the end. 4-bit codes hold input rows 2i (low
-  nibble) and 2i+1 (high nibble) in one byte, so the step reads x's even and odd columns with stride-2 loads
-  and adds x_even * low + x_odd * high: no shuffles.
-- block_m >= 16, tensor-core tiles for batched decode and prefill: one program per ([block_m, block_n] output
-  tile, K split), x_even @ low + x_odd @ high per step (two dots); int3 the same with eight planes (eight codes
-  in a 24-bit word over three byte planes, llmjax.quant.formats.pack_3bit; x read by column mod 8).
+- swap_ab (decode, 1-16 rows; int4 / int8 / NF4): the tensor cores with the dequantized weights as the first
+  operand, out^T [block_n, 16] = W^T [block_n, block_k] @ x^T [block_k, 16], so the weight columns fill the
+  MMA's 64-row side and x's few rows pad its 16-column side (Marlin's and Machete's layout). Codes are decoded
+  by inline PTX, four per register (`nibble_asm`): a byte permute and one LOP3 turn two nibbles into a bf16 pair
+  128 + c (OR-ed into the mantissa of 128.0), and NF4 levels come from a 16-entry table held in the immediates
+  of byte permutes; int8 is two nibble planes (c = low + 16 high). The zero point and the scale are applied to
+  each step's [block_n, 16] product, not to every weight: sum_k s (c_k - z) x_k = s (sum_k (c_k + 128) x_k -
+  (z + 128) sum_k x_k). Triton moves the raw codes, not the bf16 weights, into the MMA's register layout.
+- block_m == 1, the GEMV (int8 and NF4 at one row, where it measured faster): one program per (input row,
+  block_n columns, K split), no tensor cores. A step multiplies a [block_k] slice of x into a [block_k, block_n]
+  dequantized tile elementwise and adds it to a 2-D float32 accumulator, summed over its rows once at the end.
+  4-bit codes hold input rows 2i (low nibble) and 2i+1 (high nibble) in one byte, so the step reads x's even and
+  odd columns and adds x_even * low + x_odd * high.
+- block_m >= 16, tensor-core tiles with the weights as the second operand (prefill, int3): one program per
+  ([block_m, block_n] output tile, K split), x_even @ low + x_odd @ high per step (two dots); int3 the same with
+  eight planes (eight codes in a 24-bit word over three byte planes, llmjax.quant.formats.pack_3bit; x read by
+  column mod 8).
 
-Split-K: a batch-1 matmul has only N / block_n column tiles (32 for N = 4096 and 128-column tiles), far
-fewer than a GPU's streaming multiprocessors, and each must stream K / 2 rows of bytes. `splits` cuts K
-into that many ranges, each its own program writing float32 partial sums [splits, M, N]; one small XLA sum
-adds them (and fuses into whatever consumes the product). `default_tiles` picks splits to give about four
-programs per multiprocessor. NF4's 16 levels are read from a 16-entry table in global memory (an L1-resident
-gather), or with `nf4_lookup="select"` a chain of selects. Integer codes become floats without an int -> float
-conversion: OR-ed into the mantissa of 2^23, a code c reads as the float 2^23 + c exactly, and 2^23 + zero
-point is subtracted. On the H200 this measured the same as converting (`int_decode="convert"`, kept for the
-comparison): the batch-1 GEMV is bound by its per-weight float work, not by the conversions (docs/perf.md).
+Split-K: a decode matmul has only N / block_n column tiles (32 for N = 4096 and 128-column tiles), far fewer
+than a GPU's streaming multiprocessors, and each must stream K / 2 rows of bytes. `splits` cuts K into that many
+ranges, each its own program writing float32 partial sums [splits, M, N]; one small XLA sum adds them (and fuses
+into whatever consumes the product). `default_tiles` picks splits to give about four programs per
+multiprocessor. (Adding the partial sums in the kernel instead, by the last program of each tile to arrive at
+an atomic counter, measured slower on the H200: docs/perf.md.) In the GEMV and the second-operand kernel, NF4's
+16 levels are read from a 16-entry table in global memory (an L1-resident gather), or with
+`nf4_lookup="select"` a chain of selects, and integer codes become floats without an int -> float conversion:
+OR-ed into the mantissa of 2^23, a code c reads as the float 2^23 + c exactly, and 2^23 + zero point is
+subtracted (`int_decode="convert"` converts instead, kept for the comparison).
 
 The reference is `llmjax.quant.formats.quantized_matmul` (XLA: dequantize, then one dot). Interpret-mode
-tests run both kernels on CPUs; `tests/kernels/test_matmul_quant.py` also has GPU tests at real sizes.
+tests run the kernels on CPUs (the PTX decode through a small PTX interpreter in the test); `tests/kernels/test_matmul_quant.py` also has GPU tests at real sizes.
 """
 
 from __future__ import annotations
@@ -67,9 +77,6 @@ class MatmulTiles:
     int_decode: str = "magic"  # int codes to float: "magic" (exponent bits, no conversion) or "convert"
     interpret: bool = False
     swap_ab: bool = False  # tensor cores with the weights as the first operand: out^T [bn, bm] = W^T [bn, bk] @ x^T
-    unroll: int = 1  # swap_ab: block_k steps per loop iteration, all of their loads issued before the first dot
-    split_sum: str = "xla"  # split-K partial sums added by "xla" (a second kernel) or "kernel" (the last split's
-    # program of each tile adds them, counted by an atomic: one kernel, plus a memset of the counters)
 
 
 def _multiprocessors() -> int:
@@ -92,21 +99,23 @@ def default_tiles(m: int, k: int, n: int, group_size: int, interpret: bool | Non
                   ) -> MatmulTiles:
     """Decode (M <= 16, not int3): the swap_ab kernel, 128 weight columns x 128 input rows a step (64 for int8 and
     NF4), x's rows padded to 16, 4 warps, no software pipelining (the loads feed the decode in registers), NF4 by
-    byte permutes. Else tensor-core tiles of 64 x 128. K is split to give about PROGRAMS_PER_SM programs per
-    multiprocessor (prefill grids only when they have fewer programs than multiprocessors). block_k is the largest
-    allowed size that divides the group size."""
+    byte permutes; except int8 and NF4 at one row, where the GEMV (128 columns x 64 rows, 2 warps) measured ~10%
+    faster on the H200 (docs/perf.md). Else tensor-core tiles of 64 x 128. K is split to give about
+    PROGRAMS_PER_SM programs per multiprocessor (prefill grids only when they have fewer programs than
+    multiprocessors). block_k is the largest allowed size that divides the group size."""
     interpret = jax.devices()[0].platform != "gpu" if interpret is None else interpret
-    swap_ab = m <= 16 and fmt != "int3"
-    block_m = 16 if m <= 16 else 64
-    sizes = (128, 64, 32) if not swap_ab or fmt == "int4" else (64, 32)
+    gemv = m == 1 and fmt in ("int8", "nf4")
+    swap_ab = m <= 16 and fmt != "int3" and not gemv
+    block_m = 1 if gemv else 16 if m <= 16 else 64
+    sizes = (128, 64, 32) if not (swap_ab or gemv) or fmt == "int4" else (64, 32)
     block_k = next((b for b in sizes if group_size % b == 0), group_size)
     block_n = 128 if n >= 128 else max(16, pl.next_power_of_2(n))
     programs, multiprocessors = pl.cdiv(m, block_m) * pl.cdiv(n, block_n), _multiprocessors()
     # prefill-sized grids fill the GPU already: split only when there are fewer programs than multiprocessors
-    splits = choose_splits(k // block_k, programs, PROGRAMS_PER_SM * multiprocessors) if swap_ab or programs < \
+    splits = choose_splits(k // block_k, programs, PROGRAMS_PER_SM * multiprocessors) if m <= 16 or programs < \
         multiprocessors else 1
-    warps = 4 if block_m == 16 else 8
-    stages = 1 if swap_ab else 3 if block_m == 16 else 2
+    warps = 2 if gemv else 4 if block_m == 16 else 8
+    stages = 1 if gemv or swap_ab else 3 if block_m == 16 else 2
     return MatmulTiles(block_m, block_n, block_k, splits, warps, stages, "permute" if swap_ab else "gather",
                        interpret=interpret, swap_ab=swap_ab)
 
@@ -353,11 +362,7 @@ def _swap_ab_kernel(*refs, spec: _Format, names: tuple, m: int, n: int, k: int, 
     [s * steps, (s + 1) * steps), computed transposed: acc [bn, bm] += scale * (W^T - zero) [bn, bk] @ x^T [bk, bm].
     The weights are the tensor cores' first operand, so bn (64 / 128) fills the 64-row MMA and x's few rows pad to
     bm = 16; the per-column scale multiplies the step's [bn, bm] partial product instead of every weight."""
-    in_kernel_sum = tiles.splits > 1 and tiles.split_sum == "kernel"
-    if in_kernel_sum:
-        x_ref, codes_ref, *param_refs, _, out_ref, partial_ref, counter_ref = refs
-    else:
-        x_ref, codes_ref, *param_refs, out_ref = refs
+    x_ref, codes_ref, *param_refs, out_ref = refs
     group = _Group(spec, dict(zip(names, param_refs)), n)
     bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
     first_row, first_col, split = pl.program_id(0) * bm, pl.program_id(1) * bn, pl.program_id(2)
@@ -390,33 +395,12 @@ def _swap_ab_kernel(*refs, spec: _Format, names: tuple, m: int, n: int, k: int, 
             part = part - (zero + bias)[:, None] * jnp.sum(x.astype(jnp.float32), axis=1)[None, :]
         return scale[:, None] * part
 
-    def step(index, acc):  # acc [bn, bm] float32; `unroll` block_k steps, every load issued before the first dot
-        first = (split * steps + index) * tiles.unroll
-        for loaded in [load(first + i) for i in range(tiles.unroll)]:
-            acc = acc + product(*loaded)
-        return acc
+    def step(index, acc):  # acc [bn, bm] float32
+        return acc + product(*load(split * steps + index))
 
     acc = lax.fori_loop(0, _split_length(split, steps, k_steps), step, jnp.zeros((bn, bm), jnp.float32))
-    if tiles.splits == 1:
-        plgpu.store(out_ref.at[rows, cols], acc.T.astype(out_ref.dtype), mask=out_mask)
-    elif not in_kernel_sum:
-        plgpu.store(out_ref.at[split, rows, cols], acc.T, mask=out_mask)
-    else:  # the tile's last program to arrive adds the partial sums (the barrier orders this program's stores
-        # before its release; the counter's acquire orders the other programs' stores before the reads)
-        plgpu.store(partial_ref.at[split, rows, cols], acc.T, mask=out_mask)
-        if not tiles.interpret:  # (the interpreter runs programs one after another)
-            plgpu.debug_barrier()
-        arrived = plgpu.atomic_add(counter_ref, pl.program_id(0) * pl.num_programs(1) + pl.program_id(1),
-                                   jnp.ones((), jnp.int32))
-
-        @pl.when(arrived == tiles.splits - 1)
-        def _():
-            def add(s, total):
-                return total + plgpu.load(partial_ref.at[s, rows, cols], mask=out_mask,
-                                          other=None if out_mask is None else 0, volatile=True)
-
-            total = lax.fori_loop(0, tiles.splits, add, jnp.zeros((bm, bn), jnp.float32))
-            plgpu.store(out_ref.at[rows, cols], total.astype(out_ref.dtype), mask=out_mask)
+    index = (split, rows, cols) if tiles.splits > 1 else (rows, cols)
+    plgpu.store(out_ref.at[index], acc.T.astype(out_ref.dtype), mask=out_mask)
 
 
 def _group_inputs(qm: QuantizedMatrix, lookup: str) -> dict:
@@ -436,7 +420,7 @@ def _call(x2d, qm: QuantizedMatrix, tiles: MatmulTiles):
     n = qm.out_features
     params = _group_inputs(qm, tiles.nf4_lookup)
     spec = _Format(qm.format, qm.bits, tiles.nf4_lookup, tiles.int_decode)
-    k_steps = k // (tiles.block_k * tiles.unroll)
+    k_steps = k // tiles.block_k
     common = dict(spec=spec, names=tuple(params), n=n, group_size=qm.group_size, tiles=tiles,
                   steps=split_steps(k_steps, tiles.splits), k_steps=k_steps)
     if tiles.block_m == 1:
@@ -445,29 +429,15 @@ def _call(x2d, qm: QuantizedMatrix, tiles: MatmulTiles):
         kernel, row_programs = functools.partial(_swap_ab_kernel, m=m, k=k, **common), pl.cdiv(m, tiles.block_m)
     else:
         kernel, row_programs = functools.partial(_dot_kernel, m=m, k=k, **common), pl.cdiv(m, tiles.block_m)
-    grid = (row_programs, pl.cdiv(n, tiles.block_n), tiles.splits)
     split = tiles.splits > 1
-    inputs = [x2d, qm.codes, *params.values()]
-    if split and tiles.split_sum == "kernel":  # outputs: the product, the partial sums, the arrival counters
-        out_shape = [jax.ShapeDtypeStruct((m, n), x2d.dtype), jax.ShapeDtypeStruct((tiles.splits, m, n), jnp.float32),
-                     jax.ShapeDtypeStruct((grid[0] * grid[1],), jnp.int32)]
-        inputs.append(jnp.zeros((grid[0] * grid[1],), jnp.int32))
-        aliases = {len(inputs) - 1: 2}
-    else:
-        out_shape = jax.ShapeDtypeStruct((tiles.splits, m, n) if split else (m, n),
-                                         jnp.float32 if split else x2d.dtype)
-        aliases = {}
     out = pl.pallas_call(
         kernel,
-        out_shape=out_shape,
-        grid=grid,
-        input_output_aliases=aliases,
+        out_shape=jax.ShapeDtypeStruct((tiles.splits, m, n) if split else (m, n), jnp.float32 if split else x2d.dtype),
+        grid=(row_programs, pl.cdiv(n, tiles.block_n), tiles.splits),
         compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
         interpret=tiles.interpret,
         name=f"matmul_{qm.format}_{'gemv' if tiles.block_m == 1 else 'swap_ab' if tiles.swap_ab else 'dot'}",
-    )(*inputs)
-    if aliases:
-        return out[0]
+    )(x2d, qm.codes, *params.values())
     return out.sum(axis=0).astype(x2d.dtype) if split else out
 
 
@@ -478,17 +448,10 @@ def check_tiles(tiles: MatmulTiles, qm: QuantizedMatrix) -> None:
     if qm.group_size % tiles.block_k or tiles.block_k % unit:
         raise ValueError(f"block_k={tiles.block_k} must divide the group size {qm.group_size} (and be even for 4-bit, "
                          f"a multiple of 8 for int3)")
-    if tiles.unroll < 1 or (tiles.unroll > 1 or tiles.split_sum != "xla") and not tiles.swap_ab:
-        raise ValueError(f"unroll={tiles.unroll}, split_sum={tiles.split_sum!r}: unroll >= 1; unroll > 1 and "
-                         f"split_sum='kernel' are swap_ab options")
-    if tiles.split_sum not in ("xla", "kernel"):
-        raise ValueError(f"split_sum={tiles.split_sum!r}: expected 'xla' or 'kernel'")
-    if k % (tiles.block_k * tiles.unroll):
-        raise ValueError(f"K={k} is not a multiple of block_k={tiles.block_k} x unroll={tiles.unroll}")
-    k_steps = k // (tiles.block_k * tiles.unroll)
+    k_steps = k // tiles.block_k
     if not 1 <= tiles.splits <= k_steps or pl.cdiv(k_steps, split_steps(k_steps, tiles.splits)) != tiles.splits:
-        raise ValueError(f"splits={tiles.splits}: K={k} has {k_steps} steps of block_k={tiles.block_k} x unroll "
-                         f"{tiles.unroll}; give 1 .. {k_steps} splits with at least one step each (choose_splits picks one)")
+        raise ValueError(f"splits={tiles.splits}: K={k} has {k_steps} steps of block_k={tiles.block_k}; give 1 .. "
+                         f"{k_steps} splits with at least one step each (choose_splits picks one)")
     dot_depth = tiles.block_k // unit  # the contraction length of each tensor-core dot
     if tiles.block_m > 1 and dot_depth < 16 and not tiles.interpret:
         raise ValueError(f"block_k={tiles.block_k} gives {qm.format} dots of depth {dot_depth}; tensor cores need 16 "

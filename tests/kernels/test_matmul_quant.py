@@ -24,10 +24,9 @@ CASES = [(128, "int8", None, 1, 2, "magic"), (128, "int8", None, 16, 1, "convert
          (128, "nf4", 32, 1, 2, "gather"), (128, "nf4", 32, 1, 1, "select"), (128, "nf4", 32, 16, 2, "select")]
 
 
-# the swap_ab kernel (weights as the MMA's first operand): (K, format, group, splits, decode, unroll, split_sum)
-SWAP_CASES = [(128, "int4", 32, 2, "magic", 1, "xla"), (160, "int4", 32, 3, "convert", 1, "kernel"),
-              (160, "int8", None, 3, "magic", 1, "xla"), (128, "int8", 32, 1, "convert", 2, "xla"),
-              (192, "nf4", 32, 3, "permute", 2, "kernel"), (128, "nf4", 32, 1, "gather", 1, "xla")]
+# the swap_ab kernel (weights as the MMA's first operand): (K, format, group, splits, decode)
+SWAP_CASES = [(128, "int4", 32, 2, "magic"), (160, "int4", 32, 3, "convert"), (160, "int8", None, 3, "magic"),
+              (128, "int8", 32, 1, "convert"), (192, "nf4", 32, 3, "permute"), (128, "nf4", 32, 1, "gather")]
 
 
 @pytest.mark.parametrize("k, fmt, group, block_m, splits, decode", CASES)
@@ -44,16 +43,15 @@ def test_interpret_matches_reference(k, fmt, group, block_m, splits, decode):
                                    rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("k, fmt, group, splits, decode, unroll, split_sum", SWAP_CASES)
-def test_swap_ab_interpret_matches_reference(k, fmt, group, splits, decode, unroll, split_sum):
+@pytest.mark.parametrize("k, fmt, group, splits, decode", SWAP_CASES)
+def test_swap_ab_interpret_matches_reference(k, fmt, group, splits, decode):
     """The transposed tensor-core kernel: zero points and scales applied to each step's product, in float32 and
-    in bf16 (the GPU's operands: exact codes, NF4 levels rounded to bf16); two steps per iteration; the split-K
-    sum in the kernel (the last program of a tile adds the partial sums)."""
+    in bf16 (the GPU's operands: exact codes, NF4 levels rounded to bf16)."""
     lookup, int_decode = (decode, "magic") if fmt == "nf4" else ("permute", decode)
     w = jax.random.normal(jax.random.key(0), (k, 72)) * 0.02
     q = quantize(w, fmt, group)
     tiles = MatmulTiles(block_m=16, block_n=32, block_k=32, splits=splits, nf4_lookup=lookup, int_decode=int_decode,
-                        interpret=True, swap_ab=True, unroll=unroll, split_sum=split_sum)
+                        interpret=True, swap_ab=True)
     for rows, dtype, tolerance in ((1, jnp.float32, 1e-5), (19, jnp.float32, 1e-5), (3, jnp.bfloat16, 1e-2)):
         x = jax.random.normal(jax.random.key(rows), (rows, k)).astype(dtype)
         out = quantized_matmul_pallas(x, q, tiles=tiles).astype(jnp.float32)
@@ -128,6 +126,7 @@ def test_default_tiles_split_k_to_fill_the_gpu():
     decode = default_tiles(1, 4096, 4096, 128, interpret=True, fmt="int4")
     assert decode.swap_ab and decode.block_m == 16 and 128 % decode.block_k == 0 and decode.splits > 1
     assert default_tiles(8, 4096, 4096, 64, interpret=True, fmt="nf4").nf4_lookup == "permute"
+    assert default_tiles(1, 4096, 4096, 4096, interpret=True, fmt="int8").block_m == 1  # the GEMV at one row
     assert default_tiles(1, 4096, 4096, 64, interpret=True, fmt="int3").block_m == 16  # no int3 GEMV
     assert default_tiles(512, 4096, 4096, 128, interpret=True).splits == 1  # prefill fills the GPU without splits
 
@@ -152,11 +151,9 @@ def test_bad_shapes():
                                 tiles=MatmulTiles(block_m=1, block_k=32, interpret=True))
     with pytest.raises(ValueError, match="int_decode='cast'"):
         quantized_matmul_pallas(jnp.ones((1, 64)), q, tiles=MatmulTiles(block_k=32, int_decode="cast", interpret=True))
-    with pytest.raises(ValueError, match="K=64 is not a multiple of block_k=32 x unroll=4"):
-        quantized_matmul_pallas(jnp.ones((1, 64)), q, tiles=MatmulTiles(block_k=32, unroll=4, swap_ab=True,
-                                                                         interpret=True))
-    with pytest.raises(ValueError, match="split_sum='kernel' are swap_ab options"):
-        quantized_matmul_pallas(jnp.ones((1, 64)), q, tiles=MatmulTiles(block_k=32, split_sum="kernel", interpret=True))
+    with pytest.raises(ValueError, match="runs in the swap_ab kernel only"):
+        quantized_matmul_pallas(jnp.ones((1, 64)), quantize(jnp.ones((64, 16)), "nf4", 32),
+                                tiles=MatmulTiles(block_k=32, nf4_lookup="permute", interpret=True))
     with pytest.raises(ValueError, match="nf4_lookup='table'"):
         quantized_matmul_pallas(jnp.ones((1, 64)), q, tiles=MatmulTiles(block_k=32, nf4_lookup="table", interpret=True))
 
@@ -192,8 +189,7 @@ def test_gpu_matches_reference(fmt, rows):
     (4096, 2048, 1, "nf4", 64, MatmulTiles(16, 128, 64, 16, 4, 1, "gather", swap_ab=True)),
     (4096, 4096, 1, "int4", 128, MatmulTiles(16, 128, 128, 16, 4, 3, swap_ab=True)),  # pipelined
     (4096, 4096, 8, "int4", 128, MatmulTiles(16, 128, 128, 8, 4, 3)),  # the weights as the second operand
-    (11008, 4096, 1, "int4", 128, MatmulTiles(16, 128, 128, 15, 4, 1, swap_ab=True, unroll=2, split_sum="kernel")),
-    (4096, 2000, 5, "int8", None, MatmulTiles(16, 128, 64, 16, 4, 1, swap_ab=True, split_sum="kernel")),
+    (4096, 4096, 1, "int8", None, MatmulTiles(16, 128, 64, 16, 4, 1, swap_ab=True)),  # int8 swap_ab at one row
 ])
 def test_gpu_shapes_and_tiles(k, n, rows, fmt, group, tiles):
     _check_on_gpu(k, n, rows, fmt, group, tiles)
