@@ -39,7 +39,8 @@ OR-ed into the mantissa of 2^23, a code c reads as the float 2^23 + c exactly, a
 subtracted (`int_decode="convert"` converts instead, kept for the comparison).
 
 The reference is `llmjax.quant.formats.quantized_matmul` (XLA: dequantize, then one dot). Interpret-mode
-tests run the kernels on CPUs (the PTX decode through a small PTX interpreter in the test); `tests/kernels/test_matmul_quant.py` also has GPU tests at real sizes.
+tests run the kernels on CPUs (the PTX decode through a small PTX interpreter in the test);
+`tests/kernels/test_matmul_quant.py` also has GPU tests at real sizes.
 """
 
 from __future__ import annotations
