@@ -246,7 +246,10 @@ def check_outputs(params, cfg, args, requests: list[Request]) -> dict:
     batch) for the first --check-outputs prompts, in each of --check-dtypes; at each first difference, the two
     tokens' logits by the model's own forward pass on the common prefix (a near-tie in the compute dtype, or a
     bug)."""
-    return {dtype: check_outputs_in(params, cfg.replace(compute_dtype=dtype), args, requests)
+    def in_dtype(dtype):  # cuDNN attention (generate's prefill on GPUs) takes no float32: the jnp one then
+        return cfg.replace(compute_dtype=dtype, **({"attention_impl": "xla"} if dtype == "float32" else {}))
+
+    return {dtype: check_outputs_in(params, in_dtype(dtype), args, requests)
             for dtype in (args.check_dtypes.split(",") if args.check_dtypes else [cfg.compute_dtype])}
 
 
