@@ -19,9 +19,12 @@ Every `step()` is one iteration of the whole batch: the scheduler picks, in firs
    already in the pool (prefix caching, `BlockManager`) only computes the rest.
 
 Then the device runs at most three programs: copy-on-write block copies, the prefill chunks (one
-[rows, chunk] batch, gathering attention) and the decode tokens (one [batch] step, the Pallas paged-attention
-kernel on GPUs); each samples its rows' next tokens on the device (per-request temperature / top-k / top-p and
-seed, as llmjax.infer.sampling: the same seed gives the same text as `generate`). Shapes come from small
+[rows, chunk] batch; attention through the flash kernel on GPUs, see llmjax.infer.paged) and the decode tokens
+(one [batch] step, the Pallas paged-attention kernel on GPUs); each picks its rows' greedy next tokens on the
+device, and when a batch has rows with temperature > 0 a small `sample_program` draws theirs (per-request
+temperature / top-k / top-p and seed, as llmjax.infer.sampling: the same seed gives the same text as
+`generate`). No program holds a lax.cond: on a GPU an XLA conditional copies its predicate to the host and
+waits for it, which made every dispatch wait for the device. Shapes come from small
 bucket sets (decode batch sizes, prefill [rows, chunk] shapes, block-table widths; see `EngineConfig`), all
 compiled by `warmup()`, so nothing compiles while serving (`TRACES` counts traces per program, for tests).
 
