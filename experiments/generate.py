@@ -1,4 +1,5 @@
-"""Generate text from a trained run (or a Hugging Face folder): greedy, sampling, beam, regex / JSON-schema constrained, streamed."""
+"""Generate text from a trained run (or a Hugging Face folder): greedy, sampling, beam, regex / JSON-schema constrained,
+streamed, or speculative with a draft model."""
 
 from __future__ import annotations
 
@@ -43,6 +44,14 @@ def parse_args(argv):
     p.add_argument("--cache-dtype", default=None, help="KV cache dtype: bfloat16, float32 or int8")
     p.add_argument("--truncate", action="store_true", help="cut prompts that do not fit the context from the left")
     p.add_argument("--no-stream", action="store_true", help="print the outputs at the end only")
+    p.add_argument("--draft-ckpt", type=Path, default=None,
+                   help="speculative decoding: a smaller run of the same vocabulary drafts --k tokens per round and "
+                        "the model verifies them in one pass (greedy outputs equal plain greedy; sampling keeps the "
+                        "model's distribution); outputs print at the end with the acceptance rate")
+    p.add_argument("--draft-hf", type=Path, default=None,
+                   help="speculative decoding: the draft from a Hugging Face folder")
+    p.add_argument("--draft-model", default=None, help="speculative decoding: a draft preset with random weights")
+    p.add_argument("--k", type=int, default=4, help="speculative decoding: draft tokens per round")
     p.add_argument("--mesh", default=None, metavar="AXIS=SIZE,...",
                    help="spread the weights over devices, e.g. tensor=2 (Megatron) or fsdp=-1; default: one device")
     p.add_argument("--sharding", default="auto", help="sharding strategy for --mesh (see `experiments train --help`)")
@@ -72,6 +81,64 @@ def load_model(args):
     tokenizer = load_tokenizer(args.tokenizer or "bytes")
     cfg = get_config(args.model, vocab_size=tokenizer.vocab_size)
     return init_params(cfg, jax.random.key(args.seed)), cfg, tokenizer
+
+
+def load_draft(args, tokenizer):
+    """(params, cfg) of the draft model from --draft-ckpt, --draft-hf or --draft-model; None without one."""
+    chosen = [flag for flag, value in (("--draft-ckpt", args.draft_ckpt), ("--draft-hf", args.draft_hf),
+                                       ("--draft-model", args.draft_model)) if value is not None]
+    if not chosen:
+        return None
+    if len(chosen) > 1:
+        raise SystemExit(f"python -m experiments generate: give one draft, not {' and '.join(chosen)}")
+    if args.draft_ckpt is not None:
+        return restore_params(args.draft_ckpt)
+    if args.draft_hf is not None:
+        from llmjax.io import load_hf_checkpoint
+
+        return load_hf_checkpoint(args.draft_hf)
+    import jax
+
+    from llmjax.config import get_config
+    from llmjax.model import init_params
+
+    cfg = get_config(args.draft_model, vocab_size=tokenizer.vocab_size)
+    return init_params(cfg, jax.random.key(args.seed)), cfg
+
+
+def speculative_conflicts(args) -> list[str]:
+    """The flags speculative decoding cannot honour (it keeps temperature, top-k, top-p and min-p only)."""
+    named = [("--strategy beam", args.strategy == "beam"), ("--regex", args.regex), ("--json-schema", args.json_schema),
+             ("--stop", args.stop), ("--mesh", args.mesh), ("--truncate", args.truncate),
+             ("--repetition-penalty", args.repetition_penalty != 1.0),
+             ("--presence-penalty", args.presence_penalty != 0.0),
+             ("--frequency-penalty", args.frequency_penalty != 0.0)]
+    return [flag for flag, used in named if used]
+
+
+def run_speculative(args, params, cfg, draft, tokenizer, prompts, sampling, eos_id) -> int:
+    """Speculative decoding of every prompt; prints one JSON line per prompt and the acceptance statistics."""
+    import time
+
+    from llmjax.infer.speculative import speculative_generate
+
+    conflicts = speculative_conflicts(args)
+    if conflicts:
+        raise SystemExit(f"python -m experiments generate: speculative decoding (a draft model) does not take "
+                         f"{', '.join(conflicts)}")
+    draft_params, draft_cfg = draft
+    started = time.perf_counter()
+    out = speculative_generate(params, cfg, draft_params, draft_cfg, prompts, k=args.k,
+                               max_new_tokens=args.max_new_tokens, sampling=sampling, eos_id=eos_id,
+                               cache_dtype=args.cache_dtype)
+    seconds = time.perf_counter() - started
+    for text, tokens, reason in zip(args.prompt, out.tokens, out.finish_reasons):
+        body = tokenizer.decode([t for t in tokens if t != eos_id])
+        print(json.dumps({"prompt": text, "output": body, "finish_reason": reason, "tokens": len(tokens)}))
+    stats = out.stats
+    print(f"[speculative, k={args.k}: acceptance {stats.acceptance_rate:.3f}, {stats.tokens_per_target_call:.2f} "
+          f"tokens per target pass, {stats.generated} tokens in {seconds:.2f} s including compilation]")
+    return 0
 
 
 def restore_params(run: Path):
@@ -119,14 +186,25 @@ class Streamer:
         sys.stdout.flush()
 
 
+def sampling_configs(args, count: int) -> list:
+    """One SamplingConfig per prompt from the flags (prompt i seeded args.seed + i)."""
+    from llmjax.infer.sampling import SamplingConfig
+
+    temperature = 0.0 if args.strategy == "greedy" else args.temperature
+    return [SamplingConfig(temperature=temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                           repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                           frequency_penalty=args.frequency_penalty, seed=args.seed + i) for i in range(count)]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from llmjax.infer import constrained
     from llmjax.infer.beam import beam_search
     from llmjax.infer.generate import GenerationError, generate
-    from llmjax.infer.sampling import SamplingConfig, SamplingError
+    from llmjax.infer.sampling import SamplingError
 
     params, cfg, tokenizer = load_model(args)
+    draft = load_draft(args, tokenizer)
     if args.mesh is not None:
         from llmjax.parallel.plan import Plan
 
@@ -134,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     eos_id = None if args.no_eos else tokenizer.eot_id
     prompts = [tokenizer.encode(text) for text in args.prompt]
     try:
+        if draft is not None:
+            return run_speculative(args, params, cfg, draft, tokenizer, prompts, sampling_configs(args, len(prompts)),
+                                   eos_id)
         if args.strategy == "beam":
             if args.regex or args.json_schema:
                 raise GenerationError("--regex / --json-schema work with --strategy greedy or sample, not beam")
@@ -155,12 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             if schema.startswith("@"):
                 schema = Path(schema[1:]).read_text()
             constraint = constrained.json_schema_automaton(schema, tokenizer, cfg.padded_vocab_size)
-        temperature = 0.0 if args.strategy == "greedy" else args.temperature
-        sampling = [SamplingConfig(temperature=temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                                   repetition_penalty=args.repetition_penalty,
-                                   presence_penalty=args.presence_penalty,
-                                   frequency_penalty=args.frequency_penalty, seed=args.seed + i)
-                    for i in range(len(prompts))]
+        sampling = sampling_configs(args, len(prompts))
         stream = None
         if not args.no_stream and len(prompts) == 1:
             print(args.prompt[0], end="", flush=True)

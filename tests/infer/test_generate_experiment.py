@@ -1,4 +1,4 @@
-"""`python -m experiments generate`: from a run folder, streamed; beam; regex; bad input in one line."""
+"""`python -m experiments generate`: from a run folder, streamed; beam; regex; speculative; bad input in one line."""
 
 import re
 
@@ -38,10 +38,38 @@ def test_regex_and_beam_from_a_random_preset(capsys):
     assert capsys.readouterr().out.count("  beam ") == 4
 
 
+def test_speculative_with_a_draft_prints_plain_greedy_text_and_acceptance(capsys):
+    """--draft-model: greedy speculative output is the plain greedy output; the model as its own draft (same preset,
+    same seed: the same weights) accepts every draft token."""
+    common = ["--model", "llama-tiny", "--prompt", "def f(", "--prompt", "x", "--max-new-tokens", "12",
+              "--strategy", "greedy", "--no-eos"]
+    assert experiment.main(common) == 0
+    plain = capsys.readouterr().out.strip().splitlines()
+    assert experiment.main([*common, "--draft-model", "llama-tiny", "--k", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[:2] == plain  # 12 tokens a row: the prefill's, then 3 rounds of up to 3 drafts + 1
+    assert re.fullmatch(r"\[speculative, k=3: acceptance 1\.000, 3\.00 tokens per target pass, 24 tokens in .*\]",
+                        lines[2])
+    assert experiment.main([*common, "--draft-model", "gpt2-tiny", "--k", "2"]) == 0  # another model: same text
+    assert capsys.readouterr().out.strip().splitlines()[:2] == plain
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--draft-model", "llama-tiny", "--strategy", "beam"], "does not take --strategy beam"),
+    (["--draft-model", "llama-tiny", "--stop", "x", "--repetition-penalty", "1.2"],
+     "does not take --stop, --repetition-penalty"),
+    (["--draft-model", "llama-tiny", "--draft-hf", "nowhere"], "give one draft, not --draft-hf and --draft-model"),
+])
+def test_speculative_bad_flags_are_one_line(flags, message):
+    with pytest.raises(SystemExit, match=message):
+        experiment.main(["--model", "llama-tiny", "--prompt", "x", "--max-new-tokens", "4", *flags])
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--top-p", "0"], "top_p=0.0: must be in (0, 1]"),
     (["--temperature", "-1"], "temperature=-1.0: must be >= 0"),
     (["--regex", "a[^\\s\\S]"], "unsatisfiable"),
+    (["--draft-model", "llama-tiny", "--k", "0"], "k=0: the draft must propose at least one token per round"),
 ])
 def test_bad_input_is_one_line(flags, message, capsys):
     assert experiment.main(["--model", "llama-tiny", "--prompt", "x", "--max-new-tokens", "4", *flags]) == 2
