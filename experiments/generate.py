@@ -60,27 +60,12 @@ def parse_args(argv):
 
 def load_model(args):
     """(params, cfg, tokenizer) from --ckpt, --hf or --model."""
-    import jax
-
     from llmjax.tokenizer import load_tokenizer
 
-    if args.ckpt is not None:
-        run = args.ckpt
-        tokenizer = load_tokenizer(args.tokenizer or run / "tokenizer.json")
-        params, cfg = restore_params(run)
-        return params, cfg, tokenizer
-    if args.hf is not None:
-        from llmjax.io import load_hf_checkpoint
-
-        params, cfg = load_hf_checkpoint(args.hf)
-        tokenizer = load_tokenizer(args.tokenizer or args.hf)
-        return params, cfg, tokenizer
-    from llmjax.config import get_config
-    from llmjax.model import init_params
-
-    tokenizer = load_tokenizer(args.tokenizer or "bytes")
-    cfg = get_config(args.model, vocab_size=tokenizer.vocab_size)
-    return init_params(cfg, jax.random.key(args.seed)), cfg, tokenizer
+    default = args.ckpt / "tokenizer.json" if args.ckpt is not None else args.hf if args.hf is not None else "bytes"
+    tokenizer = load_tokenizer(args.tokenizer or default)
+    params, cfg = load_weights(args.ckpt, args.hf, args.model, tokenizer.vocab_size, args.seed)
+    return params, cfg, tokenizer
 
 
 def load_draft(args, tokenizer):
@@ -91,19 +76,24 @@ def load_draft(args, tokenizer):
         return None
     if len(chosen) > 1:
         raise SystemExit(f"python -m experiments generate: give one draft, not {' and '.join(chosen)}")
-    if args.draft_ckpt is not None:
-        return restore_params(args.draft_ckpt)
-    if args.draft_hf is not None:
+    return load_weights(args.draft_ckpt, args.draft_hf, args.draft_model, tokenizer.vocab_size, args.seed)
+
+
+def load_weights(run: Path | None, hf: Path | None, preset: str | None, vocab_size: int, seed: int):
+    """(params, cfg) from a run folder, else a Hugging Face folder, else a preset with random weights."""
+    if run is not None:
+        return restore_params(run)
+    if hf is not None:
         from llmjax.io import load_hf_checkpoint
 
-        return load_hf_checkpoint(args.draft_hf)
+        return load_hf_checkpoint(hf)
     import jax
 
     from llmjax.config import get_config
     from llmjax.model import init_params
 
-    cfg = get_config(args.draft_model, vocab_size=tokenizer.vocab_size)
-    return init_params(cfg, jax.random.key(args.seed)), cfg
+    cfg = get_config(preset, vocab_size=vocab_size)
+    return init_params(cfg, jax.random.key(seed)), cfg
 
 
 def speculative_conflicts(args) -> list[str]:
