@@ -149,10 +149,9 @@ def gpu_model(num_layers: int):
 @pytest.mark.parametrize("batch, count, cache_dtype", [(1, 5, None), (1, 2, None), (2, 3, None), (1, 7, "int8")])
 def test_extend_step_is_decode_steps_bit_for_bit_on_gpu(batch, count, cache_dtype):
     """bf16, the Pallas kernel, batch * n <= 8 (decode's 8-row GEMMs): the logits of extend_step equal those of n
-    successive decode_steps, and so does the cache they leave. Bit for bit in a fresh process (all four cases,
-    three processes on an H200, experiments/_extend_diag.py); inside a pytest process that compiled other programs
-    first, XLA once chose another GEMM configuration for one program and the int8 case's float32 logits differed
-    by one ulp (4.8e-7). So: logits within 1e-5 (the jnp verify path this replaced differed by ~1e-2, bf16
+    successive decode_steps, and so does the cache they leave. Bit for bit in the first GPU run; in a later one the
+    int8 case's float32 logits differed by one ulp (4.8e-7; likely XLA chose another GEMM configuration for one of
+    the two programs, which it does not promise to keep). So: logits within 1e-5 (the jnp verify path this replaced differed by ~1e-2, bf16
     rounding), the greedy tokens equal, the cache within one step of its storage type."""
     dparams, cfg = gpu_model(2)
     rng = np.random.default_rng(batch * 10 + count)
