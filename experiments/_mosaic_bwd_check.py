@@ -12,7 +12,6 @@ Every row is appended to $OUT/mosaic_bwd_check.json (else /tmp) as soon as it is
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -59,6 +58,36 @@ def grads_of(attention, q, k, v, d_out):
     return jax.vjp(attention, q, k, v)[1](d_out)
 
 
+def reference_gradients(inputs, masking):
+    """dq, dk, dv of the float32 reference attention at HIGHEST precision (jitted: one compile per case)."""
+    with jax.default_matmul_precision("highest"):
+        return jax.jit(lambda q, k, v, d: grads_of(lambda q, k, v: attention_reference(q, k, v, **masking), q, k, v,
+                                                   d))(*(x.astype(jnp.float32) for x in inputs))
+
+
+def check_gradients(row, make_fn, inputs, ref):
+    """Run the jitted backward `make_fn()` twice on inputs, note its errors against ref and whether it repeats
+    (dK / dV are summed in registers: deterministic; dQ by float32 atomics: rounding order varies), record."""
+    try:
+        fn = make_fn()
+        got = jax.block_until_ready(fn(*inputs))
+        got2 = jax.block_until_ready(fn(*inputs))
+        for n, g, r in zip(("dq", "dk", "dv"), got, ref):
+            row[n] = relative_error(g, r)
+            row[n + "_finite"] = bool(np.isfinite(np.asarray(g, np.float32)).all())
+        row["dkv_repeat_identical"] = all(bool((np.asarray(a, np.float32) == np.asarray(b, np.float32)).all())
+                                          for a, b in zip(got[1:], got2[1:]))
+        row["dq_repeat_err"] = relative_error(got2[0], got[0])
+        row["ok"] = (all(row[n] < 2e-2 and row[n + "_finite"] for n in ("dq", "dk", "dv"))
+                     and row["dkv_repeat_identical"] and row["dq_repeat_err"] < 1e-2)
+    except Exception as error:  # noqa: BLE001
+        row["ok"] = False
+        row["error"] = f"{type(error).__name__}: {str(error)[:1500]}"
+        traceback.print_exc(limit=3)
+    record("gradients", row)
+    print("GRAD", row, flush=True)
+
+
 GRAD_CASES = [
     # (name, causal, window, softcap, batch, q_len, kv_len, heads, kv_heads, head_dim)
     ("headline", True, None, None, 2, 4096, 4096, 16, 16, 128),
@@ -76,46 +105,26 @@ GRAD_CASES = [
 
 def run_gradients():
     for name, causal, window, softcap, batch, q_len, kv_len, heads, kv_heads, head_dim in GRAD_CASES:
-        q, k, v, d_out = random_inputs(q_len + head_dim + heads, batch, q_len, kv_len, heads, kv_heads, head_dim)
+        inputs = random_inputs(q_len + head_dim + heads, batch, q_len, kv_len, heads, kv_heads, head_dim)
         masking = dict(causal=causal, sliding_window=window, logit_softcap=softcap)
-        with jax.default_matmul_precision("highest"):
-            ref = jax.jit(lambda q, k, v, d: grads_of(lambda q, k, v: attention_reference(q, k, v, **masking), q, k,
-                                                      v, d))(*(x.astype(jnp.float32) for x in (q, k, v, d_out)))
+        ref = reference_gradients(inputs, masking)
         splits = ("columns", "rows") if head_dim == 128 else ("rows",)
         for split in splits:
             row = dict(name=name, split=split, batch=batch, q_len=q_len, kv_len=kv_len, heads=heads,
                        kv_heads=kv_heads, head_dim=head_dim, **masking)
-            try:
-                config = backward_module.BackwardConfig(dq_split=split)
+            config = backward_module.BackwardConfig(dq_split=split)
 
-                def ours(q, k, v, d_out):
-                    out, lse = mosaic_gpu.flash_attention_forward_mosaic(q, k, v, **masking)
-                    return backward_module.flash_attention_backward_mosaic(q, k, v, out, lse, d_out, config=config,
-                                                                           **masking)
+            def ours(q, k, v, d_out, config=config):
+                out, lse = mosaic_gpu.flash_attention_forward_mosaic(q, k, v, **masking)
+                return backward_module.flash_attention_backward_mosaic(q, k, v, out, lse, d_out, config=config,
+                                                                       **masking)
 
-                fn = jax.jit(ours)
-                got = jax.block_until_ready(fn(q, k, v, d_out))
-                got2 = jax.block_until_ready(fn(q, k, v, d_out))
-                for label, g, r in zip(("dq", "dk", "dv"), got, ref):
-                    row[label] = relative_error(g, r)
-                    row[label + "_finite"] = bool(np.isfinite(np.asarray(g, np.float32)).all())
-                # dK / dV are summed in registers (deterministic); dQ by float32 atomics (rounding order varies).
-                row["dkv_repeat_identical"] = all(bool((np.asarray(a, np.float32) == np.asarray(b, np.float32)).all())
-                                                  for a, b in zip(got[1:], got2[1:]))
-                row["dq_repeat_err"] = relative_error(got2[0], got[0])
-                row["ok"] = (all(row[n] < 2e-2 and row[n + "_finite"] for n in ("dq", "dk", "dv"))
-                             and row["dkv_repeat_identical"] and row["dq_repeat_err"] < 1e-2)
-            except Exception as error:  # noqa: BLE001
-                row["ok"] = False
-                row["error"] = f"{type(error).__name__}: {str(error)[:1500]}"
-                traceback.print_exc(limit=3)
-            record("gradients", row)
-            print("GRAD", row, flush=True)
+            check_gradients(row, lambda: jax.jit(ours), inputs, ref)
         # The public path: custom_vjp through flash_attention_mosaic (backward "auto").
         row = dict(name=name + "_custom_vjp", split="auto", head_dim=head_dim, **masking)
         try:
             got = jax.jit(lambda q, k, v, d: grads_of(lambda q, k, v: mosaic_gpu.flash_attention_mosaic(
-                q, k, v, **masking), q, k, v, d))(q, k, v, d_out)
+                q, k, v, **masking), q, k, v, d))(*inputs)
             for label, g, r in zip(("dq", "dk", "dv"), got, ref):
                 row[label] = relative_error(g, r)
             row["ok"] = all(row[n] < 2e-2 for n in ("dq", "dk", "dv"))
@@ -226,34 +235,15 @@ def run_variants(names=None):
         name, causal, window, softcap, batch, q_len, kv_len, heads, kv_heads, head_dim = case
         inputs = random_inputs(q_len + 3 * heads, batch, q_len, kv_len, heads, kv_heads, head_dim)
         masking = dict(causal=causal, sliding_window=window, logit_softcap=softcap)
-        with jax.default_matmul_precision("highest"):
-            ref = jax.jit(lambda q, k, v, d, m=masking: grads_of(lambda q, k, v: attention_reference(q, k, v, **m),
-                                                                 q, k, v, d))(*(x.astype(jnp.float32) for x in inputs))
-        references[name] = (inputs, masking, ref)
+        references[name] = (inputs, masking, reference_gradients(inputs, masking))
     for label, config in variants.items():
         for name, (inputs, masking, ref) in references.items():
             row = dict(name=name, split=label, **masking)
             if out_of_time("gradients", row):
                 continue
-            try:
-                fn = jax.jit(lambda q, k, v, d, m=masking, c=config: backward_module.flash_attention_backward_mosaic(
-                    q, k, v, *mosaic_gpu.flash_attention_forward_mosaic(q, k, v, **m), d, config=c, **m))
-                got = jax.block_until_ready(fn(*inputs))
-                got2 = jax.block_until_ready(fn(*inputs))
-                for n, g, r in zip(("dq", "dk", "dv"), got, ref):
-                    row[n] = relative_error(g, r)
-                    row[n + "_finite"] = bool(np.isfinite(np.asarray(g, np.float32)).all())
-                row["dkv_repeat_identical"] = all(bool((np.asarray(a, np.float32) == np.asarray(b, np.float32)).all())
-                                                  for a, b in zip(got[1:], got2[1:]))
-                row["dq_repeat_err"] = relative_error(got2[0], got[0])
-                row["ok"] = (all(row[n] < 2e-2 and row[n + "_finite"] for n in ("dq", "dk", "dv"))
-                             and row["dkv_repeat_identical"] and row["dq_repeat_err"] < 1e-2)
-            except Exception as error:  # noqa: BLE001
-                row["ok"] = False
-                row["error"] = f"{type(error).__name__}: {str(error)[:1500]}"
-                traceback.print_exc(limit=3)
-            record("gradients", row)
-            print("GRAD", row, flush=True)
+            check_gradients(row, lambda m=masking, c=config: jax.jit(
+                lambda q, k, v, d: backward_module.flash_attention_backward_mosaic(
+                    q, k, v, *mosaic_gpu.flash_attention_forward_mosaic(q, k, v, **m), d, config=c, **m)), inputs, ref)
     for batch, seq, heads, kv_heads, head_dim, causal in VARIANT_TIME_SHAPES:
         flops = 4 * batch * heads * seq * seq * head_dim / (2 if causal else 1)
         q, k, v, d_out = random_inputs(seq + heads, batch, seq, seq, heads, kv_heads, head_dim)
