@@ -262,8 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     print_table(results)
-    png = plot(results, args.out.with_suffix(".png"))
-    print(f"wrote {args.out}" + (f" and {png}" if png else ""))
+    print(f"wrote {args.out} and {plot(results, args.out.with_suffix('.png'))}")
     return 0
 
 
@@ -285,14 +284,12 @@ def print_table(results: dict) -> None:
               f"{100 * r['fraction_of_read_roofline']:.0f}% | {hf} |")
 
 
-def plot(results: dict, path: Path) -> Path | None:
-    try:
-        import matplotlib
+def plot(results: dict, path: Path) -> Path:
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     rows = [r for r in results["rows"] if r["cache"] == "bfloat16" and "error" not in r]
     for context in sorted({r["context"] for r in rows}):

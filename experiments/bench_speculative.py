@@ -345,13 +345,11 @@ def print_table(results: dict) -> None:
 
 
 def plot(results: dict, path: Path) -> Path | None:
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     rows = sorted((r for r in results["rows"]
                    if r["config"] == "target + draft" and r["temperature"] == 0 and "error" not in r),
                   key=lambda r: r["k"])
