@@ -310,15 +310,23 @@ def _gemv_kernel(*refs, spec: _Format, names: tuple, n: int, group_size: int, ti
     plgpu.store(out_ref.at[index], acc.sum(axis=0).astype(out_ref.dtype), mask=col_mask)
 
 
+def _output_tile(m: int, n: int, tiles: MatmulTiles):
+    """This program's first output row and column, its K split, and the row / column masks of its tile (None
+    where the tile size divides the matrix)."""
+    bm, bn = tiles.block_m, tiles.block_n
+    first_row, first_col, split = pl.program_id(0) * bm, pl.program_id(1) * bn, pl.program_id(2)
+    row_mask = None if m % bm == 0 else first_row + jnp.arange(bm) < m
+    col_mask = None if n % bn == 0 else first_col + jnp.arange(bn) < n
+    return first_row, first_col, split, row_mask, col_mask
+
+
 def _dot_kernel(*refs, spec: _Format, names: tuple, m: int, n: int, k: int, group_size: int, tiles: MatmulTiles,
                 steps: int, k_steps: int):
     """One program: the [bm, bn] output tile (r, c), K steps [s * steps, (s + 1) * steps)."""
     x_ref, codes_ref, *param_refs, out_ref = refs
     group = _Group(spec, dict(zip(names, param_refs)), n)
     bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
-    first_row, first_col, split = pl.program_id(0) * bm, pl.program_id(1) * bn, pl.program_id(2)
-    row_mask = None if m % bm == 0 else first_row + jnp.arange(bm) < m
-    col_mask = None if n % bn == 0 else first_col + jnp.arange(bn) < n
+    first_row, first_col, split, row_mask, col_mask = _output_tile(m, n, tiles)
     code_mask, out_mask = combine_masks(None, col_mask), combine_masks(row_mask, col_mask)
     x_mask = combine_masks(row_mask, None)
     rows = pl.ds(first_row, bm)
@@ -366,9 +374,7 @@ def _swap_ab_kernel(*refs, spec: _Format, names: tuple, m: int, n: int, k: int, 
     x_ref, codes_ref, *param_refs, out_ref = refs
     group = _Group(spec, dict(zip(names, param_refs)), n)
     bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
-    first_row, first_col, split = pl.program_id(0) * bm, pl.program_id(1) * bn, pl.program_id(2)
-    row_mask = None if m % bm == 0 else first_row + jnp.arange(bm) < m
-    col_mask = None if n % bn == 0 else first_col + jnp.arange(bn) < n
+    first_row, first_col, split, row_mask, col_mask = _output_tile(m, n, tiles)
     code_mask, x_mask, out_mask = combine_masks(None, col_mask), combine_masks(row_mask, None), \
         combine_masks(row_mask, col_mask)
     rows, cols = pl.ds(first_row, bm), pl.ds(first_col, bn)
