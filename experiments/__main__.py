@@ -34,6 +34,16 @@ def print_help() -> None:
         print(f"  {name:<{width}}  {description}")
 
 
+def warn_if_gpu_unused(already_said: set[str]) -> None:
+    """Print one line (stderr, once per reason) when jax is not using the NVIDIA GPU this machine has."""
+    from llmjax.devices import gpu_unused_reason
+
+    reason = gpu_unused_reason()
+    if reason is not None and reason not in already_said:
+        already_said.add(reason)
+        print(f"llmjax: {reason}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print_help()
@@ -44,7 +54,13 @@ def main(argv: list[str]) -> int:
         print(f"python -m experiments: unknown experiment {name!r}; choose one of: {', '.join(names)}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"experiments.{name}")
-    return module.main(rest) or 0
+    said: set[str] = set()
+    warn_if_gpu_unused(said)  # before: a missing CUDA plugin, JAX_PLATFORMS=cpu
+    status = module.main(rest) or 0
+    # After: CUDA that failed to start is only known once the run has started jax, which the check before must not
+    # do itself (the experiment sets XLA_FLAGS and calls jax.distributed.initialize before jax's first device query).
+    warn_if_gpu_unused(said)
+    return status
 
 
 if __name__ == "__main__":
