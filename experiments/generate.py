@@ -13,13 +13,16 @@ def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="python -m experiments generate",
         description="Generate continuations of --prompt with a KV cache, on the device. The model comes from a run "
-        "folder (--ckpt: its newest checkpoint and tokenizer.json), a Hugging Face folder (--hf) or a random preset "
-        "(--model, for trying things out). Tokens stream to the terminal as they are produced (one prompt, not beam).",
+        "folder (--ckpt: its newest checkpoint and tokenizer.json), a Hugging Face folder or hub id (--hf) or a random "
+        "preset (--model, for trying things out). Tokens stream to the terminal as they are produced (one prompt, not "
+        "beam).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", type=Path, help="a run folder written by `experiments train` / `quickstart`")
-    source.add_argument("--hf", type=Path, help="a Hugging Face model folder (config.json + safetensors)")
+    source.add_argument("--hf", metavar="FOLDER_OR_HUB_ID",
+                        help="a Hugging Face model: a local folder (config.json + safetensors) or a hub id "
+                        "owner/name[@revision], fetched into the hub cache (online, or from the cache offline)")
     source.add_argument("--model", help="a model preset with random weights (its vocab is the tokenizer's)")
     p.add_argument("--tokenizer", default=None, help="tokenizer (default: the run's tokenizer.json / the HF folder's)")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
@@ -48,8 +51,8 @@ def parse_args(argv):
                    help="speculative decoding: a smaller run of the same vocabulary drafts --k tokens per round and "
                         "the model verifies them in one pass (greedy outputs equal plain greedy; sampling keeps the "
                         "model's distribution); outputs print at the end with the acceptance rate")
-    p.add_argument("--draft-hf", type=Path, default=None,
-                   help="speculative decoding: the draft from a Hugging Face folder")
+    p.add_argument("--draft-hf", default=None, metavar="FOLDER_OR_HUB_ID",
+                   help="speculative decoding: the draft from a Hugging Face folder or hub id (as --hf)")
     p.add_argument("--draft-model", default=None, help="speculative decoding: a draft preset with random weights")
     p.add_argument("--k", type=int, default=4, help="speculative decoding: draft tokens per round")
     p.add_argument("--mesh", default=None, metavar="AXIS=SIZE,...",
@@ -59,12 +62,14 @@ def parse_args(argv):
 
 
 def load_model(args):
-    """(params, cfg, tokenizer) from --ckpt, --hf or --model."""
+    """(params, cfg, tokenizer) from --ckpt, --hf or --model. Raises HubError when --hf names no folder we can get."""
+    from llmjax.io.hub import resolve_hf_folder
     from llmjax.tokenizer import load_tokenizer
 
-    default = args.ckpt / "tokenizer.json" if args.ckpt is not None else args.hf if args.hf is not None else "bytes"
+    hf = resolve_hf_folder(args.hf) if args.hf is not None else None
+    default = args.ckpt / "tokenizer.json" if args.ckpt is not None else hf if hf is not None else "bytes"
     tokenizer = load_tokenizer(args.tokenizer or default)
-    params, cfg = load_weights(args.ckpt, args.hf, args.model, tokenizer.vocab_size, args.seed)
+    params, cfg = load_weights(args.ckpt, hf, args.model, tokenizer.vocab_size, args.seed)
     return params, cfg, tokenizer
 
 
@@ -79,14 +84,15 @@ def load_draft(args, tokenizer):
     return load_weights(args.draft_ckpt, args.draft_hf, args.draft_model, tokenizer.vocab_size, args.seed)
 
 
-def load_weights(run: Path | None, hf: Path | None, preset: str | None, vocab_size: int, seed: int):
-    """(params, cfg) from a run folder, else a Hugging Face folder, else a preset with random weights."""
+def load_weights(run: Path | None, hf: str | Path | None, preset: str | None, vocab_size: int, seed: int):
+    """(params, cfg) from a run folder, else a Hugging Face folder or hub id, else a preset with random weights."""
     if run is not None:
         return restore_params(run)
     if hf is not None:
         from llmjax.io import load_hf_checkpoint
+        from llmjax.io.hub import resolve_hf_folder
 
-        return load_hf_checkpoint(hf)
+        return load_hf_checkpoint(resolve_hf_folder(hf))
     import jax
 
     from llmjax.config import get_config
@@ -192,9 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     from llmjax.infer.beam import beam_search
     from llmjax.infer.generate import GenerationError, generate
     from llmjax.infer.sampling import SamplingError
+    from llmjax.io.hub import HubError
 
-    params, cfg, tokenizer = load_model(args)
-    draft = load_draft(args, tokenizer)
+    try:
+        params, cfg, tokenizer = load_model(args)
+        draft = load_draft(args, tokenizer)
+    except HubError as error:
+        print(f"python -m experiments generate: {error}", file=sys.stderr)
+        return 2
     if args.mesh is not None:
         from llmjax.parallel.plan import Plan
 

@@ -15,13 +15,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="An OpenAI-compatible HTTP server (POST /v1/completions, POST /v1/chat/completions, streamed by "
         "server-sent events; GET /v1/models, /health, /metrics) over llmjax's continuous-batching engine with a "
-        "paged KV cache. The model comes from a run folder (--ckpt), a Hugging Face folder (--hf) or a random "
-        "preset (--model, for trying things out). Needs the serve extra: ./install.sh serve.",
+        "paged KV cache. The model comes from a run folder (--ckpt), a Hugging Face folder or hub id (--hf) or a "
+        "random preset (--model, for trying things out). Needs the serve extra: ./install.sh serve.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", type=Path, help="a run folder written by `experiments train` / `quickstart`")
-    source.add_argument("--hf", type=Path, help="a Hugging Face model folder (config.json + safetensors + tokenizer)")
+    source.add_argument("--hf", metavar="FOLDER_OR_HUB_ID",
+                        help="a Hugging Face model: a local folder (config.json + safetensors + tokenizer) or a hub "
+                        "id owner/name[@revision], fetched into the hub cache (online, or from the cache offline)")
     source.add_argument("--model", help="a model preset with random weights (its vocabulary is the tokenizer's)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer (default: the run's tokenizer.json / the HF folder's; 'bytes' for --model)")
@@ -55,9 +57,21 @@ def parse_args(argv):
 
 
 def default_model_name(args) -> str:
+    """The preset's name, the hub id as given (owner/name, not its snapshot folder), else the folder's name."""
+    from llmjax.io.hub import parse_hub_id
+
     if args.model is not None:
         return args.model
-    return (args.ckpt or args.hf).resolve().name
+    if args.hf is not None and not Path(args.hf).expanduser().exists() and parse_hub_id(str(args.hf)) is not None:
+        return parse_hub_id(str(args.hf))[0]
+    return Path(args.ckpt or args.hf).expanduser().resolve().name
+
+
+def with_local_hf_folder(args) -> argparse.Namespace:
+    """The flags with --hf as a local folder (a hub id fetched, or found in the hub cache). Raises HubError."""
+    from llmjax.io.hub import resolve_hf_folder
+
+    return argparse.Namespace(**{**vars(args), "hf": resolve_hf_folder(args.hf) if args.hf is not None else None})
 
 
 def end_of_text_ids(folder: Path | None, tokenizer, chat_format) -> list[int]:
@@ -97,9 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     from experiments.generate import load_model
     from llmjax.infer.engine import Engine, EngineConfig, EngineError
 
+    name = args.served_model_name or default_model_name(args)
     try:
+        args = with_local_hf_folder(args)
         chat_format = chat_format_for(args)
-    except (ValueError, ImportError, OSError) as error:
+    except (ValueError, ImportError, OSError) as error:  # HubError is a ValueError
         print(f"{PROG}: {error}", file=sys.stderr)
         return 2
     params, cfg, tokenizer = load_model(args)
@@ -115,7 +131,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_warmup:
         print(f"{PROG}: compiling the engine's shape buckets ...", file=sys.stderr, flush=True)
         engine.warmup()
-    name = args.served_model_name or default_model_name(args)
     app = create_app(engine, tokenizer, model_name=name, max_model_len=cfg.max_seq_len, chat_format=chat_format,
                      api_key=args.api_key, stop_token_ids=end_ids[1:])
     print(f"{PROG}: serving {name!r} (context {cfg.max_seq_len} tokens) on http://{args.host}:{args.port}/v1",

@@ -91,3 +91,63 @@ def test_bench_decode_runs_at_toy_size(tmp_path, capsys):
     assert {r["cache"] for r in rows} == {"bfloat16", "int8"}
     assert all(r["ms_per_step"] > 0 and r["roofline_ms"] > 0 for r in rows)
     assert "| batch | context |" in capsys.readouterr().out
+
+
+# --- --hf: a local folder or a Hugging Face hub id --------------------------------------------------------------------
+
+def save_tiny_hf_folder(folder):
+    """A Hugging Face folder (config.json + model.safetensors + tokenizer.json) of a random llama-tiny."""
+    import jax
+
+    from llmjax.config import get_config
+    from llmjax.io import save_hf_checkpoint
+    from llmjax.model import init_params
+    from llmjax.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer("bytes")
+    cfg = get_config("llama-tiny", vocab_size=tokenizer.vocab_size)
+    save_hf_checkpoint(init_params(cfg, jax.random.key(0)), cfg, folder)
+    return folder
+
+
+def test_hf_from_a_local_folder_or_a_hub_id(tmp_path, monkeypatch, capsys):
+    """--hf FOLDER loads the folder as it is; --hf owner/name loads what huggingface_hub fetched (faked here)."""
+    import huggingface_hub
+
+    folder = save_tiny_hf_folder(tmp_path / "tiny")
+    flags = ["--tokenizer", "bytes", "--prompt", "ab", "--max-new-tokens", "3", "--strategy", "greedy", "--no-stream"]
+    assert experiment.main(["--hf", str(folder), *flags]) == 0
+    local = capsys.readouterr().out
+    fetched = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, **kwargs: fetched.append((repo_id, kwargs["revision"])) or str(folder))
+    assert experiment.main(["--hf", "owner/tiny@main", *flags, "--draft-hf", "owner/tiny"]) == 0
+    assert fetched == [("owner/tiny", "main"), ("owner/tiny", None)]
+    assert capsys.readouterr().out.splitlines()[0] == local.strip()  # the same weights: the same greedy text
+
+
+def test_hf_hub_id_offline_is_one_line_without_traceback(tmp_path):
+    """The command line as typed, with HF_HUB_OFFLINE=1 and an empty hub cache: exit 2, one line naming the
+    local-folder alternative (and no network: huggingface_hub is offline, the cache empty)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = os.environ | {"PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1",
+                        "HF_HOME": str(tmp_path)}
+    env.pop("HF_HUB_CACHE", None)
+    result = subprocess.run([sys.executable, "-m", "experiments", "generate", "--hf", "HuggingFaceTB/SmolLM2-135M",
+                             "--prompt", "x"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
+    said = [line for line in result.stderr.splitlines() if not line.startswith("llmjax: ")]  # a GPU machine's note
+    assert said == ["python -m experiments generate: cannot fetch 'HuggingFaceTB/SmolLM2-135M' from the "
+                             "Hugging Face hub (offline: HF_HUB_OFFLINE is set and the model is not in the local hub "
+                             "cache); download it elsewhere and pass the local folder: --hf /path/to/folder "
+                             "(config.json + *.safetensors)"]
+
+
+def test_hf_missing_local_folder_is_one_line(tmp_path, capsys):
+    assert experiment.main(["--hf", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    assert capsys.readouterr().err.startswith(f"python -m experiments generate: no such folder: {tmp_path}/missing (")

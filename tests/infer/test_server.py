@@ -625,3 +625,21 @@ def test_extra_stop_token_ids_end_every_request_but_ignore_eos(model):
         out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0,
                                         extra_body={"ignore_eos": True})
         assert (out.choices[0].text, out.usage.completion_tokens) == (tokenizer.decode(free), 8)
+
+
+def test_serve_hf_takes_a_hub_id_and_names_the_model_by_it(tmp_path, monkeypatch, capsys):
+    """--hf owner/name: served under that name (not its snapshot folder's); a hub id that cannot be fetched is one
+    line naming the local-folder alternative."""
+    from experiments import serve
+
+    monkeypatch.chdir(tmp_path)
+    assert serve.default_model_name(serve.parse_args(["--hf", "HuggingFaceTB/SmolLM2-135M"])) == \
+        "HuggingFaceTB/SmolLM2-135M"
+    (tmp_path / "my-model").mkdir()
+    assert serve.default_model_name(serve.parse_args(["--hf", "my-model"])) == "my-model"
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if not installed: no network either way
+    assert serve.main(["--hf", "owner/name"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("python -m experiments serve: cannot fetch 'owner/name' from the Hugging Face hub")
+    assert err.endswith("pass the local folder: --hf /path/to/folder (config.json + *.safetensors)")
+    assert err.count("\n") == 0
