@@ -225,31 +225,70 @@ def table(rows: list[dict], impls: list[str], key: str) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], impls: list[str], path: Path) -> None:
+METRICS = (("forward_tflops", "forward"), ("forward_backward_tflops", "forward + backward"))
+
+
+def chart_rows(rows: list[dict]) -> dict[tuple[int, bool], list[dict]]:
+    """{(head_dim, causal): MHA rows, one per sequence length, sorted by it}. A sweep row is taken where there is one,
+    else the headline row of that shape: the sweep skips a shape the headline already measured (at the default
+    --tokens, b4 s4096 h16 d128 causal is a headline row only), and that length must not drop out of the chart."""
+    chosen: dict[tuple[int, bool, int], dict] = {}
+    for row in rows:
+        if row["kv_heads"] != row["heads"]:
+            continue  # GQA is measured at the headline shape only: no line to draw
+        key = (row["head_dim"], row["causal"], row["seq"])
+        if key not in chosen or (chosen[key]["kind"] != "sweep" and row["kind"] == "sweep"):
+            chosen[key] = row
+    panels: dict[tuple[int, bool], list[dict]] = {}
+    for (head_dim, causal, _), row in sorted(chosen.items()):
+        panels.setdefault((head_dim, causal), []).append(row)
+    return dict(sorted(panels.items(), key=lambda item: (-item[0][0], not item[0][1])))  # d128 causal first
+
+
+def seq_label(seq: int) -> str:
+    """4096 -> '4k', 1536 -> '1536'."""
+    return f"{seq // 1024}k" if seq % 1024 == 0 else str(seq)
+
+
+def plot(rows: list[dict], impls: list[str], path: Path):
+    """TFLOP/s against sequence length: one panel per (head dim, mask) and direction, one line per implementation
+    with a point per measured length (x log2, ticks at the lengths). Saves the PNG; returns the Figure (None when
+    there is nothing to draw)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
-    sweep = [r for r in rows if r["kind"] == "sweep" and r["head_dim"] == 128 and r["causal"]]
-    if not sweep:
-        return
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120, sharey=True)
-    for axis, key, title in ((axes[0], "forward_tflops", "forward"), (axes[1], "forward_backward_tflops", "forward + backward")):
-        for impl in impls:
-            points = [(r["seq"], r["results"][impl][key]) for r in sweep if r["results"][impl].get(key)]
-            if points:
-                seqs, values = zip(*points)
-                axis.plot(seqs, values, "o-", label=impl)
-        axis.set_xscale("log", base=2)
-        axis.set_xlabel("sequence length (batch x seq = 16k tokens)")
-        axis.set_title(f"causal, head dim 128, bf16: {title}")
-        axis.grid(alpha=0.3)
-    axes[0].set_ylabel("TFLOP/s")
-    axes[1].legend()
+    panels = chart_rows(rows)
+    measured = [r["results"].get(impl, {}) for group in panels.values() for r in group for impl in impls]
+    metrics = [(key, title) for key, title in METRICS if any(result.get(key) for result in measured)]
+    if not panels or not metrics:
+        return None
+    figure, axes = plt.subplots(len(panels), len(metrics), figsize=(5.5 * len(metrics), 4.2 * len(panels)), dpi=120,
+                                squeeze=False)
+    for panel_axes, ((head_dim, causal), group) in zip(axes, panels.items()):
+        seqs = [r["seq"] for r in group]
+        tokens = {r["batch"] * r["seq"] for r in group if r["batch"] > 1}
+        per_call = f" (batch = max(1, {seq_label(tokens.pop())} / seq))" if len(tokens) == 1 else ""
+        for axis, (key, title) in zip(panel_axes, metrics):
+            for impl in impls:
+                points = [(r["seq"], r["results"].get(impl, {}).get(key)) for r in group]
+                points = [(seq, value) for seq, value in points if value]
+                if points:
+                    axis.plot(*zip(*points), "o-", label=impl)
+            axis.set_xscale("log", base=2)
+            axis.set_xticks(seqs, [seq_label(seq) for seq in seqs])
+            axis.xaxis.set_minor_locator(NullLocator())
+            axis.set_xlabel(f"sequence length{per_call}")
+            axis.set_ylabel("TFLOP/s")
+            axis.set_title(f"{'causal' if causal else 'full'}, head dim {head_dim}, bf16: {title}")
+            axis.grid(alpha=0.3)
+    axes[0][-1].legend()
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
+    return figure
 
 
 def main(argv: list[str] | None = None) -> int:
