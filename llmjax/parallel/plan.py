@@ -56,7 +56,7 @@ class Plan:
         """The optimizer state's shardings: moments follow the optimizer rules, counters are replicated."""
         from llmjax.train.optim import make_optimizer
 
-        optimizer = make_optimizer(model_cfg, train_cfg)
+        optimizer = make_optimizer(train_cfg, model_cfg=model_cfg)
         abstract_params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), model_spec(model_cfg),
                                        is_leaf=lambda x: hasattr(x, "axes"))
         abstract_state = jax.eval_shape(optimizer.init, abstract_params)

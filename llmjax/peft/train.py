@@ -19,7 +19,7 @@ from llmjax.config import ModelConfig, TrainConfig
 from llmjax.model.transformer import output_embedding
 from llmjax.peft.lora import LoraConfig, check_adapters, init_adapters, lora_hidden_states
 from llmjax.quant.model import top_level_params
-from llmjax.train.optim import learning_rate_schedule
+from llmjax.train.optim import learning_rate_schedule, make_optimizer
 from llmjax.train.step import chunked_cross_entropy
 
 
@@ -29,11 +29,14 @@ class LoraState(NamedTuple):
     opt_state: optax.OptState
 
 
+def decays_every_adapter(path, leaf) -> bool:
+    """The LoRA weight-decay predicate: every adapter array decays (they are all low-rank factors)."""
+    return True
+
+
 def make_lora_optimizer(train_cfg: TrainConfig) -> optax.GradientTransformation:
-    """Clipping + AdamW with the run's schedule, over the adapters only (all of them decay)."""
-    adamw = optax.adamw(learning_rate_schedule(train_cfg), b1=train_cfg.beta1, b2=train_cfg.beta2,
-                        eps=train_cfg.eps, weight_decay=train_cfg.weight_decay)
-    return adamw if train_cfg.grad_clip is None else optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip), adamw)
+    """The training optimizer (clipping + AdamW with the run's schedule) over the adapters only."""
+    return make_optimizer(train_cfg, weight_decay_mask=decays_every_adapter)
 
 
 def init_lora_state(params: dict, cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConfig,

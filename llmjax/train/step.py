@@ -40,7 +40,7 @@ class TrainState(NamedTuple):
 
 def init_train_state(model_cfg: ModelConfig, train_cfg: TrainConfig, key: jax.Array) -> TrainState:
     params = init_params(model_cfg, key)
-    opt_state = make_optimizer(model_cfg, train_cfg).init(params)
+    opt_state = make_optimizer(train_cfg, model_cfg=model_cfg).init(params)
     return TrainState(jnp.zeros((), jnp.int32), params, opt_state)
 
 
@@ -342,7 +342,7 @@ def train_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, train_
 
     plan: the mesh layout (llmjax.parallel.plan); activations and gradients are constrained by it.
     """
-    optimizer = make_optimizer(model_cfg, train_cfg)
+    optimizer = make_optimizer(train_cfg, model_cfg=model_cfg)
     with plan.activations() if plan else contextlib.nullcontext():
         grads, sums = accumulated_gradients(state.params, batch, model_cfg, train_cfg, rng=_router_rng(state, model_cfg))
     if plan is not None:  # ZeRO-2 / FSDP: gradients land cut (a reduce-scatter instead of an all-reduce)

@@ -60,7 +60,7 @@ def test_decay_is_applied_where_masked_and_nowhere_else():
     cfg = get_config("gpt2-tiny")
     train_cfg = TrainConfig(lr=0.1, warmup_steps=0, schedule="constant", weight_decay=0.5, grad_clip=None)
     params = jax.tree.map(jnp.ones_like, init_params(cfg, jax.random.key(0)))
-    optimizer = make_optimizer(cfg, train_cfg)
+    optimizer = make_optimizer(train_cfg, model_cfg=cfg)
     updates, _ = optimizer.update(jax.tree.map(jnp.zeros_like, params), optimizer.init(params), params)
     mask = flatten_with_names(weight_decay_mask(cfg, train_cfg))
     for name, update in flatten_with_names(updates).items():
@@ -79,7 +79,7 @@ def test_clipping_bounds_the_global_norm(grad_clip, want_norm):
     grads = [rng.standard_normal(leaf.shape).astype(np.float32) for leaf in leaves]
     total = np.sqrt(sum((g**2).sum() for g in grads))
     grads = jax.tree.unflatten(tree, [jnp.asarray(5.0 * g / total) for g in grads])  # global norm 5
-    optimizer = make_optimizer(cfg, train_cfg)
+    optimizer = make_optimizer(train_cfg, model_cfg=cfg)
     updates, _ = optimizer.update(grads, optimizer.init(params), params)
     assert float(optax.tree.norm(updates)) == pytest.approx(want_norm, rel=1e-3)
 
@@ -97,3 +97,112 @@ def test_clipping_bounds_the_global_norm(grad_clip, want_norm):
 def test_bad_train_config_names_the_field(fields, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig(**fields)
+
+
+# --- make_optimizer on a pytree that is not an llmjax model ---------------------------------------------
+
+def own_params(seed=0):
+    """A learner's own pytree at awkward sizes: a matrix, a bias, a nested embedding table."""
+    rng = np.random.default_rng(seed)
+    return {"w": rng.standard_normal((3, 5)).astype(np.float32), "b": rng.standard_normal(5).astype(np.float32),
+            "nested": {"emb": rng.standard_normal((7, 4)).astype(np.float32)}}
+
+
+OWN_MASK = {"w": True, "b": False, "nested": {"emb": False}}
+
+
+def decays_only_w(path, leaf):
+    return jax.tree_util.keystr(path) == "['w']"
+
+
+def numpy_adamw_steps(params, grads_per_step, cfg, mask, learning_rates):
+    """float64 reference: clip to the global norm, then Adam with bias correction, decoupled decay, -lr."""
+    params = {name: np.asarray(value, np.float64) for name, value in flatten_with_names(params).items()}
+    m = {name: np.zeros_like(value) for name, value in params.items()}
+    v = {name: np.zeros_like(value) for name, value in params.items()}
+    for t, (grads, lr) in enumerate(zip(grads_per_step, learning_rates), start=1):
+        grads = {name: np.asarray(value, np.float64) for name, value in flatten_with_names(grads).items()}
+        norm = math.sqrt(sum(float((g**2).sum()) for g in grads.values()))
+        scale = min(1.0, cfg.grad_clip / norm)
+        for name, g in grads.items():
+            g = g * scale
+            m[name] = cfg.beta1 * m[name] + (1 - cfg.beta1) * g
+            v[name] = cfg.beta2 * v[name] + (1 - cfg.beta2) * g**2
+            m_hat, v_hat = m[name] / (1 - cfg.beta1**t), v[name] / (1 - cfg.beta2**t)
+            update = m_hat / (np.sqrt(v_hat) + cfg.eps)
+            if mask[name]:
+                update = update + cfg.weight_decay * params[name]
+            params[name] = params[name] - lr * update
+    return params
+
+
+def run_optimizer(optimizer, params, grads_per_step):
+    params = jax.tree.map(jnp.asarray, params)
+    state = optimizer.init(params)
+    step = jax.jit(optimizer.update)
+    for grads in grads_per_step:
+        updates, state = step(jax.tree.map(jnp.asarray, grads), state, params)
+        params = optax.apply_updates(params, updates)
+    return params
+
+
+def random_gradients(steps, seed=1):
+    """Gradients of very different global norms, so every step clips by its own factor."""
+    rng = np.random.default_rng(seed)
+    return [jax.tree.map(lambda p, scale=scale: (scale * rng.standard_normal(p.shape)).astype(np.float32), own_params())
+            for scale in (3.0, 0.05, 40.0)[:steps]]
+
+
+def test_adamw_on_an_own_pytree_matches_float64_numpy():
+    cfg = TrainConfig(lr=0.05, min_lr_ratio=0.2, warmup_steps=0, total_steps=7, schedule="cosine", weight_decay=0.3,
+                      beta1=0.8, beta2=0.9, eps=1e-2, grad_clip=0.7)
+    grads = random_gradients(3)
+    lrs = [0.01 + 0.04 * 0.5 * (1 + math.cos(math.pi * t / 7)) for t in range(3)]
+    want = numpy_adamw_steps(own_params(), grads, cfg, flatten_with_names(OWN_MASK), lrs)
+    for mask in (OWN_MASK, decays_only_w):
+        got = flatten_with_names(run_optimizer(make_optimizer(cfg, weight_decay_mask=mask), own_params(), grads))
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=2e-5, atol=1e-6, err_msg=f"{mask}: {name}")
+
+
+def test_mask_tree_and_predicate_give_identical_updates():
+    cfg = TrainConfig(lr=0.1, warmup_steps=2, total_steps=9, weight_decay=0.5)
+    grads = random_gradients(3, seed=4)
+    by_tree = run_optimizer(make_optimizer(cfg, weight_decay_mask=OWN_MASK), own_params(2), grads)
+    by_predicate = run_optimizer(make_optimizer(cfg, weight_decay_mask=decays_only_w), own_params(2), grads)
+    for a, b in zip(jax.tree.leaves(by_tree), jax.tree.leaves(by_predicate), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_default_mask_decays_arrays_of_two_or_more_dimensions():
+    """Zero gradients: the only change is -lr * wd * param, on w and nested/emb (ndim 2), not on b."""
+    cfg = TrainConfig(lr=0.1, warmup_steps=0, schedule="constant", weight_decay=0.5, grad_clip=None)
+    params = jax.tree.map(jnp.asarray, own_params())
+    optimizer = make_optimizer(cfg)
+    updates, _ = optimizer.update(jax.tree.map(jnp.zeros_like, params), optimizer.init(params), params)
+    for name, update in flatten_with_names(updates).items():
+        decayed = name in ("w", "nested/emb")
+        want = -0.05 * np.asarray(flatten_with_names(params)[name]) if decayed else 0.0
+        np.testing.assert_allclose(update, want, rtol=1e-6, atol=0, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "mask,message",
+    [
+        ({"w": True, "b": False, "nested": {"embed": False}}, r"the params have \['nested'\]\['emb'\], which the mask lacks; the mask has \['nested'\]\['embed'\], which "),
+        ({"w": True, "b": False}, r"the params have \['nested'\]\['emb'\], which the mask lacks"),
+        ({"w": True, "b": False, "nested": {"emb": False}, "x": True}, r"the mask has \['x'\], which the params lack"),
+    ],
+)
+def test_mask_of_another_structure_names_the_first_difference_at_init(mask, message):
+    optimizer = make_optimizer(TrainConfig(), weight_decay_mask=mask)
+    with pytest.raises(ValueError, match=message):
+        optimizer.init(jax.tree.map(jnp.asarray, own_params()))
+
+
+def test_mask_and_model_config_together_or_the_old_argument_order_are_refused():
+    cfg = get_config("gpt2-tiny")
+    with pytest.raises(ValueError, match="weight_decay_mask or model_cfg, not both"):
+        make_optimizer(TrainConfig(), weight_decay_mask=OWN_MASK, model_cfg=cfg)
+    with pytest.raises(TypeError, match=r"make_optimizer\(train_cfg, model_cfg=model_cfg\)"):
+        make_optimizer(cfg)
