@@ -96,4 +96,5 @@ def _gpu_unused_reason() -> str | None:
     if backend is None or backend == "gpu":
         return None
     return (f"nvidia-smi sees {_gpus(count)} and {plugin} is installed, but jax runs on {backend}: CUDA failed to "
-            f"initialize (often a driver too old for the plugin's CUDA; see jax's warning and nvidia-smi's driver version)")
+            f"initialize (often a driver too old for the plugin's CUDA; see jax's warning and nvidia-smi's driver "
+            f"version)")
