@@ -13,7 +13,7 @@ import numpy as np
 
 from kernels.norms import rms_norm as pallas_rms_norm
 from kernels.triton_rms_norm import import_jax_triton, rms_norm_triton
-from llmjax.model.layers import rms_norm
+from llmjax.nn import rms_norm
 
 
 def median_seconds(fn, *args, repeats=50):

@@ -26,8 +26,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels.tiles import combine_masks
-from llmjax.model.layers import layer_norm as layer_norm_reference
-from llmjax.model.layers import rms_norm as rms_norm_reference
+from llmjax.nn import layer_norm as layer_norm_reference
+from llmjax.nn import rms_norm as rms_norm_reference
 
 __all__ = ["layer_norm", "rms_norm", "layer_norm_reference", "rms_norm_reference"]
 

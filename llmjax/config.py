@@ -28,6 +28,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload")  # offload
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 NORM_IMPLS = ("auto", "xla", "pallas")
 ROPE_SCALINGS = ("linear", "llama3")
+ROPE_LAYOUTS = ("half", "interleaved")
 MOE_IMPLS = ("capacity", "ragged_dot", "pallas")
 FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: numerical references (needs jax x64)
 
@@ -83,6 +84,9 @@ class ModelConfig:
     positions: Positions = "learned"
     rope_theta: float = 10_000.0
     rope_scaling: RopeScaling | None = None
+    # which dimensions RoPE pairs: "half" (i, i + head_dim/2; Hugging Face LLaMA) or "interleaved" (2i, 2i + 1;
+    # Meta's original weights, GPT-J, GGUF); see llmjax.nn.rope
+    rope_layout: Literal["half", "interleaved"] = "half"
     activation: Activation = "gelu_tanh"
     attention_bias: bool = True
     mlp_bias: bool = True
@@ -149,8 +153,7 @@ class ModelConfig:
         _check_choice("norm_impl", self.norm_impl, NORM_IMPLS)
         _check_choice("param_dtype", self.param_dtype, FLOAT_DTYPES)
         _check_choice("compute_dtype", self.compute_dtype, FLOAT_DTYPES)
-        if self.positions == "rope" and self.head_dim % 2:
-            raise ConfigError(f"ModelConfig.head_dim={self.head_dim}: RoPE rotates pairs, so it must be even")
+        _check_choice("rope_layout", self.rope_layout, ROPE_LAYOUTS)
         if self.rope_scaling is not None and self.positions != "rope":
             raise ConfigError("ModelConfig.rope_scaling is set but positions is not 'rope'")
         if not self.rope_theta > 0:

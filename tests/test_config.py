@@ -33,7 +33,7 @@ def test_explicit_head_dim_may_differ_from_d_model_over_heads():
         (dict(d_ff=2.5), r"d_ff=2.5: must be a positive integer"),
         (dict(norm="batchnorm"), r"norm='batchnorm': expected one of 'layernorm', 'rmsnorm'"),
         (dict(activation="relu"), r"activation='relu': expected one of"),
-        (dict(positions="rope", head_dim=15), r"head_dim=15: RoPE rotates pairs"),
+        (dict(positions="rope", rope_layout="pairs"), r"rope_layout='pairs': expected one of 'half', 'interleaved'"),
         (dict(rope_scaling=RopeScaling("linear", 2.0)), r"rope_scaling is set but positions is not 'rope'"),
         (dict(sliding_window=0), r"sliding_window=0: must be >= 1"),
         (dict(compute_dtype="int8"), r"compute_dtype='int8': expected one of"),
@@ -74,3 +74,20 @@ def test_counts_agree_with_hugging_face():
         with torch.device("meta"):
             model = transformers.AutoModelForCausalLM.from_config(hf_config)
         assert model.num_parameters() == count_params(cfg), name
+
+
+def test_odd_head_dim_with_rope_is_refused_only_where_rope_is_applied():
+    """A config is not refused for a field no call has used yet: the odd head size is an error when RoPE
+    runs (one line naming the shape), not when the config is built or its parameters counted."""
+    import jax
+    import numpy as np
+
+    from llmjax.model import forward, init_params
+
+    cfg = ModelConfig(vocab_size=50, d_model=30, num_layers=1, num_heads=2, d_ff=40, positions="rope",
+                      max_seq_len=16, vocab_multiple=8)
+    assert cfg.head_dim == 15
+    assert count_params(cfg) > 0
+    params = init_params(cfg, jax.random.key(0))
+    with pytest.raises(ValueError, match=r"rope: x \[1, 4, 2, 15\] has an odd head_dim 15"):
+        forward(params, np.zeros((1, 4), np.int32), cfg)

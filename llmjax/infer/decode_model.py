@@ -26,9 +26,10 @@ from kernels.decode_attention import decode_attention, decode_attention_referenc
 from llmjax.config import ModelConfig
 from llmjax.infer import kv_cache
 from llmjax.model.attention import dot_product_attention
-from llmjax.model.layers import norm
+from llmjax.model.layers import dense, norm
 from llmjax.model.moe import moe_layer
 from llmjax.model.rope import apply_rope
+from llmjax.nn import embedding, gelu, swiglu
 
 DECODE_ATTENTION_IMPLS = ("auto", "xla", "pallas")
 
@@ -77,26 +78,21 @@ def prepare_params(params: dict, cfg: ModelConfig) -> dict:
     return prepared
 
 
-def _dense(p: dict, x: jax.Array) -> jax.Array:
-    y = x @ p["kernel"]
-    return y + p["bias"] if "bias" in p else y
-
-
 def _mlp(layer: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     if "moe" in layer:
         return moe_layer(layer["moe"], x, cfg)[0]
     if cfg.activation == "swiglu":
-        gate, up = jnp.split(_dense(layer["gate_up"], x), 2, axis=-1)
-        hidden = jax.nn.silu(gate) * up
+        gate, up = jnp.split(dense(layer["gate_up"], x), 2, axis=-1)
+        hidden = swiglu(gate, up)
     else:
-        hidden = jax.nn.gelu(_dense(layer["up"], x), approximate=True)
-    return _dense(layer["down"], hidden)
+        hidden = gelu(dense(layer["up"], x), approximate=True)
+    return dense(layer["down"], hidden)
 
 
 def _qkv(layer: dict, x: jax.Array, positions: jax.Array, cfg: ModelConfig):
     """x [batch, seq, d_model] -> q [batch, seq, heads, head_dim], k, v [batch, seq, kv_heads, head_dim]."""
     batch, seq = x.shape[:2]
-    qkv = _dense(layer["qkv"], x)
+    qkv = dense(layer["qkv"], x)
     q, k, v = jnp.split(qkv, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
     q = q.reshape(batch, seq, cfg.num_heads, cfg.head_dim)
     k = k.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
@@ -107,9 +103,9 @@ def _qkv(layer: dict, x: jax.Array, positions: jax.Array, cfg: ModelConfig):
 
 
 def _embed(dparams: dict, tokens: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
-    x = jnp.take(dparams["embed"]["token"], tokens, axis=0)
+    x = embedding(dparams["embed"]["token"], tokens)
     if cfg.positions == "learned":
-        x = x + jnp.take(dparams["embed"]["position"], jnp.clip(positions, 0, cfg.max_seq_len - 1), axis=0)
+        x = x + embedding(dparams["embed"]["position"], jnp.clip(positions, 0, cfg.max_seq_len - 1))
     return x
 
 
@@ -151,7 +147,7 @@ def prefill(dparams: dict, tokens: jax.Array, valid: jax.Array, cache: dict, cfg
         # so the model's causal + window masks by index are exact.
         out = dot_product_attention(q, k, v, causal=True, sliding_window=cfg.sliding_window, q_segment_ids=segment,
                                     logit_softcap=cfg.attn_logit_softcap, impl=cfg.attention_impl)
-        x = x + _dense(layer["o"], out.reshape(*out.shape[:2], cfg.q_size))
+        x = x + dense(layer["o"], out.reshape(*out.shape[:2], cfg.q_size))
         x = x + _mlp(layer, norm(layer["mlp_norm"], x, cfg), cfg)
     last = cache["next_slot"] - 1  # index of each row's last prompt token
     x = jnp.take_along_axis(x, last[:, None, None], axis=1)  # [batch, 1, d_model]
@@ -192,7 +188,7 @@ def decode_step(dparams: dict, tokens: jax.Array, cache: dict, cfg: ModelConfig,
             out = decode_attention_reference(q, entry["k"], entry["v"], kv_positions, positions,
                                              sliding_window=cfg.sliding_window,
                                              logit_softcap=cfg.attn_logit_softcap, **scales)
-        x = x + _dense(layer["o"], pad(out.reshape(batch, 1, cfg.q_size)))
+        x = x + dense(layer["o"], pad(out.reshape(batch, 1, cfg.q_size)))
         x = x + _mlp(layer, norm(layer["mlp_norm"], x, cfg), cfg)
     cache = kv_cache.advance(cache)
     x = norm(dparams["final_norm"], x, cfg)
@@ -238,7 +234,7 @@ def extend_step(dparams: dict, tokens: jax.Array, cache: dict, cfg: ModelConfig,
             out = decode_attention(q, entry["k"], entry["v"], kv_positions, flat_positions, kv_lengths, **options)
         else:
             out = decode_attention_reference(q, entry["k"], entry["v"], kv_positions, flat_positions, **options)
-        x = x + _dense(layer["o"], pad(out.reshape(rows, 1, cfg.q_size)))
+        x = x + dense(layer["o"], pad(out.reshape(rows, 1, cfg.q_size)))
         x = x + _mlp(layer, norm(layer["mlp_norm"], x, cfg), cfg)
     cache = kv_cache.advance(cache, count)
     x = norm(dparams["final_norm"], x, cfg)

@@ -48,8 +48,8 @@ import numpy as np
 from kernels.paged_attention import chunk_attention_flash, chunk_attention_reference, gather_blocks, paged_attention, \
     paged_attention_reference
 from llmjax.config import ModelConfig
-from llmjax.infer.decode_model import _dense, _embed, _logits, _mlp, _qkv, resolve_decode_impl
-from llmjax.model.layers import norm
+from llmjax.infer.decode_model import _embed, _logits, _mlp, _qkv, resolve_decode_impl
+from llmjax.model.layers import dense, norm
 
 PAGED_DTYPES = ("bfloat16", "float32", "float16")
 PREFILL_IMPLS = ("auto", "xla", "flash")
@@ -406,7 +406,7 @@ def _paged_forward(dparams, tokens, cache, block_tables, context_lengths, chunk_
         cache = write_kv(cache, i, k.reshape(batch * chunk, *k.shape[2:]), v.reshape(batch * chunk, *v.shape[2:]),
                          slots)
         out = attend(q, cache["layers"][i], positions, kv_lengths)  # [batch, chunk, heads, head_dim]
-        x = x + _dense(layer["o"], out.reshape(batch, chunk, cfg.q_size))
+        x = x + dense(layer["o"], out.reshape(batch, chunk, cfg.q_size))
         x = x + _mlp(layer, norm(layer["mlp_norm"], x, cfg), cfg)
     last = jnp.maximum(chunk_lengths - 1, 0)
     x = jnp.take_along_axis(x, last[:, None, None], axis=1)  # [batch, 1, d_model]

@@ -31,6 +31,7 @@ import safetensors.numpy
 
 from llmjax.config import ConfigError, ModelConfig, RopeScaling
 from llmjax.model.params import flatten_with_names
+from llmjax.model.rope import convert_rope_layout
 from llmjax.model.transformer import model_spec
 
 CONFIG_FILE = "config.json"
@@ -139,6 +140,8 @@ def _llama_config_fields(hf: dict) -> dict:
         positions="rope",
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
+        # q/k stored with RoPE pairing neighbouring dimensions (Meta's original layout): taken as they are
+        rope_layout="interleaved" if hf.get("rope_interleave") else "half",
         activation="swiglu",
         attention_bias=hf.get("attention_bias", False),
         mlp_bias=hf.get("mlp_bias", False),
@@ -271,6 +274,8 @@ def hf_config_from(cfg: ModelConfig) -> dict:
         max_position_embeddings=cfg.max_seq_len,
         **_rope_to_hf(cfg),
     )
+    if cfg.rope_layout == "interleaved":  # weights kept as they are; save_hf_checkpoint converts to "half" instead
+        hf["rope_interleave"] = True
     if family == "mixtral":
         return hf | dict(
             sliding_window=cfg.sliding_window,
@@ -537,7 +542,7 @@ def _read_config(folder: Path) -> dict:
 # Fields that change parameter shapes or the math: a given cfg must agree with config.json.
 _CHECKED_FIELDS = (
     "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff",
-    "norm", "norm_eps", "positions", "rope_theta", "rope_scaling", "activation",
+    "norm", "norm_eps", "positions", "rope_theta", "rope_scaling", "rope_layout", "activation",
     "attention_bias", "mlp_bias", "tie_embeddings", "sliding_window",
     "num_experts", "experts_per_token", "expert_width", "moe_every", "num_shared_experts", "top_k_renormalized",
 )
@@ -692,6 +697,9 @@ def save_hf_checkpoint(
 ) -> None:
     """Write config.json + safetensors that transformers' `from_pretrained` loads.
 
+    A model whose RoPE pairs neighbouring dimensions (rope_layout="interleaved") is written in the
+    Hugging Face "half" layout, its q / k projections permuted, so transformers computes the same logits.
+
     Files larger than max_shard_bytes are split into model-0000i-of-0000n.safetensors with an
     index. dtype: tensor dtype on disk (default cfg.param_dtype). The folder is written under a
     temporary name and renamed into place, so `path` never holds a half-written checkpoint; an
@@ -699,6 +707,9 @@ def save_hf_checkpoint(
     """
     path = Path(path)
     dtype = jnp.dtype(dtype or cfg.param_dtype)
+    if cfg.rope_layout != "half":  # transformers' LLaMA rotates halves: permute q / k so it computes the same
+        _checked_params(params, cfg)
+        params, cfg = convert_rope_layout(params, cfg, "half")
     hf_config = hf_config_from(cfg) | {"dtype": dtype.name}
     flat = _checked_params(params, cfg)
     if path.exists() and not overwrite and not _is_empty_dir(path):

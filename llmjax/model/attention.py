@@ -1,8 +1,9 @@
 """Multi-head attention with grouped-query heads, causal / sliding-window / segment masking.
 
 `attention_layer` projects, rotates and mixes; `dot_product_attention` is the one entry point
-for the attention core, with the implementation chosen by name: "xla" (the jnp reference),
-"cudnn" (jax.nn.dot_product_attention), "pallas" (our flash attention) or "auto".
+for the attention core, with the implementation chosen by name: "xla" (llmjax.nn's
+scaled_dot_product_attention), "cudnn" (jax.nn.dot_product_attention), "pallas" (our flash
+attention) or "auto".
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ import functools
 import warnings
 
 import jax
-import jax.numpy as jnp
 
-from kernels.flash_attention.reference import attention_mask, attention_reference
+from kernels.flash_attention.reference import attention_mask
 from llmjax.config import ModelConfig
-from llmjax.model.layers import residual_std
+from llmjax.model.layers import dense, residual_std
 from llmjax.model.params import ParamSpec, normal, zeros
 from llmjax.model.rope import apply_rope
+from llmjax.nn import scaled_dot_product_attention
 from llmjax.parallel.logical import active_rules, mesh_axis_for
 
 
@@ -39,6 +40,13 @@ def attention_spec(cfg: ModelConfig) -> dict:
     }
 
 
+def _xla_attention(q, k, v, *, causal, sliding_window, q_segment_ids, kv_segment_ids, logit_softcap):
+    """llmjax.nn.scaled_dot_product_attention with the model's masks as one boolean mask."""
+    mask = attention_mask(q.shape[1], k.shape[1], causal=causal, sliding_window=sliding_window,
+                          q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)  # [batch or 1, q_len, kv_len]
+    return scaled_dot_product_attention(q, k, v, mask=mask[:, None], logit_softcap=logit_softcap)
+
+
 def _cudnn_attention(q, k, v, *, causal, sliding_window, q_segment_ids, kv_segment_ids, logit_softcap):
     """jax.nn.dot_product_attention's cuDNN flash attention (segments become a boolean mask)."""
     mask = None
@@ -56,7 +64,7 @@ def _pallas_attention(q, k, v, **masking):
     return flash_attention(q, k, v, **masking)
 
 
-ATTENTION_IMPLS = {"xla": attention_reference, "cudnn": _cudnn_attention, "pallas": _pallas_attention}
+ATTENTION_IMPLS = {"xla": _xla_attention, "cudnn": _cudnn_attention, "pallas": _pallas_attention}
 
 
 def _unavailable_reason(impl: str, platform: str, logit_softcap, head_dim: int | None) -> str | None:
@@ -125,16 +133,11 @@ def attention_layer(
 ) -> jax.Array:
     """Causal self-attention: x [batch, seq, d_model] -> [batch, seq, d_model]."""
 
-    def project(p, x):
-        y = jnp.einsum("bsd,dhk->bshk", x, p["kernel"])
-        return y + p["bias"] if "bias" in p else y
-
-    q = project(params["q"], x)  # [batch, seq, heads, head_dim]
-    k = project(params["k"], x)  # [batch, seq, kv_heads, head_dim]
-    v = project(params["v"], x)
+    q = dense(params["q"], x)  # [batch, seq, heads, head_dim]
+    k = dense(params["k"], x)  # [batch, seq, kv_heads, head_dim]
+    v = dense(params["v"], x)
     if cfg.positions == "rope":
         q, k = apply_rope(q, positions, cfg), apply_rope(k, positions, cfg)
     out = dot_product_attention(q, k, v, causal=True, sliding_window=cfg.sliding_window, q_segment_ids=segment_ids,
                                 logit_softcap=cfg.attn_logit_softcap, impl=cfg.attention_impl)
-    y = jnp.einsum("bshk,hkd->bsd", out, params["o"]["kernel"])
-    return y + params["o"]["bias"] if "bias" in params["o"] else y
+    return dense(params["o"], out, in_dims=2)  # [batch, seq, d_model]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import warnings
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from llmjax.config import ModelConfig
 from llmjax.model.params import ParamSpec, normal, ones, zeros
+from llmjax.nn import gelu, layer_norm, linear, rms_norm, swiglu
 from llmjax.parallel.logical import active_rules, partition_spec
 
 
@@ -26,22 +26,6 @@ def norm_spec(cfg: ModelConfig) -> dict:
     if cfg.norm == "layernorm":
         spec["bias"] = ParamSpec((cfg.d_model,), ("embed",), zeros, cfg.param_dtype)
     return spec
-
-
-def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
-    """x [..., d] normalized to zero mean and unit variance over d (statistics in float32)."""
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
-    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
-
-
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """x [..., d] divided by its root mean square over d (statistics in float32)."""
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)
-    return (y * scale.astype(jnp.float32)).astype(x.dtype)
 
 
 def resolve_norm_impl(impl: str, platform: str) -> str:
@@ -109,16 +93,15 @@ def mlp_spec(cfg: ModelConfig) -> dict:
     return spec
 
 
-def dense(params: dict, x: jax.Array) -> jax.Array:
-    """x [..., in] @ kernel [in, out] (+ bias)."""
-    y = x @ params["kernel"]
-    return y + params["bias"] if "bias" in params else y
+def dense(params: dict, x: jax.Array, *, in_dims: int = 1) -> jax.Array:
+    """llmjax.nn.linear with a {"kernel", "bias"?} parameter dict: x [..., *in] -> [..., *out]."""
+    return linear(x, params["kernel"], params.get("bias"), in_dims=in_dims)
 
 
 def mlp(params: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     """[batch, seq, d_model] -> [batch, seq, d_model]: GELU-tanh MLP (GPT-2) or SwiGLU (LLaMA)."""
     if cfg.activation == "swiglu":
-        hidden = jax.nn.silu(dense(params["gate"], x)) * dense(params["up"], x)
+        hidden = swiglu(dense(params["gate"], x), dense(params["up"], x))  # [batch, seq, d_ff]
     else:
-        hidden = jax.nn.gelu(dense(params["up"], x), approximate=True)
+        hidden = gelu(dense(params["up"], x), approximate=True)
     return dense(params["down"], hidden)  # [batch, seq, d_model]

@@ -43,6 +43,7 @@ from jax.sharding import PartitionSpec as P
 from llmjax.config import ModelConfig, check_expert_parallel
 from llmjax.model.layers import mlp, mlp_spec, residual_std
 from llmjax.model.params import ParamSpec, normal, zeros
+from llmjax.nn import gelu, softmax, swiglu
 
 EXPERT_MESH_AXIS = "expert"  # the mesh axis experts are sharded over (llmjax.parallel.mesh.MESH_AXES)
 TOKEN_MESH_AXES = ("data", "fsdp", "expert")  # mesh axes that split the batch inside the expert-parallel layer
@@ -94,7 +95,7 @@ def route(router: dict, x: jax.Array, cfg: ModelConfig, rng: jax.Array | None = 
     logits = h @ router["kernel"].astype(dtype)
     if rng is not None and cfg.router_noise > 0:
         logits = logits + cfg.router_noise * jax.random.normal(jax.random.fold_in(rng, 1), logits.shape, dtype)
-    probs = jax.nn.softmax(logits, axis=-1)
+    probs = softmax(logits, axis=-1)
     top_probs, experts = jax.lax.top_k(probs, cfg.experts_per_token)
     weights = top_probs / top_probs.sum(-1, keepdims=True) if cfg.top_k_renormalized else top_probs
     return weights, experts.astype(jnp.int32), logits, probs
@@ -120,7 +121,7 @@ def capacity(seq_len: int, cfg: ModelConfig) -> int:
 # --- experts -----------------------------------------------------------------------------
 
 def _activate(gate, up, cfg: ModelConfig):
-    return jax.nn.silu(gate) * up if cfg.activation == "swiglu" else jax.nn.gelu(up, approximate=True)
+    return swiglu(gate, up) if cfg.activation == "swiglu" else gelu(up, approximate=True)
 
 
 def batched_experts(experts: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:

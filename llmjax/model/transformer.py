@@ -24,6 +24,7 @@ from llmjax.model.attention import attention_layer, attention_spec
 from llmjax.model.layers import mlp, mlp_spec, norm, norm_spec
 from llmjax.model.moe import moe_layer, moe_spec
 from llmjax.model.params import ParamSpec, init_from_specs, normal, stack_layers
+from llmjax.nn import embedding
 from llmjax.parallel.logical import constrain
 
 
@@ -202,9 +203,9 @@ def hidden_states_and_moe_metrics(
         positions = jnp.broadcast_to(jnp.arange(seq_len), (batch, seq_len))
     params = _cast_for_compute(params, cfg) if cfg.is_moe else jax.tree.map(lambda p: p.astype(cfg.compute_dtype), params)
 
-    x = jnp.take(params["embed"]["token"], tokens, axis=0)  # [batch, seq, d_model]
+    x = embedding(params["embed"]["token"], tokens)  # [batch, seq, d_model]
     if cfg.positions == "learned":
-        x = x + jnp.take(params["embed"]["position"], positions, axis=0)
+        x = x + embedding(params["embed"]["position"], positions)
 
     x = constrain(x, ACTIVATION_AXES)
 

@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec
 from llmjax.config import ModelConfig, TrainConfig
 from llmjax.model.moe import moe_loss_sums, moe_metrics_from_sums
 from llmjax.model.transformer import hidden_states_and_moe_metrics, init_params, output_embedding
+from llmjax.nn import token_cross_entropy
 from llmjax.parallel.logical import active_rules, partition_spec
 from llmjax.train.optim import learning_rate_schedule, make_optimizer
 
@@ -97,9 +98,7 @@ def chunked_cross_entropy(
         logits = output_logits(x, embedding)  # [..., chunk, padded_vocab] float32
         if vocab_size < embedding.shape[1]:  # padding columns get no probability
             logits = jnp.where(in_vocab, logits, -jnp.inf)
-        log_z = jax.nn.logsumexp(logits, axis=-1)
-        target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-        return None, (log_z - target_logit, log_z)
+        return None, token_cross_entropy(logits, t)  # (nll, log_z)
 
     _, (nll, log_z) = jax.lax.scan(one_chunk, None, (hidden, targets))  # [count, ..., chunk]
     return unchunk(nll), unchunk(log_z)

@@ -150,6 +150,47 @@ def test_export_loads_in_transformers_and_round_trips(name, tmp_path):
     assert_params_equal(params_again, params)
 
 
+def meta_interleaved(weight, heads):
+    """A Hugging Face LLaMA q/k projection (rows: per head, RoPE pairs (i, i + head_dim/2)) in Meta's original
+    layout (pairs (2i, 2i + 1)): the inverse of transformers' conversion-script permutation."""
+    rows = weight.shape[0]
+    head_dim = rows // heads
+    return weight.reshape(heads, 2, head_dim // 2, -1).transpose(0, 2, 1, 3).reshape(weight.shape)
+
+
+def test_interleaved_rope_checkpoint_imports_without_surgery_and_exports_for_transformers(tmp_path):
+    model = llama(attention_bias=True)
+    model.save_pretrained(tmp_path / "hf")
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    heads = {"q_proj": 6, "k_proj": 2}
+    for name in list(tensors):
+        projection = next((p for p in heads if f".{p}." in name), None)
+        if projection:
+            value = tensors[name]
+            tensors[name] = meta_interleaved(value.reshape(value.shape[0], -1), heads[projection]).reshape(value.shape)
+    folder = tmp_path / "interleaved"
+    folder.mkdir()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "hf" / "config.json").read_text()) | {"rope_interleave": True}
+    (folder / "config.json").write_text(json.dumps(config))
+
+    params, cfg = load_hf_checkpoint(folder)
+    assert cfg.rope_layout == "interleaved"
+    stored = tensors["model.layers.1.self_attn.q_proj.weight"]  # [heads * head_dim, d_model], as in the file
+    np.testing.assert_array_equal(np.asarray(params["blocks"]["attn"]["q"]["kernel"][1]),
+                                  stored.T.reshape(cfg.d_model, cfg.num_heads, cfg.head_dim))
+    assert_logits_match(hf_logits(model), params, cfg)
+
+    save_hf_checkpoint(params, cfg, tmp_path / "export")
+    assert "rope_interleave" not in json.loads((tmp_path / "export" / "config.json").read_text())
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32).eval()
+    assert_logits_match(hf_logits(reloaded), params, cfg)
+    half_params, half_cfg = load_hf_checkpoint(tmp_path / "export")
+    assert half_cfg == cfg.replace(rope_layout="half")
+    with pytest.raises(CheckpointMismatchError, match=r"cfg.rope_layout='interleaved' but the checkpoint's"):
+        load_hf_checkpoint(tmp_path / "export", cfg)
+
+
 def test_sharded_checkpoints_both_ways(tmp_path):
     model = llama()
     model.save_pretrained(tmp_path / "hf", max_shard_size="20KB")

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llmjax.model.layers import rms_norm
+from llmjax.nn import rms_norm
 
 
 @pytest.mark.gpu

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from llmjax.config import ModelConfig, RopeScaling
-from llmjax.model.rope import apply_rope, rope_frequencies
+from llmjax.model.rope import apply_rope
+from llmjax.nn import rope_frequencies
 
 
 def reference_rope(x, positions, inv_freq):
@@ -73,3 +74,28 @@ def test_rope_is_relative():
 
     assert score(7, 3) == pytest.approx(score(104, 100), rel=1e-4)
     assert score(7, 3) != pytest.approx(score(7, 4), rel=1e-4)
+
+
+def test_interleaved_layout_is_the_same_model_after_converting_the_weights():
+    """convert_rope_layout permutes q / k so the logits do not change, and the interleaved model decodes
+    with a KV cache (prefill + decode steps) exactly as its full forward computes."""
+    import jax
+
+    from llmjax.config import get_config
+    from llmjax.model import forward, init_params
+    from llmjax.model.rope import convert_rope_layout
+    from tests.infer.test_kv_cache import full_forward, run_cache
+
+    cfg = get_config("llama-tiny")
+    params = init_params(cfg, jax.random.key(0))
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
+    interleaved_params, interleaved = convert_rope_layout(params, cfg, "interleaved")
+    assert interleaved.rope_layout == "interleaved"
+    assert not np.array_equal(interleaved_params["blocks"]["attn"]["q"]["kernel"], params["blocks"]["attn"]["q"]["kernel"])
+    np.testing.assert_allclose(forward(interleaved_params, tokens, interleaved), forward(params, tokens, cfg),
+                               atol=2e-5, rtol=1e-5)
+
+    sequences = [np.random.default_rng(2).integers(0, cfg.vocab_size, n + 5).tolist() for n in (7, 3, 9)]
+    got, _ = run_cache(interleaved, interleaved_params, sequences, "left", None)
+    want = full_forward(interleaved, interleaved_params, sequences)
+    np.testing.assert_allclose(got[..., : cfg.vocab_size], want[..., : cfg.vocab_size], atol=2e-5, rtol=1e-4)
