@@ -1,4 +1,9 @@
-"""Dispatch `python -m experiments NAME [flags]` to experiments/NAME.py."""
+"""Dispatch `python -m experiments NAME [flags]` to experiments/NAME.py.
+
+The folder is the package `llmjax.experiments` (in a checkout and installed alike), so every experiment is
+imported under that one name. From a checkout's root `python -m experiments` finds this file directly;
+installed, the same runs as `python -m llmjax.experiments` or the `llmjax-experiments` command.
+"""
 
 from __future__ import annotations
 
@@ -8,25 +13,29 @@ import pkgutil
 import sys
 from pathlib import Path
 
-import experiments
+import llmjax.experiments as package
 
-USAGE = "usage: python -m experiments NAME [flags]   (python -m experiments NAME --help for its flags)"
+PROG = "python -m experiments"  # as started from a checkout; main's `prog` names the other ways
+
+
+def usage(prog: str = PROG) -> str:
+    return f"usage: {prog} NAME [flags]   ({prog} NAME --help for its flags)"
 
 
 def available() -> dict[str, str]:
     """{name: one-line description}, read from each module's docstring without importing it."""
     found = {}
-    for module in pkgutil.iter_modules(experiments.__path__):
-        if module.name.startswith("_"):
+    for module in pkgutil.iter_modules(package.__path__):
+        if module.name.startswith("_"):  # helpers (e.g. _torch_gpt, bench_train's peer), not experiments
             continue
-        source = Path(experiments.__path__[0], module.name + ".py").read_text()
+        source = Path(package.__path__[0], module.name + ".py").read_text()
         doc = ast.get_docstring(ast.parse(source)) or ""
         found[module.name] = doc.strip().splitlines()[0] if doc.strip() else ""
     return dict(sorted(found.items()))
 
 
-def print_help() -> None:
-    print(USAGE)
+def print_help(prog: str = PROG) -> None:
+    print(usage(prog))
     print("\nexperiments:")
     names = available()
     width = max(map(len, names))
@@ -44,16 +53,16 @@ def warn_if_gpu_unused(already_said: set[str]) -> None:
         print(f"llmjax: {reason}", file=sys.stderr, flush=True)
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], prog: str = PROG) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print_help()
+        print_help(prog)
         return 0
     name, rest = argv[0], argv[1:]
     names = available()
     if name not in names:
-        print(f"python -m experiments: unknown experiment {name!r}; choose one of: {', '.join(names)}", file=sys.stderr)
+        print(f"{prog}: unknown experiment {name!r}; choose one of: {', '.join(names)}", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"experiments.{name}")
+    module = importlib.import_module(f"{package.__name__}.{name}")
     said: set[str] = set()
     warn_if_gpu_unused(said)  # before: a missing CUDA plugin, JAX_PLATFORMS=cpu
     status = module.main(rest) or 0
@@ -63,5 +72,10 @@ def main(argv: list[str]) -> int:
     return status
 
 
+def console() -> int:
+    """The `llmjax-experiments` command ([project.scripts])."""
+    return main(sys.argv[1:], prog="llmjax-experiments")
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:], prog=f"python -m {__spec__.parent}"))

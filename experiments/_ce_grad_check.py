@@ -8,7 +8,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from kernels.cross_entropy import cross_entropy_with_grad
+from llmjax.kernels.cross_entropy import cross_entropy_with_grad
 
 
 def xla_version(logits, targets, weights, vocab_size):

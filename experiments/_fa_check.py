@@ -28,8 +28,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kernels.flash_attention import autotune, attention_reference  # noqa: E402
-from kernels.flash_attention import triton as fa  # noqa: E402
+from llmjax.kernels.flash_attention import autotune, attention_reference  # noqa: E402
+from llmjax.kernels.flash_attention import triton as fa  # noqa: E402
 
 START = time.time()
 BUDGET_S = 540
@@ -205,7 +205,7 @@ def tune_once(results, out_dir: Path):
     """The autotuner through the public API on a mid-size shape: time spent, configs chosen, JSON written."""
     os.environ["LLMJAX_FLASH_AUTOTUNE"] = "1"
     os.environ["LLMJAX_CACHE_DIR"] = str(out_dir / "cache")
-    from kernels.flash_attention import flash_attention
+    from llmjax.kernels.flash_attention import flash_attention
 
     q, k, v, do = inputs(2, 2048, 8, 2, 128, seed=2)
     fn = jax.jit(lambda q, k, v, do: jax.vjp(functools.partial(flash_attention, implementation="triton"), q, k, v)[1](do))

@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.norms import rms_norm as pallas_rms_norm
-from kernels.triton_rms_norm import import_jax_triton, rms_norm_triton
+from llmjax.kernels.norms import rms_norm as pallas_rms_norm
+from llmjax.kernels.triton_rms_norm import import_jax_triton, rms_norm_triton
 from llmjax.nn import rms_norm
 
 

@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.flash_attention import mosaic_gpu
-from kernels.flash_attention import mosaic_gpu_backward as backward_module
-from kernels.flash_attention.reference import attention_reference
+from llmjax.kernels.flash_attention import mosaic_gpu
+from llmjax.kernels.flash_attention import mosaic_gpu_backward as backward_module
+from llmjax.kernels.flash_attention.reference import attention_reference
 
 RESULTS_PATH = os.path.join(os.environ.get("OUT") or "/tmp", "mosaic_bwd_check.json")
 SECTIONS = ("gradients", "timing", "forward")
@@ -169,7 +169,7 @@ def ours_with(config=None, backward="mosaic", forward_config=None):
             if backward == "mosaic":
                 return backward_module.flash_attention_backward_mosaic(q, k, v, out, lse, d_out, causal=causal,
                                                                        config=config)
-            from kernels.flash_attention.triton import flash_attention_backward_triton
+            from llmjax.kernels.flash_attention.triton import flash_attention_backward_triton
 
             return flash_attention_backward_triton(q, k, v, out, lse, d_out, causal=causal)
 

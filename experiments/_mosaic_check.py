@@ -24,8 +24,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kernels.flash_attention import mosaic_gpu  # noqa: E402
-from kernels.flash_attention.reference import attention_mask, attention_reference  # noqa: E402
+from llmjax.kernels.flash_attention import mosaic_gpu  # noqa: E402
+from llmjax.kernels.flash_attention.reference import attention_mask, attention_reference  # noqa: E402
 
 Config = mosaic_gpu.KernelConfig
 RESULTS_PATH = os.path.join(os.environ.get("OUT") or "/tmp", "mosaic_check.json")
@@ -141,7 +141,7 @@ def bundled(causal, block_q):
 
 def gradients():
     try:
-        from kernels.flash_attention import triton as triton_module  # noqa: F401
+        from llmjax.kernels.flash_attention import triton as triton_module  # noqa: F401
 
         has_backward = hasattr(triton_module, "flash_attention_backward_triton")
         backward = "triton" if has_backward else "reference (no triton bwd)"

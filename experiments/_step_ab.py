@@ -15,8 +15,8 @@ import time
 
 import jax
 
-from experiments.bench_train import batches
-from experiments.train import parse_overrides
+from llmjax.experiments.bench_train import batches
+from llmjax.experiments.train import parse_overrides
 from llmjax.config import TrainConfig, get_config
 from llmjax.model import layers
 from llmjax.train.step import init_train_state, make_train_step, windows_to_batch

@@ -101,7 +101,7 @@ def jax_attention(impl: str, shape: Shape):
     import jax
     import jax.numpy as jnp
 
-    from kernels.flash_attention.reference import attention_reference
+    from llmjax.kernels.flash_attention.reference import attention_reference
 
     scale = shape.head_dim**-0.5
     if impl == "xla":
@@ -111,7 +111,7 @@ def jax_attention(impl: str, shape: Shape):
     if impl == "cudnn":
         return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=shape.causal, implementation="cudnn")
     if impl in ("pallas", "pallas_triton"):  # ours: the best lowering for the device, or the Triton one
-        from kernels.flash_attention import flash_attention
+        from llmjax.kernels.flash_attention import flash_attention
 
         forced = "triton" if impl == "pallas_triton" else None
         return lambda q, k, v: flash_attention(q, k, v, causal=shape.causal, implementation=forced)

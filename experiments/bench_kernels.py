@@ -140,7 +140,7 @@ def norm_functions(kind: str, use_kernel: bool, tuning: dict | None = None):
     per-pass tuning, {"forward": {...}, "backward": {...}}."""
     import jax
 
-    from kernels import norms
+    from llmjax.kernels import norms
 
     eps = 1e-5
     tuning = tuning or {}
@@ -286,7 +286,7 @@ def ce_loss(kind: str, vocab_size: int, **kernel_options):
     """loss(hidden, embedding, targets) = sum nll + 1e-4 sum log_z^2 with one implementation."""
     import jax.numpy as jnp
 
-    from kernels.cross_entropy import cross_entropy_reference, linear_cross_entropy
+    from llmjax.kernels.cross_entropy import cross_entropy_reference, linear_cross_entropy
     from llmjax.config import TrainConfig
     from llmjax.train.step import chunked_cross_entropy
 

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
     from jax import lax
 
-    from kernels.matmul_quant import MatmulTiles, choose_splits, default_tiles, quantized_matmul_pallas
+    from llmjax.kernels.matmul_quant import MatmulTiles, choose_splits, default_tiles, quantized_matmul_pallas
     from llmjax.quant.formats import quantize, quantized_matmul
 
     device = jax.devices()[0]

@@ -97,8 +97,8 @@ def bench_kernel(args, on_gpu: bool, report: dict) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from experiments.bench_kernels import median_seconds
-    from kernels.grouped_matmul import (
+    from llmjax.experiments.bench_kernels import median_seconds
+    from llmjax.kernels.grouped_matmul import (
         TileConfig,
         default_tiles,
         group_layout,
@@ -198,7 +198,7 @@ def bench_layer(args, on_gpu: bool, report: dict) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from experiments.bench_kernels import median_seconds
+    from llmjax.experiments.bench_kernels import median_seconds
     from llmjax.model.layers import mlp, mlp_spec
     from llmjax.model.moe import moe_layer, moe_spec
     from llmjax.model.params import init_from_specs
@@ -239,7 +239,7 @@ def bench_layer(args, on_gpu: bool, report: dict) -> None:
 # --- part 3: quality -----------------------------------------------------------------------
 
 def bench_quality(args, on_gpu: bool, report: dict) -> None:
-    from experiments.train import open_data
+    from llmjax.experiments.train import open_data
     from llmjax.config import TrainConfig, count_params, get_config
     from llmjax.train.loop import RunConfig, read_metrics, train
 

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         set_gpu_training_flags()
     import jax
 
-    from experiments.train import parse_overrides
+    from llmjax.experiments.train import parse_overrides
     from llmjax.config import TrainConfig, get_config
 
     model_cfg = get_config(args.model, **parse_overrides(args.set))

@@ -407,7 +407,7 @@ def load_params(args):
     from llmjax.model import init_params
 
     if args.ckpt is not None:
-        from experiments.generate import restore_params
+        from llmjax.experiments.generate import restore_params
 
         return restore_params(args.ckpt)
     cfg = get_config(args.model)

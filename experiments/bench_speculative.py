@@ -61,7 +61,7 @@ def parse_args(argv):
 
 def parse_draft(spec: str, vocab: int):
     """"PRESET[:FIELD=VALUE,...]" -> (label, overrides, ModelConfig at the byte vocabulary)."""
-    from experiments.train import parse_overrides
+    from llmjax.experiments.train import parse_overrides
     from llmjax.config import get_config
 
     preset, _, fields = spec.partition(":")
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import jax
 
-    from experiments.train import parse_overrides
+    from llmjax.experiments.train import parse_overrides
     from llmjax.config import ConfigError, count_params, get_config
     from llmjax.data.loader import ArrayTokens
     from llmjax.infer.generate import generate

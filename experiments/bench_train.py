@@ -56,7 +56,7 @@ def run_torch(cfg, args) -> dict:
         import torch
     except ImportError:
         return {"skipped": "torch is not installed"}
-    from experiments._torch_gpt import from_config, make_step
+    from llmjax.experiments._torch_gpt import from_config, make_step
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -135,7 +135,7 @@ def loss_agreement(cfg, args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from experiments.train import parse_overrides
+    from llmjax.experiments.train import parse_overrides
     from llmjax.config import get_config
     from llmjax.train.metrics import flops_per_token
 

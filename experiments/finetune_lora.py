@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import orbax.checkpoint as ocp
 
-    from experiments.generate import restore_params
+    from llmjax.experiments.generate import restore_params
     from llmjax.config import TrainConfig, config_to_dict
     from llmjax.data.loader import batch_at
     from llmjax.peft.lora import LoraConfig, adapter_count, save_adapters

@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from experiments.finetune_lora import open_data
-    from experiments.generate import restore_params
+    from llmjax.experiments.finetune_lora import open_data
+    from llmjax.experiments.generate import restore_params
     from llmjax.data.loader import batch_at
     from llmjax.infer.generate import generate
     from llmjax.quant.formats import QuantizationError

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax
     import jax.numpy as jnp
 
-    from experiments.train import parse_overrides
+    from llmjax.experiments.train import parse_overrides
     from llmjax.config import ConfigError, TrainConfig, get_config
     from llmjax.model import init_params
     from llmjax.peft.lora import LoraConfig
@@ -202,7 +202,7 @@ def in_children(args, argv, configs) -> list[dict]:
             while pending and len(running) < max(1, args.jobs):
                 index, (mode, policy) = pending.pop(0)
                 out = Path(folder) / f"{index}.json"
-                command = [sys.executable, "-m", "experiments", "remat_memory", *kept, "--modes", mode, "--policies",
+                command = [sys.executable, "-m", "llmjax.experiments", "remat_memory", *kept, "--modes", mode, "--policies",
                            policy, "--child-out", str(out)]
                 running.append((index, mode, policy, out, subprocess.Popen(command, env=env)))
             index, mode, policy, out, process = running.pop(0)

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 2
-    from experiments.generate import load_model
+    from llmjax.experiments.generate import load_model
     from llmjax.infer.engine import Engine, EngineConfig, EngineError
 
     name = args.served_model_name or default_model_name(args)

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.devices}"
     import jax
 
-    from experiments.train import parse_overrides
+    from llmjax.experiments.train import parse_overrides
     from llmjax.config import TrainConfig, count_params, get_config
 
     if jax.device_count() < args.devices:

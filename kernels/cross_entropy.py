@@ -31,7 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.tiles import combine_masks
+from .tiles import combine_masks
 
 __all__ = ["linear_cross_entropy", "cross_entropy_reference", "cross_entropy_with_grad"]
 

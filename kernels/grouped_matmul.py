@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.tiles import combine_masks
+from .tiles import combine_masks
 
 __all__ = ["GroupLayout", "grouped_matmul", "grouped_matmul_padded", "grouped_matmul_reference", "group_layout"]
 

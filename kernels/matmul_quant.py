@@ -55,7 +55,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.tiles import combine_masks
+from .tiles import combine_masks
 from llmjax.quant.formats import NF4_CODEBOOK, QuantizedMatrix, quantized_matmul
 
 __all__ = ["MatmulTiles", "default_tiles", "quantized_matmul_pallas", "quantized_matmul_reference"]

@@ -25,7 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.tiles import combine_masks
+from .tiles import combine_masks
 from llmjax.nn import layer_norm as layer_norm_reference
 from llmjax.nn import rms_norm as rms_norm_reference
 

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels.decode_attention import (
+from .decode_attention import (
     NEG_INF,
     _pow2_at_least,
     attend_block,
@@ -115,7 +115,7 @@ def chunk_attention_flash(q, k_pool, v_pool, block_tables, context_lengths, chun
     head_dim] with the chunk's own K/V already written; block_tables [batch, max_blocks]. Equals
     `chunk_attention_reference` on the gathered blocks for every real query. Returns [batch, chunk, heads,
     head_dim]."""
-    from kernels.flash_attention import flash_attention
+    from .flash_attention import flash_attention
 
     batch, chunk = q.shape[:2]
     num_blocks, block_size = k_pool.shape[:2]

@@ -3,7 +3,7 @@
 from argparse import Namespace
 from dataclasses import asdict
 
-from experiments import bench_attention
+from llmjax.experiments import bench_attention
 
 IMPLS = ["pallas", "cudnn", "xla"]
 

@@ -95,7 +95,7 @@ def test_the_real_probes_answer_on_this_machine():
 
 def test_experiments_print_the_reason_once_to_stderr(h100, monkeypatch, capsys):
     """python -m experiments NAME: the line before the run, not repeated after it."""
-    from experiments.__main__ import main
+    from llmjax.experiments.__main__ import main
 
     monkeypatch.setattr(devices, "installed_cuda_plugin", lambda: None)
     assert main(["presets"]) == 0

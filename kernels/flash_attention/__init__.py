@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import jax
 
-from kernels.flash_attention.reference import attention_mask, attention_reference
-from kernels.flash_attention.triton import (BlockSizes, KernelConfig, flash_attention_backward_triton,
+from .reference import attention_mask, attention_reference
+from .triton import (BlockSizes, KernelConfig, flash_attention_backward_triton,
                                             flash_attention_forward_triton, flash_attention_triton)
-from kernels.flash_attention.validate import validate_attention_inputs
+from .validate import validate_attention_inputs
 
 IMPLEMENTATIONS = ("mosaic", "triton")
 
@@ -30,7 +30,7 @@ __all__ = [
 def _mosaic_module():
     """kernels.flash_attention.mosaic_gpu, or None where it is absent or does not import."""
     try:
-        from kernels.flash_attention import mosaic_gpu
+        from . import mosaic_gpu
     except ImportError:
         return None
     if not (hasattr(mosaic_gpu, "supported") and hasattr(mosaic_gpu, "flash_attention_mosaic")):

@@ -22,7 +22,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from kernels.flash_attention.triton import (BlockSizes, KernelConfig, Masking, flash_attention_backward_triton,
+from .triton import (BlockSizes, KernelConfig, Masking, flash_attention_backward_triton,
                                             flash_attention_forward_triton)
 
 CACHE_DIR_ENV = "LLMJAX_CACHE_DIR"

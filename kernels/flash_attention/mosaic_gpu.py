@@ -484,7 +484,7 @@ def flash_attention_forward_mosaic(q, k, v, *, causal=True, sliding_window=None,
 
 def _reference_backward(q, k, v, out, lse, d_out, *, causal, sliding_window, logit_softcap, **_):
     """Stand-in backward (jax.vjp of the jnp reference) for when the Triton backward is not importable."""
-    from kernels.flash_attention.reference import attention_reference
+    from .reference import attention_reference
 
     del out, lse
     attention = functools.partial(attention_reference, causal=causal, sliding_window=sliding_window,
@@ -494,7 +494,7 @@ def _reference_backward(q, k, v, out, lse, d_out, *, causal, sliding_window, log
 
 def _triton_backward():
     try:
-        from kernels.flash_attention.triton import flash_attention_backward_triton
+        from .triton import flash_attention_backward_triton
     except ImportError:
         return _reference_backward
     return flash_attention_backward_triton
@@ -514,7 +514,7 @@ def backward_for(q, k, v, *, causal, sliding_window, logit_softcap, backward: st
         raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
     if backward == "triton":
         return "triton"
-    from kernels.flash_attention.mosaic_gpu_backward import backward_supported
+    from .mosaic_gpu_backward import backward_supported
 
     reason = backward_supported(q, k, v, causal=causal, sliding_window=sliding_window, logit_softcap=logit_softcap)
     if reason and backward == "mosaic":
@@ -541,7 +541,7 @@ def _attention_bwd(causal, sliding_window, logit_softcap, backward, residuals, d
     q, k, v, out, lse = residuals
     masking = dict(causal=causal, sliding_window=sliding_window, logit_softcap=logit_softcap)
     if backward_for(q, k, v, backward=backward, **masking) == "mosaic":
-        from kernels.flash_attention.mosaic_gpu_backward import flash_attention_backward_mosaic
+        from .mosaic_gpu_backward import flash_attention_backward_mosaic
 
         return flash_attention_backward_mosaic(q, k, v, out, lse, d_out, **masking)
     return _triton_backward()(q, k, v, out, lse, d_out, q_segment_ids=None, kv_segment_ids=None, **masking)

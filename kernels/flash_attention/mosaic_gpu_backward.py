@@ -48,7 +48,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels.flash_attention.mosaic_gpu import unsupported_operands
+from .mosaic_gpu import unsupported_operands
 
 LOG2E = math.log2(math.e)
 NUM_CONSUMERS = 2  # compute warpgroups per CTA; the producer is warpgroup NUM_CONSUMERS

@@ -508,7 +508,7 @@ def _resolve(block_sizes: BlockSizes | None, which: str, q, k, masking: Masking,
     """The config of kernel `which` ("forward", "dkv", "dq"): from block_sizes, else the autotuner."""
     config = None if block_sizes is None else getattr(block_sizes, which)
     if config is None:
-        from kernels.flash_attention import autotune  # the tuner runs these kernels: imported late
+        from . import autotune  # the tuner runs these kernels: imported late
 
         config = autotune.config_for(which, q, k, masking, interpret=interpret)
     return fit_config(config, masking.q_len, masking.kv_len)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.decode_attention import decode_attention, decode_attention_reference
+from llmjax.kernels.decode_attention import decode_attention, decode_attention_reference
 from llmjax.config import ModelConfig
 from llmjax.infer import kv_cache
 from llmjax.model.attention import dot_product_attention

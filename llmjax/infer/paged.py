@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.paged_attention import chunk_attention_flash, chunk_attention_reference, gather_blocks, paged_attention, \
+from llmjax.kernels.paged_attention import chunk_attention_flash, chunk_attention_reference, gather_blocks, paged_attention, \
     paged_attention_reference
 from llmjax.config import ModelConfig
 from llmjax.infer.decode_model import _embed, _logits, _mlp, _qkv, resolve_decode_impl

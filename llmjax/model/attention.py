@@ -13,7 +13,7 @@ import warnings
 
 import jax
 
-from kernels.flash_attention.reference import attention_mask
+from llmjax.kernels.flash_attention.reference import attention_mask
 from llmjax.config import ModelConfig
 from llmjax.model.layers import dense, residual_std
 from llmjax.model.params import ParamSpec, normal, zeros
@@ -59,7 +59,7 @@ def _cudnn_attention(q, k, v, *, causal, sliding_window, q_segment_ids, kv_segme
 
 
 def _pallas_attention(q, k, v, **masking):
-    from kernels.flash_attention import flash_attention
+    from llmjax.kernels.flash_attention import flash_attention
 
     return flash_attention(q, k, v, **masking)
 
@@ -77,7 +77,7 @@ def _unavailable_reason(impl: str, platform: str, logit_softcap, head_dim: int |
         return f"cuDNN attention needs head_dim a multiple of 8 up to 256, got {head_dim}"
     if impl == "pallas":
         try:
-            from kernels.flash_attention import flash_attention  # noqa: F401
+            from llmjax.kernels.flash_attention import flash_attention  # noqa: F401
         except ImportError:
             return "the Pallas flash-attention kernel is not available in this build"
     return None

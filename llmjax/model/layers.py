@@ -42,7 +42,7 @@ def resolve_norm_impl(impl: str, platform: str) -> str:
 def _pallas_norm(x: jax.Array, params: dict, cfg: ModelConfig) -> jax.Array | None:
     """kernels/norms.py on x [batch, seq, d_model], run per device on its rows when the activations are
     sharded over batch / length; None when d_model is sharded (each row must be whole on one device)."""
-    from kernels import norms
+    from llmjax.kernels import norms
 
     interpret = jax.devices()[0].platform != "gpu"  # tests run the kernels on the CPU
 

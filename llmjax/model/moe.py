@@ -212,7 +212,7 @@ def dropless_moe(experts: dict, x: jax.Array, weights: jax.Array, chosen: jax.Ar
 def _pallas_grouped_experts(experts, x, order, sorted_position, group_sizes, k: int, cfg: ModelConfig) -> jax.Array:
     """The experts through our grouped-matmul kernel on its padded layout (each expert's rows padded
     to a whole row tile), gathered straight from and back to token order: [tokens * k, d_model]."""
-    from kernels.grouped_matmul import default_tiles, group_layout, grouped_matmul_padded
+    from llmjax.kernels.grouped_matmul import default_tiles, group_layout, grouped_matmul_padded
 
     assignments, d, f = order.shape[0], cfg.d_model, cfg.expert_width
     block_m = default_tiles(d, f).block_m

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.flash_attention.reference import attention_mask
+from llmjax.kernels.flash_attention.reference import attention_mask
 from llmjax.nn._checks import check_broadcastable, check_float, check_ndim, shape_of
 from llmjax.nn.activations import softmax
 

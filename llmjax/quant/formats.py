@@ -100,7 +100,7 @@ class QuantizedMatrix:
         """x [..., in] @ self: the XLA reference (dequantize, then one matmul), or with matmul="pallas" the
         fused kernel (kernels.matmul_quant)."""
         if self.matmul == "pallas":
-            from kernels.matmul_quant import quantized_matmul_pallas
+            from llmjax.kernels.matmul_quant import quantized_matmul_pallas
 
             return quantized_matmul_pallas(x, self)
         return quantized_matmul(x, self)

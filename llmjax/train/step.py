@@ -165,7 +165,7 @@ def _chunk_logits_grad(xc, tc, wc, w, vocab_size: int, z_loss: float):
     On GPUs one Pallas kernel (kernels/cross_entropy.cross_entropy_with_grad) reads the logits twice and
     writes their gradient once; XLA's reductions and elementwise pass read them three times."""
     if jax.devices()[0].platform == "gpu":
-        from kernels.cross_entropy import cross_entropy_with_grad
+        from llmjax.kernels.cross_entropy import cross_entropy_with_grad
 
         logits = jnp.dot(xc, w, preferred_element_type=xc.dtype)
         lead = logits.shape[:-1]
@@ -230,7 +230,7 @@ def _loss_batch_axes():
 
 def _fused_token_losses(x, embedding, targets, vocab_size: int):
     """linear_cross_entropy on [batch, seq] arrays (the kernel takes flat tokens)."""
-    from kernels.cross_entropy import linear_cross_entropy
+    from llmjax.kernels.cross_entropy import linear_cross_entropy
 
     batch, seq, d_model = x.shape
     nll, log_z = linear_cross_entropy(x.reshape(-1, d_model), embedding.astype(x.dtype), targets.reshape(-1),

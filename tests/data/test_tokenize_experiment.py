@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from experiments import tokenize
+from llmjax.experiments import tokenize
 from llmjax.data.shards import TokenShards
 from llmjax.tokenizer.bytes import ByteTokenizer
 from llmjax.tokenizer.sentencepiece import train_sentencepiece

@@ -4,7 +4,7 @@ pool fuller than a contiguous cache, prefix hits only with prefix caching)."""
 
 import json
 
-from experiments import bench_serve
+from llmjax.experiments import bench_serve
 
 TINY = ("--model llama-tiny --max-model-len 64 --system-prompts 2 --system-len 16 --prompt-median 8 --output-median 8 "
         "--max-prompt 40 --max-output 20 --num-blocks 64 --block-size 4 --max-running 8 --batch-buckets 2,8 "

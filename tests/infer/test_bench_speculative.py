@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from experiments import bench_speculative
+from llmjax.experiments import bench_speculative
 
 
 @pytest.mark.slow

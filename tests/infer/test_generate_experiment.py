@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from experiments import generate as experiment
+from llmjax.experiments import generate as experiment
 
 
 def test_from_a_run_folder_streams_tokens(tmp_path, capsys):
@@ -81,7 +81,7 @@ def test_bench_decode_runs_at_toy_size(tmp_path, capsys):
     """The GPU benchmark's code path on the CPU (no HF peer), so it does not rot between device runs."""
     import json
 
-    from experiments import bench_decode
+    from llmjax.experiments import bench_decode
 
     out = tmp_path / "bench.json"
     assert bench_decode.main(["--model", "llama-tiny", "--batches", "2", "--contexts", "8", "--steps", "2",

@@ -535,7 +535,7 @@ def run_without_fastapi(args, tmp_path):
 
 
 def test_serve_help_explains_every_flag():
-    from experiments.serve import build_parser
+    from llmjax.experiments.serve import build_parser
 
     parser = build_parser()
     flags = {option for action in parser._actions for option in action.option_strings}
@@ -560,7 +560,7 @@ def test_without_the_serve_extra_serving_is_one_clear_error(tmp_path):
     (["--chat-template", "/nonexistent.jinja"], "/nonexistent.jinja"),
 ])
 def test_serve_bad_flags_are_one_line(flags, message, capsys):
-    from experiments import serve
+    from llmjax.experiments import serve
 
     assert serve.main(["--model", "llama-tiny", *flags]) == 2
     err = capsys.readouterr().err.strip()
@@ -598,7 +598,7 @@ def test_serve_from_the_command_line(tmp_path):
 
 
 def test_end_of_text_ids_come_from_the_model_folder(tmp_path):
-    from experiments.serve import end_of_text_ids
+    from llmjax.experiments.serve import end_of_text_ids
 
     tokenizer = load_tokenizer("bytes")
     assert end_of_text_ids(None, tokenizer, ChatFormat()) == [256]
@@ -630,7 +630,7 @@ def test_extra_stop_token_ids_end_every_request_but_ignore_eos(model):
 def test_serve_hf_takes_a_hub_id_and_names_the_model_by_it(tmp_path, monkeypatch, capsys):
     """--hf owner/name: served under that name (not its snapshot folder's); a hub id that cannot be fetched is one
     line naming the local-folder alternative."""
-    from experiments import serve
+    from llmjax.experiments import serve
 
     monkeypatch.chdir(tmp_path)
     assert serve.default_model_name(serve.parse_args(["--hf", "HuggingFaceTB/SmolLM2-135M"])) == \

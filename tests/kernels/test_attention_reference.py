@@ -7,7 +7,7 @@ import pytest
 
 import warnings
 
-from kernels.flash_attention.reference import attention_mask, attention_reference
+from llmjax.kernels.flash_attention.reference import attention_mask, attention_reference
 from llmjax.model.attention import dot_product_attention, resolve_attention_impl
 
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.cross_entropy import cross_entropy_reference, cross_entropy_with_grad, linear_cross_entropy
+from llmjax.kernels.cross_entropy import cross_entropy_reference, cross_entropy_with_grad, linear_cross_entropy
 from llmjax.train.step import chunked_cross_entropy
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.decode_attention import decode_attention, decode_attention_reference, merge_splits
+from llmjax.kernels.decode_attention import decode_attention, decode_attention_reference, merge_splits
 from llmjax.infer.kv_cache import quantize
 
 

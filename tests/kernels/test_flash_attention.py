@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.flash_attention import BlockSizes, KernelConfig, attention_mask, attention_reference, flash_attention
-from kernels.flash_attention import autotune
-from kernels.flash_attention import triton as fa_triton
+from llmjax.kernels.flash_attention import BlockSizes, KernelConfig, attention_mask, attention_reference, flash_attention
+from llmjax.kernels.flash_attention import autotune
+from llmjax.kernels.flash_attention import triton as fa_triton
 
 F32_TOLERANCE = 1e-4  # relative (Frobenius norm) error, float32 inputs
 HALF_TOLERANCE = {"bfloat16": 2e-2, "float16": 4e-3}  # half inputs against the float32 reference of upcast inputs
@@ -282,8 +282,7 @@ class FakeMosaic:
 
 
 def test_mosaic_dispatch(monkeypatch):
-    import kernels.flash_attention as fa
-
+    import llmjax.kernels.flash_attention as fa
     q, k, v = _arrays(q_shape=(1, 8, 2, 128), kv_shape=(1, 8, 2, 128))
     monkeypatch.setattr(fa, "_mosaic_module", lambda: None)
     assert "not available" in fa.mosaic_unavailable_reason(q, k, v)

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.flash_attention import mosaic_gpu
-from kernels.flash_attention.reference import attention_mask, attention_reference
+from llmjax.kernels.flash_attention import mosaic_gpu
+from llmjax.kernels.flash_attention.reference import attention_mask, attention_reference
 
 
 def random_qkv(key, batch, q_len, kv_len, heads, kv_heads, head_dim, dtype=jnp.bfloat16):
@@ -74,7 +74,7 @@ def test_interpret_matches_reference(causal, window, softcap, q_len, kv_len, hea
 
 def test_lse_feeds_the_triton_backward():
     """The custom_vjp's contract: this forward's (out, lse) give the Triton backward the reference gradients."""
-    triton = pytest.importorskip("kernels.flash_attention.triton")
+    triton = pytest.importorskip("llmjax.kernels.flash_attention.triton")
     q, k, v = random_qkv(3, 1, 128, 128, 2, 1, 64)
     d_out = jax.random.normal(jax.random.key(4), q.shape, q.dtype)
     config = mosaic_gpu.KernelConfig(block_kv=64, pipelined=False)

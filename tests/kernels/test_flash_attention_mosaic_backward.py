@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.flash_attention import mosaic_gpu
-from kernels.flash_attention import mosaic_gpu_backward as backward_module
-from kernels.flash_attention.reference import attention_mask, attention_reference
+from llmjax.kernels.flash_attention import mosaic_gpu
+from llmjax.kernels.flash_attention import mosaic_gpu_backward as backward_module
+from llmjax.kernels.flash_attention.reference import attention_mask, attention_reference
 
 
 def random_inputs(seed, batch, q_len, kv_len, heads, kv_heads, head_dim, dtype=jnp.bfloat16):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.grouped_matmul import (
+from llmjax.kernels.grouped_matmul import (
     TileConfig,
     group_layout,
     grouped_matmul,

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.matmul_quant import (
+from llmjax.kernels.matmul_quant import (
     MatmulTiles,
     choose_splits,
     deinterleave,
@@ -199,7 +199,7 @@ def test_bench_runs_on_cpu(tmp_path):
     """The benchmark's CPU path (bf16 and XLA rows; the fused kernel only runs on GPUs) writes its JSON."""
     import json
 
-    from experiments.bench_matmul_quant import main
+    from llmjax.experiments.bench_matmul_quant import main
 
     out = tmp_path / "bench.json"
     assert main(["--shapes", "128x96", "--rows", "1,3", "--reps", "1", "--cold-mib", "0.01", "--min-products", "3",

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.norms import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
+from llmjax.kernels.norms import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.paged_attention import chunk_attention_flash, chunk_attention_reference, gather_blocks, paged_attention, \
+from llmjax.kernels.paged_attention import chunk_attention_flash, chunk_attention_reference, gather_blocks, paged_attention, \
     paged_attention_reference
 
 

@@ -12,7 +12,7 @@ from llmjax.nn import rms_norm
 @pytest.mark.parametrize("shape,dtype", [((4096, 4096), jnp.bfloat16), ((37, 1000), jnp.float32), ((2, 3, 768), jnp.float16)])
 def test_triton_call_rms_norm_matches_reference(shape, dtype):
     pytest.importorskip("triton")
-    from kernels.triton_rms_norm import import_jax_triton, rms_norm_triton
+    from llmjax.kernels.triton_rms_norm import import_jax_triton, rms_norm_triton
 
     try:
         import_jax_triton()  # with the triton-3.6 shim: a plain import first would lock in jax-triton's stubs
@@ -29,7 +29,7 @@ def test_triton_call_rms_norm_matches_reference(shape, dtype):
 
 
 def test_wrong_scale_shape_is_one_clear_error():
-    from kernels.triton_rms_norm import rms_norm_triton
+    from llmjax.kernels.triton_rms_norm import rms_norm_triton
 
     with pytest.raises(ValueError, match=r"scale has shape \(5,\), expected \(8,\)"):
         rms_norm_triton(jnp.ones((2, 8)), jnp.ones(5))

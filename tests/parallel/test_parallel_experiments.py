@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from experiments import bench_scaling, sharding_memory
+from llmjax.experiments import bench_scaling, sharding_memory
 from llmjax.config import count_params, get_config
 
 

@@ -3,7 +3,7 @@ same greedy text as one device."""
 
 import pytest
 
-from experiments import generate as experiment
+from llmjax.experiments import generate as experiment
 
 
 def greedy(capsys, *flags):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.flash_attention.reference import attention_reference
+from llmjax.kernels.flash_attention.reference import attention_reference
 from llmjax.config import TrainConfig, get_config
 from llmjax.model.params import flatten_with_names
 from llmjax.parallel.mesh import make_mesh

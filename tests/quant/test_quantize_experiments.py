@@ -33,7 +33,7 @@ def run(tmp_path_factory):
 
 
 def test_qlora_finetune_end_to_end_and_resume(run, tmp_path, capsys):
-    from experiments.finetune_lora import main
+    from llmjax.experiments.finetune_lora import main
 
     folder, data = run
     common = ["--ckpt", str(folder), "--data", str(data), "--quant", "nf4", "--group", "16", "--batch", "4",
@@ -54,7 +54,7 @@ def test_qlora_finetune_end_to_end_and_resume(run, tmp_path, capsys):
 
 
 def test_quantize_table(run, tmp_path):
-    from experiments.quantize import main
+    from llmjax.experiments.quantize import main
 
     folder, data = run
     out = tmp_path / "q.json"
@@ -78,7 +78,7 @@ def test_quantize_table(run, tmp_path):
 def test_remat_memory_measures_in_its_own_process(tmp_path):
     """--measure-steps runs each (mode, policy) in a child process; the compiled figures come back in the table
     (the device peak only where the backend reports memory stats: GPUs, not CPUs)."""
-    from experiments.remat_memory import main
+    from llmjax.experiments.remat_memory import main
 
     out = tmp_path / "remat.json"
     assert main(["--model", "gpt2-mini", "--set", "num_layers=1", "--batch", "2", "--seq", "16", "--modes", "qlora",

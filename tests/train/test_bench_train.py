@@ -8,8 +8,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from experiments import bench_train  # noqa: E402
-from experiments._torch_gpt import from_config, load_llmjax_params  # noqa: E402
+from llmjax.experiments import bench_train  # noqa: E402
+from llmjax.experiments._torch_gpt import from_config, load_llmjax_params  # noqa: E402
 from llmjax.config import get_config  # noqa: E402
 from llmjax.model import forward, init_params  # noqa: E402
 
