@@ -3,7 +3,7 @@ sequence-length class) a few candidate configs are timed once on the GPU and the
 and in a JSON file ($LLMJAX_CACHE_DIR/flash_attention.json, default ~/.cache/llmjax/), so later processes
 skip the timing. In interpret mode or off the GPU: fixed small blocks, no timing.
 LLMJAX_FLASH_AUTOTUNE=0 turns timing off and takes each list's first candidate (for head_dim 64 and 128 the
-fastest measured on an H200 at batch 4, seq 4096, causal: experiments/_fa_check.py).
+fastest measured on an H200 at batch 4, seq 4096, causal: tools/fa_check.py).
 """
 
 from __future__ import annotations

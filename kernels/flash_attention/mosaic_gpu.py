@@ -26,7 +26,7 @@ q_len <= kv_len (queries aligned to the end of the keys) or any lengths unmasked
 and kv_len of the key block (128, or 256 for unmasked head_dim 64). Not supported (`supported` says why;
 the dispatcher then uses Triton): segment ids, other head dims, ragged tails, non-Hopper devices.
 
-Measured on an H200 (PYTHONPATH=. python3 experiments/_mosaic_check.py, bf16, b4 s4096 h16 d128, median of
+Measured on an H200 (PYTHONPATH=. python3 tools/mosaic_check.py, bf16, b4 s4096 h16 d128, median of
 10-call batches, TFLOP/s = 4 b h s^2 d, halved when causal): causal 511-537 against cuDNN's 498-514 in the
 same runs (1.03-1.07x; with GQA h16/kv4 543 vs 487), unmasked 615 against 570-589 (1.05x); jax's bundled
 Mosaic GPU kernel 416 / 491. head_dim 64 (b8 h32): 376 / 436 against cuDNN's 391 / 428.
@@ -106,7 +106,7 @@ class KernelConfig:
 
 def default_config(head_dim: int, *, causal: bool = True, sliding_window: int | None = None,
                    kv_len: int | None = None) -> KernelConfig:
-    """The configuration measured fastest on an H200 (experiments/_mosaic_check.py; docs in the module).
+    """The configuration measured fastest on an H200 (tools/mosaic_check.py; docs in the module).
 
     Unmasked attention at head_dim 128 runs the pipelined schedule with turn ping-pong (615 TFLOP/s vs 579
     non-pipelined at b4 s4096 h16). Masked attention runs the non-pipelined one with rendezvous ping-pong:

@@ -1,6 +1,6 @@
 """(device diagnostic) Where the gpt2-124m train step's time goes: jitted pieces timed separately.
 
-    PYTHONPATH=. python3 experiments/_step_breakdown.py
+    PYTHONPATH=. python3 tools/step_breakdown.py
 
 Rows: forward loss and forward+backward for the step as trained (XLA attention, scanned layers), then with
 cuDNN attention swapped in, with layers unrolled instead of scanned, with remat "dots", and with the loss in

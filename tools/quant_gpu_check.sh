@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 10's GPU checks and figures in one device call; logs and JSON under $OUT.
-#   STEPS="bench tests remat train quantize" OUT=/tmp/q bash experiments/_quant_gpu_check.sh
+#   STEPS="bench tests remat train quantize" OUT=/tmp/q bash tools/quant_gpu_check.sh
 # bench:    fused int8 / int4 / nf4 matmul vs bf16 at decode and prefill shapes (+ batch-1 tile sweep), alone on the GPU
 # remat:    llama-1b memory per mode x remat policy, 3 real steps each  } run side by side (no timings reported
 # tests:    pytest -m gpu over the kernel, quant and peft tests         } from them; GPU preallocation off)

@@ -1,7 +1,7 @@
 """(device check) RMSNorm forward through jax_triton.triton_call vs XLA and our Pallas kernel.
 
     python3 -m pip install --no-deps --target /tmp/site .whl/jax_triton-0.4.1-py3-none-any.whl
-    PYTHONPATH=/tmp/site:. python3 experiments/_jax_triton_check.py
+    PYTHONPATH=/tmp/site:. python3 tools/jax_triton_check.py
 
 bf16; median of 50 calls after warm-up; GB/s counts x read and y written once.
 """
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llmjax.kernels.norms import rms_norm as pallas_rms_norm
-from llmjax.kernels.triton_rms_norm import import_jax_triton, rms_norm_triton
+from tools.triton_rms_norm import import_jax_triton, rms_norm_triton
 from llmjax.nn import rms_norm
 
 

@@ -1,8 +1,8 @@
 """Device check of the Hopper (Mosaic GPU) flash-attention forward: correctness at real sizes, then forward
 TFLOP/s of kernel variants beside cuDNN and jax's bundled Mosaic GPU kernel, a short table last.
 
-    PYTHONPATH=. python3 experiments/_mosaic_check.py [SECTION ...] [--variants a,b] [--results PATH]
-    PYTHONPATH=. python3 experiments/_mosaic_check.py report
+    PYTHONPATH=. python3 tools/mosaic_check.py [SECTION ...] [--variants a,b] [--results PATH]
+    PYTHONPATH=. python3 tools/mosaic_check.py report
 
 Sections: check (variants on the headline shapes), features (the default config on GQA, d64, q<kv, window,
 softcap), time, grad (through the custom_vjp), report (the tables). Default: all of them. Every row is added

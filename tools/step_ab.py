@@ -1,6 +1,6 @@
 """(device diagnostic) Training-step variants A/B'd in one process, timed in interleaved rounds.
 
-    PYTHONPATH=. python3 -m experiments._step_ab MODEL BATCH SEQ VOCAB VARIANT...
+    PYTHONPATH=. python3 -m tools.step_ab MODEL BATCH SEQ VOCAB VARIANT...
 
 A VARIANT is NAME or NAME:field=value,... with ModelConfig / TrainConfig fields (e.g.
 `pallas_norm:norm_impl=pallas,scan_unroll=12`) and two patches of llmjax.model.layers for

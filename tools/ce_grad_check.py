@@ -1,6 +1,6 @@
 """(device diagnostic) cross_entropy_with_grad against XLA's reductions + elementwise pass, per tile setting.
 
-    PYTHONPATH=. python3 experiments/_ce_grad_check.py
+    PYTHONPATH=. python3 tools/ce_grad_check.py
 """
 import functools
 import time

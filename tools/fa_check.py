@@ -3,7 +3,7 @@ shape (every config's output / gradients checked against the float32 reference),
 and forward+backward TFLOP/s against cuDNN and jax's bundled Pallas kernel, one autotuner run, and the
 GPU-marked tests.
 
-    PYTHONPATH=. PYTHONUNBUFFERED=1 python3 -m experiments._fa_check --out $OUT
+    PYTHONPATH=. PYTHONUNBUFFERED=1 python3 -m tools.fa_check --out $OUT
 
 FLOPs: 4*b*h*s^2*d forward (halved for causal), 3.5x that for forward+backward (../shared/GPU.md).
 Times: median over 3 rounds of back-to-back calls (async dispatch; one block at the end of each round).

@@ -2,7 +2,7 @@
 reference, then forward+backward TFLOP/s of backward variants beside cuDNN and our Triton backward, then a sweep
 of the Mosaic forward's schedules per bench shape (for its per-shape defaults). A short table last.
 
-    PYTHONPATH=. python3 experiments/_mosaic_bwd_check.py [grad] [time] [headline] [variants] [d64] [forward] [report]
+    PYTHONPATH=. python3 tools/mosaic_bwd_check.py [grad] [time] [headline] [variants] [d64] [forward] [report]
 
 `variants` checks and times every head_dim-128 backward schedule (backward_variants) at four shapes
 (`variants=NAME,NAME` some of them); `d64` times the head_dim-64 ones. CHECK_SECONDS (environment) stops starting new rows after that many seconds.

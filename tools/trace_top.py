@@ -1,6 +1,6 @@
 """(device diagnostic) The GPU kernels that take the most time in a jax.profiler trace folder.
 
-    PYTHONPATH=. python3 experiments/_trace_top.py TRACE_DIR [STEPS] [TOP] [HLO_AFTER_OPTIMIZATIONS.txt]
+    PYTHONPATH=. python3 tools/trace_top.py TRACE_DIR [STEPS] [TOP] [HLO_AFTER_OPTIMIZATIONS.txt]
 
 Prints the busy time per step, a breakdown by kind of kernel (matrix products, attention, the fused
 loss, XLA's elementwise / reduction fusions, copies) and the top kernels by name; given the step's
