@@ -1,6 +1,6 @@
 """Fused dequantize-matmul in Pallas (Triton lowering): x [M, K] @ a weight-only quantized [K, N] matrix.
 
-    y = quantized_matmul_pallas(x, qm)     # qm: llmjax.quant.formats.QuantizedMatrix (int8, int4, int3, nf4)
+    y = quantized_matmul_pallas(x, qm)     # qm: QuantizedMatrix (int8, int4, int3, nf4), defined below
 
 The weights stay quantized in memory: a program loads a tile of codes (for 4-bit formats a [block_k / 2,
 block_n] tile of bytes), its group's scales and zero points as stored (float16 / uint8; NF4's double-quantized
@@ -24,7 +24,7 @@ Three kernels, picked by `MatmulTiles` (`default_tiles` chooses):
   odd columns and adds x_even * low + x_odd * high.
 - block_m >= 16, tensor-core tiles with the weights as the second operand (prefill, int3): one program per
   ([block_m, block_n] output tile, K split), x_even @ low + x_odd @ high per step (two dots); int3 the same with
-  eight planes (eight codes in a 24-bit word over three byte planes, llmjax.quant.formats.pack_3bit; x read by
+  eight planes (eight codes in a 24-bit word over three byte planes, kernels.quant_formats.pack_3bit; x read by
   column mod 8).
 
 Split-K: a decode matmul has only N / block_n column tiles (32 for N = 4096 and 128-column tiles), far fewer
@@ -32,13 +32,15 @@ than a GPU's streaming multiprocessors, and each must stream K / 2 rows of bytes
 ranges, each its own program writing float32 partial sums [splits, M, N]; one small XLA sum adds them (and fuses
 into whatever consumes the product). `default_tiles` picks splits to give about four programs per
 multiprocessor. (Adding the partial sums in the kernel instead, by the last program of each tile to arrive at
-an atomic counter, measured slower on the H200: docs/perf.md.) In the GEMV and the second-operand kernel, NF4's
+an atomic counter, measured slower: docs/perf.md, "Quantization and LoRA".) In the GEMV and the second-operand kernel, NF4's
 16 levels are read from a 16-entry table in global memory (an L1-resident gather), or with
 `nf4_lookup="select"` a chain of selects, and integer codes become floats without an int -> float conversion:
 OR-ed into the mantissa of 2^23, a code c reads as the float 2^23 + c exactly, and 2^23 + zero point is
 subtracted (`int_decode="convert"` converts instead, kept for the comparison).
 
-The reference is `llmjax.quant.formats.quantized_matmul` (XLA: dequantize, then one dot). Interpret-mode
+`QuantizedMatrix` (the pytree the kernel reads; the storage layout is kernels/quant_formats.py) and the reference,
+`quantized_matmul` (XLA: dequantize, then one dot), are at the bottom of this file; llmjax.quant.formats quantizes
+weights into them. Interpret-mode
 tests run the kernels on CPUs (the PTX decode through a small PTX interpreter in the test);
 `tests/kernels/test_matmul_quant.py` also has GPU tests at real sizes.
 """
@@ -47,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -55,12 +58,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from .quant_formats import BITS, MATMULS, NF4_CODEBOOK, QuantizationError, group_rows, unpack_codes
 from .tiles import combine_masks
-from llmjax.quant.formats import NF4_CODEBOOK, QuantizedMatrix, quantized_matmul
 
-__all__ = ["MatmulTiles", "default_tiles", "quantized_matmul_pallas", "quantized_matmul_reference"]
-
-quantized_matmul_reference = quantized_matmul
+__all__ = ["MatmulTiles", "QuantizedMatrix", "default_tiles", "dequantize", "dequantize_matrix",
+           "group_scales_and_zeros", "nf4_absmax", "quantized_matmul", "quantized_matmul_pallas",
+           "quantized_matmul_reference", "unpacked_codes"]
 
 PROGRAMS_PER_SM = 4  # split-K target: about this many programs per streaming multiprocessor
 
@@ -100,8 +103,8 @@ def default_tiles(m: int, k: int, n: int, group_size: int, interpret: bool | Non
                   ) -> MatmulTiles:
     """Decode (M <= 16, not int3): the swap_ab kernel, 128 weight columns x 128 input rows a step (64 for int8 and
     NF4), x's rows padded to 16, 4 warps, no software pipelining (the loads feed the decode in registers), NF4 by
-    byte permutes; except int8 and NF4 at one row, where the GEMV (128 columns x 64 rows, 2 warps) measured ~10%
-    faster on the H200 (docs/perf.md). Else tensor-core tiles of 64 x 128. K is split to give about
+    byte permutes; except int8 and NF4 at one row, where the GEMV (128 columns x 64 rows, 2 warps) measured
+    faster (docs/perf.md, "Quantization and LoRA"). Else tensor-core tiles of 64 x 128. K is split to give about
     PROGRAMS_PER_SM programs per multiprocessor (prefill grids only when they have fewer programs than
     multiprocessors). block_k is the largest allowed size that divides the group size."""
     interpret = jax.devices()[0].platform != "gpu" if interpret is None else interpret
@@ -490,3 +493,117 @@ def quantized_matmul_pallas(x: jax.Array, qm: QuantizedMatrix, *, tiles: MatmulT
     tiles = tiles or default_tiles(x2d.shape[0], k, qm.out_features, qm.group_size, interpret, qm.format)
     check_tiles(tiles, qm)
     return _call(x2d, qm, tiles).reshape(*x.shape[:-1], qm.out_features)
+
+
+# --- the quantized matrix and the reference -----------------------------------------------
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedMatrix:
+    """A quantized weight: codes and scales as arrays, the format as static metadata (a pytree, so it passes
+    through jit / scan / orbax like any parameter, and `x @ qm` dequantizes on the fly).
+
+    codes   uint8 [*lead, in, out]; packed [*lead, in / 2, out] for 4-bit formats, [*lead, 3 * in / 8, out] for int3
+    scales  float16 [*lead, groups, out] (int formats; None for nf4, whose scales are double-quantized)
+    zeros   uint8 [*lead, groups, out] zero points (asymmetric int formats), else None
+    scale_codes / scale_blocks / scale_mean: nf4's double-quantized absmax scales:
+            absmax ~ scale_codes [*lead, groups, out] (int8) * scale_blocks [*lead, groups, out / block]
+            + scale_mean [*lead, 1, 1]
+    """
+
+    codes: jax.Array
+    scales: jax.Array | None = None
+    zeros: jax.Array | None = None
+    scale_codes: jax.Array | None = None
+    scale_blocks: jax.Array | None = None
+    scale_mean: jax.Array | None = None
+    format: str = dataclasses.field(default="int8", metadata=dict(static=True))
+    group_size: int = dataclasses.field(default=0, metadata=dict(static=True))
+    shape: tuple = dataclasses.field(default=(), metadata=dict(static=True))  # one matrix's original weight shape
+    in_dims: int = dataclasses.field(default=1, metadata=dict(static=True))  # leading axes of `shape` contracted
+    matmul: str = dataclasses.field(default="xla", metadata=dict(static=True))  # `x @ self`: "xla" or "pallas"
+
+    @property
+    def bits(self) -> int:
+        return BITS[self.format]
+
+    @property
+    def in_features(self) -> int:
+        return math.prod(self.shape[: self.in_dims])
+
+    @property
+    def out_features(self) -> int:
+        return math.prod(self.shape[self.in_dims:])
+
+    @property
+    def lead_shape(self) -> tuple:
+        return tuple(self.codes.shape[:-2])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored (codes, scales, zero points, double-quantization constants)."""
+        return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(self))
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        return dequantize(self, dtype)
+
+    def __rmatmul__(self, x: jax.Array) -> jax.Array:
+        """x [..., in] @ self: the XLA reference (dequantize, then one matmul), or with matmul="pallas" the
+        fused kernel above."""
+        if self.matmul == "pallas":
+            return quantized_matmul_pallas(x, self)
+        return quantized_matmul(x, self)
+
+    def with_matmul(self, matmul: str) -> QuantizedMatrix:
+        if matmul not in MATMULS:
+            raise QuantizationError(f"matmul={matmul!r}: expected 'xla' or 'pallas'")
+        return dataclasses.replace(self, matmul=matmul)
+
+
+def nf4_absmax(qm: QuantizedMatrix) -> jax.Array:
+    """NF4's dequantized absmax scales [*lead, groups, out] (float32)."""
+    blocks = qm.scale_codes.reshape(*qm.scale_codes.shape[:-1], qm.scale_blocks.shape[-1], -1)
+    return (blocks.astype(jnp.float32) * qm.scale_blocks[..., None]).reshape(qm.scale_codes.shape) + qm.scale_mean
+
+
+def unpacked_codes(qm: QuantizedMatrix) -> jax.Array:
+    """Codes one per input row: uint8 [*lead, in, out]."""
+    return unpack_codes(qm.codes, qm.bits)
+
+
+def group_scales_and_zeros(qm: QuantizedMatrix) -> tuple[jax.Array, jax.Array | None]:
+    """(scale [*lead, groups, out] float32, zero point [*lead, groups, out] float32 or None for nf4)."""
+    if qm.format == "nf4":
+        return nf4_absmax(qm), None
+    zero = (jnp.full(qm.scales.shape, 2 ** (qm.bits - 1), jnp.float32) if qm.zeros is None
+            else qm.zeros.astype(jnp.float32))
+    return qm.scales.astype(jnp.float32), zero
+
+
+def dequantize_matrix(qm: QuantizedMatrix, dtype=jnp.float32) -> jax.Array:
+    """The [*lead, in, out] matrix the codes stand for."""
+    codes = unpacked_codes(qm)
+    scale, zero = group_scales_and_zeros(qm)
+    grouped = group_rows(codes, qm.group_size)  # [*lead, groups, group, out]
+    if qm.format == "nf4":
+        values = jnp.asarray(NF4_CODEBOOK)[grouped.astype(jnp.int32)] * scale[..., None, :]
+    else:
+        values = (grouped.astype(jnp.float32) - zero[..., None, :]) * scale[..., None, :]
+    return values.reshape(codes.shape).astype(dtype)
+
+
+def dequantize(qm: QuantizedMatrix, dtype=jnp.float32) -> jax.Array:
+    """The weight in its original shape [*lead, *shape]."""
+    return dequantize_matrix(qm, dtype).reshape(*qm.lead_shape, *qm.shape)
+
+
+def quantized_matmul(x: jax.Array, qm: QuantizedMatrix) -> jax.Array:
+    """x [..., in] @ the quantized [in, out] matrix -> [..., out] in x's dtype: the XLA reference of
+    `quantized_matmul_pallas` (same signature), which dequantizes the whole matrix and lets XLA fuse the
+    conversion into the dot where it can."""
+    if qm.lead_shape:
+        raise QuantizationError(f"quantized_matmul takes one matrix; this one has leading axes {qm.lead_shape}")
+    return jnp.matmul(x, dequantize_matrix(qm, x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+quantized_matmul_reference = quantized_matmul

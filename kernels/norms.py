@@ -10,8 +10,9 @@ Rows narrower than `MAX_ROW_ELEMENTS` are held whole in registers (a [block_rows
 d_pad the next power of two); wider rows are walked in chunks of `block_d` columns (two or three
 passes over the row, the later ones from cache).
 
-The references are the model's own `llmjax.model.layers.layer_norm` / `rms_norm`: statistics in
-float32, output in x.dtype. Gradients come back in each input's own dtype.
+The references, `layer_norm_reference` / `rms_norm_reference` at the bottom of this file, are plain jnp
+with the kernels' signatures: statistics in float32, output in x.dtype (the same math as llmjax.nn's
+layer_norm / rms_norm). Gradients come back in each input's own dtype.
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .tiles import combine_masks
-from llmjax.nn import layer_norm as layer_norm_reference
-from llmjax.nn import rms_norm as rms_norm_reference
 
 __all__ = ["layer_norm", "rms_norm", "layer_norm_reference", "rms_norm_reference"]
 
@@ -450,3 +449,21 @@ def layer_norm(
     """(x [..., d] - mean) / std * scale + bias, statistics in float32, output in x.dtype; as
     `layer_norm_reference`. interpret, forward and backward as in `rms_norm`."""
     return _apply(x, scale, bias, eps, True, interpret, forward, backward)
+
+
+# --- references --------------------------------------------------------------------------
+
+def rms_norm_reference(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """x [..., d] / sqrt(mean(x^2) + eps) * scale [d] in plain jnp: statistics in float32, output in x.dtype."""
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    y = x32 * lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)
+    return (y * scale.astype(x32.dtype)).astype(x.dtype)
+
+
+def layer_norm_reference(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """(x [..., d] - mean) / sqrt(var + eps) * scale [d] + bias [d] in plain jnp: statistics in float32, output in
+    x.dtype."""
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    mean = x32.mean(-1, keepdims=True)
+    y = (x32 - mean) * lax.rsqrt(jnp.square(x32 - mean).mean(-1, keepdims=True) + eps)
+    return (y * scale.astype(x32.dtype) + bias.astype(x32.dtype)).astype(x.dtype)

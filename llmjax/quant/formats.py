@@ -17,98 +17,35 @@ in its high nibble. 3-bit codes: rows 8r .. 8r+7 of a column form a 24-bit word 
 3i .. 3i+2) stored as three byte planes, codes [3 * in / 8, out]: plane p (rows p * in / 8 + r) holds
 byte p of word r. `QuantizedMatrix` is a pytree (arrays are children, the format is static), so it
 passes through jit / scan / orbax like any parameter, and `x @ qm` dequantizes on the fly.
+
+The storage layout (formats, the NF4 table, packing) and `QuantizedMatrix` with its dequantization and the
+reference matmul are defined in the kernel package (kernels/quant_formats.py, kernels/matmul_quant.py), which
+imports nothing from llmjax; this module quantizes into them and re-exports their names.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-FORMATS = ("int8", "int4", "int3", "nf4")
-BITS = {"int8": 8, "int4": 4, "int3": 3, "nf4": 4}
+from llmjax.kernels.matmul_quant import (QuantizedMatrix, dequantize, dequantize_matrix, group_scales_and_zeros, nf4_absmax,
+                                  quantized_matmul, unpacked_codes)
+from llmjax.kernels.quant_formats import (BITS, FORMATS, NF4_CODEBOOK, QuantizationError, group_rows, pack_3bit, pack_4bit,
+                                   pack_codes, unpack_3bit, unpack_4bit)
+
+__all__ = [
+    "BITS", "DOUBLE_QUANT_BLOCK", "FORMATS", "NF4_CODEBOOK", "NF4_DEFAULT_GROUP", "QuantizationError",
+    "QuantizedMatrix", "as_matrix", "concatenate_outputs", "dequantize", "dequantize_matrix", "double_quantize",
+    "group_scales_and_zeros", "int_quant_params", "nf4_absmax", "pack_3bit", "pack_4bit", "pack_codes",
+    "quantize", "quantize_with", "quantized_matmul", "resolve_group_size", "unpack_3bit", "unpack_4bit",
+    "unpacked_codes",
+]
+
 NF4_DEFAULT_GROUP = 64  # QLoRA's block size
 DOUBLE_QUANT_BLOCK = 256  # QLoRA's block size for quantizing the scales
-
-# The 16 NF4 levels (QLoRA, Dettmers et al. 2023; bitsandbytes' table): quantiles of N(0, 1) scaled to
-# [-1, 1] with an exact zero, 7 negative and 8 positive levels.
-NF4_CODEBOOK = np.array([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0], dtype=np.float32)
-
-
-class QuantizationError(ValueError):
-    """A weight, format or group size that cannot be quantized as asked."""
-
-
-@jax.tree_util.register_dataclass
-@dataclass(frozen=True)
-class QuantizedMatrix:
-    """A quantized weight: codes and scales as arrays, the format as static metadata.
-
-    codes   uint8 [*lead, in, out]; packed [*lead, in / 2, out] for 4-bit formats, [*lead, 3 * in / 8, out] for int3
-    scales  float16 [*lead, groups, out] (int formats; None for nf4, whose scales are double-quantized)
-    zeros   uint8 [*lead, groups, out] zero points (asymmetric int formats), else None
-    scale_codes / scale_blocks / scale_mean: nf4's double-quantized absmax scales:
-            absmax ~ scale_codes [*lead, groups, out] (int8) * scale_blocks [*lead, groups, out / block]
-            + scale_mean [*lead, 1, 1]
-    """
-
-    codes: jax.Array
-    scales: jax.Array | None = None
-    zeros: jax.Array | None = None
-    scale_codes: jax.Array | None = None
-    scale_blocks: jax.Array | None = None
-    scale_mean: jax.Array | None = None
-    format: str = dataclasses.field(default="int8", metadata=dict(static=True))
-    group_size: int = dataclasses.field(default=0, metadata=dict(static=True))
-    shape: tuple = dataclasses.field(default=(), metadata=dict(static=True))  # one matrix's original weight shape
-    in_dims: int = dataclasses.field(default=1, metadata=dict(static=True))  # leading axes of `shape` contracted
-    matmul: str = dataclasses.field(default="xla", metadata=dict(static=True))  # `x @ self`: "xla" or "pallas"
-
-    @property
-    def bits(self) -> int:
-        return BITS[self.format]
-
-    @property
-    def in_features(self) -> int:
-        return math.prod(self.shape[: self.in_dims])
-
-    @property
-    def out_features(self) -> int:
-        return math.prod(self.shape[self.in_dims:])
-
-    @property
-    def lead_shape(self) -> tuple:
-        return tuple(self.codes.shape[:-2])
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes stored (codes, scales, zero points, double-quantization constants)."""
-        return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(self))
-
-    def dequantize(self, dtype=jnp.float32) -> jax.Array:
-        return dequantize(self, dtype)
-
-    def __rmatmul__(self, x: jax.Array) -> jax.Array:
-        """x [..., in] @ self: the XLA reference (dequantize, then one matmul), or with matmul="pallas" the
-        fused kernel (kernels.matmul_quant)."""
-        if self.matmul == "pallas":
-            from llmjax.kernels.matmul_quant import quantized_matmul_pallas
-
-            return quantized_matmul_pallas(x, self)
-        return quantized_matmul(x, self)
-
-    def with_matmul(self, matmul: str) -> QuantizedMatrix:
-        if matmul not in ("xla", "pallas"):
-            raise QuantizationError(f"matmul={matmul!r}: expected 'xla' or 'pallas'")
-        return dataclasses.replace(self, matmul=matmul)
 
 
 def _check_format(fmt: str) -> None:
@@ -145,46 +82,6 @@ def as_matrix(w: jax.Array, in_dims: int, lead_dims: int = 0) -> jax.Array:
     return w.reshape(*lead, math.prod(rest[:in_dims]), math.prod(rest[in_dims:]))
 
 
-def pack_4bit(codes: jax.Array) -> jax.Array:
-    """uint8 codes < 16 [..., in, out] (in even) -> [..., in / 2, out]: row 2i low nibble, 2i+1 high."""
-    codes = codes.astype(jnp.uint8)
-    return codes[..., 0::2, :] | (codes[..., 1::2, :] << 4)
-
-
-def unpack_4bit(packed: jax.Array) -> jax.Array:
-    """Inverse of pack_4bit: [..., in / 2, out] -> uint8 [..., in, out]."""
-    low, high = packed & 0xF, packed >> 4
-    return jnp.stack([low, high], axis=-2).reshape(*packed.shape[:-2], packed.shape[-2] * 2, packed.shape[-1])
-
-
-def pack_3bit(codes: jax.Array) -> jax.Array:
-    """uint8 codes < 8 [..., in, out] (in a multiple of 8) -> three byte planes [..., 3 * in / 8, out]."""
-    rows = codes.shape[-2]
-    eight = codes.astype(jnp.uint32).reshape(*codes.shape[:-2], rows // 8, 8, codes.shape[-1])
-    word = sum(eight[..., i, :] << (3 * i) for i in range(8))  # [..., in / 8, out] 24-bit words
-    planes = [((word >> (8 * p)) & 0xFF).astype(jnp.uint8) for p in range(3)]
-    return jnp.concatenate(planes, axis=-2)
-
-
-def unpack_3bit(packed: jax.Array) -> jax.Array:
-    """Inverse of pack_3bit: [..., 3 * in / 8, out] -> uint8 [..., in, out]."""
-    words_per_plane = packed.shape[-2] // 3
-    planes = [packed[..., p * words_per_plane:(p + 1) * words_per_plane, :].astype(jnp.uint32) for p in range(3)]
-    word = planes[0] | (planes[1] << 8) | (planes[2] << 16)
-    codes = jnp.stack([(word >> (3 * i)) & 7 for i in range(8)], axis=-2)  # [..., in / 8, 8, out]
-    return codes.reshape(*packed.shape[:-2], words_per_plane * 8, packed.shape[-1]).astype(jnp.uint8)
-
-
-def pack_codes(codes: jax.Array, bits: int) -> jax.Array:
-    """Codes one per input row -> the stored layout of `bits`-bit codes."""
-    return pack_4bit(codes) if bits == 4 else pack_3bit(codes) if bits == 3 else codes.astype(jnp.uint8)
-
-
-def _grouped(w: jax.Array, group_size: int) -> jax.Array:
-    """[*lead, in, out] -> [*lead, groups, group_size, out]."""
-    return w.reshape(*w.shape[:-2], w.shape[-2] // group_size, group_size, w.shape[-1])
-
-
 def int_quant_params(w_grouped: jax.Array, bits: int, symmetric: bool):
     """(scale, zero) per [*lead, groups, 1, out] for grouped weights [*lead, groups, group, out]."""
     if symmetric:
@@ -216,7 +113,7 @@ def quantize(w: jax.Array, fmt: str, group_size: int | None = None, *, in_dims: 
     matrix = as_matrix(jnp.asarray(w, jnp.float32), in_dims, lead_dims)  # [*lead, in, out]
     in_features = matrix.shape[-2]
     group_size = resolve_group_size(fmt, in_features, group_size)
-    grouped = _grouped(matrix, group_size)
+    grouped = group_rows(matrix, group_size)
     meta = dict(format=fmt, group_size=group_size, shape=shape, in_dims=in_dims)
     if fmt == "nf4":
         absmax = jnp.abs(grouped).max(axis=-2, keepdims=True)  # [*lead, groups, 1, out]
@@ -248,51 +145,6 @@ def double_quantize(absmax: jax.Array) -> dict:
     block_scale = jnp.abs(blocks).max(axis=-1, keepdims=True) / 127
     codes = jnp.round(blocks / jnp.where(block_scale == 0, 1.0, block_scale)).astype(jnp.int8)
     return dict(scale_codes=codes.reshape(centered.shape), scale_blocks=block_scale[..., 0], scale_mean=mean)
-
-
-def nf4_absmax(qm: QuantizedMatrix) -> jax.Array:
-    """NF4's dequantized absmax scales [*lead, groups, out] (float32)."""
-    blocks = qm.scale_codes.reshape(*qm.scale_codes.shape[:-1], qm.scale_blocks.shape[-1], -1)
-    return (blocks.astype(jnp.float32) * qm.scale_blocks[..., None]).reshape(qm.scale_codes.shape) + qm.scale_mean
-
-
-def unpacked_codes(qm: QuantizedMatrix) -> jax.Array:
-    """Codes one per input row: uint8 [*lead, in, out]."""
-    return unpack_4bit(qm.codes) if qm.bits == 4 else unpack_3bit(qm.codes) if qm.bits == 3 else qm.codes
-
-
-def group_scales_and_zeros(qm: QuantizedMatrix) -> tuple[jax.Array, jax.Array | None]:
-    """(scale [*lead, groups, out] float32, zero point [*lead, groups, out] float32 or None for nf4)."""
-    if qm.format == "nf4":
-        return nf4_absmax(qm), None
-    zero = (jnp.full(qm.scales.shape, 2 ** (qm.bits - 1), jnp.float32) if qm.zeros is None
-            else qm.zeros.astype(jnp.float32))
-    return qm.scales.astype(jnp.float32), zero
-
-
-def dequantize_matrix(qm: QuantizedMatrix, dtype=jnp.float32) -> jax.Array:
-    """The [*lead, in, out] matrix the codes stand for."""
-    codes = unpacked_codes(qm)
-    scale, zero = group_scales_and_zeros(qm)
-    grouped = _grouped(codes, qm.group_size)  # [*lead, groups, group, out]
-    if qm.format == "nf4":
-        values = jnp.asarray(NF4_CODEBOOK)[grouped.astype(jnp.int32)] * scale[..., None, :]
-    else:
-        values = (grouped.astype(jnp.float32) - zero[..., None, :]) * scale[..., None, :]
-    return values.reshape(codes.shape).astype(dtype)
-
-
-def dequantize(qm: QuantizedMatrix, dtype=jnp.float32) -> jax.Array:
-    """The weight in its original shape [*lead, *shape]."""
-    return dequantize_matrix(qm, dtype).reshape(*qm.lead_shape, *qm.shape)
-
-
-def quantized_matmul(x: jax.Array, qm: QuantizedMatrix) -> jax.Array:
-    """x [..., in] @ the quantized [in, out] matrix -> [..., out] in x's dtype: the XLA reference,
-    which dequantizes the whole matrix and lets XLA fuse the conversion into the dot where it can."""
-    if qm.lead_shape:
-        raise QuantizationError(f"quantized_matmul takes one matrix; this one has leading axes {qm.lead_shape}")
-    return jnp.matmul(x, dequantize_matrix(qm, x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 def concatenate_outputs(matrices: list[QuantizedMatrix]) -> QuantizedMatrix:
