@@ -54,8 +54,8 @@ def mosaic_unavailable_reason(q, k, v, **masking) -> str | None:
     return module.supported(q, k, v, **masking)
 
 
-# On an H200 (docs/perf.md, bench_attention) the Triton kernels beat the Hopper ones at head_dim 64 over at most
-# this many keys (b16 s1024 h32 causal: forward 244 against 215 TFLOP/s, forward+backward 235 against 220).
+# The Triton kernels beat the Hopper ones at head_dim 64 over at most this many keys (short tiles leave the
+# Hopper pipeline little to overlap): docs/perf.md, "Attention kernels (H200)".
 TRITON_FASTER_MAX_KV_LEN_D64 = 1024
 
 

@@ -26,10 +26,8 @@ q_len <= kv_len (queries aligned to the end of the keys) or any lengths unmasked
 and kv_len of the key block (128, or 256 for unmasked head_dim 64). Not supported (`supported` says why;
 the dispatcher then uses Triton): segment ids, other head dims, ragged tails, non-Hopper devices.
 
-Measured on an H200 (PYTHONPATH=. python3 tools/mosaic_check.py, bf16, b4 s4096 h16 d128, median of
-10-call batches, TFLOP/s = 4 b h s^2 d, halved when causal): causal 511-537 against cuDNN's 498-514 in the
-same runs (1.03-1.07x; with GQA h16/kv4 543 vs 487), unmasked 615 against 570-589 (1.05x); jax's bundled
-Mosaic GPU kernel 416 / 491. head_dim 64 (b8 h32): 376 / 436 against cuDNN's 391 / 428.
+Speed against cuDNN and jax's bundled Mosaic GPU kernel: docs/perf.md, "Attention kernels (H200)" and
+"Hopper forward schedules (Mosaic GPU)".
 """
 
 from __future__ import annotations
@@ -44,29 +42,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from .validate import mosaic_unsupported_operands
+
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
-HEAD_DIMS = (64, 128)
-DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
-
-def unsupported_operands(q, k, v, q_segment_ids, kv_segment_ids, what: str) -> str | None:
-    """The checks the Hopper forward and backward share: layouts, dtypes, head dims, GQA, no segment ids."""
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        return "q, k, v must be [batch, seq, heads, head_dim]"
-    batch, q_len, heads, head_dim = q.shape
-    kv_len, kv_heads = k.shape[1], k.shape[2]
-    if k.shape != (batch, kv_len, kv_heads, head_dim) or v.shape != k.shape:
-        return f"k {k.shape} and v {v.shape} must both be [batch, kv_len, kv_heads, {head_dim}]"
-    if not (jnp.dtype(q.dtype) == jnp.dtype(k.dtype) == jnp.dtype(v.dtype)) or jnp.dtype(q.dtype) not in DTYPES:
-        return f"dtype {q.dtype}/{k.dtype}/{v.dtype} not supported (bfloat16 or float16, all the same)"
-    if head_dim not in HEAD_DIMS:
-        return f"head_dim {head_dim} not supported by the Hopper {what} (only {HEAD_DIMS})"
-    if heads % kv_heads:
-        return f"heads {heads} is not a multiple of kv_heads {kv_heads}"
-    if q_segment_ids is not None or kv_segment_ids is not None:
-        return f"segment ids not supported by the Hopper {what}"
-    return None
 NUM_CONSUMERS = 2  # compute warpgroups per CTA; the producer is warpgroup NUM_CONSUMERS
 
 
@@ -84,7 +63,8 @@ class KernelConfig:
     consumer_registers: int = 240
     producer_registers: int = 24
     # Launch order: "heads" fastest (CTAs of one query tile across heads run together) or "q_tiles"
-    # fastest (CTAs of one head together). Measured on an H200: "q_tiles" is 6-15% slower.
+    # fastest (CTAs of one head together); "heads" keeps K/V blocks shared across heads in cache (docs/perf.md,
+    # "Hopper forward schedules (Mosaic GPU)").
     fastest_axis: str = "heads"
 
     def __post_init__(self):
@@ -106,13 +86,12 @@ class KernelConfig:
 
 def default_config(head_dim: int, *, causal: bool = True, sliding_window: int | None = None,
                    kv_len: int | None = None) -> KernelConfig:
-    """The configuration measured fastest on an H200 (tools/mosaic_check.py; docs in the module).
+    """The configuration measured fastest (docs/perf.md, "Hopper forward schedules (Mosaic GPU)", with the command).
 
-    Unmasked attention at head_dim 128 runs the pipelined schedule with turn ping-pong (615 TFLOP/s vs 579
-    non-pipelined at b4 s4096 h16). Masked attention runs the non-pipelined one with rendezvous ping-pong:
-    its tiles are shorter on average, and the pipelined schedule's unhidden first S and last P V per tile
-    cost more than its overlap wins (474 vs 511-537 TFLOP/s causal). head_dim 64 unmasked takes 256-key
-    blocks when kv_len allows (436 vs 412); masked, 128 (a 256-wide diagonal block wastes more).
+    Unmasked attention at head_dim 128 runs the pipelined schedule with turn ping-pong. Masked attention runs the
+    non-pipelined one with rendezvous ping-pong: its tiles are shorter on average, and the pipelined schedule's
+    unhidden first S and last P V per tile cost more than its overlap wins. head_dim 64 unmasked takes 256-key
+    blocks when kv_len allows; masked, 128 (a 256-wide diagonal block wastes more).
     """
     masked = causal or sliding_window is not None
     if head_dim == 64:
@@ -137,7 +116,7 @@ def supported(q, k, v, *, causal=True, sliding_window=None, q_segment_ids=None, 
     """None when this kernel handles these arguments (on this device), else a short reason."""
     if check_device and not _on_hopper():
         return "the Mosaic GPU kernel needs a Hopper GPU (compute capability 9.0)"
-    reason = unsupported_operands(q, k, v, q_segment_ids, kv_segment_ids, "kernel")
+    reason = mosaic_unsupported_operands(q, k, v, q_segment_ids, kv_segment_ids, "kernel")
     if reason is not None:
         return reason
     q_len, head_dim, kv_len = q.shape[1], q.shape[3], k.shape[1]
@@ -507,9 +486,8 @@ TRITON_BACKWARD_MAX_KV_LEN = 1024
 def backward_for(q, k, v, *, causal, sliding_window, logit_softcap, backward: str = "auto") -> str:
     """Which backward runs after this forward: "mosaic" (mosaic_gpu_backward.py) where it supports the call
     and `backward` allows it, else "triton". "auto" also takes Triton over at most TRITON_BACKWARD_MAX_KV_LEN keys
-    when masked or at head_dim 64, where it measured faster on an H200 (b16 s1024 causal backward: h16 d128
-    0.73 ms against 0.90, h32 d64 0.79 against 0.91; unmasked d128 the Mosaic one wins, 1.08 against 1.17 ms;
-    at 4096 keys it wins everywhere)."""
+    when masked or at head_dim 64, where it measured faster (short key ranges: docs/perf.md, "Hopper forward
+    schedules (Mosaic GPU)")."""
     if backward not in BACKWARDS:
         raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
     if backward == "triton":

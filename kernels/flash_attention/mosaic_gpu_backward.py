@@ -28,12 +28,10 @@ Interpret mode (CPUs) stages P^T and dS^T through shared memory (the interpreter
 memory only) and writes each CTA's dQ partials to their own slice of a buffer summed afterwards (it has no
 TMA reduction): the rest of the kernel, barriers included, is the one the GPU runs.
 
-Measured on an H200 (docs/perf.md, "Hopper backward"; b4 s4096 h16 d128 causal bf16, loops of 5 calls): the
-backward alone 1.89-1.97 ms (about 360 TFLOP/s on 2.5x the forward's FLOPs) against cuDNN's 1.56-1.60, so
-forward+backward 0.87-0.89x cuDNN; the Triton backward 2.2 ms. Two other schedules were measured and dropped
-(commit faccb9f): dK / dV products left running across the next block ("deferred", 4-12% slower) and dQ one
-step late so the consumers never meet ("decoupled", within noise; 12% slower with GQA). Gradients within 2.6e-3
-of the float32 reference on every checked case (masks, GQA / MQA, head_dim 64, q_len < kv_len, soft-cap).
+Speed against cuDNN and the Triton backward, and the two schedules tried and dropped (commit faccb9f: dK / dV
+products left running across the next block, "deferred"; dQ one step late so the consumers never meet,
+"decoupled"): docs/perf.md, "Hopper backward (Mosaic GPU), H200". The tests check the gradients against the
+float32 reference (masks, GQA / MQA, head_dim 64, q_len < kv_len, soft-cap).
 """
 
 from __future__ import annotations
@@ -48,7 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .mosaic_gpu import unsupported_operands
+from .validate import mosaic_unsupported_operands
 
 LOG2E = math.log2(math.e)
 NUM_CONSUMERS = 2  # compute warpgroups per CTA; the producer is warpgroup NUM_CONSUMERS
@@ -98,7 +96,7 @@ def shared_memory_bytes(head_dim: int, itemsize: int, config: BackwardConfig) ->
 def backward_supported(q, k, v, *, causal=True, sliding_window=None, q_segment_ids=None, kv_segment_ids=None,
                        logit_softcap=None, config: BackwardConfig | None = None) -> str | None:
     """None when the backward kernel handles these arguments (the device is not checked), else a reason."""
-    reason = unsupported_operands(q, k, v, q_segment_ids, kv_segment_ids, "backward")
+    reason = mosaic_unsupported_operands(q, k, v, q_segment_ids, kv_segment_ids, "backward")
     if reason is not None:
         return reason
     q_len, head_dim, kv_len = q.shape[1], q.shape[3], k.shape[1]

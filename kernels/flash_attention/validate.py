@@ -10,6 +10,8 @@ import jax.numpy as jnp
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 MAX_HEAD_DIM = 256
 HEAD_DIM_MULTIPLE = 16
+MOSAIC_HEAD_DIMS = (64, 128)  # what the Hopper kernels (mosaic_gpu.py, mosaic_gpu_backward.py) take
+MOSAIC_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def _shape(x) -> tuple[int, ...]:
@@ -77,3 +79,23 @@ def validate_attention_inputs(q, k, v, *, causal=True, sliding_window=None, q_se
                              f"when q_len ({q_len}) differs from kv_len ({kv_len}); got only q_segment_ids")
         if kv_segment_ids is not None:
             _check_segment_ids("kv_segment_ids", kv_segment_ids, (batch, kv_len))
+
+
+def mosaic_unsupported_operands(q, k, v, q_segment_ids, kv_segment_ids, what: str) -> str | None:
+    """Why the Hopper (Mosaic GPU) forward or backward (`what`) cannot take these operands, or None: the checks
+    both share (layouts, dtypes, head dims, GQA, no segment ids), here so neither kernel imports the other."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        return "q, k, v must be [batch, seq, heads, head_dim]"
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    if k.shape != (batch, kv_len, kv_heads, head_dim) or v.shape != k.shape:
+        return f"k {k.shape} and v {v.shape} must both be [batch, kv_len, kv_heads, {head_dim}]"
+    if not (jnp.dtype(q.dtype) == jnp.dtype(k.dtype) == jnp.dtype(v.dtype)) or jnp.dtype(q.dtype) not in MOSAIC_DTYPES:
+        return f"dtype {q.dtype}/{k.dtype}/{v.dtype} not supported (bfloat16 or float16, all the same)"
+    if head_dim not in MOSAIC_HEAD_DIMS:
+        return f"head_dim {head_dim} not supported by the Hopper {what} (only {MOSAIC_HEAD_DIMS})"
+    if heads % kv_heads:
+        return f"heads {heads} is not a multiple of kv_heads {kv_heads}"
+    if q_segment_ids is not None or kv_segment_ids is not None:
+        return f"segment ids not supported by the Hopper {what}"
+    return None

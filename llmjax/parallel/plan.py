@@ -23,6 +23,8 @@ from llmjax.model.transformer import model_spec
 from llmjax.parallel.logical import activation_rules, axis_ways, partition_spec
 from llmjax.parallel.mesh import make_mesh
 from llmjax.parallel.rules import Strategy, get_strategy, spec_shardings
+from llmjax.train.optim import make_optimizer
+from llmjax.train.state import TrainState, init_train_state
 
 
 class BatchError(ValueError):
@@ -54,8 +56,6 @@ class Plan:
 
     def optimizer_shardings(self, model_cfg: ModelConfig, train_cfg: TrainConfig):
         """The optimizer state's shardings: moments follow the optimizer rules, counters are replicated."""
-        from llmjax.train.optim import make_optimizer
-
         optimizer = make_optimizer(train_cfg, model_cfg=model_cfg)
         abstract_params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), model_spec(model_cfg),
                                        is_leaf=lambda x: hasattr(x, "axes"))
@@ -65,15 +65,11 @@ class Plan:
                                      transform_non_params=lambda _: self.replicated())
 
     def state_shardings(self, model_cfg: ModelConfig, train_cfg: TrainConfig):
-        from llmjax.train.step import TrainState
-
         return TrainState(self.replicated(), self.param_shardings(model_cfg),
                           self.optimizer_shardings(model_cfg, train_cfg))
 
     def init_state(self, model_cfg: ModelConfig, train_cfg: TrainConfig, key: jax.Array):
         """A fresh TrainState created directly in its shards (no device ever holds the whole model)."""
-        from llmjax.train.step import init_train_state
-
         shardings = self.state_shardings(model_cfg, train_cfg)
         return jax.jit(init_train_state, static_argnums=(0, 1), out_shardings=shardings)(model_cfg, train_cfg, key)
 

@@ -4,9 +4,8 @@ They let XLA's latency-hiding scheduler overlap collectives with compute, move t
 reduce-scatters / all-reduces of scanned layers into the loop body one iteration ahead (so layer i's
 weights arrive while layer i-1 computes), and combine small collectives into large ones. They only
 affect GPU compilation. A flag the user already set in XLA_FLAGS keeps the user's value.
-Measured effect (docs/perf.md, "Multi-GPU scaling"): on 2 H200s with llama-1b they gave FSDP +1.6
-points of scaling efficiency and cost FSDP+TP 4.4, so nothing turns them on by default;
-`python -m experiments bench_scaling --xla-flags` measures them again.
+Nothing turns them on by default: they helped one strategy and hurt another (docs/perf.md, "Multi-GPU
+scaling"); `python -m experiments bench_scaling --xla-flags` measures them again.
 """
 
 from __future__ import annotations

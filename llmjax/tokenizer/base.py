@@ -8,10 +8,13 @@ token shards can refuse to be read with a different tokenizer than the one that 
 from __future__ import annotations
 
 import abc
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+import regex
 
 ENDOFTEXT = "<|endoftext|>"
 
@@ -114,14 +117,23 @@ class Tokenizer(abc.ABC):
         return set(allowed_special)
 
 
+@functools.lru_cache(maxsize=16)
+def special_token_splitter(special_tokens: tuple[str, ...]) -> regex.Pattern | None:
+    """A regex matching any special token, longest first where they overlap (None if none)."""
+    ordered = sorted(set(special_tokens), key=len, reverse=True)
+    if not ordered:
+        return None
+    if "" in ordered:
+        raise TokenizerError("a special token cannot be the empty string")
+    return regex.compile("|".join(regex.escape(token) for token in ordered))
+
+
 def split_on_special_tokens(text: str, specials: Iterable[str]) -> Iterator[tuple[str, bool]]:
     """Split text into (piece, is_special) runs; overlapping specials match longest first.
 
     >>> list(split_on_special_tokens("a<|x|>b", ["<|x|>"]))
     [('a', False), ('<|x|>', True), ('b', False)]
     """
-    from llmjax.tokenizer.pretokenize import special_token_splitter  # (pretokenize imports this module)
-
     pattern = special_token_splitter(tuple(sorted(set(specials))))
     if pattern is None:
         if text:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import regex
 
-from llmjax.tokenizer.base import TokenizerError
+from llmjax.tokenizer.base import TokenizerError, special_token_splitter
 
 # GPT-2's pattern, as in OpenAI's encoder.py and Hugging Face's ByteLevel pre-tokenizer.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -87,17 +87,6 @@ def compile_pattern(pattern: str) -> regex.Pattern:
         return regex.compile(pattern)
     except regex.error as error:
         raise TokenizerError(f"pre-tokenizer pattern does not compile ({error}): {pattern!r}") from None
-
-
-@functools.lru_cache(maxsize=16)
-def special_token_splitter(special_tokens: tuple[str, ...]) -> regex.Pattern | None:
-    """A regex matching any special token, longest first where they overlap (None if none)."""
-    ordered = sorted(set(special_tokens), key=len, reverse=True)
-    if not ordered:
-        return None
-    if "" in ordered:
-        raise TokenizerError("a special token cannot be the empty string")
-    return regex.compile("|".join(regex.escape(token) for token in ordered))
 
 
 def pretokenize(text: str, pattern: str = GPT2_PATTERN) -> list[str]:

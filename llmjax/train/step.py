@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -24,25 +24,14 @@ from jax.sharding import PartitionSpec
 
 from llmjax.config import ModelConfig, TrainConfig
 from llmjax.model.moe import moe_loss_sums, moe_metrics_from_sums
-from llmjax.model.transformer import hidden_states_and_moe_metrics, init_params, output_embedding
+from llmjax.model.transformer import hidden_states_and_moe_metrics, output_embedding
 from llmjax.nn import token_cross_entropy
 from llmjax.parallel.logical import active_rules, partition_spec
 from llmjax.train.optim import learning_rate_schedule, make_optimizer
+from llmjax.train.state import TrainState, init_train_state  # noqa: F401 (init_train_state: re-exported)
 
 if TYPE_CHECKING:
     from llmjax.parallel.plan import Plan
-
-
-class TrainState(NamedTuple):
-    step: jax.Array  # int32 scalar: updates applied so far
-    params: dict
-    opt_state: optax.OptState
-
-
-def init_train_state(model_cfg: ModelConfig, train_cfg: TrainConfig, key: jax.Array) -> TrainState:
-    params = init_params(model_cfg, key)
-    opt_state = make_optimizer(train_cfg, model_cfg=model_cfg).init(params)
-    return TrainState(jnp.zeros((), jnp.int32), params, opt_state)
 
 
 def windows_to_batch(windows: jax.Array) -> dict:
@@ -56,7 +45,8 @@ def output_logits(x: jax.Array, embedding: jax.Array) -> jax.Array:
 
     The backward pass rounds the float32 logit gradients to x's dtype before its two matmuls, so
     they run on bf16 tensor cores like the forward (plain autodiff would pair the float32 cotangent
-    with a bf16 operand and fall back to a float32 GEMM, 58 ms of a 335 ms llama-1b step on an H200);
+    with a bf16 operand and fall back to a slow float32 GEMM: docs/perf.md, "Training step against the
+    PyTorch peer");
     the embedding's gradient still accumulates in float32 when the embedding is float32.
     """
     return jnp.dot(x, embedding.astype(x.dtype), preferred_element_type=jnp.float32)
