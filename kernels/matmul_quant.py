@@ -32,8 +32,8 @@ than a GPU's streaming multiprocessors, and each must stream K / 2 rows of bytes
 ranges, each its own program writing float32 partial sums [splits, M, N]; one small XLA sum adds them (and fuses
 into whatever consumes the product). `default_tiles` picks splits to give about four programs per
 multiprocessor. (Adding the partial sums in the kernel instead, by the last program of each tile to arrive at
-an atomic counter, measured slower: docs/perf.md, "Quantization and LoRA".) In the GEMV and the second-operand kernel, NF4's
-16 levels are read from a 16-entry table in global memory (an L1-resident gather), or with
+an atomic counter, measured slower: docs/perf.md, "Quantization and LoRA".) In the GEMV and the second-operand
+kernel, NF4's 16 levels are read from a 16-entry table in global memory (an L1-resident gather), or with
 `nf4_lookup="select"` a chain of selects, and integer codes become floats without an int -> float conversion:
 OR-ed into the mantissa of 2^23, a code c reads as the float 2^23 + c exactly, and 2^23 + zero point is
 subtracted (`int_decode="convert"` converts instead, kept for the comparison).

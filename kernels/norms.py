@@ -27,25 +27,29 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .tiles import combine_masks
+from .tuning import load_tables, table_entry
 
 __all__ = ["layer_norm", "rms_norm", "layer_norm_reference", "rms_norm_reference"]
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 MAX_ROW_ELEMENTS = 16384  # widest row (padded to a power of two) held whole in registers
-# Per-pass defaults: a tile of about this many elements, warps capped so, Triton pipelining stages, backward
-# programs per multiprocessor; WIDTH_DEFAULTS overrides them per padded row width (from a sweep on an H200:
-# python -m experiments bench_kernels --sweep).
-FORWARD_DEFAULTS = {"tile_elements": 8192, "max_warps": 8, "num_stages": 1, "one_pass": False}
-BACKWARD_DEFAULTS = {"tile_elements": 4096, "max_warps": 16, "num_stages": 2, "programs_per_multiprocessor": 2}
-# ("forward" | "backward", padded width) -> overrides, the best (or within noise of it) for both norms in the
-# sweep recorded in docs/perf.md: short rows take more rows per tile; LayerNorm's one-pass statistics pay at
-# 4096-8192 (two-pass 71% -> 80% of copy at 16384 x 4096), not at 768.
-WIDTH_DEFAULTS: dict[tuple[str, int], dict] = {
-    ("forward", 1024): {"tile_elements": 16384, "num_warps": 16},
-    ("backward", 1024): {"tile_elements": 4096, "num_warps": 4},
-    ("forward", 4096): {"tile_elements": 8192, "num_warps": 8, "one_pass": True},
-    ("forward", 8192): {"tile_elements": 8192, "num_warps": 8, "one_pass": True},
-}
+PASSES = ("forward", "backward")
+
+
+def width_defaults(tables: dict) -> dict[tuple[str, int], dict]:
+    """("forward" | "backward", padded width) -> the overrides of that pass's defaults, from the tuning tables."""
+    return {(which, int(width)): dict(overrides) for which in PASSES
+            for width, overrides in table_entry(tables, (which, "by_padded_width"), "norms").items()}
+
+
+# Per-pass defaults (a tile of about this many elements, warps capped so, Triton pipelining stages, backward
+# programs per multiprocessor) and their overrides per padded row width: tuned data, with the device it was tuned
+# on, in kernels/tuning/norms.json (how it was measured: docs/perf.md, "Fused norms and cross-entropy").
+NORM_TABLES = load_tables("norms")
+FORWARD_DEFAULTS = dict(table_entry(NORM_TABLES, ("forward", "defaults"), "norms"))
+BACKWARD_DEFAULTS = dict(table_entry(NORM_TABLES, ("backward", "defaults"), "norms"))
+WIDTH_DEFAULTS = width_defaults(NORM_TABLES)
+
 FORWARD_TUNING = ("block_rows", "block_d", "num_warps", "num_stages", "one_pass")
 BACKWARD_TUNING = ("block_rows", "block_d", "num_warps", "num_stages", "programs")
 

@@ -2,14 +2,13 @@
 sequence-length class) a few candidate configs are timed once on the GPU and the fastest is kept, in memory
 and in a JSON file ($LLMJAX_CACHE_DIR/flash_attention.json, default ~/.cache/llmjax/), so later processes
 skip the timing. In interpret mode or off the GPU: fixed small blocks, no timing.
-LLMJAX_FLASH_AUTOTUNE=0 turns timing off and takes each list's first candidate (for head_dim 64 and 128 the
-fastest measured on an H200 at batch 4, seq 4096, causal: tools/fa_check.py).
+LLMJAX_FLASH_AUTOTUNE=0 turns timing off and takes each list's first candidate (the candidate lists, with the
+device they were tuned on, are data: kernels/tuning/flash_attention.json).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 import json
 import os
 import statistics
@@ -22,8 +21,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from .triton import (BlockSizes, KernelConfig, Masking, flash_attention_backward_triton,
-                                            flash_attention_forward_triton)
+from ..tuning import load_tables, table_entry
+from .config import KernelConfig, Masking
 
 CACHE_DIR_ENV = "LLMJAX_CACHE_DIR"
 AUTOTUNE_ENV = "LLMJAX_FLASH_AUTOTUNE"
@@ -34,34 +33,27 @@ TUNING_ELEMENTS = 2**27  # cap on batch * q_len * heads * head_dim of the tuning
 TIMED_REPEATS = 5
 
 
-def _configs(*rows) -> tuple[KernelConfig, ...]:
+def _configs(rows) -> tuple[KernelConfig, ...]:
     return tuple(KernelConfig(*row) for row in rows)
 
 
-# (block_q, block_k, num_warps, num_stages) per kernel and largest head_dim; the first is the default.
-_HALF_CANDIDATES = {
-    "forward": {
-        64: _configs((64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3)),
-        128: _configs((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 128, 8, 2)),
-        256: _configs((64, 32, 8, 2), (64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)),
-    },
-    "dkv": {
-        64: _configs((32, 128, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 8, 2)),
-        128: _configs((64, 128, 8, 2), (32, 128, 8, 2), (64, 128, 8, 3), (64, 64, 8, 3), (128, 128, 8, 2)),
-        256: _configs((32, 64, 8, 2), (32, 32, 8, 2), (64, 64, 8, 2)),
-    },
-    "dq": {
-        64: _configs((128, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2)),
-        128: _configs((128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (64, 64, 4, 3)),
-        256: _configs((64, 32, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2)),
-    },
-}
-# float32 dots run without tensor cores (IEEE): small tiles.
-_FLOAT32_CANDIDATES = {
-    "forward": _configs((64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 4, 2)),
-    "dkv": _configs((32, 64, 4, 2), (32, 32, 4, 2)),
-    "dq": _configs((64, 32, 4, 2), (32, 32, 4, 2)),
-}
+def half_candidates(tables: dict) -> dict[str, dict[int, tuple[KernelConfig, ...]]]:
+    """kernel -> largest head_dim -> configs (bf16 / f16), from the tuning tables."""
+    return {which: {int(head_dim): _configs(rows) for head_dim, rows in table_entry(tables, ("half", which),
+                                                                                     "flash_attention").items()}
+            for which in KERNELS}
+
+
+def float32_candidates(tables: dict) -> dict[str, tuple[KernelConfig, ...]]:
+    """kernel -> configs for float32 (dots without tensor cores: small tiles), from the tuning tables."""
+    return {which: _configs(table_entry(tables, ("float32", which), "flash_attention")) for which in KERNELS}
+
+
+# Candidate tiles per kernel (and largest head_dim for half precision); the first of each list is the default.
+# Tuned data, with the device it was tuned on: kernels/tuning/flash_attention.json.
+TUNING_TABLES = load_tables("flash_attention")
+_HALF_CANDIDATES = half_candidates(TUNING_TABLES)
+_FLOAT32_CANDIDATES = float32_candidates(TUNING_TABLES)
 
 
 def candidates(which: str, head_dim: int, dtype) -> tuple[KernelConfig, ...]:
@@ -123,7 +115,7 @@ def _device_kind() -> str:
     return jax.devices()[0].device_kind
 
 
-def _median_seconds(fn, *args) -> float:
+def median_seconds(fn, *args) -> float:
     jax.block_until_ready(fn(*args))  # compile and warm up
     times = []
     for _ in range(TIMED_REPEATS):
@@ -133,7 +125,7 @@ def _median_seconds(fn, *args) -> float:
     return statistics.median(times)
 
 
-def _tuning_inputs(q, k, masking: Masking):
+def tuning_inputs(q, k, masking: Masking):
     """Random q, k, v, d_out of the call's shapes (batch capped) and dtype."""
     batch, q_len, heads, head_dim = q.shape
     batch = max(1, min(batch, TUNING_ELEMENTS // (q_len * heads * head_dim)))
@@ -141,27 +133,6 @@ def _tuning_inputs(q, k, masking: Masking):
     q_shape, kv_shape = (batch, q_len, heads, head_dim), (batch, masking.kv_len, k.shape[2], head_dim)
     shapes = (q_shape, kv_shape, kv_shape, q_shape)
     return [jax.random.normal(key, shape, q.dtype) for key, shape in zip(keys, shapes)]
-
-
-def _masking_kwargs(masking: Masking) -> dict:
-    return dict(causal=masking.causal, sliding_window=masking.sliding_window, logit_softcap=masking.logit_softcap)
-
-
-def _time_candidate(which: str, config: KernelConfig, q, k, masking: Masking,
-                    forward: KernelConfig | None = None) -> float:
-    """Seconds per call of kernel `which` with `config`; the backward kernels are timed together with the
-    other backward kernel at its default, on the output of the forward with config `forward`."""
-    kwargs = _masking_kwargs(masking)
-    q_in, k_in, v_in, d_out = _tuning_inputs(q, k, masking)
-    if which == "forward":
-        fn = jax.jit(functools.partial(flash_attention_forward_triton, block_sizes=BlockSizes(config), **kwargs))
-        return _median_seconds(fn, q_in, k_in, v_in)
-    out, lse = jax.jit(functools.partial(flash_attention_forward_triton, block_sizes=BlockSizes(forward),
-                                         **kwargs))(q_in, k_in, v_in)
-    other = "dq" if which == "dkv" else "dkv"
-    block_sizes = BlockSizes(forward, **{which: config, other: candidates(other, q.shape[-1], q.dtype)[0]})
-    fn = jax.jit(functools.partial(flash_attention_backward_triton, block_sizes=block_sizes, **kwargs))
-    return _median_seconds(fn, q_in, k_in, v_in, out, lse, d_out)
 
 
 def _in_fresh_thread(fn):
@@ -184,9 +155,11 @@ def choose_fastest(configs, time_config) -> tuple[KernelConfig, dict[KernelConfi
     return min(times, key=times.get), times
 
 
-def config_for(which: str, q, k, masking: Masking, *, interpret: bool = False) -> KernelConfig:
+def config_for(which: str, q, k, masking: Masking, *, interpret: bool = False, time_candidate=None) -> KernelConfig:
     """The config of kernel `which` for these inputs: fixed in interpret mode or off the GPU; else from the
-    memory cache, the JSON file, or timing the candidates now (once per key)."""
+    memory cache, the JSON file, or timing the candidates now (once per key) with
+    time_candidate(which, config, q, k, masking, forward_config) -> seconds (the kernels' own timer,
+    kernels.flash_attention.triton.time_candidate, passed in: the tuner does not import the kernels it tunes)."""
     if interpret or not _on_gpu():
         return INTERPRET_CONFIG
     configs = candidates(which, q.shape[-1], q.dtype)
@@ -201,10 +174,13 @@ def config_for(which: str, q, k, masking: Masking, *, interpret: bool = False) -
         if stored is not None:
             _memory[key] = KernelConfig(*stored)
             return _memory[key]
-        forward = None if which == "forward" else config_for("forward", q, k, masking)
+        if time_candidate is None:
+            raise ValueError(f"flash attention autotune: no cached config for {key}; pass time_candidate (the "
+                             "kernels' timer) to time the candidates")
+        forward = None if which == "forward" else config_for("forward", q, k, masking, time_candidate=time_candidate)
 
         def time_config(config):
-            return _time_candidate(which, config, q, k, masking, forward)
+            return time_candidate(which, config, q, k, masking, forward)
 
         best, _ = _in_fresh_thread(lambda: choose_fastest(configs, time_config))
         _memory[key] = best

@@ -63,8 +63,8 @@ class KernelConfig:
     consumer_registers: int = 240
     producer_registers: int = 24
     # Launch order: "heads" fastest (CTAs of one query tile across heads run together) or "q_tiles"
-    # fastest (CTAs of one head together); "heads" keeps K/V blocks shared across heads in cache (docs/perf.md,
-    # "Hopper forward schedules (Mosaic GPU)").
+    # fastest (CTAs of one head together); "heads" measured faster (docs/perf.md, "Hopper forward schedules
+    # (Mosaic GPU)").
     fastest_axis: str = "heads"
 
     def __post_init__(self):

@@ -34,54 +34,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from . import autotune
+from .config import BlockSizes, KernelConfig, Masking
+
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 MIN_BLOCK = 16  # the smallest tile dimension a tensor-core dot takes
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelConfig:
-    """Tile sizes and launch parameters of one kernel."""
-
-    block_q: int
-    block_k: int
-    num_warps: int = 4
-    num_stages: int = 2
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """Configs of the three kernels; a None backward config is chosen (autotuned) when the backward runs."""
-
-    forward: KernelConfig
-    dkv: KernelConfig | None = None
-    dq: KernelConfig | None = None
-
-    @classmethod
-    def fixed(cls, block_q: int, block_k: int, num_warps: int = 4, num_stages: int = 2) -> BlockSizes:
-        """The same tiles for all three kernels (tests, interpret mode)."""
-        config = KernelConfig(block_q, block_k, num_warps, num_stages)
-        return cls(config, config, config)
-
-
-@dataclasses.dataclass(frozen=True)
-class Masking:
-    """The static description of which keys a query sees and how scores are transformed.
-
-    q_len / kv_len are the real (unpadded) lengths: positions and the key bound are computed from them.
-    """
-
-    causal: bool
-    sliding_window: int | None
-    logit_softcap: float | None
-    q_len: int
-    kv_len: int
-    scale: float
-
-    @property
-    def offset(self) -> int:
-        """Key position of query 0 (queries are aligned to the end of the keys)."""
-        return self.kv_len - self.q_len
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -508,9 +466,7 @@ def _resolve(block_sizes: BlockSizes | None, which: str, q, k, masking: Masking,
     """The config of kernel `which` ("forward", "dkv", "dq"): from block_sizes, else the autotuner."""
     config = None if block_sizes is None else getattr(block_sizes, which)
     if config is None:
-        from . import autotune  # the tuner runs these kernels: imported late
-
-        config = autotune.config_for(which, q, k, masking, interpret=interpret)
+        config = autotune.config_for(which, q, k, masking, interpret=interpret, time_candidate=time_candidate)
     return fit_config(config, masking.q_len, masking.kv_len)
 
 
@@ -611,3 +567,29 @@ def flash_attention_triton(q, k, v, *, causal=True, sliding_window=None, q_segme
     options = (("causal", bool(causal)), ("sliding_window", sliding_window), ("logit_softcap", logit_softcap),
                ("interpret", bool(interpret)))
     return _attention(q, k, v, q_seg, kv_seg, options, block_sizes)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Timing for the autotuner (autotune.py chooses; these kernels are what it times).
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _masking_kwargs(masking: Masking) -> dict:
+    return dict(causal=masking.causal, sliding_window=masking.sliding_window, logit_softcap=masking.logit_softcap)
+
+
+def time_candidate(which: str, config: KernelConfig, q, k, masking: Masking,
+                   forward: KernelConfig | None = None) -> float:
+    """Seconds per call of kernel `which` with `config`; the backward kernels are timed together with the
+    other backward kernel at its default, on the output of the forward with config `forward`."""
+    kwargs = _masking_kwargs(masking)
+    q_in, k_in, v_in, d_out = autotune.tuning_inputs(q, k, masking)
+    if which == "forward":
+        fn = jax.jit(functools.partial(flash_attention_forward_triton, block_sizes=BlockSizes(config), **kwargs))
+        return autotune.median_seconds(fn, q_in, k_in, v_in)
+    out, lse = jax.jit(functools.partial(flash_attention_forward_triton, block_sizes=BlockSizes(forward),
+                                         **kwargs))(q_in, k_in, v_in)
+    other = "dq" if which == "dkv" else "dkv"
+    block_sizes = BlockSizes(forward, **{which: config, other: autotune.candidates(other, q.shape[-1], q.dtype)[0]})
+    fn = jax.jit(functools.partial(flash_attention_backward_triton, block_sizes=block_sizes, **kwargs))
+    return autotune.median_seconds(fn, q_in, k_in, v_in, out, lse, d_out)

@@ -31,10 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llmjax.kernels.matmul_quant import (QuantizedMatrix, dequantize, dequantize_matrix, group_scales_and_zeros, nf4_absmax,
-                                  quantized_matmul, unpacked_codes)
-from llmjax.kernels.quant_formats import (BITS, FORMATS, NF4_CODEBOOK, QuantizationError, group_rows, pack_3bit, pack_4bit,
-                                   pack_codes, unpack_3bit, unpack_4bit)
+from llmjax.kernels.matmul_quant import (QuantizedMatrix, dequantize, dequantize_matrix, group_scales_and_zeros,
+                                         nf4_absmax, quantized_matmul, unpacked_codes)
+from llmjax.kernels.quant_formats import (BITS, FORMATS, NF4_CODEBOOK, QuantizationError, group_rows, pack_3bit,
+                                          pack_4bit, pack_codes, unpack_3bit, unpack_4bit)
 
 __all__ = [
     "BITS", "DOUBLE_QUANT_BLOCK", "FORMATS", "NF4_CODEBOOK", "NF4_DEFAULT_GROUP", "QuantizationError",

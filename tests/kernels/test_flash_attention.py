@@ -333,12 +333,10 @@ def test_autotune_runs_kernels_on_concrete_arrays_inside_a_jit_trace(monkeypatch
         seen.append(isinstance(result, jax.core.Tracer))
         return float(jnp.sum(result)) * config.block_q
 
-    monkeypatch.setattr(autotune, "_time_candidate", time_on_device)
-
     @jax.jit
     def traced(q, k):
         masking = fa_triton.make_masking(q, k, causal=True, sliding_window=None, logit_softcap=None)
-        config = autotune.config_for("forward", q, k, masking)
+        config = autotune.config_for("forward", q, k, masking, time_candidate=time_on_device)
         return q * config.block_q
 
     q, k, _ = _arrays(dtype=jnp.bfloat16)
@@ -362,10 +360,9 @@ def test_autotune_times_once_and_caches_in_json(monkeypatch, tmp_path):
             raise RuntimeError("out of shared memory")  # failing candidates are skipped
         return config.block_q * 1e-3 + config.block_k * 1e-6
 
-    monkeypatch.setattr(autotune, "_time_candidate", fake_time)
     q, k, _ = _arrays(dtype=jnp.bfloat16)
     masking = fa_triton.make_masking(q, k, causal=True, sliding_window=None, logit_softcap=None)
-    best = autotune.config_for("dq", q, k, masking)
+    best = autotune.config_for("dq", q, k, masking, time_candidate=fake_time)
     configs = autotune.candidates("dq", 64, jnp.bfloat16)
     assert best == min((c for c in configs if c.num_stages != 3), key=lambda c: c.block_q * 1e3 + c.block_k)
     assert len(timed) == len(configs)
@@ -374,9 +371,11 @@ def test_autotune_times_once_and_caches_in_json(monkeypatch, tmp_path):
                                                                         best.num_stages]
     assert set(entries) == {"dq|NVIDIA H200|bfloat16|d64|causal|q128|kv128",
                             "forward|NVIDIA H200|bfloat16|d64|causal|q128|kv128"}
-    assert autotune.config_for("dq", q, k, masking) == best and len(timed) == len(configs)  # memory
+    assert autotune.config_for("dq", q, k, masking, time_candidate=fake_time) == best  # memory
+    assert len(timed) == len(configs)
     monkeypatch.setattr(autotune, "_memory", {})
-    assert autotune.config_for("dq", q, k, masking) == best and len(timed) == len(configs)  # file
+    assert autotune.config_for("dq", q, k, masking, time_candidate=fake_time) == best  # file
+    assert len(timed) == len(configs)
     monkeypatch.setenv(autotune.AUTOTUNE_ENV, "0")
     monkeypatch.setattr(autotune, "_memory", {})
     assert autotune.config_for("forward", q, k, masking) == autotune.candidates("forward", 64, jnp.bfloat16)[0]
