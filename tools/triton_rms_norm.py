@@ -1,7 +1,7 @@
 """RMSNorm forward as a raw Triton kernel called through `jax_triton.triton_call` (a developer tool:
 not installed; tools/jax_triton_check.py times it).
 
-The same operation as `llmjax.model.layers.rms_norm` (the reference) and the Pallas kernel in
+The same operation as `llmjax.kernels.norms.rms_norm_reference` (the reference) and the Pallas kernel in
 `llmjax.kernels.norms`: written in Triton's own language to compare the two ways of bringing a Triton
 kernel into JAX. One program normalizes one row; statistics in float32. Forward only.
 """
