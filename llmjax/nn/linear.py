@@ -26,7 +26,7 @@ def linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *, in
     check_float("linear", "x", x)
     if getattr(kernel, "dtype", None) is not None:
         check_float("linear", "kernel", kernel)
-    if not 1 <= in_dims <= min(x.ndim, kernel.ndim):
+    if not 1 <= in_dims <= min(x.ndim, len(kernel.shape)):
         raise ValueError(f"linear: in_dims={in_dims} does not fit x {shape_of(x)} and kernel {shape_of(kernel)}")
     if x.shape[x.ndim - in_dims:] != kernel.shape[:in_dims]:
         raise ValueError(
