@@ -32,3 +32,14 @@ def test_unknown_experiment_is_one_clear_error():
     assert result.returncode == 2
     assert result.stderr.startswith("python -m experiments: unknown experiment 'nope'; choose one of: ")
     assert result.stderr.count("\n") == 1
+
+
+def test_building_blocks_example_runs(tmp_path):
+    """The README's llmjax.nn example, as written (its checkpoint path moved to a temporary folder)."""
+    code = re.search(r"## Building blocks.*?```python\n(.*?)```", README, re.S).group(1)
+    code = code.replace('"/tmp/llmjax-blocks"', repr(str(tmp_path / "blocks")))
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    loss, grad_norm, lr = map(float, result.stdout.split())
+    assert 4.0 < loss < 5.3 and grad_norm > 0 and 1e-4 < lr < 1e-3  # log(100) = 4.6 at random init
+    assert (tmp_path / "blocks").is_dir()
