@@ -17,14 +17,18 @@ import numpy as np
 Norm = Literal["layernorm", "rmsnorm"]
 Positions = Literal["learned", "rope"]
 Activation = Literal["gelu_tanh", "swiglu"]
-RematPolicy = Literal["none", "full", "dots", "dots_no_batch", "offload"]
+RematPolicy = Literal["none", "full", "dots", "dots_no_batch", "offload", "names"]
 AttentionImpl = Literal["auto", "xla", "cudnn", "pallas"]
 MoeImpl = Literal["capacity", "ragged_dot", "pallas"]
 
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
 ACTIVATIONS = ("gelu_tanh", "swiglu")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload")  # offload: dots_no_batch saved to host memory
+# offload: dots_no_batch saved to host memory; names: the named intermediates in remat_save kept on the device,
+# those in remat_offload kept in host memory, everything else recomputed
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload", "names")
+# The intermediates a block tags with jax.ad_checkpoint.checkpoint_name (llmjax.model.transformer.block).
+REMAT_NAMES = ("query", "key", "value", "attention_output", "mlp_hidden", "attention_residual", "block_output")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 NORM_IMPLS = ("auto", "xla", "pallas")
 ROPE_SCALINGS = ("linear", "llama3")
@@ -98,6 +102,8 @@ class ModelConfig:
     compute_dtype: str = "bfloat16"
     init_std: float = 0.02
     remat: RematPolicy = "none"
+    remat_save: tuple[str, ...] = ()  # remat="names": intermediates (REMAT_NAMES) kept on the device
+    remat_offload: tuple[str, ...] = ()  # remat="names": intermediates kept in pinned host memory
     # blocks per scan iteration: num_layers unrolls the stack (faster steps: no per-layer copies into stacked
     # residuals; compile time grows with depth); 0 = auto: every block on GPUs, one at a time elsewhere
     scan_unroll: int = 0
@@ -147,6 +153,7 @@ class ModelConfig:
         _check_choice("positions", self.positions, POSITIONS)
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("remat", self.remat, REMAT_POLICIES)
+        self._check_remat_names()
         if not isinstance(self.scan_unroll, int) or isinstance(self.scan_unroll, bool) or self.scan_unroll < 0:
             raise ConfigError(f"scan_unroll must be a non-negative integer (0: auto), got {self.scan_unroll!r}")
         _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
@@ -165,6 +172,24 @@ class ModelConfig:
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ConfigError(f"ModelConfig.sliding_window={self.sliding_window}: must be >= 1 or None")
         self._check_moe()
+
+    def _check_remat_names(self) -> None:
+        for field in ("remat_save", "remat_offload"):
+            names = getattr(self, field)
+            if isinstance(names, str):  # "query,key" from a command line
+                names = [name.strip() for name in names.split(",") if name.strip()]
+            names = tuple(names)
+            unknown = [name for name in names if name not in REMAT_NAMES]
+            if unknown:
+                raise ConfigError(f"ModelConfig.{field}: unknown intermediate(s) {', '.join(map(repr, unknown))}; "
+                                  f"the named ones are {', '.join(REMAT_NAMES)}")
+            object.__setattr__(self, field, names)
+        both = set(self.remat_save) & set(self.remat_offload)
+        if both:
+            raise ConfigError(f"ModelConfig: {', '.join(sorted(both))} in both remat_save and remat_offload")
+        if (self.remat_save or self.remat_offload) and self.remat != "names":
+            raise ConfigError(f"ModelConfig.remat_save / remat_offload are set but remat={self.remat!r}; "
+                              f"use remat='names' to choose the saved intermediates by name")
 
     def _check_moe(self) -> None:
         for field in ("num_experts", "num_shared_experts"):
@@ -451,7 +476,7 @@ def model_config_from_dict(data: dict) -> ModelConfig:
 
 
 # How a step computes, not what: a run may resume with other choices (the same parameters and optimizer state).
-EXECUTION_FIELDS = {"remat", "scan_unroll", "attention_impl", "norm_impl", "loss_impl", "loss_chunk_tokens"}
+EXECUTION_FIELDS = {"remat", "remat_save", "remat_offload", "scan_unroll", "attention_impl", "norm_impl", "loss_impl", "loss_chunk_tokens"}
 
 
 def config_differences(saved: dict, current: ModelConfig | TrainConfig) -> list[str]:

@@ -22,84 +22,57 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from llmjax.kernels.decode_attention import decode_attention, decode_attention_reference
 from llmjax.config import ModelConfig
 from llmjax.infer import kv_cache
-from llmjax.model.attention import dot_product_attention
-from llmjax.model.layers import dense, norm
-from llmjax.model.moe import moe_layer
-from llmjax.model.rope import apply_rope
-from llmjax.nn import embedding, gelu, swiglu
+from llmjax.kernels.decode_attention import decode_attention, decode_attention_reference
+from llmjax.model.attention import causal_self_attention
+from llmjax.model.layers import norm
+from llmjax.model.transformer import block, layer_block_params
+from llmjax.nn import embedding
 
 DECODE_ATTENTION_IMPLS = ("auto", "xla", "pallas")
 
 
 def prepare_params(params: dict, cfg: ModelConfig) -> dict:
-    """Decode-ready weights: compute dtype, one dict per layer, fused q/k/v and gate/up projections."""
+    """Decode-ready weights: compute dtype, one block dict per layer (the layout `block` reads), q/k/v fused
+    into attn/qkv and SwiGLU's gate/up into mlp/gate_up."""
     dtype = jnp.dtype(cfg.compute_dtype)
     cast = lambda x: jnp.asarray(x, dtype)  # noqa: E731
-    from llmjax.model.transformer import layer_block_params
+    def fused(parts: list[dict], kernel_shape: tuple) -> dict:
+        """Projections side by side along their outputs: one matmul where there were len(parts)."""
+        entry = {"kernel": jnp.concatenate([cast(p["kernel"]).reshape(kernel_shape) for p in parts], axis=1)}
+        if "bias" in parts[0]:
+            entry["bias"] = jnp.concatenate([cast(p["bias"]).reshape(-1) for p in parts])
+        return entry
 
     layers = []
     for i in range(cfg.num_layers):
         layer = layer_block_params(params, cfg, i)
-        attn, mlp_params = layer["attn"], layer.get("mlp")
-        d = cfg.d_model
-        qkv = jnp.concatenate([cast(attn[n]["kernel"]).reshape(d, -1) for n in ("q", "k", "v")], axis=1)
+        attn, d = layer["attn"], cfg.d_model
         entry = {
             "attn_norm": jax.tree.map(cast, layer["attn_norm"]),
             "mlp_norm": jax.tree.map(cast, layer["mlp_norm"]),
-            "qkv": {"kernel": qkv},
-            "o": {"kernel": cast(attn["o"]["kernel"]).reshape(cfg.q_size, d)},
+            "attn": {"qkv": fused([attn["q"], attn["k"], attn["v"]], (d, -1)),
+                     "o": {"kernel": cast(attn["o"]["kernel"]).reshape(cfg.q_size, d)}},
         }
-        if "bias" in attn["q"]:
-            entry["qkv"]["bias"] = jnp.concatenate([cast(attn[n]["bias"]).reshape(-1) for n in ("q", "k", "v")])
         if "bias" in attn["o"]:
-            entry["o"]["bias"] = cast(attn["o"]["bias"])
-        if mlp_params is None:  # an MoE block (llmjax.model.moe): experts in the compute dtype, router as is
+            entry["attn"]["o"]["bias"] = cast(attn["o"]["bias"])
+        if "moe" in layer:  # an MoE block (llmjax.model.moe): experts in the compute dtype, router as is
             entry["moe"] = {name: value if name == "router" else jax.tree.map(cast, value)
                             for name, value in layer["moe"].items()}
-            layers.append(entry)
-            continue
-        if cfg.activation == "swiglu":
-            entry["gate_up"] = {"kernel": jnp.concatenate([cast(mlp_params["gate"]["kernel"]),
-                                                            cast(mlp_params["up"]["kernel"])], axis=1)}
-            if "bias" in mlp_params["up"]:
-                entry["gate_up"]["bias"] = jnp.concatenate([cast(mlp_params["gate"]["bias"]),
-                                                            cast(mlp_params["up"]["bias"])])
         else:
-            entry["up"] = jax.tree.map(cast, mlp_params["up"])
-        entry["down"] = jax.tree.map(cast, mlp_params["down"])
+            mlp_params = layer["mlp"]
+            entry["mlp"] = {"down": jax.tree.map(cast, mlp_params["down"])}
+            if cfg.activation == "swiglu":
+                entry["mlp"]["gate_up"] = fused([mlp_params["gate"], mlp_params["up"]], (d, -1))
+            else:
+                entry["mlp"]["up"] = jax.tree.map(cast, mlp_params["up"])
         layers.append(entry)
     prepared = {"embed": jax.tree.map(cast, params["embed"]), "layers": layers,
                 "final_norm": jax.tree.map(cast, params["final_norm"])}
     if "lm_head" in params:
         prepared["lm_head"] = jax.tree.map(cast, params["lm_head"])
     return prepared
-
-
-def _mlp(layer: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
-    if "moe" in layer:
-        return moe_layer(layer["moe"], x, cfg)[0]
-    if cfg.activation == "swiglu":
-        gate, up = jnp.split(dense(layer["gate_up"], x), 2, axis=-1)
-        hidden = swiglu(gate, up)
-    else:
-        hidden = gelu(dense(layer["up"], x), approximate=True)
-    return dense(layer["down"], hidden)
-
-
-def _qkv(layer: dict, x: jax.Array, positions: jax.Array, cfg: ModelConfig):
-    """x [batch, seq, d_model] -> q [batch, seq, heads, head_dim], k, v [batch, seq, kv_heads, head_dim]."""
-    batch, seq = x.shape[:2]
-    qkv = dense(layer["qkv"], x)
-    q, k, v = jnp.split(qkv, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
-    q = q.reshape(batch, seq, cfg.num_heads, cfg.head_dim)
-    k = k.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
-    v = v.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
-    if cfg.positions == "rope":
-        q, k = apply_rope(q, positions, cfg), apply_rope(k, positions, cfg)
-    return q, k, v
 
 
 def _embed(dparams: dict, tokens: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -139,16 +112,16 @@ def prefill(dparams: dict, tokens: jax.Array, valid: jax.Array, cache: dict, cfg
     segment = valid.astype(jnp.int32)  # padding attends only to padding, prompt only to prompt
     x = _embed(dparams, tokens, positions, cfg)
     rope_positions = jnp.maximum(positions, 0)
+    # Within a row, index differences equal position differences (padding sits at one end only), so the
+    # model's causal + window masks by index are exact.
+    self_attend = causal_self_attention(cfg, segment)
     for i, layer in enumerate(dparams["layers"]):
-        h = norm(layer["attn_norm"], x, cfg)
-        q, k, v = _qkv(layer, h, rope_positions, cfg)
-        cache = kv_cache.write_prefill(cache, i, k, v)
-        # Within a row, index differences equal position differences (padding sits at one end only),
-        # so the model's causal + window masks by index are exact.
-        out = dot_product_attention(q, k, v, causal=True, sliding_window=cfg.sliding_window, q_segment_ids=segment,
-                                    logit_softcap=cfg.attn_logit_softcap, impl=cfg.attention_impl)
-        x = x + dense(layer["o"], out.reshape(*out.shape[:2], cfg.q_size))
-        x = x + _mlp(layer, norm(layer["mlp_norm"], x, cfg), cfg)
+
+        def attend(q, k, v):  # the whole prompt, attending to itself, written into layer i's cache
+            return self_attend(q, k, v)[0], kv_cache.write_prefill(cache, i, k, v)
+
+        with jax.named_scope(f"layer {i}"):
+            x, cache, _ = block(layer, x, rope_positions, cfg, attend)
     last = cache["next_slot"] - 1  # index of each row's last prompt token
     x = jnp.take_along_axis(x, last[:, None, None], axis=1)  # [batch, 1, d_model]
     x = norm(dparams["final_norm"], x, cfg)
@@ -175,21 +148,21 @@ def decode_step(dparams: dict, tokens: jax.Array, cache: dict, cfg: ModelConfig,
     kv_positions = cache["positions"].at[jnp.arange(batch), slot].set(positions)
     kv_lengths = jnp.minimum(cache["next_slot"] + 1, capacity)
     for i, layer in enumerate(dparams["layers"]):
-        h = norm(layer["attn_norm"], x, cfg)
-        q, k, v = _qkv(layer, h, pad(positions)[:, None], cfg)
-        q, k, v = q[:batch, 0], k[:batch, 0], v[:batch, 0]
-        cache = kv_cache.write_token(cache, i, k, v)
-        entry = cache["layers"][i]
-        scales = dict(k_scale=entry.get("k_scale"), v_scale=entry.get("v_scale"))
-        if impl == "pallas":
-            out = decode_attention(q, entry["k"], entry["v"], kv_positions, positions, kv_lengths,
-                                   sliding_window=cfg.sliding_window, logit_softcap=cfg.attn_logit_softcap, **scales)
-        else:
-            out = decode_attention_reference(q, entry["k"], entry["v"], kv_positions, positions,
-                                             sliding_window=cfg.sliding_window,
-                                             logit_softcap=cfg.attn_logit_softcap, **scales)
-        x = x + dense(layer["o"], pad(out.reshape(batch, 1, cfg.q_size)))
-        x = x + _mlp(layer, norm(layer["mlp_norm"], x, cfg), cfg)
+
+        def attend(q, k, v):  # [rows, 1, ...]: the batch's rows write their token, then read the whole cache
+            q, k, v = q[:batch, 0], k[:batch, 0], v[:batch, 0]
+            new_cache = kv_cache.write_token(cache, i, k, v)
+            entry = new_cache["layers"][i]
+            options = dict(sliding_window=cfg.sliding_window, logit_softcap=cfg.attn_logit_softcap,
+                           k_scale=entry.get("k_scale"), v_scale=entry.get("v_scale"))
+            if impl == "pallas":
+                out = decode_attention(q, entry["k"], entry["v"], kv_positions, positions, kv_lengths, **options)
+            else:
+                out = decode_attention_reference(q, entry["k"], entry["v"], kv_positions, positions, **options)
+            return pad(out[:, None]), new_cache  # [rows, 1, heads, head_dim]
+
+        with jax.named_scope(f"layer {i}"):
+            x, cache, _ = block(layer, x, pad(positions)[:, None], cfg, attend)
     cache = kv_cache.advance(cache)
     x = norm(dparams["final_norm"], x, cfg)
     return _logits(dparams, x, cfg)[:batch, 0], cache
@@ -221,21 +194,23 @@ def extend_step(dparams: dict, tokens: jax.Array, cache: dict, cfg: ModelConfig,
     slots = (cache["next_slot"][:, None] + offsets) % capacity
     kv_positions = cache["positions"].at[jnp.arange(batch)[:, None], slots].set(positions)
     kv_lengths = jnp.minimum(cache["next_slot"][:, None] + offsets + 1, capacity).reshape(rows)  # decode's, per token
+    unflat = lambda a: a.reshape(batch, count, *a.shape[1:])  # noqa: E731
     for i, layer in enumerate(dparams["layers"]):
-        h = norm(layer["attn_norm"], x, cfg)
-        q, k, v = _qkv(layer, h, pad(flat_positions)[:, None], cfg)
-        q, k, v = q[:rows, 0], k[:rows, 0], v[:rows, 0]
-        unflat = lambda a: a.reshape(batch, count, *a.shape[1:])  # noqa: E731
-        cache = kv_cache.write_tokens(cache, i, unflat(k), unflat(v))
-        entry = cache["layers"][i]
-        options = dict(sliding_window=cfg.sliding_window, logit_softcap=cfg.attn_logit_softcap,
-                       k_scale=entry.get("k_scale"), v_scale=entry.get("v_scale"), queries_per_row=count)
-        if impl == "pallas":
-            out = decode_attention(q, entry["k"], entry["v"], kv_positions, flat_positions, kv_lengths, **options)
-        else:
-            out = decode_attention_reference(q, entry["k"], entry["v"], kv_positions, flat_positions, **options)
-        x = x + dense(layer["o"], pad(out.reshape(rows, 1, cfg.q_size)))
-        x = x + _mlp(layer, norm(layer["mlp_norm"], x, cfg), cfg)
+
+        def attend(q, k, v):  # [rows, 1, ...]: each row is one token, at its own position and cache length
+            q, k, v = q[:rows, 0], k[:rows, 0], v[:rows, 0]
+            new_cache = kv_cache.write_tokens(cache, i, unflat(k), unflat(v))
+            entry = new_cache["layers"][i]
+            options = dict(sliding_window=cfg.sliding_window, logit_softcap=cfg.attn_logit_softcap,
+                           k_scale=entry.get("k_scale"), v_scale=entry.get("v_scale"), queries_per_row=count)
+            if impl == "pallas":
+                out = decode_attention(q, entry["k"], entry["v"], kv_positions, flat_positions, kv_lengths, **options)
+            else:
+                out = decode_attention_reference(q, entry["k"], entry["v"], kv_positions, flat_positions, **options)
+            return pad(out[:, None]), new_cache  # [rows (padded), 1, heads, head_dim]
+
+        with jax.named_scope(f"layer {i}"):
+            x, cache, _ = block(layer, x, pad(flat_positions)[:, None], cfg, attend)
     cache = kv_cache.advance(cache, count)
     x = norm(dparams["final_norm"], x, cfg)
     return _logits(dparams, x, cfg)[:rows, 0].reshape(batch, count, -1), cache

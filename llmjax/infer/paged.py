@@ -45,11 +45,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llmjax.kernels.paged_attention import chunk_attention_flash, chunk_attention_reference, gather_blocks, paged_attention, \
-    paged_attention_reference
 from llmjax.config import ModelConfig
-from llmjax.infer.decode_model import _embed, _logits, _mlp, _qkv, resolve_decode_impl
-from llmjax.model.layers import dense, norm
+from llmjax.infer.decode_model import _embed, _logits, resolve_decode_impl
+from llmjax.kernels.paged_attention import (
+    chunk_attention_flash,
+    chunk_attention_reference,
+    gather_blocks,
+    paged_attention,
+    paged_attention_reference,
+)
+from llmjax.model.layers import norm
+from llmjax.model.transformer import block as transformer_block
 
 PAGED_DTYPES = ("bfloat16", "float32", "float16")
 PREFILL_IMPLS = ("auto", "xla", "flash")
@@ -401,13 +407,14 @@ def _paged_forward(dparams, tokens, cache, block_tables, context_lengths, chunk_
     positions = jnp.maximum(positions, 0)
     x = _embed(dparams, tokens, positions, cfg)
     for i, layer in enumerate(dparams["layers"]):
-        h = norm(layer["attn_norm"], x, cfg)
-        q, k, v = _qkv(layer, h, positions, cfg)
-        cache = write_kv(cache, i, k.reshape(batch * chunk, *k.shape[2:]), v.reshape(batch * chunk, *v.shape[2:]),
-                         slots)
-        out = attend(q, cache["layers"][i], positions, kv_lengths)  # [batch, chunk, heads, head_dim]
-        x = x + dense(layer["o"], out.reshape(batch, chunk, cfg.q_size))
-        x = x + _mlp(layer, norm(layer["mlp_norm"], x, cfg), cfg)
+
+        def write_and_attend(q, k, v):  # the chunk's K/V into its slots, then its queries over the row's blocks
+            new_cache = write_kv(cache, i, k.reshape(batch * chunk, *k.shape[2:]),
+                                 v.reshape(batch * chunk, *v.shape[2:]), slots)
+            return attend(q, new_cache["layers"][i], positions, kv_lengths), new_cache  # [batch, chunk, heads, hd]
+
+        with jax.named_scope(f"layer {i}"):
+            x, cache, _ = transformer_block(layer, x, positions, cfg, write_and_attend)
     last = jnp.maximum(chunk_lengths - 1, 0)
     x = jnp.take_along_axis(x, last[:, None, None], axis=1)  # [batch, 1, d_model]
     x = norm(dparams["final_norm"], x, cfg)

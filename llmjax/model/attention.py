@@ -1,7 +1,7 @@
 """Multi-head attention with grouped-query heads, causal / sliding-window / segment masking.
 
-`attention_layer` projects, rotates and mixes; `dot_product_attention` is the one entry point
-for the attention core, with the implementation chosen by name: "xla" (llmjax.nn's
+`attention_layer` projects, rotates, attends through a cache-aware `attend` and projects back
+(llmjax.model.transformer.block); `dot_product_attention` is the one entry point for the attention core, with the implementation chosen by name: "xla" (llmjax.nn's
 scaled_dot_product_attention), "cudnn" (jax.nn.dot_product_attention), "pallas" (our flash
 attention) or "auto".
 """
@@ -12,9 +12,11 @@ import functools
 import warnings
 
 import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
-from llmjax.kernels.flash_attention.reference import attention_mask
 from llmjax.config import ModelConfig
+from llmjax.kernels.flash_attention.reference import attention_mask
 from llmjax.model.layers import dense, residual_std
 from llmjax.model.params import ParamSpec, normal, zeros
 from llmjax.model.rope import apply_rope
@@ -128,16 +130,57 @@ def dot_product_attention(
                                  kv_segment_ids=kv_segment_ids, logit_softcap=logit_softcap)
 
 
-def attention_layer(
-    params: dict, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, cfg: ModelConfig
-) -> jax.Array:
-    """Causal self-attention: x [batch, seq, d_model] -> [batch, seq, d_model]."""
+def project_qkv(params: dict, x: jax.Array, positions: jax.Array, cfg: ModelConfig):
+    """x [batch, seq, d_model] -> q [batch, seq, heads, head_dim], k, v [batch, seq, kv_heads, head_dim], q and k
+    rotated at positions [batch, seq] and each tagged with its checkpoint name ("query", "key", "value").
 
-    q = dense(params["q"], x)  # [batch, seq, heads, head_dim]
-    k = dense(params["k"], x)  # [batch, seq, kv_heads, head_dim]
-    v = dense(params["v"], x)
+    params: the training layout {"q", "k", "v", "o"} (kernels [d_model, heads, head_dim]), or the decoding layout
+    {"qkv", "o"} with q / k / v fused into one [d_model, (heads + 2 kv_heads) * head_dim] matrix
+    (llmjax.infer.decode_model.prepare_params): one matmul per step instead of three."""
+    with jax.named_scope("qkv"):
+        if "qkv" in params:
+            q, k, v = jnp.split(dense(params["qkv"], x), [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
+            q = q.reshape(*x.shape[:-1], cfg.num_heads, cfg.head_dim)
+            k = k.reshape(*x.shape[:-1], cfg.num_kv_heads, cfg.head_dim)
+            v = v.reshape(*x.shape[:-1], cfg.num_kv_heads, cfg.head_dim)
+        else:
+            q, k, v = (dense(params[name], x) for name in ("q", "k", "v"))
     if cfg.positions == "rope":
-        q, k = apply_rope(q, positions, cfg), apply_rope(k, positions, cfg)
-    out = dot_product_attention(q, k, v, causal=True, sliding_window=cfg.sliding_window, q_segment_ids=segment_ids,
-                                logit_softcap=cfg.attn_logit_softcap, impl=cfg.attention_impl)
-    return dense(params["o"], out, in_dims=2)  # [batch, seq, d_model]
+        with jax.named_scope("rope"):
+            q, k = apply_rope(q, positions, cfg), apply_rope(k, positions, cfg)
+    return checkpoint_name(q, "query"), checkpoint_name(k, "key"), checkpoint_name(v, "value")
+
+
+def project_out(params: dict, out: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """The attention core's output [batch, seq, heads, head_dim] -> [batch, seq, d_model], through the output
+    kernel [heads, head_dim, d_model] (training layout) or [heads * head_dim, d_model] (decoding layout)."""
+    with jax.named_scope("out_proj"):
+        if len(params["o"]["kernel"].shape) == 3:
+            return dense(params["o"], out, in_dims=2)
+        return dense(params["o"], out.reshape(*out.shape[:-2], cfg.q_size))
+
+
+def attention_layer(params: dict, x: jax.Array, positions: jax.Array, cfg: ModelConfig, attend=None, *,
+                    segment_ids: jax.Array | None = None):
+    """Self-attention x [batch, seq, d_model] -> ([batch, seq, d_model], cache): project, rotate, attend, project.
+
+    attend: (q [batch, seq, heads, head_dim], k, v [batch, seq, kv_heads, head_dim]) -> (out [batch, seq, heads,
+    head_dim], cache): how the core reads and writes a KV cache (llmjax.infer passes closures over a contiguous or
+    paged cache); default `causal_self_attention(cfg, segment_ids)`, no cache (None)."""
+    attend = attend or causal_self_attention(cfg, segment_ids)
+    q, k, v = project_qkv(params, x, positions, cfg)
+    with jax.named_scope("core"):
+        out, cache = attend(q, k, v)
+    return project_out(params, checkpoint_name(out, "attention_output"), cfg), cache
+
+
+def causal_self_attention(cfg: ModelConfig, segment_ids: jax.Array | None = None):
+    """The `attend` of a whole sequence with no cache (training, scoring): (q, k, v) -> (out, None), causal,
+    within cfg.sliding_window and within each segment (segment_ids [batch, seq] or None), by cfg.attention_impl."""
+
+    def attend(q, k, v):
+        return dot_product_attention(q, k, v, causal=True, sliding_window=cfg.sliding_window,
+                                     q_segment_ids=segment_ids, logit_softcap=cfg.attn_logit_softcap,
+                                     impl=cfg.attention_impl), None
+
+    return attend

@@ -5,6 +5,8 @@ from __future__ import annotations
 import warnings
 
 import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 
 from llmjax.config import ModelConfig
@@ -99,9 +101,16 @@ def dense(params: dict, x: jax.Array, *, in_dims: int = 1) -> jax.Array:
 
 
 def mlp(params: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """[batch, seq, d_model] -> [batch, seq, d_model]: GELU-tanh MLP (GPT-2) or SwiGLU (LLaMA)."""
-    if cfg.activation == "swiglu":
+    """[batch, seq, d_model] -> [batch, seq, d_model]: GELU-tanh MLP (GPT-2) or SwiGLU (LLaMA), the hidden
+    activation tagged "mlp_hidden" for remat policies.
+
+    params: {"up", "down"} (+ "gate" for SwiGLU), or the decoding layout with gate and up fused into one
+    "gate_up" [d_model, 2 * d_ff] matrix (llmjax.infer.decode_model.prepare_params)."""
+    if "gate_up" in params:
+        gate, up = jnp.split(dense(params["gate_up"], x), 2, axis=-1)
+        hidden = swiglu(gate, up)
+    elif cfg.activation == "swiglu":
         hidden = swiglu(dense(params["gate"], x), dense(params["up"], x))  # [batch, seq, d_ff]
     else:
         hidden = gelu(dense(params["up"], x), approximate=True)
-    return dense(params["down"], hidden)  # [batch, seq, d_model]
+    return dense(params["down"], checkpoint_name(hidden, "mlp_hidden"))  # [batch, seq, d_model]

@@ -18,6 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from llmjax.config import ModelConfig
 from llmjax.model.attention import attention_layer, attention_spec
@@ -147,19 +148,43 @@ REMAT_POLICIES = {
 }
 
 
-def block(params: dict, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, cfg: ModelConfig) -> jax.Array:
-    """One pre-norm Transformer block: [batch, seq, d_model] -> [batch, seq, d_model]."""
-    x = x + attention_layer(params["attn"], norm(params["attn_norm"], x, cfg), positions, segment_ids, cfg)
-    return x + mlp(params["mlp"], norm(params["mlp_norm"], x, cfg), cfg)
+def remat_policy(cfg: ModelConfig):
+    """The jax.checkpoint policy of cfg.remat (None for "none"): a named table entry, or for "names" the
+    intermediates of `block` listed in cfg.remat_save (kept) and cfg.remat_offload (moved to pinned host memory)."""
+    if cfg.remat == "none":
+        return None
+    if cfg.remat == "names":
+        return jax.checkpoint_policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=list(cfg.remat_save), names_which_can_be_offloaded=list(cfg.remat_offload),
+            offload_src="device", offload_dst="pinned_host")
+    return REMAT_POLICIES[cfg.remat]
 
 
-def moe_block(
-    params: dict, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, cfg: ModelConfig, rng=None
-) -> tuple[jax.Array, dict]:
-    """A pre-norm block with a Mixture-of-Experts MLP: (x [batch, seq, d_model], this layer's MoE metrics)."""
-    x = x + attention_layer(params["attn"], norm(params["attn_norm"], x, cfg), positions, segment_ids, cfg)
-    y, metrics = moe_layer(params["moe"], norm(params["mlp_norm"], x, cfg), cfg, rng)
-    return x + y, metrics
+def block(params: dict, x: jax.Array, positions: jax.Array, cfg: ModelConfig, attend=None, *,
+          segment_ids: jax.Array | None = None, rng: jax.Array | None = None) -> tuple[jax.Array, object, dict]:
+    """One pre-norm Transformer block, x [batch, seq, d_model] -> (x, cache, MoE metrics).
+
+    x + attention(norm(x)), then + feed_forward(norm(x)). The one block of training, scoring, prefill, decode,
+    speculative verification and paged serving: they differ only in
+    - `attend`, how attention reads and writes its cache (llmjax.model.attention.attention_layer; default: causal
+      self-attention within segment_ids, no cache), whose cache comes back as the second result;
+    - the weight layout: separate q / k / v kernels (training) or fused ones (decoding), read by the layers;
+    - the feed-forward: params["mlp"] (dense) or params["moe"] (Mixture-of-Experts, with this layer's metrics as
+      the third result; {} for a dense block). rng: router jitter / noise while training.
+    Profiles read "attention/qkv", "attention/rope", "attention/core", "attention/out_proj", "mlp"; remat policies
+    can keep or offload the checkpoint names "query", "key", "value", "attention_output", "mlp_hidden",
+    "attention_residual" and "block_output" (REMAT_NAMES)."""
+    with jax.named_scope("attention"):
+        y, cache = attention_layer(params["attn"], norm(params["attn_norm"], x, cfg), positions, cfg, attend,
+                                   segment_ids=segment_ids)
+    x = checkpoint_name(x + y, "attention_residual")
+    with jax.named_scope("mlp"):
+        h = norm(params["mlp_norm"], x, cfg)
+        if "moe" in params:
+            y, metrics = moe_layer(params["moe"], h, cfg, rng)
+        else:
+            y, metrics = mlp(params["mlp"], h, cfg), {}
+    return checkpoint_name(x + y, "block_output"), cache, metrics
 
 
 def hidden_states(
@@ -210,13 +235,14 @@ def hidden_states_and_moe_metrics(
     x = constrain(x, ACTIVATION_AXES)
 
     def scan_step(x, layer_params):
-        return constrain(block(layer_params, x, positions, segment_ids, cfg), ACTIVATION_AXES), None
+        x, _, _ = block(layer_params, x, positions, cfg, segment_ids=segment_ids)
+        return constrain(x, ACTIVATION_AXES), None
 
     if cfg.is_moe:
         x, moe_metrics = _moe_stack(params, x, positions, segment_ids, cfg, rng)
         return norm(params["final_norm"], x, cfg), moe_metrics
     if cfg.remat != "none":
-        scan_step = jax.checkpoint(scan_step, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        scan_step = jax.checkpoint(scan_step, policy=remat_policy(cfg), prevent_cse=False)
     x, _ = jax.lax.scan(scan_step, x, params["blocks"], unroll=scan_unroll(cfg, jax.devices()[0].platform))
     return norm(params["final_norm"], x, cfg), {}
 
@@ -234,15 +260,16 @@ def _moe_stack(params, x, positions, segment_ids, cfg: ModelConfig, rng):
     group's dense blocks, then its MoE block), so compile time stays flat in depth; remat per block."""
 
     def dense_step(x, layer_params):
-        return constrain(block(layer_params, x, positions, segment_ids, cfg), ACTIVATION_AXES), None
+        x, _, _ = block(layer_params, x, positions, cfg, segment_ids=segment_ids)
+        return constrain(x, ACTIVATION_AXES), None
 
     def moe_step(x, layer_params, layer_rng):
-        x, metrics = moe_block(layer_params, x, positions, segment_ids, cfg, layer_rng)
+        x, _, metrics = block(layer_params, x, positions, cfg, segment_ids=segment_ids, rng=layer_rng)
         return constrain(x, ACTIVATION_AXES), metrics
 
     if cfg.remat != "none":
-        dense_step = jax.checkpoint(dense_step, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        moe_step = jax.checkpoint(moe_step, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        dense_step = jax.checkpoint(dense_step, policy=remat_policy(cfg), prevent_cse=False)
+        moe_step = jax.checkpoint(moe_step, policy=remat_policy(cfg), prevent_cse=False)
 
     def group_step(x, group):
         dense_params, moe_params, index = group

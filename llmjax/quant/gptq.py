@@ -25,7 +25,13 @@ import numpy as np
 from llmjax.config import ModelConfig
 from llmjax.model.attention import attention_layer
 from llmjax.model.layers import mlp, norm
-from llmjax.quant.formats import BITS, QuantizationError, QuantizedMatrix, pack_codes, resolve_group_size
+from llmjax.quant.formats import (
+    BITS,
+    QuantizationError,
+    QuantizedMatrix,
+    pack_codes,
+    resolve_group_size,
+)
 from llmjax.quant.model import DEFAULT_TARGETS, _get, _set, match_targets
 
 GPTQ_FORMATS = ("int8", "int4", "int3")
@@ -138,7 +144,7 @@ def gptq_quantize_params(params: dict, cfg: ModelConfig, calibration_tokens, fmt
     if cfg.positions == "learned":
         x = x + jnp.take(top["embed"]["position"], positions, axis=0)
     run_cfg = cfg.replace(compute_dtype="float32", attention_impl="xla")  # cuDNN's fused attention takes no float32
-    attention = jax.jit(lambda p, h: attention_layer(p, h, positions, None, run_cfg))
+    attention = jax.jit(lambda p, h: attention_layer(p, h, positions, run_cfg)[0])
     mlp_fn = jax.jit(lambda p, h: mlp(p, h, run_cfg))
     quantized_layers = []
 

@@ -9,18 +9,18 @@ inside the same `lax.scan` over stacked blocks: each step dequantizes its own la
 
 `layerwise_hidden_states` is the shared skeleton: it also carries LoRA adapters (llmjax.peft.lora),
 whose merged per-layer weights are built the same way inside the scan, and takes the remat policy
-per call, including offload to host memory (`REMAT_POLICIES`).
+per call, including offload to host memory (llmjax.model.transformer.remat_policy).
 """
 
 from __future__ import annotations
 
 import re
+
 import jax
 import jax.numpy as jnp
 
 from llmjax.config import ModelConfig
 from llmjax.model.params import flatten_with_names
-from llmjax.model.transformer import REMAT_POLICIES as TRANSFORMER_REMAT_POLICIES
 from llmjax.model.transformer import (
     ACTIVATION_AXES,
     block,
@@ -28,16 +28,17 @@ from llmjax.model.transformer import (
     logits_from_hidden,
     model_spec,
     norm,
+    remat_policy,
 )
 from llmjax.parallel.logical import constrain
-from llmjax.quant.formats import QuantizationError, QuantizedMatrix, dequantize, quantize
+from llmjax.quant.formats import (
+    QuantizationError,
+    QuantizedMatrix,
+    dequantize,
+    quantize,
+)
 
 DEFAULT_TARGETS = (r"attn/(q|k|v|o)/kernel$", r"mlp/(up|gate|down)/kernel$")
-
-
-# remat name -> jax.checkpoint policy (None: no remat): the training path's table (llmjax.model.transformer),
-# "offload" included: the matmul outputs dots_no_batch would keep, saved to pinned host memory instead.
-REMAT_POLICIES = {"none": None, **TRANSFORMER_REMAT_POLICIES}
 
 
 def linear_weights(cfg: ModelConfig) -> dict[str, int]:
@@ -114,7 +115,7 @@ def layerwise_hidden_states(params: dict, tokens: jax.Array, cfg: ModelConfig, *
     Inside the scan over blocks, `prepare_layer(layer_params, layer_extra, dtype)` turns one layer's
     stored parameters (quantized or float) plus its slice of `layer_extras` (adapters, dropout keys;
     leading [num_layers] axis) into the float parameters `block` takes. Default: `materialize`.
-    remat: a REMAT_POLICIES name (default cfg.remat).
+    remat: a ModelConfig.remat policy name (default cfg.remat; "names" reads cfg.remat_save / remat_offload).
     """
     check_inputs(tokens, cfg, positions)
     dtype = jnp.dtype(cfg.compute_dtype)
@@ -131,13 +132,12 @@ def layerwise_hidden_states(params: dict, tokens: jax.Array, cfg: ModelConfig, *
     def scan_step(x, layer):
         layer_params, extra = layer
         weights = prepare_layer(layer_params, extra, dtype)
-        return constrain(block(weights, x, positions, segment_ids, cfg), ACTIVATION_AXES), None
+        x, _, _ = block(weights, x, positions, cfg, segment_ids=segment_ids)
+        return constrain(x, ACTIVATION_AXES), None
 
-    remat = cfg.remat if remat is None else remat
-    if remat not in REMAT_POLICIES:
-        raise ValueError(f"remat {remat!r}: expected one of {', '.join(REMAT_POLICIES)}")
-    if REMAT_POLICIES[remat] is not None:
-        scan_step = jax.checkpoint(scan_step, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    remat_cfg = cfg if remat is None else cfg.replace(remat=remat)  # a ConfigError names a bad policy
+    if remat_cfg.remat != "none":
+        scan_step = jax.checkpoint(scan_step, policy=remat_policy(remat_cfg), prevent_cse=False)
     x, _ = jax.lax.scan(scan_step, x, (params["blocks"], layer_extras))
     return norm(top["final_norm"], x, cfg)
 
@@ -178,17 +178,17 @@ def quantized_decode_params(qparams: dict, cfg: ModelConfig, matmul: str = "xla"
         get = lambda part: layer_matrix(f"blocks/{part}/kernel", i)  # noqa: E731
         qkv = [get(f"attn/{n}") for n in "qkv"]
         if all(m is not None for m in qkv):
-            entry["qkv"]["kernel"] = concatenate_outputs([flat(m) for m in qkv]).with_matmul(matmul)
+            entry["attn"]["qkv"]["kernel"] = concatenate_outputs([flat(m) for m in qkv]).with_matmul(matmul)
         if (o := get("attn/o")) is not None:
-            entry["o"]["kernel"] = flat(o)
+            entry["attn"]["o"]["kernel"] = flat(o)
         if (down := get("mlp/down")) is not None:
-            entry["down"]["kernel"] = flat(down)
+            entry["mlp"]["down"]["kernel"] = flat(down)
         if cfg.activation == "swiglu":
             gate, up = get("mlp/gate"), get("mlp/up")
             if gate is not None and up is not None:
-                entry["gate_up"]["kernel"] = concatenate_outputs([flat(gate), flat(up)]).with_matmul(matmul)
+                entry["mlp"]["gate_up"]["kernel"] = concatenate_outputs([flat(gate), flat(up)]).with_matmul(matmul)
         elif (up := get("mlp/up")) is not None:
-            entry["up"]["kernel"] = flat(up)
+            entry["mlp"]["up"]["kernel"] = flat(up)
 
     # prepare_params one layer at a time (a one-layer config) and swap in the quantized matrices at once, so
     # at most one layer's weights exist in float here (not the whole model).

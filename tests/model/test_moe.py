@@ -19,7 +19,7 @@ from llmjax.model.moe import (
     router_metrics,
 )
 from llmjax.model.params import count_from_specs, init_from_specs
-from llmjax.model.transformer import block, moe_block
+from llmjax.model.transformer import block
 
 BASE = get_config("llama-moe-tiny")  # 4 experts top-2, d_model 48, expert width 40
 
@@ -249,8 +249,8 @@ def test_moe_every_k_scans_groups_in_layer_order():
         x = params["embed"]["token"][tokens]
         positions = jnp.broadcast_to(jnp.arange(10), (2, 10))
         for group in range(2):
-            x = block(jax.tree.map(lambda a: a[group, 0], params["blocks"]), x, positions, None, cfg)
-            x, _ = moe_block(jax.tree.map(lambda a: a[group], params["moe_blocks"]), x, positions, None, cfg)
+            x, _, _ = block(jax.tree.map(lambda a: a[group, 0], params["blocks"]), x, positions, cfg)
+            x, _, _ = block(jax.tree.map(lambda a: a[group], params["moe_blocks"]), x, positions, cfg)
         return norm(params["final_norm"], x, cfg)
 
     np.testing.assert_allclose(got, one_by_one(params, tokens), rtol=1e-5, atol=1e-5)
