@@ -248,8 +248,9 @@ def hidden_states_and_moe_metrics(
 
 
 def scan_unroll(cfg: ModelConfig, platform: str) -> int:
-    """Blocks per scan iteration: cfg.scan_unroll, or for 0 (auto) all of them on GPUs (llama-1b's training
-    step: 274 -> 238 ms on an H200, docs/perf.md) and one elsewhere (CPU compile time stays flat in depth)."""
+    """Blocks per scan iteration: cfg.scan_unroll, or for 0 (auto) all of them on GPUs (faster steps: no per-layer
+    copies into stacked residuals; docs/perf.md, training speed) and one elsewhere (CPU compile time stays flat
+    in depth)."""
     if cfg.scan_unroll == 0:
         return cfg.num_layers if platform == "gpu" else 1
     return min(cfg.scan_unroll, cfg.num_layers)
