@@ -1,9 +1,9 @@
 """Multi-head attention with grouped-query heads, causal / sliding-window / segment masking.
 
 `attention_layer` projects, rotates, attends through a cache-aware `attend` and projects back
-(llmjax.model.transformer.block); `dot_product_attention` is the one entry point for the attention core, with the implementation chosen by name: "xla" (llmjax.nn's
-scaled_dot_product_attention), "cudnn" (jax.nn.dot_product_attention), "pallas" (our flash
-attention) or "auto".
+(llmjax.model.transformer.block); `dot_product_attention` is the one entry point for the attention
+core, with the implementation chosen by name: "xla" (llmjax.nn's scaled_dot_product_attention),
+"cudnn" (jax.nn.dot_product_attention), "pallas" (our flash attention) or "auto".
 """
 
 from __future__ import annotations
