@@ -1,6 +1,7 @@
 """The Transformer's cache-aware path: `prefill` a prompt into a KV cache, then `decode_step` one token.
 
-Same layers as llmjax.model.transformer (norm, mlp, rope, attention core), arranged for decoding:
+The model's own block (llmjax.model.transformer.block) on every path: each passes the block an `attend` that
+writes the layer's keys / values into the cache and reads it back with the decoding kernels:
 
 - `prepare_params` casts the weights to the compute dtype once (the training forward casts its f32
   masters inside every call, which a decode step cannot afford: it would re-read them in f32), splits the
@@ -38,6 +39,7 @@ def prepare_params(params: dict, cfg: ModelConfig) -> dict:
     into attn/qkv and SwiGLU's gate/up into mlp/gate_up."""
     dtype = jnp.dtype(cfg.compute_dtype)
     cast = lambda x: jnp.asarray(x, dtype)  # noqa: E731
+
     def fused(parts: list[dict], kernel_shape: tuple) -> dict:
         """Projections side by side along their outputs: one matmul where there were len(parts)."""
         entry = {"kernel": jnp.concatenate([cast(p["kernel"]).reshape(kernel_shape) for p in parts], axis=1)}
