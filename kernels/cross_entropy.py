@@ -31,6 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from .platform import compute_device
 from .tiles import combine_masks
 
 __all__ = ["linear_cross_entropy", "cross_entropy_reference", "cross_entropy_with_grad"]
@@ -112,7 +113,7 @@ def _check_inputs(hidden, embedding, targets, vocab_size, block_sizes: dict) -> 
 
 
 def _multiprocessors() -> int:
-    device = jax.devices()[0]
+    device = compute_device()
     if device.platform != "gpu":
         return 4
     return getattr(device, "core_count", None) or 132

@@ -30,6 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from .platform import compute_platform
 from .tiles import combine_masks
 
 __all__ = ["GroupLayout", "grouped_matmul", "grouped_matmul_padded", "grouped_matmul_reference", "group_layout"]
@@ -57,7 +58,7 @@ class TileConfig:
 
 def default_tiles(k: int, n: int, block_m: int | None = None, interpret: bool | None = None) -> TileConfig:
     """Tiles for a [*, k] x [k, n] product: 128 x 128 x 64 on GPUs, smaller for small matrices."""
-    interpret = jax.devices()[0].platform != "gpu" if interpret is None else interpret
+    interpret = compute_platform() != "gpu" if interpret is None else interpret
     block_m = block_m or (16 if interpret else 128)
     block_n = max(16, min(128, pl.next_power_of_2(n)))
     block_k = max(16, min(64, pl.next_power_of_2(k)))

@@ -58,7 +58,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .quant_formats import BITS, MATMULS, NF4_CODEBOOK, QuantizationError, group_rows, unpack_codes
+from .platform import compute_device, compute_platform
+from .quant_formats import (
+    BITS,
+    MATMULS,
+    NF4_CODEBOOK,
+    QuantizationError,
+    group_rows,
+    unpack_codes,
+)
 from .tiles import combine_masks
 
 __all__ = ["MatmulTiles", "QuantizedMatrix", "default_tiles", "dequantize", "dequantize_matrix",
@@ -84,7 +92,7 @@ class MatmulTiles:
 
 
 def _multiprocessors() -> int:
-    return int(getattr(jax.devices()[0], "core_count", 0) or 132)
+    return int(getattr(compute_device(), "core_count", 0) or 132)
 
 
 def choose_splits(k_steps: int, programs: int, target: int) -> int:
@@ -107,7 +115,7 @@ def default_tiles(m: int, k: int, n: int, group_size: int, interpret: bool | Non
     faster (docs/perf.md, "Quantization and LoRA"). Else tensor-core tiles of 64 x 128. K is split to give about
     PROGRAMS_PER_SM programs per multiprocessor (prefill grids only when they have fewer programs than
     multiprocessors). block_k is the largest allowed size that divides the group size."""
-    interpret = jax.devices()[0].platform != "gpu" if interpret is None else interpret
+    interpret = compute_platform() != "gpu" if interpret is None else interpret
     gemv = m == 1 and fmt in ("int8", "nf4")
     swap_ab = m <= 16 and fmt != "int3" and not gemv
     block_m = 1 if gemv else 16 if m <= 16 else 64

@@ -26,6 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from .platform import compute_device
 from .tiles import combine_masks
 from .tuning import load_tables, table_entry
 
@@ -110,7 +111,7 @@ def _check_inputs(x, scale, bias, eps) -> None:
 
 def _default_programs(per_multiprocessor: int) -> int:
     """Backward's persistent grid: a few programs per multiprocessor (8 where there is no GPU)."""
-    device = jax.devices()[0]
+    device = compute_device()
     if device.platform != "gpu":
         return 8
     return per_multiprocessor * (getattr(device, "core_count", None) or 132)

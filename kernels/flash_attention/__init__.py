@@ -13,9 +13,15 @@ from __future__ import annotations
 
 import jax
 
+from ..platform import compute_device, compute_platform
 from .reference import attention_mask, attention_reference
-from .triton import (BlockSizes, KernelConfig, flash_attention_backward_triton,
-                                            flash_attention_forward_triton, flash_attention_triton)
+from .triton import (
+    BlockSizes,
+    KernelConfig,
+    flash_attention_backward_triton,
+    flash_attention_forward_triton,
+    flash_attention_triton,
+)
 from .validate import validate_attention_inputs
 
 IMPLEMENTATIONS = ("mosaic", "triton")
@@ -39,7 +45,7 @@ def _mosaic_module():
 
 
 def _compute_capability() -> str:
-    device = jax.devices()[0]
+    device = compute_device()
     return getattr(device, "compute_capability", "") if device.platform == "gpu" else ""
 
 
@@ -79,8 +85,8 @@ def flash_attention(q, k, v, *, causal: bool = True, sliding_window: int | None 
                               kv_segment_ids=kv_segment_ids, logit_softcap=logit_softcap)
     if implementation not in (None, *IMPLEMENTATIONS):
         raise ValueError(f"flash_attention: implementation must be None, 'mosaic' or 'triton', got {implementation!r}")
-    if not interpret and jax.default_backend() != "gpu":
-        raise ValueError(f"flash_attention: the kernels need a CUDA GPU, this backend is {jax.default_backend()!r}; "
+    if not interpret and compute_platform(q) != "gpu":
+        raise ValueError(f"flash_attention: the kernels need a CUDA GPU, this backend is {compute_platform(q)!r}; "
                          "pass interpret=True to run them in Pallas interpret mode (slow), or use attention_reference")
     masking = dict(causal=causal, sliding_window=sliding_window, q_segment_ids=q_segment_ids,
                    kv_segment_ids=kv_segment_ids, logit_softcap=logit_softcap)

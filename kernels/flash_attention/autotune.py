@@ -21,6 +21,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from ..platform import compute_device, compute_platform
 from ..tuning import load_tables, table_entry
 from .config import KernelConfig, Masking
 
@@ -108,11 +109,11 @@ _lock = threading.RLock()  # re-entered: tuning a backward kernel first resolves
 
 
 def _on_gpu() -> bool:
-    return jax.default_backend() == "gpu"
+    return compute_platform() == "gpu"
 
 
 def _device_kind() -> str:
-    return jax.devices()[0].device_kind
+    return compute_device().device_kind
 
 
 def median_seconds(fn, *args) -> float:

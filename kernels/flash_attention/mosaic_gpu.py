@@ -42,6 +42,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from ..platform import compute_device
 from .validate import mosaic_unsupported_operands
 
 LOG2E = math.log2(math.e)
@@ -105,7 +106,7 @@ def default_config(head_dim: int, *, causal: bool = True, sliding_window: int | 
 
 def _on_hopper() -> bool:
     try:
-        device = jax.devices()[0]
+        device = compute_device()
     except RuntimeError:
         return False
     return device.platform == "gpu" and getattr(device, "compute_capability", None) == "9.0"

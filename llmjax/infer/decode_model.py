@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from llmjax.config import ModelConfig
 from llmjax.infer import kv_cache
 from llmjax.kernels.decode_attention import decode_attention, decode_attention_reference
+from llmjax.kernels.platform import compute_platform
 from llmjax.model.attention import causal_self_attention
 from llmjax.model.layers import norm
 from llmjax.model.transformer import block, layer_block_params
@@ -100,7 +101,7 @@ def resolve_decode_impl(impl: str, cfg: ModelConfig) -> str:
     if impl not in DECODE_ATTENTION_IMPLS:
         raise ValueError(f"decode attention {impl!r}: expected one of {', '.join(DECODE_ATTENTION_IMPLS)}")
     if impl == "auto":
-        on_gpu = jax.devices()[0].platform == "gpu"
+        on_gpu = compute_platform() == "gpu"
         return "pallas" if on_gpu and cfg.head_dim >= 16 else "xla"
     return impl
 
@@ -139,7 +140,7 @@ def decode_step(dparams: dict, tokens: jax.Array, cache: dict, cfg: ModelConfig,
     the weights are read once either way)."""
     impl = resolve_decode_impl(impl, cfg)
     if min_rows is None:
-        min_rows = 8 if jax.devices()[0].platform == "gpu" else 1
+        min_rows = 8 if compute_platform(tokens) == "gpu" else 1
     batch = tokens.shape[0]
     extra = max(0, min_rows - batch)
     pad = (lambda a: jnp.pad(a, [(0, extra)] + [(0, 0)] * (a.ndim - 1))) if extra else (lambda a: a)  # noqa: E731
@@ -183,7 +184,7 @@ def extend_step(dparams: dict, tokens: jax.Array, cache: dict, cfg: ModelConfig,
     device the logits equal n successive decode_steps' bit for bit wherever the GEMMs see the same shapes."""
     impl = resolve_decode_impl(impl, cfg)
     if min_rows is None:
-        min_rows = 8 if jax.devices()[0].platform == "gpu" else 1
+        min_rows = 8 if compute_platform(tokens) == "gpu" else 1
     batch, count = tokens.shape
     rows = batch * count
     extra = max(0, min_rows - rows)

@@ -54,6 +54,7 @@ from llmjax.kernels.paged_attention import (
     paged_attention,
     paged_attention_reference,
 )
+from llmjax.kernels.platform import compute_platform
 from llmjax.model.layers import norm
 from llmjax.model.transformer import block as transformer_block
 
@@ -431,7 +432,7 @@ def resolve_prefill_impl(impl: str, cfg: ModelConfig) -> str:
         raise PagedCacheError(f"prefill_impl='flash' needs head_dim a multiple of 16 up to 256, got {cfg.head_dim}; "
                               f"use 'xla'")
     if impl == "auto":
-        return "flash" if fits and jax.default_backend() == "gpu" else "xla"
+        return "flash" if fits and compute_platform() == "gpu" else "xla"
     return impl
 
 
@@ -452,7 +453,7 @@ def prefill_paged(dparams: dict, tokens: jax.Array, paged_cache: dict, block_tab
         if impl == "flash":
             return chunk_attention_flash(q, layer["k"], layer["v"], block_tables, context_lengths, chunk_lengths,
                                          sliding_window=cfg.sliding_window, logit_softcap=cfg.attn_logit_softcap,
-                                         interpret=jax.default_backend() != "gpu")
+                                         interpret=compute_platform(q) != "gpu")
         k, v = gather_blocks(layer["k"], block_tables), gather_blocks(layer["v"], block_tables)
         return chunk_attention_reference(q, k, v, positions, kv_lengths, sliding_window=cfg.sliding_window,
                                          logit_softcap=cfg.attn_logit_softcap)
@@ -471,7 +472,7 @@ def decode_step_paged(dparams: dict, last_tokens: jax.Array, paged_cache: dict, 
     impl = resolve_decode_impl(impl, cfg)
     lengths = jnp.asarray(lengths, jnp.int32)
     active = lengths >= 0
-    interpret = jax.devices()[0].platform != "gpu"
+    interpret = compute_platform(last_tokens) != "gpu"
 
     def attend(q, layer, positions, kv_lengths):
         kv_lengths = jnp.where(active, kv_lengths, 0)

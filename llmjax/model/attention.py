@@ -17,6 +17,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from llmjax.config import ModelConfig
 from llmjax.kernels.flash_attention.reference import attention_mask
+from llmjax.kernels.platform import compute_platform
 from llmjax.model.layers import dense, residual_std
 from llmjax.model.params import ParamSpec, normal, zeros
 from llmjax.model.rope import apply_rope
@@ -125,7 +126,7 @@ def dot_product_attention(
         return sharded_ring_attention(q, k, v, mesh=mesh, rules=rules, causal=causal, sliding_window=sliding_window,
                                       q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                                       logit_softcap=logit_softcap)
-    impl = resolve_attention_impl(impl, jax.devices()[0].platform, logit_softcap, q.shape[-1])
+    impl = resolve_attention_impl(impl, compute_platform(q), logit_softcap, q.shape[-1])
     return ATTENTION_IMPLS[impl](q, k, v, causal=causal, sliding_window=sliding_window, q_segment_ids=q_segment_ids,
                                  kv_segment_ids=kv_segment_ids, logit_softcap=logit_softcap)
 

@@ -10,6 +10,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 
 from llmjax.config import ModelConfig
+from llmjax.kernels.platform import compute_platform
 from llmjax.model.params import ParamSpec, normal, ones, zeros
 from llmjax.nn import gelu, layer_norm, linear, rms_norm, swiglu
 from llmjax.parallel.logical import active_rules, partition_spec
@@ -46,7 +47,7 @@ def _pallas_norm(x: jax.Array, params: dict, cfg: ModelConfig) -> jax.Array | No
     sharded over batch / length; None when d_model is sharded (each row must be whole on one device)."""
     from llmjax.kernels import norms
 
-    interpret = jax.devices()[0].platform != "gpu"  # tests run the kernels on the CPU
+    interpret = compute_platform(x) != "gpu"  # tests run the kernels on the CPU
 
     def apply(x, scale, bias):
         if cfg.norm == "layernorm":
@@ -66,7 +67,7 @@ def _pallas_norm(x: jax.Array, params: dict, cfg: ModelConfig) -> jax.Array | No
 
 
 def norm(params: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
-    if resolve_norm_impl(cfg.norm_impl, jax.devices()[0].platform) == "pallas":
+    if resolve_norm_impl(cfg.norm_impl, compute_platform(x)) == "pallas":
         y = _pallas_norm(x, params, cfg)
         if y is not None:
             return y

@@ -21,6 +21,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from llmjax.config import ModelConfig
+from llmjax.kernels.platform import compute_platform
 from llmjax.model.attention import attention_layer, attention_spec
 from llmjax.model.layers import mlp, mlp_spec, norm, norm_spec
 from llmjax.model.moe import moe_layer, moe_spec
@@ -243,7 +244,7 @@ def hidden_states_and_moe_metrics(
         return norm(params["final_norm"], x, cfg), moe_metrics
     if cfg.remat != "none":
         scan_step = jax.checkpoint(scan_step, policy=remat_policy(cfg), prevent_cse=False)
-    x, _ = jax.lax.scan(scan_step, x, params["blocks"], unroll=scan_unroll(cfg, jax.devices()[0].platform))
+    x, _ = jax.lax.scan(scan_step, x, params["blocks"], unroll=scan_unroll(cfg, compute_platform(x)))
     return norm(params["final_norm"], x, cfg), {}
 
 

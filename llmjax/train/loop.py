@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from llmjax.config import ModelConfig, TrainConfig, config_differences, config_to_dict
 from llmjax.data.loader import BatchIterator, batch_at
+from llmjax.kernels.platform import compute_device
 from llmjax.parallel.mesh import MeshError
 from llmjax.parallel.plan import BatchError, Plan
 from llmjax.parallel.rules import ShardingError
@@ -149,7 +150,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run: RunConfig, train_
     log.info("training on %d devices (%d processes): %s", jax.device_count(), jax.process_count(), plan.describe())
     metrics_log = MetricsLog(run_dir)
     stop = StopRequest()
-    peak = run.peak_flops or device_peak_flops(jax.devices()[0])
+    peak = run.peak_flops or device_peak_flops(compute_device())
     flops = flops_per_token(model_cfg, run.seq_len)
     batches = BatchIterator(train_data, batch_size=run.batch_size // jax.process_count(), seq_len=run.seq_len,
                             seed=run.seed, start_step=start_step, process_index=jax.process_index(),

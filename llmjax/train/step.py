@@ -23,6 +23,7 @@ import optax
 from jax.sharding import PartitionSpec
 
 from llmjax.config import ModelConfig, TrainConfig
+from llmjax.kernels.platform import compute_platform
 from llmjax.model.moe import moe_loss_sums, moe_metrics_from_sums
 from llmjax.model.transformer import hidden_states_and_moe_metrics, output_embedding
 from llmjax.nn import token_cross_entropy
@@ -154,7 +155,7 @@ def _chunk_logits_grad(xc, tc, wc, w, vocab_size: int, z_loss: float):
     """(d objective / d logits [..., chunk, vocab] in xc's dtype, nll, log_z [..., chunk] float32) of one chunk.
     On GPUs one Pallas kernel (kernels/cross_entropy.cross_entropy_with_grad) reads the logits twice and
     writes their gradient once; XLA's reductions and elementwise pass read them three times."""
-    if jax.devices()[0].platform == "gpu":
+    if compute_platform() == "gpu":
         from llmjax.kernels.cross_entropy import cross_entropy_with_grad
 
         logits = jnp.dot(xc, w, preferred_element_type=xc.dtype)
@@ -203,7 +204,7 @@ def resolve_loss_impl(impl: str) -> str:
     XLA's chunks (CPUs; vocabulary- or sequence-parallel layouts)."""
     if impl != "auto":
         return impl
-    return "forward_grad" if jax.devices()[0].platform == "gpu" and _loss_batch_axes() is not None else "xla"
+    return "forward_grad" if compute_platform() == "gpu" and _loss_batch_axes() is not None else "xla"
 
 
 def _loss_batch_axes():
@@ -224,7 +225,7 @@ def _fused_token_losses(x, embedding, targets, vocab_size: int):
 
     batch, seq, d_model = x.shape
     nll, log_z = linear_cross_entropy(x.reshape(-1, d_model), embedding.astype(x.dtype), targets.reshape(-1),
-                                      vocab_size, interpret=jax.devices()[0].platform == "cpu")
+                                      vocab_size, interpret=compute_platform() == "cpu")
     return nll.reshape(batch, seq), log_z.reshape(batch, seq)
 
 
