@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Decode, serving and training speed of this tree against a baseline tree, interleaved on one GPU, plus the
+# GPU-marked tests. Run on the device from the repository root, with the baseline exported beside it:
+#   git archive BASE -- llmjax kernels experiments pyproject.toml | tar -x -C .baseline   (carry .baseline)
+#   bash tools/before_after_gpu.sh speed | serve
+# Logs and JSON are written under /tmp/before_after and packed into $OUT/PART.tgz (default OUT: runs).
+set -uo pipefail
+LOGS=/tmp/before_after
+mkdir -p "$LOGS" "${OUT:=runs}"
+export LLMJAX_FLASH_AUTOTUNE=0 PYTHONUNBUFFERED=1
+trap 'tar czf "$OUT/${1:-none}.tgz" -C /tmp before_after' EXIT
+
+bench() {  # bench LABEL TREE EXPERIMENT ARGS...: one experiment run from a tree, its log under $OUT
+    local label=$1 tree=$2; shift 2
+    echo "=== $label ($tree): $*"
+    (cd "$tree" && PYTHONPATH=. timeout "${BENCH_TIMEOUT:-400}" python3 -m experiments "$@") > "$LOGS/$label.log" 2>&1
+    echo "exit $?"; grep -E "^\|" "$LOGS/$label.log" | tail -12; tail -6 "$LOGS/$label.log"
+}
+
+side_tree() { [ "$1" = base ] && echo .baseline || echo .; }
+LLAMA=(--model llama-1b --vocab 128256 --batch 8 --seq 2048 --no-torch --check-steps 0)
+
+case "${1:-}" in
+all)  # one short call: the GPU tests of the changed paths, then decode and training before / after
+    timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/infer/test_speculative.py tests/model \
+        tests/nn tests/kernels/test_norms.py tests/kernels/test_decode_attention.py \
+        tests/kernels/test_paged_attention.py 2>&1 | tee "$LOGS/gpu-tests.log" | tail -6
+    export BENCH_TIMEOUT=100
+    for side in base new; do
+        bench "decode-$side" "$(side_tree $side)" bench_decode --batches 1,32 --contexts 2048 --hf-points "" \
+            --int8-points "" --repeats 5 --out "$LOGS/decode-$side.json"
+    done
+    for side in base new; do
+        bench "train-gpt2-$side" "$(side_tree $side)" bench_train --model gpt2-124m --no-torch --check-steps 0 \
+            --steps 10 --warmup 2 --out "$LOGS/train-gpt2-$side"
+    done
+    for side in base new; do
+        bench "train-llama-$side" "$(side_tree $side)" bench_train "${LLAMA[@]}" --steps 4 --warmup 2 \
+            --out "$LOGS/train-llama-$side"
+    done ;;
+repeat)  # serving before / after, and llama-1b training run again on each side (run-to-run spread of the loss)
+    export BENCH_TIMEOUT=150
+    for side in base new; do
+        bench "serve-$side" "$(side_tree $side)" bench_serve --modes continuous --rates inf --time-budget 40 \
+            --no-plot --out "$LOGS/serve-$side.json"
+    done
+    for side in base new; do
+        bench "train-llama-again-$side" "$(side_tree $side)" bench_train "${LLAMA[@]}" --steps 4 --warmup 2 \
+            --out "$LOGS/train-llama-again-$side"
+    done ;;
+speed)  # decode, GPT-2 and llama-1b training, each side after the other
+    for side in base new; do
+        bench "decode-$side" "$(side_tree $side)" bench_decode --batches 1,32 --contexts 2048 --hf-points "" \
+            --int8-points "" --repeats 5 --out "$LOGS/decode-$side.json"
+    done
+    for side in base new; do
+        bench "train-gpt2-$side" "$(side_tree $side)" bench_train --model gpt2-124m --no-torch --check-steps 0 \
+            --steps 10 --out "$LOGS/train-gpt2-$side"
+    done
+    for side in base new; do
+        bench "train-llama-$side" "$(side_tree $side)" bench_train "${LLAMA[@]}" --steps 5 --out "$LOGS/train-llama-$side"
+    done ;;
+serve)  # serving, one remat policy by name on llama-1b, the GPU tests of the changed paths
+    for side in base new; do
+        bench "serve-$side" "$(side_tree $side)" bench_serve --modes continuous --rates inf --time-budget 60 \
+            --no-plot --out "$LOGS/serve-$side.json"
+    done
+    bench "remat-names" . bench_train "${LLAMA[@]}" --steps 5 --set remat=names \
+        --set remat_save=query,key,value,attention_output --out "$LOGS/remat-names"
+    timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/infer tests/model tests/nn tests/quant \
+        tests/kernels/test_norms.py tests/kernels/test_decode_attention.py tests/kernels/test_paged_attention.py \
+        2>&1 | tee "$LOGS/gpu-tests.log" | tail -15
+    JAX_PLATFORMS=cpu python3 -m experiments presets 2>&1 | head -2 ;;
+*)
+    echo "usage: bash tools/before_after_gpu.sh all | repeat | speed | serve" >&2; exit 2 ;;
+esac
