@@ -2,7 +2,7 @@
 # Decode, serving and training speed of this tree against a baseline tree, interleaved on one GPU, plus the
 # GPU-marked tests. Run on the device from the repository root, with the baseline exported beside it:
 #   git archive BASE -- llmjax kernels experiments pyproject.toml | tar -x -C .baseline   (carry .baseline)
-#   bash tools/before_after_gpu.sh speed | serve
+#   bash tools/before_after_gpu.sh all | repeat | serve
 # Logs and JSON are written under /tmp/before_after and packed into $OUT/PART.tgz (default OUT: runs).
 set -uo pipefail
 LOGS=/tmp/before_after
@@ -48,18 +48,6 @@ repeat)  # serving before / after, and llama-1b training run again on each side 
         bench "train-llama-again-$side" "$(side_tree $side)" bench_train "${LLAMA[@]}" --steps 4 --warmup 2 \
             --out "$LOGS/train-llama-again-$side"
     done ;;
-speed)  # decode, GPT-2 and llama-1b training, each side after the other
-    for side in base new; do
-        bench "decode-$side" "$(side_tree $side)" bench_decode --batches 1,32 --contexts 2048 --hf-points "" \
-            --int8-points "" --repeats 5 --out "$LOGS/decode-$side.json"
-    done
-    for side in base new; do
-        bench "train-gpt2-$side" "$(side_tree $side)" bench_train --model gpt2-124m --no-torch --check-steps 0 \
-            --steps 10 --out "$LOGS/train-gpt2-$side"
-    done
-    for side in base new; do
-        bench "train-llama-$side" "$(side_tree $side)" bench_train "${LLAMA[@]}" --steps 5 --out "$LOGS/train-llama-$side"
-    done ;;
 serve)  # serving, one remat policy by name on llama-1b, the GPU tests of the changed paths
     for side in base new; do
         bench "serve-$side" "$(side_tree $side)" bench_serve --modes continuous --rates inf --time-budget 60 \
@@ -72,5 +60,5 @@ serve)  # serving, one remat policy by name on llama-1b, the GPU tests of the ch
         2>&1 | tee "$LOGS/gpu-tests.log" | tail -15
     JAX_PLATFORMS=cpu python3 -m experiments presets 2>&1 | head -2 ;;
 *)
-    echo "usage: bash tools/before_after_gpu.sh all | repeat | speed | serve" >&2; exit 2 ;;
+    echo "usage: bash tools/before_after_gpu.sh all | repeat | serve" >&2; exit 2 ;;
 esac
