@@ -292,7 +292,7 @@ def test_mosaic_dispatch(monkeypatch):
     assert "Hopper" in fa.mosaic_unavailable_reason(q, k, v)
     monkeypatch.setattr(fa, "_compute_capability", lambda: "9.0")
     assert fa.mosaic_unavailable_reason(q, k, v) is None
-    monkeypatch.setattr(fa.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(fa, "compute_platform", lambda *inputs: "gpu")  # as if placed on a GPU
     assert fa.flash_attention(q, k, v) is q and fake.calls == 1
     fake.reason = "no soft-capping"
     with pytest.raises(ValueError, match="implementation='mosaic' cannot run this call: no soft-capping"):
