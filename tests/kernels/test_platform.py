@@ -44,9 +44,15 @@ def test_a_computation_placed_on_the_cpu_runs_the_reference_in_a_gpu_process(mon
     want = forward(params, tokens, cfg)
     cpu = jax.devices("cpu")[0]
     chosen = []
+
+    def spy(name, impl):  # the implementation, recording that it ran
+        def run(*args, **kwargs):
+            chosen.append(name)
+            return impl(*args, **kwargs)
+        return run
+
     for name, impl in list(ATTENTION_IMPLS.items()):
-        monkeypatch.setitem(ATTENTION_IMPLS, name, lambda *a, _impl=impl, _name=name, **k: chosen.append(_name)
-                            or _impl(*a, **k))
+        monkeypatch.setitem(ATTENTION_IMPLS, name, spy(name, impl))
     monkeypatch.setattr(jax, "devices", lambda *backend: [FakeGpu()] if not backend else [cpu])
 
     assert compute_platform() == "gpu"  # what the process's first device says
