@@ -2,7 +2,7 @@
 # Decode, serving and training speed of this tree against a baseline tree, interleaved on one GPU, plus the
 # GPU-marked tests. Run on the device from the repository root, with the baseline exported beside it:
 #   git archive BASE -- llmjax kernels experiments pyproject.toml | tar -x -C .baseline   (carry .baseline)
-#   bash tools/before_after_gpu.sh all | repeat | serve
+#   bash tools/before_after_gpu.sh all | serve | profile
 # Logs and JSON are written under /tmp/before_after and packed into $OUT/PART.tgz (default OUT: runs).
 set -uo pipefail
 LOGS=/tmp/before_after
@@ -15,6 +15,12 @@ bench() {  # bench LABEL TREE EXPERIMENT ARGS...: one experiment run from a tree
     echo "=== $label ($tree): $*"
     (cd "$tree" && PYTHONPATH=. timeout "${BENCH_TIMEOUT:-400}" python3 -m experiments "$@") > "$LOGS/$label.log" 2>&1
     echo "exit $?"; grep -E "^\|" "$LOGS/$label.log" | tail -12; tail -6 "$LOGS/$label.log"
+}
+
+remat_sweep() {  # remat_sweep LABEL FIELD=VALUE...: llama-1b training speed and peak memory under one remat policy
+    local label=$1; shift
+    BENCH_TIMEOUT=120 bench "remat-$label" . bench_train "${LLAMA[@]}" --steps 4 --warmup 2 \
+        $(printf -- "--set %s " "$@") --out "$LOGS/remat-$label"
 }
 
 side_tree() { [ "$1" = base ] && echo .baseline || echo .; }
@@ -38,27 +44,27 @@ all)  # one short call: the GPU tests of the changed paths, then decode and trai
         bench "train-llama-$side" "$(side_tree $side)" bench_train "${LLAMA[@]}" --steps 4 --warmup 2 \
             --out "$LOGS/train-llama-$side"
     done ;;
-repeat)  # serving before / after, and llama-1b training run again on each side (run-to-run spread of the loss)
+serve)  # serving and batch-32 decode before / after, then two remat policies chosen by name on llama-1b
     export BENCH_TIMEOUT=150
     for side in base new; do
         bench "serve-$side" "$(side_tree $side)" bench_serve --modes continuous --rates inf --time-budget 40 \
             --no-plot --out "$LOGS/serve-$side.json"
     done
     for side in base new; do
-        bench "train-llama-again-$side" "$(side_tree $side)" bench_train "${LLAMA[@]}" --steps 4 --warmup 2 \
-            --out "$LOGS/train-llama-again-$side"
-    done ;;
-serve)  # serving, one remat policy by name on llama-1b, the GPU tests of the changed paths
-    for side in base new; do
-        bench "serve-$side" "$(side_tree $side)" bench_serve --modes continuous --rates inf --time-budget 60 \
-            --no-plot --out "$LOGS/serve-$side.json"
+        bench "decode32-$side" "$(side_tree $side)" bench_decode --batches 32 --contexts 2048 --hf-points "" \
+            --int8-points "" --repeats 3 --out "$LOGS/decode32-$side.json"
     done
-    bench "remat-names" . bench_train "${LLAMA[@]}" --steps 5 --set remat=names \
-        --set remat_save=query,key,value,attention_output --out "$LOGS/remat-names"
-    timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/infer tests/model tests/nn tests/quant \
-        tests/kernels/test_norms.py tests/kernels/test_decode_attention.py tests/kernels/test_paged_attention.py \
-        2>&1 | tee "$LOGS/gpu-tests.log" | tail -15
-    JAX_PLATFORMS=cpu python3 -m experiments presets 2>&1 | head -2 ;;
+    remat_sweep names-save "remat=names" "remat_save=query,key,value,attention_output,attention_residual,mlp_hidden"
+    remat_sweep names-offload "remat=names" "remat_offload=query,key,value,attention_output,attention_residual,mlp_hidden" ;;
+profile)  # today's remat policies on llama-1b, a profile read by named scopes, the whole GPU test suite
+    remat_sweep none "remat=none"
+    remat_sweep dots_no_batch "remat=dots_no_batch"
+    remat_sweep full "remat=full"
+    rm -rf /tmp/hlo && XLA_FLAGS="--xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*train_step.*" \
+        bench "profile" . bench_train "${LLAMA[@]}" --steps 3 --profile "$LOGS/trace" --out "$LOGS/profile"
+    python3 tools/trace_top.py "$LOGS/trace" 3 15 "$(ls -S /tmp/hlo/*train_step*after_optimizations.txt | head -1)" \
+        2>&1 | tee "$LOGS/profile-scopes.txt" | tail -40
+    timeout 280 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=15 tests 2>&1 | tee "$LOGS/gpu-tests.log" | tail -15 ;;
 *)
-    echo "usage: bash tools/before_after_gpu.sh all | repeat | serve" >&2; exit 2 ;;
+    echo "usage: bash tools/before_after_gpu.sh all | serve | profile" >&2; exit 2 ;;
 esac

@@ -5,7 +5,9 @@
 Prints the busy time per step, a breakdown by kind of kernel (matrix products, attention, the fused
 loss, XLA's elementwise / reduction fusions, copies) and the top kernels by name; given the step's
 optimized HLO (XLA_FLAGS=--xla_dump_to=DIR --xla_dump_hlo_as_text), each XLA fusion also gets the
-JAX operation it came from and its output shapes.
+JAX operation it came from and its output shapes, and the busy time is also broken down by the model's
+named scopes (jax.named_scope: "attention/qkv", "attention/core", "mlp", "layer 3/attention/rope", ...) and by
+direction (forward, backward, recomputed by remat).
 """
 import collections
 import glob
@@ -80,6 +82,61 @@ def fusion_sources(hlo_path: str) -> dict:
             sources[name.replace(".", "_")] = f"{where}  {op.split('/')[-1]} -> {shape[:70]}"
     return sources
 
+TRANSFORM_SEGMENTS = ("while", "body", "eval_jaxpr", "checkpoint", "rematted_computation", "cond", "branch")
+
+
+def scope_of(op_name: str) -> tuple[str, str]:
+    """(direction, named scope) of an HLO instruction's op_name metadata, e.g.
+    "jit(train_step)/transpose(jvp())/while/body/eval_jaxpr/attention/core/bskgd,btkd->bkgst/dot_general"
+    -> ("backward", "attention/core"). Transformations, jit(...) wrappers, einsum specs and the primitive are dropped."""
+    direction = ("backward" if "transpose(" in op_name else
+                 "recomputed" if "rematted_computation" in op_name else "forward")
+    segments = op_name.split(";")[0].split("/")[:-1]
+    kept = [s for s in segments if "(" not in s and "->" not in s and "," not in s and s not in TRANSFORM_SEGMENTS]
+    return direction, "/".join(kept) or "(outside the named scopes)"
+
+
+def instruction_op_names(hlo_path: str) -> dict:
+    """{instruction name (dots as underscores, as kernels and trace events name them): op_name}."""
+    pattern = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]+)\"")
+    names = {}
+    for line in open(hlo_path):
+        match = pattern.match(line)
+        if match:
+            names[match.group(1).replace(".", "_")] = match.group(2)
+    return names
+
+
+def event_op_name(event: dict, op_names: dict) -> str | None:
+    """The op_name behind one GPU kernel event: its tf_op / hlo_op argument, else its own name as an HLO
+    instruction (XLA's fusions are launched under their instruction's name)."""
+    args = event.get("args", {})
+    if "tf_op" in args and "/" in str(args["tf_op"]):
+        return str(args["tf_op"])
+    for key in ("hlo_op", "long_name", "name"):
+        if key in args:
+            found = op_names.get(str(args[key]).split(" ")[0].lstrip("%").replace(".", "_"))
+            if found:
+                return found
+    return op_names.get(event["name"].replace(".", "_"))
+
+
+def print_scopes(gpu_events: list, op_names: dict, steps: int, whole: float) -> None:
+    by_scope, unmatched = collections.Counter(), 0.0
+    for e in gpu_events:
+        op_name = event_op_name(e, op_names)
+        if op_name is None:
+            unmatched += e["dur"]
+            continue
+        direction, scope = scope_of(op_name)
+        by_scope[(scope, direction)] += e["dur"]
+    print("by named scope and direction (ms per step, share):")
+    for (scope, direction), micros in sorted(by_scope.items(), key=lambda item: -item[1]):
+        print(f"{micros / 1e3 / steps:8.2f} {micros / whole:6.1%}  {scope:40} {direction}")
+    print(f"{unmatched / 1e3 / steps:8.2f} {unmatched / whole:6.1%}  (kernels not matched to an HLO instruction)")
+    keys = sorted({k for e in gpu_events[:200] for k in e.get("args", {})})
+    print(f"(trace event arguments seen: {', '.join(keys) or 'none'})")
+
 
 def main(folder: str, steps: int = 3, top: int = 25, hlo: str | None = None) -> None:
     sources = fusion_sources(hlo) if hlo else {}
@@ -87,11 +144,11 @@ def main(folder: str, steps: int = 3, top: int = 25, hlo: str | None = None) -> 
     events = json.load(gzip.open(path))["traceEvents"]
     processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     totals, counts, kinds = collections.Counter(), collections.Counter(), collections.Counter()
-    for e in events:
-        if e.get("ph") == "X" and processes.get(e["pid"], "").startswith("/device:GPU:0"):
-            totals[e["name"][:90]] += e["dur"]
-            counts[e["name"][:90]] += 1
-            kinds[kind_of(e["name"])] += e["dur"]
+    gpu_events = [e for e in events if e.get("ph") == "X" and processes.get(e["pid"], "").startswith("/device:GPU:0")]
+    for e in gpu_events:
+        totals[e["name"][:90]] += e["dur"]
+        counts[e["name"][:90]] += 1
+        kinds[kind_of(e["name"])] += e["dur"]
     whole = sum(totals.values())
     print(f"GPU 0 busy {whole / 1e3 / steps:.1f} ms per step over {steps} steps; by kind (ms per step, share):")
     for kind, micros in kinds.most_common():
@@ -101,6 +158,8 @@ def main(folder: str, steps: int = 3, top: int = 25, hlo: str | None = None) -> 
         print(f"{micros / 1e3 / steps:8.2f} {micros / whole:6.1%} x{counts[name] // steps:<4} {name}")
         if name in sources:
             print(f"{'':24}{sources[name][:160]}")
+    if hlo:
+        print_scopes(gpu_events, instruction_op_names(hlo), steps, whole)
 
 
 if __name__ == "__main__":
