@@ -12,6 +12,8 @@ strategy's activation rules.
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 
 import jax
@@ -99,9 +101,14 @@ class Plan:
                 f"use a multiple of {ways}"
             )
 
+    @contextlib.contextmanager
     def activations(self):
-        """Context for tracing: `constrain` inside the model lays activations out by this plan."""
-        return activation_rules(self.mesh, self.strategy.activations)
+        """Context for tracing a step that takes this plan as a static argument (so the mesh and the rules are in
+        jit's cache key): `constrain` inside the model lays activations out by the plan's rules, and every
+        algorithm choice (kernels/platform.compute_device) reads the platform of the plan's devices, not the
+        process's first device."""
+        with activation_rules(self.mesh, self.strategy.activations), jax.default_device(self.mesh.devices.flat[0]):
+            yield
 
     def sequence_ways(self) -> int:
         return axis_ways(partition_spec(("length",), self.strategy.activations, self.mesh)[0], self.mesh)

@@ -79,3 +79,34 @@ def test_decode_pads_rows_only_for_gpus(monkeypatch):
         assert resolve_decode_impl("auto", cfg) == "xla"
         logits, _ = jax.jit(decode_step, static_argnames="cfg")(params, jnp.array([3, 4]), cache, cfg=cfg)
     assert logits.shape == (2, cfg.padded_vocab_size) and np.isfinite(logits[:, : cfg.vocab_size]).all()
+
+
+def test_a_plan_over_cpu_devices_runs_the_reference_in_a_gpu_process(monkeypatch):
+    """A training step traced with a plan (a static argument) reads the platform of the plan's mesh."""
+    from llmjax.config import TrainConfig
+    from llmjax.parallel.plan import Plan
+    from llmjax.train.step import make_train_step, windows_to_batch
+
+    cfg = get_config("llama-tiny", compute_dtype="float32")
+    train_cfg = TrainConfig()
+    plan = Plan.create("data=2,fsdp=2", "fsdp", devices=jax.devices("cpu")[:4])
+    state = plan.init_state(cfg, train_cfg, jax.random.key(0))
+    batch = windows_to_batch(jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 9)), jnp.int32))
+    cpu = jax.devices("cpu")[0]
+    chosen = []
+
+    def spy(name, impl):
+        def run(*args, **kwargs):
+            chosen.append(name)
+            return impl(*args, **kwargs)
+        return run
+
+    for name, impl in list(ATTENTION_IMPLS.items()):
+        monkeypatch.setitem(ATTENTION_IMPLS, name, spy(name, impl))
+    monkeypatch.setattr(jax, "devices", lambda *backend: [FakeGpu()] if not backend else [cpu])
+    assert compute_platform() == "gpu"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, metrics = make_train_step(cfg, train_cfg, plan)(state, batch)
+    assert chosen and set(chosen) == {"xla"}
+    assert np.isfinite(float(metrics["loss"]))
