@@ -3,9 +3,10 @@
     y = quantized_matmul_pallas(x, qm)     # qm: QuantizedMatrix (int8, int4, int3, nf4), defined below
 
 The weights stay quantized in memory: a program loads a tile of codes (for 4-bit formats a [block_k / 2,
-block_n] tile of bytes), its group's scales and zero points as stored (float16 / uint8; NF4's double-quantized
-int8 scale codes, their per-block float32 scales and the mean), dequantizes in registers and accumulates in
-float32. Nothing is prepared outside the kernel, so one call is one kernel (plus the split-K sum below).
+block_n] tile of bytes), its group's scales and zero points or offsets as stored (float16 / uint8 / float16;
+NF4's double-quantized int8 scale codes, their per-block float32 scales and the mean), dequantizes in registers
+and accumulates in float32. Nothing is prepared outside the kernel, so one call is one kernel (plus the split-K
+sum below). Every kernel takes offsets (QuantizedMatrix.offsets, w = code * scale + offset) natively.
 
 Three kernels, picked by `MatmulTiles` (`default_tiles` chooses):
 
@@ -16,7 +17,8 @@ Three kernels, picked by `MatmulTiles` (`default_tiles` chooses):
   128 + c (OR-ed into the mantissa of 128.0), and NF4 levels come from a 16-entry table held in the immediates
   of byte permutes; int8 is two nibble planes (c = low + 16 high). The zero point and the scale are applied to
   each step's [block_n, 16] product, not to every weight: sum_k s (c_k - z) x_k = s (sum_k (c_k + 128) x_k -
-  (z + 128) sum_k x_k). Triton moves the raw codes, not the bf16 weights, into the MMA's register layout.
+  (z + 128) sum_k x_k), and an additive offset m (GGUF's Q4_1 min) likewise: sum_k (s c_k + m) x_k =
+  s sum_k c_k x_k + m sum_k x_k. Triton moves the raw codes, not the bf16 weights, into the MMA's register layout.
 - block_m == 1, the GEMV (int8 and NF4 at one row, where it measured faster): one program per (input row,
   block_n columns, K split), no tensor cores. A step multiplies a [block_k] slice of x into a [block_k, block_n]
   dequantized tile elementwise and adds it to a 2-D float32 accumulator, summed over its rows once at the end.
@@ -70,7 +72,7 @@ from .quant_formats import (
 from .tiles import combine_masks
 
 __all__ = ["MatmulTiles", "QuantizedMatrix", "default_tiles", "dequantize", "dequantize_matrix",
-           "group_scales_and_zeros", "nf4_absmax", "quantized_matmul", "quantized_matmul_pallas",
+           "group_parameters", "nf4_absmax", "quantized_matmul", "quantized_matmul_pallas",
            "quantized_matmul_reference", "unpacked_codes"]
 
 PROGRAMS_PER_SM = 4  # split-K target: about this many programs per streaming multiprocessor
@@ -226,8 +228,9 @@ class _Group:
         self.int_decode = spec.int_decode
 
     def load(self, group, first_col, block_n, col_mask):
-        """(scale, offset) [block_n] float32 for this group's columns: the weight is (float code - offset) * scale,
-        offset the zero point (plus 2^23 for the "magic" decode); offset None for nf4."""
+        """(scale, zero, offset) [block_n] float32 for this group's columns: the weight is (float code - zero) * scale
+        (+ offset), zero the zero point (0 with offsets; plus 2^23 for the "magic" decode) and offset the additive
+        offset of QuantizedMatrix.offsets, else None; zero and offset None for nf4 (levels * scale)."""
         cols = pl.ds(first_col, block_n)
         fill = None if col_mask is None else 0
         if self.fmt == "nf4":
@@ -240,13 +243,17 @@ class _Group:
             group_index = jnp.full((block_n,), group, jnp.int32)
             block_scale = plgpu.load(refs["scale_blocks"].at[group_index, col_index])  # a gather: blocks straddle tiles
             mean = refs["scale_mean"][...]  # [1]
-            return scale_code.astype(jnp.float32) * block_scale + mean, None
-        scale = plgpu.load(self.refs["scales"].at[group, cols], mask=col_mask, other=fill).astype(jnp.float32)
+            return scale_code.astype(jnp.float32) * block_scale + mean, None, None
+
+        def per_column(name):
+            return plgpu.load(self.refs[name].at[group, cols], mask=col_mask, other=fill).astype(jnp.float32)
+
+        offset = per_column("offsets") if "offsets" in self.refs else None
         if "zeros" in self.refs:
-            zero = plgpu.load(self.refs["zeros"].at[group, cols], mask=col_mask, other=fill).astype(jnp.float32)
-        else:  # symmetric: the zero point is the middle code
-            zero = jnp.full((block_n,), 2 ** (self.bits - 1), jnp.float32)
-        return scale, zero + MAGIC if self.int_decode == "magic" else zero
+            zero = per_column("zeros")
+        else:  # symmetric: the zero point is the middle code; with offsets none (code * scale + offset)
+            zero = jnp.full((block_n,), 0 if offset is not None else 2 ** (self.bits - 1), jnp.float32)
+        return per_column("scales"), zero + MAGIC if self.int_decode == "magic" else zero, offset
 
     def planes(self, codes, dtype, inline_asm: bool):
         """uint8 codes [block_n, rows] (a transposed tile) -> ([(values [block_n, rows] in dtype, factor)], bias).
@@ -270,11 +277,14 @@ class _Group:
                   for nibble in ("low", "high")]
         return planes, BF16_MAGIC if self.bits == 4 else BF16_MAGIC * 17
 
-    def dequantize(self, codes, scale, offset):
-        """uint32 codes [rows, block_n] -> float32 weights [rows, block_n]: (code - zero) exactly, then * scale."""
+    def dequantize(self, codes, scale, zero, offset):
+        """uint32 codes [rows, block_n] -> float32 weights [rows, block_n]: (code - zero) exactly, then * scale, then
+        + offset (with offsets zero is 0, or exactly cancels the "magic" 2^23: code * scale + offset, bit-equal to
+        the reference's)."""
         if self.fmt == "nf4":
             return _nf4_levels(codes, self.refs.get("codebook"), self.lookup) * scale[None, :]
-        return (_codes_to_float(codes, self.int_decode) - offset[None, :]) * scale[None, :]
+        w = (_codes_to_float(codes, self.int_decode) - zero[None, :]) * scale[None, :]
+        return w if offset is None else w + offset[None, :]
 
 
 def deinterleave(x, parts: int) -> list:
@@ -306,15 +316,15 @@ def _gemv_kernel(*refs, spec: _Format, names: tuple, n: int, group_size: int, ti
 
     def step(index, acc):  # acc [code_rows, bn] float32
         k_step = split * steps + index
-        scale, zero = group.load((k_step * bk) // group_size, first_col, bn, col_mask)
+        params = group.load((k_step * bk) // group_size, first_col, bn, col_mask)  # scale, zero, offset
         codes = plgpu.load(codes_ref.at[pl.ds(k_step * code_rows, code_rows), pl.ds(first_col, bn)], mask=tile_mask,
                            other=None if tile_mask is None else 0, eviction_policy="evict_first").astype(jnp.uint32)
         x = plgpu.load(x_ref.at[row, pl.ds(k_step * bk, bk)]).astype(jnp.float32)  # [bk]
         if packed:  # rows 2i / 2i + 1 of the step: x's even / odd columns
             x_even, x_odd = deinterleave(x, 2)
-            acc = acc + x_even[:, None] * group.dequantize(codes & 0xF, scale, zero)
-            return acc + x_odd[:, None] * group.dequantize(codes >> 4, scale, zero)
-        return acc + x[:, None] * group.dequantize(codes, scale, zero)
+            acc = acc + x_even[:, None] * group.dequantize(codes & 0xF, *params)
+            return acc + x_odd[:, None] * group.dequantize(codes >> 4, *params)
+        return acc + x[:, None] * group.dequantize(codes, *params)
 
     acc = lax.fori_loop(0, _split_length(split, steps, k_steps), step, jnp.zeros((code_rows, bn), jnp.float32))
     index = (split, row, pl.ds(first_col, bn)) if tiles.splits > 1 else (row, pl.ds(first_col, bn))
@@ -349,27 +359,27 @@ def _dot_kernel(*refs, spec: _Format, names: tuple, m: int, n: int, k: int, grou
     def load_x(k_step):  # [bm, bk]
         return plgpu.load(x_ref.at[rows, pl.ds(k_step * bk, bk)], mask=x_mask, other=None if x_mask is None else 0)
 
-    def dot(x, codes, scale, zero):
-        w = group.dequantize(codes, scale, zero).astype(x.dtype)
+    def dot(x, codes, params):
+        w = group.dequantize(codes, *params).astype(x.dtype)
         return jnp.dot(x, w, preferred_element_type=jnp.float32)
 
     def step(index, acc):
         k_step = split * steps + index
-        scale, zero = group.load((k_step * bk) // group_size, first_col, bn, col_mask)
+        params = group.load((k_step * bk) // group_size, first_col, bn, col_mask)  # scale, zero, offset
         if group.bits == 3:  # three byte planes of k / 8 rows; word r of the step holds input rows 8r .. 8r + 7
             words, plane_rows = bk // 8, k // 8
             word = jnp.zeros((words, bn), jnp.uint32)
             for plane in range(3):
                 word = word | (load_codes(plane * plane_rows + k_step * words, words) << (8 * plane))
             for i, x in enumerate(deinterleave(load_x(k_step), 8)):  # x[:, r] is input row 8r + i
-                acc = acc + dot(x, (word >> (3 * i)) & 7, scale, zero)
+                acc = acc + dot(x, (word >> (3 * i)) & 7, params)
             return acc
         if group.bits == 4:
             codes = load_codes(k_step * (bk // 2), bk // 2)
             x_even, x_odd = deinterleave(load_x(k_step), 2)
-            acc = acc + dot(x_even, codes & 0xF, scale, zero)
-            return acc + dot(x_odd, codes >> 4, scale, zero)
-        return acc + dot(load_x(k_step), load_codes(k_step * bk, bk), scale, zero)
+            acc = acc + dot(x_even, codes & 0xF, params)
+            return acc + dot(x_odd, codes >> 4, params)
+        return acc + dot(load_x(k_step), load_codes(k_step * bk, bk), params)
 
     acc = lax.fori_loop(0, _split_length(split, steps, k_steps), step, jnp.zeros((bm, bn), jnp.float32))
     index = (split, rows, pl.ds(first_col, bn)) if tiles.splits > 1 else (rows, pl.ds(first_col, bn))
@@ -379,9 +389,10 @@ def _dot_kernel(*refs, spec: _Format, names: tuple, m: int, n: int, k: int, grou
 def _swap_ab_kernel(*refs, spec: _Format, names: tuple, m: int, n: int, k: int, group_size: int, tiles: MatmulTiles,
                     steps: int, k_steps: int):
     """One program: the output tile rows [r * bm, (r + 1) * bm) x columns [c * bn, (c + 1) * bn), K steps
-    [s * steps, (s + 1) * steps), computed transposed: acc [bn, bm] += scale * (W^T - zero) [bn, bk] @ x^T [bk, bm].
-    The weights are the tensor cores' first operand, so bn (64 / 128) fills the 64-row MMA and x's few rows pad to
-    bm = 16; the per-column scale multiplies the step's [bn, bm] partial product instead of every weight."""
+    [s * steps, (s + 1) * steps), computed transposed: acc [bn, bm] += scale * (W^T - zero) [bn, bk] @ x^T [bk, bm]
+    (+ offset * sum_k x^T [bk, bm] with offsets). The weights are the tensor cores' first operand, so bn (64 / 128)
+    fills the 64-row MMA and x's few rows pad to bm = 16; the per-column scale (and offset) applies to the step's
+    [bn, bm] partial product instead of every weight."""
     x_ref, codes_ref, *param_refs, out_ref = refs
     group = _Group(spec, dict(zip(names, param_refs)), n)
     bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
@@ -391,14 +402,15 @@ def _swap_ab_kernel(*refs, spec: _Format, names: tuple, m: int, n: int, k: int, 
     rows, cols = pl.ds(first_row, bm), pl.ds(first_col, bn)
     code_rows = bk // 2 if group.bits == 4 else bk
 
-    def load(k_step):  # block_k step k_step's scale / offset [bn], x [bm, bk] and uint8 codes [bn, code_rows]
-        scale, offset = group.load((k_step * bk) // group_size, first_col, bn, col_mask)
+    def load(k_step):  # block_k step k_step's (scale, zero, offset) [bn], x [bm, bk] and uint8 codes [bn, code_rows]
+        params = group.load((k_step * bk) // group_size, first_col, bn, col_mask)
         x = plgpu.load(x_ref.at[rows, pl.ds(k_step * bk, bk)], mask=x_mask, other=None if x_mask is None else 0)
         codes = plgpu.load(codes_ref.at[pl.ds(k_step * code_rows, code_rows), cols], mask=code_mask,
                            other=None if code_mask is None else 0).T
-        return scale, offset, x, codes
+        return params, x, codes
 
-    def product(scale, offset, x, codes):  # [bn, bm] float32: scale * ((W^T - zero) @ x^T) of one block_k step
+    def product(params, x, codes):  # [bn, bm] float32: scale * ((W^T - zero) @ x^T) (+ offset * sum_k x^T), a step
+        scale, zero, offset = params
         planes, bias = group.planes(codes, x.dtype, inline_asm=not tiles.interpret)
         x_parts = deinterleave(x, 2) if group.bits == 4 else [x] * len(planes)  # 4-bit: rows 2i / 2i + 1
         part = None
@@ -408,10 +420,12 @@ def _swap_ab_kernel(*refs, spec: _Format, names: tuple, m: int, n: int, k: int, 
             dot = lax.dot_general(values, x_part, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
             dot = dot if factor == 1 else dot * factor
             part = dot if part is None else part + dot
-        if bias is not None:  # subtract (zero + bias) * sum_k x_k; offset = zero (+ 2^23 for the "magic" decode)
-            zero = offset - MAGIC if group.int_decode == "magic" else offset
-            part = part - (zero + bias)[:, None] * jnp.sum(x.astype(jnp.float32), axis=1)[None, :]
-        return scale[:, None] * part
+        x_sum = jnp.sum(x.astype(jnp.float32), axis=1)[None, :] if bias is not None else None  # [1, bm]
+        if bias is not None:  # subtract (zero + bias) * sum_k x_k (zero includes 2^23 for the "magic" decode)
+            zero = zero - MAGIC if group.int_decode == "magic" else zero
+            part = part - (zero + bias)[:, None] * x_sum
+        part = scale[:, None] * part
+        return part if offset is None else part + offset[:, None] * x_sum
 
     def step(index, acc):  # acc [bn, bm] float32
         return acc + product(*load(split * steps + index))
@@ -429,7 +443,8 @@ def _group_inputs(qm: QuantizedMatrix, lookup: str) -> dict:
         if lookup == "gather":
             inputs["codebook"] = jnp.asarray(NF4_CODEBOOK)
         return inputs
-    return {"scales": qm.scales, **({} if qm.zeros is None else {"zeros": qm.zeros})}
+    optional = {"zeros": qm.zeros, "offsets": qm.offsets}
+    return {"scales": qm.scales, **{name: value for name, value in optional.items() if value is not None}}
 
 
 @functools.partial(jax.jit, static_argnames=("tiles",))
@@ -514,6 +529,9 @@ class QuantizedMatrix:
     codes   uint8 [*lead, in, out]; packed [*lead, in / 2, out] for 4-bit formats, [*lead, 3 * in / 8, out] for int3
     scales  float16 [*lead, groups, out] (int formats; None for nf4, whose scales are double-quantized)
     zeros   uint8 [*lead, groups, out] zero points (asymmetric int formats), else None
+    offsets float16 [*lead, groups, out] additive offsets (int formats, zeros None), else None: the weight is
+            code * scale + offset in float32, in that order (GGUF's Q4_1 and K-quant "min" forms, d * q + m,
+            bit-equal to the gguf package's dequantizer), where without offsets it is (code - zero) * scale
     scale_codes / scale_blocks / scale_mean: nf4's double-quantized absmax scales:
             absmax ~ scale_codes [*lead, groups, out] (int8) * scale_blocks [*lead, groups, out / block]
             + scale_mean [*lead, 1, 1]
@@ -522,6 +540,7 @@ class QuantizedMatrix:
     codes: jax.Array
     scales: jax.Array | None = None
     zeros: jax.Array | None = None
+    offsets: jax.Array | None = None
     scale_codes: jax.Array | None = None
     scale_blocks: jax.Array | None = None
     scale_mean: jax.Array | None = None
@@ -530,6 +549,13 @@ class QuantizedMatrix:
     shape: tuple = dataclasses.field(default=(), metadata=dict(static=True))  # one matrix's original weight shape
     in_dims: int = dataclasses.field(default=1, metadata=dict(static=True))  # leading axes of `shape` contracted
     matmul: str = dataclasses.field(default="xla", metadata=dict(static=True))  # `x @ self`: "xla" or "pallas"
+
+    def __post_init__(self):  # only which fields are set: jax rebuilds the pytree with other leaves (tracers, specs)
+        if self.offsets is not None and (self.format not in BITS or self.format == "nf4" or self.zeros is not None):
+            raise QuantizationError(
+                f"offsets (code * scale + offset) need an int format without zero points; got format "
+                f"{self.format!r}{' with zeros' if self.zeros is not None else ''}: give either zeros "
+                f"((code - zero) * scale) or offsets, and no offsets for nf4")
 
     @property
     def bits(self) -> int:
@@ -549,7 +575,7 @@ class QuantizedMatrix:
 
     @property
     def nbytes(self) -> int:
-        """Bytes stored (codes, scales, zero points, double-quantization constants)."""
+        """Bytes stored (codes, scales, zero points or offsets, double-quantization constants)."""
         return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(self))
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
@@ -579,24 +605,31 @@ def unpacked_codes(qm: QuantizedMatrix) -> jax.Array:
     return unpack_codes(qm.codes, qm.bits)
 
 
-def group_scales_and_zeros(qm: QuantizedMatrix) -> tuple[jax.Array, jax.Array | None]:
-    """(scale [*lead, groups, out] float32, zero point [*lead, groups, out] float32 or None for nf4)."""
+def group_parameters(qm: QuantizedMatrix) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """(scale, zero, offset), each [*lead, groups, out] float32 or None, such that a group's weight is
+    (code - zero) * scale (zero points: stored, or the middle code when symmetric), code * scale + offset
+    (offsets; zero None) or NF4[code] * scale (nf4: the double-quantized absmax; zero and offset None)."""
     if qm.format == "nf4":
-        return nf4_absmax(qm), None
+        return nf4_absmax(qm), None, None
+    scale = qm.scales.astype(jnp.float32)
+    if qm.offsets is not None:
+        return scale, None, qm.offsets.astype(jnp.float32)
     zero = (jnp.full(qm.scales.shape, 2 ** (qm.bits - 1), jnp.float32) if qm.zeros is None
             else qm.zeros.astype(jnp.float32))
-    return qm.scales.astype(jnp.float32), zero
+    return scale, zero, None
 
 
 def dequantize_matrix(qm: QuantizedMatrix, dtype=jnp.float32) -> jax.Array:
-    """The [*lead, in, out] matrix the codes stand for."""
+    """The [*lead, in, out] matrix the codes stand for (computed in float32, then cast to dtype)."""
     codes = unpacked_codes(qm)
-    scale, zero = group_scales_and_zeros(qm)
+    scale, zero, offset = (None if p is None else p[..., None, :] for p in group_parameters(qm))  # [.., groups, 1, out]
     grouped = group_rows(codes, qm.group_size)  # [*lead, groups, group, out]
     if qm.format == "nf4":
-        values = jnp.asarray(NF4_CODEBOOK)[grouped.astype(jnp.int32)] * scale[..., None, :]
+        values = jnp.asarray(NF4_CODEBOOK)[grouped.astype(jnp.int32)] * scale
+    elif offset is not None:
+        values = grouped.astype(jnp.float32) * scale + offset
     else:
-        values = (grouped.astype(jnp.float32) - zero[..., None, :]) * scale[..., None, :]
+        values = (grouped.astype(jnp.float32) - zero) * scale
     return values.reshape(codes.shape).astype(dtype)
 
 

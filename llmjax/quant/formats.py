@@ -8,6 +8,9 @@ rows (group_size=None: one group spanning the whole input, i.e. per-channel):
     int8   symmetric:  w ~ (code - 128) * scale          scale = absmax / 127, codes uint8
     int4   asymmetric: w ~ (code - zero) * scale         scale = (max - min) / 15, zero a uint8 per group
     int3   asymmetric, like int4 with 8 levels, eight codes packed into three bytes
+    int*   with offsets (no zero points): w = code * scale + offset, computed in float32 in that order,
+           offset a float16 per group (GGUF's Q4_1 / K-quant "min" forms, imported by llmjax.io.gguf;
+           `quantize` does not produce it)
     nf4    QLoRA's NormalFloat4: w ~ NF4[code] * absmax, codes packed two per byte; the absmax
            scales themselves quantized to int8 in blocks of up to 256 after subtracting their mean
            ("double quantization": 8 + 32 / 256 bits per group instead of 32)
@@ -31,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llmjax.kernels.matmul_quant import (QuantizedMatrix, dequantize, dequantize_matrix, group_scales_and_zeros,
+from llmjax.kernels.matmul_quant import (QuantizedMatrix, dequantize, dequantize_matrix, group_parameters,
                                          nf4_absmax, quantized_matmul, unpacked_codes)
 from llmjax.kernels.quant_formats import (BITS, FORMATS, NF4_CODEBOOK, QuantizationError, group_rows, pack_3bit,
                                           pack_4bit, pack_codes, unpack_3bit, unpack_4bit)
@@ -39,7 +42,7 @@ from llmjax.kernels.quant_formats import (BITS, FORMATS, NF4_CODEBOOK, Quantizat
 __all__ = [
     "BITS", "DOUBLE_QUANT_BLOCK", "FORMATS", "NF4_CODEBOOK", "NF4_DEFAULT_GROUP", "QuantizationError",
     "QuantizedMatrix", "as_matrix", "concatenate_outputs", "dequantize", "dequantize_matrix", "double_quantize",
-    "group_scales_and_zeros", "int_quant_params", "nf4_absmax", "pack_3bit", "pack_4bit", "pack_codes",
+    "group_parameters", "int_quant_params", "nf4_absmax", "pack_3bit", "pack_4bit", "pack_codes",
     "quantize", "quantize_with", "quantized_matmul", "resolve_group_size", "unpack_3bit", "unpack_4bit",
     "unpacked_codes",
 ]
@@ -152,16 +155,20 @@ def concatenate_outputs(matrices: list[QuantizedMatrix]) -> QuantizedMatrix:
     fused for decoding). Exact for int formats (every output column is quantized on its own); nf4's int8
     scale constants are re-blocked, which moves a scale by well under 1% (far below NF4's own error). 2-D result."""
     first = matrices[0]
+    stored = lambda m: tuple(getattr(m, name) is not None for name in ("zeros", "offsets"))  # noqa: E731
     if any(m.format != first.format or m.group_size != first.group_size or m.in_features != first.in_features
            or m.lead_shape != first.lead_shape for m in matrices):
         raise QuantizationError("only matrices of one format, group size and input dimension concatenate")
+    if any(stored(m) != stored(first) for m in matrices):
+        raise QuantizationError("only matrices that all store zero points, all store offsets or all store neither "
+                                "concatenate (mixed: dequantize, or re-quantize one way)")
     if first.scale_codes is not None:  # double-quantization constants are per matrix: re-block them
         absmax = jnp.concatenate([nf4_absmax(m) for m in matrices], axis=-1)
         parts = double_quantize(absmax)
     else:
         cat = lambda name: (None if getattr(first, name) is None  # noqa: E731
                             else jnp.concatenate([getattr(m, name) for m in matrices], axis=-1))
-        parts = dict(scales=cat("scales"), zeros=cat("zeros"))
+        parts = dict(scales=cat("scales"), zeros=cat("zeros"), offsets=cat("offsets"))
     codes = jnp.concatenate([m.codes for m in matrices], axis=-1)
     out = sum(m.out_features for m in matrices)
     return QuantizedMatrix(codes, **parts, format=first.format, group_size=first.group_size,

@@ -14,6 +14,7 @@ per call, including offload to host memory (llmjax.model.transformer.remat_polic
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -168,10 +169,8 @@ def quantized_decode_params(qparams: dict, cfg: ModelConfig, matmul: str = "xla"
             return jax.tree.map(lambda a: a[layer], w)  # one layer's QuantizedMatrix
         return None
 
-    def flat(qm: QuantizedMatrix) -> QuantizedMatrix:
-        return QuantizedMatrix(qm.codes, qm.scales, qm.zeros, qm.scale_codes, qm.scale_blocks, qm.scale_mean,
-                               format=qm.format, group_size=qm.group_size, shape=(qm.in_features, qm.out_features),
-                               matmul=matmul)
+    def flat(qm: QuantizedMatrix) -> QuantizedMatrix:  # the same arrays seen as one [in, out] matrix
+        return dataclasses.replace(qm, shape=(qm.in_features, qm.out_features), in_dims=1, matmul=matmul)
 
     def swap(entry: dict, i: int) -> None:
         """Entry of layer i with its float kernels replaced by the quantized matrices."""
