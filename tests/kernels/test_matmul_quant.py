@@ -14,7 +14,7 @@ from llmjax.kernels.matmul_quant import (
     quantized_matmul_pallas,
     quantized_matmul_reference,
 )
-from llmjax.quant.formats import NF4_CODEBOOK, quantize
+from llmjax.quant.formats import BITS, NF4_CODEBOOK, QuantizedMatrix, pack_codes, quantize
 
 # (K, format, group, block_m, splits, nf4 lookup): the GEMV (block_m 1) and tensor-core tiles, without and with
 # split-K (K = 160: five steps of 32 in three splits of 2, 2 and 1 steps)
@@ -57,6 +57,69 @@ def test_swap_ab_interpret_matches_reference(k, fmt, group, splits, decode):
         out = quantized_matmul_pallas(x, q, tiles=tiles).astype(jnp.float32)
         reference = quantized_matmul_reference(x.astype(jnp.float32), q)
         np.testing.assert_allclose(out, reference, rtol=tolerance, atol=tolerance * float(jnp.abs(reference).max()))
+
+
+def quantize_with_offsets(w, fmt: str, group: int | None) -> QuantizedMatrix:
+    """GGUF Q4_1-style min form of w [..., K, N]: per group d = (max - min) / (2^bits - 1) and m = min (float16),
+    codes round((w - m) / d); the matrix stores offsets (w = code * d + m), no zero points."""
+    k, n = w.shape[-2:]
+    group = group or k
+    grouped = w.reshape(*w.shape[:-2], k // group, group, n)
+    low, high = grouped.min(axis=-2), grouped.max(axis=-2)  # [..., groups, N]
+    d = ((high - low) / (2 ** BITS[fmt] - 1)).astype(jnp.float16)
+    m = low.astype(jnp.float16)
+    codes = jnp.round((grouped - m[..., None, :].astype(jnp.float32)) / d[..., None, :].astype(jnp.float32))
+    codes = jnp.clip(codes, 0, 2 ** BITS[fmt] - 1).astype(jnp.uint8).reshape(w.shape)
+    return QuantizedMatrix(pack_codes(codes, BITS[fmt]), scales=d, offsets=m, format=fmt, group_size=group,
+                           shape=(k, n))
+
+
+# offsets (w = code * scale + offset) in each kernel: (K, format, group, block_m, splits, int decode, swap_ab) at
+# awkward sizes (N = 72: a partial column tile; K = 160: five steps of 32 in uneven splits)
+OFFSET_CASES = [(160, "int4", 32, 1, 3, "magic", False), (128, "int8", None, 1, 2, "convert", False),
+                (160, "int4", 32, 16, 3, "magic", False), (160, "int8", 32, 16, 1, "convert", False),
+                (128, "int3", 64, 16, 2, "magic", False), (160, "int4", 32, 16, 3, "magic", True),
+                (128, "int4", None, 16, 2, "convert", True), (160, "int8", 32, 16, 3, "magic", True)]
+
+
+@pytest.mark.parametrize("k, fmt, group, block_m, splits, decode, swap_ab", OFFSET_CASES)
+def test_offsets_interpret_matches_reference(k, fmt, group, block_m, splits, decode, swap_ab):
+    """The GEMV and the second-operand kernel dequantize code * scale + offset per weight (the tolerance of
+    test_interpret_matches_reference); swap_ab adds offset * sum_k x_k to each step's product (its own test's
+    tolerances, float32 and bf16)."""
+    w = jax.random.normal(jax.random.key(0), (k, 72)) * 0.02 + 0.01  # not centred: offsets far from -absmax
+    q = quantize_with_offsets(w, fmt, group)
+    assert q.offsets is not None and q.zeros is None
+    tiles = MatmulTiles(block_m=block_m, block_n=32, block_k=32, splits=splits, nf4_lookup="permute" if swap_ab
+                        else "gather", int_decode=decode, interpret=True, swap_ab=swap_ab)
+    if not swap_ab:
+        for rows in (1, 37) if block_m == 16 else (3,):
+            x = jax.random.normal(jax.random.key(rows), (rows, k))
+            np.testing.assert_allclose(quantized_matmul_pallas(x, q, tiles=tiles), quantized_matmul_reference(x, q),
+                                       rtol=1e-5, atol=1e-6)
+        return
+    for rows, dtype, tolerance in ((1, jnp.float32, 1e-5), (19, jnp.float32, 1e-5), (3, jnp.bfloat16, 1e-2)):
+        x = jax.random.normal(jax.random.key(rows), (rows, k)).astype(dtype)
+        out = quantized_matmul_pallas(x, q, tiles=tiles).astype(jnp.float32)
+        reference = quantized_matmul_reference(x.astype(jnp.float32), q)
+        np.testing.assert_allclose(out, reference, rtol=tolerance, atol=tolerance * float(jnp.abs(reference).max()))
+
+
+def test_offsets_stacked_layers_through_the_kernel():
+    """Stacked layers with offsets under jit + scan: each step's one-layer matrix runs the fused kernel (default
+    tiles, interpret mode here) and matches the reference."""
+    w = jax.random.normal(jax.random.key(0), (3, 96, 40)) * 0.02
+    stacked = quantize_with_offsets(w, "int4", 32).with_matmul("pallas")
+    assert stacked.lead_shape == (3,)
+    x = jax.random.normal(jax.random.key(1), (2, 96))
+
+    @jax.jit
+    def run(x, stacked):
+        return jax.lax.scan(lambda carry, qm: (carry, carry @ qm), x, stacked)[1]  # [layers, 2, 40]
+
+    layers = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(3)]  # one QuantizedMatrix each
+    reference = jnp.stack([quantized_matmul_reference(x, layer) for layer in layers])
+    np.testing.assert_allclose(run(x, stacked), reference, rtol=1e-5, atol=1e-6)
 
 
 def _run_ptx(asm: str, word: int) -> list[int]:
@@ -158,10 +221,10 @@ def test_bad_shapes():
         quantized_matmul_pallas(jnp.ones((1, 64)), q, tiles=MatmulTiles(block_k=32, nf4_lookup="table", interpret=True))
 
 
-def _check_on_gpu(k, n, rows, fmt, group, tiles=None):
+def _check_on_gpu(k, n, rows, fmt, group, tiles=None, quantizer=quantize):
     w = jax.random.normal(jax.random.key(0), (k, n)) * 0.02
     x = jax.random.normal(jax.random.key(1), (rows, k)).astype(jnp.bfloat16)
-    q = quantize(w, fmt, group)
+    q = quantizer(w, fmt, group)
     out = quantized_matmul_pallas(x, q, tiles=tiles).astype(jnp.float32)
     reference = quantized_matmul_reference(x.astype(jnp.float32), q)  # float32 throughout
     scale = float(jnp.abs(reference).max())
@@ -193,6 +256,19 @@ def test_gpu_matches_reference(fmt, rows):
 ])
 def test_gpu_shapes_and_tiles(k, n, rows, fmt, group, tiles):
     _check_on_gpu(k, n, rows, fmt, group, tiles)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k, n, rows, fmt, group, tiles", [
+    (2048, 1000, 1, "int4", 32, None),  # Q4_1's groups of 32: swap_ab at one row, a partial column tile
+    (4096, 4096, 8, "int4", 32, None),  # batch-8 decode, swap_ab with split-K
+    (2048, 1000, 1, "int8", 32, None),  # the GEMV
+    (4096, 4096, 1, "int4", 128, MatmulTiles(1, 128, 64, 16, 2, 1, int_decode="convert")),  # int4 GEMV, converts
+    (4096, 4096, 512, "int4", 32, None),  # prefill: the weights as the second operand
+    (4096, 1536, 40, "int3", 128, None),
+])
+def test_gpu_offsets_match_reference(k, n, rows, fmt, group, tiles):
+    _check_on_gpu(k, n, rows, fmt, group, tiles, quantizer=quantize_with_offsets)
 
 
 def test_bench_runs_on_cpu(tmp_path):
