@@ -20,8 +20,9 @@ Every error is OpenAI's JSON body `{"error": {"message", "type", "param", "code"
 JSON, unknown fields, wrong types or values, prompts that do not fit the context; 401 for a missing or
 wrong API key; 404 for an unknown model; 429 when the engine's waiting queue is full.
 
-Chat prompts come from the tokenizer config's Jinja chat template (`ChatFormat.from_folder`: a Hugging
-Face folder's `chat_template.jinja` or `tokenizer_config.json` "chat_template"). A model without one
+Chat prompts come from the model's Jinja chat template (`ChatFormat.from_folder`: a Hugging Face folder's
+`chat_template.jinja` or `tokenizer_config.json` "chat_template"; `ChatFormat.from_gguf`: a GGUF file's
+"tokenizer.chat_template"), rendered as transformers' `apply_chat_template` renders it. A model without one
 uses `default_chat_prompt`, plain text for base models:
 
     System: {system message}\n\nUser: {user message}\n\nAssistant: {reply}\n\n ... Assistant:
@@ -388,21 +389,50 @@ class ChatFormat:
         return cls.create(template, _token_text(config.get("bos_token")), _token_text(config.get("eos_token")))
 
     @classmethod
+    def from_gguf(cls, metadata: dict) -> ChatFormat:
+        """The template of a GGUF file's metadata (`llmjax.io.gguf.read_metadata`): "tokenizer.chat_template", with
+        the BOS / EOS token texts its tokenizer.ggml.bos_token_id / eos_token_id name; none: template None
+        (`require_template` reports it where a chat needs one)."""
+        from llmjax.tokenizer.gguf import special_token_text
+
+        return cls.create(metadata.get("tokenizer.chat_template"), special_token_text(metadata, "bos"),
+                          special_token_text(metadata, "eos"))
+
+    def require_template(self, model: str) -> ChatFormat:
+        """Itself when it has a chat template; else the one error for a chat asked of `model` that has none."""
+        if self.template is None:
+            raise ValueError(f"{model} has no chat template (no tokenizer.chat_template / chat_template.jinja), so it "
+                             "cannot chat; give one with --chat-template FILE, or prompt it with plain text")
+        return self
+
+    @classmethod
     def create(cls, template: str | None, bos_token: str = "", eos_token: str = "") -> ChatFormat:
-        """Compile the template now, so a broken one fails at start-up, not on the first request."""
+        """Compile the template now, so a broken one fails at start-up, not on the first request. The Jinja
+        environment is transformers': trimmed blocks, loop controls ({% break %}), its `tojson` (no HTML
+        escaping), `raise_exception` and `strftime_now`."""
         if template is None:
             return cls(None, bos_token, eos_token)
         try:
             from jinja2.sandbox import ImmutableSandboxedEnvironment
         except ImportError:
             raise ImportError("this model's chat template is Jinja: pip install jinja2") from None
+        import datetime
+
         import jinja2
+        import jinja2.ext
 
         def raise_exception(message):
             raise jinja2.TemplateError(message)
 
-        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                              sort_keys=sort_keys)
+
+        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                    extensions=[jinja2.ext.loopcontrols])
+        environment.filters["tojson"] = tojson
         environment.globals["raise_exception"] = raise_exception
+        environment.globals["strftime_now"] = lambda format: datetime.datetime.now().strftime(format)
         try:
             compiled = environment.from_string(template)
         except jinja2.TemplateError as error:

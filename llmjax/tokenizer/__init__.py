@@ -4,6 +4,7 @@
     tokenizer = load_tokenizer("path/to/gpt2")                      # GPT-2 vocab.json + merges.txt
     tokenizer = load_tokenizer("path/to/tokenizer.json")            # Hugging Face byte-level BPE
     tokenizer = load_tokenizer("path/to/spm.model")                 # SentencePiece
+    tokenizer = load_tokenizer("path/to/model.gguf")                # the tokenizer inside a GGUF file (llama.cpp)
     tokenizer = load_tokenizer("bytes")                             # 256 byte ids + <|endoftext|>
 """
 
@@ -35,12 +36,16 @@ def tokenizer_class(kind: str) -> type[Tokenizer]:
 
 
 def load_tokenizer(spec: str | Path) -> Tokenizer:
-    """A tokenizer from "bytes", our JSON, a SentencePiece .model, GPT-2 files or a HF tokenizer.json."""
+    """A tokenizer from "bytes", our JSON, a SentencePiece .model, GPT-2 files, a HF tokenizer.json (or a folder
+    holding one) or a GGUF file (known by its magic bytes)."""
     if str(spec) == "bytes":
         return tokenizer_class("bytes")()
     path = Path(spec)
     if not path.exists():
-        raise TokenizerError(f"tokenizer {path} does not exist (give our .json, a .model, a GPT-2 folder, or 'bytes')")
+        raise TokenizerError(
+            f"tokenizer {path} does not exist "
+            "(give our .json, a .model, a .gguf, a GPT-2 / Hugging Face folder, or 'bytes')"
+        )
     from llmjax.tokenizer.bpe import BPETokenizer
 
     if path.is_dir():
@@ -51,6 +56,10 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
         raise TokenizerError(f"{path} holds neither GPT-2's vocab.json + merges.txt nor a tokenizer.json")
     if path.suffix == ".model":
         return tokenizer_class("sentencepiece").load(path)
+    if _is_gguf(path):
+        from llmjax.tokenizer.gguf import tokenizer_from_gguf
+
+        return tokenizer_from_gguf(path)
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -60,3 +69,8 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
     if isinstance(data, dict) and "model" in data:  # Hugging Face tokenizer.json
         return BPETokenizer.from_hf_tokenizer_json(path)
     raise TokenizerError(f"{path} is JSON but neither an llmjax tokenizer (no 'type') nor a Hugging Face tokenizer.json")
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as file:
+        return file.read(4) == b"GGUF"

@@ -2,6 +2,7 @@
 
     tokenizer = BPETokenizer.from_gpt2_files("vocab.json", "merges.txt")   # OpenAI / HF layout
     tokenizer = BPETokenizer.from_hf_tokenizer_json("tokenizer.json")       # HF `tokenizers`
+    tokenizer = BPETokenizer.from_gguf(read_metadata("model.gguf"))          # llama.cpp (llmjax.io.gguf)
     ids = tokenizer.encode("Hello world<|endoftext|>")                      # [15496, 995, 50256]
     tokenizer.save("bpe.json")                                             # our JSON: from_json reads it
     tokenizer.save_gpt2_files("out/")                                       # vocab.json + merges.txt
@@ -14,20 +15,28 @@ merged.
 
 Token ids can be assigned in any order (GPT-2's byte tokens are not ids 0..255); the merge
 table works on ids directly: (id_a, id_b) -> (rank, id_merged), packed into one int each.
+
+Real vocabularies may lack single-byte tokens for bytes that never occur in UTF-8 text (0xc0, 0xc1,
+0xf5-0xff, ...): they load, and only a text that needs such a byte is refused (TokenizerError naming it).
+A model file's roles (BOS, EOS, unknown, padding ids) and whether prompts start with BOS travel with the
+tokenizer as `special_ids`; `encode_prompt` applies them.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import heapq
 import itertools
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from llmjax.tokenizer.base import ENDOFTEXT, Tokenizer, TokenizerError
 from llmjax.tokenizer.pretokenize import (
+    DIGITS_THEN_GPT2_PATTERN,
     GPT2_PATTERN,
     compile_pattern,
     find_last_safe_cut,
@@ -59,13 +68,40 @@ BYTE_TO_UNICODE = bytes_to_unicode()
 UNICODE_TO_BYTE = {char: byte for byte, char in BYTE_TO_UNICODE.items()}
 
 
+@dataclass(frozen=True)
+class SpecialIds:
+    """The ids a model file names for its roles (None: it names none), and whether a prompt gets BOS put in
+    front / EOS put after it (llama.cpp's add_bos_token / add_eos_token; Hugging Face's post-processor)."""
+
+    bos: int | None = None
+    eos: int | None = None
+    unk: int | None = None
+    pad: int | None = None
+    add_bos: bool = False
+    add_eos: bool = False
+
+    def check(self, vocab_size: int) -> SpecialIds:
+        """Itself, after checking that every id is in the vocabulary and that an added BOS / EOS has an id."""
+        for role in ("bos", "eos", "unk", "pad"):
+            i = getattr(self, role)
+            if i is not None and not (isinstance(i, int) and 0 <= i < vocab_size):
+                raise TokenizerError(f"the {role} token id {i!r} is not in this vocabulary of {vocab_size} ids")
+        for role in ("bos", "eos"):
+            if getattr(self, f"add_{role}") and getattr(self, role) is None:
+                raise TokenizerError(f"prompts should get a {role.upper()} token added, "
+                                     f"but no {role} token id is given")
+        return self
+
+
 class BPETokenizer(Tokenizer):
     """Byte-level BPE: `vocab` {id: bytes}, `merges` [(bytes, bytes)] in rank order, a pre-tokenizer
     regex and special tokens {text: id}.
 
-    Every one of the 256 bytes must be a token, so any text encodes. Special tokens may be in
-    `vocab` or not; they are never produced by merges and match in text only when allowed.
+    Single-byte tokens may be missing (as in real vocabularies for bytes UTF-8 never uses): a text that
+    needs one is refused when encoded. Special tokens may be in `vocab` or not; they are never produced by
+    merges and match in text only when allowed.
     ignore_merges: a pre-token that is itself a token is emitted whole (Hugging Face's option).
+    special_ids: the BOS / EOS / unknown / padding ids and the add-BOS / add-EOS rule (see `encode_prompt`).
     """
 
     kind = "byte_bpe"
@@ -78,6 +114,7 @@ class BPETokenizer(Tokenizer):
         special_tokens: Mapping[str, int] | None = None,
         *,
         ignore_merges: bool = False,
+        special_ids: SpecialIds | None = None,
         cache_size: int = DEFAULT_CACHE_SIZE,
     ):
         specials = dict(special_tokens or {})
@@ -89,14 +126,16 @@ class BPETokenizer(Tokenizer):
         self._cache_size = max(int(cache_size), 0)
         self._cache: dict[str, tuple[int, ...]] = {}
 
-        special_ids = set(specials.values())
+        special_id_set = set(specials.values())
         decoder = {_check_id(i): _check_bytes(i, t) for i, t in vocab.items()}  # id -> bytes
         decoder.update((_check_id(i), token.encode("utf-8")) for token, i in specials.items())
         self._decoder = decoder
         self._vocab_size = max(decoder) + 1 if decoder else 0
-        self._token_ids = _regular_token_ids(decoder, special_ids)  # bytes -> id, specials excluded
-        self._byte_ids = _byte_ids(self._token_ids)  # [byte value] -> id
+        self._token_ids = _regular_token_ids(decoder, special_id_set)  # bytes -> id, specials excluded
+        self._byte_ids = _byte_ids(self._token_ids)  # [byte value] -> id, None where the vocabulary lacks it
+        self._missing_bytes = frozenset(byte for byte, i in enumerate(self._byte_ids) if i is None)
         self._identity_bytes = self._byte_ids == list(range(256))
+        self._special_ids = (special_ids or SpecialIds()).check(self._vocab_size)
         self._merges = [(bytes(x), bytes(y)) for x, y in merges]
         self._shift = max(self._vocab_size, 2).bit_length()  # pair (a, b) is the int a << shift | b
         self._mask = (1 << self._shift) - 1
@@ -177,6 +216,28 @@ class BPETokenizer(Tokenizer):
     @property
     def ignore_merges(self) -> bool:
         return self._ignore_merges
+
+    @property
+    def missing_bytes(self) -> frozenset[int]:
+        """Byte values with no single-byte token: a text whose UTF-8 has one of them cannot be encoded."""
+        return self._missing_bytes
+
+    @property
+    def special_ids(self) -> SpecialIds:
+        """BOS / EOS / unknown / padding ids and whether prompts get BOS / EOS added (as the model file says)."""
+        return self._special_ids
+
+    def encode_prompt(self, text: str, *, allowed_special: str | set[str] = "all") -> list[int]:
+        """`encode(text)` with BOS in front and EOS after where `special_ids` says prompts get them (llama.cpp's
+        and Hugging Face's add-special-tokens rule); a BOS the text already starts with (a chat template that
+        writes it) is not doubled."""
+        ids = self.encode(text, allowed_special=allowed_special)
+        rules = self._special_ids
+        if rules.add_bos and ids[:1] != [rules.bos]:
+            ids.insert(0, rules.bos)
+        if rules.add_eos:
+            ids.append(rules.eos)
+        return ids
 
     def encode_ordinary(self, text: str) -> list[int]:
         ids: list[int] = []
@@ -262,12 +323,21 @@ class BPETokenizer(Tokenizer):
             data = replace_lone_surrogates(piece).encode("utf-8")
         if self._ignore_merges and data in self._token_ids:
             return (self._token_ids[data],)
+        if self._missing_bytes and not self._missing_bytes.isdisjoint(data):
+            raise self._missing_byte_error(piece, data)
         parts = list(data) if self._identity_bytes else [self._byte_ids[byte] for byte in data]  # [symbol id]
         if len(parts) < 2:
             return tuple(parts)
         if len(parts) >= _LONG_PIECE:
             return tuple(self._merge_long(parts))
         return tuple(self._merge_short(parts))
+
+    def _missing_byte_error(self, piece: str, data: bytes) -> TokenizerError:
+        byte = next(b for b in data if b in self._missing_bytes)
+        return TokenizerError(
+            f"cannot encode {piece!r}: it needs the byte 0x{byte:02x}, which has no token in this vocabulary "
+            f"(it lacks {len(self._missing_bytes)} of the 256 single-byte tokens: {_byte_list(self._missing_bytes)})"
+        )
 
     def _merge_short(self, parts: list[int]) -> list[int]:
         """Merge in place: rescan for the lowest (rank, id) pair; O(n^2), fastest for short pieces."""
@@ -321,7 +391,8 @@ class BPETokenizer(Tokenizer):
         """{"type": "byte_bpe", "pattern", "special_tokens", "byte_ids": [id of byte 0..255],
         "merges": [[id_a, id_b], ...] in rank order, "merge_ids": first id if merge r creates
         first + r else [id per merge], "extra_tokens": {id: base64 bytes} for tokens that are
-        neither bytes nor merge results, "ignore_merges"}: exact and compact."""
+        neither bytes nor merge results, "ignore_merges", and "special_ids" when any is set}: exact
+        and compact. A byte the vocabulary lacks has byte_ids null."""
         ids = self._token_ids
         merge_pairs = [[ids[x], ids[y]] for x, y in self._merges]
         merge_ids = [ids[x + y] for x, y in self._merges]
@@ -330,6 +401,7 @@ class BPETokenizer(Tokenizer):
         special_ids = set(self._special_tokens.values())
         made = set(self._byte_ids) | set(merge_ids) | special_ids
         extra = {str(i): base64.b64encode(t).decode("ascii") for i, t in sorted(self._decoder.items()) if i not in made}
+        roles = {} if self._special_ids == SpecialIds() else {"special_ids": dataclasses.asdict(self._special_ids)}
         return {
             "type": self.kind,
             "version": FORMAT_VERSION,
@@ -340,6 +412,7 @@ class BPETokenizer(Tokenizer):
             "merge_ids": first if contiguous else merge_ids,
             "extra_tokens": extra,
             "ignore_merges": self._ignore_merges,
+            **roles,
         }
 
     @classmethod
@@ -350,7 +423,7 @@ class BPETokenizer(Tokenizer):
         if data.get("version", FORMAT_VERSION) > FORMAT_VERSION:
             raise TokenizerError(f"{cls.kind} JSON version {data['version']} is newer than this llmjax reads ({FORMAT_VERSION})")
         try:
-            byte_ids = [int(i) for i in data["byte_ids"]]
+            byte_ids = [None if i is None else int(i) for i in data["byte_ids"]]
             if len(byte_ids) != 256:
                 raise TokenizerError(f"byte_ids has {len(byte_ids)} entries, not 256")
             pairs = [(int(a), int(b)) for a, b in data["merges"]]
@@ -360,11 +433,13 @@ class BPETokenizer(Tokenizer):
             merge_ids = [int(i) for i in merge_ids]
             if len(merge_ids) != len(pairs):
                 raise TokenizerError(f"merge_ids has {len(merge_ids)} entries for {len(pairs)} merges")
-            vocab = {i: bytes([byte]) for byte, i in enumerate(byte_ids)}
+            vocab = {i: bytes([byte]) for byte, i in enumerate(byte_ids) if i is not None}
             vocab.update((int(i), base64.b64decode(t, validate=True)) for i, t in data.get("extra_tokens", {}).items())
             merges = _resolve_merges(pairs, merge_ids, vocab)
             specials = {str(token): int(i) for token, i in data["special_tokens"].items()}
-            return cls(vocab, merges, data["pattern"], specials, ignore_merges=bool(data.get("ignore_merges", False)))
+            roles = SpecialIds(**data.get("special_ids", {}))
+            return cls(vocab, merges, data["pattern"], specials, ignore_merges=bool(data.get("ignore_merges", False)),
+                       special_ids=roles)
         except TokenizerError:
             raise
         except (KeyError, TypeError, ValueError) as error:
@@ -392,7 +467,7 @@ class BPETokenizer(Tokenizer):
             raise TokenizerError(f"{vocab_json}: expected a JSON object {{token: id}}, got {type(vocab).__name__}")
         merges = _parse_merges_txt(merges_txt.read_text(encoding="utf-8"), merges_txt)
         specials = _special_ids(special_tokens, vocab)
-        return cls._from_unicode_files(vocab, merges, specials, pattern, False, vocab_json.name, merges_txt.name)
+        return cls._from_unicode_files(vocab, merges, specials, pattern, False, vocab_json.name)
 
     def save_gpt2_files(self, folder: str | os.PathLike) -> tuple[Path, Path]:
         """Write vocab.json and merges.txt (GPT-2 / Hugging Face layout) into `folder`.
@@ -418,11 +493,17 @@ class BPETokenizer(Tokenizer):
 
     @classmethod
     def from_hf_tokenizer_json(cls, path: str | os.PathLike) -> BPETokenizer:
-        """Load a byte-level BPE saved by Hugging Face `tokenizers` (GPT-2, RoBERTa, Llama 3, ...).
+        """Load a byte-level BPE saved by Hugging Face `tokenizers` (GPT-2, RoBERTa, Llama 3, SmolLM, ...): the
+        ids `tokenizers` gives.
 
-        added_tokens become special tokens. Rejected with a message: other models (WordPiece,
-        Unigram), normalizers, pre-tokenizers that are not byte-level, and options this class
-        does not implement (add_prefix_space, dropout, lstrip / rstrip added tokens, ...).
+        added_tokens become special tokens; a TemplateProcessing post-processor that puts a special token
+        first / last becomes `special_ids` add_bos / add_eos. Pre-tokenizers: ByteLevel (GPT-2's regex),
+        Split(regex) then ByteLevel(use_regex=false) (Llama 3), Digits(individual_digits) then ByteLevel
+        (SmolLM, StarCoder). Accepted as the no-ops they are here: an empty normalizer Sequence, byte_fallback
+        (every byte has a byte-level symbol), a vocabulary without some single-byte tokens (a text that needs
+        one is refused when encoded, where `tokenizers` would give the unknown token). Rejected with a
+        message: other models (WordPiece, Unigram), normalizers that change text, other pre-tokenizers, and
+        options this class does not implement (add_prefix_space, dropout, lstrip / rstrip added tokens, ...).
         """
         path = Path(path)
         data = _read_json(path)
@@ -432,39 +513,57 @@ class BPETokenizer(Tokenizer):
         model_type = model.get("type", "BPE" if "merges" in model else None)
         if model_type != "BPE":
             raise TokenizerError(f"{path}: model type is {model_type!r}; only byte-level BPE loads as a BPETokenizer")
-        if data.get("normalizer") is not None:
-            normalizer = data["normalizer"].get("type") if isinstance(data["normalizer"], dict) else data["normalizer"]
-            raise TokenizerError(f"{path}: has a normalizer ({normalizer!r}); byte-level BPE here takes text as is")
+        _check_hf_normalizer(data.get("normalizer"), path)
         pattern = _hf_byte_level_pattern(data.get("pre_tokenizer"), path)
         for option, harmless in (("dropout", (None, 0, 0.0)), ("continuing_subword_prefix", (None, "")),
-                                 ("end_of_word_suffix", (None, "")), ("byte_fallback", (None, False))):
+                                 ("end_of_word_suffix", (None, ""))):
             if model.get(option) not in harmless:
                 raise TokenizerError(f"{path}: model option {option}={model[option]!r} is not supported")
         try:
-            specials = {}
-            for added in data.get("added_tokens") or []:
-                for option in ("lstrip", "rstrip", "single_word"):
-                    if added.get(option):
-                        raise TokenizerError(
-                            f"{path}: added token {added['content']!r} has {option}=true, which is not supported"
-                        )
-                specials[str(added["content"])] = int(added["id"])
+            specials = _hf_added_tokens(data.get("added_tokens") or [], path)
             merges = [_hf_merge(m, path, rank) for rank, m in enumerate(model.get("merges") or [])]
             vocab = dict(model.get("vocab") or {})
-        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            roles = _hf_special_ids(data.get("post_processor"))
+        except TokenizerError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
             raise TokenizerError(f"{path}: malformed tokenizer.json ({type(error).__name__}: {error})") from None
-        return cls._from_unicode_files(vocab, merges, specials, pattern, bool(model.get("ignore_merges")), path.name, path.name)
+        return cls._from_unicode_files(vocab, merges, specials, pattern, bool(model.get("ignore_merges")), path.name,
+                                       special_ids=roles)
+
+    # --- GGUF (llama.cpp) -----------------------------------------------------------------------
 
     @classmethod
-    def _from_unicode_files(cls, vocab: dict, merges: list[tuple[int, str, str]], specials: dict[str, int], pattern: str,
-                            ignore_merges: bool, vocab_name: str, merges_name: str) -> BPETokenizer:
-        """Build from a {token in GPT-2's byte alphabet: id} vocab and (line, a, b) merges."""
-        special_ids = set(specials.values())
+    def from_gguf(cls, metadata: Mapping) -> BPETokenizer:
+        """The byte-level BPE tokenizer of a GGUF file (tokenizer.ggml.model "gpt2") from its metadata
+        (`llmjax.io.gguf.read_metadata(path)`), read as llama.cpp reads it: tokens in GPT-2's byte alphabet and
+        "a b" merges; the pre-tokenizer named by tokenizer.ggml.pre (`llmjax.tokenizer.gguf.PRE_TOKENIZERS`);
+        control, user-defined and unknown tokens as special tokens (matched in text as one id); the BOS / EOS /
+        unknown / padding ids and add-BOS / add-EOS rules as `special_ids`."""
+        from llmjax.tokenizer import gguf
+
+        model = gguf.tokenizer_model(metadata)
+        if model != "gpt2":
+            raise TokenizerError(f"tokenizer.ggml.model is {model!r}, not 'gpt2' (byte-level BPE): not a BPETokenizer")
+        tokens = gguf.token_texts(metadata)
+        pre_tokenizer = gguf.pre_tokenizer(metadata)
+        specials = gguf.special_tokens(tokens, gguf.token_types(metadata, len(tokens)))
+        roles = SpecialIds(**gguf.special_ids(metadata, default_add_bos=pre_tokenizer.add_bos))
+        return cls._from_unicode_files(gguf.vocab(tokens), gguf.merges(metadata), specials, pre_tokenizer.pattern,
+                                       pre_tokenizer.ignore_merges, "tokenizer.ggml.tokens", special_ids=roles)
+
+    @classmethod
+    def _from_unicode_files(cls, vocab: dict, merges: list[tuple[str, str, str]], specials: dict[str, int],
+                            pattern: str, ignore_merges: bool, vocab_name: str,
+                            special_ids: SpecialIds | None = None) -> BPETokenizer:
+        """Build from a {token in GPT-2's byte alphabet: id} vocab (special tokens in their own spelling) and
+        (where, a, b) merges, `where` naming the merge's place in its file for messages ("merges.txt line 6")."""
+        special_id_set = set(specials.values())
         decoded = {}
         for token, i in vocab.items():
             if not isinstance(i, int) or i < 0:
                 raise TokenizerError(f"{vocab_name}: token {token!r} has id {i!r}, not a non-negative int")
-            if i in special_ids:
+            if i in special_id_set:
                 continue
             if any(char not in UNICODE_TO_BYTE for char in token):
                 raise TokenizerError(
@@ -473,17 +572,15 @@ class BPETokenizer(Tokenizer):
                 )
             decoded[i] = bytes(UNICODE_TO_BYTE[char] for char in token)
         merge_bytes = []
-        for line, x, y in merges:
+        for where, x, y in merges:
             for part in (x, y, x + y):
                 what = "merges into" if part == x + y else "refers to"
                 if part not in vocab:
-                    raise TokenizerError(
-                        f"{merges_name} line {line}: '{x} {y}' {what} token {part!r}, which is not in {vocab_name}"
-                    )
-                if vocab[part] in special_ids:
-                    raise TokenizerError(f"{merges_name} line {line}: '{x} {y}' {what} the special token {part!r}")
+                    raise TokenizerError(f"{where}: '{x} {y}' {what} token {part!r}, which is not in {vocab_name}")
+                if vocab[part] in special_id_set:
+                    raise TokenizerError(f"{where}: '{x} {y}' {what} the special token {part!r}")
             merge_bytes.append((decoded[vocab[x]], decoded[vocab[y]]))
-        return cls(decoded, merge_bytes, pattern, specials, ignore_merges=ignore_merges)
+        return cls(decoded, merge_bytes, pattern, specials, ignore_merges=ignore_merges, special_ids=special_ids)
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -513,15 +610,15 @@ def _regular_token_ids(decoder: dict[int, bytes], special_ids: set[int]) -> dict
     return ids
 
 
-def _byte_ids(token_ids: dict[bytes, int]) -> list[int]:
-    missing = [b for b in range(256) if bytes([b]) not in token_ids]
-    if missing:
-        shown = ", ".join(f"0x{b:02x}" for b in missing[:8]) + (" ..." if len(missing) > 8 else "")
-        raise TokenizerError(
-            f"the vocabulary lacks {len(missing)} of the 256 single-byte tokens ({shown}); a byte-level BPE needs all "
-            "of them so any text encodes (train HF tokenizers with initial_alphabet=ByteLevel.alphabet())"
-        )
-    return [token_ids[bytes([b])] for b in range(256)]
+def _byte_ids(token_ids: dict[bytes, int]) -> list[int | None]:
+    """[byte value] -> the id of its single-byte token, None where the vocabulary has none."""
+    return [token_ids.get(bytes([b])) for b in range(256)]
+
+
+def _byte_list(values: Iterable[int], shown: int = 8) -> str:
+    """"0x04, 0x06, ..." for the first `shown` of some byte values."""
+    ordered = sorted(values)
+    return ", ".join(f"0x{b:02x}" for b in ordered[:shown]) + (", ..." if len(ordered) > shown else "")
 
 
 def _resolve_merges(pairs: list[tuple[int, int]], merge_ids: list[int], vocab: dict[int, bytes]) -> list[tuple[bytes, bytes]]:
@@ -560,8 +657,8 @@ def _special_ids(special_tokens: Sequence[str] | Mapping[str, int], vocab: dict[
     return ids
 
 
-def _parse_merges_txt(text: str, path: Path) -> list[tuple[int, str, str]]:
-    """(line number, a, b) per merge line; '#version' header and blank lines skipped."""
+def _parse_merges_txt(text: str, path: Path) -> list[tuple[str, str, str]]:
+    """("merges.txt line N", a, b) per merge line; '#version' header and blank lines skipped."""
     merges = []
     for number, line in enumerate(text.split("\n"), start=1):
         line = line.rstrip("\r")
@@ -570,21 +667,66 @@ def _parse_merges_txt(text: str, path: Path) -> list[tuple[int, str, str]]:
         parts = line.split(" ")
         if len(parts) != 2 or not all(parts):
             raise TokenizerError(f"{path.name} line {number}: expected two tokens separated by one space, got {line!r}")
-        merges.append((number, parts[0], parts[1]))
+        merges.append((f"{path.name} line {number}", parts[0], parts[1]))
     return merges
 
 
-def _hf_merge(merge, path: Path, rank: int) -> tuple[int, str, str]:
-    """(merge number from 1, a, b) from "a b" (older tokenizers) or ["a", "b"] (tokenizers >= 0.20)."""
+def _hf_merge(merge, path: Path, rank: int) -> tuple[str, str, str]:
+    """("tokenizer.json model.merges[r]", a, b) from "a b" (older tokenizers) or ["a", "b"] (tokenizers >= 0.20)."""
     parts = merge.split(" ") if isinstance(merge, str) else merge
     if not isinstance(parts, list) or len(parts) != 2 or not all(isinstance(p, str) and p for p in parts):
         raise TokenizerError(f"{path}: model.merges[{rank}] is {merge!r}, not two tokens")
-    return rank + 1, parts[0], parts[1]
+    return f"{path.name} model.merges[{rank}]", parts[0], parts[1]
+
+
+def _hf_added_tokens(added_tokens: list, path: Path) -> dict[str, int]:
+    """{content: id} of the added tokens (all matched in text as one id); options that strip spaces are refused."""
+    specials = {}
+    for added in added_tokens:
+        for option in ("lstrip", "rstrip", "single_word"):
+            if added.get(option):
+                raise TokenizerError(
+                    f"{path}: added token {added['content']!r} has {option}=true, which is not supported"
+                )
+        specials[str(added["content"])] = int(added["id"])
+    return specials
+
+
+def _check_hf_normalizer(normalizer, path: Path) -> None:
+    """Refuse a normalizer that changes text (byte-level BPE here takes text as is); None and a Sequence of no
+    normalizers (what transformers writes for GGUF tokenizers) leave it as is."""
+    if not _is_noop_normalizer(normalizer):
+        found = normalizer.get("type") if isinstance(normalizer, dict) else normalizer
+        raise TokenizerError(f"{path}: has a normalizer ({found!r}); byte-level BPE here takes text as is")
+
+
+def _is_noop_normalizer(normalizer) -> bool:
+    if normalizer is None:
+        return True
+    is_sequence = isinstance(normalizer, dict) and normalizer.get("type") == "Sequence"
+    return is_sequence and all(map(_is_noop_normalizer, normalizer.get("normalizers") or []))
+
+
+def _hf_special_ids(post_processor) -> SpecialIds:
+    """BOS / EOS added to every text by a TemplateProcessing post-processor (alone or in a Sequence) whose
+    single-text template starts / ends with a special token (Llama 3: "<|begin_of_text|> $A"); else none."""
+    is_sequence = isinstance(post_processor, dict) and post_processor.get("type") == "Sequence"
+    for processor in post_processor.get("processors", []) if is_sequence else [post_processor]:
+        is_template = isinstance(processor, dict) and processor.get("type") == "TemplateProcessing"
+        if not is_template or not processor.get("single"):
+            continue
+        ids = {name: entry["ids"] for name, entry in (processor.get("special_tokens") or {}).items()}
+        first, last = processor["single"][0], processor["single"][-1]
+        bos = ids[first["SpecialToken"]["id"]][0] if "SpecialToken" in first else None
+        eos = ids[last["SpecialToken"]["id"]][-1] if "SpecialToken" in last else None
+        return SpecialIds(bos=bos, eos=eos, add_bos=bos is not None, add_eos=eos is not None)
+    return SpecialIds()
 
 
 def _hf_byte_level_pattern(pre_tokenizer, path: Path) -> str:
-    """The regex of a byte-level pre-tokenizer: ByteLevel(use_regex=True) is GPT-2's; a
-    Sequence [Split(regex, Isolated), ByteLevel(use_regex=False)] (Llama 3 style) its own."""
+    """The regex of a byte-level pre-tokenizer: ByteLevel(use_regex=True) is GPT-2's; a Sequence
+    [Digits(individual_digits=True), ByteLevel(use_regex=True)] (SmolLM, StarCoder) GPT-2's after every digit
+    is cut off alone; a Sequence [Split(regex, Isolated), ByteLevel(use_regex=False)] (Llama 3 style) its own."""
     is_sequence = isinstance(pre_tokenizer, dict) and pre_tokenizer.get("type") == "Sequence"
     steps = pre_tokenizer.get("pretokenizers", []) if is_sequence else [pre_tokenizer]
     if not steps or not isinstance(steps[-1], dict) or steps[-1].get("type") != "ByteLevel":
@@ -595,9 +737,13 @@ def _hf_byte_level_pattern(pre_tokenizer, path: Path) -> str:
         raise TokenizerError(f"{path}: ByteLevel add_prefix_space=true is not supported (it prepends a space to each text)")
     splits = steps[:-1]
     if byte_level.get("use_regex", True):
-        if splits:
-            raise TokenizerError(f"{path}: a Split before ByteLevel(use_regex=true) is not supported")
-        return GPT2_PATTERN
+        if not splits:
+            return GPT2_PATTERN
+        if len(splits) == 1 and splits[0] == {"type": "Digits", "individual_digits": True}:
+            return DIGITS_THEN_GPT2_PATTERN
+        found = [step.get("type") if isinstance(step, dict) else step for step in splits]
+        raise TokenizerError(f"{path}: {found} before ByteLevel(use_regex=true) is not supported "
+                             "(only Digits(individual_digits=true) is)")
     if len(splits) != 1 or splits[0].get("type") != "Split":
         raise TokenizerError(f"{path}: ByteLevel(use_regex=false) needs exactly one Split pre-tokenizer before it")
     split = splits[0]

@@ -44,7 +44,35 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 CL100K_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
 )
-PATTERNS = {"gpt2": GPT2_PATTERN, "cl100k": CL100K_PATTERN}
+# The pre-tokenizers llama.cpp names in GGUF files ("tokenizer.ggml.pre"; src/llama-vocab.cpp). llama.cpp applies a list
+# of regexes in turn, each splitting the pieces of the one before (text between matches is a piece too, and a piece's
+# end is the end of text for lookaheads); each list is written here as one regex that gives the same pieces.
+# Llama 3 ("llama-bpe"): case-insensitive contractions, letters after one non-letter, numbers in groups of at most 3.
+LLAMA3_PATTERN = (
+    r"""(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
+    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+# Qwen2: Llama 3's with every digit alone.
+QWEN2_PATTERN = (
+    r"""(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+# SmolLM / StarCoder (llama.cpp: ["\p{N}", GPT-2's]; Hugging Face: Digits(individual_digits) then ByteLevel): every
+# digit alone, GPT-2's regex between digits, where a digit ends the text: so no " 1" piece, and a run of spaces
+# before a digit stays whole.
+DIGITS_THEN_GPT2_PATTERN = r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+# llama.cpp's "default" (["[\p{P}\$\+<=>\^~\|]+", GPT-2's, "\p{N}+", "[0-9][0-9][0-9]"]): punctuation runs whole
+# (so contractions never match), GPT-2's regex between them, a space before digits alone, numbers cut into groups
+# of three ASCII digits from the left.
+_PUNCTUATION = r"\p{P}\$\+<=>\^~\|"
+LLAMA_CPP_DEFAULT_PATTERN = (
+    rf"""[{_PUNCTUATION}]+| ?\p{{L}}+| (?=\p{{N}})|[0-9]{{3}}|(?:(?![0-9]{{3}})\p{{N}})+"""
+    rf"""| ?[^\s\p{{L}}\p{{N}}{_PUNCTUATION}]+|\s+(?![^\s{_PUNCTUATION}])|\s+"""
+)
+PATTERNS = {
+    "gpt2": GPT2_PATTERN, "cl100k": CL100K_PATTERN, "llama3": LLAMA3_PATTERN, "qwen2": QWEN2_PATTERN,
+    "digits_then_gpt2": DIGITS_THEN_GPT2_PATTERN, "llama_cpp_default": LLAMA_CPP_DEFAULT_PATTERN,
+}
 
 CHUNK_BYTES = 1 << 20  # a unit one worker reads whole
 TASK_BYTES = 4 << 20  # units per task sent to a worker (amortizes sending the counts back)

@@ -1,0 +1,179 @@
+"""GGUF tokenizers (llama.cpp's "tokenizer.ggml.*" metadata) as llmjax tokenizers.
+
+    tokenizer = tokenizer_from_gguf("model.gguf")       # or the metadata dict of llmjax.io.gguf.read_metadata
+    ids = tokenizer.encode_prompt("Hello")              # BOS in front where the file says so
+
+A GGUF file stores its tokenizer as metadata: tokenizer.ggml.model ("gpt2": byte-level BPE, "llama":
+SentencePiece, ...), .tokens (byte-level BPE: in GPT-2's byte alphabet, "Ġthe"), .token_type (one per token,
+`TokenType`), .merges ("Ġ t", rank order), .pre (the pre-tokenizer, by llama.cpp's name), the BOS / EOS /
+unknown / padding ids and the add_bos_token / add_eos_token flags. Here they are read the way llama.cpp
+(src/llama-vocab.cpp) reads them: control, user-defined and unknown tokens are special tokens, matched in text
+as one id (llama.cpp's parse_special, Hugging Face's added tokens) and never made by merges; the pre-tokenizer
+name picks the regex and llama.cpp's defaults for add-BOS and ignore_merges, which the file's flags override.
+"""
+
+from __future__ import annotations
+
+import enum
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmjax.tokenizer.base import Tokenizer, TokenizerError
+from llmjax.tokenizer.pretokenize import (
+    DIGITS_THEN_GPT2_PATTERN,
+    GPT2_PATTERN,
+    LLAMA3_PATTERN,
+    LLAMA_CPP_DEFAULT_PATTERN,
+    QWEN2_PATTERN,
+)
+
+SUPPORTED_MODELS = {"gpt2": "byte-level BPE"}  # tokenizer.ggml.model values llmjax reads
+
+
+class TokenType(enum.IntEnum):
+    """tokenizer.ggml.token_type values (llama.cpp's llama_token_type)."""
+
+    NORMAL = 1
+    UNKNOWN = 2
+    CONTROL = 3
+    USER_DEFINED = 4
+    UNUSED = 5
+    BYTE = 6
+
+
+SPECIAL_TOKEN_TYPES = frozenset({TokenType.UNKNOWN, TokenType.CONTROL, TokenType.USER_DEFINED})
+
+
+@dataclass(frozen=True)
+class PreTokenizer:
+    """What a tokenizer.ggml.pre name means in llama.cpp: the regex (one regex with the pieces of llama.cpp's list,
+    see llmjax.tokenizer.pretokenize), whether prompts get BOS when the file does not say, and ignore_merges."""
+
+    pattern: str
+    add_bos: bool = False
+    ignore_merges: bool = False
+
+
+_GPT2 = PreTokenizer(GPT2_PATTERN)
+_LLAMA3 = PreTokenizer(LLAMA3_PATTERN, add_bos=True, ignore_merges=True)
+_DIGITS_THEN_GPT2 = PreTokenizer(DIGITS_THEN_GPT2_PATTERN)
+_QWEN2 = PreTokenizer(QWEN2_PATTERN)
+
+# llama.cpp's names (src/llama-vocab.cpp) for the pre-tokenizers above; names that share a regex share an entry.
+PRE_TOKENIZERS: dict[str, PreTokenizer] = {
+    "default": PreTokenizer(LLAMA_CPP_DEFAULT_PATTERN),
+    **dict.fromkeys(("gpt-2", "phi-2", "mpt", "olmo", "jais"), _GPT2),
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3"), _LLAMA3),
+    **dict.fromkeys(("dbrx", "smaug-bpe"), PreTokenizer(LLAMA3_PATTERN)),
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
+                    _DIGITS_THEN_GPT2),
+    **dict.fromkeys(("qwen2", "stablelm2", "deepseek-r1-qwen", "megrez"), _QWEN2),
+}
+
+
+# --- reading the metadata ---------------------------------------------------------------------
+
+
+def tokenizer_from_gguf(source: str | Path | Mapping) -> Tokenizer:
+    """The tokenizer of a GGUF file, from its path or its metadata (`llmjax.io.gguf.read_metadata`)."""
+    if isinstance(source, (str, Path)):
+        from llmjax.io.gguf import read_metadata
+
+        source = read_metadata(source)
+    model = tokenizer_model(source)
+    if model == "gpt2":
+        from llmjax.tokenizer.bpe import BPETokenizer
+
+        return BPETokenizer.from_gguf(source)
+    supported = ", ".join(f"{name!r} ({kind})" for name, kind in SUPPORTED_MODELS.items())
+    raise TokenizerError(f"the GGUF tokenizer.ggml.model {model!r} is not supported; llmjax reads {supported}")
+
+
+def tokenizer_model(metadata: Mapping) -> str:
+    """tokenizer.ggml.model: "gpt2" (byte-level BPE), "llama" (SentencePiece), "bert", "t5", ..."""
+    model = metadata.get("tokenizer.ggml.model")
+    if model is None:
+        raise TokenizerError("the GGUF file has no tokenizer (no tokenizer.ggml.model key)")
+    return str(model)
+
+
+def token_texts(metadata: Mapping) -> list[str]:
+    """tokenizer.ggml.tokens: each token's text (byte-level BPE: in GPT-2's byte alphabet; special tokens as is)."""
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens:
+        raise TokenizerError("the GGUF file has no tokenizer.ggml.tokens list")
+    return tokens
+
+
+def token_types(metadata: Mapping, count: int) -> list[int]:
+    """tokenizer.ggml.token_type, one per token (all NORMAL when the file has none, as llama.cpp assumes)."""
+    types = metadata.get("tokenizer.ggml.token_type")
+    if types is None:
+        return [TokenType.NORMAL] * count
+    if len(types) != count:
+        raise TokenizerError(f"the GGUF file has {len(types)} tokenizer.ggml.token_type entries for {count} tokens")
+    return types
+
+
+def vocab(tokens: list[str]) -> dict[str, int]:
+    """{token text: id}; two ids that spell the same token are an error (one of them could never be encoded)."""
+    ids: dict[str, int] = {}
+    for i, token in enumerate(tokens):
+        if ids.setdefault(token, i) != i:
+            raise TokenizerError(f"tokenizer.ggml.tokens {ids[token]} and {i} are both {token!r}")
+    return ids
+
+
+def special_tokens(tokens: list[str], types: list[int]) -> dict[str, int]:
+    """{text: id} of the control, user-defined and unknown tokens: the ones `encode` matches in text as one id."""
+    return {tokens[i]: i for i, kind in enumerate(types) if kind in SPECIAL_TOKEN_TYPES}
+
+
+def merges(metadata: Mapping) -> list[tuple[str, str, str]]:
+    """("tokenizer.ggml.merges[r]", a, b) per merge, in rank order, from "a b" strings."""
+    lines = metadata.get("tokenizer.ggml.merges")
+    if not isinstance(lines, list):
+        raise TokenizerError("the GGUF file has no tokenizer.ggml.merges list (a byte-level BPE needs its merges)")
+    parsed = []
+    for rank, line in enumerate(lines):
+        parts = line.split(" ") if isinstance(line, str) else ()
+        if len(parts) != 2 or not all(parts):
+            raise TokenizerError(f"tokenizer.ggml.merges[{rank}] is {line!r}, not two tokens separated by one space")
+        parsed.append((f"tokenizer.ggml.merges[{rank}]", parts[0], parts[1]))
+    return parsed
+
+
+def pre_tokenizer(metadata: Mapping) -> PreTokenizer:
+    """The pre-tokenizer tokenizer.ggml.pre names; none named: llama.cpp's "default", with its warning."""
+    name = metadata.get("tokenizer.ggml.pre")
+    if name is None:
+        warnings.warn("the GGUF file names no pre-tokenizer (tokenizer.ggml.pre): using llama.cpp's 'default', "
+                      "which may split text unlike the model's own tokenizer", stacklevel=3)
+        name = "default"
+    if name not in PRE_TOKENIZERS:
+        raise TokenizerError(f"the GGUF pre-tokenizer {name!r} (tokenizer.ggml.pre) is not supported; "
+                             f"llmjax knows {', '.join(sorted(PRE_TOKENIZERS))}")
+    return PRE_TOKENIZERS[name]
+
+
+def special_ids(metadata: Mapping, *, default_add_bos: bool = False) -> dict:
+    """{"bos", "eos", "unk", "pad": id or None, "add_bos", "add_eos": bool}: the fields of bpe.SpecialIds.
+
+    add_bos / add_eos are the file's tokenizer.ggml.add_bos_token / add_eos_token, else llama.cpp's default
+    for the pre-tokenizer (`default_add_bos`) and False."""
+    roles = {}
+    for role, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
+        i = metadata.get(f"tokenizer.ggml.{key}_token_id")
+        roles[role] = None if i is None else int(i)
+    roles["add_bos"] = bool(metadata.get("tokenizer.ggml.add_bos_token", default_add_bos))
+    roles["add_eos"] = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
+    return roles
+
+
+def special_token_text(metadata: Mapping, role: str) -> str:
+    """The text of the token tokenizer.ggml.<role>_token_id names ("bos", "eos", ...), "" when it names none."""
+    i = metadata.get(f"tokenizer.ggml.{role}_token_id")
+    tokens = metadata.get("tokenizer.ggml.tokens") or []
+    return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else ""
