@@ -242,9 +242,12 @@ def hidden_states_and_moe_metrics(
     if cfg.is_moe:
         x, moe_metrics = _moe_stack(params, x, positions, segment_ids, cfg, rng)
         return norm(params["final_norm"], x, cfg), moe_metrics
+    unroll = scan_unroll(cfg, compute_platform(x))
     if cfg.remat != "none":
-        scan_step = jax.checkpoint(scan_step, policy=remat_policy(cfg), prevent_cse=False)
-    x, _ = jax.lax.scan(scan_step, x, params["blocks"], unroll=scan_unroll(cfg, compute_platform(x)))
+        # A scan unrolled whole runs once, so XLA inlines it and, without the barrier, would merge the backward
+        # pass's recomputation with the forward pass (common-subexpression elimination): no memory saved.
+        scan_step = jax.checkpoint(scan_step, policy=remat_policy(cfg), prevent_cse=unroll >= cfg.num_layers)
+    x, _ = jax.lax.scan(scan_step, x, params["blocks"], unroll=unroll)
     return norm(params["final_norm"], x, cfg), {}
 
 
