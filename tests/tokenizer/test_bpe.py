@@ -183,10 +183,12 @@ def test_from_json_rejects_other_and_broken_files(tokenizer):
         BPETokenizer.from_json(broken)
 
 
-def test_constructor_rejects_incomplete_vocabularies():
-    vocab = {b: bytes([b]) for b in range(255)}
-    with pytest.raises(TokenizerError, match=r"lacks 1 of the 256 single-byte tokens \(0xff\)"):
-        BPETokenizer(vocab, [])
+def test_constructor_checks_vocabularies():
+    vocab = {b: bytes([b]) for b in range(255)}  # no 0xff (never in UTF-8 text): loads
+    assert BPETokenizer(vocab, []).encode("ab") == [97, 98]
+    without_c3 = {i: bytes([b]) for i, b in enumerate(b for b in range(256) if b != 0xC3)}
+    with pytest.raises(TokenizerError, match="needs the byte 0xc3"):  # only a text that needs it is refused
+        BPETokenizer(without_c3, []).encode_ordinary("caf\u00e9")  # é: UTF-8 c3 a9
     vocab[255] = b"\xff"
     with pytest.raises(TokenizerError, match="needs the token b'ab'"):
         BPETokenizer(vocab, [(b"a", b"b")])

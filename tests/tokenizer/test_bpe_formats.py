@@ -201,10 +201,15 @@ def test_hf_json_that_is_not_byte_level_bpe_is_rejected(hf_files, tmp_path, edit
         BPETokenizer.from_hf_tokenizer_json(edited_tokenizer_json(hf_files, tmp_path, edit))
 
 
-def test_hf_bpe_without_all_bytes_is_rejected(corpus, tmp_path):
-    train_hf(corpus[:3], 400, alphabet=False).save(str(tmp_path / "tokenizer.json"))
-    with pytest.raises(TokenizerError, match="lacks .* of the 256 single-byte tokens"):
-        BPETokenizer.from_hf_tokenizer_json(tmp_path / "tokenizer.json")
+def test_hf_bpe_without_all_bytes_loads_and_refuses_only_texts_that_need_a_missing_byte(corpus, tmp_path):
+    hf = train_hf(corpus[:3], 400, alphabet=False)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    ours = BPETokenizer.from_hf_tokenizer_json(tmp_path / "tokenizer.json")
+    assert ours.missing_bytes and 0xFF in ours.missing_bytes
+    text = corpus[0][:200]
+    assert ours.encode(text) == hf.encode(text).ids
+    with pytest.raises(TokenizerError, match="needs the byte 0xc3"):
+        ours.encode("\u00ff\u00ff")  # UTF-8 c3 bf: bytes the corpus never had
 
 
 # --- other HF byte-level variants ---------------------------------------------------------------
