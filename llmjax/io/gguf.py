@@ -12,17 +12,20 @@ seconds on a 49k-token vocabulary) and maps the data, so tensors are read one at
 
 Tensors: `dequantize` turns F32 / F16 / BF16 and the block formats Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K,
 Q5_K, Q6_K into float32 with the same float32 arithmetic as llama.cpp (bit-equal to the `gguf` package's reference).
-With `quantized=True` the block linears (attention q / k / v / o, MLP gate / up / down) of three formats stay
+With `quantized=True` the block linears (attention q / k / v / o, MLP gate / up / down) of five formats stay
 quantized, each a stacked `QuantizedMatrix` as `llmjax.quant.model.quantize_params` makes, exactly:
 
     Q8_0  w = d * q            q int8, d float16 per block of 32  ->  int8, group 32: code = q + 128, scale = d
     Q4_0  w = d * (q - 8)      q 4-bit                            ->  int4, group 32: code = q, zero 8, scale = d
     Q4_1  w = d * q + m        q 4-bit, m float16                 ->  int4, group 32: code = q, scale = d, offset = m
+    Q5_0  w = d * (q - 16)     q 5-bit                            ->  int8, group 32: code = q + 112, scale = d
+    Q5_1  w = d * q + m        q 5-bit                            ->  int8, group 32: code = q, scale = d, offset = m
 
 A block of 32 weights along a row of the GGUF matrix (one output, 32 consecutive inputs) is one group of our
 [in, out] matrix, and both sides compute the weight with the same float32 operations, so `x @ qm` equals x times the
-reference dequantization. Every other type (and a linear whose layers do not share one of these types) is
-dequantized to `dtype`; so are the embedding and the output head.
+reference dequantization. The K-quants are not kept: their per-sub-block scale d * s (float16 times a 6-bit
+integer) does not fit our float16 group scales. Every other type (and a linear whose layers do not share one type
+of the five) is dequantized to `dtype`; so are the embedding and the output head.
 
 Layouts: llama.cpp's converter permutes the rows of LLaMA's q / k projections (weights and biases) so RoPE pairs
 neighbouring dimensions; they are permuted back to the Hugging Face "half" layout, so the parameters equal
@@ -690,9 +693,9 @@ def load_gguf(path, *, dtype: str = "float32", quantized: bool = False) -> tuple
     """Parameters in llmjax's layout and the ModelConfig of a GGUF file (a path or a packaged model's name).
 
     dtype: the float parameters' dtype (cfg.param_dtype; computation stays float32, as for load_hf_checkpoint).
-    quantized: keep the block linears stored as Q8_0 / Q4_0 / Q4_1 in every layer as QuantizedMatrix (int8 / int4,
-    group 32, exact: see the module docstring), for llmjax.quant.model.quantized_forward and the quantized decode
-    path; other types (F16, BF16, Q5_*, K-quants) and the embedding / output head are dequantized to dtype.
+    quantized: keep the block linears stored as Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 in every layer as QuantizedMatrix
+    (int8 / int4, group 32, exact: see the module docstring), for llmjax.quant.model.quantized_forward and the
+    quantized decode path; other types (F16, BF16, K-quants) and the embedding / output head are dequantized.
     Tensors are read one at a time from the mapped file; any problem raises GGUFError before anything is returned.
     """
     file = read_gguf(path)
@@ -720,24 +723,19 @@ def load_gguf(path, *, dtype: str = "float32", quantized: bool = False) -> tuple
 
 # --- block linears kept quantized ----------------------------------------------------------
 
-def kept_formats() -> dict[GGMLQuantizationType, str]:
-    """GGUF type -> our format for the linears load_gguf(quantized=True) keeps quantized. Q4_1 needs
-    QuantizedMatrix.offsets (w = code * scale + offset)."""
-    formats = {Q.Q8_0: "int8", Q.Q4_0: "int4"}
-    if "offsets" in {field.name for field in dataclasses.fields(QuantizedMatrix)}:
-        formats[Q.Q4_1] = "int4"
-    return formats
+KEPT_FORMATS = {Q.Q8_0: "int8", Q.Q4_0: "int4", Q.Q4_1: "int4", Q.Q5_0: "int8", Q.Q5_1: "int8"}
+_WITH_OFFSETS = (Q.Q4_1, Q.Q5_1)  # w = d * q + m: QuantizedMatrix.offsets = m
 
 
 def _kept_quantized(sources: dict, cfg: ModelConfig, family: str) -> list:
-    """The table rows of block linears whose every layer is stored in one type that kept_formats() maps."""
-    linears, formats = linear_weights(cfg), kept_formats()
+    """The table rows of block linears whose every layer is stored in one type of KEPT_FORMATS."""
+    linears = linear_weights(cfg)
     kept = []
     for mapping in tensor_mappings(cfg, family):
         if not mapping.per_layer or not set(mapping.ours) <= linears.keys():
             continue
         types = {sources[mapping.hf_name.format(layer=layer)].qtype for layer in range(cfg.num_layers)}
-        if len(types) == 1 and types.pop() in formats:
+        if len(types) == 1 and types.pop() in KEPT_FORMATS:
             kept.append(mapping)
     return kept
 
@@ -762,11 +760,11 @@ def _quantized_parameters(mapping, sources: dict, cfg: ModelConfig, family: str)
 
 
 def quantized_matrix(raw: np.ndarray, qtype, shape) -> QuantizedMatrix:
-    """One GGUF matrix [out, in] (shape in NumPy order) of type Q8_0 / Q4_0 / Q4_1 as our QuantizedMatrix of the
-    [in, out] weight, without dequantizing: the same values as dequantize(raw, qtype, shape).T."""
+    """One GGUF matrix [out, in] (shape in NumPy order) of type Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 as our
+    QuantizedMatrix of the [in, out] weight, without dequantizing: the same values as dequantize(raw, qtype, shape).T."""
     qtype = qtype_of(qtype)
-    if qtype not in kept_formats() or len(shape) != 2:
-        raise GGUFError(f"quantized_matrix takes a 2-D {' / '.join(t.name for t in kept_formats())} tensor, "
+    if qtype not in KEPT_FORMATS or len(shape) != 2:
+        raise GGUFError(f"quantized_matrix takes a 2-D {' / '.join(t.name for t in KEPT_FORMATS)} tensor, "
                         f"not {qtype.name} {list(shape)}")
     blocks = np.ascontiguousarray(raw).reshape(-1).view(np.uint8).view(BLOCK_LAYOUTS[qtype]).reshape(shape[0], -1)
     stacked = _stacked([_block_groups(blocks, qtype)], qtype, (shape[1], shape[0]), in_dims=1)
@@ -774,24 +772,26 @@ def quantized_matrix(raw: np.ndarray, qtype, shape) -> QuantizedMatrix:
 
 
 def _block_groups(blocks: np.ndarray, qtype) -> tuple:
-    """Blocks [out, groups] of one matrix -> codes uint8 [in, out], scales float16 [groups, out], offsets (Q4_1's
-    m) float16 [groups, out] or None."""
+    """Blocks [out, groups] of one matrix -> codes uint8 [in, out], scales float16 [groups, out], offsets (the m of
+    Q4_1 / Q5_1) float16 [groups, out] or None. Codes [out, groups, 32] hold element j of each block at j."""
     if qtype == Q.Q8_0:
-        codes = (blocks["qs"].astype(np.int16) + 128).astype(np.uint8)  # [out, groups, 32]
+        codes = (blocks["qs"].astype(np.int16) + 128).astype(np.uint8)  # int8 zero point 128
+    elif qtype in (Q.Q5_0, Q.Q5_1):
+        codes = _five_bit(blocks) + (112 if qtype == Q.Q5_0 else 0)  # Q5_0: q - 16 + 128
     else:
-        codes = _low_high(blocks["qs"])  # [out, groups, 32]: element j of a block is nibble j (lows, then highs)
-    offsets = blocks["m"].T if qtype == Q.Q4_1 else None
-    return codes.reshape(len(blocks), -1).T, blocks["d"].T, offsets
+        codes = _low_high(blocks["qs"])  # Q4_0 (zero point 8) / Q4_1
+    offsets = blocks["m"].T if qtype in _WITH_OFFSETS else None
+    return codes.astype(np.uint8).reshape(len(blocks), -1).T, blocks["d"].T, offsets
 
 
 def _stacked(layers: list[tuple], qtype, shape: tuple, in_dims: int) -> QuantizedMatrix:
     """One QuantizedMatrix [layers, ...] as quantize_params stacks them (lead_dims=1)."""
-    fmt = kept_formats()[qtype]
+    fmt = KEPT_FORMATS[qtype]
     codes = np.stack([codes for codes, _, _ in layers])  # [layers, in, out]
     if fmt == "int4":
         codes = pack_4bit(codes)  # [layers, in / 2, out]
     extra = {}
-    if qtype == Q.Q4_1:
+    if qtype in _WITH_OFFSETS:
         extra["offsets"] = jnp.asarray(np.stack([offsets for _, _, offsets in layers]))
     return QuantizedMatrix(jnp.asarray(codes), scales=jnp.asarray(np.stack([scales for _, scales, _ in layers])),
                            zeros=None, format=fmt, group_size=32, shape=tuple(shape), in_dims=in_dims, **extra)

@@ -39,7 +39,8 @@ from llmjax.quant.model import (
 
 FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
 BLOCK_TYPES = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
-KEPT = {Q.Q8_0: "int8", Q.Q4_0: "int4", Q.Q4_1: "int4"}  # kept quantized by load_gguf(quantized=True)
+KEPT = {Q.Q8_0: "int8", Q.Q4_0: "int4", Q.Q4_1: "int4", Q.Q5_0: "int8", Q.Q5_1: "int8"}  # load_gguf(quantized=True)
+WITH_OFFSETS = (Q.Q4_1, Q.Q5_1)
 
 
 def is_quantized(x) -> bool:
@@ -120,7 +121,7 @@ def test_kept_formats_are_bit_exact(qtype):
     raw = random_tensor_bytes(qtype, (out_features, in_features), rng)
     qm = quantized_matrix(raw, qtype, (out_features, in_features))
     assert (qm.format, qm.group_size, qm.shape, qm.codes.shape[-1]) == (KEPT[qtype], 32, (96, 40), 40)
-    assert (qm.offsets is not None) == (qtype == Q.Q4_1) and qm.zeros is None
+    assert (qm.offsets is not None) == (qtype in WITH_OFFSETS) and qm.zeros is None
     reference = gguf.quants.dequantize(raw, qtype).T  # [in, out]
     np.testing.assert_array_equal(qm.dequantize(), reference)
     x = jnp.asarray(rng.normal(0, 1, (5, in_features)), jnp.float32)
@@ -128,8 +129,9 @@ def test_kept_formats_are_bit_exact(qtype):
 
 
 def test_quantized_matrix_refuses_other_types():
-    with pytest.raises(GGUFError, match="quantized_matrix takes a 2-D Q8_0 / Q4_0 / Q4_1 tensor, not Q5_0"):
-        quantized_matrix(np.zeros(44, np.uint8), Q.Q5_0, (2, 32))
+    with pytest.raises(GGUFError, match="quantized_matrix takes a 2-D Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 tensor, "
+                                        "not Q4_K"):
+        quantized_matrix(np.zeros(288, np.uint8), Q.Q4_K, (2, 256))
 
 
 # --- tiny files written the way llama.cpp's converter writes them ----------------------------
@@ -295,10 +297,11 @@ def test_llama_file_equals_transformers_import(tmp_path, variant, settings):
     np.testing.assert_allclose(ours, logits(model, TOKENS), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("qtype", (Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1), ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", (Q.F16, Q.BF16, *KEPT), ids=lambda q: q.name)
 def test_every_type_imports_like_transformers(tmp_path, qtype):
-    """Each tensor of a file in F16 / BF16 / Q8_0 / Q4_0 / Q4_1 equals transformers' import (gguf's dequantizer,
-    its own un-permutation), exactly: as floats and, for the formats kept quantized, as QuantizedMatrix."""
+    """Each tensor of a file in F16 / BF16 / Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 (the types gguf can write) equals
+    transformers' import (gguf's dequantizer, its own un-permutation), exactly: as floats and, for the formats kept
+    quantized, as QuantizedMatrix."""
     path = write_model(tmp_path / "tiny.gguf", tiny_llama(), "llama", qtype)
     reference = transformers_import(path).state_dict()
     params, cfg = load_gguf(path)
@@ -326,8 +329,8 @@ def test_dtype_casts_the_float_parameters(tmp_path):
 
 @pytest.mark.parametrize("qtype", KEPT, ids=lambda q: q.name)
 def test_quantized_import_is_stacked_like_quantize_params(tmp_path, qtype):
-    """The pytree quantize_params makes (arrays, shapes, dtypes, static format / group / shape / in_dims; Q4_1's
-    offsets in place of a zero point), so quantized_forward and the quantized decode paths take it as their own."""
+    """The pytree quantize_params makes (arrays, shapes, dtypes, static format / group / shape / in_dims; the
+    offsets of Q4_1 / Q5_1 besides), so quantized_forward and the quantized decode paths take it as their own."""
     params, cfg = load_gguf(write_model(tmp_path / "tiny.gguf", tiny_llama(), "llama", qtype))
     ours, _ = load_gguf(tmp_path / "tiny.gguf", quantized=True)
     theirs = jax.eval_shape(lambda p: quantize_params(p, cfg, KEPT[qtype], 32, symmetric=True), params)
@@ -338,7 +341,7 @@ def test_quantized_import_is_stacked_like_quantize_params(tmp_path, qtype):
     assert shapes(without_offsets) == shapes(theirs)
     for name in linear_weights(cfg):
         kernel = param(ours, name)
-        assert (kernel.offsets is not None) == (qtype == Q.Q4_1), name
+        assert (kernel.offsets is not None) == (qtype in WITH_OFFSETS), name
         if kernel.offsets is not None:
             assert (kernel.offsets.shape, kernel.offsets.dtype) == (kernel.scales.shape, jnp.float16)
 
