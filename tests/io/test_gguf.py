@@ -1,9 +1,9 @@
 """GGUF import against the gguf package and transformers' GGUF loader.
 
-Dequantizers on random blocks against gguf's reference (bit-equal); our int8 / int4 copies of Q8_0 / Q4_0 / Q4_1
-against dequantize-then-matmul (bit-equal); tiny LLaMA / GPT-2 files written here the way llama.cpp's converter
-writes them, loaded by us and by transformers; the real SmolLM2-135M-Instruct file tensor by tensor and on logits;
-and every kind of bad file."""
+Dequantizers on random blocks against gguf's reference (bit-equal); our int8 / int4 copies of Q8_0 / Q4_0 / Q4_1 /
+Q5_0 / Q5_1 against dequantize-then-matmul (bit-equal); tiny LLaMA / GPT-2 files written here the way llama.cpp's
+converter writes them, loaded by us and by transformers; the real SmolLM2-135M-Instruct file tensor by tensor and on
+logits; and every kind of bad file."""
 
 import dataclasses
 
