@@ -2,7 +2,7 @@
 # Decode, serving and training speed of this tree against a baseline tree, interleaved on one GPU, plus the
 # GPU-marked tests. Run on the device from the repository root, with the baseline exported beside it:
 #   git archive BASE -- llmjax kernels experiments pyproject.toml | tar -x -C .baseline   (carry .baseline)
-#   bash tools/before_after_gpu.sh all | serve | profile
+#   bash tools/before_after_gpu.sh all | serve | profile | gpu-tests
 # Logs and JSON are written under /tmp/before_after and packed into $OUT/PART.tgz (default OUT: runs).
 set -uo pipefail
 LOGS=/tmp/before_after
@@ -56,15 +56,19 @@ serve)  # serving and batch-32 decode before / after, then two remat policies ch
     done
     remat_sweep names-save "remat=names" "remat_save=query,key,value,attention_output,attention_residual,mlp_hidden"
     remat_sweep names-offload "remat=names" "remat_offload=query,key,value,attention_output,attention_residual,mlp_hidden" ;;
-profile)  # today's remat policies on llama-1b, a profile read by named scopes, the whole GPU test suite
+profile)  # remat policies on llama-1b, then a profile read by named scopes
     remat_sweep none "remat=none"
-    remat_sweep dots_no_batch "remat=dots_no_batch"
     remat_sweep full "remat=full"
-    rm -rf /tmp/hlo && XLA_FLAGS="--xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*train_step.*" \
+    remat_sweep dots_no_batch "remat=dots_no_batch"
+    remat_sweep names-save "remat=names" "remat_save=query,key,value,attention_output,attention_residual,mlp_hidden"
+    remat_sweep names-offload "remat=names" "remat_offload=query,key,value,attention_output,attention_residual,mlp_hidden"
+    # Command buffers (CUDA graphs) hide which HLO instruction launched a kernel: off for the profile.
+    rm -rf /tmp/hlo && XLA_FLAGS="--xla_gpu_enable_command_buffer= --xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*train_step.*" \
         bench "profile" . bench_train "${LLAMA[@]}" --steps 3 --profile "$LOGS/trace" --out "$LOGS/profile"
     python3 tools/trace_top.py "$LOGS/trace" 3 15 "$(ls -S /tmp/hlo/*train_step*after_optimizations.txt | head -1)" \
-        2>&1 | tee "$LOGS/profile-scopes.txt" | tail -40
-    timeout 280 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=15 tests 2>&1 | tee "$LOGS/gpu-tests.log" | tail -15 ;;
+        2>&1 | tee "$LOGS/profile-scopes.txt" | tail -40 ;;
+gpu-tests)  # the whole GPU-marked suite
+    timeout 500 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=15 tests 2>&1 | tee "$LOGS/gpu-tests.log" | tail -25 ;;
 *)
-    echo "usage: bash tools/before_after_gpu.sh all | serve | profile" >&2; exit 2 ;;
+    echo "usage: bash tools/before_after_gpu.sh all | serve | profile | gpu-tests" >&2; exit 2 ;;
 esac
