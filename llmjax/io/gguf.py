@@ -233,7 +233,8 @@ def read_gguf(path: str | Path) -> GGUFFile:
     for name, shape, qtype, offset in infos:
         if name in tensors:
             raise GGUFError(f"{path}: tensor {name!r} appears twice; the file is damaged")
-        tensors[name] = GGUFTensor(name, shape, qtype, _tensor_data(buffer, path, name, shape, qtype, data_start + offset))
+        data = _tensor_data(buffer, path, name, shape, qtype, data_start + offset)
+        tensors[name] = GGUFTensor(name, shape, qtype, data)
     return GGUFFile(path, version, metadata, tensors)
 
 
@@ -761,7 +762,7 @@ def _quantized_parameters(mapping, sources: dict, cfg: ModelConfig, family: str)
 
 def quantized_matrix(raw: np.ndarray, qtype, shape) -> QuantizedMatrix:
     """One GGUF matrix [out, in] (shape in NumPy order) of type Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 as our
-    QuantizedMatrix of the [in, out] weight, without dequantizing: the same values as dequantize(raw, qtype, shape).T."""
+    QuantizedMatrix of the [in, out] weight, without dequantizing: the values of dequantize(raw, qtype, shape).T."""
     qtype = qtype_of(qtype)
     if qtype not in KEPT_FORMATS or len(shape) != 2:
         raise GGUFError(f"quantized_matrix takes a 2-D {' / '.join(t.name for t in KEPT_FORMATS)} tensor, "

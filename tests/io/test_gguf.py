@@ -514,7 +514,8 @@ def test_truncated_file(tiny_file):
 
 
 def test_unsupported_architecture(tmp_path):
-    path = write_gguf(tmp_path / "mamba.gguf", "mamba", {"mamba.block_count": 2}, {"token_embd.weight": np.ones((4, 8))})
+    tensors = {"token_embd.weight": np.ones((4, 8))}
+    path = write_gguf(tmp_path / "mamba.gguf", "mamba", {"mamba.block_count": 2}, tensors)
     one_line_error(lambda: load_gguf(path), r"mamba.gguf: unsupported architecture 'mamba'; supported: llama, gpt2$")
 
 
@@ -552,7 +553,7 @@ def test_missing_and_unexpected_tensors(tiny_file):
     tmp_path, _, tensors, metadata = tiny_file
     missing = {name: w for name, w in tensors.items() if name != "blk.2.ffn_down.weight"}
     path = write_gguf(tmp_path / "missing.gguf", "llama", metadata, missing)
-    one_line_error(lambda: load_gguf(path), r"missing 1 tensor\(s\) that its metadata calls for: 'blk.2.ffn_down.weight'")
+    one_line_error(lambda: load_gguf(path), r"missing 1 tensor\(s\) that its metadata calls for: 'blk.2.ffn_down")
     extra = tensors | {"blk.0.ffn_gate_exps.weight": np.ones((2, 96, 64))}
     path = write_gguf(tmp_path / "extra.gguf", "llama", metadata, extra)
     one_line_error(lambda: load_gguf(path), r"1 tensor\(s\) that a llama model does not have: 'blk.0.ffn_gate_exps")
