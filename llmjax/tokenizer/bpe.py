@@ -2,7 +2,7 @@
 
     tokenizer = BPETokenizer.from_gpt2_files("vocab.json", "merges.txt")   # OpenAI / HF layout
     tokenizer = BPETokenizer.from_hf_tokenizer_json("tokenizer.json")       # HF `tokenizers`
-    tokenizer = BPETokenizer.from_gguf(read_metadata("model.gguf"))          # llama.cpp (llmjax.io.gguf)
+    tokenizer = llmjax.tokenizer.gguf.tokenizer_from_gguf("model.gguf")       # llama.cpp
     ids = tokenizer.encode("Hello world<|endoftext|>")                      # [15496, 995, 50256]
     tokenizer.save("bpe.json")                                             # our JSON: from_json reads it
     tokenizer.save_gpt2_files("out/")                                       # vocab.json + merges.txt
@@ -467,7 +467,7 @@ class BPETokenizer(Tokenizer):
             raise TokenizerError(f"{vocab_json}: expected a JSON object {{token: id}}, got {type(vocab).__name__}")
         merges = _parse_merges_txt(merges_txt.read_text(encoding="utf-8"), merges_txt)
         specials = _special_ids(special_tokens, vocab)
-        return cls._from_unicode_files(vocab, merges, specials, pattern, False, vocab_json.name)
+        return cls.from_byte_level_vocab(vocab, merges, specials, pattern, False, vocab_json.name)
 
     def save_gpt2_files(self, folder: str | os.PathLike) -> tuple[Path, Path]:
         """Write vocab.json and merges.txt (GPT-2 / Hugging Face layout) into `folder`.
@@ -528,32 +528,11 @@ class BPETokenizer(Tokenizer):
             raise
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
             raise TokenizerError(f"{path}: malformed tokenizer.json ({type(error).__name__}: {error})") from None
-        return cls._from_unicode_files(vocab, merges, specials, pattern, bool(model.get("ignore_merges")), path.name,
+        return cls.from_byte_level_vocab(vocab, merges, specials, pattern, bool(model.get("ignore_merges")), path.name,
                                        special_ids=roles)
 
-    # --- GGUF (llama.cpp) -----------------------------------------------------------------------
-
     @classmethod
-    def from_gguf(cls, metadata: Mapping) -> BPETokenizer:
-        """The byte-level BPE tokenizer of a GGUF file (tokenizer.ggml.model "gpt2") from its metadata
-        (`llmjax.io.gguf.read_metadata(path)`), read as llama.cpp reads it: tokens in GPT-2's byte alphabet and
-        "a b" merges; the pre-tokenizer named by tokenizer.ggml.pre (`llmjax.tokenizer.gguf.PRE_TOKENIZERS`);
-        control, user-defined and unknown tokens as special tokens (matched in text as one id); the BOS / EOS /
-        unknown / padding ids and add-BOS / add-EOS rules as `special_ids`."""
-        from llmjax.tokenizer import gguf
-
-        model = gguf.tokenizer_model(metadata)
-        if model != "gpt2":
-            raise TokenizerError(f"tokenizer.ggml.model is {model!r}, not 'gpt2' (byte-level BPE): not a BPETokenizer")
-        tokens = gguf.token_texts(metadata)
-        pre_tokenizer = gguf.pre_tokenizer(metadata)
-        specials = gguf.special_tokens(tokens, gguf.token_types(metadata, len(tokens)))
-        roles = SpecialIds(**gguf.special_ids(metadata, default_add_bos=pre_tokenizer.add_bos))
-        return cls._from_unicode_files(gguf.vocab(tokens), gguf.merges(metadata), specials, pre_tokenizer.pattern,
-                                       pre_tokenizer.ignore_merges, "tokenizer.ggml.tokens", special_ids=roles)
-
-    @classmethod
-    def _from_unicode_files(cls, vocab: dict, merges: list[tuple[str, str, str]], specials: dict[str, int],
+    def from_byte_level_vocab(cls, vocab: dict, merges: list[tuple[str, str, str]], specials: dict[str, int],
                             pattern: str, ignore_merges: bool, vocab_name: str,
                             special_ids: SpecialIds | None = None) -> BPETokenizer:
         """Build from a {token in GPT-2's byte alphabet: id} vocab (special tokens in their own spelling) and

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmjax.tokenizer.base import Tokenizer, TokenizerError
+from llmjax.tokenizer.bpe import BPETokenizer, SpecialIds
 from llmjax.tokenizer.pretokenize import (
     DIGITS_THEN_GPT2_PATTERN,
     GPT2_PATTERN,
@@ -84,11 +85,22 @@ def tokenizer_from_gguf(source: str | Path | Mapping) -> Tokenizer:
         source = read_metadata(source)
     model = tokenizer_model(source)
     if model == "gpt2":
-        from llmjax.tokenizer.bpe import BPETokenizer
-
-        return BPETokenizer.from_gguf(source)
+        return byte_level_bpe_from_gguf(source)
     supported = ", ".join(f"{name!r} ({kind})" for name, kind in SUPPORTED_MODELS.items())
     raise TokenizerError(f"the GGUF tokenizer.ggml.model {model!r} is not supported; llmjax reads {supported}")
+
+
+def byte_level_bpe_from_gguf(metadata: Mapping) -> BPETokenizer:
+    """The byte-level BPE tokenizer (tokenizer.ggml.model "gpt2") of a GGUF file's metadata, read as llama.cpp
+    reads it: tokens in GPT-2's byte alphabet and "a b" merges; the pre-tokenizer named by tokenizer.ggml.pre
+    (PRE_TOKENIZERS); control, user-defined and unknown tokens as special tokens (matched in text as one id);
+    the BOS / EOS / unknown / padding ids and add-BOS / add-EOS rules as `special_ids`."""
+    tokens = token_texts(metadata)
+    pre = pre_tokenizer(metadata)
+    specials = special_tokens(tokens, token_types(metadata, len(tokens)))
+    roles = SpecialIds(**special_ids(metadata, default_add_bos=pre.add_bos))
+    return BPETokenizer.from_byte_level_vocab(vocab(tokens), merges(metadata), specials, pre.pattern,
+                                              pre.ignore_merges, "tokenizer.ggml.tokens", special_ids=roles)
 
 
 def tokenizer_model(metadata: Mapping) -> str:

@@ -17,7 +17,7 @@ from llmjax.infer.server import ChatFormat
 from llmjax.io.gguf import read_metadata, resolve_gguf
 from llmjax.tokenizer import TokenizerError, load_tokenizer
 from llmjax.tokenizer.bpe import BYTE_TO_UNICODE, BPETokenizer, SpecialIds
-from llmjax.tokenizer.gguf import PRE_TOKENIZERS, TokenType, tokenizer_from_gguf
+from llmjax.tokenizer.gguf import PRE_TOKENIZERS, TokenType, byte_level_bpe_from_gguf, tokenizer_from_gguf
 from llmjax.tokenizer.pretokenize import (
     DIGITS_THEN_GPT2_PATTERN,
     GPT2_PATTERN,
@@ -67,7 +67,7 @@ def metadata(gguf_path):
 
 @pytest.fixture(scope="session")
 def ours(metadata):
-    return BPETokenizer.from_gguf(metadata)
+    return byte_level_bpe_from_gguf(metadata)
 
 
 @pytest.fixture(scope="session")
@@ -168,7 +168,7 @@ def test_our_json_keeps_special_ids_and_missing_bytes(ours, tmp_path):
 def test_encode_prompt_adds_bos_where_the_file_says(metadata, ours):
     assert ours.encode_prompt("Hi") == ours.encode("Hi")  # SmolLM2: add_bos_token is false
     flags = {"tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_eos_token": True}
-    with_bos = BPETokenizer.from_gguf({**metadata, **flags})
+    with_bos = byte_level_bpe_from_gguf({**metadata, **flags})
     assert with_bos.encode_prompt("Hi") == [1, *ours.encode("Hi"), 2]
     assert with_bos.encode_prompt("<|im_start|>user") == [1, *ours.encode("user"), 2]  # BOS not doubled
 
