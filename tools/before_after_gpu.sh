@@ -2,31 +2,32 @@
 # Decode, serving and training speed of this tree against a baseline tree, interleaved on one GPU, plus the
 # GPU-marked tests. Run on the device from the repository root, with the baseline exported beside it:
 #   git archive BASE -- llmjax kernels experiments pyproject.toml | tar -x -C .baseline   (carry .baseline)
-#   bash tools/before_after_gpu.sh all | serve | profile | gpu-tests
+#   bash tools/before_after_gpu.sh PART... (all, serve, profile, gpu-tests)
 # Logs and JSON are written under /tmp/before_after and packed into $OUT/PART.tgz (default OUT: runs).
 set -uo pipefail
 LOGS=/tmp/before_after
 mkdir -p "$LOGS" "${OUT:=runs}"
 export LLMJAX_FLASH_AUTOTUNE=0 PYTHONUNBUFFERED=1
-trap 'tar czf "$OUT/${1:-none}.tgz" -C /tmp before_after' EXIT
+trap 'tar czf "$OUT/${1:-none}.tgz" -C /tmp before_after' EXIT  # named after the first part
 
 bench() {  # bench LABEL TREE EXPERIMENT ARGS...: one experiment run from a tree, its log under $OUT
     local label=$1 tree=$2; shift 2
     echo "=== $label ($tree): $*"
-    (cd "$tree" && PYTHONPATH=. timeout "${BENCH_TIMEOUT:-400}" python3 -m experiments "$@") > "$LOGS/$label.log" 2>&1
+    (cd "$tree" && PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" timeout "${BENCH_TIMEOUT:-400}" python3 -m experiments "$@") > "$LOGS/$label.log" 2>&1
     echo "exit $?"; grep -E "^\|" "$LOGS/$label.log" | tail -12; tail -6 "$LOGS/$label.log"
 }
 
 remat_sweep() {  # remat_sweep LABEL FIELD=VALUE...: llama-1b training speed and peak memory under one remat policy
     local label=$1; shift
-    BENCH_TIMEOUT=120 bench "remat-$label" . bench_train "${LLAMA[@]}" --steps 4 --warmup 2 \
+    BENCH_TIMEOUT=100 bench "remat-$label" . bench_train "${LLAMA[@]}" --steps 3 --warmup 1 \
         $(printf -- "--set %s " "$@") --out "$LOGS/remat-$label"
 }
 
 side_tree() { [ "$1" = base ] && echo .baseline || echo .; }
 LLAMA=(--model llama-1b --vocab 128256 --batch 8 --seq 2048 --no-torch --check-steps 0)
 
-case "${1:-}" in
+for part in "$@"; do
+case "$part" in
 all)  # one short call: the GPU tests of the changed paths, then decode and training before / after
     timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/infer/test_speculative.py tests/model \
         tests/nn tests/kernels/test_norms.py tests/kernels/test_decode_attention.py \
@@ -67,8 +68,9 @@ profile)  # remat policies on llama-1b, then a profile read by named scopes
         bench "profile" . bench_train "${LLAMA[@]}" --steps 3 --profile "$LOGS/trace" --out "$LOGS/profile"
     python3 tools/trace_top.py "$LOGS/trace" 3 15 "$(ls -S /tmp/hlo/*train_step*after_optimizations.txt | head -1)" \
         2>&1 | tee "$LOGS/profile-scopes.txt" | tail -40 ;;
-gpu-tests)  # the whole GPU-marked suite
-    timeout 500 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=15 tests 2>&1 | tee "$LOGS/gpu-tests.log" | tail -25 ;;
+gpu-tests)  # the whole GPU-marked suite (within what is left of a 590-second call when run after another part)
+    timeout $((590 - SECONDS)) python3 -m pytest -q -m gpu -p no:cacheprovider --durations=15 tests 2>&1 | tee "$LOGS/gpu-tests.log" | tail -25 ;;
 *)
-    echo "usage: bash tools/before_after_gpu.sh all | serve | profile | gpu-tests" >&2; exit 2 ;;
+    echo "usage: bash tools/before_after_gpu.sh PART... (all, serve, profile, gpu-tests)" >&2; exit 2 ;;
 esac
+done
