@@ -10,18 +10,28 @@ import statistics
 import time
 from pathlib import Path
 
+from llmjax.io.models import GGUF_HELP, QUANTIZED_HELP
+
 
 def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="python -m experiments bench_decode",
         description="Time our decode loop (lax loop of decode_step + greedy choice over a KV cache filled to each "
-        "context length, Pallas split-K decode attention) on a random-init LLaMA-style model at every batch x "
+        "context length, Pallas split-K decode attention) on a random-init LLaMA-style model (--model) or a real "
+        "GGUF model (--gguf: its config and weights, bf16, or its quantized blocks with --quantized) at every batch x "
         "context, and compare with the memory-bandwidth roofline (bytes of weights + KV read per step / measured "
         "copy bandwidth) and with Hugging Face transformers generate on the same model and GPU (torch, bf16, SDPA, "
-        "run first in the same process). Writes a table, JSON and PNG.",
+        "run first in the same process; for --gguf transformers loads the same file with its GGUF loader). Writes a "
+        "table, JSON and PNG.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", default="llama-1b", help="model preset (random init, bf16)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--model", default="llama-1b", help="model preset (random init, bf16)")
+    source.add_argument("--gguf", metavar="PATH_OR_NAME", default=None,
+                        help=GGUF_HELP + "; timed with its weights in bf16 (the roofline counts their bytes)")
+    p.add_argument("--quantized", action="store_true",
+                   help=QUANTIZED_HELP.replace("float32, the compute dtype", "bf16") + " (matmul: the fused Pallas "
+                   "kernel on GPUs, XLA's dequantize-then-dot elsewhere); the HF peer stays bf16")
     p.add_argument("--batches", default="1,8,32,64,128,256")
     p.add_argument("--contexts", default="128,1024,2048,8192")
     p.add_argument("--steps", type=int, default=32, help="decode steps per timed call")
@@ -40,8 +50,9 @@ def _points(text: str) -> list[tuple[int, int]]:
 
 # --- Hugging Face peer ----------------------------------------------------------------------------
 
-def hf_peer(cfg, points, steps: int) -> dict:
-    """ms per decode step of transformers' generate (greedy, default dynamic cache, SDPA, bf16)."""
+def hf_peer(cfg, points, steps: int, gguf: Path | None = None) -> dict:
+    """ms per decode step of transformers' generate (greedy, default dynamic cache, SDPA, bf16) on a random model of
+    cfg, or on the GGUF file loaded by transformers' own GGUF loader (it dequantizes the file)."""
     if not points:
         return {"skipped": "no points asked for"}
     try:
@@ -50,15 +61,8 @@ def hf_peer(cfg, points, steps: int) -> dict:
     except ImportError as error:
         print(f"HF peer skipped: {error}")
         return {"skipped": str(error)}
-    from llmjax.io.hf import hf_config_from
-
-    hf_config = transformers.LlamaConfig(**{k: v for k, v in hf_config_from(cfg).items()
-                                            if k not in ("architectures", "model_type", "torch_dtype", "dtype")})
-    hf_config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = transformers.LlamaForCausalLM(hf_config).to(torch.bfloat16).eval()
+    model = hf_model(cfg, gguf, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     results = {"transformers": transformers.__version__, "torch": torch.__version__, "points": {}}
 
@@ -88,6 +92,25 @@ def hf_peer(cfg, points, steps: int) -> dict:
     if device == "cuda":
         torch.cuda.empty_cache()
     return results
+
+
+def hf_model(cfg, gguf: Path | None, device: str):
+    """transformers' LlamaForCausalLM (bf16, SDPA) with random weights of cfg, or the GGUF file through transformers'
+    GGUF loader."""
+    import torch
+    import transformers
+
+    from llmjax.io.hf import hf_config_from
+
+    if gguf is not None:
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16, attn_implementation="sdpa").to(device).eval()
+    hf_config = transformers.LlamaConfig(**{k: v for k, v in hf_config_from(cfg).items()
+                                            if k not in ("architectures", "model_type", "torch_dtype", "dtype")})
+    hf_config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        return transformers.LlamaForCausalLM(hf_config).to(torch.bfloat16).eval()
 
 
 # --- ours -----------------------------------------------------------------------------------------
@@ -120,17 +143,36 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch runs in this process too
     from llmjax.config import count_params, get_config
 
-    cfg = get_config(args.model, param_dtype="bfloat16", compute_dtype="bfloat16")
+    model = None
+    if args.gguf is not None:
+        from llmjax.io.models import ModelLoadError, load_model, model_name
+
+        try:  # read before the HF peer: a bad path is one line, at once
+            model = load_model(gguf=args.gguf, dtype="bfloat16", quantized=args.quantized)
+        except ModelLoadError as error:
+            raise SystemExit(f"bench_decode: {error}") from None
+        cfg = model.cfg.replace(param_dtype="bfloat16", compute_dtype="bfloat16")
+        name = model_name(gguf=args.gguf) + (" (quantized blocks)" if args.quantized else "")
+    elif args.quantized:
+        raise SystemExit("bench_decode: --quantized keeps a GGUF file's quantized blocks: it needs --gguf")
+    else:
+        cfg = get_config(args.model, param_dtype="bfloat16", compute_dtype="bfloat16")
+        name = args.model
     batches = [int(b) for b in args.batches.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
-    results = {"model": args.model, "params": count_params(cfg, padded_vocab=True), "steps": args.steps}
-    results["hf"] = hf_peer(cfg, _points(args.hf_points), args.steps)  # first: before JAX holds memory
+    results = {"model": name, "params": count_params(cfg, padded_vocab=True), "steps": args.steps}
+    # first: before JAX holds memory
+    results["hf"] = hf_peer(cfg, _points(args.hf_points), args.steps, model.source if model else None)
 
     import jax
     import jax.numpy as jnp
 
     from llmjax.infer import kv_cache
-    from llmjax.infer.decode_model import decode_step, prepare_params, resolve_decode_impl
+    from llmjax.infer.decode_model import (
+        decode_step,
+        prepare_params,
+        resolve_decode_impl,
+    )
     from llmjax.model import init_params
 
     device = jax.devices()[0]
@@ -140,7 +182,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {device.device_kind}; copy bandwidth {bandwidth / 1e9:.0f} GB/s, read {read_bandwidth / 1e9:.0f} GB/s",
           flush=True)
     memory = device.memory_stats().get("bytes_limit", 0) if device.memory_stats() else 0
-    dparams = jax.jit(prepare_params, static_argnames="cfg")(init_params(cfg, jax.random.key(0)), cfg)
+    if model is None:
+        dparams = jax.jit(prepare_params, static_argnames="cfg")(init_params(cfg, jax.random.key(0)), cfg)
+    elif args.quantized:
+        from llmjax.quant.model import quantized_decode_params
+
+        matmul = "pallas" if device.platform == "gpu" else "xla"
+        dparams = quantized_decode_params(jax.device_put(model.params, device), cfg, matmul)
+        results["matmul"] = matmul
+    else:
+        dparams = jax.jit(prepare_params, static_argnames="cfg")(jax.device_put(model.params, device), cfg)
+    del model
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(dparams))
     if cfg.positions == "learned":
         weight_bytes -= dparams["embed"]["position"].nbytes

@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmjax.io.models import GGUF_HELP
+
 MODES = ("static", "continuous", "prefix")
 MODE_TITLES = {"static": "static batching", "continuous": "continuous batching",
                "prefix": "continuous + prefix caching", "http": "HTTP server", "static-sync": "static, sync scheduling",
@@ -27,7 +29,9 @@ def parse_args(argv):
         "without iteration-level scheduling does; prefix caching off), 'continuous' (requests join and leave the "
         "batch between steps; prefix caching off) and 'prefix' (continuous, prefix caching on). With --http URL "
         "the same load goes to an OpenAI-compatible server's streamed /v1/completions instead, timed on the "
-        "client. Reports output tokens/s, requests/s, time to first token (TTFT), inter-token latency (ITL), "
+        "client. With --gguf the model is a real one and so are the prompts: default-corpus text as the system and user "
+        "turns, rendered through the model's chat template and encoded with its tokenizer (the lengths drawn as "
+        "above). Reports output tokens/s, requests/s, time to first token (TTFT), inter-token latency (ITL), "
         "end-to-end and per-token latency percentiles, KV pool utilization against a contiguous cache's for the "
         "same requests, and preemptions. Prints a table, writes JSON and PNG charts.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -37,10 +41,15 @@ def parse_args(argv):
                         help="model preset with random weights (compute dtype of the preset)")
     source.add_argument("--ckpt", type=Path, default=None,
                         help="a run folder written by `experiments train` (its newest checkpoint)")
+    source.add_argument("--gguf", metavar="PATH_OR_NAME", default=None,
+                        help=GGUF_HELP + "; prompts are real text through its chat template (with --http: the "
+                        "workload only, for a server of the same model, e.g. `experiments serve --gguf`)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="--gguf: the weights' and computation's dtype")
     p.add_argument("--http", default=None, metavar="URL",
                    help="benchmark a running OpenAI-compatible server at URL (e.g. http://127.0.0.1:8000) instead of "
                    "the engine in process; --modes, the engine flags and the model flags are then ignored, the server "
-                   "must accept token-id prompts, and --vocab-size / --max-model-len must fit its model")
+                   "must accept token-id prompts, and --vocab-size (or --gguf) / --max-model-len must fit its model")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
     p.add_argument("--rates", default="inf,24,12", help="request rates (requests/s, Poisson), 'inf' = all at t=0")
     p.add_argument("--num-requests", type=int, default=768, help="requests of the offline (rate inf) runs")
@@ -117,25 +126,66 @@ class Request:
     max_tokens: int
 
 
-def make_workload(args, vocab_size: int, max_model_len: int) -> list[Request]:
+def make_workload(args, vocab_size: int, max_model_len: int, chat: ChatText | None = None) -> list[Request]:
     """Seeded requests: Poisson arrival gaps (rate 1), log-normal prompt / output lengths clipped to the
-    context, prompts = one of the shared system prompts + a random user part."""
+    context, prompts = one of the shared system prompts + a user part: random token ids, or with `chat` spans of
+    real text rendered as system and user turns through the chat template."""
     import numpy as np
 
     rng = np.random.default_rng(args.seed)
-    systems = [rng.integers(0, vocab_size, args.system_len).tolist() for _ in range(args.system_prompts)]
+    limit = min(args.max_prompt, max_model_len - 1)
+
+    def piece(length: int) -> list[int]:
+        if chat is None:
+            return rng.integers(0, vocab_size, length).tolist()
+        start = int(rng.integers(0, max(1, len(chat.pool) - length)))
+        return chat.pool[start: start + length].tolist()
+
+    systems = [piece(args.system_len) for _ in range(args.system_prompts)]
     arrivals = np.cumsum(rng.exponential(1.0, args.num_requests))
     arrivals -= arrivals[0]
     requests = []
     for i in range(args.num_requests):
         system = systems[rng.integers(len(systems))] if systems else []
         user = int(np.clip(round(rng.lognormal(math.log(args.prompt_median), args.prompt_sigma)), 1, args.max_prompt))
-        prompt = (system + rng.integers(0, vocab_size, user).tolist())[: min(args.max_prompt, max_model_len - 1)]
+        if chat is None:
+            prompt = (system + piece(user))[:limit]
+        else:
+            prompt = chat.prompt(system, piece(user), limit)
         room = max_model_len - len(prompt)
         output = int(np.clip(round(rng.lognormal(math.log(args.output_median), args.output_sigma)), 1,
                              min(args.max_output, room)))
         requests.append(Request(f"r{i}", float(arrivals[i]), prompt, output))
     return requests
+
+
+@dataclass
+class ChatText:
+    """Real prompts for a real model: its tokenizer and chat template, and a pool of text as token ids (held-out
+    default-corpus files) that system and user turns are cut from."""
+
+    tokenizer: object
+    chat_format: object
+    pool: object  # int32 [tokens]
+
+    @classmethod
+    def of(cls, tokenizer, chat_format, pool_tokens: int = 100_000) -> ChatText:
+        from llmjax.experiments.finetune_lora import corpus_tokens
+
+        return cls(tokenizer, chat_format, corpus_tokens(tokenizer, "validation", pool_tokens))
+
+    def prompt(self, system: list[int], user: list[int], limit: int) -> list[int]:
+        """The system turn (when given) and the user turn as text, rendered and encoded; the user text is cut until
+        the prompt fits `limit` tokens."""
+        from llmjax.experiments.generate import encode_prompt
+
+        head = [{"role": "system", "content": self.tokenizer.decode(system)}] if system else []
+        while True:
+            text = self.chat_format.render(head + [{"role": "user", "content": self.tokenizer.decode(user)}])
+            ids = encode_prompt(self.tokenizer, text)
+            if len(ids) <= limit or not user:
+                return ids[:limit]
+            user = user[: max(0, len(user) - (len(ids) - limit))]
 
 
 def requests_at(requests: list[Request], rate: float, args) -> list[Request]:
@@ -315,7 +365,12 @@ def program_times(params, cfg, args, repeats: int) -> dict:
     import jax
     import numpy as np
 
-    from llmjax.infer.engine import Engine, decode_program, prefill_program, sample_program
+    from llmjax.infer.engine import (
+        Engine,
+        decode_program,
+        prefill_program,
+        sample_program,
+    )
     from llmjax.infer.paged import _paged_forward, resolve_prefill_impl
 
     engine = Engine(params, cfg, engine_config(args, "continuous"))
@@ -401,17 +456,37 @@ def program_times(params, cfg, args, repeats: int) -> dict:
 
 
 def load_params(args):
+    """(params, cfg, ChatText or None) of --ckpt, --gguf (real prompts) or --model (random weights)."""
     import jax
 
     from llmjax.config import get_config
+    from llmjax.io.models import ModelLoadError, load_model, restore_params
     from llmjax.model import init_params
 
     if args.ckpt is not None:
-        from llmjax.experiments.generate import restore_params
-
-        return restore_params(args.ckpt)
+        return (*restore_params(args.ckpt), None)
+    if args.gguf is not None:
+        try:
+            model = load_model(gguf=args.gguf, dtype=args.dtype)
+        except ModelLoadError as error:
+            raise SystemExit(f"bench_serve: {error}") from None
+        cfg = model.cfg.replace(compute_dtype=args.dtype)
+        return model.params, cfg, ChatText.of(model.tokenizer, model.chat_format)
     cfg = get_config(args.model)
-    return init_params(cfg, jax.random.key(args.seed)), cfg
+    return init_params(cfg, jax.random.key(args.seed)), cfg, None
+
+
+def gguf_chat_text(gguf) -> ChatText:
+    """--http --gguf: the file's tokenizer and chat template only (the server holds the weights)."""
+    from llmjax.infer.server import ChatFormat
+    from llmjax.io.gguf import GGUFError, read_metadata, resolve_gguf
+    from llmjax.tokenizer.gguf import tokenizer_from_gguf
+
+    try:
+        metadata = read_metadata(resolve_gguf(gguf))
+        return ChatText.of(tokenizer_from_gguf(metadata), ChatFormat.from_gguf(metadata))
+    except GGUFError as error:
+        raise SystemExit(f"bench_serve: {error}") from None
 
 
 # --- over HTTP -----------------------------------------------------------------------------------------
@@ -569,9 +644,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": []}
     if args.http:
-        if args.vocab_size is None:
-            raise SystemExit("--http needs --vocab-size (token ids of the prompts are drawn below it)")
-        requests = make_workload(args, args.vocab_size, args.max_model_len)
+        chat = gguf_chat_text(args.gguf) if args.gguf is not None else None
+        if args.vocab_size is None and chat is None:
+            raise SystemExit("--http needs --vocab-size (token ids of the prompts are drawn below it) or --gguf")
+        requests = make_workload(args, args.vocab_size or chat.tokenizer.vocab_size, args.max_model_len, chat)
         jobs = [("http", rate) for rate in rates]
     else:
         import jax
@@ -580,10 +656,11 @@ def main(argv: list[str] | None = None) -> int:
         unknown = (set(modes) | set(m for m in args.compare_sync.split(",") if m)) - set(MODES)
         if unknown:
             raise SystemExit(f"--modes: unknown {', '.join(sorted(unknown))}; choose from {', '.join(MODES)}")
-        params, cfg = load_params(args)
+        params, cfg, chat = load_params(args)
         report.update(model=cfg.name, device=str(jax.devices()[0].device_kind), dtype=cfg.compute_dtype,
-                      parameters=int(sum(x.size for x in jax.tree.leaves(params))))
-        requests = make_workload(args, cfg.vocab_size, args.max_model_len)
+                      parameters=int(sum(x.size for x in jax.tree.leaves(params))),
+                      prompts="default-corpus text through the chat template" if chat else "random token ids")
+        requests = make_workload(args, cfg.vocab_size, args.max_model_len, chat)
         jobs = [(mode, rate) for rate in rates for mode in modes]
         syncs = [(f"{mode}-sync", rates[0]) for mode in args.compare_sync.split(",") if mode]
         jobs[len(modes): len(modes)] = syncs  # right after the first rate's runs (before --time-budget cuts)

@@ -1,5 +1,6 @@
-"""Generate text from a trained run (or a Hugging Face folder): greedy, sampling, beam, regex / JSON-schema constrained,
-streamed, or speculative with a draft model."""
+"""Generate text or chat (a run, a Hugging Face folder, a GGUF file): greedy, sampling, beam, constrained, speculative.
+
+Streamed to the terminal; --chat renders questions through the model's chat template."""
 
 from __future__ import annotations
 
@@ -8,14 +9,19 @@ import json
 import sys
 from pathlib import Path
 
+from llmjax.io.models import GGUF_HELP, QUANTIZED_HELP
+
 
 def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="python -m experiments generate",
-        description="Generate continuations of --prompt with a KV cache, on the device. The model comes from a run "
-        "folder (--ckpt: its newest checkpoint and tokenizer.json), a Hugging Face folder or hub id (--hf) or a random "
-        "preset (--model, for trying things out). Tokens stream to the terminal as they are produced (one prompt, not "
-        "beam).",
+        description="Generate continuations of --prompt, or answers to --chat questions, with a KV cache, on the "
+        "device. The model comes from a run folder (--ckpt: its newest checkpoint and tokenizer.json), a Hugging Face "
+        "folder or hub id (--hf), a GGUF file or packaged model (--gguf smollm2-135m-instruct) or a random preset "
+        "(--model, for trying things out). Tokens stream to the terminal as they are produced (one prompt, not beam). "
+        "A row stops at the model's end-of-reply token (a GGUF's tokenizer.ggml.eos_token_id, <|im_end|> for "
+        "SmolLM2; a folder's generation_config.json eos_token_id; else <|endoftext|>). --chat samples like --prompt "
+        "(--strategy sample, temperature 0.8): add --strategy greedy for the model's most likely answer.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     source = p.add_mutually_exclusive_group(required=True)
@@ -23,9 +29,19 @@ def parse_args(argv):
     source.add_argument("--hf", metavar="FOLDER_OR_HUB_ID",
                         help="a Hugging Face model: a local folder (config.json + safetensors) or a hub id "
                         "owner/name[@revision], fetched into the hub cache (online, or from the cache offline)")
+    source.add_argument("--gguf", metavar="PATH_OR_NAME", help=GGUF_HELP)
     source.add_argument("--model", help="a model preset with random weights (its vocab is the tokenizer's)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the run's tokenizer.json / the HF folder's)")
-    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    p.add_argument("--quantized", action="store_true", help=QUANTIZED_HELP)
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer (default: the run's tokenizer.json / the HF folder's / the GGUF file's)")
+    text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("--prompt", action="append", help="prompt text, continued as is (repeat for a batch)")
+    text.add_argument("--chat", action="append", metavar="QUESTION",
+                      help="a user message, rendered through the model's chat template (a GGUF's "
+                      "tokenizer.chat_template, a folder's tokenizer_config.json, or --chat-template) and answered "
+                      "(repeat for a batch: one conversation each); a model without a template is refused")
+    p.add_argument("--chat-template", type=Path, default=None, metavar="FILE",
+                   help="a Jinja chat template file for --chat, replacing the model's")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--strategy", choices=["greedy", "sample", "beam"], default="sample")
     p.add_argument("--temperature", type=float, default=0.8)
@@ -62,15 +78,13 @@ def parse_args(argv):
 
 
 def load_model(args):
-    """(params, cfg, tokenizer) from --ckpt, --hf or --model. Raises HubError when --hf names no folder we can get."""
-    from llmjax.io.hub import resolve_hf_folder
-    from llmjax.tokenizer import load_tokenizer
+    """The model of --ckpt / --hf / --gguf / --model (`llmjax.io.models.load_model`); ModelLoadError, one line, when
+    the flag names nothing loadable."""
+    from llmjax.io.models import load_model as load
 
-    hf = resolve_hf_folder(args.hf) if args.hf is not None else None
-    default = args.ckpt / "tokenizer.json" if args.ckpt is not None else hf if hf is not None else "bytes"
-    tokenizer = load_tokenizer(args.tokenizer or default)
-    params, cfg = load_weights(args.ckpt, hf, args.model, tokenizer.vocab_size, args.seed)
-    return params, cfg, tokenizer
+    return load(ckpt=args.ckpt, hf=args.hf, gguf=getattr(args, "gguf", None), preset=args.model,
+                tokenizer=args.tokenizer, chat_template=getattr(args, "chat_template", None),
+                quantized=getattr(args, "quantized", False), seed=args.seed)
 
 
 def load_draft(args, tokenizer):
@@ -86,6 +100,8 @@ def load_draft(args, tokenizer):
 
 def load_weights(run: Path | None, hf: str | Path | None, preset: str | None, vocab_size: int, seed: int):
     """(params, cfg) from a run folder, else a Hugging Face folder or hub id, else a preset with random weights."""
+    from llmjax.io.models import restore_params
+
     if run is not None:
         return restore_params(run)
     if hf is not None:
@@ -112,7 +128,7 @@ def speculative_conflicts(args) -> list[str]:
     return [flag for flag, used in named if used]
 
 
-def run_speculative(args, params, cfg, draft, tokenizer, prompts, sampling, eos_id) -> int:
+def run_speculative(args, params, cfg, draft, tokenizer, prompts, sampling, eos_id, texts, prepared=None) -> int:
     """Speculative decoding of every prompt; prints one JSON line per prompt and the acceptance statistics."""
     import time
 
@@ -126,40 +142,16 @@ def run_speculative(args, params, cfg, draft, tokenizer, prompts, sampling, eos_
     started = time.perf_counter()
     out = speculative_generate(params, cfg, draft_params, draft_cfg, prompts, k=args.k,
                                max_new_tokens=args.max_new_tokens, sampling=sampling, eos_id=eos_id,
-                               cache_dtype=args.cache_dtype)
+                               cache_dtype=args.cache_dtype, target_prepared=prepared)
     seconds = time.perf_counter() - started
-    for text, tokens, reason in zip(args.prompt, out.tokens, out.finish_reasons):
+    for text, tokens, reason in zip(texts, out.tokens, out.finish_reasons):
         body = tokenizer.decode([t for t in tokens if t != eos_id])
-        print(json.dumps({"prompt": text, "output": body, "finish_reason": reason, "tokens": len(tokens)}))
+        print(json.dumps({"prompt" if args.prompt else "chat": text, "output": body, "finish_reason": reason,
+                          "tokens": len(tokens)}))
     stats = out.stats
     print(f"[speculative, k={args.k}: acceptance {stats.acceptance_rate:.3f}, {stats.tokens_per_target_call:.2f} "
           f"tokens per target pass, {stats.generated} tokens in {seconds:.2f} s including compilation]")
     return 0
-
-
-def restore_params(run: Path):
-    """The newest checkpoint's params and model config from a run folder."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    from llmjax.config import TrainConfig, model_config_from_dict
-    from llmjax.train.checkpoint import Checkpointer
-    from llmjax.train.step import init_train_state
-
-    directory = run / "checkpoints"
-    if not directory.is_dir():
-        raise SystemExit(f"no checkpoints in {directory}: give a run folder written by `python -m experiments train`")
-    checkpointer = Checkpointer(directory, async_save=False)
-    steps = checkpointer.steps()
-    if not steps:
-        raise SystemExit(f"no complete checkpoint in {directory}")
-    record = checkpointer.manager.restore(steps[-1], args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
-    cfg = model_config_from_dict(record["model_config"])
-    train_cfg = TrainConfig(**record["train_config"])
-    abstract = jax.eval_shape(lambda: init_train_state(cfg, train_cfg, jax.random.key(0)))
-    state, _ = checkpointer.restore_latest(abstract, cfg)
-    checkpointer.close()
-    return state.params, cfg
 
 
 class Streamer:
@@ -199,35 +191,48 @@ def main(argv: list[str] | None = None) -> int:
     from llmjax.infer.generate import GenerationError, generate
     from llmjax.infer.sampling import SamplingError
     from llmjax.io.hub import HubError
+    from llmjax.io.models import ModelLoadError
 
     try:
-        params, cfg, tokenizer = load_model(args)
+        model = load_model(args)
+        params, cfg, tokenizer = model.params, model.cfg, model.tokenizer
+        texts = args.prompt or args.chat
+        prompts = [encode_prompt(tokenizer, text) for text in chat_prompts(args, model)]
         draft = load_draft(args, tokenizer)
-    except HubError as error:
+    except (HubError, ModelLoadError) as error:
         print(f"python -m experiments generate: {error}", file=sys.stderr)
         return 2
+    prepared = None
+    if args.quantized:
+        if args.mesh is not None:
+            raise SystemExit("python -m experiments generate: --quantized runs on one device; drop --mesh")
+        import jax
+
+        from llmjax.quant.model import quantized_decode_params
+
+        matmul = "pallas" if jax.devices()[0].platform == "gpu" else "xla"
+        prepared, params = quantized_decode_params(params, cfg, matmul), None
     if args.mesh is not None:
         from llmjax.parallel.plan import Plan
 
         params = Plan.create(args.mesh, args.sharding).place_params(params, cfg)
-    eos_id = None if args.no_eos else tokenizer.eot_id
-    prompts = [tokenizer.encode(text) for text in args.prompt]
+    eos_id = None if args.no_eos else (model.end_ids[0] if model.end_ids else None)
     try:
         if draft is not None:
             return run_speculative(args, params, cfg, draft, tokenizer, prompts, sampling_configs(args, len(prompts)),
-                                   eos_id)
+                                   eos_id, texts, prepared)
         if args.strategy == "beam":
             if args.regex or args.json_schema:
                 raise GenerationError("--regex / --json-schema work with --strategy greedy or sample, not beam")
             out = beam_search(params, cfg, prompts, num_beams=args.beams, max_new_tokens=args.max_new_tokens,
                               eos_id=eos_id, length_penalty=args.length_penalty, num_groups=args.groups,
                               diversity_penalty=args.diversity_penalty, truncate=args.truncate,
-                              cache_dtype=args.cache_dtype)
-            for text, hypotheses, scores in zip(args.prompt, out.sequences, out.scores):
-                print(f"prompt: {text!r}")
+                              cache_dtype=args.cache_dtype, prepared=prepared)
+            for text, hypotheses, scores in zip(texts, out.sequences, out.scores):
+                print(f"{'prompt' if args.prompt else 'chat'}: {text!r}")
                 for rank, (tokens, score) in enumerate(zip(hypotheses, scores)):
                     body = tokenizer.decode([t for t in tokens if t != eos_id])
-                    print(f"  beam {rank} (score {score:.3f}): {text + body!r}")
+                    print(f"  beam {rank} (score {score:.3f}): {(text if args.prompt else '') + body!r}")
             return 0
         constraint = None
         if args.regex:
@@ -240,18 +245,38 @@ def main(argv: list[str] | None = None) -> int:
         sampling = sampling_configs(args, len(prompts))
         stream = None
         if not args.no_stream and len(prompts) == 1:
-            print(args.prompt[0], end="", flush=True)
+            print(args.prompt[0] if args.prompt else "", end="", flush=True)  # a chat prints the answer only
             stream = Streamer(tokenizer, eos_id)
         out = generate(params, cfg, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, eos_id=eos_id,
                        stop_strings=args.stop or None, tokenizer=tokenizer, constraint=constraint,
-                       truncate=args.truncate, cache_dtype=args.cache_dtype, stream=stream)
+                       truncate=args.truncate, cache_dtype=args.cache_dtype, stream=stream, prepared=prepared)
     except (GenerationError, SamplingError, constrained.ConstraintError) as error:
         print(f"python -m experiments generate: {error}", file=sys.stderr)
         return 2
     if stream is not None:
         print(f"\n[{out.finish_reasons[0]}, {len(out.tokens[0])} tokens]")
         return 0
-    for text, tokens, reason in zip(args.prompt, out.tokens, out.finish_reasons):
+    for text, tokens, reason in zip(texts, out.tokens, out.finish_reasons):
         body = tokenizer.decode([t for t in tokens if t != eos_id])
-        print(json.dumps({"prompt": text, "output": body, "finish_reason": reason, "tokens": len(tokens)}))
+        print(json.dumps({"prompt" if args.prompt else "chat": text, "output": body, "finish_reason": reason,
+                          "tokens": len(tokens)}))
     return 0
+
+
+def chat_prompts(args, model) -> list[str]:
+    """The texts to encode: --prompt as given, or each --chat question as one user turn through the chat template
+    (ModelLoadError when the model has none)."""
+    from llmjax.io.models import ModelLoadError
+
+    if args.prompt:
+        return args.prompt
+    try:
+        chat_format = model.chat_format.require_template(str(model.source or args.model))
+    except ValueError as error:
+        raise ModelLoadError(str(error)) from None
+    return [chat_format.render([{"role": "user", "content": question}]) for question in args.chat]
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """The ids of a prompt: with BOS in front where the tokenizer says prompts get one (a GGUF's add_bos_token)."""
+    return tokenizer.encode_prompt(text) if hasattr(tokenizer, "encode_prompt") else tokenizer.encode(text)

@@ -1,4 +1,4 @@
-"""Quantize a trained checkpoint (int8, int4 RTN / GPTQ, NF4, ...): validation perplexity, bytes and decode tokens/s."""
+"""Quantize a run or a GGUF model (int8, int4 RTN / GPTQ, NF4, ...): validation perplexity, bytes, decode tokens/s."""
 
 from __future__ import annotations
 
@@ -8,20 +8,36 @@ import sys
 import time
 from pathlib import Path
 
+from llmjax.io.models import GGUF_HELP
+
+ROWS = ("float", "int8", "int4-RTN", "int4-GPTQ", "nf4")
+DEFAULT_GGUF_SEQ = 512  # a GGUF's context is long (8192 for SmolLM2); perplexity windows need not be
+
 
 def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="python -m experiments quantize",
-        description="Weight-only quantization of a run's newest checkpoint. One table on the same checkpoint: "
-        "float, int8 (per-channel), int4 round-to-nearest, int4 GPTQ, NF4 (QLoRA's format, double-quantized "
-        "scales), plus the --method / --bits asked for when it is none of those. Columns: validation "
+        description="Weight-only quantization of a run's newest checkpoint or of a GGUF model's float weights "
+        "(dequantized from the file). One table on the same weights: float, int8 (per-channel), int4 "
+        "round-to-nearest, int4 GPTQ, NF4 (QLoRA's format, double-quantized scales), plus the --method / --bits asked "
+        "for when it is none of those, and with --gguf the file's own quantized blocks ('file'). Columns: validation "
         "perplexity, bytes of the weights as stored, and greedy decode tokens/s at batch 1 on this machine.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--ckpt", type=Path, required=True, help="a run folder written by `python -m experiments train`")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", type=Path, help="a run folder written by `python -m experiments train`")
+    source.add_argument("--gguf", metavar="PATH_OR_NAME", help=GGUF_HELP)
     p.add_argument("--data", type=Path, default=None,
-                   help="token shards folder with train/ and validation/, or a text file (tokenized with RUN/tokenizer.json, "
-                        "its last 10%% for validation); default: RUN/tokens")
+                   help="token shards folder with train/ and validation/, or a text file (tokenized with the model's "
+                        "tokenizer, its last 10%% for validation); default: RUN/tokens, and for --gguf the default "
+                        "corpus (the Python standard library's source; perplexity on its held-out validation files, "
+                        "GPTQ calibration on its training files, --data-tokens of each, tokenized with the file's "
+                        "tokenizer)")
+    p.add_argument("--data-tokens", type=int, default=200_000,
+                   help="--gguf without --data: tokens of the default corpus read per split")
+    p.add_argument("--formats", default=",".join(ROWS),
+                   help=f"comma-separated rows to measure, from {', '.join(ROWS)} (and 'file' with --gguf: the "
+                   f"GGUF's own blocks, kept quantized); the --method / --bits row is added when it is none of these")
     p.add_argument("--method", choices=("rtn", "gptq"), default="gptq", help="method of the extra row")
     p.add_argument("--bits", type=int, choices=(8, 4, 3), default=4, help="bits of the extra row")
     p.add_argument("--group", type=int, default=128, help="input rows per scale for int4 / int3 (-1: per-channel)")
@@ -33,20 +49,23 @@ def parse_args(argv):
     p.add_argument("--no-act-order", action="store_true", help="GPTQ in column order instead of act-order")
     p.add_argument("--eval-batches", type=int, default=8, help="validation batches for the perplexity")
     p.add_argument("--batch", type=int, default=8, help="sequences per validation batch")
-    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: the run's, at most max_seq_len)")
+    p.add_argument("--seq", type=int, default=None,
+                   help=f"tokens per sequence (default: the run's; --gguf: {DEFAULT_GGUF_SEQ}; at most max_seq_len)")
     p.add_argument("--decode-tokens", type=int, default=64, help="tokens generated for the decode timing (0: skip)")
     p.add_argument("--matmul", choices=("auto", "xla", "pallas"), default="auto",
                    help="quantized matmul while decoding: XLA's dequantize-then-dot, or the fused Pallas kernel "
                         "(kernels/matmul_quant.py; auto: pallas on GPUs)")
     p.add_argument("--decode-formats", default="all",
                    help="comma-separated rows to time decoding for (e.g. float,int4-RTN), or all")
-    p.add_argument("--out", type=Path, default=None, help="JSON of the table (default: RUN/quantize.json)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON of the table (default: RUN/quantize.json; --gguf: runs/quantize-NAME.json)")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation / calibration windows")
     return p.parse_args(argv)
 
 
-def data_folder(args, run_config: dict) -> Path:
-    if args.data is not None:
+def data_folder(args, run_config: dict) -> Path | None:
+    """--data, else the run's token shards; None (the default corpus) for --gguf."""
+    if args.data is not None or args.gguf is not None:
         return args.data
     for candidate in (args.ckpt / "tokens", Path(str(run_config.get("data", {}) or ""))):
         if candidate and (candidate / "validation" / "index.json").is_file():
@@ -60,28 +79,54 @@ def main(argv: list[str] | None = None) -> int:
     import jax
     import jax.numpy as jnp
     import numpy as np
-
     from llmjax.experiments.finetune_lora import open_data
-    from llmjax.experiments.generate import restore_params
+
     from llmjax.data.loader import batch_at
     from llmjax.infer.generate import generate
+    from llmjax.io.models import ModelLoadError, load_model, model_name, restore_params
     from llmjax.quant.formats import QuantizationError
     from llmjax.quant.gptq import gptq_quantize_params
-    from llmjax.quant.model import param_bytes, quantize_params, quantized_decode_params, quantized_forward
+    from llmjax.quant.model import (
+        param_bytes,
+        quantize_params,
+        quantized_decode_params,
+        quantized_forward,
+    )
 
-    if not (args.ckpt / "config.json").is_file() and not (args.ckpt / "checkpoints").is_dir():
+    wanted = [f for f in args.formats.split(",") if f]
+    unknown = set(wanted) - set(ROWS) - ({"file"} if args.gguf else set())
+    if unknown:
+        raise SystemExit(f"--formats: unknown {', '.join(sorted(unknown))}; choose from {', '.join(ROWS)}"
+                         + (", file" if args.gguf else " (file: with --gguf)"))
+    if args.ckpt is not None and not (args.ckpt / "config.json").is_file() and not (args.ckpt / "checkpoints").is_dir():
         raise SystemExit(f"{args.ckpt} is not a run folder (no config.json / checkpoints/)")
-    run_config = json.loads((args.ckpt / "config.json").read_text()) if (args.ckpt / "config.json").is_file() else {}
-    params, cfg = restore_params(args.ckpt)
-    params = jax.device_put(params, jax.devices()[0])  # one device (the restore may lay it out over several)
+    run_config = {}
+    if args.ckpt is not None and (args.ckpt / "config.json").is_file():
+        run_config = json.loads((args.ckpt / "config.json").read_text())
     folder = data_folder(args, run_config)
-    train, validation, _ = open_data(folder, args.ckpt)
+    if args.ckpt is not None and not (args.ckpt / "tokenizer.json").is_file():
+        (params, cfg), tokenizer = restore_params(args.ckpt), None  # shards need no tokenizer
+    else:
+        try:
+            model = load_model(ckpt=args.ckpt, gguf=args.gguf)
+        except ModelLoadError as error:
+            raise SystemExit(f"quantize: {error}") from None
+        params, cfg, tokenizer = model.params, model.cfg, model.tokenizer
+    params = jax.device_put(params, jax.devices()[0])  # one device (the restore may lay it out over several)
+    source = args.ckpt if args.ckpt is not None else args.gguf
+    train, validation = open_data(folder, tokenizer, args.data_tokens)
     if validation is None:
         raise SystemExit(f"{folder} has no validation/ shards to measure perplexity on")
-    seq = min(args.seq or run_config.get("run", {}).get("seq_len", cfg.max_seq_len), cfg.max_seq_len)
+    default_seq = run_config.get("run", {}).get("seq_len", cfg.max_seq_len if args.ckpt else DEFAULT_GGUF_SEQ)
+    seq = min(args.seq or default_seq, cfg.max_seq_len)
+    for name, split in (("training", train), ("validation", validation)):
+        if split.total_tokens < seq + 1:
+            raise SystemExit(f"the {name} split of {folder or 'the default corpus'} has {split.total_tokens} tokens, "
+                             f"fewer than one sequence of {seq + 1}; give more text or a smaller --seq")
     device = jax.devices()[0]
-    print(f"{args.ckpt}: {cfg.name} ({cfg.num_layers} layers, d_model {cfg.d_model}), data {folder}, "
-          f"sequences of {seq} tokens, on {device.platform} ({device.device_kind})", flush=True)
+    print(f"{source}: {cfg.name} ({cfg.num_layers} layers, d_model {cfg.d_model}), data "
+          f"{folder or 'the default corpus'}, sequences of {seq} tokens, on {device.platform} ({device.device_kind})",
+          flush=True)
 
     val_batches = [batch_at(validation, step, batch_size=args.batch, seq_len=seq, seed=args.seed + 1)
                    for step in range(args.eval_batches)]
@@ -121,17 +166,22 @@ def main(argv: list[str] | None = None) -> int:
     # (label, method, bits, group of int4 / int3: None for --group)
     rows = [("float", None, None, None), ("int8", "rtn", 8, None), ("int4-RTN", "rtn", 4, None),
             ("int4-GPTQ", "gptq", 4, None), ("nf4", "nf4", 4, None)]
+    rows = [row for row in rows if row[0] in wanted]
+    if "file" in wanted:
+        rows.append(("file", "file", None, None))
     if args.per_channel_too:
         rows += [("int4-RTN per-channel", "rtn", 4, -1), ("int4-GPTQ per-channel", "gptq", 4, -1)]
     extra = (f"int{args.bits}-{args.method.upper()}" if args.bits != 8 else f"int8-{args.method.upper()}",
              args.method, args.bits, None)
-    if (args.method, args.bits) not in {(m, b) for _, m, b, _ in rows}:
+    if (args.method, args.bits) not in {(m, b) for _, m, b, _ in rows} and extra[0] not in ROWS:
         rows.append(extra)
 
     def build(method, bits, group):
         group = None if bits == 8 else args.group if group is None else group
         if method is None:
             return params
+        if method == "file":  # the GGUF's own block linears (Q4_1 for SmolLM2), read again, kept quantized
+            return jax.device_put(load_model(gguf=args.gguf, quantized=True).params, device)
         if method == "nf4":
             return quantize_params(params, cfg, "nf4", args.nf4_group)
         if method == "rtn":
@@ -145,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         return bool(args.decode_tokens) and (args.decode_formats == "all" or label in args.decode_formats.split(","))
 
     def table_of(results) -> str:
-        float_ppl = results[0]["perplexity"]
+        float_ppl = next((r["perplexity"] for r in results if r["format"] == "float"), results[0]["perplexity"])
         lines = [f"| format | val perplexity | vs float | weights (all) | block linears | decode tok/s "
                  f"({device.platform}, batch 1, {matmul} matmul) |",
                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -156,8 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         return "\n".join(lines)
 
     def write(results, table) -> Path:
-        out = args.out or args.ckpt / "quantize.json"
-        record = {"checkpoint": str(args.ckpt), "model": cfg.name, "device": f"{device.platform} ({device.device_kind})",
+        out = args.out or (args.ckpt / "quantize.json" if args.ckpt else
+                           Path("runs") / f"quantize-{model_name(gguf=args.gguf)}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        record = {"checkpoint": str(source), "model": cfg.name, "device": f"{device.platform} ({device.device_kind})",
                   "matmul": matmul, "group": args.group, "nf4_group": args.nf4_group, "act_order": act_order,
                   "seq_len": seq, "eval_tokens": args.eval_batches * args.batch * seq,
                   "calibration_sequences": args.calibration,

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from llmjax.io.models import GGUF_HELP, end_of_text_ids  # noqa: F401  (end_of_text_ids: serve's, for importers)
 
 PROG = "python -m experiments serve"
 
@@ -15,8 +16,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="An OpenAI-compatible HTTP server (POST /v1/completions, POST /v1/chat/completions, streamed by "
         "server-sent events; GET /v1/models, /health, /metrics) over llmjax's continuous-batching engine with a "
-        "paged KV cache. The model comes from a run folder (--ckpt), a Hugging Face folder or hub id (--hf) or a "
-        "random preset (--model, for trying things out). Needs the serve extra: ./install.sh serve.",
+        "paged KV cache. The model comes from a run folder (--ckpt), a Hugging Face folder or hub id (--hf), a GGUF "
+        "file or packaged model (--gguf smollm2-135m-instruct: a real chat model, its chat template and end-of-reply "
+        "token from the file) or a random preset (--model, for trying things out). Needs the serve extra: "
+        "./install.sh serve.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     source = p.add_mutually_exclusive_group(required=True)
@@ -24,12 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--hf", metavar="FOLDER_OR_HUB_ID",
                         help="a Hugging Face model: a local folder (config.json + safetensors + tokenizer) or a hub "
                         "id owner/name[@revision], fetched into the hub cache (online, or from the cache offline)")
+    source.add_argument("--gguf", metavar="PATH_OR_NAME", help=GGUF_HELP + " (served with float32 weights)")
     source.add_argument("--model", help="a model preset with random weights (its vocabulary is the tokenizer's)")
     p.add_argument("--tokenizer", default=None,
-                   help="tokenizer (default: the run's tokenizer.json / the HF folder's; 'bytes' for --model)")
+                   help="tokenizer (default: the run's tokenizer.json / the HF folder's / the GGUF file's; 'bytes' "
+                   "for --model)")
     p.add_argument("--chat-template", type=Path, default=None,
-                   help="a Jinja chat template file (default: the tokenizer config's chat_template, else the plain "
-                   "'Role: content' template described in llmjax/infer/server.py)")
+                   help="a Jinja chat template file (default: the GGUF's tokenizer.chat_template or the tokenizer "
+                   "config's chat_template, else the plain 'Role: content' template described in "
+                   "llmjax/infer/server.py)")
     p.add_argument("--served-model-name", default=None,
                    help="the model name clients send and /v1/models lists (default: the folder's or preset's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network")
@@ -57,82 +63,54 @@ def parse_args(argv):
 
 
 def default_model_name(args) -> str:
-    """The preset's name, the hub id as given (owner/name, not its snapshot folder), else the folder's name."""
-    from llmjax.io.hub import parse_hub_id
+    """The preset's name, the hub id as given (owner/name, not its snapshot folder), a packaged GGUF model's name or
+    the file's stem, else the folder's name."""
+    from llmjax.io.models import model_name
 
-    if args.model is not None:
-        return args.model
-    if args.hf is not None and not Path(args.hf).expanduser().exists() and parse_hub_id(str(args.hf)) is not None:
-        return parse_hub_id(str(args.hf))[0]
-    return Path(args.ckpt or args.hf).expanduser().resolve().name
+    return model_name(ckpt=args.ckpt, hf=args.hf, gguf=getattr(args, "gguf", None), preset=args.model)
 
 
-def with_local_hf_folder(args) -> argparse.Namespace:
-    """The flags with --hf as a local folder (a hub id fetched, or found in the hub cache). Raises HubError."""
-    from llmjax.io.hub import resolve_hf_folder
+def build_app(args):
+    """(the ASGI app over a new engine, the served model's name, its config) from the flags; ModelLoadError or
+    EngineError (one line) for a model or engine sizes that cannot be had."""
+    from llmjax.infer.engine import Engine, EngineConfig
+    from llmjax.infer.server import create_app
+    from llmjax.io.models import load_model
 
-    return argparse.Namespace(**{**vars(args), "hf": resolve_hf_folder(args.hf) if args.hf is not None else None})
-
-
-def end_of_text_ids(folder: Path | None, tokenizer, chat_format) -> list[int]:
-    """The ids that end a reply: generation_config.json's eos_token_id (one id or a list, as Llama 3 has), else
-    the tokenizer config's eos_token, else the tokenizer's <|endoftext|>."""
-    if folder is not None and (folder / "generation_config.json").is_file():
-        ids = json.loads((folder / "generation_config.json").read_text()).get("eos_token_id")
-        if ids is not None:
-            return [int(i) for i in (ids if isinstance(ids, list) else [ids])]
-    if chat_format.eos_token in tokenizer.special_tokens:
-        return [tokenizer.special_tokens[chat_format.eos_token]]
-    return [] if tokenizer.eot_id is None else [tokenizer.eot_id]
-
-
-def chat_format_for(args):
-    """The chat template: --chat-template, else the tokenizer config next to the tokenizer / model, else the default."""
-    from llmjax.infer.server import ChatFormat
-
-    folder = args.hf or args.ckpt
-    if args.tokenizer is not None and args.tokenizer != "bytes":
-        folder = Path(args.tokenizer) if Path(args.tokenizer).is_dir() else Path(args.tokenizer).parent
-    found = ChatFormat.from_folder(folder)
-    if args.chat_template is not None:
-        return ChatFormat.create(args.chat_template.read_text(), found.bos_token, found.eos_token)
-    return found
+    name = args.served_model_name or default_model_name(args)
+    model = load_model(ckpt=args.ckpt, hf=args.hf, gguf=args.gguf, preset=args.model, tokenizer=args.tokenizer,
+                       chat_template=args.chat_template, seed=args.seed)
+    cfg = model.cfg
+    config = EngineConfig(num_blocks=args.num_blocks, block_size=args.block_size, max_running=args.max_running,
+                          max_tokens_per_step=args.max_tokens_per_step, max_queue=args.max_queue,
+                          prefix_caching=not args.no_prefix_caching)
+    end_ids = list(model.end_ids)
+    engine = Engine(model.params, cfg, config, eos_token_id=end_ids[0] if end_ids else None)
+    if not args.no_warmup:
+        print(f"{PROG}: compiling the engine's shape buckets ...", file=sys.stderr, flush=True)
+        engine.warmup()
+    app = create_app(engine, model.tokenizer, model_name=name, max_model_len=cfg.max_seq_len,
+                     chat_format=model.chat_format, api_key=args.api_key, stop_token_ids=end_ids[1:])
+    return app, name, cfg
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from llmjax.infer.server import create_app, require_serve_extra, serve
+    from llmjax.infer.server import require_serve_extra, serve
 
     try:
         require_serve_extra()
     except ImportError as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 2
-    from llmjax.experiments.generate import load_model
-    from llmjax.infer.engine import Engine, EngineConfig, EngineError
+    from llmjax.infer.engine import EngineError
+    from llmjax.io.models import ModelLoadError
 
-    name = args.served_model_name or default_model_name(args)
     try:
-        args = with_local_hf_folder(args)
-        chat_format = chat_format_for(args)
-    except (ValueError, ImportError, OSError) as error:  # HubError is a ValueError
+        app, name, cfg = build_app(args)
+    except (ModelLoadError, EngineError, ImportError) as error:  # EngineError: engine sizes that do not fit together
         print(f"{PROG}: {error}", file=sys.stderr)
         return 2
-    params, cfg, tokenizer = load_model(args)
-    config = EngineConfig(num_blocks=args.num_blocks, block_size=args.block_size, max_running=args.max_running,
-                          max_tokens_per_step=args.max_tokens_per_step, max_queue=args.max_queue,
-                          prefix_caching=not args.no_prefix_caching)
-    end_ids = [i for i in end_of_text_ids(args.hf or args.ckpt, tokenizer, chat_format) if 0 <= i < cfg.vocab_size]
-    try:
-        engine = Engine(params, cfg, config, eos_token_id=end_ids[0] if end_ids else None)
-    except EngineError as error:  # engine sizes that do not fit together
-        print(f"{PROG}: {error}", file=sys.stderr)
-        return 2
-    if not args.no_warmup:
-        print(f"{PROG}: compiling the engine's shape buckets ...", file=sys.stderr, flush=True)
-        engine.warmup()
-    app = create_app(engine, tokenizer, model_name=name, max_model_len=cfg.max_seq_len, chat_format=chat_format,
-                     api_key=args.api_key, stop_token_ids=end_ids[1:])
     print(f"{PROG}: serving {name!r} (context {cfg.max_seq_len} tokens) on http://{args.host}:{args.port}/v1",
           file=sys.stderr, flush=True)
     serve(app, host=args.host, port=args.port, log_level=args.log_level)
