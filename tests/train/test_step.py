@@ -172,15 +172,17 @@ def test_accumulation_equals_one_large_batch(preset):
     state = init_train_state(cfg, train_cfg, jax.random.key(1))
     batch = windows_to_batch(windows(cfg, 8, 12))
     batch["loss_mask"] = jnp.asarray(np.random.default_rng(2).random((8, 12)) < 0.8)  # unequal token counts
-    grads_one, sums_one = accumulated_gradients(state.params, batch, cfg, train_cfg)
-    grads_four, sums_four = accumulated_gradients(state.params, batch, cfg, train_cfg.replace(micro_batches=4))
+    gradients = jax.jit(accumulated_gradients, static_argnums=(2, 3))  # jitted: eager scans dispatch op by op
+    grads_one, sums_one = gradients(state.params, batch, cfg, train_cfg)
+    grads_four, sums_four = gradients(state.params, batch, cfg, train_cfg.replace(micro_batches=4))
     for key in sums_one:
         assert float(sums_four[key]) == pytest.approx(float(sums_one[key]), rel=1e-5), key
     largest = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads_one))
     for (name, a), b in zip(flatten_with_names(grads_one).items(), jax.tree.leaves(grads_four)):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6 * largest, err_msg=name)
-    _, metrics_one = train_step(state, batch, model_cfg=cfg, train_cfg=train_cfg)
-    _, metrics_four = train_step(state, batch, model_cfg=cfg, train_cfg=train_cfg.replace(micro_batches=4))
+    step = jax.jit(train_step, static_argnames=("model_cfg", "train_cfg"))
+    _, metrics_one = step(state, batch, model_cfg=cfg, train_cfg=train_cfg)
+    _, metrics_four = step(state, batch, model_cfg=cfg, train_cfg=train_cfg.replace(micro_batches=4))
     for key in ("loss", "z_loss", "grad_norm", "tokens", "learning_rate"):
         assert float(metrics_four[key]) == pytest.approx(float(metrics_one[key]), rel=1e-5), key
 
