@@ -1,11 +1,12 @@
 """GGUF export (llmjax.io.gguf_export, `python -m experiments export_gguf`) against our importer, the gguf package's
-quantizers and transformers' GGUF loader.
+quantizers, transformers' GGUF loader and llama.cpp.
 
 Tiny LLaMA / GPT-2 models (dims multiples of 32, GGUF's block width) exported in f16 / q8_0 / q4_0 and read back by
 load_gguf: the parameters equal gguf's own quantize-then-dequantize of the same float weights, exactly, and so do the
-logits; read by transformers: the same logits as our model and the same token ids as our tokenizer. The real
-SmolLM2-135M-Instruct imported, exported as q8_0 and imported again; the command line on a run folder; every
-refusal, and an interrupted export leaving no file."""
+logits; read by transformers: the same logits as our model and the same token ids as our tokenizer; by llama.cpp
+itself where llama-cpp-python is installed (the bench extra): the same logits and ids. The real SmolLM2-135M-Instruct
+imported, exported as q8_0 and imported again; the command line on a run folder; every refusal, and an interrupted
+export leaving no file."""
 
 import dataclasses
 import functools
@@ -334,6 +335,32 @@ def test_tokenizer_refusals(tokenizer):
         tokenizer_metadata(tokenizer, 200)
     with pytest.raises(GGUFError, match="cannot write a str into a GGUF file"):
         tokenizer_metadata("not a tokenizer", 300)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_llama_cpp_runs_the_export(exported, tokenizer, family, monkeypatch):
+    """llama.cpp itself (llama-cpp-python, the bench extra's source build; skipped where it is not installed): our
+    logits up to its float16 activations, and our token ids."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp.llama_cpp as low_level
+
+    defaults = low_level.llama_model_default_params
+
+    def without_repacking():  # ggml's AMX repacking dies (SIGILL) in containers that do not grant AMX
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    monkeypatch.setattr(low_level, "llama_model_default_params", without_repacking)
+    path, params, cfg = exported[family]
+    model = llama_cpp.Llama(model_path=str(path), n_ctx=cfg.max_seq_len, logits_all=True, verbose=False)
+    tokens = TOKENS[0].tolist()
+    model.eval(tokens)
+    theirs, ours = np.array(model.scores[: len(tokens)]), logits(as_stored(params, cfg, path), cfg, TOKENS[:1])[0]
+    assert np.sqrt(np.mean((theirs - ours) ** 2) / np.mean(ours ** 2)) < 5e-3
+    for text in TEXTS:
+        assert model.tokenize(text.encode(), add_bos=False, special=True) == tokenizer.encode(text), text
+    assert (model.token_eos(), model.token_bos()) == (tokenizer.eot_id, tokenizer.eot_id)
 
 
 # --- the real model -----------------------------------------------------------------------------------
