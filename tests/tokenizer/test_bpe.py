@@ -254,7 +254,7 @@ def test_encode_iterable_memory_is_bounded(tokenizer):
             yield f"    {words[i % 5000]} = {words[(i * 7) % 5000]}({i}) + {EOT if i % 97 == 0 else ''}\n" + "x " * 20 + "\n"
 
     peaks = []
-    for count in (20_000, 60_000):  # 1.35 MB, then 4.1 MB of text
+    for count in (8_000, 24_000):  # 0.54 MB, then 1.6 MB of text: holding the text or the ids would pass 2 MB
         streaming = BPETokenizer(tokenizer.vocab, tokenizer.merges, tokenizer.pattern, tokenizer.special_tokens, cache_size=4096)
         tracemalloc.start()
         try:
