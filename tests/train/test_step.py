@@ -103,7 +103,7 @@ def test_fused_pallas_loss_trains_like_the_xla_loss():
     for impl in ("xla", "pallas"):
         train_cfg = TrainConfig(loss_impl=impl)
         state = init_train_state(cfg, train_cfg, jax.random.key(0))
-        results[impl] = jax.value_and_grad(lambda p: loss_sums(p, batch, cfg, train_cfg)[0])(state.params)
+        results[impl] = jax.jit(jax.value_and_grad(lambda p: loss_sums(p, batch, cfg, train_cfg)[0]))(state.params)
     assert float(results["pallas"][0]) == pytest.approx(float(results["xla"][0]), rel=1e-5)
     for got, want in zip(jax.tree.leaves(results["pallas"][1]), jax.tree.leaves(results["xla"][1])):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
@@ -122,7 +122,7 @@ def test_forward_grad_loss_equals_the_xla_loss(preset):
         train_cfg = TrainConfig(loss_impl=impl, z_loss=1e-2, loss_chunk_tokens=21)
         state = init_train_state(cfg, train_cfg, jax.random.key(0))
         loss = lambda p: loss_sums(p, batch, cfg, train_cfg)  # noqa: E731
-        results[impl] = jax.value_and_grad(loss, has_aux=True)(state.params)
+        results[impl] = jax.jit(jax.value_and_grad(loss, has_aux=True))(state.params)  # eager: op by op, slow
     (got, got_sums), got_grads = results["forward_grad"]
     (want, want_sums), want_grads = results["xla"]
     assert float(got) == pytest.approx(float(want), rel=1e-5)
@@ -144,8 +144,9 @@ def test_forward_grad_loss_in_bfloat16_is_close_to_float32():
     def objective(x, embedding, chunk):
         return forward_grad_cross_entropy(x, embedding, targets, weights, 100, chunk, 1e-3)[0]
 
-    want, want_grads = jax.value_and_grad(objective, argnums=(0, 1))(x, embedding, 1000)
-    got, got_grads = jax.value_and_grad(objective, argnums=(0, 1))(x.astype(jnp.bfloat16), embedding, 16)
+    value_and_grad = jax.jit(jax.value_and_grad(objective, argnums=(0, 1)), static_argnums=2)
+    want, want_grads = value_and_grad(x, embedding, 1000)
+    got, got_grads = value_and_grad(x.astype(jnp.bfloat16), embedding, 16)
     assert got_grads[0].dtype == jnp.bfloat16 and got_grads[1].dtype == jnp.float32
     assert float(got) == pytest.approx(float(want), rel=5e-3)
     for g, w in zip(got_grads, want_grads):
@@ -156,8 +157,8 @@ def test_loss_equals_cross_entropy_of_forward_logits():
     cfg, train_cfg = get_config("llama-tiny"), TrainConfig(loss_chunk_tokens=7)
     state = init_train_state(cfg, train_cfg, jax.random.key(0))
     batch = windows_to_batch(windows(cfg, 3, 20))
-    objective, sums = loss_sums(state.params, batch, cfg, train_cfg)
-    logits = forward(state.params, batch["inputs"], cfg)
+    objective, sums = jax.jit(loss_sums, static_argnums=(2, 3))(state.params, batch, cfg, train_cfg)
+    logits = jax.jit(forward, static_argnums=2)(state.params, batch["inputs"], cfg)
     want = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).sum()
     assert float(sums["nll_sum"]) == pytest.approx(float(want), rel=1e-5)
     assert float(sums["tokens"]) == 60 and float(objective) == pytest.approx(float(want), rel=1e-5)
@@ -218,7 +219,8 @@ def test_nonfinite_update_is_skipped_when_configured():
     train_cfg = TrainConfig(skip_nonfinite=True)
     state = init_train_state(cfg, train_cfg, jax.random.key(0))
     state = state._replace(params={**state.params, "final_norm": {**state.params["final_norm"], "scale": state.params["final_norm"]["scale"].at[0].set(jnp.nan)}})
-    new, metrics = train_step(state, windows_to_batch(windows(cfg, 2, 8)), model_cfg=cfg, train_cfg=train_cfg)
+    step = jax.jit(train_step, static_argnames=("model_cfg", "train_cfg"))
+    new, metrics = step(state, windows_to_batch(windows(cfg, 2, 8)), model_cfg=cfg, train_cfg=train_cfg)
     assert not np.isfinite(float(metrics["loss"]))
     assert int(new.step) == 1  # moved on to the next batch
     for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params)):
