@@ -3,6 +3,7 @@ processes joined through jax.distributed (localhost, CPU) agreeing with one proc
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -28,8 +29,14 @@ def train_losses(run_dir: Path, steps: int, mesh: str, sharding: str) -> dict[in
 
 
 def test_checkpoint_written_on_one_mesh_resumes_on_another(tmp_path):
-    uninterrupted = train_losses(tmp_path / "whole", 6, "fsdp=8", "fsdp")
-    train_losses(tmp_path / "moved", 3, "fsdp=8", "fsdp")  # saves at step 3, FSDP-sharded
+    uninterrupted = train_losses(tmp_path / "whole", 6, "fsdp=8", "fsdp")  # saves at steps 3 and 6, FSDP-sharded
+    # The run folder a 3-step run on fsdp=8 leaves (the same state, data position and metrics as the whole run's
+    # first 3 steps), taken from the whole run rather than trained and compiled again.
+    whole, moved = tmp_path / "whole", tmp_path / "moved"
+    shutil.copytree(whole / "checkpoints" / "3", moved / "checkpoints" / "3")
+    shutil.copy(whole / "config.json", moved / "config.json")
+    lines = (whole / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (moved / "metrics.jsonl").write_text("".join(line for line in lines if json.loads(line)["step"] <= 3))
     resumed = train_losses(tmp_path / "moved", 6, "data=4,tensor=2", "tp")  # restored into Megatron shards
     assert sorted(resumed) == list(range(1, 7))
     np.testing.assert_allclose([resumed[s] for s in range(4, 7)], [uninterrupted[s] for s in range(4, 7)], rtol=1e-4)
