@@ -73,7 +73,7 @@ from .tiles import combine_masks
 
 __all__ = ["MatmulTiles", "QuantizedMatrix", "default_tiles", "dequantize", "dequantize_matrix",
            "group_parameters", "nf4_absmax", "quantized_matmul", "quantized_matmul_pallas",
-           "quantized_matmul_reference", "unpacked_codes"]
+           "quantized_matmul_reference", "quantized_matvec", "resolve_quantized_matmul", "unpacked_codes"]
 
 PROGRAMS_PER_SM = 4  # split-K target: about this many programs per streaming multiprocessor
 
@@ -582,15 +582,18 @@ class QuantizedMatrix:
         return dequantize(self, dtype)
 
     def __rmatmul__(self, x: jax.Array) -> jax.Array:
-        """x [..., in] @ self: the XLA reference (dequantize, then one matmul), or with matmul="pallas" the
-        fused kernel above."""
-        if self.matmul == "pallas":
+        """x [..., in] @ self, as `matmul` says: "xla" the reference (dequantize, then one matmul), "pallas" the
+        fused kernel above, "matvec" `quantized_matvec`, "auto" `resolve_quantized_matmul`'s choice."""
+        matmul = resolve_quantized_matmul(self.matmul, x, self)
+        if matmul == "pallas":
             return quantized_matmul_pallas(x, self)
+        if matmul == "matvec":
+            return quantized_matvec(x, self)
         return quantized_matmul(x, self)
 
     def with_matmul(self, matmul: str) -> QuantizedMatrix:
         if matmul not in MATMULS:
-            raise QuantizationError(f"matmul={matmul!r}: expected 'xla' or 'pallas'")
+            raise QuantizationError(f"matmul={matmul!r}: expected one of {', '.join(map(repr, MATMULS))}")
         return dataclasses.replace(self, matmul=matmul)
 
 
@@ -644,7 +647,128 @@ def quantized_matmul(x: jax.Array, qm: QuantizedMatrix) -> jax.Array:
     conversion into the dot where it can."""
     if qm.lead_shape:
         raise QuantizationError(f"quantized_matmul takes one matrix; this one has leading axes {qm.lead_shape}")
+    if compute_platform(x) == "cpu":
+        # The dequantization depends on the weights only, so XLA's CPU scheduler runs every layer's first, keeping
+        # them all alive in float32 (a 135M-parameter model's prefill wrote 425 MB before its first matmul), and
+        # hoists it out of a decoding loop (one float copy of the weights, read every step). Tied to x, each matrix
+        # is dequantized when its product is due, and in a loop every step.
+        x, qm = lax.optimization_barrier((x, qm))
     return jnp.matmul(x, dequantize_matrix(qm, x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 quantized_matmul_reference = quantized_matmul
+
+
+# --- few rows on CPUs ------------------------------------------------------------------------
+
+MATVEC_FORMATS = ("int8", "int4")
+MATVEC_MAX_ROWS = 4  # "auto" on CPUs: quantized_matvec up to this many rows (its cost grows with the rows)
+MATVEC_BLOCK = 32  # input rows a block sums as written-out adds: at most this many, a divisor of the group size
+
+
+def resolve_quantized_matmul(matmul: str, x: jax.Array, qm: QuantizedMatrix) -> str:
+    """How `x @ qm` runs: "xla", "pallas" or "matvec" as asked; "auto": the fused Pallas kernel on GPUs,
+    `quantized_matvec` on CPUs for int8 / int4 at most MATVEC_MAX_ROWS rows (decoding), else the XLA reference."""
+    if matmul not in MATMULS:
+        raise QuantizationError(f"matmul={matmul!r}: expected one of {', '.join(map(repr, MATMULS))}")
+    if matmul != "auto":
+        return matmul
+    platform = compute_platform(x)
+    if platform == "gpu":
+        return "pallas"
+    rows = math.prod(x.shape[:-1])
+    if platform == "cpu" and qm.format in MATVEC_FORMATS and not qm.lead_shape and rows <= MATVEC_MAX_ROWS:
+        return "matvec"
+    return "xla"
+
+
+def _matvec_block(group_size: int, bits: int) -> int:
+    """Input rows per written-out block: the largest divisor of the group size up to MATVEC_BLOCK (even for 4-bit
+    codes, two rows to a byte)."""
+    return max(d for d in range(1, min(group_size, MATVEC_BLOCK) + 1)
+               if group_size % d == 0 and (bits != 4 or d % 2 == 0))
+
+
+def _sum_slices(t: jax.Array, axis: int) -> jax.Array:
+    """Sum over `axis` written as adds of its slices: an elementwise expression XLA fuses into one vectorised loop
+    over the other axes, where a reduce fusion (jnp.sum) runs the reduction innermost, one output at a time."""
+    total = lax.slice_in_dim(t, 0, 1, axis=axis)
+    for i in range(1, t.shape[axis]):
+        total = total + lax.slice_in_dim(t, i, i + 1, axis=axis)
+    return lax.squeeze(total, (axis,))
+
+
+def quantized_matvec(x: jax.Array, qm: QuantizedMatrix) -> jax.Array:
+    """x [..., in] @ qm ([in, out], int8 or int4, one matrix) -> [..., out] in x's dtype, float32 arithmetic:
+    the product for a few rows (decoding) written so XLA on a CPU reads the codes once, in one vectorised loop,
+    without a float copy of the matrix.
+
+    XLA's CPU dot takes float operands, so the reference dequantizes the whole matrix (4 bytes written and read
+    again per weight, every step) and a reduce fusion (jnp.sum over a group's rows) runs its reduction innermost,
+    one output at a time. Here the rows of each block of `_matvec_block` input rows (within one group) are added
+    as written-out terms, x[r] * code[r, :] over the block's r, an elementwise expression over [rows, blocks, out]
+    that XLA fuses into one loop vectorised along the output columns (and split over the cores); the scale and
+    the offset or zero point are applied once per block, not per weight:
+
+        sum_r x_r (c_r s + m) = s sum_r x_r c_r + m sum_r x_r        (offsets)
+        sum_r x_r (c_r - z) s = s (sum_r x_r c_r - z sum_r x_r)      (zero points; symmetric: z = 2^(bits-1))
+
+    and the blocks' partial sums [rows, blocks, out] are added the same way. The result equals the reference within
+    float32 rounding (the sums run in another order). Other formats (int3, nf4) and stacked matrices: the reference."""
+    if qm.lead_shape:
+        raise QuantizationError(f"quantized_matvec takes one matrix; this one has leading axes {qm.lead_shape}")
+    k, n = qm.in_features, qm.out_features
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features, the quantized matrix expects {k}")
+    if qm.format not in MATVEC_FORMATS:
+        return quantized_matmul(x, qm)
+    return _matvec(x.reshape(-1, k), qm).reshape(*x.shape[:-1], n)
+
+
+@jax.jit
+def _matvec(x: jax.Array, qm: QuantizedMatrix) -> jax.Array:
+    """quantized_matvec on x [rows, in] (jitted: traced once per shape and format, however many layers call it)."""
+    k, n = qm.in_features, qm.out_features
+    block = _matvec_block(qm.group_size, qm.bits)
+    blocks, per_group = k // block, qm.group_size // block
+    # One barrier over x and the matrix: x's producers (a norm, the previous layer) stay out of the loop below, which
+    # would compute them again for every term and output column; and the conversion of the codes and scales cannot
+    # be hoisted out of a decoding while-loop (the weights are loop-invariant: XLA would convert them to float32 once,
+    # before the loop, and every step would read 4 bytes per weight)
+    xb = x.reshape(-1, blocks, block).astype(jnp.float32)  # [rows, blocks, block]
+    xb, qm = lax.optimization_barrier((xb, qm))
+    # Every operand is broadcast to [rows, blocks, block rows, out] once and each term is slices of those (no
+    # per-term reshapes or broadcasts: a third of the HLO ops, which is what compiling 120 of these takes time over)
+    rows, code_rows = xb.shape[0], qm.codes.shape[0] // blocks
+    shape = (rows, blocks, code_rows, n)
+    spread = lambda a: lax.broadcast_in_dim(a, shape, (0, 1, 2))  # noqa: E731  x's [rows, blocks, code_rows]
+    codes = lax.broadcast_in_dim(qm.codes.reshape(blocks, code_rows, n), shape, (1, 2, 3))
+    row = lambda a, j: lax.slice_in_dim(a, j, j + 1, axis=2)  # noqa: E731  [rows, blocks, 1, out]
+    to_float = lambda a: lax.convert_element_type(a, jnp.float32)  # noqa: E731
+    if qm.bits == 4:
+        # Byte j of a block holds rows 2j (low nibble) and 2j + 1 (high): byte = low + 16 high, so
+        # x_2j low + x_2j+1 high = low (x_2j - x_2j+1 / 16) + byte (x_2j+1 / 16), exactly in real numbers: a mask
+        # and two conversions per byte, no shift (XLA guards a vector shift with range checks)
+        x_high = xb[:, :, 1::2] * (1 / 16)
+        x_low, x_high = spread(xb[:, :, 0::2] - x_high), spread(x_high)
+        low_mask = jnp.full((rows, blocks, 1, n), 0xF, jnp.uint8)  # per term: masked codes used once are not written
+        terms = []
+        for j in range(code_rows):
+            terms.append(row(x_low, j) * to_float(row(codes, j) & low_mask))
+            terms.append(row(x_high, j) * to_float(row(codes, j)))
+    else:
+        x_rows = spread(xb)
+        terms = [row(x_rows, r) * to_float(row(codes, r)) for r in range(code_rows)]
+    # Each term is computed from the codes where it is used (a product feeding several slices would be written to
+    # memory whole: the float matrix); summed pairwise, for short dependency chains (XLA keeps the order written)
+    while len(terms) > 1:
+        terms = [a + b for a, b in zip(terms[0::2], terms[1::2])] + terms[len(terms) - len(terms) % 2:]
+    dot = terms[0].reshape(rows, blocks, n)  # sum_r x_r c_r per block
+    x_sum = jnp.sum(xb, axis=-1)[..., None]  # [rows, blocks, 1]
+    per_block = lambda p: jnp.broadcast_to(p[:, None, :], (p.shape[0], per_group, n)).reshape(blocks, n)  # noqa: E731
+    scale, zero, offset = group_parameters(qm)  # [groups, out] each
+    if offset is not None:
+        partial = dot * per_block(scale) + x_sum * per_block(offset)
+    else:
+        partial = (dot - x_sum * per_block(zero)) * per_block(scale)
+    return _sum_slices(partial, axis=1).astype(x.dtype)  # [rows, out]

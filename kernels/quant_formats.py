@@ -16,7 +16,9 @@ import numpy as np
 
 FORMATS = ("int8", "int4", "int3", "nf4")
 BITS = {"int8": 8, "int4": 4, "int3": 3, "nf4": 4}
-MATMULS = ("xla", "pallas")  # how `x @ QuantizedMatrix` runs: the XLA reference or the fused Pallas kernel
+# How `x @ QuantizedMatrix` runs: the XLA reference (dequantize, then one dot), the fused Pallas kernel, the few-row
+# XLA form that CPUs run fastest (kernels/matmul_quant.py, quantized_matvec), or "auto": chosen where it runs.
+MATMULS = ("xla", "pallas", "matvec", "auto")
 
 # The 16 NF4 levels (QLoRA, Dettmers et al. 2023; bitsandbytes' table): quantiles of N(0, 1) scaled to
 # [-1, 1] with an exact zero, 7 negative and 8 positive levels.

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from llmjax.config import ModelConfig
 from llmjax.infer import kv_cache
 from llmjax.kernels.decode_attention import decode_attention, decode_attention_reference
+from llmjax.kernels.matmul_quant import QuantizedMatrix
 from llmjax.kernels.platform import compute_platform
 from llmjax.model.attention import causal_self_attention
 from llmjax.model.layers import norm
@@ -87,8 +88,13 @@ def _embed(dparams: dict, tokens: jax.Array, positions: jax.Array, cfg: ModelCon
 
 def _logits(dparams: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     """[batch, seq, d_model] -> float32 logits [batch, seq, padded_vocab], padding ids at the lowest float.
-    Tied embeddings are contracted as stored ([vocab, d_model]): no transposed copy per step."""
-    if cfg.tie_embeddings:
+    Tied embeddings are contracted as stored ([vocab, d_model]): no transposed copy per step; an output head held
+    as a QuantizedMatrix [d_model, padded_vocab] (llmjax.quant.model.quantized_decode_params' head="int8", tied or
+    not) runs as `x @ head` in float32."""
+    head = dparams.get("lm_head", {}).get("kernel")
+    if isinstance(head, QuantizedMatrix):
+        logits = x.astype(jnp.float32) @ head
+    elif cfg.tie_embeddings:
         logits = jnp.einsum("bsd,vd->bsv", x, dparams["embed"]["token"], preferred_element_type=jnp.float32)
     else:
         logits = jnp.einsum("bsd,dv->bsv", x, dparams["lm_head"]["kernel"], preferred_element_type=jnp.float32)

@@ -31,6 +31,7 @@ from llmjax.config import ModelConfig
 from llmjax.infer import kv_cache
 from llmjax.infer.decode_model import decode_step, prefill, prepare_params
 from llmjax.infer.sampling import SamplingConfig, SamplingFeatures, batch_sampling, choose
+from llmjax.kernels.platform import compiler_options, compute_platform
 
 FINISH_REASONS = ("running", "eos", "stop", "length", "constraint")
 
@@ -185,9 +186,10 @@ def _generation_loop(dparams, tokens, valid, cache, arrays, constraint, stop, cf
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_loop(cfg: ModelConfig, options: LoopOptions):
+def _compiled_loop(cfg: ModelConfig, options: LoopOptions, platform: str):
+    """The generation program, with the XLA options of the platform it runs on (kernels.platform.compiler_options)."""
     loop = functools.partial(_generation_loop, cfg=cfg, options=options)
-    return jax.jit(loop)
+    return jax.jit(loop, compiler_options=compiler_options(platform) or None)
 
 
 # --- the entry point ----------------------------------------------------------------------------
@@ -256,8 +258,9 @@ def generate(
     options = LoopOptions(max_new_tokens=max_new_tokens, features=features, eos_id=eos_id,
                           constrained=tables is not None, stop_strings=stop is not None, decode_impl=decode_impl,
                           stream=stream)
-    out, lengths, reasons = _compiled_loop(cfg, options)(dparams, jnp.asarray(tokens), jnp.asarray(valid), cache,
-                                                           arrays, tables, stop)
+    platform = compute_platform(dparams)
+    out, lengths, reasons = _compiled_loop(cfg, options, platform)(dparams, jnp.asarray(tokens), jnp.asarray(valid),
+                                                                     cache, arrays, tables, stop)
     out, lengths, reasons = np.asarray(out), np.asarray(lengths), np.asarray(reasons)
     return GenerationOutput(tokens=[out[row, : lengths[row]].tolist() for row in range(batch)],
                             finish_reasons=[FINISH_REASONS[r] for r in reasons])

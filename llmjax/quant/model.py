@@ -155,11 +155,20 @@ def quantized_forward(qparams: dict, tokens: jax.Array, cfg: ModelConfig, *, pos
     return logits_from_hidden(top_level_params(qparams, cfg), x, cfg)
 
 
-def quantized_decode_params(qparams: dict, cfg: ModelConfig, matmul: str = "xla") -> dict:
+HEADS = ("float", "int8")
+
+
+def quantized_decode_params(qparams: dict, cfg: ModelConfig, matmul: str = "xla", head: str = "float") -> dict:
     """`llmjax.infer.decode_model.prepare_params`'s layout with quantized matrices in place of the
     fused qkv / gate_up / o / down kernels: `x @ kernel` in the decode path dequantizes on the fly
     (QuantizedMatrix.__rmatmul__), so `llmjax.infer.generate(..., prepared=...)` decodes from it.
-    matmul: "xla" (dequantize, then dot) or "pallas" (the fused kernel, kernels.matmul_quant)."""
+    matmul: "xla" (dequantize, then dot), "pallas" (the fused kernel, kernels.matmul_quant), "matvec" or "auto"
+    (on CPUs the few-row form for decoding, `kernels.matmul_quant.quantized_matvec`; on GPUs the fused kernel).
+    head: the output head (the tied embedding or lm_head) as prepared ("float"), or quantized to int8 in groups of
+    32 inputs ("int8": a quarter of its bytes, read every step; exact for an embedding imported from a GGUF Q8_0
+    tensor, whose blocks it re-quantizes to the same codes and scales), kept apart from the embedding's lookup table."""
+    if head not in HEADS:
+        raise ValueError(f"head={head!r}: expected one of {', '.join(map(repr, HEADS))}")
     from llmjax.infer.decode_model import prepare_params
     from llmjax.quant.formats import concatenate_outputs
 
@@ -203,4 +212,9 @@ def quantized_decode_params(qparams: dict, cfg: ModelConfig, matmul: str = "xla"
             prepared["layers"].append(prepare_params({**top, "embed": dummy_embed, "blocks": layer},
                                                      one_layer)["layers"][0])
         swap(prepared["layers"][i], i)
+    if head == "int8":
+        weight = prepared["lm_head"]["kernel"] if "lm_head" in prepared else prepared["embed"]["token"].T  # [d, vocab]
+        group = 32 if cfg.d_model % 32 == 0 else None  # else one group per output (per-channel)
+        quantized = jax.jit(quantize, static_argnums=(1, 2))(weight, "int8", group)
+        prepared["lm_head"] = {"kernel": quantized.with_matmul(matmul)}
     return prepared

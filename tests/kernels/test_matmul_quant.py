@@ -283,3 +283,74 @@ def test_bench_runs_on_cpu(tmp_path):
     record = json.loads(out.read_text())
     assert [(r["k"], r["n"], r["rows"]) for r in record["results"]] == [(128, 96, 1), (128, 96, 3)]
     assert all(r["bf16_us"] > 0 and r["int4_xla_us"] > 0 and r["copies"] >= 2 for r in record["results"])
+
+
+# --- the few-row form for CPUs (quantized_matvec) ------------------------------------------------------------------
+
+# (K, N, format, group, storage): symmetric int8, zero points, offsets (GGUF's Q4_1 / Q5_1 forms); groups of 32, 48
+# (16-row blocks) and one per output (K = 100: 25-row blocks for int8, 10-row for int4); N not a multiple of a vector
+MATVEC_CASES = [(96, 40, "int8", 32, "symmetric"), (96, 72, "int4", 32, "zeros"), (96, 40, "int4", 32, "offsets"),
+                (144, 40, "int8", 48, "offsets"), (144, 72, "int4", 48, "zeros"), (100, 24, "int8", None, "symmetric"),
+                (100, 24, "int4", 50, "offsets")]
+
+
+def _matvec_matrix(k, n, fmt, group, storage):
+    w = jax.random.normal(jax.random.key(k + n), (k, n)) * 0.02
+    if storage == "offsets":
+        return quantize_with_offsets(w, fmt, group)
+    return quantize(w, fmt, group, symmetric=storage == "symmetric")
+
+
+@pytest.mark.parametrize("k, n, fmt, group, storage", MATVEC_CASES)
+def test_matvec_matches_reference(k, n, fmt, group, storage):
+    """float32 within rounding at one, three and 2 x 2 rows; bf16 in, bf16 out within bf16 rounding."""
+    from llmjax.kernels.matmul_quant import quantized_matvec
+
+    q = _matvec_matrix(k, n, fmt, group, storage)
+    assert (q.offsets is not None) == (storage == "offsets") and (q.zeros is not None) == (storage == "zeros")
+    for shape in ((1, k), (3, k), (2, 2, k)):
+        x = jax.random.normal(jax.random.key(len(shape)), shape)
+        reference = quantized_matmul_reference(x, q)
+        out = jax.jit(quantized_matvec)(x, q)
+        assert out.shape == reference.shape and out.dtype == jnp.float32
+        np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-5 * float(jnp.abs(reference).max()))
+    x16 = x.astype(jnp.bfloat16)
+    out16 = quantized_matvec(x16, q)
+    assert out16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(out16.astype(jnp.float32), quantized_matmul_reference(x16.astype(jnp.float32), q),
+                               rtol=1e-2, atol=1e-2 * float(jnp.abs(reference).max()))
+
+
+def test_auto_matmul_choice_on_cpu():
+    """"auto" on a CPU: the few-row form for int8 / int4 at up to MATVEC_MAX_ROWS rows, else the XLA reference (more
+    rows, nf4, int3); the other names as asked; an unknown name is refused."""
+    from llmjax.kernels.matmul_quant import MATVEC_MAX_ROWS, QuantizationError, resolve_quantized_matmul
+
+    int4, nf4 = quantize(jnp.ones((64, 16)), "int4", 32), quantize(jnp.ones((64, 16)), "nf4", 32)
+    few, many = jnp.ones((MATVEC_MAX_ROWS, 64)), jnp.ones((MATVEC_MAX_ROWS + 1, 64))
+    assert resolve_quantized_matmul("auto", few, int4) == "matvec"
+    assert resolve_quantized_matmul("auto", many, int4) == "xla"
+    assert resolve_quantized_matmul("auto", few, nf4) == "xla"
+    assert resolve_quantized_matmul("xla", few, int4) == "xla"
+    assert resolve_quantized_matmul("matvec", many, int4) == "matvec"
+    with pytest.raises(QuantizationError, match="matmul='fast': expected one of 'xla', 'pallas', 'matvec', 'auto'"):
+        int4.with_matmul("fast")
+    x = jax.random.normal(jax.random.key(0), (2, 64))
+    np.testing.assert_allclose(x @ int4.with_matmul("auto"), quantized_matmul_reference(x, int4), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(x @ nf4.with_matmul("auto"), quantized_matmul_reference(x, nf4))
+
+
+def test_matvec_is_not_dequantized_before_a_decoding_loop():
+    """In a loop the weights are loop-invariant, and XLA hoists what depends on them alone out of it: the few-row
+    form must not have its code conversion hoisted (a float32 copy of the matrix read by every step). The reference
+    materialises the float matrix (within each step, tied to x on CPUs)."""
+    k = n = 256
+    q = quantize(jax.random.normal(jax.random.key(0), (k, n)), "int4", 32)
+
+    def temp_bytes(matmul):
+        qm = q.with_matmul(matmul)
+        steps = jax.jit(lambda x, qm: jax.lax.fori_loop(0, 4, lambda i, x: jnp.tanh(x @ qm), x))
+        return steps.lower(jnp.ones((1, k)), qm).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes("xla") >= k * n * 4  # the float matrix, made once before the loop
+    assert temp_bytes("matvec") < k * n  # less than the codes' own size: nothing of the matrix's size

@@ -79,3 +79,31 @@ def test_decoding_through_the_fused_kernel_on_gpu():
     fused = generate(None, cfg, prompts, max_new_tokens=8, prepared=quantized_decode_params(qparams, cfg, "pallas"))
     xla = generate(None, cfg, prompts, max_new_tokens=8, prepared=quantized_decode_params(qparams, cfg, "xla"))
     assert fused.tokens == xla.tokens
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_decoding_through_the_cpu_matvec_and_an_int8_head(tied):
+    """quantized_decode_params(matmul="auto") decodes through kernels.matmul_quant.quantized_matvec on the CPU, and
+    head="int8" holds the output head (the tied embedding, apart from its lookup table, or lm_head) as int8: exact for
+    a head that int8 groups represent (a GGUF Q8_0 embedding), so the tokens equal the float head's reference path."""
+    from llmjax.quant.formats import dequantize, quantize
+
+    cfg = get_config("llama-tiny", tie_embeddings=tied)
+    params = init_params(cfg, jax.random.key(0))
+    qparams = quantize_params(params, cfg, "int4", 16)
+    group = 32 if cfg.d_model % 32 == 0 else None  # the head's groups: 32 inputs, else one per output
+    if tied:  # [vocab, d_model] -> int8-representable, like a Q8_0 table
+        qparams["embed"]["token"] = dequantize(quantize(params["embed"]["token"].T, "int8", group)).T
+        expected = qparams["embed"]["token"].T
+    else:
+        qparams["lm_head"]["kernel"] = expected = dequantize(quantize(params["lm_head"]["kernel"], "int8", group))
+    prompts = [[5, 9, 2, 44], [7, 1]]
+    prepared = quantized_decode_params(qparams, cfg, "auto", head="int8")
+    head = prepared["lm_head"]["kernel"]
+    assert isinstance(head, QuantizedMatrix) and (head.format, head.matmul) == ("int8", "auto")
+    np.testing.assert_array_equal(dequantize(head), expected)
+    ours = generate(None, cfg, prompts, max_new_tokens=6, prepared=prepared)
+    reference = generate(None, cfg, prompts, max_new_tokens=6, prepared=quantized_decode_params(qparams, cfg, "xla"))
+    assert ours.tokens == reference.tokens
+    with pytest.raises(ValueError, match="head='int4': expected one of 'float', 'int8'"):
+        quantized_decode_params(qparams, cfg, head="int4")
