@@ -74,6 +74,7 @@ class SamplingFeatures(NamedTuple):
     min_p: bool = False
     penalties: bool = False
     logit_bias: bool = False
+    sample: bool = True  # some row has temperature > 0; False: every row is greedy, no noise is drawn
 
 
 class SamplingArrays(NamedTuple):
@@ -114,6 +115,7 @@ def batch_sampling(configs: list[SamplingConfig], vocab_size: int, padded_vocab:
         min_p=any(c.min_p > 0 for c in configs),
         penalties=any(c.repetition_penalty != 1 or c.presence_penalty or c.frequency_penalty for c in configs),
         logit_bias=bias is not None,
+        sample=any(c.temperature > 0 for c in configs),
     )
     return arrays, features
 
@@ -169,6 +171,8 @@ def choose(logits, arrays: SamplingArrays, features: SamplingFeatures, step, *, 
     if features.penalties:
         logits = apply_penalties(logits, arrays, seen, generated_counts)
     greedy = jnp.argmax(logits, axis=-1)
+    if not features.sample:  # all rows greedy: no filters, noise or second argmax over the vocabulary
+        return greedy.astype(jnp.int32)
     filtered = filter_logits(logits, arrays, features)
     gumbel = jax.vmap(lambda key: jax.random.gumbel(key, (logits.shape[-1],), jnp.float32))(row_keys(arrays.seed, step))
     sampled = jnp.argmax(filtered + gumbel, axis=-1)
