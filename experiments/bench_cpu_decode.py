@@ -34,7 +34,8 @@ def parse_args(argv):
         "dequantize-then-dot reference, float32 head). Each variant's bytes of weights read per token over the "
         "measured read bandwidth is its floor. Peers in the same run and threads: transformers generate on the same "
         "file (its GGUF loader, float32) and llama-cpp-python on the file itself, when importable. Prints a table and "
-        "writes JSON.",
+        "writes JSON. Before / after: copy this file into an older tree's experiments/ and run it there (variants "
+        "float32 and quantized-xla).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--gguf", metavar="PATH_OR_NAME", default="smollm2-135m-instruct",
@@ -129,7 +130,9 @@ def prepare_variant(name: str, path: Path):
         dparams = _prepare_jit(params, cfg)
     else:
         qparams, cfg = load_gguf(path, quantized=True)
-        dparams = quantized_decode_params(qparams, cfg, matmul, head=head)
+        # head="float" is the default: left out, the float32 and quantized-xla variants also run on a tree from
+        # before the int8 head (a before / after comparison: this file copied into the older tree)
+        dparams = quantized_decode_params(qparams, cfg, matmul, **({} if head == "float" else {"head": head}))
     return jax.block_until_ready(dparams), cfg
 
 
@@ -140,7 +143,12 @@ def time_llmjax(name: str, path: Path, ids: list[int], args) -> dict:
     from llmjax.infer import kv_cache
     from llmjax.infer.decode_model import prefill
     from llmjax.infer.generate import generate, pad_prompts
-    from llmjax.kernels.platform import compiler_options, compute_platform
+    from llmjax.kernels.platform import compute_platform
+
+    try:
+        from llmjax.kernels.platform import compiler_options
+    except ImportError:  # a tree from before the CPU compiler options (a before / after comparison)
+        compiler_options = lambda platform: {}  # noqa: E731
 
     start = time.perf_counter()
     dparams, cfg = prepare_variant(name, path)
