@@ -40,6 +40,9 @@ def parse_args(argv):
     p.add_argument("--int8-points", default="64x2048", help="batch x context points also timed with an int8 cache")
     p.add_argument("--bandwidth-mib", type=int, default=2048, help="size of the array the bandwidths are measured on")
     p.add_argument("--decode-impl", default="auto", choices=["auto", "xla", "pallas"])
+    p.add_argument("--layout", default="fused", choices=["fused", "separate"],
+                   help="the decode weights' layout: q / k / v and gate / up side by side, one matmul each (fused), "
+                   "or as trained, one matmul per projection (separate); not with --quantized")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "runs/bench")) / "bench_decode.json")
     return p.parse_args(argv)
 
@@ -155,12 +158,15 @@ def main(argv: list[str] | None = None) -> int:
         name = model_name(gguf=args.gguf) + (" (quantized blocks)" if args.quantized else "")
     elif args.quantized:
         raise SystemExit("bench_decode: --quantized keeps a GGUF file's quantized blocks: it needs --gguf")
+    if args.quantized and args.layout != "fused":
+        raise SystemExit("bench_decode: --layout separate is for float weights; --quantized fuses its matrices")
     else:
         cfg = get_config(args.model, param_dtype="bfloat16", compute_dtype="bfloat16")
         name = args.model
     batches = [int(b) for b in args.batches.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
-    results = {"model": name, "params": count_params(cfg, padded_vocab=True), "steps": args.steps}
+    results = {"model": name, "params": count_params(cfg, padded_vocab=True), "steps": args.steps,
+               "layout": args.layout}
     # first: before JAX holds memory
     results["hf"] = hf_peer(cfg, _points(args.hf_points), args.steps, model.source if model else None)
 
@@ -182,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {device.device_kind}; copy bandwidth {bandwidth / 1e9:.0f} GB/s, read {read_bandwidth / 1e9:.0f} GB/s",
           flush=True)
     memory = device.memory_stats().get("bytes_limit", 0) if device.memory_stats() else 0
+    prepare = jax.jit(functools.partial(prepare_params, fuse=args.layout == "fused"), static_argnames="cfg")
     if model is None:
-        dparams = jax.jit(prepare_params, static_argnames="cfg")(init_params(cfg, jax.random.key(0)), cfg)
+        dparams = prepare(init_params(cfg, jax.random.key(0)), cfg)
     elif args.quantized:
         from llmjax.quant.model import quantized_decode_params
 
@@ -191,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         dparams = quantized_decode_params(jax.device_put(model.params, device), cfg, matmul)
         results["matmul"] = matmul
     else:
-        dparams = jax.jit(prepare_params, static_argnames="cfg")(jax.device_put(model.params, device), cfg)
+        dparams = prepare(jax.device_put(model.params, device), cfg)
     del model
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(dparams))
     if cfg.positions == "learned":
@@ -320,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_table(results: dict) -> None:
     print(f"\n{results['model']} ({results['params'] / 1e9:.2f}B params, bf16), {results['device']}, "
-          f"decode attention {results.get('decode_impl')}, "
+          f"decode attention {results.get('decode_impl')}, {results.get('layout', 'fused')} projections, "
           f"copy bandwidth {results['copy_bandwidth_GBps']:.0f} GB/s, read {results['read_bandwidth_GBps']:.0f} GB/s, "
           f"{results['steps']} steps per timed call")
     print("| batch | context | cache | ms / token | tokens/s | roofline ms (copy) | % of roofline (copy / read) "

