@@ -158,11 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         name = model_name(gguf=args.gguf) + (" (quantized blocks)" if args.quantized else "")
     elif args.quantized:
         raise SystemExit("bench_decode: --quantized keeps a GGUF file's quantized blocks: it needs --gguf")
-    if args.quantized and args.layout != "fused":
-        raise SystemExit("bench_decode: --layout separate is for float weights; --quantized fuses its matrices")
     else:
         cfg = get_config(args.model, param_dtype="bfloat16", compute_dtype="bfloat16")
         name = args.model
+    if args.quantized and args.layout != "fused":
+        raise SystemExit("bench_decode: --layout separate is for float weights; --quantized fuses its matrices")
     batches = [int(b) for b in args.batches.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
     results = {"model": name, "params": count_params(cfg, padded_vocab=True), "steps": args.steps,

@@ -267,13 +267,14 @@ def test_quantize_the_imported_weights(tiny, text_file, tmp_path):
 def test_bench_decode_times_the_file(tiny, tmp_path):
     from llmjax.experiments import bench_decode
 
-    for extra in ([], ["--quantized"]):  # batch 2: no extra 1-row-matmul variant to compile
+    for extra in ([], ["--quantized"], ["--layout", "separate"]):  # batch 2: no 1-row-matmul variant to compile
         out = tmp_path / "decode.json"
         assert bench_decode.main(["--gguf", str(tiny[0]), *extra, "--batches", "2", "--contexts", "8", "--steps",
                                   "2", "--repeats", "1", "--hf-points", "", "--int8-points", "",
                                   "--bandwidth-mib", "8", "--out", str(out)]) == 0
         report = json.loads(out.read_text())
         assert report["model"].startswith("tiny") and report["rows"]
+        assert report["layout"] == ("separate" if "--layout" in extra else "fused")
         assert [r["cache"] for r in report["rows"]] == ["bfloat16"] and report["rows"][0]["ms_per_step"] > 0
 
 
