@@ -2,7 +2,7 @@
 # Decode, serving and training speed of this tree against a baseline tree, interleaved on one GPU, plus the
 # GPU-marked tests. Run on the device from the repository root, with the baseline exported beside it:
 #   git archive BASE -- llmjax kernels experiments pyproject.toml | tar -x -C .baseline   (carry .baseline)
-#   bash tools/before_after_gpu.sh PART... (all, serve, profile, gpu-tests, smollm2-setup, smollm2, layout)
+#   bash tools/before_after_gpu.sh PART... (all, serve, profile, gpu-tests, smollm2-setup, smollm2, smollm2-serve, layout)
 # The SmolLM2 parts need the GGUF file, too large for one call: carry .devgguf/a (its first half) in one call that
 # copies it to /tmp/gguf_a, and .devgguf/b with .whl (the gguf wheel) in the next, which runs smollm2-setup first.
 # Logs and JSON are written under /tmp/before_after and packed into $OUT/PART.tgz (default OUT: runs).
@@ -86,8 +86,6 @@ smollm2)  # the real model: batch-1 decode against the roofline and transformers
     export BENCH_TIMEOUT=150
     bench smollm2-decode . bench_decode "${SMOL[@]}" --batches 1,32 --contexts 128,2048 --hf-points 1x128,1x2048,32x128 \
         --int8-points "" --repeats 5 --out "$LOGS/smollm2-decode.json"
-    bench smollm2-serve . bench_serve "${SMOL[@]}" --modes continuous,prefix --rates inf --time-budget 40 \
-        --out "$LOGS/smollm2-serve.json"
     PYTHONPATH=".:$PYTHONPATH" timeout 120 python3 tools/decode_profile.py smollm2-135m-instruct /tmp/decode_trace 64 128 \
         2>&1 | tee "$LOGS/smollm2-profile.txt" | tail -30
     for buffers in off while; do  # XLA's command buffers (CUDA graphs): none, or also around loops and conditionals
@@ -98,6 +96,9 @@ smollm2)  # the real model: batch-1 decode against the roofline and transformers
     done
     bench smollm2-decode-quantized . bench_decode "${SMOL[@]}" --quantized --batches 1,32 --contexts 128 --hf-points "" \
         --int8-points "" --repeats 5 --out "$LOGS/smollm2-decode-quantized.json" ;;
+smollm2-serve)  # the real model behind the serving engine, real prompts through its chat template
+    BENCH_TIMEOUT=150 bench smollm2-serve . bench_serve "${SMOL[@]}" --modes continuous,prefix --rates inf \
+        --time-budget 40 --out "$LOGS/smollm2-serve.json" ;;
 layout)  # fused q/k/v and gate/up against separate projections, interleaved, on llama-1b and SmolLM2
     export BENCH_TIMEOUT=120
     for layout in fused separate fused separate; do
@@ -109,7 +110,7 @@ layout)  # fused q/k/v and gate/up against separate projections, interleaved, on
             --hf-points "" --int8-points "" --repeats 5 --out "$LOGS/layout-smollm2-$layout.json"
     done ;;
 *)
-    echo "usage: bash tools/before_after_gpu.sh PART... (all, serve, profile, gpu-tests, smollm2-setup, smollm2, layout)" >&2
+    echo "usage: bash tools/before_after_gpu.sh PART... (all, serve, profile, gpu-tests, smollm2-setup, smollm2, smollm2-serve, layout)" >&2
     exit 2 ;;
 esac
 done
