@@ -177,12 +177,10 @@ class ChatText:
     def prompt(self, system: list[int], user: list[int], limit: int) -> list[int]:
         """The system turn (when given) and the user turn as text, rendered and encoded; the user text is cut until
         the prompt fits `limit` tokens."""
-        from llmjax.experiments.generate import encode_prompt
-
         head = [{"role": "system", "content": self.tokenizer.decode(system)}] if system else []
         while True:
             text = self.chat_format.render(head + [{"role": "user", "content": self.tokenizer.decode(user)}])
-            ids = encode_prompt(self.tokenizer, text)
+            ids = self.tokenizer.encode_prompt(text)
             if len(ids) <= limit or not user:
                 return ids[:limit]
             user = user[: max(0, len(user) - (len(ids) - limit))]

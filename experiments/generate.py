@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(args)
         params, cfg, tokenizer = model.params, model.cfg, model.tokenizer
         texts = args.prompt or args.chat
-        prompts = [encode_prompt(tokenizer, text) for text in chat_prompts(args, model)]
+        prompts = [tokenizer.encode_prompt(text) for text in chat_prompts(args, model)]
         draft = load_draft(args, tokenizer)
     except (HubError, ModelLoadError) as error:
         print(f"python -m experiments generate: {error}", file=sys.stderr)
@@ -276,7 +276,3 @@ def chat_prompts(args, model) -> list[str]:
         raise ModelLoadError(str(error)) from None
     return [chat_format.render([{"role": "user", "content": question}]) for question in args.chat]
 
-
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """The ids of a prompt: with BOS in front where the tokenizer says prompts get one (a GGUF's add_bos_token)."""
-    return tokenizer.encode_prompt(text) if hasattr(tokenizer, "encode_prompt") else tokenizer.encode(text)

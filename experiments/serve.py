@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from llmjax.io.models import GGUF_HELP, end_of_text_ids  # noqa: F401  (end_of_text_ids: serve's, for importers)
+from llmjax.io.models import GGUF_HELP, QUANTIZED_HELP, end_of_text_ids  # noqa: F401  (end_of_text_ids: serve's, for importers)
 
 PROG = "python -m experiments serve"
 
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a Hugging Face model: a local folder (config.json + safetensors + tokenizer) or a hub "
                         "id owner/name[@revision], fetched into the hub cache (online, or from the cache offline)")
     source.add_argument("--gguf", metavar="PATH_OR_NAME", help=GGUF_HELP + " (served with float32 weights)")
+    p.add_argument("--quantized", action="store_true", help=QUANTIZED_HELP)
     source.add_argument("--model", help="a model preset with random weights (its vocabulary is the tokenizer's)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer (default: the run's tokenizer.json / the HF folder's / the GGUF file's; 'bytes' "
@@ -79,13 +80,19 @@ def build_app(args):
 
     name = args.served_model_name or default_model_name(args)
     model = load_model(ckpt=args.ckpt, hf=args.hf, gguf=args.gguf, preset=args.model, tokenizer=args.tokenizer,
-                       chat_template=args.chat_template, seed=args.seed)
-    cfg = model.cfg
+                       chat_template=args.chat_template, quantized=args.quantized, seed=args.seed)
+    cfg, params = model.cfg, model.params
+    if args.quantized:  # the decode layout with the file's quantized matrices, multiplied by the fused kernel
+        import jax
+
+        from llmjax.quant.model import quantized_decode_params
+
+        params = quantized_decode_params(params, cfg, "pallas" if jax.devices()[0].platform == "gpu" else "xla")
     config = EngineConfig(num_blocks=args.num_blocks, block_size=args.block_size, max_running=args.max_running,
                           max_tokens_per_step=args.max_tokens_per_step, max_queue=args.max_queue,
                           prefix_caching=not args.no_prefix_caching)
     end_ids = list(model.end_ids)
-    engine = Engine(model.params, cfg, config, eos_token_id=end_ids[0] if end_ids else None)
+    engine = Engine(params, cfg, config, eos_token_id=end_ids[0] if end_ids else None, prepared=args.quantized)
     if not args.no_warmup:
         print(f"{PROG}: compiling the engine's shape buckets ...", file=sys.stderr, flush=True)
         engine.warmup()

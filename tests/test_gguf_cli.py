@@ -204,13 +204,18 @@ def running_server(app):
         thread.join(30)
 
 
-def test_serve_answers_a_chat_with_the_real_model():
-    """serve's own app from its flags: the chat template and the stop token come from the GGUF, streamed or not."""
+@pytest.mark.parametrize("quantized", [[], ["--quantized"]], ids=["float32", "quantized"])
+def test_serve_answers_a_chat_with_the_real_model(quantized):
+    """serve's own app from its flags: the chat template and the stop token come from the GGUF, streamed or not;
+    with --quantized the engine multiplies the file's int4 / int8 blocks."""
     from llmjax.experiments import serve
+    from llmjax.kernels.matmul_quant import QuantizedMatrix
 
     args = serve.parse_args(["--gguf", "smollm2-135m-instruct", "--no-warmup", "--num-blocks", "32",
-                             "--max-running", "2", "--max-tokens-per-step", "64"])
+                             "--max-running", "2", "--max-tokens-per-step", "64", *quantized])
     app, name, cfg = serve.build_app(args)
+    engine_weights = app.state.driver.engine.dparams["layers"][0]["mlp"]["down"]
+    assert isinstance(engine_weights.get("kernel"), QuantizedMatrix) == bool(quantized)
     assert name == "smollm2-135m-instruct" and cfg.max_seq_len == 8192
     body = {"model": name, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 12, "temperature": 0}
     with running_server(app) as url:

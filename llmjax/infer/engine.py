@@ -388,7 +388,9 @@ class Engine:
     """Continuous batching over a paged KV cache; see the module docstring. Not thread-safe."""
 
     def __init__(self, params, cfg: ModelConfig, config: EngineConfig = EngineConfig(),
-                 eos_token_id: int | None = None):
+                 eos_token_id: int | None = None, *, prepared: bool = False):
+        """params: the model's parameters, or (prepared=True) weights already in the decode layout
+        (`decode_model.prepare_params`, or `quant.model.quantized_decode_params` for quantized matrices)."""
         self.max_model_len, self.buckets = resolve_config(config, cfg)
         if eos_token_id is not None and not 0 <= eos_token_id < cfg.vocab_size:
             raise EngineError(f"eos_token_id={eos_token_id} is outside the vocabulary [0, {cfg.vocab_size})")
@@ -397,7 +399,7 @@ class Engine:
         self.prefill_impl = resolve_prefill_impl(config.prefill_impl, cfg)
         # The Pallas kernel reads each row only up to its length: one table width serves every decode batch.
         self.decode_widths = self.buckets.table_width[-1:] if self.impl == "pallas" else self.buckets.table_width
-        self.dparams = _prepare_jit(params, cfg)
+        self.dparams = params if prepared else _prepare_jit(params, cfg)
         self.cache = init_paged_cache(cfg, config.num_blocks, config.block_size, config.cache_dtype)
         self.manager = BlockManager(config.num_blocks, config.block_size, config.prefix_caching)
         self.watermark = (max(1, config.num_blocks // 100) if config.watermark_blocks is None

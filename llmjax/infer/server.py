@@ -221,7 +221,7 @@ def read_prompt(fields: Fields, tokenizer) -> list[int]:
         raise invalid("prompt is required", "prompt", "missing_field")
     if isinstance(prompt, str):
         try:
-            ids = tokenizer.encode(prompt)
+            ids = tokenizer.encode_prompt(prompt)
         except TokenizerError as error:
             raise invalid(f"prompt cannot be tokenized: {error}", "prompt") from None
     elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
@@ -308,7 +308,7 @@ def parse_chat_request(data: dict, tokenizer, chat_format: ChatFormat, *, model_
     fields.unsupported("top_logprobs", (0,), "top_logprobs")
     messages = read_messages(fields.get("messages"))
     try:
-        prompt_ids = tokenizer.encode(chat_format.render(messages))
+        prompt_ids = tokenizer.encode_prompt(chat_format.render(messages))
     except TokenizerError as error:
         raise invalid(f"messages cannot be tokenized: {error}", "messages") from None
     return read_generation(fields, prompt_ids, max_model_len=max_model_len, prompt_param="messages",

@@ -76,6 +76,11 @@ class Tokenizer(abc.ABC):
                 ids.extend(self.encode_ordinary(piece))
         return ids
 
+    def encode_prompt(self, text: str, *, allowed_special: str | set[str] = "all") -> list[int]:
+        """A prompt's ids: `encode`, plus the BOS / EOS a tokenizer read from a model file puts around prompts
+        (BPETokenizer with special_ids); tokenizers trained here add none."""
+        return self.encode(text, allowed_special=allowed_special)
+
     def encode_batch(self, texts: Iterable[str], *, allowed_special: str | set[str] = "all") -> list[list[int]]:
         return [self.encode(text, allowed_special=allowed_special) for text in texts]
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from tokenizer_texts import HARD_TEXTS, tricky_text, unicode_text
 from tokenizers import Tokenizer, pre_tokenizers
 
-from llmjax.infer.server import ChatFormat
+from llmjax.infer.server import ChatFormat, parse_chat_request, parse_completion_request
 from llmjax.io.gguf import read_metadata, resolve_gguf
 from llmjax.tokenizer import TokenizerError, load_tokenizer
 from llmjax.tokenizer.bpe import BYTE_TO_UNICODE, BPETokenizer, SpecialIds
@@ -174,6 +174,14 @@ def test_encode_prompt_adds_bos_where_the_file_says(metadata, ours):
     with_bos = byte_level_bpe_from_gguf({**metadata, **flags})
     assert with_bos.encode_prompt("Hi") == [1, *ours.encode("Hi"), 2]
     assert with_bos.encode_prompt("<|im_start|>user") == [1, *ours.encode("user"), 2]  # BOS not doubled
+    # The server tokenizes both of its endpoints' prompts by the same rule.
+    chat = ChatFormat.from_gguf(metadata)
+    messages = [{"role": "user", "content": "Hi"}]
+    request = parse_chat_request({"model": "m", "messages": messages}, with_bos, chat, model_name="m", max_model_len=64)
+    assert request.prompt_ids == with_bos.encode_prompt(chat.render(messages))
+    assert request.prompt_ids == [*ours.encode(chat.render(messages)), 2]  # the template starts with id 1 already
+    request = parse_completion_request({"model": "m", "prompt": "Hi"}, with_bos, model_name="m", max_model_len=64)
+    assert request.prompt_ids == [1, *ours.encode("Hi"), 2]
 
 
 # --- the tokenizer.json transformers writes (the --hf path) -----------------------------------------
