@@ -4,12 +4,21 @@
     ids = tokenizer.encode_prompt("Hello")              # BOS in front where the file says so
 
 A GGUF file stores its tokenizer as metadata: tokenizer.ggml.model ("gpt2": byte-level BPE, "llama":
-SentencePiece, ...), .tokens (byte-level BPE: in GPT-2's byte alphabet, "Ġthe"), .token_type (one per token,
-`TokenType`), .merges ("Ġ t", rank order), .pre (the pre-tokenizer, by llama.cpp's name), the BOS / EOS /
-unknown / padding ids and the add_bos_token / add_eos_token flags. Here they are read the way llama.cpp
-(src/llama-vocab.cpp) reads them: control, user-defined and unknown tokens are special tokens, matched in text
-as one id (llama.cpp's parse_special, Hugging Face's added tokens) and never made by merges; the pre-tokenizer
-name picks the regex and llama.cpp's defaults for add-BOS and ignore_merges, which the file's flags override.
+SentencePiece, ...), .tokens (byte-level BPE: in GPT-2's byte alphabet, "Ġthe"; SentencePiece: "▁the" and
+"<0x0A>" byte pieces), .token_type (one per token, `TokenType`), .merges ("Ġ t", rank order; byte-level BPE
+only), .scores (SentencePiece only: its BPE merges the pair whose result scores highest), .pre (the
+pre-tokenizer, by llama.cpp's name), the BOS / EOS / unknown / padding ids and the add_bos_token /
+add_eos_token flags. Here they are read the way llama.cpp (src/llama-vocab.cpp) reads them.
+
+Byte-level BPE ("gpt2"): control, user-defined and unknown tokens are special tokens, matched in text as one id
+(llama.cpp's parse_special, Hugging Face's added tokens) and never made by merges; the pre-tokenizer name picks
+the regex and llama.cpp's defaults for add-BOS and ignore_merges, which the file's flags override.
+
+SentencePiece ("llama": LLaMA 1 / 2, Mistral, TinyLlama): the tokens, scores and types become a SentencePiece
+BPE model proto with LLaMA's tokenizer.model settings (identity normalization, a space put in front of the text
+unless tokenizer.ggml.add_space_prefix is false, whitespace kept as is, byte fallback when the vocabulary has
+byte pieces), run by `SentencePieceTokenizer`; prompts get BOS unless tokenizer.ggml.add_bos_token is false
+(llama.cpp's default), EOS only where add_eos_token says so.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmjax.tokenizer import sentencepiece as spm
 from llmjax.tokenizer.base import Tokenizer, TokenizerError
 from llmjax.tokenizer.bpe import BPETokenizer, SpecialIds
 from llmjax.tokenizer.pretokenize import (
@@ -29,8 +39,9 @@ from llmjax.tokenizer.pretokenize import (
     LLAMA_CPP_DEFAULT_PATTERN,
     QWEN2_PATTERN,
 )
+from llmjax.tokenizer.sentencepiece import SentencePieceTokenizer
 
-SUPPORTED_MODELS = {"gpt2": "byte-level BPE"}  # tokenizer.ggml.model values llmjax reads
+SUPPORTED_MODELS = {"gpt2": "byte-level BPE", "llama": "SentencePiece"}  # tokenizer.ggml.model values llmjax reads
 
 
 class TokenType(enum.IntEnum):
@@ -86,6 +97,8 @@ def tokenizer_from_gguf(source: str | Path | Mapping) -> Tokenizer:
     model = tokenizer_model(source)
     if model == "gpt2":
         return byte_level_bpe_from_gguf(source)
+    if model == "llama":
+        return sentencepiece_from_gguf(source)
     supported = ", ".join(f"{name!r} ({kind})" for name, kind in SUPPORTED_MODELS.items())
     raise TokenizerError(f"the GGUF tokenizer.ggml.model {model!r} is not supported; llmjax reads {supported}")
 
@@ -101,6 +114,21 @@ def byte_level_bpe_from_gguf(metadata: Mapping) -> BPETokenizer:
     roles = SpecialIds(**special_ids(metadata, default_add_bos=pre.add_bos))
     return BPETokenizer.from_byte_level_vocab(vocab(tokens), merges(metadata), specials, pre.pattern,
                                               pre.ignore_merges, "tokenizer.ggml.tokens", special_ids=roles)
+
+
+def sentencepiece_from_gguf(metadata: Mapping) -> SentencePieceTokenizer:
+    """The SentencePiece tokenizer (tokenizer.ggml.model "llama") of a GGUF file's metadata, as llama.cpp and
+    transformers' GGUF loader read it: a BPE model of the tokens, their scores and types (control and
+    user-defined tokens are special tokens, matched in text as one id); the BOS / EOS / unknown / padding ids
+    and the add-BOS (default true) / add-EOS (default false) rule as `special_ids`."""
+    tokens = token_texts(metadata)
+    vocab(tokens)  # a piece spelled twice is refused by name (SentencePiece would only say "already defined")
+    scores = token_scores(metadata, len(tokens))
+    types = token_types(metadata, len(tokens))
+    roles = SpecialIds(**special_ids(metadata, default_add_bos=True)).check(len(tokens))
+    add_space_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+    return SentencePieceTokenizer(sentencepiece_model_proto(tokens, scores, types, roles, add_space_prefix),
+                                  special_ids=roles)
 
 
 def tokenizer_model(metadata: Mapping) -> str:
@@ -127,6 +155,17 @@ def token_types(metadata: Mapping, count: int) -> list[int]:
     if len(types) != count:
         raise TokenizerError(f"the GGUF file has {len(types)} tokenizer.ggml.token_type entries for {count} tokens")
     return types
+
+
+def token_scores(metadata: Mapping, count: int) -> list[float]:
+    """tokenizer.ggml.scores, one per token: a SentencePiece vocabulary cannot merge without them."""
+    scores = metadata.get("tokenizer.ggml.scores")
+    if scores is None:
+        raise TokenizerError("the GGUF file has no tokenizer.ggml.scores list (a SentencePiece BPE vocabulary "
+                             "merges by score)")
+    if len(scores) != count:
+        raise TokenizerError(f"the GGUF file has {len(scores)} tokenizer.ggml.scores entries for {count} tokens")
+    return [float(score) for score in scores]
 
 
 def vocab(tokens: list[str]) -> dict[str, int]:
@@ -189,3 +228,60 @@ def special_token_text(metadata: Mapping, role: str) -> str:
     i = metadata.get(f"tokenizer.ggml.{role}_token_id")
     tokens = metadata.get("tokenizer.ggml.tokens") or []
     return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else ""
+
+
+# --- SentencePiece model protos -----------------------------------------------------------------
+
+
+def sentencepiece_model_proto(tokens: list[str], scores: list[float], types: list[int], roles: SpecialIds,
+                              add_space_prefix: bool = True) -> bytes:
+    """A serialized SentencePiece ModelProto of a GGUF vocabulary, as transformers' GGUF converter and llama.cpp
+    interpret it: BPE (no merges: the highest-scoring pair merges first), LLaMA's normalizer (identity, a dummy
+    "▁" prefix when add_space_prefix, no whitespace folding, spaces written as "▁"), byte fallback when the
+    vocabulary has byte pieces, and the roles' unknown / BOS / EOS / padding pieces."""
+    # Needs protobuf, which orbax-checkpoint installs.
+    from sentencepiece import sentencepiece_model_pb2
+
+    if TokenType.UNKNOWN not in types:
+        raise TokenizerError("the GGUF file's tokenizer.ggml.token_type marks no token as unknown (type 2); a "
+                             "SentencePiece vocabulary needs one, as <unk> in LLaMA's")
+    model = sentencepiece_model_pb2.ModelProto()
+    for i, (token, score, kind) in enumerate(zip(tokens, scores, types, strict=True)):
+        model.pieces.add(piece=token, score=score, type=sentencepiece_piece_type(kind, i))
+    trainer = model.trainer_spec
+    trainer.model_type = sentencepiece_model_pb2.TrainerSpec.BPE
+    trainer.vocab_size = len(tokens)
+    trainer.byte_fallback = TokenType.BYTE in types
+    for role in ("unk", "bos", "eos", "pad"):
+        i = getattr(roles, role)
+        setattr(trainer, f"{role}_id", -1 if i is None else i)
+        if i is not None:
+            setattr(trainer, f"{role}_piece", tokens[i])
+    normalizer = model.normalizer_spec
+    normalizer.name = "identity"
+    normalizer.add_dummy_prefix = add_space_prefix
+    normalizer.remove_extra_whitespaces = False
+    normalizer.escape_whitespaces = True
+    return model.SerializeToString()
+
+
+def sentencepiece_piece_type(kind: int, index: int) -> int:
+    """ModelProto.SentencePiece.Type of a tokenizer.ggml.token_type value."""
+    try:
+        return SENTENCEPIECE_PIECE_TYPES[TokenType(kind)]
+    except ValueError:
+        known = ", ".join(f"{t.value} ({t.name.lower()})" for t in TokenType)
+        raise TokenizerError(f"tokenizer.ggml.token_type[{index}] is {kind!r}, not one of llama.cpp's token types: "
+                             f"{known}") from None
+
+
+# tokenizer.ggml.token_type -> ModelProto.SentencePiece.Type: llama.cpp took its numbers from SentencePiece, so
+# this is the identity, spelled out by name.
+SENTENCEPIECE_PIECE_TYPES = {
+    TokenType.NORMAL: spm.NORMAL,
+    TokenType.UNKNOWN: spm.UNKNOWN,
+    TokenType.CONTROL: spm.CONTROL,
+    TokenType.USER_DEFINED: spm.USER_DEFINED,
+    TokenType.UNUSED: spm.UNUSED,
+    TokenType.BYTE: spm.BYTE,
+}

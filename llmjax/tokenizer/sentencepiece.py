@@ -3,7 +3,9 @@
 A `SentencePieceTokenizer` wraps a `sentencepiece.SentencePieceProcessor`: models we train here and
 existing `.model` files (LLaMA, T5...) alike. Its JSON holds the serialized model proto (base64),
 so `save`, `from_json` and `fingerprint` work as for every other tokenizer, and `save_model`
-writes a plain `.model` file back for other SentencePiece tools.
+writes a plain `.model` file back for other SentencePiece tools. A model read from a model file
+(llmjax.tokenizer.gguf: LLaMA's GGUF files) also keeps that file's BOS / EOS rule as `special_ids`,
+which `encode_prompt` applies as BPETokenizer does.
 
 Models trained by `train_sentencepiece` round-trip any text exactly:
 - byte_fallback: a character outside the vocabulary becomes its UTF-8 byte pieces, never <unk>;
@@ -18,6 +20,7 @@ Models trained by `train_sentencepiece` round-trip any text exactly:
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -28,6 +31,7 @@ from pathlib import Path
 import sentencepiece
 
 from llmjax.tokenizer.base import ENDOFTEXT, Tokenizer, TokenizerError
+from llmjax.tokenizer.bpe import BPETokenizer, SpecialIds
 
 SPACE_SYMBOL = "\u2581"  # "▁": how SentencePiece writes a space inside pieces
 BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")
@@ -40,11 +44,13 @@ class SentencePieceTokenizer(Tokenizer):
     Special tokens are the model's control and user-defined symbols ("<s>", "</s>",
     "<|endoftext|>", ...). `eot_id` is "<|endoftext|>" when the model has it, else the model's
     end-of-sentence id ("</s>" in LLaMA's tokenizer), so any model can separate documents.
+    special_ids: the BOS / EOS / unknown / padding ids and the add-BOS / add-EOS rule of the model
+    file this came from (see `encode_prompt`); none for models trained here or plain `.model` files.
     """
 
     kind = "sentencepiece"
 
-    def __init__(self, model_proto: bytes):
+    def __init__(self, model_proto: bytes, special_ids: SpecialIds | None = None):
         self.model_proto = bytes(model_proto)
         self.processor = load_processor(self.model_proto)
         piece_types = read_piece_types(self.model_proto)  # [vocab_size]
@@ -53,7 +59,8 @@ class SentencePieceTokenizer(Tokenizer):
                 f"SentencePiece model lists {len(piece_types)} pieces but loads {self.processor.get_piece_size()}"
             )
         self._special_tokens = special_pieces(piece_types, self.processor)
-        self._special_ids = frozenset(self._special_tokens.values())
+        self._special_token_ids = frozenset(self._special_tokens.values())
+        self._special_ids = (special_ids or SpecialIds()).check(len(piece_types))
         self._piece_bytes = piece_byte_table(piece_types, self.processor)  # [vocab_size] bytes
         self._strips_leading_space = strips_leading_space(piece_types, self.processor)
         # Ordinary pieces that start with a space: the ones a dummy-prefix model strips at the start.
@@ -101,6 +108,14 @@ class SentencePieceTokenizer(Tokenizer):
         eos_id = self.processor.eos_id()
         return eos_id if eos_id >= 0 else None
 
+    @property
+    def special_ids(self) -> SpecialIds:
+        """BOS / EOS / unknown / padding ids and whether prompts get BOS / EOS added (as the model file says)."""
+        return self._special_ids
+
+    # BPETokenizer's rule, shared rather than copied: it reads `self.encode` and `self._special_ids`.
+    encode_prompt = BPETokenizer.encode_prompt
+
     def encode_ordinary(self, text: str) -> list[int]:
         if SPACE_SYMBOL in text and self._space_symbol_byte_ids and not self._strips_leading_space:
             return encode_around_space_symbol(self.processor, text, self._space_symbol_byte_ids)
@@ -117,7 +132,7 @@ class SentencePieceTokenizer(Tokenizer):
             if not 0 <= token_id < len(table):
                 raise TokenizerError(f"token id {token_id} is outside this SentencePiece vocabulary (ids 0..{len(table) - 1})")
             piece = table[token_id]
-            if at_start and token_id not in self._special_ids:
+            if at_start and token_id not in self._special_token_ids:
                 if token_id in self._leading_space_ids:
                     piece = piece[1:]
                 at_start = not piece
@@ -125,7 +140,10 @@ class SentencePieceTokenizer(Tokenizer):
         return bytes(out)
 
     def to_json(self) -> dict:
-        return {"type": self.kind, "version": 1, "model_proto": base64.b64encode(self.model_proto).decode("ascii")}
+        """{"type", "version", "model_proto": the base64 .model file, and "special_ids" when any is set}."""
+        roles = {} if self._special_ids == SpecialIds() else {"special_ids": dataclasses.asdict(self._special_ids)}
+        return {"type": self.kind, "version": 1, "model_proto": base64.b64encode(self.model_proto).decode("ascii"),
+                **roles}
 
     @classmethod
     def from_json(cls, data: dict) -> SentencePieceTokenizer:
@@ -133,18 +151,26 @@ class SentencePieceTokenizer(Tokenizer):
             raise TokenizerError(f"not a SentencePiece tokenizer: its JSON has type {data.get('type')!r}, expected {cls.kind!r}")
         if "model_proto" not in data:
             raise TokenizerError("SentencePiece tokenizer JSON lacks its 'model_proto' field (the base64 .model file)")
-        return cls(base64.b64decode(data["model_proto"]))
+        return cls(base64.b64decode(data["model_proto"]), special_ids_from_json(data))
 
-    # Pickled as the model bytes: the wrapped processor is a C++ object (workers of the data
-    # pipeline receive tokenizers by pickle).
+    # Pickled as the model bytes and the special ids: the wrapped processor is a C++ object
+    # (workers of the data pipeline receive tokenizers by pickle).
     def __getstate__(self) -> dict:
-        return {"model_proto": self.model_proto}
+        return {"model_proto": self.model_proto, "special_ids": self._special_ids}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["model_proto"])
+        self.__init__(state["model_proto"], state.get("special_ids"))
 
     def __repr__(self) -> str:
         return f"SentencePieceTokenizer(vocab_size={self.vocab_size}, specials={sorted(self._special_tokens)})"
+
+
+def special_ids_from_json(data: dict) -> SpecialIds:
+    """The "special_ids" field of our JSON (absent: none set); a malformed one is a TokenizerError."""
+    try:
+        return SpecialIds(**data.get("special_ids", {}))
+    except TypeError as error:
+        raise TokenizerError(f"SentencePiece tokenizer JSON has a malformed 'special_ids' field ({error})") from None
 
 
 # --- reading a model ------------------------------------------------------------------------
