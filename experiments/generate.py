@@ -206,12 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.quantized:
         if args.mesh is not None:
             raise SystemExit("python -m experiments generate: --quantized runs on one device; drop --mesh")
-        import jax
-
         from llmjax.quant.model import quantized_decode_params
 
-        matmul = "pallas" if jax.devices()[0].platform == "gpu" else "xla"
-        prepared, params = quantized_decode_params(params, cfg, matmul), None
+        # "auto": the fused kernel on GPUs, the few-row matvec on CPUs; the head int8 where that is exact
+        prepared, params = quantized_decode_params(params, cfg, "auto", head="auto"), None
     if args.mesh is not None:
         from llmjax.parallel.plan import Plan
 

@@ -52,9 +52,10 @@ def parse_args(argv):
     p.add_argument("--seq", type=int, default=None,
                    help=f"tokens per sequence (default: the run's; --gguf: {DEFAULT_GGUF_SEQ}; at most max_seq_len)")
     p.add_argument("--decode-tokens", type=int, default=64, help="tokens generated for the decode timing (0: skip)")
-    p.add_argument("--matmul", choices=("auto", "xla", "pallas"), default="auto",
-                   help="quantized matmul while decoding: XLA's dequantize-then-dot, or the fused Pallas kernel "
-                        "(kernels/matmul_quant.py; auto: pallas on GPUs)")
+    p.add_argument("--matmul", choices=("auto", "xla", "pallas", "matvec"), default="auto",
+                   help="quantized matmul while decoding: XLA's dequantize-then-dot, the fused Pallas kernel, or the "
+                        "few-row CPU loop over the codes (kernels/matmul_quant.py; auto: pallas on GPUs, matvec on "
+                        "CPUs for up to 8 rows, else xla)")
     p.add_argument("--decode-formats", default="all",
                    help="comma-separated rows to time decoding for (e.g. float,int4-RTN), or all")
     p.add_argument("--out", type=Path, default=None,
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             total, count = total + float(nll.sum()), count + nll.size
         return float(np.exp(total / count))
 
-    matmul = args.matmul if args.matmul != "auto" else ("pallas" if device.platform == "gpu" else "xla")
+    matmul = args.matmul
     prompt = [int(t) for t in val_batches[0][0, :8]]
 
     def decode_rate(qparams) -> float | None:

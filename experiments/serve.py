@@ -82,12 +82,10 @@ def build_app(args):
     model = load_model(ckpt=args.ckpt, hf=args.hf, gguf=args.gguf, preset=args.model, tokenizer=args.tokenizer,
                        chat_template=args.chat_template, quantized=args.quantized, seed=args.seed)
     cfg, params = model.cfg, model.params
-    if args.quantized:  # the decode layout with the file's quantized matrices, multiplied by the fused kernel
-        import jax
-
+    if args.quantized:  # the decode layout with the file's quantized matrices (kernels.matmul_quant)
         from llmjax.quant.model import quantized_decode_params
 
-        params = quantized_decode_params(params, cfg, "pallas" if jax.devices()[0].platform == "gpu" else "xla")
+        params = quantized_decode_params(params, cfg, "auto", head="auto")
     config = EngineConfig(num_blocks=args.num_blocks, block_size=args.block_size, max_running=args.max_running,
                           max_tokens_per_step=args.max_tokens_per_step, max_queue=args.max_queue,
                           prefix_caching=not args.no_prefix_caching)

@@ -155,7 +155,7 @@ def quantized_forward(qparams: dict, tokens: jax.Array, cfg: ModelConfig, *, pos
     return logits_from_hidden(top_level_params(qparams, cfg), x, cfg)
 
 
-HEADS = ("float", "int8")
+HEADS = ("float", "int8", "auto")
 
 
 def quantized_decode_params(qparams: dict, cfg: ModelConfig, matmul: str = "xla", head: str = "float") -> dict:
@@ -166,7 +166,8 @@ def quantized_decode_params(qparams: dict, cfg: ModelConfig, matmul: str = "xla"
     (on CPUs the few-row form for decoding, `kernels.matmul_quant.quantized_matvec`; on GPUs the fused kernel).
     head: the output head (the tied embedding or lm_head) as prepared ("float"), or quantized to int8 in groups of
     32 inputs ("int8": a quarter of its bytes, read every step; exact for an embedding imported from a GGUF Q8_0
-    tensor, whose blocks it re-quantizes to the same codes and scales), kept apart from the embedding's lookup table."""
+    tensor, whose blocks it re-quantizes to the same codes and scales), kept apart from the embedding's lookup table;
+    "auto": int8 where that is exact (its dequantized values equal the prepared head's), else float."""
     if head not in HEADS:
         raise ValueError(f"head={head!r}: expected one of {', '.join(map(repr, HEADS))}")
     from llmjax.infer.decode_model import prepare_params
@@ -212,9 +213,10 @@ def quantized_decode_params(qparams: dict, cfg: ModelConfig, matmul: str = "xla"
             prepared["layers"].append(prepare_params({**top, "embed": dummy_embed, "blocks": layer},
                                                      one_layer)["layers"][0])
         swap(prepared["layers"][i], i)
-    if head == "int8":
-        weight = prepared["lm_head"]["kernel"] if "lm_head" in prepared else prepared["embed"]["token"].T  # [d, vocab]
+    weight = prepared["lm_head"]["kernel"] if "lm_head" in prepared else prepared["embed"]["token"].T  # [d, vocab]
+    if head != "float" and not is_quantized(weight):  # (an lm_head quantize_params quantized stays as it is)
         group = 32 if cfg.d_model % 32 == 0 else None  # else one group per output (per-channel)
         quantized = jax.jit(quantize, static_argnums=(1, 2))(weight, "int8", group)
-        prepared["lm_head"] = {"kernel": quantized.with_matmul(matmul)}
+        if head == "int8" or bool(jnp.array_equal(quantized.dequantize(weight.dtype), weight)):
+            prepared["lm_head"] = {"kernel": quantized.with_matmul(matmul)}
     return prepared

@@ -105,5 +105,10 @@ def test_decoding_through_the_cpu_matvec_and_an_int8_head(tied):
     ours = generate(None, cfg, prompts, max_new_tokens=6, prepared=prepared)
     reference = generate(None, cfg, prompts, max_new_tokens=6, prepared=quantized_decode_params(qparams, cfg, "xla"))
     assert ours.tokens == reference.tokens
-    with pytest.raises(ValueError, match="head='int4': expected one of 'float', 'int8'"):
+    # head="auto": int8 for this int8-representable head; float for the random embedding it was made from.
+    assert isinstance(quantized_decode_params(qparams, cfg, head="auto")["lm_head"]["kernel"], QuantizedMatrix)
+    if tied:
+        random_head = {**qparams, "embed": init_params(cfg, jax.random.key(0))["embed"]}  # (params' was replaced)
+        assert "lm_head" not in quantized_decode_params(random_head, cfg, head="auto")
+    with pytest.raises(ValueError, match="head='int4': expected one of 'float', 'int8', 'auto'"):
         quantized_decode_params(qparams, cfg, head="int4")

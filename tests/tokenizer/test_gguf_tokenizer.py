@@ -406,8 +406,9 @@ def test_missing_pre_tokenizer_is_llama_cpp_default_with_a_warning():
 @pytest.mark.parametrize("changes, message", [
     ({"pre": "nope"}, (r"^the GGUF pre-tokenizer 'nope' \(tokenizer.ggml.pre\) is not supported; llmjax knows .*"
                        r"default.*gpt-2.*llama-bpe.*qwen2.*smollm")),
-    ({"model": "t5"}, r"^the GGUF tokenizer.ggml.model 't5' is not supported; llmjax reads 'gpt2' \(byte-level BPE\)$"),
-    ({"model": "llama"}, r"tokenizer.ggml.model 'llama' is not supported; llmjax reads 'gpt2'"),
+    ({"model": "t5"}, (r"^the GGUF tokenizer.ggml.model 't5' is not supported; llmjax reads 'gpt2' \(byte-level BPE\), "
+                       r"'llama' \(SentencePiece\)$")),
+    ({"model": "llama"}, r"^the GGUF file has no tokenizer.ggml.scores list"),
     ({"model": None}, r"^the GGUF file has no tokenizer \(no tokenizer.ggml.model key\)$"),
     ({"merges": ["Ġ t", "Ġt zzzq"]}, (r"^tokenizer.ggml.merges\[1\]: 'Ġt zzzq' refers to token 'zzzq', which is not "
                                        r"in tokenizer.ggml.tokens$")),
