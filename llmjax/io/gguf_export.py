@@ -200,7 +200,8 @@ def tokenizer_metadata(tokenizer, vocab_size: int, *, eos_id: int | None = None)
     """{GGUF key: value} of a byte-level BPE tokenizer (BPETokenizer, or the byte tokenizer: BPE without merges) for
     a model of vocab_size ids; GGUFError for a tokenizer llama.cpp cannot be told about. eos_id: the id that ends a
     reply, when it is not the tokenizer's own EOS (a chat model's <|im_end|>)."""
-    from llmjax.tokenizer.bpe import BPETokenizer, SpecialIds, _to_unicode
+    from llmjax.tokenizer.base import SpecialIds
+    from llmjax.tokenizer.bpe import BPETokenizer, _to_unicode
     from llmjax.tokenizer.bytes import BYTE_VOCAB, ByteTokenizer
     from llmjax.tokenizer.gguf import TokenType
 

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import regex
@@ -21,6 +22,41 @@ ENDOFTEXT = "<|endoftext|>"
 
 class TokenizerError(ValueError):
     """A tokenizer file, vocabulary or request that cannot be used."""
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """The ids a model file names for its roles (None: it names none), and whether a prompt gets BOS put in
+    front / EOS put after it (llama.cpp's add_bos_token / add_eos_token; Hugging Face's post-processor)."""
+
+    bos: int | None = None
+    eos: int | None = None
+    unk: int | None = None
+    pad: int | None = None
+    add_bos: bool = False
+    add_eos: bool = False
+
+    def check(self, vocab_size: int) -> SpecialIds:
+        """Itself, after checking that every id is in the vocabulary and that an added BOS / EOS has an id."""
+        for role in ("bos", "eos", "unk", "pad"):
+            i = getattr(self, role)
+            if i is not None and not (isinstance(i, int) and 0 <= i < vocab_size):
+                raise TokenizerError(f"the {role} token id {i!r} is not in this vocabulary of {vocab_size} ids")
+        for role in ("bos", "eos"):
+            if getattr(self, f"add_{role}") and getattr(self, role) is None:
+                raise TokenizerError(f"prompts should get a {role.upper()} token added, "
+                                     f"but no {role} token id is given")
+        return self
+
+    def around(self, ids: list[int]) -> list[int]:
+        """A prompt's ids with BOS put in front (unless they already start with it) and EOS after, as the rule says
+        (llama.cpp's and Hugging Face's add-special-tokens)."""
+        ids = list(ids)
+        if self.add_bos and ids[:1] != [self.bos]:
+            ids.insert(0, self.bos)
+        if self.add_eos:
+            ids.append(self.eos)
+        return ids
 
 
 class Tokenizer(abc.ABC):
@@ -76,10 +112,17 @@ class Tokenizer(abc.ABC):
                 ids.extend(self.encode_ordinary(piece))
         return ids
 
+    @property
+    def special_ids(self) -> SpecialIds:
+        """The model file's BOS / EOS / unknown / padding ids and its add-BOS / add-EOS rule (none here; tokenizers
+        read from model files override it)."""
+        return SpecialIds()
+
     def encode_prompt(self, text: str, *, allowed_special: str | set[str] = "all") -> list[int]:
-        """A prompt's ids: `encode`, plus the BOS / EOS a tokenizer read from a model file puts around prompts
-        (BPETokenizer with special_ids); tokenizers trained here add none."""
-        return self.encode(text, allowed_special=allowed_special)
+        """A prompt's ids: `encode`, with the BOS / EOS that `special_ids` puts around prompts (a model file's
+        rule; tokenizers trained here add none), a BOS the text already starts with (a chat template that writes
+        it) not doubled."""
+        return self.special_ids.around(self.encode(text, allowed_special=allowed_special))
 
     def encode_batch(self, texts: Iterable[str], *, allowed_special: str | set[str] = "all") -> list[list[int]]:
         return [self.encode(text, allowed_special=allowed_special) for text in texts]

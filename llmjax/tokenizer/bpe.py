@@ -31,10 +31,9 @@ import itertools
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-from llmjax.tokenizer.base import ENDOFTEXT, Tokenizer, TokenizerError
+from llmjax.tokenizer.base import ENDOFTEXT, SpecialIds, Tokenizer, TokenizerError
 from llmjax.tokenizer.pretokenize import (
     DIGITS_THEN_GPT2_PATTERN,
     GPT2_PATTERN,
@@ -66,31 +65,6 @@ def bytes_to_unicode() -> dict[int, str]:
 
 BYTE_TO_UNICODE = bytes_to_unicode()
 UNICODE_TO_BYTE = {char: byte for byte, char in BYTE_TO_UNICODE.items()}
-
-
-@dataclass(frozen=True)
-class SpecialIds:
-    """The ids a model file names for its roles (None: it names none), and whether a prompt gets BOS put in
-    front / EOS put after it (llama.cpp's add_bos_token / add_eos_token; Hugging Face's post-processor)."""
-
-    bos: int | None = None
-    eos: int | None = None
-    unk: int | None = None
-    pad: int | None = None
-    add_bos: bool = False
-    add_eos: bool = False
-
-    def check(self, vocab_size: int) -> SpecialIds:
-        """Itself, after checking that every id is in the vocabulary and that an added BOS / EOS has an id."""
-        for role in ("bos", "eos", "unk", "pad"):
-            i = getattr(self, role)
-            if i is not None and not (isinstance(i, int) and 0 <= i < vocab_size):
-                raise TokenizerError(f"the {role} token id {i!r} is not in this vocabulary of {vocab_size} ids")
-        for role in ("bos", "eos"):
-            if getattr(self, f"add_{role}") and getattr(self, role) is None:
-                raise TokenizerError(f"prompts should get a {role.upper()} token added, "
-                                     f"but no {role} token id is given")
-        return self
 
 
 class BPETokenizer(Tokenizer):
@@ -200,6 +174,11 @@ class BPETokenizer(Tokenizer):
         return dict(self._special_tokens)
 
     @property
+    def special_ids(self) -> SpecialIds:
+        """BOS / EOS / unknown / padding ids and whether prompts get BOS / EOS added (as the model file says)."""
+        return self._special_ids
+
+    @property
     def vocab(self) -> dict[int, bytes]:
         """{id: bytes} for every id, special tokens included (as their UTF-8)."""
         return dict(self._decoder)
@@ -221,23 +200,6 @@ class BPETokenizer(Tokenizer):
     def missing_bytes(self) -> frozenset[int]:
         """Byte values with no single-byte token: a text whose UTF-8 has one of them cannot be encoded."""
         return self._missing_bytes
-
-    @property
-    def special_ids(self) -> SpecialIds:
-        """BOS / EOS / unknown / padding ids and whether prompts get BOS / EOS added (as the model file says)."""
-        return self._special_ids
-
-    def encode_prompt(self, text: str, *, allowed_special: str | set[str] = "all") -> list[int]:
-        """`encode(text)` with BOS in front and EOS after where `special_ids` says prompts get them (llama.cpp's
-        and Hugging Face's add-special-tokens rule); a BOS the text already starts with (a chat template that
-        writes it) is not doubled."""
-        ids = self.encode(text, allowed_special=allowed_special)
-        rules = self._special_ids
-        if rules.add_bos and ids[:1] != [rules.bos]:
-            ids.insert(0, rules.bos)
-        if rules.add_eos:
-            ids.append(rules.eos)
-        return ids
 
     def encode_ordinary(self, text: str) -> list[int]:
         ids: list[int] = []

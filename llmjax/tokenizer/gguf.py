@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmjax.tokenizer import sentencepiece as spm
-from llmjax.tokenizer.base import Tokenizer, TokenizerError
-from llmjax.tokenizer.bpe import BPETokenizer, SpecialIds
+from llmjax.tokenizer.base import SpecialIds, Tokenizer, TokenizerError
+from llmjax.tokenizer.bpe import BPETokenizer
 from llmjax.tokenizer.pretokenize import (
     DIGITS_THEN_GPT2_PATTERN,
     GPT2_PATTERN,
@@ -210,7 +210,7 @@ def pre_tokenizer(metadata: Mapping) -> PreTokenizer:
 
 
 def special_ids(metadata: Mapping, *, default_add_bos: bool = False) -> dict:
-    """{"bos", "eos", "unk", "pad": id or None, "add_bos", "add_eos": bool}: the fields of bpe.SpecialIds.
+    """{"bos", "eos", "unk", "pad": id or None, "add_bos", "add_eos": bool}: the fields of base.SpecialIds.
 
     add_bos / add_eos are the file's tokenizer.ggml.add_bos_token / add_eos_token, else llama.cpp's default
     for the pre-tokenizer (`default_add_bos`) and False."""

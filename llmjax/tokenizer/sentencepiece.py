@@ -5,7 +5,7 @@ existing `.model` files (LLaMA, T5...) alike. Its JSON holds the serialized mode
 so `save`, `from_json` and `fingerprint` work as for every other tokenizer, and `save_model`
 writes a plain `.model` file back for other SentencePiece tools. A model read from a model file
 (llmjax.tokenizer.gguf: LLaMA's GGUF files) also keeps that file's BOS / EOS rule as `special_ids`,
-which `encode_prompt` applies as BPETokenizer does.
+which `encode_prompt` applies (`Tokenizer.encode_prompt`).
 
 Models trained by `train_sentencepiece` round-trip any text exactly:
 - byte_fallback: a character outside the vocabulary becomes its UTF-8 byte pieces, never <unk>;
@@ -30,8 +30,7 @@ from pathlib import Path
 
 import sentencepiece
 
-from llmjax.tokenizer.base import ENDOFTEXT, Tokenizer, TokenizerError
-from llmjax.tokenizer.bpe import BPETokenizer, SpecialIds
+from llmjax.tokenizer.base import ENDOFTEXT, SpecialIds, Tokenizer, TokenizerError
 
 SPACE_SYMBOL = "\u2581"  # "▁": how SentencePiece writes a space inside pieces
 BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")
@@ -112,9 +111,6 @@ class SentencePieceTokenizer(Tokenizer):
     def special_ids(self) -> SpecialIds:
         """BOS / EOS / unknown / padding ids and whether prompts get BOS / EOS added (as the model file says)."""
         return self._special_ids
-
-    # BPETokenizer's rule, shared rather than copied: it reads `self.encode` and `self._special_ids`.
-    encode_prompt = BPETokenizer.encode_prompt
 
     def encode_ordinary(self, text: str) -> list[int]:
         if SPACE_SYMBOL in text and self._space_symbol_byte_ids and not self._strips_leading_space:

@@ -17,7 +17,7 @@ from tokenizer_texts import HARD_TEXTS
 
 from llmjax.tokenizer import TokenizerError, load_tokenizer
 from llmjax.tokenizer import sentencepiece as spm
-from llmjax.tokenizer.bpe import SpecialIds
+from llmjax.tokenizer.base import SpecialIds
 from llmjax.tokenizer.gguf import TokenType, tokenizer_from_gguf
 from llmjax.tokenizer.sentencepiece import (
     SentencePieceTokenizer,

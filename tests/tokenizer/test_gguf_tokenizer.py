@@ -16,7 +16,8 @@ from tokenizers import Tokenizer, pre_tokenizers
 from llmjax.infer.server import ChatFormat, parse_chat_request, parse_completion_request
 from llmjax.io.gguf import read_metadata, resolve_gguf
 from llmjax.tokenizer import TokenizerError, load_tokenizer
-from llmjax.tokenizer.bpe import BYTE_TO_UNICODE, BPETokenizer, SpecialIds
+from llmjax.tokenizer.base import SpecialIds
+from llmjax.tokenizer.bpe import BYTE_TO_UNICODE, BPETokenizer
 from llmjax.tokenizer.gguf import (
     PRE_TOKENIZERS,
     TokenType,
