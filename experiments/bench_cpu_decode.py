@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import jax
 
-    from llmjax.infer.server import ChatFormat
+    from llmjax.tokenizer.chat import ChatFormat
     from llmjax.io.gguf import read_metadata, resolve_gguf
     from llmjax.tokenizer.gguf import tokenizer_from_gguf
 

@@ -476,7 +476,7 @@ def load_params(args):
 
 def gguf_chat_text(gguf) -> ChatText:
     """--http --gguf: the file's tokenizer and chat template only (the server holds the weights)."""
-    from llmjax.infer.server import ChatFormat
+    from llmjax.tokenizer.chat import ChatFormat
     from llmjax.io.gguf import GGUFError, read_metadata, resolve_gguf
     from llmjax.tokenizer.gguf import tokenizer_from_gguf
 

@@ -43,7 +43,7 @@ class LoadedModel:
     params: dict          # float arrays, or QuantizedMatrix for a GGUF's kept block linears (quantized=True)
     cfg: object           # ModelConfig
     tokenizer: object     # llmjax.tokenizer Tokenizer
-    chat_format: object   # llmjax.infer.server.ChatFormat (template None: the default "Role: text" prompt)
+    chat_format: object   # llmjax.tokenizer.chat.ChatFormat (template None: the default "Role: text" prompt)
     end_ids: tuple[int, ...]  # a reply ends at any of these (the first is the model's EOS)
     source: Path | None   # the run / Hugging Face folder or the .gguf file; None for a preset
 
@@ -83,7 +83,7 @@ def _one_line(error: Exception) -> str:
 
 
 def _from_gguf(name_or_path, tokenizer_spec, chat_template, quantized: bool, dtype: str) -> LoadedModel:
-    from llmjax.infer.server import ChatFormat
+    from llmjax.tokenizer.chat import ChatFormat
     from llmjax.io.gguf import load_gguf, read_metadata, resolve_gguf
     from llmjax.tokenizer import load_tokenizer
     from llmjax.tokenizer.gguf import tokenizer_from_gguf
@@ -98,7 +98,7 @@ def _from_gguf(name_or_path, tokenizer_spec, chat_template, quantized: bool, dty
 
 
 def _from_folder_or_preset(ckpt, hf, preset, tokenizer_spec, chat_template, seed: int) -> LoadedModel:
-    from llmjax.infer.server import ChatFormat
+    from llmjax.tokenizer.chat import ChatFormat
     from llmjax.io.hub import resolve_hf_folder
     from llmjax.tokenizer import load_tokenizer
 
@@ -129,7 +129,7 @@ def _from_folder_or_preset(ckpt, hf, preset, tokenizer_spec, chat_template, seed
 
 def _with_template(found, chat_template):
     """The template of `chat_template` (a Jinja file) with the special tokens `found` names, else `found`."""
-    from llmjax.infer.server import ChatFormat
+    from llmjax.tokenizer.chat import ChatFormat
 
     if chat_template is None:
         return found

@@ -26,7 +26,8 @@ from llmjax.config import get_config
 from llmjax.infer.engine import Engine, EngineConfig
 from llmjax.infer.generate import generate
 from llmjax.infer.sampling import SamplingConfig
-from llmjax.infer.server import ChatFormat, TextStream, create_app, default_chat_prompt
+from llmjax.infer.server import TextStream, create_app
+from llmjax.tokenizer.chat import ChatFormat, default_chat_prompt
 from llmjax.model import init_params
 from llmjax.tokenizer import load_tokenizer
 

@@ -13,10 +13,11 @@ from hypothesis import strategies as st
 from tokenizer_texts import HARD_TEXTS, tricky_text, unicode_text
 from tokenizers import Tokenizer, pre_tokenizers
 
-from llmjax.infer.server import ChatFormat, parse_chat_request, parse_completion_request
+from llmjax.infer.server import parse_chat_request, parse_completion_request
 from llmjax.io.gguf import read_metadata, resolve_gguf
 from llmjax.tokenizer import TokenizerError, load_tokenizer
 from llmjax.tokenizer.base import SpecialIds
+from llmjax.tokenizer.chat import ChatFormat
 from llmjax.tokenizer.bpe import BYTE_TO_UNICODE, BPETokenizer
 from llmjax.tokenizer.gguf import (
     PRE_TOKENIZERS,
