@@ -489,6 +489,23 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self.requests or self.aborted or self._inflight)
 
+    def update_weights(self, params, *, prepared: bool = False) -> None:
+        """Serve new weights of the same model (RL: the policy after an optimizer step), between requests: they are
+        prepared on their device (no copy through the host), the compiled programs are kept, and the prefix
+        cache, whose K/V the old weights computed, is emptied. params as for the constructor."""
+        if self.has_unfinished():
+            raise EngineError("update_weights needs an idle engine: requests are still waiting or running")
+        try:
+            new = params if prepared else _prepare_jit(params, self.cfg)
+        except (TypeError, ValueError) as error:  # shapes that do not make this model's decode layout
+            raise EngineError(f"update_weights: the new weights are not this model's ({error})") from None
+        old_shapes = jax.tree.map(lambda x: (x.shape, x.dtype), self.dparams)
+        new_shapes = jax.tree.map(lambda x: (x.shape, x.dtype), new)
+        if old_shapes != new_shapes:
+            raise EngineError("update_weights: the new weights are not this model's (shapes or dtypes differ)")
+        self.dparams = new
+        self.manager = BlockManager(self.config.num_blocks, self.config.block_size, self.config.prefix_caching)
+
     def stats(self) -> EngineStats:
         preempted = sum(r.preempted for r in self.waiting) + len(self.swapped)
         return EngineStats(num_waiting=len(self.waiting) + len(self.swapped), num_running=len(self.running),

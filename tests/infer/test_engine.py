@@ -215,6 +215,33 @@ def test_prefix_caching_reuses_blocks_and_keeps_outputs(tiny):
     assert engine.manager.allocator.num_used == 0
 
 
+def test_update_weights_serves_the_new_model_without_its_old_prefix_cache(tiny):
+    """RL's weight hand-over: after update_weights the engine answers as a fresh engine of the new weights would,
+    with the same compiled programs, and no prompt block cached under the old weights is reused."""
+    params, cfg = tiny
+    other = init_params(cfg, jax.random.key(5))
+    rng = np.random.default_rng(2)
+    prompt = rng.integers(0, cfg.vocab_size, 13).tolist()
+    engine = Engine(params, cfg, EngineConfig(**ROOMY))
+    before, _ = serve(engine, {"a": (prompt, SamplingParams(max_tokens=5))})
+    assert before["a"] == reference(params, cfg, [prompt], 5)[0]
+    traces = dict(TRACES)
+    engine.update_weights(other)
+    after, _ = serve(engine, {"b": (prompt, SamplingParams(max_tokens=5))})
+    assert after["b"] == reference(other, cfg, [prompt], 5)[0] != before["a"]
+    assert engine.manager.prefix_hits == 0 and dict(TRACES) == traces
+    engine.add_request("c", prompt, SamplingParams(max_tokens=2))
+    with pytest.raises(EngineError, match="idle engine"):
+        engine.update_weights(params)
+    engine.abort("c")
+    engine.step()
+    wrong = get_config("llama-tiny", d_model=32, head_dim=8)
+    with pytest.raises(EngineError, match="not this model's"):
+        engine.update_weights(init_params(wrong, jax.random.key(0)))
+    with pytest.raises(EngineError, match="shapes or dtypes differ"):
+        engine.update_weights(jax.tree.map(lambda x: x.astype("bfloat16"), engine.dparams), prepared=True)
+
+
 def test_prefix_caching_off_allocates_every_block(tiny):
     params, cfg = tiny
     prompt = list(range(1, 20))
