@@ -81,7 +81,8 @@ def test_arithmetic_answers_match_python():
         expression = re.fullmatch(r"What is (\d+) ([-+*]) (\d+)\?", problem.question)
         assert expression, problem.question
         left, operation, right = expression.groups()
-        assert 2 <= len(left) <= 3 and 2 <= len(right) <= 3
+        low, high = task.digits
+        assert low <= len(left) <= high and low <= len(right) <= high
         assert int(problem.answer) == eval(f"{left} {operation} {right}")
         seen.add(operation)
         seen.add("negative" if int(problem.answer) < 0 else "positive")
