@@ -20,7 +20,7 @@ import collections
 import concurrent.futures
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -38,6 +38,15 @@ class TokenSource(Protocol):
     document_starts: np.ndarray  # int64 [num_documents], first one 0
 
     def tokens(self, start: int, stop: int) -> np.ndarray: ...
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """Data that makes whole training batches itself (packed chats, `llmjax.posttrain.chat_data.PackedChats`), where a
+    token stream would be cut into windows: the batch dict of any step ({"inputs", "targets"} and any of
+    "positions", "segment_ids", "loss_mask"; numpy, [batch_size, seq_len]), the same for the same arguments."""
+
+    def batch(self, step: int, *, batch_size: int, seed: int) -> dict[str, np.ndarray]: ...
 
 
 @dataclass(frozen=True)

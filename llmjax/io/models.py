@@ -168,6 +168,21 @@ def end_of_text_ids(folder: Path | None, tokenizer, chat_format) -> list[int]:
     return [] if tokenizer.eot_id is None else [tokenizer.eot_id]
 
 
+def write_model_files(folder: str | Path, model: LoadedModel) -> None:
+    """The files `load_model(ckpt=folder)` reads besides the checkpoints: the tokenizer (tokenizer.json), the chat
+    template with its special tokens (tokenizer_config.json) and the ids that end a reply (generation_config.json),
+    so a run fine-tuned from any model (a GGUF file, a Hugging Face folder, another run) chats as its base did."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.tokenizer.save(folder / "tokenizer.json")
+    chat = model.chat_format
+    config = {"bos_token": chat.bos_token, "eos_token": chat.eos_token}
+    if chat.template is not None:
+        config["chat_template"] = chat.template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": list(model.end_ids)}))
+
+
 def restore_params(run: Path):
     """The newest checkpoint's params and model config from a run folder (SystemExit, one line, when it has none)."""
     import jax

@@ -17,6 +17,7 @@ import contextlib
 from dataclasses import dataclass
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -26,7 +27,7 @@ from llmjax.parallel.logical import activation_rules, axis_ways, partition_spec
 from llmjax.parallel.mesh import make_mesh
 from llmjax.parallel.rules import Strategy, get_strategy, spec_shardings
 from llmjax.train.optim import make_optimizer
-from llmjax.train.state import TrainState, init_train_state
+from llmjax.train.state import TrainState, init_train_state, train_state_from_params
 
 
 class BatchError(ValueError):
@@ -70,10 +71,15 @@ class Plan:
         return TrainState(self.replicated(), self.param_shardings(model_cfg),
                           self.optimizer_shardings(model_cfg, train_cfg))
 
-    def init_state(self, model_cfg: ModelConfig, train_cfg: TrainConfig, key: jax.Array):
-        """A fresh TrainState created directly in its shards (no device ever holds the whole model)."""
+    def init_state(self, model_cfg: ModelConfig, train_cfg: TrainConfig, key: jax.Array, params: dict | None = None):
+        """A fresh TrainState created directly in its shards (no device ever holds the whole model); params: start
+        from these (a trained or imported model, cast to the config's parameter dtype) instead of a random init."""
         shardings = self.state_shardings(model_cfg, train_cfg)
-        return jax.jit(init_train_state, static_argnums=(0, 1), out_shardings=shardings)(model_cfg, train_cfg, key)
+        if params is None:
+            return jax.jit(init_train_state, static_argnums=(0, 1), out_shardings=shardings)(model_cfg, train_cfg, key)
+        params = self.place_params(jax.tree.map(lambda x: jnp.asarray(x, model_cfg.param_dtype), params), model_cfg)
+        return jax.jit(train_state_from_params, static_argnums=(1, 2), out_shardings=shardings)(params, model_cfg,
+                                                                                                  train_cfg)
 
     def place_params(self, params: dict, model_cfg: ModelConfig) -> dict:
         """Parameters (e.g. loaded for inference) moved into this plan's shards."""

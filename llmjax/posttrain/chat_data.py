@@ -231,6 +231,13 @@ class PackedChats:
         """The batch dict of the given rows: {"inputs", "targets", "positions", "segment_ids", "loss_mask"}."""
         return {name: getattr(self, name)[indices] for name in BATCH_KEYS}
 
+    def batch(self, step: int, *, batch_size: int, seed: int) -> dict[str, np.ndarray]:
+        """The batch of training step `step` (a `llmjax.data.loader.BatchSource`, so `llmjax.train.loop.train` reads
+        it): epoch step // batches_per_epoch, in that epoch's order (see `batches`)."""
+        per_epoch = batches_per_epoch(self, batch_size)
+        epoch, index = divmod(step, per_epoch)
+        return next(batches(self, batch_size, seed=seed, epoch=epoch, start=index))
+
 
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 
@@ -315,7 +322,12 @@ def _best_fit_decreasing(lengths: Sequence[int], width: int) -> list[list[int]]:
 
 
 def batches_per_epoch(packed: PackedChats, batch_size: int) -> int:
-    """Full batches in one pass over the rows (the last partial batch is dropped)."""
+    """Full batches in one pass over the rows (the last partial batch is dropped); ChatDataError for none."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if len(packed) < batch_size:
+        raise ChatDataError(f"{len(packed)} packed rows make no batch of {batch_size}; "
+                            "lower batch_size or give more conversations")
     return len(packed) // batch_size
 
 
@@ -325,13 +337,9 @@ def batches(packed: PackedChats, batch_size: int, *, seed: int, epoch: int, star
     "loss_mask" float32}), in an order fixed by (seed, epoch); the last partial batch is dropped, so every batch has
     one shape. start: begin at that batch of the epoch (a resumed run skips what it has trained on).
     ChatDataError when there are fewer rows than one batch."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if len(packed) < batch_size:
-        raise ChatDataError(f"{len(packed)} packed rows make no batch of {batch_size}; "
-                            "lower batch_size or give more conversations")
+    per_epoch = batches_per_epoch(packed, batch_size)
     order = np.random.default_rng(_seed_sequence(seed, epoch)).permutation(len(packed))
-    for step in range(start, batches_per_epoch(packed, batch_size)):
+    for step in range(start, per_epoch):
         yield packed.rows(order[step * batch_size:(step + 1) * batch_size])
 
 

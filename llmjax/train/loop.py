@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from llmjax.config import ModelConfig, TrainConfig, config_differences, config_to_dict
-from llmjax.data.loader import BatchIterator, batch_at
+from llmjax.data.loader import BatchIterator, BatchSource, batch_at
 from llmjax.kernels.platform import compute_device
 from llmjax.parallel.mesh import MeshError
 from llmjax.parallel.plan import BatchError, Plan
@@ -124,11 +124,14 @@ class StopRequest:
         signal.signal(signal.SIGTERM, self.previous)
 
 
-def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run: RunConfig, train_data, validation_data=None, tokenizer=None) -> dict:
+def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run: RunConfig, train_data, validation_data=None, tokenizer=None,
+          initial_params: dict | None = None) -> dict:
     """Train until train_cfg.total_steps (resuming from run_dir's checkpoints); returns a summary.
 
     train_data / validation_data: token sources (llmjax.data.shards.TokenShards or any object
-    with total_tokens, document_starts and tokens(start, stop)). tokenizer: for printed samples.
+    with total_tokens, document_starts and tokens(start, stop)), cut into windows of seq_len + 1, or batch
+    sources (llmjax.data.loader.BatchSource: packed chats with their loss masks). tokenizer: for printed samples.
+    initial_params: where a run without a checkpoint starts (fine-tuning); default: a random initialization.
     """
     run_dir = Path(run.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -144,7 +147,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run: RunConfig, train_
     # The plan lays the batch over the data-parallel axes and the state over the rest (FSDP, tensor,
     # ZeRO); XLA inserts the collectives. The state is created (or restored) directly in its shards.
     batch_sharding = plan.batch_sharding()
-    state, start_step = _initial_state(model_cfg, train_cfg, run, checkpointer, plan)
+    state, start_step = _initial_state(model_cfg, train_cfg, run, checkpointer, plan, initial_params)
     train_step = make_train_step(model_cfg, train_cfg, plan)
     eval_step = make_eval_step(model_cfg, train_cfg, plan)
     log.info("training on %d devices (%d processes): %s", jax.device_count(), jax.process_count(), plan.describe())
@@ -152,9 +155,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run: RunConfig, train_
     stop = StopRequest()
     peak = run.peak_flops or device_peak_flops(compute_device())
     flops = flops_per_token(model_cfg, run.seq_len)
-    batches = BatchIterator(train_data, batch_size=run.batch_size // jax.process_count(), seq_len=run.seq_len,
-                            seed=run.seed, start_step=start_step, process_index=jax.process_index(),
-                            process_count=jax.process_count(), prefetch=2)
+    batches = _batches(train_data, run, start_step, batch_sharding)
     progress = tqdm(total=train_cfg.total_steps, initial=start_step, desc="training", unit="step",
                     disable=not run.progress, dynamic_ncols=True)
     summary = {"start_step": start_step, "val_loss": None}
@@ -203,9 +204,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run: RunConfig, train_
     try:
         step = start_step
         for step in range(start_step, train_cfg.total_steps):
-            windows = jax.make_array_from_process_local_data(batch_sharding, next(batches))  # [batch, seq + 1]
-            batch = windows_to_batch(windows)
-            state, metrics = train_step(state, batch)
+            state, metrics = train_step(state, next(batches))
             if pending is not None and (pending[0] % run.log_every == 0):
                 report(*pending)
             pending = (step + 1, metrics)
@@ -264,6 +263,55 @@ def _plan(run: RunConfig, model_cfg: ModelConfig, train_cfg: TrainConfig) -> Pla
     return plan
 
 
+def _process_rows(batch: dict, run: RunConfig) -> dict:
+    """This process's rows of a global batch."""
+    rows = run.batch_size // jax.process_count()
+    return {key: value[jax.process_index() * rows:(jax.process_index() + 1) * rows] for key, value in batch.items()}
+
+
+def _source_batch(source: BatchSource, step: int, run: RunConfig, batch_sharding) -> dict:
+    """Step `step`'s batch of a batch source, laid out over the devices."""
+    local = _process_rows(source.batch(step, batch_size=run.batch_size, seed=run.seed), run)
+    return {key: jax.make_array_from_process_local_data(batch_sharding, value) for key, value in local.items()}
+
+
+class _SourceBatches:
+    """A batch source's batches from a step on, as BatchIterator gives a token stream's."""
+
+    def __init__(self, source: BatchSource, run: RunConfig, start_step: int, batch_sharding):
+        self.source, self.run, self.step, self.sharding = source, run, start_step, batch_sharding
+
+    def __next__(self) -> dict:
+        self.step += 1
+        return _source_batch(self.source, self.step - 1, self.run, self.sharding)
+
+    def close(self) -> None:
+        pass
+
+
+class _WindowBatches:
+    """A token stream cut into windows of seq_len + 1 (BatchIterator, prefetched), as {"inputs", "targets"}."""
+
+    def __init__(self, data, run: RunConfig, start_step: int, batch_sharding):
+        self.windows = BatchIterator(data, batch_size=run.batch_size // jax.process_count(), seq_len=run.seq_len,
+                                     seed=run.seed, start_step=start_step, process_index=jax.process_index(),
+                                     process_count=jax.process_count(), prefetch=2)
+        self.sharding = batch_sharding
+
+    def __next__(self) -> dict:
+        return windows_to_batch(jax.make_array_from_process_local_data(self.sharding, next(self.windows)))
+
+    def close(self) -> None:
+        self.windows.close()
+
+
+def _batches(data, run: RunConfig, start_step: int, batch_sharding):
+    """The training batches from start_step on: a batch source's own, or a token stream's windows."""
+    if isinstance(data, BatchSource):
+        return _SourceBatches(data, run, start_step, batch_sharding)
+    return _WindowBatches(data, run, start_step, batch_sharding)
+
+
 def _check_batch(run: RunConfig, plan: Plan, train_data, validation_data) -> None:
     if run.batch_size % jax.process_count():
         raise TrainingError(f"--batch {run.batch_size} does not divide across {jax.process_count()} processes")
@@ -272,21 +320,25 @@ def _check_batch(run: RunConfig, plan: Plan, train_data, validation_data) -> Non
     except BatchError as error:
         raise TrainingError(str(error)) from None
     for name, data in (("training", train_data), ("validation", validation_data)):
-        if data is not None and data.total_tokens < run.seq_len + 1:
+        if isinstance(data, BatchSource):
+            width = data.batch(0, batch_size=run.batch_size, seed=run.seed)["inputs"].shape[1]
+            if width != run.seq_len:
+                raise TrainingError(f"the {name} batches are {width} tokens long, not --seq {run.seq_len}")
+        elif data is not None and data.total_tokens < run.seq_len + 1:
             raise TrainingError(
                 f"the {name} data has {data.total_tokens} tokens, fewer than one window of --seq {run.seq_len} + 1"
             )
 
 
-def _initial_state(model_cfg, train_cfg, run, checkpointer, plan: Plan):
+def _initial_state(model_cfg, train_cfg, run, checkpointer, plan: Plan, initial_params: dict | None = None):
     """(state, step): the newest readable checkpoint's (read straight into this plan's shards, whatever
-    mesh wrote it), or a fresh initialization."""
+    mesh wrote it), or a fresh state (over initial_params when given)."""
     abstract = jax.eval_shape(lambda: init_train_state(model_cfg, train_cfg, jax.random.key(run.seed)))
     abstract = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
                             abstract, plan.state_shardings(model_cfg, train_cfg))
     restored = checkpointer.restore_latest(abstract, model_cfg)
     if restored is None:
-        return plan.init_state(model_cfg, train_cfg, jax.random.key(run.seed)), 0
+        return plan.init_state(model_cfg, train_cfg, jax.random.key(run.seed), params=initial_params), 0
     state, record = restored
     changed = config_differences(record.get("train_config", {}), train_cfg)
     if changed:
@@ -304,11 +356,14 @@ def _validation_loss(eval_step, params, validation_data, run: RunConfig, batch_s
     """Mean loss over a fixed set of validation windows (the same ones at every evaluation)."""
     nll, tokens = 0.0, 0.0
     for index in range(run.eval_batches):
-        windows = batch_at(validation_data, index, batch_size=run.batch_size // jax.process_count(),
-                           seq_len=run.seq_len, seed=run.seed, process_index=jax.process_index(),
-                           process_count=jax.process_count())
-        windows = jax.make_array_from_process_local_data(batch_sharding, windows)
-        sums = eval_step(params, windows_to_batch(windows))
+        if isinstance(validation_data, BatchSource):
+            batch = _source_batch(validation_data, index, run, batch_sharding)
+        else:
+            windows = batch_at(validation_data, index, batch_size=run.batch_size // jax.process_count(),
+                               seq_len=run.seq_len, seed=run.seed, process_index=jax.process_index(),
+                               process_count=jax.process_count())
+            batch = windows_to_batch(jax.make_array_from_process_local_data(batch_sharding, windows))
+        sums = eval_step(params, batch)
         nll, tokens = nll + sums["nll_sum"], tokens + sums["tokens"]
     return float(nll / tokens)
 

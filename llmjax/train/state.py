@@ -24,6 +24,10 @@ class TrainState(NamedTuple):
 
 
 def init_train_state(model_cfg: ModelConfig, train_cfg: TrainConfig, key: jax.Array) -> TrainState:
-    params = init_params(model_cfg, key)
+    return train_state_from_params(init_params(model_cfg, key), model_cfg, train_cfg)
+
+
+def train_state_from_params(params: dict, model_cfg: ModelConfig, train_cfg: TrainConfig) -> TrainState:
+    """Step 0 and a fresh optimizer state over given parameters (fine-tuning a trained or imported model)."""
     opt_state = make_optimizer(train_cfg, model_cfg=model_cfg).init(params)
     return TrainState(jnp.zeros((), jnp.int32), params, opt_state)
