@@ -83,9 +83,9 @@ def _one_line(error: Exception) -> str:
 
 
 def _from_gguf(name_or_path, tokenizer_spec, chat_template, quantized: bool, dtype: str) -> LoadedModel:
-    from llmjax.tokenizer.chat import ChatFormat
     from llmjax.io.gguf import load_gguf, read_metadata, resolve_gguf
     from llmjax.tokenizer import load_tokenizer
+    from llmjax.tokenizer.chat import ChatFormat
     from llmjax.tokenizer.gguf import tokenizer_from_gguf
 
     path = resolve_gguf(name_or_path)
@@ -98,9 +98,9 @@ def _from_gguf(name_or_path, tokenizer_spec, chat_template, quantized: bool, dty
 
 
 def _from_folder_or_preset(ckpt, hf, preset, tokenizer_spec, chat_template, seed: int) -> LoadedModel:
-    from llmjax.tokenizer.chat import ChatFormat
     from llmjax.io.hub import resolve_hf_folder
     from llmjax.tokenizer import load_tokenizer
+    from llmjax.tokenizer.chat import ChatFormat
 
     folder = Path(ckpt) if ckpt is not None else resolve_hf_folder(hf) if hf is not None else None
     default = folder / "tokenizer.json" if ckpt is not None else folder if folder is not None else "bytes"

@@ -13,7 +13,6 @@ strategy's activation rules.
 from __future__ import annotations
 
 import contextlib
-
 from dataclasses import dataclass
 
 import jax
