@@ -1,0 +1,159 @@
+"""Preference optimization (DPO, or the reference-free SimPO / ORPO) of every weight on (prompt, chosen, rejected) pairs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import sys
+from pathlib import Path
+
+from llmjax.io.models import GGUF_HELP
+
+DEFAULT_SEQ = 512
+DEFAULT_BETA = {"dpo": 0.1, "simpo": 2.0, "orpo": 0.1}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="python -m experiments dpo",
+        description="Fine-tune every weight of a model on preference pairs: each pair is a prompt (rendered with the "
+        "model's chat template) and two replies, the chosen one preferred. DPO (Rafailov et al. 2023) raises the "
+        "chosen reply's log-probability relative to the base model's more than the rejected one's; the base's "
+        "log-probabilities are computed once before training, so only one model is held. SimPO and ORPO need no "
+        "reference model. The run folder gets checkpoints/, metrics.jsonl (train and held-out preference accuracy, "
+        "reward margin, chosen log-probs, KL to the base), loss.png, preference.png and the base's tokenizer and chat "
+        "template, so `generate --ckpt RUN --chat ...` chats with the result. Running the same command again resumes "
+        "from the newest checkpoint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    base = p.add_mutually_exclusive_group(required=True)
+    base.add_argument("--ckpt", type=Path, help="base: a run folder (`experiments train`, `sft`, `dpo`)")
+    base.add_argument("--gguf", metavar="PATH_OR_NAME", help="base: " + GGUF_HELP)
+    base.add_argument("--hf", metavar="FOLDER", help="base: a Hugging Face folder (safetensors, tokenizer.json)")
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data", type=Path,
+                      help='preference pairs, JSONL: one {"prompt": [{"role": ..., "content": ...}, ...] or "text", '
+                           '"chosen": "reply", "rejected": "reply"} per line')
+    data.add_argument("--task", help="pairs made from a verifiable task's training split (llmjax.posttrain.tasks: "
+                      "arithmetic, sort, reverse, algebra): chosen = the reference reply 'Answer: <value>', rejected = "
+                      "the same reply with a wrong value")
+    p.add_argument("--examples", type=int, default=1000, help="--task: pairs to make")
+    p.add_argument("--loss", choices=("dpo", "simpo", "orpo"), default="dpo",
+                   help="dpo: summed log-prob ratios to the base; simpo: length-averaged log-probs with a target "
+                        "margin; orpo: the chosen reply's NLL plus an odds-ratio term")
+    p.add_argument("--beta", type=float, default=None,
+                   help="dpo: strength of the KL constraint to the base (default 0.1); simpo: reward scale (default "
+                        "2.0); unused by orpo")
+    p.add_argument("--gamma", type=float, default=1.0, help="simpo: the target reward margin")
+    p.add_argument("--lam", type=float, default=0.1, help="orpo: the weight of the odds-ratio term")
+    p.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="dpo: the probability that a pair's label is wrong (conservative DPO); 0: plain DPO")
+    p.add_argument("--chat-template", type=Path, default=None, help="a Jinja chat template replacing the base's")
+    p.add_argument("--run-dir", type=Path, default=None, help="output folder (default: runs/LOSS-BASE)")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps")
+    p.add_argument("--batch", type=int, default=8, help="pairs per step (twice as many sequences)")
+    p.add_argument("--seq", type=int, default=None,
+                   help=f"tokens per sequence, prompt + reply (default: {DEFAULT_SEQ}, at most the model's); longer "
+                        "pairs are skipped and counted")
+    p.add_argument("--lr", type=float, default=1e-6, help="peak learning rate")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate as a fraction of --lr")
+    p.add_argument("--warmup", type=int, default=10, help="linear warmup steps")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled AdamW weight decay on matrices")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="global-norm gradient clipping; 0 disables")
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="pairs held out for the evaluation (preference accuracy, margin, chosen log-probs)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, the batch order and the --task pairs")
+    p.add_argument("--log-every", type=int, default=10, help="steps between logged training metrics")
+    p.add_argument("--eval-every", type=int, default=50, help="steps between held-out evaluations")
+    p.add_argument("--save-every", type=int, default=100,
+                   help="steps between checkpoints (one is also written at the end)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    return p.parse_args(argv)
+
+
+def load_pairs(args) -> list:
+    from llmjax.posttrain.preference import pairs_from_task, read_pairs
+    from llmjax.posttrain.tasks import TASKS
+
+    if args.data is not None:
+        return read_pairs(args.data)
+    if args.task not in TASKS:
+        raise ValueError(f"--task {args.task!r}: expected one of {', '.join(TASKS)}")
+    return pairs_from_task(TASKS[args.task], args.examples, seed=args.seed)
+
+
+def split_pairs(pairs: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held out): a seeded shuffle, then the last `fraction` held out."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"--val-fraction {fraction}: expected a fraction in [0, 1)")
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    held_out = round(len(order) * fraction)
+    return [pairs[i] for i in order[:len(order) - held_out]], [pairs[i] for i in order[len(order) - held_out:]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    logging.getLogger("llmjax").setLevel(logging.INFO)
+    prog = "python -m experiments dpo"
+    from llmjax.config import ConfigError, TrainConfig
+    from llmjax.io.models import (
+        ModelLoadError,
+        load_model,
+        model_name,
+        write_model_files,
+    )
+    from llmjax.posttrain.chat_data import ChatDataError
+    from llmjax.posttrain.preference import (
+        PreferenceObjective,
+        PreferenceRun,
+        tokenize_pairs,
+        train_preferences,
+        with_reference_logps,
+    )
+    from llmjax.train.checkpoint import CheckpointError
+    from llmjax.train.loop import TrainingError
+
+    try:
+        beta = DEFAULT_BETA[args.loss] if args.beta is None else args.beta
+        objective = PreferenceObjective(args.loss, beta=beta, gamma=args.gamma, lam=args.lam,
+                                        label_smoothing=args.label_smoothing)
+        if args.batch < 1:
+            raise ValueError(f"--batch {args.batch}: must be at least 1")
+        pairs = load_pairs(args)  # cheap checks first: the data, then the model
+        train_pairs, held_out = split_pairs(pairs, args.val_fraction, args.seed)
+        model = load_model(ckpt=args.ckpt, gguf=args.gguf, hf=args.hf, chat_template=args.chat_template)
+        cfg = model.cfg
+        seq = args.seq or min(DEFAULT_SEQ, cfg.max_seq_len)
+        if seq > cfg.max_seq_len:
+            raise ConfigError(f"--seq {seq} exceeds the model's max_seq_len={cfg.max_seq_len}")
+        train_data = tokenize_pairs(train_pairs, model.tokenizer, model.chat_format, seq)
+        if len(train_data) < args.batch:
+            raise ChatDataError(f"{len(train_data)} training pairs make no batch of --batch {args.batch}; lower "
+                                "--batch or give more pairs")
+        validation = tokenize_pairs(held_out, model.tokenizer, model.chat_format, seq) if held_out else None
+        print(f"{prog}: {len(pairs)} pairs ({len(held_out)} held out); {train_data.skipped_too_long} training pairs "
+              f"longer than --seq {seq} skipped", file=sys.stderr)
+        # The base's log p of every reply, once: DPO's reference (and every loss's KL metric).
+        rows_per_call = 2 * args.batch
+        train_data = with_reference_logps(train_data, model.params, cfg, rows_per_call)
+        if validation is not None:
+            validation = with_reference_logps(validation, model.params, cfg, rows_per_call)
+        run_dir = args.run_dir or Path("runs") / (
+            f"{args.loss}-{model_name(ckpt=args.ckpt, gguf=args.gguf, hf=args.hf)}")
+        write_model_files(run_dir, model)
+        train_cfg = TrainConfig(lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=min(args.warmup, args.steps),
+                                total_steps=args.steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip or None)
+        run = PreferenceRun(run_dir=run_dir, batch_pairs=args.batch, seed=args.seed, log_every=args.log_every,
+                            eval_every=args.eval_every, save_every=args.save_every, progress=not args.no_progress)
+        summary = train_preferences(model.params, cfg, train_data, validation, objective, train_cfg, run)
+    except (ModelLoadError, ChatDataError, ConfigError, CheckpointError, TrainingError, ValueError) as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    print(f"run folder: {run_dir} (checkpoints/, metrics.jsonl, loss.png, preference.png; chat with "
+          f"`python -m experiments generate --ckpt {run_dir} --chat ...`)")
+    return 0
