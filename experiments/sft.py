@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         run = RunConfig(run_dir=run_dir, batch_size=args.batch, seq_len=seq, seed=args.seed, log_every=args.log_every,
                         eval_every=args.eval_every, eval_batches=max(eval_batches, 1), save_every=args.save_every,
                         sample_prompt=sample_prompt, sample_tokens=args.sample_tokens if val_rows else 0,
+                        sample_stop_ids=tuple(model.end_ids),
                         progress=not args.no_progress, mesh=args.mesh, sharding=args.sharding)
         summary = train(cfg, train_cfg, run, train_rows, val_rows, model.tokenizer, initial_params=model.params)
     except (ModelLoadError, ChatDataError, ConfigError, CheckpointError, TrainingError, ValueError) as error:

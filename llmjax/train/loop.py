@@ -59,6 +59,7 @@ class RunConfig:
     async_checkpoints: bool = True
     sample_prompt: str = "def"
     sample_tokens: int = 48
+    sample_stop_ids: tuple[int, ...] = ()  # the sample ends at the first of these (a chat model's end of reply)
     peak_flops: float | None = None  # for MFU; default: a table by device kind
     progress: bool = True
     mesh: str | None = None  # '--mesh data=2,fsdp=2,tensor=2' (llmjax.parallel.mesh); None: data over all devices
@@ -372,7 +373,9 @@ def _sample(params, model_cfg, tokenizer, run: RunConfig) -> str:
     from llmjax.infer.generate import greedy_continuation
 
     prompt = tokenizer.encode(run.sample_prompt) or [tokenizer.eot_id or 0]
-    return run.sample_prompt + tokenizer.decode(greedy_continuation(params, model_cfg, prompt, run.sample_tokens))
+    ids = greedy_continuation(params, model_cfg, prompt, run.sample_tokens)
+    ends = [i for i, token in enumerate(ids) if token in run.sample_stop_ids]
+    return run.sample_prompt + tokenizer.decode(ids[:ends[0] + 1] if ends else ids)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -50,7 +50,7 @@ def test_sft_learns_a_repeated_conversation_resumes_and_chats(base, tmp_path, ca
     run_dir = tmp_path / "run"
     flags = ["--ckpt", str(base), "--data", str(data), "--run-dir", str(run_dir), "--batch", "8", "--seq", "64",
              "--lr", "1e-2", "--warmup", "2", "--val-fraction", "0.25", "--eval-every", "20", "--log-every", "5",
-             "--save-every", "20", "--sample-tokens", "0", "--no-progress"]
+             "--save-every", "20", "--sample-tokens", "8", "--no-progress"]
     assert sft.main([*flags, "--steps", "20"]) == 0
     assert sft.main([*flags, "--steps", "40"]) == 0  # resumes at step 20
     summary = json.loads(capsys.readouterr().out.splitlines()[-2])
@@ -58,6 +58,8 @@ def test_sft_learns_a_repeated_conversation_resumes_and_chats(base, tmp_path, ca
     train_losses = [m["loss"] for m in read_metrics(run_dir) if m.get("split", "train") == "train" and "loss" in m]
     assert train_losses[0] > 1.0 and train_losses[-1] < 0.1, train_losses
     assert summary["val_loss"] < 0.1  # the held-out copies of the same chat
+    samples = [m["sample"] for m in read_metrics(run_dir) if "sample" in m]
+    assert samples[-1].startswith("System: Be brief.") and "Assistant: Paris." in samples[-1], samples
 
     model = load_model(ckpt=run_dir)  # the run folder chats as its base did: same tokenizer and template
     prompt = model.chat_format.render(CHAT[:2])
