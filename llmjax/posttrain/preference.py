@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from llmjax.config import ModelConfig, TrainConfig
 from llmjax.model import forward
-from llmjax.posttrain.chat_data import ChatDataError, check_conversation
+from llmjax.posttrain.chat_data import ChatDataError, check_conversation, tokenize_conversation
 from llmjax.posttrain.losses import (
     dpo_loss,
     mean_log_probs,
@@ -67,7 +67,6 @@ from llmjax.posttrain.tasks import (
     prompt_messages,
     reference_reply,
 )
-from llmjax.tokenizer.chat import ChatTemplateError
 from llmjax.train.checkpoint import Checkpointer, run_record
 from llmjax.train.loop import (
     MetricsLog,
@@ -189,27 +188,22 @@ class TokenizedPair:
 
 
 def tokenize_pair(pair: PreferencePair, tokenizer, chat_format, index: int | None = None) -> TokenizedPair:
-    """The ids of a pair (see the module docstring); ChatDataError when the template refuses the messages or does not
-    render the reply after the prompt."""
+    """The ids of a pair (see the module docstring): each answer's conversation tokenized as SFT tokenizes it
+    (`chat_data.tokenize_conversation`), split where its final reply begins; ChatDataError when the template refuses
+    the messages or does not render them turn by turn."""
     name = "pair" if index is None else f"pair {index}"
 
-    def render(messages, add_generation_prompt):
-        try:
-            return chat_format.render(list(messages), add_generation_prompt=add_generation_prompt)
-        except ChatTemplateError as error:
-            raise ChatDataError(f"{name}: {error}") from None
+    def prompt_and_reply(reply: str) -> tuple[list[int], list[int]]:
+        chat = tokenize_conversation([*pair.prompt, {"role": "assistant", "content": reply}], tokenizer, chat_format,
+                                     index=index)
+        start = len(chat.ids) - next(i for i, trained in enumerate(reversed(chat.assistant)) if not trained)
+        return chat.ids[:start], chat.ids[start:]  # the rendered conversation ends with its final reply
 
-    prompt = render(pair.prompt, True)
-    replies = []
-    for reply in (pair.chosen, pair.rejected):
-        full = render([*pair.prompt, {"role": "assistant", "content": reply}], False)
-        if not full.startswith(prompt):
-            raise ChatDataError(f"{name}: the chat template does not render the reply after the prompt (the "
-                                "conversation with the reply does not start with the prompt); use a template that "
-                                "renders each turn the same way whatever follows it")
-        replies.append(tokenizer.encode(full[len(prompt):]))
-    no_eos = dataclasses.replace(tokenizer.special_ids, add_eos=False)
-    return TokenizedPair(no_eos.around(tokenizer.encode(prompt)), *replies)
+    prompt, chosen = prompt_and_reply(pair.chosen)
+    prompt_again, rejected = prompt_and_reply(pair.rejected)
+    if prompt_again != prompt:
+        raise ChatDataError(f"{name}: the prompt is tokenized differently before its two replies")
+    return TokenizedPair(prompt, chosen, rejected)
 
 
 @dataclass(frozen=True)
