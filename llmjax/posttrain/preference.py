@@ -49,7 +49,11 @@ from tqdm import tqdm
 
 from llmjax.config import ModelConfig, TrainConfig
 from llmjax.model import forward
-from llmjax.posttrain.chat_data import ChatDataError, check_conversation, tokenize_conversation
+from llmjax.posttrain.chat_data import (
+    ChatDataError,
+    check_conversation,
+    tokenize_conversation,
+)
 from llmjax.posttrain.losses import (
     dpo_loss,
     mean_log_probs,
