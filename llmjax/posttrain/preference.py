@@ -401,7 +401,7 @@ def evaluate(eval_fn, params: dict, data: PreferenceData, batch_pairs: int) -> d
     return totals
 
 
-def _initial_state(params: dict, cfg: ModelConfig, train_cfg: TrainConfig, checkpointer: Checkpointer,
+def restore_or_start(params: dict, cfg: ModelConfig, train_cfg: TrainConfig, checkpointer: Checkpointer,
                    device) -> tuple[TrainState, int]:
     """(state, step): the newest readable checkpoint's, or step 0 over the base params."""
     sharding = jax.sharding.SingleDeviceSharding(device)
@@ -427,7 +427,7 @@ def train_preferences(params: dict, cfg: ModelConfig, train_data: PreferenceData
     run_dir.mkdir(parents=True, exist_ok=True)
     device = jax.devices()[0]
     checkpointer = Checkpointer(run_dir / "checkpoints", keep_last=run.keep_last, async_save=False)
-    state, start_step = _initial_state(params, cfg, train_cfg, checkpointer, device)
+    state, start_step = restore_or_start(params, cfg, train_cfg, checkpointer, device)
     del params
     train_step = functools.partial(jitted_preference_step, cfg=cfg, train_cfg=train_cfg, objective=objective)
     eval_fn = functools.partial(jitted_preference_loss, cfg=cfg, objective=objective)

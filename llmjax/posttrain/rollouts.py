@@ -3,6 +3,7 @@
     engine = Engine(params, cfg, EngineConfig(...))        # engine.update_weights(params) after each policy update
     rollouts = sample_groups(engine, prompts, group_size=8, sampling=SamplingParams(max_tokens=64, temperature=1.0),
                              seed=step)                   # [prompts * 8], group by group
+    answers = complete(engine, prompts, SamplingParams(max_tokens=64))   # one greedy completion each (evaluation)
     batch = completion_rows(rollouts, seq_len=256)        # inputs / targets / completion mask, [prompts * 8, 256]
 
 The completions come from the continuous-batching engine (`llmjax.infer.engine`), every request with its own seed
@@ -37,32 +38,40 @@ class Rollout:
 def sample_groups(engine: Engine, prompts: Sequence[Sequence[int]], group_size: int, sampling: SamplingParams, *,
                   seed: int = 0) -> list[Rollout]:
     """group_size completions of every prompt, ordered prompt by prompt (the layout `group_advantages` reads), each
-    request sampled with its own seed; requests wait for room in the engine's queue. ValueError for a group of one
-    (GRPO compares the samples of a prompt: one has nothing to compare with) or an engine that is not idle."""
+    request sampled with its own seed. ValueError for a group of one (GRPO compares the samples of a prompt: one has
+    nothing to compare with) or an engine that is not idle."""
     if group_size < 2:
         raise ValueError(f"group_size={group_size}: GRPO needs at least two samples of each prompt to compare")
+    rollouts = complete(engine, [prompt for prompt in prompts for _ in range(group_size)], sampling, seed=seed)
+    return [dataclasses.replace(rollout, prompt_index=rollout.prompt_index // group_size) for rollout in rollouts]
+
+
+def complete(engine: Engine, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *, seed: int = 0
+             ) -> list[Rollout]:
+    """One completion of every prompt, in order, request i sampled with seed seed * len(prompts) + i (greedy when
+    sampling.temperature is 0); requests wait for room in the engine's queue. ValueError for a busy engine."""
     if engine.has_unfinished():
-        raise ValueError("sample_groups needs an idle engine: requests are still waiting or running")
-    requests = [(f"rollout-{p}-{g}", p) for p in range(len(prompts)) for g in range(group_size)]
-    first_seed = seed * len(requests)
-    tokens: dict[str, list[int]] = {request_id: [] for request_id, _ in requests}
-    reasons: dict[str, str] = {}
-    pending = list(enumerate(requests))
+        raise ValueError("sampling rollouts needs an idle engine: requests are still waiting or running")
+    first_seed = seed * len(prompts)
+    tokens: dict[int, list[int]] = {index: [] for index in range(len(prompts))}
+    reasons: dict[int, str] = {}
+    pending = list(range(len(prompts)))
     while pending or engine.has_unfinished():
         while pending:
-            index, (request_id, p) = pending[0]
+            index = pending[0]
             params = dataclasses.replace(sampling, seed=(first_seed + index) % 2**32)
             try:
-                engine.add_request(request_id, list(prompts[p]), params)
+                engine.add_request(f"rollout-{index}", list(prompts[index]), params)
             except QueueFull:
                 break
             pending.pop(0)
         for out in engine.step():
-            tokens[out.request_id].extend(out.new_token_ids)
+            index = int(out.request_id.removeprefix("rollout-"))
+            tokens[index].extend(out.new_token_ids)
             if out.finished:
-                reasons[out.request_id] = out.finish_reason
-    return [Rollout(p, tuple(int(t) for t in prompts[p]), tuple(tokens[request_id]), reasons[request_id])
-            for request_id, p in requests]
+                reasons[index] = out.finish_reason
+    return [Rollout(index, tuple(int(t) for t in prompts[index]), tuple(tokens[index]), reasons[index])
+            for index in range(len(prompts))]
 
 
 def completion_rows(rollouts: Sequence[Rollout], seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:

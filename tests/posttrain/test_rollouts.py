@@ -14,7 +14,7 @@ from llmjax.infer.sampling import SamplingConfig
 from llmjax.model import init_params
 from llmjax.posttrain.rollouts import Rollout, completion_rows, sample_groups
 
-ENGINE = dict(num_blocks=64, block_size=4, max_running=8, max_tokens_per_step=32, max_prefill_rows=2)
+ENGINE = {"num_blocks": 64, "block_size": 4, "max_running": 8, "max_tokens_per_step": 32, "max_prefill_rows": 2}
 SAMPLING = SamplingParams(max_tokens=6, temperature=1.0)
 
 

@@ -8,36 +8,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from llmjax.experiments import sft
 
 from llmjax.config import TrainConfig, get_config
-from llmjax.experiments import sft
 from llmjax.infer.generate import generate
 from llmjax.io.models import load_model
 from llmjax.model import init_params
 from llmjax.posttrain.chat_data import pack_conversations, tokenize_conversations
 from llmjax.tokenizer import load_tokenizer
 from llmjax.tokenizer.chat import ChatFormat
-from llmjax.train.checkpoint import Checkpointer, run_record
 from llmjax.train.loop import read_metrics
-from llmjax.train.state import init_train_state
 from llmjax.train.step import loss_sums
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
         {"role": "assistant", "content": "Paris."}]
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A run folder of a random llama-tiny with the byte tokenizer (the default "Role: text" template)."""
-    folder = tmp_path_factory.mktemp("base")
-    tokenizer = load_tokenizer("bytes")
-    cfg, train_cfg = get_config("llama-tiny", vocab_size=tokenizer.vocab_size), TrainConfig()
-    checkpointer = Checkpointer(folder / "checkpoints", async_save=False)
-    checkpointer.save(init_train_state(cfg, train_cfg, jax.random.key(0)),
-                      record=run_record(cfg, train_cfg, loader_state={"step": 0, "seed": 0}, seed=0))
-    checkpointer.close()
-    tokenizer.save(folder / "tokenizer.json")
-    return folder
+@pytest.fixture
+def base(byte_run):
+    return byte_run
 
 
 def write_chats(path, conversations):
