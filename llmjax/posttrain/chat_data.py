@@ -59,12 +59,9 @@ class ChatDataError(ValueError):
 # --- JSONL -> conversations -------------------------------------------------------------------------------------
 
 
-def read_conversations(path: str | Path) -> list[list[dict]]:
-    """The conversations of a JSONL file, one per non-blank line as {"messages": [{"role", "content"}, ...]}; each
-    message is returned as {"role", "content"} only. ChatDataError naming the file and line for anything else, and
-    for a file without any conversation."""
-    path = Path(path)
-    conversations = []
+def jsonl_records(path: Path):
+    """(where, record) for every non-blank line of a JSONL file, where = "PATH, line N"; ChatDataError naming the line
+    for text that is not UTF-8 or not JSON."""
     with path.open("rb") as file:
         for number, raw in enumerate(file, start=1):
             where = f"{path}, line {number}"
@@ -75,14 +72,23 @@ def read_conversations(path: str | Path) -> list[list[dict]]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield where, json.loads(line)
             except json.JSONDecodeError as error:
                 raise ChatDataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
-            messages = record.get("messages") if isinstance(record, dict) else None
-            if not isinstance(messages, list):
-                raise ChatDataError(f'{where}: expected an object with a "messages" list, '
-                                    'e.g. {"messages": [{"role": "user", "content": "..."}, ...]}')
-            conversations.append(check_conversation(messages, where))
+
+
+def read_conversations(path: str | Path) -> list[list[dict]]:
+    """The conversations of a JSONL file, one per non-blank line as {"messages": [{"role", "content"}, ...]}; each
+    message is returned as {"role", "content"} only. ChatDataError naming the file and line for anything else, and
+    for a file without any conversation."""
+    path = Path(path)
+    conversations = []
+    for where, record in jsonl_records(path):
+        messages = record.get("messages") if isinstance(record, dict) else None
+        if not isinstance(messages, list):
+            raise ChatDataError(f'{where}: expected an object with a "messages" list, '
+                                'e.g. {"messages": [{"role": "user", "content": "..."}, ...]}')
+        conversations.append(check_conversation(messages, where))
     if not conversations:
         raise ChatDataError(f"{path} holds no conversations (one JSON object per line, "
                             '{"messages": [{"role": ..., "content": ...}, ...]})')

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -52,6 +51,7 @@ from llmjax.model import forward
 from llmjax.posttrain.chat_data import (
     ChatDataError,
     check_conversation,
+    jsonl_records,
     tokenize_conversation,
 )
 from llmjax.posttrain.losses import (
@@ -102,20 +102,8 @@ def read_pairs(path: str | Path) -> list[PreferencePair]:
     and line for anything else, and for a file without any pair."""
     path = Path(path)
     pairs = []
-    with path.open("rb") as file:
-        for number, raw in enumerate(file, start=1):
-            where = f"{path}, line {number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise ChatDataError(f"{where}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ChatDataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
-            pairs.append(pair_from_record(record, where))
+    for where, record in jsonl_records(path):
+        pairs.append(pair_from_record(record, where))
     if not pairs:
         raise ChatDataError(f'{path} holds no pairs (one JSON object per line, {{"prompt": ..., "chosen": ..., '
                             '"rejected": ...}})')
