@@ -13,6 +13,7 @@ from llmjax.io.models import GGUF_HELP
 
 DEFAULT_SEQ = 512
 DEFAULT_BETA = {"dpo": 0.1, "simpo": 2.0, "orpo": 0.1}
+SAMPLED_PAIRS = "sampled_pairs.jsonl"  # --sample: kept in the run folder, so a resumed run trains on the same pairs
 
 
 def parse_args(argv):
@@ -38,8 +39,14 @@ def parse_args(argv):
                            '"chosen": "reply", "rejected": "reply"} per line')
     data.add_argument("--task", help="pairs made from a verifiable task's training split (llmjax.posttrain.tasks: "
                       "arithmetic, sort, reverse, algebra): chosen = the reference reply 'Answer: <value>', rejected = "
-                      "the same reply with a wrong value")
-    p.add_argument("--examples", type=int, default=1000, help="--task: pairs to make")
+                      "the same reply with a wrong value; with --sample, from the base's own replies")
+    p.add_argument("--examples", type=int, default=1000, help="--task: problems to make pairs of")
+    p.add_argument("--sample", type=int, default=0, metavar="G",
+                   help="--task: sample G replies of every problem from the base (the continuous-batching engine, "
+                        "--temperature), and pair a right one (chosen) with a wrong one (rejected); problems whose "
+                        "replies are all right or all wrong are skipped and counted. 0: no sampling (see --task)")
+    p.add_argument("--temperature", type=float, default=1.0, help="--sample: sampling temperature")
+    p.add_argument("--max-tokens", type=int, default=64, help="--sample: longest sampled reply")
     p.add_argument("--loss", choices=("dpo", "simpo", "orpo"), default="dpo",
                    help="dpo: summed log-prob ratios to the base; simpo: length-averaged log-probs with a target "
                         "margin; orpo: the chosen reply's NLL plus an odds-ratio term")
@@ -74,14 +81,68 @@ def parse_args(argv):
 
 
 def load_pairs(args) -> list:
+    """The pairs of --data, or --task's pairs made without sampling (not for --sample: see sampled_pairs)."""
     from llmjax.posttrain.preference import pairs_from_task, read_pairs
     from llmjax.posttrain.tasks import TASKS
 
     if args.data is not None:
+        if args.sample:
+            raise ValueError("--sample makes pairs of a --task's problems; --data already holds pairs")
         return read_pairs(args.data)
     if args.task not in TASKS:
         raise ValueError(f"--task {args.task!r}: expected one of {', '.join(TASKS)}")
+    if args.sample == 1 or args.sample < 0:
+        raise ValueError(f"--sample {args.sample}: a pair needs at least 2 replies of a problem (0: no sampling)")
+    if args.sample:
+        return []  # made from the model's samples once it is loaded
     return pairs_from_task(TASKS[args.task], args.examples, seed=args.seed)
+
+
+def sampled_pairs(args, model, prog: str) -> list:
+    """--task --sample G: G replies of each of --examples training problems, sampled from the model with the
+    engine; one (right, wrong) pair per problem that has both."""
+    from llmjax.infer.engine import Engine, EngineConfig, SamplingParams
+    from llmjax.posttrain.preference import pairs_from_samples
+    from llmjax.posttrain.rollouts import reply_text, sample_groups, task_prompt_ids
+    from llmjax.posttrain.tasks import TASKS, problems
+
+    task = TASKS[args.task]
+    train_problems = problems(task, "train", args.examples, seed=args.seed)
+    engine = Engine(model.params, model.cfg, EngineConfig(num_blocks=2048, block_size=16, max_running=128,
+                                                          max_queue=1 << 20),
+                    eos_token_id=model.end_ids[0] if model.end_ids else None)
+    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                              stop_token_ids=tuple(model.end_ids[1:]))
+    prompts = [task_prompt_ids(problem, task, model.tokenizer, model.chat_format) for problem in train_problems]
+    rollouts = sample_groups(engine, prompts, args.sample, sampling, seed=args.seed)
+    replies = [[] for _ in train_problems]
+    for rollout in rollouts:
+        replies[rollout.prompt_index].append(reply_text(rollout, model.tokenizer, model.end_ids))
+    made = pairs_from_samples(task, train_problems, replies, seed=args.seed)
+    print(f"{prog}: {args.sample} samples of {made.problems} problems: {len(made.pairs)} pairs; skipped "
+          f"{made.all_right} all right and {made.all_wrong} all wrong", file=sys.stderr)
+    return made.pairs
+
+
+def sampled_pairs_of_run(args, model, path: Path, prog: str) -> list:
+    """The run's sampled pairs: read from `path` when an earlier start of the run wrote it (so a resumed run trains
+    on the same pairs), else sampled (`sampled_pairs`) and written there."""
+    from llmjax.posttrain.chat_data import ChatDataError
+    from llmjax.posttrain.preference import read_pairs
+
+    if path.exists():
+        print(f"{prog}: the pairs sampled when this run started, from {path}", file=sys.stderr)
+        return read_pairs(path)
+    pairs = sampled_pairs(args, model, prog)
+    if not pairs:
+        raise ChatDataError(f"no problem of --examples {args.examples} got both a right and a wrong reply in "
+                            f"--sample {args.sample}: raise them, or --temperature")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text("".join(json.dumps({"prompt": list(pair.prompt), "chosen": pair.chosen,
+                                             "rejected": pair.rejected}) + "\n" for pair in pairs))
+    temporary.replace(path)  # atomic: a run stopped while writing samples again
+    return pairs
 
 
 def split_pairs(pairs: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -124,8 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.batch < 1:
             raise ValueError(f"--batch {args.batch}: must be at least 1")
         pairs = load_pairs(args)  # cheap checks first: the data, then the model
-        train_pairs, held_out = split_pairs(pairs, args.val_fraction, args.seed)
         model = load_model(ckpt=args.ckpt, gguf=args.gguf, hf=args.hf, chat_template=args.chat_template)
+        run_dir = args.run_dir or Path("runs") / (
+            f"{args.loss}-{model_name(ckpt=args.ckpt, gguf=args.gguf, hf=args.hf)}")
+        if args.sample:
+            pairs = sampled_pairs_of_run(args, model, run_dir / SAMPLED_PAIRS, prog)
+        train_pairs, held_out = split_pairs(pairs, args.val_fraction, args.seed)
         cfg = model.cfg
         seq = args.seq or min(DEFAULT_SEQ, cfg.max_seq_len)
         if seq > cfg.max_seq_len:
@@ -142,8 +207,6 @@ def main(argv: list[str] | None = None) -> int:
         train_data = with_reference_logps(train_data, model.params, cfg, rows_per_call)
         if validation is not None:
             validation = with_reference_logps(validation, model.params, cfg, rows_per_call)
-        run_dir = args.run_dir or Path("runs") / (
-            f"{args.loss}-{model_name(ckpt=args.ckpt, gguf=args.gguf, hf=args.hf)}")
         write_model_files(run_dir, model)
         train_cfg = TrainConfig(lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=min(args.warmup, args.steps),
                                 total_steps=args.steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip or None)

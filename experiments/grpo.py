@@ -46,8 +46,14 @@ def parse_args(argv):
     p.add_argument("--normalize", choices=("token", "sequence"), default="token",
                    help="average the objective over all completion tokens, or per completion then over completions")
     p.add_argument("--no-std", action="store_true", help="do not divide the group-centred rewards by their std")
+    p.add_argument("--kl-coef", type=float, default=0.0,
+                   help="weight of the KL penalty (k3 estimator, per completion token) to the starting policy, kept "
+                        "frozen as the reference (DeepSeekMath used 0.04); 0: no penalty and no reference copy")
     p.add_argument("--eval-every", type=int, default=10, help="iterations between held-out evaluations")
     p.add_argument("--eval-problems", type=int, default=200, help="held-out problems answered greedily per evaluation")
+    p.add_argument("--eval-only", action="store_true",
+                   help="answer the --eval-problems held-out problems with the starting policy, print the accuracy "
+                        "as JSON and stop (no training, nothing written)")
     p.add_argument("--save-every", type=int, default=10, help="iterations between checkpoints (and one at the end)")
     p.add_argument("--num-blocks", type=int, default=2048, help="the engine's KV-cache blocks (16 tokens each)")
     p.add_argument("--max-running", type=int, default=128, help="completions the engine decodes together")
@@ -86,6 +92,26 @@ def plot_curves(run_dir: Path) -> Path | None:
     return path
 
 
+def held_out_accuracy(engine, prompts: list, problems: list, task, reply, sampling) -> dict:
+    """The engine's greedy answers to the problems: {"accuracy", "format" (fraction with an answer line),
+    "problems", "tokens_per_s" (answer tokens over the time of generating them)}."""
+    import time
+
+    import numpy as np
+
+    from llmjax.posttrain import tasks
+    from llmjax.posttrain.rollouts import complete
+
+    started = time.perf_counter()
+    answers = complete(engine, prompts, sampling)
+    seconds = time.perf_counter() - started
+    texts = [reply(answer) for answer in answers]
+    return {"accuracy": float(np.mean([tasks.correctness_reward(text, problem, task)
+                                       for text, problem in zip(texts, problems)])),
+            "format": float(np.mean([tasks.format_reward(text) for text in texts])), "problems": len(problems),
+            "tokens_per_s": sum(len(answer.completion_ids) for answer in answers) / max(seconds, 1e-9)}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
@@ -99,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args, prog: str) -> int:
     import jax
-    import numpy as np
+    import jax.numpy as jnp
     from tqdm import tqdm
 
     from llmjax.config import TrainConfig
@@ -108,7 +134,7 @@ def run(args, prog: str) -> int:
     from llmjax.posttrain import tasks
     from llmjax.posttrain.grpo import GRPOConfig, grpo_iteration
     from llmjax.posttrain.preference import restore_or_start
-    from llmjax.posttrain.rollouts import complete
+    from llmjax.posttrain.rollouts import reply_text, task_prompt_ids
     from llmjax.train.checkpoint import Checkpointer, run_record
     from llmjax.train.loop import MetricsLog, StopRequest, TrainingError
 
@@ -125,32 +151,42 @@ def run(args, prog: str) -> int:
     reward_fn = tasks.correctness_reward if args.reward == "correctness" else tasks.combined_reward
     train_problems = tasks.problems(task, "train", args.prompts * args.iterations, seed=args.seed)
     test_problems = tasks.problems(task, "test", args.eval_problems, seed=args.seed) if args.eval_problems else []
+    if args.eval_only and not test_problems:
+        raise ValueError("--eval-only needs --eval-problems of at least 1")
+    if not math.isfinite(args.kl_coef) or args.kl_coef < 0:
+        raise ValueError(f"--kl-coef {args.kl_coef}: must be a number >= 0")
     model = load_model(ckpt=args.ckpt, gguf=args.gguf, hf=args.hf)
     cfg, tokenizer = model.cfg, model.tokenizer
 
     def prompt_ids(problem) -> list[int]:
-        return tokenizer.encode_prompt(model.chat_format.render(tasks.prompt_messages(problem, task)))
+        return task_prompt_ids(problem, task, tokenizer, model.chat_format)
 
     def reply(rollout) -> str:
-        ids = [t for t in rollout.completion_ids if t not in model.end_ids]
-        return tokenizer.decode(ids)
+        return reply_text(rollout, tokenizer, model.end_ids)
 
     longest = max(len(prompt_ids(problem)) for problem in train_problems + test_problems)
     seq_len = longest + args.max_tokens
     if seq_len > cfg.max_seq_len:
         raise ValueError(f"prompts of up to {longest} tokens + --max-tokens {args.max_tokens} exceed the model's "
                          f"context of {cfg.max_seq_len}")
-    run_dir = args.run_dir or Path("runs") / (
-        f"grpo-{model_name(ckpt=args.ckpt, gguf=args.gguf, hf=args.hf)}-{args.task}")
-    write_model_files(run_dir, model)
     config = GRPOConfig(group_size=args.group_size, updates_per_batch=args.updates, clip_eps=args.clip_eps,
-                        normalize=args.normalize, normalize_std=not args.no_std)
+                        normalize=args.normalize, normalize_std=not args.no_std, kl_coef=args.kl_coef)
     steps = args.iterations * args.updates
     train_cfg = TrainConfig(lr=args.lr, warmup_steps=min(args.warmup, steps), total_steps=steps, schedule="constant",
                             weight_decay=0.0)
     engine = Engine(model.params, cfg, EngineConfig(num_blocks=args.num_blocks, block_size=16,
                                                     max_running=args.max_running, max_queue=1 << 20),
                     eos_token_id=model.end_ids[0] if model.end_ids else None)
+    greedy = SamplingParams(max_tokens=args.max_tokens, stop_token_ids=tuple(model.end_ids[1:]))
+    test_prompts = [prompt_ids(problem) for problem in test_problems]
+    if args.eval_only:
+        print(json.dumps(held_out_accuracy(engine, test_prompts, test_problems, task, reply, greedy)))
+        return 0
+    run_dir = args.run_dir or Path("runs") / (
+        f"grpo-{model_name(ckpt=args.ckpt, gguf=args.gguf, hf=args.hf)}-{args.task}")
+    write_model_files(run_dir, model)
+    # The KL penalty's reference: the starting policy, frozen (a copy, as the trainer's params are donated).
+    ref_params = jax.tree.map(jnp.copy, model.params) if args.kl_coef > 0 else None
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                               stop_token_ids=tuple(model.end_ids[1:]))
     checkpointer = Checkpointer(run_dir / "checkpoints", keep_last=2, async_save=False)
@@ -164,17 +200,12 @@ def run(args, prog: str) -> int:
         if not test_problems:
             return
         engine.update_weights(state.params)
-        answers = complete(engine, [prompt_ids(problem) for problem in test_problems],
-                           SamplingParams(max_tokens=args.max_tokens, stop_token_ids=tuple(model.end_ids[1:])))
-        right = [tasks.correctness_reward(reply(answer), problem, task) for answer, problem in
-                 zip(answers, test_problems)]
-        values = {"accuracy": float(np.mean(right)), "problems": len(right),
-                  "format": float(np.mean([tasks.format_reward(reply(answer)) for answer in answers]))}
+        values = held_out_accuracy(engine, test_prompts, test_problems, task, reply, greedy)
         metrics_log.write(iteration, "validation", values)
         summary.setdefault("initial_accuracy", values["accuracy"])
         summary["accuracy"] = values["accuracy"]
         progress.write(f"iteration {iteration}: held-out accuracy {values['accuracy']:.3f} "
-                       f"({len(right)} problems), answer lines {values['format']:.2f}")
+                       f"({values['problems']} problems), answer lines {values['format']:.2f}")
 
     def save(iteration: int) -> None:
         record = run_record(cfg, train_cfg, loader_state={"step": int(state.step), "seed": args.seed}, seed=args.seed,
@@ -193,14 +224,16 @@ def run(args, prog: str) -> int:
 
             state, metrics = grpo_iteration(state, engine, [prompt_ids(problem) for problem in batch], reward_of,
                                             cfg=cfg, train_cfg=train_cfg, config=config, sampling=sampling,
-                                            seq_len=seq_len, seed=args.seed * args.iterations + iteration)
+                                            seq_len=seq_len, seed=args.seed * args.iterations + iteration,
+                                            ref_params=ref_params)
             if not math.isfinite(metrics["loss"]):
                 raise TrainingError(f"loss is {metrics['loss']} at iteration {iteration + 1}: lower --lr")
             done = iteration + 1
             metrics_log.write(done, "train", metrics)
             summary["reward_mean"] = metrics["reward_mean"]
             progress.update(1)
-            progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", length=f"{metrics['completion_length']:.0f}")
+            progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", length=f"{metrics['completion_length']:.0f}",
+                                 rollout_tok_s=f"{metrics['rollout_tokens_per_s']:.0f}")
             if done % args.eval_every == 0 or done == args.iterations:
                 evaluate(done)
             if done % args.save_every == 0 or done == args.iterations or stop.requested:

@@ -18,6 +18,8 @@ turns a misbehaving one into one clear error).
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -39,7 +41,8 @@ from llmjax.train.state import TrainState
 class GRPOConfig:
     """group_size completions per prompt; updates_per_batch optimizer steps on each rollout batch (DeepSeekMath's
     mu); the clipped objective's settings (`llmjax.posttrain.losses.grpo_objective`); normalize_std: divide the
-    group-centred rewards by the group's std (False: Dr. GRPO)."""
+    group-centred rewards by the group's std (False: Dr. GRPO); kl_coef: weight of the k3 KL penalty to a frozen
+    reference policy (DeepSeekMath's beta, 0.04 there; 0: no penalty and no reference forward)."""
 
     group_size: int = 8
     updates_per_batch: int = 2
@@ -47,6 +50,15 @@ class GRPOConfig:
     clip_eps_high: float | None = None
     normalize: str = "token"
     normalize_std: bool = True
+    kl_coef: float = 0.0
+
+    def __post_init__(self):
+        if self.group_size < 2:
+            raise ValueError(f"group_size={self.group_size}: GRPO compares the samples of a prompt, so at least 2")
+        if self.updates_per_batch < 1:
+            raise ValueError(f"updates_per_batch={self.updates_per_batch}: must be at least 1")
+        if not (math.isfinite(self.kl_coef) and self.kl_coef >= 0):
+            raise ValueError(f"kl_coef={self.kl_coef}: must be a finite number >= 0")
 
 
 def policy_log_probs(params: dict, rows: dict, cfg: ModelConfig) -> jax.Array:
@@ -56,10 +68,12 @@ def policy_log_probs(params: dict, rows: dict, cfg: ModelConfig) -> jax.Array:
 
 
 def grpo_loss(params: dict, batch: dict, cfg: ModelConfig, config: GRPOConfig) -> tuple[jax.Array, dict]:
-    """The clipped GRPO objective of the batch ({"inputs", "targets", "completion_mask", "old_logps", "advantages"})."""
+    """The clipped GRPO objective of the batch ({"inputs", "targets", "completion_mask", "old_logps", "advantages"},
+    and "ref_logps" when config.kl_coef > 0)."""
     logps = policy_log_probs(params, batch, cfg)
     return grpo_objective(logps, batch["old_logps"], batch["advantages"], batch["completion_mask"],
-                          clip_eps=config.clip_eps, clip_eps_high=config.clip_eps_high, normalize=config.normalize)
+                          clip_eps=config.clip_eps, clip_eps_high=config.clip_eps_high, normalize=config.normalize,
+                          kl_coef=config.kl_coef, ref_logps=batch.get("ref_logps"))
 
 
 def grpo_update(state: TrainState, batch: dict, *, cfg: ModelConfig, train_cfg: TrainConfig, config: GRPOConfig
@@ -78,21 +92,31 @@ jitted_policy_log_probs = jax.jit(policy_log_probs, static_argnames="cfg")
 
 def grpo_iteration(state: TrainState, engine: Engine, prompts: Sequence[Sequence[int]],
                    reward_of: Callable[[Rollout], float], *, cfg: ModelConfig, train_cfg: TrainConfig,
-                   config: GRPOConfig, sampling: SamplingParams, seq_len: int, seed: int) -> tuple[TrainState, dict]:
+                   config: GRPOConfig, sampling: SamplingParams, seq_len: int, seed: int,
+                   ref_params: dict | None = None) -> tuple[TrainState, dict]:
     """Rollouts of the current policy, their group-relative advantages, then config.updates_per_batch updates.
+    ref_params: the frozen reference policy of the KL penalty (needed when config.kl_coef > 0).
     Returns the new state and the iteration's metrics: reward_mean / reward_std of the rollouts, completion_length,
-    and the last update's objective metrics (loss, clip_fraction, ratio_mean, ...)."""
+    rollout_seconds and rollout_tokens_per_s (completion tokens over the wall time of sampling them), and the last
+    update's objective metrics (loss, clip_fraction, ratio_mean, kl, ...)."""
+    if config.kl_coef > 0 and ref_params is None:
+        raise ValueError(f"kl_coef={config.kl_coef} needs ref_params, the reference policy's weights")
     engine.update_weights(state.params)
+    started = time.perf_counter()
     rollouts = sample_groups(engine, prompts, config.group_size, sampling, seed=seed)
+    rollout_seconds = time.perf_counter() - started
     rewards = np.asarray([float(reward_of(rollout)) for rollout in rollouts], np.float32)  # [prompts * G]
     rows = {key: jnp.asarray(value) for key, value in completion_rows(rollouts, seq_len).items()}
     batch = {**rows, "advantages": group_advantages(jnp.asarray(rewards), config.group_size,
                                                     normalize_std=config.normalize_std),
              "old_logps": jitted_policy_log_probs(state.params, rows, cfg)}
+    if config.kl_coef > 0:
+        batch["ref_logps"] = jitted_policy_log_probs(ref_params, rows, cfg)
     metrics = {}
     for _ in range(config.updates_per_batch):
         state, metrics = jitted_grpo_update(state, batch, cfg=cfg, train_cfg=train_cfg, config=config)
     lengths = [len(rollout.completion_ids) for rollout in rollouts]
     return state, {**{key: float(value) for key, value in jax.device_get(metrics).items()},
                    "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
-                   "completion_length": float(np.mean(lengths))}
+                   "completion_length": float(np.mean(lengths)), "rollout_seconds": rollout_seconds,
+                   "rollout_tokens_per_s": sum(lengths) / max(rollout_seconds, 1e-9)}

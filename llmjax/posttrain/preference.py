@@ -11,7 +11,8 @@ The data flow and its choices:
 - JSONL -> pairs. One pair per line, {"prompt": [messages...] or "text", "chosen": "reply", "rejected": "reply"}; a
   text prompt is one user message. Every problem (bad JSON, a missing field, an empty reply, chosen == rejected,
   which states no preference) is a `ChatDataError` naming the file and line. For a verifiable task,
-  `pairs_from_task` makes pairs without sampling: the reference reply against the same reply with a wrong value.
+  `pairs_from_task` makes pairs without sampling: the reference reply against the same reply with a wrong value;
+  `pairs_from_samples` makes them from the model's own samples: a right reply against a wrong one.
 - pair -> ids. The prompt is rendered with the chat template and the assistant's turn opened
   (add_generation_prompt=True) and tokenized as a prompt (the model file's BOS, never its EOS); each reply is what
   rendering the whole conversation (add_generation_prompt=False) adds after that prompt: the reply text and the
@@ -65,11 +66,13 @@ from llmjax.posttrain.losses import (
 from llmjax.posttrain.tasks import (
     Problem,
     Task,
+    correctness_reward,
     parse_integer,
     parse_list,
     problems,
     prompt_messages,
     reference_reply,
+    score,
 )
 from llmjax.train.checkpoint import Checkpointer, run_record
 from llmjax.train.loop import (
@@ -165,6 +168,43 @@ def pairs_from_task(task: Task, count: int, seed: int = 0,
             raise ValueError(f"wrong_answer_fn gave the right answer {problem.answer!r} for {problem.question!r}")
         pairs.append(PreferencePair(tuple(prompt_messages(problem, task)), chosen, rejected))
     return pairs
+
+
+@dataclass(frozen=True)
+class SampledPairs:
+    """Pairs made from a model's own samples, and what became of the problems: those whose samples were all right
+    or all wrong state no preference and are skipped (counted here)."""
+
+    pairs: list[PreferencePair]
+    problems: int
+    all_right: int
+    all_wrong: int
+
+
+def pairs_from_samples(task: Task, problems_: Sequence[Problem], replies: Sequence[Sequence[str]],
+                       reward_fn: Callable | None = None, seed: int = 0) -> SampledPairs:
+    """One pair per problem from replies[i], the model's own sampled replies to problems_[i]: chosen = a reply that
+    reward_fn (default `correctness_reward`) scores highest, rejected = one it scores lowest, each picked at random
+    (seeded) among its ties; problems whose (non-empty) replies all score the same are skipped and counted (as all
+    wrong when none scores above 0). Replies are scored
+    through `tasks.score`, so a misbehaving reward function is one RewardError."""
+    if len(problems_) != len(replies):
+        raise ValueError(f"pairs_from_samples: {len(problems_)} problems but {len(replies)} lists of replies")
+    reward_fn = reward_fn or correctness_reward
+    rng = random.Random(f"sampled-pairs/{task.name}/{seed}")
+    pairs, all_right, all_wrong = [], 0, 0
+    for problem, answers in zip(problems_, replies):
+        answers = [answer for answer in answers if answer.strip()]  # an empty reply makes no pair
+        rewards = [score(reward_fn, answer, problem, task) for answer in answers]
+        best, worst = max(rewards, default=0.0), min(rewards, default=0.0)
+        if best == worst:
+            all_right += best > 0
+            all_wrong += best <= 0
+            continue
+        chosen = rng.choice([a for a, r in zip(answers, rewards) if r == best])
+        rejected = rng.choice([a for a, r in zip(answers, rewards) if r == worst])
+        pairs.append(PreferencePair(tuple(prompt_messages(problem, task)), chosen, rejected))
+    return SampledPairs(pairs, len(problems_), all_right, all_wrong)
 
 
 # --- pairs -> ids -> rows ---------------------------------------------------------------------------------------

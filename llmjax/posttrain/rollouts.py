@@ -5,6 +5,8 @@
                              seed=step)                   # [prompts * 8], group by group
     answers = complete(engine, prompts, SamplingParams(max_tokens=64))   # one greedy completion each (evaluation)
     batch = completion_rows(rollouts, seq_len=256)        # inputs / targets / completion mask, [prompts * 8, 256]
+    ids = task_prompt_ids(problem, task, tokenizer, chat_format)   # a task's question as a chat prompt
+    text = reply_text(rollouts[0], tokenizer, end_ids)   # what the reward reads: the completion without end ids
 
 The completions come from the continuous-batching engine (`llmjax.infer.engine`), every request with its own seed
 (seed * group_size * prompts + its index), so a rollout batch is reproducible and the G samples of a prompt differ.
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from llmjax.infer.engine import Engine, QueueFull, SamplingParams
+from llmjax.posttrain.tasks import Problem, Task, prompt_messages
 
 
 @dataclass(frozen=True)
@@ -89,3 +92,13 @@ def completion_rows(rollouts: Sequence[Rollout], seq_len: int, pad_id: int = 0) 
         tokens[row, :len(ids)] = ids
         mask[row, len(rollout.prompt_ids) - 1:len(ids) - 1] = 1.0  # targets at these positions are completion tokens
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "completion_mask": mask}
+
+
+def task_prompt_ids(problem: Problem, task: Task, tokenizer, chat_format) -> list[int]:
+    """The ids of the task's question as a chat prompt with the assistant's turn opened (BOS rule applied)."""
+    return tokenizer.encode_prompt(chat_format.render(prompt_messages(problem, task)))
+
+
+def reply_text(rollout: Rollout, tokenizer, end_ids: Sequence[int]) -> str:
+    """The completion as text without its end-of-reply ids: what a reward function reads."""
+    return tokenizer.decode([t for t in rollout.completion_ids if t not in end_ids])

@@ -41,6 +41,38 @@ def test_grpo_raises_the_reward_of_a_tiny_policy():
     assert int(state.step) == 8 * config.updates_per_batch
 
 
+def test_grpo_kl_penalty_to_a_frozen_reference():
+    """kl_coef > 0: the reference's log-probs enter the objective (kl 0 while the policy is the reference, positive
+    once it has moved), rollout throughput is reported, and a missing reference is one clear error."""
+    import pytest
+
+    cfg = get_config("llama-tiny", vocab_size=64)
+    params = init_params(cfg, jax.random.key(1))
+    reference = jax.tree.map(np.array, params)  # the trainer's params are donated: the reference is a copy
+    train_cfg = TrainConfig(lr=3e-2, warmup_steps=0, total_steps=100, schedule="constant", weight_decay=0.0)
+    state = train_state_from_params(params, cfg, train_cfg)
+    engine = Engine(params, cfg, ENGINE)
+    prompts = [[1, 2, 3], [4, 5, 6, 7]]
+
+    def reward_of(rollout):
+        return float(np.mean([t < 32 for t in rollout.completion_ids]))
+
+    sampling = SamplingParams(max_tokens=6, temperature=1.0)
+    kwargs = {"cfg": cfg, "train_cfg": train_cfg, "sampling": sampling, "seq_len": 16}
+    one_update = GRPOConfig(group_size=4, updates_per_batch=1, kl_coef=0.5)
+    state, first = grpo_iteration(state, engine, prompts, reward_of, config=one_update, seed=0, ref_params=reference,
+                                  **kwargs)
+    assert first["kl"] == 0.0  # the only update saw the policy equal to its reference
+    assert first["rollout_tokens_per_s"] > 0 and first["rollout_seconds"] > 0
+    state, second = grpo_iteration(state, engine, prompts, reward_of, config=one_update, seed=1, ref_params=reference,
+                                   **kwargs)
+    assert second["kl"] > 0
+    with pytest.raises(ValueError, match="needs ref_params"):
+        grpo_iteration(state, engine, prompts, reward_of, config=one_update, seed=2, **kwargs)
+    with pytest.raises(ValueError, match="kl_coef"):
+        GRPOConfig(kl_coef=-1.0)
+
+
 def test_grpo_experiment_runs_evaluates_and_resumes(byte_run, tmp_path, capsys):
     """`experiments grpo` on a tiny base: rollouts, rewards, held-out evaluations, curves, a checkpoint, and a second
     command that resumes at the next iteration. (A random policy writes no 'Answer:' line: the reward is 0 and so
@@ -66,3 +98,8 @@ def test_grpo_experiment_runs_evaluates_and_resumes(byte_run, tmp_path, capsys):
     assert (run_dir / "grpo.png").is_file()
     assert grpo.main([*flags, "--iterations", "3", "--group-size", "1"]) == 2
     assert "--group-size 1: GRPO compares" in capsys.readouterr().err
+    assert grpo.main([*flags, "--iterations", "3", "--kl-coef", "-0.1"]) == 2
+    assert "--kl-coef -0.1: must be a number >= 0" in capsys.readouterr().err
+    assert grpo.main([*flags, "--eval-only"]) == 0  # the held-out accuracy of the base, as JSON
+    evaluation = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert evaluation["problems"] == 3 and evaluation["accuracy"] == 0.0 and evaluation["tokens_per_s"] > 0
