@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 
 from llmjax.io.models import GGUF_HELP
+from llmjax.peft.flags import add_lora_arguments
 
 DEFAULT_SEQ = 512
 DEFAULT_BETA = {"dpo": 0.1, "simpo": 2.0, "orpo": 0.1}
+DEFAULT_LR, DEFAULT_LORA_LR = 1e-6, 1e-5
 SAMPLED_PAIRS = "sampled_pairs.jsonl"  # --sample: kept in the run folder, so a resumed run trains on the same pairs
 
 
@@ -26,7 +28,8 @@ def parse_args(argv):
         "reference model. The run folder gets checkpoints/, metrics.jsonl (train and held-out preference accuracy, "
         "reward margin, chosen log-probs, KL to the base), loss.png, preference.png and the base's tokenizer and chat "
         "template, so `generate --ckpt RUN --chat ...` chats with the result. Running the same command again resumes "
-        "from the newest checkpoint.",
+        "from the newest checkpoint. With --lora only low-rank adapters train, and the reference is the base with the "
+        "adapters off (no second copy of the weights); the merged model is written at the end.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     base = p.add_mutually_exclusive_group(required=True)
@@ -64,7 +67,8 @@ def parse_args(argv):
     p.add_argument("--seq", type=int, default=None,
                    help=f"tokens per sequence, prompt + reply (default: {DEFAULT_SEQ}, at most the model's); longer "
                         "pairs are skipped and counted")
-    p.add_argument("--lr", type=float, default=1e-6, help="peak learning rate")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"peak learning rate (None: {DEFAULT_LR:g}, with --lora {DEFAULT_LORA_LR:g})")
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate as a fraction of --lr")
     p.add_argument("--warmup", type=int, default=10, help="linear warmup steps")
     p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled AdamW weight decay on matrices")
@@ -77,6 +81,7 @@ def parse_args(argv):
     p.add_argument("--save-every", type=int, default=100,
                    help="steps between checkpoints (one is also written at the end)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    add_lora_arguments(p, "the pairs")
     return p.parse_args(argv)
 
 
@@ -167,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         model_name,
         write_model_files,
     )
+    from llmjax.peft.flags import lora_config_from_args
     from llmjax.posttrain.chat_data import ChatDataError
     from llmjax.posttrain.preference import (
         PreferenceObjective,
@@ -179,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     from llmjax.train.loop import TrainingError
 
     try:
+        lora_cfg = lora_config_from_args(args)
+        lr = args.lr if args.lr is not None else DEFAULT_LORA_LR if lora_cfg is not None else DEFAULT_LR
         beta = DEFAULT_BETA[args.loss] if args.beta is None else args.beta
         objective = PreferenceObjective(args.loss, beta=beta, gamma=args.gamma, lam=args.lam,
                                         label_smoothing=args.label_smoothing)
@@ -208,15 +216,17 @@ def main(argv: list[str] | None = None) -> int:
         if validation is not None:
             validation = with_reference_logps(validation, model.params, cfg, rows_per_call)
         write_model_files(run_dir, model)
-        train_cfg = TrainConfig(lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=min(args.warmup, args.steps),
+        train_cfg = TrainConfig(lr=lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=min(args.warmup, args.steps),
                                 total_steps=args.steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip or None)
         run = PreferenceRun(run_dir=run_dir, batch_pairs=args.batch, seed=args.seed, log_every=args.log_every,
                             eval_every=args.eval_every, save_every=args.save_every, progress=not args.no_progress)
-        summary = train_preferences(model.params, cfg, train_data, validation, objective, train_cfg, run)
+        summary = train_preferences(model.params, cfg, train_data, validation, objective, train_cfg, run,
+                                    lora_cfg=lora_cfg, base_model=str(args.ckpt or args.gguf or args.hf))
     except (ModelLoadError, ChatDataError, ConfigError, CheckpointError, TrainingError, ValueError) as error:
         print(f"{prog}: {error}", file=sys.stderr)
         return 2
     print(json.dumps(summary))
-    print(f"run folder: {run_dir} (checkpoints/, metrics.jsonl, loss.png, preference.png; chat with "
+    print(f"run folder: {run_dir} (checkpoints/, {'lora-checkpoints/, adapter/, ' if lora_cfg else ''}metrics.jsonl, "
+          f"loss.png, preference.png; chat with "
           f"`python -m experiments generate --ckpt {run_dir} --chat ...`)")
     return 0

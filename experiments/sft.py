@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 from llmjax.io.models import GGUF_HELP
+from llmjax.peft.flags import add_lora_arguments
 
 DEFAULT_SEQ = 512
+DEFAULT_LR, DEFAULT_LORA_LR = 2e-5, 1e-4
 
 
 def parse_args(argv):
@@ -22,7 +24,8 @@ def parse_args(argv):
         "carry loss, and whole conversations are packed into rows of --seq tokens (each attending only to itself). "
         "The run folder gets checkpoints/, metrics.jsonl, loss.png and the base's tokenizer and chat template, so "
         "`generate --ckpt RUN --chat ...` and `serve --ckpt RUN` chat with the result. Running the same command "
-        "again resumes from the newest checkpoint.",
+        "again resumes from the newest checkpoint. With --lora only low-rank adapters train (the same loss on the same "
+        "rows), and the merged model is written at the end.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     base = p.add_mutually_exclusive_group(required=True)
@@ -44,7 +47,8 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=200, help="optimizer steps")
     p.add_argument("--batch", type=int, default=8, help="packed rows per step")
     p.add_argument("--seq", type=int, default=None, help=f"tokens per row (default: {DEFAULT_SEQ}, at most the model's)")
-    p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"peak learning rate (None: {DEFAULT_LR:g}, with --lora {DEFAULT_LORA_LR:g})")
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate as a fraction of --lr")
     p.add_argument("--warmup", type=int, default=10, help="linear warmup steps")
     p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled AdamW weight decay on matrices")
@@ -58,6 +62,7 @@ def parse_args(argv):
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     p.add_argument("--mesh", default=None, metavar="AXIS=SIZE,...", help="device mesh (see `experiments train`)")
     p.add_argument("--sharding", default="auto", help="sharding strategy (see `experiments train`)")
+    add_lora_arguments(p, "the chats")
     return p.parse_args(argv)
 
 
@@ -95,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         model_name,
         write_model_files,
     )
+    from llmjax.peft.flags import lora_config_from_args
+    from llmjax.peft.run import train_lora
     from llmjax.posttrain.chat_data import (
         ChatDataError,
         pack_conversations,
@@ -104,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     from llmjax.train.loop import RunConfig, TrainingError, train
 
     try:
+        lora_cfg = lora_config_from_args(args)
+        if lora_cfg is not None and args.mesh is not None:
+            raise ValueError("--mesh: a --lora run trains on one device")
+        lr = args.lr if args.lr is not None else DEFAULT_LORA_LR if lora_cfg is not None else DEFAULT_LR
         conversations = load_conversations(args)  # cheap checks first: the data, then the model
         model = load_model(ckpt=args.ckpt, gguf=args.gguf, hf=args.hf, chat_template=args.chat_template)
         cfg = model.cfg
@@ -128,18 +139,23 @@ def main(argv: list[str] | None = None) -> int:
         write_model_files(run_dir, model)
         sample_question = (val_chats or train_chats)[0]
         sample_prompt = model.chat_format.render([m for m in sample_question if m["role"] != "assistant"][:2])
-        train_cfg = TrainConfig(lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=min(args.warmup, args.steps),
+        train_cfg = TrainConfig(lr=lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=min(args.warmup, args.steps),
                                 total_steps=args.steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip or None)
         run = RunConfig(run_dir=run_dir, batch_size=args.batch, seq_len=seq, seed=args.seed, log_every=args.log_every,
                         eval_every=args.eval_every, eval_batches=max(eval_batches, 1), save_every=args.save_every,
                         sample_prompt=sample_prompt, sample_tokens=args.sample_tokens if val_rows else 0,
                         sample_stop_ids=tuple(model.end_ids),
                         progress=not args.no_progress, mesh=args.mesh, sharding=args.sharding)
-        summary = train(cfg, train_cfg, run, train_rows, val_rows, model.tokenizer, initial_params=model.params)
+        if lora_cfg is None:
+            summary = train(cfg, train_cfg, run, train_rows, val_rows, model.tokenizer, initial_params=model.params)
+        else:
+            summary = train_lora(model.params, cfg, lora_cfg, train_cfg, run, train_rows, val_rows, model.tokenizer,
+                                 base_model=str(args.ckpt or args.gguf or args.hf))
     except (ModelLoadError, ChatDataError, ConfigError, CheckpointError, TrainingError, ValueError) as error:
         print(f"{prog}: {error}", file=sys.stderr)
         return 2
     print(json.dumps(summary))
-    print(f"run folder: {run_dir} (checkpoints/, metrics.jsonl, loss.png; chat with "
+    print(f"run folder: {run_dir} (checkpoints/, {'lora-checkpoints/, adapter/, ' if lora_cfg else ''}metrics.jsonl, "
+          f"loss.png; chat with "
           f"`python -m experiments generate --ckpt {run_dir} --chat ...`)")
     return 0

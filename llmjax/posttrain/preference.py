@@ -28,7 +28,10 @@ The data flow and its choices:
 - training. Full fine-tuning with the optimizer of `llmjax.train.optim` (AdamW, the run's schedule, global-norm
   clipping), one jitted step on one device, batches of pairs in a seeded order per epoch (so a resumed run picks up
   the same order), checkpoints in `llmjax.train`'s TrainState layout: `load_model(ckpt=RUN)`, `generate --ckpt RUN`
-  and `serve --ckpt RUN` read the result.
+  and `serve --ckpt RUN` read the result. Or LoRA (`lora_cfg`): the policy is the frozen base plus adapters, and the
+  reference is that base with the adapters off, so reference_logps are the base's as above and no second copy of the
+  weights exists; adapter checkpoints in run/lora-checkpoints, the merged model in run/checkpoints at the end
+  (`llmjax.peft.run`).
 """
 
 from __future__ import annotations
@@ -49,6 +52,14 @@ from tqdm import tqdm
 
 from llmjax.config import ModelConfig, TrainConfig
 from llmjax.model import forward
+from llmjax.peft.lora import LoraConfig, lora_forward
+from llmjax.peft.run import (
+    export_lora_run,
+    lora_checkpointer,
+    lora_record,
+    restore_or_init_lora,
+)
+from llmjax.peft.train import make_lora_optimizer
 from llmjax.posttrain.chat_data import (
     ChatDataError,
     check_conversation,
@@ -291,9 +302,14 @@ def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer, chat_format, seq_
 # --- log-probabilities and the losses ---------------------------------------------------------------------------
 
 
-def reply_token_log_probs(params: dict, batch: dict, cfg: ModelConfig) -> jax.Array:
-    """log p(target) at every position [rows, seq_len] float32, reply or not (the losses keep the reply's)."""
-    logits = forward(params, batch["inputs"], cfg)  # [rows, seq_len, padded_vocab] float32
+def reply_token_log_probs(params: dict, batch: dict, cfg: ModelConfig, adapters: dict | None = None,
+                          lora_cfg: LoraConfig | None = None, rng: jax.Array | None = None) -> jax.Array:
+    """log p(target) at every position [rows, seq_len] float32, reply or not (the losses keep the reply's), of the
+    model `params`, or with lora_cfg of `params` plus `adapters` (rng: their dropout; None: off)."""
+    if lora_cfg is None:
+        logits = forward(params, batch["inputs"], cfg)  # [rows, seq_len, padded_vocab] float32
+    else:
+        logits = lora_forward(params, adapters, batch["inputs"], cfg, lora_cfg, rng=rng)
     return token_log_probs(logits, batch["targets"], cfg.vocab_size)
 
 
@@ -338,16 +354,18 @@ class PreferenceObjective:
             raise ValueError(f"beta {self.beta}: must be > 0")
 
 
-def preference_loss(params: dict, batch: dict, cfg: ModelConfig, objective: PreferenceObjective = PreferenceObjective()
+def preference_loss(params: dict, batch: dict, cfg: ModelConfig, objective: PreferenceObjective = PreferenceObjective(),
+                    adapters: dict | None = None, lora_cfg: LoraConfig | None = None, rng: jax.Array | None = None
                     ) -> tuple[jax.Array, dict]:
-    """(loss, metrics) of a batch laid out as `PreferenceData.batch` gives it ([chosen rows; rejected rows]).
+    """(loss, metrics) of a batch laid out as `PreferenceData.batch` gives it ([chosen rows; rejected rows]), for the
+    policy `params`, or with lora_cfg `params` plus `adapters` (see reply_token_log_probs).
 
     DPO scores replies by their summed log-probs against batch["reference_logps"]; SimPO and ORPO by their
     length-averaged log-probs (ORPO's NLL is the chosen replies' mean token NLL). Metrics: the loss's own
     (accuracy, reward_margin, ...; ORPO's reward_margin is its log odds ratio), chosen_logps / rejected_logps (mean
     summed log p of the replies, whatever the loss: a collapse of the chosen replies shows here) and, when the batch
     has reference_logps, kl (the mean of log pi - log pi_ref over both replies)."""
-    token_logps = reply_token_log_probs(params, batch, cfg)  # [2 * pairs, seq_len]
+    token_logps = reply_token_log_probs(params, batch, cfg, adapters, lora_cfg, rng)  # [2 * pairs, seq_len]
     mask = batch["loss_mask"]
     pairs = token_logps.shape[0] // 2
     summed = sequence_log_probs(token_logps, mask)  # [2 * pairs]
@@ -370,22 +388,34 @@ def preference_loss(params: dict, batch: dict, cfg: ModelConfig, objective: Pref
     return loss, metrics
 
 
-def preference_step(state: TrainState, batch: dict, *, cfg: ModelConfig, train_cfg: TrainConfig,
-                    objective: PreferenceObjective) -> tuple[TrainState, dict]:
-    """One optimizer update on the batch's preference loss (AdamW with the run's schedule and clipping)."""
-    optimizer = make_optimizer(train_cfg, model_cfg=cfg)
-    (_, metrics), grads = jax.value_and_grad(preference_loss, has_aux=True)(state.params, batch, cfg, objective)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+def preference_step(state, batch: dict, base: dict | None = None, rng: jax.Array | None = None, *, cfg: ModelConfig,
+                    train_cfg: TrainConfig, objective: PreferenceObjective, lora_cfg: LoraConfig | None = None):
+    """One optimizer update on the batch's preference loss (AdamW with the run's schedule and clipping) -> (state,
+    metrics). Full fine-tuning: `state` is a TrainState, every weight trains. LoRA (lora_cfg): `state` is a
+    `llmjax.peft.train.LoraState`, the policy is the frozen `base` params plus its adapters (dropout keyed by rng and
+    the step), and only the adapters train."""
+    if lora_cfg is None:
+        trainable, optimizer = state.params, make_optimizer(train_cfg, model_cfg=cfg)
+        loss_fn = functools.partial(preference_loss, batch=batch, cfg=cfg, objective=objective)
+    else:
+        trainable, optimizer = state.adapters, make_lora_optimizer(train_cfg)
+        step_rng = None if rng is None else jax.random.fold_in(rng, state.step)
+
+        def loss_fn(adapters):
+            return preference_loss(base, batch, cfg, objective, adapters, lora_cfg, step_rng)
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
     metrics = {**metrics, "grad_norm": optax.tree.norm(grads),
                "learning_rate": learning_rate_schedule(train_cfg)(state.step)}
-    return TrainState(state.step + 1, params, opt_state), metrics
+    return type(state)(state.step + 1, optax.apply_updates(trainable, updates), opt_state), metrics  # same fields
 
 
 # Jitted once per (configs, objective, shapes) for the whole process: a resumed run in the same process (and every
 # evaluation) reuses the compiled programs.
-jitted_preference_step = jax.jit(preference_step, static_argnames=("cfg", "train_cfg", "objective"), donate_argnums=0)
-jitted_preference_loss = jax.jit(preference_loss, static_argnames=("cfg", "objective"))
+jitted_preference_step = jax.jit(preference_step, static_argnames=("cfg", "train_cfg", "objective", "lora_cfg"),
+                                 donate_argnums=0)
+jitted_preference_loss = jax.jit(preference_loss, static_argnames=("cfg", "objective", "lora_cfg"))
 
 
 # --- batches and the loop ---------------------------------------------------------------------------------------
@@ -443,22 +473,40 @@ def restore_or_start(params: dict, cfg: ModelConfig, train_cfg: TrainConfig, che
 
 
 def train_preferences(params: dict, cfg: ModelConfig, train_data: PreferenceData, validation: PreferenceData | None,
-                      objective: PreferenceObjective, train_cfg: TrainConfig, run: PreferenceRun) -> dict:
+                      objective: PreferenceObjective, train_cfg: TrainConfig, run: PreferenceRun,
+                      lora_cfg: LoraConfig | None = None, base_model: str = "") -> dict:
     """Train the base `params` on the pairs until train_cfg.total_steps, resuming from run_dir's newest checkpoint.
 
     Writes run/metrics.jsonl ("train" records every log_every steps, "validation" ones at step 0 of a fresh run,
     every eval_every steps and at the end), run/checkpoints/<step> (TrainState, as `llmjax.train` writes them),
     run/loss.png and run/preference.png. The data must carry reference_logps for DPO. One device (the first); the
     base params are consumed (donated to the first step). Returns a summary: start_step, end_step, train (the last
-    logged metrics), validation (the last evaluation's) and initial_validation (step 0's, on a fresh run)."""
+    logged metrics), validation (the last evaluation's) and initial_validation (step 0's, on a fresh run).
+
+    With lora_cfg only adapters train, over the frozen `params` (kept, not consumed): run/lora-checkpoints/<step> hold
+    them, and at the end run/checkpoints/<step> holds the merged model and run/adapter/ the PEFT files naming
+    base_model (`llmjax.peft.run`); the summary's export says what was written."""
     run_dir = Path(run.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = jax.devices()[0]
-    checkpointer = Checkpointer(run_dir / "checkpoints", keep_last=run.keep_last, async_save=False)
-    state, start_step = restore_or_start(params, cfg, train_cfg, checkpointer, device)
-    del params
-    train_step = functools.partial(jitted_preference_step, cfg=cfg, train_cfg=train_cfg, objective=objective)
-    eval_fn = functools.partial(jitted_preference_loss, cfg=cfg, objective=objective)
+    key = jax.random.key(run.seed)
+    if lora_cfg is None:
+        checkpointer = Checkpointer(run_dir / "checkpoints", keep_last=run.keep_last, async_save=False)
+        state, start_step = restore_or_start(params, cfg, train_cfg, checkpointer, device)
+        params = None  # consumed: the state holds the policy
+        eval_fn = functools.partial(jitted_preference_loss, cfg=cfg, objective=objective)
+    else:  # the base stays: the frozen part of the policy (and, adapters off, the reference)
+        checkpointer = lora_checkpointer(run_dir, run.keep_last)
+        params = jax.device_put(params, device)
+        state, start_step = restore_or_init_lora(params, cfg, lora_cfg, train_cfg, checkpointer,
+                                                 jax.random.fold_in(key, 0), device)
+
+        def eval_fn(adapters, batch):
+            return jitted_preference_loss(params, batch, cfg=cfg, objective=objective, adapters=adapters,
+                                          lora_cfg=lora_cfg)
+
+    train_step = functools.partial(jitted_preference_step, base=params, rng=key, cfg=cfg, train_cfg=train_cfg,
+                                   objective=objective, lora_cfg=lora_cfg)
     metrics_log, stop = MetricsLog(run_dir), StopRequest()
     progress = tqdm(total=train_cfg.total_steps, initial=start_step, desc=objective.loss, unit="step",
                     disable=not run.progress, dynamic_ncols=True)
@@ -467,7 +515,8 @@ def train_preferences(params: dict, cfg: ModelConfig, train_data: PreferenceData
     def validate(step: int) -> None:
         if validation is None:
             return
-        values = evaluate(eval_fn, state.params, validation, run.batch_pairs)
+        values = evaluate(eval_fn, state.params if lora_cfg is None else state.adapters, validation,
+                          run.batch_pairs)
         metrics_log.write(step, "validation", values)
         summary["validation"] = values
         if step == 0:
@@ -477,7 +526,8 @@ def train_preferences(params: dict, cfg: ModelConfig, train_data: PreferenceData
 
     def save(step: int) -> None:
         record = run_record(cfg, train_cfg, loader_state={"step": step, "seed": run.seed}, seed=run.seed,
-                            extra={"preference": dataclasses.asdict(objective)})
+                            extra={"preference": dataclasses.asdict(objective),
+                                   **({} if lora_cfg is None else {"lora": lora_record(lora_cfg)})})
         checkpointer.save(state, record=record)
 
     try:
@@ -504,6 +554,9 @@ def train_preferences(params: dict, cfg: ModelConfig, train_data: PreferenceData
                 summary["stopped_at"] = done
                 return summary
         summary["end_step"] = max(train_cfg.total_steps, start_step)
+        if lora_cfg is not None:
+            summary["export"] = export_lora_run(run_dir, params, state.adapters, cfg, lora_cfg, train_cfg,
+                                                step=int(state.step), seed=run.seed, base_model=base_model)
         return summary
     finally:
         stop.restore()
