@@ -106,19 +106,23 @@ def load_pairs(args) -> list:
 def sampled_pairs(args, model, prog: str) -> list:
     """--task --sample G: G replies of each of --examples training problems, sampled from the model with the
     engine; one (right, wrong) pair per problem that has both."""
-    from llmjax.infer.engine import Engine, EngineConfig, SamplingParams
+    from llmjax.infer.engine import Engine, SamplingParams
     from llmjax.posttrain.preference import pairs_from_samples
-    from llmjax.posttrain.rollouts import reply_text, sample_groups, task_prompt_ids
+    from llmjax.posttrain.rollouts import (
+        reply_text,
+        rollout_engine_config,
+        sample_groups,
+        task_prompt_ids,
+    )
     from llmjax.posttrain.tasks import TASKS, problems
 
     task = TASKS[args.task]
     train_problems = problems(task, "train", args.examples, seed=args.seed)
-    engine = Engine(model.params, model.cfg, EngineConfig(num_blocks=2048, block_size=16, max_running=128,
-                                                          max_queue=1 << 20),
+    prompts = [task_prompt_ids(problem, task, model.tokenizer, model.chat_format) for problem in train_problems]
+    engine = Engine(model.params, model.cfg, rollout_engine_config(prompts, args.max_tokens),
                     eos_token_id=model.end_ids[0] if model.end_ids else None)
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                               stop_token_ids=tuple(model.end_ids[1:]))
-    prompts = [task_prompt_ids(problem, task, model.tokenizer, model.chat_format) for problem in train_problems]
     rollouts = sample_groups(engine, prompts, args.sample, sampling, seed=args.seed)
     replies = [[] for _ in train_problems]
     for rollout in rollouts:

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import sys
+import time
 from pathlib import Path
 
 from llmjax.io.models import GGUF_HELP
@@ -57,6 +58,9 @@ def parse_args(argv):
     p.add_argument("--save-every", type=int, default=10, help="iterations between checkpoints (and one at the end)")
     p.add_argument("--num-blocks", type=int, default=2048, help="the engine's KV-cache blocks (16 tokens each)")
     p.add_argument("--max-running", type=int, default=128, help="completions the engine decodes together")
+    p.add_argument("--time-budget", type=float, default=float("inf"), metavar="SECONDS",
+                   help="stop after the iteration that passes this much wall time (evaluated and saved; the same "
+                        "command resumes)")
     p.add_argument("--run-dir", type=Path, default=None, help="output folder (default: runs/grpo-BASE-TASK)")
     p.add_argument("--seed", type=int, default=0, help="seed of the problems and the rollouts")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
@@ -129,12 +133,16 @@ def run(args, prog: str) -> int:
     from tqdm import tqdm
 
     from llmjax.config import TrainConfig
-    from llmjax.infer.engine import Engine, EngineConfig, SamplingParams
+    from llmjax.infer.engine import Engine, SamplingParams
     from llmjax.io.models import load_model, model_name, write_model_files
     from llmjax.posttrain import tasks
     from llmjax.posttrain.grpo import GRPOConfig, grpo_iteration
     from llmjax.posttrain.preference import restore_or_start
-    from llmjax.posttrain.rollouts import reply_text, task_prompt_ids
+    from llmjax.posttrain.rollouts import (
+        reply_text,
+        rollout_engine_config,
+        task_prompt_ids,
+    )
     from llmjax.train.checkpoint import Checkpointer, run_record
     from llmjax.train.loop import MetricsLog, StopRequest, TrainingError
 
@@ -158,13 +166,12 @@ def run(args, prog: str) -> int:
     model = load_model(ckpt=args.ckpt, gguf=args.gguf, hf=args.hf)
     cfg, tokenizer = model.cfg, model.tokenizer
 
-    def prompt_ids(problem) -> list[int]:
-        return task_prompt_ids(problem, task, tokenizer, model.chat_format)
-
     def reply(rollout) -> str:
         return reply_text(rollout, tokenizer, model.end_ids)
 
-    longest = max(len(prompt_ids(problem)) for problem in train_problems + test_problems)
+    train_prompts, test_prompts = ([task_prompt_ids(problem, task, tokenizer, model.chat_format) for problem in split]
+                                   for split in (train_problems, test_problems))
+    longest = max(len(prompt) for prompt in train_prompts + test_prompts)
     seq_len = longest + args.max_tokens
     if seq_len > cfg.max_seq_len:
         raise ValueError(f"prompts of up to {longest} tokens + --max-tokens {args.max_tokens} exceed the model's "
@@ -174,11 +181,10 @@ def run(args, prog: str) -> int:
     steps = args.iterations * args.updates
     train_cfg = TrainConfig(lr=args.lr, warmup_steps=min(args.warmup, steps), total_steps=steps, schedule="constant",
                             weight_decay=0.0)
-    engine = Engine(model.params, cfg, EngineConfig(num_blocks=args.num_blocks, block_size=16,
-                                                    max_running=args.max_running, max_queue=1 << 20),
+    engine_config = rollout_engine_config(train_prompts + test_prompts, args.max_tokens, max_running=args.max_running, num_blocks=args.num_blocks)
+    engine = Engine(model.params, cfg, engine_config,
                     eos_token_id=model.end_ids[0] if model.end_ids else None)
     greedy = SamplingParams(max_tokens=args.max_tokens, stop_token_ids=tuple(model.end_ids[1:]))
-    test_prompts = [prompt_ids(problem) for problem in test_problems]
     if args.eval_only:
         print(json.dumps(held_out_accuracy(engine, test_prompts, test_problems, task, reply, greedy)))
         return 0
@@ -212,17 +218,19 @@ def run(args, prog: str) -> int:
                             extra={"grpo": dataclasses.asdict(config)})
         checkpointer.save(state, record=record)
 
+    started = time.perf_counter()
     try:
         if start == 0:
             evaluate(0)
         for iteration in range(start, args.iterations):
-            batch = train_problems[iteration * args.prompts:(iteration + 1) * args.prompts]
+            window = slice(iteration * args.prompts, (iteration + 1) * args.prompts)
+            batch = train_problems[window]
 
             def reward_of(rollout, batch=batch):
                 problem = batch[rollout.prompt_index]
                 return tasks.score(reward_fn, reply(rollout), problem, task)
 
-            state, metrics = grpo_iteration(state, engine, [prompt_ids(problem) for problem in batch], reward_of,
+            state, metrics = grpo_iteration(state, engine, train_prompts[window], reward_of,
                                             cfg=cfg, train_cfg=train_cfg, config=config, sampling=sampling,
                                             seq_len=seq_len, seed=args.seed * args.iterations + iteration,
                                             ref_params=ref_params)
@@ -234,14 +242,17 @@ def run(args, prog: str) -> int:
             progress.update(1)
             progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", length=f"{metrics['completion_length']:.0f}",
                                  rollout_tok_s=f"{metrics['rollout_tokens_per_s']:.0f}")
-            if done % args.eval_every == 0 or done == args.iterations:
+            out_of_time = time.perf_counter() - started > args.time_budget
+            if done % args.eval_every == 0 or done == args.iterations or out_of_time:
                 evaluate(done)
-            if done % args.save_every == 0 or done == args.iterations or stop.requested:
+            if done % args.save_every == 0 or done == args.iterations or stop.requested or out_of_time:
                 save(done)
-            if stop.requested:
-                progress.write(f"SIGTERM: saved iteration {done} and stopped; run the same command to resume")
+            if stop.requested or out_of_time:
+                why = "SIGTERM" if stop.requested else f"--time-budget {args.time_budget:g} s"
+                progress.write(f"{why}: saved iteration {done} and stopped; run the same command to resume")
                 break
         summary["end_iteration"] = int(state.step) // args.updates
+        summary["seconds"] = time.perf_counter() - started
     finally:
         stop.restore()
         progress.close()

@@ -100,8 +100,8 @@ smollm2-serve)  # the real model behind the serving engine, real prompts through
     BENCH_TIMEOUT=150 bench smollm2-serve . bench_serve "${SMOL[@]}" --modes continuous,prefix --rates inf \
         --time-budget 40 --out "$LOGS/smollm2-serve.json" ;;
 layout)  # fused q/k/v and gate/up against separate projections, interleaved, on llama-1b and SmolLM2
-    export BENCH_TIMEOUT=120
-    for layout in fused separate fused separate; do
+    export BENCH_TIMEOUT=${BENCH_TIMEOUT:-170}  # llama-1b's compiles take most of two minutes
+    for layout in ${LLAMA_LAYOUTS:-fused separate fused separate}; do
         bench "layout-llama-$layout" . bench_decode --batches 1,32 --contexts 2048 --layout $layout --hf-points "" \
             --int8-points "" --repeats 5 --out "$LOGS/layout-llama-$layout.json"
     done

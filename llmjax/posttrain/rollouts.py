@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llmjax.infer.engine import Engine, QueueFull, SamplingParams
+from llmjax.infer.engine import Engine, EngineConfig, QueueFull, SamplingParams
 from llmjax.posttrain.tasks import Problem, Task, prompt_messages
 
 
@@ -36,6 +36,16 @@ class Rollout:
     prompt_ids: tuple[int, ...]
     completion_ids: tuple[int, ...]
     finish_reason: str  # "stop" (an end id) or "length" (max_tokens)
+
+
+def rollout_engine_config(prompts: Sequence[Sequence[int]], max_tokens: int, *, max_running: int = 128,
+                          num_blocks: int = 2048) -> EngineConfig:
+    """The engine's settings for sampling completions of these prompts: a context of the longest prompt +
+    max_tokens (so block tables and attention stay short), max_running completions decoded together, up to 8 prompts
+    prefilled per step, and a queue that takes every request."""
+    longest = max((len(prompt) for prompt in prompts), default=1)
+    return EngineConfig(num_blocks=num_blocks, block_size=16, max_running=max_running, max_queue=1 << 20,
+                        max_model_len=longest + max_tokens, max_prefill_rows=8)
 
 
 def sample_groups(engine: Engine, prompts: Sequence[Sequence[int]], group_size: int, sampling: SamplingParams, *,
