@@ -60,7 +60,6 @@ def assert_only_adapted_weights_changed(base_dir, run_dir):
             np.testing.assert_allclose(value, expected[name], rtol=1e-6, atol=1e-6)
         else:
             np.testing.assert_array_equal(value, flatten_with_names(base.params)[name], err_msg=name)
-    return tuned
 
 
 def test_lora_scores_packed_chats_as_full_sft_and_prompt_targets_carry_no_gradient():
@@ -115,12 +114,13 @@ def test_sft_lora_learns_resumes_exactly_and_exports(byte_run, tmp_path, capsys)
     assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == final  # bit for bit
 
 
-def test_dpo_lora_starts_at_log_2_raises_accuracy_and_keeps_the_base(byte_run, tmp_path, capsys):
+def test_dpo_lora_starts_at_log_2_raises_accuracy_keeps_the_base_and_resumes(byte_run, tmp_path, capsys):
     data = write_lines(tmp_path / "pairs.jsonl", PAIRS * 10)  # 40 pairs, 8 held-out copies
     run_dir = tmp_path / "run"
-    assert dpo.main(["--ckpt", str(byte_run), "--data", str(data), "--run-dir", str(run_dir), "--batch", "8", "--seq",
-                     "64", "--lora", "--lr", "1e-2", "--warmup", "1", "--val-fraction", "0.2", "--eval-every", "8",
-                     "--log-every", "4", "--save-every", "8", "--steps", "8", "--no-progress"]) == 0
+    flags = ["--ckpt", str(byte_run), "--data", str(data), "--run-dir", str(run_dir), "--batch", "8", "--seq", "64",
+             "--lora", "--lr", "1e-2", "--warmup", "1", "--val-fraction", "0.2", "--eval-every", "8", "--log-every",
+             "4", "--save-every", "4", "--steps", "8", "--no-progress"]
+    assert dpo.main(flags) == 0
     summary = json.loads(capsys.readouterr().out.splitlines()[-2])
     first, last = summary["initial_validation"], summary["validation"]
     # zero-initialized B: the policy is the reference exactly, so every reward is 0 and the loss log 2
@@ -130,6 +130,14 @@ def test_dpo_lora_starts_at_log_2_raises_accuracy_and_keeps_the_base(byte_run, t
     assert last["accuracy"] >= 0.9 and last["reward_margin"] > 0.05 and last["loss"] < math.log(2) - 0.03
     assert (run_dir / "preference.png").is_file() and summary["end_step"] == 8
     assert_only_adapted_weights_changed(byte_run, run_dir)
+    final = (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+
+    for folder in (run_dir / "lora-checkpoints" / "8", run_dir / "checkpoints", run_dir / "adapter"):
+        shutil.rmtree(folder)  # as if stopped after the checkpoint at step 4
+    assert dpo.main(flags) == 0
+    resumed = json.loads(capsys.readouterr().out.splitlines()[-2])
+    assert resumed["start_step"] == 4 and resumed["validation"] == last
+    assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == final
 
 
 @pytest.mark.parametrize("experiment, flag", [(sft, ["--rank", "4"]), (sft, ["--target", "attn/q"]),
