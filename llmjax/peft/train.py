@@ -17,7 +17,12 @@ import optax
 
 from llmjax.config import ModelConfig, TrainConfig
 from llmjax.model.transformer import output_embedding
-from llmjax.peft.lora import LoraConfig, check_adapters, init_adapters, lora_hidden_states
+from llmjax.peft.lora import (
+    LoraConfig,
+    check_adapters,
+    init_adapters,
+    lora_hidden_states,
+)
 from llmjax.quant.model import top_level_params
 from llmjax.train.optim import learning_rate_schedule, make_optimizer
 from llmjax.train.step import chunked_cross_entropy
@@ -74,6 +79,7 @@ def lora_train_step(state: LoraState, params: dict, batch: dict, rng: jax.Array,
     return LoraState(state.step + 1, adapters, opt_state), metrics
 
 
+@functools.cache  # one jitted function per settings: a run resumed in the same process reuses its compiled step
 def make_lora_train_step(cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConfig, remat: str | None = None):
     """jit(lora_train_step) with the configs bound and the state donated: (state, params, batch, rng)."""
     return jax.jit(functools.partial(lora_train_step, cfg=cfg, lora_cfg=lora_cfg, train_cfg=train_cfg, remat=remat),

@@ -26,6 +26,15 @@ from llmjax.peft.lora import (
 )
 from llmjax.peft.train import lora_loss_sums
 from llmjax.posttrain.chat_data import pack_conversations, tokenize_conversations
+from llmjax.posttrain.preference import (
+    LOSSES,
+    PreferenceObjective,
+    jitted_preference_loss,
+    pair_from_record,
+    preference_loss,
+    tokenize_pairs,
+    with_reference_logps,
+)
 from llmjax.tokenizer import load_tokenizer
 from llmjax.tokenizer.chat import ChatFormat
 from llmjax.train.loop import read_metrics
@@ -72,18 +81,55 @@ def test_lora_scores_packed_chats_as_full_sft_and_prompt_targets_carry_no_gradie
     adapters = init_adapters(params, cfg, lora_cfg, jax.random.key(2))
     # B = 0: the adapted model is the base, so its loss is the full path's, masks and segments alike
     full = jax.jit(lambda p, b: loss_sums(p, b, cfg, train_cfg)[1])(params, batch)
-    lora = jax.jit(lambda a, b: lora_loss_sums(a, params, b, cfg, lora_cfg, train_cfg)[1])(adapters, batch)
+    lora = jax.jit(lambda a, p, b: lora_loss_sums(a, p, b, cfg, lora_cfg, train_cfg)[1])(adapters, params, batch)
     np.testing.assert_allclose(float(lora["nll_sum"]), float(full["nll_sum"]), rtol=1e-5)
     assert float(lora["tokens"]) == float(full["tokens"]) == float(batch["loss_mask"].sum())
 
     adapters = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.key(3), x.shape), adapters)  # B != 0
-    grad = jax.jit(jax.grad(lambda a, b: lora_loss_sums(a, params, b, cfg, lora_cfg, train_cfg)[0]))
+    gradient = jax.jit(jax.grad(lambda a, p, b: lora_loss_sums(a, p, b, cfg, lora_cfg, train_cfg)[0]))
+
+    def grad(adapters, batch):  # the weights as arguments, not constants of the program
+        return gradient(adapters, params, batch)
     changed = dict(batch, targets=jnp.where(batch["loss_mask"] > 0, batch["targets"], (batch["targets"] + 7) % 256))
     assert bool((changed["targets"] != batch["targets"]).any())
     jax.tree.map(np.testing.assert_array_equal, grad(adapters, batch), grad(adapters, changed))
     flipped = dict(batch, targets=jnp.where(batch["loss_mask"] > 0, (batch["targets"] + 7) % 256, batch["targets"]))
     assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(grad(adapters, batch)),
                                                          jax.tree.leaves(grad(adapters, flipped))))
+
+
+def test_lora_preference_losses_start_at_the_reference_and_score_reply_tokens_only():
+    """Zero-initialized adapters: the policy is the reference (DPO loss log 2, KL 0). With B != 0, for each loss, the
+    adapters' gradient ignores every target outside the replies and follows the reply targets."""
+    tokenizer = load_tokenizer("bytes")
+    cfg = get_config("llama-tiny", vocab_size=tokenizer.vocab_size, max_seq_len=256)
+    params, lora_cfg = init_params(cfg, jax.random.key(3)), LoraConfig(rank=4)
+    pairs = [pair_from_record(record) for record in PAIRS]
+    data = with_reference_logps(tokenize_pairs(pairs, tokenizer, ChatFormat(), seq_len=64), params, cfg, rows_per_call=8)
+    batch = {k: jnp.asarray(v) for k, v in data.batch(np.arange(len(data))).items()}
+    adapters = init_adapters(params, cfg, lora_cfg, jax.random.key(4))
+    loss, metrics = jitted_preference_loss(params, batch, cfg=cfg, objective=PreferenceObjective("dpo"),
+                                           adapters=adapters, lora_cfg=lora_cfg)
+    np.testing.assert_allclose(float(loss), math.log(2), rtol=1e-6)
+    assert abs(float(metrics["kl"])) < 1e-4
+
+    adapters = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.key(5), x.shape), adapters)
+
+    @jax.jit
+    def gradients(params, adapters, batch):  # the adapters' gradient of each loss, in one program
+        return [jax.grad(lambda a: preference_loss(params, batch, cfg, PreferenceObjective(loss), a,  # noqa: B023
+                                                   lora_cfg)[0])(adapters) for loss in LOSSES]
+
+    def grads(batch):
+        return gradients(params, adapters, batch)
+
+    mask = batch["loss_mask"] > 0
+    changed = dict(batch, targets=jnp.where(mask, batch["targets"], (batch["targets"] + 7) % 256))
+    assert bool((changed["targets"] != batch["targets"]).any())
+    jax.tree.map(np.testing.assert_array_equal, grads(batch), grads(changed))
+    flipped = dict(batch, targets=jnp.where(mask, (batch["targets"] + 7) % 256, batch["targets"]))
+    for original, other in zip(grads(batch), grads(flipped)):
+        assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(original), jax.tree.leaves(other)))
 
 
 def test_sft_lora_learns_resumes_exactly_and_exports(byte_run, tmp_path, capsys):
