@@ -119,7 +119,7 @@ def sampled_pairs(args, model, prog: str) -> list:
     task = TASKS[args.task]
     train_problems = problems(task, "train", args.examples, seed=args.seed)
     prompts = [task_prompt_ids(problem, task, model.tokenizer, model.chat_format) for problem in train_problems]
-    engine = Engine(model.params, model.cfg, rollout_engine_config(prompts, args.max_tokens),
+    engine = Engine(model.params, model.cfg, rollout_engine_config(prompts, args.max_tokens, model.cfg.max_seq_len),
                     eos_token_id=model.end_ids[0] if model.end_ids else None)
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                               stop_token_ids=tuple(model.end_ids[1:]))

@@ -181,7 +181,8 @@ def run(args, prog: str) -> int:
     steps = args.iterations * args.updates
     train_cfg = TrainConfig(lr=args.lr, warmup_steps=min(args.warmup, steps), total_steps=steps, schedule="constant",
                             weight_decay=0.0)
-    engine_config = rollout_engine_config(train_prompts + test_prompts, args.max_tokens, max_running=args.max_running, num_blocks=args.num_blocks)
+    engine_config = rollout_engine_config(train_prompts + test_prompts, args.max_tokens, cfg.max_seq_len,
+                                          max_running=args.max_running, num_blocks=args.num_blocks)
     engine = Engine(model.params, cfg, engine_config,
                     eos_token_id=model.end_ids[0] if model.end_ids else None)
     greedy = SamplingParams(max_tokens=args.max_tokens, stop_token_ids=tuple(model.end_ids[1:]))

@@ -27,7 +27,7 @@ x() {  # x LOG SECONDS ARGS...: one experiment, its log under $LOGS
 }
 EVAL=(--task arithmetic --eval-problems 500 --max-tokens 64)
 GRPO=(--task arithmetic --prompts 16 --group-size 8 --updates 2 --max-tokens 64 --temperature 1.0
-      --eval-every 20 --eval-problems 500 --save-every 20 --iterations 2000 --no-progress)
+      --eval-every 20 --eval-problems 500 --save-every 20 --iterations 1000 --no-progress)
 
 case "${1:-}" in
 demo)
@@ -61,7 +61,7 @@ EOF
     read -r length tokens_per_s < "$LOGS/rollout-lengths.txt"; echo "GRPO rollouts: $length tokens, $tokens_per_s tok/s"
     x bench-serve 200 bench_serve --gguf smollm2-135m-instruct --dtype float32 --modes continuous --rates inf \
         --num-requests 128 --prompt-median 69 --prompt-sigma 0.05 --system-prompts 0 --output-median "$length" \
-        --output-sigma 0.05 --max-running 128 --max-prefill-rows 8 --max-model-len 144 \
+        --output-sigma 0.05 --max-running 128 --max-prefill-rows 8 --max-model-len 256 \
         --batch-buckets 1,2,4,8,16,32,64,128 --no-plot --out "$LOGS/bench_serve.json" ;;
 *)
     echo "usage: bash tools/posttrain_gpu.sh demo | more SECONDS | throughput" >&2; exit 2 ;;

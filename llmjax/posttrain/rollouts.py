@@ -38,14 +38,17 @@ class Rollout:
     finish_reason: str  # "stop" (an end id) or "length" (max_tokens)
 
 
-def rollout_engine_config(prompts: Sequence[Sequence[int]], max_tokens: int, *, max_running: int = 128,
-                          num_blocks: int = 2048) -> EngineConfig:
+def rollout_engine_config(prompts: Sequence[Sequence[int]], max_tokens: int, max_seq_len: int, *,
+                          max_running: int = 128, num_blocks: int = 2048) -> EngineConfig:
     """The engine's settings for sampling completions of these prompts: a context of the longest prompt +
-    max_tokens (so block tables and attention stay short), max_running completions decoded together, up to 8 prompts
-    prefilled per step, and a queue that takes every request."""
+    max_tokens rounded up to a power-of-two number of 16-token blocks (what the paged attention kernel tiles by;
+    at most the model's max_seq_len), so block tables and attention stay short; max_running completions decoded
+    together, up to 8 prompts prefilled per step, and a queue that takes every request."""
     longest = max((len(prompt) for prompt in prompts), default=1)
+    blocks = -(-(longest + max_tokens) // 16)
+    context = min(16 * (1 << (blocks - 1).bit_length()), max_seq_len)
     return EngineConfig(num_blocks=num_blocks, block_size=16, max_running=max_running, max_queue=1 << 20,
-                        max_model_len=longest + max_tokens, max_prefill_rows=8)
+                        max_model_len=context, max_prefill_rows=8)
 
 
 def sample_groups(engine: Engine, prompts: Sequence[Sequence[int]], group_size: int, sampling: SamplingParams, *,
