@@ -156,6 +156,5 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps(summary))
     print(f"run folder: {run_dir} (checkpoints/, {'lora-checkpoints/, adapter/, ' if lora_cfg else ''}metrics.jsonl, "
-          f"loss.png; chat with "
-          f"`python -m experiments generate --ckpt {run_dir} --chat ...`)")
+          f"loss.png; chat with `python -m experiments generate --ckpt {run_dir} --chat ...`)")
     return 0

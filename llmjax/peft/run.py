@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from llmjax.config import ModelConfig, TrainConfig, config_to_dict
+from llmjax.config import ModelConfig, TrainConfig, config_differences, config_to_dict
 from llmjax.peft.lora import LoraConfig, merge, save_adapters
 from llmjax.peft.train import (
     LoraState,
@@ -46,6 +47,7 @@ from llmjax.train.loop import (
 from llmjax.train.state import train_state_from_params
 
 LORA_CHECKPOINTS = "lora-checkpoints"
+log = logging.getLogger(__name__)
 
 
 def lora_record(lora_cfg: LoraConfig) -> dict:
@@ -78,6 +80,11 @@ def restore_or_init_lora(params: dict, cfg: ModelConfig, lora_cfg: LoraConfig, t
     state, record = restored
     if record.get("lora") != lora_record(lora_cfg):
         raise CheckpointError(f"{mismatch} (they have {record.get('lora')})")
+    changed = config_differences(record.get("train_config", {}), train_cfg)
+    if changed:
+        log.warning("resuming with different train settings (%s): the run will not match an uninterrupted one",
+                    "; ".join(changed))
+    log.info("resumed from step %d in %s", int(state.step), checkpointer.directory)
     return state, int(state.step)
 
 
