@@ -70,12 +70,18 @@ def _pallas_attention(q, k, v, **masking):
 ATTENTION_IMPLS = {"xla": _xla_attention, "cudnn": _cudnn_attention, "pallas": _pallas_attention}
 
 
-def _unavailable_reason(impl: str, platform: str, logit_softcap, head_dim: int | None) -> str | None:
+CUDNN_DTYPES = ("bfloat16", "float16")
+
+
+def _unavailable_reason(impl: str, platform: str, logit_softcap, head_dim: int | None,
+                        dtype: str | None = None) -> str | None:
     """Why `impl` cannot run here (None when it can)."""
     if impl in ("cudnn", "pallas") and platform != "gpu":
         return f"{impl!r} attention needs a CUDA GPU, this is {platform!r}"
     if impl == "cudnn" and logit_softcap is not None:
         return "cuDNN attention has no logit soft-capping"
+    if impl == "cudnn" and dtype is not None and dtype not in CUDNN_DTYPES:
+        return f"cuDNN attention needs bfloat16 or float16 inputs, got {dtype}"
     if impl == "cudnn" and head_dim is not None and (head_dim % 8 or head_dim > 256):
         return f"cuDNN attention needs head_dim a multiple of 8 up to 256, got {head_dim}"
     if impl == "pallas":
@@ -88,12 +94,13 @@ def _unavailable_reason(impl: str, platform: str, logit_softcap, head_dim: int |
 
 @functools.lru_cache(maxsize=None)
 def resolve_attention_impl(impl: str, platform: str, logit_softcap: float | None = None,
-                           head_dim: int | None = None) -> str:
-    """The implementation that runs: "auto" picks the fastest for the platform; one that cannot
-    run here falls back to "xla" with a warning (never silently)."""
+                           head_dim: int | None = None, dtype: str | None = None) -> str:
+    """The implementation that runs: "auto" picks the fastest for the platform and dtype (cuDNN for half
+    precision on a GPU, else XLA); one named that cannot run here falls back to "xla" with a warning (never
+    silently)."""
     if impl == "auto":
-        impl = "cudnn" if platform == "gpu" and logit_softcap is None else "xla"
-    reason = _unavailable_reason(impl, platform, logit_softcap, head_dim)
+        impl = "cudnn" if platform == "gpu" and logit_softcap is None and dtype in (None, *CUDNN_DTYPES) else "xla"
+    reason = _unavailable_reason(impl, platform, logit_softcap, head_dim, dtype)
     if reason is not None:
         warnings.warn(f"{reason}; using the 'xla' reference attention instead", stacklevel=3)
         return "xla"
@@ -126,7 +133,7 @@ def dot_product_attention(
         return sharded_ring_attention(q, k, v, mesh=mesh, rules=rules, causal=causal, sliding_window=sliding_window,
                                       q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                                       logit_softcap=logit_softcap)
-    impl = resolve_attention_impl(impl, compute_platform(q), logit_softcap, q.shape[-1])
+    impl = resolve_attention_impl(impl, compute_platform(q), logit_softcap, q.shape[-1], q.dtype.name)
     return ATTENTION_IMPLS[impl](q, k, v, causal=causal, sliding_window=sliding_window, q_segment_ids=q_segment_ids,
                                  kv_segment_ids=kv_segment_ids, logit_softcap=logit_softcap)
 

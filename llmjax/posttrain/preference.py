@@ -447,15 +447,14 @@ class PreferenceRun:
 
 
 def evaluate(eval_fn, params: dict, data: PreferenceData, batch_pairs: int) -> dict[str, float]:
-    """The mean metrics over `data`'s pairs in full batches of min(batch_pairs, pairs) pairs, in order (the same
-    pairs at every evaluation; a remainder smaller than a batch is left out)."""
-    size = min(batch_pairs, len(data))
+    """The mean metrics over every pair of `data`, in order, in batches of batch_pairs pairs (a smaller last batch
+    for the remainder, weighted by its size: one more compiled shape, the same pairs at every evaluation)."""
     totals: dict[str, float] = {}
-    batches = len(data) // size
-    for index in range(batches):
-        _, metrics = eval_fn(params, data.batch(np.arange(index * size, (index + 1) * size)))
+    for start in range(0, len(data), batch_pairs):
+        indices = np.arange(start, min(start + batch_pairs, len(data)))
+        _, metrics = eval_fn(params, data.batch(indices))
         for key, value in jax.device_get(metrics).items():
-            totals[key] = totals.get(key, 0.0) + float(value) / batches
+            totals[key] = totals.get(key, 0.0) + float(value) * len(indices) / len(data)
     return totals
 
 
@@ -569,7 +568,8 @@ def train_preferences(params: dict, cfg: ModelConfig, train_data: PreferenceData
 
 
 def plot_preferences(run_dir: Path) -> Path | None:
-    """run/preference.png: held-out preference accuracy and reward margin against step (None without any)."""
+    """run/preference.png: held-out preference accuracy, reward margin, and the chosen and rejected replies' mean
+    log-probabilities (which DPO may push down together) against step (None without any evaluation)."""
     records = [r for r in read_metrics(run_dir) if r["kind"] == "validation" and "accuracy" in r]
     if not records:
         return None
@@ -579,13 +579,18 @@ def plot_preferences(run_dir: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in records]
-    figure, (accuracy, margin) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
+    figure, (accuracy, margin, logps) = plt.subplots(1, 3, figsize=(13, 3.6), dpi=120)
     accuracy.plot(steps, [r["accuracy"] for r in records], "o-", markersize=3)
     accuracy.set_ylim(-0.02, 1.02)
     accuracy.set_title("held-out preference accuracy")
     margin.plot(steps, [r["reward_margin"] for r in records], "o-", markersize=3)
     margin.set_title("held-out reward margin")
-    for axes in (accuracy, margin):
+    for key, label in (("chosen_logps", "chosen"), ("rejected_logps", "rejected")):
+        if all(key in r for r in records):
+            logps.plot(steps, [r[key] for r in records], "o-", markersize=3, label=label)
+    logps.set_title("held-out reply log p (summed)")
+    logps.legend()
+    for axes in (accuracy, margin, logps):
         axes.set_xlabel("step")
         axes.grid(alpha=0.3)
     figure.suptitle(Path(run_dir).name)

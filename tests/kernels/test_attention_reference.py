@@ -103,3 +103,7 @@ def test_cudnn_with_an_unsupported_head_dim_falls_back():
     with pytest.warns(UserWarning, match="cuDNN attention needs head_dim a multiple of 8 up to 256, got 12"):
         assert resolve_attention_impl("auto", "gpu", None, 12) == "xla"
     assert resolve_attention_impl("auto", "gpu", None, 128) == "cudnn"
+    assert resolve_attention_impl("auto", "gpu", None, 128, "bfloat16") == "cudnn"
+    assert resolve_attention_impl("auto", "gpu", None, 128, "float32") == "xla"  # cuDNN takes half precision only
+    with pytest.warns(UserWarning, match="cuDNN attention needs bfloat16 or float16 inputs, got float32"):
+        assert resolve_attention_impl("cudnn", "gpu", None, 128, "float32") == "xla"

@@ -189,3 +189,23 @@ def test_bad_pairs_are_one_line(base, tmp_path, capsys, records, message):
     assert "bad.jsonl, line 1" in error[0]
     with pytest.raises(ChatDataError, match=message):
         read_pairs(data)
+
+
+def test_evaluation_covers_every_held_out_pair():
+    """7 pairs in batches of 3: batches of 3, 3 and 1, each weighted by its size, so the mean is over all 7."""
+    import numpy as np
+
+    from llmjax.posttrain.preference import PreferenceData, evaluate
+
+    pairs = 7
+    inputs = np.arange(2 * pairs, dtype=np.int32)[:, None]  # row i holds i: pairs 0..6, then their rejected rows
+    data = PreferenceData(inputs, inputs, np.ones_like(inputs, np.float32), None, 0)
+    seen = []
+
+    def eval_fn(params, batch):
+        chosen = batch["inputs"][: len(batch["inputs"]) // 2, 0]
+        seen.append(len(chosen))
+        return 0.0, {"pair_index": np.mean(chosen)}
+
+    assert evaluate(eval_fn, None, data, batch_pairs=3) == {"pair_index": np.mean(np.arange(pairs))}
+    assert seen == [3, 3, 1]
