@@ -60,6 +60,9 @@ def parse_args(argv):
     p.add_argument("--lam", type=float, default=0.1, help="orpo: the weight of the odds-ratio term")
     p.add_argument("--label-smoothing", type=float, default=0.0,
                    help="dpo: the probability that a pair's label is wrong (conservative DPO); 0: plain DPO")
+    p.add_argument("--compute-dtype", choices=("bfloat16", "float32"), default=None,
+                   help="the model's compute dtype for this run (default: the base's own; a GGUF model computes in "
+                        "float32): bfloat16 trains in mixed precision, parameters and optimizer state in float32")
     p.add_argument("--chat-template", type=Path, default=None, help="a Jinja chat template replacing the base's")
     p.add_argument("--run-dir", type=Path, default=None, help="output folder (default: runs/LOSS-BASE)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps")
@@ -197,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.batch < 1:
             raise ValueError(f"--batch {args.batch}: must be at least 1")
         pairs = load_pairs(args)  # cheap checks first: the data, then the model
-        model = load_model(ckpt=args.ckpt, gguf=args.gguf, hf=args.hf, chat_template=args.chat_template)
+        model = load_model(ckpt=args.ckpt, gguf=args.gguf, hf=args.hf, chat_template=args.chat_template,
+                           compute_dtype=args.compute_dtype)
         run_dir = args.run_dir or Path("runs") / (
             f"{args.loss}-{model_name(ckpt=args.ckpt, gguf=args.gguf, hf=args.hf)}")
         if args.sample:

@@ -32,6 +32,9 @@ def parse_args(argv):
     base.add_argument("--ckpt", type=Path, help="policy to start from: a run folder (`experiments sft`, `train`)")
     base.add_argument("--gguf", metavar="PATH_OR_NAME", help="policy to start from: " + GGUF_HELP)
     base.add_argument("--hf", metavar="FOLDER", help="policy to start from: a Hugging Face folder")
+    p.add_argument("--compute-dtype", choices=("bfloat16", "float32"), default=None,
+                   help="the model's compute dtype for this run (default: the base's own; a GGUF model computes in "
+                        "float32): bfloat16 trains in mixed precision, parameters and optimizer state in float32")
     p.add_argument("--task", default="arithmetic", help="verifiable task (llmjax.posttrain.tasks.TASKS)")
     p.add_argument("--reward", choices=("correctness", "combined"), default="correctness",
                    help="correctness: 1 for a right answer; combined: plus 0.1 for an 'Answer:' line")
@@ -163,7 +166,7 @@ def run(args, prog: str) -> int:
         raise ValueError("--eval-only needs --eval-problems of at least 1")
     if not math.isfinite(args.kl_coef) or args.kl_coef < 0:
         raise ValueError(f"--kl-coef {args.kl_coef}: must be a number >= 0")
-    model = load_model(ckpt=args.ckpt, gguf=args.gguf, hf=args.hf)
+    model = load_model(ckpt=args.ckpt, gguf=args.gguf, hf=args.hf, compute_dtype=args.compute_dtype)
     cfg, tokenizer = model.cfg, model.tokenizer
 
     def reply(rollout) -> str:

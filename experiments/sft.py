@@ -42,6 +42,9 @@ def parse_args(argv):
     p.add_argument("--examples", type=int, default=2000, help="--task: conversations to make")
     p.add_argument("--val-fraction", type=float, default=0.05,
                    help="conversations held out for the validation loss (at least one batch of rows when any)")
+    p.add_argument("--compute-dtype", choices=("bfloat16", "float32"), default=None,
+                   help="the model's compute dtype for this run (default: the base's own; a GGUF model computes in "
+                        "float32): bfloat16 trains in mixed precision, parameters and optimizer state in float32")
     p.add_argument("--chat-template", type=Path, default=None, help="a Jinja chat template replacing the base's")
     p.add_argument("--run-dir", type=Path, default=None, help="output folder (default: runs/sft-BASE)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps")
@@ -116,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--mesh: a --lora run trains on one device")
         lr = args.lr if args.lr is not None else DEFAULT_LORA_LR if lora_cfg is not None else DEFAULT_LR
         conversations = load_conversations(args)  # cheap checks first: the data, then the model
-        model = load_model(ckpt=args.ckpt, gguf=args.gguf, hf=args.hf, chat_template=args.chat_template)
+        model = load_model(ckpt=args.ckpt, gguf=args.gguf, hf=args.hf, chat_template=args.chat_template,
+                           compute_dtype=args.compute_dtype)
         cfg = model.cfg
         seq = args.seq or min(DEFAULT_SEQ, cfg.max_seq_len)
         if seq > cfg.max_seq_len:

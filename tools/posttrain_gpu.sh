@@ -32,7 +32,9 @@ GRPO=(--task arithmetic --prompts 16 --group-size 8 --updates 2 --max-tokens 64 
 case "${1:-}" in
 demo)
     x eval-base 150 grpo --gguf smollm2-135m-instruct "${EVAL[@]}" --eval-only &
-    x sft 240 sft --gguf smollm2-135m-instruct --task arithmetic --examples 4000 --steps 20 --warmup 5 --lr 2e-5 \
+    # COMPUTE_DTYPE=bfloat16: mixed precision from SFT on (the SFT run's config carries it to GRPO and DPO).
+    x sft 240 sft --gguf smollm2-135m-instruct ${COMPUTE_DTYPE:+--compute-dtype $COMPUTE_DTYPE} --task arithmetic \
+        --examples 4000 --steps 20 --warmup 5 --lr 2e-5 \
         --batch 8 --seq 512 --eval-every 10 --save-every 20 --sample-tokens 0 --run-dir "$RUNS/sft" --no-progress
     wait
     [ -d "$RUNS/sft/checkpoints" ] || exit 1

@@ -22,6 +22,7 @@ problem a person can fix is one `ModelLoadError` line.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,12 +51,15 @@ class LoadedModel:
 
 def load_model(*, ckpt: str | Path | None = None, hf: str | Path | None = None, gguf: str | Path | None = None,
                preset: str | None = None, tokenizer: str | Path | None = None, chat_template: str | Path | None = None,
-               quantized: bool = False, dtype: str = "float32", seed: int = 0) -> LoadedModel:
+               quantized: bool = False, dtype: str = "float32", seed: int = 0,
+               compute_dtype: str | None = None) -> LoadedModel:
     """The model one of ckpt / hf / gguf / preset names (see the module docstring).
 
     tokenizer: replaces the model's tokenizer (a path or "bytes"). chat_template: a Jinja file replacing the template.
     quantized, dtype: GGUF only (`llmjax.io.gguf.load_gguf`): keep the block linears quantized; the float parameters'
-    dtype. seed: the preset's random weights. Raises ModelLoadError."""
+    dtype. seed: the preset's random weights. compute_dtype: replaces the model's compute dtype (e.g. "bfloat16" to
+    train or sample a GGUF model, which computes in float32, in mixed precision; parameters keep their dtype).
+    Raises ModelLoadError."""
     from llmjax.io.gguf import GGUFError
     from llmjax.io.hf import CheckpointMismatchError
     from llmjax.io.hub import HubError
@@ -70,8 +74,12 @@ def load_model(*, ckpt: str | Path | None = None, hf: str | Path | None = None, 
                              "(to quantize other models, see `python -m experiments quantize`)")
     try:
         if gguf is not None:
-            return _from_gguf(gguf, tokenizer, chat_template, quantized, dtype)
-        return _from_folder_or_preset(ckpt, hf, preset, tokenizer, chat_template, seed)
+            model = _from_gguf(gguf, tokenizer, chat_template, quantized, dtype)
+        else:
+            model = _from_folder_or_preset(ckpt, hf, preset, tokenizer, chat_template, seed)
+        if compute_dtype is not None:
+            model = dataclasses.replace(model, cfg=dataclasses.replace(model.cfg, compute_dtype=compute_dtype))
+        return model
     except (GGUFError, HubError, TokenizerError, CheckpointMismatchError, OSError, ImportError) as error:
         raise ModelLoadError(_one_line(error)) from None
 

@@ -103,6 +103,8 @@ def test_grpo_experiment_runs_evaluates_and_resumes(byte_run, tmp_path, capsys):
     assert grpo.main([*flags, "--eval-only"]) == 0  # the held-out accuracy of the base, as JSON
     evaluation = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert evaluation["problems"] == 3 and evaluation["accuracy"] == 0.0 and evaluation["tokens_per_s"] > 0
+    assert grpo.main([*flags, "--eval-only", "--compute-dtype", "bfloat16"]) == 0  # mixed precision from the CLI
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["problems"] == 3
     budget_run = [*flags[:-4], str(tmp_path / "budget"), *flags[-3:]]
     assert grpo.main([*budget_run, "--iterations", "5", "--time-budget", "0"]) == 0  # stops after one iteration
     summary = json.loads(capsys.readouterr().out.splitlines()[-2])

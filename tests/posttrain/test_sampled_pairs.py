@@ -58,3 +58,11 @@ def test_dpo_on_pairs_sampled_from_the_base(byte_run, tmp_path, capsys, monkeypa
     assert "the pairs sampled when this run started" in capsys.readouterr().err
     assert dpo.main([*flags[:2], "--task", "arithmetic", "--sample", "1", "--run-dir", str(tmp_path / "x")]) == 2
     assert "--sample 1: a pair needs at least 2 replies" in capsys.readouterr().err
+
+
+def test_load_model_overrides_the_compute_dtype(byte_run):
+    from llmjax.io.models import load_model
+
+    assert load_model(ckpt=byte_run).cfg.compute_dtype == "float32"
+    model = load_model(ckpt=byte_run, compute_dtype="bfloat16")
+    assert model.cfg.compute_dtype == "bfloat16" and model.cfg.param_dtype == "float32"
