@@ -68,7 +68,9 @@ def test_greedy_equals_hf_generate(models):
     assert len(ours.tokens[0]) == 4 and ours.finish_reasons[0] == "eos"
 
 
-@pytest.mark.parametrize("length_penalty,early_stopping", [(1.0, False), (0.5, True), (2.0, "never")])
+# Every length penalty and stopping rule once, and both models (each case compiles its own search: CI time).
+@pytest.mark.parametrize("models,length_penalty,early_stopping",
+                         [("llama", 1.0, False), ("gpt2", 0.5, True), ("gpt2", 2.0, "never")], indirect=["models"])
 def test_beam_search_equals_hf_generate(models, length_penalty, early_stopping):
     model, params, cfg = models
     eos = int(hf_generate(model, PROMPTS[1], None, max_new_tokens=3, do_sample=False)[0, 2])  # finishes some beams
