@@ -9,7 +9,7 @@ import random
 import sys
 from pathlib import Path
 
-from llmjax.io.models import GGUF_HELP
+from llmjax.io.models import add_model_flags
 from llmjax.peft.flags import add_lora_arguments
 
 DEFAULT_SEQ = 512
@@ -32,10 +32,7 @@ def parse_args(argv):
         "adapters off (no second copy of the weights); the merged model is written at the end.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    base = p.add_mutually_exclusive_group(required=True)
-    base.add_argument("--ckpt", type=Path, help="base: a run folder (`experiments train`, `sft`, `dpo`)")
-    base.add_argument("--gguf", metavar="PATH_OR_NAME", help="base: " + GGUF_HELP)
-    base.add_argument("--hf", metavar="FOLDER", help="base: a Hugging Face folder (safetensors, tokenizer.json)")
+    add_model_flags(p, "base", "`experiments train`, `sft`, `dpo`")
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--data", type=Path,
                       help='preference pairs, JSONL: one {"prompt": [{"role": ..., "content": ...}, ...] or "text", '
@@ -60,9 +57,6 @@ def parse_args(argv):
     p.add_argument("--lam", type=float, default=0.1, help="orpo: the weight of the odds-ratio term")
     p.add_argument("--label-smoothing", type=float, default=0.0,
                    help="dpo: the probability that a pair's label is wrong (conservative DPO); 0: plain DPO")
-    p.add_argument("--compute-dtype", choices=("bfloat16", "float32"), default=None,
-                   help="the model's compute dtype for this run (default: the base's own; a GGUF model computes in "
-                        "float32): bfloat16 trains in mixed precision, parameters and optimizer state in float32")
     p.add_argument("--chat-template", type=Path, default=None, help="a Jinja chat template replacing the base's")
     p.add_argument("--run-dir", type=Path, default=None, help="output folder (default: runs/LOSS-BASE)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps")
@@ -175,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     from llmjax.config import ConfigError, TrainConfig
     from llmjax.io.models import (
         ModelLoadError,
-        load_model,
-        model_name,
+        load_model_from_flags,
+        model_name_from_flags,
         write_model_files,
     )
     from llmjax.peft.flags import lora_config_from_args
@@ -200,10 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.batch < 1:
             raise ValueError(f"--batch {args.batch}: must be at least 1")
         pairs = load_pairs(args)  # cheap checks first: the data, then the model
-        model = load_model(ckpt=args.ckpt, gguf=args.gguf, hf=args.hf, chat_template=args.chat_template,
-                           compute_dtype=args.compute_dtype)
+        model = load_model_from_flags(args, chat_template=args.chat_template)
         run_dir = args.run_dir or Path("runs") / (
-            f"{args.loss}-{model_name(ckpt=args.ckpt, gguf=args.gguf, hf=args.hf)}")
+            f"{args.loss}-{model_name_from_flags(args)}")
         if args.sample:
             pairs = sampled_pairs_of_run(args, model, run_dir / SAMPLED_PAIRS, prog)
         train_pairs, held_out = split_pairs(pairs, args.val_fraction, args.seed)

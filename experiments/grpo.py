@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from llmjax.io.models import GGUF_HELP
+from llmjax.io.models import add_model_flags
 
 
 def parse_args(argv):
@@ -28,13 +28,7 @@ def parse_args(argv):
         "'Answer:' line gets no reward to learn from.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    base = p.add_mutually_exclusive_group(required=True)
-    base.add_argument("--ckpt", type=Path, help="policy to start from: a run folder (`experiments sft`, `train`)")
-    base.add_argument("--gguf", metavar="PATH_OR_NAME", help="policy to start from: " + GGUF_HELP)
-    base.add_argument("--hf", metavar="FOLDER", help="policy to start from: a Hugging Face folder")
-    p.add_argument("--compute-dtype", choices=("bfloat16", "float32"), default=None,
-                   help="the model's compute dtype for this run (default: the base's own; a GGUF model computes in "
-                        "float32): bfloat16 trains in mixed precision, parameters and optimizer state in float32")
+    add_model_flags(p, "policy to start from", "`experiments sft`, `train`")
     p.add_argument("--task", default="arithmetic", help="verifiable task (llmjax.posttrain.tasks.TASKS)")
     p.add_argument("--reward", choices=("correctness", "combined"), default="correctness",
                    help="correctness: 1 for a right answer; combined: plus 0.1 for an 'Answer:' line")
@@ -137,7 +131,11 @@ def run(args, prog: str) -> int:
 
     from llmjax.config import TrainConfig
     from llmjax.infer.engine import Engine, SamplingParams
-    from llmjax.io.models import load_model, model_name, write_model_files
+    from llmjax.io.models import (
+        load_model_from_flags,
+        model_name_from_flags,
+        write_model_files,
+    )
     from llmjax.posttrain import tasks
     from llmjax.posttrain.grpo import GRPOConfig, grpo_iteration
     from llmjax.posttrain.preference import restore_or_start
@@ -166,7 +164,7 @@ def run(args, prog: str) -> int:
         raise ValueError("--eval-only needs --eval-problems of at least 1")
     if not math.isfinite(args.kl_coef) or args.kl_coef < 0:
         raise ValueError(f"--kl-coef {args.kl_coef}: must be a number >= 0")
-    model = load_model(ckpt=args.ckpt, gguf=args.gguf, hf=args.hf, compute_dtype=args.compute_dtype)
+    model = load_model_from_flags(args)
     cfg, tokenizer = model.cfg, model.tokenizer
 
     def reply(rollout) -> str:
@@ -193,7 +191,7 @@ def run(args, prog: str) -> int:
         print(json.dumps(held_out_accuracy(engine, test_prompts, test_problems, task, reply, greedy)))
         return 0
     run_dir = args.run_dir or Path("runs") / (
-        f"grpo-{model_name(ckpt=args.ckpt, gguf=args.gguf, hf=args.hf)}-{args.task}")
+        f"grpo-{model_name_from_flags(args)}-{args.task}")
     write_model_files(run_dir, model)
     # The KL penalty's reference: the starting policy, frozen (a copy, as the trainer's params are donated).
     ref_params = jax.tree.map(jnp.copy, model.params) if args.kl_coef > 0 else None

@@ -9,7 +9,7 @@ import random
 import sys
 from pathlib import Path
 
-from llmjax.io.models import GGUF_HELP
+from llmjax.io.models import add_model_flags
 from llmjax.peft.flags import add_lora_arguments
 
 DEFAULT_SEQ = 512
@@ -28,10 +28,7 @@ def parse_args(argv):
         "rows), and the merged model is written at the end.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    base = p.add_mutually_exclusive_group(required=True)
-    base.add_argument("--ckpt", type=Path, help="base: a run folder (`experiments train`, `sft`)")
-    base.add_argument("--gguf", metavar="PATH_OR_NAME", help="base: " + GGUF_HELP)
-    base.add_argument("--hf", metavar="FOLDER", help="base: a Hugging Face folder (safetensors, tokenizer.json)")
+    add_model_flags(p, "base", "`experiments train`, `sft`")
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--data", type=Path,
                       help="conversations, JSONL: one {\"messages\": [{\"role\": \"system\" | \"user\" | "
@@ -42,9 +39,6 @@ def parse_args(argv):
     p.add_argument("--examples", type=int, default=2000, help="--task: conversations to make")
     p.add_argument("--val-fraction", type=float, default=0.05,
                    help="conversations held out for the validation loss (at least one batch of rows when any)")
-    p.add_argument("--compute-dtype", choices=("bfloat16", "float32"), default=None,
-                   help="the model's compute dtype for this run (default: the base's own; a GGUF model computes in "
-                        "float32): bfloat16 trains in mixed precision, parameters and optimizer state in float32")
     p.add_argument("--chat-template", type=Path, default=None, help="a Jinja chat template replacing the base's")
     p.add_argument("--run-dir", type=Path, default=None, help="output folder (default: runs/sft-BASE)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps")
@@ -99,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     from llmjax.config import ConfigError, TrainConfig
     from llmjax.io.models import (
         ModelLoadError,
-        load_model,
-        model_name,
+        load_model_from_flags,
+        model_name_from_flags,
         write_model_files,
     )
     from llmjax.peft.flags import lora_config_from_args
@@ -119,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--mesh: a --lora run trains on one device")
         lr = args.lr if args.lr is not None else DEFAULT_LORA_LR if lora_cfg is not None else DEFAULT_LR
         conversations = load_conversations(args)  # cheap checks first: the data, then the model
-        model = load_model(ckpt=args.ckpt, gguf=args.gguf, hf=args.hf, chat_template=args.chat_template,
-                           compute_dtype=args.compute_dtype)
+        model = load_model_from_flags(args, chat_template=args.chat_template)
         cfg = model.cfg
         seq = args.seq or min(DEFAULT_SEQ, cfg.max_seq_len)
         if seq > cfg.max_seq_len:
@@ -139,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{prog}: the {len(val_chats)} held-out conversations fill {len(val_rows)} rows, fewer than one "
                       f"batch of {args.batch}: no validation loss (raise --val-fraction)", file=sys.stderr)
                 val_rows = None
-        run_dir = args.run_dir or Path("runs") / f"sft-{model_name(ckpt=args.ckpt, gguf=args.gguf, hf=args.hf)}"
+        run_dir = args.run_dir or Path("runs") / f"sft-{model_name_from_flags(args)}"
         write_model_files(run_dir, model)
         sample_question = (val_chats or train_chats)[0]
         sample_prompt = model.chat_format.render([m for m in sample_question if m["role"] != "assistant"][:2])

@@ -34,6 +34,28 @@ QUANTIZED_HELP = ("--gguf only: keep the file's Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1
                   "tensor dequantized to float32, the compute dtype")
 
 
+def add_model_flags(parser, role: str, runs: str) -> None:
+    """The flags of a command that starts from a model: one of --ckpt (a run folder of the commands in `runs`),
+    --gguf, --hf; and --compute-dtype. role: what the model is to the command ("base", "policy to start from")."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", type=Path, help=f"{role}: a run folder ({runs})")
+    source.add_argument("--gguf", metavar="PATH_OR_NAME", help=f"{role}: {GGUF_HELP}")
+    source.add_argument("--hf", metavar="FOLDER", help=f"{role}: a Hugging Face folder (safetensors, tokenizer.json)")
+    parser.add_argument("--compute-dtype", choices=("bfloat16", "float32"), default=None,
+                        help="the model's compute dtype for this run (default: its own; a GGUF model computes in "
+                             "float32): bfloat16 trains in mixed precision, parameters and optimizer state in float32")
+
+
+def load_model_from_flags(args, **options) -> LoadedModel:
+    """The model `add_model_flags`' flags name (options: more `load_model` arguments, e.g. chat_template)."""
+    return load_model(ckpt=args.ckpt, gguf=args.gguf, hf=args.hf, compute_dtype=args.compute_dtype, **options)
+
+
+def model_name_from_flags(args) -> str:
+    """`model_name` of the model `add_model_flags`' flags name (for default run folders)."""
+    return model_name(ckpt=args.ckpt, gguf=args.gguf, hf=args.hf)
+
+
 class ModelLoadError(ValueError):
     """A model flag naming nothing llmjax can load: a missing file or folder, a hub id that cannot be fetched, a file
     that is not a model, a tokenizer or chat template that does not load (one line, for people)."""
