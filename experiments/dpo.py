@@ -55,6 +55,9 @@ def parse_args(argv):
                         "2.0); unused by orpo")
     p.add_argument("--gamma", type=float, default=1.0, help="simpo: the target reward margin")
     p.add_argument("--lam", type=float, default=0.1, help="orpo: the weight of the odds-ratio term")
+    p.add_argument("--nll-weight", type=float, default=0.0,
+                   help="dpo / simpo: add this times the chosen replies' mean token NLL (RPO; TRL's rpo_alpha), "
+                        "which keeps the chosen replies' log-probabilities from falling with the rejected ones")
     p.add_argument("--label-smoothing", type=float, default=0.0,
                    help="dpo: the probability that a pair's label is wrong (conservative DPO); 0: plain DPO")
     p.add_argument("--chat-template", type=Path, default=None, help="a Jinja chat template replacing the base's")
@@ -190,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         lr = args.lr if args.lr is not None else DEFAULT_LORA_LR if lora_cfg is not None else DEFAULT_LR
         beta = DEFAULT_BETA[args.loss] if args.beta is None else args.beta
         objective = PreferenceObjective(args.loss, beta=beta, gamma=args.gamma, lam=args.lam,
-                                        label_smoothing=args.label_smoothing)
+                                        label_smoothing=args.label_smoothing, nll_weight=args.nll_weight)
         if args.batch < 1:
             raise ValueError(f"--batch {args.batch}: must be at least 1")
         pairs = load_pairs(args)  # cheap checks first: the data, then the model

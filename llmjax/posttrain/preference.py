@@ -339,19 +339,26 @@ class PreferenceObjective:
 
     loss: "dpo" (needs reference_logps), "simpo" or "orpo" (reference-free). beta: DPO's KL strength, or SimPO's
     reward scale; gamma: SimPO's target margin; lam: ORPO's weight of the odds-ratio term; label_smoothing: DPO's
-    probability of a flipped label (conservative DPO)."""
+    probability of a flipped label (conservative DPO); nll_weight: DPO / SimPO plus this times the chosen replies'
+    mean token NLL (RPO, Pang et al. 2024; TRL's rpo_alpha), which holds the chosen replies' likelihood up while
+    the margin grows (ORPO has this term already)."""
 
     loss: str = "dpo"
     beta: float = 0.1
     gamma: float = 1.0
     lam: float = 0.1
     label_smoothing: float = 0.0
+    nll_weight: float = 0.0
 
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise ValueError(f"loss {self.loss!r}: expected one of {', '.join(LOSSES)}")
         if not self.beta > 0:
             raise ValueError(f"beta {self.beta}: must be > 0")
+        if not (math.isfinite(self.nll_weight) and self.nll_weight >= 0):
+            raise ValueError(f"nll_weight {self.nll_weight}: must be a finite number >= 0")
+        if self.nll_weight and self.loss == "orpo":
+            raise ValueError("nll_weight: ORPO's loss already has the chosen replies' NLL (its weight is 1)")
 
 
 def preference_loss(params: dict, batch: dict, cfg: ModelConfig, objective: PreferenceObjective = PreferenceObjective(),
@@ -381,6 +388,10 @@ def preference_loss(params: dict, batch: dict, cfg: ModelConfig, objective: Pref
     else:
         loss, metrics = orpo_loss(averaged[:pairs], averaged[pairs:], -averaged[:pairs], lam=objective.lam)
         metrics["reward_margin"] = metrics["log_odds_ratio"]
+    if objective.nll_weight:
+        chosen_nll = -jnp.mean(averaged[:pairs])
+        loss = loss + objective.nll_weight * chosen_nll
+        metrics["chosen_nll"] = chosen_nll
     metrics = {**metrics, "loss": loss, "chosen_logps": jnp.mean(summed[:pairs]),
                "rejected_logps": jnp.mean(summed[pairs:])}
     if reference is not None:

@@ -102,6 +102,15 @@ def test_preference_loss_is_dpo_on_independent_log_probs(tmp_path):
         np.testing.assert_allclose(float(metrics[key]), float(expected_metrics[key]), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(float(metrics["chosen_logps"]), policy[:pairs_count].mean(), rtol=1e-5)
 
+    # RPO: plus nll_weight times the chosen replies' mean token NLL (per reply, then over pairs)
+    rpo, rpo_metrics = jitted_preference_loss(params, batch, cfg=cfg,
+                                              objective=PreferenceObjective("dpo", beta=0.1, nll_weight=0.5))
+    chosen_nll = np.mean(-policy[:pairs_count] / (end - start)[:pairs_count])
+    np.testing.assert_allclose(float(rpo_metrics["chosen_nll"]), chosen_nll, rtol=1e-5)
+    np.testing.assert_allclose(float(rpo), float(expected) + 0.5 * chosen_nll, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="ORPO's loss already has"):
+        PreferenceObjective("orpo", nll_weight=0.5)
+
 
 def test_only_reply_tokens_count():
     """Changing every target outside the replies (prompt, template, padding) changes neither loss nor gradient, for
