@@ -43,12 +43,15 @@ def rollout_engine_config(prompts: Sequence[Sequence[int]], max_tokens: int, max
     """The engine's settings for sampling completions of these prompts: a context of the longest prompt +
     max_tokens rounded up to a power-of-two number of 16-token blocks (what the paged attention kernel tiles by;
     at most the model's max_seq_len), so block tables and attention stay short; max_running completions decoded
-    together, up to 8 prompts prefilled per step, and a queue that takes every request."""
+    together in batches of three compiled sizes (max_running, a half and an eighth of it: fewer programs to compile
+    than every power of two, and a rollout batch is full most of the time), up to 8 prompts prefilled per step, and
+    a queue that takes every request."""
     longest = max((len(prompt) for prompt in prompts), default=1)
     blocks = -(-(longest + max_tokens) // 16)
     context = min(16 * (1 << (blocks - 1).bit_length()), max_seq_len)
+    batch_buckets = tuple(sorted({max(1, max_running // 8), max(1, max_running // 2), max_running}))
     return EngineConfig(num_blocks=num_blocks, block_size=16, max_running=max_running, max_queue=1 << 20,
-                        max_model_len=context, max_prefill_rows=8)
+                        max_model_len=context, max_prefill_rows=8, batch_buckets=batch_buckets)
 
 
 def sample_groups(engine: Engine, prompts: Sequence[Sequence[int]], group_size: int, sampling: SamplingParams, *,
