@@ -34,6 +34,7 @@ NORM_IMPLS = ("auto", "xla", "pallas")
 ROPE_SCALINGS = ("linear", "llama3")
 ROPE_LAYOUTS = ("half", "interleaved")
 MOE_IMPLS = ("capacity", "ragged_dot", "pallas")
+MATMUL_PRECISIONS = ("bf16", "fp8")
 FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: numerical references (needs jax x64)
 
 
@@ -100,6 +101,10 @@ class ModelConfig:
     vocab_multiple: int = 128  # the embedding is padded to a multiple of this for speed
     param_dtype: str = "float32"
     compute_dtype: str = "bfloat16"
+    # "fp8": the blocks' projections (q / k / v, attention output, MLP) contract in FP8 (llmjax.nn.fp8: e4m3
+    # operands, e5m2 gradients, per-tensor current scales); the embedding, the output head and the loss stay in
+    # the compute dtype. "bf16": every matmul in the compute dtype.
+    matmul_precision: str = "bf16"
     init_std: float = 0.02
     remat: RematPolicy = "none"
     remat_save: tuple[str, ...] = ()  # remat="names": intermediates (REMAT_NAMES) kept on the device
@@ -160,6 +165,7 @@ class ModelConfig:
         _check_choice("norm_impl", self.norm_impl, NORM_IMPLS)
         _check_choice("param_dtype", self.param_dtype, FLOAT_DTYPES)
         _check_choice("compute_dtype", self.compute_dtype, FLOAT_DTYPES)
+        _check_choice("matmul_precision", self.matmul_precision, MATMUL_PRECISIONS)
         _check_choice("rope_layout", self.rope_layout, ROPE_LAYOUTS)
         if self.rope_scaling is not None and self.positions != "rope":
             raise ConfigError("ModelConfig.rope_scaling is set but positions is not 'rope'")

@@ -147,12 +147,13 @@ def project_qkv(params: dict, x: jax.Array, positions: jax.Array, cfg: ModelConf
     (llmjax.infer.decode_model.prepare_params): one matmul per step instead of three."""
     with jax.named_scope("qkv"):
         if "qkv" in params:
-            q, k, v = jnp.split(dense(params["qkv"], x), [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
+            q, k, v = jnp.split(dense(params["qkv"], x, precision=cfg.matmul_precision),
+                                [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
             q = q.reshape(*x.shape[:-1], cfg.num_heads, cfg.head_dim)
             k = k.reshape(*x.shape[:-1], cfg.num_kv_heads, cfg.head_dim)
             v = v.reshape(*x.shape[:-1], cfg.num_kv_heads, cfg.head_dim)
         else:
-            q, k, v = (dense(params[name], x) for name in ("q", "k", "v"))
+            q, k, v = (dense(params[name], x, precision=cfg.matmul_precision) for name in ("q", "k", "v"))
     if cfg.positions == "rope":
         with jax.named_scope("rope"):
             q, k = apply_rope(q, positions, cfg), apply_rope(k, positions, cfg)
@@ -164,8 +165,8 @@ def project_out(params: dict, out: jax.Array, cfg: ModelConfig) -> jax.Array:
     kernel [heads, head_dim, d_model] (training layout) or [heads * head_dim, d_model] (decoding layout)."""
     with jax.named_scope("out_proj"):
         if len(params["o"]["kernel"].shape) == 3:
-            return dense(params["o"], out, in_dims=2)
-        return dense(params["o"], out.reshape(*out.shape[:-2], cfg.q_size))
+            return dense(params["o"], out, in_dims=2, precision=cfg.matmul_precision)
+        return dense(params["o"], out.reshape(*out.shape[:-2], cfg.q_size), precision=cfg.matmul_precision)
 
 
 def attention_layer(params: dict, x: jax.Array, positions: jax.Array, cfg: ModelConfig, attend=None, *,

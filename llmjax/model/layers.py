@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec
 from llmjax.config import ModelConfig
 from llmjax.kernels.platform import compute_platform
 from llmjax.model.params import ParamSpec, normal, ones, zeros
-from llmjax.nn import gelu, layer_norm, linear, rms_norm, swiglu
+from llmjax.nn import fp8_linear, gelu, layer_norm, linear, rms_norm, swiglu
 from llmjax.parallel.logical import active_rules, partition_spec
 
 
@@ -96,9 +96,14 @@ def mlp_spec(cfg: ModelConfig) -> dict:
     return spec
 
 
-def dense(params: dict, x: jax.Array, *, in_dims: int = 1) -> jax.Array:
-    """llmjax.nn.linear with a {"kernel", "bias"?} parameter dict: x [..., *in] -> [..., *out]."""
-    return linear(x, params["kernel"], params.get("bias"), in_dims=in_dims)
+def dense(params: dict, x: jax.Array, *, in_dims: int = 1, precision: str = "bf16") -> jax.Array:
+    """llmjax.nn.linear with a {"kernel", "bias"?} parameter dict: x [..., *in] -> [..., *out]. precision "fp8"
+    contracts in FP8 (llmjax.nn.fp8_linear: e4m3 operands, e5m2 gradients); a quantized kernel (llmjax.quant)
+    keeps its own matmul."""
+    kernel = params["kernel"]
+    if precision == "fp8" and isinstance(kernel, jax.Array):
+        return fp8_linear(x, kernel, params.get("bias"), in_dims=in_dims)
+    return linear(x, kernel, params.get("bias"), in_dims=in_dims)
 
 
 def mlp(params: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -106,12 +111,14 @@ def mlp(params: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     activation tagged "mlp_hidden" for remat policies.
 
     params: {"up", "down"} (+ "gate" for SwiGLU), or the decoding layout with gate and up fused into one
-    "gate_up" [d_model, 2 * d_ff] matrix (llmjax.infer.decode_model.prepare_params)."""
+    "gate_up" [d_model, 2 * d_ff] matrix (llmjax.infer.decode_model.prepare_params). The projections run at
+    cfg.matmul_precision."""
+    precision = cfg.matmul_precision
     if "gate_up" in params:
-        gate, up = jnp.split(dense(params["gate_up"], x), 2, axis=-1)
+        gate, up = jnp.split(dense(params["gate_up"], x, precision=precision), 2, axis=-1)
         hidden = swiglu(gate, up)
     elif cfg.activation == "swiglu":
-        hidden = swiglu(dense(params["gate"], x), dense(params["up"], x))  # [batch, seq, d_ff]
+        hidden = swiglu(dense(params["gate"], x, precision=precision), dense(params["up"], x, precision=precision))
     else:
-        hidden = gelu(dense(params["up"], x), approximate=True)
-    return dense(params["down"], checkpoint_name(hidden, "mlp_hidden"))  # [batch, seq, d_model]
+        hidden = gelu(dense(params["up"], x, precision=precision), approximate=True)  # [batch, seq, d_ff]
+    return dense(params["down"], checkpoint_name(hidden, "mlp_hidden"), precision=precision)  # [batch, seq, d_model]

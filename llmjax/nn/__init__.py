@@ -4,6 +4,7 @@ Each takes arrays and returns arrays (no parameters held, no config object), che
 and dtypes with one clear error, and is what llmjax.model's layers are built from:
 
     linear, embedding                      linear.py
+    fp8_linear                             fp8.py        (e4m3 operands, e5m2 gradients, per-tensor scales)
     layer_norm, rms_norm                   norms.py
     gelu, silu, swiglu, geglu              activations.py
     softmax, log_softmax                   activations.py
@@ -17,6 +18,7 @@ and dtypes with one clear error, and is what llmjax.model's layers are built fro
 from llmjax.nn.activations import geglu, gelu, log_softmax, silu, softmax, swiglu
 from llmjax.nn.attention import attention_mask, scaled_dot_product_attention
 from llmjax.nn.clip import clip_by_global_norm, global_norm
+from llmjax.nn.fp8 import fp8_linear
 from llmjax.nn.linear import embedding, linear
 from llmjax.nn.losses import cross_entropy, token_cross_entropy
 from llmjax.nn.norms import layer_norm, rms_norm
@@ -27,9 +29,10 @@ __all__ = [
     "clip_by_global_norm",
     "cross_entropy",
     "embedding",
+    "fp8_linear",
     "geglu",
-    "global_norm",
     "gelu",
+    "global_norm",
     "layer_norm",
     "linear",
     "log_softmax",

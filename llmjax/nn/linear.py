@@ -23,21 +23,26 @@ def linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *, in
     The matmul runs in the operands' dtype (cast them first for mixed precision). A 2-D kernel may be any
     matrix-like object that defines `x @ kernel` (llmjax.quant's QuantizedMatrix dequantizes on the fly).
     """
-    check_float("linear", "x", x)
-    if getattr(kernel, "dtype", None) is not None:
-        check_float("linear", "kernel", kernel)
-    if not 1 <= in_dims <= min(x.ndim, len(kernel.shape)):
-        raise ValueError(f"linear: in_dims={in_dims} does not fit x {shape_of(x)} and kernel {shape_of(kernel)}")
-    if x.shape[x.ndim - in_dims:] != kernel.shape[:in_dims]:
-        raise ValueError(
-            f"linear: the last {in_dims} axes of x {shape_of(x)} must equal the first {in_dims} of kernel "
-            f"{shape_of(kernel)}"
-        )
+    check_linear_operands("linear", x, kernel, in_dims)
     y = x @ kernel if in_dims == 1 and len(kernel.shape) == 2 else jnp.tensordot(x, kernel, axes=in_dims)
     if bias is None:
         return y
     check_shape("linear", "bias", bias, kernel.shape[in_dims:], "the kernel's output axes")
     return y + bias
+
+
+def check_linear_operands(function: str, x: jax.Array, kernel, in_dims: int) -> None:
+    """ValueError unless x [..., *in] and kernel [*in, *out] are float arrays whose in axes agree."""
+    check_float(function, "x", x)
+    if getattr(kernel, "dtype", None) is not None:
+        check_float(function, "kernel", kernel)
+    if not 1 <= in_dims <= min(x.ndim, len(kernel.shape)):
+        raise ValueError(f"{function}: in_dims={in_dims} does not fit x {shape_of(x)} and kernel {shape_of(kernel)}")
+    if x.shape[x.ndim - in_dims:] != kernel.shape[:in_dims]:
+        raise ValueError(
+            f"{function}: the last {in_dims} axes of x {shape_of(x)} must equal the first {in_dims} of kernel "
+            f"{shape_of(kernel)}"
+        )
 
 
 def embedding(table: jax.Array, ids: jax.Array) -> jax.Array:

@@ -1,0 +1,126 @@
+"""FP8 matmuls (llmjax.nn.fp8) against float64 NumPy references of the same rounding: per-tensor scales, saturation,
+the e4m3 forward, the e5m2 backward, the amax history; and a model whose projections run in FP8 trains like the
+float one."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from llmjax.config import TrainConfig, get_config
+from llmjax.nn import fp8_linear, linear
+from llmjax.nn.fp8 import (
+    E4M3,
+    E5M2,
+    quantize,
+    quantize_dequantize,
+    scale_for,
+    scale_from_history,
+    update_amax_history,
+)
+
+NP_TYPES = {E4M3: ml_dtypes.float8_e4m3fn, E5M2: ml_dtypes.float8_e5m2}
+
+
+def qdq_reference(x, fmt):
+    """x rounded to the float8 format under its current per-tensor scale, in float64."""
+    x = np.asarray(x, np.float64)
+    amax = np.abs(x).max()
+    scale = np.float32(amax / fmt.max) if amax > 0 else np.float32(1.0)
+    scaled = np.clip(x.astype(np.float32) / scale, -fmt.max, fmt.max)
+    return scaled.astype(NP_TYPES[fmt]).astype(np.float64) * np.float64(scale)
+
+
+def test_scales_saturation_and_zero():
+    assert float(scale_for(448.0, E4M3)) == 1.0 and float(scale_for(0.0, E4M3)) == 1.0
+    assert float(scale_for(jnp.inf, E4M3)) == 1.0 and float(scale_for(448.0, E4M3, margin=1)) == 2.0
+    q = quantize(jnp.array([1e6, -1e6, 3.3, 0.0]), jnp.float32(1.0), E4M3)
+    assert q.dtype == jnp.float8_e4m3fn
+    np.testing.assert_array_equal(np.asarray(q.astype(jnp.float32)), [448.0, -448.0, 3.25, 0.0])  # never NaN
+    np.testing.assert_array_equal(np.asarray(quantize_dequantize(jnp.zeros(5), E4M3)), np.zeros(5))
+
+
+@pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=["e4m3", "e5m2"])
+def test_quantize_dequantize_equals_the_reference(fmt):
+    x = np.random.default_rng(0).standard_normal((7, 13)).astype(np.float32) * 3
+    got = np.asarray(quantize_dequantize(jnp.asarray(x), fmt), np.float64)
+    np.testing.assert_allclose(got, qdq_reference(x, fmt), rtol=1e-6, atol=0)
+    relative = np.abs(got - x) / np.abs(x).max()
+    assert relative.max() <= (2.0**-4 if fmt is E4M3 else 2.0**-3)  # half a step of 3 / 2 mantissa bits at the top
+
+
+@pytest.mark.parametrize("in_dims,x_shape,kernel_shape", [(1, (3, 5, 24), (24, 17)), (2, (2, 5, 4, 6), (4, 6, 11))])
+def test_fp8_linear_values_and_gradients_equal_the_reference(in_dims, x_shape, kernel_shape):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    kernel = (rng.standard_normal(kernel_shape) * 0.2).astype(np.float32)
+    bias = rng.standard_normal(kernel_shape[in_dims:]).astype(np.float32)
+    out_grad = rng.standard_normal(x_shape[:-in_dims] + kernel_shape[in_dims:]).astype(np.float32)
+
+    def loss(x, kernel, bias):
+        return jnp.sum(fp8_linear(x, kernel, bias, in_dims=in_dims) * out_grad)
+
+    value, (dx, dkernel, dbias) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(x, kernel, bias)
+    x_q, kernel_q, g_q = qdq_reference(x, E4M3), qdq_reference(kernel, E4M3), qdq_reference(out_grad, E5M2)
+    y = np.tensordot(x_q, kernel_q, axes=in_dims) + bias
+    np.testing.assert_allclose(float(value), np.sum(y * out_grad), rtol=1e-5)
+    batch, out_dims = x.ndim - in_dims, kernel.ndim - in_dims
+    want_dx = np.tensordot(g_q, kernel_q, axes=(list(range(batch, batch + out_dims)),
+                                                list(range(in_dims, in_dims + out_dims))))
+    want_dkernel = np.tensordot(x_q, g_q, axes=(list(range(batch)), list(range(batch))))
+    np.testing.assert_allclose(np.asarray(dx), want_dx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dkernel), want_dkernel, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dbias), out_grad.sum(axis=tuple(range(batch))), rtol=1e-5, atol=1e-5)
+    # and close to the float matmul: e4m3's rounding averages out over the contraction
+    exact = np.asarray(linear(jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(bias), in_dims=in_dims))
+    got = np.asarray(fp8_linear(jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(bias), in_dims=in_dims))
+    assert np.abs(got - exact).max() < 0.06 * np.abs(exact).max()
+
+
+def test_fp8_linear_bad_shapes_are_one_error():
+    with pytest.raises(ValueError, match="fp8_linear: the last 1 axes of x"):
+        fp8_linear(jnp.ones((2, 3)), jnp.ones((4, 5)))
+
+
+def test_amax_history_rolls_and_gives_the_delayed_scale():
+    history = jnp.zeros(4, jnp.float32)
+    for amax in (2.0, 8.0, 1.0, 0.5, 0.25):
+        history = update_amax_history(history, jnp.array([[amax, -amax / 2]]))
+    np.testing.assert_array_equal(np.asarray(history), [0.25, 0.5, 1.0, 8.0])  # newest first, the 2.0 fell out
+    assert float(scale_from_history(history, E4M3)) == pytest.approx(8.0 / 448.0)
+
+
+def test_a_model_in_fp8_trains_like_the_float_model():
+    """llama-tiny, float32 compute: the FP8 model's loss at the start is the float model's within 1%, and eight
+    steps of training lower both alike."""
+    from llmjax.train.state import init_train_state
+    from llmjax.train.step import train_step
+
+    losses = {}
+    for precision in ("bf16", "fp8"):
+        cfg = get_config("llama-tiny", matmul_precision=precision)
+        train_cfg = TrainConfig(lr=3e-3, warmup_steps=0, total_steps=8, weight_decay=0.0)
+        state = init_train_state(cfg, train_cfg, jax.random.key(0))
+        tokens = jax.random.randint(jax.random.key(1), (8, 33), 0, 64)  # a few byte patterns, memorized quickly
+        batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+        step = jax.jit(train_step, static_argnames=("model_cfg", "train_cfg"))
+        history = []
+        for _ in range(8):
+            state, metrics = step(state, batch, model_cfg=cfg, train_cfg=train_cfg)
+            history.append(float(metrics["loss"]))
+        losses[precision] = history
+    assert losses["fp8"][0] == pytest.approx(losses["bf16"][0], rel=0.01)
+    assert losses["fp8"][-1] < losses["fp8"][0] - 0.5 and losses["bf16"][-1] < losses["bf16"][0] - 0.5, losses
+    assert losses["fp8"][-1] == pytest.approx(losses["bf16"][-1], rel=0.05), losses
+
+
+@pytest.mark.gpu
+def test_xla_runs_one_fp8_gemm_on_hopper():
+    """On an H100 / H200 XLA rewrites the quantize / dequantize / dot pattern into FP8 GEMMs (cuBLASLt)."""
+    if jax.default_backend() != "gpu" or "H1" not in jax.devices()[0].device_kind:
+        pytest.skip("needs a Hopper GPU")
+    x = jnp.ones((256, 512), jnp.bfloat16)
+    kernel = jnp.ones((512, 256), jnp.bfloat16)
+    hlo = jax.jit(fp8_linear).lower(x, kernel).compile().as_text()
+    assert "f8e4m3fn" in hlo and "cublas" in hlo.lower(), hlo[:2000]
