@@ -29,6 +29,10 @@ def parse_args(argv):
     p.add_argument("--loss-impl", choices=("auto", "forward_grad", "pallas", "xla"), default="auto",
                    help="training loss (TrainConfig.loss_impl): forward_grad (gradient computed with the loss, "
                         "bf16 logits), pallas (fused linear + cross-entropy), xla (float32 chunks), or auto")
+    p.add_argument("--precision", choices=("bf16", "fp8", "both"), default="bf16",
+                   help="our blocks' matmuls: bf16 (the compute dtype), fp8 (ModelConfig.matmul_precision: e4m3 "
+                        "operands, e5m2 gradients, per-tensor scales), or both, timed one after the other in this "
+                        "run; MFU always counts against the bf16 peak, and the peer stays bf16")
     p.add_argument("--batch", type=int, default=16, help="sequences per step")
     p.add_argument("--seq", type=int, default=1024, help="tokens per sequence")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
@@ -142,16 +146,21 @@ def main(argv: list[str] | None = None) -> int:
     cfg = get_config(args.model, vocab_size=args.vocab, max_seq_len=max(args.seq, get_config(args.model).max_seq_len),
                      **parse_overrides(args.set))
     torch_result = {"skipped": "--no-torch"} if args.no_torch else run_torch(cfg, args)  # before JAX takes the GPU
-    ours = run_ours(cfg, args)
+    precisions = ("bf16", "fp8") if args.precision == "both" else (args.precision,)
+    ours_by_precision = {precision: run_ours(dataclasses.replace(cfg, matmul_precision=precision), args)
+                         for precision in precisions}
+    ours = ours_by_precision[precisions[0]]
     tokens = args.batch * args.seq
     flops = flops_per_token(cfg, args.seq)
     from llmjax.train.loop import PEAK_FLOPS
 
     peak = next((f for name, f in PEAK_FLOPS.items() if name in ours["device"]), None)
-    rows = {"llmjax (JAX)": ours}
+    rows = {("llmjax (JAX)" if precision == "bf16" else f"llmjax (JAX) {precision}"): row
+            for precision, row in ours_by_precision.items()}
     if "skipped" not in torch_result:
         rows["PyTorch nanoGPT peer"] = torch_result
-    print(f"{cfg.name}, vocab {cfg.vocab_size}, batch {args.batch} x {args.seq}, {ours['device']}")
+    print(f"{cfg.name}, vocab {cfg.vocab_size}, batch {args.batch} x {args.seq}, {ours['device']} (MFU against the "
+          "bf16 peak)")
     print(f"{'':>22} {'tokens/s':>10} {'ms/step':>8} {'MFU':>6} {'peak GiB':>9} {'loss':>7}")
     for name, row in rows.items():
         row["tokens_per_second"] = tokens / row["seconds"]
@@ -165,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         result["speedup"] = ours["tokens_per_second"] / torch_result["tokens_per_second"]
         print(f"ours / peer: {result['speedup']:.2f}x tokens/s")
+    if len(precisions) == 2:
+        result["fp8_vs_bf16"] = ours_by_precision["fp8"]["tokens_per_second"] / ours["tokens_per_second"]
+        print(f"fp8 / bf16: {result['fp8_vs_bf16']:.2f}x tokens/s")
     if args.check_steps:
         result["loss_check"] = loss_agreement(cfg, args)
         print(f"loss of this configuration vs plain (XLA attention, norms and loss, no remat) over "
