@@ -2,6 +2,8 @@
 experiments' end-to-end tests."""
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from llmjax.config import TrainConfig, get_config
@@ -23,3 +25,20 @@ def byte_run(tmp_path_factory):
     checkpointer.close()
     tokenizer.save(folder / "tokenizer.json")
     return folder
+
+
+def assert_only_masked_targets_matter(grads, batch: dict, mask) -> None:
+    """grads(batch) -> a list of gradient trees (one per loss): changing every target outside `mask` (prompt,
+    template, padding; byte ids) leaves each bit-identical, and changing the targets inside it changes each."""
+    changed = dict(batch, targets=jnp.where(mask, batch["targets"], (batch["targets"] + 7) % 256))
+    assert bool((changed["targets"] != batch["targets"]).any())
+    jax.tree.map(np.testing.assert_array_equal, grads(batch), grads(changed))
+    flipped = dict(batch, targets=jnp.where(mask, (batch["targets"] + 7) % 256, batch["targets"]))
+    for original, other in zip(grads(batch), grads(flipped)):
+        assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(original), jax.tree.leaves(other)))
+
+
+@pytest.fixture(name="assert_only_masked_targets_matter")
+def assert_only_masked_targets_matter_fixture():
+    """The check above, for tests (test files here are not a package, so it comes as a fixture)."""
+    return assert_only_masked_targets_matter
