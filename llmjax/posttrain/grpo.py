@@ -86,6 +86,14 @@ def grpo_update(state: TrainState, batch: dict, *, cfg: ModelConfig, train_cfg: 
     return TrainState(state.step + 1, params, opt_state), {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
+def row_length(rollouts: Sequence[Rollout], seq_len: int, multiple: int = 32) -> int:
+    """The training rows' length for this batch: its longest prompt + completion (less the last token, a target
+    only) rounded up to a multiple of `multiple`, at most seq_len. Rows as long as the batch needs, not as long as
+    max_tokens allows, in a handful of compiled lengths (short completions cost less to train on)."""
+    longest = max(len(rollout.prompt_ids) + len(rollout.completion_ids) for rollout in rollouts) - 1
+    return min(seq_len, -(-longest // multiple) * multiple)
+
+
 jitted_grpo_update = jax.jit(grpo_update, static_argnames=("cfg", "train_cfg", "config"), donate_argnums=0)
 jitted_policy_log_probs = jax.jit(policy_log_probs, static_argnames="cfg")
 
@@ -95,7 +103,9 @@ def grpo_iteration(state: TrainState, engine: Engine, prompts: Sequence[Sequence
                    config: GRPOConfig, sampling: SamplingParams, seq_len: int, seed: int,
                    ref_params: dict | None = None) -> tuple[TrainState, dict]:
     """Rollouts of the current policy, their group-relative advantages, then config.updates_per_batch updates.
-    ref_params: the frozen reference policy of the KL penalty (needed when config.kl_coef > 0).
+    seq_len: the longest a row can be (the longest prompt + sampling.max_tokens); each batch trains on rows cut to
+    its own longest rollout (`row_length`). ref_params: the frozen reference policy of the KL penalty (needed when
+    config.kl_coef > 0).
     Returns the new state and the iteration's metrics: reward_mean / reward_std of the rollouts, completion_length,
     rollout_seconds and rollout_tokens_per_s (completion tokens over the wall time of sampling them), and the last
     update's objective metrics (loss, clip_fraction, ratio_mean, kl, ...)."""
@@ -106,7 +116,7 @@ def grpo_iteration(state: TrainState, engine: Engine, prompts: Sequence[Sequence
     rollouts = sample_groups(engine, prompts, config.group_size, sampling, seed=seed)
     rollout_seconds = time.perf_counter() - started
     rewards = np.asarray([float(reward_of(rollout)) for rollout in rollouts], np.float32)  # [prompts * G]
-    rows = {key: jnp.asarray(value) for key, value in completion_rows(rollouts, seq_len).items()}
+    rows = {key: jnp.asarray(value) for key, value in completion_rows(rollouts, row_length(rollouts, seq_len)).items()}
     batch = {**rows, "advantages": group_advantages(jnp.asarray(rewards), config.group_size,
                                                     normalize_std=config.normalize_std),
              "old_logps": jitted_policy_log_probs(state.params, rows, cfg)}

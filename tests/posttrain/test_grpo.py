@@ -8,7 +8,8 @@ import numpy as np
 from llmjax.config import TrainConfig, get_config
 from llmjax.infer.engine import Engine, EngineConfig, SamplingParams
 from llmjax.model import init_params
-from llmjax.posttrain.grpo import GRPOConfig, grpo_iteration
+from llmjax.posttrain.grpo import GRPOConfig, grpo_iteration, grpo_loss, row_length
+from llmjax.posttrain.rollouts import Rollout, completion_rows
 from llmjax.train.state import train_state_from_params
 
 ENGINE = EngineConfig(num_blocks=128, block_size=4, max_running=32, max_tokens_per_step=64, max_prefill_rows=4)
@@ -39,6 +40,34 @@ def test_grpo_raises_the_reward_of_a_tiny_policy():
     assert np.mean(rewards[-2:]) > rewards[0] + 0.25, rewards
     assert all(m["completion_length"] == 6 for m in history)
     assert int(state.step) == 8 * config.updates_per_batch
+
+
+def test_rows_cut_to_the_batch_give_the_same_objective_and_gradient():
+    """grpo_iteration trains on rows as long as the batch's longest rollout (rounded up to 32), not seq_len: the
+    causal model and the completion mask make the cut rows' objective and gradient those of the full-length rows."""
+    import jax.numpy as jnp
+
+    cfg = get_config("llama-tiny", vocab_size=64, max_seq_len=128)
+    params = init_params(cfg, jax.random.key(2))
+    rng = np.random.default_rng(2)
+    rollouts = [Rollout(i // 3, tuple(rng.integers(0, 64, 5 + i).tolist()), tuple(rng.integers(0, 64, 9 + 2 * i)
+                                                                                  .tolist()), "length")
+                for i in range(6)]  # the longest: 10 + 19 tokens
+    assert row_length(rollouts, 100) == 32 and row_length(rollouts, 20) == 20 and row_length(rollouts[:1], 100) == 32
+    advantages = jnp.asarray(rng.normal(size=6), jnp.float32)
+    config = GRPOConfig(group_size=3)
+
+    def objective(seq_len):
+        rows = {key: jnp.asarray(value) for key, value in completion_rows(rollouts, seq_len).items()}
+        batch = {**rows, "advantages": advantages,
+                 "old_logps": jnp.zeros_like(rows["completion_mask"]) - 3.0}  # ratios away from 1: clipping engages
+        return jax.value_and_grad(grpo_loss, has_aux=True)(params, batch, cfg, config)
+
+    (cut_loss, cut_metrics), cut_grads = objective(row_length(rollouts, 100))
+    (full_loss, full_metrics), full_grads = objective(100)
+    np.testing.assert_allclose(cut_loss, full_loss, rtol=1e-5)
+    assert cut_metrics["clip_fraction"] == full_metrics["clip_fraction"] > 0
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), cut_grads, full_grads)
 
 
 def test_grpo_kl_penalty_to_a_frozen_reference():
