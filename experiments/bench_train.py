@@ -19,6 +19,23 @@ import time
 from pathlib import Path
 
 
+PRECISIONS = {  # --precision name -> the ModelConfig fields it sets
+    "bf16": {"matmul_precision": "bf16"},
+    "fp8": {"matmul_precision": "fp8", "fp8_scaling": "current"},
+    "fp8-delayed": {"matmul_precision": "fp8", "fp8_scaling": "delayed"},
+}
+
+
+def parse_precisions(text: str) -> tuple[str, ...]:
+    """'bf16,fp8' -> ("bf16", "fp8"); 'both' and 'all' as the help says."""
+    names = {"both": "bf16,fp8", "all": ",".join(PRECISIONS)}.get(text, text).split(",")
+    unknown = [name for name in names if name not in PRECISIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown precision {unknown[0] if unknown else text!r}; choose from "
+                                         f"{', '.join(PRECISIONS)}, both, all (comma-separated)")
+    return tuple(dict.fromkeys(names))
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m experiments bench_train", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -29,10 +46,12 @@ def parse_args(argv):
     p.add_argument("--loss-impl", choices=("auto", "forward_grad", "pallas", "xla"), default="auto",
                    help="training loss (TrainConfig.loss_impl): forward_grad (gradient computed with the loss, "
                         "bf16 logits), pallas (fused linear + cross-entropy), xla (float32 chunks), or auto")
-    p.add_argument("--precision", choices=("bf16", "fp8", "both"), default="bf16",
-                   help="our blocks' matmuls: bf16 (the compute dtype), fp8 (ModelConfig.matmul_precision: e4m3 "
-                        "operands, e5m2 gradients, per-tensor scales), or both, timed one after the other in this "
-                        "run; MFU always counts against the bf16 peak, and the peer stays bf16")
+    p.add_argument("--precision", type=parse_precisions, default=("bf16",),
+                   help="our blocks' matmuls, one or several comma-separated, timed one after the other in this run: "
+                        "bf16 (the compute dtype), fp8 (ModelConfig.matmul_precision: e4m3 operands, e5m2 "
+                        "gradients, per-tensor current scales), fp8-delayed (the same with delayed scaling: scales "
+                        "from a 16-step amax history); 'both' = bf16,fp8, 'all' = every one. MFU always counts "
+                        "against the bf16 peak, and the peer stays bf16")
     p.add_argument("--batch", type=int, default=16, help="sequences per step")
     p.add_argument("--seq", type=int, default=1024, help="tokens per sequence")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
@@ -146,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = get_config(args.model, vocab_size=args.vocab, max_seq_len=max(args.seq, get_config(args.model).max_seq_len),
                      **parse_overrides(args.set))
     torch_result = {"skipped": "--no-torch"} if args.no_torch else run_torch(cfg, args)  # before JAX takes the GPU
-    precisions = ("bf16", "fp8") if args.precision == "both" else (args.precision,)
-    ours_by_precision = {precision: run_ours(dataclasses.replace(cfg, matmul_precision=precision), args)
+    precisions = args.precision
+    ours_by_precision = {precision: run_ours(dataclasses.replace(cfg, **PRECISIONS[precision]), args)
                          for precision in precisions}
     ours = ours_by_precision[precisions[0]]
     tokens = args.batch * args.seq
@@ -174,9 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         result["speedup"] = ours["tokens_per_second"] / torch_result["tokens_per_second"]
         print(f"ours / peer: {result['speedup']:.2f}x tokens/s")
-    if len(precisions) == 2:
-        result["fp8_vs_bf16"] = ours_by_precision["fp8"]["tokens_per_second"] / ours["tokens_per_second"]
-        print(f"fp8 / bf16: {result['fp8_vs_bf16']:.2f}x tokens/s")
+    for precision in (p for p in precisions if p != "bf16" and "bf16" in precisions):
+        ratio = ours_by_precision[precision]["tokens_per_second"] / ours_by_precision["bf16"]["tokens_per_second"]
+        result[f"{precision}_vs_bf16"] = ratio
+        print(f"{precision} / bf16: {ratio:.2f}x tokens/s")
     if args.check_steps:
         result["loss_check"] = loss_agreement(cfg, args)
         print(f"loss of this configuration vs plain (XLA attention, norms and loss, no remat) over "

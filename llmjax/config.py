@@ -35,6 +35,7 @@ ROPE_SCALINGS = ("linear", "llama3")
 ROPE_LAYOUTS = ("half", "interleaved")
 MOE_IMPLS = ("capacity", "ragged_dot", "pallas")
 MATMUL_PRECISIONS = ("bf16", "fp8")
+FP8_SCALINGS = ("current", "delayed")
 FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: numerical references (needs jax x64)
 
 
@@ -102,9 +103,13 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "bfloat16"
     # "fp8": the blocks' projections (q / k / v, attention output, MLP) contract in FP8 (llmjax.nn.fp8: e4m3
-    # operands, e5m2 gradients, per-tensor current scales); the embedding, the output head and the loss stay in
-    # the compute dtype. "bf16": every matmul in the compute dtype.
+    # operands, e5m2 gradients, per-tensor scales); the embedding, the output head and the loss stay in the
+    # compute dtype. "bf16": every matmul in the compute dtype.
     matmul_precision: str = "bf16"
+    # FP8 scales: "current" (each tensor's own amax, no state) or "delayed" (the largest amax of the last
+    # fp8_history steps, kept as a [3, fp8_history] parameter beside each projection's kernel)
+    fp8_scaling: str = "current"
+    fp8_history: int = 16
     init_std: float = 0.02
     remat: RematPolicy = "none"
     remat_save: tuple[str, ...] = ()  # remat="names": intermediates (REMAT_NAMES) kept on the device
@@ -166,6 +171,9 @@ class ModelConfig:
         _check_choice("param_dtype", self.param_dtype, FLOAT_DTYPES)
         _check_choice("compute_dtype", self.compute_dtype, FLOAT_DTYPES)
         _check_choice("matmul_precision", self.matmul_precision, MATMUL_PRECISIONS)
+        _check_choice("fp8_scaling", self.fp8_scaling, FP8_SCALINGS)
+        if self.fp8_history < 1:
+            raise ConfigError(f"ModelConfig.fp8_history={self.fp8_history}: delayed scaling keeps at least one amax")
         _check_choice("rope_layout", self.rope_layout, ROPE_LAYOUTS)
         if self.rope_scaling is not None and self.positions != "rope":
             raise ConfigError("ModelConfig.rope_scaling is set but positions is not 'rope'")

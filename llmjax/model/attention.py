@@ -18,7 +18,7 @@ from jax.ad_checkpoint import checkpoint_name
 from llmjax.config import ModelConfig
 from llmjax.kernels.flash_attention.reference import attention_mask
 from llmjax.kernels.platform import compute_platform
-from llmjax.model.layers import dense, residual_std
+from llmjax.model.layers import dense, fp8_state_spec, residual_std
 from llmjax.model.params import ParamSpec, normal, zeros
 from llmjax.model.rope import apply_rope
 from llmjax.nn import scaled_dot_product_attention
@@ -29,7 +29,7 @@ def attention_spec(cfg: ModelConfig) -> dict:
     d, h, kv, hd, dtype = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.param_dtype
 
     def projection(shape, axes, std):
-        spec = {"kernel": ParamSpec(shape, axes, normal(std), dtype)}
+        spec = {"kernel": ParamSpec(shape, axes, normal(std), dtype), **fp8_state_spec(cfg)}
         if cfg.attention_bias:
             out_shape, out_axes = (shape[1:], axes[1:]) if axes[0] == "embed" else (shape[-1:], axes[-1:])
             spec["bias"] = ParamSpec(out_shape, out_axes, zeros, dtype)

@@ -13,6 +13,7 @@ from llmjax.config import ModelConfig
 from llmjax.kernels.platform import compute_platform
 from llmjax.model.params import ParamSpec, normal, ones, zeros
 from llmjax.nn import fp8_linear, gelu, layer_norm, linear, rms_norm, swiglu
+from llmjax.nn.fp8 import HISTORY
 from llmjax.parallel.logical import active_rules, partition_spec
 
 
@@ -78,31 +79,40 @@ def norm(params: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 # --- feed-forward ------------------------------------------------------------------------
 
-def _dense_spec(shape, axes, std, bias: bool, param_dtype: str) -> dict:
-    spec = {"kernel": ParamSpec(shape, axes, normal(std), param_dtype)}
+def fp8_state_spec(cfg: ModelConfig) -> dict:
+    """A block projection's FP8 state: with matmul_precision="fp8" and fp8_scaling="delayed", {"fp8_history":
+    [3, fp8_history] float32 zeros} (the amax histories of its input, kernel and output gradient; replicated), else
+    {}. Its gradient is its next value (llmjax.nn.fp8: the training step overwrites it, the optimizer never sees it)."""
+    if cfg.matmul_precision != "fp8" or cfg.fp8_scaling != "delayed":
+        return {}
+    return {HISTORY: ParamSpec((3, cfg.fp8_history), ("fp8_operand", "fp8_history"), zeros, "float32")}
+
+
+def _dense_spec(shape, axes, std, bias: bool, cfg: ModelConfig) -> dict:
+    spec = {"kernel": ParamSpec(shape, axes, normal(std), cfg.param_dtype), **fp8_state_spec(cfg)}
     if bias:
-        spec["bias"] = ParamSpec(shape[-1:], axes[-1:], zeros, param_dtype)
+        spec["bias"] = ParamSpec(shape[-1:], axes[-1:], zeros, cfg.param_dtype)
     return spec
 
 
 def mlp_spec(cfg: ModelConfig) -> dict:
-    d, f, bias, dtype = cfg.d_model, cfg.d_ff, cfg.mlp_bias, cfg.param_dtype
+    d, f, bias = cfg.d_model, cfg.d_ff, cfg.mlp_bias
     spec = {
-        "up": _dense_spec((d, f), ("embed", "mlp"), cfg.init_std, bias, dtype),
-        "down": _dense_spec((f, d), ("mlp", "embed"), residual_std(cfg), bias, dtype),
+        "up": _dense_spec((d, f), ("embed", "mlp"), cfg.init_std, bias, cfg),
+        "down": _dense_spec((f, d), ("mlp", "embed"), residual_std(cfg), bias, cfg),
     }
     if cfg.activation == "swiglu":
-        spec["gate"] = _dense_spec((d, f), ("embed", "mlp"), cfg.init_std, bias, dtype)
+        spec["gate"] = _dense_spec((d, f), ("embed", "mlp"), cfg.init_std, bias, cfg)
     return spec
 
 
 def dense(params: dict, x: jax.Array, *, in_dims: int = 1, precision: str = "bf16") -> jax.Array:
-    """llmjax.nn.linear with a {"kernel", "bias"?} parameter dict: x [..., *in] -> [..., *out]. precision "fp8"
-    contracts in FP8 (llmjax.nn.fp8_linear: e4m3 operands, e5m2 gradients); a quantized kernel (llmjax.quant)
-    keeps its own matmul."""
+    """llmjax.nn.linear with a {"kernel", "bias"?, "fp8_history"?} parameter dict: x [..., *in] -> [..., *out].
+    precision "fp8" contracts in FP8 (llmjax.nn.fp8_linear: e4m3 operands, e5m2 gradients; delayed scaling where
+    the dict holds an amax history, else current scaling); a quantized kernel (llmjax.quant) keeps its own matmul."""
     kernel = params["kernel"]
     if precision == "fp8" and isinstance(kernel, jax.Array):
-        return fp8_linear(x, kernel, params.get("bias"), in_dims=in_dims)
+        return fp8_linear(x, kernel, params.get("bias"), in_dims=in_dims, history=params.get(HISTORY))
     return linear(x, kernel, params.get("bias"), in_dims=in_dims)
 
 

@@ -1,8 +1,9 @@
 """FP8 matmuls for training: per-tensor scaled e4m3 operands forward, e5m2 gradients backward.
 
-    y = fp8_linear(x, kernel, bias, in_dims=1)        # as llmjax.nn.linear, the contraction in FP8
-    history = update_amax_history(history, x)         # delayed scaling: a rolling window of |x| maxima
-    scale = scale_from_history(history, E4M3)         # -> the scale the next step quantizes x with
+    y = fp8_linear(x, kernel, bias, in_dims=1)        # as llmjax.nn.linear, the contraction in FP8 (current scaling)
+    y = fp8_linear(x, kernel, history=history)        # delayed scaling: history [3, H], its gradient the new history
+    history = update_amax_history(history, amaxes)    # the rolling window of |x| maxima, newest first
+    scale = scale_from_history(history[0], E4M3)      # -> the scale the next step quantizes x with
 
 How (Transformer Engine's recipe, written the way XLA wants it): each operand is quantized with its own scale,
 x_q = clip(x / s, -max, max) in float8_e4m3fn, and dequantized back (x_q * s) right before the dot. On a Hopper GPU
@@ -12,10 +13,19 @@ so the numerics are those of FP8 operands everywhere and the tests check them on
 VJP) quantizes the output gradient to float8_e5m2 (more range, less precision: gradients need range) with its own
 current scale and contracts it with the forward's quantized operands, as the FP8 GEMMs of the backward would.
 
-Scaling: `fp8_linear` uses current scaling (each tensor's scale from its own amax, computed in the same step: no
-state, exact range use, one extra reduction per operand). Delayed scaling (the scale from the amax history of
-earlier steps, which saves that reduction before the GEMM) needs state carried through the training step;
-`update_amax_history` and `scale_from_history` are its two pure pieces.
+Scaling, two recipes:
+- current (history=None): each tensor's scale from its own amax, computed in the same step: no state, exact range
+  use, one reduction per operand before its quantization;
+- delayed (history [3, H] float32: the amax histories of x, the kernel and the output gradient, newest first):
+  the scales come from the largest amax of the last H steps (Transformer Engine's recipe), so quantizing need
+  not wait for a reduction over the tensor; the step's own amaxes are pushed into the history. The new history
+  leaves the function as the history's gradient ("overwrite with gradient", as Flax's fp8 ops do): a training
+  step replaces each history by what its gradient holds (`take_new_histories`) instead of giving it to the
+  optimizer, and accumulates it over micro-batches by max (`accumulate_gradients`). A history of zeros (the
+  first step) gives scale 1.
+
+Under XLA SPMD every amax is the global one (the max of a sharded tensor is all-reduced), so a sharded run
+rounds exactly as one device does, with either recipe.
 """
 
 from __future__ import annotations
@@ -83,36 +93,102 @@ def _fp8_matmul_forward(x, kernel, in_dims):
     return jnp.tensordot(x_q, kernel_q, axes=in_dims), (x_q, kernel_q)
 
 
-def _fp8_matmul_backward(in_dims, saved, g):
-    x_q, kernel_q = saved  # [..., *in], [*in, *out]: the forward's quantized operands
-    g_q = quantize_dequantize(g, E5M2)  # [..., *out]
+def _backward_matmuls(x_q, kernel_q, g_q, in_dims):
+    """dx = g . kernel^T over the output axes, dkernel = x^T . g over the batch axes, from quantized operands."""
     batch, out_dims = x_q.ndim - in_dims, kernel_q.ndim - in_dims
-    # dx = g . kernel^T over the output axes; dkernel = x^T . g over the batch axes
     dx = jnp.tensordot(g_q, kernel_q, axes=(tuple(range(batch, batch + out_dims)),
                                             tuple(range(in_dims, in_dims + out_dims))))
     dkernel = jnp.tensordot(x_q, g_q, axes=(tuple(range(batch)), tuple(range(batch))))
     return dx.astype(x_q.dtype), dkernel.astype(kernel_q.dtype)
 
 
+def _fp8_matmul_backward(in_dims, saved, g):
+    x_q, kernel_q = saved  # [..., *in], [*in, *out]: the forward's quantized operands
+    return _backward_matmuls(x_q, kernel_q, quantize_dequantize(g, E5M2), in_dims)
+
+
 _fp8_matmul.defvjp(_fp8_matmul_forward, _fp8_matmul_backward)
 
 
-def fp8_linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *, in_dims: int = 1) -> jax.Array:
+def _amax(x: jax.Array) -> jax.Array:
+    return jnp.max(jnp.abs(x)).astype(jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fp8_matmul_delayed(x: jax.Array, kernel: jax.Array, history: jax.Array, in_dims: int) -> jax.Array:
+    return _fp8_matmul_delayed_forward(x, kernel, history, in_dims)[0]
+
+
+def _fp8_matmul_delayed_forward(x, kernel, history, in_dims):
+    x_q = quantize_dequantize(x, E4M3, scale_from_history(history[0], E4M3))
+    kernel_q = quantize_dequantize(kernel, E4M3, scale_from_history(history[1], E4M3))
+    amaxes = jnp.stack([_amax(x), _amax(kernel)])  # [2]: this step's, for the history
+    return jnp.tensordot(x_q, kernel_q, axes=in_dims), (x_q, kernel_q, history, amaxes)
+
+
+def _fp8_matmul_delayed_backward(in_dims, saved, g):
+    x_q, kernel_q, history, amaxes = saved
+    g_q = quantize_dequantize(g, E5M2, scale_from_history(history[2], E5M2))
+    dx, dkernel = _backward_matmuls(x_q, kernel_q, g_q, in_dims)
+    new_history = update_amax_history(history, jnp.concatenate([amaxes, _amax(g)[None]]))  # [3, H]
+    return dx, dkernel, new_history  # the history's "gradient" is its next value
+
+
+_fp8_matmul_delayed.defvjp(_fp8_matmul_delayed_forward, _fp8_matmul_delayed_backward)
+
+
+def fp8_linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *, in_dims: int = 1,
+               history: jax.Array | None = None) -> jax.Array:
     """llmjax.nn.linear with the contraction in FP8: x [..., *in] and kernel [*in, *out] quantized to e4m3 with
-    per-tensor current scales, the output gradient to e5m2 in the backward; the bias added in x's dtype. The kernel
-    is cast to x's dtype first (float32 master weights, bfloat16 compute)."""
+    per-tensor scales, the output gradient to e5m2 in the backward; the bias added in x's dtype. The kernel is cast
+    to x's dtype first (float32 master weights, bfloat16 compute). history: None for current scaling, or delayed
+    scaling's state [3, H] float32 (amax histories of x, kernel and output gradient), whose gradient is its next
+    value (see the module's docstring)."""
     check_linear_operands("fp8_linear", x, kernel, in_dims)
-    y = _fp8_matmul(x, kernel.astype(x.dtype), in_dims)
+    if history is None:
+        y = _fp8_matmul(x, kernel.astype(x.dtype), in_dims)
+    else:
+        if history.ndim != 2 or history.shape[0] != 3:
+            raise ValueError(f"fp8_linear: history has shape {history.shape}; delayed scaling keeps [3, H] (the amax "
+                             f"histories of x, the kernel and the output gradient)")
+        y = _fp8_matmul_delayed(x, kernel.astype(x.dtype), history.astype(jnp.float32), in_dims)
     return y if bias is None else y + bias.astype(y.dtype)
 
 
-def update_amax_history(history: jax.Array, x: jax.Array) -> jax.Array:
-    """Delayed scaling's state: history [length] float32, newest first; returns it shifted by one with |x|'s max
-    in front (the oldest falls out)."""
-    amax = jnp.max(jnp.abs(x)).astype(jnp.float32)
-    return jnp.concatenate([amax[None], history[:-1]])
+def update_amax_history(history: jax.Array, amax: jax.Array) -> jax.Array:
+    """Delayed scaling's state: history [..., H] float32, newest first; returns it shifted by one along its last
+    axis with amax [...] in front (the oldest falls out)."""
+    amax = jnp.asarray(amax, jnp.float32)
+    return jnp.concatenate([amax[..., None], history[..., :-1]], axis=-1)
 
 
 def scale_from_history(history: jax.Array, fmt: Fp8Format, margin: int = 0) -> jax.Array:
-    """The scale delayed scaling uses: from the largest amax in the history (Transformer Engine's "max" rule)."""
+    """The scale delayed scaling uses: from the largest amax in the history [H] (Transformer Engine's "max" rule)."""
     return scale_for(jnp.max(history), fmt, margin)
+
+
+# --- delayed scaling in a training step: histories are parameters whose gradient is their next value ----------
+
+HISTORY = "fp8_history"  # the key of a layer's delayed-scaling state in its parameter dict
+
+
+def _is_history(path) -> bool:
+    return bool(path) and getattr(path[-1], "key", None) == HISTORY
+
+
+def without_histories(grads):
+    """The gradients with every history's "gradient" zeroed: what the optimizer sees (histories are not trained)."""
+    return jax.tree_util.tree_map_with_path(lambda path, g: jnp.zeros_like(g) if _is_history(path) else g, grads)
+
+
+def take_new_histories(params, grads):
+    """params with every history replaced by its gradient (the history after this step's amaxes)."""
+    return jax.tree_util.tree_map_with_path(lambda path, p, g: g.astype(p.dtype) if _is_history(path) else p,
+                                            params, grads)
+
+
+def accumulate_gradients(total, grads):
+    """total + grads over micro-batches, histories combined by max (each micro-batch's history holds the same
+    older steps and its own newest amax: the max is the amax of the whole batch)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, a, b: jnp.maximum(a, b) if _is_history(path) else a + b, total, grads)

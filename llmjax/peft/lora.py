@@ -149,6 +149,9 @@ def merge_layer(layer_params: dict, layer_adapters: dict, dtype, lora_cfg: LoraC
 def lora_hidden_states(params: dict, adapters: dict, tokens: jax.Array, cfg: ModelConfig, lora_cfg: LoraConfig, *,
                        rng: jax.Array | None = None, remat: str | None = None, positions=None, segment_ids=None):
     """Final-normed hidden states [batch, seq, d_model] of the base + adapters. rng: dropout (None: off)."""
+    if cfg.matmul_precision == "fp8" and cfg.fp8_scaling == "delayed":
+        raise ValueError("LoRA keeps the base model frozen, and with it FP8 delayed scaling's amax histories (they "
+                         "would never leave their first value): use fp8_scaling='current' for LoRA")
     keys = None if rng is None or lora_cfg.dropout == 0 else jax.random.split(rng, cfg.num_layers)
 
     def prepare(layer_params, extra, dtype):

@@ -31,6 +31,7 @@ import optax
 from llmjax.config import ModelConfig, TrainConfig
 from llmjax.infer.engine import Engine, SamplingParams
 from llmjax.model import forward
+from llmjax.nn import fp8
 from llmjax.posttrain.losses import group_advantages, grpo_objective, token_log_probs
 from llmjax.posttrain.rollouts import Rollout, completion_rows, sample_groups
 from llmjax.train.optim import make_optimizer
@@ -80,9 +81,11 @@ def grpo_update(state: TrainState, batch: dict, *, cfg: ModelConfig, train_cfg: 
                 ) -> tuple[TrainState, dict]:
     """One optimizer step on the batch's GRPO objective (AdamW with the run's schedule and clipping)."""
     optimizer = make_optimizer(train_cfg, model_cfg=cfg)
-    (loss, metrics), grads = jax.value_and_grad(grpo_loss, has_aux=True)(state.params, batch, cfg, config)
+    (loss, metrics), grads_and_histories = jax.value_and_grad(grpo_loss, has_aux=True)(state.params, batch, cfg,
+                                                                                       config)
+    grads = fp8.without_histories(grads_and_histories)  # FP8 delayed scaling: histories' gradients are next values
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params = fp8.take_new_histories(optax.apply_updates(state.params, updates), grads_and_histories)
     return TrainState(state.step + 1, params, opt_state), {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 

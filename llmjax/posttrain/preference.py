@@ -52,6 +52,7 @@ from tqdm import tqdm
 
 from llmjax.config import ModelConfig, TrainConfig
 from llmjax.model import forward
+from llmjax.nn import fp8
 from llmjax.peft.lora import LoraConfig, lora_forward
 from llmjax.peft.run import (
     export_lora_run,
@@ -415,11 +416,13 @@ def preference_step(state, batch: dict, base: dict | None = None, rng: jax.Array
         def loss_fn(adapters):
             return preference_loss(base, batch, cfg, objective, adapters, lora_cfg, step_rng)
 
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    (_, metrics), grads_and_histories = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    grads = fp8.without_histories(grads_and_histories)  # FP8 delayed scaling: histories' gradients are next values
     updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
     metrics = {**metrics, "grad_norm": optax.tree.norm(grads),
                "learning_rate": learning_rate_schedule(train_cfg)(state.step)}
-    return type(state)(state.step + 1, optax.apply_updates(trainable, updates), opt_state), metrics  # same fields
+    trained = fp8.take_new_histories(optax.apply_updates(trainable, updates), grads_and_histories)
+    return type(state)(state.step + 1, trained, opt_state), metrics  # same fields
 
 
 # Jitted once per (configs, objective, shapes) for the whole process: a resumed run in the same process (and every

@@ -26,7 +26,7 @@ from llmjax.config import ModelConfig, TrainConfig
 from llmjax.kernels.platform import compute_platform
 from llmjax.model.moe import moe_loss_sums, moe_metrics_from_sums
 from llmjax.model.transformer import hidden_states_and_moe_metrics, output_embedding
-from llmjax.nn import token_cross_entropy
+from llmjax.nn import fp8, token_cross_entropy
 from llmjax.parallel.logical import active_rules, partition_spec
 from llmjax.train.optim import learning_rate_schedule, make_optimizer
 from llmjax.train.state import TrainState, init_train_state  # noqa: F401 (init_train_state: re-exported)
@@ -317,7 +317,7 @@ def accumulated_gradients(params: dict, batch: dict, model_cfg: ModelConfig, tra
     def add_micro_batch(carry, micro):
         micro_batch, index = micro
         grads, sums = grad_fn(params, micro_batch, rng=None if rng is None else jax.random.fold_in(rng, index))
-        return jax.tree.map(jnp.add, carry, (grads, sums)), None
+        return (fp8.accumulate_gradients(carry[0], grads), jax.tree.map(jnp.add, carry[1], sums)), None
 
     micro_batches = split_micro_batches(batch, train_cfg.micro_batches)
     sums_shape = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro_batches), rng=rng)[1]
@@ -338,9 +338,10 @@ def train_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, train_
     if plan is not None:  # ZeRO-2 / FSDP: gradients land cut (a reduce-scatter instead of an all-reduce)
         grads = jax.lax.with_sharding_constraint(grads, plan.gradient_shardings(model_cfg))
     tokens = jnp.maximum(sums["tokens"], 1.0)
-    grads = jax.tree.map(lambda g: g / tokens, grads)
+    grads_and_histories = grads  # FP8 delayed scaling: the amax histories' gradients are their next values
+    grads = jax.tree.map(lambda g: g / tokens, fp8.without_histories(grads_and_histories))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params = fp8.take_new_histories(optax.apply_updates(state.params, updates), grads_and_histories)
     loss = sums["nll_sum"] / tokens
     grad_norm = optax.tree.norm(grads)
     if train_cfg.skip_nonfinite:  # keep the old weights, but move on: the next step takes the next batch
@@ -355,7 +356,7 @@ def train_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, train_
         "grad_norm": grad_norm,
         "learning_rate": learning_rate_schedule(train_cfg)(state.step),
         "tokens": sums["tokens"],
-        "update_ratio": optax.tree.norm(updates) / optax.tree.norm(state.params),
+        "update_ratio": optax.tree.norm(updates) / optax.tree.norm(fp8.without_histories(state.params)),
         **moe_metrics_from_sums(sums, tokens),  # MoE models: aux losses, dropped tokens, expert load per layer
     }
     return new_state, metrics

@@ -84,22 +84,63 @@ def test_fp8_linear_bad_shapes_are_one_error():
 
 
 def test_amax_history_rolls_and_gives_the_delayed_scale():
-    history = jnp.zeros(4, jnp.float32)
+    history = jnp.zeros((2, 4), jnp.float32)
     for amax in (2.0, 8.0, 1.0, 0.5, 0.25):
-        history = update_amax_history(history, jnp.array([[amax, -amax / 2]]))
-    np.testing.assert_array_equal(np.asarray(history), [0.25, 0.5, 1.0, 8.0])  # newest first, the 2.0 fell out
-    assert float(scale_from_history(history, E4M3)) == pytest.approx(8.0 / 448.0)
+        history = update_amax_history(history, jnp.array([amax, 10 * amax]))
+    np.testing.assert_array_equal(np.asarray(history), [[0.25, 0.5, 1.0, 8.0], [2.5, 5.0, 10.0, 80.0]])  # newest
+    assert float(scale_from_history(history[0], E4M3)) == pytest.approx(8.0 / 448.0)  # first; the 2.0 fell out
+
+
+def qdq_with_scale(x, scale, fmt):
+    """x rounded to the float8 format under a given scale (saturating), in float64."""
+    scaled = np.clip(np.asarray(x, np.float32) / np.float32(scale), -fmt.max, fmt.max)
+    return scaled.astype(NP_TYPES[fmt]).astype(np.float64) * np.float64(scale)
+
+
+def test_delayed_scaling_quantizes_with_the_history_and_returns_the_next_one():
+    """fp8_linear(history=...): every operand rounded under the scale of its history's largest amax (values past it
+    saturate, never NaN), and the history's gradient is the history with this call's amaxes (x, kernel, output
+    gradient) pushed in front; a history of zeros (the first step) quantizes with scale 1."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 6, 20)).astype(np.float32) * 3
+    kernel = (rng.standard_normal((20, 9)) * 0.3).astype(np.float32)
+    out_grad = rng.standard_normal((4, 6, 9)).astype(np.float32) * 1e-3
+    history = np.zeros((3, 5), np.float32)
+    history[:, 1] = [2.0, 0.5, 4e-3]  # x's amax of ~10 saturates at 2.0 (scale 2 / 448); the others fit
+    history[:, 3] = [1.0, 0.9, 1e-3]
+
+    def loss(x, kernel, history):
+        return jnp.sum(fp8_linear(x, kernel, history=history) * out_grad)
+
+    value, (dx, dkernel, next_history) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(x, kernel, history)
+    x_q = qdq_with_scale(x, np.float32(2.0) / np.float32(448), E4M3)
+    kernel_q = qdq_with_scale(kernel, np.float32(0.9) / np.float32(448), E4M3)
+    g_q = qdq_with_scale(out_grad, np.float32(4e-3) / np.float32(57344), E5M2)
+    assert np.abs(x_q).max() == pytest.approx(2.0, rel=1e-6)  # saturated at the delayed range
+    np.testing.assert_allclose(float(value), np.sum(np.tensordot(x_q, kernel_q, axes=1) * out_grad), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(dx), np.tensordot(g_q, kernel_q, axes=([2], [1])), rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(np.asarray(dkernel), np.tensordot(x_q, g_q, axes=([0, 1], [0, 1])), rtol=1e-5,
+                               atol=1e-9)
+    amaxes = [np.abs(x).max(), np.abs(kernel).max(), np.abs(out_grad).max()]
+    np.testing.assert_allclose(np.asarray(next_history), np.concatenate([np.array(amaxes)[:, None],
+                                                                         history[:, :-1]], axis=1), rtol=1e-6)
+    # the first step: zeros give scale 1 (x's values above 448 would saturate; these fit)
+    got = fp8_linear(jnp.asarray(x), jnp.asarray(kernel), history=jnp.zeros((3, 5)))
+    np.testing.assert_allclose(np.asarray(got), np.tensordot(qdq_with_scale(x, 1.0, E4M3),
+                                                             qdq_with_scale(kernel, 1.0, E4M3), axes=1), rtol=1e-5)
+    with pytest.raises(ValueError, match=r"history has shape \(5,\)"):
+        fp8_linear(jnp.asarray(x), jnp.asarray(kernel), history=jnp.zeros(5))
 
 
 def test_a_model_in_fp8_trains_like_the_float_model():
     """llama-tiny, float32 compute: the FP8 model's loss at the start is the float model's within 1%, and eight
-    steps of training lower both alike."""
+    steps of training lower both alike, with current and with delayed scaling (whose histories the step fills)."""
     from llmjax.train.state import init_train_state
     from llmjax.train.step import train_step
 
     losses = {}
-    for precision in ("bf16", "fp8"):
-        cfg = get_config("llama-tiny", matmul_precision=precision)
+    for precision, scaling in (("bf16", "current"), ("fp8", "current"), ("fp8", "delayed")):
+        cfg = get_config("llama-tiny", matmul_precision=precision, fp8_scaling=scaling, fp8_history=4)
         train_cfg = TrainConfig(lr=3e-3, warmup_steps=0, total_steps=8, weight_decay=0.0)
         state = init_train_state(cfg, train_cfg, jax.random.key(0))
         tokens = jax.random.randint(jax.random.key(1), (8, 33), 0, 64)  # a few byte patterns, memorized quickly
@@ -109,10 +150,46 @@ def test_a_model_in_fp8_trains_like_the_float_model():
         for _ in range(8):
             state, metrics = step(state, batch, model_cfg=cfg, train_cfg=train_cfg)
             history.append(float(metrics["loss"]))
-        losses[precision] = history
-    assert losses["fp8"][0] == pytest.approx(losses["bf16"][0], rel=0.01)
-    assert losses["fp8"][-1] < losses["fp8"][0] - 0.5 and losses["bf16"][-1] < losses["bf16"][0] - 0.5, losses
-    assert losses["fp8"][-1] == pytest.approx(losses["bf16"][-1], rel=0.05), losses
+        losses[precision, scaling] = history
+    float_losses = losses["bf16", "current"]
+    for scaling in ("current", "delayed"):
+        fp8_losses = losses["fp8", scaling]
+        assert fp8_losses[0] == pytest.approx(float_losses[0], rel=0.01), scaling
+        assert fp8_losses[-1] < fp8_losses[0] - 0.5 and float_losses[-1] < float_losses[0] - 0.5, losses
+        assert fp8_losses[-1] == pytest.approx(float_losses[-1], rel=0.05), losses
+    histories = state.params["blocks"]["mlp"]["down"]["fp8_history"]  # [layers, 3, 4]: the last four steps'
+    assert histories.shape == (cfg.num_layers, 3, 4) and bool((histories > 0).all())
+
+
+def test_delayed_histories_of_micro_batches_are_those_of_the_whole_batch():
+    """Gradient accumulation combines the micro-batches' histories by max: two micro-batches leave every amax
+    history as one batch does (the loss is summed, so each micro-batch's output gradient is a slice of the whole's),
+    while the weights, the optimizer and the gradient norm never see the histories."""
+    from llmjax.train.state import init_train_state
+    from llmjax.train.step import train_step
+
+    cfg = get_config("llama-tiny", matmul_precision="fp8", fp8_scaling="delayed", fp8_history=3)
+    tokens = jax.random.randint(jax.random.key(4), (8, 17), 0, 64)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    results = {}
+    for micro_batches in (1, 2):
+        train_cfg = TrainConfig(lr=1e-3, warmup_steps=0, total_steps=4, micro_batches=micro_batches)
+        state = init_train_state(cfg, train_cfg, jax.random.key(0))
+        step = jax.jit(train_step, static_argnames=("model_cfg", "train_cfg"))
+        for _ in range(2):
+            state, metrics = step(state, batch, model_cfg=cfg, train_cfg=train_cfg)
+        results[micro_batches] = state, metrics
+    (one, one_metrics), (two, two_metrics) = results[1], results[2]
+    for path, leaf in jax.tree_util.tree_leaves_with_path(one.params):
+        other = two.params
+        for key in path:
+            other = other[key.key]
+        if path[-1].key == "fp8_history":
+            np.testing.assert_allclose(np.asarray(other), np.asarray(leaf), rtol=1e-6, err_msg=str(path))
+            assert bool((leaf[..., :2] > 0).all()) and bool((leaf[..., 2] == 0).all())  # two steps so far
+    assert float(two_metrics["loss"]) == pytest.approx(float(one_metrics["loss"]), rel=1e-3)
+    mu = [node.mu for node in jax.tree.leaves(one.opt_state, is_leaf=lambda n: hasattr(n, "mu")) if hasattr(node, "mu")]
+    assert all(float(jnp.abs(m).max()) == 0 for m in jax.tree.leaves(mu[0]["blocks"]["mlp"]["down"]["fp8_history"]))
 
 
 @pytest.mark.gpu

@@ -76,26 +76,35 @@ def test_strategy_trains_like_one_device(strategy, mesh, loss_impl):
         assert got_leaf.sharding.is_equivalent_to(want_sharding, got_leaf.ndim)
 
 
-FP8_MODEL = dataclasses.replace(MODEL, matmul_precision="fp8")
-
-
-def test_fp8_trains_like_one_device():
+@pytest.mark.parametrize("scaling", ["current", "delayed"])
+def test_fp8_trains_like_one_device(scaling):
     """FP8 projections under FSDP + tensor parallelism (weights and activations both cut): each operand's scale
-    comes from its global amax (XLA all-reduces the max of a sharded tensor), so the sharded run rounds as one
-    device does; what differs is the summation order. One strategy (CI time): the scales do not depend on it."""
+    comes from its global amax (XLA all-reduces the max of a sharded tensor; delayed scaling's histories are
+    replicated and hold the global amaxes), so the sharded run rounds as one device does; what differs is the
+    summation order. One strategy (CI time): the scales do not depend on it."""
+    model = dataclasses.replace(MODEL, matmul_precision="fp8", fp8_scaling=scaling, fp8_history=4)
+
     def run(plan):
-        state = (plan.init_state(FP8_MODEL, TRAIN, jax.random.key(0)) if plan
-                 else init_train_state(FP8_MODEL, TRAIN, jax.random.key(0)))
-        step = make_train_step(FP8_MODEL, TRAIN, plan)
+        state = (plan.init_state(model, TRAIN, jax.random.key(0)) if plan
+                 else init_train_state(model, TRAIN, jax.random.key(0)))
+        step = make_train_step(model, TRAIN, plan)
         history = []
         for batch in batches():
             state, metrics = step(state, jax.device_put(batch, plan.batch_sharding()) if plan else batch)
             history.append((float(metrics["loss"]), float(metrics["grad_norm"])))
-        return history
+        return history, state
 
-    want = run(None)
+    want, want_state = run(None)
     assert want != single_device_run()[0]  # FP8 rounding shows: not the float run
-    np.testing.assert_allclose(run(Plan.create("fsdp=4,tensor=2", "fsdp+tp")), want, rtol=2e-3)
+    got, got_state = run(Plan.create("fsdp=4,tensor=2", "fsdp+tp"))
+    np.testing.assert_allclose(got, want, rtol=2e-3)
+    if scaling == "delayed":  # the histories: the global amaxes of the last steps, the same on every device
+        got_params, want_params = flatten_with_names(jax.device_get(got_state.params)), flatten_with_names(
+            jax.device_get(want_state.params))
+        names = [name for name in want_params if name.endswith("fp8_history")]
+        assert names and all((want_params[name][..., :len(want)] > 0).all() for name in names)
+        for name in names:  # the output gradients' amaxes after Adam steps carry the summation order's noise
+            np.testing.assert_allclose(got_params[name], want_params[name], rtol=2e-2, err_msg=name)
 
 
 def leaf_specs(tree):

@@ -105,6 +105,15 @@ def test_patterns_that_match_nothing_list_names(model):
         LoraConfig(rank=0)
 
 
+def test_fp8_delayed_scaling_base_is_one_clear_error():
+    """LoRA freezes the base, so the amax histories of FP8 delayed scaling could never move: refused."""
+    cfg = get_config("llama-tiny", matmul_precision="fp8", fp8_scaling="delayed")
+    params = init_params(cfg, jax.random.key(0))
+    adapters = init_adapters(params, cfg, LoraConfig(), jax.random.key(1))
+    with pytest.raises(ValueError, match="fp8_scaling='current' for LoRA"):
+        lora_forward(params, adapters, jnp.zeros((1, 4), jnp.int32), cfg, LoraConfig())
+
+
 def test_peft_loads_our_adapters(tmp_path):
     """Hugging Face PEFT on the transformers export of the base gives our adapted logits."""
     peft = pytest.importorskip("peft", reason="Hugging Face peft is not installed (pip install peft)")

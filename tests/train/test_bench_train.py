@@ -34,10 +34,16 @@ def test_bench_train_reports_both_sides(tmp_path, capsys):
     assert "ours / peer:" in capsys.readouterr().out
 
 
-def test_llama_presets_run_without_the_peer_in_both_precisions(tmp_path, capsys):
+def test_llama_presets_run_without_the_peer_in_every_precision(tmp_path, capsys):
     assert bench_train.main(["--model", "llama-tiny", "--vocab", "301", "--batch", "2", "--seq", "16", "--steps", "1",
-                             "--warmup", "1", "--check-steps", "0", "--precision", "both", "--out", str(tmp_path)]) == 0
+                             "--warmup", "1", "--check-steps", "0", "--precision", "all", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "torch peer skipped: the torch peer is nanoGPT's GPT-2" in out and "fp8 / bf16:" in out
+    assert "torch peer skipped: the torch peer is nanoGPT's GPT-2" in out
+    assert "fp8 / bf16:" in out and "fp8-delayed / bf16:" in out
     result = json.loads((tmp_path / "results.json").read_text())
-    assert set(result["rows"]) == {"llmjax (JAX)", "llmjax (JAX) fp8"} and result["fp8_vs_bf16"] > 0
+    assert set(result["rows"]) == {"llmjax (JAX)", "llmjax (JAX) fp8", "llmjax (JAX) fp8-delayed"}
+    assert result["fp8_vs_bf16"] > 0 and result["fp8-delayed_vs_bf16"] > 0
+    assert bench_train.parse_precisions("both") == ("bf16", "fp8")
+    with pytest.raises(SystemExit):
+        bench_train.parse_args(["--precision", "bf16,fp4"])
+    assert "unknown precision 'fp4'" in capsys.readouterr().err
