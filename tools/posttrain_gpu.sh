@@ -35,7 +35,7 @@ x() {  # x LOG SECONDS ARGS...: one experiment, its log under $LOGS (appended: a
 }
 EVAL=(--task arithmetic --eval-problems 500 --max-tokens 64 --eval-only)
 GRPO=(--task arithmetic --prompts 16 --group-size 8 --updates 2 --max-tokens 64 --temperature 1.0 --lr 1e-5
-      --eval-every 40 --eval-problems 500 --save-every 40 --iterations 4000 --no-progress)
+      --eval-every 40 --eval-problems 500 --save-every 40 --iterations 1500 --no-progress)
 
 case "${1:-}" in
 base)
