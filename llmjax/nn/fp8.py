@@ -5,17 +5,20 @@
     history = update_amax_history(history, amaxes)    # the rolling window of |x| maxima, newest first
     scale = scale_from_history(history[0], E4M3)      # -> the scale the next step quantizes x with
 
-How (Transformer Engine's recipe, written the way XLA wants it): each operand is quantized with its own scale,
-x_q = clip(x / s, -max, max) in float8_e4m3fn, and dequantized back (x_q * s) right before the dot. On a Hopper GPU
-XLA's FP8 rewriter recognizes this quantize / dequantize / dot pattern and runs one FP8 GEMM (cuBLASLt, scales
-folded in); elsewhere (CPU, older GPUs) the same program runs the dot in the compute dtype on the rounded values,
-so the numerics are those of FP8 operands everywhere and the tests check them on the CPU. The backward (a custom
-VJP) quantizes the output gradient to float8_e5m2 (more range, less precision: gradients need range) with its own
-current scale and contracts it with the forward's quantized operands, as the FP8 GEMMs of the backward would.
+How: each operand is quantized with its own per-tensor scale, x_q = clip(x / s, -max, max) in float8_e4m3fn, and
+the float8 operands go into `jax.lax.dot_general` as they are, the product times s_x * s_k: on a Hopper GPU XLA
+runs that as one FP8 GEMM (cuBLASLt, float32 accumulation, the scale in its epilogue); elsewhere (CPU) XLA widens
+the float8 operands and runs the dot in the compute dtype, so the numerics are those of FP8 operands everywhere and
+the tests check them on the CPU. (The quantize -> dequantize -> dot pattern that XLA's FP8 rewriter was meant to
+match is not rewritten by jax 0.11.2 on an H100: XLA drops the float8 round trip and runs a bf16 GEMM; measured in
+docs/perf.md.) The backward (a custom VJP) quantizes the output gradient to float8_e5m2 (more range, less
+precision: gradients need range) and contracts it with the forward's saved float8 operands (half the bytes of
+bf16 residuals): two more FP8 GEMMs. Scales are powers of two (2**ceil(log2(amax / max))): dividing by one and
+multiplying the product by two of them is exact in any float type, at the cost of at most one binade of range.
 
 Scaling, two recipes:
-- current (history=None): each tensor's scale from its own amax, computed in the same step: no state, exact range
-  use, one reduction per operand before its quantization;
+- current (history=None): each tensor's scale from its own amax, computed in the same step: no state, the range
+  fits, one reduction per operand before its quantization;
 - delayed (history [3, H] float32: the amax histories of x, the kernel and the output gradient, newest first):
   the scales come from the largest amax of the last H steps (Transformer Engine's recipe), so quantizing need
   not wait for a reduction over the tensor; the step's own amaxes are pushed into the history. The new history
@@ -52,34 +55,53 @@ E5M2 = Fp8Format(jnp.float8_e5m2, float(jnp.finfo(jnp.float8_e5m2).max))  # 5734
 
 
 def scale_for(amax: jax.Array, fmt: Fp8Format, margin: int = 0) -> jax.Array:
-    """The per-tensor scale that maps |x| <= amax onto the format's range, times 2**margin of headroom:
-    amax / max * 2**margin (1 where amax is 0 or not finite, so an all-zero tensor stays zero) -> float32 []."""
+    """The per-tensor scale that maps |x| <= amax into the format's range: the power of two
+    2**(ceil(log2(amax / max)) + margin) (1 where amax is 0 or not finite, so an all-zero tensor stays zero)
+    -> float32 []."""
     amax = jnp.asarray(amax, jnp.float32)
-    scale = amax / fmt.max * (2.0**margin)
-    return jnp.where(jnp.isfinite(scale) & (scale > 0), scale, 1.0)
+    mantissa, exponent = jnp.frexp(amax / fmt.max)  # amax / max = mantissa * 2**exponent, mantissa in [0.5, 1)
+    exponent = jnp.where(mantissa == 0.5, exponent - 1, exponent) + margin  # ceil(log2(amax / max)), exactly
+    scale = jnp.ldexp(jnp.float32(1.0), exponent)
+    return jnp.where(jnp.isfinite(amax) & (amax > 0) & (scale > 0), scale, 1.0)
 
 
 def quantize(x: jax.Array, scale: jax.Array, fmt: Fp8Format) -> jax.Array:
     """x / scale saturated to the format's range, in the float8 type (values past the range become +-max, never
-    NaN: float8_e4m3fn has no infinity)."""
-    scaled = x.astype(jnp.float32) / scale
+    NaN: float8_e4m3fn has no infinity). The division is exact (a power-of-two scale), so it runs in x's dtype."""
+    scaled = x / scale.astype(x.dtype)
     return jnp.clip(scaled, -fmt.max, fmt.max).astype(fmt.dtype)
-
-
-def dequantize(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
-    """q * scale in `dtype`: the pattern XLA folds into an FP8 GEMM."""
-    return q.astype(dtype) * scale.astype(dtype)
 
 
 def quantize_dequantize(x: jax.Array, fmt: Fp8Format, scale: jax.Array | None = None) -> jax.Array:
     """x rounded to the float8 format under a per-tensor scale (current scaling when scale is None), in x's dtype."""
     if scale is None:
-        scale = scale_for(jnp.max(jnp.abs(x)), fmt)
-    return dequantize(quantize(x, scale, fmt), scale, x.dtype)
+        scale = scale_for(_amax(x), fmt)
+    return quantize(x, scale, fmt).astype(x.dtype) * scale.astype(x.dtype)
 
 
-def _contract(x: jax.Array, kernel: jax.Array, in_dims: int) -> jax.Array:
-    return jnp.tensordot(x, kernel, axes=in_dims)
+def _amax(x: jax.Array) -> jax.Array:
+    return jnp.max(jnp.abs(x)).astype(jnp.float32)
+
+
+def _scaled_dot(a_q, a_scale, b_q, b_scale, contracting, dtype) -> jax.Array:
+    """(a_q . b_q) * a_scale * b_scale over the contracting axes (lhs, rhs), float8 operands, out in dtype."""
+    y = jax.lax.dot_general(a_q, b_q, (contracting, ((), ())), preferred_element_type=dtype)
+    return y * (a_scale * b_scale).astype(dtype)  # powers of two: exact in any float type
+
+
+def _forward_dot(x_q, x_scale, kernel_q, kernel_scale, in_dims, dtype) -> jax.Array:
+    """x [..., *in] . kernel [*in, *out] -> [..., *out]."""
+    return _scaled_dot(x_q, x_scale, kernel_q, kernel_scale,
+                       (tuple(range(x_q.ndim - in_dims, x_q.ndim)), tuple(range(in_dims))), dtype)
+
+
+def _backward_dots(x_q, x_scale, kernel_q, kernel_scale, g_q, g_scale, in_dims, dtype):
+    """dx = g . kernel^T over the output axes, dkernel = x^T . g over the batch axes, from float8 operands."""
+    batch, out_dims = x_q.ndim - in_dims, kernel_q.ndim - in_dims
+    dx = _scaled_dot(g_q, g_scale, kernel_q, kernel_scale,
+                     (tuple(range(batch, batch + out_dims)), tuple(range(in_dims, in_dims + out_dims))), dtype)
+    dkernel = _scaled_dot(x_q, x_scale, g_q, g_scale, (tuple(range(batch)), tuple(range(batch))), dtype)
+    return dx, dkernel
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -88,30 +110,20 @@ def _fp8_matmul(x: jax.Array, kernel: jax.Array, in_dims: int) -> jax.Array:
 
 
 def _fp8_matmul_forward(x, kernel, in_dims):
-    x_q = quantize_dequantize(x, E4M3)
-    kernel_q = quantize_dequantize(kernel, E4M3)
-    return jnp.tensordot(x_q, kernel_q, axes=in_dims), (x_q, kernel_q)
-
-
-def _backward_matmuls(x_q, kernel_q, g_q, in_dims):
-    """dx = g . kernel^T over the output axes, dkernel = x^T . g over the batch axes, from quantized operands."""
-    batch, out_dims = x_q.ndim - in_dims, kernel_q.ndim - in_dims
-    dx = jnp.tensordot(g_q, kernel_q, axes=(tuple(range(batch, batch + out_dims)),
-                                            tuple(range(in_dims, in_dims + out_dims))))
-    dkernel = jnp.tensordot(x_q, g_q, axes=(tuple(range(batch)), tuple(range(batch))))
-    return dx.astype(x_q.dtype), dkernel.astype(kernel_q.dtype)
+    x_scale, kernel_scale = scale_for(_amax(x), E4M3), scale_for(_amax(kernel), E4M3)
+    x_q, kernel_q = quantize(x, x_scale, E4M3), quantize(kernel, kernel_scale, E4M3)
+    y = _forward_dot(x_q, x_scale, kernel_q, kernel_scale, in_dims, x.dtype)
+    return y, (x_q, x_scale, kernel_q, kernel_scale)
 
 
 def _fp8_matmul_backward(in_dims, saved, g):
-    x_q, kernel_q = saved  # [..., *in], [*in, *out]: the forward's quantized operands
-    return _backward_matmuls(x_q, kernel_q, quantize_dequantize(g, E5M2), in_dims)
+    x_q, x_scale, kernel_q, kernel_scale = saved  # [..., *in], [*in, *out] in float8: the forward's operands
+    g_scale = scale_for(_amax(g), E5M2)
+    return _backward_dots(x_q, x_scale, kernel_q, kernel_scale, quantize(g, g_scale, E5M2), g_scale, in_dims,
+                          g.dtype)
 
 
 _fp8_matmul.defvjp(_fp8_matmul_forward, _fp8_matmul_backward)
-
-
-def _amax(x: jax.Array) -> jax.Array:
-    return jnp.max(jnp.abs(x)).astype(jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -120,16 +132,18 @@ def _fp8_matmul_delayed(x: jax.Array, kernel: jax.Array, history: jax.Array, in_
 
 
 def _fp8_matmul_delayed_forward(x, kernel, history, in_dims):
-    x_q = quantize_dequantize(x, E4M3, scale_from_history(history[0], E4M3))
-    kernel_q = quantize_dequantize(kernel, E4M3, scale_from_history(history[1], E4M3))
+    x_scale, kernel_scale = scale_from_history(history[0], E4M3), scale_from_history(history[1], E4M3)
+    x_q, kernel_q = quantize(x, x_scale, E4M3), quantize(kernel, kernel_scale, E4M3)
     amaxes = jnp.stack([_amax(x), _amax(kernel)])  # [2]: this step's, for the history
-    return jnp.tensordot(x_q, kernel_q, axes=in_dims), (x_q, kernel_q, history, amaxes)
+    y = _forward_dot(x_q, x_scale, kernel_q, kernel_scale, in_dims, x.dtype)
+    return y, (x_q, x_scale, kernel_q, kernel_scale, history, amaxes)
 
 
 def _fp8_matmul_delayed_backward(in_dims, saved, g):
-    x_q, kernel_q, history, amaxes = saved
-    g_q = quantize_dequantize(g, E5M2, scale_from_history(history[2], E5M2))
-    dx, dkernel = _backward_matmuls(x_q, kernel_q, g_q, in_dims)
+    x_q, x_scale, kernel_q, kernel_scale, history, amaxes = saved
+    g_scale = scale_from_history(history[2], E5M2)
+    dx, dkernel = _backward_dots(x_q, x_scale, kernel_q, kernel_scale, quantize(g, g_scale, E5M2), g_scale,
+                                 in_dims, g.dtype)
     new_history = update_amax_history(history, jnp.concatenate([amaxes, _amax(g)[None]]))  # [3, H]
     return dx, dkernel, new_history  # the history's "gradient" is its next value
 

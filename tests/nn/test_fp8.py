@@ -23,18 +23,27 @@ from llmjax.nn.fp8 import (
 NP_TYPES = {E4M3: ml_dtypes.float8_e4m3fn, E5M2: ml_dtypes.float8_e5m2}
 
 
+def pow2_scale(amax, fmt):
+    """The power-of-two scale that fits |x| <= amax into the format: 2**ceil(log2(amax / max)) (1 for amax 0)."""
+    return 2.0 ** np.ceil(np.log2(amax / fmt.max)) if amax > 0 else 1.0
+
+
+def qdq_with_scale(x, scale, fmt):
+    """x rounded to the float8 format under a given scale (saturating), in float64."""
+    scaled = np.clip(np.asarray(x, np.float64) / scale, -fmt.max, fmt.max)
+    return scaled.astype(np.float32).astype(NP_TYPES[fmt]).astype(np.float64) * scale
+
+
 def qdq_reference(x, fmt):
     """x rounded to the float8 format under its current per-tensor scale, in float64."""
-    x = np.asarray(x, np.float64)
-    amax = np.abs(x).max()
-    scale = np.float32(amax / fmt.max) if amax > 0 else np.float32(1.0)
-    scaled = np.clip(x.astype(np.float32) / scale, -fmt.max, fmt.max)
-    return scaled.astype(NP_TYPES[fmt]).astype(np.float64) * np.float64(scale)
+    return qdq_with_scale(x, pow2_scale(np.abs(np.asarray(x, np.float64)).max(), fmt), fmt)
 
 
 def test_scales_saturation_and_zero():
     assert float(scale_for(448.0, E4M3)) == 1.0 and float(scale_for(0.0, E4M3)) == 1.0
     assert float(scale_for(jnp.inf, E4M3)) == 1.0 and float(scale_for(448.0, E4M3, margin=1)) == 2.0
+    assert float(scale_for(449.0, E4M3)) == 2.0 and float(scale_for(3.0, E4M3)) == 2.0**-7  # powers of two
+    assert float(scale_for(3e-3, E5M2)) == 2.0**-24 and float(scale_for(1e-30, E4M3)) == 2.0**-108
     q = quantize(jnp.array([1e6, -1e6, 3.3, 0.0]), jnp.float32(1.0), E4M3)
     assert q.dtype == jnp.float8_e4m3fn
     np.testing.assert_array_equal(np.asarray(q.astype(jnp.float32)), [448.0, -448.0, 3.25, 0.0])  # never NaN
@@ -48,6 +57,7 @@ def test_quantize_dequantize_equals_the_reference(fmt):
     np.testing.assert_allclose(got, qdq_reference(x, fmt), rtol=1e-6, atol=0)
     relative = np.abs(got - x) / np.abs(x).max()
     assert relative.max() <= (2.0**-4 if fmt is E4M3 else 2.0**-3)  # half a step of 3 / 2 mantissa bits at the top
+    assert np.abs(got).max() <= np.abs(x).max() * (1 + 2.0**-3)  # the range fits: nothing saturated
 
 
 @pytest.mark.parametrize("in_dims,x_shape,kernel_shape", [(1, (3, 5, 24), (24, 17)), (2, (2, 5, 4, 6), (4, 6, 11))])
@@ -87,14 +97,8 @@ def test_amax_history_rolls_and_gives_the_delayed_scale():
     history = jnp.zeros((2, 4), jnp.float32)
     for amax in (2.0, 8.0, 1.0, 0.5, 0.25):
         history = update_amax_history(history, jnp.array([amax, 10 * amax]))
-    np.testing.assert_array_equal(np.asarray(history), [[0.25, 0.5, 1.0, 8.0], [2.5, 5.0, 10.0, 80.0]])  # newest
-    assert float(scale_from_history(history[0], E4M3)) == pytest.approx(8.0 / 448.0)  # first; the 2.0 fell out
-
-
-def qdq_with_scale(x, scale, fmt):
-    """x rounded to the float8 format under a given scale (saturating), in float64."""
-    scaled = np.clip(np.asarray(x, np.float32) / np.float32(scale), -fmt.max, fmt.max)
-    return scaled.astype(NP_TYPES[fmt]).astype(np.float64) * np.float64(scale)
+    np.testing.assert_array_equal(np.asarray(history), [[0.25, 0.5, 1.0, 8.0], [2.5, 5.0, 10.0, 80.0]])  # newest first
+    assert float(scale_from_history(history[0], E4M3)) == 2.0**-5  # 8 / 448 rounded up to a power of two
 
 
 def test_delayed_scaling_quantizes_with_the_history_and_returns_the_next_one():
@@ -106,17 +110,17 @@ def test_delayed_scaling_quantizes_with_the_history_and_returns_the_next_one():
     kernel = (rng.standard_normal((20, 9)) * 0.3).astype(np.float32)
     out_grad = rng.standard_normal((4, 6, 9)).astype(np.float32) * 1e-3
     history = np.zeros((3, 5), np.float32)
-    history[:, 1] = [2.0, 0.5, 4e-3]  # x's amax of ~10 saturates at 2.0 (scale 2 / 448); the others fit
+    history[:, 1] = [2.0, 0.5, 4e-3]  # x's amax of ~10 saturates at 3.5 (scale 2**-7: 2 / 448 rounded up); others fit
     history[:, 3] = [1.0, 0.9, 1e-3]
 
     def loss(x, kernel, history):
         return jnp.sum(fp8_linear(x, kernel, history=history) * out_grad)
 
     value, (dx, dkernel, next_history) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(x, kernel, history)
-    x_q = qdq_with_scale(x, np.float32(2.0) / np.float32(448), E4M3)
-    kernel_q = qdq_with_scale(kernel, np.float32(0.9) / np.float32(448), E4M3)
-    g_q = qdq_with_scale(out_grad, np.float32(4e-3) / np.float32(57344), E5M2)
-    assert np.abs(x_q).max() == pytest.approx(2.0, rel=1e-6)  # saturated at the delayed range
+    x_q = qdq_with_scale(x, pow2_scale(2.0, E4M3), E4M3)
+    kernel_q = qdq_with_scale(kernel, pow2_scale(0.9, E4M3), E4M3)
+    g_q = qdq_with_scale(out_grad, pow2_scale(4e-3, E5M2), E5M2)
+    assert np.abs(x_q).max() == 3.5 < np.abs(x).max()  # saturated at the delayed range
     np.testing.assert_allclose(float(value), np.sum(np.tensordot(x_q, kernel_q, axes=1) * out_grad), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(dx), np.tensordot(g_q, kernel_q, axes=([2], [1])), rtol=1e-5, atol=1e-9)
     np.testing.assert_allclose(np.asarray(dkernel), np.tensordot(x_q, g_q, axes=([0, 1], [0, 1])), rtol=1e-5,
@@ -193,11 +197,15 @@ def test_delayed_histories_of_micro_batches_are_those_of_the_whole_batch():
 
 
 @pytest.mark.gpu
-def test_xla_runs_one_fp8_gemm_on_hopper():
-    """On an H100 / H200 XLA rewrites the quantize / dequantize / dot pattern into FP8 GEMMs (cuBLASLt)."""
+def test_xla_runs_fp8_gemms_on_hopper():
+    """On an H100 / H200 the forward and both backward products are cuBLASLt FP8 GEMMs (float8 operands in)."""
     if jax.default_backend() != "gpu" or "H1" not in jax.devices()[0].device_kind:
         pytest.skip("needs a Hopper GPU")
     x = jnp.ones((256, 512), jnp.bfloat16)
     kernel = jnp.ones((512, 256), jnp.bfloat16)
-    hlo = jax.jit(fp8_linear).lower(x, kernel).compile().as_text()
-    assert "f8e4m3fn" in hlo and "cublas" in hlo.lower(), hlo[:2000]
+    for history in (None, jnp.zeros((3, 4))):
+        def loss(x, kernel):
+            return jnp.sum(fp8_linear(x, kernel, history=history).astype(jnp.float32))
+
+        hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, kernel).compile().as_text()
+        assert hlo.count('custom_call_target="__cublas$lt$matmul$f8"') == 3, hlo[:3000]
