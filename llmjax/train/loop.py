@@ -415,3 +415,45 @@ def plot_losses(run_dir: Path, baselines: dict[str, float] | None = None) -> Pat
     figure.savefig(path)
     plt.close(figure)
     return path
+
+
+def plot_loss_comparison(metrics: dict[str, list[dict]], path: Path) -> Path:
+    """Several runs' loss curves in one PNG ({label: metrics records}): train loss as lines, validation as dots,
+    one colour per run; the lower panel is each run's train loss minus the first run's at the steps both logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (losses, differences) = plt.subplots(2, 1, figsize=(8, 6.5), dpi=120, sharex=True,
+                                                 gridspec_kw={"height_ratios": [2, 1]})
+    reference = None
+    for index, (label, records) in enumerate(metrics.items()):
+        colour = f"C{index}"
+        train = {r["step"]: r["loss"] for r in records if r["kind"] == "train" and math.isfinite(r["loss"])}
+        validation = [(r["step"], r["loss"]) for r in records if r["kind"] == "validation"]
+        if train:
+            losses.plot(list(train), list(train.values()), "-", color=colour, linewidth=1, label=f"{label} train")
+        if validation:
+            steps, values = np.array(validation).T
+            losses.plot(steps, values, "o", color=colour, markersize=4, label=f"{label} validation")
+        if reference is None:
+            reference = train
+        elif train:
+            shared = sorted(set(train) & set(reference))
+            differences.plot(shared, [train[s] - reference[s] for s in shared], "-", color=colour, linewidth=1,
+                             label=f"{label} - {next(iter(metrics))}")
+    losses.set_ylabel("loss (nats / token)")
+    losses.grid(alpha=0.3)
+    losses.legend(fontsize=8)
+    differences.axhline(0.0, color="gray", linewidth=1)
+    differences.set_xlabel("step")
+    differences.set_ylabel("train loss difference")
+    differences.grid(alpha=0.3)
+    if len(metrics) > 1:
+        differences.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
