@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Issue 21's FP8 evidence on one GPU, one part per call (each fits the 10-minute limit; runs/ stays while the
+# machine is warm). Run from the repository root on the device:
+#   bash tools/fp8_gpu.sh data                              # a 16k BPE tokenizer and token shards of the stdlib
+#   bash tools/fp8_gpu.sh loss MODEL STEPS PRECISION...     # MODEL trained STEPS steps in each precision (bf16, fp8,
+#                                                           # fp8-delayed) from one seed and data, then compare_runs
+#   bash tools/fp8_gpu.sh speed                             # the FP8 GEMM probe, bench_train (llama-1b in every
+#                                                           # precision; GPT-2 124M beside the torch peer), GPU tests
+# Batch sizes: llama-125m 32 x 1024, llama-1b 8 x 2048 (about 1 and 4 minutes per 1,000 steps on an H100).
+# Logs, metrics, plots and JSON are packed into $OUT/PART.tgz (no checkpoints).
+set -uo pipefail
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 LLMJAX_FLASH_AUTOTUNE=0
+RUNS=runs/fp8 LOGS=/tmp/fp8_logs DATA=/tmp/fp8_data
+mkdir -p "$RUNS" "$LOGS" "${OUT:=runs}"
+pack() {  # logs, metrics, plots and JSON of every run (no checkpoints)
+    for run in "$RUNS"/*/; do
+        [ -d "$run" ] || continue
+        name=$(basename "$run"); mkdir -p "$LOGS/$name"
+        cp "$run"/*.jsonl "$run"/*.json "$run"/*.png "$LOGS/$name/" 2>/dev/null
+    done
+    tar czf "$OUT/$1.tgz" -C /tmp fp8_logs
+}
+trap 'pack "${1:-none}"' EXIT
+x() {  # x LOG SECONDS ARGS...: one experiment, its log under $LOGS
+    local log=$1 seconds=$2; shift 2
+    echo "=== $log: $*" | tee -a "$LOGS/$log.log"
+    timeout "$seconds" python3 -m experiments "$@" >> "$LOGS/$log.log" 2>&1
+    echo "=== $log: exit $? at ${SECONDS}s"; grep -vE "^\s*$" "$LOGS/$log.log" | tail -4
+}
+precision_flags() {  # bf16 | fp8 | fp8-delayed -> the --set flags of that precision
+    case "$1" in
+        bf16) echo "--set matmul_precision=bf16" ;;
+        fp8) echo "--set matmul_precision=fp8" ;;
+        fp8-delayed) echo "--set matmul_precision=fp8 --set fp8_scaling=delayed" ;;
+        *) echo "unknown precision $1 (bf16, fp8, fp8-delayed)" >&2; exit 2 ;;
+    esac
+}
+
+case "${1:-}" in
+data)
+    x tokenizer 300 tokenizer --vocab-size 16384 --skip-hf --out /tmp/fp8_tokenizer/bpe-16384.json
+    x tokenize 300 tokenize --tokenizer /tmp/fp8_tokenizer/bpe-16384.json --out "$DATA" --no-progress ;;
+loss)
+    model=${2:?model}; steps=${3:?steps}; shift 3
+    case "$model" in llama-1b) shape=(--batch 8 --seq 2048) ;; *) shape=(--batch 32 --seq 1024) ;; esac
+    runs=()
+    for precision in "$@"; do
+        # shellcheck disable=SC2046
+        x "$model-$precision" 580 train --model "$model" --data "$DATA" $(precision_flags "$precision") "${shape[@]}" \
+            --steps "$steps" --warmup 100 --lr 6e-4 --eval-every 100 --eval-batches 16 --save-every "$steps" \
+            --sample-tokens 0 --seed 0 --run-dir "$RUNS/$model-$precision" --no-progress
+        runs+=("$RUNS/$model-$precision")
+    done
+    x "compare-$model" 120 compare_runs "${runs[@]}" --labels "$(IFS=,; echo "$*")" --out "$RUNS/compare-$model" ;;
+speed)
+    timeout 120 python3 -m pytest -q -m gpu tests/nn/test_fp8.py tests/train/test_step_metrics_gpu.py \
+        -p no:cacheprovider > "$LOGS/gpu-tests.log" 2>&1; tail -3 "$LOGS/gpu-tests.log"
+    timeout 120 python3 tools/fp8_probe.py > "$LOGS/fp8-probe.log" 2>&1; cat "$LOGS/fp8-probe.log"
+    x bench-llama-1b 300 bench_train --model llama-1b --vocab 128256 --batch 8 --seq 2048 --precision all --no-torch \
+        --steps 10 --warmup 2 --check-steps 0 --out "$RUNS/bench-llama-1b"
+    x bench-gpt2 300 bench_train --model gpt2-124m --batch 16 --seq 1024 --precision all --steps 20 --warmup 3 \
+        --check-steps 0 --out "$RUNS/bench-gpt2" ;;
+*)
+    echo "usage: bash tools/fp8_gpu.sh data | loss MODEL STEPS PRECISION... | speed" >&2; exit 2 ;;
+esac
