@@ -1,4 +1,4 @@
-"""Benchmark attention: our Pallas flash attention vs cuDNN, XLA, jax's bundled Pallas kernels and torch SDPA."""
+"""Benchmark attention: our Pallas flash attention vs cuDNN, tokamax, XLA, jax's bundled Pallas kernels and torch SDPA."""
 
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ def parse_args(argv):
         prog="python -m experiments bench_attention",
         description="Time attention forward and forward+backward (TFLOP/s, median of --repeats after warm-up, "
         "random bf16 inputs, layout [batch, seq, heads, head_dim]) for every implementation in the same run: "
-        "ours ('pallas'), cuDNN (jax.nn.dot_product_attention), XLA (the jnp reference), jax's bundled Pallas "
-        "kernels and torch SDPA when torch has CUDA. FLOPs: 4·b·h·s²·d forward (halved for causal), "
+        "ours ('pallas'), cuDNN (jax.nn.dot_product_attention), tokamax's Mosaic GPU kernel when tokamax is "
+        "installed, XLA (the jnp reference), jax's bundled Pallas kernels and torch SDPA when torch has CUDA. FLOPs: 4·b·h·s²·d forward (halved for causal), "
         "3.5x that for forward+backward.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -49,10 +49,12 @@ def parse_args(argv):
                    help="sequence lengths; batch is chosen to keep --tokens tokens per call")
     p.add_argument("--tokens", type=int, default=16384, help="batch x seq per call for the sweep")
     p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128], help="head dims (d_model 2048 split into heads)")
-    p.add_argument("--impls", nargs="+", default=["pallas", "pallas_triton", "cudnn", "xla", "bundled", "torch"],
+    p.add_argument("--impls", nargs="+",
+                   default=["pallas", "pallas_triton", "cudnn", "tokamax", "xla", "bundled", "torch"],
                    help="implementations to time: pallas (ours, best lowering: Mosaic GPU on Hopper), pallas_triton "
-                   "(ours, Triton lowering), cudnn, xla, bundled (jax's Pallas mha), bundled_mgpu (jax's Mosaic GPU "
-                   "kernel; float16 tiles only), torch (SDPA)")
+                   "(ours, Triton lowering), cudnn, tokamax (tokamax.dot_product_attention's Mosaic GPU kernel and "
+                   "its own backward; `pip install tokamax`), xla, bundled (jax's Pallas mha), bundled_mgpu (jax's "
+                   "Mosaic GPU kernel; float16 tiles only), torch (SDPA)")
     p.add_argument("--no-backward", action="store_true", help="forward only")
     p.add_argument("--repeats", type=int, default=20, help="timed repetitions per measurement")
     p.add_argument("--inner", type=int, default=5,
@@ -110,6 +112,10 @@ def jax_attention(impl: str, shape: Shape):
         return lambda q, k, v: attention_reference(q, k, v, causal=shape.causal)
     if impl == "cudnn":
         return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=shape.causal, implementation="cudnn")
+    if impl == "tokamax":  # ImportError when it is not installed: reported as unavailable
+        import tokamax
+
+        return lambda q, k, v: tokamax.dot_product_attention(q, k, v, is_causal=shape.causal, implementation="mosaic")
     if impl in ("pallas", "pallas_triton"):  # ours: the best lowering for the device, or the Triton one
         from llmjax.kernels.flash_attention import flash_attention
 
@@ -211,17 +217,23 @@ def with_tflops(result: dict, shape: Shape) -> dict:
     return result
 
 
+RATIO_PEERS = ("cudnn", "tokamax")  # ours against each of these, where both were timed
+
+
 def table(rows: list[dict], impls: list[str], key: str) -> str:
-    header = f"| shape | {' | '.join(impls)} | pallas / cudnn |"
-    lines = [header, "|" + " --- |" * (len(impls) + 2)]
+    peers = [peer for peer in RATIO_PEERS if peer in impls and "pallas" in impls]
+    header = f"| shape | {' | '.join(impls)} |" + "".join(f" pallas / {peer} |" for peer in peers)
+    lines = [header, "|" + " --- |" * (len(impls) + len(peers) + 1)]
     for row in rows:
         cells = []
         for impl in impls:
             value = row["results"][impl].get(key)
             cells.append(f"{value:.0f}" if value is not None else "-")
-        ours, cudnn = row["results"].get("pallas", {}).get(key), row["results"].get("cudnn", {}).get(key)
-        ratio = f"{ours / cudnn:.2f}x" if ours and cudnn else "-"
-        lines.append(f"| {row['shape']} | {' | '.join(cells)} | {ratio} |")
+        ours = row["results"].get("pallas", {}).get(key)
+        for peer in peers:
+            theirs = row["results"].get(peer, {}).get(key)
+            cells.append(f"{ours / theirs:.2f}x" if ours and theirs else "-")
+        lines.append(f"| {row['shape']} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 

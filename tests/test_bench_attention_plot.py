@@ -71,3 +71,34 @@ def test_a_quick_cpu_run_writes_its_chart(tmp_path, capsys):
     out = tmp_path / "attention.json"
     assert bench_attention.main(["--quick", "--repeats", "1", "--inner", "1", "--out", str(out)]) == 0
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_table_has_a_ratio_column_per_timed_peer():
+    """pallas / cudnn and pallas / tokamax where both sides were timed; '-' where a peer could not run."""
+    rows = synthetic_rows([4096], [128])
+    for row in rows:
+        row["results"]["tokamax"] = {"forward_tflops": 50.0} if row["seq"] == 4096 else {"error": "unavailable"}
+    text = bench_attention.table(rows, IMPLS + ["tokamax"], "forward_tflops")
+    lines = text.splitlines()
+    assert lines[0] == "| shape | pallas | cudnn | xla | tokamax | pallas / cudnn | pallas / tokamax |"
+    assert lines[1].count("---") == 7
+    headline = lines[2].split(" | ")  # pallas 104, cudnn 105, tokamax 50
+    assert headline[-2] == f"{104 / 105:.2f}x" and headline[-1] == f"{104 / 50:.2f}x |"
+    assert bench_attention.table(rows, ["cudnn", "xla"], "forward_tflops").splitlines()[0] == "| shape | cudnn | xla |"
+
+
+def test_tokamax_missing_is_reported_not_fatal(monkeypatch):
+    """Without tokamax installed (CI), its column says why; the other implementations still run."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tokamax(name, *args, **kwargs):
+        if name == "tokamax":
+            raise ImportError("No module named 'tokamax'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tokamax)
+    shape = bench_attention.Shape(1, 128, 2, 2, 32, True)
+    result = bench_attention.time_jax("tokamax", shape, Namespace(repeats=1, inner=1, no_backward=True))
+    assert result == {"error": "unavailable: No module named 'tokamax'"}
