@@ -1,4 +1,4 @@
-"""Benchmark attention: our Pallas flash attention vs cuDNN, tokamax, XLA, jax's bundled Pallas kernels and torch SDPA."""
+"""Benchmark attention: our Pallas flash attention vs cuDNN, tokamax, XLA, jax's Pallas kernels and torch SDPA."""
 
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ def parse_args(argv):
         description="Time attention forward and forward+backward (TFLOP/s, median of --repeats after warm-up, "
         "random bf16 inputs, layout [batch, seq, heads, head_dim]) for every implementation in the same run: "
         "ours ('pallas'), cuDNN (jax.nn.dot_product_attention), tokamax's Mosaic GPU kernel when tokamax is "
-        "installed, XLA (the jnp reference), jax's bundled Pallas kernels and torch SDPA when torch has CUDA. FLOPs: 4·b·h·s²·d forward (halved for causal), "
-        "3.5x that for forward+backward.",
+        "installed, XLA (the jnp reference), jax's bundled Pallas kernels and torch SDPA when torch has CUDA. "
+        "FLOPs: 4·b·h·s²·d forward (halved for causal), 3.5x that for forward+backward.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768],
