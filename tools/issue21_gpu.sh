@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Issue 21's FP8 evidence on one GPU, one part per call (each fits the 10-minute limit; runs/ stays while the
-# machine is warm). Run from the repository root on the device:
-#   bash tools/fp8_gpu.sh data                              # a 16k BPE tokenizer and token shards of the stdlib
-#   bash tools/fp8_gpu.sh loss MODEL STEPS PRECISION...     # MODEL trained STEPS steps in each precision (bf16, fp8,
+# Issue 21 on one GPU (FP8 training, attention against cuDNN and tokamax), one part per call (each fits the
+# 10-minute limit; runs/ stays while the machine is warm). Run from the repository root on the device:
+#   bash tools/issue21_gpu.sh data                          # a 16k BPE tokenizer and token shards of the stdlib
+#   bash tools/issue21_gpu.sh loss MODEL STEPS PRECISION... # MODEL trained STEPS steps in each precision (bf16, fp8,
 #                                                           # fp8-delayed) from one seed and data, then compare_runs
-#   bash tools/fp8_gpu.sh speed                             # the FP8 GEMM probe, bench_train (llama-1b in every
+#   bash tools/issue21_gpu.sh speed                         # the FP8 GEMM probe, bench_train (llama-1b in every
 #                                                           # precision; GPT-2 124M beside the torch peer), GPU tests
+#   bash tools/issue21_gpu.sh attention                     # bench_attention at the headline shapes and 16k with
+#                                                           # tokamax: carry .whl_tokamax (tokamax 0.0.17 and what it
+#                                                           # needs beyond the image; xprof, imported by its own
+#                                                           # benchmarking only, is stubbed: the registry's is too old)
 # Batch sizes: llama-125m 32 x 1024, llama-1b 8 x 2048 (about 1 and 4 minutes per 1,000 steps on an H100).
 # Logs, metrics, plots and JSON are packed into $OUT/PART.tgz (no checkpoints).
 set -uo pipefail
@@ -60,6 +64,14 @@ speed)
         --steps 10 --warmup 2 --check-steps 0 --out "$RUNS/bench-llama-1b"
     x bench-gpt2 300 bench_train --model gpt2-124m --batch 16 --seq 1024 --precision all --steps 20 --warmup 3 \
         --check-steps 0 --out "$RUNS/bench-gpt2" ;;
+attention)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl_tokamax/*.whl
+    mkdir -p /tmp/site/xprof/cli && touch /tmp/site/xprof/__init__.py /tmp/site/xprof/cli/__init__.py
+    echo "get_kernel_stats_tool = None" > /tmp/site/xprof/cli/tools.py
+    export PYTHONPATH=$PYTHONPATH:/tmp/site
+    # the headline shapes (b4 s4096 h16 d128 causal, MHA and GQA) come first, then b1 s16384 h16 d128
+    x attention 500 bench_attention --seqs 16384 --tokens 16384 --head-dims 128 --impls pallas cudnn tokamax torch \
+        --out "$RUNS/attention/attention.json" ;;
 *)
-    echo "usage: bash tools/fp8_gpu.sh data | loss MODEL STEPS PRECISION... | speed" >&2; exit 2 ;;
+    echo "usage: bash tools/issue21_gpu.sh data | loss MODEL STEPS PRECISION... | speed | attention" >&2; exit 2 ;;
 esac
