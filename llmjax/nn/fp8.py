@@ -104,51 +104,37 @@ def _backward_dots(x_q, x_scale, kernel_q, kernel_scale, g_q, g_scale, in_dims, 
     return dx, dkernel
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _fp8_matmul(x: jax.Array, kernel: jax.Array, in_dims: int) -> jax.Array:
-    return _fp8_matmul_forward(x, kernel, in_dims)[0]
-
-
-def _fp8_matmul_forward(x, kernel, in_dims):
-    x_scale, kernel_scale = scale_for(_amax(x), E4M3), scale_for(_amax(kernel), E4M3)
-    x_q, kernel_q = quantize(x, x_scale, E4M3), quantize(kernel, kernel_scale, E4M3)
-    y = _forward_dot(x_q, x_scale, kernel_q, kernel_scale, in_dims, x.dtype)
-    return y, (x_q, x_scale, kernel_q, kernel_scale)
-
-
-def _fp8_matmul_backward(in_dims, saved, g):
-    x_q, x_scale, kernel_q, kernel_scale = saved  # [..., *in], [*in, *out] in float8: the forward's operands
-    g_scale = scale_for(_amax(g), E5M2)
-    return _backward_dots(x_q, x_scale, kernel_q, kernel_scale, quantize(g, g_scale, E5M2), g_scale, in_dims,
-                          g.dtype)
-
-
-_fp8_matmul.defvjp(_fp8_matmul_forward, _fp8_matmul_backward)
+def _scale(x: jax.Array, fmt: Fp8Format, history: jax.Array | None) -> jax.Array:
+    """x's scale: from its own amax (current scaling, history None) or from its amax history [H] (delayed)."""
+    return scale_for(_amax(x), fmt) if history is None else scale_from_history(history, fmt)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _fp8_matmul_delayed(x: jax.Array, kernel: jax.Array, history: jax.Array, in_dims: int) -> jax.Array:
-    return _fp8_matmul_delayed_forward(x, kernel, history, in_dims)[0]
+def _fp8_matmul(x: jax.Array, kernel: jax.Array, history: jax.Array | None, in_dims: int) -> jax.Array:
+    return _fp8_matmul_forward(x, kernel, history, in_dims)[0]
 
 
-def _fp8_matmul_delayed_forward(x, kernel, history, in_dims):
-    x_scale, kernel_scale = scale_from_history(history[0], E4M3), scale_from_history(history[1], E4M3)
+def _fp8_matmul_forward(x, kernel, history, in_dims):
+    x_scale = _scale(x, E4M3, None if history is None else history[0])
+    kernel_scale = _scale(kernel, E4M3, None if history is None else history[1])
     x_q, kernel_q = quantize(x, x_scale, E4M3), quantize(kernel, kernel_scale, E4M3)
-    amaxes = jnp.stack([_amax(x), _amax(kernel)])  # [2]: this step's, for the history
+    amaxes = None if history is None else jnp.stack([_amax(x), _amax(kernel)])  # [2]: this step's, for the history
     y = _forward_dot(x_q, x_scale, kernel_q, kernel_scale, in_dims, x.dtype)
     return y, (x_q, x_scale, kernel_q, kernel_scale, history, amaxes)
 
 
-def _fp8_matmul_delayed_backward(in_dims, saved, g):
-    x_q, x_scale, kernel_q, kernel_scale, history, amaxes = saved
-    g_scale = scale_from_history(history[2], E5M2)
+def _fp8_matmul_backward(in_dims, saved, g):
+    x_q, x_scale, kernel_q, kernel_scale, history, amaxes = saved  # x_q [..., *in], kernel_q [*in, *out]: float8
+    g_scale = _scale(g, E5M2, None if history is None else history[2])
     dx, dkernel = _backward_dots(x_q, x_scale, kernel_q, kernel_scale, quantize(g, g_scale, E5M2), g_scale,
                                  in_dims, g.dtype)
+    if history is None:
+        return dx, dkernel, None
     new_history = update_amax_history(history, jnp.concatenate([amaxes, _amax(g)[None]]))  # [3, H]
     return dx, dkernel, new_history  # the history's "gradient" is its next value
 
 
-_fp8_matmul_delayed.defvjp(_fp8_matmul_delayed_forward, _fp8_matmul_delayed_backward)
+_fp8_matmul.defvjp(_fp8_matmul_forward, _fp8_matmul_backward)
 
 
 def fp8_linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *, in_dims: int = 1,
@@ -159,13 +145,12 @@ def fp8_linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *
     scaling's state [3, H] float32 (amax histories of x, kernel and output gradient), whose gradient is its next
     value (see the module's docstring)."""
     check_linear_operands("fp8_linear", x, kernel, in_dims)
-    if history is None:
-        y = _fp8_matmul(x, kernel.astype(x.dtype), in_dims)
-    else:
+    if history is not None:
         if history.ndim != 2 or history.shape[0] != 3:
             raise ValueError(f"fp8_linear: history has shape {history.shape}; delayed scaling keeps [3, H] (the amax "
                              f"histories of x, the kernel and the output gradient)")
-        y = _fp8_matmul_delayed(x, kernel.astype(x.dtype), history.astype(jnp.float32), in_dims)
+        history = history.astype(jnp.float32)
+    y = _fp8_matmul(x, kernel.astype(x.dtype), history, in_dims)
     return y if bias is None else y + bias.astype(y.dtype)
 
 
