@@ -1,20 +1,11 @@
 """Which FP8 matmul form XLA turns into an FP8 GEMM on this GPU, and how fast each runs (issue 21 probe)."""
 import re
-import time
 
 import jax
 import jax.numpy as jnp
 
+from llmjax.experiments.bench_attention import median_seconds
 from llmjax.nn.fp8 import E4M3, fp8_linear, quantize, scale_for
-
-
-def timed(f, *args, n=20):
-    jax.block_until_ready(f(*args))
-    start = time.perf_counter()
-    for _ in range(n):
-        out = f(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / n
 
 
 def direct(x, kernel):
@@ -37,6 +28,6 @@ for name, f in (("bf16", lambda a, b: a @ b), ("fp8_linear", fp8_linear), ("dire
     hlo = jf.lower(x, w).compile().as_text()
     calls = sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo)))
     f8 = sorted(set(re.findall(r"f8e\w+", hlo)))
-    seconds = timed(jf, x, w)
+    seconds = median_seconds(jf, x, w, repeats=20, inner=5)
     flops = 2 * m * k * n * (3 if "bwd" in name else 1)
     print(f"{name:>18}: {seconds * 1e3:7.3f} ms {flops / seconds / 1e12:6.1f} TFLOP/s calls={calls} f8={f8}")
