@@ -54,7 +54,9 @@ def parse_args(argv):
                    help="implementations to time: pallas (ours, best lowering: Mosaic GPU on Hopper), pallas_triton "
                    "(ours, Triton lowering), cudnn, tokamax (tokamax.dot_product_attention's Mosaic GPU kernel and "
                    "its own backward; `pip install tokamax`), xla, bundled (jax's Pallas mha), bundled_mgpu (jax's "
-                   "Mosaic GPU kernel; float16 tiles only), torch (SDPA)")
+                   "Mosaic GPU kernel; float16 tiles only), torch (SDPA); forward only, on float8_e4m3fn copies "
+                   "of the inputs (one scale per tensor, quantized before timing): pallas_fp8 (ours, bf16 out, V "
+                   "transposed inside the timed call), cudnn_fp8 (cuDNN's FP8 flash attention, fp8 out)")
     p.add_argument("--no-backward", action="store_true", help="forward only")
     p.add_argument("--repeats", type=int, default=20, help="timed repetitions per measurement")
     p.add_argument("--inner", type=int, default=5,
@@ -98,10 +100,43 @@ def median_seconds(fn, *args, repeats: int, inner: int = 1) -> float:
     return float(np.median(times))
 
 
+FP8_IMPLS = ("pallas_fp8", "cudnn_fp8")  # forward only, on float8_e4m3fn operands
+
+
+def fp8_operands(*tensors):
+    """Per-tensor float8_e4m3fn copies (scale = amax / 448) and their float32 scales."""
+    import jax.numpy as jnp
+
+    scales = [jnp.max(jnp.abs(x)).astype(jnp.float32) / 448.0 for x in tensors]
+    return [(x / s).astype(jnp.float8_e4m3fn) for x, s in zip(tensors, scales)], scales
+
+
+def fp8_attention(impl: str, shape: Shape, scales):
+    """attention(q8, k8, v8) on float8_e4m3fn operands standing for q8 * scale (q, k, v's `scales`)."""
+    import jax.numpy as jnp
+
+    if impl == "pallas_fp8":
+        from llmjax.kernels.flash_attention.mosaic_gpu import flash_attention_fp8_forward, supported_fp8
+
+        def attention(q8, k8, v8):
+            return flash_attention_fp8_forward(q8, k8, v8, *scales, causal=shape.causal)
+
+        probe = [jnp.zeros((shape.batch, shape.seq, heads, shape.head_dim), jnp.float8_e4m3fn)
+                 for heads in (shape.heads, shape.kv_heads, shape.kv_heads)]
+        return supported_fp8(*probe, causal=shape.causal) or attention
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn  # jax's FP8 entry point is not public
+
+    params = {key: jnp.ones((1, 1, 1, 1), jnp.float32) for key in cudnn.fp8_params_keys}
+    for name, value in zip(("descale_q", "descale_k", "descale_v"), scales):
+        params[name] = jnp.reshape(value, (1, 1, 1, 1))
+    mask = cudnn.MaskType.CAUSAL if shape.causal else cudnn.MaskType.NO_MASK
+    return lambda q8, k8, v8: cudnn.dot_product_attention(q8, k8, v8, fp8_params=params, scale=shape.head_dim**-0.5,
+                                                          mask_type=mask, use_fp8=True)[0]
+
+
 def jax_attention(impl: str, shape: Shape):
     """attention(q, k, v) for a named JAX implementation, or a reason it cannot run this shape."""
     import jax
-    import jax.numpy as jnp
 
     from llmjax.kernels.flash_attention.reference import attention_reference
 
@@ -140,7 +175,7 @@ def time_jax(impl: str, shape: Shape, args) -> dict:
     import jax.numpy as jnp
 
     try:
-        attention = jax_attention(impl, shape)
+        attention = None if impl in FP8_IMPLS else jax_attention(impl, shape)
     except ImportError as error:
         return {"error": f"unavailable: {error}"}
     if isinstance(attention, str):
@@ -151,9 +186,14 @@ def time_jax(impl: str, shape: Shape, args) -> dict:
     d_out = jax.random.normal(keys[3], q.shape, jnp.bfloat16)
     result = {}
     try:
+        if impl in FP8_IMPLS:
+            (q, k, v), scales = fp8_operands(q, k, v)
+            attention = fp8_attention(impl, shape, scales)
+            if isinstance(attention, str):
+                return {"skipped": attention}
         forward = jax.jit(attention)
         result["forward_ms"] = 1e3 * median_seconds(forward, q, k, v, repeats=args.repeats, inner=args.inner)
-        if not args.no_backward:
+        if not args.no_backward and impl not in FP8_IMPLS:
             backward = jax.jit(lambda q, k, v, g: jax.vjp(attention, q, k, v)[1](g))
             result["forward_backward_ms"] = 1e3 * median_seconds(backward, q, k, v, d_out, repeats=args.repeats,
                                                                  inner=args.inner)
@@ -217,22 +257,22 @@ def with_tflops(result: dict, shape: Shape) -> dict:
     return result
 
 
-RATIO_PEERS = ("cudnn", "tokamax")  # ours against each of these, where both were timed
+# (ours, peer): the ratio columns, where both were asked for
+RATIOS = (("pallas", "cudnn"), ("pallas", "tokamax"), ("pallas_fp8", "cudnn_fp8"), ("pallas_fp8", "pallas"))
 
 
 def table(rows: list[dict], impls: list[str], key: str) -> str:
-    peers = [peer for peer in RATIO_PEERS if peer in impls and "pallas" in impls]
-    header = f"| shape | {' | '.join(impls)} |" + "".join(f" pallas / {peer} |" for peer in peers)
-    lines = [header, "|" + " --- |" * (len(impls) + len(peers) + 1)]
+    pairs = [(ours, peer) for ours, peer in RATIOS if ours in impls and peer in impls]
+    header = f"| shape | {' | '.join(impls)} |" + "".join(f" {ours} / {peer} |" for ours, peer in pairs)
+    lines = [header, "|" + " --- |" * (len(impls) + len(pairs) + 1)]
     for row in rows:
         cells = []
         for impl in impls:
             value = row["results"][impl].get(key)
             cells.append(f"{value:.0f}" if value is not None else "-")
-        ours = row["results"].get("pallas", {}).get(key)
-        for peer in peers:
-            theirs = row["results"].get(peer, {}).get(key)
-            cells.append(f"{ours / theirs:.2f}x" if ours and theirs else "-")
+        for ours, peer in pairs:
+            mine, theirs = row["results"].get(ours, {}).get(key), row["results"].get(peer, {}).get(key)
+            cells.append(f"{mine / theirs:.2f}x" if mine and theirs else "-")
         lines.append(f"| {row['shape']} | {' | '.join(cells)} |")
     return "\n".join(lines)
 

@@ -157,18 +157,32 @@ def _key_block_ranges(first_row, block_q, *, block_kv, num_kv_blocks, causal, sl
     return lo, unmasked_lo, unmasked_hi, hi
 
 
-def _forward(q, k, v, *, causal, sliding_window, logit_softcap, config: KernelConfig, interpret=False):
-    """(out, lse): out [batch, q_len, heads, head_dim], lse [batch, heads, q_len] float32 (natural log)."""
-    reason = supported(q, k, v, causal=causal, sliding_window=sliding_window, logit_softcap=logit_softcap,
-                       config=config, check_device=False)
-    if reason:
-        raise ValueError(f"flash_attention_mosaic: {reason}")
-    if interpret and config.pipelined:
-        raise ValueError("interpret mode runs only the non-pipelined schedule (it has no register-operand wgmma)")
+def _forward(q, k, v, *, causal, sliding_window, logit_softcap, config: KernelConfig, interpret=False,
+             qk_descale=None, out_dtype=None):
+    """(out, lse): out [batch, q_len, heads, head_dim], lse [batch, heads, q_len] float32 (natural log).
+
+    FP8 (q, k, v float8_e4m3fn, validated by `supported_fp8`): v comes transposed, [batch, kv_heads, head_dim,
+    kv_len] (FP8 wgmma reads both operands K-major); `qk_descale` [2] float32 holds q's scale times k's (the raw
+    scores are multiplied by it) and v's scale (the output is); P is rounded to e4m3 for the P V product, out is
+    of `out_dtype`.
+    """
+    fp8 = jnp.dtype(q.dtype).itemsize == 1
+    if not fp8:
+        reason = supported(q, k, v, causal=causal, sliding_window=sliding_window, logit_softcap=logit_softcap,
+                           config=config, check_device=False)
+        if reason:
+            raise ValueError(f"flash_attention_mosaic: {reason}")
+    # P reaches the P V product through shared memory in interpret mode (its wgmma takes A from shared memory
+    # only) and in FP8 (jax 0.11's Mosaic GPU has no relayout of the float32 accumulator's registers into the
+    # 8-bit register-operand layout); only the non-pipelined schedule does that.
+    stage_p = interpret or fp8
+    if stage_p and config.pipelined:
+        raise ValueError("interpret mode and FP8 run only the non-pipelined schedule (P staged in shared memory)")
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
     dtype = q.dtype
+    out_dtype = out_dtype or dtype
     block_q, block_kv, stages = config.block_q, config.block_kv, config.num_stages
     num_q_tiles = q_len // config.rows_per_cta
     num_kv_blocks = kv_len // block_kv
@@ -180,8 +194,10 @@ def _forward(q, k, v, *, causal, sliding_window, logit_softcap, config: KernelCo
     ranges = functools.partial(_key_block_ranges, block_q=block_q, block_kv=block_kv,
                                num_kv_blocks=num_kv_blocks, causal=causal, sliding_window=sliding_window)
 
-    def kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, qo_smem, k_smem, v_smem, lse_smem, p_smem,
-               q_ready, k_ready, v_ready, k_consumed, v_consumed, schedule, turn):
+    def kernel(q_ref, k_ref, v_ref, *refs):
+        descale_ref, *refs = refs if fp8 else (None, *refs)
+        (out_ref, lse_ref, qo_smem, k_smem, v_smem, lse_smem, p_smem, o_smem,
+         q_ready, k_ready, v_ready, k_consumed, v_consumed, schedule, turn) = refs
         head = lax.axis_index("heads")
         batch_index = lax.axis_index("batch")
         tile = lax.axis_index("q_tiles")
@@ -218,24 +234,28 @@ def _forward(q, k, v, *, causal, sliding_window, logit_softcap, config: KernelCo
         def _producer():
             plgpu.set_max_registers(config.producer_registers, action="decrease")
 
-            def fetch(block, slot):
+            def fetch_k(block, slot):
                 rows = (batch_index, pl.ds(block * block_kv, block_kv), kv_head)
                 plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
+
+            def fetch_v(block, slot):  # FP8: V^T's [head_dim, block_kv] tile
+                keys = pl.ds(block * block_kv, block_kv)
+                tile = v_ref.at[batch_index, kv_head, :, keys] if fp8 else v_ref.at[batch_index, keys, kv_head]
+                plgpu.copy_gmem_to_smem(tile, v_smem.at[slot], v_ready.at[slot])
 
             for slot in range(stages):
                 @pl.when(cta_lo + slot < cta_hi)
                 def _():
-                    fetch(cta_lo + slot, slot)
+                    fetch_k(cta_lo + slot, slot)
+                    fetch_v(cta_lo + slot, slot)
 
             @pl.loop(cta_lo + stages, cta_hi)
             def _(block):
                 slot = slot_of(block)
                 plgpu.barrier_wait(k_consumed.at[slot])
-                rows = (batch_index, pl.ds(block * block_kv, block_kv), kv_head)
-                plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
+                fetch_k(block, slot)
                 plgpu.barrier_wait(v_consumed.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
+                fetch_v(block, slot)
 
             # Observe the last releases too, so every barrier phase is waited for exactly once.
             @pl.loop(jnp.maximum(cta_lo, cta_hi - stages), cta_hi)
@@ -252,11 +272,18 @@ def _forward(q, k, v, *, causal, sliding_window, logit_softcap, config: KernelCo
             plgpu.copy_gmem_to_smem(q_ref.at[batch_index, pl.ds(first_row, block_q), head], q_smem,
                                     q_ready.at[warpgroup])
             plgpu.barrier_wait(q_ready.at[warpgroup])
+            # FP8: the raw scores times q's and k's scales (a factor inside the soft-cap's tanh).
+            qk_scale = descale_ref[0] if fp8 else 1.0
+            v_scale = descale_ref[1] if fp8 else 1.0
+            factor = score_factor if logit_softcap is not None else score_factor * qk_scale
+
+            def v_operand(slot):  # V block as the P V product's [block_kv, head_dim] operand
+                return v_smem.at[slot].transpose((1, 0)) if fp8 else v_smem.at[slot]
 
             def scores_log2(s, block, masked):
                 """Raw Q K^T [block_q, block_kv] -> log2-unit scores (masked ones -inf)."""
                 if logit_softcap is not None:
-                    s = jnp.tanh(s * (scale / logit_softcap))
+                    s = jnp.tanh(s * (qk_scale * (scale / logit_softcap)))
                 if masked:
                     rows = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
                     cols = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
@@ -273,13 +300,13 @@ def _forward(q, k, v, *, causal, sliding_window, logit_softcap, config: KernelCo
 
             def softmax_step(s, row_max, row_sum):
                 """Online softmax of one block: (p, new row max, new row sum, rescale of the old O)."""
-                new_max = jnp.maximum(row_max, s.max(axis=1) * score_factor)
+                new_max = jnp.maximum(row_max, s.max(axis=1) * factor)
                 if sliding_window is not None:  # a row may have seen no key yet: keep exp2 finite
                     new_max_safe = jnp.where(new_max == -jnp.inf, 0.0, new_max)
                 else:
                     new_max_safe = new_max
                 alpha = jnp.exp2(row_max - new_max_safe)
-                p = jnp.exp2(s * score_factor - lax.broadcast_in_dim(new_max_safe, s.shape, [0]))
+                p = jnp.exp2(s * factor - lax.broadcast_in_dim(new_max_safe, s.shape, [0]))
                 row_sum = row_sum * alpha + p.sum(axis=1)
                 return p.astype(dtype), new_max, row_sum, alpha
 
@@ -344,7 +371,7 @@ def _forward(q, k, v, *, causal, sliding_window, logit_softcap, config: KernelCo
                             rendezvous()
                             wait_turn()
                             plgpu.wgmma(s_acc, q_smem, k_smem.at[slot].transpose((1, 0)))
-                            plgpu.wgmma(o_acc, p_prev, v_smem.at[prev_slot])
+                            plgpu.wgmma(o_acc, p_prev, v_operand(prev_slot))
                             pass_turn()
                             rendezvous()
                             s = plgpu.wgmma_accumulator_load(s_acc, wait_n=1)  # S_j done, P V may run on
@@ -361,7 +388,7 @@ def _forward(q, k, v, *, causal, sliding_window, logit_softcap, config: KernelCo
                     # Epilogue: the last block's P V.
                     slot = slot_of(hi - 1)
                     plgpu.barrier_wait(v_ready.at[slot])
-                    plgpu.wgmma(o_acc, p, v_smem.at[slot])
+                    plgpu.wgmma(o_acc, p, v_operand(slot))
                     o = plgpu.wgmma_accumulator_load(o_acc, wait_n=0)
                     plgpu.barrier_arrive(v_consumed.at[slot])
                     return o, new_max, new_sum
@@ -386,18 +413,18 @@ def _forward(q, k, v, *, causal, sliding_window, logit_softcap, config: KernelCo
                     o = o * lax.broadcast_in_dim(alpha, o.shape, [0])
                     rendezvous()
                     plgpu.barrier_wait(v_ready.at[slot])
-                    if interpret:  # the interpreter's wgmma takes A from shared memory only
+                    if stage_p:
                         p_tile = p_smem.at[warpgroup]
                         p_tile[...] = p
                         plgpu.commit_smem()
 
                         def pv(acc):
-                            plgpu.wgmma(acc, p_tile, v_smem.at[slot])
+                            plgpu.wgmma(acc, p_tile, v_operand(slot))
                             return plgpu.wgmma_accumulator_load(acc, wait_n=0)
 
                         o = o + pl.run_scoped(pv, plgpu.ACC((block_q, head_dim), jnp.float32))
                     else:
-                        o = pl.run_state(lambda acc: plgpu.wgmma(acc, p, v_smem.at[slot]))(plgpu.ACC.init(o))
+                        o = pl.run_state(lambda acc: plgpu.wgmma(acc, p, v_operand(slot)))(plgpu.ACC.init(o))
                     plgpu.barrier_arrive(v_consumed.at[slot])
                     return o, row_max, row_sum
 
@@ -408,23 +435,29 @@ def _forward(q, k, v, *, causal, sliding_window, logit_softcap, config: KernelCo
             pl.when(warpgroup == 0)(rendezvous)  # match consumer 1's extra one
             pl.when(warpgroup == 0)(wait_turn)  # take consumer 1's last hand-over
 
-            out = o * lax.broadcast_in_dim(1.0 / row_sum, o.shape, [0])
-            q_smem[...] = out.astype(dtype)  # Q is no longer read: its tile holds the output
+            out = o * lax.broadcast_in_dim(v_scale / row_sum, o.shape, [0])
+            out_tile = o_smem.at[warpgroup] if fp8 else q_smem  # bf16: Q is no longer read, its tile holds O
+            out_tile[...] = out.astype(out_dtype)
             lse_tile = lse_smem.at[warpgroup]
             lse_tile[...] = row_max * LN2 + jnp.log(row_sum)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(q_smem, out_ref.at[batch_index, pl.ds(first_row, block_q), head])
+            plgpu.copy_smem_to_gmem(out_tile, out_ref.at[batch_index, pl.ds(first_row, block_q), head])
             plgpu.copy_smem_to_gmem(lse_tile, lse_ref.at[batch_index, head, pl.ds(first_row, block_q)])
             plgpu.wait_smem_to_gmem(0)
 
-    swizzled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+    def swizzled(itemsize):  # 128-byte rows: 64 bf16 or 128 float8 elements
+        return dict(transforms=(plgpu.TilingTransform((8, 128 // itemsize)), plgpu.SwizzleTransform(128)))
+
+    item, out_item = jnp.dtype(dtype).itemsize, jnp.dtype(out_dtype).itemsize
     scratch = [
-        plgpu.SMEM((NUM_CONSUMERS, block_q, head_dim), dtype, **swizzled),  # Q, then O
-        plgpu.SMEM((stages, block_kv, head_dim), dtype, **swizzled),  # K ring
-        plgpu.SMEM((stages, block_kv, head_dim), dtype, **swizzled),  # V ring
+        plgpu.SMEM((NUM_CONSUMERS, block_q, head_dim), dtype, **swizzled(item)),  # Q (then O, bf16)
+        plgpu.SMEM((stages, block_kv, head_dim), dtype, **swizzled(item)),  # K ring
+        plgpu.SMEM((stages, head_dim, block_kv) if fp8 else (stages, block_kv, head_dim), dtype,
+                   **swizzled(item)),  # V ring (FP8: V^T)
         plgpu.SMEM((NUM_CONSUMERS, block_q), jnp.float32),  # lse
-        # P staged through shared memory (interpret mode only; hardware keeps P in registers).
-        plgpu.SMEM((NUM_CONSUMERS, block_q, block_kv), dtype, **swizzled) if interpret else None,
+        # P staged through shared memory (interpret mode and FP8; bf16 on hardware keeps P in registers).
+        plgpu.SMEM((NUM_CONSUMERS, block_q, block_kv), dtype, **swizzled(item)) if stage_p else None,
+        plgpu.SMEM((NUM_CONSUMERS, block_q, head_dim), out_dtype, **swizzled(out_item)) if fp8 else None,  # O
         plgpu.Barrier(num_barriers=NUM_CONSUMERS),  # Q landed
         plgpu.Barrier(num_barriers=stages),  # K landed
         plgpu.Barrier(num_barriers=stages),  # V landed
@@ -435,7 +468,8 @@ def _forward(q, k, v, *, causal, sliding_window, logit_softcap, config: KernelCo
     ]
     out, lse = plgpu.kernel(
         kernel,
-        out_type=(jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)),
+        out_type=(jax.ShapeDtypeStruct(q.shape, out_dtype),
+                  jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)),
         scratch_types=scratch,
         grid=(heads, num_q_tiles, batch) if config.fastest_axis == "heads" else (num_q_tiles, heads, batch),
         grid_names=("heads", "q_tiles", "batch") if config.fastest_axis == "heads" else ("q_tiles", "heads", "batch"),
@@ -445,10 +479,10 @@ def _forward(q, k, v, *, causal, sliding_window, logit_softcap, config: KernelCo
         # leaves room for a third K/V stage at head_dim 128).
         compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
-        kernel_name=(f"flash_attention_fwd_d{head_dim}_kv{block_kv}_s{stages}"
+        kernel_name=(f"flash_attention_fwd{'_fp8' if fp8 else ''}_d{head_dim}_kv{block_kv}_s{stages}"
                      f"{'_pipelined' if config.pipelined else ''}_{config.pingpong}"
                      f"_r{config.consumer_registers}_{'causal' if causal else 'full'}"),
-    )(q, k, v)
+    )(q, k, v, *([qk_descale] if fp8 else []))
     return out, lse
 
 
@@ -460,6 +494,48 @@ def flash_attention_forward_mosaic(q, k, v, *, causal=True, sliding_window=None,
         config = dataclasses.replace(config, pipelined=False)
     return _forward(q, k, v, causal=causal, sliding_window=sliding_window, logit_softcap=logit_softcap,
                     config=config, interpret=interpret)
+
+
+FP8_DTYPE = jnp.float8_e4m3fn
+
+
+def supported_fp8(q, k, v, *, causal=True, sliding_window=None, logit_softcap=None,
+                  config: KernelConfig | None = None, check_device: bool = True) -> str | None:
+    """None when `flash_attention_fp8_forward` handles these operands (on this device), else a short reason."""
+    if any(jnp.dtype(x.dtype) != FP8_DTYPE for x in (q, k, v)):
+        return f"the FP8 forward takes float8_e4m3fn q, k, v, got {q.dtype}/{k.dtype}/{v.dtype}"
+    if q.ndim == 4 and q.shape[-1] != 128:
+        return f"the FP8 forward supports head_dim 128 only (a 128-byte wgmma K step), got {q.shape[-1]}"
+    as_bf16 = [jax.ShapeDtypeStruct(x.shape, jnp.bfloat16) for x in (q, k, v)]
+    return supported(*as_bf16, causal=causal, sliding_window=sliding_window, logit_softcap=logit_softcap,
+                     config=config, check_device=check_device)
+
+
+def flash_attention_fp8_forward(q, k, v, q_scale, k_scale, v_scale, *, causal=True, sliding_window=None,
+                                logit_softcap=None, out_dtype=jnp.bfloat16, v_transposed: bool = False,
+                                config: KernelConfig | None = None, interpret: bool = False):
+    """Attention for inference on float8_e4m3fn operands that stand for q * q_scale, k * k_scale, v * v_scale
+    (float32 scalars): both products run on the FP8 tensor cores, P rounded to e4m3 (it lies in [0, 1]) and
+    staged through shared memory, so the non-pipelined schedule runs.
+
+    q [batch, q_len, heads, 128]; k [batch, kv_len, kv_heads, 128]; v like k, or [batch, kv_heads, 128, kv_len]
+    with `v_transposed` (FP8 wgmma reads V K-major: a cache kept transposed saves the transpose here).
+    Returns out [batch, q_len, heads, 128] of `out_dtype`. Forward only: no gradient is defined.
+    """
+    v_t = v if v_transposed else jnp.transpose(v, (0, 2, 3, 1))  # [batch, kv_heads, head_dim, kv_len]
+    batch, kv_heads, head_dim, kv_len = v_t.shape
+    v_view = jax.ShapeDtypeStruct((batch, kv_len, kv_heads, head_dim), v_t.dtype)  # for the checks
+    reason = supported_fp8(q, k, v_view, causal=causal, sliding_window=sliding_window, logit_softcap=logit_softcap,
+                           config=config, check_device=not interpret)
+    if reason:
+        raise ValueError(f"flash_attention_fp8_forward: {reason}")
+    config = config or default_config(q.shape[-1], causal=causal, sliding_window=sliding_window, kv_len=k.shape[1])
+    config = dataclasses.replace(config, pipelined=False)  # P goes through shared memory (see _forward)
+    descale = jnp.stack([jnp.asarray(q_scale, jnp.float32) * jnp.asarray(k_scale, jnp.float32),
+                         jnp.asarray(v_scale, jnp.float32)])
+    out, _ = _forward(q, k, v_t, causal=causal, sliding_window=sliding_window, logit_softcap=logit_softcap,
+                      config=config, interpret=interpret, qk_descale=descale, out_dtype=out_dtype)
+    return out
 
 
 def _reference_backward(q, k, v, out, lse, d_out, *, causal, sliding_window, logit_softcap, **_):

@@ -160,3 +160,67 @@ def test_gpu_gradients_through_custom_vjp(causal, head_dim, kv_heads):
     for name, got, want in zip(("dq", "dk", "dv"), ours, ref):
         assert got.shape == want.shape and got.dtype == q.dtype, name  # the reference ran in float32
         assert relative_error(got, want) < 2e-2, name
+
+
+def fp8_qkv(key, q_len, kv_len, heads, kv_heads):
+    """float8_e4m3fn q, k, v (head_dim 128, scale = amax / 448 per tensor), their scales, and the float32 values
+    they stand for."""
+    tensors = random_qkv(key, 1, q_len, kv_len, heads, kv_heads, 128, jnp.float32)
+    scales = [jnp.max(jnp.abs(x)) / 448.0 for x in tensors]
+    quantized = [(x / s).astype(jnp.float8_e4m3fn) for x, s in zip(tensors, scales)]
+    return quantized, scales, [x.astype(jnp.float32) * s for x, s in zip(quantized, scales)]
+
+
+# (causal, sliding_window, logit_softcap, q_len, kv_len, heads, kv_heads): GQA, queries at the end of longer keys
+FP8_CASES = [
+    (True, None, None, 256, 384, 4, 2),
+    (False, None, None, 128, 256, 2, 1),
+    (True, 100, None, 256, 256, 2, 2),
+    (False, None, 5.0, 128, 128, 2, 1),
+]
+
+
+@pytest.mark.parametrize("causal,window,softcap,q_len,kv_len,heads,kv_heads", FP8_CASES)
+def test_fp8_forward_interpret_matches_reference(causal, window, softcap, q_len, kv_len, heads, kv_heads):
+    """Against the float32 attention of the values the e4m3 operands stand for: what is left is P rounded to
+    e4m3 (3 mantissa bits, a relative error of at most 1/16 per weight: about 2% of the output measured). A
+    wrong scale (q's without k's, or v's left out) is off by far more."""
+    (q, k, v), scales, values = fp8_qkv(q_len + kv_len, q_len, kv_len, heads, kv_heads)
+    masking = dict(causal=causal, sliding_window=window, logit_softcap=softcap)
+    config = mosaic_gpu.KernelConfig(block_kv=128, num_stages=2, pipelined=False, pingpong="rendezvous")
+    out = mosaic_gpu.flash_attention_fp8_forward(q, k, v, *scales, config=config, interpret=True, **masking)
+    ref = attention_reference(*values, **masking)
+    assert out.shape == q.shape and out.dtype == jnp.bfloat16
+    assert relative_error(out, ref) < 0.04
+    v_t = jnp.transpose(v, (0, 2, 3, 1))  # a cache kept as V^T gives the same result
+    out_t = mosaic_gpu.flash_attention_fp8_forward(q, k, v_t, *scales, v_transposed=True, config=config,
+                                                   interpret=True, **masking)
+    np.testing.assert_array_equal(np.asarray(out_t, np.float32), np.asarray(out, np.float32))
+
+
+def test_fp8_supported_reasons():
+    (q, k, v), _, _ = fp8_qkv(0, 256, 256, 4, 2)
+
+    def reason(q=q, k=k, v=v, **kwargs):
+        return mosaic_gpu.supported_fp8(q, k, v, check_device=False, **{"causal": True, **kwargs})
+
+    assert reason() is None
+    assert "float8_e4m3fn" in reason(q.astype(jnp.bfloat16))
+    assert "head_dim 128 only" in reason(*(x[..., :64] for x in (q, k, v)))
+    assert "q_len 256 > kv_len 128" in reason(k=k[:, :128], v=v[:, :128])
+    with pytest.raises(ValueError, match="flash_attention_fp8_forward: .*float8_e4m3fn"):
+        mosaic_gpu.flash_attention_fp8_forward(q.astype(jnp.bfloat16), k, v, 1.0, 1.0, 1.0, interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal,kv_heads", [(True, 16), (False, 4)])
+def test_gpu_fp8_forward_matches_reference(causal, kv_heads):
+    """The real kernel (P rounded to e4m3 and staged through shared memory) at a real
+    size against the float32 attention of the values the operands stand for."""
+    if not on_hopper():
+        pytest.skip("needs a Hopper GPU")
+    (q, k, v), scales, values = fp8_qkv(5, 2048, 2048, 16, kv_heads)
+    out = jax.jit(functools.partial(mosaic_gpu.flash_attention_fp8_forward, causal=causal))(q, k, v, *scales)
+    ref = attention_reference(*values, causal=causal)
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+    assert relative_error(out, ref) < 0.04
