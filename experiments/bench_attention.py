@@ -336,7 +336,9 @@ def plot(rows: list[dict], impls: list[str], path: Path):
             axis.set_ylabel("TFLOP/s")
             axis.set_title(f"{'causal' if causal else 'full'}, head dim {head_dim}, bf16: {title}")
             axis.grid(alpha=0.3)
-    axes[0][-1].legend()
+    for axis in axes[0]:  # each panel of the top row: the forward one also holds the forward-only FP8 lines
+        if axis.lines:
+            axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)

@@ -18,7 +18,7 @@ Norm = Literal["layernorm", "rmsnorm"]
 Positions = Literal["learned", "rope"]
 Activation = Literal["gelu_tanh", "swiglu"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch", "offload", "names"]
-AttentionImpl = Literal["auto", "xla", "cudnn", "pallas"]
+AttentionImpl = Literal["auto", "xla", "cudnn", "pallas", "pallas_fp8"]
 MoeImpl = Literal["capacity", "ragged_dot", "pallas"]
 
 NORMS = ("layernorm", "rmsnorm")
@@ -29,7 +29,7 @@ ACTIVATIONS = ("gelu_tanh", "swiglu")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload", "names")
 # The intermediates a block tags with jax.ad_checkpoint.checkpoint_name (llmjax.model.transformer.block).
 REMAT_NAMES = ("query", "key", "value", "attention_output", "mlp_hidden", "attention_residual", "block_output")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas", "pallas_fp8")
 NORM_IMPLS = ("auto", "xla", "pallas")
 ROPE_SCALINGS = ("linear", "llama3")
 ROPE_LAYOUTS = ("half", "interleaved")

@@ -3,7 +3,8 @@
 `attention_layer` projects, rotates, attends through a cache-aware `attend` and projects back
 (llmjax.model.transformer.block); `dot_product_attention` is the one entry point for the attention
 core, with the implementation chosen by name: "xla" (llmjax.nn's scaled_dot_product_attention),
-"cudnn" (jax.nn.dot_product_attention), "pallas" (our flash attention) or "auto".
+"cudnn" (jax.nn.dot_product_attention), "pallas" (our flash attention), "pallas_fp8" (its FP8 forward, for
+inference on Hopper) or "auto".
 """
 
 from __future__ import annotations
@@ -67,7 +68,47 @@ def _pallas_attention(q, k, v, **masking):
     return flash_attention(q, k, v, **masking)
 
 
-ATTENTION_IMPLS = {"xla": _xla_attention, "cudnn": _cudnn_attention, "pallas": _pallas_attention}
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fp8_forward(q, k, v, masking: tuple):
+    """The Hopper FP8 forward on per-tensor e4m3 copies of q, k, v (current scaling, llmjax.nn.fp8's scales)."""
+    from llmjax.kernels.flash_attention.mosaic_gpu import flash_attention_fp8_forward
+    from llmjax.nn.fp8 import E4M3, quantize, scale_for
+
+    scales = [scale_for(jnp.max(jnp.abs(x)), E4M3) for x in (q, k, v)]
+    q8, k8, v8 = (quantize(x, scale, E4M3) for x, scale in zip((q, k, v), scales))
+    return flash_attention_fp8_forward(q8, k8, v8, *scales, out_dtype=q.dtype, **dict(masking))
+
+
+def _fp8_forward_fwd(q, k, v, masking):
+    return _fp8_forward(q, k, v, masking), None
+
+
+def _fp8_forward_bwd(masking, residuals, d_out):
+    raise ValueError("attention_impl='pallas_fp8' is a forward for inference and has no gradient: train with "
+                     "'pallas', 'cudnn' or 'auto'")
+
+
+_fp8_forward.defvjp(_fp8_forward_fwd, _fp8_forward_bwd)
+
+
+def _pallas_fp8_attention(q, k, v, **masking):
+    """Our FP8 forward where it takes the call (head_dim 128, no segment ids, the kernel's lengths), else our bf16
+    flash attention with a warning."""
+    from llmjax.kernels.flash_attention.mosaic_gpu import supported_fp8
+
+    probe = [jax.ShapeDtypeStruct(x.shape, jnp.float8_e4m3fn) for x in (q, k, v)]
+    reason = "segment ids" if masking["q_segment_ids"] is not None else supported_fp8(
+        *probe, causal=masking["causal"], sliding_window=masking["sliding_window"],
+        logit_softcap=masking["logit_softcap"])
+    if reason:
+        warnings.warn(f"attention_impl='pallas_fp8' cannot run this call ({reason}): using 'pallas'", stacklevel=3)
+        return _pallas_attention(q, k, v, **masking)
+    kept = ("causal", "sliding_window", "logit_softcap")
+    return _fp8_forward(q, k, v, tuple((name, masking[name]) for name in kept))
+
+
+ATTENTION_IMPLS = {"xla": _xla_attention, "cudnn": _cudnn_attention, "pallas": _pallas_attention,
+                   "pallas_fp8": _pallas_fp8_attention}
 
 
 CUDNN_DTYPES = ("bfloat16", "float16")
@@ -76,7 +117,7 @@ CUDNN_DTYPES = ("bfloat16", "float16")
 def _unavailable_reason(impl: str, platform: str, logit_softcap, head_dim: int | None,
                         dtype: str | None = None) -> str | None:
     """Why `impl` cannot run here (None when it can)."""
-    if impl in ("cudnn", "pallas") and platform != "gpu":
+    if impl in ("cudnn", "pallas", "pallas_fp8") and platform != "gpu":
         return f"{impl!r} attention needs a CUDA GPU, this is {platform!r}"
     if impl == "cudnn" and logit_softcap is not None:
         return "cuDNN attention has no logit soft-capping"
@@ -84,7 +125,7 @@ def _unavailable_reason(impl: str, platform: str, logit_softcap, head_dim: int |
         return f"cuDNN attention needs bfloat16 or float16 inputs, got {dtype}"
     if impl == "cudnn" and head_dim is not None and (head_dim % 8 or head_dim > 256):
         return f"cuDNN attention needs head_dim a multiple of 8 up to 256, got {head_dim}"
-    if impl == "pallas":
+    if impl in ("pallas", "pallas_fp8"):
         try:
             from llmjax.kernels.flash_attention import flash_attention  # noqa: F401
         except ImportError:

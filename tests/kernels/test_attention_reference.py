@@ -80,7 +80,7 @@ def test_auto_is_the_reference_on_cpu_without_warning():
         assert resolve_attention_impl("auto", "cpu") == "xla"
 
 
-@pytest.mark.parametrize("impl", ["cudnn", "pallas"])
+@pytest.mark.parametrize("impl", ["cudnn", "pallas", "pallas_fp8"])
 def test_gpu_implementations_fall_back_on_cpu_with_a_warning(impl):
     resolve_attention_impl.cache_clear()
     with pytest.warns(UserWarning, match=f"'{impl}' attention needs a CUDA GPU, this is 'cpu'; using the 'xla'"):

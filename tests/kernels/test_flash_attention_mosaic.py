@@ -224,3 +224,22 @@ def test_gpu_fp8_forward_matches_reference(causal, kv_heads):
     ref = attention_reference(*values, causal=causal)
     assert np.isfinite(np.asarray(out, np.float32)).all()
     assert relative_error(out, ref) < 0.04
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_attention_impl():
+    """attention_impl="pallas_fp8": the inputs quantized per tensor, the FP8 forward, the output in the inputs'
+    dtype; no gradient (one clear error); a call the kernel cannot take (head_dim 64) runs 'pallas' with a warning."""
+    if not on_hopper():
+        pytest.skip("needs a Hopper GPU")
+    from llmjax.model.attention import dot_product_attention
+
+    q, k, v = random_qkv(11, 2, 1024, 1024, 8, 2, 128)
+    out = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, causal=True, impl="pallas_fp8"))(q, k, v)
+    assert out.dtype == q.dtype
+    assert relative_error(out, attention_reference(*(x.astype(jnp.float32) for x in (q, k, v)), causal=True)) < 0.07
+    with pytest.raises(ValueError, match="has no gradient"):
+        jax.grad(lambda q: dot_product_attention(q, k, v, impl="pallas_fp8").astype(jnp.float32).sum())(q)
+    q64, k64, v64 = random_qkv(12, 1, 256, 256, 4, 4, 64)
+    with pytest.warns(UserWarning, match="using 'pallas'"):
+        dot_product_attention(q64, k64, v64, impl="pallas_fp8")
