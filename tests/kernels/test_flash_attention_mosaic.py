@@ -243,3 +243,24 @@ def test_gpu_fp8_attention_impl():
     q64, k64, v64 = random_qkv(12, 1, 256, 256, 4, 4, 64)
     with pytest.warns(UserWarning, match="using 'pallas'"):
         dot_product_attention(q64, k64, v64, impl="pallas_fp8")
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("causal", [True, False])
+def test_hardware_kernels_lower_for_cuda_on_any_host(monkeypatch, fp8, causal):
+    """The hardware schedules (pipelined, P in registers for bf16; P staged in shared memory for FP8), which
+    interpret mode does not run, lowered for CUDA here: Mosaic GPU's layout inference runs at lowering, so a
+    register layout it cannot satisfy fails on the CPU too (the first FP8 kernel, P cast to e4m3 in registers as
+    the P V product's operand, failed exactly so on the H100)."""
+    monkeypatch.setattr(mosaic_gpu, "_on_hopper", lambda: True)
+    dtype = jnp.float8_e4m3fn if fp8 else jnp.bfloat16
+    q = jax.ShapeDtypeStruct((1, 1024, 4, 128), dtype)
+    k = jax.ShapeDtypeStruct((1, 1024, 2, 128), dtype)
+    if fp8:
+        def attention(q, k, v):
+            return mosaic_gpu.flash_attention_fp8_forward(q, k, v, 1.0, 1.0, 1.0, causal=causal)
+    else:
+        def attention(q, k, v):
+            return mosaic_gpu.flash_attention_forward_mosaic(q, k, v, causal=causal)[0]
+    text = jax.jit(attention).trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
