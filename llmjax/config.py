@@ -18,7 +18,7 @@ Norm = Literal["layernorm", "rmsnorm"]
 Positions = Literal["learned", "rope"]
 Activation = Literal["gelu_tanh", "swiglu"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch", "offload", "names"]
-AttentionImpl = Literal["auto", "xla", "cudnn", "pallas", "pallas_fp8"]
+AttentionImpl = Literal["auto", "xla", "cudnn", "pallas", "pallas_fp8", "performer"]
 MoeImpl = Literal["capacity", "ragged_dot", "pallas"]
 
 NORMS = ("layernorm", "rmsnorm")
@@ -29,9 +29,9 @@ ACTIVATIONS = ("gelu_tanh", "swiglu")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload", "names")
 # The intermediates a block tags with jax.ad_checkpoint.checkpoint_name (llmjax.model.transformer.block).
 REMAT_NAMES = ("query", "key", "value", "attention_output", "mlp_hidden", "attention_residual", "block_output")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas", "pallas_fp8")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas", "pallas_fp8", "performer")
 NORM_IMPLS = ("auto", "xla", "pallas")
-ROPE_SCALINGS = ("linear", "llama3")
+ROPE_SCALINGS = ("linear", "llama3", "ntk", "yarn")
 ROPE_LAYOUTS = ("half", "interleaved")
 MOE_IMPLS = ("capacity", "ragged_dot", "pallas")
 MATMUL_PRECISIONS = ("bf16", "fp8")
@@ -50,19 +50,34 @@ class RopeScaling:
     `linear`: positions divided by `factor` (position interpolation).
     `llama3`: the frequency-dependent rescaling of Llama 3.1: long wavelengths divided by
     `factor`, short ones kept, the band between interpolated smoothly.
+    `ntk`: NTK-aware scaling: theta raised to theta * factor ** (head_dim / (head_dim - 2)), every
+    frequency kept in shape, the lowest divided by about `factor`.
+    `yarn` (YaRN): per-dimension ramp between interpolation (dimensions with fewer than `beta_slow`
+    rotations over original_max_seq_len) and none (more than `beta_fast`), plus the attention temperature:
+    cos / sin multiplied by `attention_factor` (None: 0.1 * ln(factor) + 1).
     """
 
-    kind: Literal["linear", "llama3"]
+    kind: Literal["linear", "llama3", "ntk", "yarn"]
     factor: float
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_seq_len: int = 8192
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    attention_factor: float | None = None  # yarn
 
     def __post_init__(self):
         if self.kind not in ROPE_SCALINGS:
             raise ConfigError(f"RopeScaling.kind={self.kind!r}: expected one of {ROPE_SCALINGS}")
         if not self.factor > 0:
             raise ConfigError(f"RopeScaling.factor={self.factor}: must be > 0")
+        if self.kind in ("ntk", "yarn") and not self.factor > 1:
+            raise ConfigError(f"RopeScaling.factor={self.factor}: {self.kind} extends the context, must be > 1")
+        if self.kind == "yarn" and not self.beta_fast > self.beta_slow > 0:
+            raise ConfigError(f"RopeScaling.beta_fast={self.beta_fast}, beta_slow={self.beta_slow}: "
+                              "need beta_fast > beta_slow > 0")
+        if self.attention_factor is not None and not self.attention_factor > 0:
+            raise ConfigError(f"RopeScaling.attention_factor={self.attention_factor}: must be > 0")
         if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor:
             raise ConfigError(
                 f"RopeScaling.high_freq_factor={self.high_freq_factor} must be greater than "
@@ -121,6 +136,10 @@ class ModelConfig:
     scan_unroll: int = 0
     attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2); None disables
     attention_impl: AttentionImpl = "auto"  # "auto": the fastest available here; see llmjax.model.attention
+    performer_features: int = 256  # attention_impl="performer": FAVOR+ random features per head (llmjax.nn.performer)
+    # the MLP applied to blocks of this many tokens of the sequence at a time (a scan; 0: all at once), so its
+    # [tokens, d_ff] hidden never exists for the whole sequence (blockwise parallel Transformer)
+    mlp_block_tokens: int = 0
     norm_impl: str = "auto"  # "xla", "pallas" (kernels/norms.py) or "auto": the fastest here; see llmjax.model.layers
     # Mixture-of-Experts (llmjax.model.moe); num_experts=0 keeps the dense MLP in every block.
     num_experts: int = 0
@@ -169,6 +188,11 @@ class ModelConfig:
         if not isinstance(self.scan_unroll, int) or isinstance(self.scan_unroll, bool) or self.scan_unroll < 0:
             raise ConfigError(f"scan_unroll must be a non-negative integer (0: auto), got {self.scan_unroll!r}")
         _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        if self.performer_features < 2 or self.performer_features % 2:
+            raise ConfigError(f"ModelConfig.performer_features={self.performer_features}: must be a positive even "
+                              "number")
+        if self.mlp_block_tokens < 0:
+            raise ConfigError(f"ModelConfig.mlp_block_tokens={self.mlp_block_tokens}: must be >= 0 (0: off)")
         _check_choice("norm_impl", self.norm_impl, NORM_IMPLS)
         _check_choice("param_dtype", self.param_dtype, FLOAT_DTYPES)
         _check_choice("compute_dtype", self.compute_dtype, FLOAT_DTYPES)

@@ -46,8 +46,17 @@ def test_inconsistent_config_names_the_field(fields, message):
 
 
 def test_bad_rope_scaling_is_rejected():
-    with pytest.raises(ConfigError, match=r"RopeScaling.kind='yarn'"):
-        RopeScaling("yarn", 2.0)
+    with pytest.raises(ConfigError, match=r"RopeScaling.kind='xpos'"):
+        RopeScaling("xpos", 2.0)
+    for kind in ("ntk", "yarn"):
+        with pytest.raises(ConfigError, match=rf"RopeScaling.factor=1.0: {kind} extends the context, must be > 1"):
+            RopeScaling(kind, 1.0)
+    with pytest.raises(ConfigError, match="need beta_fast > beta_slow > 0"):
+        RopeScaling("yarn", 4.0, beta_fast=1.0, beta_slow=2.0)
+    with pytest.raises(ConfigError, match="performer_features=3"):
+        get_config("llama-tiny", performer_features=3)
+    with pytest.raises(ConfigError, match="mlp_block_tokens=-1"):
+        get_config("llama-tiny", mlp_block_tokens=-1)
     with pytest.raises(ConfigError, match="high_freq_factor=1.0 must be greater than low_freq_factor=2.0"):
         RopeScaling("llama3", 8.0, low_freq_factor=2.0, high_freq_factor=1.0)
 
