@@ -227,9 +227,25 @@ def hidden_states_and_moe_metrics(
     batch, seq_len = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(seq_len), (batch, seq_len))
-    params = _cast_for_compute(params, cfg) if cfg.is_moe else jax.tree.map(lambda p: p.astype(cfg.compute_dtype), params)
+    x = embedding(params["embed"]["token"].astype(cfg.compute_dtype), tokens)  # [batch, seq, d_model]
+    return hidden_states_from_embeddings(params, x, cfg, positions=positions, segment_ids=segment_ids, rng=rng)
 
-    x = embedding(params["embed"]["token"], tokens)  # [batch, seq, d_model]
+
+def hidden_states_from_embeddings(
+    params: dict,
+    x: jax.Array,
+    cfg: ModelConfig,
+    *,
+    positions: jax.Array,
+    segment_ids: jax.Array | None = None,
+    rng: jax.Array | None = None,
+) -> tuple[jax.Array, dict]:
+    """The stack on input embeddings x [batch, seq, d_model] (token embeddings, or any vectors: memory tokens,
+    image patches) at positions [batch, seq] -> (final-normed hidden states, MoE metrics), as
+    `hidden_states_and_moe_metrics` (which embeds tokens and calls this). Learned position embeddings are added
+    here."""
+    params = _cast_for_compute(params, cfg) if cfg.is_moe else jax.tree.map(lambda p: p.astype(cfg.compute_dtype), params)
+    x = x.astype(cfg.compute_dtype)
     if cfg.positions == "learned":
         x = x + embedding(params["embed"]["position"], positions)
 
