@@ -144,30 +144,33 @@ def generated_answers(params, cfg: ModelConfig, prompts: Sequence[NeedlePrompt],
     return [tokens[: len(p.answer)] for tokens, p in zip(out.tokens, prompts)]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _predictions(params, tokens, cfg: ModelConfig):
-    """tokens [batch, seq] -> the argmax next token at each position [batch, seq] (real vocabulary only)."""
-    from llmjax.model.transformer import forward
+@functools.partial(jax.jit, static_argnames=("cfg", "tail"))
+def _predictions(params, tokens, cfg: ModelConfig, tail: int):
+    """tokens [batch, seq] -> the argmax next token at the last `tail` positions [batch, tail] (real vocabulary only;
+    logits of those positions only, so a long prompt costs no [batch, seq, vocab] array)."""
+    from llmjax.model.transformer import hidden_states, logits_from_hidden
 
-    logits = forward(params, tokens, cfg)[..., : cfg.vocab_size]  # [batch, seq, vocab]
+    x = hidden_states(params, tokens, cfg)[:, -tail:]  # [batch, tail, d_model]
+    logits = logits_from_hidden(params, x, cfg)[..., : cfg.vocab_size]  # [batch, tail, vocab]
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
 def teacher_forced_hits(params, cfg: ModelConfig, prompts: Sequence[NeedlePrompt]) -> list[bool]:
-    """Whether, fed prompt + answer, the model's argmax at every answer position is the answer token (one forward
-    pass for the batch; answers of different lengths are padded on the right, which causal attention ignores)."""
-    most = max(len(p.answer) for p in prompts)
-    seq = max(p.length for p in prompts) + most - 1
-    tokens = np.zeros((len(prompts), seq), np.int32)  # [batch, length + answer - 1]
-    for row, p in enumerate(prompts):
-        fed = np.concatenate([p.tokens, np.asarray(p.answer[:-1], np.int32)])
-        tokens[row, : len(fed)] = fed
-    predicted = np.asarray(_predictions(params, jnp.asarray(tokens), cfg))  # [batch, seq]
-    hits = []
-    for row, p in enumerate(prompts):
-        span = predicted[row, p.length - 1 : p.length - 1 + len(p.answer)]  # the predictions of answer tokens
-        hits.append(bool(np.array_equal(span, np.asarray(p.answer))))
-    return hits
+    """Whether, fed prompt + answer, the model's argmax at every answer position is the answer token: one forward
+    pass per prompt length, answers of different lengths padded on the right (which causal attention ignores)."""
+    hits = {}
+    for length in sorted({p.length for p in prompts}):
+        rows = [i for i, p in enumerate(prompts) if p.length == length]
+        most = max(len(prompts[i].answer) for i in rows)
+        tokens = np.zeros((len(rows), length + most - 1), np.int32)  # [batch, length + answer - 1]
+        for row, i in enumerate(rows):
+            fed = np.concatenate([prompts[i].tokens, np.asarray(prompts[i].answer[:-1], np.int32)])
+            tokens[row, : len(fed)] = fed
+        predicted = np.asarray(_predictions(params, jnp.asarray(tokens), cfg, most))  # [batch, most]: answer slots
+        for row, i in enumerate(rows):
+            answer = prompts[i].answer
+            hits[i] = bool(np.array_equal(predicted[row, : len(answer)], np.asarray(answer)))
+    return [hits[i] for i in range(len(prompts))]
 
 
 def score_prompts(params, cfg: ModelConfig, tokenizer, prompts: Sequence[NeedlePrompt], *,
