@@ -46,10 +46,12 @@ def parse_args(argv):
                    help="the reported score: greedy generation (teacher-forced is computed too), or teacher-forced "
                         "only (one forward pass per cell, no decoding)")
     p.add_argument("--filler", type=Path, default=None, metavar="TEXT_FILE",
-                   help="the haystack text (default: the default corpus's held-out files, the Python standard "
-                        "library's source)")
+                   help="the haystack text (default: the default corpus, the Python standard library's source: its "
+                        "held-out files first, then its training files)")
     p.add_argument("--ppl-docs", type=int, default=0,
-                   help="held-out documents for the loss-by-position table (0: skip it)")
+                   help="documents for the loss-by-position table (0: skip it): the default corpus's held-out files "
+                        "at least --ppl-length tokens long, then (there are few) its training files, as the output "
+                        "says; or --ppl-tokens")
     p.add_argument("--ppl-length", type=int, default=2048,
                    help="tokens read from each --ppl-docs document (only documents at least this long are used); "
                         "positions 1 .. length - 1 are scored, so at most max_seq_len + 1")
@@ -112,8 +114,8 @@ def check_lengths(lengths: list[int], overhead: int, answer_tokens: int, max_seq
 # --- the passkey grid -----------------------------------------------------------------------------------------
 
 def filler_tokens(tokenizer, filler: Path | None, longest: int):
-    """(token ids of the haystack text, where it came from): --filler, or enough of the default corpus's held-out
-    files for the longest prompt."""
+    """(token ids of the haystack text, where it came from): --filler, or enough of the default corpus (its held-out
+    files first) for the longest prompt."""
     import numpy as np
 
     from llmjax.long_context import default_filler_text
@@ -124,10 +126,10 @@ def filler_tokens(tokenizer, filler: Path | None, longest: int):
         except OSError as error:
             raise NeedleError(f"--filler {filler}: {error.strerror or error}") from None
     else:
-        text, source = default_filler_text(max(400_000, 16 * longest)), "default corpus (validation split)"
+        text, source = default_filler_text(max(400_000, 16 * longest)), "default corpus (validation split first)"
     tokens = np.asarray(tokenizer.encode(text, allowed_special=set()), np.int64)
     if len(tokens) < longest:
-        flag = f"--filler {filler}" if filler is not None else "the default corpus's held-out files"
+        flag = f"--filler {filler}" if filler is not None else "the default corpus"
         raise NeedleError(f"{flag}: {len(tokens)} tokens of filler, fewer than the longest of --lengths ({longest}); "
                           "give a longer --filler text")
     return tokens, source
@@ -202,7 +204,8 @@ def plot_heatmap(grid, lengths, depths, title: str, path: Path) -> None:
 # --- loss by position -----------------------------------------------------------------------------------------
 
 def ppl_documents(tokenizer, count: int, length: int, tokens_dir: Path | None):
-    """(tokens [<= count, length] of held-out documents at least `length` tokens long, where they came from)."""
+    """(tokens [<= count, length]: the first `length` tokens of documents at least that long, where they came from):
+    from a shards folder, else the default corpus's held-out files, then its training files (said in the source)."""
     import numpy as np
 
     if tokens_dir is not None:
@@ -221,16 +224,21 @@ def ppl_documents(tokenizer, count: int, length: int, tokens_dir: Path | None):
     else:
         from llmjax.data.corpus import default_corpus_split, read_text
 
-        documents = []
-        for path in sorted(default_corpus_split("validation")):
-            ids = tokenizer.encode(read_text(path), allowed_special=set())
-            if len(ids) >= length:
-                documents.append(ids[:length])
+        documents, held_out = [], 0
+        for split in ("validation", "train"):  # the held-out files are few: then training files, said so
+            for path in sorted(default_corpus_split(split)):
                 if len(documents) == count:
                     break
+                ids = tokenizer.encode(read_text(path), allowed_special=set())
+                if len(ids) >= length:
+                    documents.append(ids[:length])
+                    held_out += split == "validation"
         source = "default corpus (validation split)"
+        if len(documents) > held_out:
+            source = (f"default corpus: {held_out} validation-split files, then {len(documents) - held_out} "
+                      "training-split files (too few held-out files are that long)")
     if not documents:
-        where = f"--ppl-tokens {tokens_dir}" if tokens_dir is not None else "the default corpus's held-out files"
+        where = f"--ppl-tokens {tokens_dir}" if tokens_dir is not None else "the default corpus"
         raise NeedleError(f"--ppl-length {length}: no document of {where} is that long; give a shorter --ppl-length")
     return np.asarray(documents, np.int32), source
 

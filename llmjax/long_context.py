@@ -64,10 +64,17 @@ class NeedlePrompt:
 # --- prompts ---------------------------------------------------------------------------------------------------
 
 def default_filler_text(max_chars: int = 400_000) -> str:
-    """Filler: the default corpus's held-out files (the Python standard library's source, validation split)."""
-    from llmjax.evaluation import default_corpus_validation
+    """Filler: up to max_chars characters of the default corpus (the Python standard library's source), its held-out
+    files (validation split) first, then its training files, each in path order."""
+    from llmjax.data.corpus import default_corpus_split, read_text
 
-    return default_corpus_validation(max_chars)
+    texts, total = [], 0
+    for path in sorted(default_corpus_split("validation")) + sorted(default_corpus_split("train")):
+        texts.append(read_text(path))
+        total += len(texts[-1]) + 2
+        if total >= max_chars:
+            break
+    return "\n\n".join(texts)[:max_chars]
 
 
 def needle_overhead(tokenizer, passkey: int | str) -> int:

@@ -191,12 +191,20 @@ def test_needle_experiment_end_to_end(tiny_run, tmp_path, capsys):
     assert all(np.isfinite(b["mean_loss"]) for b in record["buckets"])
     for name in ("needle.json", "needle_accuracy.png", "loss_by_position.png"):
         assert (out / name).stat().st_size > 0, name
-    # teacher-forced only: the same grid shape, no decoded outputs, no loss table
+    # teacher-forced only (no decoded outputs), the loss table from a shards folder's validation split
+    from llmjax.data.shards import write_shards
+
+    tokenizer = load_tokenizer("bytes")
+    texts = [FILLER_TEXT[:250], FILLER_TEXT[:400], FILLER_TEXT[:320]]  # the first is too short for --ppl-length 300
+    write_shards(texts, tokenizer, tmp_path / "tokens" / "validation", progress=False)
     assert experiment.main(["--ckpt", str(tiny_run), "--lengths", "128", "--depths", "0.25", "--trials", "2",
-                            "--scoring", "teacher-forced", "--out", str(tmp_path / "forced"), "--no-progress"]) == 0
+                            "--scoring", "teacher-forced", "--ppl-docs", "5", "--ppl-length", "300", "--ppl-tokens",
+                            str(tmp_path / "tokens"), "--out", str(tmp_path / "forced"), "--no-progress"]) == 0
     forced = json.loads((tmp_path / "forced" / "needle.json").read_text())
-    assert forced["scoring"] == "teacher-forced" and "loss_by_position" not in forced
-    assert "output" not in forced["cells"][0]["trials"][0]
+    assert forced["scoring"] == "teacher-forced" and "output" not in forced["cells"][0]["trials"][0]
+    record = forced["loss_by_position"]
+    assert record["documents"] == 2 and record["documents_asked"] == 5
+    assert record["source"] == str(tmp_path / "tokens" / "validation")
 
 
 @pytest.mark.parametrize("flags,message", [
