@@ -4,7 +4,7 @@
 (llmjax.model.transformer.block); `dot_product_attention` is the one entry point for the attention
 core, with the implementation chosen by name: "xla" (llmjax.nn's scaled_dot_product_attention),
 "cudnn" (jax.nn.dot_product_attention), "pallas" (our flash attention), "pallas_fp8" (its FP8 forward, for
-inference on Hopper) or "auto".
+inference on Hopper), "performer" (FAVOR+ linear attention, llmjax.nn.performer: an approximation) or "auto".
 """
 
 from __future__ import annotations
@@ -107,8 +107,28 @@ def _pallas_fp8_attention(q, k, v, **masking):
     return _fp8_forward(q, k, v, tuple((name, masking[name]) for name in kept))
 
 
+PERFORMER_SEED = 0  # attention_impl="performer" draws its projection from jax.random.key(PERFORMER_SEED)
+
+
+def _performer_attention(q, k, v, *, causal, sliding_window, q_segment_ids, kv_segment_ids, logit_softcap,
+                         num_features: int = 256):
+    """FAVOR+ linear attention (llmjax.nn.performer) with `num_features` random features (cfg.performer_features,
+    bound by dot_product_attention) drawn once from a fixed key: the same features at every step and layer."""
+    from llmjax.nn.performer import fixed_projection, performer_attention
+
+    unsupported = [name for name, value in (("segment ids", q_segment_ids if q_segment_ids is not None
+                                                            else kv_segment_ids),
+                                            ("sliding_window", sliding_window), ("logit_softcap", logit_softcap))
+                   if value is not None]
+    if unsupported:
+        raise ValueError(f"attention_impl='performer' (FAVOR+ linear attention) supports no {', '.join(unsupported)}:"
+                         f" use another attention_impl (e.g. 'xla'), or unset them")
+    projection = fixed_projection(num_features, q.shape[-1], PERFORMER_SEED)  # [M, head_dim] float32 constant
+    return performer_attention(q, k, v, jnp.asarray(projection), causal=causal)
+
+
 ATTENTION_IMPLS = {"xla": _xla_attention, "cudnn": _cudnn_attention, "pallas": _pallas_attention,
-                   "pallas_fp8": _pallas_fp8_attention}
+                   "pallas_fp8": _pallas_fp8_attention, "performer": _performer_attention}
 
 
 CUDNN_DTYPES = ("bfloat16", "float16")
@@ -159,15 +179,20 @@ def dot_product_attention(
     kv_segment_ids: jax.Array | None = None,
     logit_softcap: float | None = None,
     impl: str = "xla",
+    performer_features: int = 256,
 ) -> jax.Array:
     """Attention by the named implementation; q [batch, q_len, heads, head_dim], k, v
     [batch, kv_len, kv_heads, head_dim] -> [batch, q_len, heads, head_dim]. See
-    kernels.flash_attention.reference for the masking arguments.
+    kernels.flash_attention.reference for the masking arguments. performer_features: the random features of
+    impl="performer" (cfg.performer_features), ignored by the others.
 
     When the active sharding rules cut the sequence over a mesh axis (llmjax.parallel, strategy
     "sp"), this is ring attention over that axis whatever `impl` says.
     """
     if mesh_axis_for("length") is not None:
+        if impl == "performer":
+            raise ValueError("attention_impl='performer' has no sequence-parallel form: the ring attention of "
+                             "strategy 'sp' is exact attention; use another strategy or attention_impl")
         from llmjax.parallel.ring_attention import sharded_ring_attention
 
         mesh, rules = active_rules()
@@ -175,8 +200,11 @@ def dot_product_attention(
                                       q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                                       logit_softcap=logit_softcap)
     impl = resolve_attention_impl(impl, compute_platform(q), logit_softcap, q.shape[-1], q.dtype.name)
-    return ATTENTION_IMPLS[impl](q, k, v, causal=causal, sliding_window=sliding_window, q_segment_ids=q_segment_ids,
-                                 kv_segment_ids=kv_segment_ids, logit_softcap=logit_softcap)
+    attend = ATTENTION_IMPLS[impl]
+    if impl == "performer":
+        attend = functools.partial(attend, num_features=performer_features)
+    return attend(q, k, v, causal=causal, sliding_window=sliding_window, q_segment_ids=q_segment_ids,
+                  kv_segment_ids=kv_segment_ids, logit_softcap=logit_softcap)
 
 
 def project_qkv(params: dict, x: jax.Array, positions: jax.Array, cfg: ModelConfig):
@@ -231,6 +259,6 @@ def causal_self_attention(cfg: ModelConfig, segment_ids: jax.Array | None = None
     def attend(q, k, v):
         return dot_product_attention(q, k, v, causal=True, sliding_window=cfg.sliding_window,
                                      q_segment_ids=segment_ids, logit_softcap=cfg.attn_logit_softcap,
-                                     impl=cfg.attention_impl), None
+                                     impl=cfg.attention_impl, performer_features=cfg.performer_features), None
 
     return attend
