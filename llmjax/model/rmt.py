@@ -93,11 +93,14 @@ def init_rmt_params(cfg: ModelConfig, rmt_cfg: RmtConfig, key: jax.Array) -> dic
     return add_memory(init_params(cfg, backbone_key), cfg, rmt_cfg, memory_key)
 
 
-def initial_memory(params: dict, batch: int) -> jax.Array:
+def initial_memory(params: dict, batch: int, cfg: ModelConfig, rmt_cfg: RmtConfig) -> jax.Array:
     """params["memory"] broadcast over the batch: [batch, memory_tokens, d_model]."""
     if "memory" not in params:
         raise ValueError("params have no 'memory' entry: make them with init_rmt_params or add_memory")
     memory = params["memory"]
+    if tuple(memory.shape) != (rmt_cfg.memory_tokens, cfg.d_model):
+        raise ValueError(f"params['memory'] has shape {tuple(memory.shape)}, expected [memory_tokens="
+                         f"{rmt_cfg.memory_tokens}, d_model={cfg.d_model}]: the params were made for another RmtConfig")
     return jnp.broadcast_to(memory, (batch, *memory.shape))
 
 
@@ -161,7 +164,7 @@ def rmt_forward_with_memory(params: dict, tokens: jax.Array, cfg: ModelConfig, r
     batch, total = tokens.shape
     n_segments, seg_len, bptt = total // rmt_cfg.segment_len, rmt_cfg.segment_len, rmt_cfg.bptt_segments
     if memory is None:
-        memory = initial_memory(params, batch)
+        memory = initial_memory(params, batch, cfg, rmt_cfg)
     segments = tokens.reshape(batch, n_segments, seg_len).transpose(1, 0, 2)  # [n_segments, batch, L]
 
     def segment_step(memory, inputs):
@@ -252,7 +255,7 @@ def rmt_generate(params: dict, prompt, cfg: ModelConfig, rmt_cfg: RmtConfig, max
     padded_len = -(-prompt.shape[1] // seg_len) * seg_len
     check_rmt_tokens(jnp.pad(prompt, ((0, 0), (0, padded_len - prompt.shape[1]))), cfg, rmt_cfg)
     batch = prompt.shape[0]
-    memory = initial_memory(params, batch)
+    memory = initial_memory(params, batch, cfg, rmt_cfg)
     tokens = prompt.astype(jnp.int32)
     segment_start = 0
     while tokens.shape[1] - segment_start > seg_len:  # whole segments of the prompt before the current one
