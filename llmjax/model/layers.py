@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import jax
@@ -14,7 +15,7 @@ from llmjax.kernels.platform import compute_platform
 from llmjax.model.params import ParamSpec, normal, ones, zeros
 from llmjax.nn import fp8_linear, gelu, layer_norm, linear, rms_norm, swiglu
 from llmjax.nn.fp8 import HISTORY
-from llmjax.parallel.logical import active_rules, partition_spec
+from llmjax.parallel.logical import active_rules, constrain, partition_spec
 
 
 def residual_std(cfg: ModelConfig) -> float:
@@ -122,7 +123,15 @@ def mlp(params: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
 
     params: {"up", "down"} (+ "gate" for SwiGLU), or the decoding layout with gate and up fused into one
     "gate_up" [d_model, 2 * d_ff] matrix (llmjax.infer.decode_model.prepare_params). The projections run at
-    cfg.matmul_precision."""
+    cfg.matmul_precision. With cfg.mlp_block_tokens > 0 and a longer sequence, `blockwise_mlp` (the same values,
+    the [tokens, d_ff] hidden one block at a time)."""
+    if 0 < cfg.mlp_block_tokens < x.shape[-2]:
+        return blockwise_mlp(params, x, cfg, cfg.mlp_block_tokens)
+    return _mlp(params, x, cfg)
+
+
+def _mlp(params: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """The MLP on all of x [..., tokens, d_model] at once."""
     precision = cfg.matmul_precision
     if "gate_up" in params:
         gate, up = jnp.split(dense(params["gate_up"], x, precision=precision), 2, axis=-1)
@@ -132,3 +141,67 @@ def mlp(params: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     else:
         hidden = gelu(dense(params["up"], x, precision=precision), approximate=True)  # [batch, seq, d_ff]
     return dense(params["down"], checkpoint_name(hidden, "mlp_hidden"), precision=precision)  # [batch, seq, d_model]
+
+
+BLOCK_AXES = ("batch", "length", "embed")  # a block of tokens keeps the activations' layout (transformer.py's)
+
+
+def blockwise_mlp(params: dict, x: jax.Array, cfg: ModelConfig, block_tokens: int) -> jax.Array:
+    """The MLP on x [batch, seq, d_model] block_tokens tokens at a time (Blockwise Parallel Transformer, Liu &
+    Abbeel 2023): a `lax.scan` over blocks, each under `jax.checkpoint` with nothing saved, so the [tokens, d_ff]
+    hidden (and the up / gate outputs) exist for one block at a time, forward and backward: the backward pass
+    recomputes each block's hidden from the block's input. Values and gradients equal `_mlp`'s (the MLP is
+    per-token).
+
+    Block c holds tokens c, c + count, c + 2 * count, ... (strided, not contiguous): any grouping gives the same
+    result, and the strided one keeps each block's tokens spread over the devices that shard the sequence
+    ("length"), so every scan step works on every device's share. A sequence that block_tokens does not divide is
+    padded with copies of its last token (padding that leaves every FP8 amax as it was), dropped afterwards.
+
+    FP8 delayed scaling: each block quantizes with the scales of the same histories, as the whole sequence would;
+    the new histories (the histories' gradients) of the blocks are combined by max, not summed, so they equal the
+    whole sequence's. (Current scaling takes each block's own amax: per-block scales.)
+
+    "mlp_hidden" is still tagged inside a block, but a remat policy that keeps it keeps nothing here: not keeping
+    the hidden is the point of the blocks."""
+    *lead, seq, d_model = x.shape
+    count = -(-seq // block_tokens)
+    pad = count * block_tokens - seq
+    if pad:  # edge padding: the padded rows repeat the last token (their outputs are dropped, their gradients 0)
+        x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, pad), (0, 0)], mode="edge")
+    # [..., block_tokens * count, d] -> [..., block_tokens, count, d] -> [count, ..., block_tokens, d]
+    blocks = jnp.moveaxis(x.reshape(*lead, block_tokens, count, d_model), -2, 0)
+    histories = {name: p[HISTORY] for name, p in params.items() if isinstance(p, dict) and HISTORY in p}
+    copies = {name: _broadcast_history(h, count) for name, h in histories.items()}  # [count, 3, H] each
+
+    @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+    def one_block(_, inputs):
+        xb, block_histories = inputs  # [..., block_tokens, d_model], {name: [3, H]}
+        block_params = {name: {**p, HISTORY: block_histories[name]} if name in block_histories else p
+                        for name, p in params.items()}
+        y = _mlp(block_params, constrain(xb, BLOCK_AXES), cfg)
+        return None, constrain(y, BLOCK_AXES)  # [..., block_tokens, d_model]
+
+    with jax.named_scope("mlp_blocks"):
+        _, ys = jax.lax.scan(one_block, None, (blocks, copies))  # [count, ..., block_tokens, d_model]
+    y = jnp.moveaxis(ys, 0, -2).reshape(*lead, block_tokens * count, d_model)
+    return constrain(jax.lax.slice_in_dim(y, 0, seq, axis=-2), BLOCK_AXES)  # [..., seq, d_model]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _broadcast_history(history: jax.Array, count: int) -> jax.Array:
+    """history [3, H] -> [count, 3, H] copies, one per block; their gradients (each block's new history) combine by
+    max rather than sum (llmjax.nn.fp8: a history's gradient is its next value, and the amax of the whole sequence
+    is the largest of its blocks')."""
+    return jnp.broadcast_to(history, (count, *history.shape))
+
+
+def _broadcast_history_forward(history, count):
+    return _broadcast_history(history, count), None
+
+
+def _broadcast_history_backward(count, _, new_histories):
+    return (jnp.max(new_histories, axis=0),)
+
+
+_broadcast_history.defvjp(_broadcast_history_forward, _broadcast_history_backward)
