@@ -192,6 +192,7 @@ def test_model_with_performer_attention_runs_forward_and_backward():
             forward(params, tokens, cfg.replace(attn_logit_softcap=30.0))
 
 
+@pytest.mark.slow  # ~20 s of CPU (two jit compilations per measurement)
 def test_bench_performer_quick_smoke(tmp_path):
     out = tmp_path / "performer.json"
     result = subprocess.run([sys.executable, "-m", "experiments", "bench_performer", "--quick", "--out", str(out)],
