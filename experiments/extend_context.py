@@ -7,8 +7,8 @@ max_seq_len; for a run that was already extended, the original length its scalin
 and every weight fine-tuned for --steps steps on windows of --to tokens with llmjax.train's loop (fresh AdamW state,
 warmup then a constant learning rate, as the YaRN paper fine-tunes). The new run folder holds what the loop writes
 (config.json, checkpoints/, metrics.jsonl, loss.png) plus an "extend_context" section in config.json (also alone in
-extend_context.json): the base, the scaling, the data, and the validation loss at --to before fine-tuning, with and
-without the scaling, and after.
+extend_context.json): the base, the scaling, the data, and the validation loss at --to before fine-tuning (the run's
+RoPE unchanged, and rescaled) and after.
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ def parse_args(argv):
     p.add_argument("--save-every", type=int, default=500,
                    help="steps between checkpoints (one is also written at the end)")
     p.add_argument("--no-eval-before", action="store_true",
-                   help="skip the validation losses at --to before fine-tuning (RoPE unscaled, and scaled)")
+                   help="skip the validation losses at --to before fine-tuning (the run's RoPE unchanged, and "
+                        "rescaled)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     p.add_argument("--mesh", default=None, metavar="AXIS=SIZE,...", help="device mesh (see `experiments train`)")
     p.add_argument("--sharding", default="auto", help="sharding strategy (see `experiments train`)")
@@ -248,11 +249,11 @@ def main(argv: list[str] | None = None) -> int:
         extension.update({k: v for k, v in earlier.items() if k.startswith("val_loss_before")})
         resuming = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
         if validation_data is not None and not args.no_eval_before and not resuming:
-            unscaled = base_cfg.replace(max_seq_len=args.to)  # RoPE as trained, extrapolated to --to
-            extension["val_loss_before_unscaled"] = validation_loss(params, unscaled, train_cfg, validation_data, args)
-            extension["val_loss_before_scaled"] = validation_loss(params, cfg, train_cfg, validation_data, args)
+            unchanged = base_cfg.replace(max_seq_len=args.to)  # the run's RoPE as it was trained, run past its length
+            for key, model_cfg in (("val_loss_before_unchanged", unchanged), ("val_loss_before_scaled", cfg)):
+                extension[key] = validation_loss(params, model_cfg, train_cfg, validation_data, args)
             print(f"{PROG}: validation loss at {args.to} tokens before fine-tuning: "
-                  f"{extension['val_loss_before_unscaled']:.4f} with RoPE unscaled, "
+                  f"{extension['val_loss_before_unchanged']:.4f} with the run's RoPE unchanged, "
                   f"{extension['val_loss_before_scaled']:.4f} with {args.method}", file=sys.stderr)
         out.mkdir(parents=True, exist_ok=True)
         (out / "extend_context.json").write_text(json.dumps(extension, indent=2))  # train() rewrites config.json

@@ -66,7 +66,7 @@ def test_extends_to_twice_the_length_with_yarn(llama_run, tokens, tmp_path):
     assert (out / "checkpoints" / "3").is_dir() and (out / "loss.png").is_file()
     extension = config["extend_context"]
     assert extension["data"] == str(tokens) and extension["base"] == str(llama_run)
-    for key in ("val_loss_before_unscaled", "val_loss_before_scaled", "val_loss_after"):
+    for key in ("val_loss_before_unchanged", "val_loss_before_scaled", "val_loss_after"):
         assert np.isfinite(extension[key]), key
     assert json.loads((out / "extend_context.json").read_text()) == extension
 
