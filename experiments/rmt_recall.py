@@ -23,7 +23,7 @@ def parse_args(argv):
         "(llmjax.data.synthetic: key-value pairs in the first segment, filler, queries in the last), and the same "
         "backbone without memory (each segment alone, so it never sees the pairs: chance is 1 / --values). Reports "
         "the accuracy of both on held-out batches at the full length (--segments x --segment-len tokens), a "
-        "loss / accuracy curve (PNG) and a JSON summary. Defaults are sized for one GPU (target: >= 90%% accuracy "
+        "loss / accuracy curve (PNG) and a JSON summary. Defaults are sized for one GPU (target: >= 90% accuracy "
         "at 8x the segment length); --quick is a seconds-long CPU smoke run.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -47,7 +47,7 @@ def parse_args(argv):
                           "of half the steps; 'auto': doubling from 2 up to --segments; 'none': --segments throughout")
     rmt.add_argument("--advance-at", type=float, default=0.9, help="curriculum: training accuracy to move on at")
     task = p.add_argument_group("task")
-    task.add_argument("--pairs", type=int, default=6, help="key-value pairs per sequence, at its start")
+    task.add_argument("--pairs", type=int, default=4, help="key-value pairs per sequence, at its start")
     task.add_argument("--queries", type=int, default=4, help="queries at the end (distinct pairs), each scored")
     task.add_argument("--pair-segments", type=int, default=0,
                       help="spread the pairs over random slots of the first this many segments (0: packed first)")
