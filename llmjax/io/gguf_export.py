@@ -61,7 +61,7 @@ from llmjax.io.hf import (
     hf_family,
     tensor_mappings,
 )
-from llmjax.nn.rope import rope_frequencies
+from llmjax.nn.rope import base_theta, rope_frequencies
 
 Q = GGMLQuantizationType
 QUANTS = {"f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}  # --quant -> the type of the matrices
@@ -183,7 +183,8 @@ def model_metadata(cfg: ModelConfig, family: str) -> dict:
         f"{arch}.context_length": cfg.max_seq_len, f"{arch}.embedding_length": cfg.d_model,
         f"{arch}.feed_forward_length": cfg.d_ff, f"{arch}.block_count": cfg.num_layers,
         f"{arch}.attention.head_count": cfg.num_heads, f"{arch}.attention.head_count_kv": cfg.num_kv_heads,
-        f"{arch}.rope.freq_base": cfg.rope_theta, f"{arch}.attention.layer_norm_rms_epsilon": cfg.norm_eps,
+        f"{arch}.rope.freq_base": base_theta(cfg.rope_theta, cfg.head_dim, cfg.rope_scaling),  # ntk: the larger base
+        f"{arch}.attention.layer_norm_rms_epsilon": cfg.norm_eps,
         f"{arch}.rope.dimension_count": cfg.head_dim, f"{arch}.vocab_size": cfg.vocab_size,
     }
     if cfg.head_dim * cfg.num_heads != cfg.d_model:  # llama.cpp assumes d_model / heads otherwise
@@ -191,7 +192,11 @@ def model_metadata(cfg: ModelConfig, family: str) -> dict:
     scaling = cfg.rope_scaling
     if scaling is not None and scaling.kind == "linear":
         metadata |= {f"{arch}.rope.scaling.type": "linear", f"{arch}.rope.scaling.factor": scaling.factor}
-    elif scaling is not None:  # llama3: the divisors are the tensor rope_freqs.weight; this key is for importers
+    elif scaling is not None and scaling.kind == "yarn":
+        raise ValueError("GGUF export of YaRN RoPE scaling is not supported (llama.cpp's YaRN parameters are not "
+                         "mapped): export to Hugging Face instead, or extend with --method linear or ntk")
+    elif scaling is not None and scaling.kind == "llama3":  # the divisors are the tensor rope_freqs.weight; this key
+        # is for importers
         metadata[f"{arch}.rope.scaling.original_context_length"] = scaling.original_max_seq_len
     return metadata
 

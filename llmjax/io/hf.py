@@ -33,6 +33,7 @@ from llmjax.config import ConfigError, ModelConfig, RopeScaling
 from llmjax.model.params import flatten_with_names
 from llmjax.model.rope import convert_rope_layout
 from llmjax.model.transformer import model_spec
+from llmjax.nn.rope import base_theta
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -193,8 +194,17 @@ def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
             high_freq_factor=value("high_freq_factor"),
             original_max_seq_len=rope.get("original_max_position_embeddings", hf.get("max_position_embeddings", 8192)),
         )
+    if rope_type == "yarn":
+        return theta, RopeScaling(
+            "yarn",
+            factor=value("factor"),
+            original_max_seq_len=rope.get("original_max_position_embeddings", hf.get("max_position_embeddings", 8192)),
+            beta_fast=rope.get("beta_fast", 32.0),
+            beta_slow=rope.get("beta_slow", 1.0),
+            attention_factor=rope.get("attention_factor"),
+        )
     raise CheckpointMismatchError(
-        f"config.json asks for RoPE type {rope_type!r}; llmjax supports 'default', 'linear' and 'llama3'"
+        f"config.json asks for RoPE type {rope_type!r}; llmjax supports 'default', 'linear', 'llama3' and 'yarn'"
     )
 
 
@@ -293,11 +303,20 @@ def hf_config_from(cfg: ModelConfig) -> dict:
 def _rope_to_hf(cfg: ModelConfig) -> dict:
     """`rope_parameters` for transformers >= 5, and the same as `rope_theta` / `rope_scaling` so that
     older transformers do not silently fall back to theta 10000."""
-    scaling = cfg.rope_scaling
-    if scaling is None:
+    scaling, theta = cfg.rope_scaling, cfg.rope_theta
+    if scaling is None or scaling.kind == "ntk":  # NTK-aware scaling is plain RoPE with a larger base
+        theta, scaling = base_theta(theta, cfg.head_dim, scaling), None
         rope = {"rope_type": "default"}
     elif scaling.kind == "linear":
         rope = {"rope_type": "linear", "factor": scaling.factor}
+    elif scaling.kind == "yarn":
+        rope = {
+            "rope_type": "yarn",
+            "factor": scaling.factor,
+            "original_max_position_embeddings": scaling.original_max_seq_len,
+            "beta_fast": scaling.beta_fast,
+            "beta_slow": scaling.beta_slow,
+        } | ({} if scaling.attention_factor is None else {"attention_factor": scaling.attention_factor})
     else:
         rope = {
             "rope_type": "llama3",
@@ -307,8 +326,8 @@ def _rope_to_hf(cfg: ModelConfig) -> dict:
             "original_max_position_embeddings": scaling.original_max_seq_len,
         }
     return dict(
-        rope_parameters=rope | {"rope_theta": cfg.rope_theta},
-        rope_theta=cfg.rope_theta,
+        rope_parameters=rope | {"rope_theta": theta},
+        rope_theta=theta,
         rope_scaling=None if scaling is None else rope,
     )
 

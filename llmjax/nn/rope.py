@@ -25,6 +25,16 @@ from llmjax.nn._checks import check_float, check_integer, check_ndim, shape_of
 ROPE_LAYOUTS = ("half", "interleaved")
 
 
+def base_theta(theta: float, head_dim: int, scaling: RopeScaling | None) -> float:
+    """The base RoPE rotates with: theta, raised to theta * factor ** (head_dim / (head_dim - 2)) by "ntk" scaling
+    (which is therefore plain RoPE with another base: exporters write it as such)."""
+    if scaling is None or scaling.kind != "ntk":
+        return theta
+    if head_dim == 2:
+        raise ValueError("rope: scaling 'ntk' needs head_dim > 2 (theta is raised to factor ** (d / (d - 2)))")
+    return theta * scaling.factor ** (head_dim / (head_dim - 2))
+
+
 def rope_frequencies(head_dim: int, theta: float = 10_000.0, scaling: RopeScaling | None = None) -> np.ndarray:
     """Inverse frequencies [head_dim / 2], theta ** (-2i / head_dim), optionally rescaled for context
     extension (float64 NumPy: a constant folded into the program).
@@ -40,10 +50,7 @@ def rope_frequencies(head_dim: int, theta: float = 10_000.0, scaling: RopeScalin
         raise ValueError(f"rope: head_dim={head_dim}: RoPE rotates pairs of dimensions, so it must be even")
     if not theta > 0:
         raise ValueError(f"rope: theta={theta} must be > 0")
-    if scaling is not None and scaling.kind == "ntk":
-        if head_dim == 2:
-            raise ValueError("rope: scaling 'ntk' needs head_dim > 2 (theta is raised to factor ** (d / (d - 2)))")
-        theta = theta * scaling.factor ** (head_dim / (head_dim - 2))
+    theta = base_theta(theta, head_dim, scaling)
     inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     if scaling is None or scaling.kind == "ntk":
         return inv_freq

@@ -24,6 +24,7 @@ import regex
 from llmjax.config import RopeScaling, get_config
 from llmjax.io.gguf import GGUFError, load_gguf, read_gguf, read_metadata
 from llmjax.io.gguf_export import (
+    model_metadata,
     permute_rows,
     pre_tokenizer_name,
     save_gguf,
@@ -551,3 +552,15 @@ def test_command_line_bad_input_is_one_line(tmp_path, run, tokenizer, capsys, ca
     assert export_gguf.main([str(flag) for flag in [*flags, "--no-progress"]]) == 2
     assert capsys.readouterr().err == f"python -m experiments export_gguf: {expected}\n"
     assert not out.exists() and not list(tmp_path.glob(".*partial*"))
+
+
+def test_rope_scalings_in_metadata():
+    """NTK-aware scaling is written as the larger base it amounts to; YaRN is refused in one clear error (llama.cpp's
+    YaRN parameters are not mapped) rather than written as plain RoPE."""
+    cfg = get_config("llama-tiny", rope_scaling=RopeScaling("ntk", 4.0))
+    metadata = model_metadata(cfg, "llama")
+    expected_base = cfg.rope_theta * 4.0 ** (cfg.head_dim / (cfg.head_dim - 2))
+    assert metadata["llama.rope.freq_base"] == pytest.approx(expected_base)
+    assert not any("scaling" in key for key in metadata)
+    with pytest.raises(ValueError, match="GGUF export of YaRN"):
+        model_metadata(get_config("llama-tiny", rope_scaling=RopeScaling("yarn", 4.0)), "llama")

@@ -77,6 +77,8 @@ MODELS = {
     "llama_biases": lambda: llama(attention_bias=True, mlp_bias=True),
     "llama3_rope": lambda: llama(rope_parameters=LLAMA3_ROPE),
     "linear_rope": lambda: llama(rope_parameters={"rope_type": "linear", "rope_theta": 5_000.0, "factor": 4.0}),
+    "yarn_rope": lambda: llama(rope_parameters={"rope_type": "yarn", "rope_theta": 10_000.0, "factor": 4.0,
+                                                "original_max_position_embeddings": 16}),
     "mistral_sliding_window": mistral,
 }
 
@@ -266,6 +268,23 @@ def test_mistral_config_round_trip():
     assert config_from_hf(hf).sliding_window == 4096
 
 
+def test_ntk_scaling_exports_as_the_larger_base(tmp_path):
+    """NTK-aware scaling is plain RoPE with base theta * factor ** (d / (d - 2)): written so, transformers computes
+    our logits (and a re-import is the same model, without the scaling record)."""
+    cfg = PRESETS["llama-tiny"].replace(rope_scaling=RopeScaling("ntk", 4.0), max_seq_len=64)
+    params = init_params(cfg, jax.random.key(3))
+    save_hf_checkpoint(params, cfg, tmp_path / "ntk")
+    hf = json.loads((tmp_path / "ntk" / "config.json").read_text())
+    assert hf["rope_parameters"]["rope_type"] == "default"
+    assert hf["rope_theta"] == pytest.approx(cfg.rope_theta * 4.0 ** (cfg.head_dim / (cfg.head_dim - 2)))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ntk", dtype=torch.float32).eval()
+    tokens = TOKENS % cfg.vocab_size
+    with torch.no_grad():
+        expected = reloaded(torch.from_numpy(tokens)).logits.numpy()
+    ours = np.asarray(forward(params, jnp.asarray(tokens), cfg))[..., :expected.shape[-1]]
+    assert np.abs(ours - expected).max() < 1e-4 * max(1.0, np.abs(expected).max())
+
+
 def test_legacy_rope_scaling_keys():
     llama3 = {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}
     legacy = dict(
@@ -284,8 +303,9 @@ def test_unsupported_configs_are_named():
     llama_config = hf_config_from(PRESETS["llama-tiny"])
     with pytest.raises(CheckpointMismatchError, match="model_type='bert'"):
         config_from_hf({"model_type": "bert"})
-    with pytest.raises(CheckpointMismatchError, match="'yarn'"):
-        config_from_hf(llama_config | {"rope_scaling": None, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(CheckpointMismatchError, match="'longrope'"):
+        config_from_hf(llama_config | {"rope_scaling": None,
+                                       "rope_parameters": {"rope_type": "longrope", "factor": 4.0}})
     with pytest.raises(CheckpointMismatchError, match="hidden_act='gelu'"):
         config_from_hf(llama_config | {"hidden_act": "gelu"})
     gpt2_config = hf_config_from(PRESETS["gpt2-tiny"])
