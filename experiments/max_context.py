@@ -146,33 +146,23 @@ def compiled_step(model_cfg, train_cfg, tokens: int):
     return jax.jit(step, donate_argnums=0).lower(state, batch).compile()
 
 
-def memory_row(compiled) -> dict:
-    """XLA's memory analysis of a compiled step, with the device peak it implies: arguments + outputs +
-    temporaries - aliased (donated) bytes, the formula of experiments/remat_memory.py. Host temporaries (offloaded
-    residuals) live in host memory and are reported apart."""
-    memory = compiled.memory_analysis()
-    row = {"arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
-           "temporaries": memory.temp_size_in_bytes, "aliased": memory.alias_size_in_bytes,
-           "host_temporaries": getattr(memory, "host_temp_size_in_bytes", 0) or 0}
-    row["peak_bytes"] = row["arguments"] + row["outputs"] + row["temporaries"] - row["aliased"]
-    return row
-
-
 def analyze(name: str, tokens: int, base, args, platform: str, budget: float) -> dict:
-    """One compile: {"tokens", "fits", "peak_bytes", ...}; an out-of-memory compile does not fit, any other
+    """One compile: {"tokens", "fits", "peak_estimate", ...}; an out-of-memory compile does not fit, any other
     failure is reported in "error"."""
     model_cfg, train_cfg = configuration(name, base, tokens, args, platform)
+    from llmjax.experiments.remat_memory import memory_row
+
     started = time.perf_counter()
     try:
-        row = {"tokens": tokens, **memory_row(compiled_step(model_cfg, train_cfg, tokens))}
+        row = {"tokens": tokens, **memory_row(compiled_step(model_cfg, train_cfg, tokens).memory_analysis())}
     except Exception as error:  # noqa: BLE001  (reported per length, the search decides what follows)
-        row = {"tokens": tokens, "fits": False, "peak_bytes": None,
+        row = {"tokens": tokens, "fits": False, "peak_estimate": None,
                "error": f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}",
                "out_of_memory": is_out_of_memory(error)}
     else:
-        row["fits"] = row["peak_bytes"] <= budget
+        row["fits"] = row["peak_estimate"] <= budget
     row["compile_s"] = round(time.perf_counter() - started, 2)
-    peak = f"{row['peak_bytes'] / GIB:8.3f} GiB" if row["peak_bytes"] is not None else "       - GiB"
+    peak = f"{row['peak_estimate'] / GIB:8.3f} GiB" if row["peak_estimate"] is not None else "       - GiB"
     verdict = "fits" if row["fits"] else ("does not compile: " + row["error"] if row.get("error") and not
                                           row.get("out_of_memory") else "does not fit")
     host = f", host {row['host_temporaries'] / GIB:.3f} GiB" if row.get("host_temporaries") else ""
@@ -295,7 +285,7 @@ def search(name: str, base, args, argv, platform: str, budget: float, confirm_ru
     errors = [row["error"] for row in tried.values() if row.get("error") and not row.get("out_of_memory")]
     model_cfg, train_cfg = configuration(name, base, max(longest, args.granularity), args, platform)
     row = tried.get(longest, {})
-    return {"config": name, "longest_tokens": longest, "peak_bytes": row.get("peak_bytes"),
+    return {"config": name, "longest_tokens": longest, "peak_estimate": row.get("peak_estimate"),
             "measured_peak": row.get("run", {}).get("measured_peak"), "confirmed": confirmed,
             "error": errors[0] if errors and not longest else None, "errors": sorted(set(errors)),
             "fields": {"remat": model_cfg.remat, "mlp_block_tokens": model_cfg.mlp_block_tokens,
@@ -312,7 +302,7 @@ def table(results: list[dict]) -> str:
         gib = lambda b: f"{b / GIB:.2f}" if b else "-"  # noqa: E731
         confirmed = {True: "yes", False: "no", None: "-"}[r["confirmed"]]
         longest = f"{r['longest_tokens']:,}" if not r["error"] else f"error: {r['error'][:80]}"
-        lines.append(f"| {r['config']} | {longest} | {gib(r['peak_bytes'])} | {gib(r['measured_peak'])} | "
+        lines.append(f"| {r['config']} | {longest} | {gib(r['peak_estimate'])} | {gib(r['measured_peak'])} | "
                      f"{confirmed} |")
     return "\n".join(lines)
 
@@ -327,7 +317,7 @@ def plot(results: list[dict], budget: float, path: Path, title: str) -> None:
 
     figure, axes = plt.subplots(figsize=(7.5, 4.5), dpi=120)
     for i, r in enumerate(results):
-        points = [(row["tokens"], row["peak_bytes"] / GIB) for row in r["tried"] if row.get("peak_bytes")]
+        points = [(row["tokens"], row["peak_estimate"] / GIB) for row in r["tried"] if row.get("peak_estimate")]
         if not points:
             continue
         axes.plot(*zip(*points), "o-", color=f"C{i}", label=f"{r['config']} (longest {r['longest_tokens']:,})")

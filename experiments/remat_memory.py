@@ -13,6 +13,17 @@ POLICIES = ("none", "full", "dots", "dots_no_batch", "offload")
 MODES = ("full", "lora", "qlora")
 
 
+def memory_row(memory) -> dict:
+    """XLA's memory analysis of a compiled step (`compiled.memory_analysis()`) in bytes, with the device peak it
+    implies: "peak_estimate" = arguments + outputs + temporaries - aliased (donated). Host temporaries (offloaded
+    residuals) live in host memory and are reported apart."""
+    row = {"arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
+           "temporaries": memory.temp_size_in_bytes, "aliased": memory.alias_size_in_bytes,
+           "host_temporaries": getattr(memory, "host_temp_size_in_bytes", 0) or 0}
+    row["peak_estimate"] = row["arguments"] + row["outputs"] + row["temporaries"] - row["aliased"]
+    return row
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="python -m experiments remat_memory",
@@ -126,12 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             row = {"mode": mode, "remat": policy, "error": f"{type(error).__name__}: {str(error)[:200]}"}
             print(f"  {mode:>5} {policy:>13}: cannot compile here ({row['error']})", flush=True)
             return row
-        row = {"mode": mode, "remat": policy, "arguments": memory.argument_size_in_bytes,
-               "temporaries": memory.temp_size_in_bytes, "outputs": memory.output_size_in_bytes,
-               "aliased": memory.alias_size_in_bytes,
-               "host_temporaries": getattr(memory, "host_temp_size_in_bytes", 0),
-               "compile_s": time.perf_counter() - started}
-        row["peak_estimate"] = row["arguments"] + row["temporaries"] + row["outputs"] - row["aliased"]
+        row = {"mode": mode, "remat": policy, **memory_row(memory), "compile_s": time.perf_counter() - started}
         if args.measure_steps:
             row.update(measure(mode, policy, step))
         measured = f", measured peak {row['measured_peak'] / 2**20:,.1f} MiB" if row.get("measured_peak") else ""

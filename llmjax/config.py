@@ -516,7 +516,8 @@ def model_config_from_dict(data: dict) -> ModelConfig:
 
 
 # How a step computes, not what: a run may resume with other choices (the same parameters and optimizer state).
-EXECUTION_FIELDS = {"remat", "remat_save", "remat_offload", "scan_unroll", "attention_impl", "norm_impl", "loss_impl", "loss_chunk_tokens"}
+EXECUTION_FIELDS = {"remat", "remat_save", "remat_offload", "scan_unroll", "attention_impl", "norm_impl", "loss_impl",
+                    "loss_chunk_tokens", "mlp_block_tokens"}
 
 
 def config_differences(saved: dict, current: ModelConfig | TrainConfig) -> list[str]:

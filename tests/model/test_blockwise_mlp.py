@@ -152,7 +152,7 @@ def test_max_context_smoke(tmp_path, capsys):
                                            "loss_chunk_tokens": 32}
     for row in rows.values():
         assert [t["tokens"] for t in row["tried"]] == [64] and row["confirmed"] is None and not row["errors"]
-        assert row["tried"][0]["peak_bytes"] > 0 and row["longest_tokens"] in (0, 64)
+        assert row["tried"][0]["peak_estimate"] > 0 and row["longest_tokens"] in (0, 64)
     assert rows["blockwise"]["longest_tokens"] >= rows["plain"]["longest_tokens"]
     assert (tmp_path / "llama-tiny.png").stat().st_size > 1000
     assert "| blockwise |" in capsys.readouterr().out
