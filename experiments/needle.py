@@ -55,6 +55,9 @@ def parse_args(argv):
     p.add_argument("--ppl-length", type=int, default=2048,
                    help="tokens read from each --ppl-docs document (only documents at least this long are used); "
                         "positions 1 .. length - 1 are scored, so at most max_seq_len + 1")
+    p.add_argument("--max-seq-len", type=int, default=None, metavar="N",
+                   help="run a RoPE model with max_seq_len N instead of its own (the positions past what it was "
+                        "trained on are simply used): how a model does beyond its trained context, before extension")
     p.add_argument("--ppl-tokens", type=Path, default=None, metavar="DIR",
                    help="documents for --ppl-docs from a token shards folder (`experiments tokenize --out DIR`: its "
                         "validation/ split when it has one) instead of the default corpus's held-out files")
@@ -322,6 +325,11 @@ def evaluate(args) -> dict:
         raise NeedleError("--ppl-tokens names documents for the loss-by-position table: give --ppl-docs too")
     model = load_model_from_flags(args)
     params, cfg, tokenizer, name = model.params, model.cfg, model.tokenizer, model_name_from_flags(args)
+    if args.max_seq_len is not None:
+        if cfg.positions != "rope" or args.max_seq_len < 1:
+            raise NeedleError(f"--max-seq-len {args.max_seq_len}: needs a RoPE model (learned positions have a "
+                              f"table of max_seq_len={cfg.max_seq_len} rows) and a positive length")
+        cfg = cfg.replace(max_seq_len=args.max_seq_len)
     rng = np.random.default_rng([args.seed, 0])
     passkeys = [[[random_passkey(rng) for _ in range(args.trials)] for _ in depths] for _ in lengths]
     every = [key for row in passkeys for cell in row for key in cell]

@@ -217,9 +217,19 @@ def test_needle_experiment_end_to_end(tiny_run, tmp_path, capsys):
     (["--ppl-docs", "1", "--ppl-length", "600"], "--ppl-length 600: scores 599 positions, more than the model's "
                                                  "context of 512"),
     (["--filler", "/nonexistent/haystack.txt"], "--filler /nonexistent/haystack.txt: No such file or directory"),
+    (["--max-seq-len", "0"], "--max-seq-len 0: needs a RoPE model"),
 ])
 def test_bad_flags_are_one_line(tiny_run, flags, message, capsys):
     assert experiment.main(["--ckpt", str(tiny_run), "--lengths", "128", "--depths", "0.5", "--trials", "1",
                             "--no-progress", "--out", "/tmp/needle_never_written", *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and err.count("\n") == 0, err
+
+
+def test_max_seq_len_runs_a_rope_model_past_its_context(tiny_run, tmp_path):
+    """--max-seq-len: the 512-token model scored on 600-token prompts (how it does past its trained context)."""
+    assert experiment.main(["--ckpt", str(tiny_run), "--lengths", "600", "--depths", "0.5", "--trials", "1",
+                            "--scoring", "teacher-forced", "--max-seq-len", "1024", "--out", str(tmp_path / "long"),
+                            "--no-progress"]) == 0
+    result = json.loads((tmp_path / "long" / "needle.json").read_text())
+    assert result["max_seq_len"] == 1024 and result["lengths"] == [600]

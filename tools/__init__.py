@@ -7,6 +7,6 @@ Each file's docstring (or header comment) says what it measures and how to run i
 Mosaic GPU checks (fa_check, mosaic_check, mosaic_bwd_check), the fused cross-entropy gradient
 (ce_grad_check), FP8 GEMM forms (fp8_probe), the jax-triton RMSNorm (triton_rms_norm, jax_triton_check),
 training-step breakdowns and A/B runs (step_breakdown, step_ab, speed_sweep.sh, trace_top), the quantization GPU
-run (quant_gpu_check.sh) and the device runs of issues 20 and 21 (posttrain_gpu.sh, issue21_gpu.sh).
+run (quant_gpu_check.sh) and the device runs of issues 20, 21 and 22 (posttrain_gpu.sh, issue21_gpu.sh, issue22_gpu.sh).
 User-facing runs and benchmarks are experiments (`python -m experiments --help`).
 """
