@@ -6,7 +6,6 @@ import argparse
 import json
 import math
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -145,18 +144,6 @@ def estimated_bytes(impl: str, seq: int, args, itemsize: int, backward: bool) ->
     return io * 2  # flash attention: O(seq) statistics
 
 
-def median_seconds(fn, *args, repeats: int) -> float:
-    import jax
-
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
 def attention_functions(args, platform: str) -> dict:
     """{name: causal attention (q, k, v) -> out}: the performer and the exact baseline of this platform."""
     import jax
@@ -191,6 +178,8 @@ def time_lengths(args, device) -> tuple[list[dict], list[str]]:
     """(b): one row per length {seq, impl: {forward_s, forward_backward_s} or a skip note}; and the notes."""
     import jax
     import jax.numpy as jnp
+
+    from llmjax.experiments.bench_attention import median_seconds
 
     dtype = {"auto": jnp.bfloat16 if device.platform == "gpu" else jnp.float32, "bfloat16": jnp.bfloat16,
              "float32": jnp.float32}[args.dtype]
