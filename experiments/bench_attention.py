@@ -104,15 +104,18 @@ FP8_IMPLS = ("pallas_fp8", "cudnn_fp8")  # forward only, on float8_e4m3fn operan
 
 
 def fp8_operands(*tensors):
-    """Per-tensor float8_e4m3fn copies (scale = amax / 448) and their float32 scales."""
+    """Per-tensor float8_e4m3fn copies and their float32 scales, as the model quantizes (llmjax.nn.fp8)."""
     import jax.numpy as jnp
 
-    scales = [jnp.max(jnp.abs(x)).astype(jnp.float32) / 448.0 for x in tensors]
-    return [(x / s).astype(jnp.float8_e4m3fn) for x, s in zip(tensors, scales)], scales
+    from llmjax.nn.fp8 import E4M3, quantize, scale_for
+
+    scales = [scale_for(jnp.max(jnp.abs(x)), E4M3) for x in tensors]
+    return [quantize(x, s, E4M3) for x, s in zip(tensors, scales)], scales
 
 
 def fp8_attention(impl: str, shape: Shape, scales):
     """attention(q8, k8, v8) on float8_e4m3fn operands standing for q8 * scale (q, k, v's `scales`)."""
+    import jax
     import jax.numpy as jnp
 
     if impl == "pallas_fp8":
@@ -121,7 +124,7 @@ def fp8_attention(impl: str, shape: Shape, scales):
         def attention(q8, k8, v8):
             return flash_attention_fp8_forward(q8, k8, v8, *scales, causal=shape.causal)
 
-        probe = [jnp.zeros((shape.batch, shape.seq, heads, shape.head_dim), jnp.float8_e4m3fn)
+        probe = [jax.ShapeDtypeStruct((shape.batch, shape.seq, heads, shape.head_dim), jnp.float8_e4m3fn)
                  for heads in (shape.heads, shape.kv_heads, shape.kv_heads)]
         return supported_fp8(*probe, causal=shape.causal) or attention
     from jax._src.cudnn import fused_attention_stablehlo as cudnn  # jax's FP8 entry point is not public
