@@ -1,8 +1,9 @@
 """Tokenize a corpus (default: the stdlib's source) into token shards for training, per split.
 
 Reads the corpus, encodes every document with the given tokenizer in worker processes, and
-writes memory-mappable shards plus index.json to OUT/train and OUT/validation; training reads
-them with `llmjax.data.TokenShards` and `llmjax.data.loader.BatchIterator`.
+writes memory-mappable shards plus index.json to OUT/train and OUT/validation, and the tokenizer
+to OUT/tokenizer.json (so the folder is self-contained: `experiments train --data OUT` reads it and
+copies it into its run folder); training reads them with `llmjax.data.TokenShards` and `llmjax.data.loader.BatchIterator`.
 
     python -m experiments tokenize --tokenizer bytes
     python -m experiments tokenize --tokenizer runs/tokenizers/spm8k.model --corpus 'data/*.jsonl'
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{split}: {report.summary()}", flush=True)
             print(f"  -> {report.directory}", flush=True)
             reports.append(report)
+        tokenizer.save(out / "tokenizer.json")  # beside the shards: the folder is self-contained, and can move
     except (CorpusError, TokenShardsError, TokenizerError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 1

@@ -84,13 +84,15 @@ def open_data(data_dir: Path):
     train_dir = data_dir / "train"
     if not (train_dir / "index.json").is_file():
         raise SystemExit(f"no shards in {train_dir}: run `python -m experiments tokenize --out {data_dir}` first")
-    source = read_index(train_dir).get("tokenizer", {}).get("source")
+    copy = data_dir / "tokenizer.json"  # written by tokenize beside the shards; else the path the index records
+    source = str(copy) if copy.is_file() else read_index(train_dir).get("tokenizer", {}).get("source")
     tokenizer = None
     if source:
         try:
             tokenizer = load_tokenizer(source)
         except TokenizerError as error:
-            logging.warning("cannot load the shards' tokenizer %s for samples: %s", source, error)
+            logging.warning("cannot load the shards' tokenizer %s (no samples, and the run folder gets no "
+                            "tokenizer.json): %s", source, error)
     train_data = TokenShards(train_dir, tokenizer)  # with a tokenizer: checks it is the one that made the shards
     validation_dir = data_dir / "validation"
     validation_data = TokenShards(validation_dir, tokenizer) if (validation_dir / "index.json").is_file() else None
@@ -134,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             sample_tokens=args.sample_tokens, progress=not args.no_progress and jax.process_index() == 0,
             mesh=args.mesh, sharding=args.sharding,
         )
+        if tokenizer is not None and jax.process_index() == 0:  # so generate / needle / serve --ckpt RUN can read it
+            tokenizer.save(Path(run.run_dir) / "tokenizer.json")
         summary = train(model_cfg, train_cfg, run, train_data, validation_data, tokenizer)
     except (ConfigError, TokenShardsError, CheckpointError, TrainingError) as error:
         print(f"python -m experiments train: {error}", file=sys.stderr)

@@ -47,6 +47,29 @@ def test_tokenize_then_train_from_the_command_line(tmp_path):
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
     assert [r["step"] for r in records if r["kind"] == "validation"] == [2, 4]
     assert all("sample" in r for r in records if r["kind"] == "validation")
+    for folder in ("tokens", "run"):  # the tokenizer travels with the shards, and into the run for --ckpt RUN
+        assert json.loads((tmp_path / folder / "tokenizer.json").read_text())["type"] == "bytes"
+
+
+def test_train_reads_the_tokenizer_beside_moved_shards(tmp_path):
+    """A token folder moved to another machine (the index's absolute tokenizer path gone) still gives training its
+    tokenizer: the copy tokenize wrote beside the shards."""
+    from experiments.train import open_data
+    from llmjax.tokenizer.bpe_train import train_bpe
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for n in range(4):
+        (corpus / f"f{n}.py").write_text(f"def f{n}(x):\n    return x + {n}\n" * (n + 3))
+    tokenizer = train_bpe([p.read_text() for p in sorted(corpus.iterdir())] * 5, 270, num_workers=1, progress=False)
+    tokenizer.save(tmp_path / "bpe.json")
+    result = run_experiment("tokenize", "--tokenizer", str(tmp_path / "bpe.json"), "--corpus", str(corpus),
+                            "--out", str(tmp_path / "tokens"), "--split", "train", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    (tmp_path / "bpe.json").unlink()
+    moved = (tmp_path / "tokens").rename(tmp_path / "moved")
+    _, _, loaded = open_data(moved)
+    assert loaded is not None and loaded.fingerprint() == tokenizer.fingerprint()
 
 
 def test_train_without_shards_is_one_clear_error(tmp_path):

@@ -2,11 +2,12 @@
 # Issue 22 (long context) on one GPU, one part per call (each fits the 10-minute limit). Run from the repository
 # root on the device; carry .fp8data (token shards of the stdlib, 16k BPE: made on the host as tools/issue21_gpu.sh
 # says) and .whl (tensorboardX + protobuf for the train loop):
-#   bash tools/issue22_gpu.sh context     # max_context llama-1b: plain / blockwise / blockwise+offload
+#   bash tools/issue22_gpu.sh context     # max_context llama-1b: plain / blockwise / blockwise+offload, to 256k
 #   bash tools/issue22_gpu.sh performer   # FAVOR+ error vs features; speed vs our flash attention, 4k..256k
 #   bash tools/issue22_gpu.sh rmt         # RMT associative recall at 8x the segment length vs no memory
 #   bash tools/issue22_gpu.sh base        # llama-125m trained at 512 tokens, then its passkey grid
 #   bash tools/issue22_gpu.sh extend      # YaRN to 2048 (4x), fine-tuned, then the passkey grid again
+# Several parts in one call: bash tools/issue22_gpu.sh performer rmt   (the archive is named after all of them)
 # Logs, JSON and PNGs are packed into $OUT/PART.tgz.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/tensorboardx*.whl \
@@ -15,26 +16,32 @@ export PYTHONPATH=.:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 RUNS=runs/long LOGS=/tmp/long_logs DATA=.fp8data/tokens
 mkdir -p "$RUNS" "$LOGS" "${OUT:=runs}"
 trap 'find "$RUNS" \( -name "*.json" -o -name "*.png" -o -name "*.jsonl" \) -not -path "*/checkpoints/*" \
-    -exec cp --parents {} "$LOGS" \; ; tar czf "$OUT/${1:-none}.tgz" -C /tmp long_logs' EXIT
+    -exec cp --parents {} "$LOGS" \; ; tar czf "$OUT/$(IFS=-; echo "${*:-none}").tgz" -C /tmp long_logs' EXIT
 x() {  # x LOG SECONDS ARGS...: one experiment, its log under $LOGS
     local log=$1 seconds=$2; shift 2
     echo "=== $log: $*" | tee -a "$LOGS/$log.log"
     timeout "$seconds" python3 -m experiments "$@" >> "$LOGS/$log.log" 2>&1
     echo "=== $log: exit $? at ${SECONDS}s"; grep -vE "^\s*$" "$LOGS/$log.log" | tail -8
 }
-case "${1:-}" in
-context) x max-context 560 max_context --model llama-1b --out "$RUNS/max_context" ;;
-performer) x performer 560 bench_performer --out "$RUNS/performer/performer.json" ;;
-rmt) x rmt 560 rmt_recall --out "$RUNS/rmt" ;;
+part() {
+case "$1" in
+context)  # GEMM autotuning off: the search compiles a dozen steps whose memory, not speed, matters
+    XLA_FLAGS="--xla_gpu_autotune_level=0 ${XLA_FLAGS:-}" x max-context 580 max_context --model llama-1b \
+        --start 16384 --max 262144 --granularity 8192 --out "$RUNS/max_context" ;;
+performer) x performer 240 bench_performer --out "$RUNS/performer/performer.json" ;;
+rmt) x rmt 330 rmt_recall --steps 6000 --out "$RUNS/rmt" ;;
 base)
-    x base 400 train --model llama-125m --data "$DATA" --batch 32 --seq 512 --set max_seq_len=512 --steps 1500 \
+    x base 250 train --model llama-125m --data "$DATA" --batch 32 --seq 512 --set max_seq_len=512 --steps 2500 \
         --warmup 100 --lr 6e-4 --eval-every 500 --sample-tokens 0 --seed 0 --run-dir "$RUNS/base" --no-progress
-    x needle-base 150 needle --ckpt "$RUNS/base" --lengths 256,500,1000,2000 --depths 0,0.25,0.5,0.75,1 --trials 4 \
+    x needle-base 100 needle --ckpt "$RUNS/base" --lengths 256,500,1000,2000 --depths 0,0.25,0.5,0.75,1 --trials 4 \
         --max-seq-len 2048 --out "$RUNS/needle-base" --no-progress ;;
 extend)
-    x extend 300 extend_context --ckpt "$RUNS/base" --to 2048 --method yarn --data "$DATA" --steps 300 --batch 8 \
+    x extend 150 extend_context --ckpt "$RUNS/base" --to 2048 --method yarn --data "$DATA" --steps 300 --batch 8 \
         --lr 2e-5 --out "$RUNS/yarn-2048" --no-progress
-    x needle-extended 200 needle --ckpt "$RUNS/yarn-2048" --lengths 256,500,1000,2000 --depths 0,0.25,0.5,0.75,1 \
+    x needle-extended 90 needle --ckpt "$RUNS/yarn-2048" --lengths 256,500,1000,2000 --depths 0,0.25,0.5,0.75,1 \
         --trials 4 --out "$RUNS/needle-yarn-2048" --no-progress ;;
-*) echo "usage: bash tools/issue22_gpu.sh context | performer | rmt | base | extend" >&2; exit 2 ;;
+*) echo "usage: bash tools/issue22_gpu.sh PART... (context, performer, rmt, base, extend)" >&2; exit 2 ;;
 esac
+}
+[ $# -gt 0 ] || part usage
+for name in "$@"; do part "$name"; done
