@@ -54,7 +54,7 @@ def test_tokenize_then_train_from_the_command_line(tmp_path):
 def test_train_reads_the_tokenizer_beside_moved_shards(tmp_path):
     """A token folder moved to another machine (the index's absolute tokenizer path gone) still gives training its
     tokenizer: the copy tokenize wrote beside the shards."""
-    from experiments.train import open_data
+    from llmjax.experiments.train import open_data
     from llmjax.tokenizer.bpe_train import train_bpe
 
     corpus = tmp_path / "corpus"
