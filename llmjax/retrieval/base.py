@@ -297,7 +297,8 @@ class VectorIndex:
     def _add(self, vectors: np.ndarray, first_row: int) -> None:
         raise NotImplementedError
 
-    def _search(self, queries: np.ndarray, k: int, labels: np.ndarray | None, **options) -> tuple[np.ndarray, np.ndarray]:
+    def _search(self, queries: np.ndarray, k: int, labels: np.ndarray | None,
+                **options) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
     def _remove(self, rows: np.ndarray) -> None:
@@ -331,7 +332,8 @@ def load_index(path: str | os.PathLike) -> VectorIndex:
         importlib.import_module(KIND_MODULES[header["kind"]])
     cls = _INDEX_CLASSES.get(header.get("kind"))
     if cls is None:
-        raise RetrievalError(f"{path}: unknown index kind {header['kind']!r} (known: {', '.join(sorted(_INDEX_CLASSES))})")
+        raise RetrievalError(f"{path}: unknown index kind {header.get('kind')!r} "
+                             f"(known: {', '.join(sorted(_INDEX_CLASSES))})")
     index = cls.__new__(cls)
     VectorIndex.__init__(index, header["dim"], header["metric"])
     index.row_ids, index.removed = arrays.pop("row_ids"), arrays.pop("removed")

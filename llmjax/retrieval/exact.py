@@ -76,7 +76,8 @@ class ExactIndex(VectorIndex):
             raise RetrievalError(f"block_rows={block_rows}, query_block={query_block}: must be positive")
         if approx_recall is not None and not 0 < approx_recall < 1:
             raise RetrievalError(f"approx_recall={approx_recall}: expected a recall target in (0, 1), or None")
-        self.dtype, self.block_rows, self.query_block, self.approx_recall = dtype, block_rows, query_block, approx_recall
+        self.dtype, self.block_rows, self.query_block = dtype, block_rows, query_block
+        self.approx_recall = approx_recall
         self.vectors = np.zeros((0, dim), np.float32)  # [rows, dim] on the host: the source of truth
         self._device_blocks = None
 
