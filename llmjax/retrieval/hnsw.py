@@ -123,13 +123,8 @@ class HNSWIndex(VectorIndex):
         for layer in range(self.top_level, -1, -1):
             links, slot_of = self._layer(layer)
             linking = levels >= layer
-            if not linking.all():  # rows above their level only walk down (beam of 1)
-                passing = ~linking
-                _, found = _graph.search_batch(self.vectors[batch[passing]], self.vectors, links, slot_of,
-                                               entries[passing], 1, 1, _graph.metric_code(self.metric), removed,
-                                               *no_labels, *_graph.filter_sets(None, int(passing.sum())), False,
-                                               False, chunk)
-                entries[passing, 0] = found[:, 0]
+            if not linking.all():  # rows above their level only walk down
+                entries[~linking] = self._greedy(self.vectors[batch[~linking]], entries[~linking], layer, chunk)
             if linking.any():
                 nearest = _graph.link_batch(self.vectors, links, slot_of, batch[linking], entries[linking],
                                             self.ef_construction, self.M, 1.0, _graph.metric_code(self.metric),
@@ -199,14 +194,19 @@ class HNSWIndex(VectorIndex):
     def _descend(self, queries, chunk) -> np.ndarray:
         """int32 [q, 1]: each query's entry into layer 0, by a greedy walk down from the entry point."""
         entries = np.full((len(queries), 1), self.entry, np.int32)
-        passable = np.zeros(self.rows, bool)  # removed rows may be walked through (repair makes them unreachable)
-        no_labels = np.zeros(self.rows + 1, np.int64), np.zeros(0, np.int64)
         for layer in range(self.top_level, 0, -1):
-            _, found = _graph.search_batch(queries, self.vectors, *self._layer(layer), entries, 1, 1,
-                                           _graph.metric_code(self.metric), passable, *no_labels,
-                                           *_graph.filter_sets(None, len(queries)), False, False, chunk)
-            entries = found
+            entries = self._greedy(queries, entries, layer, chunk)
         return entries
+
+    def _greedy(self, queries, entries, layer, chunk) -> np.ndarray:
+        """int32 [q, 1]: the nearest row to each query on `layer` by a greedy walk (a beam of 1) from `entries`.
+        Removed rows may be walked through (repair leaves them unreachable anyway)."""
+        passable = np.zeros(len(self.vectors), bool)
+        no_labels = np.zeros(len(self.vectors) + 1, np.int64), np.zeros(0, np.int64)
+        _, found = _graph.search_batch(queries, self.vectors, *self._layer(layer), entries, 1, 1,
+                                       _graph.metric_code(self.metric), passable, *no_labels,
+                                       *_graph.filter_sets(None, len(queries)), False, False, chunk)
+        return found
 
     def _search_prefiltered(self, queries, k, labels):
         """The pre-filtering baseline: exact scores over the rows that carry each query's label."""
