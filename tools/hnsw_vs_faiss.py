@@ -1,6 +1,10 @@
 """HNSWIndex against faiss.IndexHNSWFlat and hnswlib on one synthetic set: build time and queries/s at a recall.
 
     python tools/hnsw_vs_faiss.py --n 100000 --dim 128 --threads 2
+    python tools/hnsw_vs_faiss.py --n 100000 --dim 128 --threads 2 --selectivity 0.01   # filtered search
+
+Filtered (--selectivity s): each vector gets one of 1/s labels, each query one of them; FilteredVamanaIndex
+against HNSWIndex's two baselines (post-filtering with a growing beam, pre-filtering by brute force).
 
 Gaussian-mixture vectors (l2), the same M / ef_construction for all three, the same thread count; search is swept
 over ef and the queries/s at `--recall` is interpolated between the two ef values around it. A developer check of
@@ -70,8 +74,11 @@ def main():
     parser.add_argument("--recall", type=float, default=0.95)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--peers", default="faiss,hnswlib,llmjax")
+    parser.add_argument("--selectivity", type=float, default=None)
     args = parser.parse_args()
     data, queries = mixture(args.n, args.dim, args.clusters, 0), mixture(args.queries, args.dim, args.clusters, 1)
+    if args.selectivity:
+        return filtered(args, data, queries)
     truth = ground_truth(data, queries, args.k)
     efs = [10, 16, 24, 32, 48, 64, 96, 128, 192, 256]
     results = {}
@@ -122,6 +129,37 @@ def main():
     for peer, (build, points) in results.items():
         qps = qps_at(points, args.recall)
         print(f"{peer:10s} {build:8.1f} {('-' if qps is None else f'{qps:.0f}'):>18s}")
+
+
+def filtered(args, data, queries):
+    """FilteredVamanaIndex against HNSW post- and pre-filtering at one selectivity."""
+    from llmjax.retrieval.filtered_vamana import FilteredVamanaIndex
+    from llmjax.retrieval.hnsw import HNSWIndex
+
+    rng = np.random.default_rng(7)
+    num_labels = round(1 / args.selectivity)
+    labels, wanted = rng.integers(0, num_labels, len(data)), rng.integers(0, num_labels, len(queries))
+    truth = np.full((len(queries), args.k), -1)
+    for label in np.unique(wanted):
+        rows, members = np.flatnonzero(labels == label), np.flatnonzero(wanted == label)
+        truth[members] = rows[ground_truth(data[rows], queries[members], args.k)]
+    print(f"{len(data)} x {args.dim}, {num_labels} labels (selectivity {args.selectivity}), {args.threads} threads")
+    for name in ("vamana", "hnsw"):
+        start = time.perf_counter()
+        if name == "vamana":
+            index = FilteredVamanaIndex(args.dim, "l2", R=32, L=100, threads=args.threads)
+        else:
+            index = HNSWIndex(args.dim, "l2", M=args.M, ef_construction=args.ef_construction, threads=args.threads)
+        index.add(np.arange(len(data)), data, labels=labels)
+        print(f"{name}: build {time.perf_counter() - start:.1f} s", flush=True)
+        modes = {"vamana": [("filtered", lambda q, k, w: index.search(q, k, filter=wanted, L=max(w, k)))],
+                 "hnsw": [("post", lambda q, k, w: index.search(q, k, filter=wanted, ef=max(w, k))),
+                          ("pre", lambda q, k, w: index.search(q, k, filter=wanted, filter_mode="pre"))]}[name]
+        for mode, search in modes:
+            points = sweep(lambda q, k, w: search(q, k, w)[1], queries, truth, args.k,
+                           [10, 16, 32, 64, 128] if mode != "pre" else [10])
+            print(f"  {name} {mode}: " + ", ".join(f"beam {w}: R@{args.k} {r:.3f} {q:.0f} q/s" for w, r, q in points),
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ cosine arrives normalized and is ip).
   when over the degree bound). No locks, and the result does not depend on the number of threads.
 - `repair_removed`: FreshDiskANN-style repair: a live node that pointed to removed nodes is re-pruned over its live
   neighbours and the live neighbours of its removed ones; removed nodes lose their lists (unreachable afterwards).
+- `connect_unreachable`: after a build or a repair, every live row gets a path from the entry point (the prune can
+  leave a row with no in-edge).
 """
 
 from __future__ import annotations
