@@ -8,6 +8,8 @@ from llmjax.config import PRESETS, ModelConfig, count_params
 
 
 def family(cfg: ModelConfig) -> str:
+    if not cfg.causal:
+        return "BERT"
     name = "GPT-2" if cfg.positions == "learned" else "LLaMA"
     return f"{name} MoE" if cfg.is_moe else name
 

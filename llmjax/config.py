@@ -15,15 +15,17 @@ from typing import Literal
 import numpy as np
 
 Norm = Literal["layernorm", "rmsnorm"]
+NormPosition = Literal["pre", "post"]
 Positions = Literal["learned", "rope"]
-Activation = Literal["gelu_tanh", "swiglu"]
+Activation = Literal["gelu_tanh", "gelu", "swiglu"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch", "offload", "names"]
 AttentionImpl = Literal["auto", "xla", "cudnn", "pallas", "pallas_fp8", "performer"]
 MoeImpl = Literal["capacity", "ragged_dot", "pallas"]
 
 NORMS = ("layernorm", "rmsnorm")
+NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("learned", "rope")
-ACTIVATIONS = ("gelu_tanh", "swiglu")
+ACTIVATIONS = ("gelu_tanh", "gelu", "swiglu")  # gelu: the exact erf form (BERT); gelu_tanh: GPT-2's approximation
 # offload: dots_no_batch saved to host memory; names: the named intermediates in remat_save kept on the device,
 # those in remat_offload kept in host memory, everything else recomputed
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload", "names")
@@ -87,10 +89,12 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Every size and switch of a decoder-only Transformer.
+    """Every size and switch of a Transformer: decoder-only, or a bidirectional encoder.
 
     GPT-2 family: LayerNorm, learned positions, GELU-tanh MLP, biases, tied embeddings.
     LLaMA family: RMSNorm, RoPE, SwiGLU MLP, no biases, grouped-query attention.
+    BERT family (encoders: all-MiniLM-L6-v2): GPT-2's parts with causal=False (every token sees every other),
+    post-norm blocks, exact GELU, token-type embeddings and a LayerNorm on the embeddings; hidden states out.
     """
 
     vocab_size: int
@@ -102,6 +106,12 @@ class ModelConfig:
     head_dim: int | None = None  # None: d_model // num_heads
     norm: Norm = "layernorm"
     norm_eps: float = 1e-5
+    # "pre": x + f(norm(x)), a final norm after the last block (GPT-2, LLaMA); "post": norm(x + f(x)), no final
+    # norm (the original Transformer, BERT)
+    norm_position: NormPosition = "pre"
+    causal: bool = True  # False: bidirectional attention (encoders); padding is masked by the caller's token_mask
+    type_vocab_size: int = 0  # > 0: a learned token-type (segment A / B) embedding of this many rows (BERT: 2)
+    embedding_norm: bool = False  # a norm on the summed embeddings before the first block (BERT)
     positions: Positions = "learned"
     rope_theta: float = 10_000.0
     rope_scaling: RopeScaling | None = None
@@ -181,6 +191,20 @@ class ModelConfig:
                 f"each key/value head must serve a whole group of query heads"
             )
         _check_choice("norm", self.norm, NORMS)
+        _check_choice("norm_position", self.norm_position, NORM_POSITIONS)
+        for field in ("causal", "embedding_norm"):
+            if not isinstance(getattr(self, field), (bool, np.bool_)):
+                raise ConfigError(f"ModelConfig.{field}={getattr(self, field)!r}: must be True or False")
+        if not isinstance(self.type_vocab_size, (int, np.integer)) or isinstance(self.type_vocab_size, bool) \
+                or self.type_vocab_size < 0:
+            raise ConfigError(f"ModelConfig.type_vocab_size={self.type_vocab_size!r}: must be an integer >= 0 "
+                              f"(0: no token-type embedding)")
+        if not self.causal and self.sliding_window is not None:
+            raise ConfigError("ModelConfig.sliding_window is set but causal=False: a window looks back only; "
+                              "unset one of them")
+        if not self.causal and self.is_moe:
+            raise ConfigError("ModelConfig: causal=False (an encoder) with num_experts > 0 is not supported; "
+                              "use a dense MLP")
         _check_choice("positions", self.positions, POSITIONS)
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("remat", self.remat, REMAT_POLICIES)
@@ -347,8 +371,10 @@ def count_params(cfg: ModelConfig, *, padded_vocab: bool = False, active: bool =
         blocks += cfg.num_moe_layers * (moe_mlp - mlp)
 
     embeddings = vocab * d + (cfg.max_seq_len * d if cfg.positions == "learned" else 0)
+    embeddings += cfg.type_vocab_size * d + (norm if cfg.embedding_norm else 0)
+    final_norm = norm if cfg.norm_position == "pre" else 0  # post-norm blocks end normed
     lm_head = 0 if cfg.tie_embeddings else d * vocab
-    return embeddings + blocks + norm + lm_head
+    return embeddings + blocks + final_norm + lm_head
 
 
 def _gpt2(name: str, d_model: int, num_layers: int, num_heads: int, **kw) -> ModelConfig:
@@ -362,6 +388,14 @@ def _gpt2(name: str, d_model: int, num_layers: int, num_heads: int, **kw) -> Mod
         max_seq_len=1024,
         **kw,
     )
+
+
+def _bert(name: str, d_model: int, num_layers: int, num_heads: int, d_ff: int, **kw) -> ModelConfig:
+    """A BERT-style encoder: bidirectional, post-norm, exact GELU, token types, embedding LayerNorm."""
+    defaults = dict(vocab_size=30522, max_seq_len=512, norm_eps=1e-12, norm_position="post", causal=False,
+                    activation="gelu", type_vocab_size=2, embedding_norm=True)
+    return ModelConfig(name=name, d_model=d_model, num_layers=num_layers, num_heads=num_heads, d_ff=d_ff,
+                       **defaults | kw)
 
 
 def _llama(name: str, d_model: int, num_layers: int, num_heads: int, num_kv_heads: int, d_ff: int, **kw) -> ModelConfig:
@@ -429,6 +463,10 @@ PRESETS: dict[str, ModelConfig] = {
                max_seq_len=256, compute_dtype="float32"),
         _llama("llama-moe-tiny", 48, 2, 6, 2, 112, vocab_size=301, max_seq_len=64, vocab_multiple=64,
                compute_dtype="float32", num_experts=4, experts_per_token=2, expert_d_ff=40),
+        # BERT-style sentence encoders: all-MiniLM-L6-v2's shape (load its weights with `--hf all-minilm-l6-v2`),
+        # and a tiny one for tests.
+        _bert("minilm-l6", 384, 6, 12, 1536, compute_dtype="float32"),
+        _bert("bert-tiny", 48, 2, 4, 88, vocab_size=301, max_seq_len=64, vocab_multiple=64, compute_dtype="float32"),
     ]
 }
 

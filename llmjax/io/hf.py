@@ -1,9 +1,9 @@
-"""Hugging Face interop: configs and safetensors checkpoints of GPT-2, LLaMA, Mistral and Mixtral models.
+"""Hugging Face interop: configs and safetensors checkpoints of GPT-2, LLaMA, Mistral, Mixtral and BERT models.
 
     params, cfg = load_hf_checkpoint("path/to/Llama-3.2-1B")     # folder with config.json + safetensors
     save_hf_checkpoint(params, cfg, "out/my-model")               # loads in transformers' from_pretrained
 
-One table per family (`_gpt2_tensors`, `_llama_tensors`) lists every Hugging Face tensor, its
+One table per family (`_gpt2_tensors`, `_llama_tensors`, `_bert_tensors`) lists every Hugging Face tensor, its
 shape, and the llmjax parameter(s) it holds with the conversion both ways; loading, saving and
 checking all read that table. Shapes are checked from the safetensors headers before any data is
 read, so a checkpoint that does not fit the config fails in seconds with one message naming the
@@ -42,16 +42,20 @@ SHARD_FILE = "model-{index:05d}-of-{count:05d}.safetensors"
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}  # safetensors dtype names we can import
 
 # Where each family's blocks live; hub files of base models (and the original GPT-2) omit it.
-_BASE_PREFIX = {"gpt2": "transformer.", "llama": "model.", "mistral": "model.", "mixtral": "model."}
+_BASE_PREFIX = {"gpt2": "transformer.", "llama": "model.", "mistral": "model.", "mixtral": "model.", "bert": ""}
+# A base model saved inside a task model (BertForMaskedLM: "bert.encoder..."): the prefix is dropped on import.
+_TASK_PREFIX = {"bert": "bert."}
 # Buffers that old checkpoints saved alongside the weights: not parameters, skipped on import.
 _IGNORED_TENSORS = {
     "gpt2": re.compile(r"\.attn\.(masked_)?bias$"),  # the causal-mask buffer, not c_attn.bias
     "llama": re.compile(r"\.rotary_emb\.inv_freq$"),
     "mistral": re.compile(r"\.rotary_emb\.inv_freq$"),
     "mixtral": re.compile(r"\.rotary_emb\.inv_freq$"),
+    # the position-id buffer, and the pooler and task heads, which the hidden states do not use
+    "bert": re.compile(r"(^|\.)position_ids$|^(bert\.)?pooler\.|^cls\."),
 }
 _ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                  "mixtral": "MixtralForCausalLM"}
+                  "mixtral": "MixtralForCausalLM", "bert": "BertModel"}
 
 
 class CheckpointMismatchError(ValueError):
@@ -61,13 +65,13 @@ class CheckpointMismatchError(ValueError):
 # --- configs -----------------------------------------------------------------------------
 
 def config_from_hf(hf_config: dict, **overrides) -> ModelConfig:
-    """A ModelConfig from a Hugging Face config.json dict (model_type gpt2, llama, mistral or mixtral).
+    """A ModelConfig from a Hugging Face config.json dict (model_type gpt2, llama, mistral, mixtral or bert).
 
     Parameters and compute are float32 unless overridden: config_from_hf(d, compute_dtype="bfloat16").
     """
     model_type = hf_config.get("model_type")
     readers = {"gpt2": _gpt2_config_fields, "llama": _llama_config_fields, "mistral": _llama_config_fields,
-               "mixtral": _mixtral_config_fields}
+               "mixtral": _mixtral_config_fields, "bert": _bert_config_fields}
     if model_type not in readers:
         raise CheckpointMismatchError(
             f"config.json has model_type={model_type!r}; llmjax imports {', '.join(map(repr, readers))}"
@@ -151,6 +155,38 @@ def _llama_config_fields(hf: dict) -> dict:
     )
 
 
+# BERT's hidden_act names -> ours: exact GELU, or the tanh approximation
+_BERT_ACTIVATIONS = {"gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def _bert_config_fields(hf: dict) -> dict:
+    """BERT (and MiniLM, which is BERT-shaped): a bidirectional post-norm encoder with token types and an
+    embedding LayerNorm; hidden states out (no pooler, no masked-LM head)."""
+    _check_setting(hf, "hidden_act", "gelu", tuple(_BERT_ACTIVATIONS))
+    _check_setting(hf, "position_embedding_type", "absolute", ("absolute",))
+    _check_setting(hf, "is_decoder", False, (False,))
+    _check_setting(hf, "add_cross_attention", False, (False,))
+    return dict(
+        vocab_size=_required(hf, "vocab_size"),
+        d_model=_required(hf, "hidden_size"),
+        num_layers=_required(hf, "num_hidden_layers"),
+        num_heads=_required(hf, "num_attention_heads"),
+        d_ff=_required(hf, "intermediate_size"),
+        max_seq_len=hf.get("max_position_embeddings", 512),
+        norm="layernorm",
+        norm_eps=hf.get("layer_norm_eps", 1e-12),
+        norm_position="post",
+        causal=False,
+        positions="learned",
+        type_vocab_size=hf.get("type_vocab_size", 2),
+        embedding_norm=True,
+        activation=_BERT_ACTIVATIONS[hf.get("hidden_act", "gelu")],
+        attention_bias=True,
+        mlp_bias=True,
+        tie_embeddings=True,  # no output head: the encoder's product is its hidden states
+    )
+
+
 def _mixtral_config_fields(hf: dict) -> dict:
     """Mixtral: Mistral attention, every block's MLP a Mixture-of-Experts (softmax top-k, renormalized).
 
@@ -209,7 +245,9 @@ def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
 
 
 def hf_family(cfg: ModelConfig) -> str:
-    """'gpt2', 'llama', 'mistral' or 'mixtral': the Hugging Face layout that holds this config exactly."""
+    """'gpt2', 'llama', 'mistral', 'mixtral' or 'bert': the Hugging Face layout that holds this config exactly."""
+    if not cfg.causal:
+        return _bert_family(cfg)
     if cfg.is_moe:
         problems = []
         if (cfg.norm, cfg.positions, cfg.activation) != ("rmsnorm", "rope", "swiglu"):
@@ -251,6 +289,23 @@ def hf_family(cfg: ModelConfig) -> str:
     )
 
 
+def _bert_family(cfg: ModelConfig) -> str:
+    """'bert' for an encoder in BERT's layout, else a ValueError naming what differs."""
+    wanted = dict(norm="layernorm", positions="learned", norm_position="post", embedding_norm=True,
+                  attention_bias=True, mlp_bias=True, tie_embeddings=True)
+    problems = [f"{field}={value!r}" for field, value in wanted.items() if getattr(cfg, field) != value]
+    if cfg.activation not in ("gelu", "gelu_tanh"):
+        problems.append("activation='gelu' or 'gelu_tanh'")
+    if cfg.num_kv_heads != cfg.num_heads or cfg.head_dim * cfg.num_heads != cfg.d_model:
+        problems.append("num_kv_heads == num_heads and head_dim == d_model // num_heads")
+    if cfg.type_vocab_size < 1:
+        problems.append("type_vocab_size >= 1")
+    if problems:
+        raise ValueError(f"no Hugging Face layout matches this encoder (causal=False): the BERT layout needs "
+                         f"{', '.join(problems)}")
+    return "bert"
+
+
 def hf_config_from(cfg: ModelConfig) -> dict:
     """The Hugging Face config.json dict for a ModelConfig (GPT-2, LLaMA or Mistral layout)."""
     family = hf_family(cfg)
@@ -261,6 +316,18 @@ def hf_config_from(cfg: ModelConfig) -> dict:
         tie_word_embeddings=cfg.tie_embeddings,
         dtype=cfg.param_dtype,
     )
+    if family == "bert":
+        return common | dict(
+            hidden_size=cfg.d_model,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            intermediate_size=cfg.d_ff,
+            max_position_embeddings=cfg.max_seq_len,
+            type_vocab_size=cfg.type_vocab_size,
+            layer_norm_eps=cfg.norm_eps,
+            hidden_act="gelu" if cfg.activation == "gelu" else "gelu_pytorch_tanh",
+            position_embedding_type="absolute",
+        )
     if family == "gpt2":
         return common | dict(
             n_embd=cfg.d_model,
@@ -472,6 +539,38 @@ def _llama_tensors(cfg: ModelConfig) -> list[TensorMapping]:
     return tensors if cfg.tie_embeddings else [*tensors, _lm_head(cfg)]
 
 
+def _bert_tensors(cfg: ModelConfig) -> list[TensorMapping]:
+    """BERT's BertModel: torch Linear [out, in]; post-norm blocks, so attention.output.LayerNorm is our attn_norm
+    (applied after the attention residual) and output.LayerNorm our mlp_norm. No pooler: it is not a hidden state."""
+    d, f, h, head_dim = cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.head_dim
+    block = "encoder.layer.{layer}"
+    attn = f"{block}.attention"
+    tensors = [
+        _token_embedding("embeddings.word_embeddings.weight", cfg),
+        _reshaped("embeddings.position_embeddings.weight", (cfg.max_seq_len, d), "embed/position"),
+        _reshaped("embeddings.token_type_embeddings.weight", (cfg.type_vocab_size, d), "embed/token_type"),
+        _reshaped("embeddings.LayerNorm.weight", (d,), "embed/norm/scale"),
+        _reshaped("embeddings.LayerNorm.bias", (d,), "embed/norm/bias"),
+    ]
+    for hf_name, ours in (("query", "q"), ("key", "k"), ("value", "v")):
+        tensors += [
+            _linear(f"{attn}.self.{hf_name}.weight", (h * head_dim, d), f"blocks/attn/{ours}/kernel", (d, h, head_dim)),
+            _reshaped(f"{attn}.self.{hf_name}.bias", (h * head_dim,), f"blocks/attn/{ours}/bias", (h, head_dim)),
+        ]
+    return tensors + [
+        _linear(f"{attn}.output.dense.weight", (d, h * head_dim), "blocks/attn/o/kernel", (h, head_dim, d)),
+        _reshaped(f"{attn}.output.dense.bias", (d,), "blocks/attn/o/bias"),
+        _reshaped(f"{attn}.output.LayerNorm.weight", (d,), "blocks/attn_norm/scale"),
+        _reshaped(f"{attn}.output.LayerNorm.bias", (d,), "blocks/attn_norm/bias"),
+        _linear(f"{block}.intermediate.dense.weight", (f, d), "blocks/mlp/up/kernel"),
+        _reshaped(f"{block}.intermediate.dense.bias", (f,), "blocks/mlp/up/bias"),
+        _linear(f"{block}.output.dense.weight", (d, f), "blocks/mlp/down/kernel"),
+        _reshaped(f"{block}.output.dense.bias", (d,), "blocks/mlp/down/bias"),
+        _reshaped(f"{block}.output.LayerNorm.weight", (d,), "blocks/mlp_norm/scale"),
+        _reshaped(f"{block}.output.LayerNorm.bias", (d,), "blocks/mlp_norm/bias"),
+    ]
+
+
 def _mixtral_tensors(cfg: ModelConfig) -> list[TensorMapping]:
     """Mixtral: LLaMA attention and norms in our `moe_blocks`; per block a router (`gate`) and, per
     expert, w1 (gate), w3 (up), w2 (down), torch Linear [out, in]: one row of the table per expert,
@@ -498,6 +597,8 @@ def tensor_mappings(cfg: ModelConfig, family: str | None = None) -> list[TensorM
     family = family or hf_family(cfg)
     if family == "mixtral":
         return _mixtral_tensors(cfg)
+    if family == "bert":
+        return _bert_tensors(cfg)
     return _gpt2_tensors(cfg) if family == "gpt2" else _llama_tensors(cfg)
 
 
@@ -561,7 +662,8 @@ def _read_config(folder: Path) -> dict:
 # Fields that change parameter shapes or the math: a given cfg must agree with config.json.
 _CHECKED_FIELDS = (
     "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff",
-    "norm", "norm_eps", "positions", "rope_theta", "rope_scaling", "rope_layout", "activation",
+    "norm", "norm_eps", "norm_position", "causal", "type_vocab_size", "embedding_norm",
+    "positions", "rope_theta", "rope_scaling", "rope_layout", "activation",
     "attention_bias", "mlp_bias", "tie_embeddings", "sliding_window",
     "num_experts", "experts_per_token", "expert_width", "moe_every", "num_shared_experts", "top_k_renormalized",
 )
@@ -620,13 +722,15 @@ def _found_tensors(handles: dict, family: str, *, tie_embeddings: bool) -> dict[
     Names lacking the family's base prefix ("h.0.ln_1.weight" in the original GPT-2 files) get it;
     causal-mask buffers, and an lm_head of a tied model (transformers ignores it too), are skipped.
     """
-    prefix, ignored = _BASE_PREFIX[family], _IGNORED_TENSORS[family]
+    prefix, ignored, task_prefix = _BASE_PREFIX[family], _IGNORED_TENSORS[family], _TASK_PREFIX.get(family)
     found = {}
     for file, handle in handles.items():
         for stored_name in handle.keys():
             if ignored.search(stored_name) or (tie_embeddings and stored_name == "lm_head.weight"):
                 continue
             name = stored_name if stored_name.startswith((prefix, "lm_head.")) else prefix + stored_name
+            if task_prefix:
+                name = name.removeprefix(task_prefix)
             if name in found:
                 raise CheckpointMismatchError(
                     f"tensor {stored_name!r} appears twice: in {found[name][0].name} and {file.name}"

