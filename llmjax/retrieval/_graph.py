@@ -245,7 +245,7 @@ def select_neighbours(base, pool_rows, pool_scores, count, cap, alpha, metric, v
     the others, so edges that serve filtered search are never crowded out by unfiltered ones. Writes up to `cap`
     rows into out; returns how many."""
     taken = 0
-    base_labels = label_values[label_offsets[base]:label_offsets[base + 1] if label_aware else label_offsets[base]]
+    base_labels = label_values[label_offsets[base]:label_offsets[base + 1]] if label_aware else label_values[:0]
     for sharing in range(2 if label_aware and base_labels.shape[0] else 1):
         for i in range(count):
             candidate = pool_rows[i]
@@ -326,7 +326,7 @@ def link_batch(vectors, links, slot_of, new_rows, entries, width, select, alpha,
             mark, pool = stamp + 2, 0
             for search in range(searches):
                 labeled = filtered and search == 0
-                wanted = label_values[label_offsets[p]:label_offsets[p + 1] if labeled else label_offsets[p]]
+                wanted = label_values[label_offsets[p]:label_offsets[p + 1]] if labeled else label_values[:0]
                 count, num_expanded = beam_search(vectors[p], vectors, links, slot_of,
                                                   entries[i] if search == 0 else unfiltered_entries, width, metric,
                                                   label_offsets, label_values, wanted, labeled, visited,
@@ -549,6 +549,9 @@ def connect_unreachable(links, slot_of, layer_rows, entry, removed):
 
 
 # ---- plain NumPy helpers shared by the indexes -------------------------------------------------------------------
+
+NO_LABELS = (np.zeros(1, np.int64), np.zeros(0, np.int64))  # a label CSR for kernels that never read labels
+
 
 def filter_sets(labels: np.ndarray | None, num_queries: int) -> tuple[np.ndarray, np.ndarray]:
     """The per-query filter sets as CSR (offsets int64 [q + 1], values int64): one label each, or none."""

@@ -118,7 +118,6 @@ class HNSWIndex(VectorIndex):
         """Link the rows of `batch` on every layer up to their level, top layer first (see the module doc)."""
         entries = np.full((len(batch), 1), self.entry, np.int32)  # [b, 1] each row's way into the next layer
         levels = self.levels[batch]
-        no_labels = np.zeros(len(self.vectors) + 1, np.int64), np.zeros(0, np.int64)
         chunk = _graph.chunk_size(len(batch))
         for layer in range(self.top_level, -1, -1):
             links, slot_of = self._layer(layer)
@@ -128,7 +127,7 @@ class HNSWIndex(VectorIndex):
             if linking.any():
                 nearest = _graph.link_batch(self.vectors, links, slot_of, batch[linking], entries[linking],
                                             self.ef_construction, self.M, 1.0, _graph.metric_code(self.metric),
-                                            removed, *no_labels, False, False, False, -1, chunk)
+                                            removed, *_graph.NO_LABELS, False, False, False, -1, chunk)
                 entries[linking, 0] = np.where(nearest >= 0, nearest, entries[linking, 0])
 
     def rebuild(self) -> None:
@@ -143,20 +142,19 @@ class HNSWIndex(VectorIndex):
                           seed=self.seed, threads=self.threads)
         if len(vectors):
             fresh._add(vectors, 0)
-        self._restore({**fresh._state()})
+        self._restore(fresh._state())
         self.build_seconds += time.perf_counter() - start
 
     # ---- removal --------------------------------------------------------------------------------------------
 
     def _remove(self, rows):
         """Repair every layer around the removed rows; a removed entry point is replaced by the live top row."""
-        no_labels = np.zeros(self.rows + 1, np.int64), np.zeros(0, np.int64)
         with _graph.numba_threads(self.threads):
             for layer in range(self.top_level, -1, -1):
                 links, slot_of = self._layer(layer)
                 on_layer = np.flatnonzero(self.levels >= layer).astype(np.int32)
                 _graph.repair_removed(self.vectors, links, slot_of, on_layer, self.removed, 1.0,
-                                      _graph.metric_code(self.metric), *no_labels, False)
+                                      _graph.metric_code(self.metric), *_graph.NO_LABELS, False)
         if self.entry >= 0 and self.removed[self.entry]:
             live = np.flatnonzero(~self.removed)
             if len(live):
@@ -202,9 +200,8 @@ class HNSWIndex(VectorIndex):
         """int32 [q, 1]: the nearest row to each query on `layer` by a greedy walk (a beam of 1) from `entries`.
         Removed rows may be walked through (repair leaves them unreachable anyway)."""
         passable = np.zeros(len(self.vectors), bool)
-        no_labels = np.zeros(len(self.vectors) + 1, np.int64), np.zeros(0, np.int64)
         _, found = _graph.search_batch(queries, self.vectors, *self._layer(layer), entries, 1, 1,
-                                       _graph.metric_code(self.metric), passable, *no_labels,
+                                       _graph.metric_code(self.metric), passable, *_graph.NO_LABELS,
                                        *_graph.filter_sets(None, len(queries)), False, False, chunk)
         return found
 
