@@ -42,7 +42,7 @@ def timed(search, repeats: int):
 
 
 def run_ours(args, base, queries, truth, rows):
-    for loss in ("anisotropic", "reconstruction"):
+    for loss in args.losses:
         index = IVFPQIndex(args.dim, args.metric, nlist=args.nlist, m=args.m, bits=8, loss=loss,
                            anisotropic_threshold=args.threshold, query_block=args.query_block,
                            vector_dtype=args.vector_dtype)
@@ -105,6 +105,7 @@ def main():
     parser.add_argument("--nlist", type=int, default=256)
     parser.add_argument("--m", type=int, default=32)
     parser.add_argument("--threshold", type=float, default=0.2)
+    parser.add_argument("--losses", nargs="+", default=["anisotropic", "reconstruction"])
     parser.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--reorder", type=int, nargs="+", default=[100])
     parser.add_argument("--query-block", type=int, default=256)

@@ -7,9 +7,11 @@ scored with lookup tables, and an exact re-rank of the best candidates.
 
 Search, for a chunk of queries at once (one jitted program, on whatever device JAX runs):
 1. score the nlist centroids (one matmul) and keep the nprobe best lists per query;
-2. gather the probed lists' codes from the padded list layout (`list_codes` [nlist, capacity, m] uint8, every list
-   padded to the longest: probing is a plain gather of whole lists) and score each with the query's lookup tables:
-   <q, x> ~ <q, c> + sum_s table[s, code_s] (the residual x - c is what PQ codes);
+2. lay the probed lists end to end into a fixed number of candidate slots per query (the inverted lists are one
+   array of codes sorted by list, so slot -> (list, offset) is a searchsorted over the probed sizes and the codes
+   are one gather; no list is padded, so lists of very different sizes, which k-means makes on real data, cost
+   what they hold) and score each code with the query's lookup tables: <q, x> ~ <q, c> + sum_s table[s, code_s]
+   (the residual x - c is what PQ codes). The slots cover the nprobe largest lists together, or `max_codes`;
 3. keep the `reorder` best candidates and re-rank them with the exact vectors (float32, or bfloat16 to halve the
    memory), then the top k. Without kept vectors the PQ scores are the answer.
 "l2" uses the same inner-product tables: -||q - x||^2 = 2 <q, x> - ||x||^2 - ||q||^2 with ||x||^2 stored exactly
@@ -47,27 +49,37 @@ ADD_BLOCK = 65536  # vectors encoded per call (padded to a power of two: a few c
 TRAIN_SAMPLE = 65536  # vectors used to train (at least 64 per list): k-means and PQ converge long before more
 
 
-@functools.partial(jax.jit, static_argnames=("k", "nprobe", "reorder", "metric"))
-def ivfpq_search(queries, centroids, codebooks, list_codes, list_rows, admitted, squared_norms, vectors, *, k: int,
-                 nprobe: int, reorder: int, metric: str):
+@functools.partial(jax.jit, static_argnames=("k", "nprobe", "reorder", "budget", "metric"))
+def ivfpq_search(queries, centroids, codebooks, list_codes, list_rows, list_starts, list_sizes, admitted,
+                 squared_norms, vectors, *, k: int, nprobe: int, reorder: int, budget: int, metric: str):
     """(scores [q, k] float32, rows [q, k] int32; -inf / -1 where fewer than k admitted rows were probed).
 
-    queries [q, dim]; centroids [nlist, dim]; codebooks [m, K, dim/m]; list_codes [nlist, cap, m] uint8;
-    list_rows [nlist, cap] int32 (padding: `rows`, one past the last row); admitted [rows + 1] bool (the padding
-    slot False); squared_norms [rows + 1] ("l2"; else unused); vectors [rows + 1, dim] or None (no re-rank)."""
+    queries [q, dim]; centroids [nlist, dim]; codebooks [m, K, dim/m]; list_codes [rows + 1, m] uint8 and
+    list_rows [rows + 1] int32: every row's code and row number, sorted by list (the last entry: padding, row
+    `rows`); list_starts, list_sizes [nlist] int32; admitted [rows + 1] bool (the padding slot False);
+    squared_norms [rows + 1] ("l2"; else unused); vectors [rows + 1, dim] or None (no re-rank). budget: candidate
+    slots per query; the probed lists fill them best list first, and what does not fit is not scored."""
+    padding = list_rows.shape[0] - 1  # the padding entry of the sorted arrays
     coarse = jnp.dot(queries, centroids.T, preferred_element_type=jnp.float32)  # [q, nlist] <q, c>
     ranking = coarse if metric != "l2" else 2.0 * coarse - jnp.sum(centroids * centroids, -1)
-    _, probe = jax.lax.top_k(ranking, nprobe)  # [q, nprobe]
+    _, probe = jax.lax.top_k(ranking, nprobe)  # [q, nprobe], best list first
+    sizes = list_sizes[probe]  # [q, nprobe]
+    ends = jnp.cumsum(sizes, 1)  # [q, nprobe] the slots each probed list fills end here
+    slots = jnp.arange(budget, dtype=jnp.int32)
+    which = jax.vmap(lambda e: jnp.searchsorted(e, slots, side="right"))(ends)  # [q, budget] probed list of a slot
+    which_c = jnp.minimum(which, nprobe - 1)
+    offset = slots - jnp.take_along_axis(ends - sizes, which_c, 1)  # [q, budget] place inside that list
+    lists = jnp.take_along_axis(probe, which_c, 1)  # [q, budget]
+    position = jnp.where(which < nprobe, list_starts[lists] + offset, padding)  # [q, budget] into the sorted rows
+    rows = list_rows[position]  # [q, budget]
     tables = pq.distance_tables(queries, codebooks, "ip")  # [q, m, K]
-    rows = list_rows[probe]  # [q, nprobe, cap]
-    inner = jnp.take_along_axis(coarse, probe, 1)[..., None] + pq.lookup_scores(tables, list_codes[probe])
-    scores = inner if metric != "l2" else 2.0 * inner - squared_norms[rows]  # [q, nprobe, cap] (l2: + ||q||^2)
-    scores = jnp.where(admitted[rows], scores, -jnp.inf).reshape(queries.shape[0], -1)  # [q, nprobe * cap]
-    rows = rows.reshape(queries.shape[0], -1)
+    inner = jnp.take_along_axis(coarse, lists, 1) + pq.lookup_scores(tables, list_codes[position])  # [q, budget]
+    scores = inner if metric != "l2" else 2.0 * inner - squared_norms[rows]  # (l2: + ||q||^2, added at the end)
+    scores = jnp.where(admitted[rows], scores, -jnp.inf)
     width = max(k, reorder if vectors is not None else k)
-    if scores.shape[1] < width:  # fewer probed slots than asked for: pad with empty places
-        scores = jnp.pad(scores, ((0, 0), (0, width - scores.shape[1])), constant_values=-jnp.inf)
-        rows = jnp.pad(rows, ((0, 0), (0, width - rows.shape[1])), constant_values=admitted.shape[0] - 1)
+    if budget < width:  # fewer slots than asked for: pad with empty places
+        scores = jnp.pad(scores, ((0, 0), (0, width - budget)), constant_values=-jnp.inf)
+        rows = jnp.pad(rows, ((0, 0), (0, width - budget)), constant_values=padding)
     top, picked = jax.lax.top_k(scores, width)  # [q, reorder]
     candidates = jnp.take_along_axis(rows, picked, 1)
     if vectors is not None:  # exact re-rank of the candidates
@@ -83,18 +95,21 @@ def ivfpq_search(queries, centroids, codebooks, list_codes, list_rows, admitted,
     return top, jnp.where(jnp.isfinite(top), candidates, -1)
 
 
-def padded_lists(assignments: np.ndarray, nlist: int, multiple: int = 8) -> np.ndarray:
-    """The rows of every list, padded to one capacity (the longest list, rounded up to `multiple`) with the value
-    len(assignments): int32 [nlist, capacity]. Rows keep their order inside a list."""
-    rows = len(assignments)
-    order = np.argsort(assignments, kind="stable")
-    counts = np.bincount(assignments, minlength=nlist)
-    capacity = max(multiple, -(-int(counts.max(initial=0)) // multiple) * multiple)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    slots = np.arange(rows) - np.repeat(starts, counts)  # position of each sorted row inside its list
-    layout = np.full((nlist, capacity), rows, np.int32)
-    layout[assignments[order], slots] = order
-    return layout
+def sorted_lists(assignments: np.ndarray, nlist: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The inverted lists as one array: (rows sorted by list int32 [rows] (stable: insertion order inside a list),
+    starts int32 [nlist], sizes int32 [nlist])."""
+    order = np.argsort(assignments, kind="stable").astype(np.int32)
+    sizes = np.bincount(assignments, minlength=nlist).astype(np.int32)
+    starts = (np.cumsum(sizes) - sizes).astype(np.int32)
+    return order, starts, sizes
+
+
+def slot_budget(sizes: np.ndarray, nprobe: int, max_codes: int | None, multiple: int = 256) -> int:
+    """Candidate slots per query: the nprobe largest lists together (no query can need more; rounded up to
+    `multiple` so a growing index reuses its compiled search), or max_codes when that is smaller."""
+    need = int(np.sort(sizes)[::-1][:nprobe].sum())
+    need = max(multiple, -(-need // multiple) * multiple)
+    return need if max_codes is None else max(1, min(need, int(max_codes)))
 
 
 @register
@@ -104,15 +119,18 @@ class IVFPQIndex(VectorIndex):
     nlist: coarse lists; m: PQ subspaces (default dim / 4 rounded down to a divisor of dim) of 2^bits centroids
     (bits <= 8); anisotropic_threshold T or a fixed eta (loss="anisotropic"), or loss="reconstruction" (plain PQ);
     nprobe lists searched per query (default 32, or nlist if fewer); reorder candidates re-ranked exactly
-    (keep_vectors: the vectors are kept, in vector_dtype, for that); query_block: queries per jitted call (bounds
-    memory: query_block x nprobe x the list capacity x m bytes of codes gathered at once)."""
+    (keep_vectors: the vectors are kept, in vector_dtype, for that); max_codes: at most this many codes scored per
+    query (faiss's max_codes: the lowest-ranked probed lists are cut; None: every probed code); query_block:
+    queries per jitted call (bounds memory: query_block x the candidate slots x m bytes of codes at once).
+    nprobe, reorder and max_codes can also be given per search: search(queries, k, nprobe=64)."""
 
     kind = "ivfpq"
 
     def __init__(self, dim: int, metric: str = "ip", *, nlist: int = 1024, m: int | None = None, bits: int = 8,
                  anisotropic_threshold: float = 0.2, eta: float | None = None, loss: str = "anisotropic",
                  nprobe: int | None = None, reorder: int = 100, keep_vectors: bool = True,
-                 vector_dtype: str = "float32", query_block: int = 256, seed: int = 0):
+                 vector_dtype: str = "float32", max_codes: int | None = None, query_block: int = 256,
+                 seed: int = 0):
         super().__init__(dim, metric)
         if m is None:
             m = max(d for d in range(1, max(1, self.dim // 4) + 1) if self.dim % d == 0)
@@ -131,11 +149,14 @@ class IVFPQIndex(VectorIndex):
                                  "of the largest vector norm)")
         if vector_dtype not in VECTOR_DTYPES:
             raise RetrievalError(f"vector_dtype={vector_dtype!r}: expected one of {', '.join(VECTOR_DTYPES)}")
+        if max_codes is not None and (not isinstance(max_codes, (int, np.integer)) or max_codes < 1):
+            raise RetrievalError(f"max_codes={max_codes!r}: expected a positive number of codes to score per query")
         if not isinstance(query_block, (int, np.integer)) or query_block < 1:
             raise RetrievalError(f"query_block={query_block!r}: expected a positive integer")
         self.nlist, self.m, self.bits, self.seed = int(nlist), int(m), int(bits), int(seed)
         self.anisotropic_threshold, self.eta, self.loss = float(anisotropic_threshold), eta, loss
         self.keep_vectors, self.vector_dtype, self.query_block = bool(keep_vectors), vector_dtype, int(query_block)
+        self.max_codes = None if max_codes is None else int(max_codes)
         self.nprobe, self.reorder = self._check_probe(min(32, self.nlist) if nprobe is None else nprobe, reorder, 1)
         self.centroids = self.codebooks = None  # [nlist, dim], [m, K, dim/m] once trained
         self.train_max_norm = 0.0
@@ -243,27 +264,32 @@ class IVFPQIndex(VectorIndex):
         return self.vectors if self.vector_dtype == "float32" else self.vectors.view(ml_dtypes.bfloat16)
 
     def _device_arrays(self) -> dict:
-        """The index on the device (built on first search after a change): the padded list layout and the
-        per-row arrays with one padding slot at the end."""
+        """The index on the device (built on first search after a change): codes and row numbers sorted by list,
+        and the per-row arrays, each with one padding entry at the end."""
         if self._device is None:
-            layout = padded_lists(self.assignments, self.nlist)  # [nlist, cap]
+            order, starts, sizes = sorted_lists(self.assignments, self.nlist)
             pad = lambda a: np.concatenate([a, np.zeros((1, *a.shape[1:]), a.dtype)])  # noqa: E731
-            codes = np.zeros((self.rows + 1, self.m), np.uint8)
-            codes[: self.rows] = self.codes
             self._device = {
                 "centroids": jnp.asarray(self.centroids), "codebooks": jnp.asarray(self.codebooks),
-                "list_codes": jnp.asarray(codes[layout]), "list_rows": jnp.asarray(layout),
+                "list_codes": jnp.asarray(pad(self.codes[order])),
+                "list_rows": jnp.asarray(np.append(order, np.int32(self.rows))),
+                "list_starts": jnp.asarray(starts), "list_sizes": jnp.asarray(sizes), "sizes": sizes,
                 "live": jnp.asarray(pad(self.live_mask())),
                 "squared_norms": jnp.asarray(pad(self.squared_norms)),
                 "vectors": jnp.asarray(pad(self._host_vectors())) if self.keep_vectors else None,
             }
         return self._device
 
-    def _search(self, queries, k, labels, nprobe: int | None = None, reorder: int | None = None):
+    def _search(self, queries, k, labels, nprobe: int | None = None, reorder: int | None = None,
+                max_codes: int | None = None):
         nprobe, reorder = self._check_probe(self.nprobe if nprobe is None else nprobe,
                                             self.reorder if reorder is None else reorder, k)
+        max_codes = self.max_codes if max_codes is None else max_codes
+        if max_codes is not None and (not isinstance(max_codes, (int, np.integer)) or max_codes < 1):
+            raise RetrievalError(f"max_codes={max_codes!r}: expected a positive number of codes to score per query")
         reorder = min(reorder, self.rows)
         device = self._device_arrays()
+        budget = slot_budget(device["sizes"], nprobe, max_codes)
         scores = np.full((len(queries), k), -np.inf, np.float32)
         rows = np.full((len(queries), k), -1, np.int64)
         groups = [(None, np.arange(len(queries)))] if labels is None else [
@@ -284,8 +310,9 @@ class IVFPQIndex(VectorIndex):
                 chunk[: len(part)] = queries[part]
                 top_scores, top_rows = ivfpq_search(
                     jnp.asarray(chunk), device["centroids"], device["codebooks"], device["list_codes"],
-                    device["list_rows"], admitted, device["squared_norms"], device["vectors"], k=k, nprobe=nprobe,
-                    reorder=reorder, metric=self.metric)
+                    device["list_rows"], device["list_starts"], device["list_sizes"], admitted,
+                    device["squared_norms"], device["vectors"], k=k, nprobe=nprobe, reorder=reorder, budget=budget,
+                    metric=self.metric)
                 scores[part], rows[part] = np.asarray(top_scores)[: len(part)], np.asarray(top_rows)[: len(part)]
         return scores, rows
 
@@ -311,7 +338,7 @@ class IVFPQIndex(VectorIndex):
         state = {"nlist": self.nlist, "m": self.m, "bits": self.bits, "seed": self.seed, "loss": self.loss,
                  "anisotropic_threshold": self.anisotropic_threshold, "eta": self.eta, "nprobe": self.nprobe,
                  "reorder": self.reorder, "keep_vectors": self.keep_vectors, "vector_dtype": self.vector_dtype,
-                 "query_block": self.query_block, "train_max_norm": self.train_max_norm,
+                 "query_block": self.query_block, "max_codes": self.max_codes, "train_max_norm": self.train_max_norm,
                  "codes": self.codes, "assignments": self.assignments, "squared_norms": self.squared_norms,
                  "vectors": self.vectors}
         if self.trained:
@@ -320,8 +347,8 @@ class IVFPQIndex(VectorIndex):
 
     def _restore(self, state):
         for name in ("nlist", "m", "bits", "seed", "loss", "anisotropic_threshold", "eta", "nprobe", "reorder",
-                     "keep_vectors", "vector_dtype", "query_block", "train_max_norm", "codes", "assignments",
-                     "squared_norms", "vectors"):
+                     "keep_vectors", "vector_dtype", "query_block", "max_codes", "train_max_norm", "codes",
+                     "assignments", "squared_norms", "vectors"):
             setattr(self, name, state[name])
         self.centroids, self.codebooks = state.get("centroids"), state.get("codebooks")
         self._device = None

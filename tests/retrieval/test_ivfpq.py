@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from llmjax.retrieval import RetrievalError, exact_search_reference, load_index, recall_at_k
-from llmjax.retrieval.ivfpq import IVFPQIndex, padded_lists
+from llmjax.retrieval.ivfpq import IVFPQIndex, slot_budget, sorted_lists
 
 DIM = 32
 
@@ -144,9 +144,34 @@ def test_train_then_add_in_parts_and_build_time(data):
     assert (found[:, 0] == np.arange(20)).all()  # each vector finds itself
 
 
-def test_padded_list_layout():
-    layout = padded_lists(np.array([2, 0, 2, 2, 1], np.int32), 4, multiple=4)
-    np.testing.assert_array_equal(layout, [[1, 5, 5, 5], [4, 5, 5, 5], [0, 2, 3, 5], [5, 5, 5, 5]])
+def test_sorted_list_layout_and_slot_budget():
+    order, starts, sizes = sorted_lists(np.array([2, 0, 2, 2, 1], np.int32), 4)
+    np.testing.assert_array_equal(order, [1, 4, 0, 2, 3])
+    np.testing.assert_array_equal(starts, [0, 1, 2, 5])
+    np.testing.assert_array_equal(sizes, [1, 1, 3, 0])
+    assert slot_budget(np.array([300, 5, 700, 20]), 2, None) == 1024  # the two largest lists, rounded up
+    assert slot_budget(np.array([300, 5, 700, 20]), 2, 500) == 500
+
+
+def test_every_list_and_every_candidate_is_exact(data):
+    """nprobe = nlist and a re-rank of every row: the slots must hold every row exactly once."""
+    base, queries = data
+    index = small_index("l2", nprobe=16, reorder=3000)
+    index.add(np.arange(3000), base)
+    scores, found = index.search(queries, 10)
+    want_scores, want_rows = exact_search_reference(base, queries, 10, "l2")
+    np.testing.assert_array_equal(found, want_rows)
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-4, atol=1e-3)
+
+
+def test_max_codes_cuts_the_lowest_ranked_lists(data):
+    base, queries = data
+    index = small_index("ip")
+    index.add(np.arange(3000), base)
+    truth = exact_search_reference(base, queries, 10, "ip")[1]
+    full = recall_at_k(index.search(queries, 10)[1], truth)
+    cut = recall_at_k(index.search(queries, 10, max_codes=200)[1], truth)  # ~ one list of 190 of the 4 probed
+    assert cut < full and cut > 0.3
 
 
 @pytest.mark.parametrize("make, message", [
@@ -155,6 +180,7 @@ def test_padded_list_layout():
     (lambda: IVFPQIndex(DIM, nlist=8, nprobe=9), "nprobe=9: expected 1..nlist \\(8\\)"),
     (lambda: IVFPQIndex(DIM, loss="cosine"), "loss='cosine'"),
     (lambda: IVFPQIndex(DIM, vector_dtype="int8"), "vector_dtype='int8'"),
+    (lambda: IVFPQIndex(DIM, max_codes=0), "max_codes=0"),
 ])
 def test_bad_construction_is_one_clear_error(make, message):
     with pytest.raises(RetrievalError, match=message):
