@@ -60,12 +60,13 @@ def test_batched_buckets_equal_one_by_one(request, which, pooling):
 
 def test_a_corpus_compiles_one_program_per_bucket(encoder):
     params, cfg, tokenizer = encoder
-    assert bucket_lengths(40) == [16, 32, 40] and bucket_lengths(256) == [16, 32, 64, 128, 256]
-    texts = [" ".join(["the cat"] * n) for n in range(1, 19)]  # 4 .. 38 tokens: all three buckets
+    assert bucket_lengths(40) == [16, 24, 32, 40]
+    assert bucket_lengths(256) == [16, 24, 32, 48, 64, 96, 128, 192, 256] and bucket_lengths(8) == [8]
+    texts = [" ".join(["the cat"] * n) for n in range(1, 19)]  # 4 .. 38 tokens: all four buckets
     compiled = embed_tokens._cache_size()
     embed_texts(params, cfg, tokenizer, texts, batch_size=4, max_len=40)
     embed_texts(params, cfg, tokenizer, texts[::-1], batch_size=4, max_len=40)
-    assert embed_tokens._cache_size() - compiled <= 3
+    assert embed_tokens._cache_size() - compiled <= 4
 
 
 def test_bad_input_gets_one_clear_error(encoder, decoder):
