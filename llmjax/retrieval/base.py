@@ -122,7 +122,8 @@ class VectorIndex:
 
     A subclass sets `kind`, calls `super().__init__(dim, metric)` and implements:
       _add(vectors [n, dim] float32, first_row)      store / insert rows first_row .. first_row + n - 1 (vectors
-                                                      already normalized for "cosine")
+                                                      already normalized for "cosine"; their ids and labels are
+                                                      already in row_ids / label_offsets / label_values)
       _search(queries [q, dim] float32, k, labels, **options)
                                                    -> (scores [q, k] float32, rows [q, k] int64), nearest first,
                                                       -1 / -inf where fewer than k; never a removed row. labels:
@@ -178,12 +179,16 @@ class VectorIndex:
         if not len(ids):
             return
         start = time.perf_counter()
-        first = self.rows
-        self._add(normalize(vectors) if self.metric == "cosine" else vectors, first)
-        self.row_ids = np.concatenate([self.row_ids, ids])
+        first, before = self.rows, (self.row_ids, self.removed, self.label_offsets, self.label_values)
+        self.row_ids = np.concatenate([self.row_ids, ids])  # the new rows' ids and labels first: _add may read them
         self.removed = np.concatenate([self.removed, np.zeros(len(ids), bool)])
         self.label_offsets = np.concatenate([self.label_offsets, self.label_offsets[-1] + offsets[1:]])
         self.label_values = np.concatenate([self.label_values, values])
+        try:
+            self._add(normalize(vectors) if self.metric == "cosine" else vectors, first)
+        except BaseException:
+            self.row_ids, self.removed, self.label_offsets, self.label_values = before
+            raise
         self._row_of.update(zip(ids.tolist(), range(first, first + len(ids))))
         self.build_seconds += time.perf_counter() - start
 

@@ -21,7 +21,6 @@ replaces removed start points.
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 
@@ -60,19 +59,10 @@ class FilteredVamanaIndex(VectorIndex):
 
     # ---- construction ---------------------------------------------------------------------------------------
 
-    def add(self, ids, vectors, labels=None) -> None:
-        """As VectorIndex.add; the rows are linked after base stored their labels (the filtered insert needs them,
-        and base calls `_add` before it stores labels)."""
-        first = self.rows
-        super().add(ids, vectors, labels)
-        if self.rows > first:
-            start = time.perf_counter()
-            self._insert(np.arange(first, self.rows, dtype=np.int32))
-            self.build_seconds += time.perf_counter() - start
-
     def _add(self, vectors, first_row):
         self.vectors = np.concatenate([self.vectors, vectors])
         self.links = np.concatenate([self.links, np.full((len(vectors), self.R), -1, np.int32)])
+        self._insert(np.arange(first_row, first_row + len(vectors), dtype=np.int32))  # labels are stored by now
 
     def _insert(self, rows: np.ndarray) -> None:
         graph_size = int(np.count_nonzero(~self.removed[: rows[0]]))
