@@ -45,7 +45,7 @@ def run_ours(args, base, queries, truth, rows):
     for loss in args.losses:
         index = IVFPQIndex(args.dim, args.metric, nlist=args.nlist, m=args.m, bits=8, loss=loss,
                            anisotropic_threshold=args.threshold, query_block=args.query_block,
-                           vector_dtype=args.vector_dtype)
+                           vector_dtype=args.vector_dtype, max_codes=args.max_codes)
         start = time.perf_counter()
         index.add(np.arange(len(base)), base)
         build = time.perf_counter() - start
@@ -77,7 +77,8 @@ def run_faiss(args, base, queries, truth, rows):
         for nprobe in args.nprobe:
             for reorder in args.reorder:
                 params = faiss.IndexRefineSearchParameters(k_factor=reorder / 10,
-                                                           base_index_params=faiss.SearchParametersIVF(nprobe=nprobe))
+                                                           base_index_params=faiss.SearchParametersIVF(
+                    nprobe=nprobe, max_codes=args.max_codes or 0))
                 (_, found), seconds = timed(lambda: refine.search(queries, 10, params=params), args.repeats)
                 rows.append(dict(system="faiss IVFPQ+RefineFlat", nprobe=nprobe, reorder=reorder,
                                  recall=recall_at_k(found, truth), qps=len(queries) / seconds, build_s=build))
@@ -109,6 +110,7 @@ def main():
     parser.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--reorder", type=int, nargs="+", default=[100])
     parser.add_argument("--query-block", type=int, default=256)
+    parser.add_argument("--max-codes", type=int, default=None, help="codes scored per query at most (both IVFs)")
     parser.add_argument("--vector-dtype", default="float32")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--hnsw-m", type=int, default=32)

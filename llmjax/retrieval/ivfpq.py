@@ -17,8 +17,10 @@ Search, for a chunk of queries at once (one jitted program, on whatever device J
 "l2" uses the same inner-product tables: -||q - x||^2 = 2 <q, x> - ||x||^2 - ||q||^2 with ||x||^2 stored exactly
 per vector (4 bytes), so only the inner product is approximated, and the anisotropic loss applies to it too.
 
-Training: coarse k-means on (a sample of) the vectors, every vector to its nearest centroid (L2: the smallest
-residual), then PQ on the residuals z = x - c. loss="anisotropic" (ScaNN) weighs the residual's error along the
+Training: coarse k-means on (a sample of) the vectors in the index's metric (for "ip" by the largest inner product,
+as faiss does: a vector then lives in the list a query ranks by <q, c>; L2 assignment with inner-product probing
+loses the large-norm vectors that win inner products), every vector to its best centroid, then PQ on the
+residuals z = x - c. loss="anisotropic" (ScaNN) weighs the residual's error along the
 datapoint x by eta (pq.py): eta from `anisotropic_threshold` T via the paper's Theorem 3.4, with T in units of the
 largest training norm (so for unit-norm data, "cosine", it is the paper's T; ScaNN recommends 0.2 there), or a
 fixed `eta`. loss="reconstruction" is plain PQ (eta = 1), the same code size.
@@ -209,8 +211,8 @@ class IVFPQIndex(VectorIndex):
         sample = vectors if size == n else vectors[np.sort(np.asarray(jax.random.choice(sample_key, n, (size,),
                                                                                          replace=False)))]
         sample = jnp.asarray(sample)
-        centroids, _ = kmeans(sample, self.nlist, coarse_key, spherical=self.metric == "cosine")
-        residuals = sample - centroids[assign(sample, centroids, spherical=self.metric == "cosine")[0]]
+        centroids, _ = kmeans(sample, self.nlist, coarse_key, metric=self.metric)
+        residuals = sample - centroids[assign(sample, centroids, metric=self.metric)[0]]
         squared_norms = jnp.sum(sample * sample, -1)
         self.train_max_norm = float(jnp.sqrt(jnp.max(squared_norms)))
         directions = sample / jnp.sqrt(jnp.maximum(squared_norms, 1e-30))[:, None]
@@ -244,7 +246,7 @@ class IVFPQIndex(VectorIndex):
         padded[:n] = vectors
         x = jnp.asarray(padded)
         centroids, codebooks = jnp.asarray(self.centroids), jnp.asarray(self.codebooks)
-        lists = assign(x, centroids, spherical=self.metric == "cosine")[0]
+        lists = assign(x, centroids, metric=self.metric)[0]
         residuals = x - centroids[lists]
         squared_norms = jnp.sum(x * x, -1)
         if self.loss == "anisotropic":

@@ -12,8 +12,10 @@ every function here is a pure, jitted function of arrays, so `jax.vmap` runs the
   so every centroid keeps being used; this is what faiss does too (it splits a big cluster instead).
 - Seeding is k-means++ (D^2 sampling) on a random sample of at most `seed_sample` points: k sequential steps, each
   one pass over the sample. `init="random"` takes k distinct random points instead (cheaper, a little worse).
-- spherical=True: centroids are kept at unit length and points go to the largest inner product (for unit-norm data,
-  cosine similarity); the objective is then sum(1 - x.c).
+- metric="ip": points go to the centroid of largest inner product (centroids stay means), as faiss trains an
+  inner-product IVF: the lists then match how a query ranks them (by <q, c>); the objective is -sum(x.c).
+  metric="cosine" (spherical k-means): points and centroids at unit length, the largest inner product; the
+  objective is sum(1 - x.c).
 Deterministic given the key: the same points, k and key give the same centroids on one device.
 """
 
@@ -30,10 +32,14 @@ def _normalize(x):
     return x / jnp.where(norms > 0, norms, 1.0)
 
 
-@functools.partial(jax.jit, static_argnames=("batch", "spherical"))
-def assign(points, centroids, *, batch: int = 4096, spherical: bool = False):
+METRICS = ("l2", "ip", "cosine")
+
+
+@functools.partial(jax.jit, static_argnames=("batch", "metric"))
+def assign(points, centroids, *, batch: int = 4096, metric: str = "l2"):
     """(labels int32 [n], costs float32 [n]): each point's nearest centroid and its squared distance to it
-    (spherical: the largest inner product, cost 1 - x.c). points [n, dim], centroids [k, dim]."""
+    ("ip": the largest inner product, cost -x.c; "cosine": the same on unit vectors, cost 1 - x.c).
+    points [n, dim], centroids [k, dim]."""
     n, dim = points.shape
     batch = min(batch, n)
     padded = -(-n // batch) * batch
@@ -42,21 +48,23 @@ def assign(points, centroids, *, batch: int = 4096, spherical: bool = False):
 
     def one(chunk):  # [batch, dim]
         dots = jnp.dot(chunk, centroids.T, preferred_element_type=jnp.float32)  # [batch, k]
-        scores = dots if spherical else 2.0 * dots - centroid_norms[None, :]
+        scores = dots if metric != "l2" else 2.0 * dots - centroid_norms[None, :]
         labels = jnp.argmax(scores, axis=-1).astype(jnp.int32)
         best = jnp.max(scores, axis=-1)
-        costs = 1.0 - best if spherical else jnp.sum(chunk * chunk, axis=-1) - best
+        if metric == "ip":
+            return labels, -best
+        costs = 1.0 - best if metric == "cosine" else jnp.sum(chunk * chunk, axis=-1) - best
         return labels, jnp.maximum(costs, 0.0)
 
     labels, costs = jax.lax.map(one, chunks)
     return labels.reshape(-1)[:n], costs.reshape(-1)[:n]
 
 
-def lloyd_step(points, centroids, *, batch: int = 4096, spherical: bool = False):
+def lloyd_step(points, centroids, *, batch: int = 4096, metric: str = "l2"):
     """One Lloyd iteration: (new centroids [k, dim], objective of the *old* centroids). Empty clusters take the
     points with the largest costs (one each)."""
     k = centroids.shape[0]
-    labels, costs = assign(points, centroids, batch=batch, spherical=spherical)
+    labels, costs = assign(points, centroids, batch=batch, metric=metric)
     sums = jax.ops.segment_sum(points, labels, num_segments=k)  # [k, dim]
     counts = jax.ops.segment_sum(jnp.ones_like(costs), labels, num_segments=k)  # [k]
     means = sums / jnp.maximum(counts, 1.0)[:, None]
@@ -64,7 +72,7 @@ def lloyd_step(points, centroids, *, batch: int = 4096, spherical: bool = False)
     _, farthest = jax.lax.top_k(costs, k)  # [k] the worst-served points, worst first
     slot = jnp.cumsum(empty) - 1  # the i-th empty cluster takes the i-th farthest point
     centroids = jnp.where(empty[:, None], points[farthest[jnp.maximum(slot, 0)]], means)
-    return (_normalize(centroids) if spherical else centroids), jnp.sum(costs)
+    return (_normalize(centroids) if metric == "cosine" else centroids), jnp.sum(costs)
 
 
 def kmeans_plus_plus(points, k: int, key):
@@ -89,14 +97,16 @@ def kmeans_plus_plus(points, k: int, key):
     return centroids
 
 
-@functools.partial(jax.jit, static_argnames=("k", "iters", "init", "spherical", "batch", "seed_sample"))
-def kmeans(points, k: int, key, *, iters: int = 20, init: str = "kmeans++", spherical: bool = False,
+@functools.partial(jax.jit, static_argnames=("k", "iters", "init", "metric", "batch", "seed_sample"))
+def kmeans(points, k: int, key, *, iters: int = 20, init: str = "kmeans++", metric: str = "l2",
            batch: int = 4096, seed_sample: int = 65536):
     """(centroids [k, dim] float32, costs [iters] float32: the objective before each Lloyd step).
 
     points [n, dim] with n >= k (the caller checks: a clear error belongs to the caller, who knows the flag)."""
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r}: expected one of {', '.join(METRICS)}")
     points = points.astype(jnp.float32)
-    if spherical:
+    if metric == "cosine":
         points = _normalize(points)
     n = points.shape[0]
     init_key, sample_key = jax.random.split(key)
@@ -108,11 +118,11 @@ def kmeans(points, k: int, key, *, iters: int = 20, init: str = "kmeans++", sphe
         centroids = points[jax.random.choice(init_key, n, (k,), replace=False)]
     else:
         raise ValueError(f"init={init!r}: expected 'kmeans++' or 'random'")
-    if spherical:
+    if metric == "cosine":
         centroids = _normalize(centroids)
 
     def step(centroids, _):
-        centroids, cost = lloyd_step(points, centroids, batch=batch, spherical=spherical)
+        centroids, cost = lloyd_step(points, centroids, batch=batch, metric=metric)
         return centroids, cost
 
     return jax.lax.scan(step, centroids, None, length=iters)

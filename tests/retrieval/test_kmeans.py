@@ -66,9 +66,9 @@ def test_deterministic_given_the_key_and_random_init():
 
 def test_spherical_centroids_are_unit_and_assign_by_cosine():
     points = clustered(600, 8)
-    centroids, costs = kmeans(jnp.asarray(points), 5, jax.random.key(1), iters=6, spherical=True)
+    centroids, costs = kmeans(jnp.asarray(points), 5, jax.random.key(1), iters=6, metric="cosine")
     np.testing.assert_allclose(np.linalg.norm(np.asarray(centroids), axis=1), 1.0, rtol=1e-5)
-    labels, _ = assign(jnp.asarray(points), centroids, spherical=True)
+    labels, _ = assign(jnp.asarray(points), centroids, metric="cosine")
     unit = points / np.linalg.norm(points, axis=1, keepdims=True)
     np.testing.assert_array_equal(np.asarray(labels), np.argmax(unit @ np.asarray(centroids).T, 1))
     assert (np.diff(np.asarray(costs)) <= 1e-3).all()
