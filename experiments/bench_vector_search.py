@@ -263,7 +263,7 @@ def make_stdlib(args):
     order = np.random.default_rng(0).permutation(len(files))
     for i in order:
         f = files[i]
-        held_out = split_of(f.relative, held_out_fraction) == "validation"
+        held_out = split_of(f.key, held_out_fraction) == "validation"
         if not held_out and read >= need_tokens:
             continue
         if held_out and sum(map(len, query_docs)) >= (args.queries + 8) * window and read >= need_tokens:

