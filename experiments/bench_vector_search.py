@@ -53,6 +53,9 @@ def parse_args(argv):
     p.add_argument("--data-dir", type=Path, default=Path("runs/vector_data"), help="where made data sets are cached")
     p.add_argument("--n", type=int, default=None, help="base vectors (default: gmm 1,000,000; stdlib 200,000)")
     p.add_argument("--dim", type=int, default=128, help="gmm: dimension")
+    p.add_argument("--norm-spread", type=float, default=0.0,
+                   help="gmm: scale each point by exp(s * N(0, 1)): varied norms, so inner-product search favours the "
+                   "large ones (the case anisotropic PQ is for; e.g. --metric ip --norm-spread 0.3)")
     p.add_argument("--queries", type=int, default=None, help="query vectors (default: gmm 10,000; stdlib 1,000)")
     p.add_argument("--metric", choices=("l2", "ip", "cosine"), default=None,
                    help="default: l2 for gmm, cosine for stdlib, the set's own for a PATH")
@@ -86,6 +89,11 @@ def parse_args(argv):
     p.add_argument("--nprobe", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128],
                    help="IVF lists probed, swept (values above nlist dropped)")
     p.add_argument("--reorder", type=int, default=100, help="IVF candidates re-ranked exactly (faiss: k_factor)")
+    p.add_argument("--max-codes", type=int, default=None,
+                   help="IVF: at most this many codes scored per query (ours and faiss's max_codes; default: every "
+                   "probed code)")
+    p.add_argument("--vector-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="our ivfpq: the dtype of the vectors kept for the exact re-rank")
     p.add_argument("--threshold", type=float, default=0.2, help="anisotropic threshold T of our ivfpq")
     p.add_argument("--approx-recall", type=float, nargs="+", default=[0.8, 0.9, 0.95],
                    help="exact-approx: approx_max_k recall targets swept")
@@ -169,7 +177,8 @@ def pow2_near(x: float) -> int:
 
 def data_name(args) -> str:
     if args.data == "gmm":
-        return f"gmm-{args.n}x{args.dim}-q{args.queries}-{args.metric}-k{args.k}"
+        spread = f"-norms{args.norm_spread:g}" if args.norm_spread else ""
+        return f"gmm-{args.n}x{args.dim}{spread}-q{args.queries}-{args.metric}-k{args.k}"
     return f"stdlib-{args.n}-q{args.queries}-k{args.k}"
 
 
@@ -217,10 +226,14 @@ def make_gmm(args):
 
     print(f"data: gaussian mixture {args.n} x {args.dim} + {args.queries} queries ...", flush=True)
     points = gaussian_mixture(args.n + args.queries, args.dim, seed=0)
+    if args.norm_spread:  # varied norms (the MIPS case): a log-normal scale per point
+        points *= np.exp(args.norm_spread * np.random.default_rng(2).standard_normal((len(points), 1))).astype(
+            np.float32)
     base, queries = points[: args.n], np.ascontiguousarray(points[args.n:])
     offsets, values = skewed_labels(args.n, seed=0)
     meta = {"source": "gmm", "note": "queries: the last --queries points of one gaussian_mixture(n + queries, seed=0) "
-            "draw (the same mixture; not in the base)"}
+            "draw (the same mixture; not in the base)",
+            "norm_spread": args.norm_spread}
     return with_truth(base, queries, offsets, values, args.k, args.metric, meta)
 
 
@@ -483,13 +496,15 @@ class Runner:
             for loss in ("anisotropic", "reconstruction"):
                 params = {"nlist": args.nlist, "m": args.pq_m, "bits": 8, "loss": loss, "reorder": args.reorder,
                           "anisotropic_threshold": args.threshold if loss == "anisotropic" else None,
+                          "max_codes": args.max_codes, "vector_dtype": args.vector_dtype,
                           "query_block": args.ivf_query_block, "device": args.device}
                 entry = self.entry(f"llmjax ivfpq {loss}", "llmjax", params, False)
 
                 def make(loss=loss):
                     index = IVFPQIndex(self.dim, self.metric, nlist=args.nlist, m=args.pq_m, bits=8, loss=loss,
                                        anisotropic_threshold=args.threshold, reorder=args.reorder,
-                                       query_block=args.ivf_query_block)
+                                       query_block=args.ivf_query_block, max_codes=args.max_codes,
+                                       vector_dtype=args.vector_dtype)
                     index.add(self.ids(), self.base, labels=self.labels)
                     return index
                 index = self.build(entry, make)
@@ -604,6 +619,7 @@ class Runner:
             name = "faiss IVFPQ" + ("+RefineFlat" if refine else "")
             entry = self.entry(name, "faiss", {"nlist": args.nlist, "m": args.pq_m, "bits": 8,
                                                "k_factor": args.reorder / k if refine else None,
+                                               "max_codes": args.max_codes,
                                                "threads": self.threads}, True)
 
             def make(refine=refine):
@@ -621,9 +637,10 @@ class Runner:
             def search(p, index=index, refine=refine):
                 if refine:
                     params = faiss.IndexRefineSearchParameters(k_factor=max(args.reorder, k) / k,
-                                                               base_index_params=faiss.SearchParametersIVF(nprobe=p))
+                                                               base_index_params=faiss.SearchParametersIVF(
+                        nprobe=p, max_codes=args.max_codes or 0))
                 else:
-                    params = faiss.SearchParametersIVF(nprobe=p)
+                    params = faiss.SearchParametersIVF(nprobe=p, max_codes=args.max_codes or 0)
                 return index.search(self.peer_queries, k, params=params)[1]
             self.series(entry, "none", "", "nprobe", probes, search)
 
