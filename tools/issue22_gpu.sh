@@ -15,13 +15,19 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=.:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 RUNS=runs/long LOGS=/tmp/long_logs DATA=.fp8data/tokens
 mkdir -p "$RUNS" "$LOGS" "${OUT:=runs}"
-trap 'find "$RUNS" \( -name "*.json" -o -name "*.png" -o -name "*.jsonl" \) -not -path "*/checkpoints/*" \
-    -exec cp --parents {} "$LOGS" \; ; tar czf "$OUT/$(IFS=-; echo "${*:-none}").tgz" -C /tmp long_logs' EXIT
+ARCHIVE="$OUT/$(IFS=-; echo "${*:-none}").tgz"
+pack() {  # logs, JSON, PNGs so far into $ARCHIVE (after every experiment: a call cut at its limit keeps them)
+    find "$RUNS" \( -name "*.json" -o -name "*.png" -o -name "*.jsonl" \) -not -path "*/checkpoints/*" \
+        -exec cp --parents {} "$LOGS" \;
+    tar czf "$ARCHIVE" -C /tmp long_logs
+}
+trap pack EXIT
 x() {  # x LOG SECONDS ARGS...: one experiment, its log under $LOGS
     local log=$1 seconds=$2; shift 2
     echo "=== $log: $*" | tee -a "$LOGS/$log.log"
     timeout "$seconds" python3 -m experiments "$@" >> "$LOGS/$log.log" 2>&1
     echo "=== $log: exit $? at ${SECONDS}s"; grep -vE "^\s*$" "$LOGS/$log.log" | tail -8
+    pack
 }
 part() {
 case "$1" in
@@ -31,7 +37,7 @@ context)  # GEMM autotuning off: the search compiles a dozen steps whose memory,
 performer) x performer 240 bench_performer --out "$RUNS/performer/performer.json" ;;
 rmt) x rmt 330 rmt_recall --steps 6000 --out "$RUNS/rmt" ;;
 base)
-    x base 250 train --model llama-125m --data "$DATA" --batch 32 --seq 512 --set max_seq_len=512 --steps 2500 \
+    x base 250 train --model llama-125m --data "$DATA" --batch 32 --seq 512 --set max_seq_len=512 --steps 2000 \
         --warmup 100 --lr 6e-4 --eval-every 500 --sample-tokens 0 --seed 0 --run-dir "$RUNS/base" --no-progress
     x needle-base 100 needle --ckpt "$RUNS/base" --lengths 256,500,1000,2000 --depths 0,0.25,0.5,0.75,1 --trials 4 \
         --max-seq-len 2048 --out "$RUNS/needle-base" --no-progress ;;
