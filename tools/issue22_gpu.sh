@@ -10,7 +10,7 @@
 # Several parts in one call: bash tools/issue22_gpu.sh performer rmt   (the archive is named after all of them)
 # Logs, JSON and PNGs are packed into $OUT/PART.tgz.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/tensorboardx*.whl \
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/tensorboardx*.whl .whl/gguf*.whl \
     .whl/protobuf*.whl 2>/dev/null
 export PYTHONPATH=.:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 RUNS=runs/long LOGS=/tmp/long_logs DATA=.fp8data/tokens
