@@ -9,8 +9,9 @@ with the rows w_i of an [M, d] projection drawn as blocks of orthogonal Gaussian
 Attention then costs O(n M d) instead of O(n^2 d):
 
     non-causal: out_i = phi(q_i) . (sum_j phi(k_j) v_j^T) / phi(q_i) . (sum_j phi(k_j))
-    causal:     the same with prefix sums over j <= i, computed chunk by chunk (a scan carrying the running
-                sums S = sum phi(k) v^T [M, d_v] and z = sum phi(k) [M]; inside a chunk a masked quadratic product).
+    causal:     the same with prefix sums over j <= i, computed chunk by chunk: each chunk's sums S = sum phi(k) v^T
+                [M, d_v] and z = sum phi(k) [M], a cumulative sum of them over the chunks (the keys of the chunks
+                before), and inside a chunk a masked quadratic product.
 
 Stabilizers: before the exp a query's features subtract their own row max, the keys' one max over all keys and
 features (per batch and kv head). Each is a constant factor of the numerator and the denominator of the same ratio
@@ -118,39 +119,39 @@ def _ratio(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
     return numerator / jnp.maximum(denominator, jnp.finfo(denominator.dtype).tiny)[..., None]
 
 
-def _causal_scan(phi_q, phi_k, v, state, chunk):
+def _causal_chunked(phi_q, phi_k, v, state, chunk):
     """Prefix-sum attention of aligned queries and keys: phi_q [b, n, kv, g, M], phi_k [b, n, kv, M],
     v [b, n, kv, dv], state (S [b, kv, M, dv], z [b, kv, M]) of the keys before -> (numerator [b, n, kv, g, dv],
-    denominator [b, n, kv, g])."""
+    denominator [b, n, kv, g]).
+
+    Nothing runs in sequence: every chunk's sums phi(k)^T v come from one batched matmul, the sums of the chunks
+    before each chunk from one (exclusive) cumulative sum over the chunk axis, and the keys inside a chunk from a
+    masked [chunk, chunk] product, so the GPU sees a few large operations instead of a scan of n / chunk small
+    ones. Memory: one [M, dv] state per chunk (n / chunk of them)."""
     batch, n = phi_q.shape[:2]
     padded = -(-n // chunk) * chunk
     pad = [(0, 0), (0, padded - n)]
     phi_q = jnp.pad(phi_q, pad + [(0, 0)] * 3)  # padded queries and keys have zero features: no contribution
     phi_k, v = jnp.pad(phi_k, pad + [(0, 0)] * 2), jnp.pad(v, pad + [(0, 0)] * 2)
 
-    def chunks(x):  # [b, padded, ...] -> [num_chunks, b, chunk, ...]
-        return jnp.moveaxis(x.reshape(batch, padded // chunk, chunk, *x.shape[2:]), 1, 0)
+    def chunks(x):  # [b, padded, ...] -> [b, num_chunks, chunk, ...]
+        return x.reshape(batch, padded // chunk, chunk, *x.shape[2:])
 
+    pq, pk, vc = chunks(phi_q), chunks(phi_k), chunks(v)  # [b, nc, c, kv, g, M], [b, nc, c, kv, M], [b, nc, c, kv, dv]
+    chunk_s = jnp.einsum("bnekm,bnekv->bnkmv", pk, vc)  # [b, nc, kv, M, dv]: each chunk's own sums
+    chunk_z = pk.sum(2)  # [b, nc, kv, M]
+
+    def before(per_chunk, initial):  # sums of the chunks before each one (exclusive), plus the keys before them all
+        running = jnp.cumsum(per_chunk[:, :-1], axis=1)
+        return jnp.concatenate([jnp.zeros_like(per_chunk[:, :1]), running], axis=1) + initial[:, None]
+
+    s, z = before(chunk_s, state[0]), before(chunk_z, state[1])  # [b, nc, kv, M, dv], [b, nc, kv, M]
     lower = jnp.tril(jnp.ones((chunk, chunk), jnp.bool_))  # [c, e]: key e of the chunk at or before query c
-
-    @jax.checkpoint
-    def step(carry, xs):
-        s, z = carry  # [b, kv, M, dv], [b, kv, M]
-        pq, pk, vc = xs  # [b, c, kv, g, M], [b, c, kv, M], [b, c, kv, dv]
-        scores = jnp.einsum("bckgm,bekm->bkgce", pq, pk)  # [b, kv, g, c, e]
-        scores = jnp.where(lower, scores, 0)
-        numerator = jnp.einsum("bckgm,bkmv->bckgv", pq, s) + jnp.einsum("bkgce,bekv->bckgv", scores, vc)
-        denominator = jnp.einsum("bckgm,bkm->bckg", pq, z) + jnp.moveaxis(scores.sum(-1), -1, 1)
-        s = s + jnp.einsum("bekm,bekv->bkmv", pk, vc)
-        z = z + pk.sum(1)
-        return (s, z), (numerator, denominator)
-
-    _, (numerator, denominator) = jax.lax.scan(step, state, (chunks(phi_q), chunks(phi_k), chunks(v)))
-
-    def unchunk(x):  # [num_chunks, b, chunk, ...] -> [b, n, ...]
-        return jnp.moveaxis(x, 0, 1).reshape(batch, padded, *x.shape[3:])[:, :n]
-
-    return unchunk(numerator), unchunk(denominator)
+    scores = jnp.where(lower, jnp.einsum("bnckgm,bnekm->bnkgce", pq, pk), 0)  # [b, nc, kv, g, c, e]
+    numerator = jnp.einsum("bnckgm,bnkmv->bnckgv", pq, s) + jnp.einsum("bnkgce,bnekv->bnckgv", scores, vc)
+    denominator = jnp.einsum("bnckgm,bnkm->bnckg", pq, z) + jnp.moveaxis(scores.sum(-1), -1, 2)
+    return (numerator.reshape(batch, padded, *numerator.shape[3:])[:, :n],
+            denominator.reshape(batch, padded, *denominator.shape[3:])[:, :n])
 
 
 def performer_attention(
@@ -168,8 +169,8 @@ def performer_attention(
     query head h reads kv head h // (heads // kv_heads) (grouped-query attention, K/V not repeated).
     projection [M, head_dim]: `performer_projection` / `orthogonal_random_features` (M random features).
     causal: query i sees keys j <= i + kv_len - q_len (queries aligned to the end of the keys, as the exact
-        attention of llmjax.kernels.flash_attention.reference): the keys before the queries enter as the scan's
-        initial state, the rest as prefix sums over chunks of `chunk` tokens (a length not divisible by `chunk`
+        attention of llmjax.kernels.flash_attention.reference): the keys before the queries enter as the prefix
+        sums' initial state, the rest as prefix sums over chunks of `chunk` tokens (a length not divisible by `chunk`
         is padded with zero-feature tokens, which contribute nothing, and cut back).
     Features and sums run in float32 (float64 for float64 inputs) whatever the input dtype; returns
     [batch, q_len, heads, v_dim] in q's dtype.
@@ -194,7 +195,7 @@ def performer_attention(
     else:
         before = kv_len - q_len  # keys every query sees
         state = (jnp.einsum("btkm,btkv->bkmv", phi_k[:, :before], v[:, :before]), phi_k[:, :before].sum(1))
-        numerator, denominator = _causal_scan(phi_q, phi_k[:, before:], v[:, before:], state, min(chunk, q_len))
+        numerator, denominator = _causal_chunked(phi_q, phi_k[:, before:], v[:, before:], state, min(chunk, q_len))
     out = _ratio(numerator, denominator)  # [b, s, kv, g, dv]
     return out.reshape(batch, q_len, heads, v.shape[-1]).astype(out_dtype)
 
