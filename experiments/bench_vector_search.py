@@ -792,16 +792,17 @@ def plot(results, path: Path, title: str, k: int):
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, len(FILTERS), figsize=(6 * len(FILTERS), 4.8))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    lines = 0
+    names = [entry["name"] + (f" [{s['mode']}]" if s["mode"] else "") for entry in results for s in entry["series"]]
+    names = list(dict.fromkeys(names))  # one color per line, the same in every panel
+    colors = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
     for entry in results:
         for s in entry["series"]:
-            axis = axes[FILTERS.index(s["filter"])]
-            points = sorted(s["points"], key=lambda p: p["recall"])
-            axis.plot([p["recall"] for p in points], [p["qps"] for p in points], marker="o", markersize=3,
-                      linestyle="--" if entry["peer"] else "-", color=colors[lines % len(colors)],
-                      label=entry["name"] + (f" [{s['mode']}]" if s["mode"] else ""))
-            lines += 1
+            name = entry["name"] + (f" [{s['mode']}]" if s["mode"] else "")
+            points = s["points"]  # in sweep order
+            axes[FILTERS.index(s["filter"])].plot(
+                [p["recall"] for p in points], [p["qps"] for p in points], marker="s" if entry["peer"] else "o",
+                markersize=3, linestyle="--" if entry["peer"] else "-", color=colors(names.index(name) % colors.N),
+                label=name)
     for axis, f in zip(axes, FILTERS):
         axis.set(yscale="log", xlabel=f"recall@{k}", ylabel="queries/s", title=f"filter: {f}")
         axis.grid(True, which="both", alpha=0.3)
