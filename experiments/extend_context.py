@@ -1,14 +1,16 @@
 """Extend a trained RoPE model's context (YaRN, position interpolation or NTK-aware), fine-tuning at the new length.
 
     python -m experiments extend_context --ckpt runs/train-llama-125m --to 4096 --steps 200
+    python -m experiments extend_context --gguf smollm2-135m-instruct --to 32768 --data runs/tokens/smollm2 \
+        --compute-dtype bfloat16    # a real model: a GGUF file or a Hugging Face folder (--hf)
 
-The run's newest checkpoint is loaded, its RoPE rescaled by factor = --to / L, L the length it was trained for (its
-max_seq_len; for a run that was already extended, the original length its scaling names), max_seq_len set to --to,
-and every weight fine-tuned for --steps steps on windows of --to tokens with llmjax.train's loop (fresh AdamW state,
-warmup then a constant learning rate, as the YaRN paper fine-tunes). The new run folder holds what the loop writes
-(config.json, checkpoints/, metrics.jsonl, loss.png) plus an "extend_context" section in config.json (also alone in
-extend_context.json): the base, the scaling, the data, and the validation loss at --to before fine-tuning (the run's
-RoPE unchanged, and rescaled) and after.
+The base (a run's newest checkpoint, or a GGUF / Hugging Face model) is loaded, its RoPE rescaled by factor =
+--to / L, L the length it was trained for (its max_seq_len; for a run that was already extended, the original length
+its scaling names), max_seq_len set to --to, and every weight fine-tuned for --steps steps on windows of --to tokens
+with llmjax.train's loop (fresh AdamW state, warmup then a constant learning rate, as the YaRN paper fine-tunes). The
+new run folder holds what the loop writes (config.json, checkpoints/, metrics.jsonl, loss.png), the base's tokenizer
+files, and an "extend_context" section in config.json (also alone in extend_context.json): the base, the scaling,
+the data, and the validation loss at --to before fine-tuning (the base's RoPE unchanged, and rescaled) and after.
 """
 
 from __future__ import annotations
@@ -40,9 +42,10 @@ def parse_args(argv):
         "resumes it.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--ckpt", type=Path, required=True,
-                   help="the run folder to extend (written by `python -m experiments train` or an earlier "
-                        "extend_context); its newest checkpoint is loaded")
+    from llmjax.io.models import add_model_flags
+
+    add_model_flags(p, "the model to extend", "`python -m experiments train` or an earlier extend_context; its "
+                    "newest checkpoint is loaded")
     p.add_argument("--to", type=int, required=True,
                    help="the new context length in tokens (greater than the run's max_seq_len); also the length of "
                         "each fine-tuning sequence")
@@ -51,8 +54,11 @@ def parse_args(argv):
                         "or ntk (NTK-aware theta)")
     p.add_argument("--data", type=Path, default=None,
                    help="token shards folder with train/ (and validation/) (the --out of `python -m experiments "
-                        "tokenize`); default: the shards the run records in its config.json, if it does")
-    p.add_argument("--out", type=Path, default=None, help="the new run folder (default: CKPT-METHOD-TO beside CKPT)")
+                        "tokenize`, made with the model's tokenizer); default: the shards a --ckpt run records "
+                        "in its config.json, if it does")
+    p.add_argument("--out", type=Path, default=None,
+                   help="the new run folder (default: CKPT-METHOD-TO beside CKPT; for --gguf / --hf, "
+                        "runs/extend-NAME-METHOD-TO)")
     p.add_argument("--steps", type=int, default=200, help="fine-tuning optimizer steps")
     p.add_argument("--batch", type=int, default=8,
                    help="sequences of --to tokens per step (a multiple of the data-parallel devices)")
@@ -117,6 +123,29 @@ def base_config(ckpt: Path):
             checkpointer.close()
 
 
+def load_base(args):
+    """(the base's ModelConfig, a function giving its parameters, its LoadedModel or None for a --ckpt run). A run's
+    config is read without its arrays, so bad flags are refused before any weight is loaded; a GGUF / Hugging Face
+    model is loaded whole (its tokenizer and chat files go with the extended run)."""
+    if args.ckpt is not None:
+        cfg = base_config(args.ckpt)
+        if args.compute_dtype is not None:
+            cfg = cfg.replace(compute_dtype=args.compute_dtype)
+        return cfg, lambda: base_params(args.ckpt), None
+    from llmjax.io.models import ModelLoadError, load_model_from_flags
+
+    flag = "--gguf" if args.gguf is not None else "--hf"
+    try:
+        model = load_model_from_flags(args)
+    except ModelLoadError as error:
+        raise ExtendError(f"{flag} {args.gguf or args.hf}: {error}") from None
+    return model.cfg, lambda: model.params, model
+
+
+def base_name(args) -> str:
+    return str(args.ckpt or args.gguf or args.hf)
+
+
 def base_params(ckpt: Path) -> dict:
     """The parameters of the run folder's newest checkpoint."""
     from llmjax.io.models import restore_params
@@ -138,7 +167,7 @@ def extended_config(cfg, to: int, method: str):
     from llmjax.config import RopeScaling
 
     if cfg.positions != "rope":
-        raise ExtendError(f"--ckpt: the model has positions={cfg.positions!r} (learned position embeddings), not RoPE; "
+        raise ExtendError(f"the model has positions={cfg.positions!r} (learned position embeddings), not RoPE; "
                           f"its context cannot be extended by rescaling RoPE")
     if to <= cfg.max_seq_len:
         raise ExtendError(f"--to {to}: must be greater than the length the run was trained for, max_seq_len="
@@ -165,9 +194,10 @@ def recorded_data(record: dict) -> str | None:
     return None
 
 
-def open_shards(args, record: dict, cfg, to: int):
+def open_shards(args, record: dict, cfg, to: int, model_tokenizer=None):
     """(shards folder, train shards, validation shards or None, tokenizer or None) of --data or the run's recorded
-    shards. Validation shards shorter than one window of --to + 1 tokens are dropped (with a note)."""
+    shards, checked against the model's tokenizer when there is one. Validation shards shorter than one window of
+    --to + 1 tokens are dropped (with a note)."""
     from llmjax.data.shards import TokenShardsError
     from llmjax.experiments.train import open_data
 
@@ -175,6 +205,9 @@ def open_shards(args, record: dict, cfg, to: int):
     if data is None:
         recorded = recorded_data(record)
         if recorded is None:
+            if args.ckpt is None:
+                raise ExtendError(f"--data: give the token shards to fine-tune {base_name(args)} on (made by "
+                                  f"`python -m experiments tokenize --tokenizer {base_name(args)}`)")
             raise ExtendError(f"--data: {args.ckpt}/config.json does not record the token shards the run was trained "
                               f"on; give --data SHARDS_DIR")
         data = Path(recorded)
@@ -185,7 +218,11 @@ def open_shards(args, record: dict, cfg, to: int):
         train_data, validation_data, tokenizer = open_data(data)
     except TokenShardsError as error:
         raise ExtendError(f"--data {data}: {error}") from None
-    vocab = int(train_data.index.get("tokenizer", {}).get("vocab_size", 0))
+    made_with = train_data.index.get("tokenizer", {})
+    if model_tokenizer is not None and made_with.get("fingerprint") not in (None, model_tokenizer.fingerprint()):
+        raise ExtendError(f"--data {data}: the shards were made with another tokenizer than {base_name(args)}'s; "
+                          f"make them with `python -m experiments tokenize --tokenizer {base_name(args)}`")
+    vocab = int(made_with.get("vocab_size", 0))
     if vocab > cfg.vocab_size:
         raise ExtendError(f"--data {data}: its tokenizer has {vocab} tokens, the model's embedding {cfg.vocab_size}; "
                           f"give shards made with the run's tokenizer")
@@ -225,26 +262,32 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         check_args(args)
-        out = args.out or args.ckpt.parent / f"{args.ckpt.name}-{args.method}-{args.to}"
-        if out.resolve() == args.ckpt.resolve():
-            raise ExtendError(f"--out {out}: must differ from --ckpt (the extended run is a new folder)")
-        base_cfg = base_config(args.ckpt)
+        if args.ckpt is not None:
+            out = args.out or args.ckpt.parent / f"{args.ckpt.name}-{args.method}-{args.to}"
+            if out.resolve() == args.ckpt.resolve():
+                raise ExtendError(f"--out {out}: must differ from --ckpt (the extended run is a new folder)")
+        else:
+            from llmjax.io.models import model_name_from_flags
+
+            out = args.out or Path("runs") / f"extend-{model_name_from_flags(args)}-{args.method}-{args.to}"
+        base_cfg, load_params, model = load_base(args)
         cfg, original = extended_config(base_cfg, args.to, args.method)
         if args.remat is not None:
             cfg = cfg.replace(remat=args.remat)
-        data, train_data, validation_data, tokenizer = open_shards(args, read_json(args.ckpt / "config.json"), cfg,
-                                                                   args.to)
+        record = read_json(args.ckpt / "config.json") if args.ckpt is not None else {}
+        data, train_data, validation_data, tokenizer = open_shards(args, record, cfg, args.to,
+                                                                   None if model is None else model.tokenizer)
         train_cfg = TrainConfig(lr=args.lr, warmup_steps=min(args.warmup, args.steps), total_steps=args.steps,
                                 schedule="constant", min_lr_ratio=1.0, weight_decay=args.weight_decay,
                                 grad_clip=args.grad_clip or None)
         scaling = cfg.rope_scaling
-        extension = {"base": str(args.ckpt), "method": args.method, "from_seq_len": base_cfg.max_seq_len,
+        extension = {"base": base_name(args), "method": args.method, "from_seq_len": base_cfg.max_seq_len,
                      "original_seq_len": original, "to": args.to, "factor": scaling.factor,
                      "rope_scaling": config_to_dict(cfg)["rope_scaling"], "data": str(data)}
-        print(f"{PROG}: {cfg.name} from {args.ckpt}: RoPE {args.method}, factor {scaling.factor:g} "
+        print(f"{PROG}: {cfg.name} from {base_name(args)}: RoPE {args.method}, factor {scaling.factor:g} "
               f"({original} -> {args.to} tokens); {args.steps} steps of {args.batch} x {args.to} tokens into {out}",
               file=sys.stderr)
-        params = base_params(args.ckpt)
+        params = load_params()
         earlier = read_json(out / "extend_context.json")  # a first run's, when resuming
         extension.update({k: v for k, v in earlier.items() if k.startswith("val_loss_before")})
         resuming = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
@@ -257,7 +300,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{extension['val_loss_before_scaled']:.4f} with {args.method}", file=sys.stderr)
         out.mkdir(parents=True, exist_ok=True)
         (out / "extend_context.json").write_text(json.dumps(extension, indent=2))  # train() rewrites config.json
-        for name in MODEL_FILES:
+        if model is not None:  # the GGUF / Hugging Face model's tokenizer, chat template and end ids
+            from llmjax.io.models import write_model_files
+
+            write_model_files(out, model)
+        for name in MODEL_FILES if args.ckpt is not None else ():
             if (args.ckpt / name).is_file():
                 shutil.copyfile(args.ckpt / name, out / name)
         run = RunConfig(run_dir=out, batch_size=args.batch, seq_len=args.to, seed=args.seed, log_every=args.log_every,

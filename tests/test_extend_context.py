@@ -119,6 +119,44 @@ def test_learned_positions_are_refused(tokens, tmp_path, capsys):
                       record=run_record(cfg, train_cfg, loader_state={"step": 0, "seed": 0}, seed=0))
     checkpointer.close()
     assert extend("--ckpt", tmp_path / "gpt2", "--to", 32, "--data", tokens) == 2
-    assert last_error(capsys) == ("python -m experiments extend_context: --ckpt: the model has positions='learned' "
+    assert last_error(capsys) == ("python -m experiments extend_context: the model has positions='learned' "
                                   "(learned position embeddings), not RoPE; its context cannot be extended by "
                                   "rescaling RoPE")
+
+
+def test_extends_a_hugging_face_model_with_its_tokenizer(tmp_path, capsys):
+    """--hf FOLDER (a real model's form): the base is loaded whole, the shards must be made with its tokenizer, and
+    the extended run carries that tokenizer, so `load_model(ckpt=RUN)` (needle, generate) reads it back."""
+    import jax
+
+    from llmjax.io.hf import save_hf_checkpoint
+    from llmjax.io.models import load_model
+    from llmjax.model.transformer import init_params
+    from llmjax.tokenizer import load_tokenizer
+    from llmjax.tokenizer.bpe_train import train_bpe
+
+    texts = documents(60, 2)
+    bpe = train_bpe(texts, 300, num_workers=1, progress=False)
+    cfg = get_config("llama-tiny", num_layers=1, max_seq_len=TRAINED, vocab_size=bpe.vocab_size)
+    save_hf_checkpoint(init_params(cfg, jax.random.key(0)), cfg, tmp_path / "hf")
+    bpe.save_gpt2_files(tmp_path / "hf")
+    tokenizer = load_tokenizer(tmp_path / "hf")  # the folder's tokenizer, as load_model reads it
+    for split, part in (("train", texts[:50]), ("validation", texts[50:])):
+        write_shards(part, tokenizer, tmp_path / "tokens" / split, tokenizer_source=str(tmp_path / "hf"),
+                     progress=False)
+    out = tmp_path / "extended"
+    assert extend("--hf", tmp_path / "hf", "--to", TO, "--data", tmp_path / "tokens", "--steps", 2, "--batch", BATCH,
+                  "--warmup", 1, "--eval-batches", 1, "--out", out) == 0
+    extension = json.loads((out / "extend_context.json").read_text())
+    assert extension["base"] == str(tmp_path / "hf") and extension["rope_scaling"]["factor"] == TO / TRAINED
+    extended = load_model(ckpt=out)
+    assert extended.cfg.max_seq_len == TO and extended.tokenizer.fingerprint() == tokenizer.fingerprint()
+
+    prog = "python -m experiments extend_context"  # byte-level shards are another tokenizer's
+    write_shards(texts, ByteTokenizer(), tmp_path / "bytes" / "train", tokenizer_source="bytes", progress=False)
+    assert extend("--hf", tmp_path / "hf", "--to", TO, "--data", tmp_path / "bytes", "--out", tmp_path / "x") == 2
+    assert last_error(capsys).startswith(f"{prog}: --data {tmp_path / 'bytes'}: the shards were made with another "
+                                         f"tokenizer than {tmp_path / 'hf'}'s")
+    assert extend("--hf", tmp_path / "hf", "--to", TO, "--out", tmp_path / "y") == 2
+    assert last_error(capsys) == (f"{prog}: --data: give the token shards to fine-tune {tmp_path / 'hf'} on (made by "
+                                  f"`python -m experiments tokenize --tokenizer {tmp_path / 'hf'}`)")
