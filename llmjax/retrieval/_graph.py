@@ -606,5 +606,20 @@ def check_int(name: str, value, low: int, high: int | None = None) -> int:
     return int(value)
 
 
+def search_options(kind: str, options: dict, beam: str, default: int, k: int, others: tuple = ()) -> int:
+    """The beam size (option `beam`, e.g. HNSW's ef, Vamana's L) of a graph search: max(default, k) when not given;
+    an unknown option, or a beam that cannot hold k results, is one RetrievalError."""
+    unknown = set(options) - {beam, *others}
+    if unknown:
+        raise RetrievalError(f"search: unknown option {sorted(unknown)[0]!r} for {kind} (options: "
+                             f"{', '.join([beam, *others])})")
+    size = options.get(beam)
+    if size is None:
+        return max(default, k)
+    if check_int(beam, size, 1) < k:
+        raise RetrievalError(f"{beam}={size} is smaller than k={k}: the search list must hold k results (raise {beam})")
+    return int(size)
+
+
 def check_threads(threads) -> int | None:
     return None if threads is None else check_int("threads", threads, 1)

@@ -145,14 +145,7 @@ class FilteredVamanaIndex(VectorIndex):
     # ---- search ---------------------------------------------------------------------------------------------
 
     def _search(self, queries, k, labels, **options):
-        unknown = set(options) - {"L"}
-        if unknown:
-            raise RetrievalError(f"search: unknown option {sorted(unknown)[0]!r} for filtered_vamana (options: L)")
-        beam = options.get("L")
-        if beam is None:
-            beam = max(self.L, k)
-        elif _graph.check_int("L", beam, 1) < k:
-            raise RetrievalError(f"L={beam} is smaller than k={k}: the search list must hold k results (raise L)")
+        beam = _graph.search_options("filtered_vamana", options, "L", self.L, k)
         if labels is None:
             entries = np.tile(np.concatenate([[self.medoid], self.start_rows]).astype(np.int32), (len(queries), 1))
         else:

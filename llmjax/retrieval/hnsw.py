@@ -167,14 +167,7 @@ class HNSWIndex(VectorIndex):
     # ---- search ---------------------------------------------------------------------------------------------
 
     def _search(self, queries, k, labels, **options):
-        unknown = set(options) - {"ef", "filter_mode"}
-        if unknown:
-            raise RetrievalError(f"search: unknown option {sorted(unknown)[0]!r} for hnsw (options: ef, filter_mode)")
-        ef = options.get("ef")
-        if ef is None:
-            ef = max(self.ef, k)
-        elif _graph.check_int("ef", ef, 1) < k:
-            raise RetrievalError(f"ef={ef} is smaller than k={k}: the beam must hold k results (raise ef)")
+        ef = _graph.search_options("hnsw", options, "ef", self.ef, k, others=("filter_mode",))
         filter_mode = options.get("filter_mode", "post")
         if filter_mode not in FILTER_MODES:
             raise RetrievalError(f"filter_mode {filter_mode!r}: expected one of {', '.join(FILTER_MODES)}")
