@@ -253,7 +253,7 @@ def make_stdlib(args):
     import jax
 
     from llmjax.data.corpus import default_corpus, read_text, split_of
-    from llmjax.embed import embed_tokens
+    from llmjax.embed import embed_ids
     from llmjax.io.models import load_model
     from llmjax.retrieval.datasets import skewed_labels, text_windows
 
@@ -296,29 +296,15 @@ def make_stdlib(args):
     base_windows = [base_windows[i] for i in np.sort(rng.choice(len(base_windows), args.n, replace=False))]
     query_windows = [query_windows[i] for i in np.sort(rng.choice(len(query_windows), args.queries, replace=False))]
 
-    batch = 256 if not on_cpu else 16
-    pad = tokenizer.special_ids.pad or 0
     started = time.perf_counter()
 
-    def embed(docs, windows, what):
-        out = np.empty((len(windows), model.cfg.d_model), np.float32)
-        for start in range(0, len(windows), batch):
-            part = windows[start: start + batch]
-            tokens = np.full((batch, STDLIB_WINDOW), pad, np.int32)
-            mask = np.zeros((batch, STDLIB_WINDOW), bool)
-            for row, (d, s) in enumerate(part):
-                ids = docs[d][s: s + window]
-                tokens[row, : len(ids) + 2] = [tokenizer.cls_id, *ids.tolist(), tokenizer.sep_id]
-                mask[row, : len(ids) + 2] = True
-            out[start: start + len(part)] = np.asarray(
-                embed_tokens(model.params, tokens, mask, model.cfg, pooling="mean", normalize=True))[: len(part)]
-            if start // batch % 50 == 0:
-                rate = (start + len(part)) / (time.perf_counter() - started)
-                print(f"  {what}: {start + len(part)} / {len(windows)} ({rate:.0f} texts/s)", flush=True)
-        return out
+    def embed(docs, windows):  # [CLS] window [SEP], embedded from the ids (no second tokenization)
+        sequences = [[tokenizer.cls_id, *docs[d][s: s + window].tolist(), tokenizer.sep_id] for d, s in windows]
+        return embed_ids(model.params, model.cfg, sequences, pad_id=tokenizer.special_ids.pad or 0,
+                         batch_size=256 if not on_cpu else 16, max_len=STDLIB_WINDOW, progress=True)
 
-    base = embed(base_docs, base_windows, "base")
-    queries = embed(query_docs, query_windows, "queries")
+    base = embed(base_docs, base_windows)
+    queries = embed(query_docs, query_windows)
     offsets, values = skewed_labels(args.n, seed=0)
     meta = {"source": "stdlib", "model": "all-MiniLM-L6-v2 (mean pooling, normalized)",
             "window_tokens": STDLIB_WINDOW, "word_pieces_per_window": window, "stride": stride,

@@ -7,7 +7,7 @@
 Fast on many texts: tokenized once, sorted by length and cut into batches of batch_size, each padded to the next of
 a few bucket lengths (16, 24, 32, 48, 64, ... up to max_len: each at most 1.5 times the one before), so a whole corpus
 compiles at most one program per bucket (9 up to 256) and pads at most a third. `embed_tokens` is the jitted step on
-one padded batch.
+one padded batch, `embed_ids` the batching over sequences already tokenized.
 """
 
 from __future__ import annotations
@@ -87,25 +87,36 @@ def embed_texts(params: dict, cfg: ModelConfig, tokenizer, texts: Sequence[str],
         warnings.warn(f"{message}: truncated to their first {max_len} tokens", stacklevel=2)
 
     pad_id = tokenizer.special_ids.pad if tokenizer.special_ids.pad is not None else 0
+    return embed_ids(params, cfg, [ids for ids, _ in encoded], pad_id=pad_id, batch_size=batch_size,
+                     max_len=max_len, pooling=pooling, normalize=normalize, progress=progress)
+
+
+def embed_ids(params: dict, cfg: ModelConfig, sequences: Sequence, *, pad_id: int = 0, batch_size: int = 64,
+              max_len: int = 256, pooling: str = "mean", normalize: bool = True, progress: bool = False) -> np.ndarray:
+    """One embedding per sequence of token ids (each 1..max_len ids, as the model reads them: [CLS] ... [SEP] for a
+    BERT-style encoder): float32 [len(sequences), d_model], in the order given. Sorted by length, batched,
+    each batch padded with pad_id to its bucket length; the batches are dispatched without waiting for each other
+    (one transfer to the host at the end)."""
     buckets = bucket_lengths(max_len)
-    order = np.argsort([len(ids) for ids, _ in encoded], kind="stable")  # similar lengths share a batch
-    out = np.empty((len(texts), cfg.d_model), np.float32)
-    starts = range(0, len(texts), batch_size)
+    order = np.argsort([len(ids) for ids in sequences], kind="stable")  # similar lengths share a batch
+    starts = range(0, len(sequences), batch_size)
     if progress:
         from tqdm import tqdm
 
         starts = tqdm(starts, desc="embedding", unit="batch")
+    pending = []  # (rows, device embeddings [batch_size, d_model])
     for start in starts:
         rows = order[start:start + batch_size]
-        longest = max(len(encoded[i][0]) for i in rows)
-        length = next(b for b in buckets if b >= longest)
+        length = next(b for b in buckets if b >= max(len(sequences[i]) for i in rows))
         tokens = np.full((batch_size, length), pad_id, np.int32)  # a short last batch is padded to batch_size too
         mask = np.zeros((batch_size, length), bool)
         for row, i in enumerate(rows):
-            ids = encoded[i][0]
+            ids = sequences[i]
             tokens[row, :len(ids)] = ids
             mask[row, :len(ids)] = True
-        vectors = embed_tokens(params, tokens, mask, cfg, pooling=pooling, normalize=normalize)
+        pending.append((rows, embed_tokens(params, tokens, mask, cfg, pooling=pooling, normalize=normalize)))
+    out = np.empty((len(sequences), cfg.d_model), np.float32)
+    for rows, vectors in pending:
         out[rows] = np.asarray(vectors)[:len(rows)]
     return out
 
@@ -122,4 +133,4 @@ def _checked_texts(texts) -> list[str]:
     return texts
 
 
-__all__ = ["POOLINGS", "bucket_lengths", "embed_texts", "embed_tokens", "tokenize_for_embedding"]
+__all__ = ["POOLINGS", "bucket_lengths", "embed_ids", "embed_texts", "embed_tokens", "tokenize_for_embedding"]
