@@ -274,18 +274,38 @@ class VectorIndex:
                                  f"{num_queries} queries (give one label, or one per query)")
         return labels.astype(np.int64)
 
+    def _label_memo(self) -> dict:
+        """Per-label lookups of the current rows, labels and removals, computed once and reused by every search
+        until one of them changes (a search with a filter would otherwise scan every label entry each call). The
+        arrays themselves are the key (add and rebuild replace them; remove only sets flags, so the count of
+        removed rows tells)."""
+        key = (self.label_values, self.removed, int(np.count_nonzero(self.removed)))
+        memo = getattr(self, "_memo", None)
+        if memo is None or memo[0][0] is not key[0] or memo[0][1] is not key[1] or memo[0][2] != key[2]:
+            memo = self._memo = (key, {})
+        return memo[1]  # its arrays are shared by later calls: read-only (see _frozen)
+
     def _label_owners(self) -> np.ndarray:
         """int64 [number of label entries]: the row each entry of label_values belongs to."""
-        return np.repeat(np.arange(self.rows), np.diff(self.label_offsets))
+        memo = self._label_memo()
+        if "owners" not in memo:
+            memo["owners"] = _frozen(np.repeat(np.arange(self.rows), np.diff(self.label_offsets)))
+        return memo["owners"]
 
     def live_labels(self) -> np.ndarray:
         """Labels (ascending) that at least one live vector carries."""
-        return np.unique(self.label_values[~self.removed[self._label_owners()]])
+        memo = self._label_memo()
+        if "live" not in memo:
+            memo["live"] = _frozen(np.unique(self.label_values[~self.removed[self._label_owners()]]))
+        return memo["live"]
 
     def label_rows(self, label: int) -> np.ndarray:
         """Live rows (int64, ascending) that carry `label`."""
-        rows = np.unique(self._label_owners()[self.label_values == label])
-        return rows[~self.removed[rows]]
+        memo = self._label_memo()
+        if ("rows", label) not in memo:
+            rows = np.unique(self._label_owners()[self.label_values == label])
+            memo["rows", label] = _frozen(rows[~self.removed[rows]])
+        return memo["rows", label]
 
     def row_mask(self, label: int) -> np.ndarray:
         """bool [rows]: the live rows that carry `label`."""
@@ -314,6 +334,11 @@ class VectorIndex:
 
     def _restore(self, state: dict) -> None:
         raise NotImplementedError
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array
 
 
 def load_index(path: str | os.PathLike) -> VectorIndex:

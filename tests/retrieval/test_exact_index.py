@@ -72,6 +72,10 @@ def test_fewer_matches_than_k_and_an_unknown_label_give_empty_places():
     assert sorted(found[0, :2].tolist()) == [1, 3] and found[0, 2] == -1 and scores[0, 2] == -np.inf
     scores, found = index.search(np.ones((2, 4)), 3, filter=99)  # no vector carries 99: the empty answer
     assert (found == -1).all() and np.isneginf(scores).all()
+    index.remove([1])  # the label lookups a search reuses follow removals and additions
+    assert index.search(np.ones((1, 4)), 3, filter=7)[1].tolist() == [[3, -1, -1]]
+    index.add([5], np.ones((1, 4), np.float32), labels=[[99]])
+    assert index.search(np.ones((1, 4)), 3, filter=99)[1].tolist() == [[5, -1, -1]]
 
 
 def test_removed_ids_never_come_back_and_ids_can_be_reused():
