@@ -560,22 +560,6 @@ def filter_sets(labels: np.ndarray | None, num_queries: int) -> tuple[np.ndarray
     return np.arange(num_queries + 1, dtype=np.int64), np.ascontiguousarray(labels, np.int64)
 
 
-def brute_force(vectors: np.ndarray, rows: np.ndarray, queries: np.ndarray, k: int, metric: str):
-    """Exact top k of `queries` [q, dim] among `rows` (the pre-filtering baseline): (scores [q, k], rows [q, k])."""
-    scores = queries @ vectors[rows].T  # [q, n]
-    if metric == "l2":
-        scores = 2 * scores - np.sum(vectors[rows] ** 2, 1)[None, :] - np.sum(queries ** 2, 1)[:, None]
-    top = min(k, len(rows))
-    part = np.argpartition(-scores, top - 1, axis=1)[:, :top]  # [q, top] unordered
-    part_scores = np.take_along_axis(scores, part, axis=1)
-    order = np.argsort(-part_scores, axis=1, kind="stable")
-    out_scores = np.full((len(queries), k), -np.inf, np.float32)
-    out_rows = np.full((len(queries), k), -1, np.int64)
-    out_scores[:, :top] = np.take_along_axis(part_scores, order, axis=1)
-    out_rows[:, :top] = rows[np.take_along_axis(part, order, axis=1)]
-    return out_scores, out_rows
-
-
 def compact_labels(label_offsets: np.ndarray, label_values: np.ndarray, keep: np.ndarray):
     """The label CSR of the rows `keep` (bool [rows]) only: (offsets, values)."""
     counts = np.diff(label_offsets)

@@ -72,7 +72,7 @@ def label_sets(offsets: np.ndarray, values: np.ndarray) -> list[np.ndarray]:
 def text_windows(documents: list[np.ndarray], window: int, stride: int) -> list[tuple[int, int]]:
     """(document, start) of every window of `window` tokens, `stride` apart, within each document; a document
     shorter than a window gives one window of all of it; the last window of a document ends at its end."""
-    if window < 1 or not 1 <= stride:
+    if window < 1 or stride < 1:
         raise RetrievalError(f"window={window}, stride={stride}: expected positive integers")
     out = []
     for d, tokens in enumerate(documents):

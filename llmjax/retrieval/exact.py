@@ -57,6 +57,20 @@ def blocked_top_k(queries, blocks, valid, *, k: int, metric: str, approx_recall:
     return scores, jnp.where(jnp.isfinite(scores), rows, -1)
 
 
+def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top k of queries [q, dim] among a few vectors [n, dim] (float32; the rows a rare filter label admits):
+    (scores [q, k] float32, positions in `vectors` [q, k] int64; -inf / -1 beyond n). One block padded to a power of
+    two, so a few shapes compile."""
+    bucket = max(k, 1 << int(np.ceil(np.log2(max(len(vectors), 1)))))
+    block = np.zeros((1, bucket, vectors.shape[1]), np.float32)
+    block[0, : len(vectors)] = vectors
+    valid = np.zeros((1, bucket), bool)
+    valid[0, : len(vectors)] = True
+    scores, found = blocked_top_k(jnp.asarray(queries, jnp.float32), jnp.asarray(block), jnp.asarray(valid), k=k,
+                                  metric=metric)
+    return np.asarray(scores), np.asarray(found).astype(np.int64)
+
+
 @register
 class ExactIndex(VectorIndex):
     """Brute-force search on the JAX device.

@@ -26,6 +26,7 @@ import numpy as np
 
 from llmjax.retrieval import _graph
 from llmjax.retrieval.base import RetrievalError, VectorIndex, register
+from llmjax.retrieval.exact import exact_top_k
 
 FILTER_MODES = ("post", "pre")
 
@@ -204,8 +205,9 @@ class HNSWIndex(VectorIndex):
         rows = np.full((len(queries), k), -1, np.int64)
         for label in np.unique(labels):
             members = np.flatnonzero(labels == label)
-            scores[members], rows[members] = _graph.brute_force(self.vectors, self.label_rows(int(label)),
-                                                                queries[members], k, self.metric)
+            carriers = self.label_rows(int(label))
+            scores[members], found = exact_top_k(self.vectors[carriers], queries[members], k, self.metric)
+            rows[members] = np.where(found >= 0, carriers[np.maximum(found, 0)], -1)
         return scores, rows
 
     # ---- state ----------------------------------------------------------------------------------------------

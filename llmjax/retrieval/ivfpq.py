@@ -42,7 +42,7 @@ import numpy as np
 
 from llmjax.retrieval import pq
 from llmjax.retrieval.base import RetrievalError, VectorIndex, as_vectors, normalize, register
-from llmjax.retrieval.exact import blocked_top_k
+from llmjax.retrieval.exact import exact_top_k
 from llmjax.retrieval.kmeans import assign, kmeans
 
 LOSSES = ("anisotropic", "reconstruction")
@@ -324,15 +324,8 @@ class IVFPQIndex(VectorIndex):
             vectors = self._host_vectors()[rows].astype(np.float32)
         else:
             vectors = self.centroids[self.assignments[rows]] + np.asarray(pq.decode(self.codes[rows], self.codebooks))
-        bucket = max(k, 1 << int(np.ceil(np.log2(max(len(rows), 1)))))  # a few shapes, a few compiles
-        block = np.zeros((1, bucket, self.dim), np.float32)
-        block[0, : len(rows)] = vectors
-        valid = np.zeros((1, bucket), bool)
-        valid[0, : len(rows)] = True
-        top, found = blocked_top_k(jnp.asarray(queries), jnp.asarray(block), jnp.asarray(valid), k=k,
-                                   metric=self.metric)
-        found = np.asarray(found)
-        return np.asarray(top), np.where(found >= 0, rows[np.maximum(found, 0)], -1)
+        top, found = exact_top_k(vectors, queries, k, self.metric)
+        return top, np.where(found >= 0, rows[np.maximum(found, 0)], -1)
 
     # ---- save / load ----------------------------------------------------------------------------------------
 
