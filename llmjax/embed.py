@@ -8,13 +8,25 @@ Fast on many texts: tokenized once, sorted by length and cut into batches of bat
 a few bucket lengths (16, 24, 32, 48, 64, ... up to max_len: each at most 1.5 times the one before), so a whole corpus
 compiles at most one program per bucket (9 up to 256) and pads at most a third. `embed_tokens` is the jitted step on
 one padded batch, `embed_ids` the batching over sequences already tokenized.
+
+Embeddings on disk (`python -m experiments embed` writes them, `load_embeddings` reads them back): one folder with
+
+    meta.json              model, dimension, pooling, normalize, max_len, count, dtype, source, shard_size, ...
+    ids.jsonl              one JSON string per embedded document, in row order (a line number, a path, a window)
+    embeddings-00000.npy   rows [0, shard_size) as float32 or float16 [rows, dimension]; embeddings-00001.npy ...
+
+each file written under a temporary name and renamed into place, so a shard that exists is complete.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import os
+import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -25,6 +37,7 @@ from llmjax.model.transformer import hidden_states
 
 ON_LONG = ("truncate", "error")
 SMALLEST_BUCKET = 16
+DEFAULT_MAX_LEN = 256  # tokens per text unless told otherwise: all-MiniLM-L6-v2's max_seq_length
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "pooling", "normalize"))
@@ -133,4 +146,102 @@ def _checked_texts(texts) -> list[str]:
     return texts
 
 
-__all__ = ["POOLINGS", "bucket_lengths", "embed_ids", "embed_texts", "embed_tokens", "tokenize_for_embedding"]
+def default_pooling(cfg: ModelConfig) -> str:
+    """The pooling a model is read with unless told otherwise: "mean" for an encoder (sentence-transformers'
+    all-MiniLM-L6-v2), "last" for a decoder (the only token that has seen the whole text under the causal mask)."""
+    return "last" if cfg.causal else "mean"
+
+
+# --- embeddings on disk ----------------------------------------------------------------------------
+
+META_FILE, IDS_FILE = "meta.json", "ids.jsonl"
+SHARD_DTYPES = ("float32", "float16")
+
+
+class EmbeddingsError(ValueError):
+    """A folder of embeddings that cannot be read: missing, unfinished, or not what its meta.json says (one line)."""
+
+
+def shard_path(folder: str | os.PathLike, index: int) -> Path:
+    """The file of shard `index`: rows [index * shard_size, (index + 1) * shard_size)."""
+    return Path(folder) / f"embeddings-{index:05d}.npy"
+
+
+def shard_count(count: int, shard_size: int) -> int:
+    return -(-count // shard_size)
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """write(temporary path) next to `path`, then rename it into place: `path` is never seen half written."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def save_shard(folder: str | os.PathLike, index: int, vectors: np.ndarray) -> Path:
+    """Shard `index` ([rows, dimension]) written atomically."""
+    path = shard_path(folder, index)
+
+    def write(temporary: Path) -> None:
+        with open(temporary, "wb") as file:
+            np.save(file, vectors)
+
+    write_atomically(path, write)
+    return path
+
+
+def shard_is_complete(folder: str | os.PathLike, index: int, rows: int, dimension: int, dtype: str) -> bool:
+    """Shard `index` exists with the rows, dimension and dtype it should have (a file renamed into place is whole;
+    the header check catches a shard left by a run with other sizes)."""
+    path = shard_path(folder, index)
+    if not path.is_file():
+        return False
+    try:
+        shard = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    return shard.shape == (rows, dimension) and shard.dtype == np.dtype(dtype)
+
+
+def load_embeddings(folder: str | os.PathLike, *, mmap: bool = False) -> tuple[list[str], np.ndarray, dict]:
+    """(ids, vectors [count, dimension] in the stored dtype, meta) of a folder written by `python -m experiments
+    embed`. mmap: one shard is returned memory-mapped (several are concatenated in memory). Raises
+    EmbeddingsError for a folder that is missing, unfinished or inconsistent."""
+    folder = Path(folder)
+    if not (folder / META_FILE).is_file():
+        raise EmbeddingsError(f"{folder}: no embeddings here ({META_FILE} missing): write them with "
+                              f"`python -m experiments embed --out {folder} ...`")
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+        count, dimension, dtype = int(meta["count"]), int(meta["dimension"]), str(meta["dtype"])
+        shard_size = int(meta["shard_size"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise EmbeddingsError(f"{folder / META_FILE}: not an embeddings meta.json ({type(error).__name__}: "
+                              f"{error})") from None
+    if not meta.get("complete"):
+        raise EmbeddingsError(f"{folder}: unfinished (meta.json says complete: false): run the same `python -m "
+                              f"experiments embed` command again to finish it")
+    with open(folder / IDS_FILE, encoding="utf-8") as file:
+        ids = [json.loads(line) for line in file]
+    if len(ids) != count:
+        raise EmbeddingsError(f"{folder / IDS_FILE}: {len(ids)} ids, but meta.json says count={count}")
+    shards = []
+    for index in range(shard_count(count, shard_size)):
+        rows = min(shard_size, count - index * shard_size)
+        if not shard_is_complete(folder, index, rows, dimension, dtype):
+            raise EmbeddingsError(f"{shard_path(folder, index)}: missing or not [{rows}, {dimension}] {dtype}: run "
+                                  f"`python -m experiments embed` again to finish it")
+        shards.append(np.load(shard_path(folder, index), mmap_mode="r" if mmap else None))
+    if not shards:
+        return ids, np.zeros((0, dimension), dtype), meta
+    vectors = shards[0] if len(shards) == 1 else np.concatenate(shards)
+    return ids, vectors, meta
+
+
+__all__ = ["EmbeddingsError", "POOLINGS", "bucket_lengths", "default_pooling", "embed_ids", "embed_texts",
+           "embed_tokens", "load_embeddings", "save_shard", "shard_is_complete", "shard_path",
+           "tokenize_for_embedding"]
