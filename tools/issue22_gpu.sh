@@ -40,7 +40,8 @@ case "$1" in
 context)  # GEMM autotuning off: the search compiles a dozen steps whose memory, not speed, matters
     XLA_FLAGS="--xla_gpu_autotune_level=0 ${XLA_FLAGS:-}" x max-context 580 max_context --model llama-1b \
         --start 16384 --max 262144 --granularity 8192 --out "$RUNS/max_context" ;;
-performer) x performer 240 bench_performer --out "$RUNS/performer/performer.json" ;;
+performer) x performer 240 bench_performer --seqs 4096 16384 32768 65536 131072 262144 --features 16 64 256 1024 \
+    --seeds 2 --repeats 3 --out "$RUNS/performer/performer.json" ;;
 rmt) x rmt 400 rmt_recall --steps 10000 --eval-every 1000 --out "$RUNS/rmt" ;;  # 2,500 steps: 0.52 and rising (63 s)
 base)
     x base 250 train --model llama-125m --data "$DATA" --batch 32 --seq 512 --set max_seq_len=512 --steps 2000 \
