@@ -25,9 +25,9 @@ from llmjax.config import ModelConfig
 
 # Modules whose docstrings are long English prose (not code): the "stdlib-docstrings" text, in this order.
 DOCSTRING_MODULES = ("argparse", "asyncio/events", "collections/__init__", "contextlib", "dataclasses", "decimal",
-                     "difflib", "email/__init__", "enum", "fractions", "functools", "heapq", "inspect", "logging/__init__",
-                     "pickle", "random", "sched", "statistics", "string", "subprocess", "tarfile", "textwrap",
-                     "threading", "typing", "unittest/__init__", "zipfile/__init__")
+                     "difflib", "email/__init__", "enum", "fractions", "functools", "heapq", "inspect",
+                     "logging/__init__", "pickle", "random", "sched", "statistics", "string", "subprocess", "tarfile",
+                     "textwrap", "threading", "typing", "unittest/__init__", "zipfile/__init__")
 HELD_OUT_TEXTS = ("stdlib-docstrings", "default-corpus-validation")
 
 # Fixed prompts for greedy answers: factual questions and small coding tasks.
@@ -129,3 +129,27 @@ def stream_nll(params: dict, cfg: ModelConfig, tokens, *, window: int = 512, str
 def perplexity(params: dict, cfg: ModelConfig, tokens, *, window: int = 512, stride: int = 256) -> float:
     nll, count = stream_nll(params, cfg, tokens, window=window, stride=stride)
     return float(np.exp(nll / count))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "num_targets"))
+def _target_losses(params, tokens, cfg: ModelConfig, num_targets: int):
+    """tokens [batch, seq] -> the next-token loss (nats) of the last num_targets tokens [batch, num_targets]."""
+    from llmjax.model.transformer import forward
+
+    logits = forward(params, tokens[:, :-1], cfg)[:, -num_targets:, : cfg.vocab_size].astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)  # [batch, num_targets, vocab]
+    return -jnp.take_along_axis(logp, tokens[:, -num_targets:, None], axis=-1)[..., 0]
+
+
+def target_token_losses(params: dict, cfg: ModelConfig, tokens, num_targets: int) -> np.ndarray:
+    """Loss (nats) of each of the last `num_targets` tokens of every row given all the tokens before it: tokens
+    [batch, seq] -> float32 [batch, num_targets]. The rest of a row is context only (never scored): how the RAG
+    evaluation scores a target chunk after its preceding text, with or without retrieved neighbours."""
+    tokens = np.asarray(tokens, np.int32)
+    if tokens.ndim != 2 or not 1 <= num_targets < tokens.shape[1]:
+        raise ValueError(f"tokens of shape {tokens.shape} with num_targets={num_targets}: expected [batch, seq] and "
+                         "1 <= num_targets < seq (at least one token of context)")
+    if tokens.shape[1] - 1 > cfg.max_seq_len:
+        raise ValueError(f"rows of {tokens.shape[1]} tokens need {tokens.shape[1] - 1} positions, more than the "
+                         f"model's context of {cfg.max_seq_len} (max_seq_len)")
+    return np.asarray(_target_losses(params, jnp.asarray(tokens), cfg, int(num_targets)))

@@ -1,0 +1,282 @@
+"""Evaluating retrieval-augmented language models: held-out LM loss with and without retrieved neighbours at equal
+context length, and exact-match answers to questions made from standard-library docstrings.
+
+Loss (`loss_targets`, `rag_loss_eval`): held-out files (the corpus's validation split: a hash of each path, so the
+same files on every machine) are tokenized by the language model; every target chunk of `target` tokens starting at
+least `context` tokens into its file is scored twice, after `context` tokens each time:
+    baseline:  the last `context` tokens before the target
+    RAG:       neighbours (at most `neighbour_tokens` tokens, rank order, the last one cut to fit) + the last
+               (context - their length) tokens before the target
+Neighbours are retrieved by the text just before the target (its last `query_tokens` tokens, decoded) with every
+chunk of the held-out file itself left out. Only the target's tokens are scored (`llmjax.evaluation.
+target_token_losses`); the mean loss per position in the target chunk is reported in log2 buckets
+(`llmjax.long_context.position_buckets`).
+
+QA (`stdlib_questions`, `qa_eval`): "Which standard-library function has this docstring?" for public top-level
+functions of the standard library (the first paragraph of the docstring; answer: module.function), chosen by a
+hash of the name (deterministic), saved as JSONL; answers are greedy and scored by exact match after
+`normalize_answer` (and, more leniently, whether the qualified name appears in the answer at all).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from llmjax.retrieval.rag import RagError, RagStore, chunk_piece, fit_pieces, retrieve_many, separator_ids
+
+# --- LM loss with and without neighbours ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LossTarget:
+    file: str              # the held-out document's key
+    start: int             # the target's first token in the document
+    preceding: np.ndarray  # int32 [context]: the tokens just before the target
+    target: np.ndarray     # int32 [target]
+
+
+def heldout_documents(data: str | os.PathLike | None = None) -> list:
+    """The held-out documents (`llmjax.data.corpus.Document`) of a corpus (None: the standard library): its
+    validation split, chosen by a hash of each file's path."""
+    from llmjax.data.corpus import corpus_documents
+
+    return [d for d in corpus_documents(data, split="validation") if d.text.strip()]
+
+
+def loss_targets(documents: Sequence, tokenizer, *, context: int, target: int, per_file: int = 8,
+                 total: int | None = None) -> list[LossTarget]:
+    """Target chunks of `target` tokens, each with its `context` preceding tokens: up to per_file per document,
+    spread evenly over the document's chunk starts (context, context + target, ...), at most `total` in all."""
+    if context < 1 or target < 1 or per_file < 1:
+        raise RagError(f"context={context}, target={target}, per_file={per_file}: expected positive integers")
+    out = []
+    for document in documents:
+        ids = np.asarray(tokenizer.encode(document.text, allowed_special="none"), np.int32)
+        starts = np.arange(context, len(ids) - target + 1, target)
+        if len(starts) > per_file:
+            starts = starts[np.linspace(0, len(starts) - 1, per_file).round().astype(int)]
+        out.extend(LossTarget(document.key, int(s), ids[s - context:s], ids[s:s + target]) for s in starts)
+        if total is not None and len(out) >= total:
+            return out[:total]
+    return out
+
+
+def neighbour_context(pieces: Sequence[Sequence[int]], preceding: np.ndarray, context: int, neighbour_tokens: int,
+                      separator_tokens: int = 0) -> np.ndarray:
+    """int32 [context]: the neighbours' pieces (rank order) within neighbour_tokens, then the last tokens of the
+    preceding text to fill `context` exactly."""
+    fitted = fit_pieces(pieces, min(neighbour_tokens, context - 1), keep_tail=separator_tokens)
+    fitted = [t for piece in fitted for t in piece]
+    rest = context - len(fitted)
+    if len(preceding) < rest:
+        raise RagError(f"{len(preceding)} preceding tokens cannot fill a context of {context}")
+    return np.concatenate([np.asarray(fitted, np.int32), np.asarray(preceding[len(preceding) - rest:], np.int32)])
+
+
+def rag_loss_eval(store: RagStore, encoder, params, cfg, tokenizer, targets: Sequence[LossTarget], *, k: int = 4,
+                  context: int, neighbour_tokens: int, query_tokens: int = 128, batch_size: int = 8,
+                  progress: bool = False) -> dict:
+    """Mean target-token loss with and without neighbours (see the module): {baseline, rag, delta (baseline - rag,
+    nats/token), per_position_{baseline,rag} [target], buckets (per position bucket: both and the delta), targets,
+    files, examples}."""
+    from llmjax.evaluation import target_token_losses
+    from llmjax.long_context import position_buckets
+
+    if not targets:
+        raise RagError("no held-out target chunks: the held-out files are shorter than context + target tokens "
+                       "(give a shorter --context / --target, or a corpus with longer held-out files)")
+    if context + len(targets[0].target) - 1 > cfg.max_seq_len:
+        raise RagError(f"--context {context} + --target {len(targets[0].target)} tokens exceed the model's context "
+                       f"of {cfg.max_seq_len} + 1 (max_seq_len): shorten them")
+    if not 0 < neighbour_tokens < context:
+        raise RagError(f"--neighbour-tokens {neighbour_tokens}: expected 1 .. context - 1 ({context - 1}), so some "
+                       "preceding text stays")
+    length = len(targets[0].target)
+    baseline_losses, rag_losses, examples = [], [], []
+    starts = range(0, len(targets), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="rag loss", unit="batch")
+    for start in starts:
+        part = targets[start:start + batch_size]
+        queries = [tokenizer.decode(t.preceding[-query_tokens:].tolist()) for t in part]
+        found = retrieve_many(store, encoder, [q if q.strip() else "(blank)" for q in queries], k,  # blank: a stub
+                              exclude_files=[t.file for t in part])
+        rows_base, rows_rag = [], []
+        for t, neighbours in zip(part, found):
+            pieces = [chunk_piece(r, tokenizer) for r in neighbours]
+            rows_base.append(np.concatenate([t.preceding[-context:], t.target]))
+            rows_rag.append(np.concatenate([neighbour_context(pieces, t.preceding, context, neighbour_tokens,
+                                                              len(separator_ids(tokenizer))), t.target]))
+            if len(examples) < 5:
+                examples.append({"file": t.file, "start": t.start, "neighbours": [r.chunk.key for r in neighbours]})
+        pad = batch_size - len(part)  # one batch shape: one compile
+        both = np.stack(rows_base + rows_rag + [rows_base[0]] * (2 * pad))
+        losses = target_token_losses(params, cfg, both, length)  # [2 * batch_size, target]
+        baseline_losses.append(losses[:len(part)])
+        rag_losses.append(losses[len(part):2 * len(part)])
+    baseline, rag = np.concatenate(baseline_losses), np.concatenate(rag_losses)  # [targets, target]
+    per_base, per_rag = baseline.mean(axis=0), rag.mean(axis=0)
+    buckets = [{**b, "baseline": b["mean_loss"], "rag": r["mean_loss"], "delta": b["mean_loss"] - r["mean_loss"]}
+               for b, r in zip(position_buckets(per_base), position_buckets(per_rag))]
+    for bucket in buckets:
+        del bucket["mean_loss"]
+    return {"baseline": float(baseline.mean()), "rag": float(rag.mean()),
+            "delta": float(baseline.mean() - rag.mean()), "targets": len(targets),
+            "files": len({t.file for t in targets}), "per_position_baseline": [round(float(x), 5) for x in per_base],
+            "per_position_rag": [round(float(x), 5) for x in per_rag], "buckets": buckets, "examples": examples}
+
+
+# --- questions from standard-library docstrings --------------------------------------------------------------------
+
+SKIPPED_PARTS = {"test", "tests", "idlelib", "turtledemo", "lib2to3", "ensurepip", "site-packages", "__main__.py"}
+QUESTION = ("Which Python standard-library function has this docstring?\n\n\"{docstring}\"\n\nAnswer with its "
+            "full name only, as module.function.")
+
+
+def module_name(key: str) -> str:
+    """"json/decoder.py" -> "json.decoder"; "json/__init__.py" -> "json"."""
+    parts = key.removesuffix(".py").split("/")
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def public_module(key: str) -> bool:
+    parts = key.split("/")
+    return (key.endswith(".py") and not SKIPPED_PARTS & set(parts) and not parts[-1].startswith("test_")
+            and not any(p.startswith("_") and p != "__init__.py" for p in parts))
+
+
+def first_paragraph(docstring: str) -> str:
+    """The docstring's first paragraph with its whitespace collapsed to single spaces."""
+    return " ".join(docstring.strip().split("\n\n")[0].split())
+
+
+def stdlib_questions(count: int = 200, files: Sequence | None = None, *, min_chars: int = 40,
+                     max_chars: int = 300) -> list[dict]:
+    """`count` questions about public top-level functions with a distinctive docstring (first paragraph of
+    min_chars..max_chars characters, naming neither the function nor shared with another function), chosen by a
+    hash of the qualified name. files: `llmjax.data.corpus.CorpusFile`s (default: the standard library's).
+    Each: {id, question, docstring, answer (module.function), file}."""
+    from llmjax.data.corpus import default_corpus, read_text, split_hash
+
+    candidates, seen = {}, {}
+    for corpus_file in (default_corpus() if files is None else files):
+        if not public_module(corpus_file.key):
+            continue
+        try:
+            tree = ast.parse(read_text(corpus_file.path))
+        except (SyntaxError, ValueError):
+            continue
+        for node in tree.body:
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name.startswith("_"):
+                continue
+            paragraph = first_paragraph(ast.get_docstring(node) or "")
+            if not min_chars <= len(paragraph) <= max_chars or node.name in paragraph:
+                continue
+            answer = f"{module_name(corpus_file.key)}.{node.name}"
+            seen[paragraph] = seen.get(paragraph, 0) + 1
+            candidates[answer] = (paragraph, corpus_file.key)
+    unique = [(a, p, f) for a, (p, f) in candidates.items() if seen[p] == 1]
+    unique.sort(key=lambda entry: split_hash(f"rag-qa:{entry[0]}"))
+    return [{"id": i, "question": QUESTION.format(docstring=p), "docstring": p, "answer": a, "file": f}
+            for i, (a, p, f) in enumerate(unique[:count])]
+
+
+def write_questions(path: str | os.PathLike, questions: Sequence[dict]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in questions), encoding="utf-8")
+    return path
+
+
+def read_questions(path: str | os.PathLike) -> list[dict]:
+    """Questions from JSONL (each line: at least "question" and "answer"); RagError naming the line otherwise."""
+    path, questions = Path(path), []
+    if not path.is_file():
+        raise RagError(f"--questions {path}: no such file")
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise RagError(f"--questions {path} line {number}: not JSON") from None
+        if not isinstance(record, dict) or not isinstance(record.get("question"), str) \
+                or not isinstance(record.get("answer"), str):
+            raise RagError(f"--questions {path} line {number}: expected an object with \"question\" and \"answer\"")
+        questions.append(record)
+    if not questions:
+        raise RagError(f"--questions {path}: no questions in it")
+    return questions
+
+
+ANSWER_PREFIX = re.compile(r"^(the\s+)?(answer|function|full name)(\s+is)?\s*[:\-]?\s*", re.IGNORECASE)
+
+
+def normalize_answer(text: str) -> str:
+    """The answer's first non-blank line, without an "Answer:" prefix, Markdown / quotes around it, a call's
+    parentheses ("dedent(text)" -> "dedent") or final punctuation; lowercase."""
+    line = next((line for line in text.strip().splitlines() if line.strip()), "")
+    line = ANSWER_PREFIX.sub("", line.strip())
+    line = line.strip().strip("`*\"' ").rstrip(".,;:!").strip("`*\"' ")
+    line = re.sub(r"\(.*\)$", "", line).strip()
+    return line.lower()
+
+
+def exact_match(prediction: str, answer: str) -> bool:
+    return normalize_answer(prediction) == normalize_answer(answer) != ""
+
+
+def name_mentioned(prediction: str, answer: str) -> bool:
+    """The qualified name appears in the prediction as a whole name (a more lenient score than exact match)."""
+    return re.search(rf"(?<![\w.]){re.escape(answer)}(?![\w])", prediction) is not None
+
+
+def qa_eval(store: RagStore | None, encoder, model, questions: Sequence[dict], *, k: int = 4,
+            max_new_tokens: int = 32, batch_size: int = 16, progress: bool = False) -> dict:
+    """Greedy answers with retrieval (retrieved by each question's docstring, or its question) and without (the same
+    chat frame, no context): exact-match and name-mentioned rates of both, and every answer."""
+    from llmjax.retrieval.rag import rag_generate
+
+    records = [dict(q) for q in questions]
+    modes = {"without": (None, 0), "with": (store, k)} if store is not None else {"without": (None, 0)}
+    starts = range(0, len(records), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="rag qa", unit="batch")
+    for start in starts:
+        part = records[start:start + batch_size]
+        for mode, (mode_store, mode_k) in modes.items():
+            answers = rag_generate(mode_store, encoder, model, [q["question"] for q in part], k=mode_k,
+                                   max_new_tokens=max_new_tokens,
+                                   retrieval_queries=[q.get("docstring") or q["question"] for q in part])
+            for record, answer in zip(part, answers):
+                record[f"{mode}_answer"] = answer.answer
+                record[f"{mode}_exact"] = exact_match(answer.answer, record["answer"])
+                record[f"{mode}_mentioned"] = name_mentioned(answer.answer, record["answer"])
+                if mode == "with":
+                    record["retrieved"] = [r.chunk.key for r in answer.retrieved]
+                    record["answer_file_retrieved"] = any(r.chunk.file == record.get("file")
+                                                          for r in answer.retrieved)
+    summary = {"questions": len(records)}
+    for mode in modes:
+        summary[f"{mode}_exact_match"] = float(np.mean([r[f"{mode}_exact"] for r in records]))
+        summary[f"{mode}_mentioned"] = float(np.mean([r[f"{mode}_mentioned"] for r in records]))
+    if "with" in modes and all("file" in r for r in records):
+        summary["answer_file_retrieved"] = float(np.mean([r["answer_file_retrieved"] for r in records]))
+    return {"summary": summary, "records": records}
+
+
+__all__ = ["LossTarget", "exact_match", "heldout_documents", "loss_targets", "module_name", "name_mentioned",
+           "neighbour_context", "normalize_answer", "qa_eval", "rag_loss_eval", "read_questions", "stdlib_questions",
+           "write_questions"]
