@@ -1,0 +1,205 @@
+"""RAG evaluations: held-out LM loss with and without retrieved neighbours (`loss`), docstring QA exact match (`qa`).
+
+    python -m experiments rag_eval loss --index runs/rag/stdlib --ckpt runs/llama-125m-stdlib --out runs/rag_eval/loss
+    python -m experiments rag_eval qa --index runs/rag/stdlib --gguf smollm2-135m-instruct --out runs/rag_eval/qa
+
+The measures are `llmjax.retrieval.rag_eval` (its docstring says exactly what is scored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from llmjax.experiments.rag import add_generator_flags, add_store_flags, generator_name, load_generator, load_store, \
+    run_command
+
+PROG = "python -m experiments rag_eval"
+
+
+# --- loss ----------------------------------------------------------------------------------------------------------
+
+def check_positive(**flags) -> None:
+    from llmjax.retrieval.rag import RagError
+
+    for name, value in flags.items():
+        if value is not None and value < 1:
+            raise RagError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+
+
+def loss_command(args) -> dict:
+    from llmjax.retrieval.rag_eval import heldout_documents, loss_targets, rag_loss_eval
+
+    check_positive(k=args.k, context=args.context, target=args.target, neighbour_tokens=args.neighbour_tokens,
+                   query_tokens=args.query_tokens, per_file=args.per_file, max_targets=args.max_targets,
+                   batch_size=args.batch_size)
+    store, encoder = load_store(args)
+    model = load_generator(args)
+    documents = heldout_documents(None if args.data == "stdlib" else args.data)
+    targets = loss_targets(documents, model.tokenizer, context=args.context, target=args.target,
+                           per_file=args.per_file, total=args.max_targets)
+    neighbour_tokens = args.neighbour_tokens if args.neighbour_tokens is not None else args.context // 2
+    record = rag_loss_eval(store, encoder, model.params, model.cfg, model.tokenizer, targets, k=args.k,
+                           context=args.context, neighbour_tokens=neighbour_tokens, query_tokens=args.query_tokens,
+                           batch_size=args.batch_size, progress=not args.no_progress)
+    name = generator_name(args)
+    out = args.out or Path("runs") / "rag_eval" / f"loss-{name}"
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"model": name, "index": str(args.index), "encoder": encoder.name, "data": args.data, "k": args.k,
+              "context": args.context, "target": args.target, "neighbour_tokens": neighbour_tokens,
+              "query_tokens": args.query_tokens, "held_out_documents": len(documents), **record,
+              "figure_reached": record["delta"] >= 0.15,
+              "files_written": {"json": str(out / "rag_loss.json"), "png": str(out / "rag_loss.png")}}
+    print_loss_table(record)
+    plot_loss(record, out / "rag_loss.png")
+    (out / "rag_loss.json").write_text(json.dumps(record, indent=1))
+    print("wrote " + ", ".join(record["files_written"].values()))
+    return record
+
+
+def print_loss_table(record: dict) -> None:
+    print(f"held-out target loss (nats/token), {record['targets']} targets of {record['target']} tokens in "
+          f"{record['files']} files, context {record['context']} tokens (RAG: <= {record['neighbour_tokens']} of "
+          f"{record['k']} neighbours + preceding text)")
+    print(f"{'position':>10}  {'baseline':>9}  {'RAG':>9}  {'delta':>7}")
+    for b in record["buckets"]:
+        span = str(b["first"]) if b["first"] == b["last"] else f"{b['first']}-{b['last']}"
+        print(f"{span:>10}  {b['baseline']:>9.4f}  {b['rag']:>9.4f}  {b['delta']:>+7.4f}")
+    print(f"{'all':>10}  {record['baseline']:>9.4f}  {record['rag']:>9.4f}  {record['delta']:>+7.4f}   "
+          f"(the figure: RAG lower by >= 0.15: {'yes' if record['figure_reached'] else 'no'})")
+
+
+def plot_loss(record: dict, path: Path) -> None:
+    """Mean loss per position bucket of the target chunk, with and without neighbours."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    figure, axis = plt.subplots(figsize=(7, 4.2))
+    middles = [np.sqrt(b["first"] * b["last"]) for b in record["buckets"]]
+    axis.plot(middles, [b["baseline"] for b in record["buckets"]], "o-",
+              label=f"no retrieval ({record['baseline']:.3f})")
+    axis.plot(middles, [b["rag"] for b in record["buckets"]], "s-", label=f"RAG, k={record['k']} ({record['rag']:.3f})")
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("position in the target chunk (log2 buckets)")
+    axis.set_ylabel("mean next-token loss (nats)")
+    axis.set_title(f"held-out loss at equal context ({record['context']} tokens): {record['model']}", fontsize=9)
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+# --- qa ------------------------------------------------------------------------------------------------------------
+
+def qa_command(args) -> dict:
+    from llmjax.retrieval.rag_eval import qa_eval, read_questions, stdlib_questions, write_questions
+
+    check_positive(k=args.k, count=args.count, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    store, encoder = load_store(args)
+    model = load_generator(args)
+    questions = read_questions(args.questions) if args.questions is not None else stdlib_questions(args.count)
+    name = generator_name(args)
+    out = args.out or Path("runs") / "rag_eval" / f"qa-{name}"
+    out.mkdir(parents=True, exist_ok=True)
+    write_questions(out / "questions.jsonl", questions)
+    result = qa_eval(store, encoder, model, questions, k=args.k, max_new_tokens=args.max_new_tokens,
+                     batch_size=args.batch_size, progress=not args.no_progress)
+    summary = result["summary"]
+    record = {"model": name, "index": str(args.index), "encoder": encoder.name, "k": args.k,
+              "questions_file": str(out / "questions.jsonl"), **summary, "records": result["records"],
+              "files_written": {"json": str(out / "rag_qa.json"), "png": str(out / "rag_qa.png"),
+                                "questions": str(out / "questions.jsonl")}}
+    print(f"{summary['questions']} questions ({name}, greedy, k={args.k}):")
+    print(f"{'':>18}  {'exact match':>11}  {'name mentioned':>14}")
+    for mode in ("without", "with"):
+        exact, mentioned = summary[f"{mode}_exact_match"], summary[f"{mode}_mentioned"]
+        print(f"{mode + ' retrieval':>18}  {exact:>11.3f}  {mentioned:>14.3f}")
+    if "answer_file_retrieved" in summary:
+        print(f"the answer's file among the retrieved chunks: {summary['answer_file_retrieved']:.3f}")
+    plot_qa(record, out / "rag_qa.png")
+    (out / "rag_qa.json").write_text(json.dumps(record, indent=1))
+    print("wrote " + ", ".join(record["files_written"].values()))
+    return record
+
+
+def plot_qa(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    places = np.arange(2)
+    for shift, (mode, label) in zip((-0.2, 0.2), (("without", "no retrieval"), ("with", f"RAG, k={record['k']}"))):
+        values = [record[f"{mode}_exact_match"], record[f"{mode}_mentioned"]]
+        axis.bar(places + shift, values, 0.4, label=label)
+    axis.set_xticks(places, ["exact match", "name mentioned"])
+    axis.set_ylim(0, 1)
+    axis.set_ylabel("rate")
+    axis.set_title(f"stdlib docstring QA ({record['questions']} questions): {record['model']}", fontsize=9)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+# --- the command ---------------------------------------------------------------------------------------------------
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog=PROG, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Evaluate retrieval-augmented generation. `loss`: for target chunks of the corpus's held-out "
+        "files (its validation split, by a hash of the path), the language model's mean loss on the target's "
+        "tokens after --context tokens of preceding text (baseline), and after the same number of tokens made of "
+        "the k chunks retrieved by the preceding text (the held-out file's own chunks excluded) followed by the "
+        "rest of the preceding text (RAG); per position bucket, as a table, rag_loss.json and rag_loss.png. `qa`: "
+        "'Which standard-library function has this docstring?' questions (answer: module.function), answered "
+        "greedily with and without retrieval; exact-match rates in rag_qa.json and rag_qa.png, the questions in "
+        "questions.jsonl.")
+    commands = p.add_subparsers(dest="command", required=True)
+
+    loss = commands.add_parser("loss", help="held-out LM loss with and without neighbours",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_store_flags(loss)
+    add_generator_flags(loss)
+    loss.add_argument("--data", default="stdlib", help="the corpus whose held-out files are scored: stdlib or a path")
+    loss.add_argument("--context", type=int, default=512, help="tokens before every target, in both conditions")
+    loss.add_argument("--target", type=int, default=64, help="tokens of each target chunk (the only ones scored)")
+    loss.add_argument("--neighbour-tokens", type=int, default=None,
+                      help="the most tokens of neighbours in the RAG context (default: half of --context)")
+    loss.add_argument("--query-tokens", type=int, default=128,
+                      help="the preceding text's last tokens (decoded) that retrieve the neighbours")
+    loss.add_argument("--per-file", type=int, default=8, help="target chunks per held-out file (evenly spread)")
+    loss.add_argument("--max-targets", type=int, default=256, help="target chunks in all")
+    loss.add_argument("--batch-size", type=int, default=8, help="targets per forward pass (two rows each)")
+    loss.add_argument("--out", type=Path, default=None, help="folder for rag_loss.json and rag_loss.png "
+                                                             "(default: runs/rag_eval/loss-<model>)")
+    loss.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    qa = commands.add_parser("qa", help="docstring -> function-name questions, with and without retrieval",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_store_flags(qa)
+    add_generator_flags(qa)
+    qa.add_argument("--questions", type=Path, default=None,
+                    help="a JSONL question set (question, answer; docstring: what retrieves) instead of the standard "
+                         "library's (made afresh, deterministically: --count of them)")
+    qa.add_argument("--count", type=int, default=100, help="questions made from the standard library")
+    qa.add_argument("--max-new-tokens", type=int, default=24, help="the most tokens of an answer")
+    qa.add_argument("--batch-size", type=int, default=16, help="questions generated at once")
+    qa.add_argument("--out", type=Path, default=None, help="folder for rag_qa.json, rag_qa.png and questions.jsonl "
+                                                           "(default: runs/rag_eval/qa-<model>)")
+    qa.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    args.prog = f"{PROG} {args.command}"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_command(loss_command if args.command == "loss" else qa_command, args)
