@@ -1,4 +1,7 @@
-"""Serve a model over HTTP with the OpenAI API (completions, chat, streaming) on the continuous-batching engine."""
+"""Serve a model over HTTP with the OpenAI API (completions, chat, streaming, embeddings), continuously batched.
+
+An encoder (`--hf all-minilm-l6-v2`) is served for POST /v1/embeddings alone; a decoder answers completions, chat and
+embeddings (last-token pooling by default)."""
 
 from __future__ import annotations
 
@@ -15,8 +18,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description="An OpenAI-compatible HTTP server (POST /v1/completions, POST /v1/chat/completions, streamed by "
-        "server-sent events; GET /v1/models, /health, /metrics) over llmjax's continuous-batching engine with a "
-        "paged KV cache. The model comes from a run folder (--ckpt), a Hugging Face folder or hub id (--hf), a GGUF "
+        "server-sent events; POST /v1/embeddings, concurrent requests batched together; GET /v1/models, /health, "
+        "/metrics) over llmjax's continuous-batching engine with a paged KV cache. An encoder (BERT-style: --hf "
+        "all-minilm-l6-v2) serves embeddings only, without an engine. "
+        "The model comes from a run folder (--ckpt), a Hugging Face folder or hub id (--hf), a GGUF "
         "file or packaged model (--gguf smollm2-135m-instruct: a real chat model, its chat template and end-of-reply "
         "token from the file) or a random preset (--model, for trying things out). Needs the serve extra: "
         "./install.sh serve.",
@@ -54,6 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-warmup", action="store_true",
                    help="skip compiling every shape bucket before serving (the first requests then compile)")
     p.add_argument("--seed", type=int, default=0, help="seed of --model's random weights")
+    embed = p.add_argument_group("embeddings (POST /v1/embeddings)")
+    embed.add_argument("--no-embeddings", action="store_true",
+                       help="a decoder: do not answer /v1/embeddings (an encoder serves nothing else)")
+    embed.add_argument("--pooling", choices=("mean", "cls", "last"), default=None,
+                       help="default: mean for an encoder, last token for a decoder")
+    embed.add_argument("--no-normalize", action="store_true", help="embeddings keep their length (default: unit L2)")
+    embed.add_argument("--embed-max-batch", type=int, default=256,
+                       help="inputs embedded in one forward pass, gathered from concurrent requests")
+    embed.add_argument("--embed-max-inputs", type=int, default=2048, help="inputs one request may send (400 above)")
+    embed.add_argument("--embed-max-tokens", type=int, default=None,
+                       help="tokens per input (400 above, unless the request sends truncate_prompt_tokens); "
+                            "default: 256 or the model's context if shorter")
+    embed.add_argument("--embed-batch-wait-ms", type=float, default=2.0,
+                       help="an idle batcher waits this long for more requests before running a batch that is not "
+                            "full (while a batch runs, the next one gathers anyway)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (info logs every request)")
     return p
@@ -71,9 +91,29 @@ def default_model_name(args) -> str:
     return model_name(ckpt=args.ckpt, hf=args.hf, gguf=getattr(args, "gguf", None), preset=args.model)
 
 
+def build_embedder(args, model):
+    """The /v1/embeddings batcher of the flags (None with --no-embeddings or --quantized); ValueError (one line) for
+    sizes that do not fit the model."""
+    from llmjax.infer.embeddings import Embedder, EmbedderConfig
+
+    if args.no_embeddings or args.quantized:
+        if not model.cfg.causal:
+            raise ValueError("an encoder serves embeddings only: drop --no-embeddings / --quantized")
+        return None
+    config = EmbedderConfig(max_batch=args.embed_max_batch, max_inputs=args.embed_max_inputs,
+                            max_tokens=args.embed_max_tokens, batch_wait_s=args.embed_batch_wait_ms / 1000,
+                            pooling=args.pooling, normalize=not args.no_normalize)
+    embedder = Embedder(model.params, model.cfg, model.tokenizer, config)
+    if not args.no_warmup:
+        print(f"{PROG}: compiling the embedding buckets ({len(embedder.row_buckets)} batch sizes x "
+              f"{len(embedder.length_buckets)} lengths) ...", file=sys.stderr, flush=True)
+        embedder.warmup()
+    return embedder
+
+
 def build_app(args):
-    """(the ASGI app over a new engine, the served model's name, its config) from the flags; ModelLoadError or
-    EngineError (one line) for a model or engine sizes that cannot be had."""
+    """(the ASGI app over a new engine and / or embedder, the served model's name, its config) from the flags;
+    ModelLoadError, EngineError or ValueError (one line) for a model or sizes that cannot be had."""
     from llmjax.infer.engine import Engine, EngineConfig
     from llmjax.infer.server import create_app
     from llmjax.io.models import load_model
@@ -82,6 +122,11 @@ def build_app(args):
     model = load_model(ckpt=args.ckpt, hf=args.hf, gguf=args.gguf, preset=args.model, tokenizer=args.tokenizer,
                        chat_template=args.chat_template, quantized=args.quantized, seed=args.seed)
     cfg, params = model.cfg, model.params
+    embedder = build_embedder(args, model)
+    if not cfg.causal:  # an encoder: no generation engine
+        app = create_app(None, model.tokenizer, model_name=name, max_model_len=cfg.max_seq_len, api_key=args.api_key,
+                         embedder=embedder)
+        return app, name, cfg
     if args.quantized:  # the decode layout with the file's quantized matrices (kernels.matmul_quant)
         from llmjax.quant.model import quantized_decode_params
 
@@ -95,7 +140,8 @@ def build_app(args):
         print(f"{PROG}: compiling the engine's shape buckets ...", file=sys.stderr, flush=True)
         engine.warmup()
     app = create_app(engine, model.tokenizer, model_name=name, max_model_len=cfg.max_seq_len,
-                     chat_format=model.chat_format, api_key=args.api_key, stop_token_ids=end_ids[1:])
+                     chat_format=model.chat_format, api_key=args.api_key, stop_token_ids=end_ids[1:],
+                     embedder=embedder)
     return app, name, cfg
 
 
@@ -113,10 +159,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         app, name, cfg = build_app(args)
-    except (ModelLoadError, EngineError, ImportError) as error:  # EngineError: engine sizes that do not fit together
+    except (ModelLoadError, EngineError, ImportError, ValueError) as error:  # sizes that do not fit together
         print(f"{PROG}: {error}", file=sys.stderr)
         return 2
-    print(f"{PROG}: serving {name!r} (context {cfg.max_seq_len} tokens) on http://{args.host}:{args.port}/v1",
+    what = "embeddings of " if not cfg.causal else ""
+    print(f"{PROG}: serving {what}{name!r} (context {cfg.max_seq_len} tokens) on http://{args.host}:{args.port}/v1",
           file=sys.stderr, flush=True)
     serve(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -5,8 +5,11 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)      # or: python -m experiments serve --ckpt RUN
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both streamed by server-sent events with
-"stream": true, ending with `data: [DONE]`), GET /v1/models, GET /health, GET /metrics (Prometheus text).
-With an API key, every /v1 endpoint wants `Authorization: Bearer KEY`.
+"stream": true, ending with `data: [DONE]`), POST /v1/embeddings (with an `embedder`:
+llmjax/infer/embeddings.py, concurrent requests batched together), GET /v1/models, GET /health, GET /metrics
+(Prometheus text). With an API key, every /v1 endpoint wants `Authorization: Bearer KEY`. An encoder is served
+without an engine (`create_app(None, ..., embedder=...)`): completions and chat then answer 404; a decoder can
+serve both.
 
 Two threads. The engine is not thread-safe, so one background thread (`AsyncEngine`) owns it: it takes
 requests and aborts from a thread-safe queue, loops `engine.step()` while anything is unfinished (sleeps
@@ -20,8 +23,8 @@ Every error is OpenAI's JSON body `{"error": {"message", "type", "param", "code"
 JSON, unknown fields, wrong types or values, prompts that do not fit the context; 401 for a missing or
 wrong API key; 404 for an unknown model; 429 when the engine's waiting queue is full.
 
-Chat prompts come from the model's Jinja chat template (`llmjax.tokenizer.chat.ChatFormat.from_folder`: a Hugging Face folder's
-`chat_template.jinja` or `tokenizer_config.json` "chat_template"; `ChatFormat.from_gguf`: a GGUF file's
+Chat prompts come from the model's Jinja chat template (`llmjax.tokenizer.chat.ChatFormat.from_folder`: a Hugging
+Face folder's `chat_template.jinja` or `tokenizer_config.json` "chat_template"; `ChatFormat.from_gguf`: a GGUF file's
 "tokenizer.chat_template"), rendered as transformers' `apply_chat_template` renders it. A model without one
 uses `default_chat_prompt`, plain text for base models:
 
@@ -497,6 +500,26 @@ def prometheus_text(stats: EngineStats, metrics: ServerMetrics, tokens_per_secon
     return "\n".join(lines) + "\n"
 
 
+def embedding_prometheus_text(embedder, metrics: ServerMetrics | None) -> str:
+    """The embedder's lines of /metrics (and the rejected-requests counter when no engine's lines carry it)."""
+    lines = []
+    for name, help_text, value in (
+            ("llmjax_embedding_batches_total", "Forward passes of the embedding batcher.", embedder.batches_run),
+            ("llmjax_embedding_sequences_total", "Inputs embedded.", embedder.sequences_run),
+            ("llmjax_embedding_batch_failures_total", "Embedding batches that failed (their requests got a 500).",
+             embedder.failures)):
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {_number(value)}"]
+    lines += ["# HELP llmjax_embedding_requests_waiting Embedding requests queued for the batcher.",
+              "# TYPE llmjax_embedding_requests_waiting gauge",
+              f"llmjax_embedding_requests_waiting {embedder.waiting()}"]
+    if metrics is not None:
+        lines += ["# HELP llmjax_requests_rejected_total Requests answered with an error, by HTTP status.",
+                  "# TYPE llmjax_requests_rejected_total counter",
+                  *(f'llmjax_requests_rejected_total{{status="{status}"}} {count}'
+                    for status, count in sorted(metrics.rejected.items()))]
+    return "\n".join(lines) + "\n"
+
+
 # --- the engine thread ------------------------------------------------------------------------------
 
 @dataclass
@@ -827,18 +850,23 @@ async def completion_events(generation: Generation, model: str, created: int, ch
 # --- the app ----------------------------------------------------------------------------------------
 
 def create_app(engine, tokenizer, *, model_name: str, max_model_len: int, chat_format: ChatFormat | None = None,
-               api_key: str | None = None, stop_token_ids: Sequence[int] = ()):
+               api_key: str | None = None, stop_token_ids: Sequence[int] = (), embedder=None):
     """The FastAPI app serving `engine` (an llmjax.infer.engine.Engine; the app's lifespan starts and stops
     the thread that drives it). max_model_len: the model's context window (cfg.max_seq_len). stop_token_ids:
     the model's end-of-text ids besides the engine's EOS id (Llama 3's <|eot_id|>); they end every request
-    that does not ask for ignore_eos."""
+    that does not ask for ignore_eos. embedder: an llmjax.infer.embeddings.Embedder answering /v1/embeddings
+    (its worker thread also started and stopped by the lifespan); engine None: embeddings only."""
     require_serve_extra()
+    if engine is None and embedder is None:
+        raise ValueError("create_app: give an engine (completions, chat), an embedder (embeddings) or both")
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException
 
+    from llmjax.infer import embeddings as embedding_api
+
     chat_format = chat_format or ChatFormat()
-    driver = AsyncEngine(engine)
+    driver = AsyncEngine(engine) if engine is not None else None
     metrics = ServerMetrics()
     started = int(time.time())
 
@@ -859,14 +887,18 @@ def create_app(engine, tokenizer, *, model_name: str, max_model_len: int, chat_f
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        driver.start()
+        for part in (driver, embedder):
+            if part is not None:
+                part.start()
         try:
             yield
         finally:
-            driver.stop()
+            for part in (driver, embedder):
+                if part is not None:
+                    part.stop()
 
     app = FastAPI(title="llmjax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.driver, app.state.metrics = driver, metrics
+    app.state.driver, app.state.metrics, app.state.embedder = driver, metrics, embedder
 
     def error_response(error: APIError):
         metrics.rejected[error.status] += 1
@@ -898,6 +930,10 @@ def create_app(engine, tokenizer, *, model_name: str, max_model_len: int, chat_f
 
     async def read_body(request) -> dict:
         check_api_key(request)
+        if driver is None:
+            raise APIError(404, f"{model_name!r} is an embedding model: this server answers POST /v1/embeddings, not "
+                           f"{request.url.path} (it has no generation engine)", param="model",
+                           code="unsupported_endpoint")
         if not driver.alive:
             raise APIError(503, "the engine is not running", type="server_error", code="engine_not_running")
         return parse_json_body(await request.body())
@@ -932,23 +968,56 @@ def create_app(engine, tokenizer, *, model_name: str, max_model_len: int, chat_f
         parsed = parse_chat_request(data, tokenizer, chat_format, model_name=model_name, max_model_len=max_model_len)
         return await answer(request, parsed, arrival, chat=True)
 
+    async def embeddings(request):
+        check_api_key(request)
+        if embedder is None:
+            raise APIError(404, f"this server does not serve embeddings of {model_name!r} (started without them)",
+                           param="model", code="unsupported_endpoint")
+        if not embedder.alive:
+            raise APIError(503, "the embedding worker is not running", type="server_error", code="embedder_not_running")
+        parsed = embedding_api.parse_embedding_request(parse_json_body(await request.body()), embedder,
+                                                       model_name=model_name)
+        if embedding_api.request_chars(parsed) > embedding_api.TOKENIZE_IN_THREAD_CHARS:  # keep the loop free
+            sequences = await asyncio.to_thread(embedding_api.tokenize_inputs, parsed, embedder)
+        else:
+            sequences = embedding_api.tokenize_inputs(parsed, embedder)
+        try:
+            vectors = await embedder.embed(sequences)
+        except embedding_api.EmbedFailure as error:
+            raise APIError(500, str(error), type="server_error", code="embedding_failure") from None
+        vectors = embedding_api.shorten(vectors, parsed.dimensions, embedder.config.normalize)
+        return JSONResponse(embedding_api.embeddings_body(vectors, sequences, parsed, model_name))
+
+    endpoints = [name for name, part in (("completions", driver), ("chat.completions", driver),
+                                         ("embeddings", embedder)) if part is not None]
+
     async def models(request):
         check_api_key(request)
-        return JSONResponse({"object": "list", "data": [{"id": model_name, "object": "model", "created": started,
-                                                         "owned_by": "llmjax", "max_model_len": max_model_len}]})
+        card = {"id": model_name, "object": "model", "created": started, "owned_by": "llmjax",
+                "max_model_len": max_model_len, "endpoints": endpoints}
+        if embedder is not None:
+            card |= {"embedding_dimension": embedder.dimension, "max_embedding_tokens": embedder.max_tokens}
+        return JSONResponse({"object": "list", "data": [card]})
 
     async def health(request):
-        if not driver.alive:
+        if driver is not None and not driver.alive:
             return error_response(APIError(503, "the engine thread is not running", type="server_error",
                                            code="engine_not_running"))
+        if embedder is not None and not embedder.alive:
+            return error_response(APIError(503, "the embedding worker is not running", type="server_error",
+                                           code="embedder_not_running"))
         return JSONResponse({"status": "ok"})
 
     async def prometheus(request):
-        text = prometheus_text(driver.stats(), metrics, driver.tokens_per_second(), driver.steps_failed)
+        text = "" if driver is None else prometheus_text(driver.stats(), metrics, driver.tokens_per_second(),
+                                                         driver.steps_failed)
+        if embedder is not None:
+            text += embedding_prometheus_text(embedder, metrics if driver is None else None)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     for path, endpoint, method in (("/v1/completions", completions, "POST"),
-                                   ("/v1/chat/completions", chat_completions, "POST"), ("/v1/models", models, "GET"),
+                                   ("/v1/chat/completions", chat_completions, "POST"),
+                                   ("/v1/embeddings", embeddings, "POST"), ("/v1/models", models, "GET"),
                                    ("/health", health, "GET"), ("/metrics", prometheus, "GET")):
         app.add_route(path, endpoint, methods=[method])
     return app
