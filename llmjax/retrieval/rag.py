@@ -331,11 +331,14 @@ def separator_ids(tokenizer) -> list[int]:
     return tokenizer.encode(CHUNK_SEPARATOR, allowed_special="none")
 
 
-def prompt_frame(query: str, chat_format=None) -> tuple[str, str]:
+def prompt_frame(query: str, chat_format=None, with_context: bool = True) -> tuple[str, str]:
     """(text before the chunks, text after them: holds the query). Plain: ("", query). Chat (a ChatFormat with a
-    template): one user turn "instruction, Context:, <chunks>, Question: query", rendered by the template."""
+    template): one user turn "instruction, Context:, <chunks>, Question: query", rendered by the template; without
+    context (nothing retrieved), the query alone as the user turn."""
     if chat_format is None or getattr(chat_format, "template", None) is None:
         return "", query
+    if not with_context:
+        return "", chat_format.render([{"role": "user", "content": query}])
     marker = "\x00CONTEXT\x00"
     content = f"{CHAT_INSTRUCTION}\n\nContext:\n{marker}Question: {query}"
     rendered = chat_format.render([{"role": "user", "content": content}])
@@ -370,7 +373,7 @@ def build_prompt(query: str, chunks: Sequence[Retrieved | Chunk], tokenizer, max
     if not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
         raise RagError(f"max_tokens={max_tokens!r}: expected a positive integer")
     chunks = [c if isinstance(c, Retrieved) else Retrieved(c, 0.0, r) for r, c in enumerate(chunks)]
-    before, after = prompt_frame(query, chat_format)
+    before, after = prompt_frame(query, chat_format, with_context=bool(chunks))
     head = tokenizer.encode(before)
     special = tokenizer.special_ids
     if special.add_bos and head[:1] != [special.bos]:  # the model's BOS first (before the chunks), never doubled
@@ -405,8 +408,8 @@ def rag_generate(store: RagStore | None, encoder: Encoder | None, model, queries
                  sampling=None) -> list[RagAnswer]:
     """Retrieve k chunks for each query, build its prompt within the model's context (less max_new_tokens) and
     generate the answers in one batch (greedy unless `sampling`). model: an `llmjax.io.models.LoadedModel`.
-    store None (or k=0): no retrieval, the same prompt frame with no context. retrieval_queries: search with these
-    texts instead of the queries. use_chat: the chat template (default: when the model has one)."""
+    store None (or k=0): no retrieval, the query alone (through the chat template for a chat). retrieval_queries:
+    search with these texts instead of the queries. use_chat: the chat template (default: when the model has one)."""
     from llmjax.infer.generate import generate
 
     queries = [queries] if isinstance(queries, str) else list(queries)

@@ -243,8 +243,8 @@ def name_mentioned(prediction: str, answer: str) -> bool:
 
 def qa_eval(store: RagStore | None, encoder, model, questions: Sequence[dict], *, k: int = 4,
             max_new_tokens: int = 32, batch_size: int = 16, progress: bool = False) -> dict:
-    """Greedy answers with retrieval (retrieved by each question's docstring, or its question) and without (the same
-    chat frame, no context): exact-match and name-mentioned rates of both, and every answer."""
+    """Greedy answers with retrieval (retrieved by each question's docstring, or its question) and without (the
+    question alone as the prompt): exact-match and name-mentioned rates of both, and every answer."""
     from llmjax.retrieval.rag import rag_generate
 
     records = [dict(q) for q in questions]

@@ -113,6 +113,8 @@ def test_chat_prompt_renders_the_template_around_the_context():
     assert prompt.text.startswith("<|im_start|>user\nUse the context below")
     assert "# source: f0.py:1-1\nprint('hello')\n\nQuestion: What does it print?<|im_end|>\n" in prompt.text
     assert prompt.text.endswith("<|im_start|>assistant\n")
+    alone = build_prompt("What does it print?", [], TOKENIZER, 500, chat_format=chat)  # no retrieval: the question
+    assert alone.text == "<|im_start|>user\nWhat does it print?<|im_end|>\n<|im_start|>assistant\n"
 
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*longer than max_len")
