@@ -363,6 +363,35 @@ def load_code_task(root: str | os.PathLike | None = None, *, heldout_fraction: f
     return task
 
 
+_VERBS = ("parse", "render", "merge", "split", "count", "encode", "sort", "filter", "load", "store", "check", "join")
+_NOUNS = ("header", "widget", "token", "record", "path", "stream", "buffer", "queue", "matrix", "cookie", "label",
+          "socket", "cache", "number", "message", "window")
+
+
+def write_synthetic_library(folder: str | os.PathLike, modules: int = 24, functions: int = 4, seed: int = 0) -> Path:
+    """A small made-up library of `modules` .py files (each with a module docstring, a comment block and
+    `functions` documented functions whose code uses the words of their docstring), for quick runs and tests of the
+    task's pipeline with --root. Deterministic in seed."""
+    rng = np.random.default_rng(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for m in range(modules):
+        parts = [f'"""Module {m} of the synthetic library: helpers that {rng.choice(_VERBS)} and '
+                 f'{rng.choice(_VERBS)} every {rng.choice(_NOUNS)} and {rng.choice(_NOUNS)} the callers hand in, '
+                 f'written to exercise retrieval with a few documented functions and some comments."""\n',
+                 "\n".join(f"# note {k}: this module keeps each {rng.choice(_NOUNS)} in memory and will "
+                           f"{rng.choice(_VERBS)} the {rng.choice(_NOUNS)} before returning it to the caller"
+                           for k in range(3))]
+        for f in range(functions):
+            verb, noun, other = rng.choice(_VERBS), rng.choice(_NOUNS), rng.choice(_NOUNS)
+            parts.append(f'\n\ndef {verb}_{noun}_{m}_{f}({noun}, {other}_limit={int(rng.integers(1, 99))}):\n'
+                         f'    """{verb.capitalize()} the {noun} using at most {other}_limit items of {other}."""\n'
+                         f'    {other}_items = list({noun})[:{other}_limit]\n'
+                         f'    return [{verb}_one(item) for item in {other}_items]\n')
+        (folder / f"synthetic_{m}.py").write_text("\n".join(parts))
+    return folder
+
+
 # --- evaluation ----------------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,358 @@
+"""Train a dense docstring -> code retriever (InfoNCE, in-batch + mined hard negatives); compare with its start, BM25.
+
+    python -m experiments train_retriever --init minilm --steps 1000 --batch 128 --hard-negatives bm25 \\
+        --towers shared --lora-rank 0 --out runs/train_retriever/minilm
+
+The encoder (all-MiniLM-L6-v2, or a random llmjax preset such as bert-tiny) is trained on the training queries of
+llmjax.retrieval.code_task with llmjax.retrieval.contrastive's InfoNCE: each query against its code, the other
+queries' code in the batch, and --num-hard mined hard negatives (sampled each step from its top --hard-pool
+documents by BM25, mined once, or by the current model's index, re-mined every --refresh-every steps). Negatives
+are mined among training and distractor documents only: held-out modules' code is never seen. Towers: one shared
+encoder or separate query / document encoders; full fine-tuning or LoRA (--lora-rank; merged into the saved weights).
+AdamW with linear warmup and cosine decay (optax). Writes an orbax checkpoint with retriever.json (so
+`retrieval_eval --retriever RUN` loads it), metrics.json (recall@1/10/100 and MRR on the held-out queries of BM25,
+the starting model and the trained one; the loss curve) and training.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+PROG = "python -m experiments train_retriever"
+HARD_NEGATIVES = ("bm25", "index", "none")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_args(argv):
+    from llmjax.experiments.retrieval_eval import add_task_flags
+    from llmjax.retrieval.contrastive import TOWERS
+
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--init", default="minilm",
+                   help="the starting encoder: minilm (all-MiniLM-L6-v2's weights) or an llmjax preset (random "
+                        "weights: bert-tiny, minilm-l6)")
+    p.add_argument("--tokenizer", default=None,
+                   help="a preset's tokenizer (a tokenizer file or folder; default: bytes)")
+    p.add_argument("--data", choices=("code_task",), default="code_task",
+                   help="the training data: the standard library's docstring -> code task")
+    add_task_flags(p)
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    p.add_argument("--batch", type=int, default=128, help="queries per step (each with its positive)")
+    p.add_argument("--hard-negatives", choices=HARD_NEGATIVES, default="bm25",
+                   help="where hard negatives come from: BM25 (mined once), the current model's index (re-mined "
+                        "every --refresh-every steps), or none (in-batch negatives only)")
+    p.add_argument("--num-hard", type=int, default=3, help="hard negatives per query per step")
+    p.add_argument("--hard-pool", type=int, default=30, help="hard negatives are sampled from each query's top N")
+    p.add_argument("--refresh-every", type=int, default=200, help="--hard-negatives index: steps between re-mining")
+    p.add_argument("--towers", choices=TOWERS, default="shared",
+                   help="one encoder for queries and documents, or two (both start from --init)")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank of every attention / MLP matrix; 0: full "
+                                                            "fine-tuning")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 2e-5 full, 2e-4 LoRA)")
+    p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 10%% of --steps)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decoupled weight decay (matrices only)")
+    p.add_argument("--temperature", type=float, default=0.05, help="InfoNCE temperature")
+    p.add_argument("--symmetric", action="store_true", help="add the document -> query InfoNCE term")
+    p.add_argument("--query-max-len", type=int, default=64, help="tokens of a query (longer ones are cut)")
+    p.add_argument("--doc-max-len", type=int, default=256, help="tokens of a document (longer ones are cut)")
+    p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default=None,
+                   help="the encoder's compute dtype (default: its own); parameters and optimizer state stay float32")
+    p.add_argument("--eval-batch-size", type=int, default=128, help="texts embedded per batch when evaluating")
+    p.add_argument("--skip-start-eval", action="store_true", help="do not evaluate the starting model")
+    p.add_argument("--log-every", type=int, default=10, help="steps between loss lines")
+    p.add_argument("--train-seed", type=int, default=0, help="batches, hard-negative sampling and LoRA init")
+    p.add_argument("--out", type=Path, default=None, help="the run folder (default: runs/train_retriever/INIT)")
+    args = p.parse_args(argv)
+    for flag in ("steps", "batch", "hard_pool", "refresh_every", "query_max_len", "doc_max_len", "eval_batch_size",
+                 "log_every"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')}={getattr(args, flag)}: must be a positive integer")
+    for flag in ("num_hard", "lora_rank"):
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')}={getattr(args, flag)}: must be >= 0")
+    if args.batch < 2:
+        p.error(f"--batch={args.batch}: in-batch negatives need at least 2 queries a step")
+    if args.temperature <= 0:
+        p.error(f"--temperature={args.temperature}: must be positive")
+    if args.hard_negatives != "none" and args.num_hard > args.hard_pool:
+        p.error(f"--num-hard={args.num_hard} is larger than --hard-pool={args.hard_pool}")
+    if args.hard_negatives == "none":
+        args.num_hard = 0
+    args.lr = args.lr if args.lr is not None else (2e-4 if args.lora_rank else 2e-5)
+    args.warmup = args.warmup if args.warmup is not None else args.steps // 10
+    if not 0 <= args.warmup <= args.steps:
+        p.error(f"--warmup={args.warmup}: must be within 0 .. --steps={args.steps}")
+    args.out = args.out or Path("runs/train_retriever") / Path(args.init).name
+    return args
+
+
+# --- data ------------------------------------------------------------------------------------------------------
+
+
+def tokenize_padded(tokenizer, texts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids int32 [n, max_len], mask bool [n, max_len]) of texts as the encoder reads them (cut to max_len)."""
+    from llmjax.embed import tokenize_for_embedding
+
+    pad_id = tokenizer.special_ids.pad if tokenizer.special_ids.pad is not None else 0
+    tokens = np.full((len(texts), max_len), pad_id, np.int32)
+    mask = np.zeros((len(texts), max_len), bool)
+    for i, text in enumerate(texts):
+        ids = tokenize_for_embedding(tokenizer, text, max_len)[0]
+        tokens[i, :len(ids)], mask[i, :len(ids)] = ids, True
+    return tokens, mask
+
+
+def bm25_candidates(task, allowed: np.ndarray, pool: int) -> np.ndarray:
+    """int64 [train queries, pool]: each training query's top documents by BM25 among `allowed` rows (its positive
+    excluded; -1 where fewer)."""
+    from llmjax.retrieval.bm25 import BM25Index
+
+    index = BM25Index([task.documents[i] for i in allowed])
+    _, rows = index.search(task.train_queries, min(pool + 1, len(allowed)), progress=True)
+    return drop_positives(allowed[rows], task.train_positives, pool)
+
+
+def drop_positives(candidates: np.ndarray, positives: np.ndarray, pool: int) -> np.ndarray:
+    """candidates [q, K] without each query's positive, cut (or padded with -1) to [q, pool]."""
+    out = np.full((len(candidates), pool), -1, np.int64)
+    for i, (row, positive) in enumerate(zip(candidates, positives)):
+        kept = row[row != positive][:pool]
+        out[i, :len(kept)] = kept
+    return out
+
+
+def sample_hard(candidates: np.ndarray, queries: np.ndarray, positives: np.ndarray, allowed: np.ndarray,
+                count: int, rng: np.random.Generator) -> np.ndarray:
+    """int64 [batch, count]: for each query, `count` distinct documents drawn from its mined candidates (topped up
+    with random allowed documents other than its positive when it has too few)."""
+    out = np.empty((len(queries), count), np.int64)
+    for i, (query, positive) in enumerate(zip(queries, positives)):
+        mined = candidates[query][candidates[query] >= 0]
+        picked = list(rng.choice(mined, size=min(count, len(mined)), replace=False)) if len(mined) else []
+        while len(picked) < count:
+            extra = int(rng.choice(allowed))
+            if extra != positive and extra not in picked:
+                picked.append(extra)
+        out[i] = picked
+    return out
+
+
+# --- model -----------------------------------------------------------------------------------------------------
+
+
+def load_init(args):
+    """(params, cfg, tokenizer, name) of --init."""
+    from llmjax.io.models import load_model
+
+    if args.init.lower() in ("minilm", "all-minilm-l6-v2"):
+        model = load_model(hf="all-minilm-l6-v2")
+    else:
+        model = load_model(preset=args.init, tokenizer=args.tokenizer, seed=args.train_seed)
+    cfg = model.cfg if args.compute_dtype is None else dataclasses.replace(model.cfg, compute_dtype=args.compute_dtype)
+    return model.params, cfg, model.tokenizer
+
+
+def make_trainable(params, cfg, args):
+    """(trainable tree, frozen tree, LoraConfig or None): {"shared": ...} or {"query": ..., "doc": ...}."""
+    import jax
+
+    names = ("shared",) if args.towers == "shared" else ("query", "doc")
+    if not args.lora_rank:
+        return {name: jax.tree.map(lambda x: x.copy(), params) for name in names}, {}, None
+    from llmjax.peft.lora import LoraConfig, init_adapters
+
+    lora_cfg = LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha or 2.0 * args.lora_rank)
+    key = jax.random.key(args.train_seed)
+    trainable = {name: init_adapters(params, cfg, lora_cfg, jax.random.fold_in(key, i)) for i, name in enumerate(names)}
+    return trainable, {name: params for name in names}, lora_cfg
+
+
+def tower_trees(trainable, frozen, cfg, lora_cfg) -> dict:
+    """The plain parameters to save / embed with: {"shared"} or {"query", "doc"} (LoRA merged)."""
+    from llmjax.retrieval.contrastive import tower_params
+
+    return {name: tower_params(trainable, frozen, name, cfg, lora_cfg) for name in trainable}
+
+
+def make_step(cfg, lora_cfg, optimizer, args):
+    """The jitted training step (trainable, opt_state, frozen, batch) -> (trainable, opt_state, loss)."""
+    import jax
+    import optax
+
+    from llmjax.retrieval.contrastive import encode, info_nce_loss, tower_params
+
+    def loss_fn(trainable, frozen, batch):
+        query_params = tower_params(trainable, frozen, "query", cfg, lora_cfg)
+        doc_params = tower_params(trainable, frozen, "doc", cfg, lora_cfg)
+        queries = encode(query_params, batch["query_tokens"], batch["query_mask"], cfg)  # [B, d]
+        size, per_query, length = batch["doc_tokens"].shape  # [B, 1 + M, L]
+        docs = encode(doc_params, batch["doc_tokens"].reshape(-1, length), batch["doc_mask"].reshape(-1, length),
+                      cfg).reshape(size, per_query, -1)  # [B, 1 + M, d]
+        hard = docs[:, 1:] if per_query > 1 else None
+        return info_nce_loss(queries, docs[:, 0], hard, temperature=args.temperature, symmetric=args.symmetric,
+                             doc_ids=batch["doc_ids"][:, 0], hard_ids=batch["doc_ids"][:, 1:] if hard is not None
+                             else None)
+
+    def step(trainable, opt_state, frozen, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def retriever_of(trees: dict, cfg, tokenizer, args, name: str):
+    from llmjax.retrieval.dense import DenseRetriever
+
+    query, doc = (trees["shared"], trees["shared"]) if "shared" in trees else (trees["query"], trees["doc"])
+    return DenseRetriever(name, query, doc, cfg, tokenizer, "mean", args.query_max_len, args.doc_max_len)
+
+
+def index_candidates(retriever, task, allowed: np.ndarray, pool: int, batch_size: int) -> np.ndarray:
+    """[train queries, pool]: each training query's nearest allowed documents by the current model (positive out)."""
+    from llmjax.retrieval.exact import ExactIndex
+
+    vectors = retriever.embed_documents([task.documents[i] for i in allowed], batch_size=batch_size)
+    index = ExactIndex(retriever.dim, "ip")
+    index.add(np.arange(len(allowed)), vectors)
+    queries = retriever.embed_queries(task.train_queries, batch_size=batch_size)
+    _, rows = index.search(queries, min(pool + 1, len(allowed)))
+    return drop_positives(allowed[rows], task.train_positives, pool)
+
+
+# --- the run ---------------------------------------------------------------------------------------------------
+
+
+def plot_training(losses: list[tuple[int, float]], results: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from llmjax.experiments.retrieval_eval import METRICS
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot([s for s, _ in losses], [v for _, v in losses])
+    left.set_xlabel("step")
+    left.set_ylabel("InfoNCE loss (training batches)")
+    left.set_title("training loss", fontsize=9)
+    width = 0.8 / len(results)
+    for i, r in enumerate(results):
+        bars = right.bar(np.arange(len(METRICS)) + i * width, [r[m] for m in METRICS], width, label=r["retriever"])
+        right.bar_label(bars, fmt="%.2f", fontsize=7)
+    right.set_xticks(np.arange(len(METRICS)) + width * (len(results) - 1) / 2, METRICS)
+    right.set_ylim(0, 1)
+    right.set_title("held-out docstring -> code queries", fontsize=9)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import jax
+
+    from llmjax.config import ConfigError, TrainConfig
+    from llmjax.experiments.retrieval_eval import dense_ranking, evaluate, load_task, table
+    from llmjax.io.models import ModelLoadError
+    from llmjax.retrieval.base import RetrievalError
+    from llmjax.retrieval.code_task import rank_metrics
+    from llmjax.retrieval.dense import write_retriever
+    from llmjax.train.optim import make_optimizer
+
+    try:
+        task = load_task(args)
+        params, cfg, tokenizer = load_init(args)
+    except (RetrievalError, ModelLoadError, ConfigError) as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    print(task.summary())
+    if args.batch > len(task.train_queries):
+        print(f"{PROG}: error: --batch={args.batch} is larger than the {len(task.train_queries)} training queries",
+              file=sys.stderr)
+        return 2
+    query_len, doc_len = min(args.query_max_len, cfg.max_seq_len), min(args.doc_max_len, cfg.max_seq_len)
+    args.query_max_len, args.doc_max_len = query_len, doc_len
+    k = min(100, len(task.documents))
+    results, start_time = [evaluate("bm25", task)], time.perf_counter()
+    trainable, frozen, lora_cfg = make_trainable(params, cfg, args)
+    if not args.skip_start_eval:
+        rows, seconds = dense_ranking(retriever_of(tower_trees(trainable, frozen, cfg, lora_cfg), cfg, tokenizer, args,
+                                                   f"start ({args.init})"), task, k, args.eval_batch_size)
+        results.append({"retriever": f"start ({args.init})", **rank_metrics(rows, task.test_positives),
+                        "seconds": round(seconds, 2)})
+        print(table(results))
+
+    query_tokens, query_mask = tokenize_padded(tokenizer, task.train_queries, query_len)
+    doc_tokens, doc_mask = tokenize_padded(tokenizer, task.documents, doc_len)
+    allowed = np.flatnonzero(np.asarray(task.doc_splits) != "test")  # never a held-out module's code
+    candidates = None
+    if args.hard_negatives == "bm25":
+        candidates = bm25_candidates(task, allowed, args.hard_pool)
+
+    train_cfg = TrainConfig(lr=args.lr, min_lr_ratio=0.0, warmup_steps=args.warmup, total_steps=args.steps,
+                            schedule="cosine", weight_decay=args.weight_decay, beta2=0.999, grad_clip=1.0)
+    optimizer = make_optimizer(train_cfg)
+    opt_state = optimizer.init(trainable)
+    step_fn = make_step(cfg, lora_cfg, optimizer, args)
+    rng = np.random.default_rng(args.train_seed)
+    order, cursor, losses = rng.permutation(len(task.train_queries)), 0, []
+    from tqdm import tqdm
+
+    bar = tqdm(range(args.steps), desc="training", unit="step")
+    for step in bar:
+        if args.hard_negatives == "index" and step % args.refresh_every == 0:
+            current = retriever_of(tower_trees(trainable, frozen, cfg, lora_cfg), cfg, tokenizer, args, "current")
+            candidates = index_candidates(current, task, allowed, args.hard_pool, args.eval_batch_size)
+        if cursor + args.batch > len(order):
+            order, cursor = rng.permutation(len(task.train_queries)), 0
+        picked = order[cursor: cursor + args.batch]
+        cursor += args.batch
+        positives = task.train_positives[picked]
+        doc_ids = positives[:, None]
+        if args.num_hard:
+            doc_ids = np.concatenate([doc_ids, sample_hard(candidates, picked, positives, allowed, args.num_hard,
+                                                           rng)], axis=1)  # [B, 1 + M]
+        batch = {"query_tokens": query_tokens[picked], "query_mask": query_mask[picked],
+                 "doc_tokens": doc_tokens[doc_ids], "doc_mask": doc_mask[doc_ids], "doc_ids": doc_ids.astype(np.int32)}
+        trainable, opt_state, loss = step_fn(trainable, opt_state, frozen, batch)
+        if step % args.log_every == 0 or step == args.steps - 1:
+            losses.append((step, float(loss)))
+            bar.set_postfix(loss=f"{losses[-1][1]:.4f}")
+    train_seconds = time.perf_counter() - start_time
+
+    trees = jax.device_get(tower_trees(trainable, frozen, cfg, lora_cfg))
+    extra = {"init": args.init, "hard_negatives": args.hard_negatives, "lora_rank": args.lora_rank,
+             "steps": args.steps, "batch": args.batch}
+    write_retriever(args.out, trees, cfg, tokenizer, pooling="mean", query_max_len=query_len, doc_max_len=doc_len,
+                    extra=extra)
+    rows, seconds = dense_ranking(retriever_of(trees, cfg, tokenizer, args, str(args.out)), task, k,
+                                  args.eval_batch_size)
+    results.append({"retriever": "trained", **rank_metrics(rows, task.test_positives), "seconds": round(seconds, 2)})
+    print(table(results))
+    record = {"task": task.summary(), "test_queries": len(task.test_queries), "documents": len(task.documents),
+              "device": jax.devices()[0].device_kind, "results": results, "losses": losses,
+              "train_seconds": round(train_seconds, 1), "flags": {k: str(v) for k, v in vars(args).items()},
+              "command": " ".join([PROG, *(argv if argv is not None else sys.argv[1:])])}
+    (args.out / "metrics.json").write_text(json.dumps(record, indent=1))
+    plot_training(losses, results, args.out / "training.png")
+    print(f"wrote {args.out} (retriever.json, checkpoint/, metrics.json, training.png)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
