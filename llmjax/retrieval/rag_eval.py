@@ -165,11 +165,14 @@ def stdlib_questions(count: int = 200, files: Sequence | None = None, *, min_cha
     """`count` questions about public top-level functions with a distinctive docstring (first paragraph of
     min_chars..max_chars characters, naming neither the function nor shared with another function), chosen by a
     hash of the qualified name. files: `llmjax.data.corpus.CorpusFile`s (default: the standard library's).
-    Each: {id, question, docstring, answer (module.function), file}."""
+    Each: {id, question, docstring, answer (module.function), aliases (package.function where the package
+    re-exports it: asyncio.gather for asyncio.tasks.gather), file}."""
     from llmjax.data.corpus import default_corpus, read_text, split_hash
 
+    files = default_corpus() if files is None else list(files)
+    by_key = {f.key: f for f in files}
     candidates, seen = {}, {}
-    for corpus_file in (default_corpus() if files is None else files):
+    for corpus_file in files:
         if not public_module(corpus_file.key):
             continue
         try:
@@ -187,8 +190,21 @@ def stdlib_questions(count: int = 200, files: Sequence | None = None, *, min_cha
             candidates[answer] = (paragraph, corpus_file.key)
     unique = [(a, p, f) for a, (p, f) in candidates.items() if seen[p] == 1]
     unique.sort(key=lambda entry: split_hash(f"rag-qa:{entry[0]}"))
-    return [{"id": i, "question": QUESTION.format(docstring=p), "docstring": p, "answer": a, "file": f}
-            for i, (a, p, f) in enumerate(unique[:count])]
+    return [{"id": i, "question": QUESTION.format(docstring=p), "docstring": p, "answer": a,
+             "aliases": package_aliases(a, f, by_key), "file": f} for i, (a, p, f) in enumerate(unique[:count])]
+
+
+def package_aliases(answer: str, key: str, by_key: dict) -> list[str]:
+    """["package.function"] when `answer` is package.sub...function and the package's __init__.py re-exports it
+    (`from .sub import *` or `from .sub import ..., function`); else []."""
+    from llmjax.data.corpus import read_text
+
+    parts = answer.split(".")
+    package = by_key.get(f"{parts[0]}/__init__.py")
+    if len(parts) < 3 or package is None:
+        return []
+    imports = rf"^from \.{re.escape(parts[1])} import (\*|.*\b{re.escape(parts[-1])}\b)"
+    return [f"{parts[0]}.{parts[-1]}"] if re.search(imports, read_text(package.path), re.MULTILINE) else []
 
 
 def write_questions(path: str | os.PathLike, questions: Sequence[dict]) -> Path:
@@ -232,13 +248,16 @@ def normalize_answer(text: str) -> str:
     return line.lower()
 
 
-def exact_match(prediction: str, answer: str) -> bool:
-    return normalize_answer(prediction) == normalize_answer(answer) != ""
+def exact_match(prediction: str, answer: str, aliases: Sequence[str] = ()) -> bool:
+    """The normalized prediction is the answer, or one of its aliases (names the same function goes by)."""
+    got = normalize_answer(prediction)
+    return got != "" and any(got == normalize_answer(name) for name in (answer, *aliases))
 
 
-def name_mentioned(prediction: str, answer: str) -> bool:
-    """The qualified name appears in the prediction as a whole name (a more lenient score than exact match)."""
-    return re.search(rf"(?<![\w.]){re.escape(answer)}(?![\w])", prediction) is not None
+def name_mentioned(prediction: str, answer: str, aliases: Sequence[str] = ()) -> bool:
+    """The qualified name (or an alias) appears in the prediction as a whole name (more lenient than exact match)."""
+    return any(re.search(rf"(?<![\w.]){re.escape(name)}(?![\w])", prediction) is not None
+               for name in (answer, *aliases))
 
 
 def qa_eval(store: RagStore | None, encoder, model, questions: Sequence[dict], *, k: int = 4,
@@ -262,8 +281,9 @@ def qa_eval(store: RagStore | None, encoder, model, questions: Sequence[dict], *
                                    retrieval_queries=[q.get("docstring") or q["question"] for q in part])
             for record, answer in zip(part, answers):
                 record[f"{mode}_answer"] = answer.answer
-                record[f"{mode}_exact"] = exact_match(answer.answer, record["answer"])
-                record[f"{mode}_mentioned"] = name_mentioned(answer.answer, record["answer"])
+                aliases = record.get("aliases") or ()
+                record[f"{mode}_exact"] = exact_match(answer.answer, record["answer"], aliases)
+                record[f"{mode}_mentioned"] = name_mentioned(answer.answer, record["answer"], aliases)
                 if mode == "with":
                     record["retrieved"] = [r.chunk.key for r in answer.retrieved]
                     record["answer_file_retrieved"] = any(r.chunk.file == record.get("file")
@@ -278,5 +298,5 @@ def qa_eval(store: RagStore | None, encoder, model, questions: Sequence[dict], *
 
 
 __all__ = ["LossTarget", "exact_match", "heldout_documents", "loss_targets", "module_name", "name_mentioned",
-           "neighbour_context", "normalize_answer", "qa_eval", "rag_loss_eval", "read_questions", "stdlib_questions",
-           "write_questions"]
+           "neighbour_context", "normalize_answer", "package_aliases", "qa_eval", "rag_loss_eval", "read_questions",
+           "stdlib_questions", "write_questions"]

@@ -211,6 +211,12 @@ def test_exact_match_after_normalisation(prediction, right):
     assert exact_match(prediction, "textwrap.dedent") is right
 
 
+def test_aliases_count_as_the_answer():
+    assert exact_match("asyncio.gather", "asyncio.tasks.gather", ["asyncio.gather"])
+    assert not exact_match("asyncio.gather", "asyncio.tasks.gather")
+    assert name_mentioned("use asyncio.gather here", "asyncio.tasks.gather", ["asyncio.gather"])
+
+
 def test_name_mentioned_is_whole_names_only():
     assert name_mentioned("I think it is textwrap.dedent, yes", "textwrap.dedent")
     assert not name_mentioned("textwrap.dedented", "textwrap.dedent")
@@ -220,7 +226,10 @@ def test_name_mentioned_is_whole_names_only():
 
 def test_questions_come_from_public_functions_deterministically(tmp_path):
     (tmp_path / "pkg").mkdir()
-    (tmp_path / "pkg" / "__init__.py").write_text(
+    (tmp_path / "pkg" / "sub.py").write_text(
+        'def knead(dough):\n    """Work the dough until it is smooth and springs back when pressed."""\n')
+    (tmp_path / "pkg" / "__init__.py").write_text('from .sub import *\n\n'
+
         'def spread(x):\n    """Spread the butter evenly over every slice of the bread."""\n\n'
         'def _hidden():\n    """A private helper that nobody should ever be asked about."""\n\n'
         'def named():\n    """The function named gives away its own name in this docstring."""\n')
@@ -230,7 +239,8 @@ def test_questions_come_from_public_functions_deterministically(tmp_path):
     (tmp_path / "_private.py").write_text('def leak():\n    """This module is private so no question is made."""\n')
     files = [CorpusFile(p, p.relative_to(tmp_path).as_posix()) for p in sorted(tmp_path.rglob("*.py"))]
     questions = stdlib_questions(10, files)
-    assert sorted(q["answer"] for q in questions) == ["pkg.spread", "tools.hammer"]
+    assert sorted(q["answer"] for q in questions) == ["pkg.spread", "pkg.sub.knead", "tools.hammer"]
+    assert {q["answer"]: q["aliases"] for q in questions}["pkg.sub.knead"] == ["pkg.knead"]
     hammer = next(q for q in questions if q["answer"] == "tools.hammer")
     assert hammer["docstring"] == "Drive the nail into the wall with a single firm blow."
     assert hammer["file"] == "tools.py"
