@@ -34,6 +34,9 @@ def add_task_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heldout-fraction", type=float, default=0.1, help="share of modules held out for evaluation")
     p.add_argument("--seed", type=int, default=0, help="which modules are held out")
     p.add_argument("--cache-dir", type=Path, default=Path("runs/retrieval_task"), help="where the task is cached")
+    p.add_argument("--task", type=Path, default=None,
+                   help="a task file made earlier (runs/retrieval_task/code_task-*.json), used as is: the same "
+                        "queries and documents on a machine whose Python differs (the flags above are then ignored)")
 
 
 def parse_args(argv):
@@ -56,8 +59,10 @@ def parse_args(argv):
 
 
 def load_task(args, progress: bool = True):
-    from llmjax.retrieval.code_task import load_code_task
+    from llmjax.retrieval.code_task import load_code_task, read_task
 
+    if getattr(args, "task", None) is not None:
+        return read_task(args.task)
     return load_code_task(args.root, heldout_fraction=args.heldout_fraction, seed=args.seed,
                           max_examples=args.max_examples, cache_dir=args.cache_dir, progress=progress)
 

@@ -71,6 +71,9 @@ def parse_args(argv):
                    help="the encoder's compute dtype (default: its own); parameters and optimizer state stay float32")
     p.add_argument("--eval-batch-size", type=int, default=128, help="texts embedded per batch when evaluating")
     p.add_argument("--skip-start-eval", action="store_true", help="do not evaluate the starting model")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="also measure the held-out recall every N steps (a curve in metrics.json and the PNG; for "
+                        "reading how long to train, not for choosing the reported model); 0: only at the end")
     p.add_argument("--log-every", type=int, default=10, help="steps between loss lines")
     p.add_argument("--train-seed", type=int, default=0, help="batches, hard-negative sampling and LoRA init")
     p.add_argument("--out", type=Path, default=None, help="the run folder (default: runs/train_retriever/INIT)")
@@ -79,7 +82,7 @@ def parse_args(argv):
                  "log_every"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')}={getattr(args, flag)}: must be a positive integer")
-    for flag in ("num_hard", "lora_rank"):
+    for flag in ("num_hard", "lora_rank", "eval_every"):
         if getattr(args, flag) < 0:
             p.error(f"--{flag.replace('_', '-')}={getattr(args, flag)}: must be >= 0")
     if args.batch < 2:
@@ -235,7 +238,8 @@ def index_candidates(retriever, task, allowed: np.ndarray, pool: int, batch_size
 # --- the run ---------------------------------------------------------------------------------------------------
 
 
-def plot_training(losses: list[tuple[int, float]], results: list[dict], path: Path) -> Path:
+def plot_training(losses: list[tuple[int, float]], results: list[dict], path: Path,
+                  curve: list[dict] | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -248,6 +252,10 @@ def plot_training(losses: list[tuple[int, float]], results: list[dict], path: Pa
     left.set_xlabel("step")
     left.set_ylabel("InfoNCE loss (training batches)")
     left.set_title("training loss", fontsize=9)
+    if curve:
+        twin = left.twinx()
+        twin.plot([c["step"] for c in curve], [c["recall@10"] for c in curve], "o-", color="tab:orange")
+        twin.set_ylabel("held-out recall@10", color="tab:orange")
     width = 0.8 / len(results)
     for i, r in enumerate(results):
         bars = right.bar(np.arange(len(METRICS)) + i * width, [r[m] for m in METRICS], width, label=r["retriever"])
@@ -267,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     from llmjax.config import ConfigError, TrainConfig
-    from llmjax.experiments.retrieval_eval import dense_ranking, evaluate, load_task, table
+    from llmjax.experiments.retrieval_eval import METRICS, dense_ranking, evaluate, load_task, table
     from llmjax.io.models import ModelLoadError
     from llmjax.retrieval.base import RetrievalError
     from llmjax.retrieval.code_task import rank_metrics
@@ -311,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     step_fn = make_step(cfg, lora_cfg, optimizer, args)
     rng = np.random.default_rng(args.train_seed)
     order, cursor, losses = rng.permutation(len(task.train_queries)), 0, []
+    curve = [] if args.skip_start_eval else [{"step": 0, **{m: results[1][m] for m in METRICS}}]
     from tqdm import tqdm
 
     bar = tqdm(range(args.steps), desc="training", unit="step")
@@ -333,6 +342,11 @@ def main(argv: list[str] | None = None) -> int:
         if step % args.log_every == 0 or step == args.steps - 1:
             losses.append((step, float(loss)))
             bar.set_postfix(loss=f"{losses[-1][1]:.4f}")
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            current = retriever_of(tower_trees(trainable, frozen, cfg, lora_cfg), cfg, tokenizer, args, "current")
+            rows, _ = dense_ranking(current, task, k, args.eval_batch_size)
+            curve.append({"step": step + 1, **rank_metrics(rows, task.test_positives)})
+            bar.write(f"step {step + 1}: held-out recall@10 {curve[-1]['recall@10']:.3f}")
     train_seconds = time.perf_counter() - start_time
 
     trees = jax.device_get(tower_trees(trainable, frozen, cfg, lora_cfg))
@@ -343,13 +357,14 @@ def main(argv: list[str] | None = None) -> int:
     rows, seconds = dense_ranking(retriever_of(trees, cfg, tokenizer, args, str(args.out)), task, k,
                                   args.eval_batch_size)
     results.append({"retriever": "trained", **rank_metrics(rows, task.test_positives), "seconds": round(seconds, 2)})
+    curve.append({"step": args.steps, **{m: results[-1][m] for m in METRICS}})
     print(table(results))
     record = {"task": task.summary(), "test_queries": len(task.test_queries), "documents": len(task.documents),
-              "device": jax.devices()[0].device_kind, "results": results, "losses": losses,
+              "device": jax.devices()[0].device_kind, "results": results, "losses": losses, "curve": curve,
               "train_seconds": round(train_seconds, 1), "flags": {k: str(v) for k, v in vars(args).items()},
               "command": " ".join([PROG, *(argv if argv is not None else sys.argv[1:])])}
     (args.out / "metrics.json").write_text(json.dumps(record, indent=1))
-    plot_training(losses, results, args.out / "training.png")
+    plot_training(losses, results, args.out / "training.png", curve if len(curve) > 1 else None)
     print(f"wrote {args.out} (retriever.json, checkpoint/, metrics.json, training.png)")
     return 0
 

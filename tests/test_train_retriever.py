@@ -25,13 +25,15 @@ def test_training_lowers_the_loss_and_the_run_reloads(library, tmp_path):
     out = tmp_path / "run"
     assert train_retriever.main(["--init", "bert-tiny", "--steps", "12", "--batch", "16", "--hard-negatives", "bm25",
                                  "--num-hard", "2", "--hard-pool", "6", "--lr", "2e-3", "--warmup", "2",
-                                 "--log-every", "1", "--query-max-len", "48", "--doc-max-len", "64",
-                                 "--out", str(out), *_task_flags(library, tmp_path)]) == 0
+                                 "--log-every", "1", "--eval-every", "6", "--query-max-len", "48",
+                                 "--doc-max-len", "64", "--out", str(out), *_task_flags(library, tmp_path)]) == 0
     record = json.loads((out / "metrics.json").read_text())
     losses = [loss for _, loss in record["losses"]]
     assert len(losses) == 12 and all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.1
     assert [r["retriever"] for r in record["results"]] == ["bm25", "start (bert-tiny)", "trained"]
+    assert [c["step"] for c in record["curve"]] == [0, 6, 12]
+    assert record["curve"][-1]["mrr"] == record["results"][2]["mrr"]
     assert (out / "training.png").stat().st_size > 0 and (out / "retriever.json").is_file()
 
     retriever = load_retriever(out)  # the saved run: the same recall as measured at the end of training
