@@ -152,7 +152,8 @@ def parse_args(argv):
     index.add_argument("--out", type=Path, required=True, help="the index folder to write (replaced atomically)")
     index.add_argument("--index-kind", default="exact", choices=("exact", "hnsw", "ivfpq", "filtered_vamana"),
                        help="the vector index (llmjax.retrieval)")
-    index.add_argument("--chunk-chars", type=int, default=1200, help="the most characters of a chunk (whole lines)")
+    index.add_argument("--chunk-chars", type=int, default=800,
+                       help="the most characters of a chunk (whole lines; 800: about MiniLM's 256 word pieces)")
     index.add_argument("--max-files", type=int, default=None, help="index only the first N files (a quick try)")
     index.add_argument("--pooling", choices=("mean", "cls", "last"), default=None,
                        help="the encoder's pooling (default: mean for an encoder, last for a decoder)")

@@ -38,7 +38,7 @@ from llmjax.retrieval.base import KIND_MODULES, RetrievalError
 STORE_FORMAT = "llmjax.rag_store"
 STORE_VERSION = 1
 ENCODER_SOURCES = ("hf", "gguf", "ckpt", "preset")
-DEFAULT_CHUNK_CHARS = 1200
+DEFAULT_CHUNK_CHARS = 800  # about 200-250 BPE / WordPiece tokens of Python: within MiniLM's 256
 CHAT_INSTRUCTION = "Use the context below to answer the question."
 MIN_CUT_CHUNK_TOKENS = 8  # a chunk cut to fewer tokens than this is dropped instead (a stub of a chunk helps nobody)
 

@@ -24,6 +24,7 @@ import ast
 import json
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,8 +110,10 @@ def rag_loss_eval(store: RagStore, encoder, params, cfg, tokenizer, targets: Seq
     for start in starts:
         part = targets[start:start + batch_size]
         queries = [tokenizer.decode(t.preceding[-query_tokens:].tolist()) for t in part]
-        found = retrieve_many(store, encoder, [q if q.strip() else "(blank)" for q in queries], k,  # blank: a stub
-                              exclude_files=[t.file for t in part])
+        with warnings.catch_warnings():  # a query longer than the encoder's max_len is cut (its first tokens kept)
+            warnings.filterwarnings("ignore", message=".*longer than max_len")
+            found = retrieve_many(store, encoder, [q if q.strip() else "(blank)" for q in queries], k,
+                                  exclude_files=[t.file for t in part])
         rows_base, rows_rag = [], []
         for t, neighbours in zip(part, found):
             pieces = [chunk_piece(r, tokenizer) for r in neighbours]
