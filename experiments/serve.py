@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token budget of one engine step (decode tokens + prefill chunks)")
     p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prompt prefixes")
     p.add_argument("--no-warmup", action="store_true",
-                   help="skip compiling every shape bucket before serving (the first requests then compile)")
+                   help="skip compiling every shape bucket before serving (the first requests then compile); the "
+                   "embedding buckets are compiled ahead for an encoder only")
     p.add_argument("--seed", type=int, default=0, help="seed of --model's random weights")
     embed = p.add_argument_group("embeddings (POST /v1/embeddings)")
     embed.add_argument("--no-embeddings", action="store_true",
@@ -103,12 +104,13 @@ def build_embedder(args, model):
     config = EmbedderConfig(max_batch=args.embed_max_batch, max_inputs=args.embed_max_inputs,
                             max_tokens=args.embed_max_tokens, batch_wait_s=args.embed_batch_wait_ms / 1000,
                             pooling=args.pooling, normalize=not args.no_normalize)
-    embedder = Embedder(model.params, model.cfg, model.tokenizer, config)
-    if not args.no_warmup:
-        print(f"{PROG}: compiling the embedding buckets ({len(embedder.row_buckets)} batch sizes x "
-              f"{len(embedder.length_buckets)} lengths) ...", file=sys.stderr, flush=True)
-        embedder.warmup()
-    return embedder
+    return Embedder(model.params, model.cfg, model.tokenizer, config)
+
+
+def warm_up_embedder(embedder) -> None:
+    print(f"{PROG}: compiling the embedding buckets ({len(embedder.row_buckets)} batch sizes x "
+          f"{len(embedder.length_buckets)} lengths) ...", file=sys.stderr, flush=True)
+    embedder.warmup()
 
 
 def build_app(args):
@@ -124,6 +126,8 @@ def build_app(args):
     cfg, params = model.cfg, model.params
     embedder = build_embedder(args, model)
     if not cfg.causal:  # an encoder: no generation engine
+        if not args.no_warmup:
+            warm_up_embedder(embedder)
         app = create_app(None, model.tokenizer, model_name=name, max_model_len=cfg.max_seq_len, api_key=args.api_key,
                          embedder=embedder)
         return app, name, cfg
@@ -138,7 +142,7 @@ def build_app(args):
     engine = Engine(params, cfg, config, eos_token_id=end_ids[0] if end_ids else None, prepared=args.quantized)
     if not args.no_warmup:
         print(f"{PROG}: compiling the engine's shape buckets ...", file=sys.stderr, flush=True)
-        engine.warmup()
+        engine.warmup()  # a decoder's embedding programs compile on first use (generation is what it is served for)
     app = create_app(engine, model.tokenizer, model_name=name, max_model_len=cfg.max_seq_len,
                      chat_format=model.chat_format, api_key=args.api_key, stop_token_ids=end_ids[1:],
                      embedder=embedder)
