@@ -115,10 +115,10 @@ def qa_command(args) -> dict:
               "files_written": {"json": str(out / "rag_qa.json"), "png": str(out / "rag_qa.png"),
                                 "questions": str(out / "questions.jsonl")}}
     print(f"{summary['questions']} questions ({name}, greedy, k={args.k}):")
-    print(f"{'':>18}  {'exact match':>11}  {'name mentioned':>14}")
+    print(f"{'':>18}  {'exact match':>11}  {'name mentioned':>14}  {'function named':>14}")
     for mode in ("without", "with"):
-        exact, mentioned = summary[f"{mode}_exact_match"], summary[f"{mode}_mentioned"]
-        print(f"{mode + ' retrieval':>18}  {exact:>11.3f}  {mentioned:>14.3f}")
+        exact, mentioned, function = (summary[f"{mode}_{key}"] for key in ("exact_match", "mentioned", "function"))
+        print(f"{mode + ' retrieval':>18}  {exact:>11.3f}  {mentioned:>14.3f}  {function:>14.3f}")
     if "answer_file_retrieved" in summary:
         print(f"the answer's file among the retrieved chunks: {summary['answer_file_retrieved']:.3f}")
     plot_qa(record, out / "rag_qa.png")
@@ -135,11 +135,11 @@ def plot_qa(record: dict, path: Path) -> None:
     import numpy as np
 
     figure, axis = plt.subplots(figsize=(6, 4))
-    places = np.arange(2)
+    places = np.arange(3)
     for shift, (mode, label) in zip((-0.2, 0.2), (("without", "no retrieval"), ("with", f"RAG, k={record['k']}"))):
-        values = [record[f"{mode}_exact_match"], record[f"{mode}_mentioned"]]
+        values = [record[f"{mode}_exact_match"], record[f"{mode}_mentioned"], record[f"{mode}_function"]]
         axis.bar(places + shift, values, 0.4, label=label)
-    axis.set_xticks(places, ["exact match", "name mentioned"])
+    axis.set_xticks(places, ["exact match", "module.function\nmentioned", "function name\nmentioned"])
     axis.set_ylim(0, 1)
     axis.set_ylabel("rate")
     axis.set_title(f"stdlib docstring QA ({record['questions']} questions): {record['model']}", fontsize=9)
@@ -160,8 +160,8 @@ def parse_args(argv):
         "the k chunks retrieved by the preceding text (the held-out file's own chunks excluded) followed by the "
         "rest of the preceding text (RAG); per position bucket, as a table, rag_loss.json and rag_loss.png. `qa`: "
         "'Which standard-library function has this docstring?' questions (answer: module.function), answered "
-        "greedily with and without retrieval; exact-match rates in rag_qa.json and rag_qa.png, the questions in "
-        "questions.jsonl.")
+        "greedily with and without retrieval; exact-match rates (and, more lenient, whether module.function or just "
+        "the function's name appears in the answer) in rag_qa.json and rag_qa.png, the questions in questions.jsonl.")
     commands = p.add_subparsers(dest="command", required=True)
 
     loss = commands.add_parser("loss", help="held-out LM loss with and without neighbours",

@@ -143,7 +143,7 @@ def rag_loss_eval(store: RagStore, encoder, params, cfg, tokenizer, targets: Seq
 
 SKIPPED_PARTS = {"test", "tests", "idlelib", "turtledemo", "lib2to3", "ensurepip", "site-packages", "__main__.py"}
 QUESTION = ("Which Python standard-library function has this docstring?\n\n\"{docstring}\"\n\nAnswer with its "
-            "full name only, as module.function.")
+            "full name only, as module.function (for example: json.dumps).")
 
 
 def module_name(key: str) -> str:
@@ -263,10 +263,18 @@ def name_mentioned(prediction: str, answer: str, aliases: Sequence[str] = ()) ->
                for name in (answer, *aliases))
 
 
+def function_mentioned(prediction: str, answer: str) -> bool:
+    """The function's own name (the answer's last part) appears in the prediction as a whole identifier: the model
+    found the function but maybe not its module (the most lenient score)."""
+    name = answer.rsplit(".", 1)[-1]
+    return re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", prediction) is not None
+
+
 def qa_eval(store: RagStore | None, encoder, model, questions: Sequence[dict], *, k: int = 4,
             max_new_tokens: int = 32, batch_size: int = 16, progress: bool = False) -> dict:
     """Greedy answers with retrieval (retrieved by each question's docstring, or its question) and without (the
-    question alone as the prompt): exact-match and name-mentioned rates of both, and every answer."""
+    question alone as the prompt): the exact-match, name-mentioned and function-mentioned rates of both, and every
+    answer."""
     from llmjax.retrieval.rag import rag_generate
 
     records = [dict(q) for q in questions]
@@ -287,6 +295,7 @@ def qa_eval(store: RagStore | None, encoder, model, questions: Sequence[dict], *
                 aliases = record.get("aliases") or ()
                 record[f"{mode}_exact"] = exact_match(answer.answer, record["answer"], aliases)
                 record[f"{mode}_mentioned"] = name_mentioned(answer.answer, record["answer"], aliases)
+                record[f"{mode}_function"] = function_mentioned(answer.answer, record["answer"])
                 if mode == "with":
                     record["retrieved"] = [r.chunk.key for r in answer.retrieved]
                     record["answer_file_retrieved"] = any(r.chunk.file == record.get("file")
@@ -295,11 +304,12 @@ def qa_eval(store: RagStore | None, encoder, model, questions: Sequence[dict], *
     for mode in modes:
         summary[f"{mode}_exact_match"] = float(np.mean([r[f"{mode}_exact"] for r in records]))
         summary[f"{mode}_mentioned"] = float(np.mean([r[f"{mode}_mentioned"] for r in records]))
+        summary[f"{mode}_function"] = float(np.mean([r[f"{mode}_function"] for r in records]))
     if "with" in modes and all("file" in r for r in records):
         summary["answer_file_retrieved"] = float(np.mean([r["answer_file_retrieved"] for r in records]))
     return {"summary": summary, "records": records}
 
 
-__all__ = ["LossTarget", "exact_match", "heldout_documents", "loss_targets", "module_name", "name_mentioned",
-           "neighbour_context", "normalize_answer", "package_aliases", "qa_eval", "rag_loss_eval", "read_questions",
-           "stdlib_questions", "write_questions"]
+__all__ = ["LossTarget", "exact_match", "function_mentioned", "heldout_documents", "loss_targets", "module_name",
+           "name_mentioned", "neighbour_context", "normalize_answer", "package_aliases", "qa_eval", "rag_loss_eval",
+           "read_questions", "stdlib_questions", "write_questions"]

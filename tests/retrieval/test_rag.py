@@ -15,8 +15,8 @@ from llmjax.data.corpus import CorpusFile
 from llmjax.model import init_params
 from llmjax.retrieval.rag import (Chunk, Encoder, RagError, Retrieved, build_prompt, build_rag_index, chunk_text,
                                   fit_pieces, load_rag_index, retrieve, retrieve_many)
-from llmjax.retrieval.rag_eval import (LossTarget, exact_match, name_mentioned, neighbour_context, normalize_answer,
-                                       rag_loss_eval, stdlib_questions)
+from llmjax.retrieval.rag_eval import (LossTarget, exact_match, function_mentioned, name_mentioned, neighbour_context,
+                                       normalize_answer, rag_loss_eval, stdlib_questions)
 from llmjax.tokenizer.bytes import ByteTokenizer
 from llmjax.tokenizer.chat import ChatFormat
 
@@ -222,6 +222,8 @@ def test_name_mentioned_is_whole_names_only():
     assert not name_mentioned("textwrap.dedented", "textwrap.dedent")
     assert not name_mentioned("mytextwrap.dedent", "textwrap.dedent")
     assert normalize_answer("  \n  `os.path.join()`  ") == "os.path.join"
+    assert function_mentioned("def copy_location(new_node, old_node):", "ast.copy_location")
+    assert not function_mentioned("copy_locations", "ast.copy_location")
 
 
 def test_questions_come_from_public_functions_deterministically(tmp_path):
