@@ -308,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     query_tokens, query_mask = tokenize_padded(tokenizer, task.train_queries, query_len)
     doc_tokens, doc_mask = tokenize_padded(tokenizer, task.documents, doc_len)
     allowed = np.flatnonzero(np.asarray(task.doc_splits) != "test")  # never a held-out module's code
+    if args.num_hard >= len(allowed):
+        print(f"{PROG}: error: --num-hard={args.num_hard} needs more than {len(allowed)} training and distractor "
+              f"documents", file=sys.stderr)
+        return 2
     candidates = None
     if args.hard_negatives == "bm25":
         candidates = bm25_candidates(task, allowed, args.hard_pool)

@@ -54,6 +54,12 @@ def test_training_lowers_the_loss_and_the_run_reloads(library, tmp_path):
     other = DenseRetriever("minilm", retriever.query_params, retriever.doc_params, retriever.cfg, retriever.tokenizer)
     with pytest.raises(RetrievalError, match="rebuild the index"):
         check_index(index, other)
+    from llmjax.retrieval.dense import load_document_index, save_document_index
+
+    save_document_index(tmp_path / "docs.idx", index)
+    assert load_document_index(tmp_path / "docs.idx", retriever).size == 2
+    with pytest.raises(RetrievalError, match="'minilm' \\(dimension 48\\): rebuild the index"):
+        load_document_index(tmp_path / "docs.idx", other)
     with pytest.raises(RetrievalError, match="larger than the document pool"):
         retriever.search(index, ["return the value"], k=3)
     with pytest.raises(RetrievalError, match=r"queries\[0\] is empty"):

@@ -38,7 +38,7 @@ import numpy as np
 from llmjax.data.corpus import CorpusFile, default_corpus, split_hash, stdlib_folder
 from llmjax.retrieval.base import RetrievalError
 
-FORMAT_VERSION = 1  # bump when the examples change: old caches are then ignored
+FORMAT_VERSION = 2  # bump when the examples change: old caches are then ignored
 SKIPPED_PARTS = {"test", "tests", "idle_test", "__pycache__", "site-packages", "dist-packages"}
 QUERY_MODES = ("first_paragraph", "full")
 METRIC_KS = (1, 10, 100)
@@ -277,6 +277,8 @@ def assemble_task(examples: list[tuple], distractors: list[tuple], options: Code
             doc_splits.append("test" if heldout else "train")
         pairs.append((query, row_of[document], key, heldout))
     in_training = {row for _, row, _, heldout in pairs if not heldout}
+    for row in in_training:  # code that a training module also holds is training code
+        doc_splits[row] = "train"
     rows_of_query: dict[str, set] = {}
     for query, row, _, _ in pairs:
         rows_of_query.setdefault(query, set()).add(row)

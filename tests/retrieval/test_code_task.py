@@ -147,15 +147,15 @@ def test_ambiguous_queries_and_leaking_test_queries_are_dropped(tmp_path):
     modules = ["m0", "m1", "m2", "m3", "m4", "m5", "m6", "m7"]
     train = [m for m in modules if not is_heldout(m, options)][:2]
     test = [m for m in modules if is_heldout(m, options)][:2]
-    examples = [(f"{train[0]}:f", "Return the value of it.", "def f():\n    return 1", train[0]),
+    examples = [(f"{test[0]}:h", "Copy of training code.", "def f():\n    return 1", test[0]),   # leaks
+                (f"{train[0]}:f", "Return the value of it.", "def f():\n    return 1", train[0]),
                 (f"{train[1]}:g", "Return the value of it.", "def g():\n    return 2", train[1]),  # ambiguous
-                (f"{test[0]}:h", "Copy of training code.", "def f():\n    return 1", test[0]),   # leaks
                 (f"{test[1]}:k", "A held-out function here.", "def k():\n    return 3", test[1]),
                 (f"{train[1]}:n", "A training function here.", "def n():\n    return 4", train[1])]
     task = assemble_task(examples, [("distractor:x:0", "some passage", "x")], options, "here")
     assert task.train_queries == ["A training function here."] and task.test_queries == ["A held-out function here."]
     assert task.documents[task.test_positives[0]] == "def k():\n    return 3"
-    assert task.doc_splits == ["train", "train", "test", "train", "distractor"]
+    assert task.doc_splits == ["train", "train", "test", "train", "distractor"]  # f's code is training code
 
 
 def _rank_metrics_loop(ranked, positives):
