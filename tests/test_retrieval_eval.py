@@ -32,6 +32,14 @@ def test_bm25_metrics_match_a_textbook_ranking(library, tmp_path):
     assert got["retriever"] == "bm25"
     for metric, value in want.items():
         assert got[metric] == pytest.approx(value, abs=1e-9)
+    # --task: the cached task file used as is (another machine's Python would otherwise make its own task)
+    (task_file,) = (tmp_path / "cache").glob("code_task-*.json")
+    assert retrieval_eval.main(["--retriever", "bm25", "--task", str(task_file), "--root", str(tmp_path / "none"),
+                                "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())["results"][0]
+    assert {m: again[m] for m in want} == {m: got[m] for m in want}
+    (tmp_path / "broken.json").write_text("{")
+    assert retrieval_eval.main(["--task", str(tmp_path / "broken.json"), "--out", str(tmp_path / "x")]) == 2
 
 
 def test_minilm_on_a_few_queries(library, tmp_path):
