@@ -42,13 +42,15 @@ def loss_command(args) -> dict:
     neighbour_tokens = args.neighbour_tokens if args.neighbour_tokens is not None else args.context // 2
     record = rag_loss_eval(store, encoder, model.params, model.cfg, model.tokenizer, targets, k=args.k,
                            context=args.context, neighbour_tokens=neighbour_tokens, query_tokens=args.query_tokens,
-                           batch_size=args.batch_size, progress=not args.no_progress)
+                           batch_size=args.batch_size, neighbour_text=args.neighbours,
+                           progress=not args.no_progress)
     name = generator_name(args)
     out = args.out or Path("runs") / "rag_eval" / f"loss-{name}"
     out.mkdir(parents=True, exist_ok=True)
     record = {"model": name, "index": str(args.index), "encoder": encoder.name, "data": args.data, "k": args.k,
               "context": args.context, "target": args.target, "neighbour_tokens": neighbour_tokens,
-              "query_tokens": args.query_tokens, "held_out_documents": len(documents), **record,
+              "query_tokens": args.query_tokens, "neighbours": args.neighbours,
+              "held_out_documents": len(documents), **record,
               "figure_reached": record["delta"] >= 0.15,
               "files_written": {"json": str(out / "rag_loss.json"), "png": str(out / "rag_loss.png")}}
     print_loss_table(record)
@@ -175,6 +177,9 @@ def parse_args(argv):
                       help="the most tokens of neighbours in the RAG context (default: half of --context)")
     loss.add_argument("--query-tokens", type=int, default=128,
                       help="the preceding text's last tokens (decoded) that retrieve the neighbours")
+    loss.add_argument("--neighbours", choices=("chunk", "continuation"), default="continuation",
+                      help="what a neighbour is: the retrieved chunk, or the chunk followed by the next chunk of its "
+                           "file (RETRO's neighbour + continuation), each cut to the room left")
     loss.add_argument("--per-file", type=int, default=8, help="target chunks per held-out file (evenly spread)")
     loss.add_argument("--max-targets", type=int, default=256, help="target chunks in all")
     loss.add_argument("--batch-size", type=int, default=8, help="targets per forward pass (two rows each)")

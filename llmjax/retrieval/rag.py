@@ -61,6 +61,7 @@ class Retrieved:
     chunk: Chunk
     score: float  # larger is nearer
     rank: int     # 0: the nearest
+    id: int = -1  # the chunk's id in its store (-1: not from a store)
 
 
 def chunk_text(text: str, file: str, max_chars: int = DEFAULT_CHUNK_CHARS) -> list[Chunk]:
@@ -301,8 +302,20 @@ def retrieve_many(store: RagStore, encoder: Encoder, queries: Sequence[str], k: 
     out = []
     for row, excluded in enumerate(exclude_files):
         found = [(i, s) for i, s in zip(ids[row], scores[row]) if i >= 0 and store.chunks[i].file != excluded]
-        out.append([Retrieved(store.chunks[i], float(s), rank) for rank, (i, s) in enumerate(found[:k])])
+        out.append([Retrieved(store.chunks[i], float(s), rank, int(i)) for rank, (i, s) in enumerate(found[:k])])
     return out
+
+
+def with_continuation(store: RagStore, retrieved: Retrieved) -> Retrieved:
+    """The retrieved chunk followed by the next chunk of its file (RETRO's neighbour + continuation: what came after
+    text like the query's is the best guess at what comes after the query), as one chunk keyed FILE:FIRST-LAST; the
+    chunk alone when it ends its file."""
+    following = retrieved.id + 1
+    if retrieved.id < 0 or following >= store.size or store.chunks[following].file != retrieved.chunk.file:
+        return retrieved
+    first, after = retrieved.chunk, store.chunks[following]
+    key = f"{first.key.rsplit('-', 1)[0]}-{after.key.rsplit('-', 1)[1]}"
+    return Retrieved(Chunk(key, first.file, first.text + after.text), retrieved.score, retrieved.rank, retrieved.id)
 
 
 # --- prompts --------------------------------------------------------------------------------------------------------
@@ -432,4 +445,4 @@ def rag_generate(store: RagStore | None, encoder: Encoder | None, model, queries
 __all__ = ["Chunk", "Encoder", "Prompt", "RagAnswer", "RagError", "RagStore", "Retrieved", "build_prompt",
            "build_rag_index", "check_encoder", "chunk_documents", "chunk_piece", "chunk_text", "fit_pieces",
            "load_encoder", "load_rag_index", "make_index", "parse_encoder_spec", "prompt_frame", "rag_generate",
-           "retrieve", "retrieve_many", "save_rag_index", "separator_ids"]
+           "retrieve", "retrieve_many", "save_rag_index", "separator_ids", "with_continuation"]

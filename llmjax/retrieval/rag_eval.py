@@ -5,8 +5,9 @@ Loss (`loss_targets`, `rag_loss_eval`): held-out files (the corpus's validation 
 same files on every machine) are tokenized by the language model; every target chunk of `target` tokens starting at
 least `context` tokens into its file is scored twice, after `context` tokens each time:
     baseline:  the last `context` tokens before the target
-    RAG:       neighbours (at most `neighbour_tokens` tokens, rank order, the last one cut to fit) + the last
-               (context - their length) tokens before the target
+    RAG:       neighbours (at most `neighbour_tokens` tokens, rank order, the last one cut to fit; by default each
+               retrieved chunk followed by the next chunk of its file, RETRO's neighbour + continuation) + the
+               last (context - their length) tokens before the target
 Neighbours are retrieved by the text just before the target (its last `query_tokens` tokens, decoded) with every
 chunk of the held-out file itself left out. Only the target's tokens are scored (`llmjax.evaluation.
 target_token_losses`); the mean loss per position in the target chunk is reported in log2 buckets
@@ -82,12 +83,18 @@ def neighbour_context(pieces: Sequence[Sequence[int]], preceding: np.ndarray, co
     return np.concatenate([np.asarray(fitted, np.int32), np.asarray(preceding[len(preceding) - rest:], np.int32)])
 
 
+NEIGHBOUR_TEXTS = ("chunk", "continuation")
+
+
 def rag_loss_eval(store: RagStore, encoder, params, cfg, tokenizer, targets: Sequence[LossTarget], *, k: int = 4,
                   context: int, neighbour_tokens: int, query_tokens: int = 128, batch_size: int = 8,
-                  progress: bool = False) -> dict:
+                  neighbour_text: str = "continuation", progress: bool = False) -> dict:
     """Mean target-token loss with and without neighbours (see the module): {baseline, rag, delta (baseline - rag,
     nats/token), per_position_{baseline,rag} [target], buckets (per position bucket: both and the delta), targets,
-    files, examples}."""
+    files, examples}. neighbour_text: "chunk" (each retrieved chunk) or "continuation" (each followed by the next
+    chunk of its file, RETRO's neighbour + continuation: `llmjax.retrieval.rag.with_continuation`)."""
+    from llmjax.retrieval.rag import with_continuation
+
     from llmjax.evaluation import target_token_losses
     from llmjax.long_context import position_buckets
 
@@ -97,6 +104,8 @@ def rag_loss_eval(store: RagStore, encoder, params, cfg, tokenizer, targets: Seq
     if context + len(targets[0].target) - 1 > cfg.max_seq_len:
         raise RagError(f"--context {context} + --target {len(targets[0].target)} tokens exceed the model's context "
                        f"of {cfg.max_seq_len} + 1 (max_seq_len): shorten them")
+    if neighbour_text not in NEIGHBOUR_TEXTS:
+        raise RagError(f"--neighbours {neighbour_text!r}: expected one of {', '.join(NEIGHBOUR_TEXTS)}")
     if not 0 < neighbour_tokens < context:
         raise RagError(f"--neighbour-tokens {neighbour_tokens}: expected 1 .. context - 1 ({context - 1}), so some "
                        "preceding text stays")
@@ -116,6 +125,8 @@ def rag_loss_eval(store: RagStore, encoder, params, cfg, tokenizer, targets: Seq
                                   exclude_files=[t.file for t in part])
         rows_base, rows_rag = [], []
         for t, neighbours in zip(part, found):
+            if neighbour_text == "continuation":
+                neighbours = [with_continuation(store, r) for r in neighbours]
             pieces = [chunk_piece(r, tokenizer) for r in neighbours]
             rows_base.append(np.concatenate([t.preceding[-context:], t.target]))
             rows_rag.append(np.concatenate([neighbour_context(pieces, t.preceding, context, neighbour_tokens,

@@ -14,7 +14,7 @@ from llmjax.config import get_config
 from llmjax.data.corpus import CorpusFile
 from llmjax.model import init_params
 from llmjax.retrieval.rag import (Chunk, Encoder, RagError, Retrieved, build_prompt, build_rag_index, chunk_text,
-                                  fit_pieces, load_rag_index, retrieve, retrieve_many)
+                                  fit_pieces, load_rag_index, retrieve, retrieve_many, with_continuation)
 from llmjax.retrieval.rag_eval import (LossTarget, exact_match, function_mentioned, name_mentioned, neighbour_context,
                                        normalize_answer, rag_loss_eval, stdlib_questions)
 from llmjax.tokenizer.bytes import ByteTokenizer
@@ -182,7 +182,7 @@ def test_loss_with_neighbours_scores_only_the_target_tokens(store, encoder, lang
     targets = [LossTarget(f"pkg/mod{i % 4}.py", 40, rng.integers(0, 256, context).astype(np.int32),
                           rng.integers(0, 256, length).astype(np.int32)) for i in range(3)]
     record = rag_loss_eval(store, encoder, params, cfg, TOKENIZER, targets, k=3, context=context, neighbour_tokens=12,
-                           query_tokens=16, batch_size=2)
+                           query_tokens=16, batch_size=2, neighbour_text="chunk")
     separator = len(TOKENIZER.encode("\n\n"))
     rows = []
     for t in targets:
@@ -201,6 +201,16 @@ def test_loss_with_neighbours_scores_only_the_target_tokens(store, encoder, lang
     assert [(b["first"], b["last"]) for b in record["buckets"]] == [(1, 1), (2, 3), (4, 6)]
     with pytest.raises(RagError, match="no held-out target chunks"):
         rag_loss_eval(store, encoder, params, cfg, TOKENIZER, [], context=context, neighbour_tokens=12)
+
+
+def test_a_continuation_is_the_next_chunk_of_the_same_file(store):
+    rows = store.file_rows["pkg/mod1.py"]
+    first, last = (Retrieved(store.chunks[i], 0.5, 0, i) for i in (rows[0], rows[-1]))
+    joined = with_continuation(store, first)
+    assert joined.chunk.text == store.chunks[rows[0]].text + store.chunks[rows[1]].text
+    assert joined.chunk.key == f"pkg/mod1.py:1-{store.chunks[rows[1]].key.rsplit('-', 1)[1]}"
+    assert with_continuation(store, last) == last  # the file's last chunk: nothing of the next file joins it
+    assert store.chunks[rows[-1] + 1].file != "pkg/mod1.py"
 
 
 @pytest.mark.parametrize("prediction, right", [
