@@ -196,7 +196,8 @@ def parse_args(argv):
                          "library's (made afresh, deterministically: --count of them)")
     qa.add_argument("--count", type=int, default=100, help="questions made from the standard library")
     qa.add_argument("--max-new-tokens", type=int, default=24, help="the most tokens of an answer")
-    qa.add_argument("--batch-size", type=int, default=16, help="questions generated at once")
+    qa.add_argument("--batch-size", type=int, default=32,
+                    help="questions decoded together by the serving engine (continuous batching)")
     qa.add_argument("--out", type=Path, default=None, help="folder for rag_qa.json, rag_qa.png and questions.jsonl "
                                                            "(default: runs/rag_eval/qa-<model>)")
     qa.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -106,7 +106,7 @@ def test_rag_eval_qa_scores_with_and_without_retrieval(index, tmp_path, capsys):
                          + json.dumps({"question": "Which adds 0?", "answer": "mod0.helper_0_0"}) + "\n")
     out = tmp_path / "qa"
     assert rag_eval.main(["qa", "--index", str(index), "--model", "llama-tiny", "--questions", str(questions),
-                          "-k", "1", "--max-new-tokens", "4", "--batch-size", "1",  # ask's shapes: no new compile
+                          "-k", "1", "--max-new-tokens", "4", "--batch-size", "1",  # the engine: few programs
                           "--out", str(out), "--no-progress"]) == 0
     record = json.loads((out / "rag_qa.json").read_text())
     assert record["questions"] == 2 and 0 <= record["with_exact_match"] <= 1 and 0 <= record["without_exact_match"] <= 1

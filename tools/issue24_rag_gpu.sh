@@ -51,7 +51,7 @@ loss-smol) x loss-smol 550 rag_eval loss --index "$INDEX" --gguf smollm2-135m-in
     --target 64 --neighbour-tokens 512 --per-file 16 --max-targets 512 --batch-size 16 --out "$RUNS/loss-smol" \
     --no-progress ;;
 qa) x qa 550 rag_eval qa --index "$INDEX" --gguf smollm2-135m-instruct -k 4 --count 200 --max-new-tokens 24 \
-    --batch-size 40 --out "$RUNS/qa-smol" --no-progress ;;
+    --batch-size 64 --out "$RUNS/qa-smol" --no-progress ;;
 *) echo "usage: bash tools/issue24_rag_gpu.sh PART (minilm-a, minilm-b, index, train, loss-base, smol-a, smol-b," \
         "loss-smol, qa)" >&2; exit 2 ;;
 esac

@@ -418,13 +418,14 @@ class RagAnswer:
 
 def rag_generate(store: RagStore | None, encoder: Encoder | None, model, queries: str | Sequence[str], *, k: int = 4,
                  max_new_tokens: int = 64, retrieval_queries: Sequence[str] | None = None, use_chat: bool | None = None,
-                 sampling=None) -> list[RagAnswer]:
+                 sampling=None, engine: bool = False, max_running: int = 32) -> list[RagAnswer]:
     """Retrieve k chunks for each query, build its prompt within the model's context (less max_new_tokens) and
-    generate the answers in one batch (greedy unless `sampling`). model: an `llmjax.io.models.LoadedModel`.
+    generate the answers (greedy unless `sampling`, a SamplingConfig). model: an `llmjax.io.models.LoadedModel`.
     store None (or k=0): no retrieval, the query alone (through the chat template for a chat). retrieval_queries:
-    search with these texts instead of the queries. use_chat: the chat template (default: when the model has one)."""
-    from llmjax.infer.generate import generate
-
+    search with these texts instead of the queries. use_chat: the chat template (default: when the model has one).
+    engine: through the serving engine (`llmjax.infer.engine`: continuous batching of max_running sequences over
+    bucketed shapes, greedy only; many prompts of many lengths compile a few programs), else `generate` (one batch
+    padded to the longest prompt)."""
     queries = [queries] if isinstance(queries, str) else list(queries)
     queries = [check_query(q) for q in queries]
     if store is not None and k > 0:
@@ -435,14 +436,35 @@ def rag_generate(store: RagStore | None, encoder: Encoder | None, model, queries
         else None
     budget = model.cfg.max_seq_len - max_new_tokens
     prompts = [build_prompt(q, f, model.tokenizer, budget, chat) for q, f in zip(queries, found)]
-    eos = model.end_ids[0] if model.end_ids else None
-    out = generate(model.params, model.cfg, [p.ids for p in prompts], max_new_tokens=max_new_tokens,
-                   sampling=sampling, eos_id=eos)
+    if engine:
+        if sampling is not None:
+            raise RagError("rag_generate(engine=True) is greedy: give sampling=None, or engine=False to sample")
+        outputs = engine_greedy([p.ids for p in prompts], model, max_new_tokens, max_running)
+    else:
+        from llmjax.infer.generate import generate
+
+        out = generate(model.params, model.cfg, [p.ids for p in prompts], max_new_tokens=max_new_tokens,
+                       sampling=sampling, eos_id=model.end_ids[0] if model.end_ids else None)
+        outputs = list(zip(out.tokens, out.finish_reasons))
     return [RagAnswer(q, f, p, model.tokenizer.decode([t for t in tokens if t not in model.end_ids]), reason)
-            for q, f, p, tokens, reason in zip(queries, found, prompts, out.tokens, out.finish_reasons)]
+            for q, f, p, (tokens, reason) in zip(queries, found, prompts, outputs)]
+
+
+def engine_greedy(prompts: Sequence[Sequence[int]], model, max_new_tokens: int,
+                  max_running: int = 32) -> list[tuple[list[int], str]]:
+    """(tokens, finish reason) of the greedy completion of every prompt, in order, through one Engine sized for them
+    (`llmjax.posttrain.rollouts.rollout_engine_config`); a reply ends at any of the model's end ids."""
+    from llmjax.infer.engine import Engine, SamplingParams
+    from llmjax.posttrain.rollouts import complete, rollout_engine_config
+
+    config = rollout_engine_config(prompts, max_new_tokens, model.cfg.max_seq_len, max_running=max_running)
+    eos = model.end_ids[0] if model.end_ids else None
+    engine = Engine(model.params, model.cfg, config, eos_token_id=eos)
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, stop_token_ids=tuple(model.end_ids[1:]))
+    return [(list(r.completion_ids), r.finish_reason) for r in complete(engine, prompts, params)]
 
 
 __all__ = ["Chunk", "Encoder", "Prompt", "RagAnswer", "RagError", "RagStore", "Retrieved", "build_prompt",
            "build_rag_index", "check_encoder", "chunk_documents", "chunk_piece", "chunk_text", "fit_pieces",
            "load_encoder", "load_rag_index", "make_index", "parse_encoder_spec", "prompt_frame", "rag_generate",
-           "retrieve", "retrieve_many", "save_rag_index", "separator_ids", "with_continuation"]
+           "retrieve", "retrieve_many", "save_rag_index", "separator_ids", "with_continuation", "engine_greedy"]

@@ -282,35 +282,30 @@ def function_mentioned(prediction: str, answer: str) -> bool:
 
 
 def qa_eval(store: RagStore | None, encoder, model, questions: Sequence[dict], *, k: int = 4,
-            max_new_tokens: int = 32, batch_size: int = 16, progress: bool = False) -> dict:
+            max_new_tokens: int = 32, batch_size: int = 32, progress: bool = False) -> dict:
     """Greedy answers with retrieval (retrieved by each question's docstring, or its question) and without (the
-    question alone as the prompt): the exact-match, name-mentioned and function-mentioned rates of both, and every
-    answer."""
+    question alone as the prompt), through the serving engine (batch_size sequences decoded together): the
+    exact-match, name-mentioned and function-mentioned rates of both, and every answer."""
     from llmjax.retrieval.rag import rag_generate
 
     records = [dict(q) for q in questions]
     modes = {"without": (None, 0), "with": (store, k)} if store is not None else {"without": (None, 0)}
-    starts = range(0, len(records), batch_size)
-    if progress:
-        from tqdm import tqdm
-
-        starts = tqdm(starts, desc="rag qa", unit="batch")
-    for start in starts:
-        part = records[start:start + batch_size]
-        for mode, (mode_store, mode_k) in modes.items():
-            answers = rag_generate(mode_store, encoder, model, [q["question"] for q in part], k=mode_k,
-                                   max_new_tokens=max_new_tokens,
-                                   retrieval_queries=[q.get("docstring") or q["question"] for q in part])
-            for record, answer in zip(part, answers):
-                record[f"{mode}_answer"] = answer.answer
-                aliases = record.get("aliases") or ()
-                record[f"{mode}_exact"] = exact_match(answer.answer, record["answer"], aliases)
-                record[f"{mode}_mentioned"] = name_mentioned(answer.answer, record["answer"], aliases)
-                record[f"{mode}_function"] = function_mentioned(answer.answer, record["answer"])
-                if mode == "with":
-                    record["retrieved"] = [r.chunk.key for r in answer.retrieved]
-                    record["answer_file_retrieved"] = any(r.chunk.file == record.get("file")
-                                                          for r in answer.retrieved)
+    for mode, (mode_store, mode_k) in modes.items():
+        if progress:
+            print(f"rag qa: {len(records)} questions {mode} retrieval", flush=True)
+        answers = rag_generate(mode_store, encoder, model, [q["question"] for q in records], k=mode_k,
+                               max_new_tokens=max_new_tokens,
+                               retrieval_queries=[q.get("docstring") or q["question"] for q in records],
+                               engine=True, max_running=batch_size)
+        for record, answer in zip(records, answers):
+            aliases = record.get("aliases") or ()
+            record[f"{mode}_answer"] = answer.answer
+            record[f"{mode}_exact"] = exact_match(answer.answer, record["answer"], aliases)
+            record[f"{mode}_mentioned"] = name_mentioned(answer.answer, record["answer"], aliases)
+            record[f"{mode}_function"] = function_mentioned(answer.answer, record["answer"])
+            if mode == "with":
+                record["retrieved"] = [r.chunk.key for r in answer.retrieved]
+                record["answer_file_retrieved"] = any(r.chunk.file == record.get("file") for r in answer.retrieved)
     summary = {"questions": len(records)}
     for mode in modes:
         summary[f"{mode}_exact_match"] = float(np.mean([r[f"{mode}_exact"] for r in records]))
