@@ -17,7 +17,9 @@ Evaluation searches the whole pool (every document of both splits and every dist
 
 Cleaning: identical documents are kept once (queries share it); a query text that points to two different documents
 is ambiguous and dropped; a test query whose document also occurs in a training module is dropped (it would be seen
-in training).
+in training); a document that a training module also holds is labelled "train" (training code).
+
+`write_synthetic_library` writes a small made-up library to give as root, for quick runs and tests.
 """
 
 from __future__ import annotations
