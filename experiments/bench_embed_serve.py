@@ -55,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences the peer encodes in its timed run (default: 8 x --peer-batch-size)")
     p.add_argument("--quick", action="store_true",
                    help="a CPU smoke run: 4 clients in 1 process, 1 and 4 inputs per request, 32 tokens, 64 "
-                        "sequences, 0.3 s warm-up, 1.5 s measured, batches of at most 8, peer batch 16 (flags given "
-                        "explicitly win)")
+                        "sequences, 0.3 s warm-up, 1.5 s measured, batches of at most 8, peer batch 16 (flags set to "
+                        "other values than their defaults win)")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "runs/bench")) / "bench_embed_serve.json",
                    help="the JSON report (the PNG is written next to it)")
     return p
@@ -226,6 +226,18 @@ class ServerThread:
         self.thread.join(60)
 
 
+def http_stack() -> dict:
+    """What uvicorn runs on ("auto": httptools and uvloop when installed, else h11 and asyncio): the server's
+    per-request cost, which bounds requests/s, depends on it (pip install httptools uvloop)."""
+    import importlib.util
+
+    import uvicorn
+
+    return {"uvicorn": uvicorn.__version__,
+            "http": "httptools" if importlib.util.find_spec("httptools") else "h11",
+            "loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"}
+
+
 def build_server(model, args):
     from llmjax.embed import bucket_lengths
     from llmjax.infer.embeddings import Embedder, EmbedderConfig
@@ -296,8 +308,10 @@ def run_peer(folder: Path, texts: list[str], args) -> dict:
 # --- the report -------------------------------------------------------------------------------------------------
 
 def print_table(report: dict) -> None:
+    stack = report["server"]
     print(f"\n/v1/embeddings, {report['model']} on {report['device']}, {report['args']['clients']} clients, "
-          f"{report['args']['seq_len']}-token sequences sent as {report['args']['input']}")
+          f"{report['args']['seq_len']}-token sequences sent as {report['args']['input']} (uvicorn {stack['uvicorn']}, "
+          f"{stack['http']}, {stack['loop']})")
     print(f"{'inputs/request':>15} {'sequences/s':>12} {'requests/s':>11} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
           f"{'errors':>7} {'vs peer':>8}")
     peer = report.get("peer")
@@ -359,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     sequences, texts = corpus_sequences(model.tokenizer, args.seq_len, args.sequences)
     report = {"model": model_name(hf=args.hf, preset=args.model), "device": jax.devices()[0].device_kind,
               "backend": jax.default_backend(), "jax": jax.__version__, "compute_dtype": model.cfg.compute_dtype,
+              "server": http_stack(), "client": "httpx", "cpu_count": os.cpu_count(),
               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "runs": []}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     app, embedder = build_server(model, args)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from llmjax.embed import DEFAULT_MAX_LEN, bucket_lengths, default_pooling, embed_tokens, tokenize_for_embedding
+from llmjax.infer.openai_api import Fields, check_model, invalid, json_type
 from llmjax.model.pooling import check_pooling
 from llmjax.tokenizer import TokenizerError
 
@@ -247,7 +248,7 @@ class Embedder:
             if job.remaining == 0:
                 done.setdefault(job.loop, []).append((job.future, job.vectors, None))
         for loop, answers in done.items():
-            _call_on(loop, _answer_all, answers)
+            call_on(loop, _answer_all, answers)
 
     def _fail(self, rows: list, error: Exception) -> None:
         self.failures += 1
@@ -255,7 +256,7 @@ class Embedder:
         failure = EmbedFailure(f"the model failed on this batch: {type(error).__name__}: {error}")
         for job in {id(job): job for job, _ in rows}.values():
             job.remaining = -1  # its other rows are dropped
-            _call_on(job.loop, _answer_all, [(job.future, None, failure)])
+            call_on(job.loop, _answer_all, [(job.future, None, failure)])
         self._carry = collections.deque((job, row) for job, row in self._carry if job.remaining >= 0)
 
     def _fail_waiting(self, failure: Exception) -> None:
@@ -269,10 +270,11 @@ class Embedder:
                 jobs[id(job)] = job
         self._carry.clear()
         for job in jobs.values():
-            _call_on(job.loop, _answer_all, [(job.future, None, failure)])
+            call_on(job.loop, _answer_all, [(job.future, None, failure)])
 
 
-def _call_on(loop: asyncio.AbstractEventLoop, function, *args) -> bool:
+def call_on(loop: asyncio.AbstractEventLoop, function, *args) -> bool:
+    """Run function(*args) on an event loop from another thread; False when the loop is closed (nobody listens)."""
     try:
         loop.call_soon_threadsafe(function, *args)
         return True
@@ -294,15 +296,13 @@ def _is_token_list(value) -> bool:
 
 def read_inputs(value) -> list[str | list[int]]:
     """`input` as a list of texts and token-id lists (raises APIError for any other shape)."""
-    from llmjax.infer.server import _json_type, invalid
-
     if value is None:
         raise invalid("input is required", "input", "missing_field")
     if isinstance(value, str):
         return [value]
     if not isinstance(value, list):
         raise invalid(f"input must be a string, a list of strings, a list of token ids or a list of lists of token "
-                      f"ids, not {_json_type(value)}", "input", "invalid_type")
+                      f"ids, not {json_type(value)}", "input", "invalid_type")
     if not value:
         raise invalid("input is an empty list: give at least one string or token id", "input")
     if _is_token_list(value):
@@ -310,15 +310,13 @@ def read_inputs(value) -> list[str | list[int]]:
     if all(isinstance(item, str) for item in value) or all(_is_token_list(item) for item in value):
         return list(value)
     bad = next(i for i, item in enumerate(value) if not (isinstance(item, str) or _is_token_list(item)))
-    kind = _json_type(value[bad])
+    kind = json_type(value[bad])
     raise invalid(f"input[{bad}] is {kind}: input must be a string, a list of strings, a list of token ids or a list "
                   f"of lists of token ids (not a mix)", f"input[{bad}]", "invalid_type")
 
 
 def parse_embedding_request(data: dict, embedder: Embedder, *, model_name: str) -> EmbeddingRequest:
     """A checked /v1/embeddings request (raises APIError): every field but the texts' token counts."""
-    from llmjax.infer.server import Fields, check_model, invalid
-
     fields = Fields(data, EMBEDDING_FIELDS)
     check_model(fields, model_name)
     fields.string("user")  # accepted, unused
@@ -344,8 +342,6 @@ def parse_embedding_request(data: dict, embedder: Embedder, *, model_name: str) 
 def tokenize_inputs(request: EmbeddingRequest, embedder: Embedder) -> list[list[int]]:
     """Each input's ids as the model reads them, checked against the vocabulary and the token limit (raises
     APIError): a text through `tokenize_for_embedding`, token ids as given; cut to truncate_prompt_tokens if sent."""
-    from llmjax.infer.server import invalid
-
     limit = embedder.max_tokens if request.truncate in (None, -1) else request.truncate
     vocab, sequences = embedder.cfg.vocab_size, []
     for i, item in enumerate(request.inputs):

@@ -51,7 +51,10 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
+from llmjax.infer import embeddings as embedding_api
+from llmjax.infer.embeddings import call_on as _call_on
 from llmjax.infer.engine import EngineError, EngineStats, QueueFull, RequestOutput, SamplingParams
+from llmjax.infer.openai_api import APIError, Fields, check_model, invalid, json_type, parse_json_body  # noqa: F401
 from llmjax.tokenizer import TokenizerError
 from llmjax.tokenizer.chat import ChatFormat, ChatTemplateError
 
@@ -76,122 +79,6 @@ def require_serve_extra() -> None:
                           f"{SERVE_EXTRA_HINT}") from None
 
 
-# --- errors -----------------------------------------------------------------------------------------
-
-class APIError(Exception):
-    """An error answered as OpenAI's JSON error body with an HTTP status."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def invalid(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
-    return APIError(400, message, param=param, code=code)
-
-
-def parse_json_body(raw: bytes) -> dict:
-    """The request body as a JSON object (NaN / Infinity are not JSON and are refused)."""
-
-    def refuse_constant(name):
-        raise ValueError(f"{name} is not valid JSON")
-
-    try:
-        data = json.loads(raw, parse_constant=refuse_constant)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise invalid(f"the request body is not valid JSON: {error}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise invalid(f"the request body must be a JSON object, not {_json_type(data)}", code="invalid_json")
-    return data
-
-
-def _json_type(value) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
-
-
-# --- reading a request body -------------------------------------------------------------------------
-
-class Fields:
-    """A request's JSON object read field by field: unknown fields are refused, and each wrong type or value
-    is one 400 naming the field. null counts as absent (OpenAI's clients send it for unset options)."""
-
-    def __init__(self, data: dict, known: Sequence[str]):
-        unknown = [name for name in data if name not in known]
-        if unknown:
-            raise invalid(f"unrecognized request argument {unknown[0]!r}; this endpoint takes: "
-                          f"{', '.join(sorted(known))}", param=unknown[0], code="unknown_field")
-        self.data = data
-
-    def get(self, name: str):
-        return self.data.get(name)
-
-    def present(self, name: str) -> bool:
-        return self.data.get(name) is not None
-
-    def integer(self, name: str, default: int | None, minimum: int | None = None) -> int | None:
-        value = self.data.get(name)
-        if value is None:
-            return default
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise invalid(f"{name} must be an integer, not {_json_type(value)}", name, "invalid_type")
-        if minimum is not None and value < minimum:
-            raise invalid(f"{name}={value}: must be >= {minimum}", name)
-        return value
-
-    def number(self, name: str, default: float, low: float, high: float, *, low_open: bool = False) -> float:
-        value = self.data.get(name)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise invalid(f"{name} must be a number, not {_json_type(value)}", name, "invalid_type")
-        inside = (low < value if low_open else low <= value) and value <= high
-        if not inside:
-            raise invalid(f"{name}={value}: must be in {'(' if low_open else '['}{low}, {high}]", name)
-        return float(value)
-
-    def boolean(self, name: str, default: bool) -> bool:
-        value = self.data.get(name)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise invalid(f"{name} must be true or false, not {_json_type(value)}", name, "invalid_type")
-        return value
-
-    def string(self, name: str, *, required: bool = False) -> str | None:
-        value = self.data.get(name)
-        if value is None:
-            if required:
-                raise invalid(f"{name} is required", name, "missing_field")
-            return None
-        if not isinstance(value, str):
-            raise invalid(f"{name} must be a string, not {_json_type(value)}", name, "invalid_type")
-        return value
-
-    def unsupported(self, name: str, neutral: tuple, what: str) -> None:
-        """A known OpenAI option this server does not implement: only its neutral values are accepted."""
-        value = self.data.get(name)
-        if value is not None and value not in neutral:
-            raise invalid(f"{name}={json.dumps(value)}: {what} is not supported by this server", name, "unsupported")
-
-
 @dataclass(frozen=True)
 class GenerationRequest:
     """What a completions or chat request asks the engine for, checked."""
@@ -210,13 +97,6 @@ COMPLETION_FIELDS = SAMPLING_FIELDS + ("prompt", "echo", "best_of", "suffix")
 CHAT_FIELDS = SAMPLING_FIELDS + ("messages", "max_completion_tokens", "top_logprobs")
 
 
-def check_model(fields: Fields, model_name: str) -> None:
-    name = fields.string("model", required=True)
-    if name != model_name:
-        raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r} (see /v1/models)",
-                       param="model", code="model_not_found")
-
-
 def read_prompt(fields: Fields, tokenizer) -> list[int]:
     """/v1/completions' prompt: one string, or one list of token ids."""
     prompt = fields.get("prompt")
@@ -233,7 +113,7 @@ def read_prompt(fields: Fields, tokenizer) -> list[int]:
         raise invalid("prompt holds several prompts; this server takes one prompt per request (a string or a list "
                       "of token ids)", "prompt", "unsupported")
     else:
-        raise invalid(f"prompt must be a string or a list of token ids, not {_json_type(prompt)}", "prompt",
+        raise invalid(f"prompt must be a string or a list of token ids, not {json_type(prompt)}", "prompt",
                       "invalid_type")
     if not ids:
         raise invalid("prompt is empty; give at least one token", "prompt")
@@ -325,7 +205,7 @@ def read_messages(messages) -> list[dict]:
     if messages is None:
         raise invalid("messages is required", "messages", "missing_field")
     if not isinstance(messages, list):
-        raise invalid(f"messages must be an array of {{role, content}} objects, not {_json_type(messages)}", "messages",
+        raise invalid(f"messages must be an array of {{role, content}} objects, not {json_type(messages)}", "messages",
                       "invalid_type")
     if not messages:
         raise invalid("messages is empty; give at least one message", "messages")
@@ -348,7 +228,7 @@ def read_messages(messages) -> list[dict]:
                               f"{where}.content", "unsupported")
             content = "".join(part["text"] for part in content)
         if not isinstance(content, str):
-            raise invalid(f"{where}.content must be a string or a list of text parts, not {_json_type(content)}",
+            raise invalid(f"{where}.content must be a string or a list of text parts, not {json_type(content)}",
                           f"{where}.content", "invalid_type")
         name = message.get("name")
         if name is not None and not isinstance(name, str):
@@ -531,15 +411,6 @@ class _Route:
 
     def deliver(self, item) -> bool:
         return _call_on(self.loop, self.outputs.put_nowait, item)
-
-
-def _call_on(loop: asyncio.AbstractEventLoop, function, *args) -> bool:
-    """Run function(*args) on an event loop from another thread; False when the loop is closed (nobody listens)."""
-    try:
-        loop.call_soon_threadsafe(function, *args)
-        return True
-    except RuntimeError:
-        return False
 
 
 class EngineFailure(RuntimeError):
@@ -862,8 +733,6 @@ def create_app(engine, tokenizer, *, model_name: str, max_model_len: int, chat_f
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException
-
-    from llmjax.infer import embeddings as embedding_api
 
     chat_format = chat_format or ChatFormat()
     driver = AsyncEngine(engine) if engine is not None else None
