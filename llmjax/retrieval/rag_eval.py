@@ -154,7 +154,7 @@ def rag_loss_eval(store: RagStore, encoder, params, cfg, tokenizer, targets: Seq
 
 SKIPPED_PARTS = {"test", "tests", "idlelib", "turtledemo", "lib2to3", "ensurepip", "site-packages", "__main__.py"}
 QUESTION = ("Which Python standard-library function has this docstring?\n\n\"{docstring}\"\n\nAnswer with its "
-            "full name only, as module.function (for example: json.dumps).")
+            "full name only, as module.function.")  # an example name here is echoed back by SmolLM2
 
 
 def module_name(key: str) -> str:
