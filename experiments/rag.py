@@ -67,13 +67,14 @@ def load_store(args):
 def run_command(function, args) -> int:
     """Run a subcommand; bad input (RagError, a model that does not load, a corpus, a prompt) is one line, exit 2."""
     from llmjax.data.corpus import CorpusError
+    from llmjax.infer.engine import EngineError
     from llmjax.infer.generate import GenerationError
     from llmjax.io.models import ModelLoadError
     from llmjax.retrieval.base import RetrievalError
 
     try:
         function(args)
-    except (RetrievalError, ModelLoadError, GenerationError, CorpusError) as error:
+    except (RetrievalError, ModelLoadError, GenerationError, EngineError, CorpusError) as error:
         print(f"{args.prog}: {error}", file=sys.stderr)
         return 2
     return 0
@@ -117,7 +118,7 @@ def ask_command(args) -> None:
     model = load_generator(args)
     use_chat = False if args.plain else None
     answer = rag_generate(store, encoder, model, args.query, k=args.k, max_new_tokens=args.max_new_tokens,
-                          use_chat=use_chat)[0]
+                          use_chat=use_chat, engine=True, max_running=1)[0]
     for retrieved in answer.retrieved:
         kept = "" if retrieved in answer.prompt.kept else "  (dropped: no room)"
         print(f"retrieved {retrieved.rank + 1}: {retrieved.chunk.key}  score {retrieved.score:.4f}{kept}")
@@ -136,7 +137,7 @@ def parse_args(argv):
         "with an encoder and save an index folder (index.npz, chunks.jsonl, meta.json: the encoder and chunking). "
         "`ask`: retrieve the k chunks nearest to a question or code prompt, put them before it within the model's "
         "context (lowest-ranked chunks dropped first, then the last kept one cut; the query is never cut) and "
-        "generate greedily; prints the retrieved chunks' keys and the answer.")
+        "generate greedily with the serving engine; prints the retrieved chunks' keys and the answer.")
     commands = p.add_subparsers(dest="command", required=True)
 
     index = commands.add_parser("index", help="build an index folder from a corpus",
