@@ -132,13 +132,14 @@ def request_bodies(sequences, texts, k: int, seq_len: int, kind: str) -> list[by
 
 # --- the clients (in child processes) ----------------------------------------------------------------------------
 
-def client_process(url: str, bodies: list[bytes], clients: int, offset: int, k: int, warmup_s: float,
+def client_process(url: str, runs: list[tuple[int, list[bytes]]], clients: int, offset: int, warmup_s: float,
                    duration_s: float, barrier, results) -> None:
-    """`clients` concurrent clients in this process; puts {"latencies", "sequences", "errors"} of the requests
-    that completed in the measured window on `results`."""
+    """`clients` concurrent clients in this process, for each (inputs per request, request bodies) of `runs` in
+    turn: all processes start a run together (the barrier), then this one puts {"latencies", "sequences", "errors"}
+    of the requests that completed in the measured window on `results`."""
     import httpx
 
-    async def run() -> dict:
+    async def run(k: int, bodies: list[bytes]) -> dict:
         record = {"latencies": [], "sequences": 0, "errors": 0, "error_sample": None}
         limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
         async with httpx.AsyncClient(limits=limits, timeout=120) as http:
@@ -166,27 +167,13 @@ def client_process(url: str, bodies: list[bytes], clients: int, offset: int, k: 
             await asyncio.gather(*(one_client(i) for i in range(clients)))
         return record
 
-    results.put(asyncio.run(run()))
+    for k, bodies in runs:
+        results.put(asyncio.run(run(k, bodies)))
 
 
-def drive(url: str, bodies: list[bytes], args, k: int) -> dict:
-    """One measured run: --clients over --client-processes processes (spawned: no fork of this JAX process)."""
-    import multiprocessing
-
+def summarize(records: list[dict], k: int, args) -> dict:
     import numpy as np
 
-    context = multiprocessing.get_context("spawn")
-    processes = args.client_processes
-    shares = [args.clients // processes + (i < args.clients % processes) for i in range(processes)]
-    barrier, results = context.Barrier(processes), context.Queue()
-    workers = [context.Process(target=client_process, daemon=True,
-                               args=(url, bodies, share, sum(shares[:i]), k, args.warmup_s, args.duration_s, barrier,
-                                     results)) for i, share in enumerate(shares)]
-    for worker in workers:
-        worker.start()
-    records = [results.get(timeout=args.warmup_s + args.duration_s + 300) for _ in workers]
-    for worker in workers:
-        worker.join(30)
     latencies = np.asarray([x for r in records for x in r["latencies"]])
     errors = sum(r["errors"] for r in records)
     if errors:
@@ -194,10 +181,40 @@ def drive(url: str, bodies: list[bytes], args, k: int) -> dict:
         print(f"{PROG}: {errors} requests failed, e.g. {sample}", file=sys.stderr)
     sequences = sum(r["sequences"] for r in records)
     pick = (lambda q: float(np.percentile(latencies, q) * 1e3)) if len(latencies) else (lambda q: float("nan"))
-    return {"inputs_per_request": k, "clients": args.clients, "client_processes": processes,
+    return {"inputs_per_request": k, "clients": args.clients, "client_processes": args.client_processes,
             "sequences_per_s": sequences / args.duration_s, "requests_per_s": len(latencies) / args.duration_s,
             "latency_ms": {"p50": pick(50), "p90": pick(90), "p99": pick(99)}, "requests": int(len(latencies)),
             "errors": errors}
+
+
+def drive(url: str, runs: list[tuple[int, list[bytes]]], args, embedder) -> list[dict]:
+    """Every run of `runs` ((inputs per request, bodies)) with --clients spread over --client-processes processes
+    (spawned once: no fork of this JAX process), one after another; the server's mean batch of each."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    processes = args.client_processes
+    shares = [args.clients // processes + (i < args.clients % processes) for i in range(processes)]
+    barrier, results = context.Barrier(processes + 1), context.Queue()
+    workers = [context.Process(target=client_process, daemon=True,
+                               args=(url, runs, share, sum(shares[:i]), args.warmup_s, args.duration_s, barrier,
+                                     results)) for i, share in enumerate(shares)]
+    for worker in workers:
+        worker.start()
+    out = []
+    for k, _ in runs:
+        barrier.wait(timeout=600)
+        batches, rows = embedder.batches_run, embedder.sequences_run
+        records = [results.get(timeout=args.warmup_s + args.duration_s + 300) for _ in workers]
+        run = summarize(records, k, args)
+        run["server_mean_batch"] = (embedder.sequences_run - rows) / max(embedder.batches_run - batches, 1)
+        print(f"{PROG}: {k} per request: {run['sequences_per_s']:,.0f} sequences/s, p50 "
+              f"{run['latency_ms']['p50']:.1f} ms, p99 {run['latency_ms']['p99']:.1f} ms, mean batch "
+              f"{run['server_mean_batch']:.1f}", file=sys.stderr, flush=True)
+        out.append(run)
+    for worker in workers:
+        worker.join(30)
+    return out
 
 
 # --- the server -------------------------------------------------------------------------------------------------
@@ -379,16 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     app, embedder = build_server(model, args)
     with ServerThread(app) as url:
         report["max_abs_difference_vs_embed_ids"] = check_answers(url, model, sequences)
-        for k in args.inputs:
-            bodies = request_bodies(sequences, texts, k, args.seq_len, args.input)
-            batches, rows = embedder.batches_run, embedder.sequences_run
-            run = drive(url, bodies, args, k)
-            run["server_mean_batch"] = (embedder.sequences_run - rows) / max(embedder.batches_run - batches, 1)
-            report["runs"].append(run)
-            print(f"{PROG}: {k} per request: {run['sequences_per_s']:,.0f} sequences/s, p50 "
-                  f"{run['latency_ms']['p50']:.1f} ms, p99 {run['latency_ms']['p99']:.1f} ms, mean batch "
-                  f"{run['server_mean_batch']:.1f}", file=sys.stderr, flush=True)
-            args.out.write_text(json.dumps(report, indent=1))
+        runs = [(k, request_bodies(sequences, texts, k, args.seq_len, args.input)) for k in args.inputs]
+        report["runs"] = drive(url, runs, args, embedder)
+        args.out.write_text(json.dumps(report, indent=1))
     if not args.no_peer:
         report["peer"] = run_peer(resolve_hf_model(args.hf), texts, args)
         best = max(run["sequences_per_s"] for run in report["runs"])
