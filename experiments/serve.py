@@ -81,7 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv):
-    return build_parser().parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    for flag, value, least in (("--embed-max-batch", args.embed_max_batch, 1),
+                               ("--embed-max-inputs", args.embed_max_inputs, 1),
+                               ("--embed-max-tokens", args.embed_max_tokens, 2),
+                               ("--embed-batch-wait-ms", args.embed_batch_wait_ms, 0)):
+        if value is not None and value < least:
+            p.error(f"{flag}={value}: must be >= {least}")
+    return args
 
 
 def default_model_name(args) -> str:

@@ -281,3 +281,21 @@ def test_experiments_serve_serves_the_real_minilm():
     np.testing.assert_allclose(got, embed_texts(model.params, model.cfg, model.tokenizer, texts,
                                                 batch_size=8), atol=1e-5)
     assert got.shape == (2, 384)
+
+
+@pytest.mark.parametrize("flags, message", [(["--embed-max-batch", "0"], "--embed-max-batch=0: must be >= 1"),
+                                            (["--embed-max-tokens", "1"], "--embed-max-tokens=1: must be >= 2")])
+def test_serve_embedding_flags_are_checked(flags, message, capsys):
+    from llmjax.experiments import serve
+
+    with pytest.raises(SystemExit) as caught:
+        serve.main(["--model", "bert-tiny", *flags])
+    assert caught.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_serve_embed_max_tokens_over_the_context_is_one_line(capsys):
+    from llmjax.experiments import serve
+
+    assert serve.main(["--model", "bert-tiny", "--embed-max-tokens", "65", "--no-warmup"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "max_tokens=65: the model reads at most 64 tokens" in err and err.count("\n") == 0
