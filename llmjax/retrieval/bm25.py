@@ -69,7 +69,11 @@ class BM25Index:
         tokens = [code_tokens(d) for d in documents]
         self.vocab = {t: i for i, t in enumerate(sorted({t for doc in tokens for t in doc}))}
         if backend == "bm25s":
+            import logging
+
             import bm25s
+
+            logging.getLogger("bm25s").setLevel(logging.WARNING)  # no DEBUG line per index
 
             self._bm25s = bm25s.BM25(k1=k1, b=b, method="lucene")
             self._bm25s.index(bm25s.tokenization.Tokenized(
