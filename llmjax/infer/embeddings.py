@@ -152,7 +152,7 @@ class Embedder:
     async def embed(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
         """float32 [len(sequences), d_model]: the vectors of these token sequences (each 1 .. max_tokens ids)."""
         loop = asyncio.get_running_loop()
-        job = _Job([list(s) for s in sequences], loop, loop.create_future(),
+        job = _Job(list(sequences), loop, loop.create_future(),
                    np.empty((len(sequences), self.dimension), np.float32), len(sequences))
         if not self.alive:
             raise EmbedFailure("the embedding worker is not running")
@@ -291,7 +291,8 @@ def _answer_all(answers: list) -> None:
 # --- the request -----------------------------------------------------------------------------------
 
 def _is_token_list(value) -> bool:
-    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    """A list of integers (not booleans); checked in C (map, set): it runs on every token of every request."""
+    return isinstance(value, list) and (not value or set(map(type, value)) == {int})
 
 
 def read_inputs(value) -> list[str | list[int]]:
@@ -357,8 +358,8 @@ def tokenize_inputs(request: EmbeddingRequest, embedder: Embedder) -> list[list[
         else:
             if not item:
                 raise invalid(f"{where} is an empty list of token ids: give at least one", where)
-            bad = next((t for t in item if not 0 <= t < vocab), None)
-            if bad is not None:
+            if min(item) < 0 or max(item) >= vocab:
+                bad = next(t for t in item if not 0 <= t < vocab)
                 raise invalid(f"{where} holds the token id {bad}, outside the model's vocabulary of {vocab}", where)
             ids, total = item[:limit], len(item)
         if total > limit and request.truncate is None:
