@@ -5,15 +5,19 @@ the memory budget, then bisected (to multiples of --granularity) between the las
 that did not. "Fits" is decided from XLA's memory analysis of the compiled step (nothing allocated, no weights:
 arguments + outputs + temporaries - donated bytes, against the device's allocator limit or --budget-gib); on a GPU
 the longest length is then confirmed by running one real step in a fresh process (an XLA RESOURCE_EXHAUSTED there
-counts as "does not fit" and the bisection goes on below it).
+counts as "does not fit": real steps then halve from it until one runs and bisect between the two). Host memory for
+offloaded residuals is PJRT's pinned-host pool: set to 90% of this machine's memory unless
+XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB says otherwise, and a length whose host temporaries exceed it does not fit.
 
 Configurations (each over the --model preset and its --set overrides):
     plain              remat "none", the whole MLP at once, the default attention and loss (as trained by default)
     blockwise          Blockwise Parallel Transformer on one GPU: flash attention (Pallas) on GPUs, the MLP over
                        blocks of --block-tokens tokens (ModelConfig.mlp_block_tokens), remat "full" per layer, the
                        loss in chunks of --block-tokens tokens (TrainConfig.loss_chunk_tokens)
-    blockwise+offload  the same with remat "offload": the layers' saved matmul outputs in pinned host memory
-                       (a CPU compile ignores host offload: there it reads like remat "dots_no_batch")
+    blockwise+offload  the same, with the layer-boundary residuals (each block's input, the one [seq, d_model]
+                       per layer that remat "full" keeps for the backward pass) in pinned host memory: remat
+                       "names" with remat_offload=("block_input",): the device keeps the weights, the optimizer
+                       state and one layer's recomputation at a time
 
     python -m experiments max_context --model llama-1b
     python -m experiments max_context --model llama-1b --configs blockwise --block-tokens 4096 --vocab 32000
@@ -118,8 +122,8 @@ def configuration(name: str, base, tokens: int, args, platform: str):
     attention = args.blockwise_attention
     if attention == "auto":
         attention = "pallas" if platform == "gpu" else "xla"
-    model = model.replace(remat="full" if name == "blockwise" else "offload", mlp_block_tokens=args.block_tokens,
-                          attention_impl=attention)
+    remat = dict(remat="full") if name == "blockwise" else dict(remat="names", remat_offload=("block_input",))
+    model = model.replace(**remat, mlp_block_tokens=args.block_tokens, attention_impl=attention)
     return model, TrainConfig(loss_chunk_tokens=args.block_tokens)
 
 
@@ -160,7 +164,7 @@ def analyze(name: str, tokens: int, base, args, platform: str, budget: float) ->
                "error": f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}",
                "out_of_memory": is_out_of_memory(error)}
     else:
-        row["fits"] = row["peak_estimate"] <= budget
+        row["fits"] = row["peak_estimate"] <= budget and row["host_temporaries"] <= host_memory_limit()
     row["compile_s"] = round(time.perf_counter() - started, 2)
     peak = f"{row['peak_estimate'] / GIB:8.3f} GiB" if row["peak_estimate"] is not None else "       - GiB"
     verdict = "fits" if row["fits"] else ("does not compile: " + row["error"] if row.get("error") and not
@@ -223,6 +227,19 @@ def confirm(name: str, tokens: int, args, argv: list[str]) -> dict:
     return result
 
 
+HOST_LIMIT_VARIABLE = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"  # PJRT's pinned-host pool (default 64 GB)
+
+
+def host_memory_limit() -> float:
+    """Bytes of pinned host memory offloaded residuals may use: XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB, which main sets
+    to 90% of this machine's physical memory unless given."""
+    return float(os.environ.get(HOST_LIMIT_VARIABLE, 64)) * 1e9
+
+
+def default_host_limit_gb() -> int:
+    return int(0.9 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9)
+
+
 def child_environment() -> dict:
     return {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
 
@@ -244,6 +261,22 @@ def longest_fitting(fits, start: int, maximum: int, granularity: int) -> int:
         if length >= maximum:
             return fit
         length = min(2 * length, maximum)
+    return bisect(fits, fit, fail, granularity)
+
+
+def longest_below(fits, failed: int, granularity: int) -> int:
+    """The longest multiple of granularity below `failed` (known not to fit) for which fits(length) holds: halving
+    from failed until a length fits, then bisection between it and the last that did not (so a real-step search
+    after an optimistic estimate costs a few steps near the top, not a climb from the bottom). 0 when none fits."""
+    fail, length = failed, failed // 2 // granularity * granularity
+    while length >= granularity and not fits(length):
+        fail, length = length, length // 2 // granularity * granularity
+    return bisect(fits, length, fail, granularity) if length >= granularity else 0
+
+
+def bisect(fits, fit: int, fail: int, granularity: int) -> int:
+    """The longest multiple of granularity in [fit, fail) for which fits holds, fit known to fit (or 0) and fail
+    known not to."""
     while fail - fit > granularity:
         middle = (fit + fail) // 2 // granularity * granularity
         middle = middle if middle > fit else fit + granularity
@@ -278,8 +311,7 @@ def search(name: str, base, args, argv, platform: str, budget: float, confirm_ru
             confirmed = True
         else:  # the analysis was optimistic: bisect below with real steps
             print(f"  {name:>17}: {longest:,} tokens did not run; searching below with real steps", flush=True)
-            longest = longest_fitting(fits_by_running, args.granularity, longest - args.granularity,
-                                      args.granularity) if longest > args.granularity else 0
+            longest = longest_below(fits_by_running, longest, args.granularity)
             confirmed = bool(longest)
     # a failure other than memory (e.g. a configuration this backend cannot compile) is the answer when nothing fit
     errors = [row["error"] for row in tried.values() if row.get("error") and not row.get("out_of_memory")]
@@ -288,7 +320,8 @@ def search(name: str, base, args, argv, platform: str, budget: float, confirm_ru
     return {"config": name, "longest_tokens": longest, "peak_estimate": row.get("peak_estimate"),
             "measured_peak": row.get("run", {}).get("measured_peak"), "confirmed": confirmed,
             "error": errors[0] if errors and not longest else None, "errors": sorted(set(errors)),
-            "fields": {"remat": model_cfg.remat, "mlp_block_tokens": model_cfg.mlp_block_tokens,
+            "fields": {"remat": model_cfg.remat, "remat_offload": list(model_cfg.remat_offload),
+                       "mlp_block_tokens": model_cfg.mlp_block_tokens,
                        "attention_impl": model_cfg.attention_impl, "loss_chunk_tokens": train_cfg.loss_chunk_tokens},
             "tried": [tried[t] for t in sorted(tried)]}
 
@@ -346,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         args.child_out.write_text(json.dumps(run_one_step(name, int(tokens), args)))
         return 0
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the confirming processes need the memory
+    os.environ.setdefault(HOST_LIMIT_VARIABLE, str(default_host_limit_gb()))  # (they inherit it)
     import jax
 
     base = base_model_config(args)

@@ -30,7 +30,8 @@ ACTIVATIONS = ("gelu_tanh", "gelu", "swiglu")  # gelu: the exact erf form (BERT)
 # those in remat_offload kept in host memory, everything else recomputed
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload", "names")
 # The intermediates a block tags with jax.ad_checkpoint.checkpoint_name (llmjax.model.transformer.block).
-REMAT_NAMES = ("query", "key", "value", "attention_output", "mlp_hidden", "attention_residual", "block_output")
+REMAT_NAMES = ("block_input", "query", "key", "value", "attention_output", "mlp_hidden", "attention_residual",
+               "block_output")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas", "pallas_fp8", "performer")
 NORM_IMPLS = ("auto", "xla", "pallas")
 ROPE_SCALINGS = ("linear", "llama3", "ntk", "yarn")

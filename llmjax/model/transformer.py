@@ -192,8 +192,11 @@ def block(params: dict, x: jax.Array, positions: jax.Array, cfg: ModelConfig, at
     - the feed-forward: params["mlp"] (dense) or params["moe"] (Mixture-of-Experts, with this layer's metrics as
       the third result; {} for a dense block). rng: router jitter / noise while training.
     Profiles read "attention/qkv", "attention/rope", "attention/core", "attention/out_proj", "mlp"; remat policies
-    can keep or offload the checkpoint names "query", "key", "value", "attention_output", "mlp_hidden",
-    "attention_residual" and "block_output" (REMAT_NAMES)."""
+    can keep or offload the checkpoint names "block_input", "query", "key", "value", "attention_output", "mlp_hidden",
+    "attention_residual" and "block_output" (REMAT_NAMES). "block_input" is what a scan over remat'd blocks keeps
+    between the forward and the backward pass (one [batch, seq, d_model] per layer): offloading it alone moves the
+    whole stack of layer-boundary residuals to the host."""
+    x = checkpoint_name(x, "block_input")
     pre = cfg.norm_position == "pre"  # else post-norm (BERT): norm(x + attention(x)), then norm(x + mlp(x))
     with jax.named_scope("attention"):
         h = norm(params["attn_norm"], x, cfg) if pre else x

@@ -136,6 +136,47 @@ def test_longest_fitting_doubles_then_bisects():
     assert longest_fitting(fits_below(100), 1024, 4096, 1024) == 0  # nothing fits
 
 
+def test_longest_below_halves_then_bisects_after_an_optimistic_estimate():
+    """A real step failed at 212,992 tokens although the estimate said it fits: the search goes down by halving
+    (106,496 runs) and bisects between, not back up from the bottom."""
+    from llmjax.experiments.max_context import longest_below
+
+    tried = []
+
+    def fits(length):
+        tried.append(length)
+        return length <= 140_000
+
+    assert longest_below(fits, 212_992, 8192) == 139_264
+    assert tried[0] == 106_496 and len(tried) <= 5 and all(t % 8192 == 0 for t in tried)
+    tried.clear()
+    assert longest_below(lambda n: tried.append(n) or n <= 20_000, 212_992, 8192) == 16_384
+    assert tried[:4] == [106_496, 49_152, 24_576, 8192]  # halving until one fits, then bisection
+    assert longest_below(lambda n: False, 65_536, 8192) == 0
+    assert longest_below(lambda n: True, 8192, 8192) == 0  # nothing below the granularity
+
+
+def test_offload_configuration_keeps_the_layer_boundary_residuals_on_the_host(capsys):
+    """blockwise+offload's policy (remat "names", remat_offload=("block_input",)): the scan's stacked residual, one
+    [batch, seq, d_model] per layer, is saved in host memory and no per-layer copy of it stays on the device."""
+    from jax.ad_checkpoint import print_saved_residuals
+
+    from llmjax.experiments.max_context import configuration, parse_args
+    from llmjax.model.transformer import hidden_states
+
+    args = parse_args(["--model", "llama-tiny", "--block-tokens", "16", "--budget-gib", "1"])
+    base = get_config("llama-tiny", num_layers=2)
+    cfg, _ = configuration("blockwise+offload", base, 32, args, "cpu")
+    assert cfg.remat == "names" and cfg.remat_offload == ("block_input",)
+    params = init_params(cfg, jax.random.key(0))
+    tokens = jnp.zeros((1, 32), jnp.int32)
+    print_saved_residuals(lambda p: hidden_states(p, tokens, cfg).astype(jnp.float32).sum(), params)
+    residuals = capsys.readouterr().out.splitlines()
+    stacked = f"[2,1,32,{cfg.d_model}]"
+    assert any("<host>" in line and stacked in line for line in residuals), residuals
+    assert not any("<host>" not in line and stacked in line for line in residuals), residuals
+
+
 def test_max_context_smoke(tmp_path, capsys):
     """A tiny model on a CPU budget between the two configurations' peaks at 64 tokens (about 1.35 MB plain, 1.26 MB
     blockwise): the table, the JSON (every length tried, per configuration) and the PNG. Two compiles."""
@@ -148,8 +189,8 @@ def test_max_context_smoke(tmp_path, capsys):
     result = json.loads((tmp_path / "llama-tiny.json").read_text())
     rows = {r["config"]: r for r in result["results"]}
     assert set(rows) == {"plain", "blockwise"}
-    assert rows["blockwise"]["fields"] == {"remat": "full", "mlp_block_tokens": 32, "attention_impl": "xla",
-                                           "loss_chunk_tokens": 32}
+    assert rows["blockwise"]["fields"] == {"remat": "full", "remat_offload": [], "mlp_block_tokens": 32,
+                                           "attention_impl": "xla", "loss_chunk_tokens": 32}
     for row in rows.values():
         assert [t["tokens"] for t in row["tried"]] == [64] and row["confirmed"] is None and not row["errors"]
         assert row["tried"][0]["peak_estimate"] > 0 and row["longest_tokens"] in (0, 64)
