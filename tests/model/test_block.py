@@ -76,7 +76,7 @@ def test_remat_names_from_a_command_line_and_bad_names():
     cfg = get_config("llama-tiny", remat="names", remat_save="query, mlp_hidden")  # --set remat_save=query,mlp_hidden
     assert cfg.remat_save == ("query", "mlp_hidden")
     assert set(REMAT_NAMES) >= {"query", "key", "value", "attention_output", "mlp_hidden", "block_output"}
-    with pytest.raises(ConfigError, match=r"remat_save: unknown intermediate\(s\) 'queries'; the named ones are query"):
+    with pytest.raises(ConfigError, match=r"remat_save: unknown intermediate\(s\) 'queries'; the named ones are block_input, query"):
         get_config("llama-tiny", remat="names", remat_save=("queries",))
     with pytest.raises(ConfigError, match=r"remat_save / remat_offload are set but remat='full'"):
         get_config("llama-tiny", remat="full", remat_save=("query",))
