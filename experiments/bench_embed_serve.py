@@ -292,6 +292,26 @@ def check_answers(url: str, model, sequences: list[list[int]]) -> float:
     return float(np.abs(served - expected).max())
 
 
+def run_library(model, sequences: list[list[int]], args) -> dict:
+    """The same sequences through `llmjax.embed.embed_ids` in this process, no HTTP (batches of --max-batch, one
+    transfer at the end): what the model alone sustains, so the server's gap to it is the HTTP layer's cost."""
+    from llmjax.embed import embed_ids
+
+    count = args.peer_sequences or 8 * args.peer_batch_size
+    batch = [sequences[i % len(sequences)] for i in range(max(count, args.max_batch))]
+    pad = model.tokenizer.special_ids.pad or 0
+
+    def run() -> None:
+        embed_ids(model.params, model.cfg, batch, pad_id=pad, batch_size=args.max_batch, max_len=args.seq_len)
+
+    run()  # compiles
+    tick = time.perf_counter()
+    run()
+    seconds = time.perf_counter() - tick
+    return {"name": "llmjax.embed.embed_ids (no HTTP)", "batch_size": args.max_batch, "sequences": len(batch),
+            "seconds": seconds, "sequences_per_s": len(batch) / seconds}
+
+
 # --- the peer ---------------------------------------------------------------------------------------------------
 
 def run_peer(folder: Path, texts: list[str], args) -> dict:
@@ -337,6 +357,10 @@ def print_table(report: dict) -> None:
         latency = run["latency_ms"]
         print(f"{run['inputs_per_request']:>15} {run['sequences_per_s']:>12,.0f} {run['requests_per_s']:>11,.0f} "
               f"{latency['p50']:>8.1f} {latency['p90']:>8.1f} {latency['p99']:>8.1f} {run['errors']:>7} {ratio:>8}")
+    library = report.get("library")
+    if library:
+        print(f"model alone: {library['name']}, batch {library['batch_size']}: {library['sequences_per_s']:,.0f} "
+              f"sequences/s")
     if peer:
         print(f"peer: {peer['name']} on {peer['device_name']} (torch {peer['torch']}, batch {peer['batch_size']}): "
               f"{peer['sequences_per_s']:,.0f} sequences/s")
@@ -399,12 +423,15 @@ def main(argv: list[str] | None = None) -> int:
         runs = [(k, request_bodies(sequences, texts, k, args.seq_len, args.input)) for k in args.inputs]
         report["runs"] = drive(url, runs, args, embedder)
         args.out.write_text(json.dumps(report, indent=1))
+    report["library"] = run_library(model, sequences, args)
+    best = max(run["sequences_per_s"] for run in report["runs"])
+    report["ratio_best_server_vs_library"] = best / report["library"]["sequences_per_s"]
     if not args.no_peer:
         report["peer"] = run_peer(resolve_hf_model(args.hf), texts, args)
-        best = max(run["sequences_per_s"] for run in report["runs"])
         report["ratio_best_server_vs_peer"] = best / report["peer"]["sequences_per_s"]
     args.out.write_text(json.dumps(report, indent=1))
     print_table(report)
+    print(f"best server / model alone: {report['ratio_best_server_vs_library']:.2f}x")
     if "ratio_best_server_vs_peer" in report:
         print(f"best server / peer: {report['ratio_best_server_vs_peer']:.2f}x")
     plot(report, args.out.with_suffix(".png"))

@@ -21,6 +21,7 @@ def test_bench_embed_serve_quick(tmp_path, capsys):
         assert run["sequences_per_s"] == pytest.approx(run["requests"] * run["inputs_per_request"] / 1.0)
         assert run["latency_ms"]["p50"] <= run["latency_ms"]["p99"]
     assert report["max_abs_difference_vs_embed_ids"] < 1e-5 and "peer" not in report
+    assert report["library"]["sequences_per_s"] > 0 and report["ratio_best_server_vs_library"] > 0
     assert out.with_suffix(".png").stat().st_size > 0
     assert "sequences/s" in capsys.readouterr().out
 
