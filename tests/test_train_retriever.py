@@ -18,15 +18,26 @@ def _task_flags(library, tmp_path):
     return ["--root", str(library), "--heldout-fraction", "0.25", "--cache-dir", str(tmp_path / "cache")]
 
 
-def test_training_lowers_the_loss_and_the_run_reloads(library, tmp_path):
-    from llmjax.experiments import retrieval_eval, train_retriever
-    from llmjax.retrieval.dense import load_retriever
+@pytest.fixture(scope="module")
+def run(library, tmp_path_factory):
+    """One short training run (bert-tiny, full fine-tuning, BM25 hard negatives), shared by the tests below."""
+    from llmjax.experiments import train_retriever
 
+    tmp_path = tmp_path_factory.mktemp("train")
     out = tmp_path / "run"
     assert train_retriever.main(["--init", "bert-tiny", "--steps", "12", "--batch", "16", "--hard-negatives", "bm25",
                                  "--num-hard", "2", "--hard-pool", "6", "--lr", "2e-3", "--warmup", "2",
                                  "--log-every", "1", "--eval-every", "6", "--query-max-len", "48",
                                  "--doc-max-len", "64", "--out", str(out), *_task_flags(library, tmp_path)]) == 0
+    return out, tmp_path
+
+
+@pytest.mark.slow
+def test_training_lowers_the_loss_and_the_run_reloads(library, run):
+    from llmjax.experiments import retrieval_eval
+    from llmjax.retrieval.dense import load_retriever
+
+    out, tmp_path = run
     record = json.loads((out / "metrics.json").read_text())
     losses = [loss for _, loss in record["losses"]]
     assert len(losses) == 12 and all(np.isfinite(losses))
@@ -66,7 +77,8 @@ def test_training_lowers_the_loss_and_the_run_reloads(library, tmp_path):
         retriever.search(index, [""], k=1)
 
 
-def test_separate_lora_towers_and_hard_negative_mining(library, tmp_path):
+@pytest.mark.slow
+def test_separate_lora_towers_and_hard_negative_mining(library, run):
     """The LoRA / separate-tower and index-mining pieces without another training compile (the CLI path of
     `--towers separate --lora-rank R --hard-negatives index` is the same step function)."""
     from types import SimpleNamespace
@@ -80,11 +92,13 @@ def test_separate_lora_towers_and_hard_negative_mining(library, tmp_path):
         sample_hard,
         tower_trees,
     )
-    from llmjax.io.models import load_model
+    from llmjax.retrieval.dense import load_retriever
 
-    model = load_model(preset="bert-tiny")
-    args = SimpleNamespace(towers="separate", lora_rank=2, lora_alpha=None, train_seed=0, query_max_len=32,
-                           doc_max_len=48)
+    base = load_retriever(run[0])  # the trained bert-tiny as the base model
+    model = SimpleNamespace(params=base.doc_params, cfg=base.cfg, tokenizer=base.tokenizer)
+    tmp_path = run[1]
+    args = SimpleNamespace(towers="separate", lora_rank=2, lora_alpha=None, train_seed=0, query_max_len=48,
+                           doc_max_len=64)
     trainable, frozen, lora_cfg = make_trainable(model.params, model.cfg, args)
     assert sorted(trainable) == ["doc", "query"] and lora_cfg.rank == 2
     trees = tower_trees(trainable, frozen, model.cfg, lora_cfg)
