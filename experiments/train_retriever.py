@@ -351,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
             rows, _ = dense_ranking(current, task, k, args.eval_batch_size)
             curve.append({"step": step + 1, **rank_metrics(rows, task.test_positives)})
             bar.write(f"step {step + 1}: held-out recall@10 {curve[-1]['recall@10']:.3f}")
+            args.out.mkdir(parents=True, exist_ok=True)  # what is known so far, should the run be cut short
+            (args.out / "progress.json").write_text(json.dumps({"results": results, "losses": losses,
+                                                                 "curve": curve}, indent=1))
     train_seconds = time.perf_counter() - start_time
 
     trees = jax.device_get(tower_trees(trainable, frozen, cfg, lora_cfg))

@@ -44,6 +44,7 @@ def test_training_lowers_the_loss_and_the_run_reloads(library, run):
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.1
     assert [r["retriever"] for r in record["results"]] == ["bm25", "start (bert-tiny)", "trained"]
     assert [c["step"] for c in record["curve"]] == [0, 6, 12]
+    assert json.loads((out / "progress.json").read_text())["curve"][-1]["step"] == 6
     assert record["curve"][-1]["mrr"] == record["results"][2]["mrr"]
     assert (out / "training.png").stat().st_size > 0 and (out / "retriever.json").is_file()
 
