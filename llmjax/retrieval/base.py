@@ -26,9 +26,11 @@ Conventions shared by every index (this module does the bookkeeping; an index im
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
+import shutil
 import time
 import uuid
 import zipfile
@@ -339,6 +341,23 @@ class VectorIndex:
 def _frozen(array: np.ndarray) -> np.ndarray:
     array.flags.writeable = False
     return array
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: str | os.PathLike):
+    """Write a folder atomically: yields an empty temporary folder beside it, which replaces `folder` (an older
+    one is removed) only when the block ends without an error; otherwise it is deleted and `folder` is untouched."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    temporary = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
+    temporary.mkdir()
+    try:
+        yield temporary
+        if folder.exists():
+            shutil.rmtree(folder)
+        temporary.rename(folder)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
 
 
 def load_index(path: str | os.PathLike) -> VectorIndex:

@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from llmjax.retrieval.base import RetrievalError
+from llmjax.retrieval.base import RetrievalError, atomic_folder
 
 RARE, COMMON = 0, 1  # the two probe labels of skewed_labels; categories are 2, 3, ...
 
@@ -112,21 +110,13 @@ def truth_key(label: int | None) -> str:
 
 def save_vector_set(folder: str | os.PathLike, data: VectorSet) -> Path:
     """Write the set to `folder` atomically (a temporary folder renamed into place)."""
-    folder = Path(folder)
-    temporary = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
-    temporary.mkdir(parents=True)
-    try:
+    with atomic_folder(folder) as temporary:
         np.save(temporary / "base.npy", data.base)
         np.save(temporary / "queries.npy", data.queries)
         np.savez(temporary / "labels.npz", offsets=data.label_offsets, values=data.label_values)
         np.savez(temporary / "truth.npz", **data.truth)
         (temporary / "meta.json").write_text(json.dumps(data.meta, indent=1))
-        if folder.exists():
-            shutil.rmtree(folder)
-        temporary.rename(folder)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
-    return folder
+    return Path(folder)
 
 
 def load_vector_set(folder: str | os.PathLike, mmap: bool = True) -> VectorSet:

@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from llmjax.retrieval.base import KIND_MODULES, RetrievalError
+from llmjax.retrieval.base import KIND_MODULES, RetrievalError, atomic_folder
 
 STORE_FORMAT = "llmjax.rag_store"
 STORE_VERSION = 1
@@ -209,22 +207,13 @@ def build_rag_index(documents: Iterable, encoder: Encoder, out: str | os.PathLik
 
 def save_rag_index(store: RagStore, folder: str | os.PathLike) -> Path:
     """Write the store's folder atomically (a temporary folder renamed into place, replacing an older one)."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    temporary = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
-    temporary.mkdir()
-    try:
+    with atomic_folder(folder) as temporary:
         store.index.save(temporary / "index.npz")
         with open(temporary / "chunks.jsonl", "w", encoding="utf-8") as file:
             for chunk in store.chunks:
                 file.write(json.dumps(asdict(chunk), ensure_ascii=False) + "\n")
         (temporary / "meta.json").write_text(json.dumps(store.meta, indent=1))
-        if folder.exists():
-            shutil.rmtree(folder)
-        temporary.rename(folder)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
-    return folder
+    return Path(folder)
 
 
 def check_encoder(meta: dict, encoder: Encoder | None, where: str = "the index") -> None:
