@@ -225,8 +225,10 @@ class ServerThread:
     def __init__(self, app):
         import uvicorn
 
+        # log_config=None: uvicorn leaves this process's logging as it is (its dictConfig would close every
+        # handler already installed)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                                    access_log=False))
+                                                    access_log=False, log_config=None))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> str:

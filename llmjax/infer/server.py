@@ -6,10 +6,10 @@
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both streamed by server-sent events with
 "stream": true, ending with `data: [DONE]`), POST /v1/embeddings (with an `embedder`:
-llmjax/infer/embeddings.py, concurrent requests batched together), GET /v1/models, GET /health, GET /metrics
-(Prometheus text). With an API key, every /v1 endpoint wants `Authorization: Bearer KEY`. An encoder is served
-without an engine (`create_app(None, ..., embedder=...)`): completions and chat then answer 404; a decoder can
-serve both.
+llmjax/infer/embeddings.py, concurrent requests batched together on its own thread), GET /v1/models,
+GET /health, GET /metrics (Prometheus text). With an API key, every /v1 endpoint wants
+`Authorization: Bearer KEY`. An encoder is served without an engine (`create_app(None, ..., embedder=...)`):
+completions and chat then answer 404; a decoder can serve both.
 
 Two threads. The engine is not thread-safe, so one background thread (`AsyncEngine`) owns it: it takes
 requests and aborts from a thread-safe queue, loops `engine.step()` while anything is unfinished (sleeps
