@@ -13,8 +13,8 @@ appears more than once among a query's candidates counts once. symmetric=True ad
 (each positive against the batch's queries; queries sharing that document masked) and averages the two.
 
 Towers: the query and document encoders are one model ("shared") or two ("separate"), trained fully or through LoRA
-adapters (llmjax.peft.lora: merged into the frozen weights inside the step). `encode` is embed_tokens' computation
-(llmjax.embed) without its jit, so it can be differentiated inside a training step.
+adapters (llmjax.peft.lora: merged into the frozen weights inside the step). `encode` is llmjax.embed.embed_tokens,
+differentiated inside the training step.
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llmjax.model.pooling import pool
-from llmjax.model.transformer import hidden_states
+from llmjax.embed import embed_tokens
 
 TOWERS = ("shared", "separate")
 
@@ -126,9 +125,9 @@ def info_nce_reference(queries, positives, hard_negatives=None, *, temperature=0
 
 def encode(params: dict, tokens: jax.Array, token_mask: jax.Array, cfg, *, pooling: str = "mean",
            normalize: bool = True) -> jax.Array:
-    """tokens, token_mask [batch, seq] -> pooled float32 embeddings [batch, d_model] (differentiable)."""
-    hidden = hidden_states(params, tokens, cfg, token_mask=token_mask)  # [batch, seq, d_model]
-    return pool(hidden, token_mask, pooling, normalize=normalize)
+    """tokens, token_mask [batch, seq] -> pooled float32 embeddings [batch, d_model]: llmjax.embed.embed_tokens, which
+    differentiates and inlines into a training step like any jitted function."""
+    return embed_tokens(params, tokens, token_mask, cfg, pooling=pooling, normalize=normalize)
 
 
 def tower_params(trainable: dict, frozen: dict, tower: str, cfg, lora_cfg=None) -> dict:
