@@ -12,6 +12,17 @@ encoder or separate query / document encoders; full fine-tuning or LoRA (--lora-
 AdamW with linear warmup and cosine decay (optax). Writes an orbax checkpoint with retriever.json (so
 `retrieval_eval --retriever RUN` loads it), metrics.json (recall@1/10/100 and MRR on the held-out queries of BM25,
 the starting model and the trained one; the loss curve) and training.png.
+
+--objective realm trains the same towers end to end through a frozen language model instead (REALM; RAG-sequence or
+RAG-token, llmjax.retrieval.realm): each step retrieves every query's top --realm-k documents from an index of the
+training and distractor documents (re-embedded with the current document tower and rebuilt every --refresh-every
+steps), the LM (--lm) scores the query's code after each document and the query, and the loss is the negative log of
+the retrieval-weighted mixture of those likelihoods, so documents that make the code likely gain score. The held-out
+evaluation then adds the RAG loss (nats per code token, marginalized over the top --realm-k of the whole pool) of the
+starting and the trained retriever, and the LM's loss on the same tokens without retrieval.
+
+    python -m experiments train_retriever --objective realm --init minilm --lm gguf:smollm2-135m-instruct \
+        --steps 300 --batch 32 --realm-k 8 --out runs/train_retriever/realm
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import numpy as np
 
 PROG = "python -m experiments train_retriever"
 HARD_NEGATIVES = ("bm25", "index", "none")
+OBJECTIVES = ("infonce", "realm")
 
 
 class Parser(argparse.ArgumentParser):
@@ -77,6 +89,22 @@ def parse_args(argv):
     p.add_argument("--log-every", type=int, default=10, help="steps between loss lines")
     p.add_argument("--train-seed", type=int, default=0, help="batches, hard-negative sampling and LoRA init")
     p.add_argument("--out", type=Path, default=None, help="the run folder (default: runs/train_retriever/INIT)")
+    p.add_argument("--objective", choices=OBJECTIVES, default="infonce",
+                   help="infonce: contrastive against the positive code; realm: end to end through --lm's likelihood "
+                        "of the code (no positives used; hard-negative flags ignored)")
+    realm = p.add_argument_group("REALM (--objective realm)")
+    realm.add_argument("--lm", default=None, metavar="SOURCE:NAME",
+                       help="the frozen language model: gguf:smollm2-135m-instruct, ckpt:RUN, hf:FOLDER or "
+                            "preset:NAME (random weights, for tests)")
+    realm.add_argument("--realm-k", type=int, default=8, help="documents retrieved and marginalized per query")
+    realm.add_argument("--marginal", choices=("sequence", "token"), default="sequence",
+                       help="RAG-sequence (REALM) or RAG-token marginal likelihood")
+    realm.add_argument("--lm-doc-tokens", type=int, default=192, help="LM tokens of a retrieved document (its start)")
+    realm.add_argument("--lm-query-tokens", type=int, default=64, help="LM tokens of the query (its end)")
+    realm.add_argument("--lm-target-tokens", type=int, default=64,
+                       help="LM tokens of the code scored (its start; shorter code is scored whole)")
+    realm.add_argument("--realm-eval-queries", type=int, default=256,
+                       help="held-out queries of the RAG-loss evaluation (the first N)")
     args = p.parse_args(argv)
     for flag in ("steps", "batch", "hard_pool", "refresh_every", "query_max_len", "doc_max_len", "eval_batch_size",
                  "log_every"):
@@ -91,6 +119,13 @@ def parse_args(argv):
         p.error(f"--temperature={args.temperature}: must be positive")
     if args.hard_negatives != "none" and args.num_hard > args.hard_pool:
         p.error(f"--num-hard={args.num_hard} is larger than --hard-pool={args.hard_pool}")
+    if args.objective == "realm":
+        if not args.lm:
+            p.error("--objective realm needs --lm (the frozen language model, e.g. gguf:smollm2-135m-instruct)")
+        for flag in ("realm_k", "lm_doc_tokens", "lm_query_tokens", "lm_target_tokens", "realm_eval_queries"):
+            if getattr(args, flag) < 1:
+                p.error(f"--{flag.replace('_', '-')}={getattr(args, flag)}: must be a positive integer")
+        args.hard_negatives = "none"
     if args.hard_negatives == "none":
         args.num_hard = 0
     args.lr = args.lr if args.lr is not None else (2e-4 if args.lora_rank else 2e-5)
@@ -195,10 +230,13 @@ def make_step(cfg, lora_cfg, optimizer, args):
     import optax
 
     from llmjax.retrieval.contrastive import encode, info_nce_loss, tower_params
+    from llmjax.retrieval.realm import realm_loss
 
     def loss_fn(trainable, frozen, batch):
         query_params = tower_params(trainable, frozen, "query", cfg, lora_cfg)
         doc_params = tower_params(trainable, frozen, "doc", cfg, lora_cfg)
+        if args.objective == "realm":
+            return realm_loss(query_params, doc_params, batch, cfg, args.temperature, args.marginal)
         queries = encode(query_params, batch["query_tokens"], batch["query_mask"], cfg)  # [B, d]
         size, per_query, length = batch["doc_tokens"].shape  # [B, 1 + M, L]
         docs = encode(doc_params, batch["doc_tokens"].reshape(-1, length), batch["doc_mask"].reshape(-1, length),
@@ -233,6 +271,99 @@ def index_candidates(retriever, task, allowed: np.ndarray, pool: int, batch_size
     queries = retriever.embed_queries(task.train_queries, batch_size=batch_size)
     _, rows = index.search(queries, min(pool + 1, len(allowed)))
     return drop_positives(allowed[rows], task.train_positives, pool)
+
+
+# --- REALM ---------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RealmInputs:
+    """The frozen LM and every document's and query's LM token ids, cut as the rows use them."""
+    lm: object                   # llmjax.io.models.LoadedModel
+    docs: list                   # [documents] int32 arrays: each document's first --lm-doc-tokens ids
+    targets: list                # [documents] int32 arrays: each document's first --lm-target-tokens ids
+    filler: int                  # the id rows are padded with (a newline)
+    args: argparse.Namespace
+
+    def rows(self, query_texts: list[str], doc_ids: np.ndarray, positives: np.ndarray):
+        """(LM rows int32 [B, K, D + Q + T], target mask bool [B, T]): per query and retrieved document, the
+        document, the query as a comment, then the code of the query's positive (padding scored nowhere)."""
+        d, q, t = self.args.lm_doc_tokens, self.args.lm_query_tokens, self.args.lm_target_tokens
+        tokenizer = self.lm.tokenizer
+        rows = np.full((len(query_texts), doc_ids.shape[1], d + q + t), self.filler, np.int32)
+        mask = np.zeros((len(query_texts), t), bool)
+        for b, (text, positive) in enumerate(zip(query_texts, positives)):
+            query = np.asarray(tokenizer.encode("\n# " + text.replace("\n", " ") + "\n"), np.int32)[-q:]
+            target = self.targets[positive]
+            rows[b, :, d + q - len(query):d + q] = query
+            rows[b, :, d + q:d + q + len(target)] = target
+            mask[b, :len(target)] = True
+            for k, doc in enumerate(doc_ids[b]):
+                piece = self.docs[doc] if doc >= 0 else np.zeros(0, np.int32)  # -1: no document
+                rows[b, k, d - len(piece):d] = piece
+        return rows, mask
+
+    def log_likelihoods(self, rows: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """log p(code | document, query) [B, K] (sequence) or per token [B, K, T] (token), padding zeroed."""
+        from llmjax.retrieval.realm import retrieved_log_likelihoods
+
+        per_token = retrieved_log_likelihoods(self.lm.params, self.lm.cfg, rows, self.args.lm_target_tokens,
+                                              per_token=True) * mask[:, None, :]
+        return per_token if self.args.marginal == "token" else per_token.sum(axis=-1)
+
+
+def realm_inputs(task, args) -> RealmInputs:
+    """Load --lm (frozen) and tokenize every document once for it."""
+    from llmjax.io.models import load_model
+    from llmjax.retrieval.base import RetrievalError
+    from llmjax.retrieval.rag import parse_encoder_spec
+
+    source, name = parse_encoder_spec(args.lm, "--lm")
+    lm = load_model(**{source: name, "seed": args.train_seed})
+    length = args.lm_doc_tokens + args.lm_query_tokens + args.lm_target_tokens
+    if length - 1 > lm.cfg.max_seq_len:
+        raise RetrievalError(f"--lm-doc-tokens + --lm-query-tokens + --lm-target-tokens = {length} exceed the LM's "
+                             f"context of {lm.cfg.max_seq_len} + 1")
+    ids = [np.asarray(lm.tokenizer.encode(text), np.int32) for text in task.documents]
+    return RealmInputs(lm, [i[:args.lm_doc_tokens] for i in ids], [i[:args.lm_target_tokens] for i in ids],
+                       int(lm.tokenizer.encode("\n")[-1]), args)
+
+
+def realm_batch(inputs: RealmInputs, index, allowed: np.ndarray, query_vectors: np.ndarray, query_texts: list,
+                positives: np.ndarray, args) -> dict:
+    """The REALM part of a step's batch: top --realm-k allowed documents of each query (the index's rows are
+    positions in `allowed`), their LM log-likelihoods and the target mask."""
+    _, rows = index.search(query_vectors, min(args.realm_k, len(allowed)))
+    doc_ids = allowed[rows]  # [B, K]
+    lm_rows, mask = inputs.rows(query_texts, doc_ids, positives)
+    return {"doc_ids": doc_ids, "lm_log_likelihood": inputs.log_likelihoods(lm_rows, mask), "target_mask": mask}
+
+
+def rag_loss(retriever, inputs: RealmInputs, task, args) -> dict:
+    """Held-out RAG loss in nats per code token: the first --realm-eval-queries test queries, their top --realm-k of
+    the whole pool by `retriever` (None: the LM alone, no document), the marginal NLL of their code."""
+    import jax.numpy as jnp
+
+    from llmjax.retrieval.realm import marginal_nll, token_marginal_nll
+
+    count = min(args.realm_eval_queries, len(task.test_queries))
+    queries, positives = task.test_queries[:count], task.test_positives[:count]
+    k = 1 if retriever is None else min(args.realm_k, len(task.documents))
+    if retriever is None:
+        scores, rows = np.zeros((count, 1), np.float32), np.full((count, 1), -1)
+    else:
+        index = retriever.index_documents(task.documents, batch_size=args.eval_batch_size)
+        scores, rows = retriever.search(index, queries, k, batch_size=args.eval_batch_size)
+    total, tokens = 0.0, 0
+    for start in range(0, count, args.batch):
+        part = slice(start, min(start + args.batch, count))
+        lm_rows, mask = inputs.rows(queries[part], rows[part], positives[part])
+        likelihood = inputs.log_likelihoods(lm_rows, mask)
+        logits = jnp.asarray(scores[part] / args.temperature)
+        nll = (token_marginal_nll(logits, likelihood, mask) if args.marginal == "token"
+               else marginal_nll(logits, likelihood))
+        total, tokens = total + float(nll.sum()), tokens + int(mask.sum())
+    return {"rag_loss": total / max(tokens, 1), "rag_queries": count, "rag_k": k}
 
 
 # --- the run ---------------------------------------------------------------------------------------------------
@@ -285,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         task = load_task(args)
         params, cfg, tokenizer = load_init(args)
+        inputs = realm_inputs(task, args) if args.objective == "realm" else None
     except (RetrievalError, ModelLoadError, ConfigError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
@@ -303,7 +435,11 @@ def main(argv: list[str] | None = None) -> int:
                                                    f"start ({args.init})"), task, k, args.eval_batch_size)
         results.append({"retriever": f"start ({args.init})", **rank_metrics(rows, task.test_positives),
                         "seconds": round(seconds, 2)})
+        if inputs is not None:
+            results[-1].update(rag_loss(retriever_of(tower_trees(trainable, frozen, cfg, lora_cfg), cfg, tokenizer,
+                                                     args, "start"), inputs, task, args))
         print(table(results))
+    lm_alone = rag_loss(None, inputs, task, args)["rag_loss"] if inputs is not None else None
 
     query_tokens, query_mask = tokenize_padded(tokenizer, task.train_queries, query_len)
     doc_tokens, doc_mask = tokenize_padded(tokenizer, task.documents, doc_len)
@@ -326,8 +462,17 @@ def main(argv: list[str] | None = None) -> int:
     curve = [] if args.skip_start_eval else [{"step": 0, **{m: results[1][m] for m in METRICS}}]
     from tqdm import tqdm
 
+    if inputs is not None:
+        from llmjax.embed import embed_tokens
+        from llmjax.retrieval.contrastive import tower_params
+        from llmjax.retrieval.exact import ExactIndex
     bar = tqdm(range(args.steps), desc="training", unit="step")
     for step in bar:
+        if inputs is not None and step % args.refresh_every == 0:  # REALM: re-embed the documents, rebuild the index
+            current = retriever_of(tower_trees(trainable, frozen, cfg, lora_cfg), cfg, tokenizer, args, "current")
+            index = ExactIndex(current.dim, "ip")
+            index.add(np.arange(len(allowed)), current.embed_documents([task.documents[i] for i in allowed],
+                                                                       batch_size=args.eval_batch_size))
         if args.hard_negatives == "index" and step % args.refresh_every == 0:
             current = retriever_of(tower_trees(trainable, frozen, cfg, lora_cfg), cfg, tokenizer, args, "current")
             candidates = index_candidates(current, task, allowed, args.hard_pool, args.eval_batch_size)
@@ -340,8 +485,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.num_hard:
             doc_ids = np.concatenate([doc_ids, sample_hard(candidates, picked, positives, allowed, args.num_hard,
                                                            rng)], axis=1)  # [B, 1 + M]
+        if inputs is not None:  # the top --realm-k by the current query tower, scored by the frozen LM
+            vectors = np.asarray(embed_tokens(tower_params(trainable, frozen, "query", cfg, lora_cfg),
+                                              query_tokens[picked], query_mask[picked], cfg))
+            realm = realm_batch(inputs, index, allowed, vectors, [task.train_queries[i] for i in picked], positives,
+                                args)
+            doc_ids = realm.pop("doc_ids")
         batch = {"query_tokens": query_tokens[picked], "query_mask": query_mask[picked],
                  "doc_tokens": doc_tokens[doc_ids], "doc_mask": doc_mask[doc_ids], "doc_ids": doc_ids.astype(np.int32)}
+        if inputs is not None:
+            batch.update(realm)
         trainable, opt_state, loss = step_fn(trainable, opt_state, frozen, batch)
         if step % args.log_every == 0 or step == args.steps - 1:
             losses.append((step, float(loss)))
@@ -366,9 +519,15 @@ def main(argv: list[str] | None = None) -> int:
     results.append({"retriever": "trained", **rank_metrics(rows, task.test_positives), "seconds": round(seconds, 2)})
     curve.append({"step": args.steps, **{m: results[-1][m] for m in METRICS}})
     print(table(results))
+    if inputs is not None:
+        results[-1].update(rag_loss(retriever_of(trees, cfg, tokenizer, args, "trained"), inputs, task, args))
+        print(f"held-out RAG loss (nats / code token, top {args.realm_k}): "
+              + ", ".join(f"{r['retriever']} {r['rag_loss']:.4f}" for r in results if "rag_loss" in r)
+              + f"; the LM without retrieval {lm_alone:.4f}")
     record = {"task": task.summary(), "test_queries": len(task.test_queries), "documents": len(task.documents),
               "device": jax.devices()[0].device_kind, "results": results, "losses": losses, "curve": curve,
               "train_seconds": round(train_seconds, 1), "flags": {k: str(v) for k, v in vars(args).items()},
+              "objective": args.objective, "lm_alone_rag_loss": lm_alone,
               "command": " ".join([PROG, *(argv if argv is not None else sys.argv[1:])])}
     (args.out / "metrics.json").write_text(json.dumps(record, indent=1))
     plot_training(losses, results, args.out / "training.png", curve if len(curve) > 1 else None)

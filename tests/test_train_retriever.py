@@ -135,3 +135,55 @@ def test_bad_flags_are_one_line_errors(library, tmp_path, capsys):
     assert "no-such-preset" in capsys.readouterr().err
     assert retrieval_eval.main(["--retriever", str(tmp_path / "nothing"), *_task_flags(library, tmp_path)]) == 2
     assert "expected bm25, minilm or a run folder" in capsys.readouterr().err
+
+
+def test_realm_rows_put_the_document_then_the_query_then_the_scored_code():
+    """Each LM row: the retrieved document's first tokens right-aligned in its span, the query (as a comment) in
+    its span, the positive's code last; code shorter than the target span is padded and masked out."""
+    import argparse
+    from types import SimpleNamespace
+
+    from llmjax.experiments.train_retriever import RealmInputs
+
+    class Chars:
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+    args = argparse.Namespace(lm_doc_tokens=5, lm_query_tokens=6, lm_target_tokens=4, marginal="sequence")
+    docs = [np.array([1, 2, 3, 4, 5, 6][:5], np.int32), np.array([7, 8], np.int32)]
+    targets = [np.array([11, 12, 13, 14], np.int32), np.array([15, 16], np.int32)]
+    inputs = RealmInputs(SimpleNamespace(tokenizer=Chars()), docs, targets, 0, args)
+    rows, mask = inputs.rows(["ab"], np.array([[1, 0, -1]]), np.array([1]))
+    query = [ord(c) for c in "\n# ab\n"]
+    assert rows.shape == (1, 3, 15) and mask.tolist() == [[True, True, False, False]]
+    assert rows[0, 0].tolist() == [0, 0, 0, 7, 8, *query, 15, 16, 0, 0]
+    assert rows[0, 1].tolist() == [1, 2, 3, 4, 5, *query, 15, 16, 0, 0]
+    assert rows[0, 2].tolist() == [0] * 5 + query + [15, 16, 0, 0]  # -1: no document
+
+
+@pytest.mark.slow
+def test_realm_objective_trains_the_towers_through_a_frozen_lm(library, tmp_path):
+    from llmjax.experiments import train_retriever
+
+    out = tmp_path / "realm"
+    assert train_retriever.main(["--objective", "realm", "--lm", "preset:llama-tiny", "--init", "bert-tiny",
+                                 "--steps", "4", "--batch", "4", "--realm-k", "3", "--lm-doc-tokens", "24",
+                                 "--lm-query-tokens", "16", "--lm-target-tokens", "16", "--realm-eval-queries", "4",
+                                 "--refresh-every", "2", "--lr", "1e-3", "--warmup", "1", "--log-every", "1",
+                                 "--query-max-len", "32", "--doc-max-len", "48", "--out", str(out),
+                                 *_task_flags(library, tmp_path)]) == 0
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["objective"] == "realm" and np.isfinite(record["lm_alone_rag_loss"])
+    assert [r["retriever"] for r in record["results"]] == ["bm25", "start (bert-tiny)", "trained"]
+    for result in record["results"][1:]:
+        assert np.isfinite(result["rag_loss"]) and result["rag_k"] == 3 and result["rag_queries"] == 4
+    assert len(record["losses"]) == 4 and all(np.isfinite([loss for _, loss in record["losses"]]))
+
+
+def test_realm_needs_a_language_model(capsys):
+    from llmjax.experiments import train_retriever
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_retriever.parse_args(["--objective", "realm"])
+    assert exit_info.value.code == 2
+    assert "--objective realm needs --lm" in capsys.readouterr().err

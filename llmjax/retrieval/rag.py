@@ -124,11 +124,11 @@ class Encoder:
                            max_len=self.max_len, pooling=self.pooling, normalize=self.normalize, progress=progress)
 
 
-def parse_encoder_spec(spec: str) -> tuple[str, str]:
-    """"hf:all-minilm-l6-v2" -> ("hf", "all-minilm-l6-v2"); RagError naming --encoder otherwise."""
+def parse_encoder_spec(spec: str, flag: str = "--encoder") -> tuple[str, str]:
+    """"hf:all-minilm-l6-v2" -> ("hf", "all-minilm-l6-v2"); RagError naming the flag otherwise."""
     source, _, name = str(spec).partition(":")
     if source not in ENCODER_SOURCES or not name:
-        raise RagError(f"--encoder {spec!r}: expected SOURCE:NAME with SOURCE one of {', '.join(ENCODER_SOURCES)} "
+        raise RagError(f"{flag} {spec!r}: expected SOURCE:NAME with SOURCE one of {', '.join(ENCODER_SOURCES)} "
                        "(e.g. hf:all-minilm-l6-v2, ckpt:runs/my-run, gguf:smollm2-135m-instruct, preset:bert-tiny)")
     return source, name
 
