@@ -1,0 +1,145 @@
+"""Offloaded generation (llmjax.infer.offload): every placement gives on-device generation's greedy tokens and
+logits; the cost model respects the budget; the minimum-budget error; layer files are written atomically."""
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+
+from llmjax.config import get_config
+from llmjax.infer import kv_cache, offload
+from llmjax.infer.decode_model import prefill, prepare_params
+from llmjax.infer.generate import generate, pad_prompts
+from llmjax.model.transformer import init_params
+
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17], [3]]
+NEW_TOKENS = 4
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = get_config("llama-tiny", compute_dtype="float32")
+    params = init_params(cfg, jax.random.key(0))
+    reference = generate(params, cfg, PROMPTS, max_new_tokens=NEW_TOKENS).tokens
+    tokens, valid = pad_prompts(PROMPTS)
+    cache = kv_cache.init_cache(cfg, len(PROMPTS), kv_cache.cache_capacity(cfg, tokens.shape[1] + NEW_TOKENS, 64))
+    prompt_logits, _ = prefill(prepare_params(params, cfg), tokens, valid, cache, cfg)
+    placed = offload.place_model(params, cfg, offload.Placement.uniform(cfg.num_layers))
+    on_device = offload.offloaded_generate(placed, PROMPTS, NEW_TOKENS, keep_logits=True)
+    return cfg, params, reference, np.asarray(prompt_logits), on_device
+
+
+def _generate(cfg, params, placement, tmp_path, schedule="zigzag"):
+    placed = offload.place_model(params, cfg, placement, disk_dir=tmp_path / "layers")
+    return offload.offloaded_generate(placed, PROMPTS, NEW_TOKENS, schedule=schedule, keep_logits=True)
+
+
+def test_on_device_placement_equals_generate(model):
+    cfg, params, reference, prompt_logits, out = model
+    assert out.tokens == reference
+    np.testing.assert_allclose(out.logits[0], prompt_logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("weights, cache, micro, schedule", [
+    ("host", "host", 2, "zigzag"),
+    ("disk", "device", 2, "zigzag"),
+    ("host", "host", 2, "layer_by_layer"),  # the baseline runs one micro-batch whatever the placement says
+])
+def test_offloaded_placements_equal_on_device(model, tmp_path, weights, cache, micro, schedule):
+    cfg, params, reference, prompt_logits, on_device = model
+    placement = offload.Placement.uniform(cfg.num_layers, weights, cache, micro)
+    out = _generate(cfg, params, placement, tmp_path / "b", schedule)
+    assert out.tokens == reference
+    for ours, theirs in zip(out.logits, on_device.logits):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    if weights == "disk":
+        assert len(list((tmp_path / "b" / "layers").glob("layer_*.safetensors"))) == cfg.num_layers
+
+
+def test_int8_host_weights_equal_generation_with_the_dequantized_weights(model, tmp_path):
+    cfg, params, _, prompt_logits, _ = model
+    placement = offload.Placement.uniform(cfg.num_layers, "host", "device", 2, host_int8=True)
+    out = _generate(cfg, params, placement, tmp_path)
+    prepared = prepare_params(params, cfg)
+    from llmjax.quant.model import materialize
+
+    prepared["layers"] = [materialize(offload.quantize_layer(layer), np.float32) for layer in prepared["layers"]]
+    assert out.tokens == generate(params, cfg, PROMPTS, max_new_tokens=NEW_TOKENS, prepared=prepared).tokens
+    scale = np.abs(prompt_logits[:, : cfg.vocab_size]).max()
+    np.testing.assert_allclose(out.logits[0][:, : cfg.vocab_size], prompt_logits[:, : cfg.vocab_size],
+                               atol=0.05 * scale)
+
+
+def test_cost_model_picks_all_device_when_everything_fits():
+    cfg = get_config("llama-tiny", num_layers=6)
+    choice = offload.choose_placement(cfg, 4, 16, NEW_TOKENS, budget_bytes=1 << 30)
+    assert choice.placement == offload.Placement.uniform(cfg.num_layers, micro_batches=choice.placement.micro_batches)
+    assert choice.predicted_tokens_per_s > 0 and choice.device_bytes <= choice.budget_bytes
+
+
+def test_cost_model_respects_the_budget():
+    cfg = get_config("llama-tiny", num_layers=6)
+    sizes = offload.model_sizes(cfg, 4, 16, NEW_TOKENS)
+    everything = offload.choose_placement(cfg, 4, 16, NEW_TOKENS, budget_bytes=1 << 30).device_bytes
+    budget = offload.minimum_device_bytes(cfg, 4, 16, NEW_TOKENS) + sizes["cache_row"]
+    assert budget < everything
+    choice = offload.choose_placement(cfg, 4, 16, NEW_TOKENS, budget_bytes=budget, host_bytes=0, allow_int8=True)
+    assert choice.device_bytes <= budget
+    assert "disk" in choice.placement.weights and "host" in choice.placement.cache
+    for budget in np.linspace(offload.minimum_device_bytes(cfg, 4, 16, NEW_TOKENS), everything, 6):
+        choice = offload.choose_placement(cfg, 4, 16, NEW_TOKENS, budget_bytes=int(budget))
+        assert choice.device_bytes <= budget
+        assert choice.predicted_tokens_per_s <= offload.choose_placement(cfg, 4, 16, NEW_TOKENS, 1 << 30
+                                                                         ).predicted_tokens_per_s
+
+
+def test_the_cost_models_choice_under_a_tight_budget_generates_exactly(model, tmp_path):
+    cfg, params, reference, _, on_device = model
+    budget = offload.minimum_device_bytes(cfg, 4, 16, NEW_TOKENS) + offload.model_sizes(cfg, 4, 16, 4)["cache_row"]
+    choice = offload.choose_placement(cfg, 4, 16, NEW_TOKENS, budget_bytes=budget)
+    assert "host" in choice.placement.cache and choice.device_bytes <= budget
+    out = _generate(cfg, params, choice.placement, tmp_path)
+    assert out.tokens == reference
+    np.testing.assert_allclose(out.logits[-1], on_device.logits[-1], rtol=1e-5, atol=1e-5)
+
+
+def test_budget_below_one_layer_is_one_clear_error():
+    cfg = get_config("llama-tiny")
+    minimum = offload.minimum_device_bytes(cfg, 4, 16, NEW_TOKENS)
+    with pytest.raises(offload.OffloadError, match="below the minimum .* raise --gpu-memory"):
+        offload.choose_placement(cfg, 4, 16, NEW_TOKENS, budget_bytes=minimum - 1)
+
+
+def test_layer_file_round_trip_and_atomic_write(tmp_path, monkeypatch):
+    arrays = [np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((4,), ml_dtypes.bfloat16) * 1.5,
+              np.array([-3, 7], np.int8)]
+    path = offload.write_layer_file(tmp_path / "layer.safetensors", arrays)
+    for ours, theirs in zip(offload.read_layer_file(path), arrays):
+        assert ours.dtype == theirs.dtype
+        np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(theirs, np.float32))
+
+    import safetensors.numpy
+
+    def half_write(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 10)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", half_write)
+    with pytest.raises(offload.OffloadError, match="--disk .* failed"):
+        offload.write_layer_file(tmp_path / "other.safetensors", arrays)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["layer.safetensors"]
+
+
+def test_unwritable_disk_folder_is_one_clear_error(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(offload.OffloadError, match="--disk .*cannot write there"):
+        offload.write_layer_file(blocker / "layer.safetensors", [np.zeros(2, np.float32)])
+
+
+def test_parse_bytes():
+    assert offload.parse_bytes("20GiB") == 20 << 30 and offload.parse_bytes("512MiB") == 512 << 20
+    assert offload.parse_bytes("8e9") == 8_000_000_000
+    with pytest.raises(offload.OffloadError, match="--gpu-memory"):
+        offload.parse_bytes("lots")
