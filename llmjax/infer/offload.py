@@ -493,6 +493,38 @@ def _predict(sizes: dict, cfg: ModelConfig, batch: int, gen_len: int, weights_on
     return total
 
 
+def _device_bytes(sizes: dict, layers: int, weights_on_device: int, caches_on_device: int, rows: int,
+                  int8: bool) -> int:
+    """Predicted peak device memory: the head, resident weights and caches, the two layers / cache slices in
+    flight when some are elsewhere (and their int8 copies), one micro-batch's activations."""
+    used = sizes["head"] + weights_on_device * sizes["layer"] + caches_on_device * sizes["cache_layer"]
+    used += rows * sizes["activation_row"]
+    if weights_on_device < layers:
+        used += 2 * sizes["layer"] + (2 * sizes["layer_int8"] if int8 else 0)
+    if caches_on_device < layers:
+        used += 2 * rows * sizes["cache_row"]
+    return int(used)
+
+
+def _resident_prefix(places: tuple[str, ...]) -> int:
+    """How many layers, from the first, are on the device (the cost model's layouts keep a prefix there)."""
+    return next((i for i, where in enumerate(places) if where != DEVICE), len(places))
+
+
+def predict(cfg: ModelConfig, placement: Placement, batch: int, prompt_len: int, gen_len: int,
+            bandwidths: dict | None = None, flops: float = 400e12) -> PlacementChoice:
+    """The cost model's prediction (tokens / s, device bytes) for a given placement."""
+    bandwidths = {**DEFAULT_BANDWIDTHS, **(bandwidths or {})}
+    sizes = model_sizes(cfg, batch, prompt_len, gen_len)
+    k, c = _resident_prefix(placement.weights), _resident_prefix(placement.cache)
+    place = DISK if DISK in placement.weights else HOST
+    rows = max(1, batch // placement.micro_batches)
+    seconds = _predict(sizes, cfg, batch, gen_len, k, c, placement.micro_batches, placement.host_int8, place,
+                       bandwidths, flops)
+    used = _device_bytes(sizes, cfg.num_layers, k, c, rows, placement.host_int8)
+    return PlacementChoice(placement, batch * gen_len / seconds, seconds, used, 0)
+
+
 def choose_placement(cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int, budget_bytes: int,
                      bandwidths: dict | None = None, flops: float = 400e12, *, host_bytes: int | None = None,
                      allow_int8: bool = False) -> PlacementChoice:
@@ -517,20 +549,15 @@ def choose_placement(cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int
                 weights_place = HOST
                 if host_bytes is not None and (layers - k) * offloaded_bytes > host_bytes:
                     weights_place = DISK
-                fixed = sizes["head"] + k * sizes["layer"] + rows * sizes["activation_row"]
-                if k < layers:
-                    fixed += 2 * sizes["layer"] + (2 * offloaded_bytes if int8 else 0)
-                # as many caches on the device as fit; the rest move through two micro-batch slices
-                room = budget_bytes - fixed
-                if room < 0:
-                    continue
-                if room >= layers * sizes["cache_layer"]:
+                # as many layers' caches on the device as fit; the others move through two slices in flight
+                if _device_bytes(sizes, layers, k, layers, rows, int8) <= budget_bytes:
                     c = layers
                 else:
-                    c = max(0, int((room - 2 * rows * sizes["cache_row"]) // sizes["cache_layer"]))
-                    if room < 2 * rows * sizes["cache_row"]:
+                    spare = budget_bytes - _device_bytes(sizes, layers, k, 0, rows, int8)
+                    if spare < 0:
                         continue
-                used = fixed + c * sizes["cache_layer"] + (0 if c == layers else 2 * rows * sizes["cache_row"])
+                    c = min(layers - 1, int(spare // sizes["cache_layer"]))
+                used = _device_bytes(sizes, layers, k, c, rows, int8)
                 seconds = _predict(sizes, cfg, batch, gen_len, k, c, micro, int8, weights_place, bandwidths, flops)
                 if best is None or seconds < best[0] - 1e-12:
                     placement = Placement(tuple(DEVICE if i < k else weights_place for i in range(layers)),
