@@ -416,7 +416,9 @@ class PlacementChoice:
 
 
 def format_bytes(count: float) -> str:
-    return f"{count / GIB:.2f} GiB" if count >= GIB / 10 else f"{count / (1 << 20):.2f} MiB"
+    if count >= GIB / 10:
+        return f"{count / GIB:.2f} GiB"
+    return f"{count / (1 << 20):.2f} MiB" if count >= (1 << 20) / 10 else f"{count / 1024:.1f} KiB"
 
 
 def parse_bytes(text: str) -> int:
@@ -537,7 +539,7 @@ def choose_placement(cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int
     if budget_bytes < minimum:
         raise OffloadError(f"--gpu-memory {format_bytes(budget_bytes)} is below the minimum of {format_bytes(minimum)} "
                            f"(the embeddings and head, two layers' weights, one row's cache and activations): "
-                           f"raise --gpu-memory to at least {math.ceil(minimum / (1 << 20))}MiB")
+                           f"raise --gpu-memory to at least {math.ceil(minimum / 1024)}KiB")
     sizes = model_sizes(cfg, batch, prompt_len, gen_len)
     layers = cfg.num_layers
     best = None
