@@ -161,8 +161,12 @@ def timed_generation(model, prompts, gen_len: int, schedule: str, profile: Path 
             "prefill_seconds": out.prefill_seconds, "decode_seconds": out.decode_seconds, "tokens": out.tokens}
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None) -> None:
+    run(parse_args(argv))
+
+
+def run(args) -> dict:
+    """The run the parsed flags describe; the JSON's contents."""
     import jax
 
     from llmjax.infer import offload
