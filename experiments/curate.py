@@ -53,6 +53,9 @@ def parse_args(argv):
                         help="LSH bands (must divide --num-perm; default: chosen for --threshold)")
     parser.add_argument("--threshold", type=float, default=0.8, help="near-duplicate Jaccard threshold (default: 0.8)")
     parser.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    parser.add_argument("--batch-documents", type=int, default=64,
+                        help="documents per batch in the per-document stages; progress is saved after each "
+                        "(default: 64)")
     parser.add_argument("--stop-after", type=int, default=None,
                         help="stop once a per-document stage has processed N documents (for testing resumes)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             line_dedup=None if args.line_dedup == "none" else args.line_dedup,
             minhash=minhash.MinHashConfig(ngram=args.ngram, unit=args.shingle_unit, num_perm=args.num_perm,
                                           bands=args.bands, threshold=args.threshold),
-            text_field=args.text_field, progress=not args.no_progress)
+            text_field=args.text_field, batch_documents=args.batch_documents, progress=not args.no_progress)
     except (CurationError, minhash.MinHashError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
