@@ -319,8 +319,13 @@ def _run_layers(model: OffloadedModel, step, xs: list, caches: list, books: list
         weights = upcoming
         if not overlap:
             jax.block_until_ready(weights)  # load ...
-        if overlap and i + 1 < model.cfg.num_layers:
-            upcoming = fetch_layer(model, i + 1)  # issued before this layer computes: the copy overlaps it
+        last = i + 1 == model.cfg.num_layers
+        # The next layer's copy is issued before this layer computes (dispatch is asynchronous: the copy overlaps
+        # the compute); a disk layer's read blocks the Python thread, so it waits until the first micro-batch's
+        # compute is dispatched.
+        from_disk = not last and placement.weights[i + 1] == DISK
+        if overlap and not last and not from_disk:
+            upcoming = fetch_layer(model, i + 1)
         on_device = place_on(caches[0][i], DEVICE, model.device) if placement.cache[i] == HOST else caches[0][i]
         for m in range(len(xs)):
             current = on_device
@@ -328,10 +333,12 @@ def _run_layers(model: OffloadedModel, step, xs: list, caches: list, books: list
                 following = caches[m + 1][i]
                 on_device = place_on(following, DEVICE, model.device) if placement.cache[i] == HOST else following
             xs[m], new_cache = step(weights, xs[m], current, books[m])
+            if overlap and from_disk and m == 0:
+                upcoming = fetch_layer(model, i + 1)
             caches[m][i] = place_on(new_cache, HOST, model.device) if placement.cache[i] == HOST else new_cache
         if not overlap:
             jax.block_until_ready(xs)  # ... compute, evict
-            if i + 1 < model.cfg.num_layers:
+            if not last:
                 upcoming = fetch_layer(model, i + 1)
         del weights
     return xs
