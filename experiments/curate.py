@@ -20,8 +20,9 @@ from pathlib import Path
 
 from llmjax.data.corpus import CorpusError
 from llmjax.data.curate import minhash
-from llmjax.data.curate.pipeline import STAGES, CurateConfig, CurationError, StoppedEarly, curate, curated_texts
-from llmjax.data.curate.pipeline import removal_counts
+from llmjax.data.curate import classifier
+from llmjax.data.curate.pipeline import (DEFAULT_STAGES, STAGES, CurateConfig, CurationError, StoppedEarly, curate,
+                                         curated_texts, removal_counts)
 
 PROG = "python -m experiments curate"
 
@@ -38,8 +39,15 @@ def parse_args(argv):
                         "(default: jsonl)")
     parser.add_argument("--tokenizer", default="bytes",
                         help="tokenizer for --format shards, as in `experiments tokenize` (default: bytes)")
-    parser.add_argument("--stages", default=",".join(STAGES),
-                        help=f"comma-separated stages to run, in the fixed order {','.join(STAGES)} (default: all)")
+    parser.add_argument("--stages", default=",".join(DEFAULT_STAGES),
+                        help=f"comma-separated stages to run, in the fixed order {','.join(STAGES)} (default: "
+                        f"{','.join(DEFAULT_STAGES)}: the classifier, trained on English docstrings, drops code)")
+    parser.add_argument("--classifier", default=None, metavar="PATH",
+                        help="the quality classifier (.npz) for the classifier stage; a PATH that does not exist is "
+                        "trained (standard-library docstrings vs degraded copies) and saved there")
+    parser.add_argument("--classifier-threshold", type=float, default=None,
+                        help="keep documents whose P(good) >= this (default: the threshold saved with the "
+                        "classifier, 0.5)")
     parser.add_argument("--workers", type=int, default=1,
                         help="processes for MinHash signatures and the per-document stages (default: 1)")
     parser.add_argument("--line-dedup", choices=("none", "line", "paragraph"), default="paragraph",
@@ -112,16 +120,22 @@ def main(argv: list[str] | None = None) -> int:
             line_dedup=None if args.line_dedup == "none" else args.line_dedup,
             minhash=minhash.MinHashConfig(ngram=args.ngram, unit=args.shingle_unit, num_perm=args.num_perm,
                                           bands=args.bands, threshold=args.threshold),
+            classifier_path=args.classifier, classifier_threshold=args.classifier_threshold,
             text_field=args.text_field, batch_documents=args.batch_documents, progress=not args.no_progress)
     except (CurationError, minhash.MinHashError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     try:
+        if "classifier" in config.stages and not Path(args.classifier).exists():
+            print(f"training the quality classifier -> {args.classifier}", flush=True)
+            positives, negatives = classifier.default_training_texts()
+            Path(args.classifier).parent.mkdir(parents=True, exist_ok=True)
+            classifier.train_classifier(positives, negatives).save(args.classifier)
         result = curate(args.data, args.out, config, stop_after=args.stop_after)
     except StoppedEarly as stopped:
         print(f"{stopped}; rerun the same command to resume")
         return 3
-    except (CorpusError, CurationError) as error:
+    except (CorpusError, CurationError, classifier.ClassifierError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 1
     written = write_output(args, result)

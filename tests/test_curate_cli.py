@@ -87,3 +87,21 @@ def test_bad_flags(tmp_path, capsys, flags, message):
 def test_missing_input_is_one_clear_error(tmp_path, capsys):
     assert run(tmp_path / "missing.jsonl", tmp_path / "out") == 1
     assert "missing.jsonl" in capsys.readouterr().err
+
+
+def test_classifier_stage(tmp_path, capsys):
+    from llmjax.data.curate.classifier import QualityClassifier
+
+    weights = np.zeros(64, np.float32)
+    weights[1] = 20.0  # statistic 1: share of letters and spaces; P(good) >= 0.5 when it is >= 0.6
+    QualityClassifier(weights, -12.0).save(tmp_path / "q.npz")
+    data = tmp_path / "in.jsonl"
+    data.write_text("\n".join(json.dumps({"text": t}) for t in [prose(1), "#$%& *(){} <>?| 12 ~~ " * 10, prose(2)]))
+    flags = ["--stages", "classifier", "--classifier", str(tmp_path / "q.npz")]
+    assert run(data, tmp_path / "out", *flags, "--workers", "2") == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["stages"][1]["removed_by_reason"] == {"low_quality_score": 1}
+    kept = [json.loads(line)["text"] for line in (tmp_path / "out" / "curated.jsonl").open()]
+    assert kept == [prose(1), prose(2)]
+    assert run(data, tmp_path / "out2", "--stages", "classifier") == 2
+    assert "--classifier" in capsys.readouterr().err

@@ -1,11 +1,11 @@
-"""The curation pipeline: read -> exact dedup -> MinHash-LSH dedup -> quality rules -> PII masking.
+"""The curation pipeline: read -> exact dedup -> MinHash-LSH dedup -> quality rules -> classifier -> PII masking.
 
 Each stage reads the previous stage's JSONL file in OUT/work/ and writes its own
 (`{"id", "source", "text"}` per line), with a state file beside it:
 - read, exact and minhash need a global pass: each writes a partial file and renames it when
   complete (a killed stage reruns from its start; MinHash signatures are computed in worker
   processes, LSH and clustering in the parent);
-- quality and pii are per document: batches go to worker processes, and after each batch the
+- quality, classifier and pii are per document: batches go to worker processes, and after each batch the
   output is flushed and the state file records (documents read, output bytes); a resumed stage
   truncates its output to that size and skips those documents, so a killed-and-resumed run
   writes the same bytes as an uninterrupted one.
@@ -29,10 +29,11 @@ from tqdm import tqdm
 
 from llmjax.data.corpus import (CorpusFile, decode_utf8, default_corpus, file_documents, replace_lone_surrogates,
                                 resolve_corpus)
-from llmjax.data.curate import dedup, minhash, pii, quality
+from llmjax.data.curate import classifier, dedup, minhash, pii, quality
 
-STAGES = ("exact", "minhash", "quality", "pii")
-PER_DOCUMENT_STAGES = ("quality", "pii")
+STAGES = ("exact", "minhash", "quality", "classifier", "pii")
+DEFAULT_STAGES = ("exact", "minhash", "quality", "pii")  # the classifier (trained on English prose) would drop code
+PER_DOCUMENT_STAGES = ("quality", "classifier", "pii")
 MAX_BAD_LINES = 100  # line numbers kept in the report per kind
 
 
@@ -46,11 +47,13 @@ class StoppedEarly(Exception):
 
 @dataclass(frozen=True)
 class CurateConfig:
-    stages: tuple[str, ...] = STAGES
+    stages: tuple[str, ...] = DEFAULT_STAGES
     workers: int = 1
     line_dedup: str | None = "paragraph"  # None, "line" or "paragraph": within the exact stage
     minhash: minhash.MinHashConfig = field(default_factory=minhash.MinHashConfig)
     thresholds: quality.QualityThresholds = field(default_factory=quality.QualityThresholds)
+    classifier_path: str | None = None  # a saved QualityClassifier (.npz), for the classifier stage
+    classifier_threshold: float | None = None  # None: the threshold saved with the classifier
     text_field: str = "text"
     batch_documents: int = 64
     progress: bool = False
@@ -63,6 +66,8 @@ class CurateConfig:
             raise CurationError(f"--workers must be at least 1, got {self.workers}")
         if self.line_dedup not in (None, "line", "paragraph"):
             raise CurationError(f"--line-dedup must be none, line or paragraph, not {self.line_dedup!r}")
+        if "classifier" in self.stages and not self.classifier_path:
+            raise CurationError("the classifier stage needs --classifier PATH (a missing PATH is trained and saved)")
         if self.batch_documents < 1:
             raise CurationError(f"batch_documents must be at least 1, got {self.batch_documents}")
 
@@ -209,17 +214,38 @@ def quality_step(record: dict, thresholds: quality.QualityThresholds) -> tuple[d
     return (None if failed else record), failed, {}
 
 
-def pii_step(record: dict, thresholds=None) -> tuple[dict | None, list[str], dict]:
+def pii_step(record: dict, settings=None) -> tuple[dict | None, list[str], dict]:
     text, counts = pii.mask_pii(record["text"])
     return {**record, "text": text}, [], counts
 
 
-STEPS = {"quality": quality_step, "pii": pii_step}
+_CLASSIFIERS: dict[tuple, classifier.QualityClassifier] = {}
+
+
+def classifier_step(record: dict, settings: tuple[str, float | None]) -> tuple[dict | None, list[str], dict]:
+    """settings: (classifier path, threshold or None); the classifier is loaded once per process."""
+    if settings not in _CLASSIFIERS:
+        _CLASSIFIERS[settings] = classifier.load_classifier(settings[0])
+    model = _CLASSIFIERS[settings]
+    threshold = model.threshold if settings[1] is None else settings[1]
+    keep = model.probabilities([record["text"]])[0] >= threshold
+    return (record if keep else None), ([] if keep else ["low_quality_score"]), {}
+
+
+STEPS = {"quality": quality_step, "classifier": classifier_step, "pii": pii_step}
+
+
+def step_settings(name: str, config: CurateConfig):
+    if name == "quality":
+        return config.thresholds
+    if name == "classifier":
+        return (str(config.classifier_path), config.classifier_threshold)
+    return None
 
 
 def _apply_step(arguments):
-    name, record, thresholds = arguments
-    return STEPS[name](record, thresholds)
+    name, record, settings = arguments
+    return STEPS[name](record, settings)
 
 
 def run_per_document(name: str, source: Path, config: CurateConfig, output: Path, state_path: Path,
@@ -239,7 +265,8 @@ def run_per_document(name: str, source: Path, config: CurateConfig, output: Path
             batch = [record for _, record in zip(range(config.batch_documents), records)]
             if not batch:
                 break
-            work = [(name, record, config.thresholds) for record in batch]
+            settings = step_settings(name, config)
+            work = [(name, record, settings) for record in batch]
             results = pool.map(_apply_step, work) if pool is not None else list(map(_apply_step, work))
             for kept, failed, counts in results:
                 if kept is None:
@@ -255,7 +282,8 @@ def run_per_document(name: str, source: Path, config: CurateConfig, output: Path
             write_json_atomically(state_path, state)
             if stop_after is not None and documents >= stop_after:
                 raise StoppedEarly(f"{name}: stopped after {documents} documents")
-    extra = {"failed_rules": dict(failed_rules)} if name == "quality" else {"masked": dict(masked)}
+    extra = {"failed_rules": dict(failed_rules)} if name == "quality" else {"masked": dict(masked)} if name == "pii" \
+        else {}
     return stage_report(name, documents, removed, extra)
 
 
