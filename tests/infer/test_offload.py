@@ -2,6 +2,7 @@
 logits; the cost model respects the budget; the minimum-budget error; layer files are written atomically."""
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
@@ -16,14 +17,27 @@ PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17], [3]]
 NEW_TOKENS = 4
 
 
+def random_params(cfg):
+    """init_params' tree with random values drawn by NumPy (compiling the initializer costs seconds on 2 cores):
+    norm scales near 1, matrices with unit-variance outputs."""
+    rng = np.random.default_rng(0)
+
+    def draw(leaf):
+        if leaf.ndim == 1:
+            return jnp.asarray(1 + 0.1 * rng.standard_normal(leaf.shape), leaf.dtype)
+        return jnp.asarray(rng.standard_normal(leaf.shape) / np.sqrt(leaf.shape[-2]), leaf.dtype)
+
+    return jax.tree.map(draw, jax.eval_shape(init_params, cfg, jax.random.key(0)))
+
+
 @pytest.fixture(scope="module")
 def model():
     cfg = get_config("llama-tiny", compute_dtype="float32")
-    params = init_params(cfg, jax.random.key(0))
+    params = random_params(cfg)
     reference = generate(params, cfg, PROMPTS, max_new_tokens=NEW_TOKENS).tokens
     tokens, valid = pad_prompts(PROMPTS)
     cache = kv_cache.init_cache(cfg, len(PROMPTS), kv_cache.cache_capacity(cfg, tokens.shape[1] + NEW_TOKENS, 64))
-    prompt_logits, _ = prefill(prepare_params(params, cfg), tokens, valid, cache, cfg)
+    prompt_logits, _ = jax.jit(prefill, static_argnames="cfg")(prepare_params(params, cfg), tokens, valid, cache, cfg)
     placed = offload.place_model(params, cfg, offload.Placement.uniform(cfg.num_layers))
     on_device = offload.offloaded_generate(placed, PROMPTS, NEW_TOKENS, keep_logits=True)
     return cfg, params, reference, np.asarray(prompt_logits), on_device
