@@ -2,9 +2,10 @@
 
 The corpus (default: the standard library's .py files) gets planted near-duplicates: copies of
 randomly chosen documents with word substitutions / deletions / insertions at a known rate.
-Both implementations see the same word n-gram shingles, num_perm and threshold:
-- ours: `llmjax.data.curate.minhash` (vectorized signatures, LSH banding, estimated-Jaccard check);
-- datasketch: MinHash.update_batch per document, MinHashLSH insert + query, the same check.
+Both implementations see the same word n-gram shingles, num_perm, (bands, rows) and threshold:
+- ours: `llmjax.data.curate.minhash` (vectorized signatures, LSH banding, candidates verified);
+- datasketch: MinHash.update_batch per document, MinHashLSH insert + query, candidates verified
+  the same way (--verify exact: Jaccard of the shingle sets; estimate: of the signatures).
 Timed: shingling + signatures + index + query + check (documents/s). Scored against exact
 Jaccard of the shingle sets: a reported pair is correct when its exact Jaccard >= threshold
 (precision); the positives are the planted pairs and any reported pair with exact Jaccard >=
@@ -43,6 +44,9 @@ def parse_args(argv):
     parser.add_argument("--ngram", type=int, default=5, help="word n-gram shingle length (default: 5)")
     parser.add_argument("--num-perm", type=int, default=128, help="MinHash permutations (default: 128)")
     parser.add_argument("--threshold", type=float, default=0.8, help="Jaccard threshold (default: 0.8)")
+    parser.add_argument("--verify", choices=("exact", "estimate"), default="exact",
+                        help="how both check LSH candidates: exact Jaccard of the shingle sets, or the MinHash "
+                        "estimate (default: exact)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the planted copies (default: 0)")
     parser.add_argument("--workers", type=int, default=2,
                         help="also time ours with signatures in this many processes (process start included; 1: "
@@ -84,7 +88,7 @@ def planted_corpus(texts: list[str], fraction: float, edit_rate: float,
 def run_ours(texts: list[str], config: minhash.MinHashConfig, workers: int) -> tuple[set, float]:
     start = time.perf_counter()
     signature_array = minhash.parallel_signatures(texts, config, workers)
-    pairs = minhash.near_duplicate_pairs(signature_array, config)
+    pairs = minhash.near_duplicate_pairs(signature_array, config, texts)
     return {tuple(p) for p in pairs.tolist()}, time.perf_counter() - start
 
 
@@ -105,19 +109,27 @@ def run_datasketch(texts: list[str], config: minhash.MinHashConfig) -> tuple[set
     start = time.perf_counter()
     bands, rows = config.band_layout
     lsh = MinHashLSH(threshold=config.threshold, num_perm=config.num_perm, params=(bands, rows))
-    sketches = []
+    sketches, shingle_sets = [], []
     for index, text in enumerate(texts):
+        shingles = word_shingles(text, config.ngram)
         sketch = MinHash(num_perm=config.num_perm, seed=config.seed)
-        sketch.update_batch(word_shingles(text, config.ngram))
+        sketch.update_batch(shingles)
         lsh.insert(index, sketch)
         sketches.append(sketch)
-    pairs = set()
+        shingle_sets.append(shingles)
+    pairs, checked = set(), set()
     for index, sketch in enumerate(sketches):
         for other in lsh.query(sketch):
-            if other != index:
-                pair = (min(index, other), max(index, other))
-                if pair not in pairs and sketches[pair[0]].jaccard(sketches[pair[1]]) >= config.threshold:
-                    pairs.add(pair)
+            pair = (min(index, other), max(index, other))
+            if other == index or pair in checked:
+                continue
+            checked.add(pair)
+            if config.verify == "exact":
+                similarity = minhash.exact_jaccard(set(shingle_sets[pair[0]]), set(shingle_sets[pair[1]]))
+            else:
+                similarity = sketches[pair[0]].jaccard(sketches[pair[1]])
+            if similarity >= config.threshold:
+                pairs.add(pair)
     return pairs, time.perf_counter() - start
 
 
@@ -163,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: --planted must be in (0, 1] and --edit-rate in [0, 1)", file=sys.stderr)
         return 2
     try:
-        config = minhash.MinHashConfig(ngram=args.ngram, num_perm=args.num_perm, threshold=args.threshold)
+        config = minhash.MinHashConfig(ngram=args.ngram, num_perm=args.num_perm, threshold=args.threshold,
+                                       verify=args.verify)
     except minhash.MinHashError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
@@ -197,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
               "documents": len(texts), "planted": len(planted), "edit_rate": args.edit_rate,
               "threshold": config.threshold,
               "num_perm": config.num_perm, "bands_rows": list(config.band_layout), "ngram": config.ngram,
+              "verify": config.verify,
               "positives": len(positives),
               "planted_exact_jaccard": {"min": float(np.min(planted_similarity)),
                                         "median": float(np.median(planted_similarity)),

@@ -70,11 +70,15 @@ def test_optimal_bands_fit_the_threshold():
     assert minhash.optimal_bands(0.5, 128)[1] < rows  # a lower threshold needs fewer rows per band
 
 
-def test_near_duplicates_found_and_first_kept():
+@pytest.mark.parametrize("verify", ["exact", "estimate"])
+def test_near_duplicates_found_and_first_kept(verify):
     base = " ".join(f"word{i}" for i in range(300))
     edited = base.replace("word150", "changed")
     other = " ".join(f"other{i}" for i in range(300))
-    keep = minhash.dedup_texts([other, base, edited, other], minhash.MinHashConfig(threshold=0.8))
+    half = " ".join(f"word{i}" for i in range(150)) + " " + " ".join(f"new{i}" for i in range(150))  # Jaccard ~0.33
+    config = minhash.MinHashConfig(threshold=0.8, verify=verify)
+    assert minhash.dedup_texts([base, half], config).tolist() == [True, True]
+    keep = minhash.dedup_texts([other, base, edited, other], config)
     assert keep.tolist() == [True, True, False, False]
 
 
@@ -96,7 +100,8 @@ def test_parallel_signatures_equal_serial():
 
 @pytest.mark.parametrize("kwargs, field", [({"ngram": 0}, "ngram"), ({"num_perm": 1}, "num_perm"),
                                            ({"threshold": 1.0}, "threshold"), ({"bands": 7}, "bands"),
-                                           ({"unit": "byte"}, "unit")])
+                                           ({"unit": "byte"}, "unit"), ({"verify": "both"}, "verify"),
+                                           ({"false_negative_weight": 1.0}, "false_negative_weight")])
 def test_bad_config_names_the_field(kwargs, field):
     with pytest.raises(minhash.MinHashError, match=field):
         minhash.MinHashConfig(**kwargs)

@@ -11,8 +11,11 @@ All permutations of all shingles of a batch of documents are computed as one
 
 LSH: the signature is cut into `bands` bands of `rows` rows; two documents whose band matches in
 at least one band become candidates, with probability 1 - (1 - s^rows)^bands at Jaccard s.
-Candidates are kept when their estimated Jaccard (matching signature positions) is >= threshold,
-then joined into clusters by union-find; the first document of each cluster is kept.
+Candidates are kept when their exact Jaccard (shingle sets, built for candidates only) or their
+estimated Jaccard (matching signature positions) is >= threshold, then joined into clusters by
+union-find; the first document of each cluster is kept. Bands and rows are chosen as datasketch
+does (minimizing weighted false-positive + false-negative areas), weighting misses 0.9 by
+default because every candidate is verified anyway.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ class MinHashConfig:
     bands: int | None = None
     threshold: float = 0.8
     seed: int = 1
+    false_negative_weight: float = 0.9  # for choosing bands: candidates are verified, so a miss costs more
+    verify: str = "exact"  # "exact": Jaccard of the candidates' shingle sets; "estimate": from the signatures
 
     def __post_init__(self):
         if self.ngram < 1:
@@ -53,6 +58,10 @@ class MinHashConfig:
             raise MinHashError(f"num_perm must be at least 2, got {self.num_perm}")
         if not 0.0 < self.threshold < 1.0:
             raise MinHashError(f"threshold must be in (0, 1), got {self.threshold}")
+        if not 0.0 < self.false_negative_weight < 1.0:
+            raise MinHashError(f"false_negative_weight must be in (0, 1), got {self.false_negative_weight}")
+        if self.verify not in ("exact", "estimate"):
+            raise MinHashError(f"verify must be 'exact' or 'estimate', not {self.verify!r}")
         if self.bands is not None and (self.bands < 1 or self.num_perm % self.bands):
             raise MinHashError(f"bands ({self.bands}) must divide num_perm ({self.num_perm})")
 
@@ -60,7 +69,8 @@ class MinHashConfig:
     def band_layout(self) -> tuple[int, int]:
         """(bands, rows)."""
         if self.bands is None:
-            return optimal_bands(self.threshold, self.num_perm)
+            return optimal_bands(self.threshold, self.num_perm, 1.0 - self.false_negative_weight,
+                                 self.false_negative_weight)
         return self.bands, self.num_perm // self.bands
 
 
@@ -68,8 +78,9 @@ class MinHashConfig:
 
 
 def word_character_table() -> np.ndarray:
-    """[65536] bool: which Basic Multilingual Plane code points are word characters (str.isalnum or "_")."""
-    return np.array([chr(c).isalnum() or c == 95 for c in range(65536)], dtype=bool)
+    """[0x110000] bool: which code points are word characters (str.isalnum or "_"; surrogates are not)."""
+    bmp = np.array([chr(c).isalnum() or c == 95 for c in range(65536)], dtype=bool)
+    return np.concatenate([bmp, np.ones(0x110000 - 65536, dtype=bool)])  # beyond the BMP: letters, mostly
 
 
 WORD_CHARACTER = word_character_table()
@@ -86,9 +97,10 @@ def word_hashes(text: str) -> np.ndarray:
     codes = np.frombuffer(text.lower().encode("utf-32-le"), dtype=np.uint32)  # [characters]
     if codes.size == 0:
         return np.zeros(0, np.uint64)
-    is_word = np.where(codes < 65536, WORD_CHARACTER[np.minimum(codes, 65535)], True)
-    edges = np.diff(np.concatenate([[False], is_word, [False]]).astype(np.int8))
-    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    is_word = np.zeros(codes.size + 2, dtype=np.int8)
+    is_word[1:-1] = WORD_CHARACTER[codes]
+    edges = np.flatnonzero(is_word[1:] != is_word[:-1])  # alternating word starts and ends
+    starts, ends = edges[0::2], edges[1::2]
     powers_inverse = power_table(HASH_BASE_INVERSE, codes.size)
     prefix = np.concatenate([[np.uint64(0)], np.cumsum((codes.astype(np.uint64) + np.uint64(1)) * powers_inverse,
                                                          dtype=np.uint64)])
@@ -272,10 +284,31 @@ def verified_pairs(signatures_: np.ndarray, pairs: np.ndarray, threshold: float)
     return pairs[similarity >= threshold]
 
 
-def near_duplicate_pairs(signatures_: np.ndarray, config: MinHashConfig) -> np.ndarray:
-    """[pairs, 2] near-duplicate document index pairs (i < j) by LSH + estimated Jaccard."""
+def exactly_verified_pairs(texts: Sequence[str], pairs: np.ndarray, config: MinHashConfig) -> np.ndarray:
+    """The candidate pairs whose exact Jaccard of shingle sets is >= threshold (sets built for candidates only)."""
+    if len(pairs) == 0:
+        return pairs
+    sets: dict[int, np.ndarray] = {}
+    for index in np.unique(pairs).tolist():
+        sets[index] = shingle_hashes(texts[index], config.ngram, config.unit)  # sorted, unique
+    keep = np.zeros(len(pairs), dtype=bool)
+    for k, (i, j) in enumerate(pairs.tolist()):
+        a, b = sets[i], sets[j]
+        shared = len(np.intersect1d(a, b, assume_unique=True))
+        union = len(a) + len(b) - shared
+        keep[k] = (shared / union if union else 1.0) >= config.threshold
+    return pairs[keep]
+
+
+def near_duplicate_pairs(signatures_: np.ndarray, config: MinHashConfig,
+                         texts: Sequence[str] | None = None) -> np.ndarray:
+    """[pairs, 2] near-duplicate document index pairs (i < j): LSH candidates, then verified by
+    exact Jaccard (config.verify == "exact" and texts given) or by the signatures' estimate."""
     bands, rows = config.band_layout
-    return verified_pairs(signatures_, candidate_pairs(signatures_, bands, rows), config.threshold)
+    candidates = candidate_pairs(signatures_, bands, rows)
+    if config.verify == "exact" and texts is not None:
+        return exactly_verified_pairs(texts, candidates, config)
+    return verified_pairs(signatures_, candidates, config.threshold)
 
 
 # --- clusters -------------------------------------------------------------------------------------
@@ -305,9 +338,9 @@ def keep_mask(num_documents: int, pairs: np.ndarray) -> np.ndarray:
 
 def dedup_texts(texts: Iterable[str], config: MinHashConfig = MinHashConfig()) -> np.ndarray:
     """[documents] bool keep mask for a list of texts (in one process)."""
-    shingles = [shingle_hashes(t, config.ngram, config.unit) for t in texts]
-    signature_array = signatures(shingles, config.num_perm, config.seed)
-    return keep_mask(len(shingles), near_duplicate_pairs(signature_array, config))
+    texts = list(texts)
+    signature_array = text_signatures(texts, config)
+    return keep_mask(len(texts), near_duplicate_pairs(signature_array, config, texts))
 
 
 def text_signatures(texts: Sequence[str], config: MinHashConfig) -> np.ndarray:

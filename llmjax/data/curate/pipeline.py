@@ -195,7 +195,7 @@ def run_exact(source: Path, config: CurateConfig, output: Path) -> dict:
 def run_minhash(source: Path, config: CurateConfig, output: Path) -> dict:
     records = list(read_records(source))
     signature_array = minhash.parallel_signatures([r["text"] for r in records], config.minhash, config.workers)
-    pairs = minhash.near_duplicate_pairs(signature_array, config.minhash)
+    pairs = minhash.near_duplicate_pairs(signature_array, config.minhash, [r["text"] for r in records])
     keep = minhash.keep_mask(len(records), pairs)
     partial = output.with_name(output.name + ".partial")
     with open(partial, "w", encoding="utf-8") as out:
@@ -206,7 +206,8 @@ def run_minhash(source: Path, config: CurateConfig, output: Path) -> dict:
     bands, rows = config.minhash.band_layout
     return stage_report("minhash", len(records), Counter({"near_duplicate": int((~keep).sum())}),
                         {"near_duplicate_pairs": int(len(pairs)), "bands": bands, "rows": rows,
-                         "num_perm": config.minhash.num_perm, "threshold": config.minhash.threshold})
+                         "num_perm": config.minhash.num_perm, "threshold": config.minhash.threshold,
+                         "verify": config.minhash.verify})
 
 
 def quality_step(record: dict, thresholds: quality.QualityThresholds) -> tuple[dict | None, list[str], dict]:
