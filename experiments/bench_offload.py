@@ -122,12 +122,12 @@ def time_hf_device_map_auto(cfg, prompts, gen_len: int, budget: int) -> dict:
     return {"seconds": seconds, "tokens_per_s": len(prompts) * gen_len / seconds}
 
 
-def run_methods(args, params, cfg, hardware: dict, choice, budget: int, scratch: Path) -> list[dict]:
+def run_methods(args, prepared, cfg, hardware: dict, choice, budget: int, scratch: Path) -> list[dict]:
     from llmjax.infer import offload
 
     host = offload.Placement.uniform(cfg.num_layers, "host", "device")
-    ours = offload.place_model(params, cfg, choice.placement, disk_dir=args.disk or scratch / "ours")
-    baseline = ours if choice.placement == host else offload.place_model(params, cfg, host)
+    ours = offload.place_model(None, cfg, choice.placement, disk_dir=args.disk or scratch / "ours", prepared=prepared)
+    baseline = ours if choice.placement == host else offload.place_model(None, cfg, host, prepared=prepared)
     rows = []
     for gen_len in args.gen_lens:
         prompts = random_prompts(cfg, args.batch, args.prompt_len, args.seed)
@@ -148,7 +148,7 @@ def run_methods(args, params, cfg, hardware: dict, choice, budget: int, scratch:
                     if capacity is not None and everything > 0.9 * capacity:
                         raise RuntimeError(f"needs {offload.format_bytes(everything)}, the device has "
                                            f"{offload.format_bytes(capacity)}")
-                    row.update(time_all_on_device(ours, prompts, gen_len))
+                    row.update(time_all_on_device(baseline, prompts, gen_len))  # float weights
                     placement = offload.Placement.uniform(cfg.num_layers)
                 else:
                     row.update(time_hf_device_map_auto(cfg, prompts, gen_len, budget))
@@ -215,14 +215,14 @@ def run(args) -> dict:
 
     args.placement, args.micro_batches = "auto", None
     try:
-        params, cfg = load(args)
+        prepared, cfg = load(args)
         hardware = measure_hardware(args, cfg.compute_dtype)
         choice, budget = resolve_placement(args, cfg, hardware)
         print(f"ours: {choice.describe()}")
         print(f"host->device {hardware['bandwidths']['h2d'] / 1e9:.2f} GB/s, device->host "
               f"{hardware['bandwidths']['d2h'] / 1e9:.2f} GB/s, {hardware['flops'] / 1e12:.2f} TFLOP/s")
         with tempfile.TemporaryDirectory(prefix="bench-offload-") as scratch:
-            rows = run_methods(args, params, cfg, hardware, choice, budget, Path(scratch))
+            rows = run_methods(args, prepared, cfg, hardware, choice, budget, Path(scratch))
     except offload.OffloadError as error:
         raise SystemExit(f"error: {error}") from None
     print_table(rows)

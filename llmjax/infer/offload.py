@@ -345,10 +345,12 @@ def _run_layers(model: OffloadedModel, step, xs: list, caches: list, books: list
 
 
 def offloaded_generate(model: OffloadedModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
-                       schedule: str = "zigzag", cache_dtype: str | None = None,
-                       keep_logits: bool = False) -> OffloadOutput:
+                       schedule: str = "zigzag", cache_dtype: str | None = None, keep_logits: bool = False,
+                       capacity: int | None = None) -> OffloadOutput:
     """Greedy generation of exactly `max_new_tokens` after each prompt with the placed model (see the module
-    docstring). The tokens equal llmjax.infer.generate's greedy ones: the same block, cache and padding."""
+    docstring). The tokens equal llmjax.infer.generate's greedy ones: the same block, cache and padding.
+    capacity: cache slots (default: generate's, for prompt + max_new_tokens); a short warm-up run given a longer
+    run's capacity compiles every program the longer run uses."""
     if schedule not in SCHEDULES:
         raise OffloadError(f"schedule {schedule!r}: expected one of {', '.join(SCHEDULES)}")
     cfg, placement = model.cfg, model.placement
@@ -358,7 +360,10 @@ def offloaded_generate(model: OffloadedModel, prompts: Sequence[Sequence[int]], 
     if batch % micro:
         raise OffloadError(f"batch {batch} is not a multiple of --micro-batches {micro}")
     tokens, valid = pad_prompts(prompts)
-    capacity = kv_cache.cache_capacity(cfg, tokens.shape[1] + max_new_tokens, multiple=64)
+    needed = kv_cache.cache_capacity(cfg, tokens.shape[1] + max_new_tokens, multiple=64)
+    if capacity is not None and capacity < needed:
+        raise OffloadError(f"capacity {capacity} is below the {needed} slots prompt + max_new_tokens need")
+    capacity = capacity or needed
     rows = batch // micro
     parts = [slice(m * rows, (m + 1) * rows) for m in range(micro)]
     books, caches, xs = [], [], []
