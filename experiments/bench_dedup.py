@@ -87,8 +87,13 @@ def planted_corpus(texts: list[str], fraction: float, edit_rate: float,
 
 def run_ours(texts: list[str], config: minhash.MinHashConfig, workers: int) -> tuple[set, float]:
     start = time.perf_counter()
-    signature_array = minhash.parallel_signatures(texts, config, workers)
-    pairs = minhash.near_duplicate_pairs(signature_array, config, texts)
+    if workers == 1:  # keep the shingles for the exact check
+        shingles = minhash.text_shingles(texts, config)
+        signature_array = minhash.signatures(shingles, config.num_perm, config.seed)
+        pairs = minhash.near_duplicate_pairs(signature_array, config, shingles=shingles)
+    else:  # the workers send back signatures only; the candidates' shingles are rebuilt here
+        signature_array = minhash.parallel_signatures(texts, config, workers)
+        pairs = minhash.near_duplicate_pairs(signature_array, config, texts)
     return {tuple(p) for p in pairs.tolist()}, time.perf_counter() - start
 
 

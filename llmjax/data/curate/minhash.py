@@ -284,13 +284,16 @@ def verified_pairs(signatures_: np.ndarray, pairs: np.ndarray, threshold: float)
     return pairs[similarity >= threshold]
 
 
-def exactly_verified_pairs(texts: Sequence[str], pairs: np.ndarray, config: MinHashConfig) -> np.ndarray:
-    """The candidate pairs whose exact Jaccard of shingle sets is >= threshold (sets built for candidates only)."""
+def exactly_verified_pairs(texts: Sequence[str] | None, pairs: np.ndarray, config: MinHashConfig,
+                           shingles: Sequence[np.ndarray] | None = None) -> np.ndarray:
+    """The candidate pairs whose exact Jaccard of shingle sets is >= threshold (sets built for
+    candidates only, from `shingles` when the signature pass kept them, else from the texts)."""
     if len(pairs) == 0:
         return pairs
     sets: dict[int, np.ndarray] = {}
     for index in np.unique(pairs).tolist():
-        sets[index] = shingle_hashes(texts[index], config.ngram, config.unit)  # sorted, unique
+        sets[index] = (np.unique(shingles[index]) if shingles is not None
+                       else shingle_hashes(texts[index], config.ngram, config.unit))  # sorted, unique
     keep = np.zeros(len(pairs), dtype=bool)
     for k, (i, j) in enumerate(pairs.tolist()):
         a, b = sets[i], sets[j]
@@ -300,14 +303,14 @@ def exactly_verified_pairs(texts: Sequence[str], pairs: np.ndarray, config: MinH
     return pairs[keep]
 
 
-def near_duplicate_pairs(signatures_: np.ndarray, config: MinHashConfig,
-                         texts: Sequence[str] | None = None) -> np.ndarray:
+def near_duplicate_pairs(signatures_: np.ndarray, config: MinHashConfig, texts: Sequence[str] | None = None,
+                         shingles: Sequence[np.ndarray] | None = None) -> np.ndarray:
     """[pairs, 2] near-duplicate document index pairs (i < j): LSH candidates, then verified by
-    exact Jaccard (config.verify == "exact" and texts given) or by the signatures' estimate."""
+    exact Jaccard (config.verify == "exact" and texts or shingles given) or by the signatures' estimate."""
     bands, rows = config.band_layout
     candidates = candidate_pairs(signatures_, bands, rows)
-    if config.verify == "exact" and texts is not None:
-        return exactly_verified_pairs(texts, candidates, config)
+    if config.verify == "exact" and (texts is not None or shingles is not None):
+        return exactly_verified_pairs(texts, candidates, config, shingles)
     return verified_pairs(signatures_, candidates, config.threshold)
 
 
@@ -338,15 +341,19 @@ def keep_mask(num_documents: int, pairs: np.ndarray) -> np.ndarray:
 
 def dedup_texts(texts: Iterable[str], config: MinHashConfig = MinHashConfig()) -> np.ndarray:
     """[documents] bool keep mask for a list of texts (in one process)."""
-    texts = list(texts)
-    signature_array = text_signatures(texts, config)
-    return keep_mask(len(texts), near_duplicate_pairs(signature_array, config, texts))
+    shingles = text_shingles(list(texts), config)
+    signature_array = signatures(shingles, config.num_perm, config.seed)
+    return keep_mask(len(shingles), near_duplicate_pairs(signature_array, config, shingles=shingles))
+
+
+def text_shingles(texts: Sequence[str], config: MinHashConfig) -> list[np.ndarray]:
+    """Each text's shingle hashes (repeats kept)."""
+    return [shingle_hashes(t, config.ngram, config.unit, unique=False) for t in texts]
 
 
 def text_signatures(texts: Sequence[str], config: MinHashConfig) -> np.ndarray:
     """[documents, num_perm] uint32 signatures of texts, in this process."""
-    shingles = [shingle_hashes(t, config.ngram, config.unit, unique=False) for t in texts]
-    return signatures(shingles, config.num_perm, config.seed)
+    return signatures(text_shingles(texts, config), config.num_perm, config.seed)
 
 
 def parallel_signatures(texts: Sequence[str], config: MinHashConfig, workers: int = 1,
