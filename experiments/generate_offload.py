@@ -164,6 +164,7 @@ def timed_generation(model, prompts, gen_len: int, schedule: str, profile: Path 
     capacity = kv_cache.cache_capacity(model.cfg, seq + gen_len, multiple=64)
     offload.offloaded_generate(model, prompts, min(gen_len, 2), schedule=schedule, capacity=capacity)  # compiles
     if profile is not None:
+        profile.mkdir(parents=True, exist_ok=True)
         jax.profiler.start_trace(str(profile))
     start = time.perf_counter()
     out = offload.offloaded_generate(model, prompts, gen_len, schedule=schedule, capacity=capacity)
