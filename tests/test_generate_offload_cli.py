@@ -10,7 +10,8 @@ from llmjax.experiments import bench_offload, generate_offload
 def test_generate_offload_quick_run_reports_prediction_and_measurement(tmp_path, capsys):
     out = tmp_path / "run.json"
     generate_offload.main(["--quick", "--gpu-memory", "1MiB", "--placement", "disk", "--host-int8",
-                           "--micro-batches", "4", "--disk", str(tmp_path / "layers"), "--profile", str(tmp_path / "trace"), "--out", str(out)])
+                           "--micro-batches", "4", "--disk", str(tmp_path / "layers"),
+                           "--profile", str(tmp_path / "trace"), "--out", str(out)])
     result = json.loads(out.read_text())
     assert result["measured_tokens_per_s"] > 0 and result["predicted_tokens_per_s"] > 0
     assert result["placement"].startswith("weights: 2 disk (int8)") and result["micro_batches"] == 4
