@@ -175,7 +175,7 @@ def run_exact(source: Path, config: CurateConfig, output: Path) -> dict:
     removed, documents, units_removed = Counter(), 0, 0
     partial = output.with_name(output.name + ".partial")
     with open(partial, "w", encoding="utf-8") as out:
-        for record in read_records(source):
+        for record in tqdm(read_records(source), desc="exact", disable=not config.progress, unit="doc"):
             documents += 1
             if not dedup.first_occurrences([record["text"]], seen_documents)[0]:
                 removed["duplicate_document"] += 1
@@ -261,7 +261,8 @@ def run_per_document(name: str, source: Path, config: CurateConfig, output: Path
     for _ in range(state["documents"]):
         next(records)
     documents = state["documents"]
-    with open(output, "a", encoding="utf-8") as out:
+    bar = tqdm(desc=name, initial=documents, disable=not config.progress, unit="doc")
+    with bar, open(output, "a", encoding="utf-8") as out:
         while True:
             batch = [record for _, record in zip(range(config.batch_documents), records)]
             if not batch:
@@ -277,6 +278,7 @@ def run_per_document(name: str, source: Path, config: CurateConfig, output: Path
                     out.write(record_line(kept))
                 masked.update(counts)
             documents += len(batch)
+            bar.update(len(batch))
             out.flush()
             state = {"done": False, "documents": documents, "bytes": out.tell(), "removed": dict(removed),
                      "masked": dict(masked), "failed_rules": dict(failed_rules)}
