@@ -113,7 +113,7 @@ def time_hf_device_map_auto(cfg, prompts, gen_len: int, budget: int) -> dict:
             folder, torch_dtype=dtype, device_map="auto", max_memory={0: budget, "cpu": 10**13})
         ids = torch.tensor(prompts, device="cuda")
         options = dict(max_new_tokens=gen_len, min_new_tokens=gen_len, do_sample=False)
-        model.generate(ids, **options)
+        model.generate(ids, **{**options, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
         torch.cuda.synchronize()
         start = time.perf_counter()
         model.generate(ids, **options)
