@@ -319,6 +319,10 @@ def _run_layers(model: OffloadedModel, step, xs: list, caches: list, books: list
         weights = upcoming
         if not overlap:
             jax.block_until_ready(weights)  # load ...
+        elif i > 0:
+            # Double buffering: wait for layer i-1's compute (layer i's copy runs meanwhile) before issuing layer
+            # i+1's copy, so at most two layers' weights are on the device whatever the dispatch runs ahead by.
+            jax.block_until_ready(xs)
         last = i + 1 == model.cfg.num_layers
         # The next layer's copy is issued before this layer computes (dispatch is asynchronous: the copy overlaps
         # the compute); a disk layer's read blocks the Python thread, so it waits until the first micro-batch's
@@ -383,7 +387,7 @@ def offloaded_generate(model: OffloadedModel, prompts: Sequence[Sequence[int]], 
         return _prefill_layer(weights, x, book["valid"], layer_cache, bookkeeping, cfg)
 
     xs = _run_layers(model, prefill, xs, caches, prompt_books, schedule)
-    logits = jnp.concatenate([_last_logits(model.head, x, b, cfg) for x, b in zip(xs, books)])
+    logits = jax.block_until_ready(jnp.concatenate([_last_logits(model.head, x, b, cfg) for x, b in zip(xs, books)]))
     prefill_seconds = time.perf_counter() - start
     kept, out = [], []
     for step in range(max_new_tokens):
