@@ -50,9 +50,9 @@ def parse_args(argv):
                         "classifier, 0.5)")
     parser.add_argument("--workers", type=int, default=1,
                         help="processes for MinHash signatures and the per-document stages (default: 1)")
-    parser.add_argument("--line-dedup", choices=("none", "line", "paragraph"), default="paragraph",
-                        help="in the exact stage, also drop lines / paragraphs seen before in any document "
-                        "(default: paragraph)")
+    parser.add_argument("--line-dedup", choices=("none", "line", "paragraph"), default="none",
+                        help="in the exact stage, also drop lines / paragraphs seen before in any document (for "
+                        "web text, as CCNet does; default: none, since on code it cuts repeated blocks out of files)")
     parser.add_argument("--ngram", type=int, default=5, help="MinHash shingle length (default: 5)")
     parser.add_argument("--shingle-unit", choices=("word", "char"), default="word",
                         help="MinHash shingles of words or characters (default: word)")

@@ -49,7 +49,9 @@ class StoppedEarly(Exception):
 class CurateConfig:
     stages: tuple[str, ...] = DEFAULT_STAGES
     workers: int = 1
-    line_dedup: str | None = "paragraph"  # None, "line" or "paragraph": within the exact stage
+    # None, "line" or "paragraph": also drop units seen before, within the exact stage. Off by default: the default
+    # corpus is code, where removing a repeated paragraph (a common method body) breaks the file; on for web text.
+    line_dedup: str | None = None
     minhash: minhash.MinHashConfig = field(default_factory=minhash.MinHashConfig)
     thresholds: quality.QualityThresholds = field(default_factory=quality.QualityThresholds)
     classifier_path: str | None = None  # a saved QualityClassifier (.npz), for the classifier stage
