@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmjax.experiments.generate_offload import (add_offload_flags, apply_quick, load, measure_hardware,
+from llmjax.experiments.generate_offload import (add_offload_flags, apply_quick, cache_dtype, load, measure_hardware,
                                                  random_prompts, timed_generation)
 
 
@@ -61,11 +61,11 @@ def parse_args(argv):
 METHODS = ("ours", "layer_by_layer_batch1", "layer_by_layer", "all_on_device", "hf_device_map_auto")
 
 
-def moved_bytes_per_step(cfg, placement, batch: int, prompt_len: int, gen_len: int) -> int:
+def moved_bytes_per_step(cfg, placement, batch: int, prompt_len: int, gen_len: int, cache_dtype=None) -> int:
     """Bytes a decode step copies host -> device under `placement`: offloaded weights (int8 or not) and caches."""
     from llmjax.infer import offload
 
-    sizes = offload.model_sizes(cfg, batch, prompt_len, gen_len)
+    sizes = offload.model_sizes(cfg, batch, prompt_len, gen_len, cache_dtype)
     weight = sizes["layer_int8"] if placement.host_int8 else sizes["layer"]
     return (sum(weight for w in placement.weights if w != "device")
             + sum(sizes["cache_layer"] for c in placement.cache if c != "device"))
@@ -138,7 +138,7 @@ def run_methods(args, prepared, cfg, hardware: dict, choice, budget: int, scratc
             try:
                 if method == "ours":
                     profile = args.profile if gen_len == args.gen_lens[0] else None
-                    row.update(timed_generation(ours, prompts, gen_len, "zigzag", profile))
+                    row.update(timed_generation(ours, prompts, gen_len, "zigzag", profile, cache_dtype(args)))
                 elif method.startswith("layer_by_layer"):
                     row.update(timed_generation(baseline, prompts[: row["batch"]], gen_len, "layer_by_layer"))
                 elif method == "all_on_device":
@@ -158,7 +158,8 @@ def run_methods(args, prepared, cfg, hardware: dict, choice, budget: int, scratc
                 continue
             row.pop("tokens", None)
             if method != "hf_device_map_auto":
-                moved = moved_bytes_per_step(cfg, placement, row["batch"], args.prompt_len, gen_len)
+                moved = moved_bytes_per_step(cfg, placement, row["batch"], args.prompt_len, gen_len,
+                                             cache_dtype(args) if method == "ours" else None)
                 row["bytes_moved_per_step"] = moved
                 row["pcie_ceiling_tokens_per_s"] = row["batch"] * h2d / moved if moved else None
                 if moved:

@@ -46,6 +46,9 @@ def add_offload_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host-int8", action="store_true",
                    help="weights kept on the host / disk as int8 (half of bf16's bytes to move; dequantized on the "
                         "device: logits change slightly); with --placement auto, the cost model may use it")
+    p.add_argument("--cache-int8", action="store_true",
+                   help="the KV cache as int8 with per-token scales (half of bf16's bytes on the device and to move; "
+                        "logits change slightly)")
     p.add_argument("--disk", type=Path, default=None,
                    help="folder for the per-layer safetensors files of disk placements (default: a temporary one)")
     p.add_argument("--host-memory", default=None,
@@ -123,6 +126,10 @@ def measure_hardware(args, dtype: str) -> dict:
     return {"bandwidths": bandwidths, "flops": flops}
 
 
+def cache_dtype(args) -> str | None:
+    return "int8" if args.cache_int8 else None
+
+
 def resolve_placement(args, cfg, hardware: dict):
     """(PlacementChoice, budget bytes) from --placement / --micro-batches / --gpu-memory; one OffloadError when the
     named placement does not fit the budget."""
@@ -133,16 +140,18 @@ def resolve_placement(args, cfg, hardware: dict):
     if args.placement == "auto":
         host = offload.parse_bytes(args.host_memory) if args.host_memory else None
         choice = offload.choose_placement(*shape, budget, hardware["bandwidths"], hardware["flops"], host_bytes=host,
-                                          allow_int8=args.host_int8)
+                                          allow_int8=args.host_int8, cache_dtype=cache_dtype(args))
         if args.micro_batches is not None:
             placement = offload.Placement(choice.placement.weights, choice.placement.cache, args.micro_batches,
                                           choice.placement.host_int8)
-            choice = offload.predict(cfg, placement, *shape[1:], hardware["bandwidths"], hardware["flops"])
+            choice = offload.predict(cfg, placement, *shape[1:], hardware["bandwidths"], hardware["flops"],
+                                     cache_dtype(args))
     else:
         weights, cache = PLACEMENTS[args.placement]
         placement = offload.Placement.uniform(cfg.num_layers, weights, cache, args.micro_batches or 1,
                                               args.host_int8 and weights != "device")
-        choice = offload.predict(cfg, placement, *shape[1:], hardware["bandwidths"], hardware["flops"])
+        choice = offload.predict(cfg, placement, *shape[1:], hardware["bandwidths"], hardware["flops"],
+                                 cache_dtype(args))
     if choice.device_bytes > budget:
         raise offload.OffloadError(
             f"--placement {args.placement} needs about {offload.format_bytes(choice.device_bytes)} of device memory, "
@@ -151,7 +160,8 @@ def resolve_placement(args, cfg, hardware: dict):
     return choice, budget
 
 
-def timed_generation(model, prompts, gen_len: int, schedule: str, profile: Path | None = None) -> dict:
+def timed_generation(model, prompts, gen_len: int, schedule: str, profile: Path | None = None,
+                     cache_dtype: str | None = None) -> dict:
     """A 2-token run with the same cache capacity (it compiles every program), then the timed run: tokens/s over
     prefill + decode."""
     import jax
@@ -162,12 +172,14 @@ def timed_generation(model, prompts, gen_len: int, schedule: str, profile: Path 
 
     seq = -(-max(map(len, prompts)) // 8) * 8  # generate.pad_prompts' padded length
     capacity = kv_cache.cache_capacity(model.cfg, seq + gen_len, multiple=64)
-    offload.offloaded_generate(model, prompts, min(gen_len, 2), schedule=schedule, capacity=capacity)  # compiles
+    offload.offloaded_generate(model, prompts, min(gen_len, 2), schedule=schedule, capacity=capacity,
+                               cache_dtype=cache_dtype)  # compiles
     if profile is not None:
         profile.mkdir(parents=True, exist_ok=True)
         jax.profiler.start_trace(str(profile))
     start = time.perf_counter()
-    out = offload.offloaded_generate(model, prompts, gen_len, schedule=schedule, capacity=capacity)
+    out = offload.offloaded_generate(model, prompts, gen_len, schedule=schedule, capacity=capacity,
+                                     cache_dtype=cache_dtype)
     seconds = time.perf_counter() - start
     if profile is not None:
         jax.profiler.stop_trace()
@@ -197,7 +209,7 @@ def run(args) -> dict:
             model = offload.place_model(None, cfg, choice.placement, disk_dir=disk, prepared=prepared)
             del prepared
             prompts = random_prompts(cfg, args.batch, args.prompt_len, args.seed)
-            measured = timed_generation(model, prompts, args.gen_len, args.schedule, args.profile)
+            measured = timed_generation(model, prompts, args.gen_len, args.schedule, args.profile, cache_dtype(args))
     except offload.OffloadError as error:
         raise SystemExit(f"error: {error}") from None
     print(f"measured: {measured['tokens_per_s']:.2f} tokens/s ({args.batch} x {args.gen_len} tokens in "
@@ -206,6 +218,7 @@ def run(args) -> dict:
     result = {
         "model": args.model or str(args.ckpt or args.gguf or args.hf), "device": jax.devices()[0].device_kind,
         "batch": args.batch, "prompt_len": args.prompt_len, "gen_len": args.gen_len, "schedule": args.schedule,
+        "cache_dtype": cache_dtype(args) or cfg.compute_dtype,
         "gpu_memory_bytes": budget, "placement": choice.placement.describe(),
         "micro_batches": choice.placement.micro_batches, "predicted_tokens_per_s": choice.predicted_tokens_per_s,
         "predicted_device_bytes": choice.device_bytes, "measured_tokens_per_s": measured["tokens_per_s"],

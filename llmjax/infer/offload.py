@@ -467,8 +467,9 @@ def model_sizes(cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int, cac
         head_params += cfg.max_seq_len * cfg.d_model
     seq = -(-prompt_len // 8) * 8
     capacity = kv_cache.cache_capacity(cfg, seq + gen_len, multiple=64)
-    cache_itemsize = jnp.dtype(cache_dtype or cfg.compute_dtype).itemsize
-    cache_row = 2 * capacity * cfg.num_kv_heads * cfg.head_dim * cache_itemsize  # one row, one layer
+    cache_itemsize = jnp.dtype(cache_dtype or cfg.compute_dtype).itemsize + (4 / cfg.head_dim if cache_dtype == "int8"
+                                                                              else 0)  # + its float32 scales
+    cache_row = int(2 * capacity * cfg.num_kv_heads * cfg.head_dim * cache_itemsize)  # one row, one layer
     hidden = cfg.d_ff if not cfg.is_moe else max(cfg.d_ff, cfg.expert_d_ff * cfg.experts_per_token)
     activation_row = (seq * (6 * cfg.d_model + 3 * hidden + cfg.q_size + 2 * cfg.kv_size) * itemsize
                       + cfg.num_heads * seq * seq * 4 + 2 * cfg.padded_vocab_size * 4)
@@ -483,10 +484,11 @@ def _micro_batch_counts(batch: int) -> list[int]:
     return [m for m in (1, 2, 4, 8, 16, 32, 64) if m <= batch and batch % m == 0]
 
 
-def minimum_device_bytes(cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int) -> int:
+def minimum_device_bytes(cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int,
+                         cache_dtype: str | None = None) -> int:
     """The least any placement needs: the head, two layers' weights (one computing, one arriving), two cache
     slices of one row and the activations of one row."""
-    sizes = model_sizes(cfg, batch, prompt_len, gen_len)
+    sizes = model_sizes(cfg, batch, prompt_len, gen_len, cache_dtype)
     return sizes["head"] + 2 * sizes["layer"] + 2 * sizes["cache_row"] + sizes["activation_row"]
 
 
@@ -530,10 +532,10 @@ def _resident_prefix(places: tuple[str, ...]) -> int:
 
 
 def predict(cfg: ModelConfig, placement: Placement, batch: int, prompt_len: int, gen_len: int,
-            bandwidths: dict | None = None, flops: float = 400e12) -> PlacementChoice:
+            bandwidths: dict | None = None, flops: float = 400e12, cache_dtype: str | None = None) -> PlacementChoice:
     """The cost model's prediction (tokens / s, device bytes) for a given placement."""
     bandwidths = {**DEFAULT_BANDWIDTHS, **(bandwidths or {})}
-    sizes = model_sizes(cfg, batch, prompt_len, gen_len)
+    sizes = model_sizes(cfg, batch, prompt_len, gen_len, cache_dtype)
     k, c = _resident_prefix(placement.weights), _resident_prefix(placement.cache)
     place = DISK if DISK in placement.weights else HOST
     rows = max(1, batch // placement.micro_batches)
@@ -545,18 +547,19 @@ def predict(cfg: ModelConfig, placement: Placement, batch: int, prompt_len: int,
 
 def choose_placement(cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int, budget_bytes: int,
                      bandwidths: dict | None = None, flops: float = 400e12, *, host_bytes: int | None = None,
-                     allow_int8: bool = False) -> PlacementChoice:
+                     allow_int8: bool = False, cache_dtype: str | None = None) -> PlacementChoice:
     """FlexGen's search over a few policies: the first k layers' weights and the first c layers' caches on the
     device (the rest on the host, or on disk when they exceed host_bytes), the micro-batch count, int8 host weights
     (allow_int8). The fastest predicted policy whose device memory fits budget_bytes. bandwidths: bytes / s for
-    "h2d", "d2h", "disk", "device" (default DEFAULT_BANDWIDTHS); flops: the device's FLOP/s."""
+    "h2d", "d2h", "disk", "device" (default DEFAULT_BANDWIDTHS); flops: the device's FLOP/s; cache_dtype: "int8" for
+    the quantized KV cache (kv_cache.init_cache; default the compute dtype)."""
     bandwidths = {**DEFAULT_BANDWIDTHS, **(bandwidths or {})}
-    minimum = minimum_device_bytes(cfg, batch, prompt_len, gen_len)
+    minimum = minimum_device_bytes(cfg, batch, prompt_len, gen_len, cache_dtype)
     if budget_bytes < minimum:
         raise OffloadError(f"--gpu-memory {format_bytes(budget_bytes)} is below the minimum of {format_bytes(minimum)} "
                            f"(the embeddings and head, two layers' weights, one row's cache and activations): "
                            f"raise --gpu-memory to at least {math.ceil(minimum / 1024)}KiB")
-    sizes = model_sizes(cfg, batch, prompt_len, gen_len)
+    sizes = model_sizes(cfg, batch, prompt_len, gen_len, cache_dtype)
     layers = cfg.num_layers
     best = None
     for int8 in (False, True) if allow_int8 else (False,):

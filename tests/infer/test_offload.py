@@ -157,3 +157,10 @@ def test_parse_bytes():
     assert offload.parse_bytes("8e9") == 8_000_000_000
     with pytest.raises(offload.OffloadError, match="--gpu-memory"):
         offload.parse_bytes("lots")
+
+
+def test_int8_cache_on_the_host_equals_generate_with_the_int8_cache(model, tmp_path):
+    cfg, params = model[:2]
+    placed = offload.place_model(params, cfg, offload.Placement.uniform(cfg.num_layers, "host", "host", 2))
+    out = offload.offloaded_generate(placed, PROMPTS, NEW_TOKENS, cache_dtype="int8")
+    assert out.tokens == generate(params, cfg, PROMPTS, max_new_tokens=NEW_TOKENS, cache_dtype="int8").tokens
