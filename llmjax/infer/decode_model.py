@@ -115,6 +115,42 @@ def resolve_decode_impl(impl: str, cfg: ModelConfig) -> str:
     return impl
 
 
+def prefill_layer(layer: dict, x: jax.Array, rope_positions: jax.Array, self_attend, cache: dict, i: int,
+                  cfg: ModelConfig):
+    """One block over the whole prompt x [batch, seq, d_model], attending to itself (self_attend: the prompt's
+    causal_self_attention) and writing its keys / values into layer i of the cache: (x, cache)."""
+
+    def attend(q, k, v):
+        return self_attend(q, k, v)[0], kv_cache.write_prefill(cache, i, k, v)
+
+    x, cache, _ = block(layer, x, rope_positions, cfg, attend)
+    return x, cache
+
+
+def decode_layer(layer: dict, x: jax.Array, cache: dict, i: int, cfg: ModelConfig, *, kv_positions: jax.Array,
+                 kv_lengths: jax.Array, impl: str, pad=lambda a: a):
+    """One block for one token per row, x [rows, 1, d_model] (rows >= the cache's batch: `pad` adds the extra
+    zero rows): each row writes its token into layer i of the cache, then reads the whole cache: (x, cache).
+    kv_positions [batch, capacity]: the cache's positions with this token's written in; impl "pallas" or "xla"."""
+    batch = cache["next_position"].shape[0]
+    positions = cache["next_position"]  # [batch]
+
+    def attend(q, k, v):  # [rows, 1, ...]
+        q, k, v = q[:batch, 0], k[:batch, 0], v[:batch, 0]
+        new_cache = kv_cache.write_token(cache, i, k, v)
+        entry = new_cache["layers"][i]
+        options = dict(sliding_window=cfg.sliding_window, logit_softcap=cfg.attn_logit_softcap,
+                       k_scale=entry.get("k_scale"), v_scale=entry.get("v_scale"))
+        if impl == "pallas":
+            out = decode_attention(q, entry["k"], entry["v"], kv_positions, positions, kv_lengths, **options)
+        else:
+            out = decode_attention_reference(q, entry["k"], entry["v"], kv_positions, positions, **options)
+        return pad(out[:, None]), new_cache  # [rows, 1, heads, head_dim]
+
+    x, cache, _ = block(layer, x, pad(positions)[:, None], cfg, attend)
+    return x, cache
+
+
 def prefill(dparams: dict, tokens: jax.Array, valid: jax.Array, cache: dict, cfg: ModelConfig):
     """Run the prompt tokens [batch, seq] (valid [batch, seq]) through the model into an empty cache.
 
@@ -128,12 +164,8 @@ def prefill(dparams: dict, tokens: jax.Array, valid: jax.Array, cache: dict, cfg
     # model's causal + window masks by index are exact.
     self_attend = causal_self_attention(cfg, segment)
     for i, layer in enumerate(dparams["layers"]):
-
-        def attend(q, k, v):  # the whole prompt, attending to itself, written into layer i's cache
-            return self_attend(q, k, v)[0], kv_cache.write_prefill(cache, i, k, v)
-
         with jax.named_scope(f"layer {i}"):
-            x, cache, _ = block(layer, x, rope_positions, cfg, attend)
+            x, cache = prefill_layer(layer, x, rope_positions, self_attend, cache, i, cfg)
     last = cache["next_slot"] - 1  # index of each row's last prompt token
     x = jnp.take_along_axis(x, last[:, None, None], axis=1)  # [batch, 1, d_model]
     x = norm(dparams["final_norm"], x, cfg)
@@ -160,21 +192,9 @@ def decode_step(dparams: dict, tokens: jax.Array, cache: dict, cfg: ModelConfig,
     kv_positions = cache["positions"].at[jnp.arange(batch), slot].set(positions)
     kv_lengths = jnp.minimum(cache["next_slot"] + 1, capacity)
     for i, layer in enumerate(dparams["layers"]):
-
-        def attend(q, k, v):  # [rows, 1, ...]: the batch's rows write their token, then read the whole cache
-            q, k, v = q[:batch, 0], k[:batch, 0], v[:batch, 0]
-            new_cache = kv_cache.write_token(cache, i, k, v)
-            entry = new_cache["layers"][i]
-            options = dict(sliding_window=cfg.sliding_window, logit_softcap=cfg.attn_logit_softcap,
-                           k_scale=entry.get("k_scale"), v_scale=entry.get("v_scale"))
-            if impl == "pallas":
-                out = decode_attention(q, entry["k"], entry["v"], kv_positions, positions, kv_lengths, **options)
-            else:
-                out = decode_attention_reference(q, entry["k"], entry["v"], kv_positions, positions, **options)
-            return pad(out[:, None]), new_cache  # [rows, 1, heads, head_dim]
-
         with jax.named_scope(f"layer {i}"):
-            x, cache, _ = block(layer, x, pad(positions)[:, None], cfg, attend)
+            x, cache = decode_layer(layer, x, cache, i, cfg, kv_positions=kv_positions, kv_lengths=kv_lengths,
+                                    impl=impl, pad=pad)
     cache = kv_cache.advance(cache)
     x = norm(dparams["final_norm"], x, cfg)
     return _logits(dparams, x, cfg)[:batch, 0], cache

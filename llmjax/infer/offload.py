@@ -41,13 +41,12 @@ import numpy as np
 
 from llmjax.config import ModelConfig
 from llmjax.infer import kv_cache
-from llmjax.infer.decode_model import _embed, _logits, prepare_params
+from llmjax.infer.decode_model import _embed, _logits, decode_layer, prefill_layer, prepare_params
 from llmjax.infer.generate import check_prompts, pad_prompts
-from llmjax.kernels.decode_attention import decode_attention_reference
 from llmjax.model.attention import causal_self_attention
 from llmjax.model.layers import norm
 from llmjax.model.params import count_from_specs
-from llmjax.model.transformer import block, block_spec, moe_block_spec
+from llmjax.model.transformer import block_spec, moe_block_spec
 
 DEVICE, HOST, DISK = "device", "host", "disk"
 WEIGHT_PLACES = (DEVICE, HOST, DISK)
@@ -250,12 +249,8 @@ def _prefill_layer(layer: dict, x: jax.Array, valid: jax.Array, layer_cache: dic
     decode_model.prefill); valid [rows, seq] marks the prompt tokens."""
     positions, _, _ = kv_cache.prompt_layout(valid)
     self_attend = causal_self_attention(cfg, valid.astype(jnp.int32))
-    cache = {"layers": (layer_cache,), **book}
-
-    def attend(q, k, v):
-        return self_attend(q, k, v)[0], kv_cache.write_prefill(cache, 0, k, v)
-
-    x, cache, _ = block(layer, x, jnp.maximum(positions, 0), cfg, attend)
+    x, cache = prefill_layer(layer, x, jnp.maximum(positions, 0), self_attend, {"layers": (layer_cache,), **book}, 0,
+                             cfg)
     return x, cache["layers"][0]
 
 
@@ -264,20 +259,10 @@ def _decode_layer(layer: dict, x: jax.Array, layer_cache: dict, book: dict, cfg:
     """x [rows, 1, d_model] (one token per row) through one block, reading and extending its cache (as
     decode_model.decode_step with the jnp attention reference)."""
     batch = x.shape[0]
-    positions = book["next_position"]
     slot = book["next_slot"] % book["positions"].shape[1]
-    kv_positions = book["positions"].at[jnp.arange(batch), slot].set(positions)
-    cache = {"layers": (layer_cache,), **book}
-
-    def attend(q, k, v):
-        new_cache = kv_cache.write_token(cache, 0, k[:, 0], v[:, 0])
-        entry = new_cache["layers"][0]
-        out = decode_attention_reference(q[:, 0], entry["k"], entry["v"], kv_positions, positions,
-                                         sliding_window=cfg.sliding_window, logit_softcap=cfg.attn_logit_softcap,
-                                         k_scale=entry.get("k_scale"), v_scale=entry.get("v_scale"))
-        return out[:, None], new_cache
-
-    x, cache, _ = block(layer, x, positions[:, None], cfg, attend)
+    kv_positions = book["positions"].at[jnp.arange(batch), slot].set(book["next_position"])
+    x, cache = decode_layer(layer, x, {"layers": (layer_cache,), **book}, 0, cfg, kv_positions=kv_positions,
+                            kv_lengths=jnp.minimum(book["next_slot"] + 1, book["positions"].shape[1]), impl="xla")
     return x, cache["layers"][0]
 
 
