@@ -107,15 +107,10 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_recall(results: list[dict], path: Path, title: str) -> Path:
-    """Grouped bars: recall@1 / @10 / @100 and MRR per retriever."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def recall_bars(ax, results: list[dict], title: str) -> None:
+    """Grouped bars on `ax`: recall@1 / @10 / @100 and MRR, one colour per retriever."""
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(results)
     for i, r in enumerate(results):
         bars = ax.bar(np.arange(len(METRICS)) + i * width, [r[m] for m in METRICS], width,
@@ -123,9 +118,20 @@ def plot_recall(results: list[dict], path: Path, title: str) -> Path:
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.set_xticks(np.arange(len(METRICS)) + width * (len(results) - 1) / 2, METRICS)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("held-out queries")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
+
+
+def plot_recall(results: list[dict], path: Path, title: str) -> Path:
+    """Grouped bars: recall@1 / @10 / @100 and MRR per retriever."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    recall_bars(ax, results, title)
+    ax.set_ylabel("held-out queries")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

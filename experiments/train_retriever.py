@@ -370,31 +370,24 @@ def rag_loss(retriever, inputs: RealmInputs, task, args) -> dict:
 
 
 def plot_training(losses: list[tuple[int, float]], results: list[dict], path: Path,
-                  curve: list[dict] | None = None) -> Path:
+                  curve: list[dict] | None = None, objective: str = "infonce") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from llmjax.experiments.retrieval_eval import METRICS
+    from llmjax.experiments.retrieval_eval import recall_bars
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.plot([s for s, _ in losses], [v for _, v in losses])
     left.set_xlabel("step")
-    left.set_ylabel("InfoNCE loss (training batches)")
+    left.set_ylabel({"infonce": "InfoNCE loss", "realm": "REALM marginal NLL"}[objective] + " (training batches)")
     left.set_title("training loss", fontsize=9)
     if curve:
         twin = left.twinx()
         twin.plot([c["step"] for c in curve], [c["recall@10"] for c in curve], "o-", color="tab:orange")
         twin.set_ylabel("held-out recall@10", color="tab:orange")
-    width = 0.8 / len(results)
-    for i, r in enumerate(results):
-        bars = right.bar(np.arange(len(METRICS)) + i * width, [r[m] for m in METRICS], width, label=r["retriever"])
-        right.bar_label(bars, fmt="%.2f", fontsize=7)
-    right.set_xticks(np.arange(len(METRICS)) + width * (len(results) - 1) / 2, METRICS)
-    right.set_ylim(0, 1)
-    right.set_title("held-out docstring -> code queries", fontsize=9)
-    right.legend(fontsize=8)
+    recall_bars(right, results, "held-out docstring -> code queries")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -530,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
               "objective": args.objective, "lm_alone_rag_loss": lm_alone,
               "command": " ".join([PROG, *(argv if argv is not None else sys.argv[1:])])}
     (args.out / "metrics.json").write_text(json.dumps(record, indent=1))
-    plot_training(losses, results, args.out / "training.png", curve if len(curve) > 1 else None)
+    plot_training(losses, results, args.out / "training.png", curve if len(curve) > 1 else None, args.objective)
     print(f"wrote {args.out} (retriever.json, checkpoint/, metrics.json, training.png)")
     return 0
 

@@ -577,6 +577,17 @@ def choose_placement(cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int
     return PlacementChoice(placement, batch * gen_len / seconds, seconds, int(used), int(budget_bytes))
 
 
+def best(action, repeats: int = 3) -> float:
+    """Seconds of the fastest of `repeats` runs of action() (its result waited for), after one untimed run."""
+    jax.block_until_ready(action())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(action())
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def measure_bandwidths(mib: int = 256, device=None) -> dict:
     """Measured bytes / s: host->device ("h2d", from pinned host memory), device->host ("d2h"), a copy within
     the device ("device"); best of three."""
@@ -586,16 +597,6 @@ def measure_bandwidths(mib: int = 256, device=None) -> dict:
     on_device = place_on(jnp.ones((count,), jnp.float32), DEVICE, device)
     jax.block_until_ready((on_host, on_device))
     copy = jax.jit(lambda x: x + 1)
-
-    def best(action) -> float:
-        jax.block_until_ready(action())
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            jax.block_until_ready(action())
-            times.append(time.perf_counter() - start)
-        return min(times)
-
     nbytes = count * 4
     return {"h2d": nbytes / best(lambda: place_on(on_host, DEVICE, device)),
             "d2h": nbytes / best(lambda: place_on(on_device, HOST, device)),
@@ -608,10 +609,4 @@ def measure_flops(size: int = 2048, dtype: str = "bfloat16", device=None) -> flo
     device = device or jax.devices()[0]
     a = place_on(jnp.ones((size, size), dtype), DEVICE, device)
     matmul = jax.jit(lambda x: x @ x)
-    jax.block_until_ready(matmul(a))
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        jax.block_until_ready(matmul(a))
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / min(times)
+    return 2 * size**3 / best(lambda: matmul(a))
