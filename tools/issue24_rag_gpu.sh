@@ -15,6 +15,7 @@
 # qa prints the exact-match (and name-mentioned) rates with and without retrieval (rag_qa.json).
 # Logs, JSON, JSONL and PNGs are packed into $OUT/PART.tgz.
 set -uo pipefail
+source "$(dirname "$0")/gpu_budget.sh"
 export PYTHONPATH=.:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 RUNS=runs/rag LOGS=/tmp/rag_logs INDEX=runs/rag/stdlib-minilm
 mkdir -p /tmp/site "$RUNS" "$LOGS" "${OUT:=runs}"
@@ -29,7 +30,7 @@ pack() {
 x() {  # x LOG SECONDS ARGS...: one experiment, its log under $LOGS
     local log=$1 seconds=$2; shift 2
     echo "=== $log: $*" | tee -a "$LOGS/$log.log"
-    timeout "$seconds" python3 -m experiments "$@" >> "$LOGS/$log.log" 2>&1
+    timeout "$(budget "$seconds")" python3 -m experiments "$@" >> "$LOGS/$log.log" 2>&1
     echo "=== $log: exit $? at ${SECONDS}s"; grep -vE "^\s*$" "$LOGS/$log.log" | tail -14
     pack
 }

@@ -15,6 +15,7 @@
 # Each train call prints the table (BM25, MiniLM at the start, trained: recall@1/10/100, MRR) and packs metrics.json
 # and training.png into $OUT/PART.tgz. The figure: trained recall@10 >= BM25's + 0.10 and above MiniLM's.
 set -uo pipefail
+source "$(dirname "$0")/gpu_budget.sh"
 export PYTHONPATH=.:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 TASK=${TASK:-runs/retrieval_task/code_task-ec7ec0933e974e7f.json}  # the full task of Python 3.12 here (format 2)
 RUNS=runs/train_retriever LOGS=/tmp/retriever_logs
@@ -30,7 +31,7 @@ pack() {
 x() {  # x LOG SECONDS ARGS...: one experiment, its log under $LOGS
     local log=$1 seconds=$2; shift 2
     echo "=== $log: $*" | tee -a "$LOGS/$log.log"
-    timeout "$seconds" python3 -m experiments "$@" >> "$LOGS/$log.log" 2>&1
+    timeout "$(budget "$seconds")" python3 -m experiments "$@" >> "$LOGS/$log.log" 2>&1
     echo "=== $log: exit $? at ${SECONDS}s"; tr '\r' '\n' < "$LOGS/$log.log" | grep -vE "^\s*$|it/s\]|s/it\]|step/s\]|s/step\]|batch/s\]|s/batch\]|query/s\]" | tail -16
     pack
 }
