@@ -1,14 +1,50 @@
 import functools
 import gc
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 
 # Sharding tests run on 8 simulated CPU devices; set before JAX initializes its backend.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import jax
-import numpy as np
-import pytest
+
+def share_one_compilation_cache() -> str | None:
+    """Point JAX's persistent compilation cache at one folder for the whole test run; returns the folder when this
+    process made it (and removes it at the end), None when it was given.
+
+    Most of the suite's time is XLA compiling the same tiny programs again: in each xdist worker after every module's
+    jax.clear_caches(), for every fresh jax.jit of the same function, and in every `python -m experiments`
+    subprocess. The first process (the xdist controller, or pytest alone) makes the folder and exports it through
+    JAX's own environment variables before the workers start: the workers and the subprocesses they spawn with
+    os.environ read the same settings when they import jax. A hit cannot change a result: the cache key is a hash of
+    the program, the compile options and XLA flags (device count included), the backend and the jax / jaxlib
+    versions. JAX_COMPILATION_CACHE_DIR set by the caller is used as it is (a cache kept between runs)."""
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # tiny programs repeat the most
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return None
+    folder = tempfile.mkdtemp(prefix="llmjax-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+    return folder
+
+
+_OWN_COMPILATION_CACHE = share_one_compilation_cache()
+
+import jax  # noqa: E402  (after the environment above: JAX reads it at import)
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+# The same settings again, in case something imported jax before this file.
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+for _name, _type in (("jax_persistent_cache_min_compile_time_secs", float),
+                     ("jax_persistent_cache_min_entry_size_bytes", int)):
+    jax.config.update(_name, _type(os.environ[_name.upper()]))
+
+def pytest_unconfigure(config):
+    """The run's compilation cache is removed by the process that made it, after the workers are done."""
+    if _OWN_COMPILATION_CACHE:
+        shutil.rmtree(_OWN_COMPILATION_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

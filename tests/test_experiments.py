@@ -1,6 +1,7 @@
 """The experiments a user runs, at CI size: quickstart end to end, train, and their bad input."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_experiment(*args, cwd=ROOT):
+    """A clean environment, but for the test run's shared compilation cache (conftest.py)."""
+    cache = {k: v for k, v in os.environ.items() if k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
     return subprocess.run([sys.executable, "-m", "experiments", *args], cwd=cwd, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"})
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", **cache})
 
 
 def test_quickstart_runs_end_to_end(tmp_path):
