@@ -1,6 +1,7 @@
 """RAG evaluations: held-out LM loss with and without retrieved neighbours (`loss`), docstring QA exact match (`qa`).
 
     python -m experiments rag_eval loss --index runs/rag/stdlib --ckpt runs/llama-125m-stdlib --out runs/rag_eval/loss
+    python -m experiments rag_eval loss --index runs/rag/stdlib --gguf smollm2-135m-instruct --validation-fraction 0.1
     python -m experiments rag_eval qa --index runs/rag/stdlib --gguf smollm2-135m-instruct --out runs/rag_eval/qa
 
 The measures are `llmjax.retrieval.rag_eval` (its docstring says exactly what is scored).
@@ -34,9 +35,9 @@ def loss_command(args) -> dict:
     check_positive(k=args.k, context=args.context, target=args.target, neighbour_tokens=args.neighbour_tokens,
                    query_tokens=args.query_tokens, per_file=args.per_file, max_targets=args.max_targets,
                    batch_size=args.batch_size)
+    documents = heldout_documents(None if args.data == "stdlib" else args.data, args.validation_fraction)
     store, encoder = load_store(args)
     model = load_generator(args)
-    documents = heldout_documents(None if args.data == "stdlib" else args.data)
     targets = loss_targets(documents, model.tokenizer, context=args.context, target=args.target,
                            per_file=args.per_file, total=args.max_targets)
     neighbour_tokens = args.neighbour_tokens if args.neighbour_tokens is not None else args.context // 2
@@ -50,7 +51,7 @@ def loss_command(args) -> dict:
     record = {"model": name, "index": str(args.index), "encoder": encoder.name, "data": args.data, "k": args.k,
               "context": args.context, "target": args.target, "neighbour_tokens": neighbour_tokens,
               "query_tokens": args.query_tokens, "neighbours": args.neighbours,
-              "held_out_documents": len(documents), **record,
+              "validation_fraction": args.validation_fraction, "held_out_documents": len(documents), **record,
               "figure_reached": record["delta"] >= 0.15,
               "files_written": {"json": str(out / "rag_loss.json"), "png": str(out / "rag_loss.png")}}
     print_loss_table(record)
@@ -62,8 +63,9 @@ def loss_command(args) -> dict:
 
 def print_loss_table(record: dict) -> None:
     print(f"held-out target loss (nats/token), {record['targets']} targets of {record['target']} tokens in "
-          f"{record['files']} files, context {record['context']} tokens (RAG: <= {record['neighbour_tokens']} of "
-          f"{record['k']} neighbours + preceding text)")
+          f"{record['files']} files (of {record['held_out_documents']} held-out files: validation fraction "
+          f"{record['validation_fraction']}), context {record['context']} tokens (RAG: <= "
+          f"{record['neighbour_tokens']} of {record['k']} neighbours + preceding text)")
     print(f"{'position':>10}  {'baseline':>9}  {'RAG':>9}  {'delta':>7}")
     for b in record["buckets"]:
         span = str(b["first"]) if b["first"] == b["last"] else f"{b['first']}-{b['last']}"
@@ -99,9 +101,13 @@ def plot_loss(record: dict, path: Path) -> None:
 # --- qa ------------------------------------------------------------------------------------------------------------
 
 def qa_command(args) -> dict:
-    from llmjax.retrieval.rag_eval import qa_eval, read_questions, stdlib_questions, write_questions
+    from llmjax.retrieval.rag_eval import DEMONSTRATIONS, qa_eval, read_questions, stdlib_questions, write_questions
 
     check_positive(k=args.k, count=args.count, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    if not 0 <= args.shots <= len(DEMONSTRATIONS):
+        from llmjax.retrieval.rag import RagError
+
+        raise RagError(f"--shots {args.shots}: expected 0 .. {len(DEMONSTRATIONS)} (the fixed demonstrations)")
     store, encoder = load_store(args)
     model = load_generator(args)
     questions = read_questions(args.questions) if args.questions is not None else stdlib_questions(args.count)
@@ -110,13 +116,16 @@ def qa_command(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_questions(out / "questions.jsonl", questions)
     result = qa_eval(store, encoder, model, questions, k=args.k, max_new_tokens=args.max_new_tokens,
-                     batch_size=args.batch_size, progress=not args.no_progress)
+                     batch_size=args.batch_size, shots=args.shots, prefill=args.prefill,
+                     progress=not args.no_progress)
     summary = result["summary"]
     record = {"model": name, "index": str(args.index), "encoder": encoder.name, "k": args.k,
-              "questions_file": str(out / "questions.jsonl"), **summary, "records": result["records"],
+              "questions_file": str(out / "questions.jsonl"), **summary, "prompts": result["prompts"],
+              "records": result["records"],
               "files_written": {"json": str(out / "rag_qa.json"), "png": str(out / "rag_qa.png"),
                                 "questions": str(out / "questions.jsonl")}}
-    print(f"{summary['questions']} questions ({name}, greedy, k={args.k}):")
+    print(f"{summary['questions']} questions ({name}, greedy, k={args.k}, {args.shots} demonstrations, reply "
+          f"prefilled with {args.prefill!r}; exact match: the reply's first dotted name):")
     print(f"{'':>18}  {'exact match':>11}  {'name mentioned':>14}  {'function named':>14}")
     for mode in ("without", "with"):
         exact, mentioned, function = (summary[f"{mode}_{key}"] for key in ("exact_match", "mentioned", "function"))
@@ -154,6 +163,9 @@ def plot_qa(record: dict, path: Path) -> None:
 # --- the command ---------------------------------------------------------------------------------------------------
 
 def parse_args(argv):
+    from llmjax.data.corpus import VALIDATION_FRACTION
+    from llmjax.retrieval.rag_eval import QA_PREFILL
+
     p = argparse.ArgumentParser(
         prog=PROG, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Evaluate retrieval-augmented generation. `loss`: for target chunks of the corpus's held-out "
@@ -162,8 +174,10 @@ def parse_args(argv):
         "the k chunks retrieved by the preceding text (the held-out file's own chunks excluded) followed by the "
         "rest of the preceding text (RAG); per position bucket, as a table, rag_loss.json and rag_loss.png. `qa`: "
         "'Which standard-library function has this docstring?' questions (answer: module.function), answered "
-        "greedily with and without retrieval; exact-match rates (and, more lenient, whether module.function or just "
-        "the function's name appears in the answer) in rag_qa.json and rag_qa.png, the questions in questions.jsonl.")
+        "greedily with and without retrieval after the same few-shot demonstrations (functions outside the question "
+        "set) with the reply prefilled, the retrieved chunks labelled with their module; exact-match rates of the "
+        "reply's first dotted name (and, more lenient, whether module.function or just the function's name appears "
+        "in the answer) in rag_qa.json and rag_qa.png, the questions in questions.jsonl.")
     commands = p.add_subparsers(dest="command", required=True)
 
     loss = commands.add_parser("loss", help="held-out LM loss with and without neighbours",
@@ -171,6 +185,10 @@ def parse_args(argv):
     add_store_flags(loss)
     add_generator_flags(loss)
     loss.add_argument("--data", default="stdlib", help="the corpus whose held-out files are scored: stdlib or a path")
+    loss.add_argument("--validation-fraction", type=float, default=VALIDATION_FRACTION,
+                      help="the fraction of the corpus's files held out (chosen by a hash of each path) whose targets "
+                           "are scored; the default is the split training uses: keep it for a checkpoint trained on "
+                           "the training split, raise it (e.g. 0.1) for a model that never saw the split (SmolLM2)")
     loss.add_argument("--context", type=int, default=512, help="tokens before every target, in both conditions")
     loss.add_argument("--target", type=int, default=64, help="tokens of each target chunk (the only ones scored)")
     loss.add_argument("--neighbour-tokens", type=int, default=None,
@@ -195,6 +213,11 @@ def parse_args(argv):
                     help="a JSONL question set (question, answer; docstring: what retrieves) instead of the standard "
                          "library's (made afresh, deterministically: --count of them)")
     qa.add_argument("--count", type=int, default=100, help="questions made from the standard library")
+    qa.add_argument("--shots", type=int, default=2,
+                    help="solved demonstrations (fixed functions never in the question set) before every question, "
+                         "in both conditions (0: none)")
+    qa.add_argument("--prefill", default=QA_PREFILL,
+                    help="the text the assistant's reply starts with (in both conditions; '' for none)")
     qa.add_argument("--max-new-tokens", type=int, default=24, help="the most tokens of an answer")
     qa.add_argument("--batch-size", type=int, default=32,
                     help="questions decoded together by the serving engine (continuous batching)")

@@ -107,6 +107,7 @@ def test_rag_eval_qa_scores_with_and_without_retrieval(index, tmp_path, capsys):
     out = tmp_path / "qa"
     assert rag_eval.main(["qa", "--index", str(index), "--model", "llama-tiny", "--questions", str(questions),
                           "-k", "1", "--max-new-tokens", "4", "--batch-size", "1",  # the engine: few programs
+                          "--shots", "0",  # the demonstrations do not fit llama-tiny's 64 tokens
                           "--out", str(out), "--no-progress"]) == 0
     record = json.loads((out / "rag_qa.json").read_text())
     assert record["questions"] == 2 and 0 <= record["with_exact_match"] <= 1 and 0 <= record["without_exact_match"] <= 1

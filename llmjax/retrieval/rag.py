@@ -15,10 +15,12 @@ Each chunk carries its file's number as its index label, and its file key in chu
 whole file out (`exclude_file`: the evaluation of held-out code never retrieves the held-out file's own chunks).
 
 Prompts: the retrieved chunks in rank order, then the query. A base model reads plain text ("# source: KEY" before
-each chunk's text, then the query as is: a code prompt continues naturally); an instruct model (a chat template)
-reads one user turn "Context: ... Question: ...". The budget counts tokens exactly (pieces are tokenized
-separately and concatenated): the lowest-ranked chunks are dropped first, then the last one kept is cut to fit; the
-query is never cut: when it alone exceeds the budget, RagError says so.
+each chunk's text, or another label line: `label`; then the query as is: a code prompt continues naturally); an
+instruct model (a chat template) reads one user turn "Context: ... Question: ...", after any earlier turns
+(`history`: few-shot demonstrations), and the assistant's reply may start with given text (`prefill`). The budget
+counts tokens exactly (pieces are tokenized separately and concatenated): the lowest-ranked chunks are dropped
+first, then the last one kept is cut to fit; the query is never cut: when it alone exceeds the budget, RagError says
+so.
 """
 
 from __future__ import annotations
@@ -321,31 +323,47 @@ class Prompt:
 CHUNK_SEPARATOR = "\n\n"
 
 
-def chunk_piece(retrieved: Retrieved | Chunk, tokenizer) -> list[int]:
-    """How one chunk reads in a prompt, as token ids: a "# source:" line naming it, its text, then a blank line
-    (CHUNK_SEPARATOR, tokenized on its own so that a chunk cut to fit keeps it: see fit_pieces' keep_tail)."""
+def source_label(chunk: Chunk) -> str:
+    """The default line naming a chunk in a prompt: "# source: FILE:FIRST-LAST"."""
+    return f"# source: {chunk.key}"
+
+
+def chunk_block(chunk: Chunk, label=None) -> str:
+    """How one chunk reads in a prompt: its label line (label(chunk); default `source_label`), then its text."""
+    return f"{(label or source_label)(chunk)}\n{chunk.text.rstrip()}"
+
+
+def chunk_piece(retrieved: Retrieved | Chunk, tokenizer, label=None) -> list[int]:
+    """How one chunk reads in a prompt, as token ids: `chunk_block` (a label line naming it, its text), then a blank
+    line (CHUNK_SEPARATOR, tokenized on its own so that a chunk cut to fit keeps it: see fit_pieces' keep_tail)."""
     chunk = retrieved.chunk if isinstance(retrieved, Retrieved) else retrieved
-    return (tokenizer.encode(f"# source: {chunk.key}\n{chunk.text.rstrip()}", allowed_special="none")
-            + separator_ids(tokenizer))
+    return tokenizer.encode(chunk_block(chunk, label), allowed_special="none") + separator_ids(tokenizer)
 
 
 def separator_ids(tokenizer) -> list[int]:
     return tokenizer.encode(CHUNK_SEPARATOR, allowed_special="none")
 
 
-def prompt_frame(query: str, chat_format=None, with_context: bool = True) -> tuple[str, str]:
-    """(text before the chunks, text after them: holds the query). Plain: ("", query). Chat (a ChatFormat with a
-    template): one user turn "instruction, Context:, <chunks>, Question: query", rendered by the template; without
-    context (nothing retrieved), the query alone as the user turn."""
+def context_content(query: str, context: str) -> str:
+    """A chat user turn with context: the instruction, "Context:", the chunks' text (each `chunk_block` and
+    CHUNK_SEPARATOR), "Question: query"."""
+    return f"{CHAT_INSTRUCTION}\n\nContext:\n{context}Question: {query}"
+
+
+def prompt_frame(query: str, chat_format=None, with_context: bool = True, *, history: Sequence[dict] = (),
+                 prefill: str = "") -> tuple[str, str]:
+    """(text before the chunks, text after them: holds the query). Plain: (the history's contents, each followed by a
+    blank line; query + prefill). Chat (a ChatFormat with a template): the history's turns ({"role", "content"}:
+    few-shot demonstrations), then one user turn `context_content` (with context) or the query alone (without:
+    nothing retrieved), rendered by the template, the assistant's turn opened and started with `prefill`."""
     if chat_format is None or getattr(chat_format, "template", None) is None:
-        return "", query
+        return "".join(f"{m['content']}{CHUNK_SEPARATOR}" for m in history), query + prefill
     if not with_context:
-        return "", chat_format.render([{"role": "user", "content": query}])
+        return "", chat_format.render([*history, {"role": "user", "content": query}]) + prefill
     marker = "\x00CONTEXT\x00"
-    content = f"{CHAT_INSTRUCTION}\n\nContext:\n{marker}Question: {query}"
-    rendered = chat_format.render([{"role": "user", "content": content}])
+    rendered = chat_format.render([*history, {"role": "user", "content": context_content(query, marker)}])
     before, _, after = rendered.partition(marker)
-    return before, after
+    return before, after + prefill
 
 
 def fit_pieces(pieces: Sequence[Sequence[int]], room: int, *, keep_tail: int = 0,
@@ -368,14 +386,15 @@ def fit_pieces(pieces: Sequence[Sequence[int]], room: int, *, keep_tail: int = 0
 
 
 def build_prompt(query: str, chunks: Sequence[Retrieved | Chunk], tokenizer, max_tokens: int,
-                 chat_format=None) -> Prompt:
-    """The prompt's ids: chunks (rank order) and the query within max_tokens tokens (see the module). RagError when
-    the query alone does not fit."""
+                 chat_format=None, *, label=None, history: Sequence[dict] = (), prefill: str = "") -> Prompt:
+    """The prompt's ids: chunks (rank order, each named by label(chunk): `chunk_piece`) and the query within
+    max_tokens tokens, after the history's turns and before the prefill (`prompt_frame`; see the module). RagError
+    when the query alone (with the frame) does not fit."""
     check_query(query)
     if not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
         raise RagError(f"max_tokens={max_tokens!r}: expected a positive integer")
     chunks = [c if isinstance(c, Retrieved) else Retrieved(c, 0.0, r) for r, c in enumerate(chunks)]
-    before, after = prompt_frame(query, chat_format, with_context=bool(chunks))
+    before, after = prompt_frame(query, chat_format, with_context=bool(chunks), history=history, prefill=prefill)
     head = tokenizer.encode(before)
     special = tokenizer.special_ids
     if special.add_bos and head[:1] != [special.bos]:  # the model's BOS first (before the chunks), never doubled
@@ -383,10 +402,11 @@ def build_prompt(query: str, chunks: Sequence[Retrieved | Chunk], tokenizer, max
     tail = tokenizer.encode(after)
     frame = len(head) + len(tail)
     if frame > max_tokens:
-        raise RagError(f"the query alone takes {frame} tokens (with the prompt's frame), more than the budget of "
-                       f"{max_tokens} tokens: shorten the query, or raise the budget (a longer context or fewer new "
-                       "tokens)")
-    pieces = [chunk_piece(c, tokenizer) for c in chunks]
+        turns = f" and {len(history)} earlier turns" if history else ""
+        raise RagError(f"the query alone takes {frame} tokens (with the prompt's frame{turns}), more than the budget "
+                       f"of {max_tokens} tokens: shorten the query{', give fewer earlier turns' if history else ''}, "
+                       "or raise the budget (a longer context or fewer new tokens)")
+    pieces = [chunk_piece(c, tokenizer, label) for c in chunks]
     fitted = fit_pieces(pieces, max_tokens - frame, keep_tail=len(separator_ids(tokenizer)))
     kept = chunks[:len(fitted)]
     cut = len(pieces[len(fitted) - 1]) - len(fitted[-1]) if fitted else 0  # tokens cut from the last kept chunk
@@ -407,14 +427,16 @@ class RagAnswer:
 
 def rag_generate(store: RagStore | None, encoder: Encoder | None, model, queries: str | Sequence[str], *, k: int = 4,
                  max_new_tokens: int = 64, retrieval_queries: Sequence[str] | None = None, use_chat: bool | None = None,
-                 sampling=None, engine: bool = False, max_running: int = 32) -> list[RagAnswer]:
+                 sampling=None, engine: bool = False, max_running: int = 32, label=None,
+                 history: Sequence[dict] = (), prefill: str = "") -> list[RagAnswer]:
     """Retrieve k chunks for each query, build its prompt within the model's context (less max_new_tokens) and
     generate the answers (greedy unless `sampling`, a SamplingConfig). model: an `llmjax.io.models.LoadedModel`.
     store None (or k=0): no retrieval, the query alone (through the chat template for a chat). retrieval_queries:
     search with these texts instead of the queries. use_chat: the chat template (default: when the model has one).
     engine: through the serving engine (`llmjax.infer.engine`: continuous batching of max_running sequences over
     bucketed shapes, greedy only; many prompts of many lengths compile a few programs), else `generate` (one batch
-    padded to the longest prompt)."""
+    padded to the longest prompt). label, history, prefill: how chunks are named, earlier turns (few-shot
+    demonstrations) and the reply's given start (`build_prompt`); the answers are what follows the prefill."""
     queries = [queries] if isinstance(queries, str) else list(queries)
     queries = [check_query(q) for q in queries]
     if store is not None and k > 0:
@@ -424,7 +446,8 @@ def rag_generate(store: RagStore | None, encoder: Encoder | None, model, queries
     chat = model.chat_format if (use_chat if use_chat is not None else model.chat_format.template is not None) \
         else None
     budget = model.cfg.max_seq_len - max_new_tokens
-    prompts = [build_prompt(q, f, model.tokenizer, budget, chat) for q, f in zip(queries, found)]
+    prompts = [build_prompt(q, f, model.tokenizer, budget, chat, label=label, history=history, prefill=prefill)
+               for q, f in zip(queries, found)]
     if engine:
         if sampling is not None:
             raise RagError("rag_generate(engine=True) is greedy: give sampling=None, or engine=False to sample")
@@ -454,6 +477,7 @@ def engine_greedy(prompts: Sequence[Sequence[int]], model, max_new_tokens: int,
 
 
 __all__ = ["Chunk", "Encoder", "Prompt", "RagAnswer", "RagError", "RagStore", "Retrieved", "build_prompt",
-           "build_rag_index", "check_encoder", "chunk_documents", "chunk_piece", "chunk_text", "fit_pieces",
-           "load_encoder", "load_rag_index", "make_index", "parse_encoder_spec", "prompt_frame", "rag_generate",
-           "retrieve", "retrieve_many", "save_rag_index", "separator_ids", "with_continuation", "engine_greedy"]
+           "build_rag_index", "check_encoder", "chunk_block", "chunk_documents", "chunk_piece", "chunk_text",
+           "context_content", "fit_pieces", "load_encoder", "load_rag_index", "make_index", "parse_encoder_spec",
+           "prompt_frame", "rag_generate", "retrieve", "retrieve_many", "save_rag_index", "separator_ids",
+           "source_label", "with_continuation", "engine_greedy"]
