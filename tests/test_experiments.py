@@ -25,7 +25,7 @@ def run_experiment(*args, cwd=ROOT):
 
 def test_quickstart_runs_end_to_end(tmp_path):
     result = run_experiment("quickstart", "--run-dir", str(tmp_path), "--max-files", "40", "--steps", "12",
-                            "--tokenizer-mb", "0.5", "--vocab-size", "400", "--no-progress")
+                            "--tokenizer-mb", "0.5", "--vocab-size", "400", "--batch", "4", "--no-progress")
     assert result.returncode == 0, result.stderr
     assert "unigram entropy of the validation split" in result.stdout and "sample (temperature 0.8" in result.stdout
     summary = json.loads((tmp_path / "quickstart.json").read_text())
