@@ -319,16 +319,21 @@ def open_llama_cpp(path: Path, context: int, *, repack: bool, float32_cache: boo
 
 
 def llama_cpp_greedy(model, ids: list[int], new_tokens: int) -> list[int]:
-    """Greedy tokens after the prompt: the argmax of each step's logits (ties to the lowest id, as jnp.argmax), no
-    sampler in between."""
+    """Greedy tokens after the prompt: the argmax of the last position's logits, read from the context (ties to the
+    lowest id, as jnp.argmax; no sampler, and no logits kept for the prompt's other positions)."""
+    import llama_cpp
     import numpy as np
+
+    def next_token() -> int:
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(model.ctx, -1), shape=(model.n_vocab(),))
+        return int(np.argmax(logits))
 
     model.reset()
     model.eval(ids)
-    out = []
-    for _ in range(new_tokens):
-        out.append(int(np.argmax(model.scores[model.n_tokens - 1])))
+    out = [next_token()]
+    while len(out) < new_tokens:  # as ours: the prefill's token, then one step per further token
         model.eval(out[-1:])
+        out.append(next_token())
     return out
 
 
