@@ -1,7 +1,8 @@
 """POST /v1/embeddings under C concurrent clients (sequences/s, p50/p99 latency) against sentence-transformers' encode.
 
-The server (llmjax.infer.server + the embedding batcher, uvicorn in a thread of this process) serves all-MiniLM-L6-v2
-(or --model PRESET, random weights, no peer); --client-processes processes share --clients concurrent HTTP clients
+The server (llmjax.infer.server + the embedding batcher, uvicorn in a thread of this process, or --server-workers N
+processes on one port as `serve --workers N` runs them) serves all-MiniLM-L6-v2 (or --model PRESET, random weights,
+no peer); --client-processes processes share --clients concurrent HTTP clients
 (httpx, keep-alive), each sending one request after another, every request --inputs-per-request sequences of exactly
 --seq-len tokens ([CLS] + word pieces of the default corpus + [SEP], sent as token ids, or as text with --input text)
 and asking for base64 vectors (what the openai client asks for). After --warmup-s the requests completed in the next
@@ -45,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequences", type=int, default=4096, help="distinct sequences cycled through by the clients")
     p.add_argument("--warmup-s", type=float, default=3.0, help="seconds of load before the measured window")
     p.add_argument("--duration-s", type=float, default=10.0, help="seconds of the measured window, per run")
+    p.add_argument("--server-workers", type=int, default=1,
+                   help="server processes: 1 runs uvicorn in a thread of this process; N > 1 spawns N processes "
+                        "accepting on one port (serve --workers N), each with its own copy of the model on the same "
+                        "device (one process tops out at a few thousand requests/s)")
     p.add_argument("--max-batch", type=int, default=256, help="the server's largest batch (sequences)")
     p.add_argument("--batch-wait-ms", type=float, default=2.0, help="the server's batch_wait_s, in ms")
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default=None,
@@ -77,7 +82,7 @@ def parse_args(argv):
         args.inputs = [int(k) for k in args.inputs_per_request.split(",") if k.strip()]
     except ValueError:
         p.error(f"--inputs-per-request {args.inputs_per_request!r}: expected comma-separated integers")
-    for name in ("clients", "seq_len", "sequences", "max_batch", "peer_batch_size"):
+    for name in ("clients", "seq_len", "sequences", "max_batch", "peer_batch_size", "server_workers"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be a positive integer")
     if not args.inputs or min(args.inputs) < 1:
@@ -204,13 +209,15 @@ def drive(url: str, runs: list[tuple[int, list[bytes]]], args, embedder) -> list
     out = []
     for k, _ in runs:
         barrier.wait(timeout=600)
-        batches, rows = embedder.batches_run, embedder.sequences_run
+        batches, rows = (embedder.batches_run, embedder.sequences_run) if embedder else (0, 0)
         records = [results.get(timeout=args.warmup_s + args.duration_s + 300) for _ in workers]
         run = summarize(records, k, args)
-        run["server_mean_batch"] = (embedder.sequences_run - rows) / max(embedder.batches_run - batches, 1)
+        run["server_mean_batch"] = ((embedder.sequences_run - rows) / max(embedder.batches_run - batches, 1)
+                                    if embedder else None)  # None: the batchers are in the worker processes
+        batch = "" if embedder is None else f", mean batch {run['server_mean_batch']:.1f}"
         print(f"{PROG}: {k} per request: {run['sequences_per_s']:,.0f} sequences/s, p50 "
-              f"{run['latency_ms']['p50']:.1f} ms, p99 {run['latency_ms']['p99']:.1f} ms, mean batch "
-              f"{run['server_mean_batch']:.1f}", file=sys.stderr, flush=True)
+              f"{run['latency_ms']['p50']:.1f} ms, p99 {run['latency_ms']['p99']:.1f} ms{batch}", file=sys.stderr,
+              flush=True)
         out.append(run)
     for worker in workers:
         worker.join(30)
@@ -274,6 +281,46 @@ def build_server(model, args):
     app = create_app(None, model.tokenizer, model_name=MODEL_NAME, max_model_len=model.cfg.max_seq_len,
                      embedder=embedder)
     return app, embedder
+
+
+def worker_app(args):
+    """The app of one --server-workers process (spawned: it loads the model and compiles itself)."""
+    from llmjax.io.models import load_model
+
+    model = load_model(hf=args.hf, preset=args.model, compute_dtype=args.compute_dtype)
+    return build_server(model, args)[0]
+
+
+class ServerWorkers:
+    """--server-workers processes on one free localhost port (llmjax.infer.server.ServerProcesses); entering waits
+    until every one has answered /health (each loads the model and compiles before it accepts) and gives the URL."""
+
+    def __init__(self, args, timeout: float = 900):
+        from llmjax.infer.server import ServerProcesses
+
+        self.servers = ServerProcesses(worker_app, args, workers=args.server_workers, port=0, log_level="warning")
+        self.timeout = timeout
+
+    def __enter__(self) -> str:
+        import httpx
+
+        self.servers.start()
+        url, workers = f"http://127.0.0.1:{self.servers.port}", len(self.servers.processes)
+        pids, deadline = set(), time.monotonic() + self.timeout
+        while len(pids) < workers:
+            if time.monotonic() > deadline or not all(p.is_alive() for p in self.servers.processes):
+                self.__exit__()
+                raise SystemExit(f"{PROG}: {len(pids)} of {workers} server processes answered (a process died or "
+                                 f"{self.timeout:.0f} s passed)")
+            try:
+                pids.add(httpx.get(url + "/health", timeout=10).json()["pid"])
+            except httpx.TransportError:
+                time.sleep(0.5)
+        return url
+
+    def __exit__(self, *exc) -> None:
+        self.servers.stop()
+        self.servers.wait()
 
 
 def check_answers(url: str, model, sequences: list[list[int]]) -> float:
@@ -419,10 +466,15 @@ def main(argv: list[str] | None = None) -> int:
               "server": http_stack(), "client": "httpx", "cpu_count": os.cpu_count(),
               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "runs": []}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    app, embedder = build_server(model, args)
-    with ServerThread(app) as url:
+    report["server"]["workers"] = args.server_workers
+    runs = [(k, request_bodies(sequences, texts, k, args.seq_len, args.input)) for k in args.inputs]
+    if args.server_workers == 1:
+        app, embedder = build_server(model, args)
+        server = ServerThread(app)
+    else:
+        embedder, server = None, ServerWorkers(args)  # the batchers live in the worker processes
+    with server as url:
         report["max_abs_difference_vs_embed_ids"] = check_answers(url, model, sequences)
-        runs = [(k, request_bodies(sequences, texts, k, args.seq_len, args.input)) for k in args.inputs]
         report["runs"] = drive(url, runs, args, embedder)
         args.out.write_text(json.dumps(report, indent=1))
     report["library"] = run_library(model, sequences, args)

@@ -6,6 +6,7 @@ embeddings (last-token pooling by default)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -75,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--embed-batch-wait-ms", type=float, default=2.0,
                        help="an idle batcher waits this long for more requests before running a batch that is not "
                             "full (while a batch runs, the next one gathers anyway)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="server processes accepting on the one port, each with its own copy of the model, engine "
+                   "and embedding batcher on the same device (one process answers a few thousand small requests a "
+                   "second; more raise that while the device has room). With N > 1 each process may use 0.9 / N of "
+                   "the GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION, unless set)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (info logs every request)")
     return p
@@ -86,7 +92,8 @@ def parse_args(argv):
     for flag, value, least in (("--embed-max-batch", args.embed_max_batch, 1),
                                ("--embed-max-inputs", args.embed_max_inputs, 1),
                                ("--embed-max-tokens", args.embed_max_tokens, 2),
-                               ("--embed-batch-wait-ms", args.embed_batch_wait_ms, 0)):
+                               ("--embed-batch-wait-ms", args.embed_batch_wait_ms, 0),
+                               ("--workers", args.workers, 1)):
         if value is not None and value < least:
             p.error(f"{flag}={value}: must be >= {least}")
     return args
@@ -157,15 +164,34 @@ def build_app(args):
     return app, name, cfg
 
 
+def worker_app(argv: list[str]):
+    """The app of one `--workers` process (spawned: it parses the flags and loads the model itself)."""
+    from llmjax.infer.engine import EngineError
+    from llmjax.io.models import ModelLoadError
+
+    try:
+        return build_app(parse_args(argv))[0]
+    except (ModelLoadError, EngineError, ImportError, ValueError) as error:
+        print(f"{PROG}: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    from llmjax.infer.server import require_serve_extra, serve
+    from llmjax.infer.server import require_serve_extra, serve, serve_processes
 
     try:
         require_serve_extra()
     except ImportError as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 2
+    if args.workers > 1:
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / args.workers:.3f}")  # inherited by each
+        print(f"{PROG}: serving on http://{args.host}:{args.port}/v1 with {args.workers} worker processes (each loads "
+              "the model and compiles before it accepts)", file=sys.stderr, flush=True)
+        return serve_processes(worker_app, argv, workers=args.workers, host=args.host, port=args.port,
+                               log_level=args.log_level)
     from llmjax.infer.engine import EngineError
     from llmjax.io.models import ModelLoadError
 

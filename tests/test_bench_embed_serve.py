@@ -1,4 +1,4 @@
-"""bench_embed_serve end to end on the CPU, tiny: the server in a thread, clients in a spawned process, every
+"""bench_embed_serve end to end on the CPU, tiny: the server in a thread or two processes, clients in a spawned process, every
 request answered, the served vectors equal embed_ids, the JSON and the PNG; and the sentence-transformers peer's
 sequences cut at --seq-len tokens."""
 
@@ -10,11 +10,14 @@ import pytest
 from llmjax.experiments import bench_embed_serve
 
 
-def test_bench_embed_serve_quick(tmp_path, capsys):
+@pytest.mark.parametrize("server_workers", [1, 2])  # uvicorn in this process's thread; two spawned processes
+def test_bench_embed_serve_quick(tmp_path, capsys, server_workers):
     out = tmp_path / "bench.json"
     assert bench_embed_serve.main(["--quick", "--model", "bert-tiny", "--clients", "3", "--duration-s", "1",
-                                   "--out", str(out)]) == 0
+                                   "--server-workers", str(server_workers), "--out", str(out)]) == 0
     report = json.loads(out.read_text())
+    assert report["server"]["workers"] == server_workers
+    assert all((run["server_mean_batch"] is None) == (server_workers > 1) for run in report["runs"])
     assert [run["inputs_per_request"] for run in report["runs"]] == [1, 4]
     for run in report["runs"]:
         assert run["errors"] == 0 and run["requests"] > 0 and run["clients"] == 3 and run["client_processes"] == 1

@@ -14,6 +14,7 @@
 #   bash tools/issue24_embed_gpu.sh bench     carry .minilm/b .whl .whl_serve   install; POST /v1/embeddings under 64
 #                                                                               clients (1, 4, 16 inputs a request)
 #                                                                               against sentence-transformers encode
+#   bash tools/issue24_embed_gpu.sh bench-workers carry .whl                   the same with 4 server processes
 #   bash tools/issue24_embed_gpu.sh embed     carry .whl                        experiments embed: 50k stdlib windows
 set -uo pipefail
 source "$(dirname "$0")/gpu_budget.sh"
@@ -30,11 +31,15 @@ bench)
     timeout "$(budget 420)" python3 -m experiments bench_embed_serve --hf all-minilm-l6-v2 --clients 64 \
         --inputs-per-request 1,4,16 --seq-len 128 --duration-s 10 --warmup-s 3 \
         --out "$OUT/bench_embed_serve.json" 2>&1 | tail -25 ;;
+bench-workers)  # after bench (MiniLM and the serve wheels installed): 4 server processes on one port, 1 and 4 a request
+    timeout "$(budget 420)" python3 -m experiments bench_embed_serve --hf all-minilm-l6-v2 --clients 64 \
+        --server-workers "${WORKERS:-4}" --inputs-per-request 1,4 --seq-len 128 --duration-s 10 --warmup-s 3 \
+        --out "$OUT/bench_embed_serve_workers.json" 2>&1 | tail -25 ;;
 embed)
     timeout "$(budget 500)" python3 -m experiments embed --hf all-minilm-l6-v2 --data stdlib --limit 50000 --max-len 256 \
         --batch-size 512 --shard-size 16384 --dtype float16 --out /tmp/embed-stdlib 2>&1 | tail -8
     python3 -c "from llmjax.embed import load_embeddings; i, v, m = load_embeddings('/tmp/embed-stdlib'); \
 print(len(i), v.shape, v.dtype, m['model'], m['pooling'], m['max_len'])"
     cp /tmp/embed-stdlib/meta.json "$OUT/embed-stdlib-meta.json" ;;
-*) echo "usage: bash tools/issue24_embed_gpu.sh model-a | bench | embed" >&2; exit 2 ;;
+*) echo "usage: bash tools/issue24_embed_gpu.sh model-a | bench | bench-workers | embed" >&2; exit 2 ;;
 esac

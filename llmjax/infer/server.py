@@ -43,7 +43,9 @@ import dataclasses
 import hmac
 import json
 import logging
+import os
 import queue
+import signal
 import threading
 import time
 import traceback
@@ -875,7 +877,7 @@ def create_app(engine, tokenizer, *, model_name: str, max_model_len: int, chat_f
         if embedder is not None and not embedder.alive:
             return error_response(APIError(503, "the embedding worker is not running", type="server_error",
                                            code="embedder_not_running"))
-        return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "ok", "pid": os.getpid()})  # pid: which worker process answered
 
     async def prometheus(request):
         text = "" if driver is None else prometheus_text(driver.stats(), metrics, driver.tokens_per_second(),
@@ -898,3 +900,86 @@ def serve(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info
     import uvicorn
 
     uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def _serve_worker(make_app: Callable, argument, sock, log_level: str) -> None:
+    """One worker process of `serve_processes`: its own app (model, engine, batcher) on the shared socket. It exits
+    when its parent is gone (killed with SIGKILL, say), not serving on as an orphan."""
+    import uvicorn
+
+    parent = os.getppid()
+
+    def exit_with_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=exit_with_parent, daemon=True).start()
+    app = make_app(argument)
+    uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
+
+
+class ServerProcesses:
+    """`workers` server processes accepting on one listening socket, as `uvicorn --workers` and gunicorn do.
+
+    Each process is spawned (no fork of a JAX process) and builds its own app with `make_app(argument)` (a
+    module-level function, so it pickles): its own model copy, engine and embedding batcher, on the same devices.
+    One process tops out at a few thousand small requests a second (HTTP parsing, validation and the asyncio
+    hand-off hold the GIL); N processes answer N times as many while the accelerator has room. The kernel hands
+    each new connection to one of the accepting processes; port 0 picks a free one (`.port`)."""
+
+    def __init__(self, make_app: Callable, argument, *, workers: int, host: str = "127.0.0.1", port: int = 8000,
+                 log_level: str = "info"):
+        import multiprocessing
+        import socket
+
+        require_serve_extra()
+        if workers < 1:
+            raise ValueError(f"workers={workers}: must be >= 1")
+        self.sock = socket.create_server((host, port), backlog=2048)  # SO_REUSEADDR; one listening socket for all
+        self.port = self.sock.getsockname()[1]
+        context = multiprocessing.get_context("spawn")
+        self.processes = [context.Process(target=_serve_worker, args=(make_app, argument, self.sock, log_level))
+                          for _ in range(workers)]
+        self.stopping = False
+
+    def start(self) -> ServerProcesses:
+        for process in self.processes:
+            process.start()
+        return self
+
+    def stop(self, *_) -> None:
+        self.stopping = True
+        for process in self.processes:
+            if process.is_alive():
+                process.terminate()  # SIGTERM: uvicorn shuts down gracefully
+
+    def wait(self) -> int:
+        """Until every worker has stopped (a worker that dies stops the others): 0, or 1 if one failed."""
+        while any(process.is_alive() for process in self.processes):
+            for process in self.processes:
+                process.join(0.5)
+                if process.exitcode not in (None, 0) and not self.stopping:
+                    self.stop()
+        self.sock.close()
+        stopped = (0, -signal.SIGTERM)  # a clean exit, or killed by our stop() before uvicorn took over
+        return 1 if any(process.exitcode not in stopped for process in self.processes) else 0
+
+    def __enter__(self) -> ServerProcesses:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        self.wait()
+
+
+def serve_processes(make_app: Callable, argument, *, workers: int, host: str = "127.0.0.1", port: int = 8000,
+                    log_level: str = "info") -> int:
+    """`ServerProcesses` until Ctrl-C / SIGTERM, which stop every worker: 0, or 1 if a worker failed."""
+    servers = ServerProcesses(make_app, argument, workers=workers, host=host, port=port, log_level=log_level).start()
+    previous = {sig: signal.signal(sig, servers.stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return servers.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
