@@ -152,3 +152,14 @@ def test_first_dotted_name_with_aliases_and_undotted_answers():
     assert exact_match(" asyncio.tasks.gather", "asyncio.tasks.gather", ["asyncio.gather"])
     assert not exact_match(" asyncio.wait_for, then asyncio.gather", "asyncio.tasks.gather", ["asyncio.gather"])
     assert exact_match("`helper(x)`", "helper") and not exact_match("`helper2`", "helper")  # no dot: the first line
+
+
+def test_a_plain_prompt_puts_the_history_first_and_the_prefill_last():
+    """A model without a chat template: the earlier turns' texts, the chunks, then the query and the prefill."""
+    found = [Retrieved(Chunk("m.py:1-1", "m.py", "x = 1\n"), 0.9, 0)]
+    history = [{"role": "user", "content": "Q1?"}, {"role": "assistant", "content": "Answer: a.b"}]
+    prompt = build_prompt("Q2?", found, TOKENIZER, 1000, label=module_label, history=history, prefill="Answer:")
+    assert prompt.text == "Q1?\n\nAnswer: a.b\n\n# module m (m.py, lines 1-1)\nx = 1\n\nQ2?Answer:"
+    assert build_prompt("Q2?", found, TOKENIZER, 1000).text == "# source: m.py:1-1\nx = 1\n\nQ2?"  # the defaults
+    with pytest.raises(RagError, match="query alone takes 28 tokens \\(with the prompt's frame and 2 earlier turns"):
+        build_prompt("Q2?", found, TOKENIZER, 27, history=history, prefill="Answer:")
