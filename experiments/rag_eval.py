@@ -101,13 +101,10 @@ def plot_loss(record: dict, path: Path) -> None:
 # --- qa ------------------------------------------------------------------------------------------------------------
 
 def qa_command(args) -> dict:
-    from llmjax.retrieval.rag_eval import DEMONSTRATIONS, qa_eval, read_questions, stdlib_questions, write_questions
+    from llmjax.retrieval.rag_eval import qa_eval, qa_history, read_questions, stdlib_questions, write_questions
 
     check_positive(k=args.k, count=args.count, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    if not 0 <= args.shots <= len(DEMONSTRATIONS):
-        from llmjax.retrieval.rag import RagError
-
-        raise RagError(f"--shots {args.shots}: expected 0 .. {len(DEMONSTRATIONS)} (the fixed demonstrations)")
+    qa_history(args.shots)  # a bad --shots fails here, before any model loads
     store, encoder = load_store(args)
     model = load_generator(args)
     questions = read_questions(args.questions) if args.questions is not None else stdlib_questions(args.count)

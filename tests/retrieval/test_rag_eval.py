@@ -163,3 +163,15 @@ def test_a_plain_prompt_puts_the_history_first_and_the_prefill_last():
     assert build_prompt("Q2?", found, TOKENIZER, 1000).text == "# source: m.py:1-1\nx = 1\n\nQ2?"  # the defaults
     with pytest.raises(RagError, match="query alone takes 28 tokens \\(with the prompt's frame and 2 earlier turns"):
         build_prompt("Q2?", found, TOKENIZER, 27, history=history, prefill="Answer:")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["qa", "--shots", "5"], "--shots 5: expected 0 .. 2 (the fixed demonstrations)"),
+    (["loss", "--validation-fraction", "1.0"], "--validation-fraction 1.0: expected a fraction between 0 and 1")])
+def test_bad_flags_are_one_line_before_anything_loads(tmp_path, capsys, argv, message):
+    from llmjax.experiments import rag_eval
+
+    missing = tmp_path / "no-index"  # never read: the flag is refused first
+    assert rag_eval.main([*argv, "--index", str(missing), "--model", "llama-tiny"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"python -m experiments rag_eval {argv[0]}: {message}"
