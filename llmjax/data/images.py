@@ -758,3 +758,49 @@ def pair_counts(records) -> dict[str, int]:
             total[key] = total.get(key, 0) + value
     return total
 
+
+
+def write_episodes(out_dir, count: int, seed: int = 0, split: str = "train", task: str = "colour_word",
+                   shots: int = 4, ways: int = 2, config: ImageDataConfig = ImageDataConfig(),
+                   progress: bool = False) -> Path:
+    """Write episodes 0 .. count-1 to `out_dir` atomically: manifest.json, episodes.jsonl (task, texts, prompt,
+    answer, mapping, labels) and images.npz (uint8 [count, shots + 1, size, size, 3])."""
+    from tqdm import tqdm
+
+    from llmjax.retrieval.base import atomic_folder
+
+    _check_int(count, "count", 1)
+    episode_for(seed, split, 0, task, shots, ways, config)  # bad arguments fail before anything is written
+    out_dir = Path(out_dir)
+    images = np.empty((count, shots + 1, config.size, config.size, 3), np.uint8)
+    with atomic_folder(out_dir) as temporary:
+        with open(temporary / "episodes.jsonl", "w") as lines:
+            for index in tqdm(range(count), desc=f"episodes ({split}, {task})", unit="ep", disable=not progress,
+                              dynamic_ncols=True):
+                episode = episode_for(seed, split, index, task, shots, ways, config)
+                images[index] = np.stack(episode.images)
+                lines.write(json.dumps({"index": index, "task": task, "texts": list(episode.texts),
+                                        "prompt": episode.prompt, "answer": episode.answer,
+                                        "mapping": episode.mapping, "labels": list(episode.labels)}) + "\n")
+        np.savez(temporary / "images.npz", images=images)
+        manifest = {"format": FORMAT + "-episodes", "version": VERSION, "count": count, "seed": seed,
+                    "split": split, "task": task, "shots": shots, "ways": ways, "config": dataclasses.asdict(config),
+                    "image_token": IMAGE_TOKEN, "end_of_chunk": END_OF_CHUNK}
+        (temporary / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return out_dir
+
+
+def read_episodes(directory) -> list[Episode]:
+    """Episodes written by `write_episodes`."""
+    directory = Path(directory)
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+        lines = [json.loads(line) for line in (directory / "episodes.jsonl").read_text().splitlines() if line]
+        with np.load(directory / "images.npz", allow_pickle=False) as data:
+            images = data["images"]
+    except (OSError, ValueError, KeyError, EOFError) as error:
+        raise ImageDataError(f"{directory}: not a readable episode folder written by make_images ({error})") from None
+    if manifest.get("format") != FORMAT + "-episodes" or not len(lines) == len(images) == manifest.get("count"):
+        raise ImageDataError(f"{directory}: not a complete {FORMAT}-episodes folder of version {VERSION}")
+    return [Episode(line["task"], tuple(images[n]), tuple(line["texts"]), line["answer"], line["mapping"],
+                    tuple(line["labels"])) for n, line in enumerate(lines)]
