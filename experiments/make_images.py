@@ -37,15 +37,15 @@ def parse_args(argv):
                         help=f"comma-separated splits among {','.join(images.SPLITS)} (default: all three)")
     parser.add_argument("--seed", type=int, default=0,
                         help="image i of a split depends only on (seed, split, i) (default: 0)")
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels (default: 64)")
+    parser.add_argument("--size", type=int, default=64,
+                        help=f"image side in pixels, at least {images.MIN_CELL_PIXELS} per grid cell (default: 64)")
     parser.add_argument("--grid", type=int, default=3,
                         help=f"objects sit one per cell of a grid x grid layout, 1..{images.MAX_GRID} (default: 3)")
     parser.add_argument("--min-objects", type=int, default=1, help="fewest objects per image (default: 1)")
     parser.add_argument("--max-objects", type=int, default=4,
                         help="most objects per image, at most grid * grid (default: 4)")
     parser.add_argument("--digits", type=float, default=0.0,
-                        help="probability that an object carries a white digit 0-9 (needs >= "
-                        f"{images.DIGIT_MIN_CELL_PIXELS} pixels per grid cell; default: 0)")
+                        help="probability that an object carries a white digit 0-9 (default: 0)")
     parser.add_argument("--questions", type=int, default=4,
                         help="question-answer pairs per image (default: 4)")
     parser.add_argument("--format", choices=("npz", "png"), default="npz",
@@ -87,7 +87,7 @@ def check_args(args) -> tuple[list[str], images.ImageDataConfig]:
         raise images.ImageDataError(f"--min-objects={args.min_objects} exceeds --max-objects={args.max_objects}")
     if not 0 <= args.digits <= 1:
         raise images.ImageDataError(f"--digits={args.digits}: a probability in [0, 1]")
-    images.check_size(args.size, args.grid, digits=args.digits > 0, name="--size")
+    images.check_size(args.size, args.grid, name="--size")
     config = images.ImageDataConfig(size=args.size, grid=args.grid, min_objects=args.min_objects,
                                     max_objects=args.max_objects, digit_probability=args.digits,
                                     questions_per_image=args.questions)

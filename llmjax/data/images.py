@@ -69,10 +69,12 @@ NONSENSE_WORDS = ("dax", "wug", "blicket", "fep", "toma", "zup", "kiki", "bouba"
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
                 "twelve", "thirteen", "fourteen", "fifteen", "sixteen")
 MAX_GRID = 4  # 16 cells: NUMBER_WORDS names every count
-MIN_CELL_PIXELS = 8  # below this, shapes are unreadable and neighbours may touch
-DIGIT_MIN_CELL_PIXELS = 19  # a digit glyph (3x5 at scale >= 1, 1-pixel margin) fits the smallest digit-bearing triangle
+# Below 20 pixels a cell, the smallest objects (radius 0.3 cell = 6 px) start to be ambiguous: a 4-pixel circle and
+# diamond differ by a few pixels. At 20, every shape is told apart from its pixels and the smallest digit-bearing
+# triangle (radius 0.38 cell) still holds a 3x5 glyph with a 1-pixel margin.
+MIN_CELL_PIXELS = 20
 CELL_MARGIN = 0.08  # each object keeps this fraction of its cell free on every side: neighbours never touch
-RADIUS_RANGE = (0.25, 0.42)  # an object's radius (half its bounding box), as a fraction of the cell
+RADIUS_RANGE = (0.3, 0.42)  # an object's radius (half its bounding box), as a fraction of the cell
 DIGIT_RADIUS_RANGE = (0.38, 0.42)  # larger, so the glyph fits
 
 # 3x5 bitmap digits ("#" = glyph pixel), one string per row.
@@ -239,19 +241,18 @@ def glyph_placement(item: SceneObject, size: int) -> tuple[int, int, int]:
     return row, column, scale
 
 
-def check_size(size, grid: int, digits: bool = False, name: str = "size") -> None:
-    """One clear error if `size` pixels cannot show a grid x grid scene (or its digits)."""
+def check_size(size, grid: int, name: str = "size") -> None:
+    """One clear error if `size` pixels cannot show a grid x grid scene with every shape and digit readable."""
     _check_int(size, name, 1)
-    need = DIGIT_MIN_CELL_PIXELS if digits else MIN_CELL_PIXELS
-    if size / grid < need:
-        what = "digits need" if digits else "shapes need"
-        raise ImageDataError(f"{name}={size}: {what} at least {need} pixels per cell, and a {grid}x{grid} grid "
-                             f"gives {size / grid:.1f}; use {name} >= {need * grid} or a smaller grid")
+    if size / grid < MIN_CELL_PIXELS:
+        raise ImageDataError(f"{name}={size}: shapes need at least {MIN_CELL_PIXELS} pixels per grid cell to be "
+                             f"told apart, and a {grid}x{grid} grid gives {size / grid:.1f}; use {name} >= "
+                             f"{MIN_CELL_PIXELS * grid} or a smaller grid")
 
 
 def draw(scene: Scene, size: int = 64) -> np.ndarray:
     """The scene as uint8 [size, size, 3]: exact palette colours on black, white digit glyphs, no anti-aliasing."""
-    check_size(size, scene.grid, digits=False)
+    check_size(size, scene.grid)
     image = np.empty((size, size, 3), dtype=np.uint8)
     image[:] = BACKGROUND
     for item in scene.objects:
@@ -456,7 +457,7 @@ class ImageDataConfig:
             raise ImageDataError(f"min_objects={self.min_objects} exceeds max_objects={self.max_objects}")
         if not (isinstance(self.digit_probability, (int, float)) and 0 <= self.digit_probability <= 1):
             raise ImageDataError(f"digit_probability={self.digit_probability!r}: must be in [0, 1]")
-        check_size(self.size, self.grid, digits=self.digit_probability > 0)
+        check_size(self.size, self.grid)
 
 
 def split_pairs(split: str) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...] | None]:
