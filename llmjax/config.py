@@ -17,7 +17,7 @@ import numpy as np
 Norm = Literal["layernorm", "rmsnorm"]
 NormPosition = Literal["pre", "post"]
 Positions = Literal["learned", "rope"]
-Activation = Literal["gelu_tanh", "gelu", "swiglu"]
+Activation = Literal["gelu_tanh", "gelu", "swiglu", "quick_gelu"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch", "offload", "names"]
 AttentionImpl = Literal["auto", "xla", "cudnn", "pallas", "pallas_fp8", "performer"]
 MoeImpl = Literal["capacity", "ragged_dot", "pallas"]
@@ -25,7 +25,8 @@ MoeImpl = Literal["capacity", "ragged_dot", "pallas"]
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("learned", "rope")
-ACTIVATIONS = ("gelu_tanh", "gelu", "swiglu")  # gelu: the exact erf form (BERT); gelu_tanh: GPT-2's approximation
+ACTIVATIONS = ("gelu_tanh", "gelu", "swiglu", "quick_gelu")  # gelu: the exact erf form (BERT); gelu_tanh: GPT-2's
+# approximation; quick_gelu: x * sigmoid(1.702 x) (CLIP)
 # offload: dots_no_batch saved to host memory; names: the named intermediates in remat_save kept on the device,
 # those in remat_offload kept in host memory, everything else recomputed
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload", "names")
@@ -110,6 +111,9 @@ class ModelConfig:
     # "pre": x + f(norm(x)), a final norm after the last block (GPT-2, LLaMA); "post": norm(x + f(x)), no final
     # norm (the original Transformer, BERT)
     norm_position: NormPosition = "pre"
+    # pre-norm only: the norm after the last block; False for an encoder whose outputs are the last block's as they
+    # are (CLIP's vision tower: its post-layernorm is on the pooled token only, llmjax.model.vision)
+    final_norm: bool = True
     causal: bool = True  # False: bidirectional attention (encoders); padding is masked by the caller's token_mask
     type_vocab_size: int = 0  # > 0: a learned token-type (segment A / B) embedding of this many rows (BERT: 2)
     embedding_norm: bool = False  # a norm on the summed embeddings before the first block (BERT)
@@ -193,13 +197,16 @@ class ModelConfig:
             )
         _check_choice("norm", self.norm, NORMS)
         _check_choice("norm_position", self.norm_position, NORM_POSITIONS)
-        for field in ("causal", "embedding_norm"):
+        for field in ("causal", "embedding_norm", "final_norm"):
             if not isinstance(getattr(self, field), (bool, np.bool_)):
                 raise ConfigError(f"ModelConfig.{field}={getattr(self, field)!r}: must be True or False")
         if not isinstance(self.type_vocab_size, (int, np.integer)) or isinstance(self.type_vocab_size, bool) \
                 or self.type_vocab_size < 0:
             raise ConfigError(f"ModelConfig.type_vocab_size={self.type_vocab_size!r}: must be an integer >= 0 "
                               f"(0: no token-type embedding)")
+        if not self.final_norm and (self.causal or self.norm_position != "pre"):
+            raise ConfigError("ModelConfig.final_norm=False is for pre-norm encoders (causal=False, norm_position="
+                              "'pre'): decoders end in a final norm, post-norm blocks have none to drop")
         if not self.causal and self.sliding_window is not None:
             raise ConfigError("ModelConfig.sliding_window is set but causal=False: a window looks back only; "
                               "unset one of them")
@@ -373,7 +380,7 @@ def count_params(cfg: ModelConfig, *, padded_vocab: bool = False, active: bool =
 
     embeddings = vocab * d + (cfg.max_seq_len * d if cfg.positions == "learned" else 0)
     embeddings += cfg.type_vocab_size * d + (norm if cfg.embedding_norm else 0)
-    final_norm = norm if cfg.norm_position == "pre" else 0  # post-norm blocks end normed
+    final_norm = norm if cfg.norm_position == "pre" and cfg.final_norm else 0  # post-norm blocks end normed
     lm_head = 0 if cfg.tie_embeddings else d * vocab
     return embeddings + blocks + final_norm + lm_head
 

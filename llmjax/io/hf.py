@@ -773,11 +773,14 @@ def _some(names: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _convert_to_ours(mappings: list[TensorMapping], read: Callable[[str], np.ndarray], cfg: ModelConfig) -> dict:
+def _convert_to_ours(mappings: list[TensorMapping], read: Callable[[str], np.ndarray], cfg: ModelConfig,
+                     spec: dict | None = None) -> dict:
     """{param path: array in cfg.param_dtype}; per-layer tensors are written into preallocated
-    stacks, so host memory peaks at the model plus one tensor."""
+    stacks, so host memory peaks at the model plus one tensor. spec: the parameter spec tree the table fills
+    (default model_spec(cfg); a ViT's is llmjax.model.vision.vision_spec)."""
     dtype = jnp.dtype(cfg.param_dtype)
-    spec_shapes = {name: spec.shape for name, spec in flatten_with_names(model_spec(cfg)).items()}
+    spec = model_spec(cfg) if spec is None else spec
+    spec_shapes = {name: leaf.shape for name, leaf in flatten_with_names(spec).items()}
     flat = {}
     for mapping in mappings:
         if not mapping.per_layer:

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec
 from llmjax.config import ModelConfig
 from llmjax.kernels.platform import compute_platform
 from llmjax.model.params import ParamSpec, normal, ones, zeros
-from llmjax.nn import fp8_linear, gelu, layer_norm, linear, rms_norm, swiglu
+from llmjax.nn import fp8_linear, gelu, layer_norm, linear, quick_gelu, rms_norm, swiglu
 from llmjax.nn.fp8 import HISTORY
 from llmjax.parallel.logical import active_rules, constrain, partition_spec
 
@@ -118,7 +118,8 @@ def dense(params: dict, x: jax.Array, *, in_dims: int = 1, precision: str = "bf1
 
 
 def mlp(params: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """[batch, seq, d_model] -> [batch, seq, d_model]: GELU-tanh MLP (GPT-2), GELU (BERT) or SwiGLU (LLaMA), the hidden
+    """[batch, seq, d_model] -> [batch, seq, d_model]: GELU-tanh MLP (GPT-2), GELU (BERT), quick GELU (CLIP) or SwiGLU
+    (LLaMA), the hidden
     activation tagged "mlp_hidden" for remat policies.
 
     params: {"up", "down"} (+ "gate" for SwiGLU), or the decoding layout with gate and up fused into one
@@ -138,6 +139,8 @@ def _mlp(params: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
         hidden = swiglu(gate, up)
     elif cfg.activation == "swiglu":
         hidden = swiglu(dense(params["gate"], x, precision=precision), dense(params["up"], x, precision=precision))
+    elif cfg.activation == "quick_gelu":
+        hidden = quick_gelu(dense(params["up"], x, precision=precision))  # [batch, seq, d_ff]: CLIP's
     else:
         # [batch, seq, d_ff]: GPT-2's tanh approximation, or BERT's exact erf form
         hidden = gelu(dense(params["up"], x, precision=precision), approximate=cfg.activation == "gelu_tanh")

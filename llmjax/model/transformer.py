@@ -6,7 +6,7 @@ Parameters (nested dict, f32 masters by default):
     embed/token_type   [type_vocab_size, d_model]         (BERT's segment A / B embedding only)
     embed/norm/...                                        (a norm on the summed embeddings: BERT)
     blocks/...         every block parameter stacked on a leading [num_layers] axis
-    final_norm/...                                        (pre-norm blocks only)
+    final_norm/...                                        (pre-norm blocks only, unless cfg.final_norm=False)
     lm_head/kernel     [d_model, padded_vocab]             (untied embeddings only)
 
 Blocks are pre-norm (x + attn(norm(x)), x + mlp(norm(x)); GPT-2, LLaMA) or post-norm (norm(x + attn(x)),
@@ -74,7 +74,7 @@ def model_spec(cfg: ModelConfig) -> dict:
         if cfg.moe_every > 1:
             spec["blocks"] = stack_layers(stack_layers(block_spec(cfg), cfg.moe_every - 1), groups)
         spec["moe_blocks"] = stack_layers(moe_block_spec(cfg), groups)
-    if cfg.norm_position == "pre":  # post-norm blocks end normed already
+    if cfg.norm_position == "pre" and cfg.final_norm:  # post-norm blocks end normed already
         spec["final_norm"] = norm_spec(cfg)
     if not cfg.tie_embeddings:
         spec["lm_head"] = {
@@ -313,8 +313,9 @@ def hidden_states_from_embeddings(
 
 
 def final_norm(params: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """The norm after the last pre-norm block; post-norm blocks end normed, so x as it is."""
-    return norm(params["final_norm"], x, cfg) if cfg.norm_position == "pre" else x
+    """The norm after the last pre-norm block; post-norm blocks end normed (and cfg.final_norm=False encoders end
+    unnormed), so x as it is."""
+    return norm(params["final_norm"], x, cfg) if cfg.norm_position == "pre" and cfg.final_norm else x
 
 
 PADDING_SEGMENT = -1  # the segment id padding gets: it attends only to itself, and no real token to it

@@ -6,7 +6,7 @@ and dtypes with one clear error, and is what llmjax.model's layers are built fro
     linear, embedding                      linear.py
     fp8_linear                             fp8.py        (e4m3 operands, e5m2 gradients, per-tensor scales)
     layer_norm, rms_norm                   norms.py
-    gelu, silu, swiglu, geglu              activations.py
+    gelu, quick_gelu, silu, swiglu, geglu  activations.py
     softmax, log_softmax                   activations.py
     cross_entropy, token_cross_entropy     losses.py
     scaled_dot_product_attention           attention.py  (masks, biases, grouped-query heads)
@@ -15,7 +15,7 @@ and dtypes with one clear error, and is what llmjax.model's layers are built fro
     clip_by_global_norm, global_norm       clip.py
 """
 
-from llmjax.nn.activations import geglu, gelu, log_softmax, silu, softmax, swiglu
+from llmjax.nn.activations import geglu, gelu, log_softmax, quick_gelu, silu, softmax, swiglu
 from llmjax.nn.attention import attention_mask, scaled_dot_product_attention
 from llmjax.nn.clip import clip_by_global_norm, global_norm
 from llmjax.nn.fp8 import fp8_linear
@@ -32,6 +32,7 @@ __all__ = [
     "fp8_linear",
     "geglu",
     "gelu",
+    "quick_gelu",
     "global_norm",
     "layer_norm",
     "linear",

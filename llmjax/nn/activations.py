@@ -26,6 +26,12 @@ def gelu(x: jax.Array, *, approximate: bool = False) -> jax.Array:
     return x * (0.5 * (1 + jax.lax.erf(x / math.sqrt(2))))
 
 
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """x * sigmoid(1.702 x): the sigmoid approximation of GELU that CLIP was trained with (its "quick_gelu")."""
+    check_float("quick_gelu", "x", x)
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
 def silu(x: jax.Array) -> jax.Array:
     """x * sigmoid(x) (also called swish)."""
     check_float("silu", "x", x)
