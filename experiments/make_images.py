@@ -60,6 +60,8 @@ def parse_args(argv):
                         help="classes (colours or shapes) per colour_word / shape_word episode (default: 2)")
     parser.add_argument("--preview", type=int, default=8,
                         help="images per split in OUT/preview.png (default: 8; 0: no preview)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes drawing images (any number gives the same images; default: 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -74,6 +76,7 @@ def check_args(args) -> tuple[list[str], images.ImageDataConfig]:
             raise images.ImageDataError(f"--splits: unknown split {split!r}; choose among {','.join(images.SPLITS)}")
     for flag, value, low in (("--count", args.count, 1), ("--seed", args.seed, 0), ("--episodes", args.episodes, 0),
                              ("--shots", args.shots, 0), ("--ways", args.ways, 1), ("--preview", args.preview, 0),
+                             ("--workers", args.workers, 1),
                              ("--questions", args.questions, 0), ("--size", args.size, 1), ("--grid", args.grid, 1),
                              ("--min-objects", args.min_objects, 1), ("--max-objects", args.max_objects, 1)):
         if value < low:
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     for split in splits:
         start = time.perf_counter()
         folder = images.write_image_dataset(args.out / split, args.count, args.seed, split, config, args.format,
-                                            progress=not args.no_progress)
+                                            progress=not args.no_progress, workers=args.workers)
         seconds = time.perf_counter() - start
         dataset = images.read_image_dataset(folder)
         counts = images.pair_counts(dataset.records)

@@ -647,11 +647,34 @@ def load_image(path, size: int | None = None, adapt: bool = False) -> tuple[np.n
     return np.asarray(picture, dtype=np.uint8).copy(), notes
 
 
+def _examples_task(task: tuple) -> tuple[np.ndarray, list[dict]]:
+    seed, split, start, count, config = task
+    return examples(seed, split, start, count, config)
+
+
+def example_chunks(seed: int, split: str, count: int, config: ImageDataConfig = ImageDataConfig(), workers: int = 1,
+                   chunk: int = 256):
+    """Images 0 .. count-1 of a split as consecutive (images [n, size, size, 3], records) chunks of up to `chunk`,
+    in order, drawn by `workers` processes (each image depends only on (seed, split, index): any worker count
+    gives the same images)."""
+    _check_int(workers, "workers", 1)
+    _check_int(chunk, "chunk", 1)
+    tasks = [(seed, split, start, min(chunk, count - start), config) for start in range(0, count, chunk)]
+    if workers == 1 or len(tasks) == 1:
+        yield from map(_examples_task, tasks)
+        return
+    from llmjax.data.shards import worker_context
+
+    with worker_context([__name__]).Pool(min(workers, len(tasks))) as pool:
+        yield from pool.imap(_examples_task, tasks)
+
+
 def write_image_dataset(out_dir, count: int, seed: int = 0, split: str = "train",
                         config: ImageDataConfig = ImageDataConfig(), image_format: str = "npz",
-                        progress: bool = False) -> Path:
+                        progress: bool = False, workers: int = 1, chunk: int = 256) -> Path:
     """Write images 0 .. count-1 of `split` to `out_dir` atomically: manifest.json, records.jsonl and images.npz
-    (uint8 [count, size, size, 3]) or images/NNNNNN.png. Replaces an older folder only once all is written."""
+    (uint8 [count, size, size, 3]) or images/NNNNNN.png. Replaces an older folder only once all is written.
+    `workers` processes draw the images (the same images for any number)."""
     from tqdm import tqdm
 
     from llmjax.retrieval.base import atomic_folder
@@ -660,21 +683,24 @@ def write_image_dataset(out_dir, count: int, seed: int = 0, split: str = "train"
     _check_int(seed, "seed", 0)
     _check_choice(split, SPLITS, "split")
     _check_choice(image_format, ("npz", "png"), "image format")
+    _check_int(workers, "workers", 1)
     out_dir = Path(out_dir)
     with atomic_folder(out_dir) as temporary:
         if image_format == "png":
             (temporary / "images").mkdir()
         images = np.empty((count, config.size, config.size, 3), np.uint8) if image_format == "npz" else None
-        with open(temporary / "records.jsonl", "w") as records:
-            for index in tqdm(range(count), desc=f"images ({split})", unit="img", disable=not progress,
-                              dynamic_ncols=True):
-                image, record = example_for(seed, split, index, config)
-                if image_format == "npz":
-                    images[index] = image
-                else:
-                    record["image"] = f"images/{index:06d}.png"
-                    save_png(image, temporary / record["image"])
-                records.write(json.dumps(record) + "\n")
+        with open(temporary / "records.jsonl", "w") as records, tqdm(
+                total=count, desc=f"images ({split})", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+            for chunk_images, chunk_records in example_chunks(seed, split, count, config, workers, chunk):
+                for image, record in zip(chunk_images, chunk_records):
+                    index = record["index"]
+                    if image_format == "npz":
+                        images[index] = image
+                    else:
+                        record["image"] = f"images/{index:06d}.png"
+                        save_png(image, temporary / record["image"])
+                    records.write(json.dumps(record) + "\n")
+                bar.update(len(chunk_records))
         if image_format == "npz":
             np.savez(temporary / "images.npz", images=images)
         manifest = {"format": FORMAT, "version": VERSION, "count": count, "seed": seed, "split": split,
