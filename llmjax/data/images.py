@@ -9,6 +9,7 @@ palette colour or a glyph's white, so every label can be checked from the pixels
     image = draw(scene, size=64)                          # uint8 [64, 64, 3]
     caption(scene)                                        # "two red circles and a blue square"
     questions(scene, rng)                                 # [("how many green triangles?", "0"), ...]
+    caption_scores("two red circles", labels(scene))      # {"exact": ..., "colour": ..., "count": ...}: scoring
 
 Splits (`scene_for(seed, split, index, config)`; image `index` of a split depends only on (seed, split, index)):
     train       no object has a pair of HELD_OUT_PAIRS
@@ -348,6 +349,53 @@ def caption(scene: Scene) -> str:
         key = (item.colour, item.shape, item.digit)
         groups[key] = groups.get(key, 0) + 1
     return _join([_noun_phrase(count, *key) for key, count in groups.items()])
+
+
+def parse_caption(text: str) -> dict[tuple[str, str, int | None], int] | None:
+    """{(colour, shape, digit): count} from a caption in `caption`'s grammar (e.g. a model's output), or None if
+    `text` does not follow it. The inverse of `caption` up to the order of the groups."""
+    words = {word: n for n, word in enumerate(NUMBER_WORDS)} | {"a": 1, "an": 1}
+    counts: dict[tuple[str, str, int | None], int] = {}
+    for phrase in text.strip().replace(", ", " and ").split(" and "):
+        parts = phrase.split()
+        digit = None
+        if len(parts) == 5 and parts[3] == "marked" and parts[4].isdigit() and len(parts[4]) == 1:
+            parts, digit = parts[:3], int(parts[4])
+        if len(parts) != 3 or parts[0] not in words or parts[1] not in PALETTE:
+            return None
+        number, colour, shape = words[parts[0]], parts[1], parts[2]
+        shape = shape[:-1] if number != 1 and shape.endswith("s") else shape
+        if shape not in SHAPES or number == 0:
+            return None
+        counts[(colour, shape, digit)] = counts.get((colour, shape, digit), 0) + number
+    return counts
+
+
+def caption_scores(predicted: str, scene_labels: dict) -> dict[str, bool]:
+    """How a predicted caption matches an image's labels: exact (the canonical caption), and per attribute, each
+    compared as a multiset over the objects: colours, shapes, (colour, shape) pairs, digits, and the object count.
+    An unparseable prediction scores False everywhere."""
+    objects = scene_labels["objects"]
+    truth = caption(scene_from_labels(scene_labels))
+    parsed = parse_caption(predicted)
+    if parsed is None:
+        return {"exact": False, "count": False, "colour": False, "shape": False, "pair": False, "digit": False}
+
+    def multiset(values) -> dict:
+        found: dict = {}
+        for value in values:
+            found[value] = found.get(value, 0) + 1
+        return found
+
+    predicted_objects = [key for key, number in parsed.items() for _ in range(number)]
+    return {
+        "exact": predicted.strip() == truth,
+        "count": len(predicted_objects) == len(objects),
+        "colour": multiset(k[0] for k in predicted_objects) == multiset(o["colour"] for o in objects),
+        "shape": multiset(k[1] for k in predicted_objects) == multiset(o["shape"] for o in objects),
+        "pair": multiset(k[:2] for k in predicted_objects) == multiset((o["colour"], o["shape"]) for o in objects),
+        "digit": multiset(k[2] for k in predicted_objects) == multiset(o["digit"] for o in objects),
+    }
 
 
 def labels(scene: Scene) -> dict:

@@ -245,6 +245,36 @@ def test_captions_and_answers_agree_with_labels():
     assert ("position", "where is the blue square?", "bottom") in I.all_questions(two_red_circles)
 
 
+def test_parse_caption_and_caption_scores():
+    config = ImageDataConfig(max_objects=6, digit_probability=0.4)
+    for index in range(30):
+        scene = I.scene_for(8, "heldout", index, config)
+        assert I.parse_caption(I.caption(scene)) == parse_caption(I.caption(scene))  # the test's own parser
+        scores = I.caption_scores(I.caption(scene), I.labels(scene))
+        assert all(scores.values()), scores
+    scene_labels = I.labels(Scene((SceneObject("circle", "red", 0, 0, (0.15, 0.15), 0.08),
+                                   SceneObject("circle", "red", 0, 2, (0.85, 0.15), 0.08),
+                                   SceneObject("square", "blue", 2, 1, (0.5, 0.85), 0.08, digit=4))))
+    expected = {  # prediction -> (exact, count, colour, shape, pair, digit)
+        "two red circles and a blue square marked 4": (True, True, True, True, True, True),
+        "a blue square marked 4 and two red circles": (False, True, True, True, True, True),
+        "two red circles and a blue square": (False, True, True, True, True, False),
+        "two red circles and a green square marked 4": (False, True, False, True, False, True),
+        "a red circle and a blue square marked 4": (False, False, False, False, False, False),
+        "two blue circles and a red square marked 4": (False, True, False, True, False, True),
+        "three red triangles": (False, True, False, False, False, False),
+        "two red circles and": (False, False, False, False, False, False),
+        "2 red circles": (False, False, False, False, False, False),
+    }
+    for predicted, flags in expected.items():
+        scores = I.caption_scores(predicted, scene_labels)
+        assert tuple(scores[k] for k in ("exact", "count", "colour", "shape", "pair", "digit")) == flags, predicted
+    assert I.parse_caption("a purple diamond, two orange triangles marked 3 and an orange circle") == {
+        ("purple", "diamond", None): 1, ("orange", "triangle", 3): 2, ("orange", "circle", None): 1}
+    assert I.parse_caption("two red circle") == {("red", "circle", None): 2}  # lenient on the plural
+    assert I.parse_caption("a pink circle") is None and I.parse_caption("zero red circles") is None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Few-shot episodes
 
