@@ -575,6 +575,23 @@ class Episode:
         return examples_text + IMAGE_TOKEN + self.texts[-1]
 
 
+def interleaved_segments(prompt: str, images) -> list:
+    """The prompt cut at its IMAGE_TOKEN markers, with each marker replaced by its image, in order: a list of
+    strings and uint8 [H, W, 3] arrays (empty strings dropped). One clear error when the markers and the images
+    do not pair up, or an image is not RGB uint8."""
+    images = list(images)
+    pieces = prompt.split(IMAGE_TOKEN)
+    if len(pieces) - 1 != len(images):
+        raise ImageDataError(f"the prompt has {len(pieces) - 1} {IMAGE_TOKEN} marker(s) but {len(images)} image(s) "
+                             f"were given: one image per marker, in order")
+    segments: list = [pieces[0]] if pieces[0] else []
+    for number, (image, text) in enumerate(zip(images, pieces[1:])):
+        segments.append(check_image(image, f"image {number}"))
+        if text:
+            segments.append(text)
+    return segments
+
+
 def _mapping_episode(rng: np.random.Generator, task: str, shots: int, ways: int, split: str, config: ImageDataConfig):
     attribute = "colour" if task == "colour_word" else "shape"
     values = tuple(PALETTE) if attribute == "colour" else SHAPES

@@ -310,6 +310,22 @@ def test_mapping_episodes_are_consistent_and_change_per_episode(task):
     assert len(mappings) > 10  # the naming changes from episode to episode
 
 
+def test_interleaved_segments_pair_markers_with_images():
+    episode = I.episode_for(0, "validation", 3, "qa", shots=2, config=ImageDataConfig(size=40, grid=2))
+    segments = I.interleaved_segments(episode.prompt, episode.images)
+    assert [type(s).__name__ for s in segments] == ["ndarray", "str"] * 3
+    assert [s for s in segments if isinstance(s, str)] == [t + I.END_OF_CHUNK for t in episode.texts[:-1]] + [
+        episode.texts[-1]]
+    assert all(a is b for a, b in zip(segments[::2], episode.images))
+    assert I.interleaved_segments("Look: <image> then <image>", episode.images[:2])[0] == "Look: "
+    with pytest.raises(ImageDataError, match="the prompt has 3 <image> marker.s. but 2 image.s. were given"):
+        I.interleaved_segments(episode.prompt, episode.images[:2])
+    with pytest.raises(ImageDataError, match="the prompt has 0 <image> marker.s. but 1 image"):
+        I.interleaved_segments("no image here", episode.images[:1])
+    with pytest.raises(ImageDataError, match=r"image 1: shape \(40, 40, 4\)"):
+        I.interleaved_segments("<image><image>", [episode.images[0], np.zeros((40, 40, 4), np.uint8)])
+
+
 @pytest.mark.parametrize("task", ["caption", "qa"])
 def test_caption_and_qa_episodes(task):
     config = ImageDataConfig(size=60, grid=3, max_objects=3)
