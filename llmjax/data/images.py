@@ -421,14 +421,19 @@ def scene_from_labels(record_labels: dict) -> Scene:
                                for o in record_labels["objects"]), grid=record_labels["grid"])
 
 
-def all_questions(scene: Scene) -> list[tuple[str, str, str]]:
+def all_questions(scene: Scene, skip_pairs=()) -> list[tuple[str, str, str]]:
     """Every (kind, question, answer) this scene supports: counts (of every colour x shape, every shape, every
     colour, and all objects, zeros included), existence, the colour / shape / digit at each occupied position, and
-    the position of each (colour, shape) that occurs exactly once."""
+    the position of each (colour, shape) that occurs exactly once. No count / existence question names a pair of
+    `skip_pairs` (train and validation skip HELD_OUT_PAIRS: 'how many blue circles?' -> '0' on every training
+    image would teach that the combination cannot exist)."""
     objects = sorted(scene.objects, key=lambda o: (o.row, o.column))
+    skip = {tuple(p) for p in skip_pairs}
     found = []
     for colour in PALETTE:
         for shape in SHAPES:
+            if (colour, shape) in skip:
+                continue
             number = sum(o.pair == (colour, shape) for o in objects)
             found.append(("count", f"how many {colour} {_plural(shape)}?", str(number)))
             found.append(("exists", f"is there {_a(colour)} {shape}?", "yes" if number else "no"))
@@ -448,12 +453,12 @@ def all_questions(scene: Scene) -> list[tuple[str, str, str]]:
     return found
 
 
-def questions(scene: Scene, rng: np.random.Generator, count: int = 4) -> list[tuple[str, str]]:
+def questions(scene: Scene, rng: np.random.Generator, count: int = 4, skip_pairs=()) -> list[tuple[str, str]]:
     """`count` (question, answer) pairs drawn without replacement, kinds balanced: a kind first (uniformly among
     the kinds the scene supports), then a question of that kind. Count questions with the answer 0 stay rare but
-    present (about half of the count questions are about things in the scene)."""
+    present (about half of the count questions are about things in the scene). skip_pairs: as in all_questions."""
     _check_int(count, "count", 0)
-    pool = all_questions(scene)
+    pool = all_questions(scene, skip_pairs)
     present_pairs = {f"{o.colour} {_plural(o.shape)}" for o in scene.objects}
     by_kind: dict[str, list[tuple[str, str]]] = {}
     for kind, question, answer in pool:
@@ -517,6 +522,11 @@ def split_pairs(split: str) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[st
     return tuple(p for p in all_pairs() if p not in held_out), None
 
 
+def split_question_skips(split: str) -> tuple[tuple[str, str], ...]:
+    """Pairs the split's questions never name: the held-out pairs, except in the heldout split."""
+    return () if split == "heldout" else HELD_OUT_PAIRS
+
+
 def _rng(seed: int, split: str, index: int, stream: int) -> np.random.Generator:
     _check_int(seed, "seed", 0)
     _check_int(index, "index", 0)
@@ -535,7 +545,7 @@ def scene_for(seed: int, split: str, index: int, config: ImageDataConfig = Image
 def example_for(seed: int, split: str, index: int, config: ImageDataConfig = ImageDataConfig()):
     """(image uint8 [size, size, 3], record) of image `index`: record = {index, caption, qa: [[q, a], ...], labels}."""
     scene = scene_for(seed, split, index, config)
-    qa = questions(scene, _rng(seed, split, index, 1), config.questions_per_image)
+    qa = questions(scene, _rng(seed, split, index, 1), config.questions_per_image, split_question_skips(split))
     record = {"index": index, "caption": caption(scene), "qa": [list(p) for p in qa], "labels": labels(scene)}
     return draw(scene, config.size), record
 
@@ -647,7 +657,7 @@ def episode_for(seed: int, split: str, index: int, task: str = "colour_word", sh
         if task == "caption":
             text, answer = "Caption:", caption(scene)
         else:
-            ((question, answer),) = questions(scene, rng, 1)
+            ((question, answer),) = questions(scene, rng, 1, split_question_skips(split))
             text = f"Question: {question} Answer:"
         texts.append(f"{text} {answer}" if number < shots else text)
     return Episode(task, tuple(images), tuple(texts), answer, None, tuple(all_labels))

@@ -168,6 +168,12 @@ def test_held_out_combinations_never_appear_in_training():
     batch, records = I.examples(11, "train", 0, 30, config)  # and from the pixels
     for image, record in zip(batch, records):
         assert not {(o["colour"], o["shape"]) for o in pixel_objects(image, 3)} & held_out
+    named = re.compile("|".join(f"{c} {s}" for c, s in held_out))  # no training question names one either
+    for split in I.SPLITS:
+        questions = [q for r in I.examples(11, split, 0, 60, config)[1] for q, _ in r["qa"]]
+        scene = I.scene_for(11, split, 0, config)
+        questions += [q for _, q, _ in I.all_questions(scene, I.split_question_skips(split))]
+        assert any(map(named.search, questions)) == (split == "heldout"), split
     for index in range(20):  # episodes: train never, heldout queries always
         train = I.episode_for(11, "train", index, "shape_word", shots=4, config=config)
         assert not {(o["colour"], o["shape"]) for lab in train.labels for o in lab["objects"]} & held_out
