@@ -197,10 +197,16 @@ class Scene:
                                      f"never overlap)")
 
 
-def _object_mask(item: SceneObject, size: int) -> np.ndarray:
-    """bool [size, size]: pixels whose centres lie inside the object's shape."""
+def _object_window(item: SceneObject, size: int) -> tuple[slice, slice]:
+    """(rows, columns) of the pixels that can hold the object: its bounding box, a pixel wider, clipped."""
+    left, top, right, bottom = (int(np.floor(b * size)) for b in item.bounds())
+    return slice(max(top - 1, 0), min(bottom + 2, size)), slice(max(left - 1, 0), min(right + 2, size))
+
+
+def _object_mask(item: SceneObject, size: int, rows: slice = slice(None), columns: slice = slice(None)) -> np.ndarray:
+    """bool [rows, columns] (default: the whole canvas): pixels whose centres lie inside the object's shape."""
     coordinates = (np.arange(size) + 0.5) / size
-    y, x = coordinates[:, None], coordinates[None, :]  # [size, 1], [1, size]
+    y, x = coordinates[rows, None], coordinates[None, columns]  # [rows, 1], [1, columns]
     (cx, cy), r = item.center, item.radius
     dx, dy = x - cx, y - cy
     if item.shape == "circle":
@@ -257,13 +263,17 @@ def draw(scene: Scene, size: int = 64) -> np.ndarray:
     image = np.empty((size, size, 3), dtype=np.uint8)
     image[:] = BACKGROUND
     for item in scene.objects:
-        mask = _object_mask(item, size)  # [size, size]
-        image[mask] = PALETTE[item.colour]
+        rows, columns = _object_window(item, size)
+        mask = _object_mask(item, size, rows, columns)  # [rows, columns] of the object's window
+        image[rows, columns][mask] = PALETTE[item.colour]
         if item.digit is not None:
             row, column, scale = glyph_placement(item, size)
             glyph = np.kron(glyph_bitmap(item.digit), np.ones((scale, scale), dtype=bool))  # [5 * scale, 3 * scale]
             window = (slice(row, row + 5 * scale), slice(column, column + 3 * scale))
-            if row < 0 or column < 0 or mask[window].shape != glyph.shape or not mask[window][glyph].all():
+            inside = (slice(row - rows.start, row - rows.start + 5 * scale),
+                      slice(column - columns.start, column - columns.start + 3 * scale))  # the same, in the window
+            if row < rows.start or column < columns.start or mask[inside].shape != glyph.shape or not (
+                    mask[inside][glyph].all()):
                 raise ImageDataError(f"size={size}: the digit on the {item.colour} {item.shape} at cell (row "
                                      f"{item.row}, column {item.column}) would leave its shape; draw at a larger size")
             image[window][glyph] = GLYPH_COLOUR
