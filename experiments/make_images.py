@@ -4,7 +4,8 @@ Nothing is downloaded: scenes are drawn by llmjax.data.images in exact palette c
 checked from the pixels. For each split in --splits writes OUT/SPLIT/ (manifest.json, records.jsonl with caption,
 question-answer pairs and labels per image, and images.npz or images/*.png); with --episodes N also
 OUT/episodes-SPLIT/ (N few-shot episodes of --task). Then OUT/report.json (settings, objects per (colour, shape)
-pair per split, the held-out pairs, images/s) and OUT/preview.png (the first images of each split, captioned).
+pair per split, the held-out pairs, images/s), OUT/preview.png (the first images of each split, captioned) and,
+with --episodes, OUT/episodes.png (the first episode of the first split).
 
 Splits: train and validation never show a held-out (colour, shape) pair; every heldout image shows at least one.
 
@@ -121,6 +122,27 @@ def plot_preview(previews: dict[str, tuple[np.ndarray, list[str]]], path: Path) 
     plt.close(figure)
 
 
+def plot_episode(episode: images.Episode, split: str, path: Path) -> None:
+    """One episode as a strip: each image over its text; the query's answer in brackets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(episode.images), figsize=(1.9 * len(episode.images), 2.4), squeeze=False)
+    for number, (axis, image, text) in enumerate(zip(axes[0], episode.images, episode.texts)):
+        axis.imshow(image, interpolation="nearest")
+        axis.set_xticks([])
+        axis.set_yticks([])
+        label = text if number < episode.shots else f"{text} [{episode.answer}]"
+        axis.set_xlabel("\n".join(textwrap.wrap(label, 28)[:4]), fontsize=6)
+    mapping = f"; mapping {episode.mapping}" if episode.mapping else ""
+    figure.suptitle(f"{split} episode 0: {episode.task}, {episode.shots} shots, then the query{mapping}", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -152,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                                              args.task, args.shots, args.ways, config, progress=not args.no_progress)
             report["splits"][split]["episodes"] = {"folder": str(episodes), "count": args.episodes, "task": args.task,
                                                    "shots": args.shots, "ways": args.ways}
+            if args.preview and split == splits[0]:
+                plot_episode(images.read_episodes(episodes)[0], split, args.out / "episodes.png")
         if args.preview:
             shown = min(args.preview, len(dataset))
             previews[split] = (dataset.images[:shown], [r["caption"] for r in dataset.records[:shown]])
@@ -161,5 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     if previews:
         plot_preview(previews, args.out / "preview.png")
     print(f"held-out (colour, shape) pairs: {', '.join(f'{c} {s}' for c, s in images.HELD_OUT_PAIRS)}")
-    print(f"-> {args.out / 'report.json'}" + (f", {args.out / 'preview.png'}" if previews else ""))
+    written = [args.out / "report.json"] + ([args.out / "preview.png"] if previews else [])
+    written += [args.out / "episodes.png"] if (args.out / "episodes.png").exists() and args.episodes else []
+    print("-> " + ", ".join(map(str, written)))
     return 0

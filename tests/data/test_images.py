@@ -474,7 +474,7 @@ def test_make_images_cli(tmp_path, capsys):
     assert report["splits"]["train"]["images"] == 6 and not (out / "validation").exists()
     assert I.read_image_dataset(out / "heldout").manifest["split"] == "heldout"
     assert len(I.read_episodes(out / "episodes-train")) == 2
-    assert Image.open(out / "preview.png").format == "PNG"
+    assert Image.open(out / "preview.png").format == "PNG" and Image.open(out / "episodes.png").format == "PNG"
     assert "held-out (colour, shape) pairs: red triangle" in capsys.readouterr().out
     for argv, message in [(["--count", "0"], "--count=0: must be >= 1"),
                           (["--splits", "train,test"], "--splits: unknown split 'test'"),
