@@ -572,7 +572,7 @@ def examples(seed: int, split: str, start: int, count: int, config: ImageDataCon
 # Few-shot episodes
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # holds arrays: compared by identity
 class Episode:
     """k (image, text) pairs then a query image. `texts` has k + 1 entries: the k example texts and the query's
     prefix; the prompt puts IMAGE_TOKEN before each text and END_OF_CHUNK after each example. The target text is
@@ -695,7 +695,7 @@ def check_image(image, name: str = "image", size: int | None = None) -> np.ndarr
 def save_png(image: np.ndarray, path) -> None:
     from PIL import Image
 
-    Image.fromarray(check_image(image, str(path)), mode="RGB").save(path, format="PNG")
+    Image.fromarray(check_image(image, str(path))).save(path, format="PNG")  # uint8 [H, W, 3] -> mode RGB
 
 
 def load_image(path, size: int | None = None, adapt: bool = False) -> tuple[np.ndarray, list[str]]:
@@ -796,7 +796,7 @@ def write_image_dataset(out_dir, count: int, seed: int = 0, split: str = "train"
     return out_dir
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # holds arrays: compared by identity
 class ImageDataset:
     """A dataset folder read back: `images` uint8 [count, size, size, 3], `records` (caption, qa, labels)."""
 
