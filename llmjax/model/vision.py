@@ -350,8 +350,17 @@ def pool_hidden(params: dict, hidden: jax.Array, cfg: VisionConfig) -> jax.Array
     return pooled
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "interpolate_positions"))
 def pooled_embedding(params: dict, images: jax.Array, cfg: VisionConfig, *, interpolate_positions: bool = False
                      ) -> jax.Array:
     """images -> one float32 vector per image [batch, d_model] (CLIP / SigLIP's pooler_output)."""
-    return pool_hidden(params, vision_features(params, images, cfg, interpolate_positions=interpolate_positions), cfg)
+    return encode_images(params, images, cfg, interpolate_positions=interpolate_positions)[1]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "interpolate_positions"))
+def encode_images(params: dict, images: jax.Array, cfg: VisionConfig, *, interpolate_positions: bool = False
+                  ) -> tuple[jax.Array, jax.Array]:
+    """images -> (token features [batch, tokens, d_model], pooled float32 [batch, d_model]) in one compiled call:
+    transformers' (last_hidden_state, pooler_output)."""
+    check_images(images, cfg, interpolate_positions=interpolate_positions)
+    hidden = hidden_from_pixels(params, normalize_images(images, cfg), cfg, interpolate_positions=interpolate_positions)
+    return hidden, pool_hidden(params, hidden, cfg)
