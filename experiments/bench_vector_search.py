@@ -50,6 +50,9 @@ def parse_args(argv):
     p.add_argument("--data", default="gmm",
                    help="gmm (Gaussian mixture, l2), stdlib (the default corpus in ~256-token windows embedded by "
                    "all-MiniLM-L6-v2, cosine) or the folder of a saved vector set")
+    p.add_argument("--stdlib", type=Path, default=None,
+                   help="stdlib: a copy of a standard library folder to read instead of this Python's (e.g. the "
+                   "development machine's, carried to the GPU machine, whose distribution ships fewer files)")
     p.add_argument("--data-dir", type=Path, default=Path("runs/vector_data"), help="where made data sets are cached")
     p.add_argument("--n", type=int, default=None, help="base vectors (default: gmm 1,000,000; stdlib 200,000)")
     p.add_argument("--dim", type=int, default=128, help="gmm: dimension")
@@ -272,7 +275,7 @@ def make_stdlib(args):
     base_docs, query_docs = [], []
     need_tokens = (args.n + 8) * window  # non-overlapping windows suffice for a small --n: stop reading early
     read = 0
-    files = default_corpus()
+    files = default_corpus(args.stdlib)
     order = np.random.default_rng(0).permutation(len(files))
     for i in order:
         f = files[i]
@@ -312,7 +315,8 @@ def make_stdlib(args):
             "note": f"base windows {stride} word pieces apart ({'overlapping' if stride < window else 'disjoint'}), "
                     f"{args.n} sampled; queries: disjoint windows of held-out files (split_of(path, "
                     f"{held_out_fraction}) == 'validation'), never in the base",
-            "base_files": len(base_docs), "held_out_files": len(query_docs),
+            "base_files": len(base_docs), "held_out_files": len(query_docs), "corpus_files": len(files),
+            "stdlib": str(args.stdlib) if args.stdlib else "this Python's",
             "embed_seconds": time.perf_counter() - started}
     return with_truth(base, queries, offsets, values, args.k, "cosine", meta)
 

