@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -482,10 +483,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import jax
 
-    from llmjax.io.gguf import resolve_gguf
+    from llmjax.io.gguf import GGUFError, resolve_gguf
+    from llmjax.io.models import ModelLoadError
 
-    gguf_path = resolve_gguf(args.gguf)
-    model = source_model(args, gguf_path)
+    try:
+        gguf_path = resolve_gguf(args.gguf)
+        model = source_model(args, gguf_path)
+    except (GGUFError, ModelLoadError) as error:
+        print(f"python -m experiments bench_cpu_decode: {error}", file=sys.stderr)
+        return 2
     ids, prompt_format = prompt_ids(model, args)
     tokenizer = model.tokenizer
     name = args.model or (args.ckpt.name if args.ckpt is not None else gguf_path.stem)

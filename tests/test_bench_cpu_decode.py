@@ -30,6 +30,8 @@ def test_help_and_bad_flags(capsys, tmp_path):
         with pytest.raises(SystemExit):
             bench_cpu_decode.main(argv)
         assert message in capsys.readouterr().err, argv
+    assert bench_cpu_decode.main(["--gguf", str(tmp_path / "none.gguf")]) == 2
+    assert f"--gguf {tmp_path / 'none.gguf'}: no such file" in capsys.readouterr().err
 
 
 def test_ratios_and_greedy_comparison_per_precision():
