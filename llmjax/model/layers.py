@@ -119,8 +119,7 @@ def dense(params: dict, x: jax.Array, *, in_dims: int = 1, precision: str = "bf1
 
 def mlp(params: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     """[batch, seq, d_model] -> [batch, seq, d_model]: GELU-tanh MLP (GPT-2), GELU (BERT), quick GELU (CLIP) or SwiGLU
-    (LLaMA), the hidden
-    activation tagged "mlp_hidden" for remat policies.
+    (LLaMA), the hidden activation tagged "mlp_hidden" for remat policies.
 
     params: {"up", "down"} (+ "gate" for SwiGLU), or the decoding layout with gate and up fused into one
     "gate_up" [d_model, 2 * d_ff] matrix (llmjax.infer.decode_model.prepare_params). The projections run at
