@@ -143,6 +143,10 @@ class ModelConfig:
     fp8_scaling: str = "delayed"
     fp8_history: int = 16
     init_std: float = 0.02
+    # µP (llmjax.model.mup): 0 = the standard parametrization; B > 0 = the maximal update parametrization relative to
+    # a base model of width B (hidden weights' init std / sqrt(d_model / B) and Adam lr / (d_model / B), the output
+    # head's init and lr / (d_model / B), attention logits q.k / head_dim), so a learning rate tuned at width B transfers
+    mup_base_width: int = 0
     remat: RematPolicy = "none"
     remat_save: tuple[str, ...] = ()  # remat="names": intermediates (REMAT_NAMES) kept on the device
     remat_offload: tuple[str, ...] = ()  # remat="names": intermediates kept in pinned host memory
@@ -207,6 +211,13 @@ class ModelConfig:
         if not self.final_norm and (self.causal or self.norm_position != "pre"):
             raise ConfigError("ModelConfig.final_norm=False is for pre-norm encoders (causal=False, norm_position="
                               "'pre'): decoders end in a final norm, post-norm blocks have none to drop")
+        if not isinstance(self.mup_base_width, (int, np.integer)) or isinstance(self.mup_base_width, bool) \
+                or self.mup_base_width < 0:
+            raise ConfigError(f"ModelConfig.mup_base_width={self.mup_base_width!r}: must be an integer >= 0 (0: the "
+                              f"standard parametrization)")
+        if self.mup_base_width and self.tie_embeddings:
+            raise ConfigError("ModelConfig.mup_base_width is set but tie_embeddings=True: under µP the input embedding "
+                              "and the output head scale differently; set tie_embeddings=False")
         if not self.causal and self.sliding_window is not None:
             raise ConfigError("ModelConfig.sliding_window is set but causal=False: a window looks back only; "
                               "unset one of them")

@@ -226,6 +226,8 @@ def project_qkv(params: dict, x: jax.Array, positions: jax.Array, cfg: ModelConf
     if cfg.positions == "rope":
         with jax.named_scope("rope"):
             q, k = apply_rope(q, positions, cfg), apply_rope(k, positions, cfg)
+    if cfg.mup_base_width:  # µP (llmjax.model.mup): logits q.k / head_dim (the attention cores divide by sqrt(head_dim))
+        q = q * jnp.asarray(cfg.head_dim ** -0.5, q.dtype)
     return checkpoint_name(q, "query"), checkpoint_name(k, "key"), checkpoint_name(v, "value")
 
 

@@ -96,8 +96,21 @@ def layer_block_params(params: dict, cfg: ModelConfig, layer: int) -> dict:
 
 @functools.partial(jax.jit, static_argnums=0)
 def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
-    """Freshly initialized parameters (GPT-2 init: std 0.02, residual projections / sqrt(2 * layers))."""
-    return init_from_specs(model_spec(cfg), key)
+    """Freshly initialized parameters (GPT-2 init: std 0.02, residual projections / sqrt(2 * layers); under µP,
+    hidden and output weights scaled down with the width: llmjax.model.mup)."""
+    params = init_from_specs(model_spec(cfg), key)
+    if cfg.mup_base_width:
+        params = jax.tree.map(lambda p, k: (p * k).astype(p.dtype), params, mup_multipliers(cfg, "init"))
+    return params
+
+
+def mup_multipliers(cfg: ModelConfig, of: str) -> dict:
+    """µP's per-parameter factors on the standard init (of="init") or the Adam learning rate (of="lr"):
+    llmjax.model.mup.multipliers over this model's spec and its base model's."""
+    from llmjax.model import mup
+
+    return mup.multipliers(cfg, model_spec(cfg), model_spec(mup.mup_base_config(cfg)) if cfg.mup_base_width else None,
+                           of)
 
 
 # --- input checks ------------------------------------------------------------------------

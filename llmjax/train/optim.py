@@ -115,6 +115,7 @@ def make_optimizer(train_cfg: TrainConfig, *, weight_decay_mask=None, model_cfg:
       model_cfg:         the llmjax model's spec-derived mask, weight_decay_mask(model_cfg, train_cfg);
       neither:           every array with ndim >= 2 (matrices and stacked matrices; no biases or scales).
     A mask tree whose structure differs from the params fails in `init` with the first differing path.
+    A µP model (model_cfg.mup_base_width > 0) gets its per-parameter learning rates (llmjax.model.mup) after AdamW.
     """
     if isinstance(train_cfg, ModelConfig):
         raise TypeError("make_optimizer(train_cfg, *, weight_decay_mask=None, model_cfg=None): for an llmjax model "
@@ -127,6 +128,11 @@ def make_optimizer(train_cfg: TrainConfig, *, weight_decay_mask=None, model_cfg:
         weight_decay=train_cfg.weight_decay,
         mask=_mask_function(weight_decay_mask, model_cfg, train_cfg),
     )
+    if model_cfg is not None and model_cfg.mup_base_width:
+        from llmjax.model.mup import scale_updates
+        from llmjax.model.transformer import mup_multipliers
+
+        adamw = optax.chain(adamw, scale_updates(mup_multipliers(model_cfg, "lr")))
     if train_cfg.grad_clip is None:
         return adamw
     return optax.chain(clipping(train_cfg.grad_clip), adamw)
