@@ -6,6 +6,7 @@ decoder serving completions and embeddings, and the real all-MiniLM-L6-v2 throug
 import asyncio
 import base64
 import importlib.util
+import os
 import threading
 import time
 
@@ -226,7 +227,7 @@ def test_an_encoder_alone_refuses_generation_and_reports_health_and_metrics(clie
         assert caught.value.body["code"] == "unsupported_endpoint" and "embedding model" in caught.value.body["message"]
     [card] = client.models.list().data
     assert card.id == MODEL and card.endpoints == ["embeddings"] and card.embedding_dimension == 48
-    assert httpx.get(served[0] + "/health").json() == {"status": "ok"}
+    assert httpx.get(served[0] + "/health").json() == {"status": "ok", "pid": os.getpid()}  # the answering process
     metrics = httpx.get(served[0] + "/metrics").text
     assert f"llmjax_embedding_batches_total {served[1].batches_run}" in metrics
 

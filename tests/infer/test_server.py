@@ -198,7 +198,7 @@ def test_stop_string_cuts_the_text(model, client):
 def test_models_health_and_metrics(served, client):
     url, engine = served
     assert [m.id for m in client.models.list().data] == [MODEL]
-    assert httpx.get(url + "/health").json() == {"status": "ok"}
+    assert httpx.get(url + "/health").json() == {"status": "ok", "pid": os.getpid()}  # the answering process
     client.completions.create(model=MODEL, prompt="abc", max_tokens=3, temperature=0)
     metrics = parse_prometheus(httpx.get(url + "/metrics").text)
     stats = engine.stats()
