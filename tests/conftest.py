@@ -137,3 +137,33 @@ def smollm2_prompt_tokens(smollm2_transformers):
     for row, i in enumerate(ids):
         tokens[row, : len(i)] = i
     return tokens, lengths
+
+
+# --- a run folder from given parameters ------------------------------------------------------------------------------
+
+def write_run_folder(folder, cfg, params, tokenizer, *, chat_template: str | None = None):
+    """A run folder as the trainer leaves it (tokenizer.json, an orbax checkpoint with its record, a chat template if
+    given), holding `params` and a fresh optimizer state: for tests of what reads run folders (export, benchmarks)."""
+    import jax.numpy as jnp
+
+    from llmjax.config import TrainConfig
+    from llmjax.train.checkpoint import Checkpointer, run_record
+    from llmjax.train.optim import make_optimizer
+    from llmjax.train.state import TrainState
+
+    folder.mkdir(parents=True)
+    tokenizer.save(folder / "tokenizer.json")
+    if chat_template is not None:
+        (folder / "chat_template.jinja").write_text(chat_template)
+    train_cfg = TrainConfig()
+    state = TrainState(jnp.zeros((), jnp.int32), params, make_optimizer(train_cfg, model_cfg=cfg).init(params))
+    checkpointer = Checkpointer(folder / "checkpoints", async_save=False)
+    checkpointer.save(state, record=run_record(cfg, train_cfg, loader_state={"seed": 0}, seed=0))
+    checkpointer.close()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def make_run_folder():
+    """`write_run_folder(folder, cfg, params, tokenizer, *, chat_template=None) -> folder`."""
+    return write_run_folder

@@ -88,15 +88,12 @@ def test_short_run_writes_the_table_and_json(tmp_path, capsys):
 
 
 @pytest.fixture
-def gpt2_run(tmp_path):
+def gpt2_run(tmp_path, make_run_folder):
     """A run folder as train / quickstart leave it: a GPT-2 (quickstart's family, tiny) with the byte tokenizer
     and no chat template, random weights large enough that greedy choices are not near-ties."""
-    from llmjax.config import TrainConfig, get_config
-    from llmjax.tokenizer import load_tokenizer
-    from llmjax.train.checkpoint import Checkpointer, run_record
-    from llmjax.train.optim import make_optimizer
-    from llmjax.train.state import TrainState
+    from llmjax.config import get_config
     from llmjax.model import init_params
+    from llmjax.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer("bytes")
     cfg = get_config("gpt2-tiny", vocab_size=tokenizer.vocab_size, d_model=64, d_ff=256, num_heads=4, head_dim=16,
@@ -104,15 +101,7 @@ def gpt2_run(tmp_path):
     params = init_params(cfg, jax.random.key(0))
     rng = np.random.default_rng(1)
     params = jax.tree.map(lambda x: x + jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype), params)
-    folder = tmp_path / "run"
-    folder.mkdir()
-    tokenizer.save(folder / "tokenizer.json")
-    train_cfg = TrainConfig()
-    state = TrainState(jnp.zeros((), jnp.int32), params, make_optimizer(train_cfg, model_cfg=cfg).init(params))
-    checkpointer = Checkpointer(folder / "checkpoints", async_save=False)
-    checkpointer.save(state, record=run_record(cfg, train_cfg, loader_state={"seed": 0}, seed=0))
-    checkpointer.close()
-    return folder
+    return make_run_folder(tmp_path / "run", cfg, params, tokenizer)
 
 
 @pytest.mark.slow

@@ -455,32 +455,13 @@ def test_quantized_parameters_are_dequantized_first(tmp_path, llama):
 
 # --- the command line -----------------------------------------------------------------------------------
 
-def make_run(folder: Path, cfg, params, tokenizer, *, chat_template: str | None = None) -> Path:
-    """A run folder as the trainer leaves it (tokenizer.json, an orbax checkpoint with its record), holding `params`
-    (and a fresh optimizer state: no initializer to compile)."""
-    from llmjax.config import TrainConfig
-    from llmjax.train.checkpoint import Checkpointer, run_record
-    from llmjax.train.optim import make_optimizer
-    from llmjax.train.state import TrainState
-
-    folder.mkdir(parents=True)
-    tokenizer.save(folder / "tokenizer.json")
-    if chat_template is not None:
-        (folder / "chat_template.jinja").write_text(chat_template)
-    train_cfg = TrainConfig()
-    state = TrainState(jnp.zeros((), jnp.int32), params, make_optimizer(train_cfg, model_cfg=cfg).init(params))
-    checkpointer = Checkpointer(folder / "checkpoints", async_save=False)
-    checkpointer.save(state, record=run_record(cfg, train_cfg, loader_state={"seed": 0}, seed=0))
-    checkpointer.close()
-    return folder
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, tokenizer):
+def run(tmp_path_factory, tokenizer, make_run_folder):
     """(run folder, its params, cfg): a tiny LLaMA with the tokenizer and a chat template."""
     cfg = llama_config()
     params = noisy_params(cfg, seed=5)
-    folder = make_run(tmp_path_factory.mktemp("runs") / "tiny-run", cfg, params, tokenizer, chat_template=CHAT_TEMPLATE)
+    folder = make_run_folder(tmp_path_factory.mktemp("runs") / "tiny-run", cfg, params, tokenizer,
+                             chat_template=CHAT_TEMPLATE)
     return folder, params, cfg
 
 
