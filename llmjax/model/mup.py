@@ -25,7 +25,7 @@ import dataclasses
 import jax
 import optax
 
-from llmjax.config import ConfigError, ModelConfig
+from llmjax.config import ModelConfig
 from llmjax.model.params import ParamSpec, is_spec, path_name
 
 VECTOR_LEAVES = ("bias", "scale")  # biases and norm gains: vector-like whatever their shape
@@ -36,24 +36,20 @@ def width_multiplier(cfg: ModelConfig) -> float:
     return cfg.d_model / cfg.mup_base_width if cfg.mup_base_width else 1.0
 
 
-def _scaled(value: int | None, ratio: float, name: str) -> int | None:
-    if value is None:
-        return None
-    scaled = round(value * ratio)
-    if scaled < 1:
-        raise ConfigError(f"ModelConfig.mup_base_width: the base model would have {name}={value * ratio:g}; choose a "
-                          f"base width at which every width-scaled size stays >= 1")
-    return scaled
+def _scaled(value: int | None, ratio: float) -> int | None:
+    """A width-proportional size of the base model (at least 1: a size that stays 1, such as a single kv head, then
+    does not grow with the width, and the weights it shapes are classified accordingly)."""
+    return None if value is None else max(1, round(value * ratio))
 
 
 def mup_base_config(cfg: ModelConfig) -> ModelConfig:
     """The base model µP is relative to: d_model = mup_base_width, heads, kv heads, d_ff and expert widths scaled
     with it, head_dim and everything else kept."""
     ratio = cfg.mup_base_width / cfg.d_model
-    return dataclasses.replace(cfg, d_model=cfg.mup_base_width, num_heads=_scaled(cfg.num_heads, ratio, "num_heads"),
-                               num_kv_heads=_scaled(cfg.num_kv_heads, ratio, "num_kv_heads"), head_dim=cfg.head_dim,
-                               d_ff=_scaled(cfg.d_ff, ratio, "d_ff"),
-                               expert_d_ff=_scaled(cfg.expert_d_ff, ratio, "expert_d_ff"), mup_base_width=0)
+    return dataclasses.replace(cfg, d_model=cfg.mup_base_width, num_heads=_scaled(cfg.num_heads, ratio),
+                               num_kv_heads=_scaled(cfg.num_kv_heads, ratio), head_dim=cfg.head_dim,
+                               d_ff=_scaled(cfg.d_ff, ratio), expert_d_ff=_scaled(cfg.expert_d_ff, ratio),
+                               mup_base_width=0)
 
 
 def parameter_kind(name: str, spec: ParamSpec, base: ParamSpec) -> str:

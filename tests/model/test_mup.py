@@ -137,6 +137,10 @@ def test_bad_configs_are_one_clear_error(overrides, message):
         dataclasses.replace(WIDE, **overrides)
 
 
-def test_a_base_too_narrow_for_the_heads_is_refused():
-    with pytest.raises(ConfigError, match="num_kv_heads"):
-        mup_base_config(dataclasses.replace(WIDE, mup_base_width=8))  # 4 kv heads x 8 / 96 < 1
+def test_a_single_kv_head_that_does_not_grow_makes_k_and_v_output_like():
+    """With one kv head at every width, k and v have one growing dimension, their fan-in: µP's output weights."""
+    mqa = dataclasses.replace(WIDE, num_kv_heads=1)
+    assert mup_base_config(mqa).num_kv_heads == 1
+    kinds = kinds_of(mqa)
+    assert kinds["blocks/attn/k/kernel"] == kinds["blocks/attn/v/kernel"] == "output"
+    assert kinds["blocks/attn/q/kernel"] == "hidden"
