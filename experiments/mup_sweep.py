@@ -126,19 +126,22 @@ def sweep_losses(cfg, args, batches) -> list[list[float]]:
     return [[float(x) for x in row] for row in jnp.stack(losses).T]  # [rates][steps]
 
 
-def batch_stream(args, vocab_size: int):
-    """--steps windows [batch, seq + 1] from the shards (or random tokens), the same for every run."""
+def batch_stream(args, vocab_size: int) -> tuple[list, int]:
+    """(--steps windows [batch, seq + 1] from the shards, or random tokens below vocab_size: the same for every run;
+    the vocabulary size the models need: the shards' tokenizer's)."""
     import numpy as np
 
     if args.data is None:
         rng = np.random.default_rng(args.seed)
-        return [rng.integers(0, vocab_size, (args.batch, args.seq + 1), dtype=np.int32) for _ in range(args.steps)]
+        return [rng.integers(0, vocab_size, (args.batch, args.seq + 1), dtype=np.int32)
+                for _ in range(args.steps)], vocab_size
     from llmjax.data.loader import batch_at
     from llmjax.experiments.train import open_data
 
-    source, _, _ = open_data(args.data)
-    return [batch_at(source, step, batch_size=args.batch, seq_len=args.seq, seed=args.seed)
-            for step in range(args.steps)]
+    source, _, tokenizer = open_data(args.data)
+    batches = [batch_at(source, step, batch_size=args.batch, seq_len=args.seq, seed=args.seed)
+               for step in range(args.steps)]
+    return batches, tokenizer.vocab_size if tokenizer is not None else int(max(b.max() for b in batches)) + 1
 
 
 def best_rate(losses: list[float], rates: list[float]) -> float | None:
@@ -201,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 2
-    batches = batch_stream(args, preset.vocab_size)
+    batches, vocab_size = batch_stream(args, preset.vocab_size)
+    preset = dataclasses.replace(preset, vocab_size=vocab_size)
     results = {}
     for kind in args.kinds:
         results[kind] = {}

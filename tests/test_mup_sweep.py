@@ -16,7 +16,7 @@ from llmjax.train.step import train_step, windows_to_batch
 def test_vmapped_rates_equal_train_step_at_each_rate():
     args = mup_sweep.parse_args(["--quick", "--lrs", "0.001,0.004", "--steps", "3", "--average", "1"])
     cfg = mup_sweep.model_at(get_config("llama-tiny"), 16, args, "mup")
-    batches = mup_sweep.batch_stream(args, cfg.vocab_size)
+    batches, _ = mup_sweep.batch_stream(args, cfg.vocab_size)
     swept = mup_sweep.sweep_losses(cfg, args, batches)  # [rates][steps]
     step = jax.jit(train_step, static_argnames=("model_cfg", "train_cfg"))
     for rate, losses in zip(args.lr_list, swept):
@@ -31,13 +31,21 @@ def test_vmapped_rates_equal_train_step_at_each_rate():
 
 
 def test_quick_sweep_writes_the_report(tmp_path, capsys):
-    assert mup_sweep.main(["--quick", "--widths", "16", "--steps", "3", "--out", str(tmp_path)]) == 0
-    report = json.loads((tmp_path / "sweep.json").read_text())
+    from llmjax.experiments import tokenize
+
+    (tmp_path / "corpus.py").write_text("def f(x):\n    return x + 1\n" * 300)
+    assert tokenize.main(["--tokenizer", "bytes", "--corpus", str(tmp_path / "corpus.py"), "--split", "train",
+                          "--out", str(tmp_path / "tokens")]) in (0, None)
+    out = tmp_path / "sweep"
+    assert mup_sweep.main(["--quick", "--widths", "16", "--steps", "3", "--data", str(tmp_path / "tokens"), "--out",
+                           str(out)]) == 0
+    report = json.loads((out / "sweep.json").read_text())
     assert set(report["results"]) == {"standard", "mup"} and report["widths"] == [16]
+    assert report["data"] == str(tmp_path / "tokens")
     for kind in report["results"].values():
         assert len(kind["16"]["final"]) == 3 and all(np.isfinite(kind["16"]["final"]))
     assert report["summary"]["mup"]["shift_grid_steps"] == 0
-    assert (tmp_path / "sweep.png").stat().st_size > 0
+    assert (out / "sweep.png").stat().st_size > 0
     assert "grid steps" in capsys.readouterr().out
 
 
