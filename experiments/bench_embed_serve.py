@@ -72,12 +72,12 @@ QUICK = dict(clients=4, client_processes=1, inputs_per_request="1,4", seq_len=32
 
 
 def parse_args(argv):
+    from llmjax.experiments._flags import apply_quick
+
     p = build_parser()
     args = p.parse_args(argv)
     if args.quick:
-        for name, value in QUICK.items():
-            if getattr(args, name) == p.get_default(name):
-                setattr(args, name, value)
+        apply_quick(p, args, QUICK)
     try:
         args.inputs = [int(k) for k in args.inputs_per_request.split(",") if k.strip()]
     except ValueError:

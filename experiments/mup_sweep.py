@@ -55,12 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv):
+    from llmjax.experiments._flags import apply_quick
+
     p = build_parser()
     args = p.parse_args(argv)
     if args.quick:
-        for name, value in QUICK.items():
-            if getattr(args, name) == p.get_default(name):
-                setattr(args, name, value)
+        apply_quick(p, args, QUICK)
     try:
         args.width_list = sorted(int(w) for w in str(args.widths).split(","))
         args.lr_list = sorted(float(x) for x in str(args.lrs).split(","))
