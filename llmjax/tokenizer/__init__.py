@@ -37,8 +37,12 @@ def tokenizer_class(kind: str) -> type[Tokenizer]:
         from llmjax.tokenizer.wordpiece import WordPieceTokenizer
 
         return WordPieceTokenizer
-    raise TokenizerError(f"unknown tokenizer type {kind!r}; llmjax reads 'byte_bpe', 'sentencepiece', 'wordpiece' "
-                         f"and 'bytes'")
+    if kind == "extended":
+        from llmjax.tokenizer.extended import ExtendedTokenizer
+
+        return ExtendedTokenizer
+    raise TokenizerError(f"unknown tokenizer type {kind!r}; llmjax reads 'byte_bpe', 'sentencepiece', 'wordpiece', "
+                         f"'bytes' and 'extended'")
 
 
 def load_tokenizer(spec: str | Path) -> Tokenizer:
