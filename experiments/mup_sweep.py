@@ -82,12 +82,19 @@ def parse_args(argv):
     return args
 
 
+def kv_heads_for(heads: int, kv_ratio: int) -> int:
+    """Key/value heads at this width: the most that divide `heads` and keep at least the preset's query heads per
+    key/value head (llama-125m's 3 at 12 heads gives 4; at 16 heads, 4 rather than 16 // 3 = 5, which divides
+    nothing)."""
+    return max(d for d in range(1, heads + 1) if heads % d == 0 and d <= max(1, heads // kv_ratio))
+
+
 def model_at(preset, width: int, args, kind: str):
     """The swept family at this width: heads of --head-dim, d_ff in the preset's ratio, untied head."""
     ratio = preset.d_ff / preset.d_model
     heads = width // args.head_dim
     kv_ratio = preset.num_heads // preset.num_kv_heads
-    return dataclasses.replace(preset, d_model=width, num_heads=heads, num_kv_heads=max(1, heads // kv_ratio),
+    return dataclasses.replace(preset, d_model=width, num_heads=heads, num_kv_heads=kv_heads_for(heads, kv_ratio),
                                head_dim=args.head_dim, d_ff=int(round(width * ratio / 8)) * 8 or 8,
                                num_layers=args.layers, max_seq_len=max(args.seq, 8), tie_embeddings=False,
                                mup_base_width=args.base_width if kind == "mup" else 0)
