@@ -12,14 +12,15 @@ import pytest
 
 from llmjax.config import ConfigError, get_config
 from llmjax.infer.generate import GenerationError
-from llmjax.infer.vlm import vlm_generate
-from llmjax.model import forward, init_params
+from llmjax.infer.vlm import stack_images, vlm_generate
+from llmjax.model import forward, model_spec
 from llmjax.model.flamingo import (FlamingoConfig, FlamingoInputError, check_image_tokens, cross_attention_kv,
                                    flamingo_hidden_states, flamingo_logits, gated_cross_attention, image_index,
-                                   image_mask, init_flamingo_params, input_embeddings, resample, split_trainable,
-                                   token_losses, visual_latents)
+                                   image_mask, init_flamingo_params, input_embeddings, new_parts_spec, resample,
+                                   split_trainable, token_losses, visual_latents)
+from llmjax.model.params import is_spec, ones, zeros
 from llmjax.model.transformer import hidden_states_from_embeddings, logits_from_hidden
-from llmjax.model.vision import get_vision_config, init_vision_params
+from llmjax.model.vision import get_vision_config, vision_spec
 from llmjax.tokenizer import load_tokenizer
 from llmjax.tokenizer.extended import with_special_tokens
 
@@ -27,9 +28,32 @@ VISION = get_vision_config("vit-tiny")  # 32x32 images, 16 patches + a class tok
 
 
 def make_config(lm_name="gpt2-tiny", **fields) -> FlamingoConfig:
-    defaults = dict(num_latents=3, resampler_layers=2, resampler_heads=4, xattn_every=1, xattn_heads=4,
+    defaults = dict(num_latents=3, resampler_layers=1, resampler_heads=4, xattn_every=1, xattn_heads=4,
                     xattn_ff_mult=2, resampler_ff_mult=2, max_frames=2)
     return FlamingoConfig(lm=get_config(lm_name), vision=VISION, **defaults | fields)
+
+
+def numpy_init(spec_tree, seed):
+    """Parameters for the specs drawn with NumPy (normal(0.02), or the spec's zeros / ones): compiling every leaf's
+    jax.random draw takes longer on a CPU than these tests."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(spec):
+        if spec.init is zeros or spec.init is ones:
+            return spec.init(None, spec.shape, jnp.dtype(spec.dtype))
+        return jnp.asarray(rng.normal(0.0, 0.02, spec.shape), spec.dtype)
+
+    return jax.tree.map(leaf, spec_tree, is_leaf=is_spec)
+
+
+def make_params(cfg, seed=0):
+    """Every parameter: the LM's, the tower's and the new parts' (gates at 0) from NumPy draws."""
+    return {"lm": numpy_init(model_spec(cfg.lm), seed), "vision": numpy_init(vision_spec(cfg.vision), seed + 1),
+            **numpy_init(new_parts_spec(cfg), seed + 2)}
+
+
+logits_jit = jax.jit(flamingo_logits, static_argnames="cfg")
+latents_jit = jax.jit(visual_latents, static_argnames="cfg")
 
 
 def with_open_gates(params, value=0.7):
@@ -50,7 +74,7 @@ def text_tokens(cfg, batch, seq, seed=0):
 def model(request):
     lm_name, every = request.param
     cfg = make_config(lm_name, xattn_every=every)
-    return cfg, init_flamingo_params(cfg, jax.random.key(0))
+    return cfg, make_params(cfg)
 
 
 # --- gates at zero ---------------------------------------------------------------------------------------------
@@ -58,11 +82,12 @@ def model(request):
 def test_gates_at_zero_leave_the_lm_logits_bit_identical(model):
     cfg, params = model
     tokens = text_tokens(cfg, 2, 11)
-    latents = visual_latents(params, jnp.asarray(random_images(2, batch=2)), cfg)
+    latents = latents_jit(params, jnp.asarray(random_images(2, batch=2)), cfg)
     # text only: exactly the LM's forward, even with images given (no <image> token, so no token sees them)
-    reference = forward(params["lm"], tokens, cfg.lm)
-    assert np.array_equal(flamingo_logits(params, tokens, None, cfg), reference)
-    assert np.array_equal(flamingo_logits(params, tokens, latents, cfg), reference)
+    reference = jax.jit(forward, static_argnames="cfg")(params["lm"], tokens, cfg.lm)  # compiled, as the VLM
+    assert np.array_equal(logits_jit(params, tokens, latents, cfg), reference)
+    if cfg.xattn_every == 1:  # and with no images at all (one compilation more: one family is enough)
+        assert np.array_equal(logits_jit(params, tokens, None, cfg), reference)
     # with <image> tokens: the LM's stack on the same input embeddings (the two new rows for the new tokens)
     tokens[:, 2] = tokens[:, 7] = cfg.image_token_id
     tokens[0, 5] = cfg.end_of_chunk_id
@@ -70,11 +95,16 @@ def test_gates_at_zero_leave_the_lm_logits_bit_identical(model):
     vocab = cfg.lm.vocab_size  # the embeddings without positions: the LM's stack adds them
     x = jnp.where((tokens >= vocab)[..., None], params["new_tokens"][np.clip(tokens - vocab, 0, 1)],
                   params["lm"]["embed"]["token"][np.minimum(tokens, vocab - 1)])
-    hidden, _ = hidden_states_from_embeddings(params["lm"], x, cfg.lm, positions=positions)
-    expected = logits_from_hidden(params["lm"], hidden, cfg.lm)
-    assert np.array_equal(flamingo_logits(params, tokens, latents, cfg), expected)
+
+    @jax.jit
+    def lm_on_embeddings(lm_params, x):
+        hidden, _ = hidden_states_from_embeddings(lm_params, x, cfg.lm, positions=positions)
+        return logits_from_hidden(lm_params, hidden, cfg.lm)
+
+    expected = lm_on_embeddings(params["lm"], x)
+    assert np.array_equal(logits_jit(params, tokens, latents, cfg), expected)
     # open gates change the logits of tokens after an image only
-    opened = flamingo_logits(with_open_gates(params), tokens, latents, cfg)
+    opened = logits_jit(with_open_gates(params), tokens, latents, cfg)
     assert not np.allclose(opened[:, 2:], expected[:, 2:], atol=1e-4)
 
 
@@ -144,15 +174,19 @@ def test_gated_cross_attention_against_numpy_float64():
     """Tokens before the first image get exactly 0 from the attention (finite gradients too); the rest match a
     float64 reference of tanh(a) * attention(norm(x) -> latents of their latest image) + tanh(b) * mlp(norm(x))."""
     cfg = make_config()
-    params = with_open_gates(init_flamingo_params(cfg, jax.random.key(1)))
+    params = with_open_gates(make_params(cfg, 1))
     layer = jax.tree.map(lambda p: p[0], params["xattn"])
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 6, 48)).astype(np.float32)
     media = rng.normal(size=(2, 2 * 3, 48)).astype(np.float32)  # 2 images of 3 latents
     index = np.array([[-1, -1, 0, 0, 1, 1], [0, 0, 0, 1, 1, 1]])
     visible = image_mask(jnp.asarray(index), 2, 3)
-    k, v = cross_attention_kv(layer, jnp.asarray(media))
-    out = gated_cross_attention(layer, jnp.asarray(x), k, v, visible, cfg)
+
+    @jax.jit
+    def run(layer, x):
+        return gated_cross_attention(layer, x, *cross_attention_kv(layer, jnp.asarray(media)), visible, cfg)
+
+    out = run(layer, jnp.asarray(x))
     p, eps = f64(layer), cfg.lm.norm_eps
     h = layer_norm64(x.astype(np.float64), p["attn_norm"], eps)
     q = np.einsum("bsd,dhk->bshk", h, p["attn"]["q"]["kernel"])
@@ -165,11 +199,11 @@ def test_gated_cross_attention_against_numpy_float64():
     np.testing.assert_allclose(out, y, atol=2e-5, rtol=2e-5)
 
     def attention_only(layer, x):
-        return gated_cross_attention({**layer, "alpha_mlp": jnp.zeros(())}, x, k, v, visible, cfg) - x
+        return run({**layer, "alpha_mlp": jnp.zeros(())}, x) - x
 
     before_image = attention_only(layer, jnp.asarray(x))[0, :2]
     assert np.array_equal(before_image, np.zeros_like(before_image))
-    grads = jax.grad(lambda layer: jnp.sum(attention_only(layer, jnp.asarray(x)) ** 2))(layer)
+    grads = jax.jit(jax.grad(lambda layer: jnp.sum(attention_only(layer, jnp.asarray(x)) ** 2)))(layer)
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
 
 
@@ -195,36 +229,42 @@ def resampler64(p, features, cfg):
 
 
 def test_resampler_against_numpy_and_fixed_output_shape():
-    cfg = make_config()
-    params = init_flamingo_params(cfg, jax.random.key(2))
+    cfg = make_config(resampler_layers=2)
+    params = make_params(cfg, 2)
     rng = np.random.default_rng(1)
-    for shape in [(2, 3, 17, 48), (2, 3, 1, 48), (1, 2, 2, 5, 48)]:  # any tokens; one or two frames
+    resample_jit = jax.jit(resample, static_argnames="cfg")
+    for shape in [(2, 3, 17, 48), (1, 2, 2, 5, 48)]:  # one frame, two frames
         features = rng.normal(size=shape).astype(np.float32)
-        out = resample(params["resampler"], jnp.asarray(features), cfg)
-        assert out.shape == (shape[0], shape[1], cfg.num_latents, 48)
+        out = resample_jit(params["resampler"], jnp.asarray(features), cfg)
         full = features if features.ndim == 5 else features[:, :, None]
         np.testing.assert_allclose(out, resampler64(f64(params["resampler"]), full.astype(np.float64), cfg),
                                    atol=1e-4, rtol=1e-4)
+    for shape in [(2, 3, 1, 48), (2, 3, 17, 48), (1, 1, 400, 48), (2, 3, 2, 7, 48)]:  # any number of tokens
+        out = jax.eval_shape(lambda f: resample(params["resampler"], f, cfg), jax.ShapeDtypeStruct(shape, jnp.float32))
+        assert out.shape == (shape[0], shape[1], cfg.num_latents, 48)
     with pytest.raises(FlamingoInputError, match="3 frames per image, FlamingoConfig.max_frames=2"):
         resample(params["resampler"], jnp.zeros((1, 1, 3, 4, 48)), cfg)
 
 
 # --- generation --------------------------------------------------------------------------------------------------
 
-def uncached_greedy(params, cfg, prompt, images, steps):
-    """Greedy decoding by the full forward on the whole sequence each step (a fixed buffer: the model is causal, so
-    the zeros after the current token change nothing before it; one compilation)."""
-    latents = visual_latents(params, jnp.asarray(np.stack(images)[None]), cfg) if images else None
-    buffer = np.zeros((1, len(prompt) + steps), np.int32)
-    buffer[0, :len(prompt)] = prompt
-    logits_fn = jax.jit(flamingo_logits, static_argnames="cfg")
-    logits_seen = []
+def uncached_greedy(params, cfg, prompts, images, steps):
+    """Greedy decoding by the full forward on the whole sequences each step (right-padded buffers: the model is
+    causal, so the zeros after a row's current token change nothing before it; one compilation)."""
+    latents = latents_jit(params, jnp.asarray(stack_images(images, cfg)), cfg)
+    buffer = np.zeros((len(prompts), max(map(len, prompts)) + steps), np.int32)
+    for b, prompt in enumerate(prompts):
+        buffer[b, :len(prompt)] = prompt
+    chosen, logits_seen = [[] for _ in prompts], []
     for step in range(steps):
-        logits = np.asarray(logits_fn(params, jnp.asarray(buffer), latents, cfg)[0, len(prompt) + step - 1])
+        logits = np.asarray(logits_jit(params, jnp.asarray(buffer), latents, cfg))
+        logits = logits[np.arange(len(prompts)), [len(p) + step - 1 for p in prompts]]  # [batch, padded_vocab]
         logits_seen.append(logits)
-        if step + 1 < steps:
-            buffer[0, len(prompt) + step] = int(np.argmax(logits))
-    return [int(np.argmax(logits)) for logits in logits_seen], logits_seen
+        for b, prompt in enumerate(prompts):
+            chosen[b].append(int(np.argmax(logits[b])))
+            if step + 1 < steps:
+                buffer[b, len(prompt) + step] = chosen[b][-1]
+    return chosen, logits_seen
 
 
 def test_kv_cached_generation_equals_uncached(model):
@@ -234,54 +274,47 @@ def test_kv_cached_generation_equals_uncached(model):
     rng = np.random.default_rng(3)
     prompts = [[image, 5, 9, 11, 4], [3, image, 8, cfg.end_of_chunk_id, image, 2, 2]]
     images = [list(random_images(1, seed=4)[0]), list(random_images(2, seed=5)[0])]
-    out = vlm_generate(params, cfg, prompts, images, max_new_tokens=6, keep_logits=True, decode_impl="xla")
-    for b, (prompt, row_images) in enumerate(zip(prompts, images)):
-        tokens, logits = uncached_greedy(params, cfg, prompt, row_images, 6)
-        assert out.tokens[b] == tokens
-        for step, expected in enumerate(logits):
-            kept = out.logits[step][b][: cfg.lm.vocab_size]
-            np.testing.assert_allclose(kept, expected[: cfg.lm.vocab_size], atol=2e-4, rtol=2e-4)
+    out = vlm_generate(params, cfg, prompts, images, max_new_tokens=4, keep_logits=True, decode_impl="xla")
+    tokens, logits = uncached_greedy(params, cfg, prompts, images, 4)
+    assert out.tokens == tokens
+    vocab = cfg.lm.vocab_size
+    for step, expected in enumerate(logits):
+        np.testing.assert_allclose(out.logits[step][:, :vocab], expected[:, :vocab], atol=2e-4, rtol=2e-4)
     # the images matter: another image gives other logits
-    other = vlm_generate(params, cfg, prompts[:1], [list(rng.integers(0, 256, (1, 32, 32, 3), np.uint8))],
-                         max_new_tokens=1, keep_logits=True)
+    other = vlm_generate(params, cfg, prompts, [list(rng.integers(0, 256, (1, 32, 32, 3), np.uint8)), images[1]],
+                         max_new_tokens=1, keep_logits=True, decode_impl="xla")
     assert not np.allclose(other.logits[0][0], out.logits[0][0], atol=1e-4)
+    np.testing.assert_array_equal(other.logits[0][1], out.logits[0][1])
 
 
 # --- training: only the new parts ---------------------------------------------------------------------------------
 
-def test_gradients_reach_only_the_new_parameters():
+def test_loss_against_numpy_and_gradients_only_for_the_new_parameters():
     cfg = make_config()
-    params = with_open_gates(init_flamingo_params(cfg, jax.random.key(3)))
+    params = with_open_gates(make_params(cfg, 3))
     trainable, frozen = split_trainable(params)
     assert set(trainable) == {"resampler", "xattn", "new_tokens"} and set(frozen) == {"lm", "vision"}
-    tokens = text_tokens(cfg, 2, 9)
-    tokens[:, 1] = cfg.image_token_id
-    images = jnp.asarray(random_images(1, batch=2))
+    assert "vision" in split_trainable(params, train_vision=True)[0]
+    tokens = text_tokens(cfg, 1, 8)
+    tokens[0, 0], tokens[0, 4] = cfg.image_token_id, cfg.end_of_chunk_id
+    mask = jnp.asarray([[True] * 6 + [False]])
+    images = jnp.asarray(random_images(1))
 
-    def loss(trainable):
-        merged = {**frozen, **trainable}
-        total, count = token_losses(merged, jnp.asarray(tokens), visual_latents(merged, images, cfg),
-                                    jnp.ones((2, 8), bool), cfg)
-        return total / count
+    @jax.jit
+    def loss_and_grads(trainable):
+        def loss(trainable):
+            merged = {**frozen, **trainable}
+            latents = visual_latents(merged, images, cfg)
+            total, count = token_losses(merged, jnp.asarray(tokens), latents, mask, cfg)
+            return total / count, (total, count, flamingo_logits(merged, jnp.asarray(tokens[:, :-1]), latents, cfg))
 
-    grads = jax.grad(loss)(trainable)
+        return jax.value_and_grad(loss, has_aux=True)(trainable)
+
+    (_, (total, count, logits)), grads = loss_and_grads(trainable)
     assert set(grads) == set(trainable)  # the LM's and the tower's gradients are never computed
     for name in ("resampler", "xattn", "new_tokens"):
         assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads[name])) > 0, name
-    trainable_vision, _ = split_trainable(params, train_vision=True)
-    assert "vision" in trainable_vision
-
-
-def test_token_losses_against_numpy():
-    cfg = make_config()
-    params = with_open_gates(init_flamingo_params(cfg, jax.random.key(4)))
-    tokens = text_tokens(cfg, 1, 8)
-    tokens[0, 0], tokens[0, 4] = cfg.image_token_id, cfg.end_of_chunk_id
-    mask = np.array([[True] * 6 + [False]])
-    latents = visual_latents(params, jnp.asarray(random_images(1)), cfg)
-    total, count = token_losses(params, jnp.asarray(tokens), latents, jnp.asarray(mask), cfg)
-    logits = np.asarray(flamingo_logits(params, jnp.asarray(tokens[:, :-1]), latents, cfg), np.float64)[0]
-    logits = logits[:, : cfg.lm.vocab_size]
+    logits = np.asarray(logits, np.float64)[0, :, : cfg.lm.vocab_size]
     expected = [np.log(np.exp(logits[t] - logits[t].max()).sum()) + logits[t].max() - logits[t, tokens[0, t + 1]]
                 for t in range(6) if tokens[0, t + 1] < cfg.lm.vocab_size]  # the <|endofchunk|> target is skipped
     assert int(count) == len(expected) == 5
@@ -310,7 +343,7 @@ def test_extended_tokenizer_round_trips(tmp_path):
 
 def test_bad_input_gets_one_clear_error_each():
     cfg = make_config()
-    params = init_flamingo_params(cfg, jax.random.key(5))
+    params = make_params(cfg, 5)
     image = cfg.image_token_id
     with pytest.raises(FlamingoInputError, match="row 0: 2 <image> token.*1 image.*more <image> tokens than images"):
         check_image_tokens([[image, 4, image]], [1], cfg)
@@ -321,9 +354,10 @@ def test_bad_input_gets_one_clear_error_each():
     # a vision tower of another width than the config's
     wide = get_vision_config("vit-tiny", model=VISION.model.replace(d_model=64, d_ff=128))
     with pytest.raises(FlamingoInputError, match="width 64 does not match.*d_model=48"):
-        init_flamingo_params(cfg, jax.random.key(0), vision_params=init_vision_params(wide, jax.random.key(0)))
+        init_flamingo_params(cfg, jax.random.key(0), lm_params=params["lm"],
+                             vision_params=numpy_init(vision_spec(wide), 0))
     with pytest.raises(FlamingoInputError, match="does not match FlamingoConfig.lm"):
-        init_flamingo_params(cfg, jax.random.key(0), lm_params=init_params(get_config("llama-tiny"), jax.random.key(0)))
+        init_flamingo_params(cfg, jax.random.key(0), lm_params=numpy_init(model_spec(get_config("llama-tiny")), 0))
     # images of the wrong number of channels / size
     with pytest.raises(ValueError, match="4 channels, the vision tower takes num_channels=3"):
         visual_latents(params, jnp.zeros((1, 1, 32, 32, 4), jnp.uint8), cfg)

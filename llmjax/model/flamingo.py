@@ -210,9 +210,9 @@ def check_lm_params(lm_params: dict, cfg: FlamingoConfig) -> None:
         raise FlamingoInputError(f"{problem}: the LM does not match FlamingoConfig.lm")
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def init_new_parts(cfg: FlamingoConfig, key: jax.Array) -> dict:
-    """The resampler, cross-attention blocks (gates at 0) and the two new token rows, freshly initialized."""
+    """The resampler, cross-attention blocks (gates at 0) and the two new token rows, freshly initialized (op by op:
+    a few small parameters, where compiling one program of every leaf's random draw takes longer on a CPU)."""
     return init_from_specs(new_parts_spec(cfg), key)
 
 
