@@ -510,6 +510,7 @@ def quantized_matmul_pallas(x: jax.Array, qm: QuantizedMatrix, *, tiles: MatmulT
     interpret: run in Pallas interpret mode (default: when no GPU is present)."""
     if qm.lead_shape:
         raise ValueError(f"quantized_matmul_pallas takes one matrix; this one has leading axes {qm.lead_shape}")
+    qm = standard_layout(qm)
     k = qm.in_features
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features, the quantized matrix expects {k}")
@@ -550,6 +551,8 @@ class QuantizedMatrix:
     shape: tuple = dataclasses.field(default=(), metadata=dict(static=True))  # one matrix's original weight shape
     in_dims: int = dataclasses.field(default=1, metadata=dict(static=True))  # leading axes of `shape` contracted
     matmul: str = dataclasses.field(default="xla", metadata=dict(static=True))  # `x @ self`: "xla" or "pallas"
+    # kernels.cpu_qmatvec.pack_int8_rows' layout: codes int8 [out, in] (code - 128), scales float32 [out, groups]
+    cpu_packed: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     def __post_init__(self):  # only which fields are set: jax rebuilds the pytree with other leaves (tracers, specs)
         if self.offsets is not None and (self.format not in BITS or self.format == "nf4" or self.zeros is not None):
@@ -584,8 +587,12 @@ class QuantizedMatrix:
 
     def __rmatmul__(self, x: jax.Array) -> jax.Array:
         """x [..., in] @ self, as `matmul` says: "xla" the reference (dequantize, then one matmul), "pallas" the
-        fused kernel above, "matvec" `quantized_matvec`, "auto" `resolve_quantized_matmul`'s choice."""
+        fused kernel above, "matvec" `quantized_matvec`, "cpu" the int8 custom call of kernels.cpu_qmatvec (on a
+        matrix it packed; an unpacked one is packed here, every call), "auto" `resolve_quantized_matmul`'s choice."""
         matmul = resolve_quantized_matmul(self.matmul, x, self)
+        if matmul == "cpu":
+            from .cpu_qmatvec import pack_int8_rows, q8_matvec
+            return q8_matvec(x, self if self.cpu_packed else pack_int8_rows(self))
         if matmul == "pallas":
             return quantized_matmul_pallas(x, self)
         if matmul == "matvec":
@@ -593,8 +600,8 @@ class QuantizedMatrix:
         return quantized_matmul(x, self)
 
     def with_matmul(self, matmul: str) -> QuantizedMatrix:
-        if matmul not in MATMULS:
-            raise QuantizationError(f"matmul={matmul!r}: expected one of {', '.join(map(repr, MATMULS))}")
+        if matmul not in MATMUL_MODES:
+            raise QuantizationError(f"matmul={matmul!r}: expected one of {', '.join(map(repr, MATMUL_MODES))}")
         return dataclasses.replace(self, matmul=matmul)
 
 
@@ -604,9 +611,17 @@ def nf4_absmax(qm: QuantizedMatrix) -> jax.Array:
     return (blocks.astype(jnp.float32) * qm.scale_blocks[..., None]).reshape(qm.scale_codes.shape) + qm.scale_mean
 
 
+def standard_layout(qm: QuantizedMatrix) -> QuantizedMatrix:
+    """The matrix in the layout of the class docstring (a cpu_packed one unpacked: kernels.cpu_qmatvec)."""
+    if not qm.cpu_packed:
+        return qm
+    from .cpu_qmatvec import unpack_int8_rows
+    return unpack_int8_rows(qm)
+
+
 def unpacked_codes(qm: QuantizedMatrix) -> jax.Array:
     """Codes one per input row: uint8 [*lead, in, out]."""
-    return unpack_codes(qm.codes, qm.bits)
+    return unpack_codes(standard_layout(qm).codes, qm.bits)
 
 
 def group_parameters(qm: QuantizedMatrix) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
@@ -615,6 +630,7 @@ def group_parameters(qm: QuantizedMatrix) -> tuple[jax.Array, jax.Array | None, 
     (offsets; zero None) or NF4[code] * scale (nf4: the double-quantized absmax; zero and offset None)."""
     if qm.format == "nf4":
         return nf4_absmax(qm), None, None
+    qm = standard_layout(qm)
     scale = qm.scales.astype(jnp.float32)
     if qm.offsets is not None:
         return scale, None, qm.offsets.astype(jnp.float32)
@@ -625,6 +641,7 @@ def group_parameters(qm: QuantizedMatrix) -> tuple[jax.Array, jax.Array | None, 
 
 def dequantize_matrix(qm: QuantizedMatrix, dtype=jnp.float32) -> jax.Array:
     """The [*lead, in, out] matrix the codes stand for (computed in float32, then cast to dtype)."""
+    qm = standard_layout(qm)
     codes = unpacked_codes(qm)
     scale, zero, offset = (None if p is None else p[..., None, :] for p in group_parameters(qm))  # [.., groups, 1, out]
     grouped = group_rows(codes, qm.group_size)  # [*lead, groups, group, out]
@@ -662,6 +679,7 @@ quantized_matmul_reference = quantized_matmul
 
 # --- few rows on CPUs ------------------------------------------------------------------------
 
+MATMUL_MODES = (*MATMULS, "cpu")  # "cpu": kernels.cpu_qmatvec (an int8 custom call; CPUs)
 MATVEC_FORMATS = ("int8", "int4")
 MATVEC_MAX_ROWS = 8  # "auto" on CPUs: quantized_matvec up to this many rows (its cost grows with the rows; at 8 rows
 # it still took 0.77x the reference's time on a 576 x 3072 int4 matrix, 2 cores)
@@ -669,10 +687,14 @@ MATVEC_BLOCK = 32  # input rows a block sums as written-out adds: at most this m
 
 
 def resolve_quantized_matmul(matmul: str, x: jax.Array, qm: QuantizedMatrix) -> str:
-    """How `x @ qm` runs: "xla", "pallas" or "matvec" as asked; "auto": the fused Pallas kernel on GPUs,
-    `quantized_matvec` on CPUs for int8 / int4 at most MATVEC_MAX_ROWS rows (decoding), else the XLA reference."""
-    if matmul not in MATMULS:
-        raise QuantizationError(f"matmul={matmul!r}: expected one of {', '.join(map(repr, MATMULS))}")
+    """How `x @ qm` runs: "xla", "pallas", "matvec" or "cpu" as asked; "auto": the fused Pallas kernel on GPUs,
+    on CPUs the int8 custom call for a matrix kernels.cpu_qmatvec packed (llmjax.quant.model.quantized_decode_params
+    packs once where the kernel is available), `quantized_matvec` for int8 / int4 at most MATVEC_MAX_ROWS rows
+    (decoding), else the XLA reference. A packed matrix always takes "cpu" (which falls back by itself)."""
+    if matmul not in MATMUL_MODES:
+        raise QuantizationError(f"matmul={matmul!r}: expected one of {', '.join(map(repr, MATMUL_MODES))}")
+    if qm.cpu_packed:
+        return "cpu"
     if matmul != "auto":
         return matmul
     platform = compute_platform(x)
@@ -719,6 +741,7 @@ def quantized_matvec(x: jax.Array, qm: QuantizedMatrix) -> jax.Array:
     float32 rounding (the sums run in another order). Other formats (int3, nf4) and stacked matrices: the reference."""
     if qm.lead_shape:
         raise QuantizationError(f"quantized_matvec takes one matrix; this one has leading axes {qm.lead_shape}")
+    qm = standard_layout(qm)
     k, n = qm.in_features, qm.out_features
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features, the quantized matrix expects {k}")
