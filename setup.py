@@ -13,4 +13,4 @@ for package, folder in NESTED.items():
     packages += [package] + [f"{package}.{sub}" for sub in find_packages(folder)]
 
 setup(packages=packages, package_dir=NESTED,
-      package_data={"llmjax.kernels": ["*.json", "**/*.json"]})  # tuned tile tables beside their kernels
+      package_data={"llmjax.kernels": ["*.json", "**/*.json", "cpu/*.cc"]})  # tuned tile tables; C++ sources
