@@ -16,16 +16,18 @@ from pathlib import Path
 VARIANTS = {
     # name: (how the weights are loaded, quantized_decode_params' matmul, its head)
     "float32": ("float32", None, None),
-    "quantized": ("quantized", "auto", "int8"),
+    "quantized": ("quantized", "auto", "int8"),  # on CPUs the int8 custom call where it compiles (kernels.cpu_qmatvec)
+    "quantized-matvec-xla": ("quantized", "matvec", "int8"),  # the same in XLA: quantized_matvec (before the kernel)
     "quantized-float-head": ("quantized", "auto", "float"),
     "quantized-xla": ("quantized", "xla", "float"),
 }
 PRECISIONS = {
-    # name: (the GGUF type our exporter writes, None for the --gguf file as stored; our variant on that file, None
+    # name: (the GGUF type our exporter writes, None for the --gguf file as stored; our variants on that file, None
     # for --variants)
     "file": (None, None),
-    "q8_0": ("q8_0", "quantized"),  # int8 blocks of 32 on both sides: the issue's ">= 0.7x llama.cpp" pairing
-    "f16": ("f16", "float32"),  # the same float16 weights on both sides: the greedy-equality check
+    # int8 blocks of 32 on both sides: the issue's ">= 0.7x llama.cpp" pairing (with the XLA form, before / after)
+    "q8_0": ("q8_0", ("quantized", "quantized-matvec-xla")),
+    "f16": ("f16", ("float32",)),  # the same float16 weights on both sides: the greedy-equality check
 }
 PEERS = ("transformers", "llama-cpp")
 DEFAULT_PROMPT = "Write a short Python function that checks whether a number is prime, and explain it in one sentence."
@@ -38,13 +40,15 @@ def parse_args(argv):
         "exactly --new-tokens tokens), the prefill timed on its own and the whole generation timed end to end, each "
         "the median of --repeats runs after a compiling one; decode tokens/s = new tokens / (generation - prefill), "
         "overall = new tokens / generation (prefill included). Variants: float32 (every tensor dequantized), "
-        "quantized (the file's Q4_1 / Q8_0 block linears kept as int4 / int8 QuantizedMatrix, x @ W by the few-row "
-        "CPU form kernels.matmul_quant.quantized_matvec, the tied output head re-quantized to int8 groups of 32, "
-        "exact for a Q8_0 embedding), quantized-float-head (the head in float32), quantized-xla (XLA's "
+        "quantized (the file's Q4_1 / Q8_0 block linears kept as int4 / int8 QuantizedMatrix, x @ W for int8 by the "
+        "CPU int8 custom call kernels.cpu_qmatvec where it compiles (activations quantized to int8 blocks of 32, as "
+        "llama.cpp), else and for int4 by the few-row XLA form kernels.matmul_quant.quantized_matvec, the tied "
+        "output head re-quantized to int8 groups of 32, exact for a Q8_0 embedding), quantized-matvec-xla (the same "
+        "with quantized_matvec for every matrix), quantized-float-head (the head in float32), quantized-xla (XLA's "
         "dequantize-then-dot reference, float32 head). Each variant's bytes of weights read per token over the "
         "measured read bandwidth is its floor. Precisions (one GGUF file each, llama.cpp run on every one): file "
         "(the --gguf file as stored, our --variants on it), q8_0 (the model written by our exporter as q8_0: our "
-        "quantized variant, int8 blocks, vs llama.cpp's q8_0) and f16 (our exporter's f16 file: our float32 "
+        "quantized and quantized-matvec-xla variants, int8 blocks, vs llama.cpp's q8_0) and f16 (our exporter's f16 file: our float32 "
         "variant on its float16 weights vs llama.cpp, whose KV cache is then float32: the greedy-equality check). "
         "Models: the --gguf file, --model PRESET (random weights, the --gguf file's tokenizer and chat prompt) or "
         "--ckpt RUN (a train / quickstart run folder; its chat template, else the prompt as plain text). Peers in "
@@ -465,8 +469,8 @@ def print_table(results: dict, bandwidth: float) -> None:
 def run_precision(precision: str, path: Path, ids: list[int], args, tokenizer) -> dict:
     """Our variants and llama.cpp on one precision's GGUF file: {"PRECISION/NAME": result}."""
     results = {}
-    _, variant = PRECISIONS[precision]
-    for name in args.variants if variant is None else [variant]:
+    _, variants = PRECISIONS[precision]
+    for name in args.variants if variants is None else variants:
         key = f"{precision}/{name}"
         results[key] = r = time_llmjax(name, path, ids, args)
         print(f"{key}: prefill {r['prefill_ms']:.0f} ms, decode {r['decode_tokens_per_s']:.1f} tok/s, overall "

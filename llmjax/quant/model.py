@@ -163,7 +163,8 @@ def quantized_decode_params(qparams: dict, cfg: ModelConfig, matmul: str = "xla"
     fused qkv / gate_up / o / down kernels: `x @ kernel` in the decode path dequantizes on the fly
     (QuantizedMatrix.__rmatmul__), so `llmjax.infer.generate(..., prepared=...)` decodes from it.
     matmul: "xla" (dequantize, then dot), "pallas" (the fused kernel, kernels.matmul_quant), "matvec" or "auto"
-    (on CPUs the few-row form for decoding, `kernels.matmul_quant.quantized_matvec`; on GPUs the fused kernel).
+    (on CPUs the few-row form for decoding, `kernels.matmul_quant.quantized_matvec`; on GPUs the fused kernel);
+    "auto" and "cpu" on a CPU also pack the symmetric int8 matrices for the int8 custom call (`pack_for_cpu`).
     head: the output head (the tied embedding or lm_head) as prepared ("float"), or quantized to int8 in groups of
     32 inputs ("int8": a quarter of its bytes, read every step; exact for an embedding imported from a GGUF Q8_0
     tensor, whose blocks it re-quantizes to the same codes and scales), kept apart from the embedding's lookup table;
@@ -219,4 +220,17 @@ def quantized_decode_params(qparams: dict, cfg: ModelConfig, matmul: str = "xla"
         quantized = jax.jit(quantize, static_argnums=(1, 2))(weight, "int8", group)
         if head == "int8" or bool(jnp.array_equal(quantized.dequantize(weight.dtype), weight)):
             prepared["lm_head"] = {"kernel": quantized.with_matmul(matmul)}
-    return prepared
+    return pack_for_cpu(prepared, matmul)
+
+
+def pack_for_cpu(tree, matmul: str):
+    """matmul "auto" or "cpu" on a CPU where the int8 custom call works (kernels.cpu_qmatvec.available()): every
+    symmetric int8 matrix it takes packed once into its layout (codes [out, in]), so decode steps never re-pack;
+    anything else (other formats, GPUs, no compiler) as it is."""
+    from llmjax.kernels import cpu_qmatvec
+    from llmjax.kernels.platform import compute_platform
+
+    if matmul not in ("auto", "cpu") or compute_platform() != "cpu" or not cpu_qmatvec.available():
+        return tree
+    return jax.tree.map(lambda x: cpu_qmatvec.pack_int8_rows(x) if cpu_qmatvec.can_pack(x) else x, tree,
+                        is_leaf=is_quantized)
