@@ -99,7 +99,7 @@ static ffi::Error q8_matvec_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w
   float* yp = y->typed_data();
   const int8_t* xqp = xq.data();
   const float* xsp = xs.data();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 16)
   for (int64_t o = 0; o < out; ++o) {
     for (int64_t r = 0; r < rows; ++r) {
       yp[r * out + o] = dot_row(wp + o * in, sp + o * sd[1], xqp + r * in, xsp + r * blocks, in, group);
