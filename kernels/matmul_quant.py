@@ -43,7 +43,9 @@ subtracted (`int_decode="convert"` converts instead, kept for the comparison).
 `QuantizedMatrix` (the pytree the kernel reads; the storage layout is kernels/quant_formats.py) and the reference,
 `quantized_matmul` (XLA: dequantize, then one dot), are at the bottom of this file; llmjax.quant.formats quantizes
 weights into them. Below them, `quantized_matvec`: the few-row product in plain XLA for CPUs (decoding), which
-reads the codes in one fused loop instead of writing the float matrix (matmul="matvec", or "auto" on a CPU). Interpret-mode
+reads the codes in one fused loop instead of writing the float matrix (matmul="matvec", or "auto" on a CPU); for
+symmetric int8 on CPUs, kernels/cpu_qmatvec.py's custom call (matmul="cpu", a matrix packed once with its codes
+transposed: `QuantizedMatrix.cpu_packed`; every function here reads that layout too). Interpret-mode
 tests run the kernels on CPUs (the PTX decode through a small PTX interpreter in the test);
 `tests/kernels/test_matmul_quant.py` also has GPU tests at real sizes.
 """
