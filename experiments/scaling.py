@@ -32,7 +32,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 PROG = "python -m experiments scaling"
+MIN_LR_RATIO = 0.1  # the cosine ends at 10% of the peak rate (Chinchilla)
 DEFAULT_LADDER = "2x32,1x64,2x64,3x64,2x96,3x96,3x128,4x128,4x160,5x160,5x192,6x192,6x224,7x256,8x256,8x320"
 DEFAULT_BUDGETS = "5e11,1.2e12,2.8e12,6.5e12,1.5e13"
 QUICK = dict(model="llama-tiny", ladder="1x8,2x8,1x16,2x16,3x16", head_dim=8, budgets="2e6,6e6",
@@ -91,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bootstrap resamples (runs drawn with replacement within each budget) for 95%% intervals; 0: "
                    "none")
     p.add_argument("--huber-delta", type=float, default=1e-3, help="the Huber loss's delta on log-loss residuals")
+    p.add_argument("--no-plots", action="store_true", help="write report.json only (no PNGs)")
     p.add_argument("--quick", action="store_true", help="a tiny CPU run (llama-tiny family, widths 8-16, 2 budgets, a "
                    "few steps; flags left at their defaults take the quick values)")
     return p
@@ -213,7 +217,7 @@ def run_identity(sweep: Sweep, run, args) -> dict:
     return {"family": args.model, "layers": cfg.num_layers, "width": cfg.d_model, "head_dim": cfg.head_dim,
             "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads, "d_ff": cfg.d_ff, "vocab": cfg.vocab_size,
             "compute_dtype": cfg.compute_dtype, "steps": run.steps, "batch": args.batch, "seq": args.seq,
-            "lr": args.lr, "warmup_steps": warmup_steps(run.steps, args), "min_lr_ratio": 0.1,
+            "lr": args.lr, "warmup_steps": warmup_steps(run.steps, args), "min_lr_ratio": MIN_LR_RATIO,
             "weight_decay": args.weight_decay, "seed": args.seed, "eval_batches": args.eval_batches,
             "data": sweep.data.identity}
 
@@ -303,106 +307,118 @@ def print_plan(rows: list[dict], sweep: Sweep, args) -> None:
 # --- training -------------------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class ShapeFunctions:
+    """The compiled programs of one model shape (and batch, sequence, chunk): shared by every run of that shape."""
+
+    start: object  # key -> (params, opt_state)
+    chunk: object  # (params, opt_state, windows [chunk, batch, seq + 1], first step, schedule [4]) -> (.., losses)
+    evaluate: object  # (params, batch) -> {"nll_sum", "tokens"}
+
+
+_COMPILED: dict = {}  # (model config, chunk, batch, seq, weight decay) -> ShapeFunctions, for the whole process
+
+
+def shape_functions(cfg, args, example_windows) -> tuple[ShapeFunctions, float]:
+    """(this shape's compiled programs, the seconds spent compiling them now: 0 when this process already has)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from llmjax.config import TrainConfig
+    from llmjax.model import init_params
+    from llmjax.train.optim import make_optimizer
+    from llmjax.train.schedules import cosine_schedule
+    from llmjax.train.step import accumulated_gradients, eval_step, windows_to_batch
+
+    key = (cfg, args.chunk_steps, args.batch, args.seq, args.weight_decay)
+    if key in _COMPILED:
+        return _COMPILED[key], 0.0
+    begin = time.perf_counter()
+    unit = TrainConfig(lr=1.0, schedule="constant", warmup_steps=0, total_steps=1, weight_decay=args.weight_decay)
+    optimizer = make_optimizer(unit, model_cfg=cfg)  # AdamW at rate 1: each step's rate multiplies its update
+
+    def start(rng):
+        params = init_params(cfg, rng)
+        return params, optimizer.init(params)
+
+    def one_step(carry, inputs):
+        params, opt_state = carry
+        windows, rate, active = inputs
+        grads, sums = accumulated_gradients(params, windows_to_batch(windows), cfg, unit)
+        tokens = jnp.maximum(sums["tokens"], 1.0)
+        updates, new_opt_state = optimizer.update(jax.tree.map(lambda g: g / tokens, grads), opt_state, params)
+        updates = jax.tree.map(lambda u: u * rate.astype(u.dtype), updates)  # AdamW at rate 1, times the rate
+        new = (optax.apply_updates(params, updates), new_opt_state)
+        # a step past the run's end (the padding of its last chunk) is computed but dropped: a select, where a
+        # lax.cond would make the GPU wait for its predicate every step
+        return jax.tree.map(lambda n, o: jnp.where(active, n, o), new, carry), sums["nll_sum"] / tokens
+
+    def chunk(params, opt_state, windows, first_step, schedule):
+        """schedule = [peak rate, final rate, warmup steps, total steps]: the run's cosine, computed here so that
+        every run of the shape shares this program."""
+        steps = first_step + jnp.arange(windows.shape[0])  # [chunk]
+        rates = cosine_schedule(steps, schedule[0], schedule[1], schedule[2], schedule[3])
+        (params, opt_state), losses = jax.lax.scan(one_step, (params, opt_state), (windows, rates, steps < schedule[3]))
+        return params, opt_state, losses
+
+    rng = jax.random.key(0)
+    params, opt_state = jax.eval_shape(start, rng)
+    functions = ShapeFunctions(
+        start=jax.jit(start).lower(rng).compile(),
+        chunk=jax.jit(chunk, donate_argnums=(0, 1)).lower(
+            params, opt_state, example_windows, np.int32(0), np.zeros(4, np.float32)).compile(),
+        evaluate=jax.jit(lambda p, b: eval_step(p, b, model_cfg=cfg, train_cfg=unit)).lower(
+            params, windows_to_batch(example_windows[0])).compile())
+    _COMPILED[key] = functions
+    return functions, time.perf_counter() - begin
+
+
 class Trainer:
-    """Trains ladder models: one compiled chunk of --chunk-steps steps and one evaluation per model shape, reused by
-    every budget (the learning rate of each step is an input, so the schedule does not recompile)."""
+    """Trains ladder models with their shape's compiled programs (llmjax's AdamW, gradients and loss: the chunk of
+    steps is tested equal to llmjax.train.step.train_step), then evaluates them on fixed validation windows."""
 
     def __init__(self, sweep: Sweep, args):
-        import numpy as np
-
         from llmjax.data.loader import batch_at
 
         self.sweep, self.args = sweep, args
-        self.compiled: dict = {}
         self.validation = [batch_at(sweep.data.validation, index, batch_size=args.batch, seq_len=args.seq,
                                     seed=args.seed) for index in range(args.eval_batches)]
-        self.np = np
 
-    def chunk_function(self, cfg):
-        """(params, opt_state, windows [chunk, batch, seq + 1], rates [chunk], active [chunk]) -> (params, opt_state,
-        losses [chunk]): AdamW at rate 1 (constant) times each step's rate, which is AdamW at that rate. A step with
-        active False (the padding of a run's last chunk) is computed but its update is dropped: a select, where a
-        lax.cond would make the GPU wait for its predicate every step."""
-        import jax
-        import jax.numpy as jnp
-        import optax
+    def windows(self, first: int, steps: int) -> np.ndarray:
+        """Training windows [chunk, batch, seq + 1] of steps first .. first + chunk - 1 (zeros past the run's end)."""
+        from llmjax.data.loader import batch_at
 
-        from llmjax.config import TrainConfig
-        from llmjax.train.optim import make_optimizer
-        from llmjax.train.step import accumulated_gradients, windows_to_batch
-
-        unit = TrainConfig(lr=1.0, schedule="constant", warmup_steps=0, total_steps=1,
-                           weight_decay=self.args.weight_decay)
-        optimizer = make_optimizer(unit, model_cfg=cfg)
-
-        def one_step(carry, inputs):
-            params, opt_state = carry
-            windows, rate, active = inputs
-            grads, sums = accumulated_gradients(params, windows_to_batch(windows), cfg, unit)
-            tokens = jnp.maximum(sums["tokens"], 1.0)
-            updates, new_opt_state = optimizer.update(jax.tree.map(lambda g: g / tokens, grads), opt_state, params)
-            updates = jax.tree.map(lambda u: u * rate.astype(u.dtype), updates)
-            new = (optax.apply_updates(params, updates), new_opt_state)
-            carry = jax.tree.map(lambda n, o: jnp.where(active, n, o), new, carry)
-            return carry, sums["nll_sum"] / tokens
-
-        def chunk(params, opt_state, windows, rates, active):
-            (params, opt_state), losses = jax.lax.scan(one_step, (params, opt_state), (windows, rates, active))
-            return params, opt_state, losses
-
-        return jax.jit(chunk, donate_argnums=(0, 1)), optimizer, unit
+        args = self.args
+        windows = np.zeros((args.chunk_steps, args.batch, args.seq + 1), np.int32)
+        for i in range(min(args.chunk_steps, steps - first)):
+            windows[i] = batch_at(self.sweep.data.train, first + i, batch_size=args.batch, seq_len=args.seq,
+                                  seed=args.seed)
+        return windows
 
     def train(self, run, identity: dict, role: str) -> dict:
         import jax
-        import jax.numpy as jnp
 
-        from llmjax.config import TrainConfig
-        from llmjax.data.loader import batch_at
-        from llmjax.model import init_params
-        from llmjax.train.optim import learning_rate_schedule
-        from llmjax.train.step import eval_step, windows_to_batch
+        from llmjax.train.step import windows_to_batch
 
-        np, args = self.np, self.args
+        args = self.args
         started = time.perf_counter()
         cfg = model_config(self.sweep, run.model, args)
-        schedule_cfg = TrainConfig(lr=args.lr, warmup_steps=identity["warmup_steps"], total_steps=run.steps)
-        rates = np.asarray(learning_rate_schedule(schedule_cfg)(jnp.arange(run.steps)), np.float32)  # [steps]
-        params = init_params(cfg, jax.random.key(args.seed))
-        k = args.chunk_steps
-
-        def chunk_inputs(first):
-            count = min(k, run.steps - first)
-            windows = np.zeros((k, args.batch, args.seq + 1), np.int32)
-            for i in range(count):
-                windows[i] = batch_at(self.sweep.data.train, first + i, batch_size=args.batch, seq_len=args.seq,
-                                      seed=args.seed)
-            padded_rates = np.zeros(k, np.float32)
-            padded_rates[:count] = rates[first:first + count]
-            return windows, padded_rates, np.arange(k) < count
-
-        compile_seconds = 0.0
-        if cfg not in self.compiled:
-            function, optimizer, unit = self.chunk_function(cfg)
-            opt_state = optimizer.init(params)
-            begin = time.perf_counter()
-            compiled = function.lower(params, opt_state, *chunk_inputs(0)).compile()
-            evaluate = jax.jit(lambda p, b: eval_step(p, b, model_cfg=cfg, train_cfg=unit))
-            evaluate = evaluate.lower(params, windows_to_batch(self.validation[0])).compile()
-            compile_seconds = time.perf_counter() - begin
-            self.compiled[cfg] = (compiled, evaluate, optimizer)
-        compiled, evaluate, optimizer = self.compiled[cfg]
-        opt_state = optimizer.init(params)
+        functions, compile_seconds = shape_functions(cfg, args, self.windows(0, run.steps))
         begin = time.perf_counter()
+        params, opt_state = functions.start(jax.random.key(args.seed))
+        schedule = np.array([args.lr, args.lr * MIN_LR_RATIO, identity["warmup_steps"], run.steps], np.float32)
         losses = []
-        for first in range(0, run.steps, k):
-            params, opt_state, chunk_losses = compiled(params, opt_state, *chunk_inputs(first))
+        for first in range(0, run.steps, args.chunk_steps):
+            params, opt_state, chunk_losses = functions.chunk(params, opt_state, self.windows(first, run.steps),
+                                                              np.int32(first), schedule)
             losses.append(chunk_losses)  # left on the device: the next chunk's batches load while this one runs
         losses = np.concatenate([np.asarray(x) for x in losses])[:run.steps]  # [steps]
         train_seconds = time.perf_counter() - begin
         begin = time.perf_counter()
         nll, tokens = 0.0, 0.0
         for windows in self.validation:
-            sums = evaluate(params, windows_to_batch(windows))
+            sums = functions.evaluate(params, windows_to_batch(windows))
             nll, tokens = nll + float(sums["nll_sum"]), tokens + float(sums["tokens"])
         eval_seconds = time.perf_counter() - begin
         tail = max(1, run.steps // 10)
@@ -623,8 +639,12 @@ def plot_laws(report: dict, path: Path) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("compute C = 6 N D (FLOPs)")
         ax.set_ylabel(label)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, fits.get("compute_optimal_error", "no fit yet"), ha="center", va="center", wrap=True,
+                    fontsize=8, transform=ax.transAxes)
     fig.suptitle("Compute-optimal allocation (Chinchilla approach 2)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -666,15 +686,16 @@ def plot_predicted(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(report: dict, out: Path) -> None:
+def write_outputs(report: dict, out: Path, plots: bool = True) -> None:
     from llmjax.data.shards import write_json_atomically
 
     write_json_atomically(out / "report.json", report)
-    if any(r["role"] == "sweep" for r in report["runs"]):
+    plots = plots and any(r["role"] == "sweep" for r in report["runs"])
+    if plots:
         plot_isoflop(report, out / "isoflop.png")
         plot_laws(report, out / "laws.png")
         plot_predicted(report, out / "predicted.png")
-    print(f"wrote {out / 'report.json'}" + (" and its PNGs" if report["runs"] else ""))
+    print(f"wrote {out / 'report.json'}" + (" and its PNGs" if plots else ""))
 
 
 # --- main -----------------------------------------------------------------------------------------------------------
@@ -773,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
         remaining = sum(estimator.seconds(run) for run, _ in left)
         print(f"left to do: {len(left)} run(s), about {remaining:.0f} s: " + ", ".join(
             f"{run.model.name}@{run.budget:.3g}" for run, _ in left) + "; rerun the same command to resume")
-    write_outputs(report, args.out)
+    write_outputs(report, args.out, plots=not args.no_plots)
     print(f"runs: {report['counts']['trained']} trained, {report['counts']['cached']} cached, "
           f"{report['counts']['left']} left; {time.perf_counter() - started:.0f} s")
     return status

@@ -409,7 +409,7 @@ def fit_parametric_law(n_params: Sequence[float], tokens: Sequence[float], losse
             theta = np.clip(theta, [-np.inf] * 3 + [EXPONENT_BOUNDS[0]] * 2, [np.inf] * 3 + [EXPONENT_BOUNDS[1]] * 2)
             result = minimize(_objective_and_gradient, theta, args=(log_n, log_d, log_loss, delta), jac=True,
                               method="L-BFGS-B", bounds=bounds,
-                              options={"maxiter": 2000, "ftol": 1e-15, "gtol": 1e-12})
+                              options={"maxiter": 500, "ftol": 1e-13, "gtol": 1e-10})
             if np.all(np.isfinite(result.x)) and (best is None or result.fun < best.fun):
                 best = result
     if best is None:
