@@ -94,9 +94,11 @@ def ladder_config(preset, layers: int, width: int, *, head_dim: int, seq_len: in
         raise ValueError(f"width {width} is not a multiple of the head dimension {head_dim}")
     heads = width // head_dim
     kv_ratio = max(1, preset.num_heads // preset.num_kv_heads)
+    # the most kv heads up to heads / ratio that divide the heads (7 heads at ratio 3: 1)
+    kv_heads = max(k for k in range(1, max(1, heads // kv_ratio) + 1) if heads % k == 0)
     d_ff = max(8, int(round(width * preset.d_ff / preset.d_model / 8)) * 8)
     return dataclasses.replace(preset, d_model=width, num_layers=layers, num_heads=heads,
-                               num_kv_heads=max(1, heads // kv_ratio), head_dim=head_dim, d_ff=d_ff,
+                               num_kv_heads=kv_heads, head_dim=head_dim, d_ff=d_ff,
                                max_seq_len=max(seq_len, 8), vocab_size=vocab_size, tie_embeddings=False)
 
 
