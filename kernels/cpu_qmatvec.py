@@ -7,8 +7,9 @@ XLA on a CPU has no fast int8 dot, and `kernels.matmul_quant.quantized_matvec` c
 float32 (compute-bound at a few GB/s of codes). The kernel quantizes each row of x to int8 blocks of 32 (one float
 scale per block, max|x| / 127, as llama.cpp's q8_0 activations), sums a block's products in integers (AVX2:
 maddubs / madd, a plain C++ loop without AVX2) and adds scale_w * scale_x * sum per block in float32; output rows
-are split over the cores by OpenMP. The weight codes are stored transposed, the input axis contiguous, with the
-scales as float32 [out, groups] (`pack_int8_rows`, done once by llmjax.quant.model.quantized_decode_params).
+are split over the caller and XLA's intra-op thread pool (the FFI's ThreadPool: no threads of its own; OpenMP's,
+spinning between calls, took the cores from XLA's). The weight codes are stored transposed, the input axis
+contiguous, with the scales as float32 [out, groups] (`pack_int8_rows`, done once by llmjax.quant.model.quantized_decode_params).
 
 The shared library is compiled on first use with the system C++ compiler (`COMPILER`, `FLAGS`) into a per-user
 cache folder (`cache_dir()`), named by a hash of the source, the flags and the jax version, written atomically;
@@ -43,7 +44,7 @@ __all__ = ["BLOCK", "available", "can_pack", "cache_dir", "library_path", "pack_
 
 SOURCE = Path(__file__).parent / "cpu" / "q8_matvec.cc"
 COMPILER = os.environ.get("LLMJAX_CXX", "c++")  # the C++ compiler command (tests monkeypatch it)
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-w")
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-w")
 TARGET = "llmjax_q8_matvec"
 BLOCK = 32  # activation / integer-dot block (the group size must be a multiple)
 ZERO = 128  # symmetric int8 codes are uint8 with this zero point (kernels.matmul_quant.group_parameters)
@@ -93,10 +94,6 @@ def _load() -> bool:
         path = library_path()
         if not path.exists():
             _compile(path)
-        # OpenMP threads that spin between calls take the cores from XLA's own threads (and from each other on a
-        # busy machine): sleeping waits measured 2-3x faster per call on 2 shared cores. libgomp reads this when it
-        # is first loaded (a process that loaded it before keeps its setting); OMP_WAIT_POLICY set by the user wins.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         library = ctypes.cdll.LoadLibrary(str(path))
         if not _REGISTERED:  # XLA keeps the first registration of a name
             jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.Q8Matvec), platform="cpu")

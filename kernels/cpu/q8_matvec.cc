@@ -5,12 +5,16 @@
 // code = round(x / d)), the products of a block are summed in integers, and each block adds
 // d_w * d_x * integer sum to a float accumulator. With AVX2 a block is 32 bytes: |w| (_mm256_sign_epi8) times
 // x with w's sign by _mm256_maddubs_epi16 (unsigned x signed -> int16 pairs), _mm256_madd_epi16 to int32, one
-// conversion and one FMA. Output rows are split over OpenMP threads in contiguous chunks (each thread streams its
-// weight rows in order); every x row is multiplied with a weight row while that row is in L1.
+// conversion and one FMA. Output rows are split in chunks of 32 over the caller and XLA's intra-op thread pool
+// (each chunk streams its weight rows in order); every x row is multiplied with a weight row while it is in L1.
 //
-// Built by kernels/cpu_qmatvec.py: c++ -O3 -march=native -fopenmp -shared -fPIC -I<jax.ffi.include_dir()>.
+// Built by kernels/cpu_qmatvec.py: c++ -O3 -march=native -shared -fPIC -I<jax.ffi.include_dir()>.
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <memory>
+#include <thread>
 #include <vector>
 
 #ifdef __AVX2__
@@ -78,8 +82,17 @@ static float dot_row(const int8_t* w, const float* wscale, const int8_t* xq, con
 #endif
 }
 
-static ffi::Error q8_matvec_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> scales,
-                                 ffi::ResultBuffer<ffi::F32> y) {
+static constexpr int64_t kChunk = 32;  // output rows a worker claims at a time
+
+// Shared by the caller and the tasks it schedules; a task that starts after all chunks are claimed finds nothing
+// to do and only touches this (kept alive by its shared_ptr), never the buffers.
+struct Work {
+  std::atomic<int64_t> next{0}, done{0};
+  int64_t chunks = 0;
+};
+
+static ffi::Error q8_matvec_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
+                                 ffi::Buffer<ffi::F32> scales, ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions(), sd = scales.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || sd.size() != 2) {
     return ffi::Error::InvalidArgument("q8_matvec: x, w and scales must be 2-D");
@@ -99,17 +112,35 @@ static ffi::Error q8_matvec_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w
   float* yp = y->typed_data();
   const int8_t* xqp = xq.data();
   const float* xsp = xs.data();
-#pragma omp parallel for schedule(dynamic, 16)
-  for (int64_t o = 0; o < out; ++o) {
-    for (int64_t r = 0; r < rows; ++r) {
-      yp[r * out + o] = dot_row(wp + o * in, sp + o * sd[1], xqp + r * in, xsp + r * blocks, in, group);
+  const int64_t groups = sd[1];
+  auto work = std::make_shared<Work>();
+  work->chunks = (out + kChunk - 1) / kChunk;
+  // Claims chunks until none are left (each claimed chunk is finished by its claimer, then counted as done).
+  auto run = [=](Work& state) {
+    for (int64_t c; (c = state.next.fetch_add(1)) < state.chunks;) {
+      const int64_t end = std::min(out, (c + 1) * kChunk);
+      for (int64_t o = c * kChunk; o < end; ++o) {
+        for (int64_t r = 0; r < rows; ++r) {
+          yp[r * out + o] = dot_row(wp + o * in, sp + o * groups, xqp + r * in, xsp + r * blocks, in, group);
+        }
+      }
+      state.done.fetch_add(1);
     }
+  };
+  // XLA's intra-op threads (awake while the program runs) help; the caller works too, then waits for chunks
+  // others claimed. Nothing waits for a task to start, so a busy or absent pool cannot deadlock.
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->chunks - 1);
+  for (int64_t t = 0; t < helpers; ++t) {
+    pool.Schedule([work, run]() { run(*work); });
   }
+  run(*work);
+  while (work->done.load() < work->chunks) std::this_thread::yield();
   return ffi::Error::Success();
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Q8Matvec, q8_matvec_impl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

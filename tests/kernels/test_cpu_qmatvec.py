@@ -92,7 +92,7 @@ def test_quantized_decode_through_the_kernel(kernel):
     from llmjax.model import init_params
     from llmjax.quant.model import quantize_params, quantized_decode_params
 
-    cfg = get_config("llama-tiny", d_model=64, d_ff=128, num_heads=4, num_kv_heads=2, head_dim=16)
+    cfg = get_config("llama-tiny", d_model=64, d_ff=128, num_heads=4, num_kv_heads=2, head_dim=16, num_layers=1)
     rng = np.random.default_rng(0)  # NumPy-drawn parameters (compiling init_params' random ops takes 10 s here)
     params = jax.tree_util.tree_map_with_path(
         lambda path, s: np.ones(s.shape, s.dtype) if "norm" in jax.tree_util.keystr(path) else
