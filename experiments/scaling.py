@@ -61,13 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="models per budget: the ladder's nearest (in ln N) to the compute-optimal guess")
     p.add_argument("--tokens-per-param", type=float, default=20.0,
                    help="D / N of the guess each budget's sizes are centred on (the fit finds the real optimum)")
-    p.add_argument("--batch", type=int, default=32, help="sequences per step (fixed for every run)")
+    p.add_argument("--batch", type=int, default=16, help="sequences per step (fixed for every run)")
     p.add_argument("--seq", type=int, default=256, help="tokens per sequence")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, every run)")
     p.add_argument("--warmup-fraction", type=float, default=0.05,
                    help="linear warmup over this share of each run's steps (at least one step), then cosine to 10%%")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW's decoupled weight decay (matrices only)")
-    p.add_argument("--min-steps", type=int, default=50, help="a model a budget gives fewer steps is left out")
+    p.add_argument("--min-steps", type=int, default=100, help="a model a budget gives fewer steps is left out")
     p.add_argument("--max-epochs", type=float, default=1.0,
                    help="a run may read at most this many times the training split's tokens (the sweep and the "
                    "check stay within one epoch by default: a data-constrained corpus must not repeat)")
