@@ -1,0 +1,91 @@
+"""train_vlm --quick end to end (run folder, report, the gate-zero text loss equal to the LM's), then vlm_generate on
+its run: a caption from a PNG, and one clear error for an undecodable image, the wrong channels, the wrong size and
+markers that do not pair with the images."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from llmjax.data.images import ImageDataConfig, example_for, save_png
+from llmjax.experiments import train_vlm, vlm_generate
+from llmjax.infer.vlm import vlm_generate as generate_api
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, make_run_folder):
+    """A quick run on a given LM (a random gpt2-tiny run folder with the byte tokenizer: stage 0's training is the
+    trainer's, tested elsewhere), so the test compiles the CLIP stage, the VLM stage and generation only."""
+    import jax
+
+    from llmjax.config import get_config
+    from llmjax.model import init_params
+    from llmjax.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer("bytes")
+    cfg = get_config("gpt2-tiny", vocab_size=tokenizer.vocab_size, max_seq_len=96)
+    lm = make_run_folder(tmp_path_factory.mktemp("lm") / "lm", cfg, init_params(cfg, jax.random.key(0)), tokenizer)
+    out = tmp_path_factory.mktemp("vlm") / "run"
+    assert train_vlm.main(["--quick", "--out", str(out), "--lm-ckpt", str(lm)]) == 0
+    return out
+
+
+@pytest.mark.slow  # with the tests below, about a minute of CPU compiling (CLIP, VLM step, generation)
+def test_quick_run_writes_the_run_folder_and_report(run):
+    for name in ("config.json", "tokenizer.json", "metrics.jsonl", "loss.png", "report.json", "checkpoint"):
+        assert (run / name).exists(), name
+    report = json.loads((run / "report.json").read_text())
+    text = report["text_loss"]
+    assert text["gate_zero_equal"] and text["lm"] == text["gate_zero"] and np.isfinite(text["after"])
+    for split in ("heldout", "validation"):
+        scores = report["captions"][split]
+        assert set(scores) >= {"exact", "colour", "shape", "count", "attribute_accuracy", "images"}
+        assert all(0 <= scores[k] <= 1 for k in ("exact", "colour", "shape", "count"))
+    assert set(report["few_shot"]["colour_word"]) == {"0", "2"}
+    assert report["stage2"]["images_per_second"] > 0 and report["stage1"]["images_per_second"] > 0
+    stages = {json.loads(line)["stage"] for line in (run / "metrics.jsonl").read_text().splitlines()}
+    assert stages == {"clip", "vlm"}
+
+
+def test_vlm_generate_captions_a_png(run, tmp_path, capsys):
+    image, _ = example_for(0, "heldout", 0, ImageDataConfig(size=40, grid=2, max_objects=2))
+    save_png(image, tmp_path / "a.png")
+    assert vlm_generate.main(["--run", str(run), "--image", str(tmp_path / "a.png"), "--prompt", "<image>Caption:",
+                              "--max-new-tokens", "4"]) == 0
+    printed = capsys.readouterr().out
+    params, cfg, tokenizer = vlm_generate.load_run(run)  # the same greedy tokens through the library
+    out = generate_api(params, cfg, [tokenizer.encode("<image>Caption:")], [[image]], max_new_tokens=4,
+                       eos_id=tokenizer.eot_id)
+    assert printed == tokenizer.decode([t for t in out.tokens[0] if t != tokenizer.eot_id]) + "\n"
+
+
+def test_vlm_generate_bad_input_is_one_clear_error(run, tmp_path, capsys):
+    (tmp_path / "junk.png").write_bytes(b"not a png at all")
+    Image.fromarray(np.zeros((40, 40, 4), np.uint8), "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(np.zeros((50, 50, 3), np.uint8)).save(tmp_path / "big.png")
+    save_png(np.zeros((40, 40, 3), np.uint8), tmp_path / "ok.png")
+    base = ["--run", str(run), "--max-new-tokens", "2"]
+    cases = [(["--image", str(tmp_path / "junk.png"), "--prompt", "<image>Caption:"], "not a decodable image"),
+             (["--image", str(tmp_path / "rgba.png"), "--prompt", "<image>Caption:"], "4 channel"),
+             (["--image", str(tmp_path / "big.png"), "--prompt", "<image>Caption:"], "50x50 pixels, expected 40x40"),
+             (["--image", str(tmp_path / "ok.png"), "--prompt", "<image>a<image>b"], "2 <image> marker.*1 image"),
+             (["--image", str(tmp_path / "ok.png"), "--image", str(tmp_path / "ok.png"), "--prompt", "<image>a"],
+              "1 <image> marker.*2 image"),
+             (["--prompt", "x"] + ["--run", str(tmp_path)], "not a train_vlm run folder")]
+    for extra, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            vlm_generate.main(base + extra)
+    # --adapt-images converts and resizes, with a note
+    assert vlm_generate.main(base + ["--adapt-images", "--image", str(tmp_path / "rgba.png"), "--prompt",
+                                     "<image>Caption:"]) == 0
+    assert "converted from mode RGBA" in capsys.readouterr().err
+
+
+def test_bad_flags_are_one_line():
+    with pytest.raises(SystemExit):
+        train_vlm.parse_args(["--shots", "0,x"])
+    with pytest.raises(SystemExit):
+        train_vlm.parse_args(["--shots", "0,9"])
+    with pytest.raises(SystemExit):
+        train_vlm.parse_args(["--text-fraction", "2"])
