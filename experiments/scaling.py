@@ -752,10 +752,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"more data or lower --budgets / --predict-factor"}
             print(f"{PROG}: {check['error']}", file=sys.stderr)
             run = None
-        if args.bootstrap:
-            point = (run.model.non_embedding_params, run.tokens) if run is not None else None
-            fits.update(bootstrap_report(sweep_records, fit, sweep, args, check_point=point))
-        if run is not None:
+        record = None
+        if run is not None:  # trained before the bootstrap, which needs only its N and D: training gets the time
             identity = run_identity(sweep, run, args)
             record = read_cached(args.out / "runs" / f"{run_key(identity)}.json")
             if record is not None:
@@ -765,6 +763,10 @@ def main(argv: list[str] | None = None) -> int:
                                            "check")
                 trained, left = trained + done, left + check_left
                 record = done[0] if done else None
+        if args.bootstrap:
+            point = (run.model.non_embedding_params, run.tokens) if run is not None else None
+            fits.update(bootstrap_report(sweep_records, fit, sweep, args, check_point=point))
+        if run is not None:
             check = check_summary(run, fit, fits, record)
             if record is not None:
                 check_records.append(dict(record, role="check", budget=run.budget))
