@@ -636,9 +636,9 @@ def main(argv=None) -> int:
 
     clock = time.perf_counter()
     lm_params, lm_cfg, base_tokenizer, lm_source = language_model(args, out, pool, validation)
-    # one device, plainly placed (a restored checkpoint carries a mesh sharding the step's outputs would inherit,
-    # so the second step would compile again)
-    lm_params = jax.device_put(lm_params, jax.devices()[0])
+    # fresh arrays (a restored checkpoint carries its mesh sharding, which the step's outputs would inherit, so the
+    # second step would compile again; device_put to an equivalent placement keeps it)
+    lm_params = jax.tree.map(lambda a: jax.numpy.asarray(np.asarray(a)), lm_params)
     timings["lm_seconds"] = time.perf_counter() - clock
     if base_tokenizer.eot_id is None:
         raise SystemExit("the LM's tokenizer has no <|endoftext|>: answers need an end token")
