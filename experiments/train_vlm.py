@@ -41,7 +41,8 @@ def parse_args(argv):
         "(captions, attributes, few-shot, text loss, images/s). --quick: a CPU toy run.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/vlm"), help="the run folder to write")
-    p.add_argument("--quick", action="store_true", help="tiny sizes and few steps (a CPU toy run: a few minutes, mostly compiling)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes and few steps (a CPU toy run: a few minutes, mostly compiling)")
     p.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("data (llmjax.data.images)")
     g.add_argument("--image-size", type=int, default=64, help="pixels per side of the generated images")

@@ -23,7 +23,8 @@ class ExtendedTokenizer(Tokenizer):
     def __init__(self, base: Tokenizer, added: Sequence[str], first_id: int | None = None):
         first_id = base.vocab_size if first_id is None else int(first_id)
         if first_id < base.vocab_size:
-            raise TokenizerError(f"first_id={first_id} would reuse ids of the base vocabulary (0..{base.vocab_size - 1})")
+            raise TokenizerError(f"first_id={first_id} would reuse ids of the base vocabulary "
+                                 f"(0..{base.vocab_size - 1})")
         clashes = [token for token in added if token in base.special_tokens]
         if clashes or len(set(added)) != len(added) or not added:
             raise TokenizerError(f"added tokens {list(added)}: give new, distinct tokens the base tokenizer lacks "
