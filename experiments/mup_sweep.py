@@ -82,22 +82,14 @@ def parse_args(argv):
     return args
 
 
-def kv_heads_for(heads: int, kv_ratio: int) -> int:
-    """Key/value heads at this width: the most that divide `heads` and keep at least the preset's query heads per
-    key/value head (llama-125m's 3 at 12 heads gives 4; at 16 heads, 4 rather than 16 // 3 = 5, which divides
-    nothing)."""
-    return max(d for d in range(1, heads + 1) if heads % d == 0 and d <= max(1, heads // kv_ratio))
-
-
 def model_at(preset, width: int, args, kind: str):
-    """The swept family at this width: heads of --head-dim, d_ff in the preset's ratio, untied head."""
-    ratio = preset.d_ff / preset.d_model
-    heads = width // args.head_dim
-    kv_ratio = preset.num_heads // preset.num_kv_heads
-    return dataclasses.replace(preset, d_model=width, num_heads=heads, num_kv_heads=kv_heads_for(heads, kv_ratio),
-                               head_dim=args.head_dim, d_ff=int(round(width * ratio / 8)) * 8 or 8,
-                               num_layers=args.layers, max_seq_len=max(args.seq, 8), tie_embeddings=False,
-                               mup_base_width=args.base_width if kind == "mup" else 0)
+    """The swept family at this width (llmjax.scaling.ladder_config: heads of --head-dim, d_ff in the preset's ratio,
+    key/value heads that divide the heads, an untied head), µP's base width set for kind "mup"."""
+    from llmjax.scaling import ladder_config
+
+    cfg = ladder_config(preset, args.layers, width, head_dim=args.head_dim, seq_len=args.seq,
+                        vocab_size=preset.vocab_size)
+    return dataclasses.replace(cfg, mup_base_width=args.base_width if kind == "mup" else 0)
 
 
 def sweep_losses(cfg, args, batches) -> list[list[float]]:

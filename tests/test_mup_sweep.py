@@ -73,7 +73,6 @@ def test_bad_flags_are_one_line(argv, message, capsys):
 
 
 def test_key_value_heads_divide_the_query_heads_at_every_width():
-    assert [mup_sweep.kv_heads_for(h, 3) for h in (4, 8, 12, 16, 32)] == [1, 2, 4, 4, 8]
     preset = get_config("llama-125m")  # 12 heads, 4 key/value heads: 16 // 3 = 5 would divide nothing
     args = mup_sweep.parse_args(["--widths", "256,512,1024,2048"])
     for width in args.width_list:
