@@ -9,7 +9,8 @@ scale per block, max|x| / 127, as llama.cpp's q8_0 activations), sums a block's 
 maddubs / madd, a plain C++ loop without AVX2) and adds scale_w * scale_x * sum per block in float32; output rows
 are split over the caller and XLA's intra-op thread pool (the FFI's ThreadPool: no threads of its own; OpenMP's,
 spinning between calls, took the cores from XLA's). The weight codes are stored transposed, the input axis
-contiguous, with the scales as float32 [out, groups] (`pack_int8_rows`, done once by llmjax.quant.model.quantized_decode_params).
+contiguous, with the scales as float32 [out, groups] (`pack_int8_rows`, done once by
+llmjax.quant.model.quantized_decode_params).
 
 The shared library is compiled on first use with the system C++ compiler (`COMPILER`, `FLAGS`) into a per-user
 cache folder (`cache_dir()`), named by a hash of the source, the flags and the jax version, written atomically;

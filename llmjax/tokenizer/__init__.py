@@ -84,7 +84,8 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
         return tokenizer_class(data["type"]).from_json(data)
     if isinstance(data, dict) and "model" in data:  # Hugging Face tokenizer.json
         return _from_hf_tokenizer_json(path, data)
-    raise TokenizerError(f"{path} is JSON but neither an llmjax tokenizer (no 'type') nor a Hugging Face tokenizer.json")
+    raise TokenizerError(f"{path} is JSON but neither an llmjax tokenizer (no 'type') nor a Hugging Face "
+                         "tokenizer.json")
 
 
 def _from_hf_tokenizer_json(path: Path, data: dict | None = None) -> Tokenizer:
