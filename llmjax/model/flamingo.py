@@ -47,6 +47,7 @@ from llmjax.model.transformer import (ACTIVATION_AXES, block, final_norm, init_p
                                       remat_policy, scan_unroll)
 from llmjax.model.vision import VisionConfig, init_vision_params, vision_features, vision_spec
 from llmjax.nn import embedding, scaled_dot_product_attention
+from llmjax.nn.losses import token_cross_entropy
 from llmjax.parallel.logical import constrain
 
 NEW_TOKENS = 2  # <image>, <|endofchunk|>
@@ -431,9 +432,8 @@ def cross_entropy_sums(logits: jax.Array, targets: jax.Array, mask: jax.Array, v
     """(sum of -log p(target) where mask, count): logits [batch, seq, padded_vocab] float32, targets / mask [batch,
     seq]. A target >= vocab_size (a new token) is never scored. Shared by the VLM and its frozen LM's own loss."""
     mask = mask & (targets < vocab_size)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, jnp.clip(targets, 0, vocab_size - 1)[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(mask, log_z - picked, 0.0)), jnp.sum(mask)
+    nll, _ = token_cross_entropy(logits, jnp.clip(targets, 0, vocab_size - 1))  # [batch, seq]
+    return jnp.sum(jnp.where(mask, nll, 0.0)), jnp.sum(mask)
 
 
 # --- saving the config ---------------------------------------------------------------------------------------------
