@@ -13,7 +13,7 @@ contiguous, with the scales as float32 [out, groups] (`pack_int8_rows`, done onc
 llmjax.quant.model.quantized_decode_params).
 
 The shared library is compiled on first use with the system C++ compiler (`COMPILER`, `FLAGS`) into a per-user
-cache folder (`cache_dir()`), named by a hash of the source, the flags and the jax version, written atomically;
+cache folder (`cache_dir()`), named by a hash of the source, the flags, the jax version and the CPU, written atomically;
 then loaded with ctypes and registered as the FFI target `TARGET`. `available()` says whether that worked (no
 compiler, a compile error, not a CPU: False, with one warning); `q8_matvec` then computes the same product with
 `quantized_matvec` on the unpacked matrix.
@@ -64,9 +64,22 @@ def _command(output: Path) -> list[str]:
     return [*shlex.split(COMPILER), *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(output)]
 
 
+def cpu_signature() -> str:
+    """The CPU's model name and instruction-set flags (Linux's /proc/cpuinfo; the platform's processor elsewhere)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        import platform
+
+        return platform.processor()
+    return "|".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
+
+
 def library_path() -> Path:
-    """Where the library for this source, compiler, flags and jax version lives (compiled or not)."""
-    key = hashlib.sha256(SOURCE.read_bytes() + repr((COMPILER, FLAGS, jax.__version__)).encode()).hexdigest()[:16]
+    """Where the library for this source, compiler, flags, jax version and CPU lives (compiled or not): -march=native
+    code from one CPU may not run on another that shares the home folder."""
+    key = hashlib.sha256(SOURCE.read_bytes() + repr((COMPILER, FLAGS, jax.__version__, cpu_signature())).encode()
+                         ).hexdigest()[:16]
     return cache_dir() / f"q8_matvec-{key}.so"
 
 
