@@ -1,7 +1,8 @@
 """A CPU int8 matvec as an XLA FFI custom call (kernels/cpu/q8_matvec.cc): llama.cpp's q8_0 dot for decoding.
 
-    packed = pack_int8_rows(qm)   # once: symmetric int8 QuantizedMatrix [in, out] -> codes int8 [out, in] (packed)
-    y = q8_matvec(x, packed)      # x [..., in] -> [..., out]; or x @ packed (its matmul is "cpu")
+    packed = pack_int8_rows(qm)  # kernels.matmul_quant, once: int8 [in, out] -> codes int8 [out, in] (cpu_packed)
+    y = q8_matvec(x, packed)     # kernels.matmul_quant: x [..., in] -> [..., out]; or x @ packed (matmul "cpu")
+    y2d = int8_rows_matvec(x2d, packed.codes, packed.scales)   # this module: the custom call itself
 
 XLA on a CPU has no fast int8 dot, and `kernels.matmul_quant.quantized_matvec` converts every uint8 code to
 float32 (compute-bound at a few GB/s of codes). The kernel quantizes each row of x to int8 blocks of 32 (one float
@@ -22,7 +23,6 @@ compiler, a compile error, not a CPU: False, with one warning); `q8_matvec` then
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import functools
 import hashlib
 import os
@@ -36,12 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .matmul_quant import QuantizedMatrix, quantized_matvec
-from .platform import compute_platform
-from .quant_formats import QuantizationError
 
-__all__ = ["BLOCK", "available", "can_pack", "cache_dir", "library_path", "pack_int8_rows", "q8_matvec",
-           "unpack_int8_rows"]
+__all__ = ["BLOCK", "ZERO", "available", "cache_dir", "int8_rows_matvec", "library_path", "reference"]
 
 SOURCE = Path(__file__).parent / "cpu" / "q8_matvec.cc"
 COMPILER = os.environ.get("LLMJAX_CXX", "c++")  # the C++ compiler command (tests monkeypatch it)
@@ -123,53 +119,12 @@ def available() -> bool:
     return "cpu" in {d.platform for d in jax.devices("cpu")} and _load()
 
 
-def can_pack(qm: QuantizedMatrix) -> bool:
-    """A symmetric int8 matrix (no zero points, no offsets) of one [in, out] matrix, in and group multiples of 32."""
-    return (isinstance(qm, QuantizedMatrix) and not qm.cpu_packed and qm.format == "int8" and qm.zeros is None
-            and qm.offsets is None and not qm.lead_shape and qm.group_size % BLOCK == 0
-            and qm.in_features % BLOCK == 0)
-
-
-@jax.jit
-def _pack(codes, scales):
-    codes_s8 = (codes.astype(jnp.int16) - ZERO).astype(jnp.int8).T  # [out, in]
-    return codes_s8, scales.astype(jnp.float32).T  # [out, groups]
-
-
-def pack_int8_rows(qm: QuantizedMatrix) -> QuantizedMatrix:
-    """The matrix in the kernel's layout: codes int8 [out, in] (code - 128), scales float32 [out, groups], matmul
-    "cpu" and cpu_packed set (shape, group size unchanged: it still stands for the same [in, out] weight)."""
-    if not can_pack(qm):
-        raise QuantizationError(
-            f"pack_int8_rows takes one symmetric int8 matrix with in and group multiples of {BLOCK}; got format "
-            f"{qm.format!r}, group {qm.group_size}, in {qm.in_features}, leading axes {qm.lead_shape}"
-            f"{', zero points' if qm.zeros is not None else ''}{', offsets' if qm.offsets is not None else ''}"
-            f"{', already packed' if qm.cpu_packed else ''}")
-    codes, scales = _pack(qm.codes, qm.scales)
-    return dataclasses.replace(qm, codes=codes, scales=scales, matmul="cpu", cpu_packed=True)
-
-
-def unpack_int8_rows(packed: QuantizedMatrix) -> QuantizedMatrix:
-    """pack_int8_rows undone: uint8 codes [in, out], float16 scales [groups, out] (exact: they came from float16)."""
-    codes = (packed.codes.T.astype(jnp.int16) + ZERO).astype(jnp.uint8)
-    return dataclasses.replace(packed, codes=codes, scales=packed.scales.T.astype(jnp.float16), matmul="matvec",
-                               cpu_packed=False)
-
-
-def q8_matvec(x: jax.Array, packed: QuantizedMatrix) -> jax.Array:
-    """x [..., in] @ the packed matrix -> [..., out] in x's dtype (float32 arithmetic, x quantized to int8 blocks of
-    32). Where the kernel is not available or x is not on a CPU: quantized_matvec on the unpacked matrix."""
-    if not packed.cpu_packed:
-        raise QuantizationError("q8_matvec takes a matrix from pack_int8_rows (cpu_packed); pack it first")
-    k, n = packed.in_features, packed.out_features
-    if x.shape[-1] != k:
-        raise ValueError(f"x has {x.shape[-1]} features, the quantized matrix expects {k}")
-    if compute_platform(x) != "cpu" or not available():
-        return quantized_matvec(x, unpack_int8_rows(packed))
-    x2d = x.reshape(-1, k).astype(jnp.float32)
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x2d.shape[0], n), jnp.float32),
+def int8_rows_matvec(x2d: jax.Array, codes: jax.Array, scales: jax.Array) -> jax.Array:
+    """The custom call: x2d [rows, in] float32 @ the packed weight (codes int8 [out, in] = code - 128, scales float32
+    [out, groups]) -> [rows, out] float32, x quantized to int8 blocks of 32. Only where `available()`."""
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x2d.shape[0], codes.shape[0]), jnp.float32),
                             vmap_method="sequential")
-    return call(x2d, packed.codes, packed.scales).reshape(*x.shape[:-1], n).astype(x.dtype)
+    return call(x2d.astype(jnp.float32), codes, scales)
 
 
 def reference(x: np.ndarray, packed_codes: np.ndarray, packed_scales: np.ndarray) -> np.ndarray:

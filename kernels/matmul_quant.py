@@ -72,6 +72,7 @@ from .quant_formats import (
     group_rows,
     unpack_codes,
 )
+from . import cpu_qmatvec
 from .tiles import combine_masks
 
 __all__ = ["MatmulTiles", "QuantizedMatrix", "default_tiles", "dequantize", "dequantize_matrix",
@@ -593,7 +594,6 @@ class QuantizedMatrix:
         matrix it packed; an unpacked one is packed here, every call), "auto" `resolve_quantized_matmul`'s choice."""
         matmul = resolve_quantized_matmul(self.matmul, x, self)
         if matmul == "cpu":
-            from .cpu_qmatvec import pack_int8_rows, q8_matvec
             return q8_matvec(x, self if self.cpu_packed else pack_int8_rows(self))
         if matmul == "pallas":
             return quantized_matmul_pallas(x, self)
@@ -617,7 +617,6 @@ def standard_layout(qm: QuantizedMatrix) -> QuantizedMatrix:
     """The matrix in the layout of the class docstring (a cpu_packed one unpacked: kernels.cpu_qmatvec)."""
     if not qm.cpu_packed:
         return qm
-    from .cpu_qmatvec import unpack_int8_rows
     return unpack_int8_rows(qm)
 
 
@@ -799,3 +798,53 @@ def _matvec(x: jax.Array, qm: QuantizedMatrix) -> jax.Array:
     else:
         partial = (dot - x_sum * per_block(zero)) * per_block(scale)
     return _sum_slices(partial, axis=1).astype(x.dtype)  # [rows, out]
+
+
+# --- the CPU int8 custom call's layout (kernels.cpu_qmatvec) --------------------------------------------------
+
+
+def can_pack(qm: QuantizedMatrix) -> bool:
+    """A symmetric int8 matrix (no zero points, no offsets) of one [in, out] matrix, in and group multiples of 32."""
+    return (isinstance(qm, QuantizedMatrix) and not qm.cpu_packed and qm.format == "int8" and qm.zeros is None
+            and qm.offsets is None and not qm.lead_shape and qm.group_size % cpu_qmatvec.BLOCK == 0
+            and qm.in_features % cpu_qmatvec.BLOCK == 0)
+
+
+@jax.jit
+def _pack_int8_rows(codes, scales):
+    codes_s8 = (codes.astype(jnp.int16) - cpu_qmatvec.ZERO).astype(jnp.int8).T  # [out, in]
+    return codes_s8, scales.astype(jnp.float32).T  # [out, groups]
+
+
+def pack_int8_rows(qm: QuantizedMatrix) -> QuantizedMatrix:
+    """The matrix in the kernel's layout: codes int8 [out, in] (code - 128), scales float32 [out, groups], matmul
+    "cpu" and cpu_packed set (shape, group size unchanged: it still stands for the same [in, out] weight)."""
+    if not can_pack(qm):
+        raise QuantizationError(
+            f"pack_int8_rows takes one symmetric int8 matrix with in and group multiples of {cpu_qmatvec.BLOCK}; got "
+            f"format {qm.format!r}, group {qm.group_size}, in {qm.in_features}, leading axes {qm.lead_shape}"
+            f"{', zero points' if qm.zeros is not None else ''}{', offsets' if qm.offsets is not None else ''}"
+            f"{', already packed' if qm.cpu_packed else ''}")
+    codes, scales = _pack_int8_rows(qm.codes, qm.scales)
+    return dataclasses.replace(qm, codes=codes, scales=scales, matmul="cpu", cpu_packed=True)
+
+
+def unpack_int8_rows(packed: QuantizedMatrix) -> QuantizedMatrix:
+    """pack_int8_rows undone: uint8 codes [in, out], float16 scales [groups, out] (exact: they came from float16)."""
+    codes = (packed.codes.T.astype(jnp.int16) + cpu_qmatvec.ZERO).astype(jnp.uint8)
+    return dataclasses.replace(packed, codes=codes, scales=packed.scales.T.astype(jnp.float16), matmul="matvec",
+                               cpu_packed=False)
+
+
+def q8_matvec(x: jax.Array, packed: QuantizedMatrix) -> jax.Array:
+    """x [..., in] @ the packed matrix -> [..., out] in x's dtype (float32 arithmetic, x quantized to int8 blocks of
+    32). Where the kernel is not available or x is not on a CPU: quantized_matvec on the unpacked matrix."""
+    if not packed.cpu_packed:
+        raise QuantizationError("q8_matvec takes a matrix from pack_int8_rows (cpu_packed); pack it first")
+    k, n = packed.in_features, packed.out_features
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features, the quantized matrix expects {k}")
+    if compute_platform(x) != "cpu" or not cpu_qmatvec.available():
+        return quantized_matvec(x, unpack_int8_rows(packed))
+    y = cpu_qmatvec.int8_rows_matvec(x.reshape(-1, k), packed.codes, packed.scales)  # [rows, out]
+    return y.reshape(*x.shape[:-1], n).astype(x.dtype)

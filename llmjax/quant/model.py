@@ -228,9 +228,10 @@ def pack_for_cpu(tree, matmul: str):
     symmetric int8 matrix it takes packed once into its layout (codes [out, in]), so decode steps never re-pack;
     anything else (other formats, GPUs, no compiler) as it is."""
     from llmjax.kernels import cpu_qmatvec
+    from llmjax.kernels.matmul_quant import can_pack, pack_int8_rows
     from llmjax.kernels.platform import compute_platform
 
     if matmul not in ("auto", "cpu") or compute_platform() != "cpu" or not cpu_qmatvec.available():
         return tree
-    return jax.tree.map(lambda x: cpu_qmatvec.pack_int8_rows(x) if cpu_qmatvec.can_pack(x) else x, tree,
+    return jax.tree.map(lambda x: pack_int8_rows(x) if can_pack(x) else x, tree,
                         is_leaf=is_quantized)

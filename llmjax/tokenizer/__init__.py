@@ -16,7 +16,7 @@ from pathlib import Path
 
 from llmjax.tokenizer.base import ENDOFTEXT, Tokenizer, TokenizerError
 
-__all__ = ["ENDOFTEXT", "Tokenizer", "TokenizerError", "load_tokenizer", "tokenizer_class"]
+__all__ = ["ENDOFTEXT", "Tokenizer", "TokenizerError", "load_tokenizer", "tokenizer_class", "tokenizer_from_json"]
 
 
 def tokenizer_class(kind: str) -> type[Tokenizer]:
@@ -43,6 +43,16 @@ def tokenizer_class(kind: str) -> type[Tokenizer]:
         return ExtendedTokenizer
     raise TokenizerError(f"unknown tokenizer type {kind!r}; llmjax reads 'byte_bpe', 'sentencepiece', 'wordpiece', "
                          f"'bytes' and 'extended'")
+
+
+def tokenizer_from_json(data: dict) -> Tokenizer:
+    """A tokenizer from our saved JSON (a dict with "type"); an extended tokenizer's base is built first."""
+    cls = tokenizer_class(data["type"])
+    if data["type"] == "extended":
+        if not isinstance(data.get("base"), dict):
+            raise TokenizerError("an extended tokenizer's JSON has no 'base' tokenizer")
+        return cls.from_json(data, tokenizer_from_json(data["base"]))
+    return cls.from_json(data)
 
 
 def load_tokenizer(spec: str | Path) -> Tokenizer:
@@ -81,7 +91,7 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise TokenizerError(f"{path} is not a tokenizer file: not valid JSON ({error})") from error
     if isinstance(data, dict) and "type" in data:
-        return tokenizer_class(data["type"]).from_json(data)
+        return tokenizer_from_json(data)
     if isinstance(data, dict) and "model" in data:  # Hugging Face tokenizer.json
         return _from_hf_tokenizer_json(path, data)
     raise TokenizerError(f"{path} is JSON but neither an llmjax tokenizer (no 'type') nor a Hugging Face "

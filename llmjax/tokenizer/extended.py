@@ -67,12 +67,14 @@ class ExtendedTokenizer(Tokenizer):
                 "first_id": self.first_id}
 
     @classmethod
-    def from_json(cls, data: dict) -> ExtendedTokenizer:
-        from llmjax.tokenizer import tokenizer_class
-
+    def from_json(cls, data: dict, base: Tokenizer | None = None) -> ExtendedTokenizer:
+        """The tokenizer `to_json` wrote, around `base` (the tokenizer of data["base"], which
+        llmjax.tokenizer.tokenizer_from_json builds: this module cannot import that one, which imports it)."""
         if data.get("type") != cls.kind or not isinstance(data.get("base"), dict):
             raise TokenizerError(f"not an extended tokenizer: its JSON has type {data.get('type')!r}")
-        base = tokenizer_class(data["base"].get("type")).from_json(data["base"])
+        if base is None:
+            raise TokenizerError("an extended tokenizer's JSON is read by llmjax.tokenizer.tokenizer_from_json "
+                                 "(or load_tokenizer), which builds its base tokenizer first")
         return cls(base, data["added"], data.get("first_id"))
 
     def __repr__(self) -> str:

@@ -9,6 +9,7 @@ import pytest
 
 from llmjax import get_config
 from llmjax.kernels import cpu_qmatvec
+from llmjax.kernels import matmul_quant
 from llmjax.kernels.matmul_quant import QuantizedMatrix, quantized_matvec, resolve_quantized_matmul
 from llmjax.quant.formats import QuantizationError, dequantize, quantize
 
@@ -22,13 +23,13 @@ def int8_matrix(k: int, n: int, group: int, seed: int = 0) -> QuantizedMatrix:
 def kernel():
     if not cpu_qmatvec.available():
         pytest.fail("the CPU int8 kernel did not compile here (a C++ compiler is expected on CI machines)")
-    return jax.jit(cpu_qmatvec.q8_matvec)
+    return jax.jit(matmul_quant.q8_matvec)
 
 
 @pytest.mark.parametrize("rows, k, n, group", [(1, 96, 577, 32), (8, 192, 577, 64), (5, 32 * 7, 1, 32)])
 def test_kernel_against_numpy_and_the_float_product(kernel, rows, k, n, group):
     qm = int8_matrix(k, n, group, seed=rows)
-    packed = cpu_qmatvec.pack_int8_rows(qm)
+    packed = matmul_quant.pack_int8_rows(qm)
     assert packed.codes.shape == (n, k) and packed.codes.dtype == jnp.int8 and packed.scales.shape == (n, k // group)
     x = np.random.default_rng(rows + 1).normal(size=(rows, k)).astype(np.float32)
     x[0, :32] = 0.0  # an all-zero block: scale 0
@@ -44,9 +45,9 @@ def test_kernel_against_numpy_and_the_float_product(kernel, rows, k, n, group):
 
 def test_packing_round_trip_and_other_paths(kernel):
     qm = int8_matrix(64, 40, 32)
-    packed = cpu_qmatvec.pack_int8_rows(qm)
+    packed = matmul_quant.pack_int8_rows(qm)
     assert (packed.matmul, packed.cpu_packed) == ("cpu", True)
-    back = cpu_qmatvec.unpack_int8_rows(packed)
+    back = matmul_quant.unpack_int8_rows(packed)
     np.testing.assert_array_equal(back.codes, qm.codes)
     np.testing.assert_array_equal(back.scales, qm.scales)
     np.testing.assert_array_equal(dequantize(packed), dequantize(qm))  # dequantize reads the packed layout
@@ -60,16 +61,16 @@ def test_packing_round_trip_and_other_paths(kernel):
                          (quantize(jnp.ones((64, 8)), "int8", 32, symmetric=False), "zero points"),
                          (quantize(jnp.ones((48, 8)), "int8", 16, symmetric=True), "group 16, in 48"),
                          (packed, "already packed")):
-        assert not cpu_qmatvec.can_pack(bad)
+        assert not matmul_quant.can_pack(bad)
         with pytest.raises(QuantizationError, match=message):
-            cpu_qmatvec.pack_int8_rows(bad)
+            matmul_quant.pack_int8_rows(bad)
     with pytest.raises(ValueError, match="x has 63 features"):
-        cpu_qmatvec.q8_matvec(x[:, :63], packed)
+        matmul_quant.q8_matvec(x[:, :63], packed)
 
 
 def test_fallback_without_a_compiler(kernel, monkeypatch, tmp_path):
     qm = int8_matrix(64, 24, 32)
-    packed = cpu_qmatvec.pack_int8_rows(qm)
+    packed = matmul_quant.pack_int8_rows(qm)
     x = jnp.asarray(np.random.default_rng(3).normal(size=(1, 64)), jnp.float32)
     monkeypatch.setattr(cpu_qmatvec, "COMPILER", str(tmp_path / "no-such-c++"))
     monkeypatch.setenv("LLMJAX_KERNEL_CACHE", str(tmp_path / "cache"))
@@ -77,7 +78,7 @@ def test_fallback_without_a_compiler(kernel, monkeypatch, tmp_path):
     try:
         with pytest.warns(UserWarning, match="CPU int8 matvec kernel unavailable"):
             assert not cpu_qmatvec.available()
-        np.testing.assert_allclose(cpu_qmatvec.q8_matvec(x, packed), quantized_matvec(x, qm), rtol=1e-6)
+        np.testing.assert_allclose(matmul_quant.q8_matvec(x, packed), quantized_matvec(x, qm), rtol=1e-6)
     finally:
         cpu_qmatvec._load.cache_clear()
     monkeypatch.undo()
