@@ -2,8 +2,11 @@
 
 Three stages, all on images drawn here (llmjax.data.images: coloured shapes on a grid, captions, questions):
   1. the vision tower: a small ViT trained from scratch with the CLIP loss (symmetric InfoNCE between the pooled
-     image and a small text encoder's pooled caption; identical captions in a batch are not negatives), unless
-     --vision-tower gives a Hugging Face CLIP / SigLIP folder (then the images are resized to its size);
+     image and a small text encoder's pooled caption; identical captions in a batch are not negatives) plus, with
+     weight --clip-cell-weight, a per-cell loss: the patch features pooled over each grid cell classify that cell's
+     colour and shape (or "empty") with two linear heads, which the generator's labels make free to supervise and
+     which the caption contrast alone teaches weakly (shapes); unless --vision-tower gives a Hugging Face CLIP /
+     SigLIP folder (then the images are resized to its size);
   0. the language model: --lm-ckpt (a run folder of `experiments train`), or a preset trained here briefly on the
      data's text (captions, questions and answers, word-episode texts, no images) into RUN/lm, a run folder;
   2. the VLM: the perceiver resampler, the gated cross-attention blocks and the <image> / <|endofchunk|> rows,
@@ -62,6 +65,8 @@ def parse_args(argv):
     g.add_argument("--clip-batch", type=int, default=256)
     g.add_argument("--clip-lr", type=float, default=1e-3)
     g.add_argument("--clip-temperature", type=float, default=0.07)
+    g.add_argument("--clip-cell-weight", type=float, default=1.0,
+                   help="weight of the per-cell colour / shape loss beside the CLIP loss (0: CLIP alone)")
     g.add_argument("--train-vision", action="store_true", help="keep training the tower in stage 2 (Flamingo: frozen)")
     g = p.add_argument_group("language model (frozen)")
     g.add_argument("--lm-ckpt", type=Path, default=None, help="a run folder of `experiments train` (its tokenizer)")
@@ -104,7 +109,7 @@ def parse_args(argv):
                  "eval_batch", "patch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
-    for name in ("clip_steps", "episode_batch", "eval_images", "eval_episodes", "warmup"):
+    for name in ("clip_steps", "episode_batch", "eval_images", "eval_episodes", "warmup", "clip_cell_weight"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 0")
     if min(args.shot_list) < 0 or max(args.shot_list) > 8:
@@ -350,8 +355,37 @@ def scratch_vision_config(args):
         raise SystemExit(f"--patch-size / --image-size: {error}") from None
 
 
+def cell_pooling(vcfg, grid: int) -> np.ndarray:
+    """The mean over each grid cell's patches (a patch belongs to the cell holding its centre): float32 [tokens,
+    grid * grid], zero on the class token's row."""
+    side = vcfg.image_size // vcfg.patch_size
+    centres = (np.arange(side) + 0.5) / side  # patch centres, canvas fractions
+    cell_of = np.minimum((centres * grid).astype(int), grid - 1)
+    cells = (cell_of[:, None] * grid + cell_of[None, :]).reshape(-1)  # [patches], row-major like the patches
+    pooling = np.zeros((int(vcfg.class_token) + side * side, grid * grid), np.float32)
+    pooling[int(vcfg.class_token) + np.arange(side * side), cells] = 1.0
+    return pooling / np.maximum(pooling.sum(0, keepdims=True), 1.0)
+
+
+def cell_targets(records: list, grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per image and cell: (colour, shape) classes, 0 for an empty cell, else 1 + the index in PALETTE / SHAPES:
+    int32 [images, grid * grid] each."""
+    from llmjax.data.images import PALETTE, SHAPES
+
+    colours, shapes = list(PALETTE), list(SHAPES)
+    colour = np.zeros((len(records), grid * grid), np.int32)
+    shape = np.zeros_like(colour)
+    for row, record in enumerate(records):
+        for item in record["labels"]["objects"]:
+            cell = item["row"] * grid + item["column"]
+            colour[row, cell] = 1 + colours.index(item["colour"])
+            shape[row, cell] = 1 + shapes.index(item["shape"])
+    return colour, shape
+
+
 def train_clip(args, vcfg, pool: Pool, validation: Pool, tokenizer, log):
-    """A ViT and a small text encoder trained with the CLIP loss. -> (vision params, stats)."""
+    """A ViT and a small text encoder trained with the CLIP loss (plus the per-cell loss). -> (vision params,
+    stats)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -360,7 +394,8 @@ def train_clip(args, vcfg, pool: Pool, validation: Pool, tokenizer, log):
     from llmjax.config import ModelConfig, TrainConfig
     from llmjax.embed import embed_tokens
     from llmjax.model import init_params
-    from llmjax.model.vision import init_vision_params, pooled_embedding
+    from llmjax.data.images import PALETTE, SHAPES
+    from llmjax.model.vision import encode_images, init_vision_params
     from llmjax.retrieval.contrastive import info_nce_loss
     from llmjax.train.optim import make_optimizer
 
@@ -370,10 +405,14 @@ def train_clip(args, vcfg, pool: Pool, validation: Pool, tokenizer, log):
     text_cfg = ModelConfig(name="clip-text", vocab_size=tokenizer.vocab_size, d_model=d, num_layers=2,
                            num_heads=max(1, d // 16), d_ff=4 * d, causal=False, max_seq_len=length,
                            vocab_multiple=64, compute_dtype=vcfg.model.compute_dtype)
-    keys = jax.random.split(jax.random.key(args.seed), 4)
+    keys = jax.random.split(jax.random.key(args.seed), 6)
     params = {"vision": init_vision_params(vcfg, keys[0]), "text": init_params(text_cfg, keys[1]),
               "image_proj": 0.02 * jax.random.normal(keys[2], (d, d)),
-              "text_proj": 0.02 * jax.random.normal(keys[3], (d, d))}
+              "text_proj": 0.02 * jax.random.normal(keys[3], (d, d)),
+              "cell_colour": 0.02 * jax.random.normal(keys[4], (d, 1 + len(PALETTE))),
+              "cell_shape": 0.02 * jax.random.normal(keys[5], (d, 1 + len(SHAPES)))}
+    pooling = jnp.asarray(cell_pooling(vcfg, args.grid))  # [tokens, cells]
+    train_colour, train_shape = cell_targets(pool.records, args.grid)
     optimizer = make_optimizer(TrainConfig(lr=args.clip_lr, warmup_steps=min(50, args.clip_steps // 10),
                                            total_steps=max(1, args.clip_steps)))
     state = optimizer.init(params)
@@ -387,17 +426,25 @@ def train_clip(args, vcfg, pool: Pool, validation: Pool, tokenizer, log):
         return tokens, mask
 
     def embeddings(params, images, tokens, mask):
-        image = pooled_embedding(params["vision"], images, vcfg) @ params["image_proj"]
+        """-> (image [b, d], text [b, d]) unit vectors, cell logits (colour [b, cells, 7], shape [b, cells, 5])."""
+        hidden, pooled = encode_images(params["vision"], images, vcfg)  # [b, tokens, d], [b, d]
+        cells = jnp.einsum("btd,tc->bcd", hidden.astype(jnp.float32), pooling)  # [b, cells, d]
+        image = pooled @ params["image_proj"]
         text = embed_tokens(params["text"], tokens, mask, text_cfg, pooling="mean", normalize=False) @ params[
             "text_proj"]
         normalize = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
-        return normalize(image), normalize(text)
+        return normalize(image), normalize(text), (cells @ params["cell_colour"], cells @ params["cell_shape"])
+
+    def cell_loss(logits, colour, shape):
+        return (optax.softmax_cross_entropy_with_integer_labels(logits[0], colour).mean()
+                + optax.softmax_cross_entropy_with_integer_labels(logits[1], shape).mean())
 
     @jax.jit
-    def step(params, state, images, tokens, mask, ids):
+    def step(params, state, images, tokens, mask, ids, colour, shape):
         def loss_fn(params):
-            image, text = embeddings(params, images, tokens, mask)
-            return info_nce_loss(image, text, temperature=args.clip_temperature, symmetric=True, doc_ids=ids)
+            image, text, cell_logits = embeddings(params, images, tokens, mask)
+            contrast = info_nce_loss(image, text, temperature=args.clip_temperature, symmetric=True, doc_ids=ids)
+            return contrast + args.clip_cell_weight * cell_loss(cell_logits, colour, shape)
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, state = optimizer.update(grads, state, params)
@@ -410,7 +457,8 @@ def train_clip(args, vcfg, pool: Pool, validation: Pool, tokenizer, log):
         texts = [captions[i] for i in chosen]
         _, ids = np.unique(texts, return_inverse=True)  # the same caption twice is not a negative
         tokens, mask = encode_captions(texts)
-        params, state, loss = step(params, state, pool.images[chosen], tokens, mask, ids.astype(np.int32))
+        params, state, loss = step(params, state, pool.images[chosen], tokens, mask, ids.astype(np.int32),
+                                   train_colour[chosen], train_shape[chosen])
         if number == 0:
             jax.block_until_ready(loss)
             start = time.perf_counter()
@@ -421,13 +469,17 @@ def train_clip(args, vcfg, pool: Pool, validation: Pool, tokenizer, log):
     jax.block_until_ready(params)
     elapsed = time.perf_counter() - start if start is not None else 0.0
     count = min(256, len(validation.records))
-    image, text = jax.jit(embeddings)(params, validation.images[:count],
-                                      *encode_captions([r["caption"] for r in validation.records[:count]]))
+    image, text, (colour_logits, shape_logits) = jax.jit(embeddings)(
+        params, validation.images[:count], *encode_captions([r["caption"] for r in validation.records[:count]]))
     scores = np.asarray(image @ text.T)
     truth = [r["caption"] for r in validation.records[:count]]
     top1 = float(np.mean([truth[int(np.argmax(scores[i]))] == truth[i] for i in range(count)]))
+    colour, shape = cell_targets(validation.records[:count], args.grid)
+    cell_accuracy = {"colour": float(np.mean(np.argmax(np.asarray(colour_logits), -1) == colour)),
+                     "shape": float(np.mean(np.argmax(np.asarray(shape_logits), -1) == shape))}
     return params["vision"], {"steps": args.clip_steps, "images_per_second": seen / elapsed if elapsed else None,
                               "validation_caption_top1": top1, "validation_images": count,
+                              "validation_cell_accuracy": cell_accuracy,
                               "final_loss": float(loss) if args.clip_steps else None}
 
 

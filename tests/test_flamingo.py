@@ -103,9 +103,10 @@ def test_gates_at_zero_leave_the_lm_logits_bit_identical(model):
 
     expected = lm_on_embeddings(params["lm"], x)
     assert np.array_equal(logits_jit(params, tokens, latents, cfg), expected)
-    # open gates change the logits of tokens after an image only
+    # open gates change the logits of tokens after an image only: those before it keep the LM's, bit for bit
     opened = logits_jit(with_open_gates(params), tokens, latents, cfg)
     assert not np.allclose(opened[:, 2:], expected[:, 2:], atol=1e-4)
+    assert np.array_equal(opened[:, :2], expected[:, :2])
 
 
 def test_new_token_rows_leave_the_lm_rows_alone(model):
@@ -195,8 +196,10 @@ def test_gated_cross_attention_against_numpy_float64():
     attended = np.einsum("bshk,hkd->bsd", attention64(q, k64, v64, np.asarray(visible)), p["attn"]["o"]["kernel"])
     assert np.all(attended[0, :2] == 0)
     y = x + np.tanh(p["alpha_attn"]) * attended
-    y = y + np.tanh(p["alpha_mlp"]) * mlp64(p["mlp"], layer_norm64(y, p["mlp_norm"], eps))
+    sees = (index >= 0)[..., None]  # a token that sees no image skips the feed-forward too
+    y = y + sees * np.tanh(p["alpha_mlp"]) * mlp64(p["mlp"], layer_norm64(y, p["mlp_norm"], eps))
     np.testing.assert_allclose(out, y, atol=2e-5, rtol=2e-5)
+    assert np.array_equal(np.asarray(out)[0, :2], x[0, :2])  # open gates, no image seen: the input, bit for bit
 
     def attention_only(layer, x):
         return run({**layer, "alpha_mlp": jnp.zeros(())}, x) - x

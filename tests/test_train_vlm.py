@@ -2,6 +2,7 @@
 its run: a caption from a PNG, and one clear error for an undecodable image, the wrong channels, the wrong size and
 markers that do not pair with the images."""
 
+import argparse
 import json
 
 import numpy as np
@@ -31,6 +32,30 @@ def run(tmp_path_factory, make_run_folder):
     return out
 
 
+def test_cell_pooling_and_targets_match_the_pixels():
+    """Each grid cell's pooled patches hold its object's colour (and no other object's), and the targets say which:
+    the per-cell loss of stage 1 is supervised by what the pixels show."""
+    from llmjax.data.images import PALETTE, SHAPES
+
+    config = ImageDataConfig(size=60, grid=3, max_objects=5)  # cells of 20 pixels: 2 x 2 patches of 10
+    vcfg = train_vlm.scratch_vision_config(argparse.Namespace(vision_preset="vit-tiny", vision_width=0,
+                                                              vision_layers=0, image_size=60, patch_size=10))
+    pooling = train_vlm.cell_pooling(vcfg, config.grid)  # [1 + 36, 9]
+    assert pooling.shape == (1 + 36, 9) and np.all(pooling[0] == 0)
+    np.testing.assert_allclose(pooling.sum(0), 1.0)
+    assert np.all((pooling[1:] > 0).sum(1) == 1)  # every patch in exactly one cell
+    examples = [example_for(3, "train", i, config) for i in range(6)]
+    colour, shape = train_vlm.cell_targets([record for _, record in examples], config.grid)
+    for (image, record), colours, shapes in zip(examples, colour, shape):
+        patches = image.reshape(6, 10, 6, 10, 3).transpose(0, 2, 1, 3, 4).reshape(36, 100, 3)
+        for cell in range(9):
+            pixels = {tuple(p) for p in patches[pooling[1:, cell] > 0].reshape(-1, 3)}
+            present = [name for name, rgb in PALETTE.items() if rgb in pixels]
+            assert present == ([list(PALETTE)[colours[cell] - 1]] if colours[cell] else []), (record, cell)
+            assert (shapes[cell] == 0) == (colours[cell] == 0) and shapes[cell] <= len(SHAPES)
+        assert sorted(SHAPES[s - 1] for s in shapes if s) == sorted(o["shape"] for o in record["labels"]["objects"])
+
+
 @pytest.mark.slow  # with the tests below, about a minute of CPU compiling (CLIP, VLM step, generation)
 def test_quick_run_writes_the_run_folder_and_report(run):
     for name in ("config.json", "tokenizer.json", "metrics.jsonl", "loss.png", "report.json", "checkpoint"):
@@ -38,6 +63,8 @@ def test_quick_run_writes_the_run_folder_and_report(run):
     report = json.loads((run / "report.json").read_text())
     text = report["text_loss"]
     assert text["gate_zero_equal"] and text["lm"] == text["gate_zero"] and np.isfinite(text["after"])
+    assert text["after"] == text["lm"]  # text that sees no image skips the gated blocks: unchanged by training
+    assert set(report["stage1"]["validation_cell_accuracy"]) == {"colour", "shape"}
     for split in ("heldout", "validation"):
         scores = report["captions"][split]
         assert set(scores) >= {"exact", "colour", "shape", "count", "attribute_accuracy", "images"}

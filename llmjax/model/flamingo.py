@@ -13,7 +13,9 @@ The pieces:
   with the latents themselves (the paper's keys): a fixed [L, d_v] per image whatever the number of visual tokens;
 - gated cross-attention dense blocks (`gated_cross_attention`): before LM layers 0, N, 2N, ... (N = xattn_every),
   x + tanh(alpha_attn) * cross_attention(norm(x) -> latents), then x + tanh(alpha_mlp) * mlp(norm(x)); both alphas
-  start at 0, so at initialization the model's logits are the frozen LM's bit for bit;
+  start at 0, so at initialization the model's logits are the frozen LM's bit for bit. Unlike the paper (whose dense
+  feed-forward also changes text that sees no image), a token that sees no image skips the whole block: text before
+  the first image, and text-only inputs, keep the frozen LM's logits exactly after training too;
 - the image mask (`image_index`, `image_mask`): text token t attends only to the latents of the latest image whose
   `<image>` token is at or before t (the `<image>` token itself sees its image, as OpenFlamingo); tokens before the
   first image see no latents, and their cross-attention output is exactly 0;
@@ -330,7 +332,7 @@ def cross_attention_kv(layer: dict, media: jax.Array) -> tuple[jax.Array, jax.Ar
 def gated_cross_attention(layer: dict, x: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array,
                           cfg: FlamingoConfig) -> jax.Array:
     """x [batch, seq, d_model] + tanh(alpha_attn) * attention(norm(x) -> k, v where visible [batch, seq, keys]),
-    then + tanh(alpha_mlp) * mlp(norm(x)). A token that sees no key gets exactly 0 from the attention."""
+    then + tanh(alpha_mlp) * mlp(norm(x)). A token that sees no key gets exactly 0 from both (it stays x)."""
     xc = xattn_model_config(cfg)
     with jax.named_scope("xattn"):
         q = dense(layer["attn"]["q"], norm(layer["attn_norm"], x, xc))  # [batch, seq, heads, head_dim]
@@ -338,7 +340,8 @@ def gated_cross_attention(layer: dict, x: jax.Array, k: jax.Array, v: jax.Array,
         y = project_out(layer["attn"], out, xc)
         x = x + jnp.tanh(layer["alpha_attn"]).astype(x.dtype) * y
         y = mlp(layer["mlp"], norm(layer["mlp_norm"], x, xc), xc)
-        return x + jnp.tanh(layer["alpha_mlp"]).astype(x.dtype) * y
+        sees_an_image = jnp.any(visible, axis=-1)[..., None]  # [batch, seq, 1]
+        return x + jnp.where(sees_an_image, jnp.tanh(layer["alpha_mlp"]).astype(x.dtype) * y, 0)
 
 
 # --- the forward -------------------------------------------------------------------------------
