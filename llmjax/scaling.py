@@ -290,6 +290,7 @@ class ComputeOptimal:
     parabolas: dict  # {budget: Parabola}
     n_law: PowerLaw  # N*(C)
     d_law: PowerLaw  # D*(C) = C / (6 N*(C)) at the fitted budgets
+    loss_law: PowerLaw  # L*(C): the parabolas' minimum losses (Kaplan's L(C_min))
 
     def n_star(self, budget: float) -> float:
         return float(self.n_law(budget))
@@ -297,9 +298,13 @@ class ComputeOptimal:
     def d_star(self, budget: float) -> float:
         return float(self.d_law(budget))
 
+    def min_loss(self, budget: float) -> float:
+        return float(self.loss_law(budget))
+
 
 def fit_compute_optimal(observations: Sequence[Observation]) -> ComputeOptimal:
-    """Per budget a parabola's N*, then N*(C) and D*(C) power laws; ScalingError naming the budget that fails."""
+    """Per budget a parabola's N* and minimum loss, then N*(C), D*(C) and L*(C) power laws; ScalingError naming the
+    budget that fails."""
     parabolas = {}
     for budget, group in by_budget(observations).items():
         try:
@@ -309,7 +314,8 @@ def fit_compute_optimal(observations: Sequence[Observation]) -> ComputeOptimal:
     budgets = list(parabolas)
     n_stars = [parabolas[c].n_star for c in budgets]
     d_stars = [tokens_for(c, n) for c, n in zip(budgets, n_stars)]
-    return ComputeOptimal(parabolas, fit_power_law(budgets, n_stars), fit_power_law(budgets, d_stars))
+    return ComputeOptimal(parabolas, fit_power_law(budgets, n_stars), fit_power_law(budgets, d_stars),
+                          fit_power_law(budgets, [parabolas[c].min_loss for c in budgets]))
 
 
 # --- the parametric loss (approach 3) ------------------------------------------------------------------------------
@@ -500,9 +506,10 @@ def fit_scaling(observations: Sequence[Observation], *, delta: float = HUBER_DEL
 
 
 def prediction(fit: ScalingFit, budget: float) -> dict:
-    """At `budget`: N* and D* from approach 2, and the loss approach 3 gives there."""
+    """At `budget`: N* and D* from approach 2, the loss approach 3 gives there, and approach 2's L*(C)."""
     n_star, d_star = fit.compute_optimal.n_star(budget), fit.compute_optimal.d_star(budget)
-    return {"budget": budget, "n_params": n_star, "tokens": d_star, "loss": float(fit.loss_law(n_star, d_star))}
+    return {"budget": budget, "n_params": n_star, "tokens": d_star, "loss": float(fit.loss_law(n_star, d_star)),
+            "isoflop_loss": fit.compute_optimal.min_loss(budget)}
 
 
 def fit_numbers(fit: ScalingFit, predict_budget: float | None = None,
@@ -512,11 +519,13 @@ def fit_numbers(fit: ScalingFit, predict_budget: float | None = None,
     optimal, law = fit.compute_optimal, fit.loss_law
     numbers = {"n_law.coefficient": optimal.n_law.coefficient, "n_law.exponent": optimal.n_law.exponent,
                "d_law.coefficient": optimal.d_law.coefficient, "d_law.exponent": optimal.d_law.exponent,
+               "min_loss_law.coefficient": optimal.loss_law.coefficient,
+               "min_loss_law.exponent": optimal.loss_law.exponent,
                "E": law.E, "A": law.A, "B": law.B, "alpha": law.alpha, "beta": law.beta}
     if predict_budget is not None:
         predicted = prediction(fit, predict_budget)
         numbers.update({"prediction.n_params": predicted["n_params"], "prediction.tokens": predicted["tokens"],
-                        "prediction.loss": predicted["loss"]})
+                        "prediction.loss": predicted["loss"], "prediction.isoflop_loss": predicted["isoflop_loss"]})
     if check_point is not None:
         numbers["check.loss"] = float(law(*check_point))
     return numbers

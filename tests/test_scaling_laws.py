@@ -106,6 +106,14 @@ def test_compute_optimal_fit_recovers_the_exponents_of_the_law():
     assert optimal.n_star(1e21) == pytest.approx(optimal_n(1e21), rel=0.25)
     assert optimal.d_star(1e21) * optimal.n_star(1e21) * 6 == pytest.approx(1e21, rel=1e-9)  # C = 6 N* D*
     assert len(optimal.parabolas) == 5
+    # L*(C): each parabola's minimum is the law's minimum at its budget; the power law through them is the one
+    # through the law's own minima (a power law only near them: L* has the offset E)
+    budgets = list(optimal.parabolas)
+    true_min = [float(chinchilla_loss(optimal_n(c), c / (6 * optimal_n(c)))) for c in budgets]
+    np.testing.assert_allclose([optimal.parabolas[c].min_loss for c in budgets], true_min, rtol=3e-3)
+    reference = scaling.fit_power_law(budgets, true_min)
+    assert optimal.loss_law.exponent == pytest.approx(reference.exponent, rel=0.05) and reference.exponent < 0
+    np.testing.assert_allclose([optimal.min_loss(c) for c in budgets], reference(budgets), rtol=3e-3)
 
 
 def test_bootstrap_intervals_contain_the_true_values():
