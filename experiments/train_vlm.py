@@ -11,8 +11,8 @@ Three stages, all on images drawn here (llmjax.data.images: coloured shapes on a
      data's text (captions, questions and answers, word-episode texts, no images) into RUN/lm, a run folder;
   2. the VLM: the perceiver resampler, the gated cross-attention blocks and the <image> / <|endofchunk|> rows,
      trained on captions, question-answer pairs and interleaved few-shot episodes (colour_word / shape_word: each
-     colour or shape named by a nonsense word that only the in-context examples define), plus a fraction of
-     text-only rows; the LM (and the tower, unless --train-vision) frozen.
+     colour or shape named by a nonsense word that only the in-context examples define); the LM (and the tower,
+     unless --train-vision) frozen. Text that sees no image skips the gated blocks, so the LM's text is untouched.
 
 The run folder: config.json, tokenizer.json (the LM's tokenizer plus the two new tokens), checkpoint/ (orbax: every
 parameter), metrics.jsonl, loss.png, report.json: held-out caption exact match and attribute accuracy (colour /
@@ -81,9 +81,8 @@ def parse_args(argv):
     g.add_argument("--resampler-heads", type=int, default=4)
     g.add_argument("--xattn-every", type=int, default=1, help="a gated cross-attention block before every N-th layer")
     g.add_argument("--steps", type=int, default=2000, help="stage-2 training steps")
-    g.add_argument("--batch", type=int, default=64, help="single-image rows per step (captions, QA, text-only)")
+    g.add_argument("--batch", type=int, default=64, help="single-image rows per step (captions, QA)")
     g.add_argument("--episode-batch", type=int, default=16, help="interleaved few-shot episodes per step")
-    g.add_argument("--text-fraction", type=float, default=0.1, help="text-only rows among the single-image rows")
     g.add_argument("--caption-fraction", type=float, default=0.6, help="captions among the image rows (rest: QA)")
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--warmup", type=int, default=100)
@@ -114,7 +113,7 @@ def parse_args(argv):
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 0")
     if min(args.shot_list) < 0 or max(args.shot_list) > 8:
         p.error(f"--shots {args.shots!r}: shot counts in 0..8")
-    for name in ("text_fraction", "caption_fraction"):
+    for name in ("caption_fraction",):
         if not 0 <= getattr(args, name) <= 1:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)}: a fraction in [0, 1]")
     if args.warmup > args.steps:
@@ -241,17 +240,16 @@ def single_segments(record: dict, kind: str, rng: np.random.Generator):
     if kind == "qa":
         question, answer = record["qa"][int(rng.integers(0, len(record["qa"])))]
         return [(f"<image>Question: {question} Answer:", False), (f" {answer}<|endoftext|>", True)]
-    return [(f"Caption: {record['caption']}<|endoftext|>", True)]  # text only (no image token)
+    raise ValueError(f"unknown row kind {kind!r}")
 
 
 def single_batch(pool: Pool, rng, args, tokenizer):
-    """{"tokens" [B, seq], "mask" [B, seq - 1], "images" [B, 1, size, size, 3]}: captions, QA and text-only rows."""
+    """{"tokens" [B, seq], "mask" [B, seq - 1], "images" [B, 1, size, size, 3]}: captions and QA rows (no text-only
+    rows: a token that sees no image skips the gated blocks, so they would train nothing)."""
     rows, masks = [], []
     chosen = rng.integers(0, len(pool.records), size=args.batch)
     for index in chosen:
-        draw = rng.random()
-        kind = "text" if draw < args.text_fraction else (
-            "caption" if rng.random() < args.caption_fraction else "qa")
+        kind = "caption" if rng.random() < args.caption_fraction else "qa"
         if kind == "qa" and not pool.records[index]["qa"]:
             kind = "caption"
         tokens, mask = encode_segments(tokenizer, single_segments(pool.records[index], kind, rng), args.seq_len, kind)

@@ -115,4 +115,4 @@ def test_bad_flags_are_one_line():
     with pytest.raises(SystemExit):
         train_vlm.parse_args(["--shots", "0,9"])
     with pytest.raises(SystemExit):
-        train_vlm.parse_args(["--text-fraction", "2"])
+        train_vlm.parse_args(["--caption-fraction", "2"])
