@@ -5,6 +5,15 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 
+# Where no NVIDIA GPU is present, JAX's own "disable most optimizations" (XLA's CPU code built by LLVM at -O0, without
+# its expensive passes): the suite's tiny programs take far longer to compile than to run, and this cuts the CPU time
+# of compile-bound test files by about 40% (training, FP8, sharding, speculative, SFT tests; measured 2026-12-07)
+# while run-bound ones (the real SmolLM2 model) run up to 1.5x slower. The HLO programs are the same, without
+# fast-math either way. An environment variable, so the experiments' subprocesses inherit it (those started in a clean
+# environment pass it on); GPU machines keep the optimized code their tests time. Set it to 0 to test optimized code.
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
 # Sharding tests run on 8 simulated CPU devices; set before JAX initializes its backend.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
@@ -40,6 +49,8 @@ jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE
 for _name, _type in (("jax_persistent_cache_min_compile_time_secs", float),
                      ("jax_persistent_cache_min_entry_size_bytes", int)):
     jax.config.update(_name, _type(os.environ[_name.upper()]))
+if os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS", "").lower() in ("1", "true", "yes", "on"):
+    jax.config.update("jax_disable_most_optimizations", True)
 
 def pytest_unconfigure(config):
     """The run's compilation cache is removed by the process that made it, after the workers are done."""

@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_experiment(*args, cwd=ROOT):
-    """A clean environment, but for the test run's shared compilation cache (conftest.py)."""
-    cache = {k: v for k, v in os.environ.items() if k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
+    """A clean environment, but for the test run's shared compilation cache and compile settings (conftest.py)."""
+    cache = {k: v for k, v in os.environ.items()
+             if k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE", "JAX_DISABLE_MOST_OPTIMIZATIONS"))}
     return subprocess.run([sys.executable, "-m", "experiments", *args], cwd=cwd, capture_output=True, text=True,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", **cache})
 
@@ -30,7 +31,8 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert "unigram entropy of the validation split" in result.stdout and "sample (temperature 0.8" in result.stdout
     summary = json.loads((tmp_path / "quickstart.json").read_text())
     assert summary["steps"] == 12 and np.isfinite(summary["val_loss"])
-    for name in ("loss.png", "metrics.jsonl", "tensorboard", "tokenizer.json", "tokens/train/index.json", "checkpoints/12"):
+    for name in ("loss.png", "metrics.jsonl", "tensorboard", "tokenizer.json", "tokens/train/index.json",
+                 "checkpoints/12"):
         assert (tmp_path / name).exists(), name
 
 
@@ -42,8 +44,9 @@ def test_tokenize_then_train_from_the_command_line(tmp_path):
                             "--out", str(tmp_path / "tokens"), "--no-progress")
     assert result.returncode == 0, result.stderr
     result = run_experiment("train", "--data", str(tmp_path / "tokens"), "--model", "gpt2-tiny", "--steps", "4",
-                            "--batch", "8", "--seq", "32", "--eval-every", "2", "--eval-batches", "1", "--log-every", "1",
-                            "--run-dir", str(tmp_path / "run"), "--no-progress", "--sample-tokens", "8")
+                            "--batch", "8", "--seq", "32", "--eval-every", "2", "--eval-batches", "1",
+                            "--log-every", "1", "--run-dir", str(tmp_path / "run"), "--no-progress",
+                            "--sample-tokens", "8")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.splitlines()[-2])["end_step"] == 4
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -94,14 +97,15 @@ def test_data_parallel_training_on_eight_devices(tmp_path):
     run = RunConfig(tmp_path, batch_size=8, seq_len=16, log_every=1, eval_every=10, save_every=10,
                     eval_batches=1, sample_tokens=0, progress=False)
     repeated = ArrayTokens(np.tile(np.arange(50, dtype=np.uint16), 40))  # a pattern to learn
-    summary = train(get_config("gpt2-tiny"), TrainConfig(lr=1e-2, warmup_steps=2, total_steps=20), run, repeated, repeated)
+    summary = train(get_config("gpt2-tiny"), TrainConfig(lr=1e-2, warmup_steps=2, total_steps=20), run, repeated,
+                    repeated)
     assert summary["end_step"] == 20 and summary["val_loss"] < 3.0  # ln(301) = 5.7 at the start
 
 
 def test_batch_that_does_not_divide_across_devices_is_refused(tmp_path):
     run = RunConfig(tmp_path, batch_size=6, seq_len=16, progress=False)
-    with pytest.raises(TrainingError, match="--batch 6 does not divide over the 8 data-parallel devices of mesh data=8, "
-                                            "sharding auto; use a multiple of 8"):
+    with pytest.raises(TrainingError, match="--batch 6 does not divide over the 8 data-parallel devices of mesh "
+                                            "data=8, sharding auto; use a multiple of 8"):
         train(get_config("gpt2-tiny"), TrainConfig(total_steps=2, warmup_steps=0), run, tokens())
 
 
@@ -114,4 +118,5 @@ def test_too_little_data_is_refused(tmp_path):
 def test_diverging_loss_stops_with_the_step_and_a_hint(tmp_path):
     run = RunConfig(tmp_path, batch_size=8, seq_len=16, log_every=1, progress=False)
     with pytest.raises(TrainingError, match=r"loss is nan at step \d+: lower --lr"):
-        train(get_config("gpt2-tiny"), TrainConfig(lr=1e30, warmup_steps=0, total_steps=6, grad_clip=None), run, tokens())
+        train(get_config("gpt2-tiny"), TrainConfig(lr=1e30, warmup_steps=0, total_steps=6, grad_clip=None), run,
+              tokens())
