@@ -10,12 +10,15 @@ from llmjax.experiments import bench_speculative
 
 @pytest.mark.slow
 def test_bench_speculative_runs_at_toy_size(tmp_path, capsys):
+    """The compared draft has the main draft's shape (another training run of the same config): its rows come from
+    the compared-draft path while every jitted program (train step, generate, speculative) is compiled once."""
     out = tmp_path / "bench.json"
     assert bench_speculative.main([
-        "--model", "llama-tiny", "--draft", "llama-tiny", "--draft-set", "num_layers=1", "--draft-set", "d_model=24",
+        "--model", "llama-tiny", "--draft", "llama-tiny", "--draft-set", "num_layers=2", "--draft-set", "d_model=16",
         "--train-steps", "2", "--train-batch", "2", "--train-seq", "16", "--corpus-mb", "0.1", "--ks", "2",
-        "--prompts", "2", "--prompt-len", "8", "--max-new-tokens", "8", "--repeats", "1", "--sampled-temperature", "0.8",
-        "--compare-draft", "llama-tiny:num_layers=2,d_model=16", "--out", str(out)]) == 0
+        "--prompts", "2", "--prompt-len", "8", "--max-new-tokens", "8", "--repeats", "1",
+        "--sampled-temperature", "0.8", "--compare-draft", "llama-tiny:num_layers=2,d_model=16",
+        "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     rows = {(row["config"], row["temperature"]): row for row in results["rows"]}
     other = "llama-tiny (num_layers=2 d_model=16)"  # the compared draft: at the first k, then alone
