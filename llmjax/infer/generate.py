@@ -95,6 +95,29 @@ def pad_prompts(prompts: list[list[int]], padding: str = "left", multiple: int =
 
 # --- the device loop --------------------------------------------------------------------------
 
+def _text_prefill(dparams, tokens, valid, cache, context, cfg: ModelConfig):
+    logits, cache = prefill(dparams, tokens, valid, cache, cfg)
+    return logits, cache, None
+
+
+def _text_decode(dparams, tokens, cache, context, carried, cfg: ModelConfig, impl: str):
+    return decode_step(dparams, tokens, cache, cfg, impl)
+
+
+@dataclass(frozen=True)
+class DecodeModel:
+    """What the generation loop runs: `prefill(dparams, tokens, valid, cache, context, cfg) -> (logits [batch,
+    padded_vocab], cache, carried)` and `decode(dparams, tokens [batch], cache, context, carried, cfg, impl) ->
+    (logits, cache)`. The text decoder's (TEXT_MODEL) ignores `context` and carries nothing; the VLM's
+    (llmjax.infer.vlm) reads its cross-attention keys / values from `context` and carries each row's image."""
+
+    prefill: Callable
+    decode: Callable
+
+
+TEXT_MODEL = DecodeModel(_text_prefill, _text_decode)
+
+
 @dataclass(frozen=True)
 class LoopOptions:
     """Everything static about a generation program."""
@@ -106,23 +129,31 @@ class LoopOptions:
     stop_strings: bool = False
     decode_impl: str = "auto"
     stream: Callable | None = None
+    model: DecodeModel = TEXT_MODEL
+    keep_logits: bool = False  # also return every step's logits, float32 [max_new, batch, padded_vocab] (tests)
 
 
-def _generation_loop(dparams, tokens, valid, cache, arrays, constraint, stop, cfg: ModelConfig, options: LoopOptions):
-    """Prefill + while_loop of (choose, stop checks, decode_step). Returns (out [batch, max_new], lengths, reasons)."""
+def _generation_loop(dparams, tokens, valid, cache, arrays, constraint, stop, context, cfg: ModelConfig,
+                     options: LoopOptions):
+    """Prefill + while_loop of (choose, stop checks, decode step). Returns (out [batch, max_new], lengths, reasons,
+    the kept logits or None)."""
     batch = tokens.shape[0]
     vocab = cfg.padded_vocab_size
     max_new = options.max_new_tokens
-    logits, cache = prefill(dparams, tokens, valid, cache, cfg)
+    model = options.model
+    logits, cache, carried = model.prefill(dparams, tokens, valid, cache, context, cfg)
     rows = jnp.arange(batch)
     state = {
         "step": jnp.int32(0),
         "cache": cache,
+        "carried": carried,
         "logits": logits,
         "out": jnp.full((batch, max_new), -1, jnp.int32),
         "done": jnp.zeros((batch,), bool),
         "reason": jnp.zeros((batch,), jnp.int32),
     }
+    if options.keep_logits:
+        state["kept"] = jnp.zeros((max_new, batch, vocab), jnp.float32)
     if options.features.penalties:
         state["seen"] = jnp.zeros((batch, vocab), bool).at[rows[:, None], tokens].max(valid)
         state["counts"] = jnp.zeros((batch, vocab), jnp.int32)
@@ -145,6 +176,8 @@ def _generation_loop(dparams, tokens, valid, cache, arrays, constraint, stop, cf
                        seen=state.get("seen"), generated_counts=state.get("counts"))
         token = jnp.where(done, 0, token)
         new = dict(state)
+        if options.keep_logits:
+            new["kept"] = state["kept"].at[step].set(state["logits"].astype(jnp.float32))
         new["out"] = state["out"].at[:, step].set(jnp.where(done, -1, token))
         reason = state["reason"]
         finished = jnp.zeros_like(done)
@@ -173,7 +206,8 @@ def _generation_loop(dparams, tokens, valid, cache, arrays, constraint, stop, cf
             new["counts"] = state["counts"].at[rows, token].add((~done).astype(jnp.int32))
         if options.stream is not None:
             io_callback(options.stream, None, step, jnp.where(done, -1, token), ordered=True)
-        new["logits"], new["cache"] = decode_step(dparams, token, state["cache"], cfg, options.decode_impl)
+        new["logits"], new["cache"] = model.decode(dparams, token, state["cache"], context, state["carried"], cfg,
+                                                   options.decode_impl)
         new["step"] = step + 1
         return new
 
@@ -182,12 +216,14 @@ def _generation_loop(dparams, tokens, valid, cache, arrays, constraint, stop, cf
 
     state = jax.lax.while_loop(cond, body, state)
     lengths = jnp.sum(state["out"] >= 0, axis=1)
-    return state["out"], lengths, state["reason"]
+    return state["out"], lengths, state["reason"], state.get("kept")
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_loop(cfg: ModelConfig, options: LoopOptions, platform: str):
-    """The generation program, with the XLA options of the platform it runs on (kernels.platform.compiler_options)."""
+def compiled_loop(cfg: ModelConfig, options: LoopOptions, platform: str):
+    """The generation program, with the XLA options of the platform it runs on (kernels.platform.compiler_options):
+    (dparams, tokens, valid, cache, sampling arrays, constraint tables, stop tables, context) -> (out, lengths,
+    reasons, kept logits)."""
     loop = functools.partial(_generation_loop, cfg=cfg, options=options)
     return jax.jit(loop, compiler_options=compiler_options(platform) or None)
 
@@ -259,10 +295,15 @@ def generate(
                           constrained=tables is not None, stop_strings=stop is not None, decode_impl=decode_impl,
                           stream=stream)
     platform = compute_platform(dparams)
-    out, lengths, reasons = _compiled_loop(cfg, options, platform)(dparams, jnp.asarray(tokens), jnp.asarray(valid),
-                                                                     cache, arrays, tables, stop)
+    out, lengths, reasons, _ = compiled_loop(cfg, options, platform)(
+        dparams, jnp.asarray(tokens), jnp.asarray(valid), cache, arrays, tables, stop, None)
+    return generation_output(out, lengths, reasons)
+
+
+def generation_output(out, lengths, reasons) -> GenerationOutput:
+    """The loop's (out [batch, max_new], lengths, reasons) as lists for people."""
     out, lengths, reasons = np.asarray(out), np.asarray(lengths), np.asarray(reasons)
-    return GenerationOutput(tokens=[out[row, : lengths[row]].tolist() for row in range(batch)],
+    return GenerationOutput(tokens=[out[row, : lengths[row]].tolist() for row in range(len(out))],
                             finish_reasons=[FINISH_REASONS[r] for r in reasons])
 
 

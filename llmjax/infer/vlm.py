@@ -7,7 +7,8 @@ keys / values of those latents are computed once (`cross_attention_cache`) and r
 keys / values live in the ordinary contiguous cache (llmjax.infer.kv_cache), written by decode_model's
 `prefill_layer` / `decode_layer`: the LM's own block, with the cross-attention block called before every
 xattn_every-th layer. A generated token attends to the latest image of its prompt (the new tokens are never
-generated: the output head covers the LM's vocabulary only).
+generated: the output head covers the LM's vocabulary only). The decode loop is llmjax.infer.generate's compiled one
+(sampling, EOS, the while_loop on the device), run with the VLM's prefill and decode step (`vlm_decode_model`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ import numpy as np
 
 from llmjax.infer import kv_cache
 from llmjax.infer.decode_model import _logits, decode_layer, prefill_layer, prepare_params, resolve_decode_impl
-from llmjax.infer.generate import GenerationError, pad_prompts
+from llmjax.infer.generate import (DecodeModel, GenerationError, LoopOptions, compiled_loop, generation_output,
+                                   pad_prompts)
+from llmjax.infer.sampling import SamplingConfig, batch_sampling
+from llmjax.kernels.platform import compute_platform
 from llmjax.model.attention import causal_self_attention
 from llmjax.model.flamingo import (FlamingoConfig, check_image_tokens, cross_attention_kv, gated_cross_attention,
                                    image_index, image_mask, input_embeddings, media_keys, visual_latents)
@@ -110,8 +114,19 @@ def _encode_prompts(params, dparams, images, cfg: FlamingoConfig):
     return cross_attention_cache(dparams, latents, images.shape[0], cfg)
 
 
-_prefill_jit = jax.jit(vlm_prefill, static_argnames=("cfg",), donate_argnames=("cache",))
-_decode_jit = jax.jit(vlm_decode_step, static_argnames=("cfg", "impl"), donate_argnames=("cache",))
+def _loop_prefill(dparams, tokens, valid, cache, cross, lm_cfg, *, cfg: FlamingoConfig):
+    return vlm_prefill(dparams, tokens, valid, cache, cross, cfg)
+
+
+def _loop_decode(dparams, tokens, cache, cross, current_image, lm_cfg, impl, *, cfg: FlamingoConfig):
+    return vlm_decode_step(dparams, tokens, cache, cross, current_image, cfg, impl)
+
+
+@functools.lru_cache(maxsize=16)
+def vlm_decode_model(cfg: FlamingoConfig) -> DecodeModel:
+    """The VLM for llmjax.infer.generate's compiled loop: its context is the prompts' cross-attention cache, it
+    carries each row's latest image (one object per config, so the compiled loop is reused)."""
+    return DecodeModel(functools.partial(_loop_prefill, cfg=cfg), functools.partial(_loop_decode, cfg=cfg))
 
 
 def stack_images(images: Sequence[Sequence[np.ndarray]], cfg: FlamingoConfig) -> np.ndarray:
@@ -154,28 +169,13 @@ def vlm_generate(params: dict, cfg: FlamingoConfig, prompts: Sequence[Sequence[i
     cross = _encode_prompts(params, dparams, jnp.asarray(stack_images(images, cfg)), cfg)
     batch = len(prompts)
     cache = kv_cache.init_cache(cfg.lm, batch, kv_cache.cache_capacity(cfg.lm, tokens.shape[1] + max_new_tokens))
-    logits, cache, current = _prefill_jit(dparams, jnp.asarray(tokens), jnp.asarray(valid), cache, cross, cfg)
-    key = jax.random.key(seed)
-    out = [[] for _ in range(batch)]
-    reasons = ["length"] * batch
-    done = np.zeros(batch, bool)
-    kept = [] if keep_logits else None
-    for step in range(max_new_tokens):
-        if keep_logits:
-            kept.append(np.asarray(logits, np.float32))
-        if temperature > 0:
-            key, sub = jax.random.split(key)
-            chosen = jax.random.categorical(sub, logits / temperature, axis=-1)
-        else:
-            chosen = jnp.argmax(logits, axis=-1)
-        chosen = np.asarray(chosen)
-        for b in range(batch):
-            if not done[b]:
-                out[b].append(int(chosen[b]))
-                if eos_id is not None and chosen[b] == eos_id:
-                    done[b], reasons[b] = True, "eos"
-        if done.all() or step + 1 == max_new_tokens:
-            break
-        logits, cache = _decode_jit(dparams, jnp.asarray(chosen, jnp.int32), cache, cross, current, cfg,
-                                    impl=decode_impl)
-    return VLMOutput(out, reasons, kept)
+    sampling = SamplingConfig.greedy() if temperature == 0 else SamplingConfig(temperature=temperature, seed=seed)
+    arrays, features = batch_sampling([sampling] * batch, cfg.lm.vocab_size, cfg.lm.padded_vocab_size)
+    options = LoopOptions(max_new_tokens=max_new_tokens, features=features, eos_id=eos_id, decode_impl=decode_impl,
+                          model=vlm_decode_model(cfg), keep_logits=keep_logits)
+    out, lengths, reasons, kept = compiled_loop(cfg.lm, options, compute_platform(dparams))(
+        dparams, jnp.asarray(tokens), jnp.asarray(valid), cache, arrays, None, None, cross)
+    result = generation_output(out, lengths, reasons)
+    steps = max(map(len, result.tokens))
+    logits = [np.asarray(kept[step]) for step in range(steps)] if keep_logits else None
+    return VLMOutput(result.tokens, result.finish_reasons, logits)
