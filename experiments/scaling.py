@@ -744,7 +744,11 @@ def refit(args, argv) -> int:
         return 2
     sweep_records = [r for r in runs if r["role"] == "sweep"]
     check_records = [r for r in runs if r["role"] == "check"]
-    budget = check_records[0]["budget"] if check_records else args.predict_factor * max(r["budget"] for r in runs)
+    if not sweep_records:
+        print(f"{PROG}: --refit: {path} records no sweep run yet; run the sweep first", file=sys.stderr)
+        return 2
+    budget = check_records[0]["budget"] if check_records else args.predict_factor * max(
+        r["budget"] for r in sweep_records)
     fits, fit = fit_sweep(sweep_records, types.SimpleNamespace(check_budget=budget), args)
     check = None
     if fit is not None:

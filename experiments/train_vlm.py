@@ -113,9 +113,8 @@ def parse_args(argv):
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 0")
     if min(args.shot_list) < 0 or max(args.shot_list) > 8:
         p.error(f"--shots {args.shots!r}: shot counts in 0..8")
-    for name in ("caption_fraction",):
-        if not 0 <= getattr(args, name) <= 1:
-            p.error(f"--{name.replace('_', '-')}={getattr(args, name)}: a fraction in [0, 1]")
+    if not 0 <= args.caption_fraction <= 1:
+        p.error(f"--caption-fraction={args.caption_fraction}: a fraction in [0, 1]")
     if args.warmup > args.steps:
         p.error(f"--warmup {args.warmup} exceeds --steps {args.steps}")
     if args.lm_ckpt is not None and not args.lm_ckpt.is_dir():
@@ -390,9 +389,9 @@ def train_clip(args, vcfg, pool: Pool, validation: Pool, tokenizer, log):
     from tqdm import tqdm
 
     from llmjax.config import ModelConfig, TrainConfig
+    from llmjax.data.images import PALETTE, SHAPES
     from llmjax.embed import embed_tokens
     from llmjax.model import init_params
-    from llmjax.data.images import PALETTE, SHAPES
     from llmjax.model.vision import encode_images, init_vision_params
     from llmjax.retrieval.contrastive import info_nce_loss
     from llmjax.train.optim import make_optimizer
