@@ -55,6 +55,7 @@ class ArrayTokens:
 
     array: np.ndarray
     document_starts: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))  # one document
+    row_length: int | None = None  # fixed-length rows read whole (llmjax.data.shards.write_rows), or a free stream
 
     @property
     def total_tokens(self) -> int:
@@ -114,6 +115,14 @@ def process_window_starts(source: TokenSource, step: int, *, batch_size: int, se
     check_request(source, step, batch_size=batch_size, seq_len=seq_len, seed=seed,
                   process_index=process_index, process_count=process_count)
     rows = slice(process_index * batch_size, (process_index + 1) * batch_size)
+    row_length = getattr(source, "row_length", None)
+    if row_length:  # whole rows only: a row index, uniform like a window's start, times the row length
+        if seq_len + 1 != row_length:
+            where = getattr(source, "directory", "the token stream")
+            raise TokenShardsError(f"{where} holds whole training rows of {row_length} tokens: train with seq_len "
+                                   f"{row_length - 1} (--seq {row_length - 1}), not {seq_len}")
+        count = source.total_tokens // row_length
+        return window_starts(count, 1, step, seed=seed, rows=rows, global_rows=batch_size * process_count) * row_length
     return window_starts(source.total_tokens, seq_len + 1, step, seed=seed, rows=rows, global_rows=batch_size * process_count)
 
 

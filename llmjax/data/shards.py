@@ -10,6 +10,8 @@ On disk, a shards folder holds
                           what the corpus pass saw (documents, invalid UTF-8)
 Documents follow each other in corpus order, each ended by the end-of-text token, so a window
 of the stream that crosses a document boundary sees the separator the model learns from.
+A folder of fixed-length rows (`write_rows`: training examples made whole, e.g. retrieval-augmented
+windows) records `row_length` in its index; training then reads it row by row, never across rows.
 
 `write_shards` tokenizes in worker processes (documents in order, so the output is the same for
 any number of workers) and writes into a temporary folder renamed into place at the end: a
@@ -147,6 +149,36 @@ def write_shards(
         raise
     return ShardWriteReport(out_dir, writer.total_tokens, writer.num_documents, len(writer.entries), dtype.name, stats,
                             time.perf_counter() - start_time)
+
+
+def write_rows(rows: np.ndarray, tokenizer: Tokenizer, out_dir: str | Path, *, overwrite: bool = False,
+               shard_tokens: int = DEFAULT_SHARD_TOKENS, tokenizer_source: str | None = None) -> Path:
+    """rows int [n, row_length] of token ids -> a shards folder whose index records `row_length`: training reads
+    it one whole row per example (llmjax.data.loader), with seq_len = row_length - 1. Written atomically."""
+    out_dir = Path(out_dir)
+    rows = np.asarray(rows)
+    if rows.ndim != 2 or not len(rows) or rows.shape[1] < 2:
+        raise TokenShardsError(f"rows must be [n >= 1, row_length >= 2] token ids, got shape {rows.shape}")
+    if rows.min() < 0 or rows.max() >= tokenizer.vocab_size:
+        raise TokenShardsError(f"rows hold ids outside the tokenizer's vocabulary [0, {tokenizer.vocab_size})")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise TokenShardsError(f"{out_dir} already exists and is not empty; pass overwrite=True (--overwrite) to "
+                               "replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    partial.mkdir()
+    try:
+        with ShardWriter(partial, token_dtype(tokenizer.vocab_size), shard_tokens) as writer:
+            writer.write(rows.reshape(-1), np.full(len(rows), rows.shape[1], np.int64))
+        np.save(partial / DOCUMENT_STARTS_FILE, writer.document_starts())
+        stats = CorpusStats(documents=len(rows))
+        index = shard_index(writer, tokenizer_record(tokenizer, tokenizer_source), stats)
+        write_json_atomically(partial / INDEX_FILE, {**index, "row_length": int(rows.shape[1])})
+        move_into_place(partial, out_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out_dir
 
 
 def shard_index(writer: ShardWriter, tokenizer: dict, stats: CorpusStats) -> dict:
@@ -385,6 +417,11 @@ class TokenShards:
     @property
     def num_documents(self) -> int:
         return len(self.document_starts)
+
+    @property
+    def row_length(self) -> int | None:
+        """Tokens of each fixed-length row (a `write_rows` folder), else None: a stream read at any offset."""
+        return self.index.get("row_length")
 
     @property
     def tokenizer_info(self) -> dict:
