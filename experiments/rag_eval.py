@@ -1,8 +1,10 @@
-"""RAG evaluations: held-out LM loss with and without retrieved neighbours (`loss`), docstring QA exact match (`qa`).
+"""RAG evaluations: held-out LM loss with and without retrieved neighbours (`loss`), docstring QA exact match (`qa`),
+and the training rows of a retrieval-augmented LM built the way `loss` builds its rows (`rows`).
 
     python -m experiments rag_eval loss --index runs/rag/stdlib --ckpt runs/llama-125m-stdlib --out runs/rag_eval/loss
     python -m experiments rag_eval loss --index runs/rag/stdlib --gguf smollm2-135m-instruct --validation-fraction 0.1
     python -m experiments rag_eval qa --index runs/rag/stdlib --gguf smollm2-135m-instruct --out runs/rag_eval/qa
+    python -m experiments rag_eval rows --index runs/rag/stdlib --tokenizer TOKENIZER.json --out runs/tokens/rag
 
 The measures are `llmjax.retrieval.rag_eval` (its docstring says exactly what is scored).
 """
@@ -98,6 +100,49 @@ def plot_loss(record: dict, path: Path) -> None:
     plt.close(figure)
 
 
+# --- rows ----------------------------------------------------------------------------------------------------------
+
+def rows_command(args) -> dict:
+    from llmjax.data.shards import TokenShardsError, write_rows
+    from llmjax.retrieval.rag import RagError
+    from llmjax.retrieval.rag_eval import heldout_documents, loss_targets, rag_training_rows
+    from llmjax.tokenizer import TokenizerError, load_tokenizer
+
+    check_positive(k=args.k, context=args.context, target=args.target, neighbour_tokens=args.neighbour_tokens,
+                   query_tokens=args.query_tokens, per_file=args.per_file, max_targets=args.max_targets,
+                   batch_size=args.batch_size)
+    try:
+        tokenizer = load_tokenizer(args.tokenizer)
+    except TokenizerError as error:
+        raise RagError(f"--tokenizer {args.tokenizer}: {error}") from None
+    if (args.out / "train").exists() and any((args.out / "train").iterdir()) and not args.overwrite:
+        raise RagError(f"{args.out / 'train'} already exists and is not empty; pass --overwrite to replace it")
+    documents = heldout_documents(None if args.data == "stdlib" else args.data, args.validation_fraction,
+                                  split="train")
+    store, encoder = load_store(args)
+    targets = loss_targets(documents, tokenizer, context=args.context, target=args.target, per_file=args.per_file,
+                           total=args.max_targets)
+    neighbour_tokens = args.neighbour_tokens if args.neighbour_tokens is not None else args.context // 2
+    rows = rag_training_rows(store, encoder, tokenizer, targets, k=args.k, context=args.context,
+                             neighbour_tokens=neighbour_tokens, query_tokens=args.query_tokens,
+                             batch_size=args.batch_size, neighbour_text=args.neighbours, progress=not args.no_progress)
+    try:
+        folder = write_rows(rows, tokenizer, args.out / "train", overwrite=args.overwrite,
+                            tokenizer_source=str(args.tokenizer))
+    except TokenShardsError as error:
+        raise RagError(str(error)) from None
+    record = {"index": str(args.index), "encoder": encoder.name, "tokenizer": str(args.tokenizer), "data": args.data,
+              "training_documents": len(documents), "targets": len(targets),
+              "files": len({t.file for t in targets}), "rows": len(rows), "row_length": int(rows.shape[1]),
+              "k": args.k, "context": args.context, "target": args.target, "neighbour_tokens": neighbour_tokens,
+              "neighbours": args.neighbours, "out": str(folder)}
+    (args.out / "rows.json").write_text(json.dumps(record, indent=1))
+    print(f"{len(rows):,} rows of {rows.shape[1]} tokens (each of {len(targets):,} targets from "
+          f"{record['files']:,} training files: without and with {args.k} neighbours) in {folder}; train on them "
+          f"with `python -m experiments train --data {args.out} --seq {rows.shape[1] - 1}`")
+    return record
+
+
 # --- qa ------------------------------------------------------------------------------------------------------------
 
 def qa_command(args) -> dict:
@@ -174,7 +219,10 @@ def parse_args(argv):
         "greedily with and without retrieval after the same few-shot demonstrations (functions outside the question "
         "set) with the reply prefilled, the retrieved chunks labelled with their module; exact-match rates of the "
         "reply's first dotted name (and, more lenient, whether module.function or just the function's name appears "
-        "in the answer) in rag_qa.json and rag_qa.png, the questions in questions.jsonl.")
+        "in the answer) in rag_qa.json and rag_qa.png, the questions in questions.jsonl. `rows`: the same two rows "
+        "(without and with neighbours) for target chunks of the corpus's training files, written as token shards of "
+        "whole rows (OUT/train) that `experiments train --seq ROW_LENGTH-1` reads one row per example: a "
+        "retrieval-augmented LM's training data.")
     commands = p.add_subparsers(dest="command", required=True)
 
     loss = commands.add_parser("loss", help="held-out LM loss with and without neighbours",
@@ -202,6 +250,30 @@ def parse_args(argv):
                                                              "(default: runs/rag_eval/loss-<model>)")
     loss.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    rows = commands.add_parser("rows", help="training rows without and with neighbours, as whole-row token shards",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_store_flags(rows)
+    rows.add_argument("--tokenizer", required=True, help="the language model's tokenizer (a tokenizer file, or "
+                      "a name `experiments tokenize --tokenizer` takes)")
+    rows.add_argument("--data", default="stdlib", help="the corpus whose training files give the rows: stdlib or "
+                      "a path")
+    rows.add_argument("--validation-fraction", type=float, default=VALIDATION_FRACTION,
+                      help="the fraction of files held out (as `loss` holds them out): the rows come from the rest")
+    rows.add_argument("--context", type=int, default=448, help="tokens before every target, in both rows")
+    rows.add_argument("--target", type=int, default=64, help="tokens of each target chunk")
+    rows.add_argument("--neighbour-tokens", type=int, default=None,
+                      help="the most tokens of neighbours in a RAG row (default: half of --context)")
+    rows.add_argument("--query-tokens", type=int, default=128,
+                      help="the preceding text's last tokens (decoded) that retrieve the neighbours")
+    rows.add_argument("--neighbours", choices=("chunk", "continuation"), default="continuation",
+                      help="a neighbour is the retrieved chunk, or the chunk and the next chunk of its file")
+    rows.add_argument("--per-file", type=int, default=64, help="target chunks per training file (evenly spread)")
+    rows.add_argument("--max-targets", type=int, default=50_000, help="target chunks in all (two rows each)")
+    rows.add_argument("--batch-size", type=int, default=64, help="targets retrieved for at once")
+    rows.add_argument("--out", type=Path, required=True, help="folder for train/ (the shards) and rows.json")
+    rows.add_argument("--overwrite", action="store_true", help="replace OUT/train")
+    rows.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     qa = commands.add_parser("qa", help="docstring -> function-name questions, with and without retrieval",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_store_flags(qa)
@@ -228,4 +300,4 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_command(loss_command if args.command == "loss" else qa_command, args)
+    return run_command({"loss": loss_command, "qa": qa_command, "rows": rows_command}[args.command], args)

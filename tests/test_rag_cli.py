@@ -118,3 +118,31 @@ def test_rag_eval_qa_scores_with_and_without_retrieval(index, tmp_path, capsys):
     assert rag_eval.main(["qa", "--index", str(index), "--model", "llama-tiny", "--questions", str(questions),
                           "--out", str(out)]) == 2
     assert "line 1: expected an object with" in capsys.readouterr().err
+
+
+def test_rag_eval_rows_writes_whole_rows_without_and_with_neighbours(index, corpus, tmp_path, capsys):
+    from llmjax.data.loader import batch_at
+    from llmjax.data.shards import TokenShards
+    from llmjax.tokenizer import load_tokenizer
+
+    out = tmp_path / "rows"
+    argv = ["rows", "--index", str(index), "--tokenizer", "bytes", "--data", str(corpus), "-k", "2", "--context",
+            "24", "--target", "8", "--neighbour-tokens", "12", "--query-tokens", "16", "--per-file", "2",
+            "--validation-fraction", "0.01", "--batch-size", "3", "--out", str(out), "--no-progress"]
+    assert rag_eval.main(argv) == 0
+    record = json.loads((out / "rows.json").read_text())
+    shards = TokenShards(out / "train")
+    assert shards.row_length == 32 and record["rows"] == 2 * record["targets"] == shards.num_documents
+    assert "--seq 31" in capsys.readouterr().out
+    tokenizer = load_tokenizer("bytes")
+    texts = [tokenizer.decode(shards.document(i).tolist()) for i in range(shards.num_documents)]
+    for base, rag_row in zip(texts[0::2], texts[1::2]):
+        assert any(base in text for text in FILES.values())  # 24 preceding bytes + 8 target bytes of a file
+        assert rag_row[-8:] == base[-8:] and rag_row != base  # the same target after other context
+        assert rag_row[-8 - 4:] == base[-8 - 4:]  # the neighbours leave the preceding text's last bytes in place
+    assert len(batch_at(shards, 0, batch_size=4, seq_len=31, seed=0)[0]) == 32
+    assert rag_eval.main(argv) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert rag_eval.main(argv[:4] + ["nope-tokenizer"] + argv[5:] + ["--overwrite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("python -m experiments rag_eval rows: --tokenizer nope-tokenizer") and len(err.splitlines()) == 1

@@ -66,15 +66,15 @@ class LossTarget:
 
 
 def heldout_documents(data: str | os.PathLike | None = None,
-                      validation_fraction: float = VALIDATION_FRACTION) -> list:
+                      validation_fraction: float = VALIDATION_FRACTION, split: str = "validation") -> list:
     """The held-out documents (`llmjax.data.corpus.Document`) of a corpus (None: the standard library): its
     validation split of `validation_fraction` of the files, chosen by a hash of each file's path (a larger fraction
-    holds the smaller one's files)."""
+    holds the smaller one's files); split="train": the other files (what `rag_training_rows` reads)."""
     from llmjax.data.corpus import corpus_documents
 
     if not 0 < validation_fraction < 1:
         raise RagError(f"--validation-fraction {validation_fraction}: expected a fraction between 0 and 1")
-    return [d for d in corpus_documents(data, split="validation", validation_fraction=validation_fraction)
+    return [d for d in corpus_documents(data, split=split, validation_fraction=validation_fraction)
             if d.text.strip()]
 
 
@@ -114,15 +114,71 @@ def neighbour_context(pieces: Sequence[Sequence[int]], preceding: np.ndarray, co
 NEIGHBOUR_TEXTS = ("chunk", "continuation")
 
 
+def neighbour_rows(store: RagStore, encoder, tokenizer, targets: Sequence[LossTarget], *, k: int, context: int,
+                   neighbour_tokens: int, query_tokens: int = 128, neighbour_text: str = "continuation"
+                   ) -> tuple[list[np.ndarray], list[np.ndarray], list[list]]:
+    """Per target: (its baseline row: the last `context` preceding tokens + the target; its RAG row: the neighbours
+    retrieved by its preceding text (its own file's chunks excluded), then the preceding tail, `context` tokens in
+    all, + the target; the neighbours' RetrievalResults). Rows are int32 [context + target]."""
+    from llmjax.retrieval.rag import with_continuation
+
+    if neighbour_text not in NEIGHBOUR_TEXTS:
+        raise RagError(f"--neighbours {neighbour_text!r}: expected one of {', '.join(NEIGHBOUR_TEXTS)}")
+    queries = [tokenizer.decode(t.preceding[-query_tokens:].tolist()) for t in targets]
+    with warnings.catch_warnings():  # a query longer than the encoder's max_len is cut (its first tokens kept)
+        warnings.filterwarnings("ignore", message=".*longer than max_len")
+        found = retrieve_many(store, encoder, [q if q.strip() else "(blank)" for q in queries], k,
+                              exclude_files=[t.file for t in targets])
+    rows_base, rows_rag, neighbours_of = [], [], []
+    for t, neighbours in zip(targets, found):
+        if neighbour_text == "continuation":
+            neighbours = [with_continuation(store, r) for r in neighbours]
+        pieces = [chunk_piece(r, tokenizer) for r in neighbours]
+        rows_base.append(np.concatenate([t.preceding[-context:], t.target]).astype(np.int32))
+        rows_rag.append(np.concatenate([neighbour_context(pieces, t.preceding, context, neighbour_tokens,
+                                                          len(separator_ids(tokenizer))), t.target]).astype(np.int32))
+        neighbours_of.append(neighbours)
+    return rows_base, rows_rag, neighbours_of
+
+
+def check_rag_window(context: int, neighbour_tokens: int) -> None:
+    if not 0 < neighbour_tokens < context:
+        raise RagError(f"--neighbour-tokens {neighbour_tokens}: expected 1 .. context - 1 ({context - 1}), so some "
+                       "preceding text stays")
+
+
+def rag_training_rows(store: RagStore, encoder, tokenizer, targets: Sequence[LossTarget], *, k: int = 4,
+                      context: int, neighbour_tokens: int, query_tokens: int = 128, batch_size: int = 64,
+                      neighbour_text: str = "continuation", progress: bool = False) -> np.ndarray:
+    """Training rows for a retrieval-augmented LM (RETRO's idea at the input: neighbours in the context), built as
+    `rag_loss_eval` builds its rows, from targets of the corpus's training files: int32 [2 * targets, context +
+    target], each target's baseline row then its RAG row, so a model trained on them reads neighbours and does
+    without them. Write them with `llmjax.data.shards.write_rows` (training reads whole rows)."""
+    if not targets:
+        raise RagError("no training targets: the files are shorter than context + target tokens")
+    check_rag_window(context, neighbour_tokens)
+    starts = range(0, len(targets), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="rag rows", unit="batch")
+    rows = []
+    for start in starts:
+        base, rag, _ = neighbour_rows(store, encoder, tokenizer, targets[start:start + batch_size], k=k,
+                                      context=context, neighbour_tokens=neighbour_tokens, query_tokens=query_tokens,
+                                      neighbour_text=neighbour_text)
+        rows.extend(row for pair in zip(base, rag) for row in pair)
+    return np.stack(rows)
+
+
 def rag_loss_eval(store: RagStore, encoder, params, cfg, tokenizer, targets: Sequence[LossTarget], *, k: int = 4,
                   context: int, neighbour_tokens: int, query_tokens: int = 128, batch_size: int = 8,
                   neighbour_text: str = "continuation", progress: bool = False) -> dict:
     """Mean target-token loss with and without neighbours (see the module): {baseline, rag, delta (baseline - rag,
     nats/token), per_position_{baseline,rag} [target], buckets (per position bucket: both and the delta), targets,
     files, examples}. neighbour_text: "chunk" (each retrieved chunk) or "continuation" (each followed by the next
-    chunk of its file, RETRO's neighbour + continuation: `llmjax.retrieval.rag.with_continuation`)."""
-    from llmjax.retrieval.rag import with_continuation
-
+    chunk of its file, RETRO's neighbour + continuation: `llmjax.retrieval.rag.with_continuation`). The rows:
+    `neighbour_rows`."""
     from llmjax.evaluation import target_token_losses
     from llmjax.long_context import position_buckets
 
@@ -132,11 +188,7 @@ def rag_loss_eval(store: RagStore, encoder, params, cfg, tokenizer, targets: Seq
     if context + len(targets[0].target) - 1 > cfg.max_seq_len:
         raise RagError(f"--context {context} + --target {len(targets[0].target)} tokens exceed the model's context "
                        f"of {cfg.max_seq_len} + 1 (max_seq_len): shorten them")
-    if neighbour_text not in NEIGHBOUR_TEXTS:
-        raise RagError(f"--neighbours {neighbour_text!r}: expected one of {', '.join(NEIGHBOUR_TEXTS)}")
-    if not 0 < neighbour_tokens < context:
-        raise RagError(f"--neighbour-tokens {neighbour_tokens}: expected 1 .. context - 1 ({context - 1}), so some "
-                       "preceding text stays")
+    check_rag_window(context, neighbour_tokens)
     length = len(targets[0].target)
     baseline_losses, rag_losses, examples = [], [], []
     starts = range(0, len(targets), batch_size)
@@ -146,19 +198,10 @@ def rag_loss_eval(store: RagStore, encoder, params, cfg, tokenizer, targets: Seq
         starts = tqdm(starts, desc="rag loss", unit="batch")
     for start in starts:
         part = targets[start:start + batch_size]
-        queries = [tokenizer.decode(t.preceding[-query_tokens:].tolist()) for t in part]
-        with warnings.catch_warnings():  # a query longer than the encoder's max_len is cut (its first tokens kept)
-            warnings.filterwarnings("ignore", message=".*longer than max_len")
-            found = retrieve_many(store, encoder, [q if q.strip() else "(blank)" for q in queries], k,
-                                  exclude_files=[t.file for t in part])
-        rows_base, rows_rag = [], []
-        for t, neighbours in zip(part, found):
-            if neighbour_text == "continuation":
-                neighbours = [with_continuation(store, r) for r in neighbours]
-            pieces = [chunk_piece(r, tokenizer) for r in neighbours]
-            rows_base.append(np.concatenate([t.preceding[-context:], t.target]))
-            rows_rag.append(np.concatenate([neighbour_context(pieces, t.preceding, context, neighbour_tokens,
-                                                              len(separator_ids(tokenizer))), t.target]))
+        rows_base, rows_rag, neighbours_of = neighbour_rows(
+            store, encoder, tokenizer, part, k=k, context=context, neighbour_tokens=neighbour_tokens,
+            query_tokens=query_tokens, neighbour_text=neighbour_text)
+        for t, neighbours in zip(part, neighbours_of):
             if len(examples) < 5:
                 examples.append({"file": t.file, "start": t.start, "neighbours": [r.chunk.key for r in neighbours]})
         pad = batch_size - len(part)  # one batch shape: one compile
