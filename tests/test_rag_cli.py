@@ -145,4 +145,5 @@ def test_rag_eval_rows_writes_whole_rows_without_and_with_neighbours(index, corp
     assert "already exists" in capsys.readouterr().err
     assert rag_eval.main(argv[:4] + ["nope-tokenizer"] + argv[5:] + ["--overwrite"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("python -m experiments rag_eval rows: --tokenizer nope-tokenizer") and len(err.splitlines()) == 1
+    assert err.startswith("python -m experiments rag_eval rows: --tokenizer nope-tokenizer")
+    assert len(err.splitlines()) == 1
