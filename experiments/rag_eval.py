@@ -207,6 +207,19 @@ def plot_qa(record: dict, path: Path) -> None:
 
 # --- the command ---------------------------------------------------------------------------------------------------
 
+def add_window_flags(parser, context: int) -> None:
+    """How a target's two rows are made (the same for `loss` and `rows`)."""
+    parser.add_argument("--context", type=int, default=context, help="tokens before every target, in both rows")
+    parser.add_argument("--target", type=int, default=64, help="tokens of each target chunk (the only ones scored)")
+    parser.add_argument("--neighbour-tokens", type=int, default=None,
+                        help="the most tokens of neighbours in the RAG row (default: half of --context)")
+    parser.add_argument("--query-tokens", type=int, default=128,
+                        help="the preceding text's last tokens (decoded) that retrieve the neighbours")
+    parser.add_argument("--neighbours", choices=("chunk", "continuation"), default="continuation",
+                        help="what a neighbour is: the retrieved chunk, or the chunk followed by the next chunk of its "
+                             "file (RETRO's neighbour + continuation), each cut to the room left")
+
+
 def parse_args(argv):
     from llmjax.data.corpus import VALIDATION_FRACTION
     from llmjax.retrieval.rag_eval import QA_PREFILL
@@ -237,15 +250,7 @@ def parse_args(argv):
                       help="the fraction of the corpus's files held out (chosen by a hash of each path) whose targets "
                            "are scored; the default is the split training uses: keep it for a checkpoint trained on "
                            "the training split, raise it (e.g. 0.1) for a model that never saw the split (SmolLM2)")
-    loss.add_argument("--context", type=int, default=512, help="tokens before every target, in both conditions")
-    loss.add_argument("--target", type=int, default=64, help="tokens of each target chunk (the only ones scored)")
-    loss.add_argument("--neighbour-tokens", type=int, default=None,
-                      help="the most tokens of neighbours in the RAG context (default: half of --context)")
-    loss.add_argument("--query-tokens", type=int, default=128,
-                      help="the preceding text's last tokens (decoded) that retrieve the neighbours")
-    loss.add_argument("--neighbours", choices=("chunk", "continuation"), default="continuation",
-                      help="what a neighbour is: the retrieved chunk, or the chunk followed by the next chunk of its "
-                           "file (RETRO's neighbour + continuation), each cut to the room left")
+    add_window_flags(loss, context=512)
     loss.add_argument("--per-file", type=int, default=8, help="target chunks per held-out file (evenly spread)")
     loss.add_argument("--max-targets", type=int, default=256, help="target chunks in all")
     loss.add_argument("--batch-size", type=int, default=8, help="targets per forward pass (two rows each)")
@@ -262,14 +267,7 @@ def parse_args(argv):
                       "a path")
     rows.add_argument("--validation-fraction", type=float, default=VALIDATION_FRACTION,
                       help="the fraction of files held out (as `loss` holds them out): the rows come from the rest")
-    rows.add_argument("--context", type=int, default=448, help="tokens before every target, in both rows")
-    rows.add_argument("--target", type=int, default=64, help="tokens of each target chunk")
-    rows.add_argument("--neighbour-tokens", type=int, default=None,
-                      help="the most tokens of neighbours in a RAG row (default: half of --context)")
-    rows.add_argument("--query-tokens", type=int, default=128,
-                      help="the preceding text's last tokens (decoded) that retrieve the neighbours")
-    rows.add_argument("--neighbours", choices=("chunk", "continuation"), default="continuation",
-                      help="a neighbour is the retrieved chunk, or the chunk and the next chunk of its file")
+    add_window_flags(rows, context=448)
     rows.add_argument("--per-file", type=int, default=64, help="target chunks per training file (evenly spread)")
     rows.add_argument("--max-targets", type=int, default=50_000, help="target chunks in all (two rows each)")
     rows.add_argument("--batch-size", type=int, default=64, help="targets retrieved for at once")
