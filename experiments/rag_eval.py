@@ -1,5 +1,7 @@
-"""RAG evaluations: held-out LM loss with and without retrieved neighbours (`loss`), docstring QA exact match (`qa`),
-and the training rows of a retrieval-augmented LM built the way `loss` builds its rows (`rows`).
+"""RAG evaluations (held-out loss with / without neighbours, docstring QA) and a retrieval-augmented LM's rows.
+
+`loss`: held-out LM loss with and without retrieved neighbours; `qa`: docstring QA exact match; `rows`: the training
+rows of a retrieval-augmented LM, built the way `loss` builds its rows.
 
     python -m experiments rag_eval loss --index runs/rag/stdlib --ckpt runs/llama-125m-stdlib --out runs/rag_eval/loss
     python -m experiments rag_eval loss --index runs/rag/stdlib --gguf smollm2-135m-instruct --validation-fraction 0.1
