@@ -79,22 +79,13 @@ def _drop_compiled_programs():
 
 
 # The real model's tests run far longer than they compile: they get XLA's optimized CPU code back (the setting above
-# is JAX's, read at each compilation, so it can change between tests). They are those that use the model's fixtures
-# below, and those that load the packaged file themselves.
-REAL_MODEL_FIXTURES = frozenset({"smollm2", "smollm2_transformers"})
-REAL_MODEL_TESTS = frozenset({"test_bench_cpu_decode.py::test_short_run_writes_the_table_and_json",
-                              "test_gguf_cli.py::test_generate_chat_with_the_real_model_answers",
-                              "test_gguf_cli.py::test_serve_answers_a_chat_with_the_real_model"})
-
-
-def runs_the_real_model(request) -> bool:
-    return (bool(REAL_MODEL_FIXTURES & set(request.fixturenames))
-            or f"{request.node.path.name}::{request.node.originalname}" in REAL_MODEL_TESTS)
+# is JAX's, read at each compilation, so it can change between tests).
+RUN_BOUND_FIXTURES = frozenset({"smollm2", "smollm2_path", "smollm2_transformers", "smollm2_prompt_tokens"})
 
 
 @pytest.fixture(autouse=True)
 def _optimized_code_for_the_real_model(request):
-    if not (jax.config.read("jax_disable_most_optimizations") and runs_the_real_model(request)):
+    if not (RUN_BOUND_FIXTURES & set(request.fixturenames) and jax.config.read("jax_disable_most_optimizations")):
         yield
         return
     jax.config.update("jax_disable_most_optimizations", False)
