@@ -749,7 +749,8 @@ def refit(args, argv) -> int:
         return 2
     budget = check_records[0]["budget"] if check_records else args.predict_factor * max(
         r["budget"] for r in sweep_records)
-    fits, fit = fit_sweep(sweep_records, types.SimpleNamespace(check_budget=budget), args)
+    sweep = types.SimpleNamespace(check_budget=budget)  # all the fits read of a Sweep
+    fits, fit = fit_sweep(sweep_records, sweep, args)
     check = None
     if fit is not None:
         run = None
@@ -760,8 +761,7 @@ def refit(args, argv) -> int:
             run = PlannedRun(r["budget"], model, r["steps"], r["tokens"] // r["steps"])
         if args.bootstrap:
             point = (run.model.non_embedding_params, run.tokens) if run is not None else None
-            fits.update(bootstrap_report(sweep_records, fit, types.SimpleNamespace(check_budget=budget), args,
-                                         check_point=point))
+            fits.update(bootstrap_report(sweep_records, fit, sweep, args, check_point=point))
         if run is not None:
             check = check_summary(run, fit, fits, check_records[0])
     command = " ".join(["python -m experiments scaling", *(argv if argv is not None else sys.argv[1:])])

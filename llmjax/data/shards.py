@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -95,6 +96,24 @@ class ShardWriteReport:
         )
 
 
+@contextlib.contextmanager
+def shards_folder(out_dir: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary sibling folder to write into, renamed to out_dir when the block ends (removed if it raises): a
+    folder with an index.json is always complete. An existing non-empty out_dir needs overwrite."""
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise TokenShardsError(f"{out_dir} already exists and is not empty; pass overwrite=True (--overwrite) to "
+                               "replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    partial.mkdir()
+    try:
+        yield partial
+        move_into_place(partial, out_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
 def write_shards(
     documents: Iterable[str | Document],
     tokenizer: Tokenizer,
@@ -122,15 +141,10 @@ def write_shards(
         raise TokenShardsError(
             f"{tokenizer!r} has no end-of-text token to separate documents; use a tokenizer with '<|endoftext|>'"
         )
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise TokenShardsError(f"{out_dir} already exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     dtype = token_dtype(tokenizer.vocab_size)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-    partial.mkdir()
     stats = CorpusStats()
     start_time = time.perf_counter()
-    try:
+    with shards_folder(out_dir, overwrite) as partial:
         bar = tqdm(desc=description, unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
         with bar, ShardWriter(partial, dtype, shard_tokens) as writer:
             texts = counted_texts(documents, stats)
@@ -143,10 +157,6 @@ def write_shards(
             raise CorpusError(f"the corpus for {out_dir} is empty: it yielded {stats.documents} documents and no text")
         np.save(partial / DOCUMENT_STARTS_FILE, writer.document_starts())
         write_json_atomically(partial / INDEX_FILE, shard_index(writer, tokenizer_record(tokenizer, tokenizer_source), stats))
-        move_into_place(partial, out_dir)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return ShardWriteReport(out_dir, writer.total_tokens, writer.num_documents, len(writer.entries), dtype.name, stats,
                             time.perf_counter() - start_time)
 
@@ -161,23 +171,13 @@ def write_rows(rows: np.ndarray, tokenizer: Tokenizer, out_dir: str | Path, *, o
         raise TokenShardsError(f"rows must be [n >= 1, row_length >= 2] token ids, got shape {rows.shape}")
     if rows.min() < 0 or rows.max() >= tokenizer.vocab_size:
         raise TokenShardsError(f"rows hold ids outside the tokenizer's vocabulary [0, {tokenizer.vocab_size})")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise TokenShardsError(f"{out_dir} already exists and is not empty; pass overwrite=True (--overwrite) to "
-                               "replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-    partial.mkdir()
-    try:
+    with shards_folder(out_dir, overwrite) as partial:
         with ShardWriter(partial, token_dtype(tokenizer.vocab_size), shard_tokens) as writer:
             writer.write(rows.reshape(-1), np.full(len(rows), rows.shape[1], np.int64))
         np.save(partial / DOCUMENT_STARTS_FILE, writer.document_starts())
         stats = CorpusStats(documents=len(rows))
         index = shard_index(writer, tokenizer_record(tokenizer, tokenizer_source), stats)
         write_json_atomically(partial / INDEX_FILE, {**index, "row_length": int(rows.shape[1])})
-        move_into_place(partial, out_dir)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return out_dir
 
 
