@@ -192,6 +192,10 @@ def test_fits_and_the_check_from_a_cache_of_synthetic_runs(tmp_path, capsys):
     assert "by L*(C)" in capsys.readouterr().out
     assert experiment.main(["--out", str(tmp_path / "nothing"), "--refit"]) == 2
     assert "--refit: no readable report" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "report.json").write_text(json.dumps({"runs": []}))
+    assert experiment.main(["--out", str(tmp_path / "empty"), "--refit"]) == 2
+    assert "records no sweep run yet" in capsys.readouterr().err
 
 
 def test_time_budget_zero_trains_nothing_and_says_what_is_left(tmp_path, capsys):

@@ -116,3 +116,5 @@ def test_bad_flags_are_one_line():
         train_vlm.parse_args(["--shots", "0,9"])
     with pytest.raises(SystemExit):
         train_vlm.parse_args(["--caption-fraction", "2"])
+    with pytest.raises(SystemExit):
+        train_vlm.parse_args(["--clip-cell-weight", "-1"])
