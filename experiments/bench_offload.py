@@ -1,18 +1,24 @@
 """Offloaded generation tokens/s: FlexGen-style zig-zag vs layer-by-layer offload, HF device_map="auto", all on device.
 
-    python -m experiments bench_offload --model llama-8b --compute-dtype bfloat16 --gpu-memory 8GiB --batch 32 \\
-        --prompt-len 512 --gen-lens 32,128 --profile runs/offload/trace
+    python -m experiments bench_offload --model llama-8b --compute-dtype bfloat16 --gpu-memory 8GiB --batch auto \\
+        --host-quant int4 --cache-int8 --prompt-len 512 --gen-lens 32,128 --profile runs/offload/trace
     python -m experiments bench_offload --quick     # llama-tiny on the CPU
 
 For each output length (prompt --prompt-len, FlexGen's tables use 512 / 32), generated tokens/s of
-- ours: the cost model's placement under --gpu-memory, the zig-zag schedule at --batch;
-- layer_by_layer_batch1 / layer_by_layer: every layer's weights in pinned host memory, loaded, computed, evicted
-  with no overlap (what accelerate-style offload does), at batch 1 and at --batch;
-- all_on_device: llmjax.infer.generate with every weight on the device (the ceiling), where the device holds them;
-- hf_device_map_auto: transformers' generate with device_map="auto" and max_memory = --gpu-memory (torch + CUDA +
-  accelerate only; skipped with a note otherwise).
+- ours: the cost model's placement under --gpu-memory, the zig-zag schedule at --batch (auto: the cost model's
+  batch too);
+- layer_by_layer_batch1 / layer_by_layer: every layer's weights in pinned host memory (in the compute dtype),
+  loaded, computed, evicted with no overlap (what accelerate-style offload does), at batch 1 and at
+  --baseline-batch (default: the largest batch whose cache and activations fit --gpu-memory beside one layer, where
+  this PCIe-bound schedule runs fastest: its best batch);
+- all_on_device: llmjax.infer.generate with every weight on the device (the ceiling) at ours' batch, where the
+  device holds them;
+- hf_device_map_auto: transformers' generate with device_map="auto" and max_memory = --gpu-memory at the baseline's
+  batch (torch + CUDA + accelerate only; skipped with a note otherwise).
 Host->device bandwidth is measured in the same run: the PCIe-bound ceiling of a placement is its bytes moved per
-generated token over that bandwidth. Prints a table, writes JSON and a PNG.
+generated token over that bandwidth. Each row also records the device's peak memory in use so far
+(peak_device_bytes: ours runs first, so its figure is its own). Prints a table with ours' speed-up over the
+layer-by-layer baseline, writes JSON and a PNG.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_offload_flags(p)
     p.add_argument("--gen-lens", default="32,128", help="comma-separated output lengths (--gen-len is ignored)")
+    p.add_argument("--baseline-batch", default="max",
+                   help="the layer-by-layer baseline's batch: a number, or max (the largest that fits --gpu-memory)")
     p.add_argument("--methods", default="ours,layer_by_layer_batch1,layer_by_layer,all_on_device,hf_device_map_auto",
                    help="comma-separated subset of the methods above")
     p.add_argument("--profile", type=Path, default=None, help="a jax.profiler trace of ours' measured run (overlap)")
@@ -51,6 +59,8 @@ def parse_args(argv):
         p.error("--gen-lens: give at least one length >= 1")
     args.gen_len = max(args.gen_lens)
     apply_quick(args)
+    if args.baseline_batch != "max" and not args.baseline_batch.isdigit():
+        p.error(f"--baseline-batch {args.baseline_batch!r}: expected a number or max")
     args.methods = [m for m in args.methods.split(",") if m]
     for name in args.methods:
         if name not in METHODS:
@@ -66,7 +76,7 @@ def moved_bytes_per_step(cfg, placement, batch: int, prompt_len: int, gen_len: i
     from llmjax.infer import offload
 
     sizes = offload.model_sizes(cfg, batch, prompt_len, gen_len, cache_dtype)
-    weight = sizes["layer_int8"] if placement.host_int8 else sizes["layer"]
+    weight = sizes[f"layer_{placement.host_format}"] if placement.host_format else sizes["layer"]
     return (sum(weight for w in placement.weights if w != "device")
             + sum(sizes["cache_layer"] for c in placement.cache if c != "device"))
 
@@ -122,28 +132,45 @@ def time_hf_device_map_auto(cfg, prompts, gen_len: int, budget: int) -> dict:
     return {"seconds": seconds, "tokens_per_s": len(prompts) * gen_len / seconds}
 
 
+def baseline_batch(args, cfg, budget: int) -> int:
+    """--baseline-batch, or the largest batch the layer-by-layer placement fits in the budget."""
+    from llmjax.infer import offload
+
+    if args.baseline_batch != "max":
+        return int(args.baseline_batch)
+    host = offload.Placement.uniform(cfg.num_layers, "host", "device")
+    batch = offload.largest_batch(cfg, lambda b: host, args.prompt_len, max(args.gen_lens), budget)
+    if batch < 1:
+        raise offload.OffloadError(f"--gpu-memory {offload.format_bytes(budget)} does not hold the layer-by-layer "
+                                   f"baseline at batch 1: raise --gpu-memory or give --baseline-batch")
+    return batch
+
+
 def run_methods(args, prepared, cfg, hardware: dict, choice, budget: int, scratch: Path) -> list[dict]:
     from llmjax.infer import offload
 
     host = offload.Placement.uniform(cfg.num_layers, "host", "device")
     ours = offload.place_model(None, cfg, choice.placement, disk_dir=args.disk or scratch / "ours", prepared=prepared)
     baseline = ours if choice.placement == host else offload.place_model(None, cfg, host, prepared=prepared)
+    batches = {"ours": args.batch, "layer_by_layer_batch1": 1, "layer_by_layer": args.baseline_batch,
+               "all_on_device": args.batch, "hf_device_map_auto": args.baseline_batch}
     rows = []
     for gen_len in args.gen_lens:
-        prompts = random_prompts(cfg, args.batch, args.prompt_len, args.seed)
+        all_prompts = random_prompts(cfg, max(batches.values()), args.prompt_len, args.seed)
         h2d = hardware["bandwidths"]["h2d"]
         for method in args.methods:
-            row = {"method": method, "gen_len": gen_len, "batch": 1 if method.endswith("batch1") else args.batch}
+            row = {"method": method, "gen_len": gen_len, "batch": batches[method]}
+            prompts = all_prompts[: row["batch"]]
             placement = choice.placement if method == "ours" else host
             try:
                 if method == "ours":
                     profile = args.profile if gen_len == args.gen_lens[0] else None
                     row.update(timed_generation(ours, prompts, gen_len, "zigzag", profile, cache_dtype(args)))
                 elif method.startswith("layer_by_layer"):
-                    row.update(timed_generation(baseline, prompts[: row["batch"]], gen_len, "layer_by_layer"))
+                    row.update(timed_generation(baseline, prompts, gen_len, "layer_by_layer"))
                 elif method == "all_on_device":
                     capacity = device_capacity_bytes()
-                    everything = offload.predict(cfg, offload.Placement.uniform(cfg.num_layers), args.batch,
+                    everything = offload.predict(cfg, offload.Placement.uniform(cfg.num_layers), row["batch"],
                                                  args.prompt_len, gen_len).device_bytes
                     if capacity is not None and everything > 0.9 * capacity:
                         raise RuntimeError(f"needs {offload.format_bytes(everything)}, the device has "
@@ -168,16 +195,31 @@ def run_methods(args, prepared, cfg, hardware: dict, choice, budget: int, scratc
     return rows
 
 
+def speedups(rows: list[dict]) -> dict:
+    """Per output length: ours' tokens/s over the layer-by-layer baseline's (at its batch), where both ran."""
+    speed = {(r["method"], r["gen_len"]): r.get("tokens_per_s") for r in rows}
+    return {gen_len: speed[("ours", gen_len)] / speed[("layer_by_layer", gen_len)]
+            for gen_len in sorted({r["gen_len"] for r in rows})
+            if speed.get(("ours", gen_len)) and speed.get(("layer_by_layer", gen_len))}
+
+
 def print_table(rows: list[dict]) -> None:
-    print(f"{'method':<24}{'gen':>6}{'batch':>7}{'tokens/s':>12}{'PCIe ceiling':>14}{'of ceiling':>12}")
+    from llmjax.infer.offload import format_bytes
+
+    print(f"{'method':<24}{'gen':>6}{'batch':>7}{'tokens/s':>12}{'PCIe ceiling':>14}{'of ceiling':>12}"
+          f"{'peak so far':>14}")
     for row in rows:
         if "skipped" in row:
             print(f"{row['method']:<24}{row['gen_len']:>6}{row['batch']:>7}  skipped: {row['skipped']}")
             continue
         ceiling = row.get("pcie_ceiling_tokens_per_s")
         fraction = row.get("fraction_of_pcie_ceiling")
+        peak = row.get("peak_device_bytes")
         print(f"{row['method']:<24}{row['gen_len']:>6}{row['batch']:>7}{row['tokens_per_s']:>12.2f}"
-              f"{(f'{ceiling:.2f}' if ceiling else '-'):>14}{(f'{fraction:.1%}' if fraction else '-'):>12}")
+              f"{(f'{ceiling:.2f}' if ceiling else '-'):>14}{(f'{fraction:.1%}' if fraction else '-'):>12}"
+              f"{(format_bytes(peak) if peak else '-'):>14}")
+    for gen_len, ratio in speedups(rows).items():
+        print(f"output {gen_len}: ours / layer by layer = {ratio:.2f}x")
 
 
 def plot(rows: list[dict], gen_lens: list[int], path: Path, title: str) -> None:
@@ -217,11 +259,14 @@ def run(args) -> dict:
     args.placement, args.micro_batches = "auto", None
     try:
         prepared, cfg = load(args)
-        hardware = measure_hardware(args, cfg.compute_dtype)
+        hardware = measure_hardware(args, cfg, prepared)
         choice, budget = resolve_placement(args, cfg, hardware)
+        args.baseline_batch = baseline_batch(args, cfg, budget)
         print(f"ours: {choice.describe()}")
+        print(f"layer by layer: batch {args.baseline_batch}")
         print(f"host->device {hardware['bandwidths']['h2d'] / 1e9:.2f} GB/s, device->host "
-              f"{hardware['bandwidths']['d2h'] / 1e9:.2f} GB/s, {hardware['flops'] / 1e12:.2f} TFLOP/s")
+              f"{hardware['bandwidths']['d2h'] / 1e9:.2f} GB/s, {hardware['flops'] / 1e12:.2f} TFLOP/s, "
+              f"{hardware['launch_seconds'] * 1e6:.0f} us a layer call")
         with tempfile.TemporaryDirectory(prefix="bench-offload-") as scratch:
             rows = run_methods(args, prepared, cfg, hardware, choice, budget, Path(scratch))
     except offload.OffloadError as error:
@@ -229,9 +274,11 @@ def run(args) -> dict:
     print_table(rows)
     device = jax.devices()[0].device_kind
     result = {"model": args.model or str(args.ckpt or args.gguf or args.hf), "device": device,
-              "batch": args.batch, "prompt_len": args.prompt_len, "gpu_memory_bytes": budget,
+              "batch": args.batch, "baseline_batch": args.baseline_batch, "prompt_len": args.prompt_len,
+              "gpu_memory_bytes": budget, "cache_dtype": cache_dtype(args) or cfg.compute_dtype,
               "placement": choice.placement.describe(), "predicted_tokens_per_s": choice.predicted_tokens_per_s,
-              **hardware, "rows": rows}
+              "predicted_device_bytes": choice.device_bytes,
+              "speedup_over_layer_by_layer": {str(k): v for k, v in speedups(rows).items()}, **hardware, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     png = args.out.with_suffix(".png")

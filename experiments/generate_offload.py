@@ -1,6 +1,8 @@
 """Offloaded generation (FlexGen-style) under a device-memory budget: the placement, predicted vs measured tokens/s.
 
     python -m experiments generate_offload --model llama-8b --gpu-memory 8GiB --batch 32 --prompt-len 512 --gen-len 32
+    python -m experiments generate_offload --model llama-8b --gpu-memory 8GiB --batch auto --host-quant int4 \
+        --cache-int8                             # the cost model also picks the batch and the host weights' format
     python -m experiments generate_offload --quick        # llama-tiny on the CPU, a smoke test
 
 Prints the placement (chosen by llmjax.infer.offload.choose_placement from bandwidths and FLOP/s measured in the
@@ -40,12 +42,15 @@ def add_offload_flags(p: argparse.ArgumentParser) -> None:
                    help="the model's compute dtype (default: its own)")
     p.add_argument("--gpu-memory", default="20GiB",
                    help="the device-memory budget for weights, caches and activations (e.g. 8GiB, 512MiB)")
-    p.add_argument("--batch", type=int, default=8, help="prompts generated together")
+    p.add_argument("--batch", type=batch_flag, default=8,
+                   help="prompts generated together, or auto: the batch (up to 512) the cost model predicts the most "
+                        "tokens/s for within --gpu-memory (placement auto)")
     p.add_argument("--prompt-len", type=int, default=512, help="tokens per prompt (random ids, seeded)")
     p.add_argument("--gen-len", type=int, default=32, help="tokens generated per prompt (greedy, no early stop)")
-    p.add_argument("--host-int8", action="store_true",
-                   help="weights kept on the host / disk as int8 (half of bf16's bytes to move; dequantized on the "
-                        "device: logits change slightly); with --placement auto, the cost model may use it")
+    p.add_argument("--host-quant", choices=HOST_FORMATS, default=None,
+                   help="weights kept on the host / disk as int8 (half of bf16's bytes to move) or int4 in groups of "
+                        "128 (a quarter), dequantized on the device after the copy: logits change slightly; with "
+                        "--placement auto, the cost model may use it or the compute dtype")
     p.add_argument("--cache-int8", action="store_true",
                    help="the KV cache as int8 with per-token scales (half of bf16's bytes on the device and to move; "
                         "logits change slightly)")
@@ -60,16 +65,29 @@ def add_offload_flags(p: argparse.ArgumentParser) -> None:
                         "bandwidth arrays")
 
 
+HOST_FORMATS = ("int8", "int4")  # llmjax.infer.offload.HOST_FORMATS (not imported: --help stays fast)
+
+
+def batch_flag(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of prompts or auto") from None
+
+
 def apply_quick(args) -> None:
     if args.quick:
         if not (args.model or args.ckpt or args.gguf or args.hf):
             args.model = "llama-tiny"
-        args.batch, args.prompt_len, args.gen_len = min(args.batch, 4), min(args.prompt_len, 16), min(args.gen_len, 4)
+        args.batch = args.batch if args.batch == "auto" else min(args.batch, 4)
+        args.prompt_len, args.gen_len = min(args.prompt_len, 16), min(args.gen_len, 4)
         args.bandwidth_mib = min(args.bandwidth_mib, 8)
     elif not (args.model or args.ckpt or args.gguf or args.hf):
         raise SystemExit("error: give the model: --model PRESET, --ckpt RUN, --gguf NAME or --hf FOLDER (or --quick)")
     for name in ("batch", "prompt_len", "gen_len", "bandwidth_mib"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) != "auto" and getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1")
 
 
@@ -91,6 +109,8 @@ def parse_args(argv):
                    help="where the JSON goes")
     args = p.parse_args(argv)
     apply_quick(args)
+    if args.batch == "auto" and (args.placement != "auto" or args.micro_batches is not None):
+        p.error("--batch auto goes with --placement auto and no --micro-batches (the cost model picks all three)")
     if args.micro_batches is not None and (args.micro_batches < 1 or args.batch % args.micro_batches):
         p.error(f"--micro-batches {args.micro_batches}: must be >= 1 and divide --batch {args.batch}")
     return args
@@ -118,12 +138,14 @@ def random_prompts(cfg, batch: int, prompt_len: int, seed: int) -> list[list[int
     return rng.integers(0, cfg.vocab_size, size=(batch, prompt_len)).tolist()
 
 
-def measure_hardware(args, dtype: str) -> dict:
+def measure_hardware(args, cfg, prepared: dict) -> dict:
+    """Bandwidths, FLOP/s and one layer call's fixed cost, measured here (the cost model's inputs)."""
     from llmjax.infer import offload
 
     bandwidths = offload.measure_bandwidths(args.bandwidth_mib)
-    flops = offload.measure_flops(256 if args.quick else 4096, dtype)
-    return {"bandwidths": bandwidths, "flops": flops}
+    flops = offload.measure_flops(256 if args.quick else 4096, cfg.compute_dtype)
+    launch = offload.measure_launch_seconds(prepared["layers"][0], cfg, bandwidths)
+    return {"bandwidths": bandwidths, "flops": flops, "launch_seconds": launch}
 
 
 def cache_dtype(args) -> str | None:
@@ -136,22 +158,26 @@ def resolve_placement(args, cfg, hardware: dict):
     from llmjax.infer import offload
 
     budget = offload.parse_bytes(args.gpu_memory)
-    shape = (cfg, args.batch, args.prompt_len, args.gen_len)
+    measured = dict(bandwidths=hardware["bandwidths"], flops=hardware["flops"])
+    options = dict(cache_dtype=cache_dtype(args), launch_seconds=hardware["launch_seconds"])
     if args.placement == "auto":
         host = offload.parse_bytes(args.host_memory) if args.host_memory else None
-        choice = offload.choose_placement(*shape, budget, hardware["bandwidths"], hardware["flops"], host_bytes=host,
-                                          allow_int8=args.host_int8, cache_dtype=cache_dtype(args))
+        search = dict(host_bytes=host, host_formats=(None, args.host_quant) if args.host_quant else (None,), **options)
+        if args.batch == "auto":
+            choice = offload.choose_batch(cfg, args.prompt_len, args.gen_len, budget, **measured, **search)
+            args.batch = choice.batch
+        else:
+            choice = offload.choose_placement(cfg, args.batch, args.prompt_len, args.gen_len, budget, **measured,
+                                              **search)
         if args.micro_batches is not None:
             placement = offload.Placement(choice.placement.weights, choice.placement.cache, args.micro_batches,
-                                          choice.placement.host_int8)
-            choice = offload.predict(cfg, placement, *shape[1:], hardware["bandwidths"], hardware["flops"],
-                                     cache_dtype(args))
+                                          choice.placement.host_format)
+            choice = offload.predict(cfg, placement, args.batch, args.prompt_len, args.gen_len, **measured, **options)
     else:
         weights, cache = PLACEMENTS[args.placement]
         placement = offload.Placement.uniform(cfg.num_layers, weights, cache, args.micro_batches or 1,
-                                              args.host_int8 and weights != "device")
-        choice = offload.predict(cfg, placement, *shape[1:], hardware["bandwidths"], hardware["flops"],
-                                 cache_dtype(args))
+                                              args.host_quant if weights != "device" else None)
+        choice = offload.predict(cfg, placement, args.batch, args.prompt_len, args.gen_len, **measured, **options)
     if choice.device_bytes > budget:
         raise offload.OffloadError(
             f"--placement {args.placement} needs about {offload.format_bytes(choice.device_bytes)} of device memory, "
@@ -183,7 +209,8 @@ def timed_generation(model, prompts, gen_len: int, schedule: str, profile: Path 
     seconds = time.perf_counter() - start
     if profile is not None:
         jax.profiler.stop_trace()
-    return {"seconds": seconds, "tokens_per_s": len(prompts) * gen_len / seconds,
+    peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")  # None on CPU
+    return {"seconds": seconds, "tokens_per_s": len(prompts) * gen_len / seconds, "peak_device_bytes": peak,
             "prefill_seconds": out.prefill_seconds, "decode_seconds": out.decode_seconds, "tokens": out.tokens}
 
 
@@ -199,9 +226,9 @@ def run(args) -> dict:
 
     try:
         prepared, cfg = load(args)
-        hardware = measure_hardware(args, cfg.compute_dtype)
+        hardware = measure_hardware(args, cfg, prepared)
         choice, budget = resolve_placement(args, cfg, hardware)
-        print(f"placement: {choice.placement.describe()}")
+        print(f"batch {args.batch}; placement: {choice.placement.describe()}")
         print(f"predicted: {choice.predicted_tokens_per_s:.2f} tokens/s, device memory "
               f"{offload.format_bytes(choice.device_bytes)} of {offload.format_bytes(budget)}")
         with tempfile.TemporaryDirectory(prefix="offload-") as scratch:
@@ -214,14 +241,17 @@ def run(args) -> dict:
         raise SystemExit(f"error: {error}") from None
     print(f"measured: {measured['tokens_per_s']:.2f} tokens/s ({args.batch} x {args.gen_len} tokens in "
           f"{measured['seconds']:.3f} s; prefill {measured['prefill_seconds']:.3f} s) "
-          f"on {jax.devices()[0].device_kind}")
+          f"on {jax.devices()[0].device_kind}"
+          + (f"; peak device memory {offload.format_bytes(measured['peak_device_bytes'])}"
+             if measured["peak_device_bytes"] else ""))
     result = {
         "model": args.model or str(args.ckpt or args.gguf or args.hf), "device": jax.devices()[0].device_kind,
         "batch": args.batch, "prompt_len": args.prompt_len, "gen_len": args.gen_len, "schedule": args.schedule,
         "cache_dtype": cache_dtype(args) or cfg.compute_dtype,
         "gpu_memory_bytes": budget, "placement": choice.placement.describe(),
         "micro_batches": choice.placement.micro_batches, "predicted_tokens_per_s": choice.predicted_tokens_per_s,
-        "predicted_device_bytes": choice.device_bytes, "measured_tokens_per_s": measured["tokens_per_s"],
+        "predicted_device_bytes": choice.device_bytes, "peak_device_bytes": measured["peak_device_bytes"],
+        "measured_tokens_per_s": measured["tokens_per_s"],
         "measured_seconds": measured["seconds"], "prefill_seconds": measured["prefill_seconds"], **hardware,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

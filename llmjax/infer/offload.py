@@ -7,18 +7,23 @@
 
 Placement, per layer: its weights on the "device", in pinned host memory ("host": a JAX memory kind, moved with
 `device_put`) or on "disk" (one memory-mapped safetensors file per layer, written atomically); its KV cache on the
-device or the host; optionally the host / disk weights as int8 (llmjax.quant, dequantized on the device after the
-copy, half the bytes of bf16). The embeddings, final norm and output head always stay on the device.
+device or the host; optionally the host / disk weights as int8 or int4 (llmjax.quant, dequantized on the device
+after the copy: half or a quarter of bf16's bytes to move). The embeddings, final norm and output head always stay
+on the device.
 
 The schedule ("zig-zag", FlexGen's column order): for each layer, its weights are fetched once (the NEXT layer's
 copy is issued before the current layer computes: JAX dispatch is asynchronous, so the copy overlaps the compute),
 every micro-batch of the batch runs through it (the one Transformer block, llmjax.model.transformer.block, on that
 micro-batch's hidden states and its slice of the cache, the next micro-batch's cache slice moving meanwhile), then
-the layer is evicted; prefill, then decode steps. `schedule="layer_by_layer"` is the accelerate-style baseline:
-load a layer, wait, compute, wait, evict, with no overlap and one micro-batch.
+the layer is evicted; prefill, then decode steps. Micro-batches exist for the prefill's activations and for caches
+that move: when every layer's cache stays on the device, decoding runs the whole batch as one micro-batch (the
+prefill's slices concatenated once), so a decode step costs one call per layer, not one per layer and slice.
+`schedule="layer_by_layer"` is the accelerate-style baseline: load a layer, wait, compute, wait, evict, with no
+overlap and one micro-batch.
 
 `choose_placement` is FlexGen's search reduced to a few candidate policies: how many layers' weights stay on the
-device, how many layers' caches, the micro-batch count and int8 host weights; it predicts time per layer as
+device, how many layers' caches, the micro-batch count and quantized host weights (and, with `choose_batch`, the
+batch); it predicts time per layer as
 max(compute, transfer) (they overlap) and picks the fastest policy that fits the budget.
 """
 
@@ -52,6 +57,7 @@ DEVICE, HOST, DISK = "device", "host", "disk"
 WEIGHT_PLACES = (DEVICE, HOST, DISK)
 CACHE_PLACES = (DEVICE, HOST)
 SCHEDULES = ("zigzag", "layer_by_layer")
+HOST_FORMATS = ("int8", "int4")  # quantized host / disk weights (int4 in groups of 128 rows where they divide)
 GIB = 1 << 30
 
 
@@ -68,7 +74,7 @@ class Placement:
     weights: tuple[str, ...]  # per layer: "device" | "host" | "disk"
     cache: tuple[str, ...]    # per layer: "device" | "host"
     micro_batches: int = 1
-    host_int8: bool = False   # host / disk weights stored as int8 (dequantized on the device)
+    host_format: str | None = None  # host / disk weights stored as "int8" / "int4" (dequantized on the device)
 
     def __post_init__(self):
         if len(self.weights) != len(self.cache):
@@ -81,16 +87,18 @@ class Placement:
                 raise OffloadError(f"placement cache {where!r}: expected one of {', '.join(CACHE_PLACES)}")
         if self.micro_batches < 1:
             raise OffloadError(f"micro_batches={self.micro_batches}: must be >= 1")
+        if self.host_format not in (None, *HOST_FORMATS):
+            raise OffloadError(f"host format {self.host_format!r}: expected one of {', '.join(HOST_FORMATS)} or none")
 
     @classmethod
     def uniform(cls, num_layers: int, weights: str = DEVICE, cache: str = DEVICE, micro_batches: int = 1,
-                host_int8: bool = False) -> Placement:
-        return cls((weights,) * num_layers, (cache,) * num_layers, micro_batches, host_int8)
+                host_format: str | None = None) -> Placement:
+        return cls((weights,) * num_layers, (cache,) * num_layers, micro_batches, host_format)
 
     def describe(self) -> str:
         counts = lambda places, names: ", ".join(f"{places.count(n)} {n}" for n in names if n in places)  # noqa: E731
-        int8 = " (int8)" if self.host_int8 and any(w != DEVICE for w in self.weights) else ""
-        return (f"weights: {counts(self.weights, WEIGHT_PLACES)}{int8}; cache: {counts(self.cache, CACHE_PLACES)}; "
+        quant = f" ({self.host_format})" if self.host_format and any(w != DEVICE for w in self.weights) else ""
+        return (f"weights: {counts(self.weights, WEIGHT_PLACES)}{quant}; cache: {counts(self.cache, CACHE_PLACES)}; "
                 f"{self.micro_batches} micro-batch(es)")
 
 
@@ -168,15 +176,21 @@ class DiskLayer:
     treedef: object
 
 
-# --- int8 host weights --------------------------------------------------------------------------
+# --- quantized host weights ---------------------------------------------------------------------
 
-def quantize_layer(layer: dict) -> dict:
-    """The layer's 2-D kernels as int8 QuantizedMatrix (llmjax.quant), everything else as is."""
+INT4_GROUP = 128
+
+
+def quantize_layer(layer: dict, fmt: str = "int8") -> dict:
+    """The layer's 2-D kernels as `fmt` QuantizedMatrix (llmjax.quant: int8 per output channel; int4 in groups of
+    INT4_GROUP input rows, per channel where that does not divide), everything else as is."""
     from llmjax.quant.formats import quantize
 
     def convert(path, x):
-        name = getattr(path[-1], "key", None)
-        return quantize(x, "int8") if name == "kernel" and x.ndim == 2 else x
+        if getattr(path[-1], "key", None) != "kernel" or x.ndim != 2:
+            return x
+        group = INT4_GROUP if fmt == "int4" and x.shape[0] % INT4_GROUP == 0 else None
+        return quantize(x, fmt, group)
 
     return jax.tree_util.tree_map_with_path(convert, layer)
 
@@ -216,8 +230,8 @@ def place_model(params: dict, cfg: ModelConfig, placement: Placement, *, device=
     head = place_on({k: v for k, v in dparams.items() if k != "layers"}, DEVICE, device)
     layers = []
     for index, (layer, where) in enumerate(zip(dparams["layers"], placement.weights)):
-        if where != DEVICE and placement.host_int8:
-            layer = quantize_layer(layer)
+        if where != DEVICE and placement.host_format:
+            layer = quantize_layer(layer, placement.host_format)
         if where == DISK:
             leaves, treedef = jax.tree.flatten(layer)
             path = write_layer_file(Path(disk_dir) / f"layer_{index:04d}.safetensors", [np.asarray(x) for x in leaves])
@@ -236,7 +250,7 @@ def fetch_layer(model: OffloadedModel, index: int):
     if isinstance(stored, DiskLayer):
         stored = jax.tree.unflatten(stored.treedef, read_layer_file(stored.path))
     layer = place_on(stored, DEVICE, model.device)
-    if model.placement.host_int8:
+    if model.placement.host_format:
         layer = _dequantize_layer(layer, jnp.dtype(model.cfg.compute_dtype))
     return layer
 
@@ -372,7 +386,10 @@ def offloaded_generate(model: OffloadedModel, prompts: Sequence[Sequence[int]], 
         return _prefill_layer(weights, x, book["valid"], layer_cache, bookkeeping, cfg)
 
     xs = _run_layers(model, prefill, xs, caches, prompt_books, schedule)
-    logits = jax.block_until_ready(jnp.concatenate([_last_logits(model.head, x, b, cfg) for x, b in zip(xs, books)]))
+    logits = jnp.concatenate([_last_logits(model.head, x, b, cfg) for x, b in zip(xs, books)])
+    if micro > 1 and all(where == DEVICE for where in placement.cache):  # decode the batch as one micro-batch
+        caches, books, parts = [_merge_micro_batches(caches)], [_concatenate_rows(tuple(books))], [slice(0, batch)]
+    logits = jax.block_until_ready(logits)
     prefill_seconds = time.perf_counter() - start
     kept, out = [], []
     for step in range(max_new_tokens):
@@ -393,6 +410,23 @@ def offloaded_generate(model: OffloadedModel, prompts: Sequence[Sequence[int]], 
 
 
 @jax.jit
+def _concatenate_rows(parts: tuple):
+    """Pytrees of micro-batch slices -> one pytree of the whole batch (row order kept)."""
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+
+
+def _merge_micro_batches(caches: list[list]) -> list:
+    """[micro-batch][layer] cache slices -> [layer] caches of the whole batch; each layer's slices are dropped as
+    soon as it is merged, so at most one layer's cache exists twice."""
+    merged = []
+    for i in range(len(caches[0])):
+        merged.append(_concatenate_rows(tuple(slices[i] for slices in caches)))
+        for slices in caches:
+            slices[i] = None
+    return merged
+
+
+@jax.jit
 def _advance(book: dict) -> dict:
     return {k: v for k, v in kv_cache.advance({**book, "layers": ()}).items() if k != "layers"}
 
@@ -400,7 +434,7 @@ def _advance(book: dict) -> dict:
 # --- the cost model -----------------------------------------------------------------------------
 
 DEFAULT_BANDWIDTHS = {"h2d": 25e9, "d2h": 25e9, "disk": 2e9, "device": 3e12}  # bytes / s
-LAUNCH_SECONDS = 20e-6  # per layer per micro-batch: the dispatch cost that makes more micro-batches not free
+LAUNCH_SECONDS = 100e-6  # per layer per micro-batch when not measured (measure_launch_seconds): a block's kernels
 
 
 @dataclass(frozen=True)
@@ -410,9 +444,11 @@ class PlacementChoice:
     predicted_seconds: float       # the whole generation
     device_bytes: int              # predicted peak device memory
     budget_bytes: int
+    batch: int = 0
 
     def describe(self) -> str:
-        return (f"{self.placement.describe()}; predicted {self.predicted_tokens_per_s:.1f} tokens/s, device memory "
+        return (f"batch {self.batch}; {self.placement.describe()}; predicted {self.predicted_tokens_per_s:.1f} "
+                f"tokens/s, device memory "
                 f"{format_bytes(self.device_bytes)} of {format_bytes(self.budget_bytes)}")
 
 
@@ -443,7 +479,7 @@ def parse_bytes(text: str) -> int:
 
 
 def model_sizes(cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int, cache_dtype: str | None = None) -> dict:
-    """Bytes of one layer's weights (float / int8), the head, one layer's cache for the whole batch, and the
+    """Bytes of one layer's weights (float / int8 / int4), the head, one layer's cache for the whole batch, and the
     activations of one row; and FLOPs per token per layer."""
     itemsize = jnp.dtype(cfg.compute_dtype).itemsize
     layer_params = max(count_from_specs(block_spec(cfg)), count_from_specs(moe_block_spec(cfg)) if cfg.is_moe else 0)
@@ -456,11 +492,13 @@ def model_sizes(cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int, cac
                                                                               else 0)  # + its float32 scales
     cache_row = int(2 * capacity * cfg.num_kv_heads * cfg.head_dim * cache_itemsize)  # one row, one layer
     hidden = cfg.d_ff if not cfg.is_moe else max(cfg.d_ff, cfg.expert_d_ff * cfg.experts_per_token)
-    activation_row = (seq * (6 * cfg.d_model + 3 * hidden + cfg.q_size + 2 * cfg.kv_size) * itemsize
-                      + cfg.num_heads * seq * seq * 4 + 2 * cfg.padded_vocab_size * 4)
-    return {"layer": layer_params * itemsize, "layer_int8": int(layer_params * 1.05),
+    token_activations = (6 * cfg.d_model + 3 * hidden + cfg.q_size + 2 * cfg.kv_size) * itemsize
+    activation_row = seq * token_activations + cfg.num_heads * seq * seq * 4 + 2 * cfg.padded_vocab_size * 4
+    return {"layer": layer_params * itemsize, "layer_int8": int(layer_params * 1.02),  # + fp16 scales per column
+            "layer_int4": int(layer_params * (0.5 + 3 / INT4_GROUP) * 1.02),  # + fp16 scale, uint8 zero per group
             "head": head_params * itemsize, "cache_layer": cache_row * batch, "cache_row": cache_row,
-            "activation_row": activation_row, "seq": seq, "capacity": capacity,
+            "activation_row": activation_row, "decode_row": token_activations + 2 * cfg.padded_vocab_size * 4,
+            "batch": batch, "seq": seq, "capacity": capacity,
             "layer_flops_per_token": 2 * layer_params,
             "attention_flops_per_token": 4 * capacity * cfg.q_size}
 
@@ -477,19 +515,28 @@ def minimum_device_bytes(cfg: ModelConfig, batch: int, prompt_len: int, gen_len:
     return sizes["head"] + 2 * sizes["layer"] + 2 * sizes["cache_row"] + sizes["activation_row"]
 
 
+def _decodes_merged(micro: int, caches_on_device: int, layers: int) -> bool:
+    """Whether decoding runs the batch as one micro-batch (offloaded_generate merges the slices when every cache
+    stays on the device)."""
+    return micro > 1 and caches_on_device == layers
+
+
 def _predict(sizes: dict, cfg: ModelConfig, batch: int, gen_len: int, weights_on_device: int, caches_on_device: int,
-             micro: int, int8: bool, weights_place: str, bandwidths: dict, flops: float) -> float:
-    """Seconds for the whole generation: per layer max(compute, transfer), summed over layers, prefill + decode."""
-    moved = sizes["layer_int8"] if int8 else sizes["layer"]
+             micro: int, host_format: str | None, weights_place: str, bandwidths: dict, flops: float,
+             launch_seconds: float) -> float:
+    """Seconds for the whole generation: per layer max(compute, transfer), summed over layers, prefill + decode;
+    compute pays launch_seconds per micro-batch (one micro-batch when decoding merged)."""
+    moved = sizes[f"layer_{host_format}"] if host_format else sizes["layer"]
     source = bandwidths["disk"] if weights_place == DISK else bandwidths["h2d"]
+    decode_micro = 1 if _decodes_merged(micro, caches_on_device, cfg.num_layers) else micro
     total = 0.0
-    for tokens_per_row, steps in ((sizes["seq"], 1), (1, gen_len - 1)):
+    for tokens_per_row, steps, calls in ((sizes["seq"], 1, micro), (1, gen_len - 1, decode_micro)):
         per_step = 0.0
         for i in range(cfg.num_layers):
             math_seconds = batch * tokens_per_row * (sizes["layer_flops_per_token"]
                                                      + sizes["attention_flops_per_token"]) / flops
             read_seconds = (sizes["layer"] + sizes["cache_layer"]) / bandwidths["device"]
-            compute = max(math_seconds, read_seconds) + micro * LAUNCH_SECONDS
+            compute = max(math_seconds, read_seconds) + calls * launch_seconds
             transfer = 0.0 if i < weights_on_device else moved / source
             if i >= caches_on_device:
                 transfer += sizes["cache_layer"] / bandwidths["h2d"] + sizes["cache_layer"] / bandwidths["d2h"]
@@ -498,14 +545,19 @@ def _predict(sizes: dict, cfg: ModelConfig, batch: int, gen_len: int, weights_on
     return total
 
 
-def _device_bytes(sizes: dict, layers: int, weights_on_device: int, caches_on_device: int, rows: int,
-                  int8: bool) -> int:
+def _device_bytes(sizes: dict, layers: int, weights_on_device: int, caches_on_device: int, micro: int,
+                  host_format: str | None) -> int:
     """Predicted peak device memory: the head, resident weights and caches, the two layers / cache slices in
-    flight when some are elsewhere (and their int8 copies), one micro-batch's activations."""
+    flight when some are elsewhere (and their quantized copies), and the larger of one micro-batch's prefill
+    activations and (decoding merged) the whole batch's decode activations plus one layer's cache being merged."""
+    rows = sizes["batch"] // micro
     used = sizes["head"] + weights_on_device * sizes["layer"] + caches_on_device * sizes["cache_layer"]
-    used += rows * sizes["activation_row"]
+    activations = rows * sizes["activation_row"]
+    if _decodes_merged(micro, caches_on_device, layers):
+        activations = max(activations, sizes["batch"] * sizes["decode_row"] + sizes["cache_layer"])
+    used += activations
     if weights_on_device < layers:
-        used += 2 * sizes["layer"] + (2 * sizes["layer_int8"] if int8 else 0)
+        used += 2 * sizes["layer"] + (2 * sizes[f"layer_{host_format}"] if host_format else 0)
     if caches_on_device < layers:
         used += 2 * rows * sizes["cache_row"]
     return int(used)
@@ -517,27 +569,30 @@ def _resident_prefix(places: tuple[str, ...]) -> int:
 
 
 def predict(cfg: ModelConfig, placement: Placement, batch: int, prompt_len: int, gen_len: int,
-            bandwidths: dict | None = None, flops: float = 400e12, cache_dtype: str | None = None) -> PlacementChoice:
+            bandwidths: dict | None = None, flops: float = 400e12, cache_dtype: str | None = None,
+            launch_seconds: float = LAUNCH_SECONDS) -> PlacementChoice:
     """The cost model's prediction (tokens / s, device bytes) for a given placement."""
     bandwidths = {**DEFAULT_BANDWIDTHS, **(bandwidths or {})}
     sizes = model_sizes(cfg, batch, prompt_len, gen_len, cache_dtype)
     k, c = _resident_prefix(placement.weights), _resident_prefix(placement.cache)
     place = DISK if DISK in placement.weights else HOST
-    rows = max(1, batch // placement.micro_batches)
-    seconds = _predict(sizes, cfg, batch, gen_len, k, c, placement.micro_batches, placement.host_int8, place,
-                       bandwidths, flops)
-    used = _device_bytes(sizes, cfg.num_layers, k, c, rows, placement.host_int8)
-    return PlacementChoice(placement, batch * gen_len / seconds, seconds, used, 0)
+    micro = min(placement.micro_batches, batch)
+    seconds = _predict(sizes, cfg, batch, gen_len, k, c, micro, placement.host_format, place, bandwidths, flops,
+                       launch_seconds)
+    used = _device_bytes(sizes, cfg.num_layers, k, c, micro, placement.host_format)
+    return PlacementChoice(placement, batch * gen_len / seconds, seconds, used, 0, batch)
 
 
 def choose_placement(cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int, budget_bytes: int,
                      bandwidths: dict | None = None, flops: float = 400e12, *, host_bytes: int | None = None,
-                     allow_int8: bool = False, cache_dtype: str | None = None) -> PlacementChoice:
+                     host_formats: Sequence[str | None] = (None,), cache_dtype: str | None = None,
+                     launch_seconds: float = LAUNCH_SECONDS) -> PlacementChoice:
     """FlexGen's search over a few policies: the first k layers' weights and the first c layers' caches on the
-    device (the rest on the host, or on disk when they exceed host_bytes), the micro-batch count, int8 host weights
-    (allow_int8). The fastest predicted policy whose device memory fits budget_bytes. bandwidths: bytes / s for
-    "h2d", "d2h", "disk", "device" (default DEFAULT_BANDWIDTHS); flops: the device's FLOP/s; cache_dtype: "int8" for
-    the quantized KV cache (kv_cache.init_cache; default the compute dtype)."""
+    device (the rest on the host, or on disk when they exceed host_bytes), the micro-batch count, the host weights'
+    format (host_formats: None for the compute dtype, "int8", "int4"). The fastest predicted policy whose device
+    memory fits budget_bytes. bandwidths: bytes / s for "h2d", "d2h", "disk", "device" (default DEFAULT_BANDWIDTHS);
+    flops: the device's FLOP/s; cache_dtype: "int8" for the quantized KV cache (kv_cache.init_cache; default the
+    compute dtype); launch_seconds: the fixed cost of one layer on one micro-batch (measure_launch_seconds)."""
     bandwidths = {**DEFAULT_BANDWIDTHS, **(bandwidths or {})}
     minimum = minimum_device_bytes(cfg, batch, prompt_len, gen_len, cache_dtype)
     if budget_bytes < minimum:
@@ -547,34 +602,70 @@ def choose_placement(cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int
     sizes = model_sizes(cfg, batch, prompt_len, gen_len, cache_dtype)
     layers = cfg.num_layers
     best = None
-    for int8 in (False, True) if allow_int8 else (False,):
-        offloaded_bytes = (sizes["layer_int8"] if int8 else sizes["layer"])
+    for host_format in host_formats:
+        offloaded_bytes = sizes[f"layer_{host_format}"] if host_format else sizes["layer"]
         for micro in _micro_batch_counts(batch):
-            rows = batch // micro
             for k in range(layers, -1, -1):
                 weights_place = HOST
                 if host_bytes is not None and (layers - k) * offloaded_bytes > host_bytes:
                     weights_place = DISK
                 # as many layers' caches on the device as fit; the others move through two slices in flight
-                if _device_bytes(sizes, layers, k, layers, rows, int8) <= budget_bytes:
+                if _device_bytes(sizes, layers, k, layers, micro, host_format) <= budget_bytes:
                     c = layers
                 else:
-                    spare = budget_bytes - _device_bytes(sizes, layers, k, 0, rows, int8)
+                    spare = budget_bytes - _device_bytes(sizes, layers, k, 0, micro, host_format)
                     if spare < 0:
                         continue
                     c = min(layers - 1, int(spare // sizes["cache_layer"]))
-                used = _device_bytes(sizes, layers, k, c, rows, int8)
-                seconds = _predict(sizes, cfg, batch, gen_len, k, c, micro, int8, weights_place, bandwidths, flops)
+                used = _device_bytes(sizes, layers, k, c, micro, host_format)
+                seconds = _predict(sizes, cfg, batch, gen_len, k, c, micro, host_format, weights_place, bandwidths,
+                                   flops, launch_seconds)
                 if best is None or seconds < best[0] - 1e-12:
                     placement = Placement(tuple(DEVICE if i < k else weights_place for i in range(layers)),
                                           tuple(DEVICE if i < c else HOST for i in range(layers)), micro,
-                                          int8 and k < layers)
+                                          host_format if k < layers else None)
                     best = (seconds, placement, used)
     if best is None:
         raise OffloadError(f"--gpu-memory {format_bytes(budget_bytes)} fits no placement of batch {batch}: raise "
                            f"--gpu-memory or lower --batch")
     seconds, placement, used = best
-    return PlacementChoice(placement, batch * gen_len / seconds, seconds, int(used), int(budget_bytes))
+    return PlacementChoice(placement, batch * gen_len / seconds, seconds, int(used), int(budget_bytes), batch)
+
+
+BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+def choose_batch(cfg: ModelConfig, prompt_len: int, gen_len: int, budget_bytes: int, bandwidths: dict | None = None,
+                 flops: float = 400e12, *, batches: Sequence[int] = BATCHES, **options) -> PlacementChoice:
+    """FlexGen's outer search: the batch (from `batches`) whose best placement (choose_placement, same options)
+    predicts the most generated tokens / s within budget_bytes. A larger batch shares each loaded layer among more
+    rows; its caches and activations take the device memory resident weights would use."""
+    choices = []
+    for batch in batches:
+        try:
+            choices.append(choose_placement(cfg, batch, prompt_len, gen_len, budget_bytes, bandwidths, flops,
+                                            **options))
+        except OffloadError:
+            continue
+    if not choices:
+        choose_placement(cfg, min(batches), prompt_len, gen_len, budget_bytes, bandwidths, flops, **options)  # raises
+    return max(choices, key=lambda choice: choice.predicted_tokens_per_s)
+
+
+def largest_batch(cfg: ModelConfig, placement_for, prompt_len: int, gen_len: int, budget_bytes: int,
+                  cache_dtype: str | None = None, limit: int = 4096) -> int:
+    """The largest batch whose placement_for(batch) (a Placement) fits budget_bytes by the cost model's memory
+    estimate: where a schedule that cannot use more device memory (layer by layer) runs fastest. 0 if none fits."""
+    fits = lambda batch: predict(cfg, placement_for(batch), batch, prompt_len, gen_len,  # noqa: E731
+                                 cache_dtype=cache_dtype).device_bytes <= budget_bytes
+    low, high = 0, 1
+    while high <= limit and fits(high):
+        low, high = high, high * 2
+    high = min(high, limit + 1)
+    while high - low > 1:  # fits(low), not fits(high)
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
 
 
 def best(action, repeats: int = 3) -> float:
@@ -610,3 +701,23 @@ def measure_flops(size: int = 2048, dtype: str = "bfloat16", device=None) -> flo
     a = place_on(jnp.ones((size, size), dtype), DEVICE, device)
     matmul = jax.jit(lambda x: x @ x)
     return 2 * size**3 / best(lambda: matmul(a))
+
+
+def measure_launch_seconds(layer: dict, cfg: ModelConfig, bandwidths: dict, device=None, calls: int = 16) -> float:
+    """The fixed cost of one layer on one micro-batch beyond reading its weights (the cost model's
+    launch_seconds): a chain of `calls` one-row decode calls of `layer` (one layer's decode-ready weights) on a
+    short cache, best of three, per call, less the weights' bytes over bandwidths["device"]."""
+    device = device or jax.devices()[0]
+    layer = place_on(layer, DEVICE, device)
+    cache = place_on(kv_cache.init_cache(cfg, 1, 64), DEVICE, device)
+    book = {k: v for k, v in cache.items() if k != "layers"}
+    x = place_on(jnp.zeros((1, 1, cfg.d_model), cfg.compute_dtype), DEVICE, device)
+
+    def chain():
+        y = x
+        for _ in range(calls):
+            y, _ = _decode_layer(layer, y, cache["layers"][0], book, cfg)
+        return y
+
+    read = sum(leaf.nbytes for leaf in jax.tree.leaves(layer)) / bandwidths["device"]
+    return max(best(chain) / calls - read, 0.0)

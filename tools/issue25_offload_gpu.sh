@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Issue 25 (offloaded generation) on one GPU, one call of at most 10 minutes, run from the repository root on the
+# device; nothing to carry. llama-8b (random bf16 weights, 16 GB) under an 8 GiB device budget, prompt 512:
+#   bash tools/issue25_offload_gpu.sh
+# 1. ours with the cost model's batch, int4 host weights and the int8 KV cache, against the layer-by-layer baseline
+#    at its best batch (the largest the budget holds) and all on the device, outputs 32 and 128;
+# 2. ours with the model's own bf16 weights and cache (no quantization), the baseline at batch 1 and HF
+#    transformers' device_map="auto" offload at the baseline's batch, output 32.
+# JSON + PNG of each come back under $OUT.
+set -uo pipefail
+source "$(dirname "$0")/gpu_budget.sh"
+UNTIL=$(( $(date +%s) + 585 ))
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=100
+mkdir -p "${OUT:=runs}"
+nvidia-smi --query-gpu=name --format=csv,noheader
+common=(--model llama-8b --compute-dtype bfloat16 --gpu-memory 8GiB --prompt-len 512 --batch auto)
+timeout "$(budget 330)" python3 -m experiments bench_offload "${common[@]}" --host-quant int4 --cache-int8 \
+    --gen-lens 32,128 --methods ours,layer_by_layer,all_on_device --out "$OUT/offload-int4.json" 2>&1 \
+    | grep -v "^WARNING"
+timeout "$(budget 240)" python3 -m experiments bench_offload "${common[@]}" --gen-lens 32 \
+    --methods ours,layer_by_layer_batch1,hf_device_map_auto --out "$OUT/offload-bf16.json" 2>&1 | grep -v "^WARNING"
