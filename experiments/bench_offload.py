@@ -16,8 +16,8 @@ For each output length (prompt --prompt-len, FlexGen's tables use 512 / 32), gen
 - hf_device_map_auto: transformers' generate with device_map="auto" and max_memory = --gpu-memory at the baseline's
   batch (torch + CUDA + accelerate only; skipped with a note otherwise).
 Host->device bandwidth is measured in the same run: the PCIe-bound ceiling of a placement is its bytes moved per
-generated token over that bandwidth. Each row also records the device's peak memory in use so far
-(peak_device_bytes: ours runs first, so its figure is its own). Prints a table with ours' speed-up over the
+generated token over that bandwidth. Each row also records the device memory in use at its
+peak (sampled every millisecond during the timed run). Prints a table with ours' speed-up over the
 layer-by-layer baseline, writes JSON and a PNG.
 """
 
@@ -207,7 +207,7 @@ def print_table(rows: list[dict]) -> None:
     from llmjax.infer.offload import format_bytes
 
     print(f"{'method':<24}{'gen':>6}{'batch':>7}{'tokens/s':>12}{'PCIe ceiling':>14}{'of ceiling':>12}"
-          f"{'peak so far':>14}")
+          f"{'device peak':>14}")
     for row in rows:
         if "skipped" in row:
             print(f"{row['method']:<24}{row['gen_len']:>6}{row['batch']:>7}  skipped: {row['skipped']}")

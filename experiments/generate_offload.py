@@ -13,6 +13,7 @@ runs: the first compiles), and writes them as JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import tempfile
@@ -186,6 +187,37 @@ def resolve_placement(args, cfg, hardware: dict):
     return choice, budget
 
 
+@contextlib.contextmanager
+def sampled_peak_bytes(interval: float = 1e-3):
+    """Yields a dict whose "peak" becomes the largest device memory in use sampled every `interval` seconds on a
+    thread while the block runs (the runtime's own peak counts everything since the process started, the model's
+    loading included); None where the device reports no memory stats (CPU)."""
+    import threading
+
+    import jax
+
+    device = jax.devices()[0]
+    result = {"peak": None}
+    if not (device.memory_stats() or {}).get("bytes_in_use"):
+        yield result
+        return
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            in_use = device.memory_stats()["bytes_in_use"]
+            result["peak"] = max(result["peak"] or 0, in_use)
+            done.wait(interval)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        done.set()
+        thread.join()
+
+
 def timed_generation(model, prompts, gen_len: int, schedule: str, profile: Path | None = None,
                      cache_dtype: str | None = None) -> dict:
     """A 2-token run with the same cache capacity (it compiles every program), then the timed run: tokens/s over
@@ -203,14 +235,14 @@ def timed_generation(model, prompts, gen_len: int, schedule: str, profile: Path 
     if profile is not None:
         profile.mkdir(parents=True, exist_ok=True)
         jax.profiler.start_trace(str(profile))
-    start = time.perf_counter()
-    out = offload.offloaded_generate(model, prompts, gen_len, schedule=schedule, capacity=capacity,
-                                     cache_dtype=cache_dtype)
-    seconds = time.perf_counter() - start
+    with sampled_peak_bytes() as peak:
+        start = time.perf_counter()
+        out = offload.offloaded_generate(model, prompts, gen_len, schedule=schedule, capacity=capacity,
+                                         cache_dtype=cache_dtype)
+        seconds = time.perf_counter() - start
     if profile is not None:
         jax.profiler.stop_trace()
-    peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")  # None on CPU
-    return {"seconds": seconds, "tokens_per_s": len(prompts) * gen_len / seconds, "peak_device_bytes": peak,
+    return {"seconds": seconds, "tokens_per_s": len(prompts) * gen_len / seconds, "peak_device_bytes": peak["peak"],
             "prefill_seconds": out.prefill_seconds, "decode_seconds": out.decode_seconds, "tokens": out.tokens}
 
 

@@ -241,18 +241,29 @@ def place_model(params: dict, cfg: ModelConfig, placement: Placement, *, device=
     return OffloadedModel(cfg, placement, head, layers, device, Path(disk_dir) if disk_dir else None)
 
 
-def fetch_layer(model: OffloadedModel, index: int):
-    """Layer `index`'s weights on the device, in the compute dtype (asynchronous: returns once the copy is issued)."""
+def copy_layer(model: OffloadedModel, index: int):
+    """Layer `index`'s weights on the device as stored (quantized or not; asynchronous: returns once the copy is
+    issued)."""
     stored = model.layers[index]
-    where = model.placement.weights[index]
-    if where == DEVICE:
+    if model.placement.weights[index] == DEVICE:
         return stored
     if isinstance(stored, DiskLayer):
         stored = jax.tree.unflatten(stored.treedef, read_layer_file(stored.path))
-    layer = place_on(stored, DEVICE, model.device)
-    if model.placement.host_format:
-        layer = _dequantize_layer(layer, jnp.dtype(model.cfg.compute_dtype))
-    return layer
+    return place_on(stored, DEVICE, model.device)
+
+
+def computable(model: OffloadedModel, index: int, copied):
+    """copy_layer's result in the compute dtype: quantized host weights dequantized on the device. Dispatched
+    only once the previous layer's compute is: the dequantization waits for its copy, and kernels queued behind
+    it would wait too."""
+    if model.placement.host_format and model.placement.weights[index] != DEVICE:
+        return _dequantize_layer(copied, jnp.dtype(model.cfg.compute_dtype))
+    return copied
+
+
+def fetch_layer(model: OffloadedModel, index: int):
+    """Layer `index`'s weights on the device, in the compute dtype (asynchronous)."""
+    return computable(model, index, copy_layer(model, index))
 
 
 # --- one layer on one micro-batch: the model's block with the cache's attend ---------------------
@@ -313,22 +324,24 @@ def _run_layers(model: OffloadedModel, step, xs: list, caches: list, books: list
     """Every micro-batch's hidden states through every layer, in column order; caches[m][i] updated in place."""
     placement = model.placement
     overlap = schedule == "zigzag"
-    upcoming = fetch_layer(model, 0)
+    upcoming = copy_layer(model, 0)
     for i in range(model.cfg.num_layers):
-        weights = upcoming
         if not overlap:
-            jax.block_until_ready(weights)  # load ...
-        elif i > 0:
-            # Double buffering: wait for layer i-1's compute (layer i's copy runs meanwhile) before issuing layer
-            # i+1's copy, so at most two layers' weights are on the device whatever the dispatch runs ahead by.
-            jax.block_until_ready(xs)
+            weights = jax.block_until_ready(computable(model, i, upcoming))  # load ...
+        else:
+            if i > 0:
+                # Double buffering: wait for layer i-1's compute (layer i's copy runs meanwhile) before issuing layer
+                # i+1's copy, so at most two layers' weights are on the device whatever the dispatch runs ahead by.
+                jax.block_until_ready(xs)
+            weights = computable(model, i, upcoming)
+        upcoming = None  # the layer's stored copy is dropped once its compute-dtype weights exist
         last = i + 1 == model.cfg.num_layers
         # The next layer's copy is issued before this layer computes (dispatch is asynchronous: the copy overlaps
         # the compute); a disk layer's read blocks the Python thread, so it waits until the first micro-batch's
         # compute is dispatched.
         from_disk = not last and placement.weights[i + 1] == DISK
         if overlap and not last and not from_disk:
-            upcoming = fetch_layer(model, i + 1)
+            upcoming = copy_layer(model, i + 1)
         on_device = place_on(caches[0][i], DEVICE, model.device) if placement.cache[i] == HOST else caches[0][i]
         for m in range(len(xs)):
             current = on_device
@@ -337,12 +350,12 @@ def _run_layers(model: OffloadedModel, step, xs: list, caches: list, books: list
                 on_device = place_on(following, DEVICE, model.device) if placement.cache[i] == HOST else following
             xs[m], new_cache = step(weights, xs[m], current, books[m])
             if overlap and from_disk and m == 0:
-                upcoming = fetch_layer(model, i + 1)
+                upcoming = copy_layer(model, i + 1)
             caches[m][i] = place_on(new_cache, HOST, model.device) if placement.cache[i] == HOST else new_cache
         if not overlap:
             jax.block_until_ready(xs)  # ... compute, evict
             if not last:
-                upcoming = fetch_layer(model, i + 1)
+                upcoming = copy_layer(model, i + 1)
         del weights
     return xs
 
@@ -371,8 +384,7 @@ def offloaded_generate(model: OffloadedModel, prompts: Sequence[Sequence[int]], 
     parts = [slice(m * rows, (m + 1) * rows) for m in range(micro)]
     books, caches, xs = [], [], []
     for part in parts:
-        empty = kv_cache.init_cache(cfg, rows, capacity, cache_dtype)
-        empty = kv_cache.set_prefill_layout(empty, jnp.asarray(valid[part]))
+        empty = _empty_cache(jnp.asarray(valid[part]), cfg, capacity, cache_dtype)
         books.append(place_on({k: v for k, v in empty.items() if k != "layers"}, DEVICE, model.device))
         caches.append([place_on(layer, where, model.device) for layer, where in zip(empty["layers"], placement.cache)])
         xs.append(_embed_prompt(model.head, place_on(jnp.asarray(tokens[part]), DEVICE, model.device),
@@ -407,6 +419,13 @@ def offloaded_generate(model: OffloadedModel, prompts: Sequence[Sequence[int]], 
     decode_seconds = time.perf_counter() - start - prefill_seconds
     return OffloadOutput(tokens=generated.tolist(), logits=[np.asarray(x) for x in kept],
                          prefill_seconds=prefill_seconds, decode_seconds=decode_seconds)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "capacity", "dtype"))
+def _empty_cache(valid: jax.Array, cfg: ModelConfig, capacity: int, dtype: str | None) -> dict:
+    """An empty cache for valid's rows laid out for their prompts (one program: a cache of many layers and slices
+    is thousands of arrays, slow to create one by one)."""
+    return kv_cache.set_prefill_layout(kv_cache.init_cache(cfg, valid.shape[0], capacity, dtype), valid)
 
 
 @jax.jit
