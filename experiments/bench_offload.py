@@ -16,9 +16,9 @@ For each output length (prompt --prompt-len, FlexGen's tables use 512 / 32), gen
 - hf_device_map_auto: transformers' generate with device_map="auto" and max_memory = --gpu-memory at the baseline's
   batch (torch + CUDA + accelerate only; skipped with a note otherwise).
 Host->device bandwidth is measured in the same run: the PCIe-bound ceiling of a placement is its bytes moved per
-generated token over that bandwidth. Each row also records the device memory in use at its
-peak (sampled every millisecond during the timed run). Prints a table with ours' speed-up over the
-layer-by-layer baseline, writes JSON and a PNG.
+generated token over that bandwidth. Each row also records the device memory in use at its peak (sampled every
+millisecond during the timed run; the baseline's without ours' resident layers). Prints a table with ours' speed-up
+over the layer-by-layer baseline, writes JSON and a PNG.
 """
 
 from __future__ import annotations
@@ -146,12 +146,24 @@ def baseline_batch(args, cfg, budget: int) -> int:
     return batch
 
 
+def resident_layer_bytes(model) -> int:
+    """Bytes of the model's layers placed on the device."""
+    import jax
+
+    return sum(leaf.nbytes for layer, where in zip(model.layers, model.placement.weights) if where == "device"
+               for leaf in jax.tree.leaves(layer))
+
+
 def run_methods(args, prepared, cfg, hardware: dict, choice, budget: int, scratch: Path) -> list[dict]:
     from llmjax.infer import offload
 
     host = offload.Placement.uniform(cfg.num_layers, "host", "device")
     ours = offload.place_model(None, cfg, choice.placement, disk_dir=args.disk or scratch / "ours", prepared=prepared)
-    baseline = ours if choice.placement == host else offload.place_model(None, cfg, host, prepared=prepared)
+    baseline = ours
+    if choice.placement != host:  # every layer in pinned host memory; the head (on the device) shared with ours
+        baseline = offload.OffloadedModel(cfg, host, ours.head, offload.place_on(prepared["layers"], "host"))
+    # bytes of ours' resident layers, on the device while the baseline runs too: not the baseline's own memory
+    idle = {"layer_by_layer": resident_layer_bytes(ours), "layer_by_layer_batch1": resident_layer_bytes(ours)}
     batches = {"ours": args.batch, "layer_by_layer_batch1": 1, "layer_by_layer": args.baseline_batch,
                "all_on_device": args.batch, "hf_device_map_auto": args.baseline_batch}
     rows = []
@@ -184,6 +196,8 @@ def run_methods(args, prepared, cfg, hardware: dict, choice, budget: int, scratc
                 rows.append(row)
                 continue
             row.pop("tokens", None)
+            if row.get("peak_device_bytes"):
+                row["peak_device_bytes"] -= idle.get(method, 0)
             if method != "hf_device_map_auto":
                 moved = moved_bytes_per_step(cfg, placement, row["batch"], args.prompt_len, gen_len,
                                              cache_dtype(args) if method == "ours" else None)
