@@ -5,7 +5,8 @@
 #   PARTS="bf16" bash tools/issue25_offload_gpu.sh     # part 2 (HF's offload takes minutes to load and run)
 # carry .whl (gguf: llmjax.io imports it).
 # 1. ours with the cost model's batch, int4 host weights and the int8 KV cache, against the layer-by-layer baseline
-#    at its best batch (the largest the budget holds) and all on the device, outputs 32 and 128;
+#    at its best batch (the largest the budget holds) and all on the device, outputs 32 and 128; a profile of one
+#    more 8-token run of ours -> the copy / compute overlap and a timeline (tools/offload_overlap.py);
 # 2. ours with the model's own bf16 weights and cache (no quantization), the baseline at batch 1 and HF
 #    transformers' device_map="auto" offload at the baseline's batch, output 32.
 # JSON + PNG of each come back under $OUT.
@@ -18,7 +19,8 @@ mkdir -p "${OUT:=runs}"
 nvidia-smi --query-gpu=name --format=csv,noheader
 common=(--model llama-8b --compute-dtype bfloat16 --gpu-memory 8GiB --prompt-len 512 --batch auto)
 [[ " ${PARTS:-int4} " == *" int4 "* ]] && timeout "$(budget 580)" python3 -m experiments bench_offload "${common[@]}" --host-quant int4 --cache-int8 \
-    --gen-lens 32,128 --methods ours,layer_by_layer,all_on_device --out "$OUT/offload-int4.json" 2>&1 \
-    | grep -v "^WARNING"
+    --gen-lens 32,128 --methods ours,layer_by_layer,all_on_device --out "$OUT/offload-int4.json" \
+    --profile /tmp/offload-trace 2>&1 | grep -v "^WARNING"
+[[ " ${PARTS:-int4} " == *" int4 "* ]] && python3 tools/offload_overlap.py /tmp/offload-trace "$OUT/offload-overlap.png" 200
 [[ " ${PARTS:-int4} " == *" bf16 "* ]] && timeout "$(budget 580)" python3 -m experiments bench_offload "${common[@]}" --gen-lens 32 \
     --methods ours,layer_by_layer_batch1,hf_device_map_auto --out "$OUT/offload-bf16.json" 2>&1 | grep -v "^WARNING"

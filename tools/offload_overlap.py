@@ -1,0 +1,101 @@
+"""(device diagnostic) How much of an offloaded run's host -> device copying overlaps its compute, from the
+jax.profiler trace `bench_offload --profile DIR` writes; a timeline PNG of the trace's last WINDOW_MS.
+
+    python3 tools/offload_overlap.py TRACE_DIR OUT.png [WINDOW_MS]
+
+Copies are the GPU's memcpy events from host to device (by event or stream name); compute is every other GPU
+event. Prints (and writes beside the PNG as JSON) the busy time of each, the share of the copy time during which
+some kernel ran, and the span.
+"""
+import glob
+import gzip
+import json
+import sys
+
+
+def union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Sorted, merged [start, end) intervals."""
+    merged = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def length(intervals) -> float:
+    return sum(end - start for start, end in intervals)
+
+
+def intersection(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """Total length of the overlap of two merged interval lists."""
+    total, i, j = 0.0, 0, 0
+    while i < len(a) and j < len(b):
+        total += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def gpu_events(folder: str) -> tuple[list, list]:
+    """(copies, kernels): [(start_us, end_us, name)] of GPU 0's host -> device memcpys and of everything else."""
+    path = sorted(glob.glob(f"{folder}/plugins/profile/*/*.trace.json.gz"))[-1]
+    events = json.load(gzip.open(path))["traceEvents"]
+    processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    copies, kernels = [], []
+    for e in events:
+        if e.get("ph") != "X" or not processes.get(e["pid"], "").startswith("/device:GPU:0"):
+            continue
+        label = f"{e['name']} {threads.get((e['pid'], e['tid']), '')}".lower().replace(" ", "")
+        span = (e["ts"], e["ts"] + e["dur"], e["name"])
+        if "memcpy" in label and ("h2d" in label or "htod" in label or "hosttodevice" in label):
+            copies.append(span)
+        elif "memcpy" not in label and "memset" not in label:
+            kernels.append(span)
+    return copies, kernels
+
+
+def main(folder: str, png: str, window_ms: float = 300.0) -> dict:
+    copies, kernels = gpu_events(folder)
+    if not copies or not kernels:
+        raise SystemExit(f"{folder}: no host -> device copies or no kernels on GPU 0 in the trace")
+    copy_busy, compute_busy = union([c[:2] for c in copies]), union([k[:2] for k in kernels])
+    start = min(copy_busy[0][0], compute_busy[0][0])
+    end = max(copy_busy[-1][1], compute_busy[-1][1])
+    hidden = intersection(copy_busy, compute_busy)
+    summary = {"span_ms": (end - start) / 1e3, "copy_busy_ms": length(copy_busy) / 1e3,
+               "compute_busy_ms": length(compute_busy) / 1e3, "copy_overlapped_by_compute": hidden / length(copy_busy),
+               "copies": len(copies), "kernels": len(kernels)}
+    print(f"span {summary['span_ms']:.1f} ms: host->device copies busy {summary['copy_busy_ms']:.1f} ms "
+          f"({len(copies)} copies), compute busy {summary['compute_busy_ms']:.1f} ms ({len(kernels)} kernels); "
+          f"{summary['copy_overlapped_by_compute']:.1%} of the copy time has a kernel running beside it")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    low = end - window_ms * 1e3
+    fig, ax = plt.subplots(figsize=(11, 2.6))
+    for row, (busy, colour) in enumerate(((copy_busy, "tab:orange"), (compute_busy, "tab:blue"))):
+        shown = [((max(s, low) - low) / 1e3, (e - max(s, low)) / 1e3) for s, e in busy if e > low]
+        ax.broken_barh(shown, (row * 10 + 1, 8), facecolors=colour)
+    ax.set_yticks([5, 15], ["host -> device copies", "compute kernels"])
+    ax.set_xlabel(f"ms (the trace's last {window_ms:g} ms)")
+    ax.set_title(f"offloaded decoding: {summary['copy_overlapped_by_compute']:.0%} of the copy time overlaps compute")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    with open(png.rsplit(".", 1)[0] + ".json", "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"wrote {png}")
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], *(float(a) for a in sys.argv[3:4]))
