@@ -84,6 +84,10 @@ def parse_args(argv):
     g.add_argument("--batch", type=int, default=64, help="single-image rows per step (captions, QA)")
     g.add_argument("--episode-batch", type=int, default=16, help="interleaved few-shot episodes per step")
     g.add_argument("--caption-fraction", type=float, default=0.6, help="captions among the image rows (rest: QA)")
+    g.add_argument("--colour-swap", type=float, default=0.5,
+                   help="probability that a colour word in a caption row is swapped for another colour and not "
+                        "scored: the shape named next must then come from the image, not from which shapes that "
+                        "colour came with in training (held-out colour-shape pairs)")
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--warmup", type=int, default=100)
     g.add_argument("--log-every", type=int, default=50)
@@ -113,8 +117,9 @@ def parse_args(argv):
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 0")
     if min(args.shot_list) < 0 or max(args.shot_list) > 8:
         p.error(f"--shots {args.shots!r}: shot counts in 0..8")
-    if not 0 <= args.caption_fraction <= 1:
-        p.error(f"--caption-fraction={args.caption_fraction}: a fraction in [0, 1]")
+    for name in ("caption_fraction", "colour_swap"):
+        if not 0 <= getattr(args, name) <= 1:
+            p.error(f"--{name.replace('_', '-')}={getattr(args, name)}: a fraction in [0, 1]")
     if args.warmup > args.steps:
         p.error(f"--warmup {args.warmup} exceeds --steps {args.steps}")
     if args.lm_ckpt is not None and not args.lm_ckpt.is_dir():
@@ -233,13 +238,35 @@ def encode_segments(tokenizer, segments, seq_len: int, what: str) -> tuple[np.nd
     return tokens, mask
 
 
-def single_segments(record: dict, kind: str, rng: np.random.Generator):
+def single_segments(record: dict, kind: str, rng: np.random.Generator, colour_swap: float = 0.0):
+    """A caption or QA row as [(text, scored)]; colour_swap: see caption_segments."""
     if kind == "caption":
-        return [("<image>Caption:", False), (f" {record['caption']}<|endoftext|>", True)]
+        return [("<image>Caption:", False), *caption_segments(record["caption"], rng, colour_swap),
+                ("<|endoftext|>", True)]
     if kind == "qa":
         question, answer = record["qa"][int(rng.integers(0, len(record["qa"])))]
         return [(f"<image>Question: {question} Answer:", False), (f" {answer}<|endoftext|>", True)]
     raise ValueError(f"unknown row kind {kind!r}")
+
+
+def caption_segments(caption: str, rng: np.random.Generator, swap: float) -> list[tuple[str, bool]]:
+    """The caption as [(text, scored)] with each colour word, with probability `swap`, replaced by another colour
+    and left unscored: the row then reads a wrong colour before the object's (scored) shape, which the model can
+    only get from the image. Without it, the shapes a colour came with in training ("blue" never before "circle":
+    the held-out pairs) are a shortcut the model learns instead of looking."""
+    from llmjax.data.images import PALETTE
+
+    colours = list(PALETTE)
+    segments, scored_text = [], ""
+    for word in caption.split(" "):
+        if word in PALETTE and rng.random() < swap:
+            others = [c for c in colours if c != word]
+            segments += [(scored_text, True)] if scored_text else []
+            segments.append((f" {others[int(rng.integers(0, len(others)))]}", False))
+            scored_text = ""
+        else:
+            scored_text += f" {word}"
+    return segments + ([(scored_text, True)] if scored_text else [])
 
 
 def single_batch(pool: Pool, rng, args, tokenizer):
@@ -251,7 +278,8 @@ def single_batch(pool: Pool, rng, args, tokenizer):
         kind = "caption" if rng.random() < args.caption_fraction else "qa"
         if kind == "qa" and not pool.records[index]["qa"]:
             kind = "caption"
-        tokens, mask = encode_segments(tokenizer, single_segments(pool.records[index], kind, rng), args.seq_len, kind)
+        segments = single_segments(pool.records[index], kind, rng, args.colour_swap)
+        tokens, mask = encode_segments(tokenizer, segments, args.seq_len, kind)
         rows.append(tokens)
         masks.append(mask)
     return {"tokens": np.stack(rows), "mask": np.stack(masks), "images": pool.images[chosen][:, None]}
@@ -380,9 +408,10 @@ def cell_targets(records: list, grid: int) -> tuple[np.ndarray, np.ndarray]:
     return colour, shape
 
 
-def train_clip(args, vcfg, pool: Pool, validation: Pool, tokenizer, log):
+def train_clip(args, vcfg, pool: Pool, validation: Pool, tokenizer, log, heldout: Pool | None = None):
     """A ViT and a small text encoder trained with the CLIP loss (plus the per-cell loss). -> (vision params,
-    stats)."""
+    stats). heldout: images with held-out colour-shape pairs, whose cells the per-cell heads are also scored on (does
+    the tower tell a shape apart in a colour it never saw it in?)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -471,13 +500,33 @@ def train_clip(args, vcfg, pool: Pool, validation: Pool, tokenizer, log):
     scores = np.asarray(image @ text.T)
     truth = [r["caption"] for r in validation.records[:count]]
     top1 = float(np.mean([truth[int(np.argmax(scores[i]))] == truth[i] for i in range(count)]))
-    colour, shape = cell_targets(validation.records[:count], args.grid)
-    cell_accuracy = {"colour": float(np.mean(np.argmax(np.asarray(colour_logits), -1) == colour)),
-                     "shape": float(np.mean(np.argmax(np.asarray(shape_logits), -1) == shape))}
-    return params["vision"], {"steps": args.clip_steps, "images_per_second": seen / elapsed if elapsed else None,
-                              "validation_caption_top1": top1, "validation_images": count,
-                              "validation_cell_accuracy": cell_accuracy,
-                              "final_loss": float(loss) if args.clip_steps else None}
+    stats = {"steps": args.clip_steps, "images_per_second": seen / elapsed if elapsed else None,
+             "validation_caption_top1": top1, "validation_images": count,
+             "validation_cell_accuracy": cell_probe(validation.records[:count], colour_logits, shape_logits, args.grid),
+             "final_loss": float(loss) if args.clip_steps else None}
+    if heldout is not None:
+        count = min(256, len(heldout.records))
+        _, _, (colour_logits, shape_logits) = jax.jit(embeddings)(
+            params, heldout.images[:count], *encode_captions([r["caption"] for r in heldout.records[:count]]))
+        stats["heldout_cell_accuracy"] = cell_probe(heldout.records[:count], colour_logits, shape_logits, args.grid)
+    return params["vision"], stats
+
+
+def cell_probe(records: list, colour_logits, shape_logits, grid: int) -> dict:
+    """The per-cell heads' accuracy: colour and shape over every cell (empty ones included), and over the cells
+    holding an object of a held-out colour-shape pair ("heldout_pair_*", where there are any)."""
+    from llmjax.data.images import HELD_OUT_PAIRS, PALETTE, SHAPES
+
+    colour, shape = cell_targets(records, grid)
+    colour_hit = np.argmax(np.asarray(colour_logits), -1) == colour
+    shape_hit = np.argmax(np.asarray(shape_logits), -1) == shape
+    result = {"colour": float(np.mean(colour_hit)), "shape": float(np.mean(shape_hit))}
+    names_colour, names_shape = [None, *PALETTE], [None, *SHAPES]
+    pair = np.vectorize(lambda c, s: (names_colour[c], names_shape[s]) in set(HELD_OUT_PAIRS))(colour, shape)
+    if pair.any():
+        result.update(heldout_pair_colour=float(np.mean(colour_hit[pair])),
+                      heldout_pair_shape=float(np.mean(shape_hit[pair])), heldout_pair_cells=int(pair.sum()))
+    return result
 
 
 # --- stage 2 --------------------------------------------------------------------------------------------------------
@@ -651,7 +700,8 @@ def vision_tower(args, pool, validation, tokenizer, log):
                              f"{vcfg.image_size} (the generated images are drawn at that size)")
         return params, vcfg, {"imported": str(args.vision_tower)}
     vcfg = scratch_vision_config(args)
-    params, stats = train_clip(args, vcfg, pool, validation, tokenizer, log)
+    heldout = draw_pool(args, "heldout", min(256, max(8, args.eval_images)), args.seed + 5)
+    params, stats = train_clip(args, vcfg, pool, validation, tokenizer, log, heldout)
     return params, vcfg, stats
 
 

@@ -118,3 +118,24 @@ def test_bad_flags_are_one_line():
         train_vlm.parse_args(["--caption-fraction", "2"])
     with pytest.raises(SystemExit):
         train_vlm.parse_args(["--clip-cell-weight", "-1"])
+    with pytest.raises(SystemExit):
+        train_vlm.parse_args(["--colour-swap", "1.5"])
+
+
+def test_colour_swap_replaces_colour_words_only_and_leaves_them_unscored():
+    from llmjax.data.images import PALETTE
+
+    caption = "an orange diamond, two red circles and a blue square"
+    rng = np.random.default_rng(0)
+    assert train_vlm.caption_segments(caption, rng, 0.0) == [(f" {caption}", True)]
+    segments = train_vlm.caption_segments(caption, rng, 1.0)
+    words = caption.split(" ")
+    assert "".join(text for text, _ in segments).split(" ")[1:] != words
+    swapped = [text.strip() for text, scored in segments if not scored]
+    original = [w for w in words if w in PALETTE]
+    assert len(swapped) == 3 and all(s in PALETTE and s != o for s, o in zip(swapped, original))
+    kept = "".join(text if scored else " COLOUR" for text, scored in segments)
+    assert kept == " " + " ".join("COLOUR" if w in PALETTE else w for w in words)
+    rates = [len([1 for _, scored in train_vlm.caption_segments(caption, rng, 0.5) if not scored])
+             for _ in range(300)]
+    assert 1.2 < np.mean(rates) < 1.8  # half of the 3 colour words
