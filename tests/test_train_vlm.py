@@ -139,3 +139,19 @@ def test_colour_swap_replaces_colour_words_only_and_leaves_them_unscored():
     rates = [len([1 for _, scored in train_vlm.caption_segments(caption, rng, 0.5) if not scored])
              for _ in range(300)]
     assert 1.2 < np.mean(rates) < 1.8  # half of the 3 colour words
+
+
+def test_recoloured_images_keep_every_shape_and_show_no_palette_colour():
+    from llmjax.data.images import PALETTE
+
+    config = ImageDataConfig(size=48, grid=2, max_objects=3)
+    images = np.stack([example_for(1, "train", i, config)[0] for i in range(8)])
+    out = train_vlm.recoloured(images, np.random.default_rng(0))
+    palette = np.array(list(PALETTE.values()), np.float32)
+    was_palette = np.any(np.all(images[..., None, :] == palette.astype(np.uint8), axis=-1), axis=-1)
+    np.testing.assert_array_equal(out[~was_palette], images[~was_palette])  # background and digits as drawn
+    distances = np.linalg.norm(out[was_palette][:, None, :].astype(np.float32) - palette, axis=-1)
+    assert was_palette.any() and distances.min() >= train_vlm.OFF_PALETTE_DISTANCE
+    for image, original in zip(out, images):  # one colour per palette colour an image uses
+        for rgb in PALETTE.values():
+            assert len(np.unique(image[np.all(original == np.array(rgb, np.uint8), axis=-1)], axis=0)) <= 1

@@ -63,7 +63,9 @@ def gpu_events(folder: str) -> tuple[list, list]:
 def main(folder: str, png: str, window_ms: float = 300.0) -> dict:
     copies, kernels = gpu_events(folder)
     if not copies or not kernels:
-        raise SystemExit(f"{folder}: no host -> device copies or no kernels on GPU 0 in the trace")
+        names = sorted({name[:60] for *_, name in copies + kernels})[:40]
+        raise SystemExit(f"{folder}: {len(copies)} host -> device copies and {len(kernels)} kernels found on GPU 0; "
+                         f"its event names include: {names}")
     copy_busy, compute_busy = union([c[:2] for c in copies]), union([k[:2] for k in kernels])
     start = min(copy_busy[0][0], compute_busy[0][0])
     end = max(copy_busy[-1][1], compute_busy[-1][1])

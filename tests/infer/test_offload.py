@@ -123,6 +123,19 @@ def test_the_cost_models_choice_under_a_tight_budget_generates_exactly(model, tm
     np.testing.assert_allclose(out.logits[-1], on_device.logits[-1], rtol=1e-5, atol=1e-5)
 
 
+def test_every_micro_batch_reads_the_layers_weights_again():
+    """A call per micro-batch re-reads the layer's weights: where that read dominates (a slow device memory), a
+    decode with the caches on the host (no merging) in 4 micro-batches reads 4 layers' weights and one cache a
+    layer where one micro-batch reads one of each."""
+    cfg = get_config("llama-tiny", num_layers=6)
+    bandwidths = {"device": 1e6, "h2d": 1e15, "d2h": 1e15}
+    one, four = (offload.predict(cfg, offload.Placement.uniform(cfg.num_layers, "host", "host", micro), 4, 16, 64,
+                                 bandwidths, launch_seconds=0.0) for micro in (1, 4))
+    sizes = offload.model_sizes(cfg, 4, 16, 64)
+    expected = (4 * sizes["layer"] + sizes["cache_layer"]) / (sizes["layer"] + sizes["cache_layer"])
+    assert one.predicted_tokens_per_s / four.predicted_tokens_per_s == pytest.approx(expected, rel=0.02)
+
+
 def test_choose_batch_takes_the_fastest_batch_that_fits():
     cfg = get_config("llama-tiny", num_layers=6)
     budget = 2 * offload.minimum_device_bytes(cfg, 4, 16, NEW_TOKENS)
