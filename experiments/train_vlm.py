@@ -68,7 +68,7 @@ def parse_args(argv):
     g.add_argument("--clip-cell-weight", type=float, default=10.0,
                    help="weight of the per-cell colour / shape loss beside the CLIP loss (0: CLIP alone); the CLIP "
                         "loss alone ties a shape to the colours it came with in the captions (on a CPU-sized run, "
-                        "held-out pairs' cells: shape 27%% at weight 1, 80%% at 10)")
+                        "held-out pairs' cells: shape 48%% at weight 1, 80%% at 10)")
     g.add_argument("--clip-recolour", type=float, default=1.0,
                    help="the share of each CLIP batch also seen recoloured (each palette colour replaced by a random "
                         "colour far from every palette colour), on which alone the per-cell shape head trains: shape "
