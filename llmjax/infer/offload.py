@@ -23,8 +23,8 @@ overlap and one micro-batch.
 
 `choose_placement` is FlexGen's search reduced to a few candidate policies: how many layers' weights stay on the
 device, how many layers' caches, the micro-batch count and quantized host weights (and, with `choose_batch`, the
-batch); it predicts time per layer as
-max(compute, transfer) (they overlap) and picks the fastest policy that fits the budget.
+batch); it predicts time per layer as max(compute, transfer) (they overlap) and picks the fastest policy that fits
+the budget.
 """
 
 from __future__ import annotations
@@ -459,7 +459,9 @@ RUNTIME_RESERVE = 640 << 20
 
 
 def runtime_reserve() -> int:
+    """RUNTIME_RESERVE where the default backend is a GPU, else 0."""
     return RUNTIME_RESERVE if jax.default_backend() == "gpu" else 0
+
 
 LAUNCH_SECONDS = 100e-6  # per layer per micro-batch when not measured (measure_launch_seconds): a block's kernels
 
@@ -475,8 +477,7 @@ class PlacementChoice:
 
     def describe(self) -> str:
         return (f"batch {self.batch}; {self.placement.describe()}; predicted {self.predicted_tokens_per_s:.1f} "
-                f"tokens/s, device memory "
-                f"{format_bytes(self.device_bytes)} of {format_bytes(self.budget_bytes)}")
+                f"tokens/s, device memory {format_bytes(self.device_bytes)} of {format_bytes(self.budget_bytes)}")
 
 
 def format_bytes(count: float) -> str:
