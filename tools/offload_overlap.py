@@ -3,9 +3,10 @@ jax.profiler trace `bench_offload --profile DIR` writes; a timeline PNG of the t
 
     python3 tools/offload_overlap.py TRACE_DIR OUT.png [WINDOW_MS]
 
-Copies are the GPU's memcpy events from host to device (by event or stream name); compute is every other GPU
-event. Prints (and writes beside the PNG as JSON) the busy time of each, the share of the copy time during which
-some kernel ran, and the span.
+Copies are the GPU's memcpy events that are not device -> host or device -> device (by event or stream name: a
+copy whose name gives no direction counts); compute is every other GPU event but memsets. Prints (and writes
+beside the PNG as JSON) the busy time of each, the share of the copy time during which some kernel ran, and the
+span.
 """
 import glob
 import gzip
@@ -40,6 +41,11 @@ def intersection(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> 
     return total
 
 
+# Names of copies that are not host -> device (lowered, spaces removed), as CUPTI / XLA's tracer may write them.
+AWAY_FROM_HOST_TO_DEVICE = ("d2h", "dtoh", "devicetohost", "->pinned", "->pageable", "->host", "d2d", "dtod",
+                            "devicetodevice", "device->device", "p2p", "peer")
+
+
 def gpu_events(folder: str) -> tuple[list, list]:
     """(copies, kernels): [(start_us, end_us, name)] of GPU 0's host -> device memcpys and of everything else."""
     path = sorted(glob.glob(f"{folder}/plugins/profile/*/*.trace.json.gz"))[-1]
@@ -53,9 +59,10 @@ def gpu_events(folder: str) -> tuple[list, list]:
             continue
         label = f"{e['name']} {threads.get((e['pid'], e['tid']), '')}".lower().replace(" ", "")
         span = (e["ts"], e["ts"] + e["dur"], e["name"])
-        if "memcpy" in label and ("h2d" in label or "htod" in label or "hosttodevice" in label):
-            copies.append(span)
-        elif "memcpy" not in label and "memset" not in label:
+        if "memcpy" in label or "memorycopy" in label:
+            if not any(word in label for word in AWAY_FROM_HOST_TO_DEVICE):
+                copies.append(span)  # host -> device, or a copy whose direction the name does not say
+        elif "memset" not in label:
             kernels.append(span)
     return copies, kernels
 
