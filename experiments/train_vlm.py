@@ -800,6 +800,10 @@ def main(argv=None) -> int:
     clock = time.perf_counter()
     vision_params, vcfg, stage1 = vision_tower(args, pool, validation, base_tokenizer, log)
     timings["stage1_seconds"] = time.perf_counter() - clock
+    if "heldout_cell_accuracy" in stage1:
+        cells, held = stage1["validation_cell_accuracy"], stage1["heldout_cell_accuracy"]
+        print(f"stage 1: cells colour / shape {cells['colour']:.1%} / {cells['shape']:.1%} (validation); the held-out "
+              f"pairs' cells {held.get('heldout_pair_colour', 0):.1%} / {held.get('heldout_pair_shape', 0):.1%}")
     cfg = FlamingoConfig(lm=lm_cfg, vision=vcfg, num_latents=args.latents, resampler_layers=args.resampler_layers,
                          resampler_heads=args.resampler_heads, xattn_every=args.xattn_every,
                          max_images=max(args.shot_list) + 1)
