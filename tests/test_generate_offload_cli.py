@@ -55,7 +55,8 @@ def test_generate_offload_batch_auto_takes_the_cost_models_batch(tmp_path, capsy
 def test_bench_offload_quick_writes_table_json_and_png(tmp_path, capsys):
     out = tmp_path / "bench.json"
     bench_offload.main(["--quick", "--gpu-memory", "400KiB", "--gen-lens", "4",
-                        "--methods", "ours,layer_by_layer_batch1,all_on_device,hf_device_map_auto", "--out", str(out)])
+                        "--methods", "ours,layer_by_layer_batch1,all_on_device,hf_device_map_auto", "--out", str(out),
+                        "--profile", str(tmp_path / "trace")])
     result = json.loads(out.read_text())
     rows = {row["method"]: row for row in result["rows"]}
     assert rows["ours"]["tokens_per_s"] > 0 and rows["layer_by_layer_batch1"]["batch"] == 1
@@ -64,4 +65,5 @@ def test_bench_offload_quick_writes_table_json_and_png(tmp_path, capsys):
     assert rows["all_on_device"]["tokens_per_s"] > 0
     assert "tokens_per_s" in rows["hf_device_map_auto"] or "skipped" in rows["hf_device_map_auto"]
     assert out.with_suffix(".png").stat().st_size > 0
+    assert list((tmp_path / "trace").rglob("*.xplane.pb"))  # one more, untimed run of ours, traced
     assert "ours" in capsys.readouterr().out
