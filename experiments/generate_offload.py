@@ -1,7 +1,7 @@
 """Offloaded generation (FlexGen-style) under a device-memory budget: the placement, predicted vs measured tokens/s.
 
     python -m experiments generate_offload --model llama-8b --gpu-memory 8GiB --batch 32 --prompt-len 512 --gen-len 32
-    python -m experiments generate_offload --model llama-8b --gpu-memory 8GiB --batch auto --host-quant int4 \
+    python -m experiments generate_offload --model llama-8b --gpu-memory 8GiB --batch auto --host-quant int4 \\
         --cache-int8                             # the cost model also picks the batch and the host weights' format
     python -m experiments generate_offload --quick        # llama-tiny on the CPU, a smoke test
 
