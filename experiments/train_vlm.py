@@ -487,10 +487,14 @@ def train_clip(args, vcfg, pool: Pool, validation: Pool, tokenizer, log, heldout
             tokens[row, :len(ids)], mask[row, :len(ids)] = ids, True
         return tokens, mask
 
+    def towered(params, images):
+        """-> (each grid cell's mean patch feature [b, cells, d], the pooled image feature [b, d])."""
+        hidden, pooled = encode_images(params["vision"], images, vcfg)  # [b, tokens, d], [b, d]
+        return jnp.einsum("btd,tc->bcd", hidden.astype(jnp.float32), pooling), pooled
+
     def embeddings(params, images, tokens, mask):
         """-> (image [b, d], text [b, d]) unit vectors, cell logits (colour [b, cells, 7], shape [b, cells, 5])."""
-        hidden, pooled = encode_images(params["vision"], images, vcfg)  # [b, tokens, d], [b, d]
-        cells = jnp.einsum("btd,tc->bcd", hidden.astype(jnp.float32), pooling)  # [b, cells, d]
+        cells, pooled = towered(params, images)
         image = pooled @ params["image_proj"]
         text = embed_tokens(params["text"], tokens, mask, text_cfg, pooling="mean", normalize=False) @ params[
             "text_proj"]
@@ -508,8 +512,7 @@ def train_clip(args, vcfg, pool: Pool, validation: Pool, tokenizer, log, heldout
         """The per-cell shape head's loss on recoloured images (0 for an empty batch)."""
         if not len(recolour):
             return 0.0
-        hidden, _ = encode_images(params["vision"], recolour, vcfg)
-        cells = jnp.einsum("btd,tc->bcd", hidden.astype(jnp.float32), pooling)
+        cells, _ = towered(params, recolour)
         return optax.softmax_cross_entropy_with_integer_labels(cells @ params["cell_shape"], shape).mean()
 
     @jax.jit
@@ -571,8 +574,10 @@ def cell_probe(records: list, colour_logits, shape_logits, grid: int) -> dict:
     colour_hit = np.argmax(np.asarray(colour_logits), -1) == colour
     shape_hit = np.argmax(np.asarray(shape_logits), -1) == shape
     result = {"colour": float(np.mean(colour_hit)), "shape": float(np.mean(shape_hit))}
-    names_colour, names_shape = [None, *PALETTE], [None, *SHAPES]
-    pair = np.vectorize(lambda c, s: (names_colour[c], names_shape[s]) in set(HELD_OUT_PAIRS))(colour, shape)
+    held_out = np.zeros((1 + len(PALETTE), 1 + len(SHAPES)), bool)  # [colour id, shape id]: 0 is "empty"
+    for colour_name, shape_name in HELD_OUT_PAIRS:
+        held_out[1 + list(PALETTE).index(colour_name), 1 + SHAPES.index(shape_name)] = True
+    pair = held_out[colour, shape]
     if pair.any():
         result.update(heldout_pair_colour=float(np.mean(colour_hit[pair])),
                       heldout_pair_shape=float(np.mean(shape_hit[pair])), heldout_pair_cells=int(pair.sum()))

@@ -43,6 +43,12 @@ def test_bad_gpu_memory_and_micro_batches(tmp_path):
         generate_offload.main(["--quick", "--batch", "many"])
 
 
+def test_the_host_formats_the_flags_offer_are_the_offload_modules():
+    from llmjax.infer import offload
+
+    assert generate_offload.HOST_FORMATS == offload.HOST_FORMATS
+
+
 def test_generate_offload_batch_auto_takes_the_cost_models_batch(tmp_path, capsys):
     out = tmp_path / "run.json"
     generate_offload.main(["--quick", "--gpu-memory", "400KiB", "--batch", "auto", "--host-quant", "int4",

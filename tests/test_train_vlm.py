@@ -120,6 +120,8 @@ def test_bad_flags_are_one_line():
         train_vlm.parse_args(["--clip-cell-weight", "-1"])
     with pytest.raises(SystemExit):
         train_vlm.parse_args(["--colour-swap", "1.5"])
+    with pytest.raises(SystemExit):
+        train_vlm.parse_args(["--clip-recolour", "-0.1"])
 
 
 def test_colour_swap_replaces_colour_words_only_and_leaves_them_unscored():
@@ -155,3 +157,24 @@ def test_recoloured_images_keep_every_shape_and_show_no_palette_colour():
     for image, original in zip(out, images):  # one colour per palette colour an image uses
         for rgb in PALETTE.values():
             assert len(np.unique(image[np.all(original == np.array(rgb, np.uint8), axis=-1)], axis=0)) <= 1
+
+
+def test_cell_probe_scores_every_cell_and_the_held_out_pairs_apart():
+    """Logits that name every cell's colour and shape score 1; one held-out pair's cell given a wrong shape lowers
+    the held-out pairs' shape accuracy by one cell in their count, and the all-cell figure by one in all."""
+    from llmjax.data.images import HELD_OUT_PAIRS, PALETTE, SHAPES
+
+    config = ImageDataConfig(size=48, grid=2, max_objects=3)
+    records = [example_for(2, "heldout", i, config)[1] for i in range(10)]
+    colour, shape = train_vlm.cell_targets(records, config.grid)  # [images, cells]
+    colour_logits, shape_logits = np.eye(1 + len(PALETTE))[colour], np.eye(1 + len(SHAPES))[shape]
+    perfect = train_vlm.cell_probe(records, colour_logits, shape_logits, config.grid)
+    pairs = [(list(PALETTE)[c - 1], SHAPES[s - 1]) in HELD_OUT_PAIRS if c else False
+             for c, s in zip(colour.ravel(), shape.ravel())]
+    assert perfect == {"colour": 1.0, "shape": 1.0, "heldout_pair_colour": 1.0, "heldout_pair_shape": 1.0,
+                       "heldout_pair_cells": sum(pairs)}
+    image, cell = divmod(pairs.index(True), colour.shape[1])
+    shape_logits[image, cell] = np.eye(1 + len(SHAPES))[0]  # that object called "empty"
+    probe = train_vlm.cell_probe(records, colour_logits, shape_logits, config.grid)
+    assert probe["heldout_pair_shape"] == pytest.approx(1 - 1 / sum(pairs))
+    assert probe["shape"] == pytest.approx(1 - 1 / colour.size) and probe["heldout_pair_colour"] == 1.0

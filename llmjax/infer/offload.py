@@ -399,7 +399,7 @@ def offloaded_generate(model: OffloadedModel, prompts: Sequence[Sequence[int]], 
 
     xs = _run_layers(model, prefill, xs, caches, prompt_books, schedule)
     logits = jnp.concatenate([_last_logits(model.head, x, b, cfg) for x, b in zip(xs, books)])
-    if micro > 1 and all(where == DEVICE for where in placement.cache):  # decode the batch as one micro-batch
+    if _decodes_merged(micro, _resident_prefix(placement.cache), cfg.num_layers):  # decode as one micro-batch
         caches, books, parts = [_merge_micro_batches(caches)], [_concatenate_rows(tuple(books))], [slice(0, batch)]
     logits = jax.block_until_ready(logits)
     prefill_seconds = time.perf_counter() - start

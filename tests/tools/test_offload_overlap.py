@@ -2,22 +2,10 @@
 the copy time a kernel overlaps."""
 
 import gzip
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def offload_overlap():
-    """tools/ is not installed: load the module from the checkout."""
-    spec = importlib.util.spec_from_file_location("tools.offload_overlap", ROOT / "tools" / "offload_overlap.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def write_trace(folder: Path, events: list) -> None:
     run = folder / "plugins" / "profile" / "run"
@@ -29,8 +17,8 @@ def write_trace(folder: Path, events: list) -> None:
         json.dump({"traceEvents": meta + events}, f)
 
 
-def test_copies_kernels_and_their_overlap(tmp_path):
-    tool = offload_overlap()
+def test_copies_kernels_and_their_overlap(tmp_path, load_tool):
+    tool = load_tool("offload_overlap")
     span = lambda pid, tid, ts, dur, name: {"ph": "X", "pid": pid, "tid": tid, "ts": ts, "dur": dur,  # noqa: E731
                                             "name": name}
     write_trace(tmp_path, [
@@ -51,8 +39,8 @@ def test_copies_kernels_and_their_overlap(tmp_path):
     assert (tmp_path / "overlap.png").stat().st_size > 0 and (tmp_path / "overlap.json").exists()
 
 
-def test_interval_union_and_intersection():
-    tool = offload_overlap()
+def test_interval_union_and_intersection(load_tool):
+    tool = load_tool("offload_overlap")
     merged = tool.union([(5, 8), (0, 2), (1, 3), (7, 9)])
     assert merged == [(0, 3), (5, 9)] and tool.length(merged) == 7
     assert tool.intersection(merged, [(2, 6), (8, 20)]) == 1 + 1 + 1

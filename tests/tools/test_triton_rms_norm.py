@@ -1,9 +1,6 @@
 """The jax-triton RMSNorm (tools/triton_rms_norm.py) against the model's rms_norm (GPU only: Triton kernels
 need CUDA)."""
 
-import importlib.util
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,22 +8,12 @@ import pytest
 
 from llmjax.nn import rms_norm
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def triton_rms_norm():
-    """tools/ is not installed (nor always on sys.path under pytest): load the module from the checkout."""
-    spec = importlib.util.spec_from_file_location("tools.triton_rms_norm", ROOT / "tools" / "triton_rms_norm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape,dtype", [((4096, 4096), jnp.bfloat16), ((37, 1000), jnp.float32), ((2, 3, 768), jnp.float16)])
-def test_triton_call_rms_norm_matches_reference(shape, dtype):
+def test_triton_call_rms_norm_matches_reference(shape, dtype, load_tool):
     pytest.importorskip("triton")
-    tool = triton_rms_norm()
+    tool = load_tool("triton_rms_norm")
 
     try:
         tool.import_jax_triton()  # with the triton-3.6 shim: a plain import first would lock in jax-triton's stubs
@@ -42,6 +29,6 @@ def test_triton_call_rms_norm_matches_reference(shape, dtype):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=tolerance, rtol=tolerance)
 
 
-def test_wrong_scale_shape_is_one_clear_error():
+def test_wrong_scale_shape_is_one_clear_error(load_tool):
     with pytest.raises(ValueError, match=r"scale has shape \(5,\), expected \(8,\)"):
-        triton_rms_norm().rms_norm_triton(jnp.ones((2, 8)), jnp.ones(5))
+        load_tool("triton_rms_norm").rms_norm_triton(jnp.ones((2, 8)), jnp.ones(5))
