@@ -432,15 +432,18 @@ def off_palette_colours(rng: np.random.Generator, count: int) -> np.ndarray:
     return found[:count]
 
 
-def recoloured(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """images [b, h, w, 3] uint8 with each palette colour's pixels set to an off-palette colour drawn per image and
-    colour: the same shapes in colours no caption names, so no held-out colour-shape pair is ever shown."""
+def recoloured(images, table):
+    """images [b, h, w, 3] uint8 with palette colour k's pixels set to table [b, colours, 3] uint8's colour k (drawn
+    per image by off_palette_colours): the same shapes in colours no caption names, so no held-out colour-shape pair
+    is ever shown. Traced inside the training step: the host only draws the table."""
+    import jax.numpy as jnp
+
     from llmjax.data.images import PALETTE
 
-    out = images.copy()
-    for rgb in PALETTE.values():
-        mask = np.all(images == np.array(rgb, np.uint8), axis=-1)  # [b, h, w]
-        out[mask] = off_palette_colours(rng, len(images))[np.nonzero(mask)[0]]
+    out = images
+    for k, rgb in enumerate(PALETTE.values()):
+        is_colour = jnp.all(images == jnp.asarray(rgb, jnp.uint8), axis=-1, keepdims=True)  # [b, h, w, 1]
+        out = jnp.where(is_colour, table[:, None, None, k], out)
     return out
 
 
@@ -508,20 +511,20 @@ def train_clip(args, vcfg, pool: Pool, validation: Pool, tokenizer, log, heldout
             loss += optax.softmax_cross_entropy_with_integer_labels(logits[1], shape).mean()
         return loss
 
-    def recoloured_shape_loss(params, recolour, shape):
-        """The per-cell shape head's loss on recoloured images (0 for an empty batch)."""
-        if not len(recolour):
+    def recoloured_shape_loss(params, images, table, shape):
+        """The per-cell shape head's loss on the first len(table) images recoloured (0 for an empty table)."""
+        if not len(table):
             return 0.0
-        cells, _ = towered(params, recolour)
+        cells, _ = towered(params, recoloured(images[:len(table)], table))
         return optax.softmax_cross_entropy_with_integer_labels(cells @ params["cell_shape"], shape).mean()
 
     @jax.jit
-    def step(params, state, images, tokens, mask, ids, colour, shape, recolour):
+    def step(params, state, images, tokens, mask, ids, colour, shape, table):
         def loss_fn(params):
             image, text, cell_logits = embeddings(params, images, tokens, mask)
             contrast = info_nce_loss(image, text, temperature=args.clip_temperature, symmetric=True, doc_ids=ids)
             cells = cell_loss(cell_logits, colour, shape)
-            cells += recoloured_shape_loss(params, recolour, shape[:len(recolour)])
+            cells += recoloured_shape_loss(params, images, table, shape[:len(table)])
             return contrast + args.clip_cell_weight * cells
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -535,9 +538,10 @@ def train_clip(args, vcfg, pool: Pool, validation: Pool, tokenizer, log, heldout
         texts = [captions[i] for i in chosen]
         _, ids = np.unique(texts, return_inverse=True)  # the same caption twice is not a negative
         tokens, mask = encode_captions(texts)
-        recolour = recoloured(pool.images[chosen[:round(args.clip_recolour * len(chosen))]], rng)
+        recolour = round(args.clip_recolour * len(chosen))
+        table = off_palette_colours(rng, recolour * len(PALETTE)).reshape(recolour, len(PALETTE), 3)
         params, state, loss = step(params, state, pool.images[chosen], tokens, mask, ids.astype(np.int32),
-                                   train_colour[chosen], train_shape[chosen], recolour)
+                                   train_colour[chosen], train_shape[chosen], table)
         if number == 0:
             jax.block_until_ready(loss)
             start = time.perf_counter()

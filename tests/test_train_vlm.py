@@ -148,7 +148,9 @@ def test_recoloured_images_keep_every_shape_and_show_no_palette_colour():
 
     config = ImageDataConfig(size=48, grid=2, max_objects=3)
     images = np.stack([example_for(1, "train", i, config)[0] for i in range(8)])
-    out = train_vlm.recoloured(images, np.random.default_rng(0))
+    table = train_vlm.off_palette_colours(np.random.default_rng(0), len(images) * len(PALETTE))
+    out = np.asarray(train_vlm.recoloured(images, table.reshape(len(images), len(PALETTE), 3)))
+    assert out.dtype == np.uint8 and out.shape == images.shape
     palette = np.array(list(PALETTE.values()), np.float32)
     was_palette = np.any(np.all(images[..., None, :] == palette.astype(np.uint8), axis=-1), axis=-1)
     np.testing.assert_array_equal(out[~was_palette], images[~was_palette])  # background and digits as drawn

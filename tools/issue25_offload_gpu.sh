@@ -10,7 +10,7 @@
 #    more 8-token run of ours -> the copy / compute overlap and a timeline (tools/offload_overlap.py);
 # 2. ours with the model's own bf16 weights and cache (no quantization), the baseline at batch 1 and HF
 #    transformers' device_map="auto" offload at the baseline's batch, output 32.
-# JSON + PNG of each come back under $OUT.
+# JSON + PNG of each come back under $OUT, and the profile's trace where it is under 16 MB.
 set -uo pipefail
 source "$(dirname "$0")/gpu_budget.sh"
 UNTIL=${UNTIL:-$(( $(date +%s) + 585 ))}  # set by a caller sharing the call
@@ -22,6 +22,10 @@ common=(--model llama-8b --compute-dtype bfloat16 --gpu-memory 8GiB --prompt-len
 [[ " ${PARTS:-int4} " == *" int4 "* ]] && timeout "$(budget 580)" python3 -m experiments bench_offload "${common[@]}" --host-quant int4 --cache-int8 \
     --gen-lens "${GEN_LENS:-32,128}" --methods "${METHODS:-ours,layer_by_layer,all_on_device}" --out "$OUT/offload-int4.json" \
     --profile /tmp/offload-trace 2>&1 | grep -v "^WARNING"
-[[ " ${PARTS:-int4} " == *" int4 "* ]] && python3 tools/offload_overlap.py /tmp/offload-trace "$OUT/offload-overlap.png" 200
+if [[ " ${PARTS:-int4} " == *" int4 "* ]]; then
+    python3 tools/offload_overlap.py /tmp/offload-trace "$OUT/offload-overlap.png" 200
+    trace=$(ls /tmp/offload-trace/plugins/profile/*/*.trace.json.gz 2>/dev/null | tail -1)
+    [ -n "$trace" ] && (( $(stat -c %s "$trace") < 16000000 )) && cp "$trace" "$OUT/offload-trace.json.gz"
+fi
 [[ " ${PARTS:-int4} " == *" bf16 "* ]] && timeout "$(budget 580)" python3 -m experiments bench_offload "${common[@]}" --gen-lens 32 \
     --methods ours,layer_by_layer_batch1,hf_device_map_auto --out "$OUT/offload-bf16.json" 2>&1 | grep -v "^WARNING"

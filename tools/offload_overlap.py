@@ -46,10 +46,30 @@ AWAY_FROM_HOST_TO_DEVICE = ("d2h", "dtoh", "devicetohost", "->pinned", "->pageab
                             "devicetodevice", "device->device", "p2p", "peer")
 
 
-def gpu_events(folder: str) -> tuple[list, list]:
-    """(copies, kernels): [(start_us, end_us, name)] of GPU 0's host -> device memcpys and of everything else."""
+def trace_events(folder: str) -> list[dict]:
+    """The newest trace's events (jax.profiler writes FOLDER/plugins/profile/RUN/HOST.trace.json.gz)."""
     path = sorted(glob.glob(f"{folder}/plugins/profile/*/*.trace.json.gz"))[-1]
-    events = json.load(gzip.open(path))["traceEvents"]
+    return json.load(gzip.open(path))["traceEvents"]
+
+
+def event_lines(events: list[dict]) -> list[tuple[str, str, int, list[str]]]:
+    """Every (process, thread) that holds complete events: (process, thread, count, its first distinct names)."""
+    processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    lines: dict = {}
+    for e in events:
+        if e.get("ph") == "X":
+            count, names = lines.setdefault((e["pid"], e.get("tid")), [0, []])
+            lines[(e["pid"], e.get("tid"))][0] = count + 1
+            if len(names) < 4 and e["name"][:40] not in names:
+                names.append(e["name"][:40])
+    return [(str(processes.get(pid, pid)), str(threads.get((pid, tid), tid)), count, names)
+            for (pid, tid), (count, names) in sorted(lines.items(), key=lambda item: -item[1][0])]
+
+
+def gpu_events(events: list[dict]) -> tuple[list, list]:
+    """(copies, kernels): [(start_us, end_us, name)] of GPU 0's host -> device memcpys and of everything else."""
     processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
                if e.get("ph") == "M" and e.get("name") == "thread_name"}
@@ -68,11 +88,13 @@ def gpu_events(folder: str) -> tuple[list, list]:
 
 
 def main(folder: str, png: str, window_ms: float = 300.0) -> dict:
-    copies, kernels = gpu_events(folder)
+    events = trace_events(folder)
+    copies, kernels = gpu_events(events)
     if not copies or not kernels:
-        names = sorted({name[:60] for *_, name in copies + kernels})[:40]
-        raise SystemExit(f"{folder}: {len(copies)} host -> device copies and {len(kernels)} kernels found on GPU 0; "
-                         f"its event names include: {names}")
+        for process, thread, count, names in event_lines(events)[:30]:
+            print(f"  {process[:40]:40} {thread[:40]:40} {count:7d}  {names}")
+        raise SystemExit(f"{folder}: {len(copies)} host -> device copies and {len(kernels)} kernels found on GPU 0 "
+                         "(the trace's event lines above)")
     copy_busy, compute_busy = union([c[:2] for c in copies]), union([k[:2] for k in kernels])
     start = min(copy_busy[0][0], compute_busy[0][0])
     end = max(copy_busy[-1][1], compute_busy[-1][1])

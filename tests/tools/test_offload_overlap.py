@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+
 def write_trace(folder: Path, events: list) -> None:
     run = folder / "plugins" / "profile" / "run"
     run.mkdir(parents=True)
@@ -30,7 +31,7 @@ def test_copies_kernels_and_their_overlap(tmp_path, load_tool):
         span(1, 5, 500, 10, "memset32"),                       # neither
         span(2, 9, 0, 1000, "host work"),                      # not the GPU
     ])
-    copies, kernels = tool.gpu_events(str(tmp_path))
+    copies, kernels = tool.gpu_events(tool.trace_events(str(tmp_path)))
     assert sorted(c[2] for c in copies) == ["Memcpy (Pinned -> Device)", "copy on a host->device stream"]
     assert sorted(k[2] for k in kernels) == ["fusion_12", "gemm_kernel"]
     summary = tool.main(str(tmp_path), str(tmp_path / "overlap.png"), 1.0)
@@ -44,3 +45,15 @@ def test_interval_union_and_intersection(load_tool):
     merged = tool.union([(5, 8), (0, 2), (1, 3), (7, 9)])
     assert merged == [(0, 3), (5, 9)] and tool.length(merged) == 7
     assert tool.intersection(merged, [(2, 6), (8, 20)]) == 1 + 1 + 1
+
+
+def test_a_trace_without_kernels_lists_its_event_lines(tmp_path, load_tool, capsys):
+    """No kernel on GPU 0: the tool stops with one line, after printing each (process, thread)'s event count."""
+    tool = load_tool("offload_overlap")
+    copies = [{"ph": "X", "pid": 1, "tid": 7, "ts": 10 * i, "dur": 5, "name": "MemcpyH2D"} for i in range(3)]
+    write_trace(tmp_path, copies + [{"ph": "X", "pid": 2, "tid": 9, "ts": 0, "dur": 9, "name": "jit_step"}])
+    with pytest.raises(SystemExit, match="3 host -> device copies and 0 kernels"):
+        tool.main(str(tmp_path), str(tmp_path / "overlap.png"))
+    printed = capsys.readouterr().out.splitlines()
+    assert "Stream #7(MemcpyH2D)" in printed[0] and " 3  ['MemcpyH2D']" in printed[0]
+    assert "/host:CPU" in printed[1] and "['jit_step']" in printed[1]
