@@ -3,10 +3,11 @@ jax.profiler trace `bench_offload --profile DIR` writes; a timeline PNG of the t
 
     python3 tools/offload_overlap.py TRACE_DIR OUT.png [WINDOW_MS]
 
-Copies are the GPU's memcpy events that are not device -> host or device -> device (by event or stream name: a
-copy whose name gives no direction counts); compute is every other GPU event but memsets. Prints (and writes
-beside the PNG as JSON) the busy time of each, the share of the copy time during which some kernel ran, and the
-span.
+Copies are the GPU's memcpy events, and every event on a copy-only stream ("Stream #21(MemcpyH2D)"), that are not
+device -> host or device -> device (by event name, or a copy stream's name: a copy whose names give no direction
+counts); compute is every other GPU event but memsets, whatever its stream ("Stream #14(Memset,MemcpyD2D,Compute)").
+Prints (and writes beside the PNG as JSON) the busy time of each, the share of the copy time during which some kernel
+ran, and the span.
 """
 import glob
 import gzip
@@ -77,12 +78,15 @@ def gpu_events(events: list[dict]) -> tuple[list, list]:
     for e in events:
         if e.get("ph") != "X" or not processes.get(e["pid"], "").startswith("/device:GPU:0"):
             continue
-        label = f"{e['name']} {threads.get((e['pid'], e['tid']), '')}".lower().replace(" ", "")
+        name = e["name"].lower().replace(" ", "")
+        stream = threads.get((e["pid"], e["tid"]), "").lower().replace(" ", "")  # e.g. stream#14(memset,compute)
+        copy_stream = "memcpy" in stream and "compute" not in stream and "kernel" not in stream
         span = (e["ts"], e["ts"] + e["dur"], e["name"])
-        if "memcpy" in label or "memorycopy" in label:
+        if "memcpy" in name or "memorycopy" in name or copy_stream:
+            label = name + (stream if copy_stream else "")
             if not any(word in label for word in AWAY_FROM_HOST_TO_DEVICE):
-                copies.append(span)  # host -> device, or a copy whose direction the name does not say
-        elif "memset" not in label:
+                copies.append(span)  # host -> device, or a copy whose direction the names do not say
+        elif "memset" not in name:
             kernels.append(span)
     return copies, kernels
 

@@ -326,22 +326,26 @@ def _run_layers(model: OffloadedModel, step, xs: list, caches: list, books: list
     overlap = schedule == "zigzag"
     upcoming = copy_layer(model, 0)
     for i in range(model.cfg.num_layers):
+        last = i + 1 == model.cfg.num_layers
+        from_disk = not last and placement.weights[i + 1] == DISK
         if not overlap:
-            weights = jax.block_until_ready(computable(model, i, upcoming))  # load ...
+            weights, upcoming = jax.block_until_ready(computable(model, i, upcoming)), None  # load ...
         else:
             if i > 0:
                 # Double buffering: wait for layer i-1's compute (layer i's copy runs meanwhile) before issuing layer
                 # i+1's copy, so at most two layers' weights are on the device whatever the dispatch runs ahead by.
                 jax.block_until_ready(xs)
-            weights = computable(model, i, upcoming)
-        upcoming = None  # the layer's stored copy is dropped once its compute-dtype weights exist
-        last = i + 1 == model.cfg.num_layers
-        # The next layer's copy is issued before this layer computes (dispatch is asynchronous: the copy overlaps
-        # the compute); a disk layer's read blocks the Python thread, so it waits until the first micro-batch's
-        # compute is dispatched.
-        from_disk = not last and placement.weights[i + 1] == DISK
-        if overlap and not last and not from_disk:
-            upcoming = copy_layer(model, i + 1)
+            copied, upcoming = upcoming, None
+            # The next layer's copy is issued before this layer's dequantization and compute (dispatch is
+            # asynchronous: the copy overlaps them). Before them, not after: a host -> device copy waits for the
+            # work queued on the compute stream when it is issued, and the dequantization waits for this layer's
+            # copy, so issued after it, the next copy would start only once this one and its dequantization end. A
+            # disk layer's read blocks the Python thread, so it waits until the first micro-batch's compute is
+            # dispatched.
+            if not last and not from_disk:
+                upcoming = copy_layer(model, i + 1)
+            weights = computable(model, i, copied)
+            del copied  # the layer's stored copy is dropped once its compute-dtype weights exist
         on_device = place_on(caches[0][i], DEVICE, model.device) if placement.cache[i] == HOST else caches[0][i]
         for m in range(len(xs)):
             current = on_device

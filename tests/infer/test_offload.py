@@ -85,6 +85,25 @@ def test_quantized_host_weights_equal_generation_with_the_dequantized_weights(mo
                                atol=(0.05 if fmt == "int8" else 0.3) * scale)
 
 
+def test_the_next_layers_copy_is_issued_before_this_layers_dequantization(model, monkeypatch):
+    """A host -> device copy waits for the work queued on the compute stream when it is issued: issued after layer i's
+    dequantization (which waits for layer i's copy), copy i + 1 would start only once copy i ended (the H100 profile
+    showed the copies serialised). The zig-zag schedule issues copy i + 1 first; weights on the device copy nothing."""
+    cfg, params, reference, _, _ = model
+    placement = offload.Placement(("device",) + ("host",) * (cfg.num_layers - 1), ("device",) * cfg.num_layers, 2,
+                                  host_format="int8")
+    placed = offload.place_model(params, cfg, placement)
+    calls = []
+    copy_layer, computable = offload.copy_layer, offload.computable
+    monkeypatch.setattr(offload, "copy_layer", lambda m, i: calls.append(("copy", i)) or copy_layer(m, i))
+    monkeypatch.setattr(offload, "computable", lambda m, i, c: calls.append(("dequantize", i)) or computable(m, i, c))
+    assert offload.offloaded_generate(placed, PROMPTS, 1).tokens == [row[:1] for row in reference]
+    prefill = calls[:2 * cfg.num_layers]
+    assert prefill[:3] == [("copy", 0), ("copy", 1), ("dequantize", 0)]
+    for i in range(1, cfg.num_layers - 1):
+        assert prefill.index(("copy", i + 1)) < prefill.index(("dequantize", i))
+
+
 def test_cost_model_picks_all_device_when_everything_fits():
     cfg = get_config("llama-tiny", num_layers=6)
     choice = offload.choose_placement(cfg, 4, 16, NEW_TOKENS, budget_bytes=1 << 30)

@@ -13,7 +13,9 @@ def write_trace(folder: Path, events: list) -> None:
     run.mkdir(parents=True)
     meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0 NVIDIA H100"}},
             {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
-            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #7(MemcpyH2D)"}}]
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #7(MemcpyH2D)"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 5,
+             "args": {"name": "Stream #5(Memset,MemcpyD2D,Compute)"}}]
     with gzip.open(run / "host.trace.json.gz", "wt") as f:
         json.dump({"traceEvents": meta + events}, f)
 
@@ -29,6 +31,7 @@ def test_copies_kernels_and_their_overlap(tmp_path, load_tool):
         span(1, 5, 50, 100, "gemm_kernel"),                    # overlaps the first copy's last 50 us
         span(1, 5, 250, 20, "fusion_12"),                      # inside the second copy
         span(1, 5, 500, 10, "memset32"),                       # neither
+        span(1, 5, 520, 10, "MemcpyD2D"),                      # neither: a device copy on the compute stream
         span(2, 9, 0, 1000, "host work"),                      # not the GPU
     ])
     copies, kernels = tool.gpu_events(tool.trace_events(str(tmp_path)))
