@@ -95,6 +95,11 @@ def parse_args(argv):
                    help="probability that a colour word in a caption row is swapped for another colour and not "
                         "scored: the shape named next must then come from the image, not from which shapes that "
                         "colour came with in training (held-out colour-shape pairs)")
+    g.add_argument("--vlm-recolour", type=float, default=0.0,
+                   help="the share of caption rows shown recoloured (off-palette colours, as --clip-recolour) with "
+                        "every colour word swapped for a random palette colour and not scored: the shapes named must "
+                        "then be read from an image whose colours say nothing about them, so the resampler and the "
+                        "cross-attention cannot tie a shape to the colours it came with (the held-out pairs)")
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--warmup", type=int, default=100)
     g.add_argument("--log-every", type=int, default=50)
@@ -124,7 +129,7 @@ def parse_args(argv):
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 0")
     if min(args.shot_list) < 0 or max(args.shot_list) > 8:
         p.error(f"--shots {args.shots!r}: shot counts in 0..8")
-    for name in ("caption_fraction", "colour_swap", "clip_recolour"):
+    for name in ("caption_fraction", "colour_swap", "clip_recolour", "vlm_recolour"):
         if not 0 <= getattr(args, name) <= 1:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)}: a fraction in [0, 1]")
     if args.warmup > args.steps:
@@ -278,32 +283,45 @@ def caption_segments(caption: str, rng: np.random.Generator, swap: float) -> lis
 
 def single_batch(pool: Pool, rng, args, tokenizer):
     """{"tokens" [B, seq], "mask" [B, seq - 1], "images" [B, 1, size, size, 3]}: captions and QA rows (no text-only
-    rows: a token that sees no image skips the gated blocks, so they would train nothing)."""
+    rows: a token that sees no image skips the gated blocks, so they would train nothing). With --vlm-recolour, also
+    "recolour" [B] bool (the rows whose image the step recolours) and "tables" [B, colours, 3] uint8 (their colours:
+    recoloured's table)."""
+    from llmjax.data.images import PALETTE
+
     rows, masks = [], []
     chosen = rng.integers(0, len(pool.records), size=args.batch)
-    for index in chosen:
+    recolour = np.zeros(args.batch, bool)
+    for row, index in enumerate(chosen):
         kind = "caption" if rng.random() < args.caption_fraction else "qa"
         if kind == "qa" and not pool.records[index]["qa"]:
             kind = "caption"
-        segments = single_segments(pool.records[index], kind, rng, args.colour_swap)
+        recolour[row] = kind == "caption" and rng.random() < args.vlm_recolour
+        segments = single_segments(pool.records[index], kind, rng, 1.0 if recolour[row] else args.colour_swap)
         tokens, mask = encode_segments(tokenizer, segments, args.seq_len, kind)
         rows.append(tokens)
         masks.append(mask)
-    return {"tokens": np.stack(rows), "mask": np.stack(masks), "images": pool.images[chosen][:, None]}
+    batch = {"tokens": np.stack(rows), "mask": np.stack(masks), "images": pool.images[chosen][:, None]}
+    if args.vlm_recolour:
+        tables = np.zeros((args.batch, len(PALETTE), 3), np.uint8)
+        tables[recolour] = off_palette_colours(rng, int(recolour.sum()) * len(PALETTE)).reshape(-1, len(PALETTE), 3)
+        batch |= {"recolour": recolour, "tables": tables}
+    return batch
 
 
 def training_batch(pool: Pool, rng, args, tokenizer) -> dict:
     """One step's rows: --batch single-image rows then --episode-batch episodes, in one array each ({"tokens" [rows,
     seq], "mask" [rows, seq - 1], "images" [rows, max shots + 1, size, size, 3]}; a single-image row's other slots
-    are black images no token sees): one compiled step for both kinds."""
+    are black images no token sees): one compiled step for both kinds. "recolour" / "tables" (single_batch) cover
+    the first --batch rows."""
     single = single_batch(pool, rng, args, tokenizer)
     slots = max(args.shot_list) + 1
     images = np.zeros((len(single["images"]), slots, *pool.images.shape[1:]), np.uint8)
     images[:, :1] = single["images"]
+    single["images"] = images
     if not args.episode_batch:
-        return {**single, "images": images}
+        return single
     episodes = episode_batch(pool, rng, args, tokenizer)
-    return {key: np.concatenate([value, episodes[key]]) for key, value in {**single, "images": images}.items()}
+    return single | {key: np.concatenate([single[key], episodes[key]]) for key in episodes}
 
 
 def episode_batch(pool: Pool, rng, args, tokenizer):
@@ -590,6 +608,20 @@ def cell_probe(records: list, colour_logits, shape_logits, grid: int) -> dict:
 
 # --- stage 2 --------------------------------------------------------------------------------------------------------
 
+def shown_images(batch: dict):
+    """batch["images"] [rows, slots, h, w, 3] with the first slot of the rows batch["recolour"] marks recoloured by
+    batch["tables"] (single_batch; as drawn without them). Traced inside the training step."""
+    import jax.numpy as jnp
+
+    images = batch["images"]
+    if "tables" not in batch:
+        return images
+    count = len(batch["tables"])
+    first = images[:count, 0]
+    first = jnp.where(batch["recolour"][:, None, None, None], recoloured(first, batch["tables"]), first)
+    return jnp.asarray(images).at[:count, 0].set(first)
+
+
 def train_vlm_stage(args, cfg, params, pool: Pool, tokenizer, log):
     """Resampler, cross-attention and new token rows trained (the tower too with --train-vision). -> (params, stats)"""
     import jax
@@ -608,7 +640,7 @@ def train_vlm_stage(args, cfg, params, pool: Pool, tokenizer, log):
     def step(trainable, state, frozen, batch):
         def loss_fn(trainable):
             merged = {**frozen, **trainable}
-            latents = visual_latents(merged, batch["images"], cfg)
+            latents = visual_latents(merged, shown_images(batch), cfg)
             total, count = token_losses(merged, batch["tokens"], latents, batch["mask"], cfg)
             return total / jax.numpy.maximum(count, 1)
 

@@ -28,7 +28,7 @@ def run(tmp_path_factory, make_run_folder):
     cfg = get_config("gpt2-tiny", vocab_size=tokenizer.vocab_size, max_seq_len=96)
     lm = make_run_folder(tmp_path_factory.mktemp("lm") / "lm", cfg, init_params(cfg, jax.random.key(0)), tokenizer)
     out = tmp_path_factory.mktemp("vlm") / "run"
-    assert train_vlm.main(["--quick", "--out", str(out), "--lm-ckpt", str(lm)]) == 0
+    assert train_vlm.main(["--quick", "--out", str(out), "--lm-ckpt", str(lm), "--vlm-recolour", "0.5"]) == 0
     return out
 
 
@@ -122,6 +122,8 @@ def test_bad_flags_are_one_line():
         train_vlm.parse_args(["--colour-swap", "1.5"])
     with pytest.raises(SystemExit):
         train_vlm.parse_args(["--clip-recolour", "-0.1"])
+    with pytest.raises(SystemExit):
+        train_vlm.parse_args(["--vlm-recolour", "2"])
 
 
 def test_colour_swap_replaces_colour_words_only_and_leaves_them_unscored():
@@ -159,6 +161,33 @@ def test_recoloured_images_keep_every_shape_and_show_no_palette_colour():
     for image, original in zip(out, images):  # one colour per palette colour an image uses
         for rgb in PALETTE.values():
             assert len(np.unique(image[np.all(original == np.array(rgb, np.uint8), axis=-1)], axis=0)) <= 1
+
+
+def test_recoloured_caption_rows_score_no_colour_word_and_are_recoloured_in_the_step():
+    """--vlm-recolour: a recoloured row is a caption row whose colour words are all swapped and unscored; the step's
+    images recolour exactly those rows' first image (QA rows, other rows and episodes as drawn)."""
+    from llmjax.data.images import PALETTE
+    from llmjax.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer("bytes")
+    args = train_vlm.parse_args(["--quick", "--vlm-recolour", "0.5", "--caption-fraction", "0.7", "--batch", "24"])
+    pool = train_vlm.draw_pool(args, "train", 40, 0)
+    batch = train_vlm.training_batch(pool, np.random.default_rng(1), args, tokenizer)
+    recolour, tables = batch["recolour"], batch["tables"]
+    assert recolour.shape == (24,) and tables.shape == (24, len(PALETTE), 3) and 0 < recolour.sum() < 24
+    assert len(batch["tokens"]) == 24 + args.episode_batch
+    shown = np.asarray(train_vlm.shown_images(batch))
+    for row in range(len(batch["tokens"])):
+        text = tokenizer.decode(batch["tokens"][row][batch["tokens"][row] > 0].tolist())
+        scored = tokenizer.decode(batch["tokens"][row][1:][batch["mask"][row]].tolist())
+        if row < 24 and recolour[row]:
+            assert "Caption:" in text and not any(colour in scored for colour in PALETTE), scored
+            changed = np.any(shown[row, 0] != batch["images"][row, 0], axis=-1)
+            assert changed.any() and np.all(np.isin(shown[row, 0][changed], tables[row]))
+        else:
+            np.testing.assert_array_equal(shown[row], batch["images"][row])
+    plain = train_vlm.parse_args(["--quick"])
+    assert "tables" not in train_vlm.training_batch(pool, np.random.default_rng(1), plain, tokenizer)
 
 
 def test_cell_probe_scores_every_cell_and_the_held_out_pairs_apart():
