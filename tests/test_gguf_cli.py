@@ -78,7 +78,10 @@ def write_tiny_gguf(path: Path, real: dict, chat_template: bool) -> Path:
     if chat_template:
         writer.add_chat_template(real["tokenizer.chat_template"])
     rng = np.random.default_rng(0)
-    normal = lambda *shape: (0.05 * rng.standard_normal(shape)).astype(np.float32)
+
+    def normal(*shape):
+        return (0.05 * rng.standard_normal(shape)).astype(np.float32)
+
     writer.add_tensor("token_embd.weight", normal(vocab, d_model).astype(np.float16))
     writer.add_tensor("output_norm.weight", 1 + normal(d_model))
     for layer in range(layers):
@@ -205,6 +208,7 @@ def running_server(app):
 
 
 @pytest.mark.parametrize("quantized", [[], ["--quantized"]], ids=["float32", "quantized"])
+@pytest.mark.usefixtures("optimized_xla")
 def test_serve_answers_a_chat_with_the_real_model(quantized):
     """serve's own app from its flags: the chat template and the stop token come from the GGUF, streamed or not;
     with --quantized the engine multiplies the file's int4 / int8 blocks."""

@@ -96,7 +96,8 @@ def test_real_model_greedy_answers_equal_transformers(smollm2, smollm2_transform
         logits = smollm2_transformers.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
     for row, (prompt, answer) in enumerate(zip(prompts, answers)):
         choices = logits[row, width - 65:width - 1].argmax(-1).tolist()  # after the prompt and each answer token
-        assert choices == answer, f"prompt {row} ({PROMPTS[row]!r}) differs from token {first_difference(choices, answer)}"
+        assert choices == answer, (f"prompt {row} ({PROMPTS[row]!r}) differs from token "
+                                   f"{first_difference(choices, answer)}")
     assert "Paris" in tokenizer.decode(answers[0])
 
 
