@@ -1,5 +1,5 @@
 """(device diagnostic) How much of an offloaded run's host -> device copying overlaps its compute, from the
-jax.profiler trace `bench_offload --profile DIR` writes; a timeline PNG of the trace's last WINDOW_MS.
+jax.profiler trace `bench_offload --profile DIR` writes; a timeline PNG of the last WINDOW_MS of copying.
 
     python3 tools/offload_overlap.py TRACE_DIR OUT.png [WINDOW_MS]
 
@@ -53,27 +53,33 @@ def trace_events(folder: str) -> list[dict]:
     return json.load(gzip.open(path))["traceEvents"]
 
 
-def event_lines(events: list[dict]) -> list[tuple[str, str, int, list[str]]]:
-    """Every (process, thread) that holds complete events: (process, thread, count, its first distinct names)."""
+def process_and_thread_names(events: list[dict]) -> tuple[dict, dict]:
+    """({pid: process name}, {(pid, tid): thread name}) from the trace's metadata events."""
     processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
                if e.get("ph") == "M" and e.get("name") == "thread_name"}
-    lines: dict = {}
+    return processes, threads
+
+
+def event_lines(events: list[dict]) -> list[tuple[str, str, int, list[str]]]:
+    """Every (process, thread) that holds complete events, busiest first: (process, thread, count, its first 4
+    distinct names)."""
+    processes, threads = process_and_thread_names(events)
+    counts, names = {}, {}
     for e in events:
         if e.get("ph") == "X":
-            count, names = lines.setdefault((e["pid"], e.get("tid")), [0, []])
-            lines[(e["pid"], e.get("tid"))][0] = count + 1
-            if len(names) < 4 and e["name"][:40] not in names:
-                names.append(e["name"][:40])
-    return [(str(processes.get(pid, pid)), str(threads.get((pid, tid), tid)), count, names)
-            for (pid, tid), (count, names) in sorted(lines.items(), key=lambda item: -item[1][0])]
+            line = (e["pid"], e.get("tid"))
+            counts[line] = counts.get(line, 0) + 1
+            seen = names.setdefault(line, [])
+            if len(seen) < 4 and e["name"][:40] not in seen:
+                seen.append(e["name"][:40])
+    return [(str(processes.get(pid, pid)), str(threads.get((pid, tid), tid)), count, names[(pid, tid)])
+            for (pid, tid), count in sorted(counts.items(), key=lambda item: -item[1])]
 
 
 def gpu_events(events: list[dict]) -> tuple[list, list]:
     """(copies, kernels): [(start_us, end_us, name)] of GPU 0's host -> device memcpys and of everything else."""
-    processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
-               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    processes, threads = process_and_thread_names(events)
     copies, kernels = [], []
     for e in events:
         if e.get("ph") != "X" or not processes.get(e["pid"], "").startswith("/device:GPU:0"):
@@ -115,13 +121,15 @@ def main(folder: str, png: str, window_ms: float = 300.0) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    low = end - window_ms * 1e3
+    high = copy_busy[-1][1]  # the last copy's end: after it the run only computes (the last layer, the tokens)
+    low = high - window_ms * 1e3
     fig, ax = plt.subplots(figsize=(11, 2.6))
     for row, (busy, colour) in enumerate(((copy_busy, "tab:orange"), (compute_busy, "tab:blue"))):
-        shown = [((max(s, low) - low) / 1e3, (e - max(s, low)) / 1e3) for s, e in busy if e > low]
+        shown = [((max(s, low) - low) / 1e3, (min(e, high) - max(s, low)) / 1e3) for s, e in busy
+                 if e > low and s < high]
         ax.broken_barh(shown, (row * 10 + 1, 8), facecolors=colour)
     ax.set_yticks([5, 15], ["host -> device copies", "compute kernels"])
-    ax.set_xlabel(f"ms (the trace's last {window_ms:g} ms)")
+    ax.set_xlabel(f"ms (the last {window_ms:g} ms of copying)")
     ax.set_title(f"offloaded decoding: {summary['copy_overlapped_by_compute']:.0%} of the copy time overlaps compute")
     fig.tight_layout()
     fig.savefig(png, dpi=120)
