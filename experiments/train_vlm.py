@@ -57,6 +57,9 @@ def parse_args(argv):
     g = p.add_argument_group("vision tower (stage 1)")
     g.add_argument("--vision-tower", type=Path, default=None,
                    help="a Hugging Face CLIP / SigLIP folder: its vision tower, frozen (no stage 1)")
+    g.add_argument("--vision-from", type=Path, default=None,
+                   help="an earlier train_vlm run folder: its stage-1 tower, frozen (no stage 1; with --lm-ckpt "
+                        "RUN/lm, stage 2's variants run without redoing stages 0 and 1)")
     g.add_argument("--vision-preset", default="vit-tiny", help="the ViT trained from scratch (llmjax.model.vision)")
     g.add_argument("--patch-size", type=int, default=8)
     g.add_argument("--vision-width", type=int, default=0, help="d_model of the ViT (0: the preset's)")
@@ -138,6 +141,10 @@ def parse_args(argv):
         p.error(f"--lm-ckpt {args.lm_ckpt}: no such run folder")
     if args.vision_tower is not None and not args.vision_tower.is_dir():
         p.error(f"--vision-tower {args.vision_tower}: no such folder")
+    if args.vision_from is not None and args.vision_tower is not None:
+        p.error("--vision-from and --vision-tower: give one tower")
+    if args.vision_from is not None and not args.vision_from.is_dir():
+        p.error(f"--vision-from {args.vision_from}: no such run folder")
     return args
 
 
@@ -777,7 +784,21 @@ def plot_losses(metrics: list[dict], path: Path) -> None:
 # --- main -----------------------------------------------------------------------------------------------------------
 
 def vision_tower(args, pool, validation, tokenizer, log):
-    """(vision params, VisionConfig, stats): an imported tower, or stage 1."""
+    """(vision params, VisionConfig, stats): an imported tower, an earlier run's (its stage-1 stats), or stage 1."""
+    if args.vision_from is not None:
+        import jax
+
+        from llmjax.experiments.vlm_generate import load_run
+
+        params, cfg, _ = load_run(args.vision_from)
+        if cfg.vision.image_size != args.image_size:
+            raise SystemExit(f"--vision-from {args.vision_from} takes {cfg.vision.image_size}x{cfg.vision.image_size} "
+                             f"images; pass --image-size {cfg.vision.image_size}")
+        earlier = args.vision_from / "report.json"
+        stats = json.loads(earlier.read_text()).get("stage1", {}) if earlier.is_file() else {}
+        # fresh arrays: a restored checkpoint carries its mesh sharding (see main's LM)
+        vision = jax.tree.map(lambda a: jax.numpy.asarray(np.asarray(a)), params["vision"])
+        return vision, cfg.vision, {**stats, "from_run": str(args.vision_from)}
     if args.vision_tower is not None:
         from llmjax.io.hf import CheckpointMismatchError
         from llmjax.io.hf_vision import load_hf_vision

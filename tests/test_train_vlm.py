@@ -75,6 +75,30 @@ def test_quick_run_writes_the_run_folder_and_report(run):
     assert stages == {"clip", "vlm"}
 
 
+def test_vision_from_an_earlier_run_reuses_its_tower(run, tmp_path):
+    """--vision-from RUN: the run's stage-1 tower (the same arrays, its config, its stage-1 stats), no stage 1; one
+    clear error for another image size, a missing folder, or both tower flags."""
+    import jax
+
+    from llmjax.train.checkpoint import restore
+
+    args = train_vlm.parse_args(["--quick", "--vision-from", str(run)])
+    params, vcfg, stats = train_vlm.vision_tower(args, None, None, None, None)
+    saved = restore(run / "checkpoint")["vision"]
+    assert jax.tree.structure(params) == jax.tree.structure(saved)
+    for ours, theirs in zip(jax.tree.leaves(params), jax.tree.leaves(saved)):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+    report = json.loads((run / "report.json").read_text())
+    assert vcfg.image_size == 40 and stats["from_run"] == str(run)
+    assert stats["validation_cell_accuracy"] == report["stage1"]["validation_cell_accuracy"]
+    with pytest.raises(SystemExit, match="pass --image-size 40"):
+        train_vlm.vision_tower(train_vlm.parse_args(["--quick", "--vision-from", str(run), "--image-size", "48"]),
+                               None, None, None, None)
+    for argv in (["--vision-from", str(tmp_path / "none")], ["--vision-from", str(run), "--vision-tower", str(run)]):
+        with pytest.raises(SystemExit):
+            train_vlm.parse_args(argv)
+
+
 def test_vlm_generate_captions_a_png(run, tmp_path, capsys):
     image, _ = example_for(0, "heldout", 0, ImageDataConfig(size=40, grid=2, max_objects=2))
     save_png(image, tmp_path / "a.png")
