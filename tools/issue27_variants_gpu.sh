@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 27: stage-2 variants on the tower and LM of one full run, in one device call of at most 10 minutes (each
 # variant about 3 minutes: stage 2, evaluation; stages 0 and 1 reused by --lm-ckpt / --vision-from); carry .whl.
-#   VARIANTS="--vlm-recolour 0.5 --colour-swap 0.25;--vlm-recolour 0.5 --colour-swap 0" bash tools/issue27_variants_gpu.sh
+#   bash tools/issue27_variants_gpu.sh          # the base run, then --colour-swap 0 on its tower
+#   VARIANTS="--colour-swap 0 --vlm-recolour 0.3;--vlm-recolour 0.5 --colour-swap 0.25" bash tools/issue27_variants_gpu.sh
 # The base run (tools/issue27_gpu.sh's command, stages 0-2) goes first unless BASE (runs/vlm-base) already holds
 # one: runs/ is git-ignored, so a second call on the same warm machine reuses the first call's base.
 # Each variant's report comes back as $OUT/vlm-variant-N-report.json, and a summary line per run is printed.
@@ -26,7 +27,7 @@ if [ ! -f "$BASE/report.json" ]; then
         --lm-batch 64 "${stage2[@]}" > "$OUT/vlm-base.log" 2>&1
     [ -f "$BASE/report.json" ] && cp "$BASE/report.json" "$OUT/vlm-base-report.json" && summary "$BASE/report.json" base
 fi
-IFS=';' read -ra variants <<< "${VARIANTS:---vlm-recolour 0.5 --colour-swap 0.25}"
+IFS=';' read -ra variants <<< "${VARIANTS:---colour-swap 0}"
 for n in "${!variants[@]}"; do
     run=runs/vlm-variant-$n
     # shellcheck disable=SC2086
