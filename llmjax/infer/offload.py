@@ -529,7 +529,8 @@ def model_sizes(cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int, cac
     return {"layer": layer_params * itemsize, "layer_int8": int(layer_params * 1.02),  # + fp16 scales per column
             "layer_int4": int(layer_params * (0.5 + 3 / INT4_GROUP) * 1.02),  # + fp16 scale, uint8 zero per group
             "head": head_params * itemsize, "cache_layer": cache_row * batch, "cache_row": cache_row,
-            "activation_row": activation_row, "decode_row": token_activations + 2 * cfg.padded_vocab_size * 4,
+            "activation_row": activation_row, "hidden_row": seq * cfg.d_model * itemsize,
+            "decode_row": token_activations + 2 * cfg.padded_vocab_size * 4,
             "batch": batch, "seq": seq, "capacity": capacity, "reserve": runtime_reserve(),
             "layer_flops_per_token": 2 * layer_params,
             "attention_flops_per_token": 4 * capacity * cfg.q_size}
@@ -542,9 +543,10 @@ def _micro_batch_counts(batch: int) -> list[int]:
 def minimum_device_bytes(cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int,
                          cache_dtype: str | None = None) -> int:
     """The least any placement needs: the runtime's reserve, the head, two layers' weights (one computing, one
-    arriving), two cache slices of one row and the activations of one row."""
+    arriving), two cache slices of one row, the activations of one row and the other rows' hidden states."""
     sizes = model_sizes(cfg, batch, prompt_len, gen_len, cache_dtype)
-    return sizes["reserve"] + sizes["head"] + 2 * sizes["layer"] + 2 * sizes["cache_row"] + sizes["activation_row"]
+    return (sizes["reserve"] + sizes["head"] + 2 * sizes["layer"] + 2 * sizes["cache_row"] + sizes["activation_row"]
+            + (batch - 1) * sizes["hidden_row"])
 
 
 def _decodes_merged(micro: int, caches_on_device: int, layers: int) -> bool:
@@ -581,13 +583,14 @@ def _predict(sizes: dict, cfg: ModelConfig, batch: int, gen_len: int, weights_on
 def _device_bytes(sizes: dict, layers: int, weights_on_device: int, caches_on_device: int, micro: int,
                   host_format: str | None) -> int:
     """Predicted peak device memory: the runtime's reserve, the head, resident weights and caches, the two layers /
-    cache slices in flight when some are elsewhere (and their quantized copies), and the larger of one micro-batch's
-    prefill activations and (decoding merged) the whole batch's decode activations plus one layer's cache being
-    merged."""
+    cache slices in flight when some are elsewhere (and their quantized copies), and the larger of the prefill's
+    activations (one micro-batch's, beside the other micro-batches' hidden states waiting for the layer: at batch
+    128 and prompt 512, llama-8b's 0.5 GiB) and (decoding merged) the whole batch's decode activations plus one
+    layer's cache being merged."""
     rows = sizes["batch"] // micro
     used = sizes["reserve"] + sizes["head"]
     used += weights_on_device * sizes["layer"] + caches_on_device * sizes["cache_layer"]
-    activations = rows * sizes["activation_row"]
+    activations = rows * sizes["activation_row"] + (sizes["batch"] - rows) * sizes["hidden_row"]
     if _decodes_merged(micro, caches_on_device, layers):
         activations = max(activations, sizes["batch"] * sizes["decode_row"] + sizes["cache_layer"])
     used += activations
