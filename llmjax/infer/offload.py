@@ -291,10 +291,17 @@ def _decode_layer(layer: dict, x: jax.Array, layer_cache: dict, book: dict, cfg:
     return x, cache["layers"][0]
 
 
-@functools.partial(jax.jit, static_argnames="cfg")
-def _embed_prompt(head: dict, tokens: jax.Array, valid: jax.Array, cfg: ModelConfig):
+@functools.partial(jax.jit, static_argnames=("cfg", "capacity", "dtype", "parts"))
+def _micro_batch_inputs(head: dict, tokens: jax.Array, valid: jax.Array, cfg: ModelConfig, capacity: int,
+                        dtype: str | None, parts: int) -> tuple:
+    """tokens, valid [batch, seq] -> per micro-batch of batch // parts rows: (embedded prompt [rows, seq, d_model],
+    an empty cache laid out for its prompts). One program: 64 micro-batches' caches of 32 layers are thousands of
+    arrays, slow to make one by one."""
     positions, _, _ = kv_cache.prompt_layout(valid)
-    return _embed(head, tokens, positions, cfg)
+    x = _embed(head, tokens, positions, cfg)  # [batch, seq, d_model]
+    cache = kv_cache.set_prefill_layout(kv_cache.init_cache(cfg, valid.shape[0], capacity, dtype), valid)
+    rows = valid.shape[0] // parts
+    return tuple(jax.tree.map(lambda a: a[m * rows:(m + 1) * rows], (x, cache)) for m in range(parts))
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
@@ -387,12 +394,13 @@ def offloaded_generate(model: OffloadedModel, prompts: Sequence[Sequence[int]], 
     rows = batch // micro
     parts = [slice(m * rows, (m + 1) * rows) for m in range(micro)]
     books, caches, xs = [], [], []
-    for part in parts:
-        empty = _empty_cache(jnp.asarray(valid[part]), cfg, capacity, cache_dtype)
-        books.append(place_on({k: v for k, v in empty.items() if k != "layers"}, DEVICE, model.device))
-        caches.append([place_on(layer, where, model.device) for layer, where in zip(empty["layers"], placement.cache)])
-        xs.append(_embed_prompt(model.head, place_on(jnp.asarray(tokens[part]), DEVICE, model.device),
-                                place_on(jnp.asarray(valid[part]), DEVICE, model.device), cfg))
+    inputs = _micro_batch_inputs(model.head, place_on(jnp.asarray(tokens), DEVICE, model.device),
+                                 place_on(jnp.asarray(valid), DEVICE, model.device), cfg, capacity, cache_dtype, micro)
+    for x, empty in inputs:
+        xs.append(x)
+        books.append({k: v for k, v in empty.items() if k != "layers"})
+        caches.append([place_on(layer, HOST, model.device) if where == HOST else layer
+                       for layer, where in zip(empty["layers"], placement.cache)])
     start = time.perf_counter()
     prompt_books = [{**book, "valid": place_on(jnp.asarray(valid[part]), DEVICE, model.device)}
                     for book, part in zip(books, parts)]
@@ -423,13 +431,6 @@ def offloaded_generate(model: OffloadedModel, prompts: Sequence[Sequence[int]], 
     decode_seconds = time.perf_counter() - start - prefill_seconds
     return OffloadOutput(tokens=generated.tolist(), logits=[np.asarray(x) for x in kept],
                          prefill_seconds=prefill_seconds, decode_seconds=decode_seconds)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "capacity", "dtype"))
-def _empty_cache(valid: jax.Array, cfg: ModelConfig, capacity: int, dtype: str | None) -> dict:
-    """An empty cache for valid's rows laid out for their prompts (one program: a cache of many layers and slices
-    is thousands of arrays, slow to create one by one)."""
-    return kv_cache.set_prefill_layout(kv_cache.init_cache(cfg, valid.shape[0], capacity, dtype), valid)
 
 
 @jax.jit
