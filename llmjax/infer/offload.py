@@ -291,17 +291,26 @@ def _decode_layer(layer: dict, x: jax.Array, layer_cache: dict, book: dict, cfg:
     return x, cache["layers"][0]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "capacity", "dtype", "parts"))
+@functools.partial(jax.jit, static_argnames=("cfg", "capacity", "dtype", "parts", "on_device"))
 def _micro_batch_inputs(head: dict, tokens: jax.Array, valid: jax.Array, cfg: ModelConfig, capacity: int,
-                        dtype: str | None, parts: int) -> tuple:
+                        dtype: str | None, parts: int, on_device: tuple[bool, ...]) -> tuple:
     """tokens, valid [batch, seq] -> per micro-batch of batch // parts rows: (embedded prompt [rows, seq, d_model],
-    an empty cache laid out for its prompts). One program: 64 micro-batches' caches of 32 layers are thousands of
-    arrays, slow to make one by one."""
+    an empty cache laid out for its prompts, holding only the layers on_device marks). One program: 64
+    micro-batches' caches of 32 layers are thousands of arrays, slow to make one by one."""
     positions, _, _ = kv_cache.prompt_layout(valid)
     x = _embed(head, tokens, positions, cfg)  # [batch, seq, d_model]
     cache = kv_cache.set_prefill_layout(kv_cache.init_cache(cfg, valid.shape[0], capacity, dtype), valid)
+    cache["layers"] = tuple(layer for layer, kept in zip(cache["layers"], on_device) if kept)
     rows = valid.shape[0] // parts
     return tuple(jax.tree.map(lambda a: a[m * rows:(m + 1) * rows], (x, cache)) for m in range(parts))
+
+
+def _empty_host_layer(cfg: ModelConfig, rows: int, capacity: int, dtype: str | None, device) -> dict:
+    """One layer's empty cache slice of `rows` rows made in pinned host memory (zeros from NumPy, never on the
+    device: host caches are there because the device cannot hold them); arrays are immutable, so every host layer
+    and micro-batch starts from this one."""
+    shapes = jax.eval_shape(lambda: kv_cache.init_cache(cfg, rows, capacity, dtype)["layers"][0])
+    return place_on(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes), HOST, device)
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
@@ -394,13 +403,16 @@ def offloaded_generate(model: OffloadedModel, prompts: Sequence[Sequence[int]], 
     rows = batch // micro
     parts = [slice(m * rows, (m + 1) * rows) for m in range(micro)]
     books, caches, xs = [], [], []
+    on_device = tuple(where == DEVICE for where in placement.cache)
     inputs = _micro_batch_inputs(model.head, place_on(jnp.asarray(tokens), DEVICE, model.device),
-                                 place_on(jnp.asarray(valid), DEVICE, model.device), cfg, capacity, cache_dtype, micro)
+                                 place_on(jnp.asarray(valid), DEVICE, model.device), cfg, capacity, cache_dtype, micro,
+                                 on_device)
+    host_empty = None if all(on_device) else _empty_host_layer(cfg, rows, capacity, cache_dtype, model.device)
     for x, empty in inputs:
         xs.append(x)
         books.append({k: v for k, v in empty.items() if k != "layers"})
-        caches.append([place_on(layer, HOST, model.device) if where == HOST else layer
-                       for layer, where in zip(empty["layers"], placement.cache)])
+        device_layers = iter(empty["layers"])
+        caches.append([next(device_layers) if kept else host_empty for kept in on_device])
     start = time.perf_counter()
     prompt_books = [{**book, "valid": place_on(jnp.asarray(valid[part]), DEVICE, model.device)}
                     for book, part in zip(books, parts)]
