@@ -39,6 +39,9 @@ def parse_args(argv):
     rmt.add_argument("--memory-tokens", type=int, default=8, help="memory vectors read and written per segment (M)")
     rmt.add_argument("--segment-len", type=int, default=32, help="tokens per segment (L)")
     rmt.add_argument("--segments", type=int, default=8, help="segments per sequence: length = segments x segment-len")
+    rmt.add_argument("--write-scale", choices=("none", "embedding"), default="none",
+                     help="the written memory as the final-normed hidden state (none) or that times the token "
+                          "embeddings' RMS (embedding: read memory at the tokens' scale; llmjax.model.rmt.RmtConfig)")
     rmt.add_argument("--bptt", type=int, default=0,
                      help="backpropagate through at most this many segments of memory (K); 0: all of them")
     rmt.add_argument("--curriculum", default="auto",
@@ -171,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         layout = RecallLayout(num_keys=args.keys, num_values=args.values, num_filler=args.filler)
         bptt = args.bptt or args.segments
-        rmt_cfg = RmtConfig(memory_tokens=args.memory_tokens, segment_len=args.segment_len, bptt_segments=bptt)
+        rmt_cfg = RmtConfig(memory_tokens=args.memory_tokens, segment_len=args.segment_len, bptt_segments=bptt,
+                            write_scale=args.write_scale)
     except (ValueError, ConfigError) as error:
         raise SystemExit(str(error)) from None
     cfg = model_config(args, layout.vocab_size, rmt_cfg.positions_per_segment)
@@ -282,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": {"preset": args.model, "d_model": cfg.d_model, "num_layers": cfg.num_layers,
                   "num_heads": cfg.num_heads, "d_ff": cfg.d_ff, "vocab_size": cfg.vocab_size},
         "rmt": {"memory_tokens": rmt_cfg.memory_tokens, "segment_len": rmt_cfg.segment_len,
-                "bptt_segments": rmt_cfg.bptt_segments, "curriculum": stages},
+                "bptt_segments": rmt_cfg.bptt_segments, "write_scale": rmt_cfg.write_scale, "curriculum": stages},
         "history": history,
     }
     args.out.mkdir(parents=True, exist_ok=True)

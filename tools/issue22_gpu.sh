@@ -5,7 +5,7 @@
 #   bash tools/issue22_gpu.sh context     # max_context llama-1b: plain / blockwise / blockwise+offload, to 256k
 #   bash tools/issue22_gpu.sh performer   # FAVOR+ error vs features; speed vs our flash attention, 4k..256k
 #   bash tools/issue22_gpu.sh rmt         # RMT associative recall at 8x the segment length vs no memory
-#   bash tools/issue22_gpu.sh rmt-sweep   # RMT at 2 segments: five backbones / memory sizes, 2,000 steps each
+#   bash tools/issue22_gpu.sh rmt-sweep   # RMT at 2 segments: six settings (memory scale, backbone, memory size), 2,000 steps each
 #   bash tools/issue22_gpu.sh base        # llama-125m trained at 512 tokens, then its passkey grid
 #   bash tools/issue22_gpu.sh extend      # YaRN to 2048 (4x), fine-tuned, then the passkey grid again
 #   bash tools/issue22_gpu.sh smol-a      # carry .devgguf/a and .smol: SmolLM2's first GGUF half + its stdlib tokens
@@ -48,8 +48,10 @@ context)  # GEMM autotuning off: the search compiles a dozen steps whose memory,
 performer) x performer 240 bench_performer --seqs 4096 16384 32768 65536 131072 262144 --features 16 64 256 1024 \
     --seeds 2 --repeats 3 --out "$RUNS/performer/performer.json" ;;
 rmt-sweep)  # 10,000 steps plateau at 0.54, and so did 2 segments alone (0.5): which backbone / memory learns 2?
-    for cfg in "base:" "mem16:--memory-tokens 16" "d256:--d-model 256 --heads 8" "lr3e-4:--lr 3e-4" \
-               "d256-mem16:--d-model 256 --heads 8 --memory-tokens 16"; do
+    # scaled: the written memory at the token embeddings' scale (a CPU toy learned with it and stayed at chance
+    # without, session 17)
+    for cfg in "scaled:--write-scale embedding" "base:" "mem16:--memory-tokens 16" "d256:--d-model 256 --heads 8" \
+               "lr3e-4:--lr 3e-4" "d256-mem16:--d-model 256 --heads 8 --memory-tokens 16"; do
         x "rmt-sweep-${cfg%%:*}" 100 rmt_recall --segments 2 --curriculum none --steps 2000 --eval-every 500 \
             ${cfg#*:} --out "$RUNS/rmt-sweep/${cfg%%:*}"
     done ;;

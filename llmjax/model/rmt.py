@@ -39,20 +39,29 @@ from llmjax.model.transformer import (
 from llmjax.nn import embedding, token_cross_entropy
 
 
+WRITE_SCALES = ("none", "embedding")
+
+
 @dataclasses.dataclass(frozen=True)
 class RmtConfig:
     """memory_tokens M (memory vectors read and written per segment), segment_len L (tokens per segment),
-    bptt_segments K (gradients flow back through at most K segments of memory)."""
+    bptt_segments K (gradients flow back through at most K segments of memory), write_scale: "none" (the written
+    memory is the final-normed hidden state, RMS ~1 per component) or "embedding" (that times the token embedding
+    table's RMS, so the memory a segment reads enters the stack at the tokens' scale, as the learned first memory
+    does, instead of ~50x above them at GPT-2's 0.02 init)."""
 
     memory_tokens: int = 10
     segment_len: int = 64
     bptt_segments: int = 4
+    write_scale: str = "none"
 
     def __post_init__(self):
         for field in ("memory_tokens", "segment_len", "bptt_segments"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ConfigError(f"RmtConfig.{field}={value!r}: must be an integer >= 1")
+        if self.write_scale not in WRITE_SCALES:
+            raise ConfigError(f"RmtConfig.write_scale={self.write_scale!r}: expected one of {', '.join(WRITE_SCALES)}")
 
     @property
     def positions_per_segment(self) -> int:
@@ -128,8 +137,11 @@ def rmt_segment(params: dict, memory: jax.Array, tokens: jax.Array, cfg: ModelCo
     backbone = {k: v for k, v in params.items() if k != "memory"}
     hidden, _ = hidden_states_from_embeddings(backbone, x, cfg, positions=positions)  # [batch, M + L + M, d_model]
     logits = logits_from_hidden(backbone, hidden[:, memory_tokens:memory_tokens + seg_len], cfg)  # [batch, L, vocab]
-    new_memory = hidden[:, memory_tokens + seg_len:].astype(memory.dtype)  # [batch, M, d_model]
-    return logits, new_memory
+    new_memory = hidden[:, memory_tokens + seg_len:]  # [batch, M, d_model]
+    if rmt_cfg.write_scale == "embedding":
+        table = params["embed"]["token"].astype(jnp.float32)
+        new_memory = new_memory * jnp.sqrt(jnp.mean(jnp.square(table))).astype(new_memory.dtype)
+    return logits, new_memory.astype(memory.dtype)
 
 
 # --- a whole sequence -------------------------------------------------------------------------

@@ -128,6 +128,23 @@ def test_gpt2_backbone_and_adding_memory_to_existing_params():
     assert logits.shape == (1, 10, cfg.padded_vocab_size) and bool(jnp.isfinite(logits[..., :cfg.vocab_size]).all())
 
 
+def test_write_scale_puts_the_written_memory_at_the_token_embeddings_scale(params, tokens):
+    """write_scale="embedding": the memory a segment writes has the token table's RMS (the final norm's output times
+    it; the norm's scales are 1 at init), where "none" writes RMS ~1 vectors, 50x the 0.02-std tokens."""
+    table_rms = float(jnp.sqrt(jnp.mean(jnp.square(params["embed"]["token"].astype(jnp.float32)))))
+    memory = jnp.broadcast_to(params["memory"], (tokens.shape[0], *params["memory"].shape))
+    rms = {}
+    for scale in ("none", "embedding"):
+        rmt = RmtConfig(memory_tokens=2, segment_len=SEG, bptt_segments=N_SEGMENTS, write_scale=scale)
+        _, written = rmt_segment(params, memory, tokens[:, :SEG], CFG, rmt)
+        rms[scale] = np.sqrt(np.mean(np.square(np.asarray(written, np.float32)), axis=-1))  # [batch, M]
+    np.testing.assert_allclose(rms["none"], 1.0, rtol=0.05)  # RMS-normed in the compute dtype
+    np.testing.assert_allclose(rms["embedding"] / rms["none"], table_rms, rtol=1e-2)
+    assert table_rms < 0.05
+    with pytest.raises(ConfigError, match="write_scale='tokens': expected one of none, embedding"):
+        RmtConfig(write_scale="tokens")
+
+
 @pytest.mark.parametrize("field", ["memory_tokens", "segment_len", "bptt_segments"])
 def test_bad_rmt_config_names_the_field(field):
     values = {"memory_tokens": 2, "segment_len": 4, "bptt_segments": 1, field: 0}
