@@ -783,11 +783,18 @@ def plot_losses(metrics: list[dict], path: Path) -> None:
 
 # --- main -----------------------------------------------------------------------------------------------------------
 
+def fresh_arrays(tree):
+    """A restored checkpoint's arrays copied to plain device arrays: they carry the checkpoint's mesh sharding,
+    which the step's outputs would inherit, so the second step would compile again (device_put to an equivalent
+    placement keeps it)."""
+    import jax
+
+    return jax.tree.map(lambda a: jax.numpy.asarray(np.asarray(a)), tree)
+
+
 def vision_tower(args, pool, validation, tokenizer, log):
     """(vision params, VisionConfig, stats): an imported tower, an earlier run's (its stage-1 stats), or stage 1."""
     if args.vision_from is not None:
-        import jax
-
         from llmjax.experiments.vlm_generate import load_run
 
         params, cfg, _ = load_run(args.vision_from)
@@ -796,9 +803,7 @@ def vision_tower(args, pool, validation, tokenizer, log):
                              f"images; pass --image-size {cfg.vision.image_size}")
         earlier = args.vision_from / "report.json"
         stats = json.loads(earlier.read_text()).get("stage1", {}) if earlier.is_file() else {}
-        # fresh arrays: a restored checkpoint carries its mesh sharding (see main's LM)
-        vision = jax.tree.map(lambda a: jax.numpy.asarray(np.asarray(a)), params["vision"])
-        return vision, cfg.vision, {**stats, "from_run": str(args.vision_from)}
+        return fresh_arrays(params["vision"]), cfg.vision, {**stats, "from_run": str(args.vision_from)}
     if args.vision_tower is not None:
         from llmjax.io.hf import CheckpointMismatchError
         from llmjax.io.hf_vision import load_hf_vision
@@ -848,9 +853,7 @@ def main(argv=None) -> int:
 
     clock = time.perf_counter()
     lm_params, lm_cfg, base_tokenizer, lm_source = language_model(args, out, pool, validation)
-    # fresh arrays (a restored checkpoint carries its mesh sharding, which the step's outputs would inherit, so the
-    # second step would compile again; device_put to an equivalent placement keeps it)
-    lm_params = jax.tree.map(lambda a: jax.numpy.asarray(np.asarray(a)), lm_params)
+    lm_params = fresh_arrays(lm_params)
     timings["lm_seconds"] = time.perf_counter() - clock
     if base_tokenizer.eot_id is None:
         raise SystemExit("the LM's tokenizer has no <|endoftext|>: answers need an end token")
