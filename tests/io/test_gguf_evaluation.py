@@ -61,6 +61,7 @@ def transformers_stream_nll(model, tokens, window: int, stride: int) -> tuple[fl
     return total, count
 
 
+@pytest.mark.usefixtures("optimized_xla")
 def test_real_model_perplexity_equals_transformers(smollm2, smollm2_transformers):
     params, cfg = smollm2
     # three windows of 256 (overlaps of 64, the last one shorter): every path of the sliding window, at CI cost
@@ -72,6 +73,7 @@ def test_real_model_perplexity_equals_transformers(smollm2, smollm2_transformers
     assert 2 < ours < 60  # a real language model on English prose, not a random one (vocab 49152)
 
 
+@pytest.mark.usefixtures("optimized_xla")
 def test_real_model_greedy_answers_equal_transformers(smollm2, smollm2_transformers):
     """The ten fixed prompts, chat-formatted by the model's template, 64 greedy tokens each (no stop) in one batch:
     transformers, fed each prompt with our answer, picks every one of our tokens as its own greedy choice, which
