@@ -3,6 +3,7 @@
 # variant about 3 minutes: stage 2, evaluation; stages 0 and 1 reused by --lm-ckpt / --vision-from); carry .whl.
 #   bash tools/issue27_variants_gpu.sh          # the base run, then --colour-swap 0 on its tower
 #   VARIANTS="--colour-swap 0 --vlm-recolour 0.3;--vlm-recolour 0.5 --colour-swap 0.25" bash tools/issue27_variants_gpu.sh
+#   BASE_FLAGS="--colour-swap 0" VARIANTS= bash tools/issue27_variants_gpu.sh   # the base run alone, with these flags
 # The base run (tools/issue27_gpu.sh's command, stages 0-2) goes first unless BASE (runs/vlm-base) already holds
 # one: runs/ is git-ignored, so a second call on the same warm machine reuses the first call's base.
 # Each variant's report comes back as $OUT/vlm-variant-N-report.json, and a summary line per run is printed.
@@ -20,15 +21,17 @@ summary() {  # the report's held-out and validation attributes, on one line
     python3 -c "import json,sys; r=json.load(open(sys.argv[1])); c=r['captions']
 print(sys.argv[2], *(f\"{s}: {c[s]['attribute_accuracy']:.1%} ({c[s]['colour']:.1%} / {c[s]['shape']:.1%} / {c[s]['count']:.1%})\" for s in ('heldout', 'validation')), f\"text {r['text_loss']['relative_change']:+.2%}\")" "$1" "$2"
 }
+# shellcheck disable=SC2086
 BASE=${BASE:-runs/vlm-base}
 if [ ! -f "$BASE/report.json" ]; then
     timeout "$(budget 330)" python3 -m experiments train_vlm --out "$BASE" "${data[@]}" --vision-width 192 \
         --vision-layers 4 --patch-size 8 --clip-steps 1500 --clip-batch 256 --lm-preset gpt2-mini --lm-steps 800 \
-        --lm-batch 64 "${stage2[@]}" > "$OUT/vlm-base.log" 2>&1
-    [ -f "$BASE/report.json" ] && cp "$BASE/report.json" "$OUT/vlm-base-report.json" && summary "$BASE/report.json" base
+        --lm-batch 64 "${stage2[@]}" ${BASE_FLAGS:-} > "$OUT/vlm-base.log" 2>&1
+    [ -f "$BASE/report.json" ] && cp "$BASE/report.json" "$OUT/vlm-base-report.json" && summary "$BASE/report.json" "base ${BASE_FLAGS:-}"
 fi
-IFS=';' read -ra variants <<< "${VARIANTS:---colour-swap 0}"
+IFS=';' read -ra variants <<< "${VARIANTS---colour-swap 0}"
 for n in "${!variants[@]}"; do
+    [ -z "${variants[$n]// /}" ] && continue
     run=runs/vlm-variant-$n
     # shellcheck disable=SC2086
     timeout "$(budget 240)" python3 -m experiments train_vlm --out "$run" "${data[@]}" --vision-from "$BASE" \
