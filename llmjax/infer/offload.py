@@ -33,6 +33,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import struct
 import tempfile
 import time
@@ -149,6 +150,21 @@ def write_layer_file(path: str | os.PathLike, arrays: Sequence[np.ndarray]) -> P
     return path
 
 
+def check_disk_space(folder: str | os.PathLike, needed: int) -> None:
+    """One clear error, before any layer is written, when `folder` cannot be written or its file system has fewer
+    than `needed` bytes free (the disk layers' files)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(folder).free
+    except OSError as error:
+        raise OffloadError(f"--disk {folder}: cannot write there ({error.strerror}); give a writable folder")
+    if free < needed:
+        raise OffloadError(f"--disk {folder}: the disk layers need {needed / 2 ** 30:.2f} GiB and "
+                           f"{free / 2 ** 30:.2f} GiB are free there; free space, give another folder, or keep fewer "
+                           f"layers on disk (a larger --gpu-memory, or --host-quant)")
+
+
 def read_layer_file(path: str | os.PathLike) -> list[np.ndarray]:
     """The arrays of a `write_layer_file` file, memory-mapped (read from disk only when copied)."""
     import ml_dtypes
@@ -234,7 +250,10 @@ def place_model(params: dict, cfg: ModelConfig, placement: Placement, *, device=
             layer = quantize_layer(layer, placement.host_format)
         if where == DISK:
             leaves, treedef = jax.tree.flatten(layer)
-            path = write_layer_file(Path(disk_dir) / f"layer_{index:04d}.safetensors", [np.asarray(x) for x in leaves])
+            arrays = [np.asarray(x) for x in leaves]
+            if index == placement.weights.index(DISK):  # every disk layer is this size
+                check_disk_space(disk_dir, placement.weights.count(DISK) * sum(a.nbytes for a in arrays))
+            path = write_layer_file(Path(disk_dir) / f"layer_{index:04d}.safetensors", arrays)
             layers.append(DiskLayer(path, treedef))
         else:
             layers.append(place_on(layer, where, device))
