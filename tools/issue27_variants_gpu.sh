@@ -21,8 +21,8 @@ summary() {  # the report's held-out and validation attributes, on one line
     python3 -c "import json,sys; r=json.load(open(sys.argv[1])); c=r['captions']
 print(sys.argv[2], *(f\"{s}: {c[s]['attribute_accuracy']:.1%} ({c[s]['colour']:.1%} / {c[s]['shape']:.1%} / {c[s]['count']:.1%})\" for s in ('heldout', 'validation')), f\"text {r['text_loss']['relative_change']:+.2%}\")" "$1" "$2"
 }
-# shellcheck disable=SC2086
 BASE=${BASE:-runs/vlm-base}
+# shellcheck disable=SC2086
 if [ ! -f "$BASE/report.json" ]; then
     timeout "$(budget 330)" python3 -m experiments train_vlm --out "$BASE" "${data[@]}" --vision-width 192 \
         --vision-layers 4 --patch-size 8 --clip-steps 1500 --clip-batch 256 --lm-preset gpt2-mini --lm-steps 800 \

@@ -130,7 +130,7 @@ def write_layer_file(path: str | os.PathLike, arrays: Sequence[np.ndarray]) -> P
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
     except OSError as error:
-        raise OffloadError(f"--disk {path.parent}: cannot write there ({error.strerror}); give a writable folder")
+        raise unwritable(path.parent, error)
     os.close(handle)
     try:
         tensors, dtypes = {}, []
@@ -150,6 +150,10 @@ def write_layer_file(path: str | os.PathLike, arrays: Sequence[np.ndarray]) -> P
     return path
 
 
+def unwritable(folder: Path, error: OSError) -> OffloadError:
+    return OffloadError(f"--disk {folder}: cannot write there ({error.strerror}); give a writable folder")
+
+
 def check_disk_space(folder: str | os.PathLike, needed: int) -> None:
     """One clear error, before any layer is written, when `folder` cannot be written or its file system has fewer
     than `needed` bytes free (the disk layers' files)."""
@@ -158,7 +162,7 @@ def check_disk_space(folder: str | os.PathLike, needed: int) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(folder).free
     except OSError as error:
-        raise OffloadError(f"--disk {folder}: cannot write there ({error.strerror}); give a writable folder")
+        raise unwritable(folder, error)
     if free < needed:
         raise OffloadError(f"--disk {folder}: the disk layers need {needed / 2 ** 30:.2f} GiB and "
                            f"{free / 2 ** 30:.2f} GiB are free there; free space, give another folder, or keep fewer "
@@ -244,16 +248,18 @@ def place_model(params: dict, cfg: ModelConfig, placement: Placement, *, device=
     device = device or jax.devices()[0]
     dparams = prepared if prepared is not None else prepare_params(params, cfg)
     head = place_on({k: v for k, v in dparams.items() if k != "layers"}, DEVICE, device)
+    stored = functools.partial(quantize_layer, fmt=placement.host_format) if placement.host_format else (lambda x: x)
+    if DISK in placement.weights:  # every disk file's size from shapes alone, before any is written (MoE layers differ)
+        disk_layers = [layer for layer, where in zip(dparams["layers"], placement.weights) if where == DISK]
+        check_disk_space(disk_dir, sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(
+            jax.eval_shape(lambda layers: [stored(layer) for layer in layers], disk_layers))))
     layers = []
     for index, (layer, where) in enumerate(zip(dparams["layers"], placement.weights)):
-        if where != DEVICE and placement.host_format:
-            layer = quantize_layer(layer, placement.host_format)
+        if where != DEVICE:
+            layer = stored(layer)
         if where == DISK:
             leaves, treedef = jax.tree.flatten(layer)
-            arrays = [np.asarray(x) for x in leaves]
-            if index == placement.weights.index(DISK):  # every disk layer is this size
-                check_disk_space(disk_dir, placement.weights.count(DISK) * sum(a.nbytes for a in arrays))
-            path = write_layer_file(Path(disk_dir) / f"layer_{index:04d}.safetensors", arrays)
+            path = write_layer_file(Path(disk_dir) / f"layer_{index:04d}.safetensors", [np.asarray(x) for x in leaves])
             layers.append(DiskLayer(path, treedef))
         else:
             layers.append(place_on(layer, where, device))

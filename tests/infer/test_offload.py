@@ -237,18 +237,21 @@ def test_unwritable_disk_folder_is_one_clear_error(tmp_path):
         offload.write_layer_file(blocker / "layer.safetensors", [np.zeros(2, np.float32)])
 
 
-def test_a_disk_too_small_for_the_disk_layers_is_one_clear_error_before_any_write(model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fmt", [None, "int4"])
+def test_a_disk_too_small_for_the_disk_layers_is_one_clear_error_before_any_write(model, tmp_path, monkeypatch, fmt):
     cfg, params, *_ = model
-    placement = offload.Placement.uniform(cfg.num_layers, "disk", "device", 1)
-    layer_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(prepare_params(params, cfg)["layers"][0]))
-    free = cfg.num_layers * layer_bytes - 1  # one byte short of every layer's file
+    placement = offload.Placement.uniform(cfg.num_layers, "disk", "device", 1, host_format=fmt)
+    layers = prepare_params(params, cfg)["layers"]
+    stored = [offload.quantize_layer(layer, fmt) if fmt else layer for layer in layers]
+    free = sum(np.asarray(x).nbytes for x in jax.tree.leaves(stored)) - 1  # one byte short of every layer's file
     monkeypatch.setattr(offload.shutil, "disk_usage", lambda path: type("Usage", (), {"free": free})())
     with pytest.raises(offload.OffloadError, match=r"--disk .*the disk layers need .* GiB are free there"):
         offload.place_model(params, cfg, placement, disk_dir=tmp_path / "layers")
     assert list((tmp_path / "layers").iterdir()) == []
     monkeypatch.setattr(offload.shutil, "disk_usage", lambda path: type("Usage", (), {"free": free + 1})())
     offload.place_model(params, cfg, placement, disk_dir=tmp_path / "layers")  # exactly enough
-    assert len(list((tmp_path / "layers").glob("layer_*.safetensors"))) == cfg.num_layers
+    files = list((tmp_path / "layers").glob("layer_*.safetensors"))
+    assert len(files) == cfg.num_layers and sum(f.stat().st_size for f in files) > free  # (+ the files' headers)
 
 
 def test_parse_bytes():
