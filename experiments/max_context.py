@@ -1,15 +1,20 @@
-"""Longest sequence (batch 1) that one training step fits on this device: plain, blockwise, blockwise + offload.
+"""Longest sequence (batch 1) that one training step fits on this device: vanilla, plain, blockwise, + offload.
 
 For each configuration, the sequence length is doubled from --start until a compiled training step no longer fits
 the memory budget, then bisected (to multiples of --granularity) between the last length that fit and the first
 that did not. "Fits" is decided from XLA's memory analysis of the compiled step (nothing allocated, no weights:
 arguments + outputs + temporaries - donated bytes, against the device's allocator limit or --budget-gib); on a GPU
 the longest length is then confirmed by running one real step in a fresh process (an XLA RESOURCE_EXHAUSTED there
-counts as "does not fit": real steps then halve from it until one runs and bisect between the two). Host memory for
+counts as "does not fit": real steps then halve from it until one runs and bisect between the two). Where not even
+--granularity tokens fit (vanilla attention's scores grow with the square of the length), the search looks again
+at an eighth of the resolution, down to 256 tokens. Host memory for
 offloaded residuals is PJRT's pinned-host pool: set to 90% of this machine's memory unless
 XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB says otherwise, and a length whose host temporaries exceed it does not fit.
 
-Configurations (each over the --model preset and its --set overrides):
+Configurations (each over the --model preset and its --set overrides; the table gives each longest length as a
+multiple of vanilla's and plain's):
+    vanilla            the Blockwise Parallel Transformer paper's baseline: remat "none", the whole MLP, attention
+                       as one softmax over the materialized [heads, seq, seq] scores (attention_impl "xla")
     plain              remat "none", the whole MLP at once, the default attention and loss (as trained by default)
     blockwise          Blockwise Parallel Transformer on one GPU: flash attention (Pallas) on GPUs, the MLP over
                        blocks of --block-tokens tokens (ModelConfig.mlp_block_tokens), remat "full" per layer, the
@@ -37,7 +42,8 @@ import time
 from pathlib import Path
 
 GIB = 2**30
-CONFIGS = ("plain", "blockwise", "blockwise+offload")
+CONFIGS = ("vanilla", "plain", "blockwise", "blockwise+offload")
+FINEST_GRANULARITY = 256
 OUT_OF_MEMORY = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory")
 
 
@@ -117,8 +123,9 @@ def configuration(name: str, base, tokens: int, args, platform: str):
     from llmjax.config import TrainConfig
 
     model = base.replace(max_seq_len=max(base.max_seq_len, tokens))
-    if name == "plain":
-        return model.replace(remat="none", mlp_block_tokens=0), TrainConfig()
+    if name in ("vanilla", "plain"):
+        model = model.replace(remat="none", mlp_block_tokens=0)
+        return (model.replace(attention_impl="xla") if name == "vanilla" else model), TrainConfig()
     attention = args.blockwise_attention
     if attention == "auto":
         attention = "pallas" if platform == "gpu" else "xla"
@@ -304,20 +311,25 @@ def search(name: str, base, args, argv, platform: str, budget: float, confirm_ru
             row["run"] = confirm(name, tokens, args, argv)
         return row["run"]["ok"]
 
-    longest = longest_fitting(fits_by_analysis, args.start, args.max, args.granularity)
+    granularity = args.granularity
+    longest = longest_fitting(fits_by_analysis, args.start, args.max, granularity)
+    while not longest and granularity > FINEST_GRANULARITY:  # nothing fit: look again, finer, below the first try
+        granularity = max(FINEST_GRANULARITY, granularity // 8)
+        longest = longest_fitting(fits_by_analysis, granularity, min(args.start, args.max), granularity)
     confirmed = None
     if confirm_runs and longest:
         if fits_by_running(longest):
             confirmed = True
         else:  # the analysis was optimistic: bisect below with real steps
             print(f"  {name:>17}: {longest:,} tokens did not run; searching below with real steps", flush=True)
-            longest = longest_below(fits_by_running, longest, args.granularity)
+            longest = longest_below(fits_by_running, longest, granularity)
             confirmed = bool(longest)
     # a failure other than memory (e.g. a configuration this backend cannot compile) is the answer when nothing fit
     errors = [row["error"] for row in tried.values() if row.get("error") and not row.get("out_of_memory")]
-    model_cfg, train_cfg = configuration(name, base, max(longest, args.granularity), args, platform)
+    model_cfg, train_cfg = configuration(name, base, max(longest, granularity), args, platform)
     row = tried.get(longest, {})
-    return {"config": name, "longest_tokens": longest, "peak_estimate": row.get("peak_estimate"),
+    return {"config": name, "longest_tokens": longest, "granularity": granularity,
+            "peak_estimate": row.get("peak_estimate"),
             "measured_peak": row.get("run", {}).get("measured_peak"), "confirmed": confirmed,
             "error": errors[0] if errors and not longest else None, "errors": sorted(set(errors)),
             "fields": {"remat": model_cfg.remat, "remat_offload": list(model_cfg.remat_offload),
@@ -329,13 +341,17 @@ def search(name: str, base, args, argv, platform: str, budget: float, confirm_ru
 # --- report --------------------------------------------------------------------------------------------------------
 
 def table(results: list[dict]) -> str:
-    lines = ["| config | longest tokens | peak GiB (analysis) | measured peak GiB | confirmed by a real step |",
-             "| --- | ---: | ---: | ---: | --- |"]
+    bases = {r["config"]: r["longest_tokens"] for r in results if r["config"] in ("vanilla", "plain")}
+    lines = ["| config | longest tokens | " + "".join(f"x {b} | " for b in bases)
+             + "peak GiB (analysis) | measured peak GiB | confirmed by a real step |",
+             "| --- | ---: | " + "---: | " * len(bases) + "---: | ---: | --- |"]
     for r in results:
+        ratios = "".join(f"{r['longest_tokens'] / n:.1f}x | " if n and not r["error"] else "- | "
+                         for n in bases.values())
         gib = lambda b: f"{b / GIB:.2f}" if b else "-"  # noqa: E731
         confirmed = {True: "yes", False: "no", None: "-"}[r["confirmed"]]
         longest = f"{r['longest_tokens']:,}" if not r["error"] else f"error: {r['error'][:80]}"
-        lines.append(f"| {r['config']} | {longest} | {gib(r['peak_estimate'])} | {gib(r['measured_peak'])} | "
+        lines.append(f"| {r['config']} | {longest} | {ratios}{gib(r['peak_estimate'])} | {gib(r['measured_peak'])} | "
                      f"{confirmed} |")
     return "\n".join(lines)
 

@@ -182,13 +182,15 @@ def test_max_context_smoke(tmp_path, capsys):
     blockwise): the table, the JSON (every length tried, per configuration) and the PNG. Two compiles."""
     from llmjax.experiments import max_context
 
-    argv = ["--model", "llama-tiny", "--set", "num_layers=1", "--configs", "plain,blockwise", "--start", "64",
+    argv = ["--model", "llama-tiny", "--set", "num_layers=1", "--configs", "vanilla,plain,blockwise", "--start", "64",
             "--max", "64", "--granularity", "64", "--block-tokens", "32", "--budget-gib", "0.0013",
             "--out", str(tmp_path)]
     assert max_context.main(argv) == 0
     result = json.loads((tmp_path / "llama-tiny.json").read_text())
     rows = {r["config"]: r for r in result["results"]}
-    assert set(rows) == {"plain", "blockwise"}
+    assert set(rows) == {"vanilla", "plain", "blockwise"}
+    assert rows["vanilla"]["fields"] == {"remat": "none", "remat_offload": [], "mlp_block_tokens": 0,
+                                         "attention_impl": "xla", "loss_chunk_tokens": TrainConfig().loss_chunk_tokens}
     assert rows["blockwise"]["fields"] == {"remat": "full", "remat_offload": [], "mlp_block_tokens": 32,
                                            "attention_impl": "xla", "loss_chunk_tokens": 32}
     for row in rows.values():
@@ -196,7 +198,27 @@ def test_max_context_smoke(tmp_path, capsys):
         assert row["tried"][0]["peak_estimate"] > 0 and row["longest_tokens"] in (0, 64)
     assert rows["blockwise"]["longest_tokens"] >= rows["plain"]["longest_tokens"]
     assert (tmp_path / "llama-tiny.png").stat().st_size > 1000
-    assert "| blockwise |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| blockwise |" in out and "| x vanilla | x plain |" in out
+
+
+def test_max_context_looks_finer_when_nothing_fits_at_the_granularity(monkeypatch):
+    """Vanilla attention fits 5,000 tokens where the search steps by 8,192: it looks again at 1,024 below the first
+    length tried (finds 4,096 and stops there), and the ratios in the table are to that length; 700 tokens need
+    one more eighth: 512 at 256."""
+    from llmjax.experiments import max_context
+
+    limits = {"vanilla": 5000, "plain": 40_000}
+    monkeypatch.setattr(max_context, "analyze", lambda name, tokens, *rest: {
+        "tokens": tokens, "fits": tokens <= limits[name], "peak_estimate": tokens})
+    args = max_context.parse_args(["--model", "llama-tiny", "--start", "16384", "--max", "65536",
+                                   "--granularity", "8192", "--budget-gib", "1"])
+    base = get_config("llama-tiny")
+    results = [max_context.search(name, base, args, [], "cpu", 1.0, False) for name in ("vanilla", "plain")]
+    assert [(r["longest_tokens"], r["granularity"]) for r in results] == [(4096, 1024), (32_768, 8192)]
+    assert "| plain | 32,768 | 8.0x | 1.0x |" in max_context.table(results)
+    limits["vanilla"] = 700
+    assert max_context.search("vanilla", base, args, [], "cpu", 1.0, False)["longest_tokens"] == 512
 
 
 def test_max_context_one_real_step_on_the_cpu(tmp_path):
