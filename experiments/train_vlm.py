@@ -94,15 +94,17 @@ def parse_args(argv):
     g.add_argument("--batch", type=int, default=64, help="single-image rows per step (captions, QA)")
     g.add_argument("--episode-batch", type=int, default=16, help="interleaved few-shot episodes per step")
     g.add_argument("--caption-fraction", type=float, default=0.6, help="captions among the image rows (rest: QA)")
-    g.add_argument("--colour-swap", type=float, default=0.5,
+    g.add_argument("--colour-swap", type=float, default=0.0,
                    help="probability that a colour word in a caption row is swapped for another colour and not "
                         "scored: the shape named next must then come from the image, not from which shapes that "
-                        "colour came with in training (held-out colour-shape pairs)")
-    g.add_argument("--vlm-recolour", type=float, default=0.0,
+                        "colour came with in training (held-out colour-shape pairs); off by default: on the H100 it "
+                        "cost colour binding more than it gave (docs/vlm.md)")
+    g.add_argument("--vlm-recolour", type=float, default=0.3,
                    help="the share of caption rows shown recoloured (off-palette colours, as --clip-recolour) with "
                         "every colour word swapped for a random palette colour and not scored: the shapes named must "
                         "then be read from an image whose colours say nothing about them, so the resampler and the "
-                        "cross-attention cannot tie a shape to the colours it came with (the held-out pairs)")
+                        "cross-attention cannot tie a shape to the colours it came with (the held-out pairs; "
+                        "0.3 measured best on the H100, docs/vlm.md)")
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--warmup", type=int, default=100)
     g.add_argument("--log-every", type=int, default=50)

@@ -210,7 +210,7 @@ def test_recoloured_caption_rows_score_no_colour_word_and_are_recoloured_in_the_
             assert changed.any() and np.all(np.isin(shown[row, 0][changed], tables[row]))
         else:
             np.testing.assert_array_equal(shown[row], batch["images"][row])
-    plain = train_vlm.parse_args(["--quick"])
+    plain = train_vlm.parse_args(["--quick", "--vlm-recolour", "0"])
     assert "tables" not in train_vlm.training_batch(pool, np.random.default_rng(1), plain, tokenizer)
 
 

@@ -16,7 +16,7 @@ timeout "$(budget 570)" python3 -m experiments train_vlm --out "$RUN" --workers 
     --image-size 72 --grid 3 --max-objects 4 --train-images 20000 --seq-len 160 \
     --vision-width 192 --vision-layers 4 --patch-size 8 --clip-steps 1500 --clip-batch 256 \
     --lm-preset gpt2-mini --lm-steps 800 --lm-batch 64 \
-    --latents 16 --resampler-layers 2 --xattn-every 1 --steps 3000 --batch 64 --episode-batch 16 \
+    --latents 16 --resampler-layers 2 --xattn-every 1 --steps 4500 --batch 64 --episode-batch 16 \
     --eval-images 512 --eval-episodes 256 --eval-batch 128 --shots 0,4,8 ${EXTRA:-} 2>&1 | tee "$OUT/train_vlm.log" \
     | tr "\r" "\n" | grep -Ev "^\s*$|step/s]|img/s]|it/s]" | tail -40
 for f in report.json loss.png metrics.jsonl; do [ -f "$RUN/$f" ] && cp "$RUN/$f" "$OUT/vlm-$f"; done
