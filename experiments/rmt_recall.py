@@ -164,10 +164,17 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
     import jax.numpy as jnp
+    import numpy as np
     import optax
 
     from llmjax.config import ConfigError, TrainConfig
-    from llmjax.data.synthetic import RecallLayout, associative_recall_batch, check_recall_shape, recall_accuracy
+    from llmjax.data.synthetic import (
+        RecallLayout,
+        associative_recall_batch,
+        check_recall_shape,
+        recall_accuracy,
+        recall_accuracy_by_pair,
+    )
     from llmjax.model.rmt import RmtConfig, init_rmt_params, next_token_loss, no_memory_forward, rmt_forward
     from llmjax.train.optim import make_optimizer, weight_decay_mask
 
@@ -218,15 +225,22 @@ def main(argv: list[str] | None = None) -> int:
 
         return step, jax.jit(loss_and_accuracy)
 
-    steps, evals, state = {}, {}, {}
+    steps, evals, predictors, state = {}, {}, {}, {}
     for name, (logits_fn, params, optimizer) in models.items():
         steps[name], evals[name] = make_step(logits_fn, optimizer)
+        predictors[name] = jax.jit(lambda params, tokens, f=logits_fn: jnp.argmax(f(params, tokens)[:, :-1], -1))
         state[name] = (params, optimizer.init(params))
     eval_data = [batch_at(jax.random.fold_in(eval_key, i), args.segments) for i in range(args.eval_batches)]
 
     def evaluate(name):
         results = [evals[name](state[name][0], tokens, mask) for tokens, mask in eval_data]
         return float(jnp.mean(jnp.array([r[0] for r in results]))), float(jnp.mean(jnp.array([r[1] for r in results])))
+
+    def accuracy_by_pair(name):  # [pairs]: which pairs (first, last, ...) the memory keeps
+        predicted = np.concatenate([predictors[name](state[name][0], tokens) for tokens, _ in eval_data])
+        tokens, mask = (np.concatenate([np.asarray(batch[i]) for batch in eval_data]) for i in (0, 1))
+        by_pair = recall_accuracy_by_pair(predicted, tokens, mask, layout, args.pairs, args.queries)
+        return [None if np.isnan(a) else round(float(a), 4) for a in by_pair]
 
     device = jax.devices()[0]
     print(f"rmt_recall: {cfg.name} backbone d_model {cfg.d_model}, {cfg.num_layers} layers, {cfg.num_heads} heads "
@@ -278,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         "rmt_accuracy": history["rmt_eval_accuracy"][-1], "no_memory_accuracy": history["no_memory_eval_accuracy"][-1],
         "chance_accuracy": layout.chance_accuracy, "rmt_eval_loss": history["rmt_eval_loss"][-1],
         "no_memory_eval_loss": history["no_memory_eval_loss"][-1],
+        "rmt_accuracy_by_pair": accuracy_by_pair("rmt"), "no_memory_accuracy_by_pair": accuracy_by_pair("no_memory"),
         "sequence_len": args.segments * seg_len, "segment_len": seg_len,
         "length_in_segments": args.segments, "eval_sequences": args.batch * args.eval_batches,
         "train_seconds": time.perf_counter() - started, "device": f"{device.platform} ({device.device_kind})",
@@ -298,5 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"held-out accuracy at {args.segments * seg_len} tokens ({args.segments} segments): RMT "
           f"{summary['rmt_accuracy']:.3f}, same backbone without memory {summary['no_memory_accuracy']:.3f} "
           f"(chance {layout.chance_accuracy:.3f})")
+    print(f"held-out accuracy by pair, in sequence order: RMT {summary['rmt_accuracy_by_pair']}, without memory "
+          f"{summary['no_memory_accuracy_by_pair']}")
     print(f"wrote {json_path} and {png_path}")
     return 0

@@ -20,6 +20,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +132,24 @@ def associative_recall_batch(key: jax.Array, batch: int, num_pairs: int, seq_len
     region = check_recall_shape(num_pairs, seq_len, segment_len, layout, num_queries, pair_region)
     return _recall_batch(key, batch, num_pairs, seq_len, segment_len, layout, num_queries=num_queries,
                          pair_region=region)
+
+
+def recall_accuracy_by_pair(predicted, tokens, loss_mask, layout: RecallLayout, num_pairs: int,
+                           num_queries: int) -> np.ndarray:
+    """Recall accuracy per pair, pairs in the order they stand in the sequence (which of them a memory keeps):
+    predicted [batch, seq - 1] (the guess for tokens[:, 1:], e.g. argmax of the logits), tokens / loss_mask
+    [batch, seq] as associative_recall_batch makes them. float64 [num_pairs], NaN for a pair never asked."""
+    predicted, tokens, loss_mask = np.asarray(predicted), np.asarray(tokens), np.asarray(loss_mask)
+    start = tokens.shape[1] - 3 * num_queries  # the query block
+    is_key = (tokens[:, :start] >= layout.first_key) & (tokens[:, :start] < layout.first_value)
+    hits, asked = np.zeros(num_pairs), np.zeros(num_pairs)
+    for row, answer in zip(*np.nonzero(loss_mask)):
+        pair_keys = tokens[row, :start][is_key[row]]  # [num_pairs] in sequence order
+        pair = int(np.flatnonzero(pair_keys == tokens[row, answer - 1])[0])
+        asked[pair] += 1
+        hits[pair] += predicted[row, answer - 1] == tokens[row, answer]
+    with np.errstate(invalid="ignore"):
+        return hits / asked
 
 
 def recall_accuracy(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> jax.Array:

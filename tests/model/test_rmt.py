@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from llmjax.config import ConfigError, get_config
-from llmjax.data.synthetic import RecallLayout, associative_recall_batch, recall_accuracy
+from llmjax.data.synthetic import RecallLayout, associative_recall_batch, recall_accuracy, recall_accuracy_by_pair
 from llmjax.model.rmt import (
     RmtConfig,
     add_memory,
@@ -211,6 +211,23 @@ def test_recall_accuracy_scores_only_the_masked_next_token_predictions():
     assert 0 < float(nll) and float(next_token_loss(10 * logits, tokens, mask.at[0, 3].set(False))) < 1e-3
 
 
+def test_recall_accuracy_by_pair_groups_answers_by_where_the_pair_stands():
+    """Spread pairs, every one asked: a guess right exactly for the first two pairs in sequence order scores 1 for
+    those and 0 for the rest, whatever order the queries ask them in; a pair never asked is NaN."""
+    layout = RecallLayout(num_keys=10, num_values=7, num_filler=5)
+    tokens, mask = associative_recall_batch(jax.random.key(3), 16, 4, 48, 16, layout, num_queries=4, pair_region=32)
+    tokens, mask = np.array(tokens), np.array(mask)
+    predicted = np.full((16, 47), -1)
+    for row in range(16):
+        keys = tokens[row, :32][(tokens[row, :32] >= 1) & (tokens[row, :32] < 11)]  # the pairs' keys, in order
+        for answer in np.flatnonzero(mask[row]):
+            if tokens[row, answer - 1] in keys[:2]:
+                predicted[row, answer - 1] = tokens[row, answer]
+            if tokens[row, answer - 1] == keys[3]:
+                mask[row, answer] = False  # the last pair is never asked
+    np.testing.assert_array_equal(recall_accuracy_by_pair(predicted, tokens, mask, layout, 4, 4), [1, 1, 0, np.nan])
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"seq_len": 20}, "seq_len=20 is not a multiple of segment_len=8"),
     ({"seq_len": 8}, "at least 2 segments"),
@@ -240,6 +257,7 @@ def test_rmt_recall_quick_run_writes_json_and_png(tmp_path):
     assert summary["sequence_len"] == 24 and len(summary["history"]["rmt_loss"]) == 4
     assert (tmp_path / "rmt_recall.png").stat().st_size > 1000
     assert "held-out accuracy" in result.stdout
+    assert len(summary["rmt_accuracy_by_pair"]) == 2 and "accuracy by pair" in result.stdout
 
 
 def test_rmt_recall_bad_flag_is_one_clear_error():
