@@ -3,6 +3,7 @@
 # root on the device; carry .fp8data (token shards of the stdlib, 16k BPE: made on the host as tools/issue21_gpu.sh
 # says) and .whl (tensorboardX + protobuf for the train loop):
 #   bash tools/issue22_gpu.sh context     # max_context llama-1b: plain / blockwise / blockwise+offload, to 256k
+#   bash tools/issue22_gpu.sh context-vanilla  # max_context llama-1b: vanilla attention (the paper's baseline)
 #   bash tools/issue22_gpu.sh performer   # FAVOR+ error vs features; speed vs our flash attention, 4k..256k
 #   bash tools/issue22_gpu.sh rmt         # RMT associative recall at 8x the segment length vs no memory
 #   bash tools/issue22_gpu.sh rmt-sweep   # RMT at 2 segments: six settings (memory scale, backbone, memory size), 2,000 steps each
@@ -44,7 +45,11 @@ part() {
 case "$1" in
 context)  # GEMM autotuning off: the search compiles a dozen steps whose memory, not speed, matters
     XLA_FLAGS="--xla_gpu_autotune_level=0 ${XLA_FLAGS:-}" x max-context 580 max_context --model llama-1b \
-        --start 16384 --max 262144 --granularity 8192 --out "$RUNS/max_context" ;;
+        --configs plain,blockwise,blockwise+offload --start 16384 --max 262144 --granularity 8192 \
+        --out "$RUNS/max_context" ;;
+context-vanilla)  # the paper's baseline (materialized scores), at a finer resolution: its longest is a few thousand
+    XLA_FLAGS="--xla_gpu_autotune_level=0 ${XLA_FLAGS:-}" x max-context-vanilla 580 max_context --model llama-1b \
+        --configs vanilla --start 4096 --max 65536 --granularity 1024 --out "$RUNS/max_context_vanilla" ;;
 performer) x performer 240 bench_performer --seqs 4096 16384 32768 65536 131072 262144 --features 16 64 256 1024 \
     --seeds 2 --repeats 3 --out "$RUNS/performer/performer.json" ;;
 rmt-sweep)  # 10,000 steps plateau at 0.54, and so did 2 segments alone (0.5): which backbone / memory learns 2?
@@ -78,7 +83,7 @@ smol-yarn)
         --eval-batches 2 --out "$RUNS/smol-yarn" --no-progress
     x needle-smol-yarn 150 needle --ckpt "$RUNS/smol-yarn" "${SMOL_GRID[@]}" --out "$RUNS/needle-smol-yarn" ;;
 smol) part smol-b; part smol-base; part smol-yarn ;;
-*) echo "usage: bash tools/issue22_gpu.sh PART... (context, performer, rmt, rmt-sweep, base, extend, smol-a, smol-b, smol-base, smol-yarn, smol)" >&2; exit 2 ;;
+*) echo "usage: bash tools/issue22_gpu.sh PART... (context, context-vanilla, performer, rmt, rmt-sweep, base, extend, smol-a, smol-b, smol-base, smol-yarn, smol)" >&2; exit 2 ;;
 esac
 }
 [ $# -gt 0 ] || part usage
