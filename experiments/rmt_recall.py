@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         check_recall_shape,
         recall_accuracy,
         recall_accuracy_by_pair,
+        recall_accuracy_by_query,
     )
     from llmjax.model.rmt import RmtConfig, init_rmt_params, next_token_loss, no_memory_forward, rmt_forward
     from llmjax.train.optim import make_optimizer, weight_decay_mask
@@ -236,11 +237,12 @@ def main(argv: list[str] | None = None) -> int:
         results = [evals[name](state[name][0], tokens, mask) for tokens, mask in eval_data]
         return float(jnp.mean(jnp.array([r[0] for r in results]))), float(jnp.mean(jnp.array([r[1] for r in results])))
 
-    def accuracy_by_pair(name):  # [pairs]: which pairs (first, last, ...) the memory keeps
+    def accuracy_breakdown(name):  # by pair (which pairs the memory keeps) and by query (values without keys?)
         predicted = np.concatenate([predictors[name](state[name][0], tokens) for tokens, _ in eval_data])
         tokens, mask = (np.concatenate([np.asarray(batch[i]) for batch in eval_data]) for i in (0, 1))
-        by_pair = recall_accuracy_by_pair(predicted, tokens, mask, layout, args.pairs, args.queries)
-        return [None if np.isnan(a) else round(float(a), 4) for a in by_pair]
+        rounded = lambda values: [None if np.isnan(a) else round(float(a), 4) for a in values]  # noqa: E731
+        return (rounded(recall_accuracy_by_pair(predicted, tokens, mask, layout, args.pairs, args.queries)),
+                rounded(recall_accuracy_by_query(predicted, tokens, mask, args.queries)))
 
     device = jax.devices()[0]
     print(f"rmt_recall: {cfg.name} backbone d_model {cfg.d_model}, {cfg.num_layers} layers, {cfg.num_heads} heads "
@@ -292,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         "rmt_accuracy": history["rmt_eval_accuracy"][-1], "no_memory_accuracy": history["no_memory_eval_accuracy"][-1],
         "chance_accuracy": layout.chance_accuracy, "rmt_eval_loss": history["rmt_eval_loss"][-1],
         "no_memory_eval_loss": history["no_memory_eval_loss"][-1],
-        "rmt_accuracy_by_pair": accuracy_by_pair("rmt"), "no_memory_accuracy_by_pair": accuracy_by_pair("no_memory"),
+        **{f"{name}_accuracy_by_{part}": values for name in models
+           for part, values in zip(("pair", "query"), accuracy_breakdown(name))},
         "sequence_len": args.segments * seg_len, "segment_len": seg_len,
         "length_in_segments": args.segments, "eval_sequences": args.batch * args.eval_batches,
         "train_seconds": time.perf_counter() - started, "device": f"{device.platform} ({device.device_kind})",
@@ -313,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"held-out accuracy at {args.segments * seg_len} tokens ({args.segments} segments): RMT "
           f"{summary['rmt_accuracy']:.3f}, same backbone without memory {summary['no_memory_accuracy']:.3f} "
           f"(chance {layout.chance_accuracy:.3f})")
-    print(f"held-out accuracy by pair, in sequence order: RMT {summary['rmt_accuracy_by_pair']}, without memory "
-          f"{summary['no_memory_accuracy_by_pair']}")
+    for part, order in (("pair", "in sequence order"), ("query", "1st, 2nd, ...")):
+        print(f"held-out accuracy by {part} ({order}): RMT {summary[f'rmt_accuracy_by_{part}']}, without memory "
+              f"{summary[f'no_memory_accuracy_by_{part}']}")
     print(f"wrote {json_path} and {png_path}")
     return 0

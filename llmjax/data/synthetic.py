@@ -152,6 +152,17 @@ def recall_accuracy_by_pair(predicted, tokens, loss_mask, layout: RecallLayout, 
         return hits / asked
 
 
+def recall_accuracy_by_query(predicted, tokens, loss_mask, num_queries: int) -> np.ndarray:
+    """Recall accuracy of the 1st, 2nd, ... query of the final block (arguments as recall_accuracy_by_pair): a
+    model that stored the values but not which key each belongs to, and eliminates the values already answered
+    (they are in its context), scores 1/n, 1/(n-1), ..., 1 with n pairs asked. float64 [num_queries]."""
+    predicted, tokens, loss_mask = np.asarray(predicted), np.asarray(tokens), np.asarray(loss_mask)
+    answers = tokens.shape[1] - 3 * num_queries + 2 + 3 * np.arange(num_queries)  # each query's value
+    hits = (predicted[:, answers - 1] == tokens[:, answers]) & loss_mask[:, answers]  # [batch, num_queries]
+    with np.errstate(invalid="ignore"):
+        return hits.sum(0) / loss_mask[:, answers].sum(0)
+
+
 def recall_accuracy(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> jax.Array:
     """Fraction of masked tokens predicted exactly: argmax of logits [batch, seq, vocab] at position t - 1 equals
     tokens [batch, seq] at t, over the positions where loss_mask [batch, seq] is True. A float32 scalar."""

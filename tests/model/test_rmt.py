@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 
 from llmjax.config import ConfigError, get_config
-from llmjax.data.synthetic import RecallLayout, associative_recall_batch, recall_accuracy, recall_accuracy_by_pair
+from llmjax.data.synthetic import (
+    RecallLayout,
+    associative_recall_batch,
+    recall_accuracy,
+    recall_accuracy_by_pair,
+    recall_accuracy_by_query,
+)
 from llmjax.model.rmt import (
     RmtConfig,
     add_memory,
@@ -228,6 +234,18 @@ def test_recall_accuracy_by_pair_groups_answers_by_where_the_pair_stands():
     np.testing.assert_array_equal(recall_accuracy_by_pair(predicted, tokens, mask, layout, 4, 4), [1, 1, 0, np.nan])
 
 
+def test_recall_accuracy_by_query_scores_each_query_of_the_block_in_order():
+    """Right on the last two queries only: [0, 0, 1, 1]; with the 3rd query's answers unmasked it is NaN."""
+    layout = RecallLayout(num_keys=10, num_values=7, num_filler=5)
+    tokens, mask = associative_recall_batch(jax.random.key(4), 8, 4, 48, 16, layout, num_queries=4)
+    tokens, mask = np.asarray(tokens), np.array(mask)
+    predicted = np.full((8, 47), -1)
+    predicted[:, [43, 46]] = tokens[:, [44, 47]]  # the answers of queries 3 and 4 (block from 36: 38, 41, 44, 47)
+    np.testing.assert_array_equal(recall_accuracy_by_query(predicted, tokens, mask, 4), [0, 0, 1, 1])
+    mask[:, 44] = False
+    np.testing.assert_array_equal(recall_accuracy_by_query(predicted, tokens, mask, 4), [0, 0, np.nan, 1])
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"seq_len": 20}, "seq_len=20 is not a multiple of segment_len=8"),
     ({"seq_len": 8}, "at least 2 segments"),
@@ -258,6 +276,7 @@ def test_rmt_recall_quick_run_writes_json_and_png(tmp_path):
     assert (tmp_path / "rmt_recall.png").stat().st_size > 1000
     assert "held-out accuracy" in result.stdout
     assert len(summary["rmt_accuracy_by_pair"]) == 2 and "accuracy by pair" in result.stdout
+    assert len(summary["no_memory_accuracy_by_query"]) == 1 and "accuracy by query" in result.stdout
 
 
 def test_rmt_recall_bad_flag_is_one_clear_error():
